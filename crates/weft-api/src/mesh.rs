@@ -1,0 +1,186 @@
+//! What one proxy runs on: the services its app calls, their endpoints, and the traffic policy
+//! that applies to each. The control plane builds it per proxy and sends it as
+//! [`proto::ProxyConfig`]; the proxy converts it back with `TryFrom`, which checks every field
+//! and names the one at fault, so a bad push is NACKed and never replaces the last good config.
+
+use crate::error::{FieldError, Invalid};
+use crate::proto;
+use crate::resource::TrafficPolicySpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The workload label that names a subset.
+pub const SUBSET_LABEL: &str = "version";
+/// The workload label that names the service; defaults to the workload name.
+pub const SERVICE_LABEL: &str = "service";
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MeshConfig {
+    /// Push sequence on the control stream (0 for a static config).
+    pub version: u64,
+    /// Mesh policy revision.
+    pub revision: u64,
+    pub services: BTreeMap<String, Arc<ServiceConfig>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// The TrafficPolicy spec its callers enforce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<TrafficPolicySpec>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub policy_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub workload: String,
+}
+
+fn default_namespace() -> String {
+    crate::resource::DEFAULT_NAMESPACE.to_string()
+}
+
+// === impl ServiceConfig ===
+
+impl ServiceConfig {
+    /// Checks what serde cannot: names, and the policy's own validation.
+    pub fn validate(&self, at: &str, errors: &mut Vec<FieldError>) {
+        if self.name.is_empty() {
+            errors.push(FieldError::new(format!("{at}.name"), "", "must not be empty"));
+        }
+        if let Some(p) = &self.policy {
+            p.validate(&format!("{at}.policy"), errors);
+            if p.service != self.name {
+                errors.push(FieldError::new(format!("{at}.policy.service"), &p.service, format!("must be {:?}, the service it is attached to", self.name)));
+            }
+        }
+    }
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    pub fn subset(&self) -> Option<&str> {
+        self.labels.get(SUBSET_LABEL).map(String::as_str)
+    }
+}
+
+// === wire <-> domain ===
+
+impl TryFrom<proto::ProxyConfig> for MeshConfig {
+    type Error = Invalid;
+
+    fn try_from(msg: proto::ProxyConfig) -> Result<Self, Invalid> {
+        let source = format!("config version {} (revision {})", msg.version, msg.revision);
+        let mut errors = Vec::new();
+        let mut services = BTreeMap::new();
+        for (i, s) in msg.services.into_iter().enumerate() {
+            let at = format!("services[{i}]");
+            let mut endpoints = Vec::with_capacity(s.endpoints.len());
+            for (j, e) in s.endpoints.into_iter().enumerate() {
+                match e.address.parse::<SocketAddr>() {
+                    Ok(address) => endpoints.push(Endpoint { address, cluster: e.cluster, labels: e.labels.into_iter().collect(), workload: e.workload }),
+                    Err(_) => errors.push(FieldError::new(format!("{at}.endpoints[{j}].address"), &e.address, "not a socket address")),
+                }
+            }
+            let policy = if s.traffic_policy_json.is_empty() {
+                None
+            } else {
+                let mut de = serde_json::Deserializer::from_str(&s.traffic_policy_json);
+                match serde_path_to_error::deserialize::<_, TrafficPolicySpec>(&mut de) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        errors.push(FieldError::new(format!("{at}.policy.{}", e.path()), "", e.into_inner().to_string()));
+                        None
+                    }
+                }
+            };
+            let svc = ServiceConfig { name: s.name, namespace: s.namespace, endpoints, policy, policy_name: s.policy_name };
+            svc.validate(&at, &mut errors);
+            if services.insert(svc.name.clone(), Arc::new(svc)).is_some() {
+                errors.push(FieldError::new(format!("{at}.name"), &services.keys().last().cloned().unwrap_or_default(), "service listed twice"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(MeshConfig { version: msg.version, revision: msg.revision, services })
+        } else {
+            Err(Invalid::new(source, errors))
+        }
+    }
+}
+
+impl From<&ServiceConfig> for proto::Service {
+    fn from(s: &ServiceConfig) -> Self {
+        proto::Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| proto::Endpoint {
+                    address: e.address.to_string(),
+                    cluster: e.cluster.clone(),
+                    labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    workload: e.workload.clone(),
+                })
+                .collect(),
+            traffic_policy_json: s.policy.as_ref().map(|p| serde_json::to_string(p).expect("policy serializes")).unwrap_or_default(),
+            policy_name: s.policy_name.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(addr: &str, policy: &str) -> proto::Service {
+        proto::Service {
+            name: "orders-api".into(),
+            namespace: "default".into(),
+            endpoints: vec![proto::Endpoint { address: addr.into(), cluster: "cluster-b".into(), labels: [("version".into(), "v1".into())].into(), workload: "default/orders-api".into() }],
+            traffic_policy_json: policy.into(),
+            policy_name: String::new(),
+        }
+    }
+
+    #[test]
+    fn wire_config_round_trips_into_domain() {
+        let policy = r#"{"service":"orders-api","routes":[{"timeout":"2s"}]}"#;
+        let msg = proto::ProxyConfig { version: 3, revision: 7, proxy_id: "p".into(), services: vec![service("127.0.0.1:9000", policy)] };
+        let cfg = MeshConfig::try_from(msg).unwrap();
+        assert_eq!((cfg.version, cfg.revision), (3, 7));
+        let svc = &cfg.services["orders-api"];
+        assert_eq!(svc.endpoints[0].subset(), Some("v1"));
+        assert_eq!(svc.policy.as_ref().unwrap().routes[0].timeout.unwrap().0.as_millis(), 2000);
+        let back = proto::Service::from(svc.as_ref());
+        assert_eq!(MeshConfig::try_from(proto::ProxyConfig { services: vec![back], ..Default::default() }).unwrap().services["orders-api"], cfg.services["orders-api"]);
+    }
+
+    #[test]
+    fn bad_wire_config_names_every_field() {
+        let bad_policy = r#"{"service":"orders-api","routes":[{"timeout":"soon"}]}"#;
+        let msg = proto::ProxyConfig { version: 1, revision: 2, proxy_id: "p".into(), services: vec![service("not-an-addr", bad_policy)] };
+        let err = MeshConfig::try_from(msg).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.errors.len(), 2, "{text}");
+        assert!(text.contains("services[0].endpoints[0].address") && text.contains("not-an-addr"), "{text}");
+        assert!(text.contains("services[0].policy.routes[0].timeout") && text.contains("soon"), "{text}");
+    }
+}
