@@ -471,7 +471,12 @@ pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
 }
 
 fn typed<S: DeserializeOwned>(doc: &Value) -> Result<Document<S>, FieldError> {
-    serde_path_to_error::deserialize::<_, Document<S>>(doc).map_err(|e| {
+    from_value(doc)
+}
+
+/// Deserializes `doc` into `T`; an error names the field's path and the value found there.
+pub fn from_value<T: DeserializeOwned>(doc: &Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize::<_, T>(doc).map_err(|e| {
         let field = e.path().to_string();
         let value = lookup(doc, e.path()).map(short).unwrap_or_default();
         FieldError::new(if field == "." { String::new() } else { field }, value, e.into_inner().to_string())

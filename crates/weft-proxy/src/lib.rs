@@ -1,1 +1,82 @@
-//! placeholder
+//! The weft data plane: one sidecar per workload.
+//!
+//! The outbound listener takes the app's requests (as an HTTP proxy, or with `Host` /
+//! `:authority` naming a service), applies the caller-side TrafficPolicy and forwards them over
+//! HTTP/2 to a healthy endpoint's inbound listener; the inbound listener hands them to the app in
+//! the protocol the app's client spoke. The config arrives on the control stream ([`control`]) or
+//! from a static file, and is swapped atomically. This crate must not depend on weft-control.
+
+pub mod config;
+pub mod control;
+mod forward;
+mod inbound;
+mod outbound;
+mod pool;
+pub mod route;
+mod state;
+pub mod telemetry;
+
+pub use config::{ProxyConfig, Source, StaticFile, Workload};
+pub use state::Proxy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use weft_core::Shutdown;
+
+/// The addresses a running proxy is bound to (useful when they were `:0`).
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind the {listener} listener on {addr}: {source}")]
+    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+/// Binds every listener, then serves until `shutdown`; returns once drained.
+pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
+    let bind = |listener: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
+    };
+    let inbound_l = bind("inbound", cfg.inbound).await?;
+    let outbound_l = bind("outbound", cfg.outbound).await?;
+    let admin_l = match cfg.admin {
+        Some(a) => Some(bind("admin", a).await?),
+        None => None,
+    };
+    let bound = Bound {
+        inbound: inbound_l.local_addr().expect("bound"),
+        outbound: outbound_l.local_addr().expect("bound"),
+        admin: admin_l.as_ref().map(|l| l.local_addr().expect("bound")),
+    };
+    let (proxy, subscriptions) = Proxy::new(cfg, bound.clone());
+    let proxy = Arc::new(proxy);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(subscriptions) = subscriptions {
+        tasks.spawn(control::run(proxy.clone(), subscriptions, shutdown.clone()));
+    }
+    let limits = weft_core::serve::Limits::default();
+    let p = proxy.clone();
+    tasks.spawn(weft_core::serve::serve(outbound_l, limits.clone(), shutdown.clone(), move |req| {
+        outbound::handle(p.clone(), req)
+    }));
+    let p = proxy.clone();
+    tasks.spawn(weft_core::serve::serve(inbound_l, limits.clone(), shutdown.clone(), move |req| {
+        inbound::handle(p.clone(), req)
+    }));
+    if let Some(l) = admin_l {
+        let admin = Arc::new(proxy.admin());
+        tasks.spawn(weft_core::serve::serve(l, limits, shutdown.clone(), move |req| {
+            let admin = admin.clone();
+            async move { admin.handle(&req) }
+        }));
+    }
+    tracing::info!(inbound = %bound.inbound, outbound = %bound.outbound, admin = ?bound.admin, "proxy listening");
+    let handle = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+    Ok((bound, handle))
+}

@@ -1,0 +1,98 @@
+//! The accept loop every weft listener runs: HTTP/1.1 and HTTP/2 on one port, with the mesh's
+//! safety limits, and graceful drain when shutdown is asked.
+
+use crate::{Body, Shutdown};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Limits applied to every inbound connection (DESIGN: security is a default).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most headers in one HTTP/1.1 request.
+    pub max_headers: usize,
+    /// Largest request header block, bytes (HTTP/1.1 read buffer and HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Time allowed to read an HTTP/1.1 request head.
+    pub header_read_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// How long in-flight requests may finish after shutdown is asked.
+    pub drain: Duration,
+}
+
+/// The remote address of the connection a request arrived on (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub SocketAddr);
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_headers: 100,
+            max_header_bytes: 60 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 100,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `handler` on `listener` until `shutdown`, then drains for at most `limits.drain`.
+pub async fn serve<H, F>(listener: TcpListener, limits: Limits, shutdown: Shutdown, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Duration::from_secs(20));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(RemoteAddr(remote));
+            let fut = handler(req);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%remote, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(limits.drain) => tracing::warn!(drain = ?limits.drain, "drain window over; closing open connections"),
+    }
+}

@@ -1,0 +1,118 @@
+//! The proxy's one typed config: where it listens, who it is, and where its routes come from
+//! (the control plane, or a static file for `weft proxy --config`).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use weft_api::error::{FieldError, Invalid};
+use weft_api::mesh::{MeshConfig, SERVICE_LABEL, ServiceConfig};
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub workload: Workload,
+    /// The app this sidecar fronts.
+    pub app: SocketAddr,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    /// Address other proxies dial for this workload; defaults to the bound inbound address.
+    pub advertise: Option<SocketAddr>,
+    pub source: Source,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub cluster: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// gRPC URL of the control plane, e.g. `http://127.0.0.1:7071`.
+    Control { url: String },
+    Static(MeshConfig),
+}
+
+/// The file of `weft proxy --config FILE`: listeners, identity and static services.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StaticFile {
+    pub workload: String,
+    #[serde(default)]
+    pub cluster: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub app: SocketAddr,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+// === impl Workload ===
+
+impl Workload {
+    /// Parses `NS/NAME` (or `NAME`, in namespace `default`).
+    pub fn parse_id(id: &str) -> Result<(String, String), String> {
+        let (ns, name) = id.split_once('/').unwrap_or(("default", id));
+        let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+        if ok(ns) && ok(name) { Ok((ns.to_string(), name.to_string())) } else { Err(format!("invalid workload {id:?}: expected NAMESPACE/NAME")) }
+    }
+
+    /// The service this workload serves: its `service` label, else its name.
+    pub fn service(&self) -> &str {
+        self.labels.get(SERVICE_LABEL).map(String::as_str).unwrap_or(&self.name)
+    }
+
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+// === impl StaticFile ===
+
+impl StaticFile {
+    /// Reads and validates a static proxy file; every problem is reported with the file name.
+    pub fn load(path: &str) -> Result<ProxyConfig, Invalid> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Invalid::one(path, FieldError::new("", "", format!("cannot read: {e}"))))?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, source: &str) -> Result<ProxyConfig, Invalid> {
+        let value: serde_json::Value = serde_saphyr::from_str(text)
+            .map_err(|e| Invalid::one(source, FieldError::new("", "", format!("not valid YAML: {e}"))))?;
+        let file: StaticFile = weft_api::resource::from_value(&value).map_err(|e| Invalid::one(source, e))?;
+        let mut errors = Vec::new();
+        let (namespace, name) = match Workload::parse_id(&file.workload) {
+            Ok(v) => v,
+            Err(msg) => {
+                errors.push(FieldError::new("workload", &file.workload, msg));
+                Default::default()
+            }
+        };
+        let mut services = BTreeMap::new();
+        for (i, s) in file.services.iter().enumerate() {
+            s.validate(&format!("services[{i}]"), &mut errors);
+            if services.insert(s.name.clone(), std::sync::Arc::new(s.clone())).is_some() {
+                errors.push(FieldError::new(format!("services[{i}].name"), &s.name, "service listed twice"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Invalid::new(source, errors));
+        }
+        Ok(ProxyConfig {
+            workload: Workload { namespace, name, cluster: file.cluster, labels: file.labels },
+            app: file.app,
+            inbound: file.inbound,
+            outbound: file.outbound,
+            admin: file.admin,
+            advertise: None,
+            source: Source::Static(MeshConfig { version: 0, revision: 0, services }),
+        })
+    }
+}

@@ -1,0 +1,150 @@
+//! The control stream, proxy side: register, subscribe to services on demand, apply each pushed
+//! config (ACK) or refuse it and keep the last good one (NACK), report telemetry every interval.
+//! When the control plane is unreachable the proxy keeps serving on its last good config and
+//! reconnects with capped, jittered exponential backoff.
+
+use crate::state::Proxy;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_api::mesh::MeshConfig;
+use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
+use weft_core::Shutdown;
+
+/// Telemetry summary interval.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Runs the control stream until shutdown, reconnecting as needed.
+pub async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedReceiver<String>, shutdown: Shutdown) {
+    let url = proxy.control_url.clone().expect("control mode");
+    let mut failures = 0u32;
+    loop {
+        let outcome = tokio::select! {
+            r = session(&proxy, &url, &mut subscriptions) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match outcome {
+            Ok(Session { configs }) if configs > 0 => failures = 0,
+            Ok(_) => failures += 1,
+            Err(error) => {
+                failures += 1;
+                tracing::warn!(control = %url, %error, "control stream down; serving last-known-good config");
+            }
+        }
+        let delay = backoff(failures);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: a uniform delay up to `min(MAX, MIN * 2^n)`.
+pub fn backoff(failures: u32) -> Duration {
+    let cap = BACKOFF_MIN.saturating_mul(1u32 << failures.min(16)).min(BACKOFF_MAX);
+    let ms = cap.as_millis() as u64;
+    Duration::from_millis(rand::random_range(ms / 2..=ms.max(1)))
+}
+
+struct Session {
+    configs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("stream failed: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("the control plane closed the stream")]
+    Closed,
+}
+
+async fn session(proxy: &Proxy, url: &str, subscriptions: &mut mpsc::UnboundedReceiver<String>) -> Result<Session, SessionError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(SessionError::Connect)?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await?;
+    let mut client = DistributionClient::new(channel);
+    let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(64);
+    let send = |msg: proxy_message::Msg| {
+        let tx = tx.clone();
+        async move { tx.send(proto::ProxyMessage { msg: Some(msg) }).await.is_ok() }
+    };
+    let w = &proxy.workload;
+    send(proxy_message::Msg::Register(proto::Register {
+        namespace: w.namespace.clone(),
+        name: w.name.clone(),
+        cluster: w.cluster.clone(),
+        labels: w.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        inbound_addr: proxy.advertise.to_string(),
+        services: proxy.subscriptions(),
+        applied_revision: proxy.config().revision,
+    }))
+    .await;
+    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+    tracing::info!(control = %url, "control stream up");
+    let mut ticker = tokio::time::interval(REPORT_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut configs = 0u64;
+    loop {
+        tokio::select! {
+            msg = inbound.next() => {
+                let msg = match msg {
+                    None => return if configs > 0 { Ok(Session { configs }) } else { Err(SessionError::Closed) },
+                    Some(m) => m?,
+                };
+                let Some(control_message::Msg::Config(cfg)) = msg.msg else { continue };
+                configs += 1;
+                let (version, revision) = (cfg.version, cfg.revision);
+                match MeshConfig::try_from(cfg) {
+                    Ok(mesh) => {
+                        let services = mesh.services.len();
+                        proxy.apply(mesh);
+                        tracing::info!(version, revision, services, "config applied");
+                        send(proxy_message::Msg::Ack(proto::Ack { version, revision })).await;
+                    }
+                    Err(invalid) => {
+                        let reason = invalid.to_string();
+                        tracing::warn!(version, revision, %reason, "config refused; keeping last-known-good");
+                        *proxy.last_nack.lock() = Some(reason.clone());
+                        send(proxy_message::Msg::Nack(proto::Nack { version, revision, reason })).await;
+                    }
+                }
+            }
+            Some(service) = subscriptions.recv() => {
+                send(proxy_message::Msg::Subscribe(proto::Subscribe { services: vec![service] })).await;
+            }
+            _ = ticker.tick() => {
+                let stats = proxy.telemetry.take_interval();
+                let report = proto::TelemetryReport { interval_ms: REPORT_INTERVAL.as_millis() as u32, stats };
+                send(proxy_message::Msg::Telemetry(report)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        for n in 0..40 {
+            let d = backoff(n);
+            assert!(d <= BACKOFF_MAX, "{d:?}");
+        }
+        let samples: std::collections::BTreeSet<_> = (0..50).map(|_| backoff(10).as_millis()).collect();
+        assert!(samples.len() > 5, "jitter spreads retries: {samples:?}");
+        assert!(backoff(0) <= BACKOFF_MIN);
+    }
+}

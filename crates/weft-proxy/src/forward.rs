@@ -1,0 +1,100 @@
+//! Header hygiene and the replies the proxy makes itself.
+//!
+//! Hop-by-hop headers never cross a proxy; headers only the mesh may set are removed when they
+//! come from an app; every reply the proxy writes itself carries a stable reason in
+//! `x-weft-error`, the same one used as the metric label.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Response, StatusCode};
+use weft_core::{Body, full};
+
+/// Set by the outbound proxy: the HTTP version the app's client spoke, so the inbound proxy
+/// speaks the same to the destination app.
+pub const ORIG_PROTO: &str = "weft-orig-proto";
+/// The reason for a reply the proxy made itself.
+pub const ERROR_HEADER: &str = "x-weft-error";
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header lists. `te: trailers`
+/// (needed by gRPC) is kept; any other `te` is removed.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if headers.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+/// Removes headers only the mesh may set (`weft-*`, `x-weft-*`) from a request an app sent.
+pub fn strip_mesh_headers(headers: &mut HeaderMap) {
+    let mesh: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("weft-") || k.as_str().starts_with("x-weft-"))
+        .cloned()
+        .collect();
+    for k in mesh {
+        headers.remove(k);
+    }
+}
+
+/// A reply the proxy makes itself: status, reason header, and a one-line explanation.
+pub fn reply(status: StatusCode, reason: &'static str, detail: impl std::fmt::Display) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(ERROR_HEADER, HeaderValue::from_static(reason))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(full(format!("{reason}: {detail}\n")))
+        .expect("valid reply")
+}
+
+/// The reason a response carries, if the mesh made it.
+pub fn reason_of(resp: &Response<Body>) -> &str {
+    resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("te") && h.contains_key("x-kept"));
+        let mut h = HeaderMap::new();
+        h.insert("te", "gzip".parse().unwrap());
+        h.insert("weft-orig-proto", "HTTP/1.1".parse().unwrap());
+        h.insert("x-weft-error", "forged".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        strip_mesh_headers(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
+}

@@ -1,0 +1,164 @@
+//! The outbound listener: app -> mesh. Finds the destination service from the request target
+//! (absolute-form URI, `:authority`, or `Host`), routes by the caller-side policy, and forwards
+//! over HTTP/2 to a healthy endpoint's inbound listener.
+
+use crate::forward::{ORIG_PROTO, reason_of, reply, strip_hop_by_hop, strip_mesh_headers};
+use crate::route::{self, Decision};
+use crate::state::Proxy;
+use http::{HeaderValue, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use weft_api::mesh::ServiceConfig;
+use weft_api::proto::Direction;
+use weft_core::Body;
+
+/// Most distinct endpoints tried for one request when connecting fails (nothing was sent yet,
+/// so trying another is always safe).
+const CONNECT_ATTEMPTS: usize = 3;
+
+pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let version = req.version();
+    let (service, resp) = route_request(&proxy, req).await;
+    let status = resp.status().as_u16();
+    proxy.telemetry.record(Direction::Outbound, &service, status, reason_of(&resp), start.elapsed());
+    finish(resp, version)
+}
+
+async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Response<Body>) {
+    let Some(authority) = target_authority(&req) else {
+        return (String::new(), reply(StatusCode::BAD_REQUEST, "no-destination", "the request names no service (absolute URI, :authority or Host)"));
+    };
+    let name = service_name(&authority).to_string();
+    let Some(service) = proxy.service(&name).await else {
+        return (name.clone(), reply(StatusCode::SERVICE_UNAVAILABLE, "unknown-service", format!("no service named {name:?} is known to this proxy")));
+    };
+    let (mut parts, body) = req.into_parts();
+    let decision = route::decide(service.policy.as_ref(), &parts, rand::random_range(0..100));
+    strip_hop_by_hop(&mut parts.headers);
+    strip_mesh_headers(&mut parts.headers);
+    parts.headers.remove(http::header::HOST);
+    let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
+    parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    parts.uri = match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(pq).build() {
+        Ok(u) => u,
+        Err(_) => return (name, reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI")),
+    };
+    parts.version = Version::HTTP_2;
+    let req = Request::from_parts(parts, body.boxed_unsync());
+    let fut = send(proxy, &service, &decision, req);
+    let resp = match decision.timeout {
+        Some(t) => match tokio::time::timeout(t, fut).await {
+            Ok(r) => r,
+            Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "request-timeout", format!("no response within {t:?} (route {})", decision.route)),
+        },
+        None => fut.await,
+    };
+    (name, resp)
+}
+
+async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: Request<Body>) -> Response<Body> {
+    let candidates = candidates(service, decision, &proxy.workload.cluster);
+    if candidates.is_empty() {
+        let which = decision.subset.as_ref().map(|s| format!(" in subset {s}")).unwrap_or_default();
+        return reply(StatusCode::SERVICE_UNAVAILABLE, "no-healthy-endpoints", format!("service {}{which} has no endpoints", service.name));
+    }
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_error = String::new();
+    while tried.len() < CONNECT_ATTEMPTS.min(candidates.len()) {
+        let fresh: Vec<SocketAddr> = candidates.iter().copied().filter(|a| !tried.contains(a)).collect();
+        let addr = fresh[rand::random_range(0..fresh.len())];
+        tried.push(addr);
+        let mut sender = match proxy.pools.h2(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                last_error = e.to_string();
+                tracing::debug!(service = %service.name, endpoint = %addr, error = %last_error, "endpoint unreachable");
+                continue;
+            }
+        };
+        return match sender.send_request(req).await {
+            Ok(resp) => resp.map(|b| b.boxed_unsync()),
+            Err(error) => {
+                proxy.pools.evict(addr);
+                reply(StatusCode::BAD_GATEWAY, "upstream-reset", format!("endpoint {addr} of {}: {error}", service.name))
+            }
+        };
+    }
+    reply(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failed", format!("{} endpoint(s) of {} tried: {last_error}", tried.len(), service.name))
+}
+
+/// Endpoints a request may go to: those of its subset, in the caller's cluster when any is,
+/// else in the first cluster of the failover order that has one, else anywhere.
+fn candidates(service: &ServiceConfig, decision: &Decision, own_cluster: &str) -> Vec<SocketAddr> {
+    let in_subset: Vec<_> = service
+        .endpoints
+        .iter()
+        .filter(|e| decision.subset.as_deref().is_none_or(|s| e.subset() == Some(s)))
+        .collect();
+    let local: Vec<_> = in_subset.iter().filter(|e| e.cluster == own_cluster).map(|e| e.address).collect();
+    if !local.is_empty() {
+        return local;
+    }
+    for cluster in &decision.failover {
+        let there: Vec<_> = in_subset.iter().filter(|e| &e.cluster == cluster).map(|e| e.address).collect();
+        if !there.is_empty() {
+            return there;
+        }
+    }
+    in_subset.iter().map(|e| e.address).collect()
+}
+
+/// The authority the app addressed: absolute-form URI or `:authority`, else `Host`.
+fn target_authority<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_ascii_lowercase());
+    }
+    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// `orders-api:8080` -> `orders-api`; `orders-api.default.svc` -> `orders-api`.
+fn service_name(authority: &str) -> &str {
+    let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority);
+    host.split('.').next().unwrap_or(host)
+}
+
+/// Strips hop-by-hop headers from the answer and speaks the client's HTTP version.
+pub fn finish(mut resp: Response<Body>, version: Version) -> Response<Body> {
+    strip_hop_by_hop(resp.headers_mut());
+    *resp.version_mut() = version;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_from_authorities() {
+        assert_eq!(service_name("orders-api"), "orders-api");
+        assert_eq!(service_name("orders-api:8080"), "orders-api");
+        assert_eq!(service_name("orders-api.default.svc:80"), "orders-api");
+    }
+
+    #[test]
+    fn locality_then_failover_then_anywhere() {
+        let svc: ServiceConfig = serde_saphyr::from_str(
+            "name: inventory-svc\nendpoints:\n  - {address: '127.0.0.1:1', cluster: cluster-c, labels: {version: v1}}\n  - {address: '127.0.0.1:2', cluster: cluster-b, labels: {version: v1}}\n",
+        )
+        .unwrap();
+        let d = Decision::default();
+        assert_eq!(candidates(&svc, &d, "cluster-b"), vec!["127.0.0.1:2".parse().unwrap()]);
+        let d = Decision { failover: vec!["cluster-c".into()], ..Default::default() };
+        assert_eq!(candidates(&svc, &d, "cluster-a"), vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(candidates(&svc, &Decision::default(), "cluster-a").len(), 2);
+        let d = Decision { subset: Some("v2".into()), ..Default::default() };
+        assert!(candidates(&svc, &d, "cluster-a").is_empty());
+    }
+}

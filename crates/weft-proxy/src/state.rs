@@ -1,0 +1,150 @@
+//! The proxy's shared state: its identity, the config it runs on (swapped atomically), the
+//! services it has asked the control plane for, and its clients and metrics.
+
+use crate::config::{ProxyConfig, Source, Workload};
+use crate::pool::Pools;
+use crate::telemetry::Telemetry;
+use crate::Bound;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use weft_api::mesh::{MeshConfig, ServiceConfig};
+
+/// How long a request for a service the proxy has not seen yet waits for the control plane.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
+/// Most services one proxy will ask the control plane for.
+const MAX_SUBSCRIPTIONS: usize = 10_000;
+
+pub struct Proxy {
+    pub workload: Workload,
+    pub app: SocketAddr,
+    pub bound: Bound,
+    pub advertise: SocketAddr,
+    pub control_url: Option<String>,
+    config: ArcSwap<MeshConfig>,
+    /// Bumped on every applied config; requests waiting for a service watch it.
+    applied: watch::Sender<u64>,
+    pub ready: Arc<AtomicBool>,
+    subscriptions: Mutex<BTreeSet<String>>,
+    subscribe_tx: Option<mpsc::UnboundedSender<String>>,
+    pub last_nack: Mutex<Option<String>>,
+    pub telemetry: Telemetry,
+    pub pools: Pools,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// Builds the proxy; in control mode also returns the receiver of new subscriptions, which
+    /// the control stream drains.
+    pub fn new(cfg: ProxyConfig, bound: Bound) -> (Self, Option<mpsc::UnboundedReceiver<String>>) {
+        let (config, control_url, channel) = match cfg.source {
+            Source::Static(mesh) => (mesh, None, None),
+            Source::Control { url } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (MeshConfig::default(), Some(url), Some((tx, rx)))
+            }
+        };
+        let ready = Arc::new(AtomicBool::new(control_url.is_none()));
+        let (subscribe_tx, rx) = match channel {
+            Some((tx, rx)) => (Some(tx), Some(rx)),
+            None => (None, None),
+        };
+        let proxy = Proxy {
+            telemetry: Telemetry::new(cfg.workload.service()),
+            advertise: cfg.advertise.unwrap_or(bound.inbound),
+            workload: cfg.workload,
+            app: cfg.app,
+            bound,
+            control_url,
+            config: ArcSwap::from_pointee(config),
+            applied: watch::channel(0).0,
+            ready,
+            subscriptions: Mutex::new(BTreeSet::new()),
+            subscribe_tx,
+            last_nack: Mutex::new(None),
+            pools: Pools::new(),
+        };
+        (proxy, rx)
+    }
+
+    pub fn config(&self) -> Arc<MeshConfig> {
+        self.config.load_full()
+    }
+
+    /// Swaps in a new config; in-flight requests keep the one they started with.
+    pub fn apply(&self, config: MeshConfig) {
+        self.config.store(Arc::new(config));
+        self.ready.store(true, Ordering::Release);
+        self.applied.send_modify(|n| *n += 1);
+    }
+
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.subscriptions.lock().iter().cloned().collect()
+    }
+
+    /// The config for the service `name`, asking the control plane for it (and waiting a
+    /// little) the first time it is needed.
+    pub async fn service(&self, name: &str) -> Option<Arc<ServiceConfig>> {
+        if let Some(s) = self.config.load().services.get(name) {
+            return Some(s.clone());
+        }
+        let tx = self.subscribe_tx.as_ref()?;
+        let mut changed = self.applied.subscribe();
+        changed.borrow_and_update();
+        {
+            let mut subs = self.subscriptions.lock();
+            if subs.len() >= MAX_SUBSCRIPTIONS && !subs.contains(name) {
+                return None;
+            }
+            if subs.insert(name.to_string()) {
+                let _ = tx.send(name.to_string());
+            }
+        }
+        let wait = async {
+            loop {
+                if let Some(s) = self.config.load().services.get(name) {
+                    return Some(s.clone());
+                }
+                if changed.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(DISCOVERY_WAIT, wait).await.ok().flatten()
+    }
+
+    pub fn admin(self: &Arc<Self>) -> weft_core::admin::Admin {
+        let me = self.clone();
+        weft_core::admin::Admin {
+            registry: self.telemetry.registry.clone(),
+            ready: self.ready.clone(),
+            config_dump: Some(Box::new(move || me.config_dump())),
+        }
+    }
+
+    /// The whole running config as JSON (never secrets).
+    pub fn config_dump(&self) -> String {
+        let dump = serde_json::json!({
+            "workload": self.workload,
+            "service": self.workload.service(),
+            "listeners": {
+                "inbound": self.bound.inbound,
+                "outbound": self.bound.outbound,
+                "admin": self.bound.admin,
+                "app": self.app,
+                "advertise": self.advertise,
+            },
+            "control": self.control_url,
+            "subscriptions": self.subscriptions(),
+            "lastNack": *self.last_nack.lock(),
+            "config": *self.config(),
+        });
+        serde_json::to_string_pretty(&dump).expect("config serializes")
+    }
+}

@@ -1,0 +1,98 @@
+//! What the proxy measures: Prometheus metrics on the admin listener, and per-interval summaries
+//! for the control plane (requests, errors and a latency histogram by direction and service).
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use weft_api::proto::{Direction, TrafficStats};
+use weft_api::telemetry::{BUCKETS, bucket_of};
+
+pub struct Telemetry {
+    pub registry: Arc<Registry>,
+    own_service: String,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    interval: Mutex<HashMap<(Direction, String), Window>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: &'static str,
+    service: String,
+    status: u16,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    direction: &'static str,
+    service: String,
+}
+
+#[derive(Default)]
+struct Window {
+    requests: u64,
+    errors: u64,
+    buckets: [u64; BUCKETS],
+}
+
+// === impl Telemetry ===
+
+impl Telemetry {
+    pub fn new(own_service: &str) -> Self {
+        let mut registry = Registry::with_prefix("weft_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests finished, by direction, service (destination for outbound, own for inbound), status and proxy reason",
+            requests.clone(),
+        );
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(weft_api::telemetry::LATENCY_BOUNDS_MS.iter().map(|ms| ms / 1000.0))
+        });
+        registry.register("request_duration_seconds", "Time to response headers, by direction and service", latency.clone());
+        Self { registry: Arc::new(registry), own_service: own_service.to_string(), requests, latency, interval: Mutex::new(HashMap::new()) }
+    }
+
+    /// Records one finished request. `service` is empty for inbound (the proxy's own service).
+    pub fn record(&self, direction: Direction, service: &str, status: u16, reason: &str, elapsed: Duration) {
+        let dir = match direction {
+            Direction::Inbound => "inbound",
+            _ => "outbound",
+        };
+        let svc = if service.is_empty() { self.own_service.as_str() } else { service };
+        self.requests
+            .get_or_create(&RequestLabels { direction: dir, service: svc.to_string(), status, reason: reason.to_string() })
+            .inc();
+        let secs = elapsed.as_secs_f64();
+        self.latency.get_or_create(&LatencyLabels { direction: dir, service: svc.to_string() }).observe(secs);
+        let mut interval = self.interval.lock();
+        let w = interval.entry((direction, service.to_string())).or_default();
+        w.requests += 1;
+        if status >= 500 {
+            w.errors += 1;
+        }
+        w.buckets[bucket_of(secs * 1000.0)] += 1;
+    }
+
+    /// Takes the interval's summaries, leaving an empty interval.
+    pub fn take_interval(&self) -> Vec<TrafficStats> {
+        let taken = std::mem::take(&mut *self.interval.lock());
+        taken
+            .into_iter()
+            .map(|((direction, service), w)| TrafficStats {
+                direction: direction as i32,
+                service,
+                requests: w.requests,
+                errors: w.errors,
+                latency_buckets: w.buckets.to_vec(),
+            })
+            .collect()
+    }
+}
