@@ -1,1 +1,77 @@
-//! placeholder
+//! The weft control plane: the store of resources and revisions, the distribution server that
+//! keeps every proxy on the config it needs, the telemetry it aggregates, and the REST API.
+//!
+//! It must not depend on weft-proxy: proxies are reached only through the control stream.
+
+pub mod api;
+pub mod distribution;
+pub mod mesh;
+pub mod metrics;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use weft_core::Shutdown;
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub data_dir: PathBuf,
+    pub api: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub api: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot bind the {listener} listener on {addr}: {source}")]
+    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+}
+
+/// Opens the store, binds both listeners and serves until `shutdown`.
+pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
+    let store = store::Store::open(&cfg.data_dir)?;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("weft_control");
+    let metrics = metrics::ControlMetrics::register(&mut registry);
+    let mesh = Arc::new(mesh::Mesh::new(store, metrics)?);
+    let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind { listener: "api", addr: cfg.api, source })?;
+    let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind { listener: "grpc", addr: cfg.grpc, source })?;
+    let bound = Bound { api: api_l.local_addr().expect("bound"), grpc: grpc_l.local_addr().expect("bound") };
+    tracing::info!(api = %bound.api, grpc = %bound.grpc, data_dir = %cfg.data_dir.display(), revision = mesh.revision(), "control plane listening");
+
+    let router = api::router(api::Api { mesh: mesh.clone(), registry: Arc::new(registry) });
+    let api_shutdown = shutdown.clone();
+    let api_task = tokio::spawn(async move {
+        let serve = axum::serve(api_l, router).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
+        if let Err(error) = serve.await {
+            tracing::error!(%error, "api server failed");
+        }
+    });
+    let grpc_shutdown = shutdown.clone();
+    let distribution = weft_api::proto::distribution_server::DistributionServer::new(distribution::Distribution { mesh });
+    let grpc_task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(1)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(3)))
+            .tcp_nodelay(true)
+            .add_service(distribution)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_l), async move { grpc_shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "grpc server failed");
+        }
+    });
+    let handle = tokio::spawn(async move {
+        let _ = tokio::join!(api_task, grpc_task);
+    });
+    Ok((bound, handle))
+}

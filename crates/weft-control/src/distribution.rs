@@ -1,0 +1,89 @@
+//! The control stream, control-plane side: one task per connected proxy that pushes a new
+//! config whenever what that proxy needs has changed, and records ACKs, NACKs, subscriptions and
+//! telemetry. A proxy whose stream ends is removed from every other proxy's endpoints at once.
+
+use crate::mesh::Mesh;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::proto::{self, ControlMessage, ProxyMessage, control_message, proxy_message};
+
+/// How long a new stream may take to send its Register.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Distribution {
+    pub mesh: Arc<Mesh>,
+}
+
+#[tonic::async_trait]
+impl proto::distribution_server::Distribution for Distribution {
+    type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
+
+    async fn connect(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Register within 5s"))??;
+        let Some(ProxyMessage { msg: Some(proxy_message::Msg::Register(reg)) }) = first else {
+            return Err(Status::invalid_argument("the first message on the stream must be Register"));
+        };
+        let (conn, id) = self.mesh.register(&reg).map_err(Status::invalid_argument)?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn drive(mesh: Arc<Mesh>, conn: u64, id: String, mut inbound: Streaming<ProxyMessage>, tx: mpsc::Sender<Result<ControlMessage, Status>>) {
+    let mut changed = mesh.watch();
+    let mut last: Option<proto::ProxyConfig> = None;
+    let mut version = 0u64;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            let Some(cfg) = mesh.config_for(conn) else { break };
+            if last.as_ref() != Some(&cfg) {
+                version += 1;
+                last = Some(cfg.clone());
+                let msg = ControlMessage { msg: Some(control_message::Msg::Config(proto::ProxyConfig { version, ..cfg })) };
+                mesh.pushed(conn, version);
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            r = changed.changed() => {
+                if r.is_err() { break }
+                changed.borrow_and_update();
+                dirty = true;
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(ProxyMessage { msg: Some(m) })) => match m {
+                    proxy_message::Msg::Subscribe(s) => {
+                        mesh.subscribe(conn, s.services);
+                        dirty = true;
+                    }
+                    proxy_message::Msg::Ack(a) => mesh.ack(conn, a.version, a.revision),
+                    proxy_message::Msg::Nack(n) => mesh.nack(conn, n.version, n.revision, n.reason),
+                    proxy_message::Msg::Telemetry(t) => mesh.telemetry(conn, t),
+                    proxy_message::Msg::Register(_) => {
+                        let _ = tx.send(Err(Status::invalid_argument("Register may be sent once per stream"))).await;
+                        break;
+                    }
+                },
+                Ok(Some(ProxyMessage { msg: None })) => {}
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(proxy = %id, %status, "stream error");
+                    break;
+                }
+            },
+            _ = tx.closed() => break,
+        }
+    }
+    mesh.unregister(conn);
+}

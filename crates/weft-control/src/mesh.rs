@@ -1,0 +1,507 @@
+//! The live mesh as the control plane sees it: the stored resources at the current revision,
+//! the proxies connected right now, and the traffic they report. Every change bumps a watch that
+//! each proxy's stream waits on, so a new revision, a new endpoint or a departed proxy reaches
+//! every proxy that needs it at once; each stream then sends only what its proxy needs.
+
+use crate::metrics::ControlMetrics;
+use crate::store::{ChangeEntry, Revision, Store, StoreError};
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use weft_api::error::{FieldError, Invalid};
+use weft_api::mesh::{Endpoint, SERVICE_LABEL, SUBSET_LABEL, ServiceConfig};
+use weft_api::proto;
+use weft_api::resource::Resource;
+use weft_api::telemetry::{BUCKETS, quantile_ms};
+use weft_api::ResourceKey;
+
+/// Window over which `status` computes rates.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+pub struct Mesh {
+    store: Store,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    pub metrics: ControlMetrics,
+}
+
+struct State {
+    revision: u64,
+    resources: BTreeMap<ResourceKey, Resource>,
+    proxies: BTreeMap<u64, ProxyRecord>,
+    next_conn: u64,
+    traffic: HashMap<(String, String), VecDeque<Sample>>,
+    telemetry_signals: u64,
+}
+
+/// A connected proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyRecord {
+    pub id: String,
+    pub namespace: String,
+    pub name: String,
+    pub cluster: String,
+    pub labels: BTreeMap<String, String>,
+    pub service: String,
+    pub inbound: SocketAddr,
+    pub subscriptions: BTreeSet<String>,
+    pub applied_revision: u64,
+    pub last_nack: Option<String>,
+    pub connected_since_ms: u64,
+    pushed: Option<(u64, Instant)>,
+}
+
+struct Sample {
+    at: Instant,
+    requests: u64,
+    errors: u64,
+    buckets: [u64; BUCKETS],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The outcome of an accepted change.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Applied {
+    pub revision: u64,
+    pub changes: Vec<ChangeEntry>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyView {
+    pub id: String,
+    pub workload: String,
+    pub service: String,
+    pub cluster: String,
+    pub labels: BTreeMap<String, String>,
+    pub address: String,
+    pub applied_revision: u64,
+    pub last_nack: Option<String>,
+    pub connected_since: u64,
+    pub cert_expiry: Option<u64>,
+    pub subscriptions: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusView {
+    pub revision: u64,
+    #[serde(rename = "loop")]
+    pub loop_: LoopView,
+    pub telemetry_signals: u64,
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoopView {
+    pub phase: &'static str,
+    pub intent: Option<String>,
+    pub mode: &'static str,
+    pub last_decision: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceView {
+    pub name: String,
+    pub namespace: String,
+    pub cluster: String,
+    pub rps: f64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub p99_ms: Option<f64>,
+    pub policy_revision: u64,
+    pub mtls: &'static str,
+    pub bypass: bool,
+    pub proxies: ProxyCount,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyCount {
+    pub total: usize,
+    pub in_sync: usize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+// === impl Mesh ===
+
+impl Mesh {
+    /// Loads the newest revision from `store`.
+    pub fn new(store: Store, metrics: ControlMetrics) -> Result<Self, StoreError> {
+        let latest = store.latest()?;
+        let (revision, resources) = match latest {
+            Some(r) => (r.revision, r.resources.into_iter().map(|res| (res.key(), res)).collect()),
+            None => (0, BTreeMap::new()),
+        };
+        metrics.revision.set(revision as i64);
+        Ok(Self {
+            store,
+            state: Mutex::new(State { revision, resources, proxies: BTreeMap::new(), next_conn: 1, traffic: HashMap::new(), telemetry_signals: 0 }),
+            changed: watch::channel(0).0,
+            metrics,
+        })
+    }
+
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.state.lock().revision
+    }
+
+    pub fn resources(&self) -> Vec<Resource> {
+        self.state.lock().resources.values().cloned().collect()
+    }
+
+    pub fn history(&self) -> Result<Vec<Revision>, StoreError> {
+        self.store.history()
+    }
+
+    /// Validates `incoming` against the live mesh and stores it as the next revision. Nothing
+    /// changes when any resource is refused.
+    pub fn apply(&self, incoming: Vec<Resource>, source: &str) -> Result<Applied, ChangeError> {
+        let mut state = self.state.lock();
+        let mut next = state.resources.clone();
+        let mut changes = Vec::new();
+        let mut errors = Vec::new();
+        let many = incoming.len() > 1;
+        for (i, res) in incoming.into_iter().enumerate() {
+            let prefix = if many { format!("[{i}].") } else { String::new() };
+            for e in state.check(&res, &next) {
+                errors.push(FieldError { field: format!("{prefix}{}", e.field), ..e });
+            }
+            let key = res.key();
+            let op = match next.get(&key) {
+                None => "created",
+                Some(old) if *old == res => "unchanged",
+                Some(_) => "configured",
+            };
+            changes.push(ChangeEntry { op: op.into(), key: key.clone() });
+            next.insert(key, res);
+        }
+        if !errors.is_empty() {
+            return Err(Invalid::new(source, errors).into());
+        }
+        if changes.iter().all(|c| c.op == "unchanged") {
+            return Ok(Applied { revision: state.revision, changes });
+        }
+        let summary = changes.iter().filter(|c| c.op != "unchanged").map(|c| format!("{} {}", c.op, c.key)).collect::<Vec<_>>().join(", ");
+        self.commit(&mut state, summary, changes, next)
+    }
+
+    pub fn delete(&self, key: &ResourceKey) -> Result<Applied, ChangeError> {
+        let mut state = self.state.lock();
+        let mut next = state.resources.clone();
+        if next.remove(key).is_none() {
+            return Err(ChangeError::NotFound(key.to_string()));
+        }
+        let changes = vec![ChangeEntry { op: "deleted".into(), key: key.clone() }];
+        self.commit(&mut state, format!("deleted {key}"), changes, next)
+    }
+
+    /// Restores the resources of an earlier revision as a new revision.
+    pub fn rollback(&self, revision: u64) -> Result<Applied, ChangeError> {
+        let Some(old) = self.store.get(revision)? else {
+            return Err(Invalid::one("rollback", FieldError::new("revision", revision, "no such revision")).into());
+        };
+        let mut state = self.state.lock();
+        let next: BTreeMap<_, _> = old.resources.into_iter().map(|r| (r.key(), r)).collect();
+        let mut changes: Vec<ChangeEntry> = state
+            .resources
+            .keys()
+            .filter(|k| !next.contains_key(k))
+            .map(|k| ChangeEntry { op: "deleted".into(), key: k.clone() })
+            .collect();
+        for (k, r) in &next {
+            let op = match state.resources.get(k) {
+                None => "created",
+                Some(cur) if cur == r => "unchanged",
+                Some(_) => "configured",
+            };
+            changes.push(ChangeEntry { op: op.into(), key: k.clone() });
+        }
+        self.commit(&mut state, format!("rollback to revision {revision}"), changes, next)
+    }
+
+    fn commit(&self, state: &mut State, summary: String, changes: Vec<ChangeEntry>, next: BTreeMap<ResourceKey, Resource>) -> Result<Applied, ChangeError> {
+        let rev = self.store.commit(summary, changes.clone(), &next)?;
+        state.revision = rev.revision;
+        state.resources = next;
+        self.metrics.revision.set(rev.revision as i64);
+        tracing::info!(revision = rev.revision, summary = %rev.summary, "revision committed");
+        self.bump();
+        Ok(Applied { revision: rev.revision, changes })
+    }
+
+    /// Adds a proxy that opened a stream; returns its connection number and id.
+    pub fn register(&self, reg: &proto::Register) -> Result<(u64, String), String> {
+        let inbound: SocketAddr = reg.inbound_addr.parse().map_err(|_| format!("register: inbound_addr {:?} is not a socket address", reg.inbound_addr))?;
+        for (field, v) in [("namespace", &reg.namespace), ("name", &reg.name)] {
+            if v.is_empty() {
+                return Err(format!("register: {field} must not be empty"));
+            }
+        }
+        let labels: BTreeMap<String, String> = reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let service = labels.get(SERVICE_LABEL).cloned().unwrap_or_else(|| reg.name.clone());
+        let mut state = self.state.lock();
+        let conn = state.next_conn;
+        state.next_conn += 1;
+        let id = format!("{}/{}#{conn}", reg.namespace, reg.name);
+        state.proxies.insert(
+            conn,
+            ProxyRecord {
+                id: id.clone(),
+                namespace: reg.namespace.clone(),
+                name: reg.name.clone(),
+                cluster: reg.cluster.clone(),
+                labels,
+                service,
+                inbound,
+                subscriptions: reg.services.iter().cloned().collect(),
+                applied_revision: reg.applied_revision,
+                last_nack: None,
+                connected_since_ms: now_ms(),
+                pushed: None,
+            },
+        );
+        self.metrics.proxies.set(state.proxies.len() as i64);
+        drop(state);
+        tracing::info!(proxy = %id, %inbound, "proxy connected");
+        self.bump();
+        Ok((conn, id))
+    }
+
+    pub fn unregister(&self, conn: u64) {
+        let mut state = self.state.lock();
+        if let Some(p) = state.proxies.remove(&conn) {
+            tracing::info!(proxy = %p.id, "proxy disconnected");
+        }
+        self.metrics.proxies.set(state.proxies.len() as i64);
+        drop(state);
+        self.bump();
+    }
+
+    pub fn subscribe(&self, conn: u64, services: Vec<String>) {
+        if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
+            p.subscriptions.extend(services.into_iter().filter(|s| !s.is_empty() && s.len() <= 253));
+        }
+    }
+
+    /// The config proxy `conn` needs now (its version is set by the stream).
+    pub fn config_for(&self, conn: u64) -> Option<proto::ProxyConfig> {
+        let state = self.state.lock();
+        let p = state.proxies.get(&conn)?;
+        let services = p
+            .subscriptions
+            .iter()
+            .map(|name| {
+                let mut endpoints: Vec<Endpoint> = state
+                    .proxies
+                    .values()
+                    .filter(|q| q.namespace == p.namespace && &q.service == name)
+                    .map(|q| Endpoint { address: q.inbound, cluster: q.cluster.clone(), labels: q.labels.clone(), workload: format!("{}/{}", q.namespace, q.name) })
+                    .collect();
+                endpoints.sort_by_key(|e| e.address);
+                let policy = state.traffic_policy(&p.namespace, name);
+                let svc = ServiceConfig {
+                    name: name.clone(),
+                    namespace: p.namespace.clone(),
+                    endpoints,
+                    policy_name: policy.map(|(k, _)| k.name.clone()).unwrap_or_default(),
+                    policy: policy.map(|(_, spec)| spec.clone()),
+                };
+                proto::Service::from(&svc)
+            })
+            .collect();
+        Some(proto::ProxyConfig { version: 0, revision: state.revision, proxy_id: p.id.clone(), services })
+    }
+
+    pub fn pushed(&self, conn: u64, version: u64) {
+        self.metrics.pushes.inc();
+        if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
+            p.pushed = Some((version, Instant::now()));
+        }
+    }
+
+    pub fn ack(&self, conn: u64, version: u64, revision: u64) {
+        self.metrics.acks.inc();
+        let mut state = self.state.lock();
+        if let Some(p) = state.proxies.get_mut(&conn) {
+            p.applied_revision = revision;
+            p.last_nack = None;
+            if let Some((v, at)) = p.pushed
+                && v == version
+            {
+                self.metrics.push_to_ack.observe(at.elapsed().as_secs_f64());
+                p.pushed = None;
+            }
+        }
+    }
+
+    pub fn nack(&self, conn: u64, version: u64, revision: u64, reason: String) {
+        self.metrics.nacks.inc();
+        if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
+            tracing::warn!(proxy = %p.id, version, revision, %reason, "proxy refused config");
+            p.last_nack = Some(reason);
+        }
+    }
+
+    pub fn telemetry(&self, conn: u64, report: proto::TelemetryReport) {
+        self.metrics.telemetry_reports.inc();
+        let mut state = self.state.lock();
+        state.telemetry_signals += 1;
+        let Some(p) = state.proxies.get(&conn) else { return };
+        let key = (p.namespace.clone(), p.service.clone());
+        let now = Instant::now();
+        for s in report.stats {
+            if s.direction != proto::Direction::Inbound as i32 {
+                continue;
+            }
+            let mut buckets = [0u64; BUCKETS];
+            for (b, c) in buckets.iter_mut().zip(s.latency_buckets) {
+                *b = c;
+            }
+            let samples = state.traffic.entry(key.clone()).or_default();
+            samples.push_back(Sample { at: now, requests: s.requests, errors: s.errors, buckets });
+            while samples.front().is_some_and(|x| now.duration_since(x.at) > RATE_WINDOW * 3) {
+                samples.pop_front();
+            }
+        }
+    }
+
+    pub fn proxies(&self) -> Vec<ProxyView> {
+        self.state
+            .lock()
+            .proxies
+            .values()
+            .map(|p| ProxyView {
+                id: p.id.clone(),
+                workload: format!("{}/{}", p.namespace, p.name),
+                service: p.service.clone(),
+                cluster: p.cluster.clone(),
+                labels: p.labels.clone(),
+                address: p.inbound.to_string(),
+                applied_revision: p.applied_revision,
+                last_nack: p.last_nack.clone(),
+                connected_since: p.connected_since_ms,
+                cert_expiry: None,
+                subscriptions: p.subscriptions.iter().cloned().collect(),
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> StatusView {
+        let state = self.state.lock();
+        let mut services: BTreeMap<(String, String), Vec<&ProxyRecord>> = BTreeMap::new();
+        for p in state.proxies.values() {
+            services.entry((p.namespace.clone(), p.service.clone())).or_default().push(p);
+        }
+        for r in state.resources.values() {
+            services.entry((r.metadata().namespace.clone(), r.service().to_string())).or_default();
+        }
+        let now = Instant::now();
+        let views = services
+            .into_iter()
+            .map(|((namespace, name), proxies)| {
+                let mut requests = 0;
+                let mut errors = 0;
+                let mut buckets = [0u64; BUCKETS];
+                if let Some(samples) = state.traffic.get(&(namespace.clone(), name.clone())) {
+                    for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
+                        requests += s.requests;
+                        errors += s.errors;
+                        for (b, c) in buckets.iter_mut().zip(s.buckets) {
+                            *b += c;
+                        }
+                    }
+                }
+                let clusters: BTreeSet<&str> = proxies.iter().map(|p| p.cluster.as_str()).collect();
+                ServiceView {
+                    cluster: clusters.into_iter().collect::<Vec<_>>().join(","),
+                    rps: round2(requests as f64 / RATE_WINDOW.as_secs_f64()),
+                    errors,
+                    error_rate: if requests == 0 { 0.0 } else { round2(100.0 * errors as f64 / requests as f64) },
+                    p99_ms: quantile_ms(&buckets, 0.99).map(round2),
+                    policy_revision: proxies.iter().map(|p| p.applied_revision).min().unwrap_or(0),
+                    mtls: "off",
+                    bypass: false,
+                    proxies: ProxyCount { total: proxies.len(), in_sync: proxies.iter().filter(|p| p.applied_revision == state.revision).count() },
+                    name,
+                    namespace,
+                }
+            })
+            .collect();
+        StatusView {
+            revision: state.revision,
+            loop_: LoopView { phase: "idle", intent: None, mode: "manual", last_decision: None },
+            telemetry_signals: state.telemetry_signals,
+            services: views,
+        }
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+// === impl State ===
+
+impl State {
+    fn traffic_policy(&self, namespace: &str, service: &str) -> Option<(&ResourceKey, &weft_api::resource::TrafficPolicySpec)> {
+        self.resources.iter().find_map(|(k, r)| match r {
+            Resource::TrafficPolicy(d) if d.metadata.namespace == namespace && d.spec.service == service => Some((k, &d.spec)),
+            _ => None,
+        })
+    }
+
+    /// Checks that need the live mesh: subsets must exist, one TrafficPolicy per service.
+    fn check(&self, res: &Resource, next: &BTreeMap<ResourceKey, Resource>) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let ns = &res.metadata().namespace;
+        let service = res.service();
+        let known: BTreeSet<&str> = self
+            .proxies
+            .values()
+            .filter(|p| &p.namespace == ns && p.service == service)
+            .filter_map(|p| p.labels.get(SUBSET_LABEL).map(String::as_str))
+            .collect();
+        for (field, subset) in res.subsets() {
+            if !known.contains(subset.as_str()) {
+                let have = if known.is_empty() { "none".to_string() } else { known.iter().copied().collect::<Vec<_>>().join(", ") };
+                errors.push(FieldError::new(field, &subset, format!("no workload of service {service} has label {SUBSET_LABEL}={subset} (known subsets: {have})")));
+            }
+        }
+        if let Resource::TrafficPolicy(_) = res {
+            let key = res.key();
+            for (k, other) in next {
+                if *k != key && other.kind() == "TrafficPolicy" && &other.metadata().namespace == ns && other.service() == service {
+                    errors.push(FieldError::new("spec.service", service, format!("already governed by {k}; one TrafficPolicy per service")));
+                }
+            }
+        }
+        errors
+    }
+}

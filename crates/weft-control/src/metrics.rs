@@ -1,0 +1,39 @@
+//! The control plane's own metrics, served on `/metrics` of the API listener.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone)]
+pub struct ControlMetrics {
+    pub proxies: Gauge,
+    pub revision: Gauge,
+    pub pushes: Counter,
+    pub acks: Counter,
+    pub nacks: Counter,
+    pub telemetry_reports: Counter,
+    pub push_to_ack: Histogram,
+}
+
+impl ControlMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            proxies: Gauge::default(),
+            revision: Gauge::default(),
+            pushes: Counter::default(),
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            telemetry_reports: Counter::default(),
+            push_to_ack: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+        };
+        registry.register("proxies_connected", "Proxies with an open control stream", m.proxies.clone());
+        registry.register("revision", "Current mesh policy revision", m.revision.clone());
+        registry.register("config_pushes", "Configs pushed to proxies", m.pushes.clone());
+        registry.register("config_acks", "Configs proxies applied", m.acks.clone());
+        registry.register("config_nacks", "Configs proxies refused", m.nacks.clone());
+        registry.register("telemetry_reports", "Telemetry summaries received from proxies", m.telemetry_reports.clone());
+        registry.register("push_to_ack_seconds", "Time from pushing a config to its ACK", m.push_to_ack.clone());
+        m
+    }
+}

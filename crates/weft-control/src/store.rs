@@ -1,0 +1,147 @@
+//! The control plane's durable state in an embedded redb database under `--data-dir`: the
+//! current resources and every revision with the full set of resources it produced, so history
+//! survives restarts and any earlier revision can be restored. Revisions are monotonic and never
+//! reused: each commit is one write transaction.
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use weft_api::{Resource, ResourceKey};
+
+const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
+
+pub struct Store {
+    db: Database,
+}
+
+/// One accepted change and the resources it left.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    pub revision: u64,
+    /// Unix time, milliseconds.
+    pub time_ms: u64,
+    pub summary: String,
+    pub changes: Vec<ChangeEntry>,
+    pub resources: Vec<Resource>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeEntry {
+    /// `created`, `configured`, `unchanged` or `deleted`.
+    pub op: String,
+    pub key: ResourceKey,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store at {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("store: {0}")]
+    Db(String),
+    #[error("stored revision {revision} is unreadable: {message}")]
+    Corrupt { revision: u64, message: String },
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens (or creates) `DIR/weft.redb`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: dir.display().to_string(), message: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
+        let db = Database::create(dir.join("weft.redb")).map_err(|e| open_err(&e))?;
+        let tx = db.begin_write().map_err(db_err)?;
+        tx.open_table(REVISIONS).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(Self { db })
+    }
+
+    /// The newest revision, or `None` for an empty mesh.
+    pub fn latest(&self) -> Result<Option<Revision>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(REVISIONS).map_err(db_err)?;
+        match table.last().map_err(db_err)? {
+            Some((k, v)) => Ok(Some(decode(k.value(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn get(&self, revision: u64) -> Result<Option<Revision>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(REVISIONS).map_err(db_err)?;
+        match table.get(revision).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(revision, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every revision, oldest first.
+    pub fn history(&self) -> Result<Vec<Revision>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(REVISIONS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Records `resources` as the next revision. The caller has validated them.
+    pub fn commit(&self, summary: String, changes: Vec<ChangeEntry>, resources: &BTreeMap<ResourceKey, Resource>) -> Result<Revision, StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let rev = {
+            let mut table = tx.open_table(REVISIONS).map_err(db_err)?;
+            let next = table.last().map_err(db_err)?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            let rev = Revision {
+                revision: next,
+                time_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                summary,
+                changes,
+                resources: resources.values().cloned().collect(),
+            };
+            let json = serde_json::to_string(&rev).map_err(db_err)?;
+            table.insert(next, json.as_str()).map_err(db_err)?;
+            rev
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(rev)
+    }
+}
+
+fn decode(revision: u64, json: &str) -> Result<Revision, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt { revision, message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revisions_survive_reopen_and_stay_monotonic() {
+        let dir = std::env::temp_dir().join(format!("weft-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let r: Resource = weft_api::resource::parse_resources("apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {service: a}\n", "t").unwrap().remove(0);
+        let mut set = BTreeMap::new();
+        set.insert(r.key(), r.clone());
+        {
+            let s = Store::open(&dir).unwrap();
+            assert!(s.latest().unwrap().is_none());
+            assert_eq!(s.commit("one".into(), vec![], &set).unwrap().revision, 1);
+            assert_eq!(s.commit("two".into(), vec![], &BTreeMap::new()).unwrap().revision, 2);
+        }
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.latest().unwrap().unwrap().revision, 2);
+        assert_eq!(s.get(1).unwrap().unwrap().resources, vec![r]);
+        assert_eq!(s.history().unwrap().len(), 2);
+        assert_eq!(s.commit("three".into(), vec![], &set).unwrap().revision, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
