@@ -1,1 +1,100 @@
-fn main() {}
+//! `weft`: the one binary. Runs the control plane, a proxy, the demo app and the local demo
+//! mesh, and talks to the control plane's REST API for everything else.
+
+mod client;
+mod commands;
+mod demo_app;
+mod diff;
+mod output;
+mod up;
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for invalid configuration (DESIGN.md §5).
+pub const EXIT_INVALID: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "weft", version, about = "weft service mesh: control plane, sidecar proxy, CLI and local demo mesh")]
+pub struct Cli {
+    /// The control plane's REST API.
+    #[arg(long, global = true, env = "WEFT_SERVER", default_value = "http://127.0.0.1:7070")]
+    pub server: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    pub output: output::Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the local demo mesh: control plane, six services with sidecars, traffic.
+    Up {
+        /// Do not start the traffic generator.
+        #[arg(long)]
+        no_traffic: bool,
+        /// REST API and dashboard address.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        api: SocketAddr,
+        /// Keep the control plane's data here instead of a fresh temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Requests per second the traffic generator sends to mobile-gateway.
+        #[arg(long, default_value_t = 20)]
+        rps: u32,
+    },
+    /// Run the control plane.
+    Control {
+        #[arg(long, default_value = "weft-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        api: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:7071")]
+        grpc: SocketAddr,
+    },
+    /// Run a sidecar proxy, driven by the control plane or by a static file.
+    Proxy(commands::ProxyArgs),
+    /// Run the demo application (an HTTP service that calls others through its sidecar).
+    DemoApp(demo_app::Args),
+    /// Apply TrafficPolicy / SecurityPolicy resources from a file.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete the resources named in a file.
+    Delete {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List resources, optionally of one kind and name.
+    Get { kind: Option<String>, name: Option<String> },
+    /// Show what applying a file would change.
+    Diff {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List revisions.
+    History,
+    /// Restore the resources of an earlier revision (as a new revision).
+    Rollback { revision: u64 },
+    /// Service cards: traffic, errors, policy revision, mTLS and proxies in sync.
+    Status,
+    /// Connected proxies and the revision each applied.
+    Proxies,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    weft_core::trace::init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! A small client for the control plane's REST API.
+
+use anyhow::{Context, anyhow};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub struct Api {
+    base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A refusal from the API: its status and `{error, field}` body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: StatusCode,
+    pub error: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+// === impl Api ===
+
+impl Api {
+    pub fn new(base: &str) -> Self {
+        Self { base: base.trim_end_matches('/').to_string(), http: Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::GET, path, None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, body: String, headers: &[(&str, &str)]) -> anyhow::Result<Value> {
+        self.call(Method::POST, path, Some(body), headers).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::DELETE, path, None, &[]).await
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<String>, headers: &[(&str, &str)]) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).with_context(|| format!("invalid server URL {url}"))?;
+        let resp = self.http.request(req).await.map_err(|e| anyhow!("cannot reach the control plane at {}: {e}", self.base))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.context("reading the API's answer")?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let error = value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
+            Err(Refused { status, error }.into())
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Dispatch of every subcommand, and the commands that talk to the REST API.
+
+use crate::client::{Api, Refused};
+use crate::output::{self, cell, table};
+use crate::{Cli, Command, EXIT_INVALID};
+use anyhow::Context;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use weft_api::Resource;
+
+#[derive(clap::Args, Debug)]
+pub struct ProxyArgs {
+    /// Static config file (no control plane): listeners, workload and services.
+    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin"])]
+    pub config: Option<PathBuf>,
+    /// The control plane's gRPC URL, e.g. http://127.0.0.1:7071.
+    #[arg(long, required_unless_present = "config")]
+    pub control: Option<String>,
+    /// NAMESPACE/NAME of the workload this sidecar fronts.
+    #[arg(long, required_unless_present = "config")]
+    pub workload: Option<String>,
+    #[arg(long, required_unless_present = "config")]
+    pub cluster: Option<String>,
+    /// Workload labels (`service=`, `version=` for subsets), repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub label: Vec<(String, String)>,
+    /// The app's address.
+    #[arg(long, required_unless_present = "config")]
+    pub app: Option<SocketAddr>,
+    #[arg(long, required_unless_present = "config")]
+    pub inbound: Option<SocketAddr>,
+    #[arg(long, required_unless_present = "config")]
+    pub outbound: Option<SocketAddr>,
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("invalid label {s:?}: expected key=value")),
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&cli.server);
+    let format = cli.output;
+    let result = match cli.command {
+        Command::Up { no_traffic, api: addr, data_dir, rps } => return crate::up::run(crate::up::Options { traffic: !no_traffic, api: addr, data_dir, rps }).await,
+        Command::Control { data_dir, api, grpc } => return control(data_dir, api, grpc).await,
+        Command::Proxy(args) => return proxy(args).await,
+        Command::DemoApp(args) => return crate::demo_app::run(args).await,
+        Command::Apply { file } => apply(&api, &file, format).await,
+        Command::Delete { file } => delete(&api, &file).await,
+        Command::Get { kind, name } => get(&api, kind, name, format).await,
+        Command::Diff { file } => diff(&api, &file).await,
+        Command::History => history(&api, format).await,
+        Command::Rollback { revision } => rollback(&api, revision).await,
+        Command::Status => status(&api, format).await,
+        Command::Proxies => proxies(&api, format).await,
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => match e.downcast_ref::<Refused>() {
+            Some(r) if r.status == hyper::StatusCode::BAD_REQUEST => {
+                eprintln!("error: {}", r.error);
+                Ok(ExitCode::from(EXIT_INVALID))
+            }
+            _ => match e.downcast_ref::<weft_api::Invalid>() {
+                Some(invalid) => {
+                    eprintln!("error: {invalid}");
+                    Ok(ExitCode::from(EXIT_INVALID))
+                }
+                None => Err(e),
+            },
+        },
+    }
+}
+
+async fn control(data_dir: PathBuf, api: SocketAddr, grpc: SocketAddr) -> anyhow::Result<ExitCode> {
+    let shutdown = weft_core::Shutdown::new();
+    weft_core::shutdown::install(&shutdown);
+    let (_, handle) = weft_control::start(weft_control::ControlConfig { data_dir, api, grpc }, shutdown).await?;
+    handle.await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match &args.config {
+        Some(path) => match weft_proxy::StaticFile::load(&path.display().to_string()) {
+            Ok(cfg) => cfg,
+            Err(invalid) => {
+                eprintln!("error: {invalid}");
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+        },
+        None => {
+            let id = args.workload.expect("required by clap");
+            let (namespace, name) = match weft_proxy::Workload::parse_id(&id) {
+                Ok(v) => v,
+                Err(msg) => {
+                    eprintln!("error: --workload: {msg}");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            };
+            weft_proxy::ProxyConfig {
+                workload: weft_proxy::Workload { namespace, name, cluster: args.cluster.expect("required"), labels: args.label.into_iter().collect() },
+                app: args.app.expect("required"),
+                inbound: args.inbound.expect("required"),
+                outbound: args.outbound.expect("required"),
+                admin: args.admin,
+                advertise: None,
+                source: weft_proxy::Source::Control { url: args.control.expect("required") },
+            }
+        }
+    };
+    let shutdown = weft_core::Shutdown::new();
+    weft_core::shutdown::install(&shutdown);
+    let (_, handle) = weft_proxy::start(cfg, shutdown).await?;
+    handle.await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads and parses a resource file; errors name the file.
+fn read_resources(file: &Path) -> anyhow::Result<(String, Vec<Resource>)> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {name}"))?;
+    let resources = weft_api::resource::parse_resources(&text, &name)?;
+    Ok((text, resources))
+}
+
+async fn apply(api: &Api, file: &Path, format: output::Format) -> anyhow::Result<()> {
+    let (text, _) = read_resources(file)?;
+    let name = file.display().to_string();
+    let applied = api.post("/api/v1/resources", text, &[("x-weft-source", &name)]).await?;
+    if !output::structured(format, &applied)? {
+        for c in applied["changes"].as_array().into_iter().flatten() {
+            let k = &c["key"];
+            println!("{}/{}/{} {}", cell(k, "kind"), cell(k, "namespace"), cell(k, "name"), cell(c, "op"));
+        }
+        println!("revision {}", applied["revision"]);
+    }
+    Ok(())
+}
+
+async fn delete(api: &Api, file: &Path) -> anyhow::Result<()> {
+    let (_, resources) = read_resources(file)?;
+    for r in resources {
+        let k = r.key();
+        let out = api.delete(&format!("/api/v1/resources/{}/{}/{}", k.kind, k.namespace, k.name)).await?;
+        println!("{k} deleted (revision {})", out["revision"]);
+    }
+    Ok(())
+}
+
+fn kind_matches(filter: &str, kind: &str) -> bool {
+    let f = filter.to_ascii_lowercase();
+    let k = kind.to_ascii_lowercase();
+    f == k || f == format!("{k}s") || (f == "tp" && k == "trafficpolicy") || (f == "sp" && k == "securitypolicy")
+}
+
+async fn get(api: &Api, kind: Option<String>, name: Option<String>, format: output::Format) -> anyhow::Result<()> {
+    let all = api.get("/api/v1/resources").await?;
+    let items: Vec<Value> = all["resources"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| kind.as_deref().is_none_or(|k| kind_matches(k, r["kind"].as_str().unwrap_or(""))))
+        .filter(|r| name.as_deref().is_none_or(|n| r["metadata"]["name"] == n))
+        .collect();
+    if let (Some(k), Some(n)) = (&kind, &name)
+        && items.is_empty()
+    {
+        anyhow::bail!("{k} {n} not found");
+    }
+    if output::structured(format, &Value::Array(items.clone()))? {
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|r| {
+            let service = r["spec"]["service"].as_str().or(r["spec"]["selector"]["service"].as_str()).unwrap_or("-");
+            vec![cell(r, "kind"), cell(&r["metadata"], "namespace"), cell(&r["metadata"], "name"), service.to_string()]
+        })
+        .collect();
+    table(&["KIND", "NAMESPACE", "NAME", "SERVICE"], &rows);
+    println!("revision {}", all["revision"]);
+    Ok(())
+}
+
+async fn diff(api: &Api, file: &Path) -> anyhow::Result<()> {
+    let (_, resources) = read_resources(file)?;
+    let live = api.get("/api/v1/resources").await?;
+    let current: Vec<Resource> = serde_json::from_value(live["resources"].clone()).context("decoding live resources")?;
+    for r in resources {
+        let new = serde_json::to_string_pretty(&r)?;
+        match current.iter().find(|c| c.key() == r.key()) {
+            None => {
+                println!("+ {} (created)", r.key());
+                for l in new.lines() {
+                    println!("+ {l}");
+                }
+            }
+            Some(old) if *old == r => println!("= {} (unchanged)", r.key()),
+            Some(old) => {
+                println!("~ {} (configured)", r.key());
+                for (mark, line) in crate::diff::lines(&serde_json::to_string_pretty(old)?, &new) {
+                    if mark != ' ' {
+                        println!("{mark} {line}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn history(api: &Api, format: output::Format) -> anyhow::Result<()> {
+    let revs = api.get("/api/v1/revisions").await?;
+    if output::structured(format, &revs)? {
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = revs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let secs = r["timeMs"].as_u64().unwrap_or(0) / 1000;
+            vec![cell(r, "revision"), format!("{secs}"), cell(r, "resources"), cell(r, "summary")]
+        })
+        .collect();
+    table(&["REVISION", "UNIX-TIME", "RESOURCES", "CHANGE"], &rows);
+    Ok(())
+}
+
+async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
+    let out = api.post("/api/v1/rollback", serde_json::json!({ "revision": revision }).to_string(), &[("content-type", "application/json")]).await?;
+    println!("rolled back to the resources of revision {revision}: now revision {}", out["revision"]);
+    Ok(())
+}
+
+async fn status(api: &Api, format: output::Format) -> anyhow::Result<()> {
+    let s = api.get("/api/v1/status").await?;
+    if output::structured(format, &s)? {
+        return Ok(());
+    }
+    println!("revision {}  loop {}  telemetry signals {}", s["revision"], cell(&s["loop"], "phase"), s["telemetrySignals"]);
+    let rows: Vec<Vec<String>> = s["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            vec![
+                cell(v, "name"),
+                cell(v, "cluster"),
+                cell(v, "rps"),
+                cell(v, "errors"),
+                format!("{}%", cell(v, "errorRate")),
+                cell(v, "p99Ms"),
+                cell(v, "policyRevision"),
+                cell(v, "mtls"),
+                format!("{}/{}", cell(&v["proxies"], "inSync"), cell(&v["proxies"], "total")),
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "CLUSTER", "RPS", "ERRORS", "ERROR-RATE", "P99-MS", "POLICY-REV", "MTLS", "IN-SYNC"], &rows);
+    Ok(())
+}
+
+async fn proxies(api: &Api, format: output::Format) -> anyhow::Result<()> {
+    let ps = api.get("/api/v1/proxies").await?;
+    if output::structured(format, &ps)? {
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = ps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| vec![cell(p, "id"), cell(p, "service"), cell(p, "cluster"), cell(p, "appliedRevision"), cell(p, "address"), cell(p, "lastNack")])
+        .collect();
+    table(&["PROXY", "SERVICE", "CLUSTER", "REVISION", "ADDRESS", "LAST-NACK"], &rows);
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! `weft up`: the local demo mesh of DESIGN.md §7 as child processes: the control plane, and for
+//! each workload a `weft demo-app` with its own `weft proxy`, plus a traffic generator that sends
+//! the seed's tenant, user and order headers to mobile-gateway. SIGINT or SIGTERM stops every
+//! child (SIGTERM, then SIGKILL after a grace period); children also exit on their own if this
+//! process dies, because their standard input closes.
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+pub struct Options {
+    pub traffic: bool,
+    pub api: SocketAddr,
+    pub data_dir: Option<PathBuf>,
+    pub rps: u32,
+}
+
+/// One workload of the demo.
+struct Spec {
+    workload: &'static str,
+    service: &'static str,
+    version: &'static str,
+    cluster: &'static str,
+    calls: &'static [&'static str],
+}
+
+const WORKLOADS: [Spec; 8] = [
+    Spec { workload: "mobile-gateway", service: "mobile-gateway", version: "v1", cluster: "cluster-a", calls: &["checkout-api"] },
+    Spec { workload: "checkout-api-v1", service: "checkout-api", version: "v1", cluster: "cluster-a", calls: &["orders-api", "profile-svc"] },
+    Spec { workload: "checkout-api-v2", service: "checkout-api", version: "v2", cluster: "cluster-a", calls: &["orders-api", "profile-svc"] },
+    Spec { workload: "orders-api", service: "orders-api", version: "v1", cluster: "cluster-b", calls: &["payments-svc", "inventory-svc"] },
+    Spec { workload: "payments-svc", service: "payments-svc", version: "v1", cluster: "cluster-a", calls: &[] },
+    Spec { workload: "profile-svc", service: "profile-svc", version: "v1", cluster: "cluster-b", calls: &[] },
+    Spec { workload: "inventory-svc-c", service: "inventory-svc", version: "v1", cluster: "cluster-c", calls: &[] },
+    Spec { workload: "inventory-svc-b", service: "inventory-svc", version: "v1", cluster: "cluster-b", calls: &[] },
+];
+
+const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
+
+struct Running {
+    name: String,
+    child: Child,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
+    let shutdown = weft_core::Shutdown::new();
+    weft_core::shutdown::install(&shutdown);
+    let (data_dir, temporary) = match &opts.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (std::env::temp_dir().join(format!("weft-up-{}-{}", std::process::id(), rand::random::<u32>())), true),
+    };
+    let logs = data_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let exe = std::env::current_exe().context("locating the weft binary")?;
+    let mut children: Vec<Running> = Vec::new();
+    let outcome = start_all(&opts, &exe, &data_dir, &logs, &mut children, &shutdown).await;
+    if let Err(e) = &outcome {
+        eprintln!("error: {e:#}");
+        eprintln!("logs: {}", logs.display());
+    }
+    stop_all(children).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    eprintln!("weft up: stopped");
+    Ok(if outcome.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn start_all(opts: &Options, exe: &PathBuf, data_dir: &std::path::Path, logs: &std::path::Path, children: &mut Vec<Running>, shutdown: &weft_core::Shutdown) -> anyhow::Result<()> {
+    let grpc = free_port()?;
+    let control_url = format!("http://{grpc}");
+    let api_url = format!("http://{}", opts.api);
+    children.push(spawn(exe, logs, "control", &["control", "--data-dir", &data_dir.join("control").display().to_string(), "--api", &opts.api.to_string(), "--grpc", &grpc.to_string()])?);
+    wait_http(&format!("{api_url}/api/v1/status"), Duration::from_secs(15), children).await.context("the control plane did not come up")?;
+
+    let mut gateway_inbound = None;
+    let mut table = Vec::new();
+    for spec in &WORKLOADS {
+        let (app, inbound, outbound, admin) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let mut app_args = vec!["demo-app".to_string(), "--name".into(), spec.service.into(), "--version".into(), spec.version.into(), "--listen".into(), app.to_string()];
+        if !spec.calls.is_empty() {
+            app_args.extend(["--proxy".to_string(), outbound.to_string()]);
+            for c in spec.calls {
+                app_args.extend(["--call".to_string(), c.to_string()]);
+            }
+        }
+        let app_args: Vec<&str> = app_args.iter().map(String::as_str).collect();
+        children.push(spawn(exe, logs, &format!("{}-app", spec.workload), &app_args)?);
+        let workload = format!("default/{}", spec.workload);
+        let (service_label, version_label) = (format!("service={}", spec.service), format!("version={}", spec.version));
+        let proxy_args = [
+            "proxy", "--control", &control_url, "--workload", &workload, "--cluster", spec.cluster, "--label", &service_label, "--label", &version_label,
+            "--app", &app.to_string(), "--inbound", &inbound.to_string(), "--outbound", &outbound.to_string(), "--admin", &admin.to_string(),
+        ];
+        children.push(spawn(exe, logs, &format!("{}-proxy", spec.workload), &proxy_args)?);
+        if spec.workload == "mobile-gateway" {
+            gateway_inbound = Some(inbound);
+        }
+        table.push(vec![spec.workload.to_string(), spec.cluster.to_string(), app.to_string(), inbound.to_string(), outbound.to_string(), format!("http://{admin}")]);
+    }
+    for row in &table {
+        wait_http(&format!("{}/ready", row[5]), Duration::from_secs(15), children).await.with_context(|| format!("the sidecar of {} did not become ready", row[0]))?;
+    }
+    println!("weft demo mesh is up");
+    println!("  API:        {api_url}/api/v1/status");
+    println!("  dashboard:  {api_url}/");
+    println!("  control:    {control_url} (gRPC)");
+    println!("  logs:       {}", logs.display());
+    println!();
+    crate::output::table(&["WORKLOAD", "CLUSTER", "APP", "INBOUND", "OUTBOUND", "ADMIN"], &table);
+    println!();
+    println!("try:  weft --server {api_url} status      (Ctrl-C stops everything)");
+    if opts.traffic {
+        let target = gateway_inbound.expect("mobile-gateway is in the demo");
+        tokio::spawn(generate(target, opts.rps.max(1), shutdown.clone()));
+        println!("traffic: {} rps into mobile-gateway with x-tenant, x-user and x-order headers", opts.rps);
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for c in children.iter_mut() {
+                    if let Ok(Some(status)) = c.child.try_wait() {
+                        bail!("{} exited unexpectedly ({status}); see its log in {}", c.name, logs.display());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends `rps` requests a second to mobile-gateway's inbound listener until shutdown.
+async fn generate(target: SocketAddr, rps: u32, shutdown: weft_core::Shutdown) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rps);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        n += 1;
+        let tenant = TENANTS[(n % TENANTS.len() as u64) as usize];
+        let user = if n % 10 == 0 { 42 } else { rand::random_range(1..1000) };
+        let order = if n % 25 == 0 { 7712 } else { rand::random_range(7000..8000) };
+        let req = hyper::Request::get(format!("http://{target}/checkout"))
+            .header("host", "mobile-gateway")
+            .header("x-tenant", tenant)
+            .header("x-user", user.to_string())
+            .header("x-order", order.to_string())
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                let _ = resp.into_body().collect().await;
+            }
+        });
+    }
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+fn spawn(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str]) -> anyhow::Result<Running> {
+    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let child = Command::new(exe)
+        .args(args)
+        .env(weft_core::shutdown::EXIT_WITH_PARENT_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Running { name: name.to_string(), child })
+}
+
+async fn wait_http(url: &str, within: Duration, children: &mut [Running]) -> anyhow::Result<()> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(resp) = client.get(url.parse()?).await
+            && resp.status().is_success()
+        {
+            return Ok(());
+        }
+        for c in children.iter_mut() {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                bail!("{} exited ({status})", c.name);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{url} not ready within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SIGTERM to every child, then SIGKILL to any still running after the grace period.
+async fn stop_all(mut children: Vec<Running>) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    // Apps and proxies first, the control plane last.
+    children.reverse();
+    for c in &children {
+        if let Some(pid) = c.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for c in &mut children {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, c.child.wait()).await.is_err() {
+            tracing::warn!(child = %c.name, "did not stop within 5s; killing");
+            let _ = c.child.kill().await;
+        }
+    }
+}
