@@ -41,11 +41,13 @@ async fn drive(mesh: Arc<Mesh>, conn: u64, id: String, mut inbound: Streaming<Pr
     let mut last: Option<proto::ProxyConfig> = None;
     let mut version = 0u64;
     let mut dirty = true;
+    let mut held_until: Option<std::time::Instant> = None;
     loop {
         if dirty {
             dirty = false;
             let Some(cfg) = mesh.config_for(conn) else { break };
-            if last.as_ref() != Some(&cfg) {
+            held_until = mesh.hold(conn, &cfg);
+            if held_until.is_none() && last.as_ref() != Some(&cfg) {
                 version += 1;
                 last = Some(cfg.clone());
                 let msg = ControlMessage { msg: Some(control_message::Msg::Config(proto::ProxyConfig { version, ..cfg })) };
@@ -55,7 +57,14 @@ async fn drive(mesh: Arc<Mesh>, conn: u64, id: String, mut inbound: Streaming<Pr
                 }
             }
         }
+        let held = async {
+            match held_until {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = held => dirty = true,
             r = changed.changed() => {
                 if r.is_err() { break }
                 changed.borrow_and_update();

@@ -20,12 +20,16 @@ use weft_api::ResourceKey;
 
 /// Window over which `status` computes rates.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// After a (re)start the registry is incomplete until every live proxy has reconnected; proxies
+/// retry with a backoff capped at 5 s, so after this long every live one is back.
+pub const WARMUP: Duration = Duration::from_secs(6);
 
 pub struct Mesh {
     store: Store,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     pub metrics: ControlMetrics,
+    started: Instant,
 }
 
 struct State {
@@ -52,6 +56,8 @@ pub struct ProxyRecord {
     pub last_nack: Option<String>,
     pub connected_since_ms: u64,
     pushed: Option<(u64, Instant)>,
+    /// Registered with a config already (it reconnected rather than started).
+    resumed: bool,
 }
 
 struct Sample {
@@ -157,6 +163,7 @@ impl Mesh {
             state: Mutex::new(State { revision, resources, proxies: BTreeMap::new(), next_conn: 1, traffic: HashMap::new(), telemetry_signals: 0 }),
             changed: watch::channel(0).0,
             metrics,
+            started: Instant::now(),
         })
     }
 
@@ -285,6 +292,7 @@ impl Mesh {
                 last_nack: None,
                 connected_since_ms: now_ms(),
                 pushed: None,
+                resumed: reg.applied_revision > 0 || !reg.services.is_empty(),
             },
         );
         self.metrics.proxies.set(state.proxies.len() as i64);
@@ -337,6 +345,15 @@ impl Mesh {
             })
             .collect();
         Some(proto::ProxyConfig { version: 0, revision: state.revision, proxy_id: p.id.clone(), services })
+    }
+
+    /// While warming up, a proxy that resumed with a working config is not sent one that would
+    /// leave any of its services without endpoints: those endpoints are most likely proxies
+    /// that have not reconnected yet. Returns when to look again.
+    pub fn hold(&self, conn: u64, cfg: &proto::ProxyConfig) -> Option<Instant> {
+        let until = self.started + WARMUP;
+        let resumed = self.state.lock().proxies.get(&conn).is_some_and(|p| p.resumed);
+        (resumed && Instant::now() < until && cfg.services.iter().any(|s| s.endpoints.is_empty())).then_some(until)
     }
 
     pub fn pushed(&self, conn: u64, version: u64) {

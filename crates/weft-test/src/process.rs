@@ -1,0 +1,203 @@
+//! Real `weft` processes: the control plane and proxies, with their logs kept for failures.
+
+use crate::http::Client;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A loopback address free right now.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A child process killed when dropped; its output goes to a log file printed on failure.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(bin: &str, name: &str, args: &[String]) -> Self {
+        let log = std::env::temp_dir().join(format!("weft-test-{}-{}-{}.log", std::process::id(), name.replace('/', "_"), rand_suffix()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        Self { name: name.to_string(), child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; waits up to `within` for a clean exit and returns its status code.
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        self.wait(within)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    pub fn wait(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ({}) ----\n{}", self.name, self.log.display(), self.log_text());
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A control plane process.
+pub struct Control {
+    pub process: Process,
+    pub api: SocketAddr,
+    pub grpc: SocketAddr,
+    pub data_dir: PathBuf,
+    bin: String,
+}
+
+impl Control {
+    pub async fn start(bin: &str) -> Self {
+        let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        Self::start_at(bin, &data_dir, free_addr(), free_addr()).await
+    }
+
+    pub async fn start_at(bin: &str, data_dir: &Path, api: SocketAddr, grpc: SocketAddr) -> Self {
+        let args = ["control", "--data-dir", &data_dir.display().to_string(), "--api", &api.to_string(), "--grpc", &grpc.to_string()].map(String::from);
+        let process = Process::spawn(bin, "control", &args);
+        let c = Self { process, api, grpc, data_dir: data_dir.to_path_buf(), bin: bin.to_string() };
+        let client = Client::new();
+        let url = c.url("/api/v1/status");
+        crate::eventually(Duration::from_secs(10), "control plane API up", || {
+            let (client, url) = (&client, &url);
+            async move { client.get(url).await.ok().filter(|r| r.status == 200) }
+        })
+        .await;
+        c
+    }
+
+    /// Kills the process and starts a new one on the same addresses and data directory.
+    pub async fn restart(&mut self) {
+        self.process.kill();
+        *self = Self::start_at(&self.bin, &self.data_dir, self.api, self.grpc).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let r = Client::new().get(&self.url(path)).await.expect("API answers");
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+        r.json()
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = Client::new().post(&self.url(path), body.as_bytes().to_vec(), &[]).await.expect("API answers");
+        (r.status, r.json())
+    }
+
+    pub fn revision_of(status: &Value) -> u64 {
+        status["revision"].as_u64().unwrap()
+    }
+}
+
+/// A proxy process with its listener addresses.
+pub struct ProxyHandle {
+    pub process: Process,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub workload: String,
+}
+
+impl ProxyHandle {
+    /// Starts `weft proxy` for `workload` (NS/NAME) in front of `app`, and waits until ready.
+    pub async fn start(bin: &str, control: &Control, workload: &str, cluster: &str, labels: &[(&str, &str)], app: SocketAddr) -> Self {
+        let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+        let mut args: Vec<String> = [
+            "proxy", "--control", &control.grpc_url(), "--workload", workload, "--cluster", cluster, "--app", &app.to_string(),
+            "--inbound", &inbound.to_string(), "--outbound", &outbound.to_string(), "--admin", &admin.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        for (k, v) in labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        let process = Process::spawn(bin, workload, &args);
+        let p = Self { process, inbound, outbound, admin, workload: workload.to_string() };
+        p.wait_ready().await;
+        p
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = Client::new();
+        let url = format!("http://{}/ready", self.admin);
+        crate::eventually(Duration::from_secs(10), &format!("{} ready", self.workload), || {
+            let (client, url) = (&client, &url);
+            async move { client.get(url).await.ok().filter(|r| r.status == 200) }
+        })
+        .await;
+    }
+
+    pub async fn config_dump(&self) -> Value {
+        let r = Client::new().get(&format!("http://{}/config_dump", self.admin)).await.expect("admin answers");
+        r.json()
+    }
+
+    pub async fn metrics(&self) -> String {
+        Client::new().get(&format!("http://{}/metrics", self.admin)).await.expect("admin answers").text()
+    }
+}
