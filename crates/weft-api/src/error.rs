@@ -24,7 +24,11 @@ pub struct Invalid {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, value: impl fmt::Display, message: impl Into<String>) -> Self {
-        Self { field: field.into(), value: value.to_string(), message: message.into() }
+        Self {
+            field: field.into(),
+            value: value.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -42,7 +46,10 @@ impl fmt::Display for FieldError {
 
 impl Invalid {
     pub fn new(source_name: impl Into<String>, errors: Vec<FieldError>) -> Self {
-        Self { source_name: source_name.into(), errors }
+        Self {
+            source_name: source_name.into(),
+            errors,
+        }
     }
 
     pub fn one(source_name: impl Into<String>, error: FieldError) -> Self {

@@ -67,7 +67,11 @@ impl ServiceConfig {
         if let Some(p) = &self.policy {
             p.validate(&format!("{at}.policy"), errors);
             if p.service != self.name {
-                errors.push(FieldError::new(format!("{at}.policy.service"), &p.service, format!("must be {:?}, the service it is attached to", self.name)));
+                errors.push(FieldError::new(
+                    format!("{at}.policy.service"),
+                    &p.service,
+                    format!("must be {:?}, the service it is attached to", self.name),
+                ));
             }
         }
     }
@@ -95,8 +99,17 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
             let mut endpoints = Vec::with_capacity(s.endpoints.len());
             for (j, e) in s.endpoints.into_iter().enumerate() {
                 match e.address.parse::<SocketAddr>() {
-                    Ok(address) => endpoints.push(Endpoint { address, cluster: e.cluster, labels: e.labels.into_iter().collect(), workload: e.workload }),
-                    Err(_) => errors.push(FieldError::new(format!("{at}.endpoints[{j}].address"), &e.address, "not a socket address")),
+                    Ok(address) => endpoints.push(Endpoint {
+                        address,
+                        cluster: e.cluster,
+                        labels: e.labels.into_iter().collect(),
+                        workload: e.workload,
+                    }),
+                    Err(_) => errors.push(FieldError::new(
+                        format!("{at}.endpoints[{j}].address"),
+                        &e.address,
+                        "not a socket address",
+                    )),
                 }
             }
             let policy = if s.traffic_policy_json.is_empty() {
@@ -111,14 +124,25 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                     }
                 }
             };
-            let svc = ServiceConfig { name: s.name, namespace: s.namespace, endpoints, policy, policy_name: s.policy_name };
+            let svc = ServiceConfig {
+                name: s.name,
+                namespace: s.namespace,
+                endpoints,
+                policy,
+                policy_name: s.policy_name,
+            };
             svc.validate(&at, &mut errors);
-            if services.insert(svc.name.clone(), Arc::new(svc)).is_some() {
-                errors.push(FieldError::new(format!("{at}.name"), &services.keys().last().cloned().unwrap_or_default(), "service listed twice"));
+            let name = svc.name.clone();
+            if services.insert(name.clone(), Arc::new(svc)).is_some() {
+                errors.push(FieldError::new(format!("{at}.name"), name, "service listed twice"));
             }
         }
         if errors.is_empty() {
-            Ok(MeshConfig { version: msg.version, revision: msg.revision, services })
+            Ok(MeshConfig {
+                version: msg.version,
+                revision: msg.revision,
+                services,
+            })
         } else {
             Err(Invalid::new(source, errors))
         }
@@ -140,7 +164,11 @@ impl From<&ServiceConfig> for proto::Service {
                     workload: e.workload.clone(),
                 })
                 .collect(),
-            traffic_policy_json: s.policy.as_ref().map(|p| serde_json::to_string(p).expect("policy serializes")).unwrap_or_default(),
+            traffic_policy_json: s
+                .policy
+                .as_ref()
+                .map(|p| serde_json::to_string(p).expect("policy serializes"))
+                .unwrap_or_default(),
             policy_name: s.policy_name.clone(),
         }
     }
@@ -154,7 +182,12 @@ mod tests {
         proto::Service {
             name: "orders-api".into(),
             namespace: "default".into(),
-            endpoints: vec![proto::Endpoint { address: addr.into(), cluster: "cluster-b".into(), labels: [("version".into(), "v1".into())].into(), workload: "default/orders-api".into() }],
+            endpoints: vec![proto::Endpoint {
+                address: addr.into(),
+                cluster: "cluster-b".into(),
+                labels: [("version".into(), "v1".into())].into(),
+                workload: "default/orders-api".into(),
+            }],
             traffic_policy_json: policy.into(),
             policy_name: String::new(),
         }
@@ -163,24 +196,48 @@ mod tests {
     #[test]
     fn wire_config_round_trips_into_domain() {
         let policy = r#"{"service":"orders-api","routes":[{"timeout":"2s"}]}"#;
-        let msg = proto::ProxyConfig { version: 3, revision: 7, proxy_id: "p".into(), services: vec![service("127.0.0.1:9000", policy)] };
+        let msg = proto::ProxyConfig {
+            version: 3,
+            revision: 7,
+            proxy_id: "p".into(),
+            services: vec![service("127.0.0.1:9000", policy)],
+        };
         let cfg = MeshConfig::try_from(msg).unwrap();
         assert_eq!((cfg.version, cfg.revision), (3, 7));
         let svc = &cfg.services["orders-api"];
         assert_eq!(svc.endpoints[0].subset(), Some("v1"));
         assert_eq!(svc.policy.as_ref().unwrap().routes[0].timeout.unwrap().0.as_millis(), 2000);
         let back = proto::Service::from(svc.as_ref());
-        assert_eq!(MeshConfig::try_from(proto::ProxyConfig { services: vec![back], ..Default::default() }).unwrap().services["orders-api"], cfg.services["orders-api"]);
+        assert_eq!(
+            MeshConfig::try_from(proto::ProxyConfig {
+                services: vec![back],
+                ..Default::default()
+            })
+            .unwrap()
+            .services["orders-api"],
+            cfg.services["orders-api"]
+        );
     }
 
     #[test]
     fn bad_wire_config_names_every_field() {
         let bad_policy = r#"{"service":"orders-api","routes":[{"timeout":"soon"}]}"#;
-        let msg = proto::ProxyConfig { version: 1, revision: 2, proxy_id: "p".into(), services: vec![service("not-an-addr", bad_policy)] };
+        let msg = proto::ProxyConfig {
+            version: 1,
+            revision: 2,
+            proxy_id: "p".into(),
+            services: vec![service("not-an-addr", bad_policy)],
+        };
         let err = MeshConfig::try_from(msg).unwrap_err();
         let text = err.to_string();
         assert_eq!(err.errors.len(), 2, "{text}");
-        assert!(text.contains("services[0].endpoints[0].address") && text.contains("not-an-addr"), "{text}");
-        assert!(text.contains("services[0].policy.routes[0].timeout") && text.contains("soon"), "{text}");
+        assert!(
+            text.contains("services[0].endpoints[0].address") && text.contains("not-an-addr"),
+            "{text}"
+        );
+        assert!(
+            text.contains("services[0].policy.routes[0].timeout") && text.contains("soon"),
+            "{text}"
+        );
     }
 }

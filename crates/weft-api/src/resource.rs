@@ -369,9 +369,8 @@ fn default_min_requests() -> u64 {
 /// Parses every document of a YAML or JSON text. `source_name` (a file path, `request body`)
 /// is named in every error. Every document is checked; all problems are returned together.
 pub fn parse_objects(text: &str, source_name: &str) -> Result<Vec<Object>, Invalid> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| {
-        Invalid::one(source_name, FieldError::new("", "", format!("not valid YAML or JSON: {e}")))
-    })?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+        .map_err(|e| Invalid::one(source_name, FieldError::new("", "", format!("not valid YAML or JSON: {e}"))))?;
     let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
     if docs.is_empty() {
         return Err(Invalid::one(source_name, FieldError::new("", "", "no documents")));
@@ -389,7 +388,11 @@ pub fn parse_objects(text: &str, source_name: &str) -> Result<Vec<Object>, Inval
             })),
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(Invalid::new(source_name, errors)) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(Invalid::new(source_name, errors))
+    }
 }
 
 /// Parses policy resources only; an intent in the input is an error pointing at `kind`.
@@ -413,7 +416,11 @@ pub fn parse_resources(text: &str, source_name: &str) -> Result<Vec<Resource>, I
 /// Reads one document (already a generic value) into its typed form and validates it.
 pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
     let Some(map) = doc.as_object() else {
-        return Err(vec![FieldError::new("", short(doc), "a document must be a mapping with apiVersion, kind, metadata and spec")]);
+        return Err(vec![FieldError::new(
+            "",
+            short(doc),
+            "a document must be a mapping with apiVersion, kind, metadata and spec",
+        )]);
     };
     let mut errors = Vec::new();
     match map.get("apiVersion") {
@@ -446,7 +453,11 @@ pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
             Object::Intent(d)
         }),
         other => {
-            errors.push(FieldError::new("kind", other, "unknown kind; one of TrafficPolicy, SecurityPolicy, Intent"));
+            errors.push(FieldError::new(
+                "kind",
+                other,
+                "unknown kind; one of TrafficPolicy, SecurityPolicy, Intent",
+            ));
             return Err(errors);
         }
     };
@@ -503,7 +514,11 @@ fn short(v: &Value) -> String {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    if s.chars().count() > 80 { format!("{}...", s.chars().take(77).collect::<String>()) } else { s }
+    if s.chars().count() > 80 {
+        format!("{}...", s.chars().take(77).collect::<String>())
+    } else {
+        s
+    }
 }
 
 // === validation ===
@@ -527,7 +542,8 @@ const RETRY_CONDITIONS: [&str; 12] = [
 fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
     let ok = !v.is_empty()
         && v.len() <= 63
-        && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && !v.starts_with(['-', '.'])
         && !v.ends_with(['-', '.']);
     if !ok {
@@ -554,7 +570,11 @@ fn check_positive(field: String, d: Duration, errors: &mut Vec<FieldError>) {
 fn check_methods(field: &str, methods: &[String], errors: &mut Vec<FieldError>) {
     for (i, m) in methods.iter().enumerate() {
         if !METHODS.contains(&m.as_str()) {
-            errors.push(FieldError::new(format!("{field}[{i}]"), m, format!("unknown HTTP method; one of {}", METHODS.join(", "))));
+            errors.push(FieldError::new(
+                format!("{field}[{i}]"),
+                m,
+                format!("unknown HTTP method; one of {}", METHODS.join(", ")),
+            ));
         }
     }
 }
@@ -578,7 +598,11 @@ impl Resource {
 
     pub fn key(&self) -> ResourceKey {
         let m = self.metadata();
-        ResourceKey { kind: self.kind().to_string(), namespace: m.namespace.clone(), name: m.name.clone() }
+        ResourceKey {
+            kind: self.kind().to_string(),
+            namespace: m.namespace.clone(),
+            name: m.name.clone(),
+        }
     }
 
     /// The service this resource governs.
@@ -599,11 +623,14 @@ impl Resource {
 
     /// Parses a stored or wire JSON form; for data already validated once.
     pub fn from_json(text: &str, source_name: &str) -> Result<Resource, Invalid> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Invalid::one(source_name, FieldError::new("", "", format!("not valid JSON: {e}"))))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Invalid::one(source_name, FieldError::new("", "", format!("not valid JSON: {e}"))))?;
         match object_from_value(&value) {
             Ok(Object::Resource(r)) => Ok(r),
-            Ok(Object::Intent(_)) => Err(Invalid::one(source_name, FieldError::new("kind", "Intent", "expected a policy resource"))),
+            Ok(Object::Intent(_)) => Err(Invalid::one(
+                source_name,
+                FieldError::new("kind", "Intent", "expected a policy resource"),
+            )),
             Err(errors) => Err(Invalid::new(source_name, errors)),
         }
     }
@@ -627,15 +654,27 @@ impl TrafficPolicySpec {
         }
         if let Some(p) = &self.connection_pool {
             if p.max_connections == 0 {
-                errors.push(FieldError::new(format!("{at}.connectionPool.maxConnections"), 0, "must be at least 1"));
+                errors.push(FieldError::new(
+                    format!("{at}.connectionPool.maxConnections"),
+                    0,
+                    "must be at least 1",
+                ));
             }
             if p.max_pending_requests == 0 {
-                errors.push(FieldError::new(format!("{at}.connectionPool.maxPendingRequests"), 0, "must be at least 1"));
+                errors.push(FieldError::new(
+                    format!("{at}.connectionPool.maxPendingRequests"),
+                    0,
+                    "must be at least 1",
+                ));
             }
         }
         if let Some(o) = &self.outlier_detection {
             if o.consecutive_failures == 0 {
-                errors.push(FieldError::new(format!("{at}.outlierDetection.consecutiveFailures"), 0, "must be at least 1"));
+                errors.push(FieldError::new(
+                    format!("{at}.outlierDetection.consecutiveFailures"),
+                    0,
+                    "must be at least 1",
+                ));
             }
             check_positive(format!("{at}.outlierDetection.ejection"), o.ejection, errors);
             check_percent(format!("{at}.outlierDetection.maxEjectedPercent"), o.max_ejected_percent, errors);
@@ -645,7 +684,11 @@ impl TrafficPolicySpec {
         }
         if let Some(r) = &self.rate_limit {
             if r.requests_per_second <= 0.0 || r.requests_per_second.is_nan() {
-                errors.push(FieldError::new(format!("{at}.rateLimit.requestsPerSecond"), r.requests_per_second, "must be greater than zero"));
+                errors.push(FieldError::new(
+                    format!("{at}.rateLimit.requestsPerSecond"),
+                    r.requests_per_second,
+                    "must be greater than zero",
+                ));
             }
             if r.burst == 0 {
                 errors.push(FieldError::new(format!("{at}.rateLimit.burst"), 0, "must be at least 1"));
@@ -680,7 +723,11 @@ impl Route {
             }
             for k in m.headers.keys() {
                 if http_header_name_invalid(k) {
-                    errors.push(FieldError::new(format!("{at}.match.headers"), k, "not a valid lowercase header name"));
+                    errors.push(FieldError::new(
+                        format!("{at}.match.headers"),
+                        k,
+                        "not a valid lowercase header name",
+                    ));
                 }
             }
             check_methods(&format!("{at}.match.methods"), &m.methods, errors);
@@ -689,14 +736,26 @@ impl Route {
             let mut seen = Vec::new();
             for (j, b) in self.backends.iter().enumerate() {
                 if b.subset.is_empty() {
-                    errors.push(FieldError::new(format!("{at}.backends[{j}].subset"), "", "must name a subset (workload label `version`)"));
+                    errors.push(FieldError::new(
+                        format!("{at}.backends[{j}].subset"),
+                        "",
+                        "must name a subset (workload label `version`)",
+                    ));
                 }
                 if seen.contains(&&b.subset) {
-                    errors.push(FieldError::new(format!("{at}.backends[{j}].subset"), &b.subset, "named twice in one route"));
+                    errors.push(FieldError::new(
+                        format!("{at}.backends[{j}].subset"),
+                        &b.subset,
+                        "named twice in one route",
+                    ));
                 }
                 seen.push(&b.subset);
                 if b.weight > 100 {
-                    errors.push(FieldError::new(format!("{at}.backends[{j}].weight"), b.weight, "must be between 0 and 100"));
+                    errors.push(FieldError::new(
+                        format!("{at}.backends[{j}].weight"),
+                        b.weight,
+                        "must be between 0 and 100",
+                    ));
                 }
             }
             let sum: u32 = self.backends.iter().map(|b| b.weight).sum();
@@ -740,7 +799,11 @@ impl Route {
             if let Some(a) = &f.abort {
                 check_percent(format!("{at}.fault.abort.percent"), a.percent, errors);
                 if !(200..=599).contains(&a.status) {
-                    errors.push(FieldError::new(format!("{at}.fault.abort.status"), a.status, "must be between 200 and 599"));
+                    errors.push(FieldError::new(
+                        format!("{at}.fault.abort.status"),
+                        a.status,
+                        "must be between 200 and 599",
+                    ));
                 }
             }
         }
@@ -754,7 +817,10 @@ impl Route {
 }
 
 fn http_header_name_invalid(k: &str) -> bool {
-    k.is_empty() || !k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    k.is_empty()
+        || !k
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 // === impl SecurityPolicySpec ===
@@ -768,7 +834,11 @@ impl SecurityPolicySpec {
                 if let Some(from) = &rule.from {
                     for (j, id) in from.identities.iter().enumerate() {
                         if !id.starts_with("spiffe://") || id.len() <= "spiffe://".len() {
-                            errors.push(FieldError::new(format!("{r}.from.identities[{j}]"), id, "must be a SPIFFE ID (spiffe://trust-domain/ns/NS/sa/SA)"));
+                            errors.push(FieldError::new(
+                                format!("{r}.from.identities[{j}]"),
+                                id,
+                                "must be a SPIFFE ID (spiffe://trust-domain/ns/NS/sa/SA)",
+                            ));
                         }
                     }
                     for (j, ns) in from.namespaces.iter().enumerate() {
@@ -803,15 +873,27 @@ impl IntentSpec {
             }
         }
         if self.change.apply.is_empty() && self.change.delete.is_empty() {
-            errors.push(FieldError::new(format!("{at}.change"), "", "must apply or delete at least one resource"));
+            errors.push(FieldError::new(
+                format!("{at}.change"),
+                "",
+                "must apply or delete at least one resource",
+            ));
         }
         for (i, doc) in self.change.apply.iter().enumerate() {
             let prefix = format!("{at}.change.apply[{i}]");
             match object_from_value(doc) {
                 Ok(Object::Resource(_)) => {}
-                Ok(Object::Intent(_)) => errors.push(FieldError::new(format!("{prefix}.kind"), "Intent", "an intent cannot apply an intent")),
+                Ok(Object::Intent(_)) => errors.push(FieldError::new(
+                    format!("{prefix}.kind"),
+                    "Intent",
+                    "an intent cannot apply an intent",
+                )),
                 Err(errs) => errors.extend(errs.into_iter().map(|mut e| {
-                    e.field = if e.field.is_empty() { prefix.clone() } else { format!("{prefix}.{}", e.field) };
+                    e.field = if e.field.is_empty() {
+                        prefix.clone()
+                    } else {
+                        format!("{prefix}.{}", e.field)
+                    };
                     e
                 })),
             }
@@ -828,7 +910,11 @@ impl IntentSpec {
         check_percent(format!("{at}.slo.maxErrorRate"), self.slo.max_error_rate, errors);
         check_percent(format!("{at}.slo.maxErrorRateIncrease"), self.slo.max_error_rate_increase, errors);
         if self.slo.max_p99_increase < 0.0 || self.slo.max_p99_increase.is_nan() {
-            errors.push(FieldError::new(format!("{at}.slo.maxP99Increase"), self.slo.max_p99_increase, "must not be negative"));
+            errors.push(FieldError::new(
+                format!("{at}.slo.maxP99Increase"),
+                self.slo.max_p99_increase,
+                "must not be negative",
+            ));
         }
     }
 
@@ -848,7 +934,11 @@ impl IntentSpec {
 
 impl Default for Rollout {
     fn default() -> Self {
-        Self { stages: default_stages(), bake: Duration::default(), mode: RolloutMode::Auto }
+        Self {
+            stages: default_stages(),
+            bake: Duration::default(),
+            mode: RolloutMode::Auto,
+        }
     }
 }
 

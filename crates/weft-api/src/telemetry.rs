@@ -3,8 +3,7 @@
 
 /// Upper bounds (inclusive, milliseconds) of the latency buckets; one more bucket holds the rest.
 pub const LATENCY_BOUNDS_MS: [f64; 16] = [
-    1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0,
-    5000.0, 10000.0,
+    1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
 ];
 
 /// Number of buckets in a report: every bound plus `+Inf`.

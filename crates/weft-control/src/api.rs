@@ -63,22 +63,36 @@ async fn list_resources(State(api): State<Api>) -> Json<serde_json::Value> {
 /// Body: YAML or JSON, one or more TrafficPolicy / SecurityPolicy documents. The optional
 /// `x-weft-source` header names the file, for error messages.
 async fn apply(State(api): State<Api>, headers: HeaderMap, body: String) -> Result<Json<serde_json::Value>, ApiError> {
-    let source = headers.get("x-weft-source").and_then(|v| v.to_str().ok()).unwrap_or("request body").to_string();
+    let source = headers
+        .get("x-weft-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("request body")
+        .to_string();
     let resources = weft_api::resource::parse_resources(&body, &source)?;
     let applied = api.mesh.apply(resources, &source)?;
     Ok(Json(json!(applied)))
 }
 
-async fn remove(State(api): State<Api>, Path((kind, namespace, name)): Path<(String, String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn remove(
+    State(api): State<Api>,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if !matches!(kind.as_str(), "TrafficPolicy" | "SecurityPolicy") {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("unknown kind {kind:?}"), vec![FieldError::new("kind", &kind, "one of TrafficPolicy, SecurityPolicy")]));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("unknown kind {kind:?}"),
+            vec![FieldError::new("kind", &kind, "one of TrafficPolicy, SecurityPolicy")],
+        ));
     }
     let applied = api.mesh.delete(&ResourceKey { kind, namespace, name })?;
     Ok(Json(json!(applied)))
 }
 
 async fn revisions(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiError> {
-    let history = api.mesh.history().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]))?;
+    let history = api
+        .mesh
+        .history()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]))?;
     let rows: Vec<_> = history
         .iter()
         .map(|r| json!({"revision": r.revision, "timeMs": r.time_ms, "summary": r.summary, "changes": r.changes, "resources": r.resources.len()}))
@@ -94,7 +108,11 @@ struct RollbackBody {
 
 async fn rollback(State(api): State<Api>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
     let req: RollbackBody = serde_json::from_str(&body).map_err(|e| {
-        ApiError(StatusCode::BAD_REQUEST, format!("invalid rollback body: {e}"), vec![FieldError::new("revision", "", e.to_string())])
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid rollback body: {e}"),
+            vec![FieldError::new("revision", "", e.to_string())],
+        )
     })?;
     let applied = api.mesh.rollback(req.revision)?;
     Ok(Json(json!(applied)))

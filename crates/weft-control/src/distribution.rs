@@ -26,7 +26,10 @@ impl proto::distribution_server::Distribution for Distribution {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no Register within 5s"))??;
-        let Some(ProxyMessage { msg: Some(proxy_message::Msg::Register(reg)) }) = first else {
+        let Some(ProxyMessage {
+            msg: Some(proxy_message::Msg::Register(reg)),
+        }) = first
+        else {
             return Err(Status::invalid_argument("the first message on the stream must be Register"));
         };
         let (conn, id) = self.mesh.register(&reg).map_err(Status::invalid_argument)?;
@@ -36,7 +39,13 @@ impl proto::distribution_server::Distribution for Distribution {
     }
 }
 
-async fn drive(mesh: Arc<Mesh>, conn: u64, id: String, mut inbound: Streaming<ProxyMessage>, tx: mpsc::Sender<Result<ControlMessage, Status>>) {
+async fn drive(
+    mesh: Arc<Mesh>,
+    conn: u64,
+    id: String,
+    mut inbound: Streaming<ProxyMessage>,
+    tx: mpsc::Sender<Result<ControlMessage, Status>>,
+) {
     let mut changed = mesh.watch();
     let mut last: Option<proto::ProxyConfig> = None;
     let mut version = 0u64;
@@ -50,7 +59,9 @@ async fn drive(mesh: Arc<Mesh>, conn: u64, id: String, mut inbound: Streaming<Pr
             if held_until.is_none() && last.as_ref() != Some(&cfg) {
                 version += 1;
                 last = Some(cfg.clone());
-                let msg = ControlMessage { msg: Some(control_message::Msg::Config(proto::ProxyConfig { version, ..cfg })) };
+                let msg = ControlMessage {
+                    msg: Some(control_message::Msg::Config(proto::ProxyConfig { version, ..cfg })),
+                };
                 mesh.pushed(conn, version);
                 if tx.send(Ok(msg)).await.is_err() {
                     break;

@@ -34,7 +34,11 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
-    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Opens the store, binds both listeners and serves until `shutdown`.
@@ -43,12 +47,26 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     let mut registry = prometheus_client::registry::Registry::with_prefix("weft_control");
     let metrics = metrics::ControlMetrics::register(&mut registry);
     let mesh = Arc::new(mesh::Mesh::new(store, metrics)?);
-    let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind { listener: "api", addr: cfg.api, source })?;
-    let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind { listener: "grpc", addr: cfg.grpc, source })?;
-    let bound = Bound { api: api_l.local_addr().expect("bound"), grpc: grpc_l.local_addr().expect("bound") };
+    let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind {
+        listener: "api",
+        addr: cfg.api,
+        source,
+    })?;
+    let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind {
+        listener: "grpc",
+        addr: cfg.grpc,
+        source,
+    })?;
+    let bound = Bound {
+        api: api_l.local_addr().expect("bound"),
+        grpc: grpc_l.local_addr().expect("bound"),
+    };
     tracing::info!(api = %bound.api, grpc = %bound.grpc, data_dir = %cfg.data_dir.display(), revision = mesh.revision(), "control plane listening");
 
-    let router = api::router(api::Api { mesh: mesh.clone(), registry: Arc::new(registry) });
+    let router = api::router(api::Api {
+        mesh: mesh.clone(),
+        registry: Arc::new(registry),
+    });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
         let serve = axum::serve(api_l, router).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
@@ -64,7 +82,9 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
             .http2_keepalive_timeout(Some(Duration::from_secs(3)))
             .tcp_nodelay(true)
             .add_service(distribution)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_l), async move { grpc_shutdown.cancelled().await })
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_l), async move {
+                grpc_shutdown.cancelled().await
+            })
             .await;
         if let Err(error) = served {
             tracing::error!(%error, "grpc server failed");

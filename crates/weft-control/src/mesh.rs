@@ -11,12 +11,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
+use weft_api::ResourceKey;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::{Endpoint, SERVICE_LABEL, SUBSET_LABEL, ServiceConfig};
 use weft_api::proto;
 use weft_api::resource::Resource;
 use weft_api::telemetry::{BUCKETS, quantile_ms};
-use weft_api::ResourceKey;
 
 /// Window over which `status` computes rates.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -144,7 +144,10 @@ pub struct ProxyCount {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 // === impl Mesh ===
@@ -160,7 +163,14 @@ impl Mesh {
         metrics.revision.set(revision as i64);
         Ok(Self {
             store,
-            state: Mutex::new(State { revision, resources, proxies: BTreeMap::new(), next_conn: 1, traffic: HashMap::new(), telemetry_signals: 0 }),
+            state: Mutex::new(State {
+                revision,
+                resources,
+                proxies: BTreeMap::new(),
+                next_conn: 1,
+                traffic: HashMap::new(),
+                telemetry_signals: 0,
+            }),
             changed: watch::channel(0).0,
             metrics,
             started: Instant::now(),
@@ -198,7 +208,10 @@ impl Mesh {
         for (i, res) in incoming.into_iter().enumerate() {
             let prefix = if many { format!("[{i}].") } else { String::new() };
             for e in state.check(&res, &next) {
-                errors.push(FieldError { field: format!("{prefix}{}", e.field), ..e });
+                errors.push(FieldError {
+                    field: format!("{prefix}{}", e.field),
+                    ..e
+                });
             }
             let key = res.key();
             let op = match next.get(&key) {
@@ -206,16 +219,27 @@ impl Mesh {
                 Some(old) if *old == res => "unchanged",
                 Some(_) => "configured",
             };
-            changes.push(ChangeEntry { op: op.into(), key: key.clone() });
+            changes.push(ChangeEntry {
+                op: op.into(),
+                key: key.clone(),
+            });
             next.insert(key, res);
         }
         if !errors.is_empty() {
             return Err(Invalid::new(source, errors).into());
         }
         if changes.iter().all(|c| c.op == "unchanged") {
-            return Ok(Applied { revision: state.revision, changes });
+            return Ok(Applied {
+                revision: state.revision,
+                changes,
+            });
         }
-        let summary = changes.iter().filter(|c| c.op != "unchanged").map(|c| format!("{} {}", c.op, c.key)).collect::<Vec<_>>().join(", ");
+        let summary = changes
+            .iter()
+            .filter(|c| c.op != "unchanged")
+            .map(|c| format!("{} {}", c.op, c.key))
+            .collect::<Vec<_>>()
+            .join(", ");
         self.commit(&mut state, summary, changes, next)
     }
 
@@ -225,7 +249,10 @@ impl Mesh {
         if next.remove(key).is_none() {
             return Err(ChangeError::NotFound(key.to_string()));
         }
-        let changes = vec![ChangeEntry { op: "deleted".into(), key: key.clone() }];
+        let changes = vec![ChangeEntry {
+            op: "deleted".into(),
+            key: key.clone(),
+        }];
         self.commit(&mut state, format!("deleted {key}"), changes, next)
     }
 
@@ -240,7 +267,10 @@ impl Mesh {
             .resources
             .keys()
             .filter(|k| !next.contains_key(k))
-            .map(|k| ChangeEntry { op: "deleted".into(), key: k.clone() })
+            .map(|k| ChangeEntry {
+                op: "deleted".into(),
+                key: k.clone(),
+            })
             .collect();
         for (k, r) in &next {
             let op = match state.resources.get(k) {
@@ -248,24 +278,39 @@ impl Mesh {
                 Some(cur) if cur == r => "unchanged",
                 Some(_) => "configured",
             };
-            changes.push(ChangeEntry { op: op.into(), key: k.clone() });
+            changes.push(ChangeEntry {
+                op: op.into(),
+                key: k.clone(),
+            });
         }
         self.commit(&mut state, format!("rollback to revision {revision}"), changes, next)
     }
 
-    fn commit(&self, state: &mut State, summary: String, changes: Vec<ChangeEntry>, next: BTreeMap<ResourceKey, Resource>) -> Result<Applied, ChangeError> {
+    fn commit(
+        &self,
+        state: &mut State,
+        summary: String,
+        changes: Vec<ChangeEntry>,
+        next: BTreeMap<ResourceKey, Resource>,
+    ) -> Result<Applied, ChangeError> {
         let rev = self.store.commit(summary, changes.clone(), &next)?;
         state.revision = rev.revision;
         state.resources = next;
         self.metrics.revision.set(rev.revision as i64);
         tracing::info!(revision = rev.revision, summary = %rev.summary, "revision committed");
         self.bump();
-        Ok(Applied { revision: rev.revision, changes })
+        Ok(Applied {
+            revision: rev.revision,
+            changes,
+        })
     }
 
     /// Adds a proxy that opened a stream; returns its connection number and id.
     pub fn register(&self, reg: &proto::Register) -> Result<(u64, String), String> {
-        let inbound: SocketAddr = reg.inbound_addr.parse().map_err(|_| format!("register: inbound_addr {:?} is not a socket address", reg.inbound_addr))?;
+        let inbound: SocketAddr = reg
+            .inbound_addr
+            .parse()
+            .map_err(|_| format!("register: inbound_addr {:?} is not a socket address", reg.inbound_addr))?;
         for (field, v) in [("namespace", &reg.namespace), ("name", &reg.name)] {
             if v.is_empty() {
                 return Err(format!("register: {field} must not be empty"));
@@ -314,7 +359,8 @@ impl Mesh {
 
     pub fn subscribe(&self, conn: u64, services: Vec<String>) {
         if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
-            p.subscriptions.extend(services.into_iter().filter(|s| !s.is_empty() && s.len() <= 253));
+            p.subscriptions
+                .extend(services.into_iter().filter(|s| !s.is_empty() && s.len() <= 253));
         }
     }
 
@@ -330,7 +376,12 @@ impl Mesh {
                     .proxies
                     .values()
                     .filter(|q| q.namespace == p.namespace && &q.service == name)
-                    .map(|q| Endpoint { address: q.inbound, cluster: q.cluster.clone(), labels: q.labels.clone(), workload: format!("{}/{}", q.namespace, q.name) })
+                    .map(|q| Endpoint {
+                        address: q.inbound,
+                        cluster: q.cluster.clone(),
+                        labels: q.labels.clone(),
+                        workload: format!("{}/{}", q.namespace, q.name),
+                    })
                     .collect();
                 endpoints.sort_by_key(|e| e.address);
                 let policy = state.traffic_policy(&p.namespace, name);
@@ -344,7 +395,12 @@ impl Mesh {
                 proto::Service::from(&svc)
             })
             .collect();
-        Some(proto::ProxyConfig { version: 0, revision: state.revision, proxy_id: p.id.clone(), services })
+        Some(proto::ProxyConfig {
+            version: 0,
+            revision: state.revision,
+            proxy_id: p.id.clone(),
+            services,
+        })
     }
 
     /// While warming up, a proxy that resumed with a working config is not sent one that would
@@ -402,7 +458,12 @@ impl Mesh {
                 *b = c;
             }
             let samples = state.traffic.entry(key.clone()).or_default();
-            samples.push_back(Sample { at: now, requests: s.requests, errors: s.errors, buckets });
+            samples.push_back(Sample {
+                at: now,
+                requests: s.requests,
+                errors: s.errors,
+                buckets,
+            });
             while samples.front().is_some_and(|x| now.duration_since(x.at) > RATE_WINDOW * 3) {
                 samples.pop_front();
             }
@@ -437,7 +498,9 @@ impl Mesh {
             services.entry((p.namespace.clone(), p.service.clone())).or_default().push(p);
         }
         for r in state.resources.values() {
-            services.entry((r.metadata().namespace.clone(), r.service().to_string())).or_default();
+            services
+                .entry((r.metadata().namespace.clone(), r.service().to_string()))
+                .or_default();
         }
         let now = Instant::now();
         let views = services
@@ -460,12 +523,19 @@ impl Mesh {
                     cluster: clusters.into_iter().collect::<Vec<_>>().join(","),
                     rps: round2(requests as f64 / RATE_WINDOW.as_secs_f64()),
                     errors,
-                    error_rate: if requests == 0 { 0.0 } else { round2(100.0 * errors as f64 / requests as f64) },
+                    error_rate: if requests == 0 {
+                        0.0
+                    } else {
+                        round2(100.0 * errors as f64 / requests as f64)
+                    },
                     p99_ms: quantile_ms(&buckets, 0.99).map(round2),
                     policy_revision: proxies.iter().map(|p| p.applied_revision).min().unwrap_or(0),
                     mtls: "off",
                     bypass: false,
-                    proxies: ProxyCount { total: proxies.len(), in_sync: proxies.iter().filter(|p| p.applied_revision == state.revision).count() },
+                    proxies: ProxyCount {
+                        total: proxies.len(),
+                        in_sync: proxies.iter().filter(|p| p.applied_revision == state.revision).count(),
+                    },
                     name,
                     namespace,
                 }
@@ -473,7 +543,12 @@ impl Mesh {
             .collect();
         StatusView {
             revision: state.revision,
-            loop_: LoopView { phase: "idle", intent: None, mode: "manual", last_decision: None },
+            loop_: LoopView {
+                phase: "idle",
+                intent: None,
+                mode: "manual",
+                last_decision: None,
+            },
             telemetry_signals: state.telemetry_signals,
             services: views,
         }
@@ -507,15 +582,27 @@ impl State {
             .collect();
         for (field, subset) in res.subsets() {
             if !known.contains(subset.as_str()) {
-                let have = if known.is_empty() { "none".to_string() } else { known.iter().copied().collect::<Vec<_>>().join(", ") };
-                errors.push(FieldError::new(field, &subset, format!("no workload of service {service} has label {SUBSET_LABEL}={subset} (known subsets: {have})")));
+                let have = if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.iter().copied().collect::<Vec<_>>().join(", ")
+                };
+                errors.push(FieldError::new(
+                    field,
+                    &subset,
+                    format!("no workload of service {service} has label {SUBSET_LABEL}={subset} (known subsets: {have})"),
+                ));
             }
         }
         if let Resource::TrafficPolicy(_) = res {
             let key = res.key();
             for (k, other) in next {
                 if *k != key && other.kind() == "TrafficPolicy" && &other.metadata().namespace == ns && other.service() == service {
-                    errors.push(FieldError::new("spec.service", service, format!("already governed by {k}; one TrafficPolicy per service")));
+                    errors.push(FieldError::new(
+                        "spec.service",
+                        service,
+                        format!("already governed by {k}; one TrafficPolicy per service"),
+                    ));
                 }
             }
         }

@@ -32,8 +32,16 @@ impl ControlMetrics {
         registry.register("config_pushes", "Configs pushed to proxies", m.pushes.clone());
         registry.register("config_acks", "Configs proxies applied", m.acks.clone());
         registry.register("config_nacks", "Configs proxies refused", m.nacks.clone());
-        registry.register("telemetry_reports", "Telemetry summaries received from proxies", m.telemetry_reports.clone());
-        registry.register("push_to_ack_seconds", "Time from pushing a config to its ACK", m.push_to_ack.clone());
+        registry.register(
+            "telemetry_reports",
+            "Telemetry summaries received from proxies",
+            m.telemetry_reports.clone(),
+        );
+        registry.register(
+            "push_to_ack_seconds",
+            "Time from pushing a config to its ACK",
+            m.push_to_ack.clone(),
+        );
         m
     }
 }

@@ -54,7 +54,10 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
 impl Store {
     /// Opens (or creates) `DIR/weft.redb`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let open_err = |e: &dyn std::fmt::Display| StoreError::Open { path: dir.display().to_string(), message: e.to_string() };
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        };
         std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
         let db = Database::create(dir.join("weft.redb")).map_err(|e| open_err(&e))?;
         let tx = db.begin_write().map_err(db_err)?;
@@ -95,14 +98,22 @@ impl Store {
     }
 
     /// Records `resources` as the next revision. The caller has validated them.
-    pub fn commit(&self, summary: String, changes: Vec<ChangeEntry>, resources: &BTreeMap<ResourceKey, Resource>) -> Result<Revision, StoreError> {
+    pub fn commit(
+        &self,
+        summary: String,
+        changes: Vec<ChangeEntry>,
+        resources: &BTreeMap<ResourceKey, Resource>,
+    ) -> Result<Revision, StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         let rev = {
             let mut table = tx.open_table(REVISIONS).map_err(db_err)?;
             let next = table.last().map_err(db_err)?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
             let rev = Revision {
                 revision: next,
-                time_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                time_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
                 summary,
                 changes,
                 resources: resources.values().cloned().collect(),
@@ -117,7 +128,10 @@ impl Store {
 }
 
 fn decode(revision: u64, json: &str) -> Result<Revision, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt { revision, message: e.to_string() })
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        revision,
+        message: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -128,7 +142,12 @@ mod tests {
     fn revisions_survive_reopen_and_stay_monotonic() {
         let dir = std::env::temp_dir().join(format!("weft-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let r: Resource = weft_api::resource::parse_resources("apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {service: a}\n", "t").unwrap().remove(0);
+        let r: Resource = weft_api::resource::parse_resources(
+            "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {service: a}\n",
+            "t",
+        )
+        .unwrap()
+        .remove(0);
         let mut set = BTreeMap::new();
         set.insert(r.key(), r.clone());
         {

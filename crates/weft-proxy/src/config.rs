@@ -31,7 +31,9 @@ pub struct Workload {
 #[derive(Clone, Debug)]
 pub enum Source {
     /// gRPC URL of the control plane, e.g. `http://127.0.0.1:7071`.
-    Control { url: String },
+    Control {
+        url: String,
+    },
     Static(MeshConfig),
 }
 
@@ -59,8 +61,16 @@ impl Workload {
     /// Parses `NS/NAME` (or `NAME`, in namespace `default`).
     pub fn parse_id(id: &str) -> Result<(String, String), String> {
         let (ns, name) = id.split_once('/').unwrap_or(("default", id));
-        let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if ok(ns) && ok(name) { Ok((ns.to_string(), name.to_string())) } else { Err(format!("invalid workload {id:?}: expected NAMESPACE/NAME")) }
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        };
+        if ok(ns) && ok(name) {
+            Ok((ns.to_string(), name.to_string()))
+        } else {
+            Err(format!("invalid workload {id:?}: expected NAMESPACE/NAME"))
+        }
     }
 
     /// The service this workload serves: its `service` label, else its name.
@@ -78,14 +88,13 @@ impl Workload {
 impl StaticFile {
     /// Reads and validates a static proxy file; every problem is reported with the file name.
     pub fn load(path: &str) -> Result<ProxyConfig, Invalid> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Invalid::one(path, FieldError::new("", "", format!("cannot read: {e}"))))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Invalid::one(path, FieldError::new("", "", format!("cannot read: {e}"))))?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, source: &str) -> Result<ProxyConfig, Invalid> {
-        let value: serde_json::Value = serde_saphyr::from_str(text)
-            .map_err(|e| Invalid::one(source, FieldError::new("", "", format!("not valid YAML: {e}"))))?;
+        let value: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| Invalid::one(source, FieldError::new("", "", format!("not valid YAML: {e}"))))?;
         let file: StaticFile = weft_api::resource::from_value(&value).map_err(|e| Invalid::one(source, e))?;
         let mut errors = Vec::new();
         let (namespace, name) = match Workload::parse_id(&file.workload) {
@@ -106,13 +115,22 @@ impl StaticFile {
             return Err(Invalid::new(source, errors));
         }
         Ok(ProxyConfig {
-            workload: Workload { namespace, name, cluster: file.cluster, labels: file.labels },
+            workload: Workload {
+                namespace,
+                name,
+                cluster: file.cluster,
+                labels: file.labels,
+            },
             app: file.app,
             inbound: file.inbound,
             outbound: file.outbound,
             admin: file.admin,
             advertise: None,
-            source: Source::Static(MeshConfig { version: 0, revision: 0, services }),
+            source: Source::Static(MeshConfig {
+                version: 0,
+                revision: 0,
+                services,
+            }),
         })
     }
 }

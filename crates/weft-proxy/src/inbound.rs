@@ -18,7 +18,9 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let start = Instant::now();
     let version = req.version();
     let resp = to_app(&proxy, req).await;
-    proxy.telemetry.record(Direction::Inbound, "", resp.status().as_u16(), reason_of(&resp), start.elapsed());
+    proxy
+        .telemetry
+        .record(Direction::Inbound, "", resp.status().as_u16(), reason_of(&resp), start.elapsed());
     finish(resp, version)
 }
 
@@ -33,13 +35,24 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         .uri
         .authority()
         .map(|a| a.as_str().to_string())
-        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| proxy.app.to_string());
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let body = body.boxed_unsync();
     if app_h2 {
         parts.version = Version::HTTP_2;
-        parts.uri = match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(pq).build() {
+        parts.uri = match Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+        {
             Ok(u) => u,
             Err(_) => return reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI"),
         };
@@ -56,7 +69,12 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         }
     } else {
         parts.version = Version::HTTP_11;
-        parts.uri = match Uri::builder().scheme("http").authority(proxy.app.to_string()).path_and_query(pq).build() {
+        parts.uri = match Uri::builder()
+            .scheme("http")
+            .authority(proxy.app.to_string())
+            .path_and_query(pq)
+            .build()
+        {
             Ok(u) => u,
             Err(_) => return reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI"),
         };

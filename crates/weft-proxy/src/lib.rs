@@ -35,13 +35,19 @@ pub struct Bound {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
-    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Binds every listener, then serves until `shutdown`; returns once drained.
 pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
     let bind = |listener: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { listener, addr, source })
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { listener, addr, source })
     };
     let inbound_l = bind("inbound", cfg.inbound).await?;
     let outbound_l = bind("outbound", cfg.outbound).await?;

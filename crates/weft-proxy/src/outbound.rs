@@ -25,17 +25,33 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let version = req.version();
     let (service, resp) = route_request(&proxy, req).await;
     let status = resp.status().as_u16();
-    proxy.telemetry.record(Direction::Outbound, &service, status, reason_of(&resp), start.elapsed());
+    proxy
+        .telemetry
+        .record(Direction::Outbound, &service, status, reason_of(&resp), start.elapsed());
     finish(resp, version)
 }
 
 async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Response<Body>) {
     let Some(authority) = target_authority(&req) else {
-        return (String::new(), reply(StatusCode::BAD_REQUEST, "no-destination", "the request names no service (absolute URI, :authority or Host)"));
+        return (
+            String::new(),
+            reply(
+                StatusCode::BAD_REQUEST,
+                "no-destination",
+                "the request names no service (absolute URI, :authority or Host)",
+            ),
+        );
     };
     let name = service_name(&authority).to_string();
     let Some(service) = proxy.service(&name).await else {
-        return (name.clone(), reply(StatusCode::SERVICE_UNAVAILABLE, "unknown-service", format!("no service named {name:?} is known to this proxy")));
+        return (
+            name.clone(),
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unknown-service",
+                format!("no service named {name:?} is known to this proxy"),
+            ),
+        );
     };
     let (mut parts, body) = req.into_parts();
     let decision = route::decide(service.policy.as_ref(), &parts, rand::random_range(0..100));
@@ -45,9 +61,19 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Respon
     let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
     parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = match Uri::builder().scheme("http").authority(authority.as_str()).path_and_query(pq).build() {
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+    {
         Ok(u) => u,
-        Err(_) => return (name, reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI")),
+        Err(_) => {
+            return (
+                name,
+                reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI"),
+            );
+        }
     };
     parts.version = Version::HTTP_2;
     let req = Request::from_parts(parts, body.boxed_unsync());
@@ -55,7 +81,11 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Respon
     let resp = match decision.timeout {
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,
-            Err(_) => reply(StatusCode::GATEWAY_TIMEOUT, "request-timeout", format!("no response within {t:?} (route {})", decision.route)),
+            Err(_) => reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                "request-timeout",
+                format!("no response within {t:?} (route {})", decision.route),
+            ),
         },
         None => fut.await,
     };
@@ -66,7 +96,11 @@ async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: 
     let candidates = candidates(service, decision, &proxy.workload.cluster);
     if candidates.is_empty() {
         let which = decision.subset.as_ref().map(|s| format!(" in subset {s}")).unwrap_or_default();
-        return reply(StatusCode::SERVICE_UNAVAILABLE, "no-healthy-endpoints", format!("service {}{which} has no endpoints", service.name));
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-healthy-endpoints",
+            format!("service {}{which} has no endpoints", service.name),
+        );
     }
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
@@ -86,11 +120,19 @@ async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: 
             Ok(resp) => resp.map(|b| b.boxed_unsync()),
             Err(error) => {
                 proxy.pools.evict(addr);
-                reply(StatusCode::BAD_GATEWAY, "upstream-reset", format!("endpoint {addr} of {}: {error}", service.name))
+                reply(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-reset",
+                    format!("endpoint {addr} of {}: {error}", service.name),
+                )
             }
         };
     }
-    reply(StatusCode::SERVICE_UNAVAILABLE, "upstream-connect-failed", format!("{} endpoint(s) of {} tried: {last_error}", tried.len(), service.name))
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream-connect-failed",
+        format!("{} endpoint(s) of {} tried: {last_error}", tried.len(), service.name),
+    )
 }
 
 /// Endpoints a request may go to: those of its subset, in the caller's cluster when any is,
@@ -155,10 +197,16 @@ mod tests {
         .unwrap();
         let d = Decision::default();
         assert_eq!(candidates(&svc, &d, "cluster-b"), vec!["127.0.0.1:2".parse().unwrap()]);
-        let d = Decision { failover: vec!["cluster-c".into()], ..Default::default() };
+        let d = Decision {
+            failover: vec!["cluster-c".into()],
+            ..Default::default()
+        };
         assert_eq!(candidates(&svc, &d, "cluster-a"), vec!["127.0.0.1:1".parse().unwrap()]);
         assert_eq!(candidates(&svc, &Decision::default(), "cluster-a").len(), 2);
-        let d = Decision { subset: Some("v2".into()), ..Default::default() };
+        let d = Decision {
+            subset: Some("v2".into()),
+            ..Default::default()
+        };
         assert!(candidates(&svc, &d, "cluster-a").is_empty());
     }
 }

@@ -41,7 +41,10 @@ impl Pools {
             .pool_timer(TokioTimer::new())
             .set_host(false)
             .build(connector);
-        Self { h2: Mutex::new(HashMap::new()), h1 }
+        Self {
+            h2: Mutex::new(HashMap::new()),
+            h1,
+        }
     }
 
     /// A ready HTTP/2 sender to `addr`, reusing the open connection when there is one.

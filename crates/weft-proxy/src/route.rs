@@ -18,10 +18,19 @@ pub struct Decision {
 
 /// Decides the route for a request. `roll` is a uniform number in `0..100` for weighted splits.
 pub fn decide(policy: Option<&TrafficPolicySpec>, req: &Parts, roll: u32) -> Decision {
-    let Some(policy) = policy else { return Decision { route: "default".into(), ..Default::default() } };
+    let Some(policy) = policy else {
+        return Decision {
+            route: "default".into(),
+            ..Default::default()
+        };
+    };
     let failover = policy.failover.clone();
     let Some((i, route)) = policy.routes.iter().enumerate().find(|(_, r)| matches(r, req)) else {
-        return Decision { route: "default".into(), failover, ..Default::default() };
+        return Decision {
+            route: "default".into(),
+            failover,
+            ..Default::default()
+        };
     };
     let mut cumulative = 0;
     let subset = route.backends.iter().find_map(|b| {
@@ -29,7 +38,11 @@ pub fn decide(policy: Option<&TrafficPolicySpec>, req: &Parts, roll: u32) -> Dec
         (roll < cumulative).then(|| b.subset.clone())
     });
     Decision {
-        route: if route.name.is_empty() { format!("route-{i}") } else { route.name.clone() },
+        route: if route.name.is_empty() {
+            format!("route-{i}")
+        } else {
+            route.name.clone()
+        },
         subset,
         timeout: route.timeout.map(|t| t.as_std()),
         failover,
@@ -46,7 +59,9 @@ fn matches(route: &Route, req: &Parts) -> bool {
     if !m.methods.is_empty() && !m.methods.iter().any(|x| x == req.method.as_str()) {
         return false;
     }
-    m.headers.iter().all(|(k, v)| req.headers.get(k.as_str()).is_some_and(|h| h.as_bytes() == v.as_bytes()))
+    m.headers
+        .iter()
+        .all(|(k, v)| req.headers.get(k.as_str()).is_some_and(|h| h.as_bytes() == v.as_bytes()))
 }
 
 #[cfg(test)]
@@ -83,7 +98,9 @@ mod tests {
     #[test]
     fn weights_split_by_roll() {
         let p = policy("service: c\nroutes:\n  - backends: [{subset: v2, weight: 10}, {subset: v1, weight: 90}]\n");
-        let picks: Vec<_> = (0..100).map(|roll| decide(Some(&p), &parts("GET", "/", &[]), roll).subset.unwrap()).collect();
+        let picks: Vec<_> = (0..100)
+            .map(|roll| decide(Some(&p), &parts("GET", "/", &[]), roll).subset.unwrap())
+            .collect();
         assert_eq!(picks.iter().filter(|s| *s == "v2").count(), 10);
         assert_eq!(picks.iter().filter(|s| *s == "v1").count(), 90);
     }

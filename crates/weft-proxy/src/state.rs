@@ -1,10 +1,10 @@
 //! The proxy's shared state: its identity, the config it runs on (swapped atomically), the
 //! services it has asked the control plane for, and its clients and metrics.
 
+use crate::Bound;
 use crate::config::{ProxyConfig, Source, Workload};
 use crate::pool::Pools;
 use crate::telemetry::Telemetry;
-use crate::Bound;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::collections::BTreeSet;

@@ -56,8 +56,18 @@ impl Telemetry {
         let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(weft_api::telemetry::LATENCY_BOUNDS_MS.iter().map(|ms| ms / 1000.0))
         });
-        registry.register("request_duration_seconds", "Time to response headers, by direction and service", latency.clone());
-        Self { registry: Arc::new(registry), own_service: own_service.to_string(), requests, latency, interval: Mutex::new(HashMap::new()) }
+        registry.register(
+            "request_duration_seconds",
+            "Time to response headers, by direction and service",
+            latency.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            own_service: own_service.to_string(),
+            requests,
+            latency,
+            interval: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records one finished request. `service` is empty for inbound (the proxy's own service).
@@ -68,10 +78,20 @@ impl Telemetry {
         };
         let svc = if service.is_empty() { self.own_service.as_str() } else { service };
         self.requests
-            .get_or_create(&RequestLabels { direction: dir, service: svc.to_string(), status, reason: reason.to_string() })
+            .get_or_create(&RequestLabels {
+                direction: dir,
+                service: svc.to_string(),
+                status,
+                reason: reason.to_string(),
+            })
             .inc();
         let secs = elapsed.as_secs_f64();
-        self.latency.get_or_create(&LatencyLabels { direction: dir, service: svc.to_string() }).observe(secs);
+        self.latency
+            .get_or_create(&LatencyLabels {
+                direction: dir,
+                service: svc.to_string(),
+            })
+            .observe(secs);
         let mut interval = self.interval.lock();
         let w = interval.entry((direction, service.to_string())).or_default();
         w.requests += 1;

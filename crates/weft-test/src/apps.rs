@@ -31,8 +31,18 @@ impl EchoServer {
         let served = Arc::new(AtomicU64::new(0));
         let shutdown = Shutdown::new();
         let (n, s) = (name.to_string(), served.clone());
-        tokio::spawn(weft_core::serve::serve(listener, Default::default(), shutdown.clone(), move |req| echo(n.clone(), s.clone(), req)));
-        Self { addr, name: name.to_string(), served, shutdown }
+        tokio::spawn(weft_core::serve::serve(
+            listener,
+            Default::default(),
+            shutdown.clone(),
+            move |req| echo(n.clone(), s.clone(), req),
+        ));
+        Self {
+            addr,
+            name: name.to_string(),
+            served,
+            shutdown,
+        }
     }
 
     pub fn served(&self) -> u64 {
@@ -53,7 +63,11 @@ async fn echo(name: String, served: Arc<AtomicU64>, req: Request<Incoming>) -> R
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let status = header("x-echo-status").and_then(|v| v.parse().ok()).unwrap_or(200u16);
-    let headers: BTreeMap<String, String> = req.headers().iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
     let method = req.method().clone();
     let describe = json!({
         "server": name,

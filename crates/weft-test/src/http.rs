@@ -47,12 +47,16 @@ impl Default for Client {
 impl Client {
     /// HTTP/1.1.
     pub fn new() -> Self {
-        Self { inner: Legacy::builder(TokioExecutor::new()).build_http() }
+        Self {
+            inner: Legacy::builder(TokioExecutor::new()).build_http(),
+        }
     }
 
     /// HTTP/2 with prior knowledge (h2c).
     pub fn h2() -> Self {
-        Self { inner: Legacy::builder(TokioExecutor::new()).http2_only(true).build_http() }
+        Self {
+            inner: Legacy::builder(TokioExecutor::new()).http2_only(true).build_http(),
+        }
     }
 
     pub async fn get(&self, url: &str) -> anyhow::Result<Reply> {
@@ -86,7 +90,12 @@ pub async fn via_http_proxy(proxy: SocketAddr, req: Request<Full<Bytes>>) -> any
 async fn collect(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, version: parts.version, body })
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        version: parts.version,
+        body,
+    })
 }
 
 /// Sends one HTTP/2 request (prior knowledge) to `addr`; the request URI's authority becomes

@@ -23,7 +23,12 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(bin: &str, name: &str, args: &[String]) -> Self {
-        let log = std::env::temp_dir().join(format!("weft-test-{}-{}-{}.log", std::process::id(), name.replace('/', "_"), rand_suffix()));
+        let log = std::env::temp_dir().join(format!(
+            "weft-test-{}-{}-{}.log",
+            std::process::id(),
+            name.replace('/', "_"),
+            rand_suffix()
+        ));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
@@ -33,7 +38,11 @@ impl Process {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        Self { name: name.to_string(), child, log }
+        Self {
+            name: name.to_string(),
+            child,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -110,9 +119,24 @@ impl Control {
     }
 
     pub async fn start_at(bin: &str, data_dir: &Path, api: SocketAddr, grpc: SocketAddr) -> Self {
-        let args = ["control", "--data-dir", &data_dir.display().to_string(), "--api", &api.to_string(), "--grpc", &grpc.to_string()].map(String::from);
+        let args = [
+            "control",
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--api",
+            &api.to_string(),
+            "--grpc",
+            &grpc.to_string(),
+        ]
+        .map(String::from);
         let process = Process::spawn(bin, "control", &args);
-        let c = Self { process, api, grpc, data_dir: data_dir.to_path_buf(), bin: bin.to_string() };
+        let c = Self {
+            process,
+            api,
+            grpc,
+            data_dir: data_dir.to_path_buf(),
+            bin: bin.to_string(),
+        };
         let client = Client::new();
         let url = c.url("/api/v1/status");
         crate::eventually(Duration::from_secs(10), "control plane API up", || {
@@ -144,7 +168,10 @@ impl Control {
     }
 
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let r = Client::new().post(&self.url(path), body.as_bytes().to_vec(), &[]).await.expect("API answers");
+        let r = Client::new()
+            .post(&self.url(path), body.as_bytes().to_vec(), &[])
+            .await
+            .expect("API answers");
         (r.status, r.json())
     }
 
@@ -167,8 +194,21 @@ impl ProxyHandle {
     pub async fn start(bin: &str, control: &Control, workload: &str, cluster: &str, labels: &[(&str, &str)], app: SocketAddr) -> Self {
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
         let mut args: Vec<String> = [
-            "proxy", "--control", &control.grpc_url(), "--workload", workload, "--cluster", cluster, "--app", &app.to_string(),
-            "--inbound", &inbound.to_string(), "--outbound", &outbound.to_string(), "--admin", &admin.to_string(),
+            "proxy",
+            "--control",
+            &control.grpc_url(),
+            "--workload",
+            workload,
+            "--cluster",
+            cluster,
+            "--app",
+            &app.to_string(),
+            "--inbound",
+            &inbound.to_string(),
+            "--outbound",
+            &outbound.to_string(),
+            "--admin",
+            &admin.to_string(),
         ]
         .map(String::from)
         .to_vec();
@@ -177,7 +217,13 @@ impl ProxyHandle {
             args.push(format!("{k}={v}"));
         }
         let process = Process::spawn(bin, workload, &args);
-        let p = Self { process, inbound, outbound, admin, workload: workload.to_string() };
+        let p = Self {
+            process,
+            inbound,
+            outbound,
+            admin,
+            workload: workload.to_string(),
+        };
         p.wait_ready().await;
         p
     }
@@ -193,11 +239,18 @@ impl ProxyHandle {
     }
 
     pub async fn config_dump(&self) -> Value {
-        let r = Client::new().get(&format!("http://{}/config_dump", self.admin)).await.expect("admin answers");
+        let r = Client::new()
+            .get(&format!("http://{}/config_dump", self.admin))
+            .await
+            .expect("admin answers");
         r.json()
     }
 
     pub async fn metrics(&self) -> String {
-        Client::new().get(&format!("http://{}/metrics", self.admin)).await.expect("admin answers").text()
+        Client::new()
+            .get(&format!("http://{}/metrics", self.admin))
+            .await
+            .expect("admin answers")
+            .text()
     }
 }

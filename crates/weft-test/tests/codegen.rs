@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 fn generated_code_matches_proto() {
     let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut stale = Vec::new();
-    for (krate, proto, output) in [("weft-api", "weft.proto", "weft.v1.rs"), ("weft-test", "echo.proto", "weft.test.rs")] {
+    for (krate, proto, output) in [
+        ("weft-api", "weft.proto", "weft.v1.rs"),
+        ("weft-test", "echo.proto", "weft.test.rs"),
+    ] {
         let root = crates.join(krate);
         let checked_in = root.join("src/gen").join(output);
         let fresh = generate(&root.join("proto"), proto, output);
@@ -21,7 +24,10 @@ fn generated_code_matches_proto() {
             stale.push(checked_in.display().to_string());
         }
     }
-    assert!(stale.is_empty(), "stale generated code in {stale:?}: regenerate with WEFT_REGENERATE=1 cargo test -p weft-test --test codegen");
+    assert!(
+        stale.is_empty(),
+        "stale generated code in {stale:?}: regenerate with WEFT_REGENERATE=1 cargo test -p weft-test --test codegen"
+    );
 }
 
 /// Compiles `file` under `include` and returns the generated Rust for it.
@@ -29,7 +35,11 @@ fn generate(include: &Path, file: &str, output: &str) -> String {
     let descriptors = protox::compile([file], [include]).expect("proto compiles");
     let out: PathBuf = std::env::temp_dir().join(format!("weft-codegen-{}-{}", std::process::id(), output.replace('.', "-")));
     std::fs::create_dir_all(&out).unwrap();
-    tonic_prost_build::configure().build_transport(false).out_dir(&out).compile_fds(descriptors).expect("codegen");
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .out_dir(&out)
+        .compile_fds(descriptors)
+        .expect("codegen");
     let text = std::fs::read_to_string(out.join(output)).expect("generated file");
     std::fs::remove_dir_all(&out).ok();
     text

@@ -32,7 +32,10 @@ impl std::error::Error for Refused {}
 
 impl Api {
     pub fn new(base: &str) -> Self {
-        Self { base: base.trim_end_matches('/').to_string(), http: Client::builder(TokioExecutor::new()).build_http() }
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -53,15 +56,25 @@ impl Api {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).with_context(|| format!("invalid server URL {url}"))?;
-        let resp = self.http.request(req).await.map_err(|e| anyhow!("cannot reach the control plane at {}: {e}", self.base))?;
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .with_context(|| format!("invalid server URL {url}"))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| anyhow!("cannot reach the control plane at {}: {e}", self.base))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.context("reading the API's answer")?.to_bytes();
         let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         if status.is_success() {
             Ok(value)
         } else {
-            let error = value.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| value.to_string());
+            let error = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
             Err(Refused { status, error }.into())
         }
     }

@@ -48,7 +48,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let api = Api::new(&cli.server);
     let format = cli.output;
     let result = match cli.command {
-        Command::Up { no_traffic, api: addr, data_dir, rps } => return crate::up::run(crate::up::Options { traffic: !no_traffic, api: addr, data_dir, rps }).await,
+        Command::Up {
+            no_traffic,
+            api: addr,
+            data_dir,
+            rps,
+        } => {
+            return crate::up::run(crate::up::Options {
+                traffic: !no_traffic,
+                api: addr,
+                data_dir,
+                rps,
+            })
+            .await;
+        }
         Command::Control { data_dir, api, grpc } => return control(data_dir, api, grpc).await,
         Command::Proxy(args) => return proxy(args).await,
         Command::DemoApp(args) => return crate::demo_app::run(args).await,
@@ -106,13 +119,20 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 }
             };
             weft_proxy::ProxyConfig {
-                workload: weft_proxy::Workload { namespace, name, cluster: args.cluster.expect("required"), labels: args.label.into_iter().collect() },
+                workload: weft_proxy::Workload {
+                    namespace,
+                    name,
+                    cluster: args.cluster.expect("required"),
+                    labels: args.label.into_iter().collect(),
+                },
                 app: args.app.expect("required"),
                 inbound: args.inbound.expect("required"),
                 outbound: args.outbound.expect("required"),
                 admin: args.admin,
                 advertise: None,
-                source: weft_proxy::Source::Control { url: args.control.expect("required") },
+                source: weft_proxy::Source::Control {
+                    url: args.control.expect("required"),
+                },
             }
         }
     };
@@ -149,7 +169,9 @@ async fn delete(api: &Api, file: &Path) -> anyhow::Result<()> {
     let (_, resources) = read_resources(file)?;
     for r in resources {
         let k = r.key();
-        let out = api.delete(&format!("/api/v1/resources/{}/{}/{}", k.kind, k.namespace, k.name)).await?;
+        let out = api
+            .delete(&format!("/api/v1/resources/{}/{}/{}", k.kind, k.namespace, k.name))
+            .await?;
         println!("{k} deleted (revision {})", out["revision"]);
     }
     Ok(())
@@ -182,8 +204,16 @@ async fn get(api: &Api, kind: Option<String>, name: Option<String>, format: outp
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|r| {
-            let service = r["spec"]["service"].as_str().or(r["spec"]["selector"]["service"].as_str()).unwrap_or("-");
-            vec![cell(r, "kind"), cell(&r["metadata"], "namespace"), cell(&r["metadata"], "name"), service.to_string()]
+            let service = r["spec"]["service"]
+                .as_str()
+                .or(r["spec"]["selector"]["service"].as_str())
+                .unwrap_or("-");
+            vec![
+                cell(r, "kind"),
+                cell(&r["metadata"], "namespace"),
+                cell(&r["metadata"], "name"),
+                service.to_string(),
+            ]
         })
         .collect();
     table(&["KIND", "NAMESPACE", "NAME", "SERVICE"], &rows);
@@ -237,8 +267,17 @@ async fn history(api: &Api, format: output::Format) -> anyhow::Result<()> {
 }
 
 async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
-    let out = api.post("/api/v1/rollback", serde_json::json!({ "revision": revision }).to_string(), &[("content-type", "application/json")]).await?;
-    println!("rolled back to the resources of revision {revision}: now revision {}", out["revision"]);
+    let out = api
+        .post(
+            "/api/v1/rollback",
+            serde_json::json!({ "revision": revision }).to_string(),
+            &[("content-type", "application/json")],
+        )
+        .await?;
+    println!(
+        "rolled back to the resources of revision {revision}: now revision {}",
+        out["revision"]
+    );
     Ok(())
 }
 
@@ -247,7 +286,12 @@ async fn status(api: &Api, format: output::Format) -> anyhow::Result<()> {
     if output::structured(format, &s)? {
         return Ok(());
     }
-    println!("revision {}  loop {}  telemetry signals {}", s["revision"], cell(&s["loop"], "phase"), s["telemetrySignals"]);
+    println!(
+        "revision {}  loop {}  telemetry signals {}",
+        s["revision"],
+        cell(&s["loop"], "phase"),
+        s["telemetrySignals"]
+    );
     let rows: Vec<Vec<String>> = s["services"]
         .as_array()
         .into_iter()
@@ -266,7 +310,20 @@ async fn status(api: &Api, format: output::Format) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    table(&["SERVICE", "CLUSTER", "RPS", "ERRORS", "ERROR-RATE", "P99-MS", "POLICY-REV", "MTLS", "IN-SYNC"], &rows);
+    table(
+        &[
+            "SERVICE",
+            "CLUSTER",
+            "RPS",
+            "ERRORS",
+            "ERROR-RATE",
+            "P99-MS",
+            "POLICY-REV",
+            "MTLS",
+            "IN-SYNC",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -279,7 +336,16 @@ async fn proxies(api: &Api, format: output::Format) -> anyhow::Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|p| vec![cell(p, "id"), cell(p, "service"), cell(p, "cluster"), cell(p, "appliedRevision"), cell(p, "address"), cell(p, "lastNack")])
+        .map(|p| {
+            vec![
+                cell(p, "id"),
+                cell(p, "service"),
+                cell(p, "cluster"),
+                cell(p, "appliedRevision"),
+                cell(p, "address"),
+                cell(p, "lastNack"),
+            ]
+        })
         .collect();
     table(&["PROXY", "SERVICE", "CLUSTER", "REVISION", "ADDRESS", "LAST-NACK"], &rows);
     Ok(())

@@ -80,7 +80,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         calls: args.call,
         proxy: args.proxy,
         chaos: Default::default(),
-        client: Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build_http(),
+        client: Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build_http(),
     });
     weft_core::serve::serve(listener, Default::default(), shutdown, move |req| handle(app.clone(), req)).await;
     Ok(ExitCode::SUCCESS)
@@ -102,10 +104,18 @@ async fn set_chaos(app: &App, req: Request<Incoming>) -> Response<Body> {
     };
     let chaos: Chaos = match serde_json::from_slice(&body) {
         Ok(c) => c,
-        Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": format!("invalid chaos body: {e}"), "field": ""})),
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("invalid chaos body: {e}"), "field": ""}),
+            );
+        }
     };
     if !(0.0..=100.0).contains(&chaos.error_rate) {
-        return reply(StatusCode::BAD_REQUEST, json!({"error": format!("errorRate {} must be between 0 and 100", chaos.error_rate), "field": "errorRate"}));
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("errorRate {} must be between 0 and 100", chaos.error_rate), "field": "errorRate"}),
+        );
     }
     *app.chaos.lock() = chaos;
     tracing::info!(error_rate = chaos.error_rate, latency_ms = chaos.latency_ms, "chaos set");
@@ -118,9 +128,16 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         tokio::time::sleep(Duration::from_millis(chaos.latency_ms)).await;
     }
     if chaos.error_rate > 0.0 && rand::random_range(0.0..100.0) < chaos.error_rate {
-        return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"service": app.name, "version": app.version, "error": "chaos"}));
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"service": app.name, "version": app.version, "error": "chaos"}),
+        );
     }
-    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
     let headers: Arc<Vec<(&'static str, String)>> = Arc::new(
         PROPAGATED
             .iter()
@@ -137,12 +154,18 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let calls: Vec<CallResult> = calls.into_iter().map(|(_, c)| c).collect();
     let failed = calls.iter().any(|c| c.status >= 400);
     let status = if failed { StatusCode::BAD_GATEWAY } else { StatusCode::OK };
-    reply(status, json!({"service": app.name, "version": app.version, "path": path, "calls": calls}))
+    reply(
+        status,
+        json!({"service": app.name, "version": app.version, "path": path, "calls": calls}),
+    )
 }
 
 async fn call(app: &App, service: &str, path: &str, headers: &[(&str, String)]) -> CallResult {
     let proxy = app.proxy.expect("checked at start");
-    let mut req = Request::builder().method(Method::GET).uri(format!("http://{proxy}{path}")).header(header::HOST, service);
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(format!("http://{proxy}{path}"))
+        .header(header::HOST, service);
     for (k, v) in headers {
         req = req.header(*k, v);
     }
@@ -152,10 +175,22 @@ async fn call(app: &App, service: &str, path: &str, headers: &[(&str, String)]) 
             let status = resp.status().as_u16();
             let reason = resp.headers().get("x-weft-error").and_then(|v| v.to_str().ok()).map(str::to_string);
             let _ = resp.into_body().collect().await;
-            CallResult { service: service.to_string(), status, reason }
+            CallResult {
+                service: service.to_string(),
+                status,
+                reason,
+            }
         }
-        Ok(Err(e)) => CallResult { service: service.to_string(), status: 599, reason: Some(format!("sidecar unreachable: {e}")) },
-        Err(_) => CallResult { service: service.to_string(), status: 599, reason: Some("no answer within 10s".into()) },
+        Ok(Err(e)) => CallResult {
+            service: service.to_string(),
+            status: 599,
+            reason: Some(format!("sidecar unreachable: {e}")),
+        },
+        Err(_) => CallResult {
+            service: service.to_string(),
+            status: 599,
+            reason: Some("no answer within 10s".into()),
+        },
     }
 }
 

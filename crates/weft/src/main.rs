@@ -1,6 +1,8 @@
 //! `weft`: the one binary. Runs the control plane, a proxy, the demo app and the local demo
 //! mesh, and talks to the control plane's REST API for everything else.
 
+// This crate is the CLI: printing results to stdout is its job.
+#![allow(clippy::print_stdout)]
 mod client;
 mod commands;
 mod demo_app;
@@ -17,7 +19,11 @@ use std::process::ExitCode;
 pub const EXIT_INVALID: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "weft", version, about = "weft service mesh: control plane, sidecar proxy, CLI and local demo mesh")]
+#[command(
+    name = "weft",
+    version,
+    about = "weft service mesh: control plane, sidecar proxy, CLI and local demo mesh"
+)]
 pub struct Cli {
     /// The control plane's REST API.
     #[arg(long, global = true, env = "WEFT_SERVER", default_value = "http://127.0.0.1:7070")]
@@ -89,7 +95,10 @@ pub enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     weft_core::trace::init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(error) => {

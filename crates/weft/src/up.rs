@@ -32,14 +32,62 @@ struct Spec {
 }
 
 const WORKLOADS: [Spec; 8] = [
-    Spec { workload: "mobile-gateway", service: "mobile-gateway", version: "v1", cluster: "cluster-a", calls: &["checkout-api"] },
-    Spec { workload: "checkout-api-v1", service: "checkout-api", version: "v1", cluster: "cluster-a", calls: &["orders-api", "profile-svc"] },
-    Spec { workload: "checkout-api-v2", service: "checkout-api", version: "v2", cluster: "cluster-a", calls: &["orders-api", "profile-svc"] },
-    Spec { workload: "orders-api", service: "orders-api", version: "v1", cluster: "cluster-b", calls: &["payments-svc", "inventory-svc"] },
-    Spec { workload: "payments-svc", service: "payments-svc", version: "v1", cluster: "cluster-a", calls: &[] },
-    Spec { workload: "profile-svc", service: "profile-svc", version: "v1", cluster: "cluster-b", calls: &[] },
-    Spec { workload: "inventory-svc-c", service: "inventory-svc", version: "v1", cluster: "cluster-c", calls: &[] },
-    Spec { workload: "inventory-svc-b", service: "inventory-svc", version: "v1", cluster: "cluster-b", calls: &[] },
+    Spec {
+        workload: "mobile-gateway",
+        service: "mobile-gateway",
+        version: "v1",
+        cluster: "cluster-a",
+        calls: &["checkout-api"],
+    },
+    Spec {
+        workload: "checkout-api-v1",
+        service: "checkout-api",
+        version: "v1",
+        cluster: "cluster-a",
+        calls: &["orders-api", "profile-svc"],
+    },
+    Spec {
+        workload: "checkout-api-v2",
+        service: "checkout-api",
+        version: "v2",
+        cluster: "cluster-a",
+        calls: &["orders-api", "profile-svc"],
+    },
+    Spec {
+        workload: "orders-api",
+        service: "orders-api",
+        version: "v1",
+        cluster: "cluster-b",
+        calls: &["payments-svc", "inventory-svc"],
+    },
+    Spec {
+        workload: "payments-svc",
+        service: "payments-svc",
+        version: "v1",
+        cluster: "cluster-a",
+        calls: &[],
+    },
+    Spec {
+        workload: "profile-svc",
+        service: "profile-svc",
+        version: "v1",
+        cluster: "cluster-b",
+        calls: &[],
+    },
+    Spec {
+        workload: "inventory-svc-c",
+        service: "inventory-svc",
+        version: "v1",
+        cluster: "cluster-c",
+        calls: &[],
+    },
+    Spec {
+        workload: "inventory-svc-b",
+        service: "inventory-svc",
+        version: "v1",
+        cluster: "cluster-b",
+        calls: &[],
+    },
 ];
 
 const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
@@ -54,7 +102,10 @@ pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
     weft_core::shutdown::install(&shutdown);
     let (data_dir, temporary) = match &opts.data_dir {
         Some(d) => (d.clone(), false),
-        None => (std::env::temp_dir().join(format!("weft-up-{}-{}", std::process::id(), rand::random::<u32>())), true),
+        None => (
+            std::env::temp_dir().join(format!("weft-up-{}-{}", std::process::id(), rand::random::<u32>())),
+            true,
+        ),
     };
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
@@ -73,18 +124,48 @@ pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
     Ok(if outcome.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-async fn start_all(opts: &Options, exe: &PathBuf, data_dir: &std::path::Path, logs: &std::path::Path, children: &mut Vec<Running>, shutdown: &weft_core::Shutdown) -> anyhow::Result<()> {
+async fn start_all(
+    opts: &Options,
+    exe: &PathBuf,
+    data_dir: &std::path::Path,
+    logs: &std::path::Path,
+    children: &mut Vec<Running>,
+    shutdown: &weft_core::Shutdown,
+) -> anyhow::Result<()> {
     let grpc = free_port()?;
     let control_url = format!("http://{grpc}");
     let api_url = format!("http://{}", opts.api);
-    children.push(spawn(exe, logs, "control", &["control", "--data-dir", &data_dir.join("control").display().to_string(), "--api", &opts.api.to_string(), "--grpc", &grpc.to_string()])?);
-    wait_http(&format!("{api_url}/api/v1/status"), Duration::from_secs(15), children).await.context("the control plane did not come up")?;
+    children.push(spawn(
+        exe,
+        logs,
+        "control",
+        &[
+            "control",
+            "--data-dir",
+            &data_dir.join("control").display().to_string(),
+            "--api",
+            &opts.api.to_string(),
+            "--grpc",
+            &grpc.to_string(),
+        ],
+    )?);
+    wait_http(&format!("{api_url}/api/v1/status"), Duration::from_secs(15), children)
+        .await
+        .context("the control plane did not come up")?;
 
     let mut gateway_inbound = None;
     let mut table = Vec::new();
     for spec in &WORKLOADS {
         let (app, inbound, outbound, admin) = (free_port()?, free_port()?, free_port()?, free_port()?);
-        let mut app_args = vec!["demo-app".to_string(), "--name".into(), spec.service.into(), "--version".into(), spec.version.into(), "--listen".into(), app.to_string()];
+        let mut app_args = vec![
+            "demo-app".to_string(),
+            "--name".into(),
+            spec.service.into(),
+            "--version".into(),
+            spec.version.into(),
+            "--listen".into(),
+            app.to_string(),
+        ];
         if !spec.calls.is_empty() {
             app_args.extend(["--proxy".to_string(), outbound.to_string()]);
             for c in spec.calls {
@@ -96,17 +177,43 @@ async fn start_all(opts: &Options, exe: &PathBuf, data_dir: &std::path::Path, lo
         let workload = format!("default/{}", spec.workload);
         let (service_label, version_label) = (format!("service={}", spec.service), format!("version={}", spec.version));
         let proxy_args = [
-            "proxy", "--control", &control_url, "--workload", &workload, "--cluster", spec.cluster, "--label", &service_label, "--label", &version_label,
-            "--app", &app.to_string(), "--inbound", &inbound.to_string(), "--outbound", &outbound.to_string(), "--admin", &admin.to_string(),
+            "proxy",
+            "--control",
+            &control_url,
+            "--workload",
+            &workload,
+            "--cluster",
+            spec.cluster,
+            "--label",
+            &service_label,
+            "--label",
+            &version_label,
+            "--app",
+            &app.to_string(),
+            "--inbound",
+            &inbound.to_string(),
+            "--outbound",
+            &outbound.to_string(),
+            "--admin",
+            &admin.to_string(),
         ];
         children.push(spawn(exe, logs, &format!("{}-proxy", spec.workload), &proxy_args)?);
         if spec.workload == "mobile-gateway" {
             gateway_inbound = Some(inbound);
         }
-        table.push(vec![spec.workload.to_string(), spec.cluster.to_string(), app.to_string(), inbound.to_string(), outbound.to_string(), format!("http://{admin}")]);
+        table.push(vec![
+            spec.workload.to_string(),
+            spec.cluster.to_string(),
+            app.to_string(),
+            inbound.to_string(),
+            outbound.to_string(),
+            format!("http://{admin}"),
+        ]);
     }
     for row in &table {
-        wait_http(&format!("{}/ready", row[5]), Duration::from_secs(15), children).await.with_context(|| format!("the sidecar of {} did not become ready", row[0]))?;
+        wait_http(&format!("{}/ready", row[5]), Duration::from_secs(15), children)
+            .await
+            .with_context(|| format!("the sidecar of {} did not become ready", row[0]))?;
     }
     println!("weft demo mesh is up");
     println!("  API:        {api_url}/api/v1/status");
@@ -120,7 +227,10 @@ async fn start_all(opts: &Options, exe: &PathBuf, data_dir: &std::path::Path, lo
     if opts.traffic {
         let target = gateway_inbound.expect("mobile-gateway is in the demo");
         tokio::spawn(generate(target, opts.rps.max(1), shutdown.clone()));
-        println!("traffic: {} rps into mobile-gateway with x-tenant, x-user and x-order headers", opts.rps);
+        println!(
+            "traffic: {} rps into mobile-gateway with x-tenant, x-user and x-order headers",
+            opts.rps
+        );
     }
     loop {
         tokio::select! {
@@ -149,8 +259,12 @@ async fn generate(target: SocketAddr, rps: u32, shutdown: weft_core::Shutdown) {
         }
         n += 1;
         let tenant = TENANTS[(n % TENANTS.len() as u64) as usize];
-        let user = if n % 10 == 0 { 42 } else { rand::random_range(1..1000) };
-        let order = if n % 25 == 0 { 7712 } else { rand::random_range(7000..8000) };
+        let user = if n.is_multiple_of(10) { 42 } else { rand::random_range(1..1000) };
+        let order = if n.is_multiple_of(25) {
+            7712
+        } else {
+            rand::random_range(7000..8000)
+        };
         let req = hyper::Request::get(format!("http://{target}/checkout"))
             .header("host", "mobile-gateway")
             .header("x-tenant", tenant)
@@ -183,7 +297,10 @@ fn spawn(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str]) -> an
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    Ok(Running { name: name.to_string(), child })
+    Ok(Running {
+        name: name.to_string(),
+        child,
+    })
 }
 
 async fn wait_http(url: &str, within: Duration, children: &mut [Running]) -> anyhow::Result<()> {

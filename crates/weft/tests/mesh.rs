@@ -40,7 +40,18 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     let client = ProxyHandle::start(BIN, &control, "default/client", "cluster-a", &[], free_addr()).await;
 
     // HTTP/1.1 with Host: headers and query intact, hop-by-hop and mesh-only headers gone.
-    let r = get_via(&client, "echo", "/hello?x=1", &[("x-tenant", "acme"), ("connection", "x-secret"), ("x-secret", "1"), ("x-weft-error", "forged")]).await;
+    let r = get_via(
+        &client,
+        "echo",
+        "/hello?x=1",
+        &[
+            ("x-tenant", "acme"),
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("x-weft-error", "forged"),
+        ],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
     assert_eq!(seen["path"], "/hello?x=1");
@@ -54,7 +65,11 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     // A 256 KiB body crosses both sidecars byte for byte.
     let body: Vec<u8> = (0..256 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     let r = Client::new()
-        .post(&format!("http://{}/upload", client.outbound), body.clone(), &[("host", "echo"), ("content-type", "application/octet-stream")])
+        .post(
+            &format!("http://{}/upload", client.outbound),
+            body.clone(),
+            &[("host", "echo"), ("content-type", "application/octet-stream")],
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200);
@@ -62,12 +77,19 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     assert!(r.body == body, "body changed in transit");
 
     // Absolute-form, as an app with HTTP_PROXY set sends it.
-    let r = via_http_proxy(client.outbound, Request::get("http://echo/absolute").body(empty()).unwrap()).await.unwrap();
+    let r = via_http_proxy(client.outbound, Request::get("http://echo/absolute").body(empty()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/absolute");
 
     // HTTP/2 with :authority = service; the app is spoken to in HTTP/2 too.
-    let r = h2_via(client.outbound, Request::get("http://echo/h2").header("x-user", "42").body(empty()).unwrap()).await.unwrap();
+    let r = h2_via(
+        client.outbound,
+        Request::get("http://echo/h2").header("x-user", "42").body(empty()).unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
     assert_eq!((seen["path"].as_str(), seen["version"].as_str()), (Some("/h2"), Some("HTTP/2.0")));
@@ -76,11 +98,29 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     // gRPC unary and bidirectional streaming.
     let mut grpc_client = grpc_client(client.outbound, "grpc-echo").await;
     let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let reply = grpc_client.unary(EchoMsg { payload: payload.clone(), seq: 7, server: String::new() }).await.expect("unary call").into_inner();
+    let reply = grpc_client
+        .unary(EchoMsg {
+            payload: payload.clone(),
+            seq: 7,
+            server: String::new(),
+        })
+        .await
+        .expect("unary call")
+        .into_inner();
     assert_eq!((reply.seq, reply.server.as_str()), (7, "grpc-echo"));
     assert!(reply.payload == payload);
-    let outgoing: Vec<EchoMsg> = (0..50).map(|i| EchoMsg { payload: vec![i as u8; 1000 + i as usize], seq: i, server: String::new() }).collect();
-    let mut stream = grpc_client.stream(tokio_stream::iter(outgoing.clone())).await.expect("stream call").into_inner();
+    let outgoing: Vec<EchoMsg> = (0..50)
+        .map(|i| EchoMsg {
+            payload: vec![i as u8; 1000 + i as usize],
+            seq: i,
+            server: String::new(),
+        })
+        .collect();
+    let mut stream = grpc_client
+        .stream(tokio_stream::iter(outgoing.clone()))
+        .await
+        .expect("stream call")
+        .into_inner();
     let mut got = Vec::new();
     while let Some(m) = stream.message().await.expect("stream message") {
         got.push(m);
@@ -94,25 +134,58 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     let metrics = client.metrics().await;
     let line = metrics
         .lines()
-        .find(|l| l.starts_with("weft_proxy_requests_total{") && l.contains("direction=\"outbound\"") && l.contains("service=\"echo\"") && l.contains("status=\"200\""))
+        .find(|l| {
+            l.starts_with("weft_proxy_requests_total{")
+                && l.contains("direction=\"outbound\"")
+                && l.contains("service=\"echo\"")
+                && l.contains("status=\"200\"")
+        })
         .unwrap_or_else(|| panic!("no outbound echo 200 counter in:\n{metrics}"));
     let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert_eq!(count, 4.0, "{line}");
-    assert!(metrics.contains("weft_proxy_request_duration_seconds_bucket"), "latency histogram exported");
+    assert!(
+        metrics.contains("weft_proxy_request_duration_seconds_bucket"),
+        "latency histogram exported"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
     let control = Control::start(BIN).await;
     let (v1, v2) = (EchoServer::start("orders-v1").await, EchoServer::start("orders-v2").await);
-    let _p1 = ProxyHandle::start(BIN, &control, "default/orders-v1", "cluster-a", &[("service", "orders"), ("version", "v1")], v1.addr).await;
-    let _p2 = ProxyHandle::start(BIN, &control, "default/orders-v2", "cluster-a", &[("service", "orders"), ("version", "v2")], v2.addr).await;
+    let _p1 = ProxyHandle::start(
+        BIN,
+        &control,
+        "default/orders-v1",
+        "cluster-a",
+        &[("service", "orders"), ("version", "v1")],
+        v1.addr,
+    )
+    .await;
+    let _p2 = ProxyHandle::start(
+        BIN,
+        &control,
+        "default/orders-v2",
+        "cluster-a",
+        &[("service", "orders"), ("version", "v2")],
+        v2.addr,
+    )
+    .await;
     let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     let bystander = ProxyHandle::start(BIN, &control, "default/batch", "cluster-a", &[], free_addr()).await;
     assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
 
     let start = Instant::now();
-    let (status, applied) = control.post("/api/v1/resources", &policy("orders-split", "orders", "    - backends: [{subset: v1, weight: 80}, {subset: v2, weight: 20}]\n")).await;
+    let (status, applied) = control
+        .post(
+            "/api/v1/resources",
+            &policy(
+                "orders-split",
+                "orders",
+                "    - backends: [{subset: v1, weight: 80}, {subset: v2, weight: 20}]\n",
+            ),
+        )
+        .await;
     assert_eq!(status, 200, "{applied}");
     let rev = applied["revision"].as_u64().unwrap();
     assert_eq!(rev, 1);
@@ -127,9 +200,15 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
 
     let dump = caller.config_dump().await;
     assert_eq!(dump["config"]["revision"], rev);
-    assert_eq!(dump["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][1]["weight"], 20);
+    assert_eq!(
+        dump["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][1]["weight"],
+        20
+    );
     let bystander_dump = bystander.config_dump().await;
-    assert!(bystander_dump["config"]["services"].as_object().unwrap().is_empty(), "a proxy that never called orders is not sent it: {bystander_dump}");
+    assert!(
+        bystander_dump["config"]["services"].as_object().unwrap().is_empty(),
+        "a proxy that never called orders is not sent it: {bystander_dump}"
+    );
 
     // The 80/20 split holds over 2,000 requests (3 sigma is +-2.7 points).
     let n = 2000;
@@ -149,12 +228,25 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
     let slow = {
         let outbound = caller.outbound;
         tokio::spawn(async move {
-            let req = Request::get(format!("http://{outbound}/slow")).header("host", "orders").header("x-echo-delay-ms", "700").body(empty()).unwrap();
+            let req = Request::get(format!("http://{outbound}/slow"))
+                .header("host", "orders")
+                .header("x-echo-delay-ms", "700")
+                .body(empty())
+                .unwrap();
             Client::new().send(req).await.unwrap().status
         })
     };
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let (status, _) = control.post("/api/v1/resources", &policy("orders-split", "orders", "    - backends: [{subset: v1, weight: 50}, {subset: v2, weight: 50}]\n")).await;
+    let (status, _) = control
+        .post(
+            "/api/v1/resources",
+            &policy(
+                "orders-split",
+                "orders",
+                "    - backends: [{subset: v1, weight: 50}, {subset: v2, weight: 50}]\n",
+            ),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(slow.await.unwrap(), 200, "the in-flight request survived the config swap");
 }
@@ -163,17 +255,35 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
 async fn invalid_resource_changes_nothing_anywhere() {
     let control = Control::start(BIN).await;
     let v1 = EchoServer::start("orders-v1").await;
-    let _p1 = ProxyHandle::start(BIN, &control, "default/orders-v1", "cluster-a", &[("service", "orders"), ("version", "v1")], v1.addr).await;
+    let _p1 = ProxyHandle::start(
+        BIN,
+        &control,
+        "default/orders-v1",
+        "cluster-a",
+        &[("service", "orders"), ("version", "v1")],
+        v1.addr,
+    )
+    .await;
     let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
-    let (status, _) = control.post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 2s\n")).await;
+    let (status, _) = control
+        .post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 2s\n"))
+        .await;
     assert_eq!(status, 200);
-    eventually(Duration::from_secs(2), "caller on revision 1", || async { (caller.config_dump().await["config"]["revision"] == 1).then_some(()) }).await;
+    eventually(Duration::from_secs(2), "caller on revision 1", || async {
+        (caller.config_dump().await["config"]["revision"] == 1).then_some(())
+    })
+    .await;
     let before_config = caller.config_dump().await["config"].clone();
     let before_history = control.get("/api/v1/revisions").await;
 
     // A subset no workload has.
-    let (status, err) = control.post("/api/v1/resources", &policy("orders", "orders", "    - backends: [{subset: v9, weight: 100}]\n")).await;
+    let (status, err) = control
+        .post(
+            "/api/v1/resources",
+            &policy("orders", "orders", "    - backends: [{subset: v9, weight: 100}]\n"),
+        )
+        .await;
     assert_eq!(status, 400);
     assert_eq!(err["field"], "spec.routes[0].backends[0].subset");
     assert!(err["error"].as_str().unwrap().contains("v9"), "{err}");
@@ -191,15 +301,25 @@ async fn invalid_resource_changes_nothing_anywhere() {
     // The CLI: exit 64, naming file, field and value.
     let file = std::env::temp_dir().join(format!("weft-bad-{}.yaml", std::process::id()));
     std::fs::write(&file, policy("orders", "orders", "    - timeout: 5x\n")).unwrap();
-    let out = std::process::Command::new(BIN).args(["--server", &control.url(""), "apply", "-f", file.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--server", &control.url(""), "apply", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     for needle in [file.to_str().unwrap(), "spec.routes[0].timeout", "5x"] {
         assert!(stderr.contains(needle), "{needle:?} missing from: {stderr}");
     }
     let subset_file = std::env::temp_dir().join(format!("weft-bad-subset-{}.yaml", std::process::id()));
-    std::fs::write(&subset_file, policy("orders", "orders", "    - backends: [{subset: v9, weight: 100}]\n")).unwrap();
-    let out = std::process::Command::new(BIN).args(["--server", &control.url(""), "apply", "-f", subset_file.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &subset_file,
+        policy("orders", "orders", "    - backends: [{subset: v9, weight: 100}]\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--server", &control.url(""), "apply", "-f", subset_file.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains(subset_file.to_str().unwrap()) && stderr.contains("v9"), "{stderr}");
@@ -215,10 +335,20 @@ async fn invalid_resource_changes_nothing_anywhere() {
 async fn control_plane_restart_loses_no_request_and_no_history() {
     let mut control = Control::start(BIN).await;
     let v1 = EchoServer::start("orders-v1").await;
-    let _p1 = ProxyHandle::start(BIN, &control, "default/orders-v1", "cluster-a", &[("service", "orders"), ("version", "v1")], v1.addr).await;
+    let _p1 = ProxyHandle::start(
+        BIN,
+        &control,
+        "default/orders-v1",
+        "cluster-a",
+        &[("service", "orders"), ("version", "v1")],
+        v1.addr,
+    )
+    .await;
     let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
-    let (status, _) = control.post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 2s\n")).await;
+    let (status, _) = control
+        .post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 2s\n"))
+        .await;
     assert_eq!(status, 200);
     let history = control.get("/api/v1/revisions").await;
 
@@ -229,7 +359,10 @@ async fn control_plane_restart_loses_no_request_and_no_history() {
             let client = Client::new();
             let (mut ok, mut failed) = (0u64, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let req = Request::get(format!("http://{outbound}/steady")).header("host", "orders").body(empty()).unwrap();
+                let req = Request::get(format!("http://{outbound}/steady"))
+                    .header("host", "orders")
+                    .body(empty())
+                    .unwrap();
                 match client.send(req).await {
                     Ok(r) if r.status == 200 => ok += 1,
                     Ok(r) => failed.push(format!("{} {}", r.status, r.text())),
@@ -252,18 +385,32 @@ async fn control_plane_restart_loses_no_request_and_no_history() {
         (all.len() == 2 && all.iter().all(|p| p["appliedRevision"] == 1)).then_some(())
     })
     .await;
-    eprintln!("proxies resynced {:.0} ms after the control plane came back", start.elapsed().as_secs_f64() * 1000.0);
+    eprintln!(
+        "proxies resynced {:.0} ms after the control plane came back",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = traffic.await.unwrap();
     assert!(ok > 100, "steady traffic ran: {ok} requests");
-    assert!(failed.is_empty(), "{} of {} requests failed: {:?}", failed.len(), ok + failed.len() as u64, &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
     assert_eq!(control.get("/api/v1/revisions").await, history, "history intact after restart");
 
     // And the restarted control plane distributes new changes.
-    let (status, applied) = control.post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 3s\n")).await;
+    let (status, applied) = control
+        .post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 3s\n"))
+        .await;
     assert_eq!((status, applied["revision"].as_u64()), (200, Some(2)));
-    eventually(Duration::from_secs(2), "caller on revision 2", || async { (caller.config_dump().await["config"]["revision"] == 2).then_some(()) }).await;
+    eventually(Duration::from_secs(2), "caller on revision 2", || async {
+        (caller.config_dump().await["config"]["revision"] == 2).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,13 +421,27 @@ async fn killed_proxy_leaves_balancing_within_five_seconds() {
     let mut pb = ProxyHandle::start(BIN, &control, "default/orders-b", "cluster-a", &[("service", "orders")], b.addr).await;
     let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
-    let endpoints = |dump: &Value| dump["config"]["services"]["orders"]["endpoints"].as_array().map(Vec::len).unwrap_or(0);
-    eventually(Duration::from_secs(2), "two endpoints", || async { (endpoints(&caller.config_dump().await) == 2).then_some(()) }).await;
+    let endpoints = |dump: &Value| {
+        dump["config"]["services"]["orders"]["endpoints"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0)
+    };
+    eventually(Duration::from_secs(2), "two endpoints", || async {
+        (endpoints(&caller.config_dump().await) == 2).then_some(())
+    })
+    .await;
 
     pb.process.kill();
     let start = Instant::now();
-    eventually(Duration::from_secs(5), "the killed endpoint leaves the caller's config", || async { (endpoints(&caller.config_dump().await) == 1).then_some(()) }).await;
-    eprintln!("killed proxy left the caller's endpoints after {:.0} ms", start.elapsed().as_secs_f64() * 1000.0);
+    eventually(Duration::from_secs(5), "the killed endpoint leaves the caller's config", || async {
+        (endpoints(&caller.config_dump().await) == 1).then_some(())
+    })
+    .await;
+    eprintln!(
+        "killed proxy left the caller's endpoints after {:.0} ms",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
     for _ in 0..50 {
         let r = get_via(&caller, "orders", "/", &[]).await;
         assert_eq!((r.status, r.header("x-echo-server").as_deref()), (200, Some("orders-a")));
@@ -294,7 +455,14 @@ async fn static_config_proxy_needs_no_control_plane() {
     std::fs::create_dir_all(&dir).unwrap();
     let (s_in, s_out, s_admin) = (free_addr(), free_addr(), free_addr());
     let server_file = dir.join("server.yaml");
-    std::fs::write(&server_file, format!("workload: default/echo\ncluster: cluster-a\napp: '{}'\ninbound: '{s_in}'\noutbound: '{s_out}'\nadmin: '{s_admin}'\n", echo.addr)).unwrap();
+    std::fs::write(
+        &server_file,
+        format!(
+            "workload: default/echo\ncluster: cluster-a\napp: '{}'\ninbound: '{s_in}'\noutbound: '{s_out}'\nadmin: '{s_admin}'\n",
+            echo.addr
+        ),
+    )
+    .unwrap();
     let (c_in, c_out, c_admin) = (free_addr(), free_addr(), free_addr());
     let client_file = dir.join("client.yaml");
     std::fs::write(
@@ -305,30 +473,300 @@ async fn static_config_proxy_needs_no_control_plane() {
         ),
     )
     .unwrap();
-    let _server = weft_test::Process::spawn(BIN, "static-server", &["proxy".into(), "--config".into(), server_file.display().to_string()]);
-    let _client = weft_test::Process::spawn(BIN, "static-client", &["proxy".into(), "--config".into(), client_file.display().to_string()]);
+    let _server = weft_test::Process::spawn(
+        BIN,
+        "static-server",
+        &["proxy".into(), "--config".into(), server_file.display().to_string()],
+    );
+    let _client = weft_test::Process::spawn(
+        BIN,
+        "static-client",
+        &["proxy".into(), "--config".into(), client_file.display().to_string()],
+    );
     let http = Client::new();
-    eventually(Duration::from_secs(10), "static client ready", || async { http.get(&format!("http://{c_admin}/ready")).await.ok().filter(|r| r.status == 200) }).await;
-    eventually(Duration::from_secs(10), "static server ready", || async { http.get(&format!("http://{s_admin}/ready")).await.ok().filter(|r| r.status == 200) }).await;
+    eventually(Duration::from_secs(10), "static client ready", || async {
+        http.get(&format!("http://{c_admin}/ready")).await.ok().filter(|r| r.status == 200)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "static server ready", || async {
+        http.get(&format!("http://{s_admin}/ready")).await.ok().filter(|r| r.status == 200)
+    })
+    .await;
 
-    let req = |delay: &str| Request::get(format!("http://{c_out}/static")).header("host", "echo").header("x-echo-delay-ms", delay).body(empty()).unwrap();
+    let req = |delay: &str| {
+        Request::get(format!("http://{c_out}/static"))
+            .header("host", "echo")
+            .header("x-echo-delay-ms", delay)
+            .body(empty())
+            .unwrap()
+    };
     let r = http.send(req("0")).await.unwrap();
-    assert_eq!((r.status, r.header("x-echo-server").as_deref()), (200, Some("echo")), "{}", r.text());
+    assert_eq!(
+        (r.status, r.header("x-echo-server").as_deref()),
+        (200, Some("echo")),
+        "{}",
+        r.text()
+    );
     // The static policy's 300ms route timeout is enforced.
     let start = Instant::now();
     let r = http.send(req("2000")).await.unwrap();
     let took = start.elapsed();
     assert_eq!((r.status, r.header("x-weft-error").as_deref()), (504, Some("request-timeout")));
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1500), "timed out after {took:?}");
-    let r = http.send(Request::get(format!("http://{c_out}/")).header("host", "nowhere").body(empty()).unwrap()).await.unwrap();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "timed out after {took:?}"
+    );
+    let r = http
+        .send(
+            Request::get(format!("http://{c_out}/"))
+                .header("host", "nowhere")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!((r.status, r.header("x-weft-error").as_deref()), (503, Some("unknown-service")));
 
     // A bad static file: exit 64, naming the file and the field; nothing is bound.
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, format!("workload: default/x\napp: '{}'\ninbound: '{}'\noutbound: '{}'\nservices:\n  - name: echo\n    endpoints: [{{address: '127.0.0.1:1', weight: 3}}]\n", free_addr(), free_addr(), free_addr())).unwrap();
-    let out = std::process::Command::new(BIN).args(["proxy", "--config", bad.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["proxy", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains(bad.to_str().unwrap()) && stderr.contains("services[0].endpoints[0]") && stderr.contains("weight"), "{stderr}");
+    assert!(
+        stderr.contains(bad.to_str().unwrap()) && stderr.contains("services[0].endpoints[0]") && stderr.contains("weight"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A scripted control plane: pushes the configs it is given, one after each ACK or NACK, and
+/// reports every message the proxy sends.
+mod scripted {
+    use std::sync::Arc;
+    use tokio::sync::{Mutex, mpsc};
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::{Request, Response, Status, Streaming};
+    use weft_api::proto::{self, ControlMessage, ProxyMessage, control_message, proxy_message};
+
+    pub struct Scripted {
+        pub configs: Arc<Mutex<Vec<proto::ProxyConfig>>>,
+        pub seen: mpsc::UnboundedSender<proxy_message::Msg>,
+    }
+
+    #[tonic::async_trait]
+    impl proto::distribution_server::Distribution for Scripted {
+        type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
+
+        async fn connect(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+            let mut inbound = req.into_inner();
+            let (tx, rx) = mpsc::channel(8);
+            let (configs, seen) = (self.configs.clone(), self.seen.clone());
+            tokio::spawn(async move {
+                let push_next = |tx: mpsc::Sender<Result<ControlMessage, Status>>, configs: Arc<Mutex<Vec<proto::ProxyConfig>>>| async move {
+                    let mut c = configs.lock().await;
+                    if !c.is_empty() {
+                        let cfg = c.remove(0);
+                        let _ = tx
+                            .send(Ok(ControlMessage {
+                                msg: Some(control_message::Msg::Config(cfg)),
+                            }))
+                            .await;
+                    }
+                };
+                while let Ok(Some(ProxyMessage { msg: Some(m) })) = inbound.message().await {
+                    let answer = matches!(
+                        m,
+                        proxy_message::Msg::Register(_) | proxy_message::Msg::Ack(_) | proxy_message::Msg::Nack(_)
+                    );
+                    let _ = seen.send(m);
+                    if answer {
+                        push_next(tx.clone(), configs.clone()).await;
+                    }
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
+    use weft_api::proto::{self, proxy_message::Msg};
+    let echo = EchoServer::start("echo").await;
+    let service = |address: String| proto::Service {
+        name: "echo".into(),
+        namespace: "default".into(),
+        endpoints: vec![proto::Endpoint {
+            address,
+            cluster: "cluster-a".into(),
+            labels: Default::default(),
+            workload: "default/echo".into(),
+        }],
+        traffic_policy_json: String::new(),
+        policy_name: String::new(),
+    };
+    let good = proto::ProxyConfig {
+        version: 1,
+        revision: 5,
+        proxy_id: "web".into(),
+        services: vec![service(echo.addr.to_string())],
+    };
+    let bad = proto::ProxyConfig {
+        version: 2,
+        revision: 6,
+        proxy_id: "web".into(),
+        services: vec![service("not-an-address".into())],
+    };
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let fake = scripted::Scripted {
+        configs: std::sync::Arc::new(tokio::sync::Mutex::new(vec![good, bad])),
+        seen: seen_tx,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::distribution_server::DistributionServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+    let args: Vec<String> = [
+        "proxy",
+        "--control",
+        &format!("http://{grpc}"),
+        "--workload",
+        "default/web",
+        "--cluster",
+        "cluster-a",
+        "--app",
+        &free_addr().to_string(),
+        "--inbound",
+        &inbound.to_string(),
+        "--outbound",
+        &outbound.to_string(),
+        "--admin",
+        &admin.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let _proxy = weft_test::Process::spawn(BIN, "web", &args);
+
+    async fn next(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> Msg {
+        tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .expect("proxy message")
+            .unwrap()
+    }
+    assert!(matches!(next(&mut seen).await, Msg::Register(r) if r.name == "web" && r.applied_revision == 0));
+    assert!(matches!(next(&mut seen).await, Msg::Ack(a) if a.version == 1 && a.revision == 5));
+    let nack = loop {
+        match next(&mut seen).await {
+            Msg::Nack(n) => break n,
+            Msg::Telemetry(_) => continue,
+            other => panic!("expected a NACK, got {other:?}"),
+        }
+    };
+    assert_eq!((nack.version, nack.revision), (2, 6));
+    assert!(
+        nack.reason.contains("services[0].endpoints[0].address") && nack.reason.contains("not-an-address"),
+        "{}",
+        nack.reason
+    );
+
+    let dump: Value = Client::new().get(&format!("http://{admin}/config_dump")).await.unwrap().json();
+    assert_eq!(
+        (dump["config"]["version"].as_u64(), dump["config"]["revision"].as_u64()),
+        (Some(1), Some(5)),
+        "{dump}"
+    );
+    assert!(dump["lastNack"].as_str().unwrap().contains("not-an-address"));
+    let r = Client::new()
+        .send(
+            Request::get(format!("http://{outbound}/still"))
+                .header("host", "echo")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-echo-server").as_deref()),
+        (200, Some("echo")),
+        "last-known-good still routes"
+    );
+}
+
+/// Descendants of `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents = std::collections::HashMap::<u32, Vec<u32>>::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
+        parents.entry(ppid).or_default().push(child);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        for c in parents.get(&p).cloned().unwrap_or_default() {
+            out.push(c);
+            stack.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_up_serves_every_service_and_leaves_nothing_behind() {
+    let api = free_addr();
+    let start = Instant::now();
+    let mut up = weft_test::Process::spawn(BIN, "weft-up", &["up".into(), "--api".into(), api.to_string()]);
+    let http = Client::new();
+    let services = eventually(Duration::from_secs(15), "all six demo services show rps > 0", || async {
+        let s = http.get(&format!("http://{api}/api/v1/status")).await.ok()?.json();
+        let services = s["services"].as_array()?.clone();
+        (services.len() == 6 && services.iter().all(|v| v["rps"].as_f64().unwrap_or(0.0) > 0.0)).then_some(services)
+    })
+    .await;
+    eprintln!("weft up: all six services serving after {:.1} s", start.elapsed().as_secs_f64());
+    let names: Vec<&str> = services.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "checkout-api",
+            "inventory-svc",
+            "mobile-gateway",
+            "orders-api",
+            "payments-svc",
+            "profile-svc"
+        ]
+    );
+    let inventory = services.iter().find(|v| v["name"] == "inventory-svc").unwrap();
+    assert_eq!(inventory["cluster"], "cluster-b,cluster-c");
+    assert_eq!(inventory["proxies"]["total"], 2);
+
+    let children = descendants(up.pid());
+    assert_eq!(children.len(), 17, "control plane + 8 apps + 8 proxies: {children:?}");
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(
+        up.wait(Duration::from_secs(10)),
+        Some(0),
+        "weft up exits cleanly on SIGINT:\n{}",
+        up.log_text()
+    );
+    let alive: Vec<u32> = children
+        .into_iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    assert!(alive.is_empty(), "orphans left behind: {alive:?}");
+    assert!(std::net::TcpListener::bind(api).is_ok(), "the API port is free again");
 }

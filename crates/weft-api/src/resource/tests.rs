@@ -44,8 +44,16 @@ fn errors_of(text: &str) -> Vec<FieldError> {
 fn the_design_example_parses_whole() {
     let objs = parse_objects(CANARY, "policy.yaml").unwrap();
     assert_eq!(objs.len(), 2);
-    let Object::Resource(Resource::TrafficPolicy(tp)) = &objs[0] else { panic!("first is a TrafficPolicy") };
-    assert_eq!(tp.spec.routes[0].backends[0], Backend { subset: "v2".into(), weight: 10 });
+    let Object::Resource(Resource::TrafficPolicy(tp)) = &objs[0] else {
+        panic!("first is a TrafficPolicy")
+    };
+    assert_eq!(
+        tp.spec.routes[0].backends[0],
+        Backend {
+            subset: "v2".into(),
+            weight: 10
+        }
+    );
     assert_eq!(tp.spec.routes[0].retry.as_ref().unwrap().on[1], RetryOn::Status(503));
     let Object::Resource(sp) = &objs[1] else { panic!() };
     assert_eq!(sp.key().to_string(), "SecurityPolicy/default/globex-strict");
@@ -62,7 +70,9 @@ fn json_is_accepted_too() {
 
 #[test]
 fn unknown_field_is_named_with_its_path() {
-    let errs = errors_of("apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec:\n  service: a\n  routes:\n    - timeout: 1s\n      retires: {attempts: 2}\n");
+    let errs = errors_of(
+        "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec:\n  service: a\n  routes:\n    - timeout: 1s\n      retires: {attempts: 2}\n",
+    );
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].field.starts_with("spec.routes[0]"), "{errs:?}");
     assert!(errs[0].message.contains("retires"), "{errs:?}");
@@ -100,7 +110,9 @@ fn documents_are_numbered_in_multi_document_files() {
 #[test]
 fn wrong_kind_and_wrong_types_are_rejected() {
     assert_eq!(errors_of("apiVersion: weft/v1\nkind: Gateway\nspec: {}\n")[0].field, "kind");
-    let errs = errors_of("apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {service: a, routes: [{backends: [{subset: v1, weight: lots}]}]}\n");
+    let errs = errors_of(
+        "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: t}\nspec: {service: a, routes: [{backends: [{subset: v1, weight: lots}]}]}\n",
+    );
     assert_eq!(errs[0].field, "spec.routes[0].backends[0].weight");
     assert_eq!(errs[0].value, "lots");
     assert!(parse_objects("a: [unclosed", "f.yaml").is_err());
