@@ -96,3 +96,49 @@ where
         _ = tokio::time::sleep(limits.drain) => tracing::warn!(drain = ?limits.drain, "drain window over; closing open connections"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends raw bytes and returns the status code of the answer.
+    async fn status_of(addr: SocketAddr, request: Vec<u8>) -> u16 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(&request).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tcp.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]);
+        head.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {head:?}"))
+    }
+
+    fn request(extra_headers: usize, value_len: usize) -> Vec<u8> {
+        let mut r = String::from("GET / HTTP/1.1\r\nhost: x\r\n");
+        for i in 0..extra_headers {
+            r.push_str(&format!("x-h{i}: {}\r\n", "v".repeat(value_len)));
+        }
+        r.push_str("\r\n");
+        r.into_bytes()
+    }
+
+    #[tokio::test]
+    async fn header_count_and_size_limits_answer_431() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        tokio::spawn(serve(listener, Limits::default(), shutdown.clone(), |_req| async {
+            crate::admin::text(hyper::StatusCode::OK, "ok")
+        }));
+        assert_eq!(status_of(addr, request(90, 10)).await, 200, "91 headers are allowed");
+        assert_eq!(status_of(addr, request(100, 10)).await, 431, "101 headers are refused");
+        assert_eq!(
+            status_of(addr, request(1, 70 * 1024)).await,
+            431,
+            "a 70 KiB header block is refused"
+        );
+        shutdown.cancel();
+    }
+}

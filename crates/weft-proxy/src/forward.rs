@@ -58,6 +58,26 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Points `parts` at `http://{authority}{path_and_query}`; a target that cannot be rebuilt is
+/// answered 400.
+// The error is the reply itself, built only on this cold path.
+#[allow(clippy::result_large_err)]
+pub fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_query: &str) -> Result<(), Response<Body>> {
+    parts.uri = http::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| {
+            reply(
+                StatusCode::BAD_REQUEST,
+                "bad-request-target",
+                format!("cannot rebuild the request URI for {authority}"),
+            )
+        })?;
+    Ok(())
+}
+
 /// A reply the proxy makes itself: status, reason header, and a one-line explanation.
 pub fn reply(status: StatusCode, reason: &'static str, detail: impl std::fmt::Display) -> Response<Body> {
     Response::builder()

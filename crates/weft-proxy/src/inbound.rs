@@ -2,10 +2,10 @@
 //! original client spoke (HTTP/1.1 through the pooled client, HTTP/2 and gRPC over one
 //! multiplexed connection).
 
-use crate::forward::{ORIG_PROTO, reason_of, reply, strip_hop_by_hop};
+use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop};
 use crate::outbound::finish;
 use crate::state::Proxy;
-use http::{HeaderValue, Uri, Version};
+use http::{HeaderValue, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -47,15 +47,9 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     let body = body.boxed_unsync();
     if app_h2 {
         parts.version = Version::HTTP_2;
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI"),
-        };
+        if let Err(resp) = retarget(&mut parts, &authority, &pq) {
+            return resp;
+        }
         let mut sender = match proxy.pools.h2(proxy.app).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
@@ -69,15 +63,9 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         }
     } else {
         parts.version = Version::HTTP_11;
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(proxy.app.to_string())
-            .path_and_query(pq)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI"),
-        };
+        if let Err(resp) = retarget(&mut parts, &proxy.app.to_string(), &pq) {
+            return resp;
+        }
         if let Ok(host) = HeaderValue::from_str(&authority) {
             parts.headers.insert(http::header::HOST, host);
         }

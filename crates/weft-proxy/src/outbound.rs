@@ -2,10 +2,10 @@
 //! (absolute-form URI, `:authority`, or `Host`), routes by the caller-side policy, and forwards
 //! over HTTP/2 to a healthy endpoint's inbound listener.
 
-use crate::forward::{ORIG_PROTO, reason_of, reply, strip_hop_by_hop, strip_mesh_headers};
+use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::route::{self, Decision};
 use crate::state::Proxy;
-use http::{HeaderValue, Uri, Version};
+use http::{HeaderValue, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -60,21 +60,10 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Respon
     parts.headers.remove(http::header::HOST);
     let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
     parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(u) => u,
-        Err(_) => {
-            return (
-                name,
-                reply(StatusCode::BAD_REQUEST, "bad-request-target", "cannot rebuild the request URI"),
-            );
-        }
-    };
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    if let Err(resp) = retarget(&mut parts, &authority, &pq) {
+        return (name, resp);
+    }
     parts.version = Version::HTTP_2;
     let req = Request::from_parts(parts, body.boxed_unsync());
     let fut = send(proxy, &service, &decision, req);

@@ -30,6 +30,28 @@ fn policy(name: &str, service: &str, spec_routes: &str) -> String {
     format!("apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec:\n  service: {service}\n  routes:\n{spec_routes}")
 }
 
+/// orders (one v1 echo behind a sidecar) and a caller "web" that has called it once, with the
+/// TrafficPolicy `orders` (a 2 s timeout) applied as revision 1.
+async fn orders_and_caller(control: &Control) -> (EchoServer, ProxyHandle, ProxyHandle) {
+    let v1 = EchoServer::start("orders-v1").await;
+    let p1 = ProxyHandle::start(
+        BIN,
+        control,
+        "default/orders-v1",
+        "cluster-a",
+        &[("service", "orders"), ("version", "v1")],
+        v1.addr,
+    )
+    .await;
+    let caller = ProxyHandle::start(BIN, control, "default/web", "cluster-a", &[], free_addr()).await;
+    assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
+    let (status, applied) = control
+        .post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 2s\n"))
+        .await;
+    assert_eq!((status, applied["revision"].as_u64()), (200, Some(1)), "{applied}");
+    (v1, p1, caller)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     let control = Control::start(BIN).await;
@@ -254,22 +276,7 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_resource_changes_nothing_anywhere() {
     let control = Control::start(BIN).await;
-    let v1 = EchoServer::start("orders-v1").await;
-    let _p1 = ProxyHandle::start(
-        BIN,
-        &control,
-        "default/orders-v1",
-        "cluster-a",
-        &[("service", "orders"), ("version", "v1")],
-        v1.addr,
-    )
-    .await;
-    let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
-    assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
-    let (status, _) = control
-        .post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 2s\n"))
-        .await;
-    assert_eq!(status, 200);
+    let (_v1, _p1, caller) = orders_and_caller(&control).await;
     eventually(Duration::from_secs(2), "caller on revision 1", || async {
         (caller.config_dump().await["config"]["revision"] == 1).then_some(())
     })
@@ -334,22 +341,7 @@ async fn invalid_resource_changes_nothing_anywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_restart_loses_no_request_and_no_history() {
     let mut control = Control::start(BIN).await;
-    let v1 = EchoServer::start("orders-v1").await;
-    let _p1 = ProxyHandle::start(
-        BIN,
-        &control,
-        "default/orders-v1",
-        "cluster-a",
-        &[("service", "orders"), ("version", "v1")],
-        v1.addr,
-    )
-    .await;
-    let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
-    assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
-    let (status, _) = control
-        .post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 2s\n"))
-        .await;
-    assert_eq!(status, 200);
+    let (_v1, _p1, caller) = orders_and_caller(&control).await;
     let history = control.get("/api/v1/revisions").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
