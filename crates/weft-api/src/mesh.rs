@@ -5,7 +5,7 @@
 
 use crate::error::{FieldError, Invalid};
 use crate::proto;
-use crate::resource::TrafficPolicySpec;
+use crate::resource::{SecurityPolicySpec, TrafficPolicySpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +23,10 @@ pub struct MeshConfig {
     /// Mesh policy revision.
     pub revision: u64,
     pub services: BTreeMap<String, Arc<ServiceConfig>>,
+    /// Forward without L7 policy (`weft bypass`).
+    pub bypass: bool,
+    /// The SecurityPolicy for this proxy's own workload (enforced inbound).
+    pub security: Option<SecurityPolicySpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,11 +141,28 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                 errors.push(FieldError::new(format!("{at}.name"), name, "service listed twice"));
             }
         }
+        let security = if msg.security_policy_json.is_empty() {
+            None
+        } else {
+            let mut de = serde_json::Deserializer::from_str(&msg.security_policy_json);
+            match serde_path_to_error::deserialize::<_, SecurityPolicySpec>(&mut de) {
+                Ok(p) => {
+                    p.validate("security", &mut errors);
+                    Some(p)
+                }
+                Err(e) => {
+                    errors.push(FieldError::new(format!("security.{}", e.path()), "", e.into_inner().to_string()));
+                    None
+                }
+            }
+        };
         if errors.is_empty() {
             Ok(MeshConfig {
                 version: msg.version,
                 revision: msg.revision,
                 services,
+                bypass: msg.bypass,
+                security,
             })
         } else {
             Err(Invalid::new(source, errors))
@@ -201,9 +222,12 @@ mod tests {
             revision: 7,
             proxy_id: "p".into(),
             services: vec![service("127.0.0.1:9000", policy)],
+            bypass: true,
+            security_policy_json: r#"{"selector":{"service":"orders-api"},"mtls":"strict"}"#.into(),
         };
         let cfg = MeshConfig::try_from(msg).unwrap();
-        assert_eq!((cfg.version, cfg.revision), (3, 7));
+        assert_eq!((cfg.version, cfg.revision, cfg.bypass), (3, 7, true));
+        assert_eq!(cfg.security.as_ref().unwrap().mtls, Some(crate::resource::MtlsMode::Strict));
         let svc = &cfg.services["orders-api"];
         assert_eq!(svc.endpoints[0].subset(), Some("v1"));
         assert_eq!(svc.policy.as_ref().unwrap().routes[0].timeout.unwrap().0.as_millis(), 2000);
@@ -227,6 +251,7 @@ mod tests {
             revision: 2,
             proxy_id: "p".into(),
             services: vec![service("not-an-addr", bad_policy)],
+            ..Default::default()
         };
         let err = MeshConfig::try_from(msg).unwrap_err();
         let text = err.to_string();

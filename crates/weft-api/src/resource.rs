@@ -467,8 +467,17 @@ pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
                 Object::Resource(r) => r.metadata(),
                 Object::Intent(d) => &d.metadata,
             };
-            // An intent without a name gets an id (MESH-<n>) when it is submitted.
-            if !(meta.name.is_empty() && matches!(obj, Object::Intent(_))) {
+            // An intent's name is its id (e.g. MESH-201); without one it gets MESH-<n>.
+            if matches!(obj, Object::Intent(_)) {
+                let id = &meta.name;
+                if !id.is_empty() && (id.len() > 63 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+                    errors.push(FieldError::new(
+                        "metadata.name",
+                        id,
+                        "an intent id is 1-63 letters, digits or '-', e.g. MESH-201",
+                    ));
+                }
+            } else {
                 check_name("metadata.name", &meta.name, &mut errors);
             }
             check_name("metadata.namespace", &meta.namespace, &mut errors);

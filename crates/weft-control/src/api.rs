@@ -1,8 +1,14 @@
 //! The REST API of DESIGN.md §6 under `/api/v1`, the dashboard at `/` and `/metrics`.
+//!
+//! Every change is an intent: `POST /resources`, `DELETE /resources/...` and `POST /rollback`
+//! queue one (one 100% stage, no bake) and wait briefly for it to finish; `POST /intents`
+//! queues a staged one and answers at once.
 
+use crate::intents::Submitted;
 use crate::mesh::{ChangeError, Mesh};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -10,8 +16,14 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::StreamExt;
 use weft_api::ResourceKey;
 use weft_api::error::{FieldError, Invalid};
+use weft_api::resource::Object;
+
+/// How long a plain change (`weft apply`) is waited for before the API answers 202.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Api {
@@ -21,6 +33,8 @@ pub struct Api {
 
 /// An error answer: `{error, field, errors}` with the status that fits.
 pub struct ApiError(StatusCode, String, Vec<FieldError>);
+
+type Answer = Result<(StatusCode, Json<serde_json::Value>), ApiError>;
 
 pub fn router(api: Api) -> Router {
     Router::new()
@@ -32,6 +46,14 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/resources/{kind}/{namespace}/{name}", delete(remove))
         .route("/api/v1/revisions", get(revisions))
         .route("/api/v1/rollback", post(rollback))
+        .route("/api/v1/intents", get(list_intents).post(submit_intent))
+        .route("/api/v1/intents/{id}", get(show_intent))
+        .route("/api/v1/intents/{id}/approve", post(approve))
+        .route("/api/v1/intents/{id}/abort", post(abort))
+        .route("/api/v1/bypass/{service}", post(bypass))
+        .route("/api/v1/freeze", post(freeze))
+        .route("/api/v1/ledger", get(ledger))
+        .route("/api/v1/events", get(events))
         .fallback(not_found)
         .with_state(api)
 }
@@ -60,23 +82,24 @@ async fn list_resources(State(api): State<Api>) -> Json<serde_json::Value> {
     Json(json!({ "revision": api.mesh.revision(), "resources": api.mesh.resources() }))
 }
 
-/// Body: YAML or JSON, one or more TrafficPolicy / SecurityPolicy documents. The optional
-/// `x-weft-source` header names the file, for error messages.
-async fn apply(State(api): State<Api>, headers: HeaderMap, body: String) -> Result<Json<serde_json::Value>, ApiError> {
-    let source = headers
+fn source_of(headers: &HeaderMap) -> String {
+    headers
         .get("x-weft-source")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("request body")
-        .to_string();
-    let resources = weft_api::resource::parse_resources(&body, &source)?;
-    let applied = api.mesh.apply(resources, &source)?;
-    Ok(Json(json!(applied)))
+        .to_string()
 }
 
-async fn remove(
-    State(api): State<Api>,
-    Path((kind, namespace, name)): Path<(String, String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+/// Body: YAML or JSON, one or more TrafficPolicy / SecurityPolicy documents. The optional
+/// `x-weft-source` header names the file, for error messages.
+async fn apply(State(api): State<Api>, headers: HeaderMap, body: String) -> Answer {
+    let source = source_of(&headers);
+    let resources = weft_api::resource::parse_resources(&body, &source)?;
+    let submitted = api.mesh.submit_change(format!("apply {source}"), resources, Vec::new(), &source)?;
+    settle(&api.mesh, submitted).await
+}
+
+async fn remove(State(api): State<Api>, Path((kind, namespace, name)): Path<(String, String, String)>) -> Answer {
     if !matches!(kind.as_str(), "TrafficPolicy" | "SecurityPolicy") {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -84,8 +107,38 @@ async fn remove(
             vec![FieldError::new("kind", &kind, "one of TrafficPolicy, SecurityPolicy")],
         ));
     }
-    let applied = api.mesh.delete(&ResourceKey { kind, namespace, name })?;
-    Ok(Json(json!(applied)))
+    let key = ResourceKey { kind, namespace, name };
+    let submitted = api.mesh.submit_change(
+        format!("delete {key}"),
+        Vec::new(),
+        vec![key.clone()],
+        &format!("weft delete {key}"),
+    )?;
+    settle(&api.mesh, submitted).await
+}
+
+/// Waits for a plain change's intent; 200 when promoted, 202 while still queued or running,
+/// 409 when it failed or was rolled back.
+async fn settle(mesh: &Mesh, submitted: Submitted) -> Answer {
+    let (id, changes) = match submitted {
+        Submitted::Unchanged(applied) => return Ok((StatusCode::OK, Json(json!(applied)))),
+        Submitted::Queued { id, changes } => (id, changes),
+    };
+    let intent = mesh
+        .wait_finished(&id, APPLY_WAIT)
+        .await
+        .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("intent {id} vanished"), vec![]))?;
+    let reason = intent.decisions.last().map(|d| d.reason.clone()).unwrap_or_default();
+    let body = json!({"revision": intent.revision, "changes": changes, "intent": id, "phase": intent.phase.as_str(), "reason": reason});
+    match intent.phase {
+        crate::rollout::Phase::Promoted => Ok((StatusCode::OK, Json(body))),
+        p if p.is_terminal() => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("intent {id} {}: {reason}", p.as_str()),
+            vec![],
+        )),
+        _ => Ok((StatusCode::ACCEPTED, Json(body))),
+    }
 }
 
 async fn revisions(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -106,16 +159,110 @@ struct RollbackBody {
     revision: u64,
 }
 
-async fn rollback(State(api): State<Api>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: RollbackBody = serde_json::from_str(&body).map_err(|e| {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Toggle {
+    enabled: bool,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &str, what: &str) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_str(body).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
-            format!("invalid rollback body: {e}"),
-            vec![FieldError::new("revision", "", e.to_string())],
+            format!("invalid {what} body: {e}"),
+            vec![FieldError::new("", "", e.to_string())],
         )
     })?;
-    let applied = api.mesh.rollback(req.revision)?;
-    Ok(Json(json!(applied)))
+    weft_api::resource::from_value(&value).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid {what} body: {e}"), vec![e]))
+}
+
+async fn rollback(State(api): State<Api>, body: String) -> Answer {
+    let req: RollbackBody = json_body(&body, "rollback")?;
+    let submitted = api.mesh.submit_rollback(req.revision)?;
+    settle(&api.mesh, submitted).await
+}
+
+async fn list_intents(State(api): State<Api>) -> Json<serde_json::Value> {
+    let rows: Vec<_> = api
+        .mesh
+        .intent_list()
+        .iter()
+        .map(|i| {
+            json!({
+                "id": i.id, "title": i.title, "target": i.target, "scope": i.scope, "phase": i.phase.as_str(),
+                "mode": i.mode, "stage": i.stage + 1, "stages": i.stages, "candidate": i.candidate, "revision": i.revision,
+                "lastDecision": i.decisions.last().map(|d| d.reason.clone()),
+            })
+        })
+        .collect();
+    Json(json!(rows))
+}
+
+/// Body: one Intent document (YAML or JSON).
+async fn submit_intent(State(api): State<Api>, headers: HeaderMap, body: String) -> Answer {
+    let source = source_of(&headers);
+    let objects = weft_api::resource::parse_objects(&body, &source)?;
+    let [Object::Intent(doc)] = <[Object; 1]>::try_from(objects).map_err(|objs| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{source}: expected exactly one Intent, got {} documents", objs.len()),
+            vec![FieldError::new("kind", "", "one Intent per submission")],
+        )
+    })?
+    else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{source}: expected an Intent; apply policies with `weft apply`"),
+            vec![FieldError::new("kind", "", "must be Intent")],
+        ));
+    };
+    let record = api.mesh.submit_intent(doc, &source)?;
+    Ok((StatusCode::CREATED, Json(record.view())))
+}
+
+async fn show_intent(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    api.mesh
+        .intent(&id)
+        .map(|i| Json(i.view()))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("intent {id} not found"), vec![]))
+}
+
+async fn approve(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(api.mesh.approve(&id)?.view()))
+}
+
+async fn abort(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(api.mesh.abort(&id)?.view()))
+}
+
+async fn bypass(State(api): State<Api>, Path(service): Path<String>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
+    let t: Toggle = json_body(&body, "bypass")?;
+    let namespace = t.namespace.unwrap_or_else(|| "default".into());
+    api.mesh.set_bypass(&namespace, &service, t.enabled);
+    Ok(Json(json!({"service": service, "namespace": namespace, "bypass": t.enabled})))
+}
+
+async fn freeze(State(api): State<Api>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
+    let t: Toggle = json_body(&body, "freeze")?;
+    api.mesh.freeze(t.enabled);
+    Ok(Json(json!({"frozen": t.enabled})))
+}
+
+async fn ledger(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = api
+        .mesh
+        .ledger(500)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]))?;
+    Ok(Json(json!(rows)))
+}
+
+/// Server-sent events: one `data:` JSON object per change (intents, decisions, bypass, freeze).
+async fn events(State(api): State<Api>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let stream = tokio_stream::wrappers::BroadcastStream::new(api.mesh.events.subscribe())
+        .filter_map(|msg| msg.ok().map(|data| Ok(Event::default().data(data))));
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 async fn not_found() -> ApiError {
@@ -135,6 +282,7 @@ impl From<ChangeError> for ApiError {
         match e {
             ChangeError::Invalid(i) => i.into(),
             ChangeError::NotFound(what) => ApiError(StatusCode::NOT_FOUND, format!("{what} not found"), vec![]),
+            ChangeError::Conflict(why) => ApiError(StatusCode::CONFLICT, why, vec![]),
             ChangeError::Store(s) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, s.to_string(), vec![]),
         }
     }

@@ -54,7 +54,7 @@ async fn drive(
     loop {
         if dirty {
             dirty = false;
-            let Some(cfg) = mesh.config_for(conn) else { break };
+            let Some((cfg, included)) = mesh.config_for(conn) else { break };
             held_until = mesh.hold(conn, &cfg);
             if held_until.is_none() && last.as_ref() != Some(&cfg) {
                 version += 1;
@@ -62,7 +62,7 @@ async fn drive(
                 let msg = ControlMessage {
                     msg: Some(control_message::Msg::Config(proto::ProxyConfig { version, ..cfg })),
                 };
-                mesh.pushed(conn, version);
+                mesh.pushed(conn, version, included);
                 if tx.send(Ok(msg)).await.is_err() {
                     break;
                 }

@@ -5,8 +5,10 @@
 
 pub mod api;
 pub mod distribution;
+pub mod intents;
 pub mod mesh;
 pub mod metrics;
+pub mod rollout;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -63,6 +65,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     };
     tracing::info!(api = %bound.api, grpc = %bound.grpc, data_dir = %cfg.data_dir.display(), revision = mesh.revision(), "control plane listening");
 
+    let loop_task = tokio::spawn(intents::run(mesh.clone(), shutdown.clone()));
     let router = api::router(api::Api {
         mesh: mesh.clone(),
         registry: Arc::new(registry),
@@ -91,7 +94,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         }
     });
     let handle = tokio::spawn(async move {
-        let _ = tokio::join!(api_task, grpc_task);
+        let _ = tokio::join!(api_task, grpc_task, loop_task);
     });
     Ok((bound, handle))
 }

@@ -20,25 +20,39 @@ use weft_api::telemetry::{BUCKETS, quantile_ms};
 
 /// Window over which `status` computes rates.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How long per-proxy samples are kept for judging intents (baselines look this far back).
+const SAMPLE_WINDOW: Duration = Duration::from_secs(120);
 /// After a (re)start the registry is incomplete until every live proxy has reconnected; proxies
 /// retry with a backoff capped at 5 s, so after this long every live one is back.
 pub const WARMUP: Duration = Duration::from_secs(6);
 
 pub struct Mesh {
-    store: Store,
-    state: Mutex<State>,
+    pub(crate) store: Store,
+    pub(crate) state: Mutex<State>,
     changed: watch::Sender<u64>,
     pub metrics: ControlMetrics,
     started: Instant,
+    /// Wakes the intent loop (submissions, ACKs, NACKs, operator actions).
+    pub(crate) wake: tokio::sync::Notify,
+    /// Server-sent events for the dashboard: one JSON object per change.
+    pub events: tokio::sync::broadcast::Sender<String>,
 }
 
-struct State {
-    revision: u64,
-    resources: BTreeMap<ResourceKey, Resource>,
-    proxies: BTreeMap<u64, ProxyRecord>,
+pub(crate) struct State {
+    /// The revision every untreated proxy runs, and its resources.
+    pub(crate) stable: u64,
+    pub(crate) resources: BTreeMap<ResourceKey, Resource>,
+    pub(crate) proxies: BTreeMap<u64, ProxyRecord>,
     next_conn: u64,
     traffic: HashMap<(String, String), VecDeque<Sample>>,
+    /// Per proxy, direction and peer service: what intents are judged on.
+    pub(crate) samples: HashMap<(String, i32, String), VecDeque<Sample>>,
     telemetry_signals: u64,
+    pub(crate) intents: BTreeMap<u64, crate::intents::IntentRecord>,
+    pub(crate) frozen: bool,
+    /// Bypassed services, as (namespace, service).
+    pub(crate) bypass: BTreeSet<(String, String)>,
+    pub(crate) last_decision: Option<String>,
 }
 
 /// A connected proxy.
@@ -58,13 +72,20 @@ pub struct ProxyRecord {
     pushed: Option<(u64, Instant)>,
     /// Registered with a config already (it reconnected rather than started).
     resumed: bool,
+    /// Intents whose candidate each pushed version carried, until it is ACKed or NACKed.
+    pending: BTreeMap<u64, BTreeSet<u64>>,
+    /// Intents whose candidate this proxy runs (from its last ACK).
+    pub(crate) applied_intents: BTreeSet<u64>,
+    /// Intents whose candidate this proxy refused, with the reason.
+    pub(crate) refused: BTreeMap<u64, String>,
 }
 
-struct Sample {
-    at: Instant,
-    requests: u64,
-    errors: u64,
-    buckets: [u64; BUCKETS],
+pub(crate) struct Sample {
+    pub(crate) at: Instant,
+    pub(crate) revision: u64,
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) buckets: [u64; BUCKETS],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +94,8 @@ pub enum ChangeError {
     Invalid(#[from] Invalid),
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -118,6 +141,7 @@ pub struct LoopView {
     pub intent: Option<String>,
     pub mode: &'static str,
     pub last_decision: Option<String>,
+    pub frozen: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -155,25 +179,36 @@ fn now_ms() -> u64 {
 impl Mesh {
     /// Loads the newest revision from `store`.
     pub fn new(store: Store, metrics: ControlMetrics) -> Result<Self, StoreError> {
-        let latest = store.latest()?;
-        let (revision, resources) = match latest {
+        let stable = match store.stable()? {
+            Some(rev) => store.get(rev)?,
+            None => store.latest()?,
+        };
+        let (revision, resources) = match stable {
             Some(r) => (r.revision, r.resources.into_iter().map(|res| (res.key(), res)).collect()),
             None => (0, BTreeMap::new()),
         };
         metrics.revision.set(revision as i64);
+        let intents = crate::intents::recover(&store, revision)?;
         Ok(Self {
             store,
             state: Mutex::new(State {
-                revision,
+                stable: revision,
                 resources,
                 proxies: BTreeMap::new(),
                 next_conn: 1,
                 traffic: HashMap::new(),
+                samples: HashMap::new(),
                 telemetry_signals: 0,
+                intents,
+                frozen: false,
+                bypass: BTreeSet::new(),
+                last_decision: None,
             }),
             changed: watch::channel(0).0,
             metrics,
             started: Instant::now(),
+            wake: tokio::sync::Notify::new(),
+            events: tokio::sync::broadcast::channel(256).0,
         })
     }
 
@@ -181,12 +216,18 @@ impl Mesh {
         self.changed.subscribe()
     }
 
-    fn bump(&self) {
+    pub(crate) fn bump(&self) {
         self.changed.send_modify(|g| *g += 1);
     }
 
+    /// Sends one event to every `/api/v1/events` listener.
+    pub(crate) fn emit(&self, event: serde_json::Value) {
+        let _ = self.events.send(event.to_string());
+    }
+
+    /// The stable revision.
     pub fn revision(&self) -> u64 {
-        self.state.lock().revision
+        self.state.lock().stable
     }
 
     pub fn resources(&self) -> Vec<Resource> {
@@ -195,114 +236,6 @@ impl Mesh {
 
     pub fn history(&self) -> Result<Vec<Revision>, StoreError> {
         self.store.history()
-    }
-
-    /// Validates `incoming` against the live mesh and stores it as the next revision. Nothing
-    /// changes when any resource is refused.
-    pub fn apply(&self, incoming: Vec<Resource>, source: &str) -> Result<Applied, ChangeError> {
-        let mut state = self.state.lock();
-        let mut next = state.resources.clone();
-        let mut changes = Vec::new();
-        let mut errors = Vec::new();
-        let many = incoming.len() > 1;
-        for (i, res) in incoming.into_iter().enumerate() {
-            let prefix = if many { format!("[{i}].") } else { String::new() };
-            for e in state.check(&res, &next) {
-                errors.push(FieldError {
-                    field: format!("{prefix}{}", e.field),
-                    ..e
-                });
-            }
-            let key = res.key();
-            let op = match next.get(&key) {
-                None => "created",
-                Some(old) if *old == res => "unchanged",
-                Some(_) => "configured",
-            };
-            changes.push(ChangeEntry {
-                op: op.into(),
-                key: key.clone(),
-            });
-            next.insert(key, res);
-        }
-        if !errors.is_empty() {
-            return Err(Invalid::new(source, errors).into());
-        }
-        if changes.iter().all(|c| c.op == "unchanged") {
-            return Ok(Applied {
-                revision: state.revision,
-                changes,
-            });
-        }
-        let summary = changes
-            .iter()
-            .filter(|c| c.op != "unchanged")
-            .map(|c| format!("{} {}", c.op, c.key))
-            .collect::<Vec<_>>()
-            .join(", ");
-        self.commit(&mut state, summary, changes, next)
-    }
-
-    pub fn delete(&self, key: &ResourceKey) -> Result<Applied, ChangeError> {
-        let mut state = self.state.lock();
-        let mut next = state.resources.clone();
-        if next.remove(key).is_none() {
-            return Err(ChangeError::NotFound(key.to_string()));
-        }
-        let changes = vec![ChangeEntry {
-            op: "deleted".into(),
-            key: key.clone(),
-        }];
-        self.commit(&mut state, format!("deleted {key}"), changes, next)
-    }
-
-    /// Restores the resources of an earlier revision as a new revision.
-    pub fn rollback(&self, revision: u64) -> Result<Applied, ChangeError> {
-        let Some(old) = self.store.get(revision)? else {
-            return Err(Invalid::one("rollback", FieldError::new("revision", revision, "no such revision")).into());
-        };
-        let mut state = self.state.lock();
-        let next: BTreeMap<_, _> = old.resources.into_iter().map(|r| (r.key(), r)).collect();
-        let mut changes: Vec<ChangeEntry> = state
-            .resources
-            .keys()
-            .filter(|k| !next.contains_key(k))
-            .map(|k| ChangeEntry {
-                op: "deleted".into(),
-                key: k.clone(),
-            })
-            .collect();
-        for (k, r) in &next {
-            let op = match state.resources.get(k) {
-                None => "created",
-                Some(cur) if cur == r => "unchanged",
-                Some(_) => "configured",
-            };
-            changes.push(ChangeEntry {
-                op: op.into(),
-                key: k.clone(),
-            });
-        }
-        self.commit(&mut state, format!("rollback to revision {revision}"), changes, next)
-    }
-
-    fn commit(
-        &self,
-        state: &mut State,
-        summary: String,
-        changes: Vec<ChangeEntry>,
-        next: BTreeMap<ResourceKey, Resource>,
-    ) -> Result<Applied, ChangeError> {
-        let rev = self.store.commit(summary, changes.clone(), &next)?;
-        state.revision = rev.revision;
-        state.resources = next;
-        self.metrics.revision.set(rev.revision as i64);
-        tracing::info!(revision = rev.revision, summary = %rev.summary, "revision committed");
-        self.bump();
-        Ok(Applied {
-            revision: rev.revision,
-            changes,
-        })
     }
 
     /// Adds a proxy that opened a stream; returns its connection number and id.
@@ -338,6 +271,9 @@ impl Mesh {
                 connected_since_ms: now_ms(),
                 pushed: None,
                 resumed: reg.applied_revision > 0 || !reg.services.is_empty(),
+                pending: BTreeMap::new(),
+                applied_intents: BTreeSet::new(),
+                refused: BTreeMap::new(),
             },
         );
         self.metrics.proxies.set(state.proxies.len() as i64);
@@ -364,10 +300,29 @@ impl Mesh {
         }
     }
 
-    /// The config proxy `conn` needs now (its version is set by the stream).
-    pub fn config_for(&self, conn: u64) -> Option<proto::ProxyConfig> {
+    /// The config proxy `conn` needs now (its version is set by the stream), and the intents
+    /// whose candidate it carries: the stable resources, with the overlay of every intent that
+    /// treats this proxy on top.
+    pub fn config_for(&self, conn: u64) -> Option<(proto::ProxyConfig, BTreeSet<u64>)> {
         let state = self.state.lock();
         let p = state.proxies.get(&conn)?;
+        let mut resources = std::borrow::Cow::Borrowed(&state.resources);
+        let mut revision = state.stable;
+        let mut included = BTreeSet::new();
+        for (seq, intent) in &state.intents {
+            if intent.treats(p) {
+                let r = resources.to_mut();
+                for entry in &intent.overlay {
+                    match &entry.resource {
+                        Some(res) => r.insert(entry.key.clone(), res.clone()),
+                        None => r.remove(&entry.key),
+                    };
+                }
+                revision = revision.max(intent.candidate.unwrap_or(0));
+                included.insert(*seq);
+            }
+        }
+        let bypassed = |service: &str| state.bypass.contains(&(p.namespace.clone(), service.to_string()));
         let services = p
             .subscriptions
             .iter()
@@ -384,7 +339,11 @@ impl Mesh {
                     })
                     .collect();
                 endpoints.sort_by_key(|e| e.address);
-                let policy = state.traffic_policy(&p.namespace, name);
+                let policy = if bypassed(name) {
+                    None
+                } else {
+                    traffic_policy(&resources, &p.namespace, name)
+                };
                 let svc = ServiceConfig {
                     name: name.clone(),
                     namespace: p.namespace.clone(),
@@ -395,12 +354,25 @@ impl Mesh {
                 proto::Service::from(&svc)
             })
             .collect();
-        Some(proto::ProxyConfig {
+        let security = resources.values().find_map(|r| match r {
+            Resource::SecurityPolicy(d)
+                if d.metadata.namespace == p.namespace
+                    && d.spec.selector.service == p.service
+                    && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)) =>
+            {
+                Some(serde_json::to_string(&d.spec).expect("policy serializes"))
+            }
+            _ => None,
+        });
+        let cfg = proto::ProxyConfig {
             version: 0,
-            revision: state.revision,
+            revision,
             proxy_id: p.id.clone(),
             services,
-        })
+            bypass: bypassed(&p.service),
+            security_policy_json: security.unwrap_or_default(),
+        };
+        Some((cfg, included))
     }
 
     /// While warming up, a proxy that resumed with a working config is not sent one that would
@@ -412,10 +384,14 @@ impl Mesh {
         (resumed && Instant::now() < until && cfg.services.iter().any(|s| s.endpoints.is_empty())).then_some(until)
     }
 
-    pub fn pushed(&self, conn: u64, version: u64) {
+    pub fn pushed(&self, conn: u64, version: u64, included: BTreeSet<u64>) {
         self.metrics.pushes.inc();
         if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
             p.pushed = Some((version, Instant::now()));
+            p.pending.insert(version, included);
+            while p.pending.len() > 16 {
+                p.pending.pop_first();
+            }
         }
     }
 
@@ -425,6 +401,10 @@ impl Mesh {
         if let Some(p) = state.proxies.get_mut(&conn) {
             p.applied_revision = revision;
             p.last_nack = None;
+            if let Some(included) = p.pending.remove(&version) {
+                p.applied_intents = included;
+            }
+            p.pending.retain(|v, _| *v > version);
             if let Some((v, at)) = p.pushed
                 && v == version
             {
@@ -432,14 +412,22 @@ impl Mesh {
                 p.pushed = None;
             }
         }
+        drop(state);
+        self.wake.notify_one();
     }
 
     pub fn nack(&self, conn: u64, version: u64, revision: u64, reason: String) {
         self.metrics.nacks.inc();
         if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
             tracing::warn!(proxy = %p.id, version, revision, %reason, "proxy refused config");
+            if let Some(included) = p.pending.remove(&version) {
+                for seq in included.difference(&p.applied_intents) {
+                    p.refused.insert(*seq, reason.clone());
+                }
+            }
             p.last_nack = Some(reason);
         }
+        self.wake.notify_one();
     }
 
     pub fn telemetry(&self, conn: u64, report: proto::TelemetryReport) {
@@ -447,27 +435,34 @@ impl Mesh {
         let mut state = self.state.lock();
         state.telemetry_signals += 1;
         let Some(p) = state.proxies.get(&conn) else { return };
-        let key = (p.namespace.clone(), p.service.clone());
+        let service_key = (p.namespace.clone(), p.service.clone());
+        let workload = p.workload_id();
         let now = Instant::now();
         for s in report.stats {
-            if s.direction != proto::Direction::Inbound as i32 {
-                continue;
-            }
             let mut buckets = [0u64; BUCKETS];
-            for (b, c) in buckets.iter_mut().zip(s.latency_buckets) {
-                *b = c;
+            for (b, c) in buckets.iter_mut().zip(&s.latency_buckets) {
+                *b = *c;
             }
-            let samples = state.traffic.entry(key.clone()).or_default();
-            samples.push_back(Sample {
+            let sample = Sample {
                 at: now,
+                revision: s.revision,
                 requests: s.requests,
                 errors: s.errors,
                 buckets,
-            });
-            while samples.front().is_some_and(|x| now.duration_since(x.at) > RATE_WINDOW * 3) {
-                samples.pop_front();
+            };
+            if s.direction == proto::Direction::Inbound as i32 {
+                push_window(
+                    state.traffic.entry(service_key.clone()).or_default(),
+                    Sample { ..sample },
+                    now,
+                    RATE_WINDOW * 3,
+                );
             }
+            let key = (workload.clone(), s.direction, s.service);
+            push_window(state.samples.entry(key).or_default(), sample, now, SAMPLE_WINDOW);
         }
+        drop(state);
+        self.wake.notify_one();
     }
 
     pub fn proxies(&self) -> Vec<ProxyView> {
@@ -531,10 +526,10 @@ impl Mesh {
                     p99_ms: quantile_ms(&buckets, 0.99).map(round2),
                     policy_revision: proxies.iter().map(|p| p.applied_revision).min().unwrap_or(0),
                     mtls: "off",
-                    bypass: false,
+                    bypass: state.bypass.contains(&(namespace.clone(), name.clone())),
                     proxies: ProxyCount {
                         total: proxies.len(),
-                        in_sync: proxies.iter().filter(|p| p.applied_revision == state.revision).count(),
+                        in_sync: proxies.iter().filter(|p| p.applied_revision == state.assigned_revision(p)).count(),
                     },
                     name,
                     namespace,
@@ -542,35 +537,51 @@ impl Mesh {
             })
             .collect();
         StatusView {
-            revision: state.revision,
-            loop_: LoopView {
-                phase: "idle",
-                intent: None,
-                mode: "manual",
-                last_decision: None,
-            },
+            revision: state.stable,
+            loop_: state.loop_view(),
             telemetry_signals: state.telemetry_signals,
             services: views,
         }
     }
 }
 
+fn push_window(samples: &mut VecDeque<Sample>, sample: Sample, now: Instant, keep: Duration) {
+    samples.push_back(sample);
+    while samples.front().is_some_and(|x| now.duration_since(x.at) > keep) {
+        samples.pop_front();
+    }
+}
+
+/// The TrafficPolicy governing `service` in `resources`.
+fn traffic_policy<'a>(
+    resources: &'a BTreeMap<ResourceKey, Resource>,
+    namespace: &str,
+    service: &str,
+) -> Option<(&'a ResourceKey, &'a weft_api::resource::TrafficPolicySpec)> {
+    resources.iter().find_map(|(k, r)| match r {
+        Resource::TrafficPolicy(d) if d.metadata.namespace == namespace && d.spec.service == service => Some((k, &d.spec)),
+        _ => None,
+    })
+}
+
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+// === impl ProxyRecord ===
+
+impl ProxyRecord {
+    /// `namespace/name`: the proxy's identity across reconnects.
+    pub fn workload_id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 // === impl State ===
 
 impl State {
-    fn traffic_policy(&self, namespace: &str, service: &str) -> Option<(&ResourceKey, &weft_api::resource::TrafficPolicySpec)> {
-        self.resources.iter().find_map(|(k, r)| match r {
-            Resource::TrafficPolicy(d) if d.metadata.namespace == namespace && d.spec.service == service => Some((k, &d.spec)),
-            _ => None,
-        })
-    }
-
     /// Checks that need the live mesh: subsets must exist, one TrafficPolicy per service.
-    fn check(&self, res: &Resource, next: &BTreeMap<ResourceKey, Resource>) -> Vec<FieldError> {
+    pub(crate) fn check(&self, res: &Resource, next: &BTreeMap<ResourceKey, Resource>) -> Vec<FieldError> {
         let mut errors = Vec::new();
         let ns = &res.metadata().namespace;
         let service = res.service();

@@ -10,6 +10,10 @@ use std::path::Path;
 use weft_api::{Resource, ResourceKey};
 
 const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
+/// `next_revision` (numbers are reserved here and never reused) and `stable`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const INTENTS: TableDefinition<u64, &str> = TableDefinition::new("intents");
+const LEDGER: TableDefinition<u64, &str> = TableDefinition::new("ledger");
 
 pub struct Store {
     db: Database,
@@ -62,6 +66,9 @@ impl Store {
         let db = Database::create(dir.join("weft.redb")).map_err(|e| open_err(&e))?;
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(REVISIONS).map_err(db_err)?;
+        tx.open_table(META).map_err(db_err)?;
+        tx.open_table(INTENTS).map_err(db_err)?;
+        tx.open_table(LEDGER).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -97,17 +104,60 @@ impl Store {
         Ok(out)
     }
 
-    /// Records `resources` as the next revision. The caller has validated them.
+    /// Reserves the next revision number; it is never handed out again.
+    pub fn reserve(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let next = {
+            let revisions = tx.open_table(REVISIONS).map_err(db_err)?;
+            let latest = revisions.last().map_err(db_err)?.map(|(k, _)| k.value()).unwrap_or(0);
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            let reserved = meta.get("next_revision").map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
+            let next = reserved.max(latest + 1);
+            meta.insert("next_revision", next + 1).map_err(db_err)?;
+            next
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(next)
+    }
+
+    /// The revision every untreated proxy runs, once one was set.
+    pub fn stable(&self) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let meta = tx.open_table(META).map_err(db_err)?;
+        Ok(meta.get("stable").map_err(db_err)?.map(|v| v.value()))
+    }
+
+    /// Records `resources` as the next revision and makes it stable. The caller validated them.
     pub fn commit(
         &self,
         summary: String,
         changes: Vec<ChangeEntry>,
         resources: &BTreeMap<ResourceKey, Resource>,
     ) -> Result<Revision, StoreError> {
+        let next = self.reserve()?;
+        self.commit_at(next, summary, changes, resources)
+    }
+
+    /// Records `resources` as revision `wanted` (a number reserved earlier) when it is newer than
+    /// every committed one, else under a freshly reserved number; makes it stable.
+    pub fn commit_at(
+        &self,
+        wanted: u64,
+        summary: String,
+        changes: Vec<ChangeEntry>,
+        resources: &BTreeMap<ResourceKey, Resource>,
+    ) -> Result<Revision, StoreError> {
+        let latest = self.latest()?.map(|r| r.revision).unwrap_or(0);
+        let next = if wanted > latest { wanted } else { self.reserve()? };
         let tx = self.db.begin_write().map_err(db_err)?;
         let rev = {
             let mut table = tx.open_table(REVISIONS).map_err(db_err)?;
-            let next = table.last().map_err(db_err)?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            meta.insert("stable", next).map_err(db_err)?;
+            let reserved = meta.get("next_revision").map_err(db_err)?.map(|v| v.value()).unwrap_or(1);
+            if reserved <= next {
+                meta.insert("next_revision", next + 1).map_err(db_err)?;
+            }
             let rev = Revision {
                 revision: next,
                 time_ms: std::time::SystemTime::now()
@@ -124,6 +174,52 @@ impl Store {
         };
         tx.commit().map_err(db_err)?;
         Ok(rev)
+    }
+}
+
+// === intents and ledger ===
+
+impl Store {
+    /// Writes an intent's record (JSON) under its queue number.
+    pub fn put_intent(&self, seq: u64, json: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(INTENTS).map_err(db_err)?.insert(seq, json).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn intents(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(INTENTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push((k.value(), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Appends an operator action (JSON) to the ledger.
+    pub fn append_ledger(&self, json: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(LEDGER).map_err(db_err)?;
+            let next = table.last().map_err(db_err)?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
+            table.insert(next, json).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// The newest `limit` ledger entries, oldest first.
+    pub fn ledger(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(LEDGER).map_err(db_err)?;
+        let mut out: Vec<String> = Vec::new();
+        for row in table.iter().map_err(db_err)?.rev().take(limit) {
+            let (_, v) = row.map_err(db_err)?;
+            out.push(v.value().to_string());
+        }
+        out.reverse();
+        Ok(out)
     }
 }
 
@@ -161,6 +257,15 @@ mod tests {
         assert_eq!(s.get(1).unwrap().unwrap().resources, vec![r]);
         assert_eq!(s.history().unwrap().len(), 2);
         assert_eq!(s.commit("three".into(), vec![], &set).unwrap().revision, 3);
+        // Reserved numbers are never reused, even when nothing was committed under them.
+        assert_eq!(s.reserve().unwrap(), 4);
+        assert_eq!(s.commit("five".into(), vec![], &set).unwrap().revision, 5);
+        assert_eq!(
+            s.commit_at(4, "late".into(), vec![], &set).unwrap().revision,
+            6,
+            "an older reservation commits as a new number"
+        );
+        assert_eq!(s.stable().unwrap(), Some(6));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -127,9 +127,8 @@ impl StaticFile {
             admin: file.admin,
             advertise: None,
             source: Source::Static(MeshConfig {
-                version: 0,
-                revision: 0,
                 services,
+                ..Default::default()
             }),
         })
     }

@@ -17,10 +17,12 @@ use weft_core::Body;
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let version = req.version();
+    let revision = proxy.revision();
     let resp = to_app(&proxy, req).await;
+    let status = resp.status().as_u16();
     proxy
         .telemetry
-        .record(Direction::Inbound, "", resp.status().as_u16(), reason_of(&resp), start.elapsed());
+        .record(Direction::Inbound, "", revision, status, reason_of(&resp), start.elapsed());
     finish(resp, version)
 }
 

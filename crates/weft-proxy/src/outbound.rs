@@ -23,11 +23,12 @@ const CONNECT_ATTEMPTS: usize = 3;
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let version = req.version();
+    let revision = proxy.revision();
     let (service, resp) = route_request(&proxy, req).await;
     let status = resp.status().as_u16();
     proxy
         .telemetry
-        .record(Direction::Outbound, &service, status, reason_of(&resp), start.elapsed());
+        .record(Direction::Outbound, &service, revision, status, reason_of(&resp), start.elapsed());
     finish(resp, version)
 }
 
@@ -54,7 +55,9 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Respon
         );
     };
     let (mut parts, body) = req.into_parts();
-    let decision = route::decide(service.policy.as_ref(), &parts, rand::random_range(0..100));
+    // Bypass (the kill switch): no L7 policy at all, plain balancing over every endpoint.
+    let policy = if proxy.bypassed() { None } else { service.policy.as_ref() };
+    let decision = route::decide(policy, &parts, rand::random_range(0..100));
     strip_hop_by_hop(&mut parts.headers);
     strip_mesh_headers(&mut parts.headers);
     parts.headers.remove(http::header::HOST);

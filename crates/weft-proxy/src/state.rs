@@ -77,6 +77,16 @@ impl Proxy {
         self.config.load_full()
     }
 
+    /// Revision of the config in force (no reference count taken).
+    pub fn revision(&self) -> u64 {
+        self.config.load().revision
+    }
+
+    /// Whether this workload's sidecar is bypassed (forwards without L7 policy).
+    pub fn bypassed(&self) -> bool {
+        self.config.load().bypass
+    }
+
     /// Swaps in a new config; in-flight requests keep the one they started with.
     pub fn apply(&self, config: MeshConfig) {
         self.config.store(Arc::new(config));

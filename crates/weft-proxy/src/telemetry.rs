@@ -18,7 +18,7 @@ pub struct Telemetry {
     own_service: String,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
-    interval: Mutex<HashMap<(Direction, String), Window>>,
+    interval: Mutex<HashMap<(Direction, String, u64), Window>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,8 +70,9 @@ impl Telemetry {
         }
     }
 
-    /// Records one finished request. `service` is empty for inbound (the proxy's own service).
-    pub fn record(&self, direction: Direction, service: &str, status: u16, reason: &str, elapsed: Duration) {
+    /// Records one finished request. `service` is empty for inbound (the proxy's own service);
+    /// `revision` is the config revision in force when the request started.
+    pub fn record(&self, direction: Direction, service: &str, revision: u64, status: u16, reason: &str, elapsed: Duration) {
         let dir = match direction {
             Direction::Inbound => "inbound",
             _ => "outbound",
@@ -93,7 +94,7 @@ impl Telemetry {
             })
             .observe(secs);
         let mut interval = self.interval.lock();
-        let w = interval.entry((direction, service.to_string())).or_default();
+        let w = interval.entry((direction, service.to_string(), revision)).or_default();
         w.requests += 1;
         if status >= 500 {
             w.errors += 1;
@@ -106,9 +107,10 @@ impl Telemetry {
         let taken = std::mem::take(&mut *self.interval.lock());
         taken
             .into_iter()
-            .map(|((direction, service), w)| TrafficStats {
+            .map(|((direction, service, revision), w)| TrafficStats {
                 direction: direction as i32,
                 service,
+                revision,
                 requests: w.requests,
                 errors: w.errors,
                 latency_buckets: w.buckets.to_vec(),

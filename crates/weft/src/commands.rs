@@ -2,7 +2,7 @@
 
 use crate::client::{Api, Refused};
 use crate::output::{self, cell, table};
-use crate::{Cli, Command, EXIT_INVALID};
+use crate::{Cli, Command, EXIT_INVALID, IntentCommand};
 use anyhow::Context;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -35,6 +35,12 @@ pub struct ProxyArgs {
     pub outbound: Option<SocketAddr>,
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -73,6 +79,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollback { revision } => rollback(&api, revision).await,
         Command::Status => status(&api, format).await,
         Command::Proxies => proxies(&api, format).await,
+        Command::Intent(cmd) => intent(&api, cmd, format).await,
+        Command::Bypass { service, state, namespace } => {
+            let body = serde_json::json!({"enabled": state == OnOff::On, "namespace": namespace}).to_string();
+            api.post(&format!("/api/v1/bypass/{service}"), body, &[("content-type", "application/json")])
+                .await
+                .map(|v| {
+                    println!(
+                        "bypass {} for {}/{}",
+                        if v["bypass"] == true { "on" } else { "off" },
+                        namespace,
+                        service
+                    );
+                })
+        }
+        Command::Freeze { state } => {
+            let body = serde_json::json!({"enabled": state == OnOff::On}).to_string();
+            api.post("/api/v1/freeze", body, &[("content-type", "application/json")])
+                .await
+                .map(|v| {
+                    println!(
+                        "mesh {}",
+                        if v["frozen"] == true {
+                            "frozen: rollouts stopped, last-known-good pinned"
+                        } else {
+                            "unfrozen"
+                        }
+                    );
+                })
+        }
     };
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -155,12 +190,25 @@ async fn apply(api: &Api, file: &Path, format: output::Format) -> anyhow::Result
     let (text, _) = read_resources(file)?;
     let name = file.display().to_string();
     let applied = api.post("/api/v1/resources", text, &[("x-weft-source", &name)]).await?;
-    if !output::structured(format, &applied)? {
-        for c in applied["changes"].as_array().into_iter().flatten() {
-            let k = &c["key"];
-            println!("{}/{}/{} {}", cell(k, "kind"), cell(k, "namespace"), cell(k, "name"), cell(c, "op"));
-        }
-        println!("revision {}", applied["revision"]);
+    print_applied(&applied, format)
+}
+
+/// Prints the outcome of a plain change: promoted, or still queued behind another intent.
+fn print_applied(applied: &Value, format: output::Format) -> anyhow::Result<()> {
+    if output::structured(format, applied)? {
+        return Ok(());
+    }
+    for c in applied["changes"].as_array().into_iter().flatten() {
+        let k = &c["key"];
+        println!("{}/{}/{} {}", cell(k, "kind"), cell(k, "namespace"), cell(k, "name"), cell(c, "op"));
+    }
+    match applied["phase"].as_str() {
+        None | Some("promoted") => println!("revision {}", applied["revision"]),
+        Some(phase) => println!(
+            "{}: {phase} (see `weft intent show {}`)",
+            cell(applied, "intent"),
+            cell(applied, "intent")
+        ),
     }
     Ok(())
 }
@@ -348,5 +396,113 @@ async fn proxies(api: &Api, format: output::Format) -> anyhow::Result<()> {
         })
         .collect();
     table(&["PROXY", "SERVICE", "CLUSTER", "REVISION", "ADDRESS", "LAST-NACK"], &rows);
+    Ok(())
+}
+
+async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow::Result<()> {
+    match cmd {
+        IntentCommand::Submit { file } => {
+            let name = file.display().to_string();
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {name}"))?;
+            weft_api::resource::parse_objects(&text, &name)?;
+            let out = api.post("/api/v1/intents", text, &[("x-weft-source", &name)]).await?;
+            if !output::structured(format, &out)? {
+                println!(
+                    "{} queued: {} on {} ({} mode, stages {})",
+                    cell(&out, "id"),
+                    cell(&out, "title"),
+                    cell(&out, "target"),
+                    cell(&out, "mode"),
+                    out["stages"]
+                );
+            }
+        }
+        IntentCommand::List => {
+            let all = api.get("/api/v1/intents").await?;
+            if !output::structured(format, &all)? {
+                let rows: Vec<Vec<String>> = all
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| {
+                        vec![
+                            cell(i, "id"),
+                            cell(i, "target"),
+                            cell(i, "title"),
+                            cell(i, "scope"),
+                            cell(i, "mode"),
+                            cell(i, "phase"),
+                            format!("{}/{}", cell(i, "stage"), i["stages"].as_array().map(Vec::len).unwrap_or(0)),
+                            cell(i, "lastDecision"),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["ID", "TARGET", "TITLE", "SCOPE", "MODE", "PHASE", "STAGE", "LAST-DECISION"],
+                    &rows,
+                );
+            }
+        }
+        IntentCommand::Show { id } => {
+            let i = api.get(&format!("/api/v1/intents/{id}")).await?;
+            if !output::structured(format, &i)? {
+                println!(
+                    "{}  {}  target {}  scope {}  {} mode",
+                    cell(&i, "id"),
+                    cell(&i, "title"),
+                    cell(&i, "target"),
+                    cell(&i, "scope"),
+                    cell(&i, "mode")
+                );
+                println!(
+                    "phase {}  stage {} of {:?}  candidate revision {}  promoted revision {}",
+                    cell(&i, "phase"),
+                    i["stage"].as_u64().unwrap_or(0) + 1,
+                    i["stages"],
+                    cell(&i, "candidate"),
+                    cell(&i, "revision")
+                );
+                println!(
+                    "treated: {}",
+                    i["treated"]
+                        .as_array()
+                        .map(|t| t.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                        .unwrap_or_default()
+                );
+                println!("\ndecisions:");
+                for d in i["decisions"].as_array().into_iter().flatten() {
+                    println!(
+                        "  stage {} ({}%): {}: {}",
+                        cell(d, "stage"),
+                        cell(d, "share"),
+                        cell(d, "outcome"),
+                        cell(d, "reason")
+                    );
+                }
+                println!("\nledger:");
+                for e in i["ledger"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}  {}  {}  {}",
+                        cell(e, "timeMs"),
+                        cell(e, "actor"),
+                        cell(e, "event"),
+                        cell(e, "detail")
+                    );
+                }
+            }
+        }
+        IntentCommand::Approve { id } => {
+            let i = api.post(&format!("/api/v1/intents/{id}/approve"), String::new(), &[]).await?;
+            println!(
+                "{} approved: stage {} will start",
+                cell(&i, "id"),
+                i["stage"].as_u64().unwrap_or(0) + 1
+            );
+        }
+        IntentCommand::Abort { id } => {
+            let i = api.post(&format!("/api/v1/intents/{id}/abort"), String::new(), &[]).await?;
+            println!("{} {}", cell(&i, "id"), cell(&i, "phase"));
+        }
+    }
     Ok(())
 }

@@ -88,8 +88,37 @@ pub enum Command {
     Rollback { revision: u64 },
     /// Service cards: traffic, errors, policy revision, mTLS and proxies in sync.
     Status,
+    /// Intents: staged, SLO-gated changes.
+    #[command(subcommand)]
+    Intent(IntentCommand),
+    /// The per-service kill switch: forward without L7 policy.
+    Bypass {
+        service: String,
+        state: commands::OnOff,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+    /// Stop every rollout and pin last-known-good (`on`), or let rollouts run again (`off`).
+    Freeze { state: commands::OnOff },
     /// Connected proxies and the revision each applied.
     Proxies,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IntentCommand {
+    /// Queue an intent from a file.
+    Submit {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Every intent with its phase.
+    List,
+    /// One intent: stages, decisions with their numbers, the per-proxy ledger.
+    Show { id: String },
+    /// Start the next stage of a manual intent (the dashboard's "step").
+    Approve { id: String },
+    /// Roll an intent back (or cancel it while queued).
+    Abort { id: String },
 }
 
 fn main() -> ExitCode {

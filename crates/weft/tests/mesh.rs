@@ -606,12 +606,14 @@ async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
         revision: 5,
         proxy_id: "web".into(),
         services: vec![service(echo.addr.to_string())],
+        ..Default::default()
     };
     let bad = proto::ProxyConfig {
         version: 2,
         revision: 6,
         proxy_id: "web".into(),
         services: vec![service("not-an-address".into())],
+        ..Default::default()
     };
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let fake = scripted::Scripted {

@@ -88,6 +88,9 @@ pub struct TrafficStats {
     /// Counts per latency bucket; bounds are weft_api::telemetry::LATENCY_BOUNDS_MS plus +Inf.
     #[prost(uint64, repeated, tag = "5")]
     pub latency_buckets: ::prost::alloc::vec::Vec<u64>,
+    /// Config revision the proxy was running when these requests started.
+    #[prost(uint64, tag = "6")]
+    pub revision: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
@@ -114,6 +117,12 @@ pub struct ProxyConfig {
     pub proxy_id: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "4")]
     pub services: ::prost::alloc::vec::Vec<Service>,
+    /// Forward without L7 policy (the per-service kill switch, `weft bypass`).
+    #[prost(bool, tag = "5")]
+    pub bypass: bool,
+    /// The SecurityPolicy spec (weft/v1, JSON) for this proxy's own workload; empty when none.
+    #[prost(string, tag = "6")]
+    pub security_policy_json: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Service {

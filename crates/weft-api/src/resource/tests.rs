@@ -119,6 +119,20 @@ fn wrong_kind_and_wrong_types_are_rejected() {
 }
 
 #[test]
+fn the_shipped_intents_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/intents");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let objs = parse_objects(&text, &path.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(objs[..], [Object::Intent(_)]), "{}", path.display());
+        n += 1;
+    }
+    assert!(n >= 5, "the seed's four intents and the bad one ship: found {n}");
+}
+
+#[test]
 fn intents_validate_their_nested_resources() {
     let text = r#"
 apiVersion: weft/v1
