@@ -647,7 +647,6 @@ impl Mesh {
         intent.overlay = overlay;
         intent.candidate = Some(candidate);
         intent.started_ms = Some(now_ms());
-        intent.clock.started = Some(now);
         intent.stage = 0;
         intent.log("control-plane", "started", format!("candidate revision {candidate}"));
         if intent.mode == RolloutMode::Manual && !intent.approved {
@@ -682,6 +681,8 @@ impl Mesh {
         let intent = state.intents.get_mut(&seq).expect("open");
         intent.treat_all = share >= 100.0;
         intent.clock.stage_started = Some(now);
+        // The baseline is what the enforcing proxies did before the change first reached any.
+        intent.clock.started.get_or_insert(now);
         intent.log(
             "control-plane",
             "distribution",

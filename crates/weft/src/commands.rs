@@ -85,7 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api.post(&format!("/api/v1/bypass/{service}"), body, &[("content-type", "application/json")])
                 .await
                 .map(|v| {
-                    println!(
+                    say!(
                         "bypass {} for {}/{}",
                         if v["bypass"] == true { "on" } else { "off" },
                         namespace,
@@ -98,7 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api.post("/api/v1/freeze", body, &[("content-type", "application/json")])
                 .await
                 .map(|v| {
-                    println!(
+                    say!(
                         "mesh {}",
                         if v["frozen"] == true {
                             "frozen: rollouts stopped, last-known-good pinned"
@@ -200,11 +200,11 @@ fn print_applied(applied: &Value, format: output::Format) -> anyhow::Result<()> 
     }
     for c in applied["changes"].as_array().into_iter().flatten() {
         let k = &c["key"];
-        println!("{}/{}/{} {}", cell(k, "kind"), cell(k, "namespace"), cell(k, "name"), cell(c, "op"));
+        say!("{}/{}/{} {}", cell(k, "kind"), cell(k, "namespace"), cell(k, "name"), cell(c, "op"));
     }
     match applied["phase"].as_str() {
-        None | Some("promoted") => println!("revision {}", applied["revision"]),
-        Some(phase) => println!(
+        None | Some("promoted") => say!("revision {}", applied["revision"]),
+        Some(phase) => say!(
             "{}: {phase} (see `weft intent show {}`)",
             cell(applied, "intent"),
             cell(applied, "intent")
@@ -220,7 +220,7 @@ async fn delete(api: &Api, file: &Path) -> anyhow::Result<()> {
         let out = api
             .delete(&format!("/api/v1/resources/{}/{}/{}", k.kind, k.namespace, k.name))
             .await?;
-        println!("{k} deleted (revision {})", out["revision"]);
+        say!("{k} deleted (revision {})", out["revision"]);
     }
     Ok(())
 }
@@ -265,7 +265,7 @@ async fn get(api: &Api, kind: Option<String>, name: Option<String>, format: outp
         })
         .collect();
     table(&["KIND", "NAMESPACE", "NAME", "SERVICE"], &rows);
-    println!("revision {}", all["revision"]);
+    say!("revision {}", all["revision"]);
     Ok(())
 }
 
@@ -277,17 +277,17 @@ async fn diff(api: &Api, file: &Path) -> anyhow::Result<()> {
         let new = serde_json::to_string_pretty(&r)?;
         match current.iter().find(|c| c.key() == r.key()) {
             None => {
-                println!("+ {} (created)", r.key());
+                say!("+ {} (created)", r.key());
                 for l in new.lines() {
-                    println!("+ {l}");
+                    say!("+ {l}");
                 }
             }
-            Some(old) if *old == r => println!("= {} (unchanged)", r.key()),
+            Some(old) if *old == r => say!("= {} (unchanged)", r.key()),
             Some(old) => {
-                println!("~ {} (configured)", r.key());
+                say!("~ {} (configured)", r.key());
                 for (mark, line) in crate::diff::lines(&serde_json::to_string_pretty(old)?, &new) {
                     if mark != ' ' {
-                        println!("{mark} {line}");
+                        say!("{mark} {line}");
                     }
                 }
             }
@@ -322,7 +322,7 @@ async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
             &[("content-type", "application/json")],
         )
         .await?;
-    println!(
+    say!(
         "rolled back to the resources of revision {revision}: now revision {}",
         out["revision"]
     );
@@ -334,7 +334,7 @@ async fn status(api: &Api, format: output::Format) -> anyhow::Result<()> {
     if output::structured(format, &s)? {
         return Ok(());
     }
-    println!(
+    say!(
         "revision {}  loop {}  telemetry signals {}",
         s["revision"],
         cell(&s["loop"], "phase"),
@@ -407,7 +407,7 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
             weft_api::resource::parse_objects(&text, &name)?;
             let out = api.post("/api/v1/intents", text, &[("x-weft-source", &name)]).await?;
             if !output::structured(format, &out)? {
-                println!(
+                say!(
                     "{} queued: {} on {} ({} mode, stages {})",
                     cell(&out, "id"),
                     cell(&out, "title"),
@@ -446,7 +446,7 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
         IntentCommand::Show { id } => {
             let i = api.get(&format!("/api/v1/intents/{id}")).await?;
             if !output::structured(format, &i)? {
-                println!(
+                say!(
                     "{}  {}  target {}  scope {}  {} mode",
                     cell(&i, "id"),
                     cell(&i, "title"),
@@ -454,24 +454,24 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
                     cell(&i, "scope"),
                     cell(&i, "mode")
                 );
-                println!(
-                    "phase {}  stage {} of {:?}  candidate revision {}  promoted revision {}",
+                say!(
+                    "phase {}  stage {} of {}  candidate revision {}  promoted revision {}",
                     cell(&i, "phase"),
                     i["stage"].as_u64().unwrap_or(0) + 1,
                     i["stages"],
                     cell(&i, "candidate"),
                     cell(&i, "revision")
                 );
-                println!(
+                say!(
                     "treated: {}",
                     i["treated"]
                         .as_array()
                         .map(|t| t.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
                         .unwrap_or_default()
                 );
-                println!("\ndecisions:");
+                say!("\ndecisions:");
                 for d in i["decisions"].as_array().into_iter().flatten() {
-                    println!(
+                    say!(
                         "  stage {} ({}%): {}: {}",
                         cell(d, "stage"),
                         cell(d, "share"),
@@ -479,9 +479,9 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
                         cell(d, "reason")
                     );
                 }
-                println!("\nledger:");
+                say!("\nledger:");
                 for e in i["ledger"].as_array().into_iter().flatten() {
-                    println!(
+                    say!(
                         "  {}  {}  {}  {}",
                         cell(e, "timeMs"),
                         cell(e, "actor"),
@@ -493,7 +493,7 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
         }
         IntentCommand::Approve { id } => {
             let i = api.post(&format!("/api/v1/intents/{id}/approve"), String::new(), &[]).await?;
-            println!(
+            say!(
                 "{} approved: stage {} will start",
                 cell(&i, "id"),
                 i["stage"].as_u64().unwrap_or(0) + 1
@@ -501,7 +501,7 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
         }
         IntentCommand::Abort { id } => {
             let i = api.post(&format!("/api/v1/intents/{id}/abort"), String::new(), &[]).await?;
-            println!("{} {}", cell(&i, "id"), cell(&i, "phase"));
+            say!("{} {}", cell(&i, "id"), cell(&i, "phase"));
         }
     }
     Ok(())

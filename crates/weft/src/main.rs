@@ -3,11 +3,12 @@
 
 // This crate is the CLI: printing results to stdout is its job.
 #![allow(clippy::print_stdout)]
+#[macro_use]
+mod output;
 mod client;
 mod commands;
 mod demo_app;
 mod diff;
-mod output;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -1,5 +1,12 @@
 //! Printing results: aligned tables for people, JSON or YAML for scripts.
 
+/// `println!` for CLI output, quiet on a closed pipe.
+#[macro_export]
+macro_rules! say {
+    () => { $crate::output::write_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::output::write_line(format_args!($($arg)*)) };
+}
+
 use serde_json::Value;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -14,11 +21,11 @@ pub fn structured(format: Format, value: &Value) -> anyhow::Result<bool> {
     match format {
         Format::Table => Ok(false),
         Format::Json => {
-            println!("{}", serde_json::to_string_pretty(value)?);
+            say!("{}", serde_json::to_string_pretty(value)?);
             Ok(true)
         }
         Format::Yaml => {
-            print!("{}", serde_saphyr::to_string(value)?);
+            say!("{}", serde_saphyr::to_string(value)?.trim_end());
             Ok(true)
         }
     }
@@ -34,7 +41,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
     let line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        say!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
@@ -48,5 +55,17 @@ pub fn cell(v: &Value, key: &str) -> String {
         None | Some(Value::Null) => "-".into(),
         Some(Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
+    }
+}
+
+/// Writes one line to stdout. When the reader has gone away (`weft ... | head`), the CLI has
+/// nothing left to do: it exits quietly instead of panicking on the broken pipe.
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}")
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
     }
 }

@@ -92,6 +92,14 @@ const WORKLOADS: [Spec; 8] = [
 
 const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
 
+/// The seed's four intents, queued in manual mode when the demo starts.
+const SEED_INTENTS: [(&str, &str); 4] = [
+    ("examples/intents/MESH-201-canary.yaml", include_str!("../../../examples/intents/MESH-201-canary.yaml")),
+    ("examples/intents/MESH-202-retry-budget.yaml", include_str!("../../../examples/intents/MESH-202-retry-budget.yaml")),
+    ("examples/intents/MESH-203-timeout.yaml", include_str!("../../../examples/intents/MESH-203-timeout.yaml")),
+    ("examples/intents/MESH-204-mtls-strict.yaml", include_str!("../../../examples/intents/MESH-204-mtls-strict.yaml")),
+];
+
 struct Running {
     name: String,
     child: Child,
@@ -215,19 +223,29 @@ async fn start_all(
             .await
             .with_context(|| format!("the sidecar of {} did not become ready", row[0]))?;
     }
-    println!("weft demo mesh is up");
-    println!("  API:        {api_url}/api/v1/status");
-    println!("  dashboard:  {api_url}/");
-    println!("  control:    {control_url} (gRPC)");
-    println!("  logs:       {}", logs.display());
-    println!();
+    let api = crate::client::Api::new(&api_url);
+    for (name, text) in SEED_INTENTS {
+        match api.post("/api/v1/intents", text.to_string(), &[("x-weft-source", name)]).await {
+            Ok(_) => {}
+            // A kept --data-dir already holds them.
+            Err(e) if e.to_string().contains("already exists") => {}
+            Err(e) => return Err(e.context(format!("queueing the seed intent {name}"))),
+        }
+    }
+    say!("weft demo mesh is up");
+    say!("  API:        {api_url}/api/v1/status");
+    say!("  dashboard:  {api_url}/");
+    say!("  control:    {control_url} (gRPC)");
+    say!("  logs:       {}", logs.display());
+    say!();
     crate::output::table(&["WORKLOAD", "CLUSTER", "APP", "INBOUND", "OUTBOUND", "ADMIN"], &table);
-    println!();
-    println!("try:  weft --server {api_url} status      (Ctrl-C stops everything)");
+    say!();
+    say!("queued (manual mode): MESH-201..204, the seed's intents; `weft intent list`, `weft intent approve MESH-201`");
+    say!("try:  weft --server {api_url} status      (Ctrl-C stops everything)");
     if opts.traffic {
         let target = gateway_inbound.expect("mobile-gateway is in the demo");
         tokio::spawn(generate(target, opts.rps.max(1), shutdown.clone()));
-        println!(
+        say!(
             "traffic: {} rps into mobile-gateway with x-tenant, x-user and x-order headers",
             opts.rps
         );
