@@ -7,6 +7,7 @@
 
 pub mod apps;
 pub mod http;
+pub mod load;
 pub mod process;
 
 /// Generated code for `proto/echo.proto` (checked in; see tests/codegen.rs).

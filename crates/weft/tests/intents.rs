@@ -1,0 +1,347 @@
+//! End-to-end tests of the intent loop: real control plane and proxies, echo apps, steady load
+//! through every caller, and the loop judging changes on the mesh's own telemetry.
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use weft_test::apps::EchoServer;
+use weft_test::load::{Load, LoadStats};
+use weft_test::{Control, ProxyHandle, eventually, free_addr};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft");
+
+/// orders (v1, and v2 when asked) behind sidecars, `callers` caller proxies each with steady
+/// load, and telemetry already flowing (so intents have a baseline).
+struct Fixture {
+    control: Control,
+    _apps: Vec<EchoServer>,
+    _servers: Vec<ProxyHandle>,
+    callers: Vec<ProxyHandle>,
+    loads: Vec<Load>,
+}
+
+impl Fixture {
+    async fn start(callers: usize, with_v2: bool, headers: &[(&str, &str)], every: Duration) -> Self {
+        let control = Control::start(BIN).await;
+        let mut apps = vec![EchoServer::start("orders-v1").await];
+        if with_v2 {
+            apps.push(EchoServer::start("orders-v2").await);
+        }
+        let mut servers = Vec::new();
+        for (i, app) in apps.iter().enumerate() {
+            let version = format!("v{}", i + 1);
+            let workload = format!("default/orders-{version}");
+            servers.push(ProxyHandle::start(BIN, &control, &workload, "cluster-a", &[("service", "orders"), ("version", &version)], app.addr).await);
+        }
+        let mut proxies = Vec::new();
+        let mut loads = Vec::new();
+        for i in 0..callers {
+            let cluster = if i % 2 == 0 { "cluster-a" } else { "cluster-b" };
+            let p = ProxyHandle::start(BIN, &control, &format!("default/web-{i}"), cluster, &[], free_addr()).await;
+            loads.push(Load::start(p.outbound, "orders", headers, every));
+            proxies.push(p);
+        }
+        let f = Self { control, _apps: apps, _servers: servers, callers: proxies, loads };
+        eventually(Duration::from_secs(20), "orders traffic reported to the control plane", || async {
+            let s = f.control.get("/api/v1/status").await;
+            let orders = s["services"].as_array()?.iter().find(|v| v["name"] == "orders")?.clone();
+            (orders["rps"].as_f64()? > 0.0).then_some(())
+        })
+        .await;
+        f
+    }
+
+    async fn submit(&self, yaml: &str) -> String {
+        let (status, body) = self.control.post("/api/v1/intents", yaml).await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    async fn intent(&self, id: &str) -> Value {
+        self.control.get(&format!("/api/v1/intents/{id}")).await
+    }
+
+    async fn wait_phase(&self, id: &str, phase: &str, within: Duration) -> Value {
+        eventually(within, &format!("{id} reaches {phase}"), || async {
+            let i = self.intent(id).await;
+            (i["phase"] == phase).then_some(i)
+        })
+        .await
+    }
+
+    fn stats(&self) -> Vec<LoadStats> {
+        self.loads.iter().map(Load::stats).collect()
+    }
+
+    async fn stop(self) -> (Vec<LoadStats>, Vec<ProxyHandle>, Control) {
+        let mut out = Vec::new();
+        for l in self.loads {
+            out.push(l.stop().await);
+        }
+        (out, self.callers, self.control)
+    }
+}
+
+fn intent_yaml(id: &str, routes: &str, stages: &str, bake: &str, mode: &str, slo: &str) -> String {
+    format!(
+        "apiVersion: weft/v1\nkind: Intent\nmetadata: {{name: {id}}}\nspec:\n  title: test {id}\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {{name: orders}}\n        spec:\n          service: orders\n          routes:\n{routes}  rollout: {{stages: {stages}, bake: {bake}, mode: {mode}}}\n  slo: {slo}\n"
+    )
+}
+
+/// The workloads a stage was distributed to, from the intent's ledger.
+fn treated_at(intent: &Value, stage: usize) -> Vec<String> {
+    intent["ledger"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "distribution")
+        .filter_map(|e| e["detail"].as_str())
+        .find(|d| d.starts_with(&format!("stage {stage} ")))
+        .map(|d| d.rsplit(": ").next().unwrap().split(", ").map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_canary_promotes_through_every_stage_in_auto_mode() {
+    let f = Fixture::start(4, true, &[], Duration::from_millis(40)).await;
+    let yaml = intent_yaml(
+        "CANARY-1",
+        "            - backends: [{subset: v2, weight: 10}, {subset: v1, weight: 90}]\n",
+        "[25, 50, 100]",
+        "2s",
+        "auto",
+        "{minRequests: 20, maxP99Increase: 500}",
+    );
+    let id = f.submit(&yaml).await;
+    let done = f.wait_phase(&id, "promoted", Duration::from_secs(45)).await;
+    let decisions: Vec<(&str, u64)> = done["decisions"].as_array().unwrap().iter().map(|d| (d["outcome"].as_str().unwrap(), d["stage"].as_u64().unwrap())).collect();
+    assert_eq!(decisions, [("promoted", 1), ("promoted", 2), ("promoted", 3)], "{done}");
+    assert_eq!((treated_at(&done, 1).len(), treated_at(&done, 2).len(), treated_at(&done, 3).len()), (1, 2, 4), "{done}");
+    let stage1 = treated_at(&done, 1);
+    assert!(treated_at(&done, 2).contains(&stage1[0]), "a later stage keeps the earlier stage's proxies");
+    let revision = done["revision"].as_u64().unwrap();
+    eventually(Duration::from_secs(3), "every caller on the promoted revision with the split", || async {
+        for c in &f.callers {
+            let d = c.config_dump().await;
+            if d["config"]["revision"] != revision || d["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][0]["weight"] != 10 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert_eq!(f.control.get("/api/v1/status").await["revision"], revision);
+    let (stats, _, _) = f.stop().await;
+    let failed: u64 = stats.iter().map(|s| s.failed).sum();
+    assert_eq!(failed, 0, "a good change fails nothing: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail() {
+    // Every request takes 15 ms at orders; the change cuts the timeout to 5 ms.
+    let f = Fixture::start(10, false, &[("x-echo-delay-ms", "15")], Duration::from_millis(50)).await;
+    let before = f.stats();
+    let yaml = intent_yaml("BAD-1", "            - timeout: 5ms\n", "[10, 50, 100]", "10s", "auto", "{minRequests: 20}");
+    let submitted = Instant::now();
+    let id = f.submit(&yaml).await;
+    let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(30)).await;
+    let detection = submitted.elapsed();
+    let reason = done["decisions"][0]["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("rolled back at stage 1 (10%)") && reason.contains("error rate"), "{reason}");
+    let treated = treated_at(&done, 1);
+    assert_eq!(treated.len(), 1, "stage 1 is 10% of 10 callers: {done}");
+    // The treated caller returns to last-known-good: no policy for orders.
+    let treated_proxy = f.callers.iter().find(|c| c.workload == treated[0]).unwrap();
+    eventually(Duration::from_secs(5), "the treated caller back on stable", || async {
+        let d = treated_proxy.config_dump().await;
+        (d["config"]["revision"] == 0 && d["config"]["services"]["orders"]["policy"].is_null()).then_some(())
+    })
+    .await;
+    let after_rollback = f.stats();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stats, callers, _control) = f.stop().await;
+    let mut failed_elsewhere = Vec::new();
+    let (mut total, mut failed) = (0, 0);
+    for ((caller, s), b) in callers.iter().zip(&stats).zip(&before) {
+        let window = s.since(b);
+        total += window.total();
+        failed += window.failed;
+        if caller.workload == treated[0] {
+            assert!(window.failed > 0, "the treated caller saw the bad change: {window:?}");
+            assert!(window.reasons.keys().all(|r| r.starts_with("504 request-timeout")), "{window:?}");
+        } else if window.failed > 0 {
+            failed_elsewhere.push((caller.workload.clone(), window));
+        }
+    }
+    assert!(failed_elsewhere.is_empty(), "only the treated caller may fail: {failed_elsewhere:?}");
+    let after: u64 = stats.iter().zip(&after_rollback).map(|(s, a)| s.since(a).failed).sum();
+    assert_eq!(after, 0, "nothing fails once rolled back");
+    eprintln!(
+        "bad change: rolled back {:.1} s after submission; {failed} of {total} requests failed ({:.2}%) -- {reason}",
+        detection.as_secs_f64(),
+        100.0 * failed as f64 / total as f64
+    );
+}
+
+/// A caller that speaks the control stream itself and refuses every config carrying a
+/// TrafficPolicy (as a proxy of an older version might).
+async fn refusing_caller(grpc: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let mut client = DistributionClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let register = proto::Register {
+        namespace: "default".into(),
+        name: "legacy".into(),
+        cluster: "cluster-a".into(),
+        inbound_addr: free_addr().to_string(),
+        services: vec!["orders".into()],
+        ..Default::default()
+    };
+    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Register(register)) }).await.unwrap();
+    let mut inbound = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            let Some(control_message::Msg::Config(cfg)) = m.msg else { continue };
+            let msg = if cfg.services.iter().any(|s| !s.traffic_policy_json.is_empty()) {
+                proxy_message::Msg::Nack(proto::Nack { version: cfg.version, revision: cfg.revision, reason: "unsupported policy field: routes".into() })
+            } else {
+                proxy_message::Msg::Ack(proto::Ack { version: cfg.version, revision: cfg.revision })
+            };
+            if tx.send(proto::ProxyMessage { msg: Some(msg) }).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_change_never_leaves_last_known_good() {
+    let f = Fixture::start(1, false, &[], Duration::from_millis(50)).await;
+    let _legacy = refusing_caller(f.control.grpc).await;
+    eventually(Duration::from_secs(5), "the refusing caller registered", || async {
+        (f.control.get("/api/v1/proxies").await.as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    let id = f.submit(&intent_yaml("NACKED-1", "            - timeout: 2s\n", "[100]", "1s", "auto", "{minRequests: 1}")).await;
+    let done = f.wait_phase(&id, "failed", Duration::from_secs(20)).await;
+    let reason = done["decisions"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("default/legacy") && reason.contains("unsupported policy field"), "{reason}");
+    assert!(done["ledger"].as_array().unwrap().iter().any(|e| e["event"] == "nacked"), "the NACK is in the ledger: {done}");
+    eventually(Duration::from_secs(3), "every proxy back on revision 0 without the policy", || async {
+        let proxies = f.control.get("/api/v1/proxies").await;
+        let all_stable = proxies.as_array()?.iter().all(|p| p["appliedRevision"] == 0);
+        let d = f.callers[0].config_dump().await;
+        (all_stable && d["config"]["services"]["orders"]["policy"].is_null()).then_some(())
+    })
+    .await;
+    assert_eq!(f.control.get("/api/v1/status").await["revision"], 0, "nothing was promoted");
+    assert_eq!(f.control.get("/api/v1/revisions").await, serde_json::json!([]), "no revision was committed");
+    let (stats, _, _) = f.stop().await;
+    assert_eq!(stats[0].failed, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_mode_waits_for_approval_and_freeze_stops_a_rollout() {
+    let f = Fixture::start(2, true, &[], Duration::from_millis(50)).await;
+    let id = f.submit(&intent_yaml("MANUAL-1", "            - backends: [{subset: v1, weight: 100}]\n", "[50, 100]", "1s", "manual", "{minRequests: 5, maxP99Increase: 500}")).await;
+    // Nothing moves without approval.
+    for _ in 0..5 {
+        let i = f.intent(&id).await;
+        assert_eq!((i["phase"].as_str(), i["stage"].as_u64()), (Some("awaiting-approval"), Some(0)), "{i}");
+        assert!(i["treated"].as_array().unwrap().is_empty());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (status, _) = f.control.post(&format!("/api/v1/intents/{id}/approve"), "").await;
+    assert_eq!(status, 200);
+    let paused = eventually(Duration::from_secs(20), "stage 1 judged, waiting for stage 2", || async {
+        let i = f.intent(&id).await;
+        (i["phase"] == "awaiting-approval" && i["stage"] == 1).then_some(i)
+    })
+    .await;
+    assert_eq!(paused["decisions"][0]["outcome"], "promoted", "{paused}");
+    assert_eq!(paused["treated"].as_array().unwrap().len(), 1, "stage 1's proxy keeps the candidate while waiting");
+    f.control.post(&format!("/api/v1/intents/{id}/approve"), "").await;
+    f.wait_phase(&id, "promoted", Duration::from_secs(20)).await;
+
+    // Freeze rolls back a rollout in progress and holds every new change.
+    let long = f.submit(&intent_yaml("LONG-1", "            - timeout: 3s\n", "[50, 100]", "60s", "auto", "{minRequests: 5}")).await;
+    f.wait_phase(&long, "observation", Duration::from_secs(10)).await;
+    let (status, _) = f.control.post("/api/v1/freeze", r#"{"enabled": true}"#).await;
+    assert_eq!(status, 200);
+    let frozen = f.wait_phase(&long, "rolled-back", Duration::from_secs(3)).await;
+    assert!(frozen["decisions"][0]["reason"].as_str().unwrap().contains("mesh frozen"), "{frozen}");
+    let stable = f.control.get("/api/v1/status").await["revision"].clone();
+    let held = f.submit(&intent_yaml("HELD-1", "            - timeout: 4s\n", "[100]", "0s", "auto", "{minRequests: 1}")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(f.intent(&held).await["phase"], "queued", "nothing starts while frozen");
+    eventually(Duration::from_secs(3), "every proxy pinned to the stable revision", || async {
+        let proxies = f.control.get("/api/v1/proxies").await;
+        proxies.as_array()?.iter().all(|p| p["appliedRevision"] == stable).then_some(())
+    })
+    .await;
+    f.control.post("/api/v1/freeze", r#"{"enabled": false}"#).await;
+    f.wait_phase(&held, "promoted", Duration::from_secs(10)).await;
+    let (stats, _, _) = f.stop().await;
+    assert!(stats.iter().all(|s| s.failed == 0), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypass_on_and_off_under_steady_load_fails_nothing() {
+    let f = Fixture::start(2, false, &[], Duration::from_millis(20)).await;
+    let (status, applied) = f.control.post("/api/v1/resources", "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: orders}\nspec: {service: orders, routes: [{timeout: 2s}]}\n").await;
+    assert_eq!(status, 200, "{applied}");
+    let policy_of = |d: &Value| d["config"]["services"]["orders"]["policy"].clone();
+    for c in &f.callers {
+        eventually(Duration::from_secs(2), "policy applied", || async { (!policy_of(&c.config_dump().await).is_null()).then_some(()) }).await;
+    }
+    for on in [true, false] {
+        let start = Instant::now();
+        let (status, _) = f.control.post("/api/v1/bypass/orders", &format!(r#"{{"enabled": {on}}}"#)).await;
+        assert_eq!(status, 200);
+        for c in &f.callers {
+            eventually(Duration::from_secs(2), "bypass reached the caller", || async { (policy_of(&c.config_dump().await).is_null() == on).then_some(()) }).await;
+        }
+        let svc = f.control.get("/api/v1/status").await["services"].as_array().unwrap().iter().find(|s| s["name"] == "orders").unwrap().clone();
+        assert_eq!(svc["bypass"], on);
+        eprintln!("bypass {} took effect on every caller in {:.0} ms", if on { "on" } else { "off" }, start.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ledger = f.control.get("/api/v1/ledger").await;
+    let actions: Vec<&str> = ledger.as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["bypass on", "bypass off"]);
+    let (stats, _, _) = f.stop().await;
+    assert!(stats.iter().all(|s| s.failed == 0 && s.ok > 50), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_restarted_mid_rollout_rolls_back_to_one_revision() {
+    let f = Fixture::start(2, true, &[], Duration::from_millis(40)).await;
+    let id = f.submit(&intent_yaml("RESTART-1", "            - backends: [{subset: v2, weight: 100}]\n", "[50, 100]", "60s", "auto", "{minRequests: 5}")).await;
+    let running = f.wait_phase(&id, "observation", Duration::from_secs(10)).await;
+    let candidate = running["candidate"].as_u64().unwrap();
+    let treated = treated_at(&running, 1);
+    assert_eq!(treated.len(), 1);
+    let treated_proxy = f.callers.iter().find(|c| c.workload == treated[0]).unwrap();
+    assert_eq!(treated_proxy.config_dump().await["config"]["revision"], candidate);
+    let Fixture { mut control, _apps, _servers, callers, loads } = f;
+    control.restart().await;
+    let after = control.get(&format!("/api/v1/intents/{id}")).await;
+    assert_eq!(after["phase"], "rolled-back");
+    assert!(after["decisions"][0]["reason"].as_str().unwrap().contains("restarted mid-rollout"), "{after}");
+    eventually(Duration::from_secs(12), "every proxy reconnected on the stable revision", || async {
+        let proxies = control.get("/api/v1/proxies").await;
+        let all = proxies.as_array()?;
+        (all.len() == 4 && all.iter().all(|p| p["appliedRevision"] == 0)).then_some(())
+    })
+    .await;
+    for c in &callers {
+        let d = c.config_dump().await;
+        assert_eq!(d["config"]["revision"], 0, "no proxy keeps the candidate");
+        assert!(d["config"]["services"]["orders"]["policy"].is_null());
+    }
+    let mut failed = 0;
+    for l in loads {
+        failed += l.stop().await.failed;
+    }
+    assert_eq!(failed, 0, "the restart and the rollback failed no request");
+}
