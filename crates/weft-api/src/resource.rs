@@ -318,7 +318,8 @@ pub struct Change {
 pub struct Rollout {
     #[serde(default = "default_stages")]
     pub stages: Vec<f64>,
-    #[serde(default)]
+    /// How long each stage is observed before it is judged (default 30s).
+    #[serde(default = "default_bake")]
     pub bake: Duration,
     #[serde(default)]
     pub mode: RolloutMode,
@@ -350,6 +351,9 @@ fn default_namespace() -> String {
 }
 fn default_stages() -> Vec<f64> {
     vec![10.0, 50.0, 100.0]
+}
+fn default_bake() -> Duration {
+    Duration::from_millis(30_000)
 }
 fn default_max_error_rate() -> f64 {
     1.0
@@ -945,7 +949,7 @@ impl Default for Rollout {
     fn default() -> Self {
         Self {
             stages: default_stages(),
-            bake: Duration::default(),
+            bake: default_bake(),
             mode: RolloutMode::Auto,
         }
     }

@@ -38,7 +38,11 @@ impl LoadStats {
             *reasons.entry(k.clone()).or_default() -= v;
         }
         reasons.retain(|_, v| *v > 0);
-        LoadStats { ok: self.ok - earlier.ok, failed: self.failed - earlier.failed, reasons }
+        LoadStats {
+            ok: self.ok - earlier.ok,
+            failed: self.failed - earlier.failed,
+            reasons,
+        }
     }
 }
 
@@ -65,7 +69,10 @@ impl Load {
                     Ok(r) if r.status == 200 => stats.ok += 1,
                     Ok(r) => {
                         stats.failed += 1;
-                        *stats.reasons.entry(format!("{} {}", r.status, r.header("x-weft-error").unwrap_or_default())).or_default() += 1;
+                        *stats
+                            .reasons
+                            .entry(format!("{} {}", r.status, r.header("x-weft-error").unwrap_or_default()))
+                            .or_default() += 1;
                     }
                     Err(e) => {
                         stats.failed += 1;

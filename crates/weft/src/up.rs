@@ -94,10 +94,22 @@ const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
 
 /// The seed's four intents, queued in manual mode when the demo starts.
 const SEED_INTENTS: [(&str, &str); 4] = [
-    ("examples/intents/MESH-201-canary.yaml", include_str!("../../../examples/intents/MESH-201-canary.yaml")),
-    ("examples/intents/MESH-202-retry-budget.yaml", include_str!("../../../examples/intents/MESH-202-retry-budget.yaml")),
-    ("examples/intents/MESH-203-timeout.yaml", include_str!("../../../examples/intents/MESH-203-timeout.yaml")),
-    ("examples/intents/MESH-204-mtls-strict.yaml", include_str!("../../../examples/intents/MESH-204-mtls-strict.yaml")),
+    (
+        "examples/intents/MESH-201-canary.yaml",
+        include_str!("../../../examples/intents/MESH-201-canary.yaml"),
+    ),
+    (
+        "examples/intents/MESH-202-retry-budget.yaml",
+        include_str!("../../../examples/intents/MESH-202-retry-budget.yaml"),
+    ),
+    (
+        "examples/intents/MESH-203-timeout.yaml",
+        include_str!("../../../examples/intents/MESH-203-timeout.yaml"),
+    ),
+    (
+        "examples/intents/MESH-204-mtls-strict.yaml",
+        include_str!("../../../examples/intents/MESH-204-mtls-strict.yaml"),
+    ),
 ];
 
 struct Running {

@@ -30,7 +30,17 @@ impl Fixture {
         for (i, app) in apps.iter().enumerate() {
             let version = format!("v{}", i + 1);
             let workload = format!("default/orders-{version}");
-            servers.push(ProxyHandle::start(BIN, &control, &workload, "cluster-a", &[("service", "orders"), ("version", &version)], app.addr).await);
+            servers.push(
+                ProxyHandle::start(
+                    BIN,
+                    &control,
+                    &workload,
+                    "cluster-a",
+                    &[("service", "orders"), ("version", &version)],
+                    app.addr,
+                )
+                .await,
+            );
         }
         let mut proxies = Vec::new();
         let mut loads = Vec::new();
@@ -40,7 +50,13 @@ impl Fixture {
             loads.push(Load::start(p.outbound, "orders", headers, every));
             proxies.push(p);
         }
-        let f = Self { control, _apps: apps, _servers: servers, callers: proxies, loads };
+        let f = Self {
+            control,
+            _apps: apps,
+            _servers: servers,
+            callers: proxies,
+            loads,
+        };
         eventually(Duration::from_secs(20), "orders traffic reported to the control plane", || async {
             let s = f.control.get("/api/v1/status").await;
             let orders = s["services"].as_array()?.iter().find(|v| v["name"] == "orders")?.clone();
@@ -113,21 +129,39 @@ async fn good_canary_promotes_through_every_stage_in_auto_mode() {
     );
     let id = f.submit(&yaml).await;
     let done = f.wait_phase(&id, "promoted", Duration::from_secs(45)).await;
-    let decisions: Vec<(&str, u64)> = done["decisions"].as_array().unwrap().iter().map(|d| (d["outcome"].as_str().unwrap(), d["stage"].as_u64().unwrap())).collect();
+    let decisions: Vec<(&str, u64)> = done["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["outcome"].as_str().unwrap(), d["stage"].as_u64().unwrap()))
+        .collect();
     assert_eq!(decisions, [("promoted", 1), ("promoted", 2), ("promoted", 3)], "{done}");
-    assert_eq!((treated_at(&done, 1).len(), treated_at(&done, 2).len(), treated_at(&done, 3).len()), (1, 2, 4), "{done}");
+    assert_eq!(
+        (treated_at(&done, 1).len(), treated_at(&done, 2).len(), treated_at(&done, 3).len()),
+        (1, 2, 4),
+        "{done}"
+    );
     let stage1 = treated_at(&done, 1);
-    assert!(treated_at(&done, 2).contains(&stage1[0]), "a later stage keeps the earlier stage's proxies");
+    assert!(
+        treated_at(&done, 2).contains(&stage1[0]),
+        "a later stage keeps the earlier stage's proxies"
+    );
     let revision = done["revision"].as_u64().unwrap();
-    eventually(Duration::from_secs(3), "every caller on the promoted revision with the split", || async {
-        for c in &f.callers {
-            let d = c.config_dump().await;
-            if d["config"]["revision"] != revision || d["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][0]["weight"] != 10 {
-                return None;
+    eventually(
+        Duration::from_secs(3),
+        "every caller on the promoted revision with the split",
+        || async {
+            for c in &f.callers {
+                let d = c.config_dump().await;
+                if d["config"]["revision"] != revision
+                    || d["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][0]["weight"] != 10
+                {
+                    return None;
+                }
             }
-        }
-        Some(())
-    })
+            Some(())
+        },
+    )
     .await;
     assert_eq!(f.control.get("/api/v1/status").await["revision"], revision);
     let (stats, _, _) = f.stop().await;
@@ -140,13 +174,24 @@ async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail()
     // Every request takes 15 ms at orders; the change cuts the timeout to 5 ms.
     let f = Fixture::start(10, false, &[("x-echo-delay-ms", "15")], Duration::from_millis(50)).await;
     let before = f.stats();
-    let yaml = intent_yaml("BAD-1", "            - timeout: 5ms\n", "[10, 50, 100]", "10s", "auto", "{minRequests: 20}");
+    // The default bake (30s): the loop rolls back as soon as the evidence is bad, not at its end.
+    let yaml = intent_yaml(
+        "BAD-1",
+        "            - timeout: 5ms\n",
+        "[10, 50, 100]",
+        "30s",
+        "auto",
+        "{minRequests: 20}",
+    );
     let submitted = Instant::now();
     let id = f.submit(&yaml).await;
     let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(30)).await;
     let detection = submitted.elapsed();
     let reason = done["decisions"][0]["reason"].as_str().unwrap().to_string();
-    assert!(reason.contains("rolled back at stage 1 (10%)") && reason.contains("error rate"), "{reason}");
+    assert!(
+        reason.contains("rolled back at stage 1 (10%)") && reason.contains("error rate"),
+        "{reason}"
+    );
     let treated = treated_at(&done, 1);
     assert_eq!(treated.len(), 1, "stage 1 is 10% of 10 callers: {done}");
     // The treated caller returns to last-known-good: no policy for orders.
@@ -172,7 +217,10 @@ async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail()
             failed_elsewhere.push((caller.workload.clone(), window));
         }
     }
-    assert!(failed_elsewhere.is_empty(), "only the treated caller may fail: {failed_elsewhere:?}");
+    assert!(
+        failed_elsewhere.is_empty(),
+        "only the treated caller may fail: {failed_elsewhere:?}"
+    );
     let after: u64 = stats.iter().zip(&after_rollback).map(|(s, a)| s.since(a).failed).sum();
     assert_eq!(after, 0, "nothing fails once rolled back");
     eprintln!(
@@ -186,7 +234,11 @@ async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail()
 /// TrafficPolicy (as a proxy of an older version might).
 async fn refusing_caller(grpc: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
     use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut client = DistributionClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let register = proto::Register {
@@ -197,15 +249,30 @@ async fn refusing_caller(grpc: std::net::SocketAddr) -> tokio::task::JoinHandle<
         services: vec!["orders".into()],
         ..Default::default()
     };
-    tx.send(proto::ProxyMessage { msg: Some(proxy_message::Msg::Register(register)) }).await.unwrap();
-    let mut inbound = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(proto::ProxyMessage {
+        msg: Some(proxy_message::Msg::Register(register)),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     tokio::spawn(async move {
         while let Ok(Some(m)) = inbound.message().await {
             let Some(control_message::Msg::Config(cfg)) = m.msg else { continue };
             let msg = if cfg.services.iter().any(|s| !s.traffic_policy_json.is_empty()) {
-                proxy_message::Msg::Nack(proto::Nack { version: cfg.version, revision: cfg.revision, reason: "unsupported policy field: routes".into() })
+                proxy_message::Msg::Nack(proto::Nack {
+                    version: cfg.version,
+                    revision: cfg.revision,
+                    reason: "unsupported policy field: routes".into(),
+                })
             } else {
-                proxy_message::Msg::Ack(proto::Ack { version: cfg.version, revision: cfg.revision })
+                proxy_message::Msg::Ack(proto::Ack {
+                    version: cfg.version,
+                    revision: cfg.revision,
+                })
             };
             if tx.send(proto::ProxyMessage { msg: Some(msg) }).await.is_err() {
                 return;
@@ -222,20 +289,43 @@ async fn a_nacked_change_never_leaves_last_known_good() {
         (f.control.get("/api/v1/proxies").await.as_array()?.len() == 3).then_some(())
     })
     .await;
-    let id = f.submit(&intent_yaml("NACKED-1", "            - timeout: 2s\n", "[100]", "1s", "auto", "{minRequests: 1}")).await;
+    let id = f
+        .submit(&intent_yaml(
+            "NACKED-1",
+            "            - timeout: 2s\n",
+            "[100]",
+            "1s",
+            "auto",
+            "{minRequests: 1}",
+        ))
+        .await;
     let done = f.wait_phase(&id, "failed", Duration::from_secs(20)).await;
     let reason = done["decisions"][0]["reason"].as_str().unwrap();
-    assert!(reason.contains("default/legacy") && reason.contains("unsupported policy field"), "{reason}");
-    assert!(done["ledger"].as_array().unwrap().iter().any(|e| e["event"] == "nacked"), "the NACK is in the ledger: {done}");
-    eventually(Duration::from_secs(3), "every proxy back on revision 0 without the policy", || async {
-        let proxies = f.control.get("/api/v1/proxies").await;
-        let all_stable = proxies.as_array()?.iter().all(|p| p["appliedRevision"] == 0);
-        let d = f.callers[0].config_dump().await;
-        (all_stable && d["config"]["services"]["orders"]["policy"].is_null()).then_some(())
-    })
+    assert!(
+        reason.contains("default/legacy") && reason.contains("unsupported policy field"),
+        "{reason}"
+    );
+    assert!(
+        done["ledger"].as_array().unwrap().iter().any(|e| e["event"] == "nacked"),
+        "the NACK is in the ledger: {done}"
+    );
+    eventually(
+        Duration::from_secs(3),
+        "every proxy back on revision 0 without the policy",
+        || async {
+            let proxies = f.control.get("/api/v1/proxies").await;
+            let all_stable = proxies.as_array()?.iter().all(|p| p["appliedRevision"] == 0);
+            let d = f.callers[0].config_dump().await;
+            (all_stable && d["config"]["services"]["orders"]["policy"].is_null()).then_some(())
+        },
+    )
     .await;
     assert_eq!(f.control.get("/api/v1/status").await["revision"], 0, "nothing was promoted");
-    assert_eq!(f.control.get("/api/v1/revisions").await, serde_json::json!([]), "no revision was committed");
+    assert_eq!(
+        f.control.get("/api/v1/revisions").await,
+        serde_json::json!([]),
+        "no revision was committed"
+    );
     let (stats, _, _) = f.stop().await;
     assert_eq!(stats[0].failed, 0, "{stats:?}");
 }
@@ -243,11 +333,24 @@ async fn a_nacked_change_never_leaves_last_known_good() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_mode_waits_for_approval_and_freeze_stops_a_rollout() {
     let f = Fixture::start(2, true, &[], Duration::from_millis(50)).await;
-    let id = f.submit(&intent_yaml("MANUAL-1", "            - backends: [{subset: v1, weight: 100}]\n", "[50, 100]", "1s", "manual", "{minRequests: 5, maxP99Increase: 500}")).await;
+    let id = f
+        .submit(&intent_yaml(
+            "MANUAL-1",
+            "            - backends: [{subset: v1, weight: 100}]\n",
+            "[50, 100]",
+            "1s",
+            "manual",
+            "{minRequests: 5, maxP99Increase: 500}",
+        ))
+        .await;
     // Nothing moves without approval.
     for _ in 0..5 {
         let i = f.intent(&id).await;
-        assert_eq!((i["phase"].as_str(), i["stage"].as_u64()), (Some("awaiting-approval"), Some(0)), "{i}");
+        assert_eq!(
+            (i["phase"].as_str(), i["stage"].as_u64()),
+            (Some("awaiting-approval"), Some(0)),
+            "{i}"
+        );
         assert!(i["treated"].as_array().unwrap().is_empty());
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -259,19 +362,44 @@ async fn manual_mode_waits_for_approval_and_freeze_stops_a_rollout() {
     })
     .await;
     assert_eq!(paused["decisions"][0]["outcome"], "promoted", "{paused}");
-    assert_eq!(paused["treated"].as_array().unwrap().len(), 1, "stage 1's proxy keeps the candidate while waiting");
+    assert_eq!(
+        paused["treated"].as_array().unwrap().len(),
+        1,
+        "stage 1's proxy keeps the candidate while waiting"
+    );
     f.control.post(&format!("/api/v1/intents/{id}/approve"), "").await;
     f.wait_phase(&id, "promoted", Duration::from_secs(20)).await;
 
     // Freeze rolls back a rollout in progress and holds every new change.
-    let long = f.submit(&intent_yaml("LONG-1", "            - timeout: 3s\n", "[50, 100]", "60s", "auto", "{minRequests: 5}")).await;
+    let long = f
+        .submit(&intent_yaml(
+            "LONG-1",
+            "            - timeout: 3s\n",
+            "[50, 100]",
+            "60s",
+            "auto",
+            "{minRequests: 5}",
+        ))
+        .await;
     f.wait_phase(&long, "observation", Duration::from_secs(10)).await;
     let (status, _) = f.control.post("/api/v1/freeze", r#"{"enabled": true}"#).await;
     assert_eq!(status, 200);
     let frozen = f.wait_phase(&long, "rolled-back", Duration::from_secs(3)).await;
-    assert!(frozen["decisions"][0]["reason"].as_str().unwrap().contains("mesh frozen"), "{frozen}");
+    assert!(
+        frozen["decisions"][0]["reason"].as_str().unwrap().contains("mesh frozen"),
+        "{frozen}"
+    );
     let stable = f.control.get("/api/v1/status").await["revision"].clone();
-    let held = f.submit(&intent_yaml("HELD-1", "            - timeout: 4s\n", "[100]", "0s", "auto", "{minRequests: 1}")).await;
+    let held = f
+        .submit(&intent_yaml(
+            "HELD-1",
+            "            - timeout: 4s\n",
+            "[100]",
+            "0s",
+            "auto",
+            "{minRequests: 1}",
+        ))
+        .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(f.intent(&held).await["phase"], "queued", "nothing starts while frozen");
     eventually(Duration::from_secs(3), "every proxy pinned to the stable revision", || async {
@@ -285,25 +413,165 @@ async fn manual_mode_waits_for_approval_and_freeze_stops_a_rollout() {
     assert!(stats.iter().all(|s| s.failed == 0), "{stats:?}");
 }
 
+/// Reads server-sent events from `/api/v1/events` into a channel, one `data:` payload each.
+async fn events(control: &Control) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(control.api).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/api/v1/events")
+        .header("host", "weft")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut body = send.send_request(req).await.unwrap().into_body();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else { continue };
+            buf.push_str(&String::from_utf8_lossy(&data));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                for line in event.lines().filter_map(|l| l.strip_prefix("data:")) {
+                    if let Ok(v) = serde_json::from_str(line.trim()) {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intents_are_validated_at_submit_and_disjoint_ones_run_together() {
+    let f = Fixture::start(1, true, &[], Duration::from_millis(50)).await;
+    let bad = intent_yaml(
+        "BAD-SUBSET",
+        "            - backends: [{subset: v9, weight: 100}]\n",
+        "[50, 100]",
+        "1s",
+        "auto",
+        "{minRequests: 1}",
+    );
+    let (status, err) = f.control.post("/api/v1/intents", &bad).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["field"], "spec.change.apply[0].spec.routes[0].backends[0].subset");
+    let (status, err) = f
+        .control
+        .post("/api/v1/intents", &bad.replace("stages: [50, 100]", "stages: [50, 10]"))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        err["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["field"] == "spec.rollout.stages"),
+        "{err}"
+    );
+    assert!(
+        f.control.get("/api/v1/intents").await.as_array().unwrap().is_empty(),
+        "nothing was queued"
+    );
+
+    // Two intents on different services run at the same time; a third on the same service waits.
+    let mut events = events(&f.control).await;
+    let a = f
+        .submit(&intent_yaml(
+            "ORDERS-1",
+            "            - timeout: 3s\n",
+            "[100]",
+            "30s",
+            "auto",
+            "{minRequests: 5}",
+        ))
+        .await;
+    let other = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: OTHER-1}\nspec:\n  title: other service\n  target: billing\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: billing}\n        spec: {service: billing, routes: [{timeout: 1s}]}\n  rollout: {stages: [100], bake: 30s}\n";
+    let b = f.submit(other).await;
+    let c = f
+        .submit(&intent_yaml(
+            "ORDERS-2",
+            "            - timeout: 4s\n",
+            "[100]",
+            "1s",
+            "auto",
+            "{minRequests: 5}",
+        ))
+        .await;
+    f.wait_phase(&a, "observation", Duration::from_secs(10)).await;
+    f.wait_phase(&b, "promoted", Duration::from_secs(10)).await;
+    assert_eq!(
+        f.intent(&c).await["phase"],
+        "queued",
+        "the second orders intent waits for the first"
+    );
+    let mut seen: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        while let Ok(e) = events.try_recv() {
+            seen.push(e);
+        }
+        let ids: std::collections::BTreeSet<&str> = seen.iter().filter_map(|e| e["id"].as_str()).collect();
+        if ids.contains(a.as_str()) && ids.contains(b.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events for both intents; got {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen.iter().any(|e| e["type"] == "intent" && e["phase"] == "observation"),
+        "{seen:?}"
+    );
+    f.control.post(&format!("/api/v1/intents/{a}/abort"), "").await;
+    f.wait_phase(&c, "promoted", Duration::from_secs(15)).await;
+    let (stats, _, _) = f.stop().await;
+    assert_eq!(stats[0].failed, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bypass_on_and_off_under_steady_load_fails_nothing() {
     let f = Fixture::start(2, false, &[], Duration::from_millis(20)).await;
-    let (status, applied) = f.control.post("/api/v1/resources", "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: orders}\nspec: {service: orders, routes: [{timeout: 2s}]}\n").await;
+    let (status, applied) = f
+        .control
+        .post(
+            "/api/v1/resources",
+            "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: orders}\nspec: {service: orders, routes: [{timeout: 2s}]}\n",
+        )
+        .await;
     assert_eq!(status, 200, "{applied}");
     let policy_of = |d: &Value| d["config"]["services"]["orders"]["policy"].clone();
     for c in &f.callers {
-        eventually(Duration::from_secs(2), "policy applied", || async { (!policy_of(&c.config_dump().await).is_null()).then_some(()) }).await;
+        eventually(Duration::from_secs(2), "policy applied", || async {
+            (!policy_of(&c.config_dump().await).is_null()).then_some(())
+        })
+        .await;
     }
     for on in [true, false] {
         let start = Instant::now();
         let (status, _) = f.control.post("/api/v1/bypass/orders", &format!(r#"{{"enabled": {on}}}"#)).await;
         assert_eq!(status, 200);
         for c in &f.callers {
-            eventually(Duration::from_secs(2), "bypass reached the caller", || async { (policy_of(&c.config_dump().await).is_null() == on).then_some(()) }).await;
+            eventually(Duration::from_secs(2), "bypass reached the caller", || async {
+                (policy_of(&c.config_dump().await).is_null() == on).then_some(())
+            })
+            .await;
         }
-        let svc = f.control.get("/api/v1/status").await["services"].as_array().unwrap().iter().find(|s| s["name"] == "orders").unwrap().clone();
+        let svc = f.control.get("/api/v1/status").await["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "orders")
+            .unwrap()
+            .clone();
         assert_eq!(svc["bypass"], on);
-        eprintln!("bypass {} took effect on every caller in {:.0} ms", if on { "on" } else { "off" }, start.elapsed().as_secs_f64() * 1000.0);
+        eprintln!(
+            "bypass {} took effect on every caller in {:.0} ms",
+            if on { "on" } else { "off" },
+            start.elapsed().as_secs_f64() * 1000.0
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let ledger = f.control.get("/api/v1/ledger").await;
@@ -316,23 +584,45 @@ async fn bypass_on_and_off_under_steady_load_fails_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_restarted_mid_rollout_rolls_back_to_one_revision() {
     let f = Fixture::start(2, true, &[], Duration::from_millis(40)).await;
-    let id = f.submit(&intent_yaml("RESTART-1", "            - backends: [{subset: v2, weight: 100}]\n", "[50, 100]", "60s", "auto", "{minRequests: 5}")).await;
+    let id = f
+        .submit(&intent_yaml(
+            "RESTART-1",
+            "            - backends: [{subset: v2, weight: 100}]\n",
+            "[50, 100]",
+            "60s",
+            "auto",
+            "{minRequests: 5}",
+        ))
+        .await;
     let running = f.wait_phase(&id, "observation", Duration::from_secs(10)).await;
     let candidate = running["candidate"].as_u64().unwrap();
     let treated = treated_at(&running, 1);
     assert_eq!(treated.len(), 1);
     let treated_proxy = f.callers.iter().find(|c| c.workload == treated[0]).unwrap();
     assert_eq!(treated_proxy.config_dump().await["config"]["revision"], candidate);
-    let Fixture { mut control, _apps, _servers, callers, loads } = f;
+    let Fixture {
+        mut control,
+        _apps,
+        _servers,
+        callers,
+        loads,
+    } = f;
     control.restart().await;
     let after = control.get(&format!("/api/v1/intents/{id}")).await;
     assert_eq!(after["phase"], "rolled-back");
-    assert!(after["decisions"][0]["reason"].as_str().unwrap().contains("restarted mid-rollout"), "{after}");
-    eventually(Duration::from_secs(12), "every proxy reconnected on the stable revision", || async {
-        let proxies = control.get("/api/v1/proxies").await;
-        let all = proxies.as_array()?;
-        (all.len() == 4 && all.iter().all(|p| p["appliedRevision"] == 0)).then_some(())
-    })
+    assert!(
+        after["decisions"][0]["reason"].as_str().unwrap().contains("restarted mid-rollout"),
+        "{after}"
+    );
+    eventually(
+        Duration::from_secs(12),
+        "every proxy reconnected on the stable revision",
+        || async {
+            let proxies = control.get("/api/v1/proxies").await;
+            let all = proxies.as_array()?;
+            (all.len() == 4 && all.iter().all(|p| p["appliedRevision"] == 0)).then_some(())
+        },
+    )
     .await;
     for c in &callers {
         let d = c.config_dump().await;
