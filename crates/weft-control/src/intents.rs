@@ -54,6 +54,9 @@ pub struct IntentRecord {
     /// Revision committed when the intent was promoted.
     pub revision: Option<u64>,
     pub overlay: Vec<OverlayEntry>,
+    /// Names of the routes a scoped change added; its treated evidence is those routes alone.
+    #[serde(default)]
+    pub routes: Vec<String>,
     /// Workloads (`ns/name`) the current stage treats.
     pub treated: Vec<String>,
     /// The last stage (100%): every enforcing proxy, including ones that join later.
@@ -424,6 +427,7 @@ impl Mesh {
             candidate: None,
             revision: None,
             overlay: Vec::new(),
+            routes: Vec::new(),
             treated: Vec::new(),
             treat_all: false,
             approved: false,
@@ -642,9 +646,10 @@ impl Mesh {
                 return;
             }
         };
-        let overlay = overlay_of(state, &state.intents[&seq]);
+        let (overlay, routes) = overlay_of(state, &state.intents[&seq]);
         let intent = state.intents.get_mut(&seq).expect("open");
         intent.overlay = overlay;
+        intent.routes = routes;
         intent.candidate = Some(candidate);
         intent.started_ms = Some(now_ms());
         intent.stage = 0;
@@ -871,13 +876,22 @@ impl Mesh {
 
 /// The intent's resources, narrowed by its scope. A scoped TrafficPolicy keeps the service's
 /// stable routes after its own, so only requests in scope see the change.
-fn overlay_of(state: &State, intent: &IntentRecord) -> Vec<OverlayEntry> {
+fn overlay_of(state: &State, intent: &IntentRecord) -> (Vec<OverlayEntry>, Vec<String>) {
     let mut out = Vec::new();
+    let mut routes = Vec::new();
     for r in &intent.apply {
         let mut r = r.clone();
         let mut key = r.key();
         if let Some(scope) = &intent.scope {
             rollout::narrow(&mut r, scope);
+            if let Resource::TrafficPolicy(d) = &mut r {
+                for (i, route) in d.spec.routes.iter_mut().enumerate() {
+                    if route.name.is_empty() {
+                        route.name = format!("{}-{}", intent.id.to_ascii_lowercase(), i + 1);
+                    }
+                    routes.push(route.name.clone());
+                }
+            }
             if let Resource::TrafficPolicy(d) = &mut r
                 && let Some((stable_key, Resource::TrafficPolicy(old))) = state.resources.iter().find(|(_, o)| {
                     o.kind() == "TrafficPolicy" && o.service() == d.spec.service && o.metadata().namespace == d.metadata.namespace
@@ -902,7 +916,7 @@ fn overlay_of(state: &State, intent: &IntentRecord) -> Vec<OverlayEntry> {
             resource: None,
         });
     }
-    out
+    (out, routes)
 }
 
 // === impl State: views for the loop ===
@@ -932,7 +946,8 @@ impl State {
     }
 
     /// Evidence for the intent's current stage: treated proxies since observation began (on the
-    /// candidate), the same proxies before the intent, and untreated enforcing proxies since.
+    /// candidate, and for a scoped change only on its own routes), the same proxies before the
+    /// intent, and untreated enforcing proxies since.
     fn evidence(&self, intent: &IntentRecord) -> (Evidence, Evidence, Evidence) {
         let (direction, services): (i32, BTreeSet<String>) = if intent.is_security() {
             (Direction::Inbound as i32, [String::new()].into())
@@ -960,7 +975,8 @@ impl State {
             for s in samples {
                 let after_observe = observing.is_some_and(|o| s.at >= o);
                 if *is_treated {
-                    if after_observe && s.revision >= candidate {
+                    let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
+                    if after_observe && s.revision >= candidate && in_scope {
                         treated.add(s.requests, s.errors, &s.buckets);
                     }
                     if let Some(st) = started

@@ -80,9 +80,12 @@ pub struct ProxyRecord {
     pub(crate) refused: BTreeMap<u64, String>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Sample {
     pub(crate) at: Instant,
     pub(crate) revision: u64,
+    /// Outbound: the route the requests took.
+    pub(crate) route: String,
     pub(crate) requests: u64,
     pub(crate) errors: u64,
     pub(crate) buckets: [u64; BUCKETS],
@@ -446,6 +449,7 @@ impl Mesh {
             let sample = Sample {
                 at: now,
                 revision: s.revision,
+                route: s.route,
                 requests: s.requests,
                 errors: s.errors,
                 buckets,
@@ -453,7 +457,7 @@ impl Mesh {
             if s.direction == proto::Direction::Inbound as i32 {
                 push_window(
                     state.traffic.entry(service_key.clone()).or_default(),
-                    Sample { ..sample },
+                    sample.clone(),
                     now,
                     RATE_WINDOW * 3,
                 );

@@ -5,6 +5,7 @@
 use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop};
 use crate::outbound::finish;
 use crate::state::Proxy;
+use crate::telemetry::Finished;
 use http::{HeaderValue, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -20,9 +21,15 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let revision = proxy.revision();
     let resp = to_app(&proxy, req).await;
     let status = resp.status().as_u16();
-    proxy
-        .telemetry
-        .record(Direction::Inbound, "", revision, status, reason_of(&resp), start.elapsed());
+    proxy.telemetry.record(Finished {
+        direction: Direction::Inbound,
+        service: "",
+        route: "",
+        revision,
+        status,
+        reason: reason_of(&resp),
+        elapsed: start.elapsed(),
+    });
     finish(resp, version)
 }
 

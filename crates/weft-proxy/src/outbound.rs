@@ -5,6 +5,7 @@
 use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::route::{self, Decision};
 use crate::state::Proxy;
+use crate::telemetry::Finished;
 use http::{HeaderValue, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -24,17 +25,25 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let start = Instant::now();
     let version = req.version();
     let revision = proxy.revision();
-    let (service, resp) = route_request(&proxy, req).await;
+    let (service, route, resp) = route_request(&proxy, req).await;
     let status = resp.status().as_u16();
-    proxy
-        .telemetry
-        .record(Direction::Outbound, &service, revision, status, reason_of(&resp), start.elapsed());
+    proxy.telemetry.record(Finished {
+        direction: Direction::Outbound,
+        service: &service,
+        route: &route,
+        revision,
+        status,
+        reason: reason_of(&resp),
+        elapsed: start.elapsed(),
+    });
     finish(resp, version)
 }
 
-async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Response<Body>) {
+/// Routes and forwards one request; returns the destination service and route, and the answer.
+async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, String, Response<Body>) {
     let Some(authority) = target_authority(&req) else {
         return (
+            String::new(),
             String::new(),
             reply(
                 StatusCode::BAD_REQUEST,
@@ -47,6 +56,7 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Respon
     let Some(service) = proxy.service(&name).await else {
         return (
             name.clone(),
+            String::new(),
             reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unknown-service",
@@ -65,7 +75,7 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Respon
     parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     if let Err(resp) = retarget(&mut parts, &authority, &pq) {
-        return (name, resp);
+        return (name, decision.route, resp);
     }
     parts.version = Version::HTTP_2;
     let req = Request::from_parts(parts, body.boxed_unsync());
@@ -81,7 +91,7 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, Respon
         },
         None => fut.await,
     };
-    (name, resp)
+    (name, decision.route, resp)
 }
 
 async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: Request<Body>) -> Response<Body> {

@@ -18,15 +18,31 @@ pub struct Telemetry {
     own_service: String,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
-    interval: Mutex<HashMap<(Direction, String, u64), Window>>,
+    interval: Mutex<HashMap<(Direction, String, String, u64), Window>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     direction: &'static str,
     service: String,
+    route: String,
     status: u16,
     reason: String,
+}
+
+/// One finished request, as the listeners report it.
+pub struct Finished<'a> {
+    pub direction: Direction,
+    /// Destination service for outbound; empty for inbound (the proxy's own service).
+    pub service: &'a str,
+    /// The policy route taken (outbound), empty otherwise.
+    pub route: &'a str,
+    /// Config revision in force when the request started.
+    pub revision: u64,
+    pub status: u16,
+    /// `x-weft-error` reason when the proxy answered itself.
+    pub reason: &'a str,
+    pub elapsed: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,9 +86,17 @@ impl Telemetry {
         }
     }
 
-    /// Records one finished request. `service` is empty for inbound (the proxy's own service);
-    /// `revision` is the config revision in force when the request started.
-    pub fn record(&self, direction: Direction, service: &str, revision: u64, status: u16, reason: &str, elapsed: Duration) {
+    /// Records one finished request.
+    pub fn record(&self, done: Finished<'_>) {
+        let Finished {
+            direction,
+            service,
+            route,
+            revision,
+            status,
+            reason,
+            elapsed,
+        } = done;
         let dir = match direction {
             Direction::Inbound => "inbound",
             _ => "outbound",
@@ -82,6 +106,7 @@ impl Telemetry {
             .get_or_create(&RequestLabels {
                 direction: dir,
                 service: svc.to_string(),
+                route: route.to_string(),
                 status,
                 reason: reason.to_string(),
             })
@@ -94,7 +119,9 @@ impl Telemetry {
             })
             .observe(secs);
         let mut interval = self.interval.lock();
-        let w = interval.entry((direction, service.to_string(), revision)).or_default();
+        let w = interval
+            .entry((direction, service.to_string(), route.to_string(), revision))
+            .or_default();
         w.requests += 1;
         if status >= 500 {
             w.errors += 1;
@@ -107,9 +134,10 @@ impl Telemetry {
         let taken = std::mem::take(&mut *self.interval.lock());
         taken
             .into_iter()
-            .map(|((direction, service, revision), w)| TrafficStats {
+            .map(|((direction, service, route, revision), w)| TrafficStats {
                 direction: direction as i32,
                 service,
+                route,
                 revision,
                 requests: w.requests,
                 errors: w.errors,

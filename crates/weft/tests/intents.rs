@@ -635,3 +635,35 @@ async fn control_plane_restarted_mid_rollout_rolls_back_to_one_revision() {
     }
     assert_eq!(failed, 0, "the restart and the rollback failed no request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_change_is_judged_on_the_requests_in_its_scope() {
+    // 50 rps without a tenant and 5 rps for tenant acme, every request taking 15 ms at orders.
+    let f = Fixture::start(1, false, &[("x-echo-delay-ms", "15")], Duration::from_millis(20)).await;
+    let acme = Load::start(
+        f.callers[0].outbound,
+        "orders",
+        &[("x-echo-delay-ms", "15"), ("x-tenant", "acme")],
+        Duration::from_millis(200),
+    );
+    // Bad for acme only. Over all of the caller's traffic that is ~9% errors, under the 30 pp
+    // allowed here; over the scoped route alone it is 100%.
+    let yaml = intent_yaml(
+        "SCOPED-1",
+        "            - timeout: 5ms\n",
+        "[100]",
+        "30s",
+        "auto",
+        "{minRequests: 5, maxErrorRateIncrease: 30, maxErrorRate: 50}",
+    )
+    .replace("  target: orders\n", "  target: orders\n  scope: tenant:acme\n");
+    let id = f.submit(&yaml).await;
+    let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(20)).await;
+    assert_eq!(done["routes"], serde_json::json!(["scoped-1-1"]), "{done}");
+    let reason = done["decisions"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("error rate 100.0%"), "judged on the scoped route alone: {reason}");
+    let acme_stats = acme.stop().await;
+    let (stats, _, _) = f.stop().await;
+    assert_eq!(stats[0].failed, 0, "requests outside the scope never saw the change: {stats:?}");
+    assert!(acme_stats.failed > 0, "{acme_stats:?}");
+}

@@ -91,6 +91,10 @@ pub struct TrafficStats {
     /// Config revision the proxy was running when these requests started.
     #[prost(uint64, tag = "6")]
     pub revision: u64,
+    /// Outbound: the route of the destination's TrafficPolicy the requests took (`default` when
+    /// none matched or there is no policy). Inbound: empty.
+    #[prost(string, tag = "7")]
+    pub route: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
