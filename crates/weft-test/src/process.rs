@@ -192,11 +192,16 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Starts `weft proxy` for `workload` (NS/NAME) in front of `app`, and waits until ready.
     pub async fn start(bin: &str, control: &Control, workload: &str, cluster: &str, labels: &[(&str, &str)], app: SocketAddr) -> Self {
+        Self::start_url(bin, &control.grpc_url(), workload, cluster, labels, app).await
+    }
+
+    /// As [`ProxyHandle::start`], against any control-plane gRPC URL (a scripted one, say).
+    pub async fn start_url(bin: &str, control_url: &str, workload: &str, cluster: &str, labels: &[(&str, &str)], app: SocketAddr) -> Self {
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
         let mut args: Vec<String> = [
             "proxy",
             "--control",
-            &control.grpc_url(),
+            control_url,
             "--workload",
             workload,
             "--cluster",

@@ -176,64 +176,32 @@ async fn start_all(
     let mut gateway_inbound = None;
     let mut table = Vec::new();
     for spec in &WORKLOADS {
-        let (app, inbound, outbound, admin) = (free_port()?, free_port()?, free_port()?, free_port()?);
-        let mut app_args = vec![
-            "demo-app".to_string(),
-            "--name".into(),
-            spec.service.into(),
-            "--version".into(),
-            spec.version.into(),
-            "--listen".into(),
-            app.to_string(),
-        ];
-        if !spec.calls.is_empty() {
-            app_args.extend(["--proxy".to_string(), outbound.to_string()]);
-            for c in spec.calls {
-                app_args.extend(["--call".to_string(), c.to_string()]);
+        let mut attempt = 1;
+        let ports = loop {
+            match start_workload(exe, logs, spec, &control_url).await {
+                Ok((mut started, ports)) => {
+                    children.append(&mut started);
+                    break ports;
+                }
+                // A port picked for it was taken before the child bound it: pick again.
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(workload = spec.workload, error = %format!("{e:#}"), attempt, "workload did not start; retrying on new ports");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.context(format!("{} did not start", spec.workload))),
             }
-        }
-        let app_args: Vec<&str> = app_args.iter().map(String::as_str).collect();
-        children.push(spawn(exe, logs, &format!("{}-app", spec.workload), &app_args)?);
-        let workload = format!("default/{}", spec.workload);
-        let (service_label, version_label) = (format!("service={}", spec.service), format!("version={}", spec.version));
-        let proxy_args = [
-            "proxy",
-            "--control",
-            &control_url,
-            "--workload",
-            &workload,
-            "--cluster",
-            spec.cluster,
-            "--label",
-            &service_label,
-            "--label",
-            &version_label,
-            "--app",
-            &app.to_string(),
-            "--inbound",
-            &inbound.to_string(),
-            "--outbound",
-            &outbound.to_string(),
-            "--admin",
-            &admin.to_string(),
-        ];
-        children.push(spawn(exe, logs, &format!("{}-proxy", spec.workload), &proxy_args)?);
+        };
         if spec.workload == "mobile-gateway" {
-            gateway_inbound = Some(inbound);
+            gateway_inbound = Some(ports.inbound);
         }
         table.push(vec![
             spec.workload.to_string(),
             spec.cluster.to_string(),
-            app.to_string(),
-            inbound.to_string(),
-            outbound.to_string(),
-            format!("http://{admin}"),
+            ports.app.to_string(),
+            ports.inbound.to_string(),
+            ports.outbound.to_string(),
+            format!("http://{}", ports.admin),
         ]);
-    }
-    for row in &table {
-        wait_http(&format!("{}/ready", row[5]), Duration::from_secs(15), children)
-            .await
-            .with_context(|| format!("the sidecar of {} did not become ready", row[0]))?;
     }
     let api = crate::client::Api::new(&api_url);
     for (name, text) in SEED_INTENTS {
@@ -272,6 +240,82 @@ async fn start_all(
                     }
                 }
             }
+        }
+    }
+}
+
+struct Ports {
+    app: SocketAddr,
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// Starts one workload's demo app and sidecar on fresh ports and waits until both serve. On
+/// failure both are stopped and the error says which exited.
+async fn start_workload(exe: &PathBuf, logs: &std::path::Path, spec: &Spec, control_url: &str) -> anyhow::Result<(Vec<Running>, Ports)> {
+    let ports = Ports {
+        app: free_port()?,
+        inbound: free_port()?,
+        outbound: free_port()?,
+        admin: free_port()?,
+    };
+    let mut app_args = vec![
+        "demo-app".to_string(),
+        "--name".into(),
+        spec.service.into(),
+        "--version".into(),
+        spec.version.into(),
+        "--listen".into(),
+        ports.app.to_string(),
+    ];
+    if !spec.calls.is_empty() {
+        app_args.extend(["--proxy".to_string(), ports.outbound.to_string()]);
+        for c in spec.calls {
+            app_args.extend(["--call".to_string(), c.to_string()]);
+        }
+    }
+    let app_args: Vec<&str> = app_args.iter().map(String::as_str).collect();
+    let mut started = vec![spawn(exe, logs, &format!("{}-app", spec.workload), &app_args)?];
+    let workload = format!("default/{}", spec.workload);
+    let (service_label, version_label) = (format!("service={}", spec.service), format!("version={}", spec.version));
+    let (app, inbound, outbound, admin) = (
+        ports.app.to_string(),
+        ports.inbound.to_string(),
+        ports.outbound.to_string(),
+        ports.admin.to_string(),
+    );
+    let proxy_args = [
+        "proxy",
+        "--control",
+        control_url,
+        "--workload",
+        &workload,
+        "--cluster",
+        spec.cluster,
+        "--label",
+        &service_label,
+        "--label",
+        &version_label,
+        "--app",
+        &app,
+        "--inbound",
+        &inbound,
+        "--outbound",
+        &outbound,
+        "--admin",
+        &admin,
+    ];
+    started.push(spawn(exe, logs, &format!("{}-proxy", spec.workload), &proxy_args)?);
+    let ready = async {
+        wait_http(&format!("http://{}/healthz", ports.app), Duration::from_secs(15), &mut started).await?;
+        wait_http(&format!("http://{}/ready", ports.admin), Duration::from_secs(15), &mut started).await
+    };
+    match ready.await {
+        Ok(()) => Ok((started, ports)),
+        Err(e) => {
+            stop_all(started).await;
+            Err(e)
         }
     }
 }

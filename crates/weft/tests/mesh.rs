@@ -627,27 +627,9 @@ async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
             .add_service(proto::distribution_server::DistributionServer::new(fake))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
-    let args: Vec<String> = [
-        "proxy",
-        "--control",
-        &format!("http://{grpc}"),
-        "--workload",
-        "default/web",
-        "--cluster",
-        "cluster-a",
-        "--app",
-        &free_addr().to_string(),
-        "--inbound",
-        &inbound.to_string(),
-        "--outbound",
-        &outbound.to_string(),
-        "--admin",
-        &admin.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let _proxy = weft_test::Process::spawn(BIN, "web", &args);
+    let url = format!("http://{grpc}");
+    let proxy = ProxyHandle::start_url(BIN, &url, "default/web", "cluster-a", &[], free_addr()).await;
+    let (admin, outbound) = (proxy.admin, proxy.outbound);
 
     async fn next(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> Msg {
         tokio::time::timeout(Duration::from_secs(10), seen.recv())
