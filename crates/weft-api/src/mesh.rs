@@ -5,7 +5,7 @@
 
 use crate::error::{FieldError, Invalid};
 use crate::proto;
-use crate::resource::{SecurityPolicySpec, TrafficPolicySpec};
+use crate::resource::{MtlsMode, SecurityPolicySpec, TrafficPolicySpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,6 +27,8 @@ pub struct MeshConfig {
     pub bypass: bool,
     /// The SecurityPolicy for this proxy's own workload (enforced inbound).
     pub security: Option<SecurityPolicySpec>,
+    /// Its `namespace/name`.
+    pub security_name: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -42,6 +44,9 @@ pub struct ServiceConfig {
     pub policy: Option<TrafficPolicySpec>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub policy_name: String,
+    /// The destination's mTLS mode; callers use mTLS unless it is `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +59,9 @@ pub struct Endpoint {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub workload: String,
+    /// The SPIFFE ID the endpoint must present over mTLS; empty when it has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 fn default_namespace() -> String {
@@ -108,6 +116,7 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                         cluster: e.cluster,
                         labels: e.labels.into_iter().collect(),
                         workload: e.workload,
+                        identity: e.identity,
                     }),
                     Err(_) => errors.push(FieldError::new(
                         format!("{at}.endpoints[{j}].address"),
@@ -128,12 +137,23 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                     }
                 }
             };
+            let mtls = match s.mtls.as_str() {
+                "" => None,
+                "strict" => Some(MtlsMode::Strict),
+                "permissive" => Some(MtlsMode::Permissive),
+                "off" => Some(MtlsMode::Off),
+                other => {
+                    errors.push(FieldError::new(format!("{at}.mtls"), other, "one of strict, permissive, off"));
+                    None
+                }
+            };
             let svc = ServiceConfig {
                 name: s.name,
                 namespace: s.namespace,
                 endpoints,
                 policy,
                 policy_name: s.policy_name,
+                mtls,
             };
             svc.validate(&at, &mut errors);
             let name = svc.name.clone();
@@ -163,6 +183,7 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                 services,
                 bypass: msg.bypass,
                 security,
+                security_name: msg.security_policy_name,
             })
         } else {
             Err(Invalid::new(source, errors))
@@ -183,6 +204,7 @@ impl From<&ServiceConfig> for proto::Service {
                     cluster: e.cluster.clone(),
                     labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     workload: e.workload.clone(),
+                    identity: e.identity.clone(),
                 })
                 .collect(),
             traffic_policy_json: s
@@ -191,6 +213,12 @@ impl From<&ServiceConfig> for proto::Service {
                 .map(|p| serde_json::to_string(p).expect("policy serializes"))
                 .unwrap_or_default(),
             policy_name: s.policy_name.clone(),
+            mtls: match s.mtls {
+                None => String::new(),
+                Some(MtlsMode::Strict) => "strict".into(),
+                Some(MtlsMode::Permissive) => "permissive".into(),
+                Some(MtlsMode::Off) => "off".into(),
+            },
         }
     }
 }
@@ -208,9 +236,11 @@ mod tests {
                 cluster: "cluster-b".into(),
                 labels: [("version".into(), "v1".into())].into(),
                 workload: "default/orders-api".into(),
+                identity: "spiffe://weft.local/ns/default/sa/orders-api".into(),
             }],
             traffic_policy_json: policy.into(),
             policy_name: String::new(),
+            mtls: "strict".into(),
         }
     }
 
@@ -224,10 +254,17 @@ mod tests {
             services: vec![service("127.0.0.1:9000", policy)],
             bypass: true,
             security_policy_json: r#"{"selector":{"service":"orders-api"},"mtls":"strict"}"#.into(),
+            security_policy_name: "default/orders-strict".into(),
         };
         let cfg = MeshConfig::try_from(msg).unwrap();
         assert_eq!((cfg.version, cfg.revision, cfg.bypass), (3, 7, true));
         assert_eq!(cfg.security.as_ref().unwrap().mtls, Some(crate::resource::MtlsMode::Strict));
+        assert_eq!(cfg.security_name, "default/orders-strict");
+        assert_eq!(cfg.services["orders-api"].mtls, Some(crate::resource::MtlsMode::Strict));
+        assert_eq!(
+            cfg.services["orders-api"].endpoints[0].identity,
+            "spiffe://weft.local/ns/default/sa/orders-api"
+        );
         let svc = &cfg.services["orders-api"];
         assert_eq!(svc.endpoints[0].subset(), Some("v1"));
         assert_eq!(svc.policy.as_ref().unwrap().routes[0].timeout.unwrap().0.as_millis(), 2000);

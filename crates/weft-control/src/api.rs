@@ -53,6 +53,8 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/bypass/{service}", post(bypass))
         .route("/api/v1/freeze", post(freeze))
         .route("/api/v1/ledger", get(ledger))
+        .route("/api/v1/tokens", post(create_token))
+        .route("/api/v1/ca", get(ca_info))
         .route("/api/v1/events", get(events))
         .fallback(not_found)
         .with_state(api)
@@ -263,6 +265,50 @@ async fn events(State(api): State<Api>) -> Sse<impl tokio_stream::Stream<Item = 
     let stream = tokio_stream::wrappers::BroadcastStream::new(api.mesh.events.subscribe())
         .filter_map(|msg| msg.ok().map(|data| Ok(Event::default().data(data))));
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TokenRequest {
+    /// `NAMESPACE/NAME`.
+    workload: String,
+    /// Defaults to the workload's name.
+    #[serde(default)]
+    service_account: Option<String>,
+    /// Token lifetime, e.g. `24h` (default).
+    #[serde(default)]
+    ttl: Option<weft_api::Duration>,
+}
+
+/// A join token for one workload. Never logged.
+async fn create_token(State(api): State<Api>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: TokenRequest = json_body(&body, "token")?;
+    let Some((ns, name)) = req.workload.split_once('/').filter(|(n, w)| !n.is_empty() && !w.is_empty()) else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid workload {:?}: expected NAMESPACE/NAME", req.workload),
+            vec![FieldError::new("workload", &req.workload, "expected NAMESPACE/NAME")],
+        ));
+    };
+    let sa = req.service_account.unwrap_or_else(|| name.to_string());
+    let ttl = req.ttl.map(|t| t.as_std()).unwrap_or(Duration::from_secs(24 * 3600));
+    if ttl.is_zero() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "ttl must be greater than zero".into(),
+            vec![FieldError::new("ttl", "0s", "must be greater than zero")],
+        ));
+    }
+    let token = api.mesh.ca.create_token(ns, name, &sa, ttl);
+    Ok(Json(
+        json!({"token": token, "identity": api.mesh.ca.identity(ns, &sa), "expiresInSeconds": ttl.as_secs()}),
+    ))
+}
+
+async fn ca_info(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(
+        json!({"trustDomain": api.mesh.ca.trust_domain(), "rootNotAfter": api.mesh.ca.root_not_after(), "bundle": api.mesh.ca.bundle_pem()}),
+    )
 }
 
 async fn not_found() -> ApiError {

@@ -21,6 +21,32 @@ pub struct Distribution {
 impl proto::distribution_server::Distribution for Distribution {
     type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
 
+    async fn certify(&self, req: Request<proto::CertifyRequest>) -> Result<Response<proto::CertifyResponse>, Status> {
+        let req = req.into_inner();
+        let claims = self
+            .mesh
+            .ca
+            .verify_token(&req.token)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        match self.mesh.ca.certify(&claims, &req.csr_pem) {
+            Ok(issued) => {
+                self.mesh.metrics.certificates.inc();
+                tracing::info!(workload = %format!("{}/{}", claims.ns, claims.name), identity = %issued.identity, not_after = issued.not_after, "certificate issued");
+                Ok(Response::new(proto::CertifyResponse {
+                    cert_chain_pem: issued.chain_pem,
+                    trust_bundle_pem: self.mesh.ca.bundle_pem().to_string(),
+                    not_after_unix: issued.not_after,
+                    identity: issued.identity,
+                }))
+            }
+            Err(e) => {
+                self.mesh.metrics.refused_csrs.inc();
+                tracing::warn!(workload = %format!("{}/{}", claims.ns, claims.name), reason = %e, "certificate refused");
+                Err(Status::permission_denied(e.to_string()))
+            }
+        }
+    }
+
     async fn connect(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())

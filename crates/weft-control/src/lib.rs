@@ -4,6 +4,7 @@
 //! It must not depend on weft-proxy: proxies are reached only through the control stream.
 
 pub mod api;
+pub mod ca;
 pub mod distribution;
 pub mod intents;
 pub mod mesh;
@@ -23,6 +24,11 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     pub api: SocketAddr,
     pub grpc: SocketAddr,
+    pub trust_domain: String,
+    /// Lifetime of workload certificates.
+    pub cert_ttl: Duration,
+    /// The user's own root (certificate and key PEM files) instead of a generated one.
+    pub root: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Clone, Debug)]
@@ -35,6 +41,10 @@ pub struct Bound {
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
     Bind {
         listener: &'static str,
@@ -48,7 +58,18 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     let store = store::Store::open(&cfg.data_dir)?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("weft_control");
     let metrics = metrics::ControlMetrics::register(&mut registry);
-    let mesh = Arc::new(mesh::Mesh::new(store, metrics)?);
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).map_err(|source| StartError::Read {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let root = match &cfg.root {
+        Some((cert, key)) => Some((read(cert)?, read(key)?)),
+        None => None,
+    };
+    let ca = ca::Ca::open(&store, &cfg.trust_domain, cfg.cert_ttl, root)?;
+    let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics)?);
     let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind {
         listener: "api",
         addr: cfg.api,

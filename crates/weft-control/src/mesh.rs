@@ -28,6 +28,7 @@ pub const WARMUP: Duration = Duration::from_secs(6);
 
 pub struct Mesh {
     pub(crate) store: Store,
+    pub ca: crate::ca::Ca,
     pub(crate) state: Mutex<State>,
     changed: watch::Sender<u64>,
     pub metrics: ControlMetrics,
@@ -72,6 +73,10 @@ pub struct ProxyRecord {
     pushed: Option<(u64, Instant)>,
     /// Registered with a config already (it reconnected rather than started).
     resumed: bool,
+    /// The SPIFFE ID its token grants.
+    pub identity: String,
+    /// Expiry of its workload certificate (unix seconds), as it last reported.
+    pub cert_not_after: u64,
     /// Intents whose candidate each pushed version carried, until it is ACKed or NACKed.
     pending: BTreeMap<u64, BTreeSet<u64>>,
     /// Intents whose candidate this proxy runs (from its last ACK).
@@ -86,6 +91,8 @@ pub(crate) struct Sample {
     pub(crate) revision: u64,
     /// Outbound: the route the requests took.
     pub(crate) route: String,
+    /// Inbound: how many of the requests came over mTLS.
+    pub(crate) mtls: u64,
     pub(crate) requests: u64,
     pub(crate) errors: u64,
     pub(crate) buckets: [u64; BUCKETS],
@@ -124,6 +131,7 @@ pub struct ProxyView {
     pub last_nack: Option<String>,
     pub connected_since: u64,
     pub cert_expiry: Option<u64>,
+    pub identity: String,
     pub subscriptions: Vec<String>,
 }
 
@@ -159,6 +167,8 @@ pub struct ServiceView {
     pub p99_ms: Option<f64>,
     pub policy_revision: u64,
     pub mtls: &'static str,
+    /// Percentage of inbound requests that arrived over mTLS.
+    pub mtls_share: Option<f64>,
     pub bypass: bool,
     pub proxies: ProxyCount,
 }
@@ -181,7 +191,7 @@ fn now_ms() -> u64 {
 
 impl Mesh {
     /// Loads the newest revision from `store`.
-    pub fn new(store: Store, metrics: ControlMetrics) -> Result<Self, StoreError> {
+    pub fn new(store: Store, ca: crate::ca::Ca, metrics: ControlMetrics) -> Result<Self, StoreError> {
         let stable = match store.stable()? {
             Some(rev) => store.get(rev)?,
             None => store.latest()?,
@@ -194,6 +204,7 @@ impl Mesh {
         let intents = crate::intents::recover(&store, revision)?;
         Ok(Self {
             store,
+            ca,
             state: Mutex::new(State {
                 stable: revision,
                 resources,
@@ -252,6 +263,18 @@ impl Mesh {
                 return Err(format!("register: {field} must not be empty"));
             }
         }
+        // Fail closed: no valid token for exactly this workload, no registration.
+        let claims = self
+            .ca
+            .verify_token(&reg.token)
+            .map_err(|e| format!("register {}/{}: {e}", reg.namespace, reg.name))?;
+        if claims.ns != reg.namespace || claims.name != reg.name {
+            return Err(format!(
+                "register {}/{}: the token is for workload {}/{}",
+                reg.namespace, reg.name, claims.ns, claims.name
+            ));
+        }
+        let identity = self.ca.identity(&claims.ns, &claims.sa);
         let labels: BTreeMap<String, String> = reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let service = labels.get(SERVICE_LABEL).cloned().unwrap_or_else(|| reg.name.clone());
         let mut state = self.state.lock();
@@ -274,6 +297,8 @@ impl Mesh {
                 connected_since_ms: now_ms(),
                 pushed: None,
                 resumed: reg.applied_revision > 0 || !reg.services.is_empty(),
+                identity,
+                cert_not_after: 0,
                 pending: BTreeMap::new(),
                 applied_intents: BTreeSet::new(),
                 refused: BTreeMap::new(),
@@ -339,6 +364,7 @@ impl Mesh {
                         cluster: q.cluster.clone(),
                         labels: q.labels.clone(),
                         workload: format!("{}/{}", q.namespace, q.name),
+                        identity: q.identity.clone(),
                     })
                     .collect();
                 endpoints.sort_by_key(|e| e.address);
@@ -353,6 +379,7 @@ impl Mesh {
                     endpoints,
                     policy_name: policy.map(|(k, _)| k.name.clone()).unwrap_or_default(),
                     policy: policy.map(|(_, spec)| spec.clone()),
+                    mtls: mtls_mode(&resources, &p.namespace, name),
                 };
                 proto::Service::from(&svc)
             })
@@ -363,10 +390,14 @@ impl Mesh {
                     && d.spec.selector.service == p.service
                     && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)) =>
             {
-                Some(serde_json::to_string(&d.spec).expect("policy serializes"))
+                Some((
+                    serde_json::to_string(&d.spec).expect("policy serializes"),
+                    format!("{}/{}", d.metadata.namespace, d.metadata.name),
+                ))
             }
             _ => None,
         });
+        let (security, security_name) = security.unzip();
         let cfg = proto::ProxyConfig {
             version: 0,
             revision,
@@ -374,6 +405,7 @@ impl Mesh {
             services,
             bypass: bypassed(&p.service),
             security_policy_json: security.unwrap_or_default(),
+            security_policy_name: security_name.unwrap_or_default(),
         };
         Some((cfg, included))
     }
@@ -437,7 +469,8 @@ impl Mesh {
         self.metrics.telemetry_reports.inc();
         let mut state = self.state.lock();
         state.telemetry_signals += 1;
-        let Some(p) = state.proxies.get(&conn) else { return };
+        let Some(p) = state.proxies.get_mut(&conn) else { return };
+        p.cert_not_after = report.cert_not_after_unix;
         let service_key = (p.namespace.clone(), p.service.clone());
         let workload = p.workload_id();
         let now = Instant::now();
@@ -450,6 +483,7 @@ impl Mesh {
                 at: now,
                 revision: s.revision,
                 route: s.route,
+                mtls: s.mtls,
                 requests: s.requests,
                 errors: s.errors,
                 buckets,
@@ -484,7 +518,8 @@ impl Mesh {
                 applied_revision: p.applied_revision,
                 last_nack: p.last_nack.clone(),
                 connected_since: p.connected_since_ms,
-                cert_expiry: None,
+                cert_expiry: (p.cert_not_after > 0).then_some(p.cert_not_after),
+                identity: p.identity.clone(),
                 subscriptions: p.subscriptions.iter().cloned().collect(),
             })
             .collect()
@@ -507,11 +542,13 @@ impl Mesh {
             .map(|((namespace, name), proxies)| {
                 let mut requests = 0;
                 let mut errors = 0;
+                let mut mtls_requests = 0;
                 let mut buckets = [0u64; BUCKETS];
                 if let Some(samples) = state.traffic.get(&(namespace.clone(), name.clone())) {
                     for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
                         requests += s.requests;
                         errors += s.errors;
+                        mtls_requests += s.mtls;
                         for (b, c) in buckets.iter_mut().zip(s.buckets) {
                             *b += c;
                         }
@@ -529,7 +566,16 @@ impl Mesh {
                     },
                     p99_ms: quantile_ms(&buckets, 0.99).map(round2),
                     policy_revision: proxies.iter().map(|p| p.applied_revision).min().unwrap_or(0),
-                    mtls: "off",
+                    mtls: match mtls_mode(&state.resources, &namespace, &name) {
+                        Some(weft_api::resource::MtlsMode::Strict) => "strict",
+                        Some(weft_api::resource::MtlsMode::Off) => "off",
+                        _ => "permissive",
+                    },
+                    mtls_share: if requests == 0 {
+                        None
+                    } else {
+                        Some(round2(100.0 * mtls_requests as f64 / requests as f64))
+                    },
                     bypass: state.bypass.contains(&(namespace.clone(), name.clone())),
                     proxies: ProxyCount {
                         total: proxies.len(),
@@ -547,6 +593,23 @@ impl Mesh {
             services: views,
         }
     }
+}
+
+/// The mTLS mode a service's SecurityPolicy sets for all of its workloads (one without a label
+/// selector); `None` is the default, permissive.
+pub(crate) fn mtls_mode(
+    resources: &BTreeMap<ResourceKey, Resource>,
+    namespace: &str,
+    service: &str,
+) -> Option<weft_api::resource::MtlsMode> {
+    resources.values().find_map(|r| match r {
+        Resource::SecurityPolicy(d)
+            if d.metadata.namespace == namespace && d.spec.selector.service == service && d.spec.selector.labels.is_empty() =>
+        {
+            d.spec.mtls
+        }
+        _ => None,
+    })
 }
 
 fn push_window(samples: &mut VecDeque<Sample>, sample: Sample, now: Instant, keep: Duration) {

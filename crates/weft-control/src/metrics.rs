@@ -14,6 +14,8 @@ pub struct ControlMetrics {
     pub nacks: Counter,
     pub telemetry_reports: Counter,
     pub push_to_ack: Histogram,
+    pub certificates: Counter,
+    pub refused_csrs: Counter,
 }
 
 impl ControlMetrics {
@@ -25,6 +27,8 @@ impl ControlMetrics {
             acks: Counter::default(),
             nacks: Counter::default(),
             telemetry_reports: Counter::default(),
+            certificates: Counter::default(),
+            refused_csrs: Counter::default(),
             push_to_ack: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         };
         registry.register("proxies_connected", "Proxies with an open control stream", m.proxies.clone());
@@ -32,6 +36,12 @@ impl ControlMetrics {
         registry.register("config_pushes", "Configs pushed to proxies", m.pushes.clone());
         registry.register("config_acks", "Configs proxies applied", m.acks.clone());
         registry.register("config_nacks", "Configs proxies refused", m.nacks.clone());
+        registry.register("certificates_issued", "Workload certificates the CA issued", m.certificates.clone());
+        registry.register(
+            "csrs_refused",
+            "CSRs the CA refused (another identity, extra names)",
+            m.refused_csrs.clone(),
+        );
         registry.register(
             "telemetry_reports",
             "Telemetry summaries received from proxies",

@@ -14,6 +14,8 @@ const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INTENTS: TableDefinition<u64, &str> = TableDefinition::new("intents");
 const LEDGER: TableDefinition<u64, &str> = TableDefinition::new("ledger");
+/// The CA's root certificate and key and the token signing key (PEM / base64).
+const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
 
 pub struct Store {
     db: Database,
@@ -69,6 +71,7 @@ impl Store {
         tx.open_table(META).map_err(db_err)?;
         tx.open_table(INTENTS).map_err(db_err)?;
         tx.open_table(LEDGER).map_err(db_err)?;
+        tx.open_table(SECRETS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -174,6 +177,22 @@ impl Store {
         };
         tx.commit().map_err(db_err)?;
         Ok(rev)
+    }
+}
+
+// === secrets ===
+
+impl Store {
+    pub fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(SECRETS).map_err(db_err)?;
+        Ok(table.get(name).map_err(db_err)?.map(|v| v.value().to_string()))
+    }
+
+    pub fn put_secret(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(SECRETS).map_err(db_err)?.insert(name, value).map_err(db_err)?;
+        tx.commit().map_err(db_err)
     }
 }
 

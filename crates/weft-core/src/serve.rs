@@ -43,9 +43,28 @@ impl Default for Limits {
     }
 }
 
+/// A connection's byte stream, plain or after a handshake.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
 /// Serves `handler` on `listener` until `shutdown`, then drains for at most `limits.drain`.
 pub async fn serve<H, F>(listener: TcpListener, limits: Limits, shutdown: Shutdown, handler: H)
 where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let plain = |tcp: tokio::net::TcpStream, _remote: SocketAddr| async move { Some((Box::new(tcp) as Box<dyn Io>, ())) };
+    serve_with(listener, limits, shutdown, plain, handler).await
+}
+
+/// As [`serve`], with `accept` run on every new connection (off the accept loop): it may
+/// refuse the connection (`None`), or hand back the stream to speak HTTP on (after a TLS
+/// handshake, say) and facts about the connection, inserted into every request's extensions.
+pub async fn serve_with<A, AF, E, H, F>(listener: TcpListener, limits: Limits, shutdown: Shutdown, accept: A, handler: H)
+where
+    A: Fn(tokio::net::TcpStream, SocketAddr) -> AF + Clone + Send + Sync + 'static,
+    AF: Future<Output = Option<(Box<dyn Io>, E)>> + Send + 'static,
+    E: Clone + Send + Sync + 'static,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -76,16 +95,20 @@ where
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(RemoteAddr(remote));
-            let fut = handler(req);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (handler, accept, builder, watcher) = (handler.clone(), accept.clone(), builder.clone(), graceful.watcher());
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
+            let Ok(Some((io, facts))) = tokio::time::timeout(handshake_timeout, accept(stream, remote)).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(RemoteAddr(remote));
+                req.extensions_mut().insert(facts.clone());
+                let fut = handler(req);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+            if let Err(error) = watcher.watch(conn).await {
                 tracing::debug!(%remote, %error, "connection ended with an error");
             }
         });

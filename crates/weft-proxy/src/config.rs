@@ -30,9 +30,10 @@ pub struct Workload {
 
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// gRPC URL of the control plane, e.g. `http://127.0.0.1:7071`.
+    /// gRPC URL of the control plane, e.g. `http://127.0.0.1:7071`, and the join token.
     Control {
         url: String,
+        token: Option<String>,
     },
     Static(MeshConfig),
 }

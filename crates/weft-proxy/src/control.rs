@@ -88,6 +88,7 @@ async fn session(proxy: &Proxy, url: &str, subscriptions: &mut mpsc::UnboundedRe
         inbound_addr: proxy.advertise.to_string(),
         services: proxy.subscriptions(),
         applied_revision: proxy.config().revision,
+        token: proxy.token.clone().unwrap_or_default(),
     }))
     .await;
     let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
@@ -126,7 +127,8 @@ async fn session(proxy: &Proxy, url: &str, subscriptions: &mut mpsc::UnboundedRe
             }
             _ = ticker.tick() => {
                 let stats = proxy.telemetry.take_interval();
-                let report = proto::TelemetryReport { interval_ms: REPORT_INTERVAL.as_millis() as u32, stats };
+                let cert_not_after_unix = proxy.identity.tls().map(|t| t.not_after).unwrap_or(0);
+                let report = proto::TelemetryReport { interval_ms: REPORT_INTERVAL.as_millis() as u32, stats, cert_not_after_unix };
                 send(proxy_message::Msg::Telemetry(report)).await;
             }
         }

@@ -60,8 +60,6 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
 
 /// Points `parts` at `http://{authority}{path_and_query}`; a target that cannot be rebuilt is
 /// answered 400.
-// The error is the reply itself, built only on this cold path.
-#[allow(clippy::result_large_err)]
 pub fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_query: &str) -> Result<(), Response<Body>> {
     parts.uri = http::Uri::builder()
         .scheme("http")

@@ -2,7 +2,9 @@
 //! original client spoke (HTTP/1.1 through the pooled client, HTTP/2 and gRPC over one
 //! multiplexed connection).
 
+use crate::authz;
 use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop};
+use crate::identity::spiffe_id;
 use crate::outbound::finish;
 use crate::state::Proxy;
 use crate::telemetry::Finished;
@@ -10,21 +12,78 @@ use http::{HeaderValue, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::net::TcpStream;
 use weft_api::proto::Direction;
+use weft_api::resource::{Action, AuthzMode, MtlsMode};
 use weft_core::Body;
+use weft_core::serve::Io;
+
+/// Facts about an inbound connection, attached to each of its requests.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub mtls: bool,
+    /// The caller's SPIFFE ID, read from its certificate.
+    pub peer: Option<String>,
+}
+
+/// Decides what an inbound connection is: a TLS ClientHello (first byte 0x16) is an mTLS
+/// handshake, which must present a certificate from the mesh's CA; anything else is
+/// plaintext, refused when this workload's policy is `strict`.
+pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, ConnInfo)> {
+    let mut first = [0u8; 1];
+    let n = tcp.peek(&mut first).await.ok()?;
+    if n == 1 && first[0] == 0x16 {
+        let Some(tls) = proxy.identity.tls() else {
+            proxy.telemetry.connection("mtls", "refused-no-identity");
+            tracing::warn!(%remote, "mTLS connection refused: this proxy has no workload certificate yet");
+            return None;
+        };
+        match tokio_rustls::TlsAcceptor::from(tls.server.clone()).accept(tcp).await {
+            Ok(stream) => {
+                let peer = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(spiffe_id);
+                proxy.telemetry.connection("mtls", "accepted");
+                Some((Box::new(stream), ConnInfo { mtls: true, peer }))
+            }
+            Err(error) => {
+                proxy.telemetry.connection("mtls", "handshake-failed");
+                tracing::info!(%remote, %error, "mTLS handshake failed");
+                None
+            }
+        }
+    } else {
+        let strict = proxy.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Strict);
+        if strict {
+            proxy.telemetry.connection("plaintext", "refused-strict");
+            tracing::info!(%remote, "plaintext connection refused: mTLS is strict");
+            return None;
+        }
+        proxy.telemetry.connection("plaintext", "accepted");
+        Some((Box::new(tcp), ConnInfo { mtls: false, peer: None }))
+    }
+}
 
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    let conn = req
+        .extensions()
+        .get::<ConnInfo>()
+        .cloned()
+        .unwrap_or(ConnInfo { mtls: false, peer: None });
     let version = req.version();
     let revision = proxy.revision();
-    let resp = to_app(&proxy, req).await;
+    let resp = match authorize(&proxy, &conn, &req) {
+        Ok(canonical) => to_app(&proxy, req, canonical).await,
+        Err(denied) => denied,
+    };
     let status = resp.status().as_u16();
     proxy.telemetry.record(Finished {
         direction: Direction::Inbound,
         service: "",
         route: "",
+        mtls: conn.mtls,
         revision,
         status,
         reason: reason_of(&resp),
@@ -33,7 +92,58 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     finish(resp, version)
 }
 
-async fn to_app(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+/// Applies this workload's authorization, if it has one (and is not bypassed). Returns the
+/// canonical path and query to forward, or the reply that refuses the request.
+fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Option<String>, Response<Body>> {
+    let config = proxy.config();
+    let Some(authz) = config
+        .security
+        .as_ref()
+        .and_then(|s| s.authorization.as_ref())
+        .filter(|_| !config.bypass)
+    else {
+        return Ok(None);
+    };
+    let canonical = authz::normalize(req.uri().path()).map_err(|why| {
+        proxy.telemetry.authz("refused-path");
+        reply(StatusCode::BAD_REQUEST, "bad-path", why)
+    })?;
+    let method = req.method().as_str();
+    let verdict = authz::evaluate(authz, conn.peer.as_deref(), method, &canonical);
+    let rule = verdict.rule.map(|i| format!("rules[{i}]")).unwrap_or_else(|| "default".into());
+    if verdict.action == Action::Deny {
+        let enforce = authz.mode == AuthzMode::Enforce;
+        proxy.telemetry.authz(if enforce { "deny" } else { "audit-deny" });
+        tracing::warn!(
+            policy = %config.security_name,
+            rule = %rule,
+            source = conn.peer.as_deref().unwrap_or("plaintext"),
+            method,
+            path = %canonical,
+            enforced = enforce,
+            "authorization denied"
+        );
+        if enforce {
+            return Err(reply(
+                StatusCode::FORBIDDEN,
+                "authz-denied",
+                format!(
+                    "{method} {canonical} is not allowed for {} ({}, {rule})",
+                    conn.peer.as_deref().unwrap_or("an unauthenticated caller"),
+                    config.security_name
+                ),
+            ));
+        }
+    } else {
+        proxy.telemetry.authz("allow");
+    }
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    Ok(Some(format!("{canonical}{query}")))
+}
+
+/// Forwards to the app; `canonical` (path and query) replaces the request's when authorization
+/// normalized it.
+async fn to_app(proxy: &Proxy, req: Request<Incoming>, canonical: Option<String>) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let app_h2 = match parts.headers.remove(ORIG_PROTO) {
         Some(v) => v.as_bytes() == b"HTTP/2",
@@ -52,14 +162,14 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| proxy.app.to_string());
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
     let body = body.boxed_unsync();
     if app_h2 {
         parts.version = Version::HTTP_2;
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
-        let mut sender = match proxy.pools.h2(proxy.app).await {
+        let mut sender = match proxy.pools.h2(proxy.app, None).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
         };

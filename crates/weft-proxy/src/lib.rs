@@ -6,9 +6,15 @@
 //! the protocol the app's client spoke. The config arrives on the control stream ([`control`]) or
 //! from a static file, and is swapped atomically. This crate must not depend on weft-control.
 
+// Handlers return the reply that refuses a request as their error value; it is built only on
+// those cold paths, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+pub mod authz;
 pub mod config;
 pub mod control;
 mod forward;
+pub mod identity;
 mod inbound;
 mod outbound;
 mod pool;
@@ -66,15 +72,23 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     if let Some(subscriptions) = subscriptions {
         tasks.spawn(control::run(proxy.clone(), subscriptions, shutdown.clone()));
     }
+    if let (Some(url), Some(token)) = (proxy.control_url.clone(), proxy.token.clone()) {
+        tasks.spawn(identity::run(proxy.clone(), url, token, shutdown.clone()));
+    }
     let limits = weft_core::serve::Limits::default();
     let p = proxy.clone();
     tasks.spawn(weft_core::serve::serve(outbound_l, limits.clone(), shutdown.clone(), move |req| {
         outbound::handle(p.clone(), req)
     }));
     let p = proxy.clone();
-    tasks.spawn(weft_core::serve::serve(inbound_l, limits.clone(), shutdown.clone(), move |req| {
-        inbound::handle(p.clone(), req)
-    }));
+    let acceptor = proxy.clone();
+    tasks.spawn(weft_core::serve::serve_with(
+        inbound_l,
+        limits.clone(),
+        shutdown.clone(),
+        move |tcp, remote| inbound::accept(acceptor.clone(), tcp, remote),
+        move |req| inbound::handle(p.clone(), req),
+    ));
     if let Some(l) = admin_l {
         let admin = Arc::new(proxy.admin());
         tasks.spawn(weft_core::serve::serve(l, limits, shutdown.clone(), move |req| {

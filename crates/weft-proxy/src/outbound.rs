@@ -13,8 +13,9 @@ use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use weft_api::mesh::ServiceConfig;
+use weft_api::mesh::{Endpoint, ServiceConfig};
 use weft_api::proto::Direction;
+use weft_api::resource::MtlsMode;
 use weft_core::Body;
 
 /// Most distinct endpoints tried for one request when connecting fails (nothing was sent yet,
@@ -31,6 +32,7 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         direction: Direction::Outbound,
         service: &service,
         route: &route,
+        mtls: false,
         revision,
         status,
         reason: reason_of(&resp),
@@ -104,13 +106,33 @@ async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: 
             format!("service {}{which} has no endpoints", service.name),
         );
     }
+    // mTLS to every endpoint that has an identity, unless the destination turned it off. Without
+    // a certificate of our own we fail closed rather than fall back to plaintext.
+    let use_mtls = service.mtls != Some(MtlsMode::Off);
+    let own = proxy.identity.tls();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
     while tried.len() < CONNECT_ATTEMPTS.min(candidates.len()) {
-        let fresh: Vec<SocketAddr> = candidates.iter().copied().filter(|a| !tried.contains(a)).collect();
-        let addr = fresh[rand::random_range(0..fresh.len())];
+        let fresh: Vec<&Endpoint> = candidates.iter().copied().filter(|e| !tried.contains(&e.address)).collect();
+        let endpoint = fresh[rand::random_range(0..fresh.len())];
+        let addr = endpoint.address;
         tried.push(addr);
-        let mut sender = match proxy.pools.h2(addr).await {
+        let tls = if use_mtls && !endpoint.identity.is_empty() {
+            let Some(own) = &own else {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-client-identity",
+                    "this proxy has no workload certificate yet; mTLS is required",
+                );
+            };
+            match own.client_for(&endpoint.identity) {
+                Ok(config) => Some((endpoint.identity.as_str(), config)),
+                Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", e),
+            }
+        } else {
+            None
+        };
+        let mut sender = match proxy.pools.h2(addr, tls).await {
             Ok(s) => s,
             Err(e) => {
                 last_error = e.to_string();
@@ -139,23 +161,23 @@ async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: 
 
 /// Endpoints a request may go to: those of its subset, in the caller's cluster when any is,
 /// else in the first cluster of the failover order that has one, else anywhere.
-fn candidates(service: &ServiceConfig, decision: &Decision, own_cluster: &str) -> Vec<SocketAddr> {
-    let in_subset: Vec<_> = service
+fn candidates<'a>(service: &'a ServiceConfig, decision: &Decision, own_cluster: &str) -> Vec<&'a Endpoint> {
+    let in_subset: Vec<&Endpoint> = service
         .endpoints
         .iter()
         .filter(|e| decision.subset.as_deref().is_none_or(|s| e.subset() == Some(s)))
         .collect();
-    let local: Vec<_> = in_subset.iter().filter(|e| e.cluster == own_cluster).map(|e| e.address).collect();
+    let local: Vec<_> = in_subset.iter().copied().filter(|e| e.cluster == own_cluster).collect();
     if !local.is_empty() {
         return local;
     }
     for cluster in &decision.failover {
-        let there: Vec<_> = in_subset.iter().filter(|e| &e.cluster == cluster).map(|e| e.address).collect();
+        let there: Vec<_> = in_subset.iter().copied().filter(|e| &e.cluster == cluster).collect();
         if !there.is_empty() {
             return there;
         }
     }
-    in_subset.iter().map(|e| e.address).collect()
+    in_subset
 }
 
 /// The authority the app addressed: absolute-form URI or `:authority`, else `Host`.
@@ -198,12 +220,13 @@ mod tests {
         )
         .unwrap();
         let d = Decision::default();
-        assert_eq!(candidates(&svc, &d, "cluster-b"), vec!["127.0.0.1:2".parse().unwrap()]);
+        let addrs = |v: Vec<&Endpoint>| v.iter().map(|e| e.address.to_string()).collect::<Vec<_>>();
+        assert_eq!(addrs(candidates(&svc, &d, "cluster-b")), ["127.0.0.1:2"]);
         let d = Decision {
             failover: vec!["cluster-c".into()],
             ..Default::default()
         };
-        assert_eq!(candidates(&svc, &d, "cluster-a"), vec!["127.0.0.1:1".parse().unwrap()]);
+        assert_eq!(addrs(candidates(&svc, &d, "cluster-a")), ["127.0.0.1:1"]);
         assert_eq!(candidates(&svc, &Decision::default(), "cluster-a").len(), 2);
         let d = Decision {
             subset: Some("v2".into()),

@@ -8,13 +8,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use weft_core::Body;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Pools {
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    /// By endpoint and the identity it must present (empty for plaintext).
+    h2: Mutex<HashMap<(SocketAddr, String), http2::SendRequest<Body>>>,
     pub h1: Client<HttpConnector, Body>,
 }
 
@@ -27,6 +29,8 @@ pub enum ConnectError {
     Io { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("mTLS handshake with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
 }
 
 // === impl Pools ===
@@ -47,9 +51,15 @@ impl Pools {
         }
     }
 
-    /// A ready HTTP/2 sender to `addr`, reusing the open connection when there is one.
-    pub async fn h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<Body>, ConnectError> {
-        if let Some(send) = self.h2.lock().get(&addr)
+    /// A ready HTTP/2 sender to `addr`, reusing the open connection when there is one. With
+    /// `tls` (the configuration that accepts only the endpoint's identity), it speaks mTLS.
+    pub async fn h2(
+        &self,
+        addr: SocketAddr,
+        tls: Option<(&str, Arc<rustls::ClientConfig>)>,
+    ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let key = (addr, tls.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default());
+        if let Some(send) = self.h2.lock().get(&key)
             && !send.is_closed()
         {
             return Ok(send.clone());
@@ -60,11 +70,22 @@ impl Pools {
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
+        let io: Box<dyn weft_core::serve::Io> = match tls {
+            None => Box::new(tcp),
+            Some((_, config)) => {
+                let connect = tokio_rustls::TlsConnector::from(config).connect(crate::identity::sni(), tcp);
+                match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                    Err(_) => return Err(ConnectError::Timeout { addr }),
+                    Ok(Err(source)) => return Err(ConnectError::Tls { addr, source }),
+                    Ok(Ok(stream)) => Box::new(stream),
+                }
+            }
+        };
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .handshake::<_, Body>(TokioIo::new(tcp))
+            .handshake::<_, Body>(TokioIo::new(io))
             .await
             .map_err(|source| ConnectError::Handshake { addr, source })?;
         tokio::spawn(async move {
@@ -72,13 +93,13 @@ impl Pools {
                 tracing::debug!(%addr, %error, "HTTP/2 connection closed");
             }
         });
-        self.h2.lock().insert(addr, send.clone());
+        self.h2.lock().insert(key, send.clone());
         Ok(send)
     }
 
-    /// Forgets the connection to `addr` (after it failed).
+    /// Forgets the connections to `addr` (after one failed).
     pub fn evict(&self, addr: SocketAddr) {
-        self.h2.lock().remove(&addr);
+        self.h2.lock().retain(|(a, _), _| *a != addr);
     }
 }
 

@@ -35,6 +35,10 @@ pub struct Proxy {
     pub last_nack: Mutex<Option<String>>,
     pub telemetry: Telemetry,
     pub pools: Pools,
+    pub identity: crate::identity::Identity,
+    /// Join token (control mode); the proxy is ready only once it holds a certificate.
+    pub token: Option<String>,
+    config_ready: AtomicBool,
 }
 
 // === impl Proxy ===
@@ -43,14 +47,15 @@ impl Proxy {
     /// Builds the proxy; in control mode also returns the receiver of new subscriptions, which
     /// the control stream drains.
     pub fn new(cfg: ProxyConfig, bound: Bound) -> (Self, Option<mpsc::UnboundedReceiver<String>>) {
-        let (config, control_url, channel) = match cfg.source {
-            Source::Static(mesh) => (mesh, None, None),
-            Source::Control { url } => {
+        let (config, control_url, token, channel) = match cfg.source {
+            Source::Static(mesh) => (mesh, None, None, None),
+            Source::Control { url, token } => {
                 let (tx, rx) = mpsc::unbounded_channel();
-                (MeshConfig::default(), Some(url), Some((tx, rx)))
+                (MeshConfig::default(), Some(url), token, Some((tx, rx)))
             }
         };
-        let ready = Arc::new(AtomicBool::new(control_url.is_none()));
+        let static_mode = control_url.is_none();
+        let ready = Arc::new(AtomicBool::new(static_mode));
         let (subscribe_tx, rx) = match channel {
             Some((tx, rx)) => (Some(tx), Some(rx)),
             None => (None, None),
@@ -69,6 +74,9 @@ impl Proxy {
             subscribe_tx,
             last_nack: Mutex::new(None),
             pools: Pools::new(),
+            identity: Default::default(),
+            config_ready: AtomicBool::new(static_mode),
+            token,
         };
         (proxy, rx)
     }
@@ -90,8 +98,15 @@ impl Proxy {
     /// Swaps in a new config; in-flight requests keep the one they started with.
     pub fn apply(&self, config: MeshConfig) {
         self.config.store(Arc::new(config));
-        self.ready.store(true, Ordering::Release);
+        self.config_ready.store(true, Ordering::Release);
+        self.refresh_ready();
         self.applied.send_modify(|n| *n += 1);
+    }
+
+    /// Ready once it has a config and, when it has a join token, a workload certificate.
+    pub fn refresh_ready(&self) {
+        let ready = self.config_ready.load(Ordering::Acquire) && (self.token.is_none() || self.identity.tls().is_some());
+        self.ready.store(ready, Ordering::Release);
     }
 
     pub fn subscriptions(&self) -> Vec<String> {
@@ -151,6 +166,7 @@ impl Proxy {
                 "advertise": self.advertise,
             },
             "control": self.control_url,
+            "identity": self.identity.tls().map(|t| serde_json::json!({"spiffeId": t.identity, "notAfter": t.not_after})),
             "subscriptions": self.subscriptions(),
             "lastNack": *self.last_nack.lock(),
             "config": *self.config(),

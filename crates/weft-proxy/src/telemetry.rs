@@ -18,6 +18,10 @@ pub struct Telemetry {
     own_service: String,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
+    connections: Family<ConnectionLabels, Counter>,
+    authz: Family<AuthzLabels, Counter>,
+    /// Seconds until the workload certificate expires (negative once expired, 0 without one).
+    pub cert_expires_in: prometheus_client::metrics::gauge::Gauge,
     interval: Mutex<HashMap<(Direction, String, String, u64), Window>>,
 }
 
@@ -37,12 +41,25 @@ pub struct Finished<'a> {
     pub service: &'a str,
     /// The policy route taken (outbound), empty otherwise.
     pub route: &'a str,
+    /// Inbound: the request arrived over mTLS.
+    pub mtls: bool,
     /// Config revision in force when the request started.
     pub revision: u64,
     pub status: u16,
     /// `x-weft-error` reason when the proxy answered itself.
     pub reason: &'a str,
     pub elapsed: Duration,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    transport: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,6 +72,7 @@ struct LatencyLabels {
 struct Window {
     requests: u64,
     errors: u64,
+    mtls: u64,
     buckets: [u64; BUCKETS],
 }
 
@@ -77,11 +95,32 @@ impl Telemetry {
             "Time to response headers, by direction and service",
             latency.clone(),
         );
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "inbound_connections",
+            "Inbound connections by transport (mtls, plaintext) and outcome (accepted, refused-strict, handshake-failed, ...)",
+            connections.clone(),
+        );
+        let cert_expires_in = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "certificate_expires_in_seconds",
+            "Seconds until the workload certificate expires",
+            cert_expires_in.clone(),
+        );
+        let authz = Family::<AuthzLabels, Counter>::default();
+        registry.register(
+            "authz_decisions",
+            "Inbound authorization decisions (allow, deny, audit-deny, refused-path)",
+            authz.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             own_service: own_service.to_string(),
             requests,
             latency,
+            connections,
+            authz,
+            cert_expires_in,
             interval: Mutex::new(HashMap::new()),
         }
     }
@@ -92,6 +131,7 @@ impl Telemetry {
             direction,
             service,
             route,
+            mtls,
             revision,
             status,
             reason,
@@ -123,10 +163,21 @@ impl Telemetry {
             .entry((direction, service.to_string(), route.to_string(), revision))
             .or_default();
         w.requests += 1;
+        w.mtls += u64::from(mtls);
         if status >= 500 {
             w.errors += 1;
         }
         w.buckets[bucket_of(secs * 1000.0)] += 1;
+    }
+
+    /// Counts one authorization decision.
+    pub fn authz(&self, decision: &'static str) {
+        self.authz.get_or_create(&AuthzLabels { decision }).inc();
+    }
+
+    /// Counts one inbound connection.
+    pub fn connection(&self, transport: &'static str, outcome: &'static str) {
+        self.connections.get_or_create(&ConnectionLabels { transport, outcome }).inc();
     }
 
     /// Takes the interval's summaries, leaving an empty interval.
@@ -141,6 +192,7 @@ impl Telemetry {
                 revision,
                 requests: w.requests,
                 errors: w.errors,
+                mtls: w.mtls,
                 latency_buckets: w.buckets.to_vec(),
             })
             .collect()

@@ -21,6 +21,8 @@ pub struct EchoServer {
     pub addr: SocketAddr,
     pub name: String,
     pub served: Arc<AtomicU64>,
+    /// Every path (with query) the app was asked for.
+    pub paths: Arc<parking_lot::Mutex<Vec<String>>>,
     shutdown: Shutdown,
 }
 
@@ -30,17 +32,23 @@ impl EchoServer {
         let addr = listener.local_addr().unwrap();
         let served = Arc::new(AtomicU64::new(0));
         let shutdown = Shutdown::new();
-        let (n, s) = (name.to_string(), served.clone());
+        let paths = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (n, s, p) = (name.to_string(), served.clone(), paths.clone());
         tokio::spawn(weft_core::serve::serve(
             listener,
             Default::default(),
             shutdown.clone(),
-            move |req| echo(n.clone(), s.clone(), req),
+            move |req| {
+                p.lock()
+                    .push(req.uri().path_and_query().map(|x| x.as_str().to_string()).unwrap_or_default());
+                echo(n.clone(), s.clone(), req)
+            },
         ));
         Self {
             addr,
             name: name.to_string(),
             served,
+            paths,
             shutdown,
         }
     }

@@ -8,6 +8,7 @@
 pub mod apps;
 pub mod http;
 pub mod load;
+pub mod pki;
 pub mod process;
 
 /// Generated code for `proto/echo.proto` (checked in; see tests/codegen.rs).

@@ -23,6 +23,11 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(bin: &str, name: &str, args: &[String]) -> Self {
+        Self::spawn_env(bin, name, args, &[])
+    }
+
+    /// As [`Process::spawn`], with extra environment (secrets such as join tokens go here).
+    pub fn spawn_env(bin: &str, name: &str, args: &[String], env: &[(&str, &str)]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "weft-test-{}-{}-{}.log",
             std::process::id(),
@@ -32,6 +37,7 @@ impl Process {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -109,17 +115,31 @@ pub struct Control {
     pub grpc: SocketAddr,
     pub data_dir: PathBuf,
     bin: String,
+    extra: Vec<String>,
 }
 
 impl Control {
     pub async fn start(bin: &str) -> Self {
         let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        Self::start_at(bin, &data_dir, free_addr(), free_addr()).await
+        Self::launch(bin, &data_dir, free_addr(), free_addr(), Vec::new(), false).await
+    }
+
+    /// A control plane with extra flags (`--root-cert`, `--cert-ttl`, ...).
+    pub async fn start_with(bin: &str, extra: &[String]) -> Self {
+        let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        Self::launch(bin, &data_dir, free_addr(), free_addr(), extra.to_vec(), false).await
     }
 
     pub async fn start_at(bin: &str, data_dir: &Path, api: SocketAddr, grpc: SocketAddr) -> Self {
-        let args = [
+        Self::launch(bin, data_dir, api, grpc, Vec::new(), true).await
+    }
+
+    /// Starts the process; `keep_ports` retries on the same addresses (a restart), otherwise
+    /// on fresh ones.
+    async fn launch(bin: &str, data_dir: &Path, api: SocketAddr, grpc: SocketAddr, extra: Vec<String>, keep_ports: bool) -> Self {
+        let mut args: Vec<String> = [
             "control",
             "--data-dir",
             &data_dir.display().to_string(),
@@ -128,14 +148,25 @@ impl Control {
             "--grpc",
             &grpc.to_string(),
         ]
-        .map(String::from);
-        let process = Process::spawn(bin, "control", &args);
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().cloned());
+        let mut process = Process::spawn(bin, "control", &args);
+        // A port picked by the caller may have been taken before the control plane bound it:
+        // fresh ports for a fresh start; the same ones again for a restart.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if !process.is_running() && process.log_text().contains("cannot bind") {
+            let (api, grpc) = if keep_ports { (api, grpc) } else { (free_addr(), free_addr()) };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Box::pin(Self::launch(bin, data_dir, api, grpc, extra, keep_ports)).await;
+        }
         let c = Self {
             process,
             api,
             grpc,
             data_dir: data_dir.to_path_buf(),
             bin: bin.to_string(),
+            extra,
         };
         let client = Client::new();
         let url = c.url("/api/v1/status");
@@ -150,7 +181,7 @@ impl Control {
     /// Kills the process and starts a new one on the same addresses and data directory.
     pub async fn restart(&mut self) {
         self.process.kill();
-        *self = Self::start_at(&self.bin, &self.data_dir, self.api, self.grpc).await;
+        *self = Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -175,6 +206,14 @@ impl Control {
         (r.status, r.json())
     }
 
+    /// A join token for `workload` (NS/NAME) with service account `sa`.
+    pub async fn token(&self, workload: &str, sa: &str) -> String {
+        let body = serde_json::json!({"workload": workload, "serviceAccount": sa}).to_string();
+        let (status, v) = self.post("/api/v1/tokens", &body).await;
+        assert_eq!(status, 200, "token for {workload}: {v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
     pub fn revision_of(status: &Value) -> u64 {
         status["revision"].as_u64().unwrap()
     }
@@ -192,11 +231,22 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Starts `weft proxy` for `workload` (NS/NAME) in front of `app`, and waits until ready.
     pub async fn start(bin: &str, control: &Control, workload: &str, cluster: &str, labels: &[(&str, &str)], app: SocketAddr) -> Self {
-        Self::start_url(bin, &control.grpc_url(), workload, cluster, labels, app).await
+        let name = workload.rsplit('/').next().unwrap();
+        let sa = labels.iter().find(|(k, _)| *k == "service").map(|(_, v)| *v).unwrap_or(name);
+        let token = control.token(workload, sa).await;
+        Self::start_url(bin, &control.grpc_url(), Some(&token), workload, cluster, labels, app).await
     }
 
     /// As [`ProxyHandle::start`], against any control-plane gRPC URL (a scripted one, say).
-    pub async fn start_url(bin: &str, control_url: &str, workload: &str, cluster: &str, labels: &[(&str, &str)], app: SocketAddr) -> Self {
+    pub async fn start_url(
+        bin: &str,
+        control_url: &str,
+        token: Option<&str>,
+        workload: &str,
+        cluster: &str,
+        labels: &[(&str, &str)],
+        app: SocketAddr,
+    ) -> Self {
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
         let mut args: Vec<String> = [
             "proxy",
@@ -221,16 +271,33 @@ impl ProxyHandle {
             args.push("--label".into());
             args.push(format!("{k}={v}"));
         }
-        let process = Process::spawn(bin, workload, &args);
-        let p = Self {
+        let env: Vec<(&str, &str)> = token.map(|t| ("WEFT_TOKEN", t)).into_iter().collect();
+        let process = Process::spawn_env(bin, workload, &args, &env);
+        let mut p = Self {
             process,
             inbound,
             outbound,
             admin,
             workload: workload.to_string(),
         };
+        // A port picked above may have been taken by a parallel test before the proxy bound it.
+        if p.bind_failed().await {
+            return Box::pin(Self::start_url(bin, control_url, token, workload, cluster, labels, app)).await;
+        }
         p.wait_ready().await;
         p
+    }
+
+    /// Whether the process exited at start because a port was taken.
+    async fn bind_failed(&mut self) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_millis(400);
+        while std::time::Instant::now() < deadline {
+            if !self.process.is_running() {
+                return self.process.log_text().contains("cannot bind");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     pub async fn wait_ready(&self) {

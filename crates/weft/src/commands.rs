@@ -2,7 +2,7 @@
 
 use crate::client::{Api, Refused};
 use crate::output::{self, cell, table};
-use crate::{Cli, Command, EXIT_INVALID, IntentCommand};
+use crate::{Cli, Command, EXIT_INVALID, IntentCommand, TokenCommand};
 use anyhow::Context;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use weft_api::Resource;
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
     /// Static config file (no control plane): listeners, workload and services.
-    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin"])]
+    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin", "token"])]
     pub config: Option<PathBuf>,
     /// The control plane's gRPC URL, e.g. http://127.0.0.1:7071.
     #[arg(long, required_unless_present = "config")]
@@ -35,6 +35,10 @@ pub struct ProxyArgs {
     pub outbound: Option<SocketAddr>,
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    /// Join token (`weft token create`); without one the proxy has no identity and the control
+    /// plane refuses it.
+    #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -68,7 +72,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await;
         }
-        Command::Control { data_dir, api, grpc } => return control(data_dir, api, grpc).await,
+        Command::Control {
+            data_dir,
+            api,
+            grpc,
+            trust_domain,
+            cert_ttl,
+            root_cert,
+            root_key,
+        } => {
+            let root = root_cert.zip(root_key);
+            let cfg = weft_control::ControlConfig {
+                data_dir,
+                api,
+                grpc,
+                trust_domain,
+                cert_ttl: cert_ttl.as_std(),
+                root,
+            };
+            return control(cfg).await;
+        }
         Command::Proxy(args) => return proxy(args).await,
         Command::DemoApp(args) => return crate::demo_app::run(args).await,
         Command::Apply { file } => apply(&api, &file, format).await,
@@ -80,6 +103,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => status(&api, format).await,
         Command::Proxies => proxies(&api, format).await,
         Command::Intent(cmd) => intent(&api, cmd, format).await,
+        Command::Token(TokenCommand::Create {
+            workload,
+            service_account,
+            ttl,
+        }) => {
+            let body = serde_json::json!({"workload": workload, "serviceAccount": service_account, "ttl": ttl.to_string()}).to_string();
+            api.post("/api/v1/tokens", body, &[("content-type", "application/json")])
+                .await
+                .map(|v| say!("{}", cell(&v, "token")))
+        }
+        Command::Check { within } => return check(&api, within.as_std()).await,
         Command::Bypass { service, state, namespace } => {
             let body = serde_json::json!({"enabled": state == OnOff::On, "namespace": namespace}).to_string();
             api.post(&format!("/api/v1/bypass/{service}"), body, &[("content-type", "application/json")])
@@ -127,10 +161,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn control(data_dir: PathBuf, api: SocketAddr, grpc: SocketAddr) -> anyhow::Result<ExitCode> {
+async fn control(cfg: weft_control::ControlConfig) -> anyhow::Result<ExitCode> {
     let shutdown = weft_core::Shutdown::new();
     weft_core::shutdown::install(&shutdown);
-    let (_, handle) = weft_control::start(weft_control::ControlConfig { data_dir, api, grpc }, shutdown).await?;
+    let (_, handle) = weft_control::start(cfg, shutdown).await?;
     handle.await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -167,6 +201,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 advertise: None,
                 source: weft_proxy::Source::Control {
                     url: args.control.expect("required"),
+                    token: args.token.clone(),
                 },
             }
         }
@@ -505,4 +540,56 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
         }
     }
     Ok(())
+}
+
+/// Warnings about what will break soon: certificates near expiry, proxies out of sync.
+async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCode> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let ca = api.get("/api/v1/ca").await?;
+    let proxies = api.get("/api/v1/proxies").await?;
+    let status = api.get("/api/v1/status").await?;
+    let mut warnings = Vec::new();
+    let root = ca["rootNotAfter"].as_u64().unwrap_or(0);
+    if root <= now + 30 * 86_400 {
+        warnings.push(format!(
+            "the root CA of {} expires in {} s (rotate it)",
+            cell(&ca, "trustDomain"),
+            root.saturating_sub(now)
+        ));
+    }
+    for p in proxies.as_array().into_iter().flatten() {
+        match p["certExpiry"].as_u64() {
+            None => warnings.push(format!("{} has no workload certificate", cell(p, "id"))),
+            Some(t) if t <= now + within.as_secs() => {
+                warnings.push(format!("{}: certificate expires in {} s", cell(p, "id"), t.saturating_sub(now)))
+            }
+            _ => {}
+        }
+        if let Some(nack) = p["lastNack"].as_str() {
+            warnings.push(format!("{} refused its last config: {nack}", cell(p, "id")));
+        }
+    }
+    for s in status["services"].as_array().into_iter().flatten() {
+        if s["proxies"]["inSync"] != s["proxies"]["total"] {
+            warnings.push(format!(
+                "{}: {}/{} proxies on their assigned revision",
+                cell(s, "name"),
+                cell(&s["proxies"], "inSync"),
+                cell(&s["proxies"], "total")
+            ));
+        }
+    }
+    for w in &warnings {
+        say!("warning: {w}");
+    }
+    if warnings.is_empty() {
+        say!(
+            "ok: {} proxies, root CA valid for {} days",
+            proxies.as_array().map(Vec::len).unwrap_or(0),
+            root.saturating_sub(now) / 86_400
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
+    }
 }

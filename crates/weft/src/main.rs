@@ -61,6 +61,18 @@ pub enum Command {
         api: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:7071")]
         grpc: SocketAddr,
+        /// SPIFFE trust domain of workload identities.
+        #[arg(long, default_value = "weft.local")]
+        trust_domain: String,
+        /// Lifetime of workload certificates (proxies renew at half of it; at least 1m).
+        #[arg(long, default_value = "24h")]
+        cert_ttl: weft_api::Duration,
+        /// Your own root (or intermediate) CA certificate, PEM; with --root-key.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The key of --root-cert, PEM.
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),
@@ -101,8 +113,33 @@ pub enum Command {
     },
     /// Stop every rollout and pin last-known-good (`on`), or let rollouts run again (`off`).
     Freeze { state: commands::OnOff },
+    /// Join tokens: how a proxy proves which workload it is.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Warn about workload certificates or the root that expire soon, and proxies out of sync.
+    Check {
+        /// Warn when a workload certificate expires within this long.
+        #[arg(long, default_value = "1h")]
+        within: weft_api::Duration,
+    },
     /// Connected proxies and the revision each applied.
     Proxies,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token for one workload; prints the token alone on stdout.
+    Create {
+        /// NAMESPACE/NAME of the workload.
+        #[arg(long)]
+        workload: String,
+        /// Service account (the last segment of the SPIFFE ID); defaults to the workload name.
+        #[arg(long)]
+        service_account: Option<String>,
+        /// Lifetime, e.g. 24h.
+        #[arg(long, default_value = "24h")]
+        ttl: weft_api::Duration,
+    },
 }
 
 #[derive(Subcommand, Debug)]

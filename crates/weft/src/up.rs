@@ -173,12 +173,13 @@ async fn start_all(
         .await
         .context("the control plane did not come up")?;
 
+    let api = crate::client::Api::new(&api_url);
     let mut gateway_inbound = None;
     let mut table = Vec::new();
     for spec in &WORKLOADS {
         let mut attempt = 1;
         let ports = loop {
-            match start_workload(exe, logs, spec, &control_url).await {
+            match start_workload(exe, logs, spec, &control_url, &api).await {
                 Ok((mut started, ports)) => {
                     children.append(&mut started);
                     break ports;
@@ -203,7 +204,6 @@ async fn start_all(
             format!("http://{}", ports.admin),
         ]);
     }
-    let api = crate::client::Api::new(&api_url);
     for (name, text) in SEED_INTENTS {
         match api.post("/api/v1/intents", text.to_string(), &[("x-weft-source", name)]).await {
             Ok(_) => {}
@@ -253,7 +253,21 @@ struct Ports {
 
 /// Starts one workload's demo app and sidecar on fresh ports and waits until both serve. On
 /// failure both are stopped and the error says which exited.
-async fn start_workload(exe: &PathBuf, logs: &std::path::Path, spec: &Spec, control_url: &str) -> anyhow::Result<(Vec<Running>, Ports)> {
+async fn start_workload(
+    exe: &PathBuf,
+    logs: &std::path::Path,
+    spec: &Spec,
+    control_url: &str,
+    api: &crate::client::Api,
+) -> anyhow::Result<(Vec<Running>, Ports)> {
+    // Its join token: the service account is the service, so v1 and v2 share an identity.
+    let body = serde_json::json!({"workload": format!("default/{}", spec.workload), "serviceAccount": spec.service, "ttl": "720h"});
+    let token = api
+        .post("/api/v1/tokens", body.to_string(), &[("content-type", "application/json")])
+        .await?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let ports = Ports {
         app: free_port()?,
         inbound: free_port()?,
@@ -306,7 +320,13 @@ async fn start_workload(exe: &PathBuf, logs: &std::path::Path, spec: &Spec, cont
         "--admin",
         &admin,
     ];
-    started.push(spawn(exe, logs, &format!("{}-proxy", spec.workload), &proxy_args)?);
+    started.push(spawn_with(
+        exe,
+        logs,
+        &format!("{}-proxy", spec.workload),
+        &proxy_args,
+        &[("WEFT_TOKEN", &token)],
+    )?);
     let ready = async {
         wait_http(&format!("http://{}/healthz", ports.app), Duration::from_secs(15), &mut started).await?;
         wait_http(&format!("http://{}/ready", ports.admin), Duration::from_secs(15), &mut started).await
@@ -361,9 +381,15 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 fn spawn(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str]) -> anyhow::Result<Running> {
+    spawn_with(exe, logs, name, args, &[])
+}
+
+/// Starts a child; `env` carries secrets (join tokens) so they never show in its arguments.
+fn spawn_with(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Running> {
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let child = Command::new(exe)
         .args(args)
+        .envs(env.iter().copied())
         .env(weft_core::shutdown::EXIT_WITH_PARENT_ENV, "1")
         .stdin(Stdio::piped())
         .stdout(log.try_clone()?)

@@ -232,7 +232,9 @@ async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail()
 
 /// A caller that speaks the control stream itself and refuses every config carrying a
 /// TrafficPolicy (as a proxy of an older version might).
-async fn refusing_caller(grpc: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+async fn refusing_caller(control: &Control) -> tokio::task::JoinHandle<()> {
+    let grpc = control.grpc;
+    let token = control.token("default/legacy", "legacy").await;
     use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
         .unwrap()
@@ -247,6 +249,7 @@ async fn refusing_caller(grpc: std::net::SocketAddr) -> tokio::task::JoinHandle<
         cluster: "cluster-a".into(),
         inbound_addr: free_addr().to_string(),
         services: vec!["orders".into()],
+        token,
         ..Default::default()
     };
     tx.send(proto::ProxyMessage {
@@ -284,7 +287,7 @@ async fn refusing_caller(grpc: std::net::SocketAddr) -> tokio::task::JoinHandle<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nacked_change_never_leaves_last_known_good() {
     let f = Fixture::start(1, false, &[], Duration::from_millis(50)).await;
-    let _legacy = refusing_caller(f.control.grpc).await;
+    let _legacy = refusing_caller(&f.control).await;
     eventually(Duration::from_secs(5), "the refusing caller registered", || async {
         (f.control.get("/api/v1/proxies").await.as_array()?.len() == 3).then_some(())
     })

@@ -57,7 +57,7 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     let control = Control::start(BIN).await;
     let echo = EchoServer::start("echo").await;
     let grpc = GrpcEcho::start("grpc-echo").await;
-    let _echo_proxy = ProxyHandle::start(BIN, &control, "default/echo", "cluster-a", &[("version", "v1")], echo.addr).await;
+    let echo_proxy = ProxyHandle::start(BIN, &control, "default/echo", "cluster-a", &[("version", "v1")], echo.addr).await;
     let _grpc_proxy = ProxyHandle::start(BIN, &control, "default/grpc-echo", "cluster-a", &[], grpc.addr).await;
     let client = ProxyHandle::start(BIN, &control, "default/client", "cluster-a", &[], free_addr()).await;
 
@@ -169,6 +169,18 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
         metrics.contains("weft_proxy_request_duration_seconds_bucket"),
         "latency histogram exported"
     );
+    // Sidecar to sidecar was mTLS, never plaintext.
+    let server = echo_proxy.metrics().await;
+    assert!(
+        server.contains(r#"weft_proxy_inbound_connections_total{transport="mtls",outcome="accepted"}"#),
+        "{server}"
+    );
+    assert!(
+        !server.contains(r#"transport="plaintext""#),
+        "no plaintext connection reached the echo sidecar:\n{server}"
+    );
+    let dump = client.config_dump().await;
+    assert_eq!(dump["identity"]["spiffeId"], "spiffe://weft.local/ns/default/sa/client");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,6 +565,10 @@ mod scripted {
     impl proto::distribution_server::Distribution for Scripted {
         type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
 
+        async fn certify(&self, _: Request<proto::CertifyRequest>) -> Result<Response<proto::CertifyResponse>, Status> {
+            Err(Status::unimplemented("this scripted control plane issues no certificates"))
+        }
+
         async fn connect(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
             let mut inbound = req.into_inner();
             let (tx, rx) = mpsc::channel(8);
@@ -597,9 +613,9 @@ async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
             cluster: "cluster-a".into(),
             labels: Default::default(),
             workload: "default/echo".into(),
+            ..Default::default()
         }],
-        traffic_policy_json: String::new(),
-        policy_name: String::new(),
+        ..Default::default()
     };
     let good = proto::ProxyConfig {
         version: 1,
@@ -628,7 +644,7 @@ async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let url = format!("http://{grpc}");
-    let proxy = ProxyHandle::start_url(BIN, &url, "default/web", "cluster-a", &[], free_addr()).await;
+    let proxy = ProxyHandle::start_url(BIN, &url, None, "default/web", "cluster-a", &[], free_addr()).await;
     let (admin, outbound) = (proxy.admin, proxy.outbound);
 
     async fn next(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> Msg {

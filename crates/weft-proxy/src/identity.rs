@@ -1,0 +1,313 @@
+//! The proxy's workload identity: a key generated here (it never leaves the proxy), a
+//! certificate the control plane's CA issues for it from the join token, renewed at half its
+//! lifetime, and the TLS configurations built on it. Outbound, the server must present exactly
+//! the SPIFFE ID the control plane gave for that endpoint; inbound, the client's identity is
+//! read from its certificate. Without a valid certificate nothing is sent over mTLS: the
+//! proxy fails closed.
+
+use crate::state::Proxy;
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use weft_api::proto::{self, distribution_client::DistributionClient};
+use weft_core::Shutdown;
+
+/// Renewal is attempted at this fraction of the certificate's lifetime.
+const RENEW_AT: f64 = 0.5;
+
+/// The identity slot of a proxy: empty until the first certificate arrives.
+#[derive(Default)]
+pub struct Identity {
+    current: ArcSwapOption<Tls>,
+}
+
+/// TLS material for one certificate.
+pub struct Tls {
+    pub identity: String,
+    pub not_after: u64,
+    pub server: Arc<ServerConfig>,
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// Client configurations by the identity the server must present.
+    clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot reach the CA: {0}")]
+    Unreachable(String),
+    #[error("the CA refused: {0}")]
+    Refused(String),
+    #[error("unusable certificate material: {0}")]
+    Material(String),
+}
+
+fn material(e: impl std::fmt::Display) -> IdentityError {
+    IdentityError::Material(e.to_string())
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+// === impl Identity ===
+
+impl Identity {
+    pub fn tls(&self) -> Option<Arc<Tls>> {
+        self.current.load_full()
+    }
+
+    pub fn install(&self, tls: Tls) {
+        self.current.store(Some(Arc::new(tls)));
+    }
+}
+
+// === impl Tls ===
+
+impl Tls {
+    /// Builds the TLS configurations from a certificate chain, its key, and the trust bundle.
+    pub fn new(
+        identity: String,
+        not_after: u64,
+        chain_pem: &str,
+        key: PrivateKeyDer<'static>,
+        bundle_pem: &str,
+    ) -> Result<Self, IdentityError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let chain = pem_certs(chain_pem)?;
+        let mut roots = RootCertStore::empty();
+        for root in pem_certs(bundle_pem)? {
+            roots.add(root).map_err(material)?;
+        }
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(material)?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(material)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(material)?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            identity,
+            not_after,
+            server: Arc::new(server),
+            provider,
+            roots,
+            chain,
+            key,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A client configuration that accepts only a server presenting `expected`.
+    pub fn client_for(&self, expected: &str) -> Result<Arc<ClientConfig>, IdentityError> {
+        if let Some(c) = self.clients.lock().get(expected) {
+            return Ok(c.clone());
+        }
+        let verifier = SpiffeVerifier {
+            expected: expected.to_string(),
+            roots: self.roots.clone(),
+            provider: self.provider.clone(),
+        };
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(material)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(material)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = Arc::new(config);
+        self.clients.lock().insert(expected.to_string(), config.clone());
+        Ok(config)
+    }
+}
+
+/// The server name sent in SNI; identities are checked by SPIFFE ID, not by name.
+pub fn sni() -> ServerName<'static> {
+    ServerName::try_from("weft.mesh").expect("valid name")
+}
+
+fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(material)?;
+    if certs.is_empty() {
+        return Err(IdentityError::Material("no certificate in PEM".into()));
+    }
+    Ok(certs)
+}
+
+/// The one SPIFFE ID (URI SAN) of a certificate.
+pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+        _ => None,
+    });
+    let first = uris.next()?;
+    (uris.next().is_none() && first.starts_with("spiffe://")).then_some(first)
+}
+
+/// Verifies the server's chain against the mesh's roots, then that it presents exactly the
+/// expected SPIFFE ID. (The default verifier would look for a DNS name, which workload
+/// certificates do not carry.)
+#[derive(Debug)]
+struct SpiffeVerifier {
+    expected: String,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            rustls::Error::InvalidCertificate(match e {
+                webpki::Error::CertExpired { .. } => rustls::CertificateError::Expired,
+                webpki::Error::CertNotValidYet { .. } => rustls::CertificateError::NotValidYet,
+                webpki::Error::UnknownIssuer => rustls::CertificateError::UnknownIssuer,
+                _ => rustls::CertificateError::BadSignature,
+            })
+        })?;
+        match spiffe_id(end_entity) {
+            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(id) => Err(rustls::Error::General(format!("server presented {id}, expected {}", self.expected))),
+            None => Err(rustls::Error::General(format!(
+                "server presented no SPIFFE ID, expected {}",
+                self.expected
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used between weft proxies".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Obtains a certificate for a fresh key: CSR to the control plane's CA with the join token.
+pub async fn certify(control_url: &str, token: &str) -> Result<Tls, IdentityError> {
+    let key = rcgen::KeyPair::generate().map_err(material)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(material)?
+        .serialize_request(&key)
+        .map_err(material)?
+        .pem()
+        .map_err(material)?;
+    let channel = tonic::transport::Endpoint::from_shared(control_url.to_string())
+        .map_err(|e| IdentityError::Unreachable(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| IdentityError::Unreachable(e.to_string()))?;
+    let reply = DistributionClient::new(channel)
+        .certify(proto::CertifyRequest {
+            token: token.to_string(),
+            csr_pem: csr,
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => IdentityError::Refused(s.message().to_string()),
+            _ => IdentityError::Unreachable(s.message().to_string()),
+        })?
+        .into_inner();
+    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    Tls::new(
+        reply.identity,
+        reply.not_after_unix,
+        &reply.cert_chain_pem,
+        key,
+        &reply.trust_bundle_pem,
+    )
+}
+
+/// Keeps the proxy's certificate fresh: renews at half its lifetime, retries with capped
+/// backoff, and keeps serving with the current certificate while the CA is unreachable.
+pub async fn run(proxy: Arc<Proxy>, control_url: String, token: String, shutdown: Shutdown) {
+    let gauge = proxy.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let left = gauge.identity.tls().map(|t| t.not_after as i64 - now() as i64).unwrap_or(0);
+            gauge.telemetry.cert_expires_in.set(left);
+        }
+    });
+    let mut failures = 0u32;
+    loop {
+        let wait = match certify(&control_url, &token).await {
+            Ok(tls) => {
+                failures = 0;
+                let lifetime = tls.not_after.saturating_sub(now());
+                tracing::info!(identity = %tls.identity, expires_in_s = lifetime, "workload certificate installed");
+                proxy.identity.install(tls);
+                proxy.refresh_ready();
+                Duration::from_secs_f64(lifetime as f64 * RENEW_AT).max(Duration::from_secs(1))
+            }
+            Err(error) => {
+                failures += 1;
+                let left = proxy.identity.tls().map(|t| t.not_after.saturating_sub(now()));
+                tracing::warn!(%error, cert_expires_in_s = ?left, "cannot renew the workload certificate; retrying");
+                crate::control::backoff(failures)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! End-to-end tests of identity, mTLS and authorization: the real control plane (with a root
+//! the test owns, so it can mint good and bad certificates) and real proxies.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use weft_api::proto::{self, distribution_client::DistributionClient, proxy_message};
+use weft_test::apps::EchoServer;
+use weft_test::http::Client;
+use weft_test::load::Load;
+use weft_test::pki::{Pki, mtls_get, tls_server};
+use weft_test::{Control, ProxyHandle, eventually, free_addr};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft");
+
+async fn control_with_root(pki: &Pki, extra: &[&str]) -> Control {
+    let dir = std::env::temp_dir().join(format!("weft-pki-{}-{}", std::process::id(), rand::random::<u32>()));
+    let (cert, key) = pki.write(&dir);
+    let mut args = vec![
+        "--root-cert".to_string(),
+        cert.display().to_string(),
+        "--root-key".into(),
+        key.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Control::start_with(BIN, &args).await
+}
+
+async fn get_via(proxy: &ProxyHandle, service: &str, method: &str, path: &str) -> weft_test::http::Reply {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", proxy.outbound))
+        .header("host", service)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    Client::new().send(req).await.expect("outbound answers")
+}
+
+async fn apply(control: &Control, yaml: &str) -> u64 {
+    let (status, body) = control.post("/api/v1/resources", yaml).await;
+    assert_eq!(status, 200, "{body}");
+    body["revision"].as_u64().unwrap()
+}
+
+async fn on_revision(p: &ProxyHandle, rev: u64) {
+    eventually(Duration::from_secs(3), &format!("{} on revision {rev}", p.workload), || async {
+        (p.config_dump().await["config"]["revision"] == rev).then_some(())
+    })
+    .await;
+}
+
+const ID_TESTER: &str = "spiffe://weft.local/ns/default/sa/tester";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_between_sidecars_with_strict_permissive_and_bad_certificates() {
+    let pki = Pki::new("test root");
+    let control = control_with_root(&pki, &[]).await;
+    let app = EchoServer::start("orders").await;
+    let orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
+    let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    assert_eq!(get_via(&web, "orders", "GET", "/hello").await.status, 200);
+    assert_eq!(
+        orders.config_dump().await["identity"]["spiffeId"],
+        "spiffe://weft.local/ns/default/sa/orders"
+    );
+
+    // What the orders sidecar accepts over TLS: only certificates of this mesh's CA, in date.
+    let good = pki.leaf(ID_TESTER, -60, 3600);
+    assert_eq!(mtls_get(orders.inbound, Some(&good), "orders", "/direct").await, Ok(200));
+    for (what, leaf) in [
+        ("a foreign CA", Some(Pki::new("foreign root").leaf(ID_TESTER, -60, 3600))),
+        ("an expired certificate", Some(pki.leaf(ID_TESTER, -7200, -3600))),
+        ("a not-yet-valid certificate", Some(pki.leaf(ID_TESTER, 3600, 7200))),
+        ("no client certificate", None),
+    ] {
+        let outcome = mtls_get(orders.inbound, leaf.as_ref(), "orders", "/direct").await;
+        assert!(outcome.is_err(), "{what} must fail the handshake, got {outcome:?}");
+    }
+    let metrics = orders.metrics().await;
+    let failed = metrics
+        .lines()
+        .find(|l| l.contains(r#"transport="mtls",outcome="handshake-failed""#))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(failed.ends_with(" 4"), "four refused handshakes counted: {failed}");
+
+    // Permissive (the default): plaintext still reaches the app, and status shows the share.
+    let plain = |path: &'static str| {
+        let inbound = orders.inbound;
+        async move {
+            Client::new()
+                .send(
+                    Request::get(format!("http://{inbound}{path}"))
+                        .header("host", "orders")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+        }
+    };
+    assert_eq!(plain("/plain").await.unwrap().status, 200);
+    let svc = eventually(Duration::from_secs(6), "orders' traffic in status", || async {
+        let s = control.get("/api/v1/status").await;
+        s["services"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == "orders" && v["mtlsShare"].is_number())
+            .cloned()
+    })
+    .await;
+    assert_eq!(svc["mtls"], "permissive");
+    let share = svc["mtlsShare"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 100.0, "mTLS and plaintext both seen: {share}%");
+
+    // Strict: plaintext is refused; the mesh path keeps working over mTLS.
+    let rev = apply(
+        &control,
+        "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: orders-strict}\nspec: {selector: {service: orders}, mtls: strict}\n",
+    )
+    .await;
+    on_revision(&orders, rev).await;
+    assert!(plain("/plain-again").await.is_err(), "plaintext to a strict inbound is refused");
+    assert_eq!(get_via(&web, "orders", "GET", "/still-mtls").await.status, 200);
+    let svc = control.get("/api/v1/status").await["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "orders")
+        .unwrap()
+        .clone();
+    assert_eq!(svc["mtls"], "strict");
+    assert!(orders.metrics().await.contains(r#"transport="plaintext",outcome="refused-strict""#));
+
+    // `weft check`: fine with 24h certificates; warns when asked to look further ahead.
+    eventually(Duration::from_secs(6), "every proxy reported its certificate", || async {
+        let proxies = control.get("/api/v1/proxies").await;
+        proxies.as_array()?.iter().all(|p| p["certExpiry"].is_number()).then_some(())
+    })
+    .await;
+    let check = |within: &str| {
+        std::process::Command::new(BIN)
+            .args(["--server", &control.url(""), "check", "--within", within])
+            .output()
+            .unwrap()
+    };
+    let ok = check("1h");
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stdout));
+    let warn = check("48h");
+    let out = String::from_utf8_lossy(&warn.stdout);
+    assert_eq!(warn.status.code(), Some(1));
+    assert!(out.contains("default/orders#") && out.contains("certificate expires in"), "{out}");
+}
+
+/// Registers a workload of `service` at `addr` through the control stream, as a proxy would,
+/// and keeps it registered (ACKing every config) until the returned task is dropped.
+async fn register_endpoint(control: &Control, workload: &str, service: &str, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    let token = control.token(&format!("default/{workload}"), service).await;
+    let channel = tonic::transport::Endpoint::from_shared(control.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let register = proto::Register {
+        namespace: "default".into(),
+        name: workload.into(),
+        cluster: "cluster-a".into(),
+        labels: [("service".to_string(), service.to_string())].into(),
+        inbound_addr: addr.to_string(),
+        token,
+        ..Default::default()
+    };
+    tx.send(proto::ProxyMessage {
+        msg: Some(proxy_message::Msg::Register(register)),
+    })
+    .await
+    .unwrap();
+    let mut inbound = DistributionClient::new(channel)
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            if let Some(proto::control_message::Msg::Config(c)) = m.msg {
+                let ack = proxy_message::Msg::Ack(proto::Ack {
+                    version: c.version,
+                    revision: c.revision,
+                });
+                let _ = tx.send(proto::ProxyMessage { msg: Some(ack) }).await;
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_must_present_exactly_the_identity_the_control_plane_gave() {
+    let pki = Pki::new("test root");
+    let control = control_with_root(&pki, &[]).await;
+    let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    // An endpoint of "payments" whose server presents another workload's (valid) certificate.
+    let impostor = tls_server(pki.leaf("spiffe://weft.local/ns/default/sa/impostor", -60, 3600)).await;
+    let _reg = register_endpoint(&control, "payments-1", "payments", impostor).await;
+    let r = get_via(&web, "payments", "GET", "/").await;
+    assert_eq!(
+        (r.status, r.header("x-weft-error").as_deref()),
+        (503, Some("upstream-connect-failed")),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("expected spiffe://weft.local/ns/default/sa/payments"),
+        "{}",
+        r.text()
+    );
+
+    // The same kind of server presenting the right identity is accepted.
+    let genuine = tls_server(pki.leaf("spiffe://weft.local/ns/default/sa/billing", -60, 3600)).await;
+    let _reg2 = register_endpoint(&control, "billing-1", "billing", genuine).await;
+    let r = get_via(&web, "billing", "GET", "/").await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "impostor"),
+        "the exact SPIFFE ID is what counts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_decides_identities_and_tokens_bind_workloads() {
+    let control = Control::start(BIN).await;
+    let token = control.token("default/orders", "orders").await;
+    let channel = tonic::transport::Endpoint::from_shared(control.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = DistributionClient::new(channel);
+    // A CSR asking for `sans`: SPIFFE IDs as URI names, anything else as DNS names.
+    let csr = |sans: Vec<String>| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| {
+                if s.starts_with("spiffe://") {
+                    rcgen::SanType::URI(s.as_str().try_into().unwrap())
+                } else {
+                    rcgen::SanType::DnsName(s.as_str().try_into().unwrap())
+                }
+            })
+            .collect();
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    };
+    let ok = client
+        .certify(proto::CertifyRequest {
+            token: token.clone(),
+            csr_pem: csr(vec![]),
+        })
+        .await
+        .expect("a plain CSR is signed")
+        .into_inner();
+    assert_eq!(ok.identity, "spiffe://weft.local/ns/default/sa/orders");
+    assert!(ok.not_after_unix > 0 && ok.trust_bundle_pem.contains("BEGIN CERTIFICATE"));
+    for sans in [
+        vec!["spiffe://weft.local/ns/default/sa/payments".to_string()],
+        vec![ok.identity.clone(), "evil.example".into()],
+    ] {
+        let refused = client
+            .certify(proto::CertifyRequest {
+                token: token.clone(),
+                csr_pem: csr(sans.clone()),
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{sans:?}: {refused}");
+    }
+    let bad = client
+        .certify(proto::CertifyRequest {
+            token: format!("{token}x"),
+            csr_pem: csr(vec![]),
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(bad.code(), tonic::Code::Unauthenticated);
+    assert!(!bad.message().contains(&token), "a token is never echoed");
+    let metrics = Client::new().get(&control.url("/metrics")).await.unwrap().text();
+    assert!(metrics.lines().any(|l| l == "weft_control_csrs_refused_total 2"), "{metrics}");
+
+    // A proxy without a token, or with another workload's, is refused registration.
+    for (token, workload) in [(None, "default/web"), (Some(token.as_str()), "default/web")] {
+        let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+        let args: Vec<String> = [
+            "proxy",
+            "--control",
+            &control.grpc_url(),
+            "--workload",
+            workload,
+            "--cluster",
+            "a",
+            "--app",
+            &free_addr().to_string(),
+            "--inbound",
+            &inbound.to_string(),
+            "--outbound",
+            &outbound.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let env: Vec<(&str, &str)> = token.map(|t| ("WEFT_TOKEN", t)).into_iter().collect();
+        let mut p = weft_test::Process::spawn_env(BIN, "refused", &args, &env);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(control.get("/api/v1/proxies").await, serde_json::json!([]), "no proxy registered");
+        let ready = Client::new()
+            .get(&format!("http://{admin}/ready"))
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0);
+        assert_eq!(ready, 503, "a proxy without identity is not ready");
+        let log = p.log_text();
+        assert!(!token.is_some_and(|t| log.contains(t)), "the token never appears in logs");
+        p.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_matrix_no_spelling_of_a_denied_path_reaches_the_app() {
+    let control = Control::start(BIN).await;
+    let app = EchoServer::start("orders").await;
+    let orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
+    let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    let other = ProxyHandle::start(BIN, &control, "default/other", "cluster-a", &[], free_addr()).await;
+    let policy = |mode: &str| {
+        format!(
+            "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {{name: orders-authz}}\nspec:\n  selector: {{service: orders}}\n  authorization:\n    mode: {mode}\n    default: deny\n    rules:\n      - action: allow\n        from: {{identities: [\"spiffe://weft.local/ns/default/sa/web\"], namespaces: [default]}}\n        to: {{paths: [\"/api/*\"], methods: [GET]}}\n      - action: deny\n        to: {{paths: [\"/api/admin/*\"]}}\n"
+        )
+    };
+    let rev = apply(&control, &policy("enforce")).await;
+    on_revision(&orders, rev).await;
+    app.paths.lock().clear();
+
+    let r = get_via(&web, "orders", "GET", "//api//orders?x=1").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/api/orders?x=1", "the app gets the canonical path");
+    for (who, method, path) in [
+        (&other, "GET", "/api/orders"),
+        (&web, "POST", "/api/orders"),
+        (&web, "GET", "/private"),
+    ] {
+        let r = get_via(who, "orders", method, path).await;
+        assert_eq!(
+            (r.status, r.header("x-weft-error").as_deref()),
+            (403, Some("authz-denied")),
+            "{} {method} {path}",
+            who.workload
+        );
+    }
+    for path in [
+        "/api/admin/secret",
+        "//api//admin/secret",
+        "/api/./admin/secret",
+        "/api/x/../admin/secret",
+        "/api/%61dmin/secret",
+        "/api/%2e%2e/api/admin/secret",
+        "/api/%2E/admin/secret",
+        "/public/../api/admin/secret",
+        "/api/admin/../admin/secret",
+    ] {
+        let r = get_via(&web, "orders", "GET", path).await;
+        assert_eq!(
+            (r.status, r.header("x-weft-error").as_deref()),
+            (403, Some("authz-denied")),
+            "{path}"
+        );
+    }
+    for path in ["/api%2fadmin/secret", "/api/admin%2Fsecret", "/api/admin%5csecret"] {
+        let r = get_via(&web, "orders", "GET", path).await;
+        assert_eq!((r.status, r.header("x-weft-error").as_deref()), (400, Some("bad-path")), "{path}");
+    }
+    let seen = app.paths.lock().clone();
+    assert_eq!(seen, ["/api/orders?x=1"], "only the allowed request reached the app");
+
+    // Audit mode counts would-be denials and denies nothing.
+    let rev = apply(&control, &policy("audit")).await;
+    on_revision(&orders, rev).await;
+    assert_eq!(get_via(&web, "orders", "GET", "/api/admin/secret").await.status, 200);
+    let metrics = orders.metrics().await;
+    assert!(
+        metrics.contains(r#"weft_proxy_authz_decisions_total{decision="audit-deny"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"weft_proxy_authz_decisions_total{decision="deny"} 12"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renew_at_half_life_and_outlive_a_ca_outage() {
+    let mut control = Control::start_with(BIN, &["--cert-ttl".into(), "1m".into()]).await;
+    let app = EchoServer::start("orders").await;
+    let _orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
+    let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    let not_after = |d: Value| d["identity"]["notAfter"].as_u64().unwrap();
+    let first = not_after(web.config_dump().await);
+    assert_eq!(
+        get_via(&web, "orders", "GET", "/").await.status,
+        200,
+        "web knows orders before the CA goes away"
+    );
+    let load = Load::start(web.outbound, "orders", &[], Duration::from_millis(50));
+    // The CA goes away before the renewal point (30 s into a 60 s certificate)...
+    control.process.kill();
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(36)).await;
+    let during = load.stats();
+    assert_eq!(during.failed, 0, "no errors while the current certificate is valid: {during:?}");
+    assert_eq!(not_after(web.config_dump().await), first, "nothing renewed without the CA");
+    // ...and comes back: proxies renew by themselves.
+    control.restart().await;
+    eventually(Duration::from_secs(15), "renewed after the CA returned", || async {
+        (not_after(web.config_dump().await) > first).then_some(())
+    })
+    .await;
+    eprintln!(
+        "CA down {:.0} s across the renewal point; renewed once it returned",
+        down.elapsed().as_secs_f64()
+    );
+    let metrics = web.metrics().await;
+    assert!(metrics.contains("weft_proxy_certificate_expires_in_seconds"), "{metrics}");
+    let stats = load.stop().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(stats.ok > 500);
+}
