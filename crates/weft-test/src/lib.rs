@@ -10,6 +10,7 @@ pub mod http;
 pub mod load;
 pub mod pki;
 pub mod process;
+pub mod scripted;
 
 /// Generated code for `proto/echo.proto` (checked in; see tests/codegen.rs).
 #[allow(clippy::all, missing_docs)]

@@ -247,6 +247,25 @@ impl ProxyHandle {
         labels: &[(&str, &str)],
         app: SocketAddr,
     ) -> Self {
+        let mut p = Self::spawn_url(bin, control_url, token, workload, cluster, labels, app);
+        // A port picked may have been taken by a parallel test before the proxy bound it.
+        if p.bind_failed().await {
+            return Box::pin(Self::start_url(bin, control_url, token, workload, cluster, labels, app)).await;
+        }
+        p.wait_ready().await;
+        p
+    }
+
+    /// Starts the proxy process on fresh ports without waiting for it to be ready.
+    pub fn spawn_url(
+        bin: &str,
+        control_url: &str,
+        token: Option<&str>,
+        workload: &str,
+        cluster: &str,
+        labels: &[(&str, &str)],
+        app: SocketAddr,
+    ) -> Self {
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
         let mut args: Vec<String> = [
             "proxy",
@@ -273,19 +292,13 @@ impl ProxyHandle {
         }
         let env: Vec<(&str, &str)> = token.map(|t| ("WEFT_TOKEN", t)).into_iter().collect();
         let process = Process::spawn_env(bin, workload, &args, &env);
-        let mut p = Self {
+        Self {
             process,
             inbound,
             outbound,
             admin,
             workload: workload.to_string(),
-        };
-        // A port picked above may have been taken by a parallel test before the proxy bound it.
-        if p.bind_failed().await {
-            return Box::pin(Self::start_url(bin, control_url, token, workload, cluster, labels, app)).await;
         }
-        p.wait_ready().await;
-        p
     }
 
     /// Whether the process exited at start because a port was taken.

@@ -388,7 +388,10 @@ async fn status(api: &Api, format: output::Format) -> anyhow::Result<()> {
                 format!("{}%", cell(v, "errorRate")),
                 cell(v, "p99Ms"),
                 cell(v, "policyRevision"),
-                cell(v, "mtls"),
+                match v["mtlsShare"].as_f64() {
+                    Some(share) => format!("{} {share:.0}%", cell(v, "mtls")),
+                    None => cell(v, "mtls"),
+                },
                 format!("{}/{}", cell(&v["proxies"], "inSync"), cell(&v["proxies"], "total")),
             ]
         })

@@ -6,7 +6,7 @@ use http_body_util::Full;
 use hyper::Request;
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use weft_api::proto::{self, distribution_client::DistributionClient, proxy_message};
+use weft_api::proto::{self, distribution_client::DistributionClient};
 use weft_test::apps::EchoServer;
 use weft_test::http::Client;
 use weft_test::load::Load;
@@ -156,12 +156,6 @@ async fn mtls_between_sidecars_with_strict_permissive_and_bad_certificates() {
 /// and keeps it registered (ACKing every config) until the returned task is dropped.
 async fn register_endpoint(control: &Control, workload: &str, service: &str, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
     let token = control.token(&format!("default/{workload}"), service).await;
-    let channel = tonic::transport::Endpoint::from_shared(control.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
     let register = proto::Register {
         namespace: "default".into(),
         name: workload.into(),
@@ -171,27 +165,7 @@ async fn register_endpoint(control: &Control, workload: &str, service: &str, add
         token,
         ..Default::default()
     };
-    tx.send(proto::ProxyMessage {
-        msg: Some(proxy_message::Msg::Register(register)),
-    })
-    .await
-    .unwrap();
-    let mut inbound = DistributionClient::new(channel)
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::spawn(async move {
-        while let Ok(Some(m)) = inbound.message().await {
-            if let Some(proto::control_message::Msg::Config(c)) = m.msg {
-                let ack = proxy_message::Msg::Ack(proto::Ack {
-                    version: c.version,
-                    revision: c.revision,
-                });
-                let _ = tx.send(proto::ProxyMessage { msg: Some(ack) }).await;
-            }
-        }
-    })
+    weft_test::scripted::proxy(&control.grpc_url(), register, weft_test::scripted::ack).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,28 +263,9 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
 
     // A proxy without a token, or with another workload's, is refused registration.
     for (token, workload) in [(None, "default/web"), (Some(token.as_str()), "default/web")] {
-        let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
-        let args: Vec<String> = [
-            "proxy",
-            "--control",
-            &control.grpc_url(),
-            "--workload",
-            workload,
-            "--cluster",
-            "a",
-            "--app",
-            &free_addr().to_string(),
-            "--inbound",
-            &inbound.to_string(),
-            "--outbound",
-            &outbound.to_string(),
-            "--admin",
-            &admin.to_string(),
-        ]
-        .map(String::from)
-        .to_vec();
-        let env: Vec<(&str, &str)> = token.map(|t| ("WEFT_TOKEN", t)).into_iter().collect();
-        let mut p = weft_test::Process::spawn_env(BIN, "refused", &args, &env);
+        let mut proxy = ProxyHandle::spawn_url(BIN, &control.grpc_url(), token, workload, "a", &[], free_addr());
+        let admin = proxy.admin;
+        let p = &mut proxy.process;
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert_eq!(control.get("/api/v1/proxies").await, serde_json::json!([]), "no proxy registered");
         let ready = Client::new()

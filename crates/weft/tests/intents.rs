@@ -233,16 +233,8 @@ async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail()
 /// A caller that speaks the control stream itself and refuses every config carrying a
 /// TrafficPolicy (as a proxy of an older version might).
 async fn refusing_caller(control: &Control) -> tokio::task::JoinHandle<()> {
-    let grpc = control.grpc;
+    use weft_api::proto::{self, proxy_message};
     let token = control.token("default/legacy", "legacy").await;
-    use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = DistributionClient::new(channel);
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
     let register = proto::Register {
         namespace: "default".into(),
         name: "legacy".into(),
@@ -252,36 +244,18 @@ async fn refusing_caller(control: &Control) -> tokio::task::JoinHandle<()> {
         token,
         ..Default::default()
     };
-    tx.send(proto::ProxyMessage {
-        msg: Some(proxy_message::Msg::Register(register)),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tokio::spawn(async move {
-        while let Ok(Some(m)) = inbound.message().await {
-            let Some(control_message::Msg::Config(cfg)) = m.msg else { continue };
-            let msg = if cfg.services.iter().any(|s| !s.traffic_policy_json.is_empty()) {
-                proxy_message::Msg::Nack(proto::Nack {
-                    version: cfg.version,
-                    revision: cfg.revision,
-                    reason: "unsupported policy field: routes".into(),
-                })
-            } else {
-                proxy_message::Msg::Ack(proto::Ack {
-                    version: cfg.version,
-                    revision: cfg.revision,
-                })
-            };
-            if tx.send(proto::ProxyMessage { msg: Some(msg) }).await.is_err() {
-                return;
-            }
+    weft_test::scripted::proxy(&control.grpc_url(), register, |cfg| {
+        if cfg.services.iter().any(|s| !s.traffic_policy_json.is_empty()) {
+            proxy_message::Msg::Nack(proto::Nack {
+                version: cfg.version,
+                revision: cfg.revision,
+                reason: "unsupported policy field: routes".into(),
+            })
+        } else {
+            weft_test::scripted::ack(cfg)
         }
     })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
