@@ -84,6 +84,7 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         service: "",
         route: "",
         mtls: conn.mtls,
+        peer: conn.peer.as_deref().unwrap_or("plaintext"),
         revision,
         status,
         reason: reason_of(&resp),

@@ -18,6 +18,10 @@ use weft_api::proto::Direction;
 use weft_api::resource::MtlsMode;
 use weft_core::Body;
 
+/// The identity of the endpoint that answered (a response extension, for telemetry).
+#[derive(Clone, Debug)]
+struct PeerIdentity(String);
+
 /// Most distinct endpoints tried for one request when connecting fails (nothing was sent yet,
 /// so trying another is always safe).
 const CONNECT_ATTEMPTS: usize = 3;
@@ -33,6 +37,7 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         service: &service,
         route: &route,
         mtls: false,
+        peer: resp.extensions().get::<PeerIdentity>().map(|p| p.0.as_str()).unwrap_or(""),
         revision,
         status,
         reason: reason_of(&resp),
@@ -132,6 +137,7 @@ async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: 
         } else {
             None
         };
+        let endpoint_tls = tls.is_some();
         let mut sender = match proxy.pools.h2(addr, tls).await {
             Ok(s) => s,
             Err(e) => {
@@ -141,7 +147,16 @@ async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: 
             }
         };
         return match sender.send_request(req).await {
-            Ok(resp) => resp.map(|b| b.boxed_unsync()),
+            Ok(resp) => {
+                let mut resp = resp.map(|b| b.boxed_unsync());
+                let peer = if endpoint_tls {
+                    endpoint.identity.clone()
+                } else {
+                    "plaintext".to_string()
+                };
+                resp.extensions_mut().insert(PeerIdentity(peer));
+                resp
+            }
             Err(error) => {
                 proxy.pools.evict(addr);
                 reply(

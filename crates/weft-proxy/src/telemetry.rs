@@ -29,6 +29,9 @@ pub struct Telemetry {
 struct RequestLabels {
     direction: &'static str,
     service: String,
+    /// The other side's SPIFFE ID: the caller (inbound) or the endpoint (outbound); `plaintext`
+    /// when the hop was not mTLS, empty when the proxy answered itself.
+    peer: String,
     route: String,
     status: u16,
     reason: String,
@@ -43,6 +46,8 @@ pub struct Finished<'a> {
     pub route: &'a str,
     /// Inbound: the request arrived over mTLS.
     pub mtls: bool,
+    /// The other side's identity (see `RequestLabels::peer`).
+    pub peer: &'a str,
     /// Config revision in force when the request started.
     pub revision: u64,
     pub status: u16,
@@ -132,6 +137,7 @@ impl Telemetry {
             service,
             route,
             mtls,
+            peer,
             revision,
             status,
             reason,
@@ -146,6 +152,7 @@ impl Telemetry {
             .get_or_create(&RequestLabels {
                 direction: dir,
                 service: svc.to_string(),
+                peer: peer.to_string(),
                 route: route.to_string(),
                 status,
                 reason: reason.to_string(),
