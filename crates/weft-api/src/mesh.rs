@@ -29,6 +29,11 @@ pub struct MeshConfig {
     pub security: Option<SecurityPolicySpec>,
     /// Its `namespace/name`.
     pub security_name: String,
+    /// The roots to trust (PEM); empty in a static config.
+    #[serde(skip)]
+    pub trust_bundle: String,
+    /// Generation of the CA's signing root.
+    pub ca_generation: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -184,6 +189,8 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                 bypass: msg.bypass,
                 security,
                 security_name: msg.security_policy_name,
+                trust_bundle: msg.trust_bundle_pem,
+                ca_generation: msg.ca_generation,
             })
         } else {
             Err(Invalid::new(source, errors))
@@ -255,11 +262,14 @@ mod tests {
             bypass: true,
             security_policy_json: r#"{"selector":{"service":"orders-api"},"mtls":"strict"}"#.into(),
             security_policy_name: "default/orders-strict".into(),
+            trust_bundle_pem: "-----BEGIN CERTIFICATE-----".into(),
+            ca_generation: 2,
         };
         let cfg = MeshConfig::try_from(msg).unwrap();
         assert_eq!((cfg.version, cfg.revision, cfg.bypass), (3, 7, true));
         assert_eq!(cfg.security.as_ref().unwrap().mtls, Some(crate::resource::MtlsMode::Strict));
         assert_eq!(cfg.security_name, "default/orders-strict");
+        assert_eq!((cfg.trust_bundle.as_str(), cfg.ca_generation), ("-----BEGIN CERTIFICATE-----", 2));
         assert_eq!(cfg.services["orders-api"].mtls, Some(crate::resource::MtlsMode::Strict));
         assert_eq!(
             cfg.services["orders-api"].endpoints[0].identity,

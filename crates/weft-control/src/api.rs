@@ -55,6 +55,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/ledger", get(ledger))
         .route("/api/v1/tokens", post(create_token))
         .route("/api/v1/ca", get(ca_info))
+        .route("/api/v1/ca/rotate", post(rotate_root))
         .route("/api/v1/events", get(events))
         .fallback(not_found)
         .with_state(api)
@@ -306,9 +307,16 @@ async fn create_token(State(api): State<Api>, body: String) -> Result<Json<serde
 }
 
 async fn ca_info(State(api): State<Api>) -> Json<serde_json::Value> {
-    Json(
-        json!({"trustDomain": api.mesh.ca.trust_domain(), "rootNotAfter": api.mesh.ca.root_not_after(), "bundle": api.mesh.ca.bundle_pem()}),
-    )
+    Json(json!(api.mesh.ca.view()))
+}
+
+/// Starts a root rotation with an overlap bundle; it completes by itself.
+async fn rotate_root(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiError> {
+    api.mesh.rotate_root().map_err(|e| match e {
+        crate::ca::CaError::Busy(why) => ApiError(StatusCode::CONFLICT, why, vec![]),
+        other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string(), vec![]),
+    })?;
+    Ok(Json(json!(api.mesh.ca.view())))
 }
 
 async fn not_found() -> ApiError {

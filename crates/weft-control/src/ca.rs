@@ -25,10 +25,48 @@ pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
 pub struct Ca {
     trust_domain: String,
     leaf_ttl: Duration,
+    state: parking_lot::RwLock<Roots>,
+    token_key: hmac::Key,
+}
+
+/// The signing root, the roots trusted, and where a rotation stands.
+struct Roots {
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
     root_not_after: u64,
-    token_key: hmac::Key,
+    /// Every root proxies must trust (PEM, concatenated).
+    bundle_pem: String,
+    /// Bumped whenever the bundle changes.
+    bundle_epoch: u64,
+    /// Bumped whenever the signing root changes; a leaf of an older generation is re-issued.
+    generation: u64,
+    rotation: Rotation,
+    /// The new root while its certificate is being distributed (phase `distributing`).
+    next: Option<(String, String)>,
+}
+
+/// Root rotation with an overlap bundle: `distributing` (old and new roots trusted, old still
+/// signs) until every proxy ACKed the bundle; `reissuing` (the new root signs; proxies renew)
+/// until every workload holds a new leaf; then `idle` with the new root alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rotation {
+    Idle,
+    Distributing,
+    Reissuing,
+}
+
+/// A snapshot of the CA for the API.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaView {
+    pub trust_domain: String,
+    pub root_not_after: u64,
+    pub roots_trusted: usize,
+    pub bundle_epoch: u64,
+    pub generation: u64,
+    pub rotation: Rotation,
+    pub bundle: String,
 }
 
 /// What a token says: which workload holds it, and until when.
@@ -48,6 +86,8 @@ pub struct Issued {
     pub chain_pem: String,
     pub identity: String,
     pub not_after: u64,
+    /// The signing root's generation.
+    pub generation: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +100,8 @@ pub enum CaError {
     Refused(String),
     #[error("certificate authority: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Busy(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -91,33 +133,24 @@ impl Ca {
             (Some((cert, key)), _, _) => (cert, key),
             (None, Some(cert), Some(key)) => (cert, key),
             _ => {
-                let key = KeyPair::generate().map_err(internal)?;
-                let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
-                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-                params.key_usages = vec![
-                    KeyUsagePurpose::KeyCertSign,
-                    KeyUsagePurpose::CrlSign,
-                    KeyUsagePurpose::DigitalSignature,
-                ];
-                params
-                    .distinguished_name
-                    .push(DnType::CommonName, format!("weft root CA ({trust_domain})"));
-                params.not_before = offset(-3600);
-                params.not_after = offset(10 * 365 * 86_400);
-                let cert = params.self_signed(&key).map_err(internal)?;
-                let pair = (cert.pem(), key.serialize_pem());
+                let pair = new_root(trust_domain)?;
                 store.put_secret("root_cert", &pair.0)?;
                 store.put_secret("root_key", &pair.1)?;
                 tracing::info!(trust_domain, "generated a new root CA");
                 pair
             }
         };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Internal(format!("root key: {e}")))?;
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| CaError::Internal(format!("root certificate: {e}")))?;
-        let root_not_after = {
-            let der = pem_der(&root_pem).ok_or_else(|| CaError::Internal("root certificate is not PEM".into()))?;
-            let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(internal)?;
-            cert.validity().not_after.timestamp().max(0) as u64
+        let (issuer, root_not_after) = signer(&root_pem, &key_pem)?;
+        let bundle_pem = store.secret("bundle")?.unwrap_or_else(|| root_pem.clone());
+        let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
+        let next = match (store.secret("next_cert")?, store.secret("next_key")?) {
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => None,
+        };
+        let rotation = match store.secret("rotation")?.as_deref() {
+            Some("distributing") if next.is_some() => Rotation::Distributing,
+            Some("reissuing") => Rotation::Reissuing,
+            _ => Rotation::Idle,
         };
         let token_secret = match store.secret("token_key")? {
             Some(k) => URL_SAFE_NO_PAD.decode(k).map_err(internal)?,
@@ -128,14 +161,107 @@ impl Ca {
                 k.to_vec()
             }
         };
-        Ok(Self {
-            trust_domain: trust_domain.to_string(),
-            leaf_ttl,
+        let roots = Roots {
             issuer,
             root_pem,
             root_not_after,
+            bundle_pem,
+            bundle_epoch: number("bundle_epoch")?,
+            generation: number("generation")?,
+            rotation,
+            next,
+        };
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            leaf_ttl,
+            state: parking_lot::RwLock::new(roots),
             token_key: hmac::Key::new(hmac::HMAC_SHA256, &token_secret),
         })
+    }
+
+    /// Starts a root rotation: a new root joins the trust bundle; the old one still signs.
+    pub fn rotate(&self, store: &Store) -> Result<(), CaError> {
+        let mut st = self.state.write();
+        if st.rotation != Rotation::Idle {
+            return Err(CaError::Busy(format!("a rotation is already {:?}", st.rotation)));
+        }
+        let (cert, key) = new_root(&self.trust_domain)?;
+        let bundle = format!("{}\n{}", st.bundle_pem.trim_end(), cert);
+        store.put_secret("next_cert", &cert)?;
+        store.put_secret("next_key", &key)?;
+        store.put_secret("bundle", &bundle)?;
+        store.put_secret("bundle_epoch", &(st.bundle_epoch + 1).to_string())?;
+        store.put_secret("rotation", "distributing")?;
+        st.bundle_pem = bundle;
+        st.bundle_epoch += 1;
+        st.next = Some((cert, key));
+        st.rotation = Rotation::Distributing;
+        tracing::info!(
+            bundle_epoch = st.bundle_epoch,
+            "root rotation: new root distributed alongside the old"
+        );
+        Ok(())
+    }
+
+    /// Every proxy trusts the new root: it signs from now on, and leaves are re-issued.
+    pub fn switch_signer(&self, store: &Store) -> Result<(), CaError> {
+        let mut st = self.state.write();
+        let Some((cert, key)) = st.next.clone() else { return Ok(()) };
+        let (issuer, not_after) = signer(&cert, &key)?;
+        store.put_secret("root_cert", &cert)?;
+        store.put_secret("root_key", &key)?;
+        store.put_secret("generation", &(st.generation + 1).to_string())?;
+        store.put_secret("rotation", "reissuing")?;
+        st.issuer = issuer;
+        st.root_pem = cert;
+        st.root_not_after = not_after;
+        st.generation += 1;
+        st.next = None;
+        st.rotation = Rotation::Reissuing;
+        tracing::info!(generation = st.generation, "root rotation: the new root signs; workloads renew");
+        Ok(())
+    }
+
+    /// Every workload holds a leaf of the new root: the old root leaves the bundle.
+    pub fn finish_rotation(&self, store: &Store) -> Result<(), CaError> {
+        let mut st = self.state.write();
+        let bundle = st.root_pem.clone();
+        store.put_secret("bundle", &bundle)?;
+        store.put_secret("bundle_epoch", &(st.bundle_epoch + 1).to_string())?;
+        store.put_secret("rotation", "idle")?;
+        st.bundle_pem = bundle;
+        st.bundle_epoch += 1;
+        st.rotation = Rotation::Idle;
+        tracing::info!(
+            bundle_epoch = st.bundle_epoch,
+            "root rotation finished: the old root is no longer trusted"
+        );
+        Ok(())
+    }
+
+    pub fn rotation(&self) -> Rotation {
+        self.state.read().rotation
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.state.read().generation
+    }
+
+    pub fn bundle_epoch(&self) -> u64 {
+        self.state.read().bundle_epoch
+    }
+
+    pub fn view(&self) -> CaView {
+        let st = self.state.read();
+        CaView {
+            trust_domain: self.trust_domain.clone(),
+            root_not_after: st.root_not_after,
+            roots_trusted: st.bundle_pem.matches("BEGIN CERTIFICATE").count(),
+            bundle_epoch: st.bundle_epoch,
+            generation: st.generation,
+            rotation: st.rotation,
+            bundle: st.bundle_pem.clone(),
+        }
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -148,12 +274,12 @@ impl Ca {
     }
 
     /// The roots proxies trust.
-    pub fn bundle_pem(&self) -> &str {
-        &self.root_pem
+    pub fn bundle_pem(&self) -> String {
+        self.state.read().bundle_pem.clone()
     }
 
     pub fn root_not_after(&self) -> u64 {
-        self.root_not_after
+        self.state.read().root_not_after
     }
 
     /// A join token for one workload: `weft1.<claims>.<signature>`.
@@ -221,18 +347,48 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         params.not_before = offset(-60);
         params.not_after = offset(self.leaf_ttl.as_secs() as i64);
+        let roots = self.state.read();
         let signed = CertificateSigningRequestParams {
             params,
             public_key: csr.public_key,
         }
-        .signed_by(&self.issuer)
+        .signed_by(&roots.issuer)
         .map_err(internal)?;
         Ok(Issued {
             chain_pem: signed.pem(),
             identity,
             not_after: now() + self.leaf_ttl.as_secs(),
+            generation: roots.generation,
         })
     }
+}
+
+/// A fresh self-signed root (certificate and key PEM), valid for ten years.
+fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate().map_err(internal)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("weft root CA ({trust_domain}) {}", now()));
+    params.not_before = offset(-3600);
+    params.not_after = offset(10 * 365 * 86_400);
+    let cert = params.self_signed(&key).map_err(internal)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The issuer for a root's certificate and key, and the root's expiry.
+fn signer(cert_pem: &str, key_pem: &str) -> Result<(Issuer<'static, KeyPair>, u64), CaError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Internal(format!("root key: {e}")))?;
+    let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Internal(format!("root certificate: {e}")))?;
+    let der = pem_der(cert_pem).ok_or_else(|| CaError::Internal("root certificate is not PEM".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(internal)?;
+    Ok((issuer, cert.validity().not_after.timestamp().max(0) as u64))
 }
 
 /// The DER of the first PEM block in `pem`.

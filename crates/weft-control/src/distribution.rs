@@ -34,9 +34,10 @@ impl proto::distribution_server::Distribution for Distribution {
                 tracing::info!(workload = %format!("{}/{}", claims.ns, claims.name), identity = %issued.identity, not_after = issued.not_after, "certificate issued");
                 Ok(Response::new(proto::CertifyResponse {
                     cert_chain_pem: issued.chain_pem,
-                    trust_bundle_pem: self.mesh.ca.bundle_pem().to_string(),
+                    trust_bundle_pem: self.mesh.ca.bundle_pem(),
                     not_after_unix: issued.not_after,
                     identity: issued.identity,
+                    generation: issued.generation,
                 }))
             }
             Err(e) => {
@@ -81,6 +82,7 @@ async fn drive(
         if dirty {
             dirty = false;
             let Some((cfg, included)) = mesh.config_for(conn) else { break };
+            let bundle_epoch = mesh.ca.bundle_epoch();
             held_until = mesh.hold(conn, &cfg);
             if held_until.is_none() && last.as_ref() != Some(&cfg) {
                 version += 1;
@@ -88,7 +90,7 @@ async fn drive(
                 let msg = ControlMessage {
                     msg: Some(control_message::Msg::Config(proto::ProxyConfig { version, ..cfg })),
                 };
-                mesh.pushed(conn, version, included);
+                mesh.pushed(conn, version, included, bundle_epoch);
                 if tx.send(Ok(msg)).await.is_err() {
                     break;
                 }

@@ -223,6 +223,7 @@ pub async fn run(mesh: Arc<Mesh>, shutdown: Shutdown) {
             _ = shutdown.cancelled() => return,
         }
         mesh.step();
+        mesh.rotation_step();
     }
 }
 

@@ -78,7 +78,11 @@ pub struct ProxyRecord {
     /// Expiry of its workload certificate (unix seconds), as it last reported.
     pub cert_not_after: u64,
     /// Intents whose candidate each pushed version carried, until it is ACKed or NACKed.
-    pending: BTreeMap<u64, BTreeSet<u64>>,
+    pending: BTreeMap<u64, (BTreeSet<u64>, u64)>,
+    /// The trust-bundle epoch of the last config it ACKed.
+    pub(crate) bundle_epoch: u64,
+    /// Generation of the root behind the certificate it reports using (none reported yet).
+    pub(crate) cert_generation: Option<u64>,
     /// Intents whose candidate this proxy runs (from its last ACK).
     pub(crate) applied_intents: BTreeSet<u64>,
     /// Intents whose candidate this proxy refused, with the reason.
@@ -299,6 +303,8 @@ impl Mesh {
                 resumed: reg.applied_revision > 0 || !reg.services.is_empty(),
                 identity,
                 cert_not_after: 0,
+                bundle_epoch: 0,
+                cert_generation: None,
                 pending: BTreeMap::new(),
                 applied_intents: BTreeSet::new(),
                 refused: BTreeMap::new(),
@@ -406,8 +412,55 @@ impl Mesh {
             bypass: bypassed(&p.service),
             security_policy_json: security.unwrap_or_default(),
             security_policy_name: security_name.unwrap_or_default(),
+            trust_bundle_pem: self.ca.bundle_pem(),
+            ca_generation: self.ca.generation(),
         };
         Some((cfg, included))
+    }
+
+    /// Starts a root rotation (see [`crate::ca::Rotation`]).
+    pub fn rotate_root(&self) -> Result<(), crate::ca::CaError> {
+        self.ca.rotate(&self.store)?;
+        self.emit(serde_json::json!({"type": "ca", "rotation": "distributing"}));
+        self.bump();
+        Ok(())
+    }
+
+    /// Advances a root rotation: the new root signs once every proxy trusts it; the old root is
+    /// dropped once every workload holds a leaf of the new one.
+    pub fn rotation_step(&self) {
+        use crate::ca::Rotation;
+        let rotation = self.ca.rotation();
+        if rotation == Rotation::Idle {
+            return;
+        }
+        let ready = {
+            let state = self.state.lock();
+            match rotation {
+                Rotation::Distributing => state.proxies.values().all(|p| p.bundle_epoch >= self.ca.bundle_epoch()),
+                // What proxies report they use, not what was issued: a proxy may install its
+                // new certificate a little after the CA signed it.
+                Rotation::Reissuing => {
+                    let generation = self.ca.generation();
+                    state.proxies.values().all(|p| p.cert_generation.is_some_and(|g| g >= generation))
+                }
+                Rotation::Idle => false,
+            }
+        };
+        if !ready {
+            return;
+        }
+        let result = match rotation {
+            Rotation::Distributing => self.ca.switch_signer(&self.store),
+            _ => self.ca.finish_rotation(&self.store),
+        };
+        match result {
+            Ok(()) => {
+                self.emit(serde_json::json!({"type": "ca", "rotation": format!("{:?}", self.ca.rotation()).to_lowercase()}));
+                self.bump();
+            }
+            Err(error) => tracing::error!(%error, "root rotation step failed"),
+        }
     }
 
     /// While warming up, a proxy that resumed with a working config is not sent one that would
@@ -419,11 +472,11 @@ impl Mesh {
         (resumed && Instant::now() < until && cfg.services.iter().any(|s| s.endpoints.is_empty())).then_some(until)
     }
 
-    pub fn pushed(&self, conn: u64, version: u64, included: BTreeSet<u64>) {
+    pub fn pushed(&self, conn: u64, version: u64, included: BTreeSet<u64>, bundle_epoch: u64) {
         self.metrics.pushes.inc();
         if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
             p.pushed = Some((version, Instant::now()));
-            p.pending.insert(version, included);
+            p.pending.insert(version, (included, bundle_epoch));
             while p.pending.len() > 16 {
                 p.pending.pop_first();
             }
@@ -436,8 +489,9 @@ impl Mesh {
         if let Some(p) = state.proxies.get_mut(&conn) {
             p.applied_revision = revision;
             p.last_nack = None;
-            if let Some(included) = p.pending.remove(&version) {
+            if let Some((included, epoch)) = p.pending.remove(&version) {
                 p.applied_intents = included;
+                p.bundle_epoch = epoch;
             }
             p.pending.retain(|v, _| *v > version);
             if let Some((v, at)) = p.pushed
@@ -455,7 +509,7 @@ impl Mesh {
         self.metrics.nacks.inc();
         if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
             tracing::warn!(proxy = %p.id, version, revision, %reason, "proxy refused config");
-            if let Some(included) = p.pending.remove(&version) {
+            if let Some((included, _)) = p.pending.remove(&version) {
                 for seq in included.difference(&p.applied_intents) {
                     p.refused.insert(*seq, reason.clone());
                 }
@@ -471,6 +525,7 @@ impl Mesh {
         state.telemetry_signals += 1;
         let Some(p) = state.proxies.get_mut(&conn) else { return };
         p.cert_not_after = report.cert_not_after_unix;
+        p.cert_generation = (report.cert_not_after_unix > 0).then_some(report.cert_generation);
         let service_key = (p.namespace.clone(), p.service.clone());
         let workload = p.workload_id();
         let now = Instant::now();

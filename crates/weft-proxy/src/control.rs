@@ -127,8 +127,13 @@ async fn session(proxy: &Proxy, url: &str, subscriptions: &mut mpsc::UnboundedRe
             }
             _ = ticker.tick() => {
                 let stats = proxy.telemetry.take_interval();
-                let cert_not_after_unix = proxy.identity.tls().map(|t| t.not_after).unwrap_or(0);
-                let report = proto::TelemetryReport { interval_ms: REPORT_INTERVAL.as_millis() as u32, stats, cert_not_after_unix };
+                let tls = proxy.identity.tls();
+                let report = proto::TelemetryReport {
+                    interval_ms: REPORT_INTERVAL.as_millis() as u32,
+                    stats,
+                    cert_not_after_unix: tls.as_ref().map(|t| t.not_after).unwrap_or(0),
+                    cert_generation: tls.as_ref().map(|t| t.generation).unwrap_or(0),
+                };
                 send(proxy_message::Msg::Telemetry(report)).await;
             }
         }

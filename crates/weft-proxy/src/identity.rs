@@ -26,12 +26,18 @@ const RENEW_AT: f64 = 0.5;
 #[derive(Default)]
 pub struct Identity {
     current: ArcSwapOption<Tls>,
+    /// Wakes the renewal loop early (the CA's signing root changed).
+    renew: tokio::sync::Notify,
 }
 
 /// TLS material for one certificate.
 pub struct Tls {
     pub identity: String,
     pub not_after: u64,
+    /// Generation of the root that signed the certificate.
+    pub generation: u64,
+    /// The roots trusted (PEM).
+    pub bundle_pem: String,
     pub server: Arc<ServerConfig>,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
@@ -69,6 +75,24 @@ impl Identity {
     pub fn install(&self, tls: Tls) {
         self.current.store(Some(Arc::new(tls)));
     }
+
+    /// Follows the CA in a pushed config: trusts a new bundle at once (keeping the current
+    /// certificate) and renews early when the CA signs with a newer root.
+    pub fn follow(&self, bundle_pem: &str, ca_generation: u64) {
+        let Some(tls) = self.tls() else { return };
+        if !bundle_pem.is_empty() && bundle_pem != tls.bundle_pem {
+            match tls.with_bundle(bundle_pem) {
+                Ok(updated) => {
+                    tracing::info!(roots = bundle_pem.matches("BEGIN CERTIFICATE").count(), "trust bundle updated");
+                    self.install(updated);
+                }
+                Err(error) => tracing::warn!(%error, "unusable trust bundle; keeping the current one"),
+            }
+        }
+        if ca_generation > tls.generation {
+            self.renew.notify_one();
+        }
+    }
 }
 
 // === impl Tls ===
@@ -78,6 +102,7 @@ impl Tls {
     pub fn new(
         identity: String,
         not_after: u64,
+        generation: u64,
         chain_pem: &str,
         key: PrivateKeyDer<'static>,
         bundle_pem: &str,
@@ -102,6 +127,8 @@ impl Tls {
         Ok(Self {
             identity,
             not_after,
+            generation,
+            bundle_pem: bundle_pem.to_string(),
             server: Arc::new(server),
             provider,
             roots,
@@ -109,6 +136,19 @@ impl Tls {
             key,
             clients: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same certificate, trusting `bundle_pem`.
+    pub fn with_bundle(&self, bundle_pem: &str) -> Result<Self, IdentityError> {
+        let chain_pem: String = self.chain.iter().map(|c| pem_of(c)).collect();
+        Self::new(
+            self.identity.clone(),
+            self.not_after,
+            self.generation,
+            &chain_pem,
+            self.key.clone_key(),
+            bundle_pem,
+        )
     }
 
     /// A client configuration that accepts only a server presenting `expected`.
@@ -265,6 +305,7 @@ pub async fn certify(control_url: &str, token: &str) -> Result<Tls, IdentityErro
     Tls::new(
         reply.identity,
         reply.not_after_unix,
+        reply.generation,
         &reply.cert_chain_pem,
         key,
         &reply.trust_bundle_pem,
@@ -307,7 +348,20 @@ pub async fn run(proxy: Arc<Proxy>, control_url: String, token: String, shutdown
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = proxy.identity.renew.notified() => tracing::info!("the CA signs with a new root; renewing now"),
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// PEM text of one DER certificate.
+fn pem_of(cert: &CertificateDer<'_>) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
 }

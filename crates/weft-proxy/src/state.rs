@@ -97,6 +97,7 @@ impl Proxy {
 
     /// Swaps in a new config; in-flight requests keep the one they started with.
     pub fn apply(&self, config: MeshConfig) {
+        self.identity.follow(&config.trust_bundle, config.ca_generation);
         self.config.store(Arc::new(config));
         self.config_ready.store(true, Ordering::Release);
         self.refresh_ready();

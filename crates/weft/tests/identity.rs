@@ -407,3 +407,64 @@ async fn certificates_renew_at_half_life_and_outlive_a_ca_outage() {
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert!(stats.ok > 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_with_an_overlap_bundle_fails_no_handshake() {
+    let control = Control::start(BIN).await;
+    let app = EchoServer::start("orders").await;
+    let orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
+    let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    assert_eq!(get_via(&web, "orders", "GET", "/").await.status, 200);
+    let load = Load::start(web.outbound, "orders", &[], Duration::from_millis(20));
+    let before = control.get("/api/v1/ca").await;
+    assert_eq!(
+        (before["rotation"].as_str(), before["generation"].as_u64()),
+        (Some("idle"), Some(0))
+    );
+    let old_root = before["bundle"].as_str().unwrap().to_string();
+
+    let (status, started) = control.post("/api/v1/ca/rotate", "").await;
+    assert_eq!(status, 200, "{started}");
+    assert_eq!(started["rootsTrusted"], 2, "old and new roots are both trusted first: {started}");
+    let (status, _) = control.post("/api/v1/ca/rotate", "").await;
+    assert_eq!(status, 409, "one rotation at a time");
+    // A proxy joining mid-rotation talks to proxies holding either root's leaves.
+    let mid = ProxyHandle::start(BIN, &control, "default/mid", "cluster-a", &[], free_addr()).await;
+    assert_eq!(get_via(&mid, "orders", "GET", "/").await.status, 200);
+
+    let done = eventually(Duration::from_secs(20), "rotation finished", || async {
+        let ca = control.get("/api/v1/ca").await;
+        (ca["rotation"] == "idle" && ca["generation"] == 1).then_some(ca)
+    })
+    .await;
+    assert_eq!(done["rootsTrusted"], 1, "the old root is dropped once every leaf is re-issued");
+    assert_ne!(done["bundle"].as_str().unwrap(), old_root);
+    // A proxy joining now trusts only the new root: every existing workload must present a new leaf.
+    let late = ProxyHandle::start(BIN, &control, "default/late", "cluster-a", &[], free_addr()).await;
+    assert_eq!(get_via(&late, "orders", "GET", "/").await.status, 200);
+    let orders_late = ProxyHandle::start(BIN, &control, "default/orders-2", "cluster-a", &[("service", "orders")], app.addr).await;
+    for caller in [&web, &mid] {
+        for _ in 0..20 {
+            assert_eq!(
+                get_via(caller, "orders", "GET", "/after").await.status,
+                200,
+                "{} after rotation",
+                caller.workload
+            );
+        }
+    }
+    for p in [&orders, &web, &mid, &late, &orders_late] {
+        let m = p.metrics().await;
+        let failed = m
+            .lines()
+            .any(|l| l.starts_with("weft_proxy_inbound_connections_total{") && l.contains(r#"outcome="handshake-failed""#));
+        assert!(!failed, "{}: a handshake failed during rotation:\n{m}", p.workload);
+        assert!(
+            m.contains(r#"transport="mtls",outcome="accepted""#) || p.workload != "default/orders",
+            "{m}"
+        );
+    }
+    let stats = load.stop().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(stats.ok > 100, "{stats:?}");
+}

@@ -16,6 +16,9 @@ pub struct CertifyResponse {
     pub not_after_unix: u64,
     #[prost(string, tag = "4")]
     pub identity: ::prost::alloc::string::String,
+    /// Generation of the root that signed it.
+    #[prost(uint64, tag = "5")]
+    pub generation: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyMessage {
@@ -96,6 +99,9 @@ pub struct TelemetryReport {
     /// Expiry of the proxy's workload certificate (unix seconds; 0 without one).
     #[prost(uint64, tag = "3")]
     pub cert_not_after_unix: u64,
+    /// Generation of the root that signed the certificate the proxy is using.
+    #[prost(uint64, tag = "4")]
+    pub cert_generation: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TrafficStats {
@@ -157,6 +163,12 @@ pub struct ProxyConfig {
     /// Its name (namespace/name), for logs of the decisions it makes.
     #[prost(string, tag = "7")]
     pub security_policy_name: ::prost::alloc::string::String,
+    /// The roots to trust (PEM); during a root rotation, old and new.
+    #[prost(string, tag = "8")]
+    pub trust_bundle_pem: ::prost::alloc::string::String,
+    /// Generation of the CA's signing root; a proxy whose certificate is older renews at once.
+    #[prost(uint64, tag = "9")]
+    pub ca_generation: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Service {
