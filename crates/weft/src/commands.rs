@@ -2,7 +2,7 @@
 
 use crate::client::{Api, Refused};
 use crate::output::{self, cell, table};
-use crate::{Cli, Command, EXIT_INVALID, IntentCommand, TokenCommand};
+use crate::{CaCommand, Cli, Command, EXIT_INVALID, IntentCommand, TokenCommand};
 use anyhow::Context;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -114,6 +114,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|v| say!("{}", cell(&v, "token")))
         }
         Command::Check { within } => return check(&api, within.as_std()).await,
+        Command::Ca(cmd) => {
+            let ca = match cmd {
+                CaCommand::Status => api.get("/api/v1/ca").await,
+                CaCommand::Rotate => api.post("/api/v1/ca/rotate", String::new(), &[]).await,
+            };
+            ca.and_then(|mut v| {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("bundle");
+                }
+                if !output::structured(format, &v)? {
+                    say!(
+                        "trust domain {}  roots trusted {}  signing generation {}  rotation {}",
+                        cell(&v, "trustDomain"),
+                        cell(&v, "rootsTrusted"),
+                        cell(&v, "generation"),
+                        cell(&v, "rotation")
+                    );
+                }
+                Ok(())
+            })
+        }
         Command::Bypass { service, state, namespace } => {
             let body = serde_json::json!({"enabled": state == OnOff::On, "namespace": namespace}).to_string();
             api.post(&format!("/api/v1/bypass/{service}"), body, &[("content-type", "application/json")])

@@ -116,6 +116,9 @@ pub enum Command {
     /// Join tokens: how a proxy proves which workload it is.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The mesh's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Warn about workload certificates or the root that expire soon, and proxies out of sync.
     Check {
         /// Warn when a workload certificate expires within this long.
@@ -124,6 +127,15 @@ pub enum Command {
     },
     /// Connected proxies and the revision each applied.
     Proxies,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Trust domain, roots trusted, signing generation and rotation phase.
+    Status,
+    /// Rotate the root: the new root is trusted everywhere first, then signs, then the old one
+    /// is dropped once every workload holds a new certificate. Completes by itself.
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]
