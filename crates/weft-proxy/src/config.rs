@@ -17,6 +17,10 @@ pub struct ProxyConfig {
     pub admin: Option<SocketAddr>,
     /// Address other proxies dial for this workload; defaults to the bound inbound address.
     pub advertise: Option<SocketAddr>,
+    /// JSON access log lines on standard output.
+    pub access_log: bool,
+    /// Percentage of requests logged when access logs are on.
+    pub access_log_sample: f64,
     pub source: Source,
 }
 
@@ -127,6 +131,8 @@ impl StaticFile {
             outbound: file.outbound,
             admin: file.admin,
             advertise: None,
+            access_log: false,
+            access_log_sample: 100.0,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()

@@ -10,6 +10,7 @@
 // those cold paths, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod access;
 pub mod authz;
 pub mod config;
 pub mod control;

@@ -61,7 +61,7 @@ impl Proxy {
             None => (None, None),
         };
         let proxy = Proxy {
-            telemetry: Telemetry::new(cfg.workload.service()),
+            telemetry: Telemetry::new(cfg.workload.service(), cfg.access_log, cfg.access_log_sample),
             advertise: cfg.advertise.unwrap_or(bound.inbound),
             workload: cfg.workload,
             app: cfg.app,

@@ -15,6 +15,7 @@ use weft_api::telemetry::{BUCKETS, bucket_of};
 
 pub struct Telemetry {
     pub registry: Arc<Registry>,
+    pub access: crate::access::AccessLog,
     own_service: String,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
@@ -84,8 +85,9 @@ struct Window {
 // === impl Telemetry ===
 
 impl Telemetry {
-    pub fn new(own_service: &str) -> Self {
+    pub fn new(own_service: &str, access_log: bool, access_log_sample: f64) -> Self {
         let mut registry = Registry::with_prefix("weft_proxy");
+        let access = crate::access::AccessLog::new(access_log, access_log_sample, &mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -120,6 +122,7 @@ impl Telemetry {
         );
         Self {
             registry: Arc::new(registry),
+            access,
             own_service: own_service.to_string(),
             requests,
             latency,

@@ -237,6 +237,31 @@ impl ProxyHandle {
         Self::start_url(bin, &control.grpc_url(), Some(&token), workload, cluster, labels, app).await
     }
 
+    /// As [`ProxyHandle::start`], with access logs on.
+    pub async fn start_logged(
+        bin: &str,
+        control: &Control,
+        workload: &str,
+        cluster: &str,
+        labels: &[(&str, &str)],
+        app: SocketAddr,
+    ) -> Self {
+        let name = workload.rsplit('/').next().unwrap();
+        let token = control.token(workload, name).await;
+        let p = Self::spawn_url(
+            bin,
+            &control.grpc_url(),
+            Some(&token),
+            workload,
+            cluster,
+            labels,
+            app,
+            &[("WEFT_ACCESS_LOG", "1")],
+        );
+        p.wait_ready().await;
+        p
+    }
+
     /// As [`ProxyHandle::start`], against any control-plane gRPC URL (a scripted one, say).
     pub async fn start_url(
         bin: &str,
@@ -247,7 +272,7 @@ impl ProxyHandle {
         labels: &[(&str, &str)],
         app: SocketAddr,
     ) -> Self {
-        let mut p = Self::spawn_url(bin, control_url, token, workload, cluster, labels, app);
+        let mut p = Self::spawn_url(bin, control_url, token, workload, cluster, labels, app, &[]);
         // A port picked may have been taken by a parallel test before the proxy bound it.
         if p.bind_failed().await {
             return Box::pin(Self::start_url(bin, control_url, token, workload, cluster, labels, app)).await;
@@ -257,6 +282,7 @@ impl ProxyHandle {
     }
 
     /// Starts the proxy process on fresh ports without waiting for it to be ready.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn_url(
         bin: &str,
         control_url: &str,
@@ -265,6 +291,7 @@ impl ProxyHandle {
         cluster: &str,
         labels: &[(&str, &str)],
         app: SocketAddr,
+        extra_env: &[(&str, &str)],
     ) -> Self {
         let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
         let mut args: Vec<String> = [
@@ -290,7 +317,8 @@ impl ProxyHandle {
             args.push("--label".into());
             args.push(format!("{k}={v}"));
         }
-        let env: Vec<(&str, &str)> = token.map(|t| ("WEFT_TOKEN", t)).into_iter().collect();
+        let mut env: Vec<(&str, &str)> = token.map(|t| ("WEFT_TOKEN", t)).into_iter().collect();
+        env.extend_from_slice(extra_env);
         let process = Process::spawn_env(bin, workload, &args, &env);
         Self {
             process,

@@ -39,6 +39,12 @@ pub struct ProxyArgs {
     /// plane refuses it.
     #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// One JSON line per request on standard output.
+    #[arg(long, env = "WEFT_ACCESS_LOG", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub access_log: bool,
+    /// Percentage of requests written to the access log.
+    #[arg(long, default_value_t = 100.0)]
+    pub access_log_sample: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -191,9 +197,20 @@ async fn control(cfg: weft_control::ControlConfig) -> anyhow::Result<ExitCode> {
 }
 
 async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    if !(0.0..=100.0).contains(&args.access_log_sample) {
+        eprintln!(
+            "error: --access-log-sample: {} is not a percentage between 0 and 100",
+            args.access_log_sample
+        );
+        return Ok(ExitCode::from(2));
+    }
     let cfg = match &args.config {
         Some(path) => match weft_proxy::StaticFile::load(&path.display().to_string()) {
-            Ok(cfg) => cfg,
+            Ok(cfg) => weft_proxy::ProxyConfig {
+                access_log: args.access_log,
+                access_log_sample: args.access_log_sample,
+                ..cfg
+            },
             Err(invalid) => {
                 eprintln!("error: {invalid}");
                 return Ok(ExitCode::from(EXIT_INVALID));
@@ -220,6 +237,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 outbound: args.outbound.expect("required"),
                 admin: args.admin,
                 advertise: None,
+                access_log: args.access_log,
+                access_log_sample: args.access_log_sample,
                 source: weft_proxy::Source::Control {
                     url: args.control.expect("required"),
                     token: args.token.clone(),

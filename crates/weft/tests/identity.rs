@@ -281,7 +281,7 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
 
     // A proxy without a token, or with another workload's, is refused registration.
     for (token, workload) in [(None, "default/web"), (Some(token.as_str()), "default/web")] {
-        let mut proxy = ProxyHandle::spawn_url(BIN, &control.grpc_url(), token, workload, "a", &[], free_addr());
+        let mut proxy = ProxyHandle::spawn_url(BIN, &control.grpc_url(), token, workload, "a", &[], free_addr(), &[]);
         let admin = proxy.admin;
         let p = &mut proxy.process;
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -467,4 +467,68 @@ async fn root_rotation_with_an_overlap_bundle_fails_no_handshake() {
     let stats = load.stop().await;
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert!(stats.ok > 100, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_are_one_json_line_per_request_with_both_identities() {
+    let control = Control::start(BIN).await;
+    let app = EchoServer::start("orders").await;
+    let orders = ProxyHandle::start_logged(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
+    let web = ProxyHandle::start_logged(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let req = Request::get(format!("http://{}/api/x?q=1", web.outbound))
+        .header("host", "orders")
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(Client::new().send(req).await.unwrap().status, 200);
+    let lines = |p: &ProxyHandle| -> Vec<Value> {
+        p.process
+            .log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let (out, inb) = eventually(Duration::from_secs(3), "an access log line at each hop", || async {
+        let out = lines(&web)
+            .into_iter()
+            .find(|l| l["direction"] == "outbound" && l["traceId"] == trace)?;
+        let inb = lines(&orders)
+            .into_iter()
+            .find(|l| l["direction"] == "inbound" && l["traceId"] == trace)?;
+        Some((out, inb))
+    })
+    .await;
+    let (web_id, orders_id) = ("spiffe://weft.local/ns/default/sa/web", "spiffe://weft.local/ns/default/sa/orders");
+    assert_eq!(
+        (out["source"].as_str(), out["destination"].as_str()),
+        (Some(web_id), Some(orders_id)),
+        "{out}"
+    );
+    assert_eq!(
+        (out["service"].as_str(), out["path"].as_str(), out["status"].as_u64()),
+        (Some("orders"), Some("/api/x"), Some(200)),
+        "{out}"
+    );
+    assert_eq!(out["upstream"], orders.inbound.to_string());
+    assert_eq!(
+        (inb["source"].as_str(), inb["destination"].as_str()),
+        (Some(web_id), Some(orders_id)),
+        "{inb}"
+    );
+    assert_eq!(inb["upstream"], app.addr.to_string());
+    assert!(
+        out["durationMs"].as_f64().unwrap() >= inb["durationMs"].as_f64().unwrap(),
+        "the caller's view includes the callee's"
+    );
+    // Without the flag there is no access log at all.
+    let quiet = ProxyHandle::start(BIN, &control, "default/quiet", "cluster-a", &[], free_addr()).await;
+    let req = Request::get(format!("http://{}/", quiet.outbound))
+        .header("host", "orders")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(Client::new().send(req).await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(lines(&quiet).is_empty(), "access logs are off by default");
 }

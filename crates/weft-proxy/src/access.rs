@@ -1,0 +1,129 @@
+//! Access logs: one JSON line per request on standard output, when enabled, sampled by
+//! percentage. Lines are handed to a writer task through a bounded queue, so a slow terminal
+//! never slows a request; a full queue drops the line and counts it.
+
+use serde::Serialize;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+/// How many lines may wait for the writer.
+const QUEUE: usize = 4096;
+
+pub struct AccessLog {
+    tx: Option<mpsc::Sender<String>>,
+    sample_percent: f64,
+    dropped: prometheus_client::metrics::counter::Counter,
+}
+
+/// One request, as logged.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Entry<'a> {
+    /// Unix time in milliseconds when the request finished.
+    pub time_ms: u64,
+    pub direction: &'static str,
+    /// W3C trace id (or b3), empty when the request carried none.
+    pub trace_id: &'a str,
+    pub source: &'a str,
+    pub destination: &'a str,
+    pub service: &'a str,
+    pub route: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The endpoint (outbound) or app (inbound) that answered.
+    pub upstream: &'a str,
+    pub status: u16,
+    /// `x-weft-error` when the proxy answered itself.
+    pub reason: &'a str,
+    pub duration_ms: f64,
+    pub retries: u32,
+}
+
+impl AccessLog {
+    /// Starts the writer when `enabled` (call inside the runtime).
+    pub fn new(enabled: bool, sample_percent: f64, registry: &mut prometheus_client::registry::Registry) -> Self {
+        let dropped = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            dropped.clone(),
+        );
+        let tx = enabled.then(|| {
+            let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
+            tokio::spawn(async move {
+                let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+                while let Some(line) = rx.recv().await {
+                    let _ = out.write_all(line.as_bytes()).await;
+                    if rx.is_empty() {
+                        let _ = out.flush().await;
+                    }
+                }
+            });
+            tx
+        });
+        Self {
+            tx,
+            sample_percent: sample_percent.clamp(0.0, 100.0),
+            dropped,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Logs `entry` if enabled and sampled in.
+    pub fn log(&self, entry: Entry<'_>) {
+        let Some(tx) = &self.tx else { return };
+        if self.sample_percent < 100.0 && rand::random_range(0.0..100.0) >= self.sample_percent {
+            return;
+        }
+        let mut line = serde_json::to_string(&entry).expect("entry serializes");
+        line.push('\n');
+        if tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+/// The trace id a request carries: W3C `traceparent` (`00-<trace>-<span>-<flags>`), else b3.
+pub fn trace_id(headers: &http::HeaderMap) -> String {
+    if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok())
+        && let Some(id) = tp.split('-').nth(1)
+    {
+        return id.to_string();
+    }
+    if let Some(id) = headers.get("x-b3-traceid").and_then(|v| v.to_str().ok()) {
+        return id.to_string();
+    }
+    headers
+        .get("b3")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|b| b.split('-').next())
+        .unwrap_or("")
+        .to_string()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn trace_ids_from_w3c_and_b3() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(super::trace_id(&h), "");
+        h.insert("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1".parse().unwrap());
+        assert_eq!(super::trace_id(&h), "80f198ee56343ba864fe8b2a57d3eff7");
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap(),
+        );
+        assert_eq!(super::trace_id(&h), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+}
