@@ -40,7 +40,24 @@ pub struct Entry<'a> {
     pub retries: u32,
 }
 
+/// What an access line needs from a request before the request is consumed.
+pub struct Captured {
+    pub method: String,
+    pub path: String,
+    pub trace: String,
+}
+
 impl AccessLog {
+    /// Captures the request's line fields, only when access logs are on (nothing extra per
+    /// request otherwise).
+    pub fn capture<B>(&self, req: &http::Request<B>) -> Option<Captured> {
+        self.enabled().then(|| Captured {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            trace: trace_id(req.headers()),
+        })
+    }
+
     /// Starts the writer when `enabled` (call inside the runtime).
     pub fn new(enabled: bool, sample_percent: f64, registry: &mut prometheus_client::registry::Registry) -> Self {
         let dropped = prometheus_client::metrics::counter::Counter::default();

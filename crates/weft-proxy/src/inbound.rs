@@ -2,7 +2,6 @@
 //! original client spoke (HTTP/1.1 through the pooled client, HTTP/2 and gRPC over one
 //! multiplexed connection).
 
-use crate::access;
 use crate::authz;
 use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop};
 use crate::identity::spiffe_id;
@@ -75,50 +74,25 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         .unwrap_or(ConnInfo { mtls: false, peer: None });
     let version = req.version();
     let revision = proxy.revision();
-    // Captured only when access logs are on: nothing extra per request otherwise.
-    let logged = proxy.telemetry.access.enabled().then(|| {
-        (
-            req.method().to_string(),
-            req.uri().path().to_string(),
-            access::trace_id(req.headers()),
-        )
-    });
+    let captured = proxy.telemetry.access.capture(&req);
     let resp = match authorize(&proxy, &conn, &req) {
         Ok(canonical) => to_app(&proxy, req, canonical).await,
         Err(denied) => denied,
     };
-    let status = resp.status().as_u16();
-    let elapsed = start.elapsed();
-    let source = conn.peer.as_deref().unwrap_or("plaintext");
-    proxy.telemetry.record(Finished {
+    let done = Finished {
         direction: Direction::Inbound,
         service: "",
         route: "",
         mtls: conn.mtls,
-        peer: source,
+        peer: conn.peer.as_deref().unwrap_or("plaintext"),
         revision,
-        status,
+        status: resp.status().as_u16(),
         reason: reason_of(&resp),
-        elapsed,
-    });
-    if let Some((method, path, trace)) = logged {
-        let own = proxy.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
-        proxy.telemetry.access.log(access::Entry {
-            time_ms: access::now_ms(),
-            direction: "inbound",
-            trace_id: &trace,
-            source,
-            destination: &own,
-            service: proxy.workload.service(),
-            route: "",
-            method: &method,
-            path: &path,
-            upstream: &proxy.app.to_string(),
-            status,
-            reason: reason_of(&resp),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            retries: 0,
-        });
+        elapsed: start.elapsed(),
+    };
+    proxy.telemetry.record(&done);
+    if captured.is_some() {
+        proxy.log_access(captured, &done, &proxy.app.to_string());
     }
     finish(resp, version)
 }

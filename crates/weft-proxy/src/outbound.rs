@@ -2,7 +2,6 @@
 //! (absolute-form URI, `:authority`, or `Host`), routes by the caller-side policy, and forwards
 //! over HTTP/2 to a healthy endpoint's inbound listener.
 
-use crate::access;
 use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::route::{self, Decision};
 use crate::state::Proxy;
@@ -31,48 +30,23 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let start = Instant::now();
     let version = req.version();
     let revision = proxy.revision();
-    // Captured only when access logs are on: nothing extra per request otherwise.
-    let logged = proxy.telemetry.access.enabled().then(|| {
-        (
-            req.method().to_string(),
-            req.uri().path().to_string(),
-            access::trace_id(req.headers()),
-        )
-    });
+    let captured = proxy.telemetry.access.capture(&req);
     let (service, route, resp) = route_request(&proxy, req).await;
-    let status = resp.status().as_u16();
     let upstream = resp.extensions().get::<PeerIdentity>();
-    let peer = upstream.map(|p| p.0.as_str()).unwrap_or("");
-    let elapsed = start.elapsed();
-    proxy.telemetry.record(Finished {
+    let done = Finished {
         direction: Direction::Outbound,
         service: &service,
         route: &route,
         mtls: false,
-        peer,
+        peer: upstream.map(|p| p.0.as_str()).unwrap_or(""),
         revision,
-        status,
+        status: resp.status().as_u16(),
         reason: reason_of(&resp),
-        elapsed,
-    });
-    if let Some((method, path, trace)) = logged {
-        let own = proxy.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
-        proxy.telemetry.access.log(access::Entry {
-            time_ms: access::now_ms(),
-            direction: "outbound",
-            trace_id: &trace,
-            source: &own,
-            destination: peer,
-            service: &service,
-            route: &route,
-            method: &method,
-            path: &path,
-            upstream: &upstream.map(|p| p.1.to_string()).unwrap_or_default(),
-            status,
-            reason: reason_of(&resp),
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            retries: 0,
-        });
+        elapsed: start.elapsed(),
+    };
+    proxy.telemetry.record(&done);
+    if captured.is_some() {
+        proxy.log_access(captured, &done, &upstream.map(|p| p.1.to_string()).unwrap_or_default());
     }
     finish(resp, version)
 }

@@ -145,6 +145,35 @@ impl Proxy {
         tokio::time::timeout(DISCOVERY_WAIT, wait).await.ok().flatten()
     }
 
+    /// Writes the access line of a finished request, when `captured` (access logs are on).
+    /// `upstream` is the endpoint (outbound) or app (inbound) that answered.
+    pub fn log_access(&self, captured: Option<crate::access::Captured>, done: &crate::telemetry::Finished<'_>, upstream: &str) {
+        let Some(c) = captured else { return };
+        let own = self.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
+        let inbound = done.direction == weft_api::proto::Direction::Inbound;
+        let (direction, source, destination, service) = if inbound {
+            ("inbound", done.peer, own.as_str(), self.workload.service())
+        } else {
+            ("outbound", own.as_str(), done.peer, done.service)
+        };
+        self.telemetry.access.log(crate::access::Entry {
+            time_ms: crate::access::now_ms(),
+            direction,
+            trace_id: &c.trace,
+            source,
+            destination,
+            service,
+            route: done.route,
+            method: &c.method,
+            path: &c.path,
+            upstream,
+            status: done.status,
+            reason: done.reason,
+            duration_ms: done.elapsed.as_secs_f64() * 1000.0,
+            retries: 0,
+        });
+    }
+
     pub fn admin(self: &Arc<Self>) -> weft_core::admin::Admin {
         let me = self.clone();
         weft_core::admin::Admin {

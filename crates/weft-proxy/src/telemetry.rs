@@ -39,6 +39,7 @@ struct RequestLabels {
 }
 
 /// One finished request, as the listeners report it.
+#[derive(Clone, Copy)]
 pub struct Finished<'a> {
     pub direction: Direction,
     /// Destination service for outbound; empty for inbound (the proxy's own service).
@@ -134,7 +135,7 @@ impl Telemetry {
     }
 
     /// Records one finished request.
-    pub fn record(&self, done: Finished<'_>) {
+    pub fn record(&self, done: &Finished<'_>) {
         let Finished {
             direction,
             service,
@@ -145,7 +146,7 @@ impl Telemetry {
             status,
             reason,
             elapsed,
-        } = done;
+        } = *done;
         let dir = match direction {
             Direction::Inbound => "inbound",
             _ => "outbound",
