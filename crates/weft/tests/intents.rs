@@ -201,6 +201,19 @@ async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail()
         (d["config"]["revision"] == 0 && d["config"]["services"]["orders"]["policy"].is_null()).then_some(())
     })
     .await;
+    // A request that started under the bad config may still finish (and fail) on it; the
+    // window "after the rollback" opens once the treated caller has sent two more requests.
+    let treated_index = f.callers.iter().position(|c| c.workload == treated[0]).unwrap();
+    let at_swap = f.stats()[treated_index].total();
+    eventually(
+        Duration::from_secs(3),
+        "the treated caller sent requests on the stable config",
+        || {
+            let now = f.stats()[treated_index].total();
+            async move { (now >= at_swap + 2).then_some(()) }
+        },
+    )
+    .await;
     let after_rollback = f.stats();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (stats, callers, _control) = f.stop().await;
