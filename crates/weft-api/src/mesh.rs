@@ -5,7 +5,7 @@
 
 use crate::error::{FieldError, Invalid};
 use crate::proto;
-use crate::resource::{MtlsMode, SecurityPolicySpec, TrafficPolicySpec};
+use crate::resource::{MtlsMode, RateLimit, SecurityPolicySpec, TrafficPolicySpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,6 +34,9 @@ pub struct MeshConfig {
     pub trust_bundle: String,
     /// Generation of the CA's signing root.
     pub ca_generation: u64,
+    /// The inbound rate limit of this proxy's own service, if its TrafficPolicy sets one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbound_rate_limit: Option<RateLimit>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -181,8 +184,33 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                 }
             }
         };
+        let inbound_rate_limit = if msg.inbound_rate_limit_json.is_empty() {
+            None
+        } else {
+            let mut de = serde_json::Deserializer::from_str(&msg.inbound_rate_limit_json);
+            match serde_path_to_error::deserialize::<_, RateLimit>(&mut de) {
+                Ok(r) if r.requests_per_second > 0.0 && r.burst > 0 => Some(r),
+                Ok(r) => {
+                    errors.push(FieldError::new(
+                        "inboundRateLimit",
+                        format!("{} rps, burst {}", r.requests_per_second, r.burst),
+                        "rate and burst must be positive",
+                    ));
+                    None
+                }
+                Err(e) => {
+                    errors.push(FieldError::new(
+                        format!("inboundRateLimit.{}", e.path()),
+                        "",
+                        e.into_inner().to_string(),
+                    ));
+                    None
+                }
+            }
+        };
         if errors.is_empty() {
             Ok(MeshConfig {
+                inbound_rate_limit,
                 version: msg.version,
                 revision: msg.revision,
                 services,
@@ -264,11 +292,14 @@ mod tests {
             security_policy_name: "default/orders-strict".into(),
             trust_bundle_pem: "-----BEGIN CERTIFICATE-----".into(),
             ca_generation: 2,
+            inbound_rate_limit_json: r#"{"requestsPerSecond":5,"burst":2,"at":"inbound"}"#.into(),
         };
         let cfg = MeshConfig::try_from(msg).unwrap();
         assert_eq!((cfg.version, cfg.revision, cfg.bypass), (3, 7, true));
         assert_eq!(cfg.security.as_ref().unwrap().mtls, Some(crate::resource::MtlsMode::Strict));
         assert_eq!(cfg.security_name, "default/orders-strict");
+        let limit = cfg.inbound_rate_limit.as_ref().unwrap();
+        assert_eq!((limit.requests_per_second, limit.burst), (5.0, 2));
         assert_eq!((cfg.trust_bundle.as_str(), cfg.ca_generation), ("-----BEGIN CERTIFICATE-----", 2));
         assert_eq!(cfg.services["orders-api"].mtls, Some(crate::resource::MtlsMode::Strict));
         assert_eq!(

@@ -95,17 +95,84 @@ pub struct Route {
     pub fault: Option<Fault>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// A stream with no body data in either direction for this long is ended (504 when no
+    /// response has started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, String>,
+    /// The whole path, exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// A regular expression the whole path must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
+    /// Header name -> matcher; a plain string matches exactly.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Query parameter name -> matcher; a plain string matches exactly.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, StringMatch>,
+}
+
+/// How a header or query value is matched: `acme` (exact), or one of `{exact: acme}`,
+/// `{prefix: ac}`, `{regex: "a.*e"}` (the whole value), `{present: true}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+    Present,
+}
+
+impl Serialize for StringMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        if let StringMatch::Exact(v) = self {
+            return s.serialize_str(v);
+        }
+        let mut m = s.serialize_map(Some(1))?;
+        match self {
+            StringMatch::Prefix(v) => m.serialize_entry("prefix", v)?,
+            StringMatch::Regex(v) => m.serialize_entry("regex", v)?,
+            _ => m.serialize_entry("present", &true)?,
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for StringMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        const EXPECTED: &str = "a string, or one of {exact: V}, {prefix: V}, {regex: V}, {present: true}";
+        match Value::deserialize(d)? {
+            Value::String(v) => Ok(StringMatch::Exact(v)),
+            Value::Object(m) if m.len() == 1 => {
+                let (k, v) = m.into_iter().next().expect("one entry");
+                match (k.as_str(), v) {
+                    ("exact", Value::String(v)) => Ok(StringMatch::Exact(v)),
+                    ("prefix", Value::String(v)) => Ok(StringMatch::Prefix(v)),
+                    ("regex", Value::String(v)) => Ok(StringMatch::Regex(v)),
+                    ("present", Value::Bool(true)) => Ok(StringMatch::Present),
+                    (k, v) => Err(D::Error::custom(format!("unexpected {k}: {v}; expected {EXPECTED}"))),
+                }
+            }
+            other => Err(D::Error::custom(format!("unexpected {other}; expected {EXPECTED}"))),
+        }
+    }
+}
+
+impl From<&str> for StringMatch {
+    fn from(v: &str) -> Self {
+        StringMatch::Exact(v.to_string())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +192,9 @@ pub struct Retry {
     pub on: Vec<RetryOn>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<RetryBudget>,
+    /// Also retry requests with non-idempotent methods (POST, PATCH). Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub non_idempotent: bool,
 }
 
 /// A retry condition: a named failure, or a status code.
@@ -185,8 +255,38 @@ pub enum LoadBalancer {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConnectionPool {
+    /// Most connections to the service's endpoints at once (one multiplexed HTTP/2 connection
+    /// per endpoint is used).
+    #[serde(default = "ConnectionPool::default_limit")]
     pub max_connections: u32,
+    /// Most requests to the service in flight at once (waiting or sent); more answer 503
+    /// `pool-full` at once.
+    #[serde(default = "ConnectionPool::default_limit")]
     pub max_pending_requests: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    /// A connection with no request in flight for this long is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnectionPool {
+    pub const DEFAULT_LIMIT: u32 = 1024;
+
+    fn default_limit() -> u32 {
+        Self::DEFAULT_LIMIT
+    }
+}
+
+impl Default for ConnectionPool {
+    fn default() -> Self {
+        Self {
+            max_connections: Self::DEFAULT_LIMIT,
+            max_pending_requests: Self::DEFAULT_LIMIT,
+            connect_timeout: None,
+            idle_timeout: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -202,6 +302,24 @@ pub struct OutlierDetection {
 pub struct RateLimit {
     pub requests_per_second: f64,
     pub burst: u32,
+    /// `outbound` (default): each caller's sidecar limits its own requests to the service.
+    /// `inbound`: each of the service's sidecars limits what it accepts.
+    #[serde(default, skip_serializing_if = "RateLimitAt::is_outbound")]
+    pub at: RateLimitAt,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RateLimitAt {
+    #[default]
+    Outbound,
+    Inbound,
+}
+
+impl RateLimitAt {
+    fn is_outbound(&self) -> bool {
+        *self == RateLimitAt::Outbound
+    }
 }
 
 // --- SecurityPolicy ---
@@ -574,6 +692,20 @@ fn check_percent(field: String, v: f64, errors: &mut Vec<FieldError>) {
     }
 }
 
+/// Regular expressions match the whole value; they are compiled once here and once per
+/// config swap in the proxy, never per request.
+pub fn anchored_regex(r: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{r})$")).size_limit(1 << 20).build()
+}
+
+fn check_regex(field: String, r: &str, errors: &mut Vec<FieldError>) {
+    if let Err(e) = anchored_regex(r) {
+        let why = e.to_string();
+        let last = why.lines().last().unwrap_or("invalid").trim().to_string();
+        errors.push(FieldError::new(field, r, format!("not a valid regular expression: {last}")));
+    }
+}
+
 fn check_positive(field: String, d: Duration, errors: &mut Vec<FieldError>) {
     if d.0.is_zero() {
         errors.push(FieldError::new(field, d, "must be greater than zero"));
@@ -680,6 +812,11 @@ impl TrafficPolicySpec {
                     "must be at least 1",
                 ));
             }
+            for (field, t) in [("connectTimeout", p.connect_timeout), ("idleTimeout", p.idle_timeout)] {
+                if let Some(t) = t {
+                    check_positive(format!("{at}.connectionPool.{field}"), t, errors);
+                }
+            }
         }
         if let Some(o) = &self.outlier_detection {
             if o.consecutive_failures == 0 {
@@ -729,18 +866,34 @@ impl TrafficPolicySpec {
 impl Route {
     fn validate(&self, at: &str, errors: &mut Vec<FieldError>) {
         if let Some(m) = &self.match_ {
-            if let Some(p) = &m.path_prefix
-                && !p.starts_with('/')
-            {
-                errors.push(FieldError::new(format!("{at}.match.pathPrefix"), p, "must start with '/'"));
+            for (field, p) in [("path", &m.path), ("pathPrefix", &m.path_prefix)] {
+                if let Some(p) = p
+                    && !p.starts_with('/')
+                {
+                    errors.push(FieldError::new(format!("{at}.match.{field}"), p, "must start with '/'"));
+                }
             }
-            for k in m.headers.keys() {
+            if let Some(r) = &m.path_regex {
+                check_regex(format!("{at}.match.pathRegex"), r, errors);
+            }
+            for (k, v) in &m.headers {
                 if http_header_name_invalid(k) {
                     errors.push(FieldError::new(
                         format!("{at}.match.headers"),
                         k,
                         "not a valid lowercase header name",
                     ));
+                }
+                if let StringMatch::Regex(r) = v {
+                    check_regex(format!("{at}.match.headers.{k}.regex"), r, errors);
+                }
+            }
+            for (k, v) in &m.query {
+                if k.is_empty() {
+                    errors.push(FieldError::new(format!("{at}.match.query"), k, "must name a parameter"));
+                }
+                if let StringMatch::Regex(r) = v {
+                    check_regex(format!("{at}.match.query.{k}.regex"), r, errors);
                 }
             }
             check_methods(&format!("{at}.match.methods"), &m.methods, errors);
@@ -778,6 +931,9 @@ impl Route {
         }
         if let Some(t) = self.timeout {
             check_positive(format!("{at}.timeout"), t, errors);
+        }
+        if let Some(t) = self.idle_timeout {
+            check_positive(format!("{at}.idleTimeout"), t, errors);
         }
         if let Some(r) = &self.retry {
             if r.attempts > 10 {

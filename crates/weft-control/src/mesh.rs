@@ -15,7 +15,7 @@ use weft_api::ResourceKey;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::{Endpoint, SERVICE_LABEL, SUBSET_LABEL, ServiceConfig};
 use weft_api::proto;
-use weft_api::resource::Resource;
+use weft_api::resource::{RateLimitAt, Resource};
 use weft_api::telemetry::{BUCKETS, quantile_ms};
 
 /// Window over which `status` computes rates.
@@ -414,6 +414,11 @@ impl Mesh {
             security_policy_name: security_name.unwrap_or_default(),
             trust_bundle_pem: self.ca.bundle_pem(),
             ca_generation: self.ca.generation(),
+            inbound_rate_limit_json: traffic_policy(&resources, &p.namespace, &p.service)
+                .and_then(|(_, spec)| spec.rate_limit.as_ref())
+                .filter(|r| r.at == RateLimitAt::Inbound)
+                .map(|r| serde_json::to_string(r).expect("rate limit serializes"))
+                .unwrap_or_default(),
         };
         Some((cfg, included))
     }

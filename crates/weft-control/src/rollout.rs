@@ -3,7 +3,7 @@
 //! through these lives in [`crate::mesh`].
 
 use serde::{Deserialize, Serialize};
-use weft_api::resource::{Resource, RouteMatch, Slo};
+use weft_api::resource::{Resource, RouteMatch, Slo, StringMatch};
 use weft_api::telemetry::{BUCKETS, quantile_ms};
 
 /// Latency increases smaller than this are noise, whatever the percentage.
@@ -131,7 +131,7 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
                     .match_
                     .get_or_insert_with(RouteMatch::default)
                     .headers
-                    .insert(format!("x-{key}"), value.to_string());
+                    .insert(format!("x-{key}"), StringMatch::Exact(value.to_string()));
             }
         }
         Resource::SecurityPolicy(d) => {
@@ -248,6 +248,9 @@ mod tests {
         .remove(0);
         narrow(&mut r, "tenant:acme");
         let Resource::TrafficPolicy(d) = &r else { panic!() };
-        assert_eq!(d.spec.routes[0].match_.as_ref().unwrap().headers["x-tenant"], "acme");
+        assert_eq!(
+            d.spec.routes[0].match_.as_ref().unwrap().headers["x-tenant"],
+            StringMatch::from("acme")
+        );
     }
 }

@@ -9,5 +9,5 @@ pub mod serve;
 pub mod shutdown;
 pub mod trace;
 
-pub use body::{Body, full};
+pub use body::{Body, BoxError, boxed, empty, full};
 pub use shutdown::Shutdown;

@@ -13,6 +13,11 @@ use weft_core::{Body, full};
 pub const ORIG_PROTO: &str = "weft-orig-proto";
 /// The reason for a reply the proxy made itself.
 pub const ERROR_HEADER: &str = "x-weft-error";
+/// Marks a request a proxy already retried (or mirrored): no later hop retries it again. An
+/// app may forward it, like trace headers, so a call chain does not multiply retries; the
+/// inbound proxy hands it to the app for that reason. Accepted from apps, since it can only
+/// turn retries off.
+pub const RETRIED: &str = "weft-retried";
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -84,6 +89,46 @@ pub fn reply(status: StatusCode, reason: &'static str, detail: impl std::fmt::Di
         .header(header::CONTENT_TYPE, "text/plain")
         .body(full(format!("{reason}: {detail}\n")))
         .expect("valid reply")
+}
+
+/// Whether a request is gRPC (by its content type).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC status for a reply the proxy made itself with HTTP `status`.
+pub fn grpc_code_for(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,       // INTERNAL: the request could not be handled as sent
+        401 => 16,       // UNAUTHENTICATED
+        403 => 7,        // PERMISSION_DENIED
+        404 => 12,       // UNIMPLEMENTED
+        429 => 8,        // RESOURCE_EXHAUSTED
+        431 => 8,        // RESOURCE_EXHAUSTED
+        502..=503 => 14, // UNAVAILABLE
+        504 => 4,        // DEADLINE_EXCEEDED
+        _ => 2,          // UNKNOWN
+    }
+}
+
+/// Turns a reply the proxy made itself into a trailers-only gRPC answer: HTTP 200 with
+/// `grpc-status` and `grpc-message`, keeping the `x-weft-error` reason.
+pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
+    let code = grpc_code_for(resp.status());
+    let reason = resp.headers().get(ERROR_HEADER).cloned();
+    let mut out = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header("grpc-status", code.to_string());
+    if let Some(r) = reason {
+        // The reason is a plain token, so it needs no percent-encoding.
+        out = out.header("grpc-message", r.clone()).header(ERROR_HEADER, r);
+    }
+    let mut out = out.body(weft_core::empty()).expect("valid gRPC status");
+    *out.extensions_mut() = resp.into_parts().0.extensions;
+    out
 }
 
 /// The reason a response carries, if the mesh made it.

@@ -9,7 +9,6 @@ use crate::outbound::finish;
 use crate::state::Proxy;
 use crate::telemetry::Finished;
 use http::{HeaderValue, Version};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
@@ -73,11 +72,27 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         .cloned()
         .unwrap_or(ConnInfo { mtls: false, peer: None });
     let version = req.version();
+    let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
     let captured = proxy.telemetry.access.capture(&req);
-    let resp = match authorize(&proxy, &conn, &req) {
-        Ok(canonical) => to_app(&proxy, req, canonical).await,
-        Err(denied) => denied,
+    let limited = proxy.inbound_limiter.load().as_ref().as_ref().filter(|l| !l.allow()).map(|l| {
+        reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            format!(
+                "{} accepts {} requests/s (burst {}) per instance",
+                proxy.workload.service(),
+                l.limit.requests_per_second,
+                l.limit.burst
+            ),
+        )
+    });
+    let resp = match limited {
+        Some(r) => r,
+        None => match authorize(&proxy, &conn, &req) {
+            Ok(canonical) => to_app(&proxy, req, canonical).await,
+            Err(denied) => denied,
+        },
     };
     let done = Finished {
         direction: Direction::Inbound,
@@ -92,9 +107,9 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     };
     proxy.telemetry.record(&done);
     if captured.is_some() {
-        proxy.log_access(captured, &done, &proxy.app.to_string());
+        proxy.log_access(captured, &done, &proxy.app.to_string(), 0);
     }
-    finish(resp, version)
+    finish(resp, version, grpc)
 }
 
 /// Applies this workload's authorization, if it has one (and is not bypassed). Returns the
@@ -168,18 +183,18 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>, canonical: Option<String>
         })
         .unwrap_or_else(|| proxy.app.to_string());
     let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
-    let body = body.boxed_unsync();
+    let body = weft_core::boxed(body);
     if app_h2 {
         parts.version = Version::HTTP_2;
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
-        let mut sender = match proxy.pools.h2(proxy.app, None).await {
+        let mut sender = match proxy.pools.h2(proxy.app, None, Default::default()).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
         };
         match sender.send_request(Request::from_parts(parts, body)).await {
-            Ok(resp) => resp.map(|b| b.boxed_unsync()),
+            Ok(resp) => resp.map(weft_core::boxed),
             Err(e) => {
                 proxy.pools.evict(proxy.app);
                 reply(StatusCode::BAD_GATEWAY, "app-reset", e)
@@ -194,7 +209,7 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>, canonical: Option<String>
             parts.headers.insert(http::header::HOST, host);
         }
         match proxy.pools.h1.request(Request::from_parts(parts, body)).await {
-            Ok(resp) => resp.map(|b| b.boxed_unsync()),
+            Ok(resp) => resp.map(weft_core::boxed),
             Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
             Err(e) => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
         }

@@ -12,13 +12,16 @@
 
 pub mod access;
 pub mod authz;
+pub mod balance;
 pub mod config;
 pub mod control;
 mod forward;
 pub mod identity;
+mod idle;
 mod inbound;
 mod outbound;
 mod pool;
+mod replay;
 pub mod route;
 mod state;
 pub mod telemetry;
@@ -76,6 +79,17 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     if let (Some(url), Some(token)) = (proxy.control_url.clone(), proxy.token.clone()) {
         tasks.spawn(identity::run(proxy.clone(), url, token, shutdown.clone()));
     }
+    let reaper = proxy.clone();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => reaper.pools.reap(),
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
     let limits = weft_core::serve::Limits::default();
     let p = proxy.clone();
     tasks.spawn(weft_core::serve::serve(outbound_l, limits.clone(), shutdown.clone(), move |req| {

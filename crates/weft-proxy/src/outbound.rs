@@ -1,19 +1,24 @@
 //! The outbound listener: app -> mesh. Finds the destination service from the request target
 //! (absolute-form URI, `:authority`, or `Host`), routes by the caller-side policy, and forwards
-//! over HTTP/2 to a healthy endpoint's inbound listener.
+//! over HTTP/2 to an endpoint's inbound listener, with the route's timeouts, retries, faults,
+//! mirroring, rate limit and pool limits.
 
-use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
-use crate::route::{self, Decision};
+use crate::balance::{Outcome, ServiceRuntime};
+use crate::forward::{ORIG_PROTO, RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
+use crate::idle::IdleTimeout;
+use crate::pool::{ConnectError, Opts};
+use crate::replay::{self, Replay};
+use crate::route::{self, CompiledRoute};
 use crate::state::Proxy;
 use crate::telemetry::Finished;
-use http::{HeaderValue, Version};
+use http::request::Parts;
+use http::{HeaderValue, Method, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
-use weft_api::mesh::{Endpoint, ServiceConfig};
+use std::time::{Duration, Instant};
 use weft_api::proto::Direction;
 use weft_api::resource::MtlsMode;
 use weft_core::Body;
@@ -22,17 +27,27 @@ use weft_core::Body;
 #[derive(Clone, Debug)]
 struct PeerIdentity(String, SocketAddr);
 
-/// Most distinct endpoints tried for one request when connecting fails (nothing was sent yet,
-/// so trying another is always safe).
-const CONNECT_ATTEMPTS: usize = 3;
+/// How many retries a request took (a response extension, for the access log).
+#[derive(Clone, Copy, Debug)]
+struct Retries(u32);
+
+/// First retry backoff; doubles per retry, with full jitter, up to [`BACKOFF_MAX`].
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// Mirrored copies in flight at once per proxy; more are dropped, never queued.
+pub const MIRROR_CONCURRENCY: usize = 64;
+/// A mirrored copy gets this long before it is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let version = req.version();
+    let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
     let captured = proxy.telemetry.access.capture(&req);
-    let (service, route, resp) = route_request(&proxy, req).await;
+    let (service, route, resp) = route_request(&proxy, req, grpc).await;
     let upstream = resp.extensions().get::<PeerIdentity>();
+    let retries = resp.extensions().get::<Retries>().map(|r| r.0).unwrap_or(0);
     let done = Finished {
         direction: Direction::Outbound,
         service: &service,
@@ -46,13 +61,14 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     };
     proxy.telemetry.record(&done);
     if captured.is_some() {
-        proxy.log_access(captured, &done, &upstream.map(|p| p.1.to_string()).unwrap_or_default());
+        let upstream = upstream.map(|p| p.1.to_string()).unwrap_or_default();
+        proxy.log_access(captured, &done, &upstream, retries);
     }
-    finish(resp, version)
+    finish(resp, version, grpc)
 }
 
 /// Routes and forwards one request; returns the destination service and route, and the answer.
-async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, String, Response<Body>) {
+async fn route_request(proxy: &Arc<Proxy>, req: Request<Incoming>, grpc: bool) -> (String, String, Response<Body>) {
     let Some(authority) = target_authority(&req) else {
         return (
             String::new(),
@@ -65,7 +81,7 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, String
         );
     };
     let name = service_name(&authority).to_string();
-    let Some(service) = proxy.service(&name).await else {
+    let Some(rt) = proxy.service(&name).await else {
         return (
             name.clone(),
             String::new(),
@@ -78,126 +94,415 @@ async fn route_request(proxy: &Proxy, req: Request<Incoming>) -> (String, String
     };
     let (mut parts, body) = req.into_parts();
     // Bypass (the kill switch): no L7 policy at all, plain balancing over every endpoint.
-    let policy = if proxy.bypassed() { None } else { service.policy.as_ref() };
-    let decision = route::decide(policy, &parts, rand::random_range(0..100));
+    let routes: &[CompiledRoute] = if proxy.bypassed() { &[] } else { &rt.routes };
+    let route = route::decide(routes, &rt.default_route, &parts);
+    // A request another hop already retried is not retried again here (so call chains do not
+    // multiply retries); the marker travels on with it.
+    let retried_before = parts.headers.contains_key(RETRIED);
     strip_hop_by_hop(&mut parts.headers);
     strip_mesh_headers(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
     parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
+    if retried_before {
+        parts.headers.insert(RETRIED, HeaderValue::from_static("1"));
+    }
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     if let Err(resp) = retarget(&mut parts, &authority, &pq) {
-        return (name, decision.route, resp);
+        return (name, route.name.clone(), resp);
     }
     parts.version = Version::HTTP_2;
-    let req = Request::from_parts(parts, body.boxed_unsync());
-    let fut = send(proxy, &service, &decision, req);
-    let resp = match decision.timeout {
+    let call = Call {
+        proxy,
+        rt: &rt,
+        route,
+        grpc,
+        retried_before,
+    };
+    let fut = call.run(parts, weft_core::boxed(body));
+    let resp = match route.timeout {
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,
             Err(_) => reply(
                 StatusCode::GATEWAY_TIMEOUT,
                 "request-timeout",
-                format!("no response within {t:?} (route {})", decision.route),
+                format!("no response within {t:?} (route {}, retries included)", route.name),
             ),
         },
         None => fut.await,
     };
-    (name, decision.route, resp)
+    (name, route.name.clone(), resp)
 }
 
-async fn send(proxy: &Proxy, service: &ServiceConfig, decision: &Decision, req: Request<Body>) -> Response<Body> {
-    let candidates = candidates(service, decision, &proxy.workload.cluster);
-    if candidates.is_empty() {
-        let which = decision.subset.as_ref().map(|s| format!(" in subset {s}")).unwrap_or_default();
-        return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no-healthy-endpoints",
-            format!("service {}{which} has no endpoints", service.name),
-        );
-    }
-    // mTLS to every endpoint that has an identity, unless the destination turned it off. Without
-    // a certificate of our own we fail closed rather than fall back to plaintext.
-    let use_mtls = service.mtls != Some(MtlsMode::Off);
-    let own = proxy.identity.tls();
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last_error = String::new();
-    while tried.len() < CONNECT_ATTEMPTS.min(candidates.len()) {
-        let fresh: Vec<&Endpoint> = candidates.iter().copied().filter(|e| !tried.contains(&e.address)).collect();
-        let endpoint = fresh[rand::random_range(0..fresh.len())];
-        let addr = endpoint.address;
-        tried.push(addr);
-        let tls = if use_mtls && !endpoint.identity.is_empty() {
-            let Some(own) = &own else {
+/// One request on its way to a service.
+struct Call<'a> {
+    proxy: &'a Arc<Proxy>,
+    rt: &'a Arc<ServiceRuntime>,
+    route: &'a CompiledRoute,
+    grpc: bool,
+    retried_before: bool,
+}
+
+/// Why a try failed, when it did not produce a response to hand back.
+enum TryFailure {
+    /// Nothing reached the endpoint; the request comes back for another try.
+    NotSent(Request<Body>, &'static str, String),
+    /// The stream was reset after the request was sent.
+    Reset(String),
+    PerTryTimeout(Duration),
+}
+
+impl Call<'_> {
+    async fn run(self, parts: Parts, body: Body) -> Response<Body> {
+        let Call { rt, route, .. } = self;
+        let svc = rt.config.name.as_str();
+        if let Some(limiter) = &rt.limiter
+            && !limiter.allow()
+        {
+            let l = &limiter.limit;
+            return reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                format!(
+                    "{svc} allows {} requests/s (burst {}) from this caller",
+                    l.requests_per_second, l.burst
+                ),
+            );
+        }
+        if let Some(fault) = &route.fault {
+            if let Some(abort) = &fault.abort
+                && rand::random_range(0.0..100.0) < abort.percent
+            {
+                let status = StatusCode::from_u16(abort.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return reply(status, "fault-abort", format!("fault injected by route {}", route.name));
+            }
+            if let Some(delay) = &fault.delay
+                && rand::random_range(0.0..100.0) < delay.percent
+            {
+                tokio::time::sleep(delay.duration.as_std()).await;
+            }
+        }
+        let Some(_pending) = rt.shared.admit(rt.pool.max_pending_requests) else {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pool-full",
+                format!(
+                    "{svc} already has {} requests in flight from this proxy (connectionPool.maxPendingRequests)",
+                    rt.pool.max_pending_requests
+                ),
+            );
+        };
+        rt.shared.budget.request();
+        let subset = route.subset(rand::random_range(0..100));
+        let mirror = route
+            .mirror
+            .as_ref()
+            .filter(|m| rand::random_range(0.0..100.0) < m.percent)
+            .map(|m| m.subset.clone());
+        let retry = &route.retry;
+        let method_ok = idempotent(&parts.method) || retry.non_idempotent || (self.grpc && !retry.on.grpc_codes.is_empty());
+        let after_send = retry.retries > 0 && retry.after_send() && method_ok && !self.retried_before;
+        // Keep the head and record the body only when a second copy may be needed.
+        let keep = after_send || mirror.is_some();
+        let (body, replay) = if keep {
+            let (b, r) = replay::record(body);
+            (b, Some(r))
+        } else {
+            (body, None)
+        };
+        let head = keep.then(|| clone_head(&parts));
+        let mut next = Some(Request::from_parts(parts, body));
+        let candidates = rt.candidates(subset, &self.proxy.workload.cluster);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut retries = 0u32;
+        loop {
+            let Some(i) = rt.pick(&candidates, &tried).or_else(|| rt.pick(&candidates, &[])) else {
+                let which = subset.map(|s| format!(" in subset {s}")).unwrap_or_default();
                 return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-healthy-endpoints",
+                    format!(
+                        "service {svc}{which} has no endpoint to send to ({} known, {} ejected)",
+                        rt.config.endpoints.len(),
+                        rt.ejected()
+                    ),
+                );
+            };
+            tried.push(i);
+            let req = match next.take() {
+                Some(r) => r,
+                None => match (&head, replay.as_ref().and_then(Replay::body)) {
+                    (Some(h), Some(b)) => {
+                        let mut r = Request::from_parts(clone_head(h), b);
+                        r.headers_mut().insert(RETRIED, HeaderValue::from_static("1"));
+                        r
+                    }
+                    _ => unreachable!("a retry after sending is only taken with a replayable body"),
+                },
+            };
+            let started = Instant::now();
+            let failure = match self.try_once(i, req).await {
+                Ok(mut resp) => {
+                    if resp.extensions().get::<PeerIdentity>().is_none() {
+                        return resp; // this proxy's own refusal (no identity, pool full)
+                    }
+                    let status = resp.status().as_u16();
+                    let grpc_status = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    let failed = status >= 500 || grpc_status.is_some_and(|c: u32| c == 14);
+                    self.observe(i, !failed, Some(started.elapsed()));
+                    // The destination's sidecar says its app reset or could not be reached.
+                    let peer_said = reason_of(&resp);
+                    let wants = after_send
+                        && (retry.retry_status(status, grpc_status)
+                            || (peer_said == "app-reset" && retry.on.reset)
+                            || (peer_said == "app-unavailable" && retry.on.connect_failure));
+                    if wants && retries < retry.retries && replay.as_ref().is_some_and(|r| r.body().is_some()) {
+                        if self.take_retry() {
+                            retries += 1;
+                            backoff(retries).await;
+                            continue;
+                        }
+                    }
+                    if let (Some(subset), Some(h), Some(r)) = (mirror.as_deref(), &head, &replay) {
+                        self.mirror(subset, h, r);
+                    }
+                    resp.extensions_mut().insert(Retries(retries));
+                    let idle = route.idle_timeout;
+                    return resp.map(|b| IdleTimeout::wrap(b, idle));
+                }
+                Err(f) => f,
+            };
+            let (retryable, reason, detail) = match failure {
+                TryFailure::NotSent(req, reason, detail) => {
+                    next = Some(req);
+                    let on = &retry.on;
+                    let allowed = if reason == "refused-stream" {
+                        on.refused_stream
+                    } else {
+                        on.connect_failure
+                    };
+                    (allowed && retry.retries > 0, reason, detail)
+                }
+                TryFailure::Reset(detail) => (after_send && retry.on.reset, "upstream-reset", detail),
+                TryFailure::PerTryTimeout(t) => (after_send, "per-try-timeout", format!("no response within {t:?}")),
+            };
+            let replayable = next.is_some() || replay.as_ref().is_some_and(|r| r.body().is_some());
+            if retryable && replayable && retries < retry.retries {
+                if self.take_retry() {
+                    retries += 1;
+                    backoff(retries).await;
+                    continue;
+                }
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "retry-budget-exhausted",
+                    format!(
+                        "{reason} on {} of {svc} ({detail}); the retry budget is spent",
+                        rt.endpoints[i].address
+                    ),
+                );
+            }
+            let status = match reason {
+                "upstream-connect-timeout" | "per-try-timeout" => StatusCode::GATEWAY_TIMEOUT,
+                "upstream-reset" => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let mut resp = reply(
+                status,
+                reason,
+                format!("endpoint {} of {svc}: {detail} ({} tries)", rt.endpoints[i].address, retries + 1),
+            );
+            resp.extensions_mut().insert(Retries(retries));
+            return resp;
+        }
+    }
+
+    /// Takes a retry from the destination's budget, counting the outcome.
+    fn take_retry(&self) -> bool {
+        let retry = &self.route.retry;
+        let granted = self.rt.shared.budget.try_retry(retry.budget_ratio, retry.budget_min_per_second);
+        let outcome = if granted { "retried" } else { "budget-exhausted" };
+        self.proxy.telemetry.retry(&self.rt.config.name, outcome);
+        granted
+    }
+
+    fn observe(&self, i: usize, success: bool, latency: Option<Duration>) {
+        let outcome = if success { Outcome::Success } else { Outcome::Failure };
+        self.proxy.telemetry.attempt(&self.rt.config.name, success);
+        if self.rt.observe(i, outcome, latency) {
+            self.proxy.telemetry.ejection(&self.rt.config.name);
+        }
+    }
+
+    /// One try at endpoint `i`.
+    async fn try_once(&self, i: usize, req: Request<Body>) -> Result<Response<Body>, TryFailure> {
+        let (proxy, rt) = (self.proxy, self.rt);
+        let endpoint = &rt.config.endpoints[i];
+        let addr = endpoint.address;
+        // mTLS to every endpoint that has an identity, unless the destination turned it off.
+        // Without a certificate of our own we fail closed rather than fall back to plaintext.
+        let tls = if rt.config.mtls != Some(MtlsMode::Off) && !endpoint.identity.is_empty() {
+            let Some(own) = proxy.identity.tls() else {
+                return Ok(reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no-client-identity",
                     "this proxy has no workload certificate yet; mTLS is required",
-                );
+                ));
             };
             match own.client_for(&endpoint.identity) {
                 Ok(config) => Some((endpoint.identity.as_str(), config)),
-                Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", e),
+                Err(e) => return Ok(reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", e)),
             }
         } else {
             None
         };
-        let endpoint_tls = tls.is_some();
-        let mut sender = match proxy.pools.h2(addr, tls).await {
+        let peer = if tls.is_some() {
+            endpoint.identity.clone()
+        } else {
+            "plaintext".to_string()
+        };
+        let opts = Opts {
+            connect_timeout: rt.pool.connect_timeout.map(|t| t.as_std()).unwrap_or(crate::pool::CONNECT_TIMEOUT),
+            idle_timeout: rt.pool.idle_timeout.map(|t| t.as_std()).unwrap_or(crate::pool::IDLE_TIMEOUT),
+            limit: Some((&rt.shared.connections, rt.pool.max_connections)),
+        };
+        let mut sender = match proxy.pools.h2(addr, tls, opts).await {
             Ok(s) => s,
+            Err(e @ ConnectError::PoolFull { .. }) => {
+                return Ok(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "pool-full",
+                    format!("{}: {e}", rt.config.name),
+                ));
+            }
             Err(e) => {
-                last_error = e.to_string();
-                tracing::debug!(service = %service.name, endpoint = %addr, error = %last_error, "endpoint unreachable");
-                continue;
+                tracing::debug!(service = %rt.config.name, endpoint = %addr, error = %e, "endpoint unreachable");
+                self.observe(i, false, None);
+                return Err(TryFailure::NotSent(req, e.reason(), e.to_string()));
             }
         };
-        return match sender.send_request(req).await {
+        let _in_flight = rt.endpoints[i].start();
+        let sent = sender.try_send_request(req);
+        let result = match self.route.retry.per_try_timeout {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.observe(i, false, None);
+                    return Err(TryFailure::PerTryTimeout(t));
+                }
+            },
+            None => sent.await,
+        };
+        match result {
             Ok(resp) => {
-                let mut resp = resp.map(|b| b.boxed_unsync());
-                let peer = if endpoint_tls {
-                    endpoint.identity.clone()
-                } else {
-                    "plaintext".to_string()
-                };
+                let mut resp = resp.map(weft_core::boxed);
                 resp.extensions_mut().insert(PeerIdentity(peer, addr));
-                resp
+                Ok(resp)
             }
-            Err(error) => {
+            Err(mut e) => {
                 proxy.pools.evict(addr);
-                reply(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-reset",
-                    format!("endpoint {addr} of {}: {error}", service.name),
-                )
+                self.observe(i, false, None);
+                let detail = format!("{}", e.error());
+                let refused = error_chain(e.error()).contains("refused");
+                match e.take_message() {
+                    Some(req) => Err(TryFailure::NotSent(
+                        req,
+                        if refused { "refused-stream" } else { "upstream-connect-failed" },
+                        detail,
+                    )),
+                    None => Err(TryFailure::Reset(detail)),
+                }
             }
-        };
+        }
     }
-    reply(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "upstream-connect-failed",
-        format!("{} endpoint(s) of {} tried: {last_error}", tried.len(), service.name),
+
+    /// Sends a copy to `subset` in the background; its answer is dropped, and it never holds
+    /// up or fails the primary request.
+    fn mirror(&self, subset: &str, head: &Parts, replay: &Replay) {
+        let (proxy, rt) = (self.proxy, self.rt);
+        let svc = rt.config.name.clone();
+        let Some(body) = replay.body() else {
+            proxy.telemetry.mirror(&svc, "not-replayable");
+            return;
+        };
+        let Ok(permit) = proxy.mirrors.clone().try_acquire_owned() else {
+            proxy.telemetry.mirror(&svc, "dropped");
+            return;
+        };
+        let candidates = rt.candidates(Some(subset), &proxy.workload.cluster);
+        let Some(i) = rt.pick(&candidates, &[]) else {
+            proxy.telemetry.mirror(&svc, "failed");
+            return;
+        };
+        let endpoint = rt.config.endpoints[i].clone();
+        let tls = if rt.config.mtls != Some(MtlsMode::Off) && !endpoint.identity.is_empty() {
+            match proxy.identity.tls().map(|own| own.client_for(&endpoint.identity)) {
+                Some(Ok(config)) => Some(config),
+                _ => {
+                    proxy.telemetry.mirror(&svc, "failed");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let mut req = Request::from_parts(clone_head(head), body);
+        req.headers_mut().insert(RETRIED, HeaderValue::from_static("1"));
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let send = async {
+                let tls = tls.map(|c| (endpoint.identity.as_str(), c));
+                let mut sender = proxy.pools.h2(endpoint.address, tls, Opts::default()).await.ok()?;
+                let resp = sender.send_request(req).await.ok()?;
+                // Read the answer to the end so the stream closes cleanly, then drop it.
+                resp.into_body().collect().await.ok()
+            };
+            let outcome = match tokio::time::timeout(MIRROR_TIMEOUT, send).await {
+                Ok(Some(_)) => "sent",
+                _ => "failed",
+            };
+            proxy.telemetry.mirror(&svc, outcome);
+        });
+    }
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
 }
 
-/// Endpoints a request may go to: those of its subset, in the caller's cluster when any is,
-/// else in the first cluster of the failover order that has one, else anywhere.
-fn candidates<'a>(service: &'a ServiceConfig, decision: &Decision, own_cluster: &str) -> Vec<&'a Endpoint> {
-    let in_subset: Vec<&Endpoint> = service
-        .endpoints
-        .iter()
-        .filter(|e| decision.subset.as_deref().is_none_or(|s| e.subset() == Some(s)))
-        .collect();
-    let local: Vec<_> = in_subset.iter().copied().filter(|e| e.cluster == own_cluster).collect();
-    if !local.is_empty() {
-        return local;
+/// A copy of a request head, for a retry or a mirror.
+fn clone_head(p: &Parts) -> Parts {
+    let mut b = Request::builder().method(p.method.clone()).uri(p.uri.clone()).version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
     }
-    for cluster in &decision.failover {
-        let there: Vec<_> = in_subset.iter().copied().filter(|e| &e.cluster == cluster).collect();
-        if !there.is_empty() {
-            return there;
-        }
+    b.body(()).expect("a valid head stays valid").into_parts().0
+}
+
+/// Exponential backoff with full jitter before retry `n` (1-based).
+async fn backoff(n: u32) {
+    let ceiling = BACKOFF_BASE.saturating_mul(1 << (n - 1).min(8)).min(BACKOFF_MAX);
+    let wait = rand::random_range(0..=ceiling.as_micros() as u64);
+    tokio::time::sleep(Duration::from_micros(wait)).await;
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
     }
-    in_subset
+    out
 }
 
 /// The authority the app addressed: absolute-form URI or `:authority`, else `Host`.
@@ -215,9 +520,14 @@ fn service_name(authority: &str) -> &str {
     host.split('.').next().unwrap_or(host)
 }
 
-/// Strips hop-by-hop headers from the answer and speaks the client's HTTP version.
-pub fn finish(mut resp: Response<Body>, version: Version) -> Response<Body> {
+/// Strips hop-by-hop headers from the answer and speaks the client's HTTP version. A reply the
+/// proxy made itself to a gRPC request becomes a gRPC status (trailers-only), so gRPC clients
+/// see DEADLINE_EXCEEDED, UNAVAILABLE, ... rather than a bare HTTP error.
+pub fn finish(mut resp: Response<Body>, version: Version, grpc: bool) -> Response<Body> {
     strip_hop_by_hop(resp.headers_mut());
+    if grpc && resp.headers().contains_key(crate::forward::ERROR_HEADER) && !resp.headers().contains_key("grpc-status") {
+        resp = crate::forward::as_grpc_status(resp);
+    }
     *resp.version_mut() = version;
     resp
 }
@@ -231,27 +541,5 @@ mod tests {
         assert_eq!(service_name("orders-api"), "orders-api");
         assert_eq!(service_name("orders-api:8080"), "orders-api");
         assert_eq!(service_name("orders-api.default.svc:80"), "orders-api");
-    }
-
-    #[test]
-    fn locality_then_failover_then_anywhere() {
-        let svc: ServiceConfig = serde_saphyr::from_str(
-            "name: inventory-svc\nendpoints:\n  - {address: '127.0.0.1:1', cluster: cluster-c, labels: {version: v1}}\n  - {address: '127.0.0.1:2', cluster: cluster-b, labels: {version: v1}}\n",
-        )
-        .unwrap();
-        let d = Decision::default();
-        let addrs = |v: Vec<&Endpoint>| v.iter().map(|e| e.address.to_string()).collect::<Vec<_>>();
-        assert_eq!(addrs(candidates(&svc, &d, "cluster-b")), ["127.0.0.1:2"]);
-        let d = Decision {
-            failover: vec!["cluster-c".into()],
-            ..Default::default()
-        };
-        assert_eq!(addrs(candidates(&svc, &d, "cluster-a")), ["127.0.0.1:1"]);
-        assert_eq!(candidates(&svc, &Decision::default(), "cluster-a").len(), 2);
-        let d = Decision {
-            subset: Some("v2".into()),
-            ..Default::default()
-        };
-        assert!(candidates(&svc, &d, "cluster-a").is_empty());
     }
 }

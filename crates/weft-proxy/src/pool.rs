@@ -9,15 +9,55 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use weft_core::Body;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connect timeout when the policy sets none.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// An HTTP/2 connection with no request for this long is closed, when the policy sets none.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Pools {
     /// By endpoint and the identity it must present (empty for plaintext).
-    h2: Mutex<HashMap<(SocketAddr, String), http2::SendRequest<Body>>>,
+    h2: Mutex<HashMap<(SocketAddr, String), Pooled>>,
     pub h1: Client<HttpConnector, Body>,
+}
+
+struct Pooled {
+    send: http2::SendRequest<Body>,
+    last_used_ms: AtomicU64,
+    idle: Duration,
+    /// Released when the connection ends (the service's connection count).
+    _slot: Option<ConnectionSlot>,
+}
+
+/// How to open a connection to a service's endpoint.
+#[derive(Clone, Copy)]
+pub struct Opts<'a> {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// The service's open connections, and the most it may have.
+    pub limit: Option<(&'a Arc<AtomicU32>, u32)>,
+}
+
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Opts {
+            connect_timeout: CONNECT_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            limit: None,
+        }
+    }
+}
+
+/// One connection counted against a service's `maxConnections`.
+struct ConnectionSlot(Arc<AtomicU32>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Why a connection could not be had.
@@ -31,6 +71,20 @@ pub enum ConnectError {
     Handshake { addr: SocketAddr, source: hyper::Error },
     #[error("mTLS handshake with {addr} failed: {source}")]
     Tls { addr: SocketAddr, source: std::io::Error },
+    #[error("the service already has its {max} connections (connectionPool.maxConnections)")]
+    PoolFull { max: u32 },
+}
+
+impl ConnectError {
+    /// The stable reason for a reply made after this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Timeout { .. } => "upstream-connect-timeout",
+            ConnectError::Io { .. } | ConnectError::Handshake { .. } => "upstream-connect-failed",
+            ConnectError::Tls { .. } => "upstream-tls-failed",
+            ConnectError::PoolFull { .. } => "pool-full",
+        }
+    }
 }
 
 // === impl Pools ===
@@ -57,14 +111,31 @@ impl Pools {
         &self,
         addr: SocketAddr,
         tls: Option<(&str, Arc<rustls::ClientConfig>)>,
+        opts: Opts<'_>,
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
-        let key = (addr, tls.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default());
-        if let Some(send) = self.h2.lock().get(&key)
-            && !send.is_closed()
         {
-            return Ok(send.clone());
+            let pool = self.h2.lock();
+            let identity = tls.as_ref().map(|(id, _)| *id).unwrap_or("");
+            if let Some(p) = pool.get(&(addr, identity.to_string()))
+                && !p.send.is_closed()
+            {
+                p.last_used_ms.store(crate::balance::now_ms(), Relaxed);
+                return Ok(p.send.clone());
+            }
         }
-        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        let key = (addr, tls.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default());
+        let slot = match opts.limit {
+            None => None,
+            Some((count, max)) => {
+                if count.fetch_add(1, Relaxed) >= max {
+                    count.fetch_sub(1, Relaxed);
+                    return Err(ConnectError::PoolFull { max });
+                }
+                Some(ConnectionSlot(count.clone()))
+            }
+        };
+        let connect_timeout = opts.connect_timeout;
+        let tcp = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await {
             Err(_) => return Err(ConnectError::Timeout { addr }),
             Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
             Ok(Ok(tcp)) => tcp,
@@ -74,7 +145,7 @@ impl Pools {
             None => Box::new(tcp),
             Some((_, config)) => {
                 let connect = tokio_rustls::TlsConnector::from(config).connect(crate::identity::sni(), tcp);
-                match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                match tokio::time::timeout(connect_timeout, connect).await {
                     Err(_) => return Err(ConnectError::Timeout { addr }),
                     Ok(Err(source)) => return Err(ConnectError::Tls { addr, source }),
                     Ok(Ok(stream)) => Box::new(stream),
@@ -93,8 +164,23 @@ impl Pools {
                 tracing::debug!(%addr, %error, "HTTP/2 connection closed");
             }
         });
-        self.h2.lock().insert(key, send.clone());
+        let pooled = Pooled {
+            send: send.clone(),
+            last_used_ms: AtomicU64::new(crate::balance::now_ms()),
+            idle: opts.idle_timeout,
+            _slot: slot,
+        };
+        self.h2.lock().insert(key, pooled);
         Ok(send)
+    }
+
+    /// Closes connections idle longer than their idle timeout (in-flight requests keep
+    /// theirs open until they finish); run every second.
+    pub fn reap(&self) {
+        let now = crate::balance::now_ms();
+        self.h2
+            .lock()
+            .retain(|_, p| !p.send.is_closed() && now.saturating_sub(p.last_used_ms.load(Relaxed)) < p.idle.as_millis() as u64);
     }
 
     /// Forgets the connections to `addr` (after one failed).

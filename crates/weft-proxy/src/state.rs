@@ -2,18 +2,20 @@
 //! services it has asked the control plane for, and its clients and metrics.
 
 use crate::Bound;
+use crate::balance::{RateLimiter, ServiceRuntime};
 use crate::config::{ProxyConfig, Source, Workload};
 use crate::pool::Pools;
 use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use weft_api::mesh::{MeshConfig, ServiceConfig};
+use weft_api::mesh::MeshConfig;
 
 /// How long a request for a service the proxy has not seen yet waits for the control plane.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
@@ -27,6 +29,10 @@ pub struct Proxy {
     pub advertise: SocketAddr,
     pub control_url: Option<String>,
     config: ArcSwap<MeshConfig>,
+    /// Per destination service: compiled routes, endpoint state, budgets (rebuilt on swap).
+    runtimes: ArcSwap<HashMap<String, Arc<ServiceRuntime>>>,
+    /// This service's inbound rate limit, if its policy sets one.
+    pub inbound_limiter: ArcSwap<Option<Arc<RateLimiter>>>,
     /// Bumped on every applied config; requests waiting for a service watch it.
     applied: watch::Sender<u64>,
     pub ready: Arc<AtomicBool>,
@@ -35,6 +41,8 @@ pub struct Proxy {
     pub last_nack: Mutex<Option<String>>,
     pub telemetry: Telemetry,
     pub pools: Pools,
+    /// Permits for mirrored copies in flight.
+    pub mirrors: Arc<tokio::sync::Semaphore>,
     pub identity: crate::identity::Identity,
     /// Join token (control mode); the proxy is ready only once it holds a certificate.
     pub token: Option<String>,
@@ -67,6 +75,8 @@ impl Proxy {
             app: cfg.app,
             bound,
             control_url,
+            runtimes: ArcSwap::from_pointee(runtimes(&config, &HashMap::new())),
+            inbound_limiter: ArcSwap::from_pointee(config.inbound_rate_limit.clone().map(|l| Arc::new(RateLimiter::new(l)))),
             config: ArcSwap::from_pointee(config),
             applied: watch::channel(0).0,
             ready,
@@ -74,6 +84,7 @@ impl Proxy {
             subscribe_tx,
             last_nack: Mutex::new(None),
             pools: Pools::new(),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(crate::outbound::MIRROR_CONCURRENCY)),
             identity: Default::default(),
             config_ready: AtomicBool::new(static_mode),
             token,
@@ -98,6 +109,13 @@ impl Proxy {
     /// Swaps in a new config; in-flight requests keep the one they started with.
     pub fn apply(&self, config: MeshConfig) {
         self.identity.follow(&config.trust_bundle, config.ca_generation);
+        let previous = self.runtimes.load_full();
+        self.runtimes.store(Arc::new(runtimes(&config, &previous)));
+        let limiter = self.inbound_limiter.load_full();
+        if limiter.as_ref().as_ref().map(|l| &l.limit) != config.inbound_rate_limit.as_ref() {
+            let next = config.inbound_rate_limit.clone().map(|l| Arc::new(RateLimiter::new(l)));
+            self.inbound_limiter.store(Arc::new(next));
+        }
         self.config.store(Arc::new(config));
         self.config_ready.store(true, Ordering::Release);
         self.refresh_ready();
@@ -116,8 +134,8 @@ impl Proxy {
 
     /// The config for the service `name`, asking the control plane for it (and waiting a
     /// little) the first time it is needed.
-    pub async fn service(&self, name: &str) -> Option<Arc<ServiceConfig>> {
-        if let Some(s) = self.config.load().services.get(name) {
+    pub async fn service(&self, name: &str) -> Option<Arc<ServiceRuntime>> {
+        if let Some(s) = self.runtimes.load().get(name) {
             return Some(s.clone());
         }
         let tx = self.subscribe_tx.as_ref()?;
@@ -134,7 +152,7 @@ impl Proxy {
         }
         let wait = async {
             loop {
-                if let Some(s) = self.config.load().services.get(name) {
+                if let Some(s) = self.runtimes.load().get(name) {
                     return Some(s.clone());
                 }
                 if changed.changed().await.is_err() {
@@ -147,7 +165,13 @@ impl Proxy {
 
     /// Writes the access line of a finished request, when `captured` (access logs are on).
     /// `upstream` is the endpoint (outbound) or app (inbound) that answered.
-    pub fn log_access(&self, captured: Option<crate::access::Captured>, done: &crate::telemetry::Finished<'_>, upstream: &str) {
+    pub fn log_access(
+        &self,
+        captured: Option<crate::access::Captured>,
+        done: &crate::telemetry::Finished<'_>,
+        upstream: &str,
+        retries: u32,
+    ) {
         let Some(c) = captured else { return };
         let own = self.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
         let inbound = done.direction == weft_api::proto::Direction::Inbound;
@@ -170,7 +194,7 @@ impl Proxy {
             status: done.status,
             reason: done.reason,
             duration_ms: done.elapsed.as_secs_f64() * 1000.0,
-            retries: 0,
+            retries,
         });
     }
 
@@ -203,4 +227,16 @@ impl Proxy {
         });
         serde_json::to_string_pretty(&dump).expect("config serializes")
     }
+}
+
+/// Runtimes for every service of `config`, carrying over the state of those in `previous`.
+fn runtimes(config: &MeshConfig, previous: &HashMap<String, Arc<ServiceRuntime>>) -> HashMap<String, Arc<ServiceRuntime>> {
+    config
+        .services
+        .iter()
+        .map(|(name, svc)| {
+            let rt = ServiceRuntime::build(svc.clone(), previous.get(name).map(|p| p.as_ref()));
+            (name.clone(), Arc::new(rt))
+        })
+        .collect()
 }

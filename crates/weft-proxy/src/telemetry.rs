@@ -21,6 +21,12 @@ pub struct Telemetry {
     latency: Family<LatencyLabels, Histogram>,
     connections: Family<ConnectionLabels, Counter>,
     authz: Family<AuthzLabels, Counter>,
+    /// Outbound tries by destination and result: what the upstream actually answered, next to
+    /// `requests` (what the app got after retries).
+    attempts: Family<ServiceOutcome, Counter>,
+    retries: Family<ServiceOutcome, Counter>,
+    ejections: Family<ServiceOutcome, Counter>,
+    mirrors: Family<ServiceOutcome, Counter>,
     /// Seconds until the workload certificate expires (negative once expired, 0 without one).
     pub cert_expires_in: prometheus_client::metrics::gauge::Gauge,
     interval: Mutex<HashMap<(Direction, String, String, u64), Window>>,
@@ -56,6 +62,12 @@ pub struct Finished<'a> {
     /// `x-weft-error` reason when the proxy answered itself.
     pub reason: &'a str,
     pub elapsed: Duration,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceOutcome {
+    service: String,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,7 +133,36 @@ impl Telemetry {
             "Inbound authorization decisions (allow, deny, audit-deny, refused-path)",
             authz.clone(),
         );
+        let family = |registry: &mut Registry, name: &str, help: &str| {
+            let f = Family::<ServiceOutcome, Counter>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let attempts = family(
+            &mut registry,
+            "upstream_attempts",
+            "Outbound tries by destination and outcome (success, failure): the actual success rate, before retries",
+        );
+        let retries = family(
+            &mut registry,
+            "retries",
+            "Outbound retries by destination and outcome (retried, budget-exhausted)",
+        );
+        let ejections = family(
+            &mut registry,
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by destination",
+        );
+        let mirrors = family(
+            &mut registry,
+            "mirrored_requests",
+            "Mirrored copies by destination and outcome (sent, failed, dropped, not-replayable)",
+        );
         Self {
+            attempts,
+            retries,
+            ejections,
+            mirrors,
             registry: Arc::new(registry),
             access,
             own_service: own_service.to_string(),
@@ -179,6 +220,33 @@ impl Telemetry {
             w.errors += 1;
         }
         w.buckets[bucket_of(secs * 1000.0)] += 1;
+    }
+
+    /// Counts one try at an upstream endpoint.
+    pub fn attempt(&self, service: &str, success: bool) {
+        self.count(&self.attempts, service, if success { "success" } else { "failure" });
+    }
+
+    /// Counts a retry taken (`retried`) or refused by the budget (`budget-exhausted`).
+    pub fn retry(&self, service: &str, outcome: &'static str) {
+        self.count(&self.retries, service, outcome);
+    }
+
+    pub fn ejection(&self, service: &str) {
+        self.count(&self.ejections, service, "ejected");
+    }
+
+    pub fn mirror(&self, service: &str, outcome: &'static str) {
+        self.count(&self.mirrors, service, outcome);
+    }
+
+    fn count(&self, family: &Family<ServiceOutcome, Counter>, service: &str, outcome: &'static str) {
+        family
+            .get_or_create(&ServiceOutcome {
+                service: service.to_string(),
+                outcome,
+            })
+            .inc();
     }
 
     /// Counts one authorization decision.

@@ -16,14 +16,30 @@ use tokio_stream::{Stream, StreamExt};
 use weft_core::{Body, Shutdown, full};
 
 /// HTTP echo. GET answers a JSON description of the request; any other method echoes the body
-/// back. `x-echo-delay-ms` delays the answer, `x-echo-status` sets its status.
+/// back. `x-echo-delay-ms` delays the answer, `x-echo-status` sets its status; [`Mode`] makes
+/// the whole server fail, slow down or hang, whatever the request says.
 pub struct EchoServer {
     pub addr: SocketAddr,
     pub name: String,
     pub served: Arc<AtomicU64>,
     /// Every path (with query) the app was asked for.
     pub paths: Arc<parking_lot::Mutex<Vec<String>>>,
+    /// The headers of every request, in order.
+    pub headers: Arc<parking_lot::Mutex<Vec<http::HeaderMap>>>,
+    mode: Arc<parking_lot::Mutex<Mode>>,
     shutdown: Shutdown,
+}
+
+/// How an [`EchoServer`] answers every request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Answers this status (after reading the request).
+    Status(u16),
+    /// Answers normally after this long.
+    Delay(Duration),
+    /// Never answers.
+    Hang,
 }
 
 impl EchoServer {
@@ -33,7 +49,9 @@ impl EchoServer {
         let served = Arc::new(AtomicU64::new(0));
         let shutdown = Shutdown::new();
         let paths = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let (n, s, p) = (name.to_string(), served.clone(), paths.clone());
+        let headers = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let mode = Arc::new(parking_lot::Mutex::new(Mode::Normal));
+        let (n, s, p, h, m) = (name.to_string(), served.clone(), paths.clone(), headers.clone(), mode.clone());
         tokio::spawn(weft_core::serve::serve(
             listener,
             Default::default(),
@@ -41,7 +59,29 @@ impl EchoServer {
             move |req| {
                 p.lock()
                     .push(req.uri().path_and_query().map(|x| x.as_str().to_string()).unwrap_or_default());
-                echo(n.clone(), s.clone(), req)
+                h.lock().push(req.headers().clone());
+                let mode = *m.lock();
+                let (n, s) = (n.clone(), s.clone());
+                async move {
+                    match mode {
+                        Mode::Normal => {}
+                        Mode::Status(code) => {
+                            s.fetch_add(1, Ordering::Relaxed);
+                            let _ = req.into_body().collect().await;
+                            return Response::builder()
+                                .status(code)
+                                .header("x-echo-server", n)
+                                .body(full("failing on purpose"))
+                                .unwrap();
+                        }
+                        Mode::Delay(d) => tokio::time::sleep(d).await,
+                        Mode::Hang => {
+                            s.fetch_add(1, Ordering::Relaxed);
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    echo(n, s, req).await
+                }
             },
         ));
         Self {
@@ -49,8 +89,15 @@ impl EchoServer {
             name: name.to_string(),
             served,
             paths,
+            headers,
+            mode,
             shutdown,
         }
+    }
+
+    /// Changes how every later request is answered.
+    pub fn set_mode(&self, mode: Mode) {
+        *self.mode.lock() = mode;
     }
 
     pub fn served(&self) -> u64 {
@@ -133,6 +180,17 @@ impl Drop for GrpcEcho {
 impl echo_server::Echo for EchoService {
     async fn unary(&self, req: tonic::Request<EchoMsg>) -> Result<tonic::Response<EchoMsg>, tonic::Status> {
         let mut m = req.into_inner();
+        // `fail:N` asks for gRPC status N, with a message and a detail header the caller must
+        // get back intact.
+        if let Some(code) = m
+            .payload
+            .strip_prefix(b"fail:")
+            .and_then(|c| std::str::from_utf8(c).ok()?.parse::<i32>().ok())
+        {
+            let mut status = tonic::Status::new(tonic::Code::from(code), "failing on purpose");
+            status.metadata_mut().insert("x-detail", "kept".parse().unwrap());
+            return Err(status);
+        }
         m.server = self.name.clone();
         Ok(tonic::Response::new(m))
     }
@@ -160,4 +218,44 @@ pub async fn grpc_client(outbound: SocketAddr, service: &str) -> echo_proto::ech
         .await
         .unwrap();
     echo_proto::echo_client::EchoClient::new(channel)
+}
+
+/// A TCP server that accepts connections, reads what arrives, and closes them without an
+/// answer: an app that resets.
+pub struct ResetServer {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicU64>,
+    shutdown: Shutdown,
+}
+
+impl ResetServer {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let shutdown = Shutdown::new();
+        let (count, stop) = (accepted.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    _ = stop.cancelled() => return,
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = [0u8; 4096];
+                    let _ = tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut buf)).await;
+                    drop(tcp);
+                });
+            }
+        });
+        Self { addr, accepted, shutdown }
+    }
+}
+
+impl Drop for ResetServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }

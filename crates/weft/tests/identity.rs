@@ -197,7 +197,7 @@ async fn a_server_must_present_exactly_the_identity_the_control_plane_gave() {
     let r = get_via(&web, "payments", "GET", "/").await;
     assert_eq!(
         (r.status, r.header("x-weft-error").as_deref()),
-        (503, Some("upstream-connect-failed")),
+        (503, Some("upstream-tls-failed")),
         "{}",
         r.text()
     );

@@ -169,6 +169,10 @@ pub struct ProxyConfig {
     /// Generation of the CA's signing root; a proxy whose certificate is older renews at once.
     #[prost(uint64, tag = "9")]
     pub ca_generation: u64,
+    /// The rate limit (weft/v1 RateLimit, JSON) this proxy's own service sets with `at: inbound`;
+    /// empty when none.
+    #[prost(string, tag = "10")]
+    pub inbound_rate_limit_json: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Service {

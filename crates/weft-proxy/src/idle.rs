@@ -1,0 +1,65 @@
+//! Stream idle timeout: a response body that yields no frame for the route's idle timeout is
+//! ended with an error, which resets the stream to the app (the response has already started,
+//! so no status can be sent any more).
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use weft_core::Body;
+
+pub struct IdleTimeout {
+    inner: Body,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimeout {
+    pub fn wrap(inner: Body, timeout: Duration) -> Body {
+        if inner.is_end_stream() {
+            return inner;
+        }
+        let sleep = Box::pin(tokio::time::sleep(timeout));
+        http_body_util::BodyExt::boxed_unsync(IdleTimeout { inner, timeout, sleep })
+    }
+}
+
+/// The error a body ends with when it idled out.
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle for {0:?} (idle timeout)")]
+pub struct Idle(Duration);
+
+impl HttpBody for IdleTimeout {
+    type Data = Bytes;
+    type Error = weft_core::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = Instant::now() + this.timeout;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    tracing::info!(timeout = ?this.timeout, "response stream idle; resetting it");
+                    // An error, not an early end: the app must see a reset stream (HTTP/2) or
+                    // a closed connection (HTTP/1.1), never a response that looks complete.
+                    return Poll::Ready(Some(Err(Box::new(Idle(this.timeout)))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

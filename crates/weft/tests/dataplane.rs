@@ -1,0 +1,648 @@
+//! End-to-end tests of the data plane's TrafficPolicy: routing, split, timeouts, retries and
+//! their budget, outlier ejection, locality failover, rate limits, faults, mirroring, pool
+//! limits, framing and drain. Real `weft` processes as control plane and sidecars, test apps
+//! whose failures the tests control, and numbers asserted.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_test::apps::{EchoServer, GrpcEcho, Mode, grpc_client};
+use weft_test::echo_proto::EchoMsg;
+use weft_test::http::{Client, Reply};
+use weft_test::{Control, ProxyHandle, eventually, free_addr};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft");
+
+async fn send(proxy: &ProxyHandle, method: &str, service: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", proxy.outbound))
+        .header("host", service);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    Client::new()
+        .send(b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .expect("outbound answers")
+}
+
+async fn get(proxy: &ProxyHandle, service: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    send(proxy, "GET", service, path, headers).await
+}
+
+/// Applies `yaml` and waits until `caller` runs the revision it made.
+async fn apply(control: &Control, caller: &ProxyHandle, yaml: &str) -> u64 {
+    let (status, applied) = control.post("/api/v1/resources", yaml).await;
+    assert_eq!(status, 200, "{applied}");
+    let rev = applied["revision"].as_u64().expect("a revision");
+    eventually(Duration::from_secs(5), "the caller runs the new revision", || async {
+        (caller.config_dump().await["config"]["revision"].as_u64() >= Some(rev)).then_some(())
+    })
+    .await;
+    rev
+}
+
+fn traffic_policy(service: &str, spec: &str) -> String {
+    format!("apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {{name: {service}-policy}}\nspec:\n  service: {service}\n{spec}")
+}
+
+/// A service instance: an echo app behind its sidecar.
+struct Instance {
+    app: EchoServer,
+    proxy: ProxyHandle,
+}
+
+async fn instance(control: &Control, name: &str, service: &str, version: &str, cluster: &str) -> Instance {
+    let app = EchoServer::start(name).await;
+    let proxy = ProxyHandle::start(
+        BIN,
+        control,
+        &format!("default/{name}"),
+        cluster,
+        &[("service", service), ("version", version)],
+        app.addr,
+    )
+    .await;
+    Instance { app, proxy }
+}
+
+async fn caller(control: &Control, name: &str, cluster: &str) -> ProxyHandle {
+    ProxyHandle::start(BIN, control, &format!("default/{name}"), cluster, &[], free_addr()).await
+}
+
+/// The value of one sample of a metric, summed over the series whose labels contain all of
+/// `labels` (`key="value"` strings).
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sends `n` GETs with `concurrency` at a time; returns the replies.
+async fn burst(proxy: &ProxyHandle, service: &str, path: &str, n: usize, concurrency: usize) -> Vec<Reply> {
+    let client = Arc::new(Client::new());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, next, url, service) = (
+            client.clone(),
+            next.clone(),
+            format!("http://{}{path}", proxy.outbound),
+            service.to_string(),
+        );
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let req = Request::get(&url).header("host", &service).body(Full::new(Bytes::new())).unwrap();
+                out.push(client.send(req).await.expect("outbound answers"));
+            }
+            out
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r.unwrap());
+    }
+    all
+}
+
+fn server_of(r: &Reply) -> String {
+    r.header("x-echo-server").unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_every_way_and_weights_split_within_one_and_a_half_points() {
+    let control = Control::start(BIN).await;
+    let v1 = instance(&control, "shop-v1", "shop", "v1", "cluster-a").await;
+    let v2 = instance(&control, "shop-v2", "shop", "v2", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "shop", "/", &[]).await.status, 200);
+    let spec = r#"  routes:
+    - name: health
+      match: {path: /health}
+      backends: [{subset: v2, weight: 100}]
+    - name: users
+      match: {pathRegex: "/users/[0-9]+", methods: [GET]}
+      backends: [{subset: v2, weight: 100}]
+    - name: beta
+      match: {headers: {x-user: {prefix: beta-}, x-order: {regex: "[A-Z]{2}-[0-9]+"}}}
+      backends: [{subset: v2, weight: 100}]
+    - name: gold
+      match: {query: {tier: gold}}
+      backends: [{subset: v2, weight: 100}]
+    - name: debug
+      match: {headers: {x-debug: {present: true}}}
+      backends: [{subset: v2, weight: 100}]
+    - name: split
+      backends: [{subset: v2, weight: 20}, {subset: v1, weight: 80}]
+"#;
+    apply(&control, &web, &traffic_policy("shop", spec)).await;
+    let to_v2: [(&str, &str, &[(&str, &str)]); 5] = [
+        ("GET", "/health", &[]),
+        ("GET", "/users/42", &[]),
+        ("GET", "/any", &[("x-user", "beta-1"), ("x-order", "EU-7")]),
+        ("GET", "/any?tier=gold&x=1", &[]),
+        ("GET", "/any", &[("x-debug", "")]),
+    ];
+    for (method, path, headers) in to_v2 {
+        for _ in 0..5 {
+            let r = send(&web, method, "shop", path, headers).await;
+            assert_eq!(
+                (r.status, server_of(&r)),
+                (200, "shop-v2".to_string()),
+                "{method} {path} {headers:?}"
+            );
+        }
+    }
+    // Near misses fall through to the split: regex must match the whole path, both headers
+    // must hold, the query value must be exact.
+    let misses: [(&str, &str, &[(&str, &str)]); 4] = [
+        ("GET", "/users/42/orders", &[]),
+        ("POST", "/users/42", &[]),
+        ("GET", "/any", &[("x-user", "beta-1"), ("x-order", "eu-7")]),
+        ("GET", "/any?tier=golden", &[]),
+    ];
+    let mut miss_v1 = 0;
+    for (method, path, headers) in misses {
+        for _ in 0..10 {
+            let r = send(&web, method, "shop", path, headers).await;
+            assert_eq!(r.status, 200);
+            miss_v1 += usize::from(server_of(&r) == "shop-v1");
+        }
+    }
+    assert!(miss_v1 >= 20, "the misses took the 80/20 split: {miss_v1} of 40 on v1");
+
+    // 5,000 requests over the split: v2 within 20% +- 1.5 points.
+    let replies = burst(&web, "shop", "/split", 5000, 16).await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    let share = replies.iter().filter(|r| server_of(r) == "shop-v2").count() as f64 / 50.0;
+    assert!((18.5..=21.5).contains(&share), "v2 got {share}% of 5000, want 20 +- 1.5");
+
+    // New weights under load: requests in flight on the old config all finish.
+    v1.app.set_mode(Mode::Delay(Duration::from_millis(400)));
+    let in_flight: Vec<_> = (0..20)
+        .map(|_| {
+            let url = format!("http://{}/slow", web.outbound);
+            tokio::spawn(async move {
+                let req = Request::get(url).header("host", "shop").body(Full::new(Bytes::new())).unwrap();
+                Client::new().send(req).await.expect("answers")
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let spec = "  routes:\n    - name: split\n      backends: [{subset: v2, weight: 50}, {subset: v1, weight: 50}]\n";
+    apply(&control, &web, &traffic_policy("shop", spec)).await;
+    for t in in_flight {
+        assert_eq!(t.await.unwrap().status, 200, "an in-flight request survived the weight change");
+    }
+    v1.app.set_mode(Mode::Normal);
+    let replies = burst(&web, "shop", "/split", 2000, 16).await;
+    let share = replies.iter().filter(|r| server_of(r) == "shop-v2").count() as f64 / 20.0;
+    assert!((46.0..=54.0).contains(&share), "after the change v2 got {share}%, want 50");
+    drop((v1, v2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_counted_at_the_upstream_marked_and_never_repeated_by_the_next_hop() {
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+    let spec = "  routes:\n    - name: all\n      retry: {attempts: 2, on: [503, reset]}\n";
+    apply(&control, &web, &traffic_policy("orders", spec)).await;
+
+    // Always 503: one GET reaches the app three times (first try + 2 retries).
+    orders.app.set_mode(Mode::Status(503));
+    let before = orders.app.served();
+    let r = get(&web, "orders", "/", &[]).await;
+    assert_eq!(r.status, 503, "the upstream's own answer comes back after the last try");
+    assert_eq!(orders.app.served() - before, 3);
+    // The retried tries carry the marker to the app, which may pass it on.
+    let headers = orders.app.headers.lock().clone();
+    let marked: Vec<bool> = headers[headers.len() - 3..]
+        .iter()
+        .map(|h| h.contains_key("weft-retried"))
+        .collect();
+    assert_eq!(marked, [false, true, true]);
+
+    // A POST is not retried (not idempotent, and the route did not opt in).
+    let before = orders.app.served();
+    assert_eq!(send(&web, "POST", "orders", "/", &[]).await.status, 503);
+    assert_eq!(orders.app.served() - before, 1);
+
+    // A request that already carries the marker (a retry from an earlier hop) is tried once.
+    let before = orders.app.served();
+    assert_eq!(get(&web, "orders", "/", &[("weft-retried", "1")]).await.status, 503);
+    assert_eq!(orders.app.served() - before, 1, "the second hop does not retry again");
+
+    // Fails once then recovers: the caller sees success, and the metrics tell effective from
+    // actual success.
+    orders.app.set_mode(Mode::Normal);
+    let m = web.metrics().await;
+    assert!(
+        metric(&m, "weft_proxy_retries_total", &["service=\"orders\"", "outcome=\"retried\""]) >= 4.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "weft_proxy_upstream_attempts_total",
+            &["service=\"orders\"", "outcome=\"failure\""]
+        ) >= 5.0
+    );
+    drop(orders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_total_failure_the_retry_budget_caps_upstream_load() {
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+    // Outlier detection off in effect (never eject the only endpoint anyway: 50% of 1 is 0).
+    let spec = "  routes:\n    - name: all\n      retry: {attempts: 3, on: [5xx]}\n";
+    apply(&control, &web, &traffic_policy("orders", spec)).await;
+    orders.app.set_mode(Mode::Status(500));
+    let before = orders.app.served();
+    let start = Instant::now();
+    // 100 requests/s offered for 6 s.
+    let load = weft_test::load::Load::start(web.outbound, "orders", &[], Duration::from_millis(10));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stats = load.stop().await;
+    let secs = start.elapsed().as_secs_f64();
+    let offered = stats.total() as f64;
+    let upstream = (orders.app.served() - before) as f64;
+    // Without a budget 3 retries would make it 4x.
+    let cap = 1.2 * offered + 10.0 * secs.ceil();
+    assert!(offered > 300.0, "load too low to judge: {offered}");
+    assert!(
+        upstream <= cap,
+        "upstream saw {upstream} for {offered} offered in {secs:.1}s; cap 1.2x + 10/s = {cap}"
+    );
+    assert!(
+        upstream > offered * 1.1,
+        "retries still happen within the budget: {upstream} for {offered}"
+    );
+    let m = web.metrics().await;
+    let exhausted = metric(&m, "weft_proxy_retries_total", &["outcome=\"budget-exhausted\""]);
+    assert!(exhausted > offered, "budget exhaustion is counted: {exhausted}");
+    eprintln!(
+        "budget: offered {offered}, upstream {upstream} ({:.2}x) in {secs:.1}s",
+        upstream / offered
+    );
+    drop(orders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_answer_504_and_grpc_gets_deadline_exceeded_and_its_own_statuses_intact() {
+    let control = Control::start(BIN).await;
+    let slow = instance(&control, "slow-v1", "slow", "v1", "cluster-a").await;
+    let fast = instance(&control, "slow-v1b", "slow", "v1", "cluster-a").await;
+    let grpc = GrpcEcho::start("grpc-echo").await;
+    let _gp = ProxyHandle::start(BIN, &control, "default/grpc-echo", "cluster-a", &[("version", "v1")], grpc.addr).await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "slow", "/", &[]).await.status, 200);
+    slow.app.set_mode(Mode::Hang);
+    fast.app.set_mode(Mode::Delay(Duration::from_millis(600)));
+    let spec = "  routes:\n    - name: all\n      timeout: 300ms\n";
+    apply(&control, &web, &traffic_policy("slow", spec)).await;
+    let t = Instant::now();
+    let r = get(&web, "slow", "/", &[]).await;
+    let took = t.elapsed();
+    assert_eq!(
+        (r.status, r.header("x-weft-error").as_deref()),
+        (504, Some("request-timeout")),
+        "{}",
+        r.text()
+    );
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_millis(900), "{took:?}");
+
+    // Per-try timeout: a hanging endpoint's try is cut, the retry lands on the other one.
+    fast.app.set_mode(Mode::Normal);
+    let spec = "  loadBalancer: round-robin\n  routes:\n    - name: all\n      timeout: 3s\n      retry: {attempts: 2, perTryTimeout: 200ms, on: [5xx]}\n";
+    apply(&control, &web, &traffic_policy("slow", spec)).await;
+    for _ in 0..6 {
+        let t = Instant::now();
+        let r = get(&web, "slow", "/", &[]).await;
+        assert_eq!((r.status, server_of(&r)), (200, "slow-v1b".to_string()), "{}", r.text());
+        assert!(t.elapsed() < Duration::from_millis(1200), "{:?}", t.elapsed());
+    }
+
+    // gRPC: the proxy's own timeout is DEADLINE_EXCEEDED, a fault abort 503 is UNAVAILABLE,
+    // and the app's own status, message and metadata pass through.
+    let mut client = grpc_client(web.outbound, "grpc-echo").await;
+    let ok = client
+        .unary(EchoMsg {
+            payload: b"hi".to_vec(),
+            seq: 1,
+            server: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().server, "grpc-echo");
+    let spec = "  routes:\n    - name: slow\n      match: {pathPrefix: /weft.test.Echo/Unary}\n      timeout: 100ms\n      fault: {delay: {percent: 100, duration: 400ms}}\n";
+    apply(&control, &web, &traffic_policy("grpc-echo", spec)).await;
+    let e = client
+        .unary(EchoMsg {
+            payload: b"hi".to_vec(),
+            seq: 2,
+            server: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert_eq!(e.metadata().get("x-weft-error").unwrap(), "request-timeout");
+    let spec = "  routes:\n    - name: abort\n      fault: {abort: {percent: 100, status: 503}}\n";
+    apply(&control, &web, &traffic_policy("grpc-echo", spec)).await;
+    let e = client
+        .unary(EchoMsg {
+            payload: b"hi".to_vec(),
+            seq: 3,
+            server: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.metadata().get("x-weft-error").unwrap().to_str().unwrap()),
+        (tonic::Code::Unavailable, "fault-abort")
+    );
+    let spec = "  routes:\n    - name: plain\n      timeout: 5s\n";
+    apply(&control, &web, &traffic_policy("grpc-echo", spec)).await;
+    let e = client
+        .unary(EchoMsg {
+            payload: b"fail:9".to_vec(),
+            seq: 4,
+            server: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.message()), (tonic::Code::FailedPrecondition, "failing on purpose"));
+    assert_eq!(e.metadata().get("x-detail").unwrap(), "kept");
+    assert!(e.metadata().get("x-weft-error").is_none(), "the app's status is not the mesh's");
+    drop((slow, fast));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_endpoints_are_ejected_traffic_fails_over_by_locality_and_returns() {
+    let control = Control::start(BIN).await;
+    let a = instance(&control, "inv-a", "inventory", "v1", "cluster-a").await;
+    let b = instance(&control, "inv-b", "inventory", "v1", "cluster-b").await;
+    let c = instance(&control, "inv-c", "inventory", "v1", "cluster-c").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "inventory", "/", &[]).await.status, 200);
+    let spec = "  failover: [cluster-c, cluster-b]\n  outlierDetection: {consecutiveFailures: 3, ejection: 1s, maxEjectedPercent: 70}\n";
+    apply(&control, &web, &traffic_policy("inventory", spec)).await;
+    // Healthy: every request stays in the caller's cluster.
+    for _ in 0..20 {
+        assert_eq!(server_of(&get(&web, "inventory", "/", &[]).await), "inv-a");
+    }
+    // cluster-a fails: three 503s, then it is ejected and traffic follows the failover order
+    // (cluster-c before cluster-b).
+    a.app.set_mode(Mode::Status(503));
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(get(&web, "inventory", "/", &[]).await.status);
+    }
+    assert_eq!(statuses, [503, 503, 503]);
+    for _ in 0..20 {
+        let r = get(&web, "inventory", "/", &[]).await;
+        assert_eq!((r.status, server_of(&r)), (200, "inv-c".to_string()));
+    }
+    let m = web.metrics().await;
+    assert_eq!(
+        metric(&m, "weft_proxy_outlier_ejections_total", &["service=\"inventory\""]),
+        1.0,
+        "{m}"
+    );
+    // cluster-c fails too: on to cluster-b.
+    c.app.set_mode(Mode::Status(503));
+    for _ in 0..3 {
+        get(&web, "inventory", "/", &[]).await;
+    }
+    let r = get(&web, "inventory", "/", &[]).await;
+    assert_eq!((r.status, server_of(&r)), (200, "inv-b".to_string()));
+    // cluster-a recovers: once its ejection is over, the probe succeeds and traffic returns.
+    a.app.set_mode(Mode::Normal);
+    let t = Instant::now();
+    eventually(Duration::from_secs(5), "traffic back in cluster-a", || async {
+        (server_of(&get(&web, "inventory", "/", &[]).await) == "inv-a").then_some(())
+    })
+    .await;
+    assert!(t.elapsed() < Duration::from_millis(2500), "returned after {:?}", t.elapsed());
+    for _ in 0..10 {
+        assert_eq!(server_of(&get(&web, "inventory", "/", &[]).await), "inv-a");
+    }
+    drop((b, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_pool_limits_answer_fast_with_their_reasons() {
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    let other = caller(&control, "other", "cluster-a").await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+    assert_eq!(get(&other, "orders", "/", &[]).await.status, 200);
+    // Outbound: each caller may send 5/s with a burst of 5.
+    apply(
+        &control,
+        &web,
+        &traffic_policy("orders", "  rateLimit: {requestsPerSecond: 5, burst: 5}\n"),
+    )
+    .await;
+    let replies = burst(&web, "orders", "/", 30, 1).await;
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<_> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!((5..=7).contains(&ok), "{ok} of 30 passed a 5/s, burst 5 limit");
+    assert_eq!(ok + limited.len(), 30);
+    assert!(limited.iter().all(|r| r.header("x-weft-error").as_deref() == Some("rate-limited")));
+    // The other caller has its own bucket.
+    eventually(Duration::from_secs(5), "other runs the policy", || async {
+        (other.config_dump().await["config"]["services"]["orders"]["policy"]["rateLimit"].is_object()).then_some(())
+    })
+    .await;
+    assert_eq!(get(&other, "orders", "/", &[]).await.status, 200);
+
+    // Inbound: the service's own sidecar limits what it accepts, from every caller together.
+    let spec = "  rateLimit: {requestsPerSecond: 4, burst: 4, at: inbound}\n";
+    apply(&control, &web, &traffic_policy("orders", spec)).await;
+    eventually(Duration::from_secs(5), "orders' sidecar has the inbound limit", || async {
+        (orders.proxy.config_dump().await["config"]["inboundRateLimit"].is_object()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut ok = 0;
+    for i in 0..20 {
+        let p = if i % 2 == 0 { &web } else { &other };
+        let r = get(p, "orders", "/", &[]).await;
+        if r.status == 200 {
+            ok += 1;
+        } else {
+            assert_eq!((r.status, r.header("x-weft-error").as_deref()), (429, Some("rate-limited")));
+        }
+    }
+    assert!((4..=6).contains(&ok), "{ok} of 20 passed an inbound limit of 4/s, burst 4");
+
+    // Pool: two requests in flight at most; the rest are refused at once.
+    orders.app.set_mode(Mode::Delay(Duration::from_millis(800)));
+    apply(
+        &control,
+        &web,
+        &traffic_policy("orders", "  connectionPool: {maxPendingRequests: 2}\n"),
+    )
+    .await;
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let url = format!("http://{}/", web.outbound);
+            tokio::spawn(async move {
+                let req = Request::get(url).header("host", "orders").body(Full::new(Bytes::new())).unwrap();
+                let t = Instant::now();
+                (Client::new().send(req).await.expect("answers"), t.elapsed())
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let full: Vec<_> = results.iter().filter(|(r, _)| r.status == 503).collect();
+    assert_eq!(results.iter().filter(|(r, _)| r.status == 200).count(), 2);
+    assert_eq!(full.len(), 4);
+    for (r, took) in &full {
+        assert_eq!(r.header("x-weft-error").as_deref(), Some("pool-full"));
+        assert!(*took < Duration::from_millis(300), "refused fast: {took:?}");
+    }
+    assert!(t.elapsed() >= Duration::from_millis(790));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_abort_and_delay_by_percent_and_mirrors_never_slow_or_fail_the_primary() {
+    let control = Control::start(BIN).await;
+    let v1 = instance(&control, "pay-v1", "pay", "v1", "cluster-a").await;
+    let v2 = instance(&control, "pay-v2", "pay", "v2", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "pay", "/", &[]).await.status, 200);
+    let spec = "  routes:\n    - name: chaos\n      backends: [{subset: v1, weight: 100}]\n      fault: {abort: {percent: 30, status: 503}, delay: {percent: 50, duration: 150ms}}\n";
+    apply(&control, &web, &traffic_policy("pay", spec)).await;
+    let before = v1.app.served();
+    let t = Instant::now();
+    let replies = burst(&web, "pay", "/", 400, 8).await;
+    let aborted = replies.iter().filter(|r| r.status == 503).count();
+    assert!(
+        replies
+            .iter()
+            .filter(|r| r.status == 503)
+            .all(|r| r.header("x-weft-error").as_deref() == Some("fault-abort"))
+    );
+    assert!((90..=150).contains(&aborted), "{aborted} of 400 aborted at 30%");
+    assert_eq!(
+        v1.app.served() - before,
+        (400 - aborted) as u64,
+        "an aborted request never reaches the app"
+    );
+    // About half of the 280 that passed waited 150 ms, 8 at a time: ~2.6 s in all.
+    let took = t.elapsed();
+    assert!(took > Duration::from_millis(1800) && took < Duration::from_secs(8), "{took:?}");
+
+    // Mirror every request to v2, which is slow and then failing; the primary never notices.
+    v2.app.set_mode(Mode::Delay(Duration::from_secs(2)));
+    let spec = "  routes:\n    - name: shadow\n      backends: [{subset: v1, weight: 100}]\n      mirror: {subset: v2, percent: 100}\n";
+    apply(&control, &web, &traffic_policy("pay", spec)).await;
+    let v2_before = v2.app.served();
+    for i in 0..20 {
+        let t = Instant::now();
+        let r = get(&web, "pay", &format!("/order/{i}"), &[]).await;
+        assert_eq!((r.status, server_of(&r)), (200, "pay-v1".to_string()));
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "primary slowed by the mirror: {:?}",
+            t.elapsed()
+        );
+    }
+    eventually(Duration::from_secs(8), "v2 received the 20 copies", || async {
+        (v2.app.served() - v2_before >= 20).then_some(())
+    })
+    .await;
+    let paths = v2.app.paths.lock().clone();
+    assert!((0..20).all(|i| paths.contains(&format!("/order/{i}"))), "{paths:?}");
+    v2.app.set_mode(Mode::Status(500));
+    let replies = burst(&web, "pay", "/", 50, 4).await;
+    assert!(replies.iter().all(|r| r.status == 200 && server_of(r) == "pay-v1"));
+    let m = web.metrics().await;
+    assert!(
+        metric(&m, "weft_proxy_mirrored_requests_total", &["service=\"pay\""]) >= 20.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_is_refused_and_the_connection_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let control = Control::start(BIN).await;
+    let web = caller(&control, "web", "cluster-a").await;
+    let cases: [&[u8]; 3] = [
+        b"POST / HTTP/1.1\r\nHost: orders\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: orders\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: orders\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    ];
+    for raw in cases {
+        let mut tcp = tokio::net::TcpStream::connect(web.outbound).await.unwrap();
+        tcp.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the connection is closed after the refusal");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{:?} -> {text:?}", String::from_utf8_lossy(raw));
+    }
+    let _ = Value::Null;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_with_zero_failures() {
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let mut web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+    orders.app.set_mode(Mode::Delay(Duration::from_millis(700)));
+    // HTTP/1.1 and HTTP/2 clients with requests in flight.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let url = format!("http://{}/drain/{i}", web.outbound);
+        tasks.push(tokio::spawn(async move {
+            let client = if i % 2 == 0 { Client::new() } else { Client::h2() };
+            let req = Request::get(url).header("host", "orders").body(Full::new(Bytes::new())).unwrap();
+            client.send(req).await.map(|r| r.status)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    web.process.signal(nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        tokio::net::TcpStream::connect(web.outbound).await.is_err(),
+        "no new connections once draining"
+    );
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(200) => ok += 1,
+            other => panic!("an in-flight request failed during drain: {other:?}"),
+        }
+    }
+    assert_eq!(ok, 20);
+    let code = web.process.wait(Duration::from_secs(12));
+    assert_eq!(code, Some(0), "the proxy exits cleanly after the drain");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "exited {:?} after SIGTERM, once drained",
+        t.elapsed()
+    );
+}
