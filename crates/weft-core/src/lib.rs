@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod framing;
 pub mod serve;
 pub mod shutdown;
 pub mod trace;

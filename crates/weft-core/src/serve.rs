@@ -47,6 +47,43 @@ impl Default for Limits {
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
 
+/// Why an HTTP/1.1 request's body framing is ambiguous, if it is: both `Content-Length` and
+/// `Transfer-Encoding` (a request-smuggling vector even where the parser picks one), a
+/// `Transfer-Encoding` whose last coding is not `chunked`, or several `Content-Length` values.
+pub fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
+    let h = req.headers();
+    let te = h.get_all(http::header::TRANSFER_ENCODING);
+    let has_te = te.iter().next().is_some();
+    if has_te && h.contains_key(http::header::CONTENT_LENGTH) {
+        return Some("both Content-Length and Transfer-Encoding");
+    }
+    if has_te {
+        let last = te
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next());
+        if !last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")) {
+            return Some("Transfer-Encoding does not end with chunked");
+        }
+    }
+    if h.get_all(http::header::CONTENT_LENGTH).iter().count() > 1 {
+        return Some("more than one Content-Length");
+    }
+    None
+}
+
+/// The 400 for ambiguous framing; the connection is closed after it.
+fn refuse_framing(why: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(http::StatusCode::BAD_REQUEST)
+        .header(http::header::CONNECTION, "close")
+        .header("x-weft-error", "ambiguous-framing")
+        .header(http::header::CONTENT_TYPE, "text/plain")
+        .body(crate::full(format!("ambiguous-framing: {why}\n")))
+        .expect("valid refusal")
+}
+
 /// Serves `handler` on `listener` until `shutdown`, then drains for at most `limits.drain`.
 pub async fn serve<H, F>(listener: TcpListener, limits: Limits, shutdown: Shutdown, handler: H)
 where
@@ -101,11 +138,29 @@ where
             let Ok(Some((io, facts))) = tokio::time::timeout(handshake_timeout, accept(stream, remote)).await else {
                 return;
             };
+            let (io, verdicts) = crate::framing::Scanned::new(io);
+            let index = std::sync::atomic::AtomicU64::new(0);
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let n = index.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let scanned = if req.version() == http::Version::HTTP_2 {
+                    None
+                } else {
+                    verdicts.take(n)
+                };
+                let refused = scanned.or_else(|| ambiguous_framing(&req)).map(|why| {
+                    tracing::info!(%remote, why, "request refused: ambiguous framing");
+                    refuse_framing(why)
+                });
                 req.extensions_mut().insert(RemoteAddr(remote));
                 req.extensions_mut().insert(facts.clone());
-                let fut = handler(req);
-                async move { Ok::<_, Infallible>(fut.await) }
+                let fut = refused.is_none().then(|| handler(req));
+                async move {
+                    match (refused, fut) {
+                        (Some(refused), _) => Ok::<_, Infallible>(refused),
+                        (None, Some(fut)) => Ok(fut.await),
+                        (None, None) => unreachable!("a request is either refused or handled"),
+                    }
+                }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
             if let Err(error) = watcher.watch(conn).await {

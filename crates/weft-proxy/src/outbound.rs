@@ -144,6 +144,9 @@ struct Call<'a> {
 }
 
 /// Why a try failed, when it did not produce a response to hand back.
+// The request moves back to the caller in `NotSent`; boxing it would allocate on every connect
+// failure to save stack space on a path that is cold.
+#[allow(clippy::large_enum_variant)]
 enum TryFailure {
     /// Nothing reached the endpoint; the request comes back for another try.
     NotSent(Request<Body>, &'static str, String),
@@ -260,12 +263,11 @@ impl Call<'_> {
                         && (retry.retry_status(status, grpc_status)
                             || (peer_said == "app-reset" && retry.on.reset)
                             || (peer_said == "app-unavailable" && retry.on.connect_failure));
-                    if wants && retries < retry.retries && replay.as_ref().is_some_and(|r| r.body().is_some()) {
-                        if self.take_retry() {
-                            retries += 1;
-                            backoff(retries).await;
-                            continue;
-                        }
+                    let replayable = replay.as_ref().is_some_and(Replay::available);
+                    if wants && retries < retry.retries && replayable && self.take_retry() {
+                        retries += 1;
+                        backoff(retries).await;
+                        continue;
                     }
                     if let (Some(subset), Some(h), Some(r)) = (mirror.as_deref(), &head, &replay) {
                         self.mirror(subset, h, r);
@@ -290,7 +292,7 @@ impl Call<'_> {
                 TryFailure::Reset(detail) => (after_send && retry.on.reset, "upstream-reset", detail),
                 TryFailure::PerTryTimeout(t) => (after_send, "per-try-timeout", format!("no response within {t:?}")),
             };
-            let replayable = next.is_some() || replay.as_ref().is_some_and(|r| r.body().is_some());
+            let replayable = next.is_some() || replay.as_ref().is_some_and(Replay::available);
             if retryable && replayable && retries < retry.retries {
                 if self.take_retry() {
                     retries += 1;

@@ -85,6 +85,12 @@ impl HttpBody for Recording {
 }
 
 impl Replay {
+    /// Whether the body was sent in full and fit, so [`Replay::body`] has it.
+    pub fn available(&self) -> bool {
+        let r = self.record.lock();
+        r.complete && !r.overflow
+    }
+
     /// The whole body again, if it was sent in full and fit.
     pub fn body(&self) -> Option<Body> {
         let r = self.record.lock();
