@@ -21,6 +21,8 @@ pub struct ProxyConfig {
     pub access_log: bool,
     /// Percentage of requests logged when access logs are on.
     pub access_log_sample: f64,
+    /// Opaque TCP listeners: each connection goes to an endpoint of the service.
+    pub tcp: Vec<(SocketAddr, String)>,
     pub source: Source,
 }
 
@@ -133,6 +135,7 @@ impl StaticFile {
             advertise: None,
             access_log: false,
             access_log_sample: 100.0,
+            tcp: Vec::new(),
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()

@@ -131,6 +131,23 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
     out
 }
 
+/// The reason a reply carries, as one of the stable names (for metric labels).
+pub fn static_reason(resp: &Response<Body>) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "upstream-connect-timeout",
+        "upstream-connect-failed",
+        "upstream-tls-failed",
+        "upstream-reset",
+        "no-healthy-endpoints",
+        "no-client-identity",
+        "pool-full",
+        "authz-denied",
+        "rate-limited",
+    ];
+    let r = reason_of(resp);
+    KNOWN.into_iter().find(|k| *k == r).unwrap_or("refused")
+}
+
 /// The reason a response carries, if the mesh made it.
 pub fn reason_of(resp: &Response<Body>) -> &str {
     resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("")

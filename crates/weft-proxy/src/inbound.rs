@@ -90,7 +90,10 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let resp = match limited {
         Some(r) => r,
         None => match authorize(&proxy, &conn, &req) {
-            Ok(canonical) => to_app(&proxy, req, canonical).await,
+            Ok(canonical) => match crate::upgrade::requested(&req) {
+                Some(protocol) => crate::upgrade::inbound(&proxy, req, protocol).await,
+                None => to_app(&proxy, req, canonical).await,
+            },
             Err(denied) => denied,
         },
     };

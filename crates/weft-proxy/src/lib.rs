@@ -25,6 +25,7 @@ mod replay;
 pub mod route;
 mod state;
 pub mod telemetry;
+mod upgrade;
 
 pub use config::{ProxyConfig, Source, StaticFile, Workload};
 pub use state::Proxy;
@@ -61,6 +62,10 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     };
     let inbound_l = bind("inbound", cfg.inbound).await?;
     let outbound_l = bind("outbound", cfg.outbound).await?;
+    let mut tcp_l = Vec::new();
+    for (addr, service) in &cfg.tcp {
+        tcp_l.push((bind("tcp", *addr).await?, service.clone()));
+    }
     let admin_l = match cfg.admin {
         Some(a) => Some(bind("admin", a).await?),
         None => None,
@@ -78,6 +83,10 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     }
     if let (Some(url), Some(token)) = (proxy.control_url.clone(), proxy.token.clone()) {
         tasks.spawn(identity::run(proxy.clone(), url, token, shutdown.clone()));
+    }
+    for (listener, service) in tcp_l {
+        tracing::info!(addr = %listener.local_addr().expect("bound"), %service, "opaque TCP listener");
+        tasks.spawn(upgrade::serve_tcp(proxy.clone(), listener, service, shutdown.clone()));
     }
     let reaper = proxy.clone();
     let stop = shutdown.clone();

@@ -68,7 +68,7 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
 }
 
 /// Routes and forwards one request; returns the destination service and route, and the answer.
-async fn route_request(proxy: &Arc<Proxy>, req: Request<Incoming>, grpc: bool) -> (String, String, Response<Body>) {
+async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: bool) -> (String, String, Response<Body>) {
     let Some(authority) = target_authority(&req) else {
         return (
             String::new(),
@@ -92,6 +92,7 @@ async fn route_request(proxy: &Arc<Proxy>, req: Request<Incoming>, grpc: bool) -
             ),
         );
     };
+    let upgrade = crate::upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     // Bypass (the kill switch): no L7 policy at all, plain balancing over every endpoint.
     let routes: &[CompiledRoute] = if proxy.bypassed() { &[] } else { &rt.routes };
@@ -109,6 +110,11 @@ async fn route_request(proxy: &Arc<Proxy>, req: Request<Incoming>, grpc: bool) -
     }
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     if let Err(resp) = retarget(&mut parts, &authority, &pq) {
+        return (name, route.name.clone(), resp);
+    }
+    if let Some((protocol, client)) = upgrade {
+        let subset = route.subset(rand::random_range(0..100));
+        let resp = crate::upgrade::outbound(proxy, &rt, subset, parts, protocol, client, &authority).await;
         return (name, route.name.clone(), resp);
     }
     parts.version = Version::HTTP_2;
@@ -526,6 +532,9 @@ fn service_name(authority: &str) -> &str {
 /// proxy made itself to a gRPC request becomes a gRPC status (trailers-only), so gRPC clients
 /// see DEADLINE_EXCEEDED, UNAVAILABLE, ... rather than a bare HTTP error.
 pub fn finish(mut resp: Response<Body>, version: Version, grpc: bool) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return resp; // its Upgrade and Connection headers are the point
+    }
     strip_hop_by_hop(resp.headers_mut());
     if grpc && resp.headers().contains_key(crate::forward::ERROR_HEADER) && !resp.headers().contains_key("grpc-status") {
         resp = crate::forward::as_grpc_status(resp);

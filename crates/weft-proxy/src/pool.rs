@@ -134,24 +134,7 @@ impl Pools {
                 Some(ConnectionSlot(count.clone()))
             }
         };
-        let connect_timeout = opts.connect_timeout;
-        let tcp = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await {
-            Err(_) => return Err(ConnectError::Timeout { addr }),
-            Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
-            Ok(Ok(tcp)) => tcp,
-        };
-        let _ = tcp.set_nodelay(true);
-        let io: Box<dyn weft_core::serve::Io> = match tls {
-            None => Box::new(tcp),
-            Some((_, config)) => {
-                let connect = tokio_rustls::TlsConnector::from(config).connect(crate::identity::sni(), tcp);
-                match tokio::time::timeout(connect_timeout, connect).await {
-                    Err(_) => return Err(ConnectError::Timeout { addr }),
-                    Ok(Err(source)) => return Err(ConnectError::Tls { addr, source }),
-                    Ok(Ok(stream)) => Box::new(stream),
-                }
-            }
-        };
+        let io = connect(addr, tls.map(|(_, c)| c), opts.connect_timeout).await?;
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
@@ -186,6 +169,31 @@ impl Pools {
     /// Forgets the connections to `addr` (after one failed).
     pub fn evict(&self, addr: SocketAddr) {
         self.h2.lock().retain(|(a, _), _| *a != addr);
+    }
+}
+
+/// A new connection to `addr`, over mTLS when `tls` is given.
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Result<Box<dyn weft_core::serve::Io>, ConnectError> {
+    let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => return Err(ConnectError::Timeout { addr }),
+        Ok(Err(source)) => return Err(ConnectError::Io { addr, source }),
+        Ok(Ok(tcp)) => tcp,
+    };
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => Ok(Box::new(tcp)),
+        Some(config) => {
+            let connect = tokio_rustls::TlsConnector::from(config).connect(crate::identity::sni(), tcp);
+            match tokio::time::timeout(timeout, connect).await {
+                Err(_) => Err(ConnectError::Timeout { addr }),
+                Ok(Err(source)) => Err(ConnectError::Tls { addr, source }),
+                Ok(Ok(stream)) => Ok(Box::new(stream)),
+            }
+        }
     }
 }
 

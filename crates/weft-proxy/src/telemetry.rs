@@ -27,6 +27,8 @@ pub struct Telemetry {
     retries: Family<ServiceOutcome, Counter>,
     ejections: Family<ServiceOutcome, Counter>,
     mirrors: Family<ServiceOutcome, Counter>,
+    tcp: Family<ServiceOutcome, Counter>,
+    tcp_bytes: Family<ServiceOutcome, Counter>,
     /// Seconds until the workload certificate expires (negative once expired, 0 without one).
     pub cert_expires_in: prometheus_client::metrics::gauge::Gauge,
     interval: Mutex<HashMap<(Direction, String, String, u64), Window>>,
@@ -158,7 +160,19 @@ impl Telemetry {
             "mirrored_requests",
             "Mirrored copies by destination and outcome (sent, failed, dropped, not-replayable)",
         );
+        let tcp = family(
+            &mut registry,
+            "tcp_connections",
+            "Opaque TCP connections by destination and outcome (closed, or why refused)",
+        );
+        let tcp_bytes = family(
+            &mut registry,
+            "tcp_bytes",
+            "Opaque TCP bytes by destination and direction (sent, received)",
+        );
         Self {
+            tcp,
+            tcp_bytes,
             attempts,
             retries,
             ejections,
@@ -238,6 +252,21 @@ impl Telemetry {
 
     pub fn mirror(&self, service: &str, outcome: &'static str) {
         self.count(&self.mirrors, service, outcome);
+    }
+
+    pub fn tcp(&self, service: &str, outcome: &'static str) {
+        self.count(&self.tcp, service, outcome);
+    }
+
+    pub fn tcp_bytes(&self, service: &str, sent: u64, received: u64) {
+        for (outcome, n) in [("sent", sent), ("received", received)] {
+            self.tcp_bytes
+                .get_or_create(&ServiceOutcome {
+                    service: service.to_string(),
+                    outcome,
+                })
+                .inc_by(n);
+        }
     }
 
     fn count(&self, family: &Family<ServiceOutcome, Counter>, service: &str, outcome: &'static str) {

@@ -259,3 +259,127 @@ impl Drop for ResetServer {
         self.shutdown.cancel();
     }
 }
+
+/// A WebSocket echo app: completes the handshake (RFC 6455 accept key), then answers each
+/// short text frame from the client with the same text, prefixed `echo:`.
+pub struct WsEcho {
+    pub addr: SocketAddr,
+    pub upgraded: Arc<AtomicU64>,
+    shutdown: Shutdown,
+}
+
+/// The `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key`.
+pub fn ws_accept(key: &str) -> String {
+    use base64::Engine;
+    let mut input = key.as_bytes().to_vec();
+    input.extend_from_slice(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+impl WsEcho {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upgraded = Arc::new(AtomicU64::new(0));
+        let shutdown = Shutdown::new();
+        let count = upgraded.clone();
+        tokio::spawn(weft_core::serve::serve(
+            listener,
+            Default::default(),
+            shutdown.clone(),
+            move |mut req| {
+                let count = count.clone();
+                async move {
+                    let Some(key) = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(ws_accept) else {
+                        return Response::builder().status(400).body(full("not a WebSocket handshake")).unwrap();
+                    };
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(up) = on.await else { return };
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let mut io = hyper_util::rt::TokioIo::new(up);
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        loop {
+                            let mut head = [0u8; 2];
+                            if io.read_exact(&mut head).await.is_err() {
+                                return;
+                            }
+                            let len = (head[1] & 0x7f) as usize;
+                            let mut mask = [0u8; 4];
+                            let mut payload = vec![0u8; len];
+                            if io.read_exact(&mut mask).await.is_err() || io.read_exact(&mut payload).await.is_err() {
+                                return;
+                            }
+                            for (i, b) in payload.iter_mut().enumerate() {
+                                *b ^= mask[i % 4];
+                            }
+                            let mut out = b"echo:".to_vec();
+                            out.extend_from_slice(&payload);
+                            let mut frame = vec![0x81, out.len() as u8];
+                            frame.extend_from_slice(&out);
+                            if io.write_all(&frame).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    Response::builder()
+                        .status(101)
+                        .header("upgrade", "websocket")
+                        .header("connection", "upgrade")
+                        .header("sec-websocket-accept", key)
+                        .body(weft_core::empty())
+                        .unwrap()
+                }
+            },
+        ));
+        Self { addr, upgraded, shutdown }
+    }
+}
+
+impl Drop for WsEcho {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A TCP echo app: writes back every byte it reads.
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicU64>,
+    shutdown: Shutdown,
+}
+
+impl TcpEcho {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let shutdown = Shutdown::new();
+        let (count, stop) = (connections.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    _ = stop.cancelled() => return,
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            shutdown,
+        }
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -45,6 +45,21 @@ pub struct ProxyArgs {
     /// Percentage of requests written to the access log.
     #[arg(long, default_value_t = 100.0)]
     pub access_log_sample: f64,
+    /// Opaque TCP: LISTEN=SERVICE forwards every connection to LISTEN to an endpoint of
+    /// SERVICE over mTLS, byte for byte. Repeatable.
+    #[arg(long = "tcp", env = "WEFT_TCP", value_delimiter = ',', value_parser = parse_tcp)]
+    pub tcp: Vec<(SocketAddr, String)>,
+}
+
+fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
+    let (listen, service) = v
+        .split_once('=')
+        .ok_or_else(|| format!("{v:?} is not LISTEN=SERVICE (e.g. 127.0.0.1:6379=cache)"))?;
+    let listen = listen.parse().map_err(|_| format!("{listen:?} is not a socket address"))?;
+    if service.is_empty() {
+        return Err(format!("{v:?} names no service"));
+    }
+    Ok((listen, service.to_string()))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -209,6 +224,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             Ok(cfg) => weft_proxy::ProxyConfig {
                 access_log: args.access_log,
                 access_log_sample: args.access_log_sample,
+                tcp: if args.tcp.is_empty() { cfg.tcp.clone() } else { args.tcp.clone() },
                 ..cfg
             },
             Err(invalid) => {
@@ -239,6 +255,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 advertise: None,
                 access_log: args.access_log,
                 access_log_sample: args.access_log_sample,
+                tcp: args.tcp.clone(),
                 source: weft_proxy::Source::Control {
                     url: args.control.expect("required"),
                     token: args.token.clone(),

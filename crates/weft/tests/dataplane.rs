@@ -658,3 +658,105 @@ async fn sigterm_drains_in_flight_requests_with_zero_failures() {
         t.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_and_opaque_tcp_cross_two_sidecars_over_mtls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_test::apps::{TcpEcho, WsEcho, ws_accept};
+    let control = Control::start(BIN).await;
+    let ws = WsEcho::start().await;
+    let ws_proxy = ProxyHandle::start(BIN, &control, "default/chat", "cluster-a", &[("version", "v1")], ws.addr).await;
+    let echo = TcpEcho::start().await;
+    let tcp_proxy = ProxyHandle::start(BIN, &control, "default/cache", "cluster-a", &[("version", "v1")], echo.addr).await;
+    let token = control.token("default/web", "web").await;
+    let tcp_listen = free_addr();
+    let web = ProxyHandle::spawn_url(
+        BIN,
+        &control.grpc_url(),
+        Some(&token),
+        "default/web",
+        "cluster-a",
+        &[],
+        free_addr(),
+        &[("WEFT_TCP", &format!("{tcp_listen}=cache"))],
+    );
+    web.wait_ready().await;
+
+    // WebSocket: the handshake, then frames both ways, through both sidecars.
+    let mut tcp = tokio::net::TcpStream::connect(web.outbound).await.unwrap();
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let handshake = format!(
+        "GET /chat HTTP/1.1\r\nHost: chat\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(tcp.read(&mut b).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains(&format!("sec-websocket-accept: {}", ws_accept(key).to_ascii_lowercase())),
+        "{head}"
+    );
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in ["hello", "second frame"] {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(msg.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        tcp.write_all(&frame).await.unwrap();
+        let mut hdr = [0u8; 2];
+        tcp.read_exact(&mut hdr).await.unwrap();
+        let mut payload = vec![0u8; hdr[1] as usize];
+        tcp.read_exact(&mut payload).await.unwrap();
+        assert_eq!((hdr[0], String::from_utf8(payload).unwrap()), (0x81, format!("echo:{msg}")));
+    }
+    assert_eq!(ws.upgraded.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The hop between the sidecars was mTLS.
+    let m = ws_proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "weft_proxy_inbound_connections_total", &["transport=\"plaintext\""]),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "weft_proxy_inbound_connections_total",
+            &["transport=\"mtls\"", "outcome=\"accepted\""]
+        ) >= 1.0
+    );
+
+    // Opaque TCP: 1 MiB of bytes out and back, intact.
+    let mut tcp = tokio::net::TcpStream::connect(tcp_listen).await.unwrap();
+    let data: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut r, mut w) = tcp.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let recv = r.read_to_end(&mut back);
+    let (_, n) = tokio::join!(send, recv);
+    assert_eq!(n.unwrap(), data.len());
+    assert!(back == data, "the bytes came back intact");
+    assert_eq!(echo.connections.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let m = tcp_proxy.metrics().await;
+    assert_eq!(
+        metric(&m, "weft_proxy_inbound_connections_total", &["transport=\"plaintext\""]),
+        0.0
+    );
+    let m = eventually(Duration::from_secs(3), "TCP bytes counted", || async {
+        let m = web.metrics().await;
+        (metric(&m, "weft_proxy_tcp_bytes_total", &["outcome=\"sent\""]) > 0.0).then_some(m)
+    })
+    .await;
+    assert_eq!(
+        metric(&m, "weft_proxy_tcp_bytes_total", &["service=\"cache\"", "outcome=\"sent\""]),
+        data.len() as f64
+    );
+    assert_eq!(metric(&m, "weft_proxy_tcp_connections_total", &["outcome=\"closed\""]), 1.0);
+}

@@ -1,0 +1,267 @@
+//! HTTP/1.1 Upgrade (WebSocket and the like) and opaque TCP.
+//!
+//! An upgrade cannot ride the multiplexed HTTP/2 connection between sidecars, so it gets a
+//! connection of its own (mTLS like any other) on which the Upgrade request is sent as
+//! HTTP/1.1; once both sides answered 101 the two streams are joined byte for byte. Opaque TCP
+//! uses the same path: the caller's sidecar accepts a plain TCP connection on a `--tcp`
+//! listener and asks the destination's sidecar to upgrade to `weft-tcp`, which connects to the
+//! app and joins the streams.
+
+use crate::balance::ServiceRuntime;
+use crate::forward::{ORIG_PROTO, reply};
+use crate::pool::{CONNECT_TIMEOUT, ConnectError};
+use crate::state::Proxy;
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use weft_api::resource::MtlsMode;
+use weft_core::Body;
+use weft_core::serve::Io;
+
+/// The protocol name of an opaque TCP stream between sidecars.
+pub const TCP_PROTOCOL: &str = "weft-tcp";
+
+/// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
+pub fn requested(req: &Request<hyper::body::Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(UPGRADE).cloned()).flatten()
+}
+
+/// Sends an Upgrade request on a fresh HTTP/1.1 connection. On 101 returns the answer and the
+/// upstream's side of the upgraded stream (resolved once hyper hands it over); any other
+/// answer comes back as is.
+async fn send_upgrade(io: Box<dyn Io>, req: Request<Body>) -> Result<(Response<Body>, Option<OnUpgrade>), String> {
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.with_upgrades().await {
+            tracing::debug!(%error, "upgrade connection ended");
+        }
+    });
+    let mut resp = send.send_request(req).await.map_err(|e| format!("upgrade request: {e}"))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((resp.map(weft_core::boxed), None));
+    }
+    let upstream = hyper::upgrade::on(&mut resp);
+    Ok((resp.map(|_| weft_core::empty()), Some(upstream)))
+}
+
+/// Joins two byte streams until either side closes; returns bytes each way.
+async fn join<A, B>(mut a: A, mut b: B) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional(&mut a, &mut b).await.unwrap_or((0, 0))
+}
+
+/// Joins the client's upgraded stream with the upstream's once both are handed over.
+fn splice(client: OnUpgrade, upstream: OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (sent, received) = join(TokioIo::new(c), TokioIo::new(u)).await;
+                tracing::debug!(sent, received, "upgraded stream closed");
+            }
+            Err(error) => tracing::debug!(%error, "upgrade not completed"),
+        }
+    });
+}
+
+/// Outbound: forwards an Upgrade request to an endpoint of `rt` and joins the streams.
+pub async fn outbound(
+    proxy: &Proxy,
+    rt: &ServiceRuntime,
+    subset: Option<&str>,
+    mut parts: http::request::Parts,
+    protocol: HeaderValue,
+    client: OnUpgrade,
+    authority: &str,
+) -> Response<Body> {
+    let io = match connect_endpoint(proxy, rt, subset).await {
+        Ok(io) => io,
+        Err(resp) => return resp,
+    };
+    parts.version = Version::HTTP_11;
+    parts.headers.remove(ORIG_PROTO);
+    parts.headers.insert(UPGRADE, protocol);
+    parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        parts.headers.insert(HOST, host);
+    }
+    let req = Request::from_parts(parts, weft_core::empty());
+    match send_upgrade(io, req).await {
+        Ok((resp, Some(upstream))) => {
+            splice(client, upstream);
+            resp
+        }
+        Ok((resp, None)) => resp,
+        Err(e) => reply(StatusCode::BAD_GATEWAY, "upstream-reset", e),
+    }
+}
+
+/// Connects to an endpoint of `rt` (mTLS when it has an identity), trying up to three.
+async fn connect_endpoint(proxy: &Proxy, rt: &ServiceRuntime, subset: Option<&str>) -> Result<Box<dyn Io>, Response<Body>> {
+    let candidates = rt.candidates(subset, &proxy.workload.cluster);
+    let mut tried = Vec::new();
+    let mut last: Option<ConnectError> = None;
+    while tried.len() < 3 {
+        let Some(i) = rt.pick(&candidates, &tried) else { break };
+        tried.push(i);
+        let endpoint = &rt.config.endpoints[i];
+        let tls = if rt.config.mtls != Some(MtlsMode::Off) && !endpoint.identity.is_empty() {
+            let Some(own) = proxy.identity.tls() else {
+                return Err(reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-client-identity",
+                    "this proxy has no workload certificate yet; mTLS is required",
+                ));
+            };
+            match own.client_for(&endpoint.identity) {
+                Ok(c) => Some(c),
+                Err(e) => return Err(reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", e)),
+            }
+        } else {
+            None
+        };
+        let timeout = rt.pool.connect_timeout.map(|t| t.as_std()).unwrap_or(CONNECT_TIMEOUT);
+        match crate::pool::connect(endpoint.address, tls, timeout).await {
+            Ok(io) => return Ok(io),
+            Err(e) => {
+                rt.observe(i, crate::balance::Outcome::Failure, None);
+                last = Some(e);
+            }
+        }
+    }
+    Err(match last {
+        Some(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e.reason(), format!("{}: {e}", rt.config.name)),
+        None => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-healthy-endpoints",
+            format!("service {} has no endpoint to connect to", rt.config.name),
+        ),
+    })
+}
+
+/// Inbound: an Upgrade request for the app. `weft-tcp` connects to the app's port and joins
+/// raw bytes; any other protocol is forwarded to the app as an HTTP/1.1 Upgrade.
+pub async fn inbound(proxy: &Proxy, mut req: Request<hyper::body::Incoming>, protocol: HeaderValue) -> Response<Body> {
+    let client = hyper::upgrade::on(&mut req);
+    let app = match TcpStream::connect(proxy.app).await {
+        Ok(tcp) => tcp,
+        Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", format!("{}: {e}", proxy.app)),
+    };
+    let _ = app.set_nodelay(true);
+    if protocol.as_bytes() == TCP_PROTOCOL.as_bytes() {
+        tokio::spawn(async move {
+            match client.await {
+                Ok(c) => {
+                    let (sent, received) = join(TokioIo::new(c), app).await;
+                    tracing::debug!(sent, received, "opaque TCP stream closed");
+                }
+                Err(error) => tracing::debug!(%error, "TCP upgrade not completed"),
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(UPGRADE, TCP_PROTOCOL)
+            .header(CONNECTION, "upgrade")
+            .body(weft_core::empty())
+            .expect("valid 101");
+    }
+    let (mut parts, _) = req.into_parts();
+    parts.headers.remove(ORIG_PROTO);
+    parts.headers.insert(UPGRADE, protocol);
+    parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    // Origin-form to the app, as an HTTP/1.1 server expects.
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if let Some(a) = parts.uri.authority().map(|a| a.to_string())
+        && let Ok(host) = HeaderValue::from_str(&a)
+    {
+        parts.headers.entry(HOST).or_insert(host);
+    }
+    parts.uri = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    match send_upgrade(Box::new(app), Request::from_parts(parts, weft_core::empty())).await {
+        Ok((resp, Some(upstream))) => {
+            splice(client, upstream);
+            resp
+        }
+        Ok((resp, None)) => resp,
+        Err(e) => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+    }
+}
+
+/// An opaque TCP listener (`--tcp LISTEN=SERVICE`): every connection is joined to an endpoint
+/// of the service through its sidecar.
+pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, service: String, shutdown: weft_core::Shutdown) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(error) => {
+                    tracing::warn!(%error, "TCP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (proxy, service) = (proxy.clone(), service.clone());
+        tokio::spawn(async move {
+            let outcome = tcp_connection(&proxy, tcp, &service).await;
+            proxy.telemetry.tcp(&service, outcome);
+            if outcome != "closed" {
+                tracing::info!(%remote, %service, outcome, "TCP connection refused");
+            }
+        });
+    }
+}
+
+async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &str) -> &'static str {
+    let Some(rt) = proxy.service(service).await else {
+        return "unknown-service";
+    };
+    let io = match connect_endpoint(proxy, &rt, None).await {
+        Ok(io) => io,
+        Err(resp) => return crate::forward::static_reason(&resp),
+    };
+    let req = Request::builder()
+        .method("GET")
+        .uri("/")
+        .header(HOST, service)
+        .header(UPGRADE, TCP_PROTOCOL)
+        .header(CONNECTION, "upgrade")
+        .body(weft_core::empty())
+        .expect("valid upgrade request");
+    match send_upgrade(io, req).await {
+        Ok((_, Some(upstream))) => match upstream.await {
+            Ok(u) => {
+                let (sent, received) = join(tcp, TokioIo::new(u)).await;
+                proxy.telemetry.tcp_bytes(service, sent, received);
+                "closed"
+            }
+            Err(_) => "upstream-reset",
+        },
+        Ok((resp, None)) => crate::forward::static_reason(&resp),
+        Err(_) => "upstream-reset",
+    }
+}
