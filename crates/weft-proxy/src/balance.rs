@@ -34,6 +34,10 @@ pub fn now_ms() -> u64 {
 /// One destination service, as the data plane runs it.
 pub struct ServiceRuntime {
     pub config: Arc<ServiceConfig>,
+    /// The service's name, shared with every metric series that carries it.
+    pub name: Arc<str>,
+    /// Each endpoint's SPIFFE ID (parallel to `config.endpoints`), shared likewise.
+    pub identities: Vec<Arc<str>>,
     pub routes: Vec<CompiledRoute>,
     pub default_route: CompiledRoute,
     /// Parallel to `config.endpoints`.
@@ -128,6 +132,8 @@ impl ServiceRuntime {
             .map(|o: &OutlierDetection| (o.consecutive_failures, o.ejection.as_std(), o.max_ejected_percent))
             .unwrap_or(DEFAULT_OUTLIER);
         ServiceRuntime {
+            name: Arc::from(config.name.as_str()),
+            identities: config.endpoints.iter().map(|e| Arc::from(e.identity.as_str())).collect(),
             routes: route::compile(policy),
             default_route: CompiledRoute::default_route(),
             endpoints,

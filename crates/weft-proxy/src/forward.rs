@@ -131,26 +131,42 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
     out
 }
 
-/// The reason a reply carries, as one of the stable names (for metric labels).
+/// Every reason a weft proxy puts in `x-weft-error`.
+pub const REASONS: [&str; 21] = [
+    "ambiguous-framing",
+    "app-reset",
+    "app-unavailable",
+    "authz-denied",
+    "bad-path",
+    "bad-request-target",
+    "fault-abort",
+    "no-client-identity",
+    "no-destination",
+    "no-healthy-endpoints",
+    "per-try-timeout",
+    "pool-full",
+    "rate-limited",
+    "refused-stream",
+    "request-timeout",
+    "retry-budget-exhausted",
+    "unknown-service",
+    "upstream-connect-failed",
+    "upstream-connect-timeout",
+    "upstream-reset",
+    "upstream-tls-failed",
+];
+
+/// The reason a reply carries, as one of the stable names (for metric labels); an unknown
+/// one (from a proxy of another version, say) is `other`, and none is empty.
 pub fn static_reason(resp: &Response<Body>) -> &'static str {
-    const KNOWN: [&str; 9] = [
-        "upstream-connect-timeout",
-        "upstream-connect-failed",
-        "upstream-tls-failed",
-        "upstream-reset",
-        "no-healthy-endpoints",
-        "no-client-identity",
-        "pool-full",
-        "authz-denied",
-        "rate-limited",
-    ];
-    let r = reason_of(resp);
-    KNOWN.into_iter().find(|k| *k == r).unwrap_or("refused")
+    reason_of(resp)
 }
 
-/// The reason a response carries, if the mesh made it.
-pub fn reason_of(resp: &Response<Body>) -> &str {
-    resp.headers().get(ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("")
+/// The reason a response carries, if the mesh made it (empty when it did not).
+pub fn reason_of(resp: &Response<Body>) -> &'static str {
+    let Some(v) = resp.headers().get(ERROR_HEADER) else { return "" };
+    let v = v.as_bytes();
+    REASONS.into_iter().find(|r| r.as_bytes() == v).unwrap_or("other")
 }
 
 #[cfg(test)]

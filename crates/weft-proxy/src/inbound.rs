@@ -25,7 +25,7 @@ use weft_core::serve::Io;
 pub struct ConnInfo {
     pub mtls: bool,
     /// The caller's SPIFFE ID, read from its certificate.
-    pub peer: Option<String>,
+    pub peer: Option<Arc<str>>,
 }
 
 /// Decides what an inbound connection is: a TLS ClientHello (first byte 0x16) is an mTLS
@@ -42,7 +42,13 @@ pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Op
         };
         match tokio_rustls::TlsAcceptor::from(tls.server.clone()).accept(tcp).await {
             Ok(stream) => {
-                let peer = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(spiffe_id);
+                let peer = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(spiffe_id)
+                    .map(Arc::from);
                 proxy.telemetry.connection("mtls", "accepted");
                 Some((Box::new(stream), ConnInfo { mtls: true, peer }))
             }
@@ -99,10 +105,10 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     };
     let done = Finished {
         direction: Direction::Inbound,
-        service: "",
-        route: "",
+        service: None,
+        route: None,
         mtls: conn.mtls,
-        peer: conn.peer.as_deref().unwrap_or("plaintext"),
+        peer: conn.peer.as_ref(),
         revision,
         status: resp.status().as_u16(),
         reason: reason_of(&resp),

@@ -25,7 +25,18 @@ use weft_core::Body;
 
 /// The identity of the endpoint that answered (a response extension, for telemetry).
 #[derive(Clone, Debug)]
-struct PeerIdentity(String, SocketAddr);
+struct PeerIdentity(Arc<str>, SocketAddr);
+
+/// The peer label of a plaintext hop.
+fn plaintext() -> Arc<str> {
+    static PLAINTEXT: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    PLAINTEXT.get_or_init(|| Arc::from("plaintext")).clone()
+}
+
+fn unnamed() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
+}
 
 /// How many retries a request took (a response extension, for the access log).
 #[derive(Clone, Copy, Debug)]
@@ -50,10 +61,10 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let retries = resp.extensions().get::<Retries>().map(|r| r.0).unwrap_or(0);
     let done = Finished {
         direction: Direction::Outbound,
-        service: &service,
-        route: &route,
+        service: Some(&service),
+        route: Some(&route),
         mtls: false,
-        peer: upstream.map(|p| p.0.as_str()).unwrap_or(""),
+        peer: upstream.map(|p| &p.0),
         revision,
         status: resp.status().as_u16(),
         reason: reason_of(&resp),
@@ -68,11 +79,11 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
 }
 
 /// Routes and forwards one request; returns the destination service and route, and the answer.
-async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: bool) -> (String, String, Response<Body>) {
+async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: bool) -> (Arc<str>, Arc<str>, Response<Body>) {
     let Some(authority) = target_authority(&req) else {
         return (
-            String::new(),
-            String::new(),
+            unnamed(),
+            unnamed(),
             reply(
                 StatusCode::BAD_REQUEST,
                 "no-destination",
@@ -80,11 +91,11 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: boo
             ),
         );
     };
-    let name = service_name(&authority).to_string();
-    let Some(rt) = proxy.service(&name).await else {
+    let name = service_name(&authority);
+    let Some(rt) = proxy.service(name).await else {
         return (
-            name.clone(),
-            String::new(),
+            Arc::from(name),
+            unnamed(),
             reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unknown-service",
@@ -110,12 +121,12 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: boo
     }
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     if let Err(resp) = retarget(&mut parts, &authority, &pq) {
-        return (name, route.name.clone(), resp);
+        return (rt.name.clone(), route.name.clone(), resp);
     }
     if let Some((protocol, client)) = upgrade {
         let subset = route.subset(rand::random_range(0..100));
         let resp = crate::upgrade::outbound(proxy, &rt, subset, parts, protocol, client, &authority).await;
-        return (name, route.name.clone(), resp);
+        return (rt.name.clone(), route.name.clone(), resp);
     }
     parts.version = Version::HTTP_2;
     let call = Call {
@@ -137,7 +148,7 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: boo
         },
         None => fut.await,
     };
-    (name, route.name.clone(), resp)
+    (rt.name.clone(), route.name.clone(), resp)
 }
 
 /// One request on its way to a service.
@@ -334,15 +345,15 @@ impl Call<'_> {
         let retry = &self.route.retry;
         let granted = self.rt.shared.budget.try_retry(retry.budget_ratio, retry.budget_min_per_second);
         let outcome = if granted { "retried" } else { "budget-exhausted" };
-        self.proxy.telemetry.retry(&self.rt.config.name, outcome);
+        self.proxy.telemetry.retry(&self.rt.name, outcome);
         granted
     }
 
     fn observe(&self, i: usize, success: bool, latency: Option<Duration>) {
         let outcome = if success { Outcome::Success } else { Outcome::Failure };
-        self.proxy.telemetry.attempt(&self.rt.config.name, success);
+        self.proxy.telemetry.attempt(&self.rt.name, success);
         if self.rt.observe(i, outcome, latency) {
-            self.proxy.telemetry.ejection(&self.rt.config.name);
+            self.proxy.telemetry.ejection(&self.rt.name);
         }
     }
 
@@ -368,11 +379,7 @@ impl Call<'_> {
         } else {
             None
         };
-        let peer = if tls.is_some() {
-            endpoint.identity.clone()
-        } else {
-            "plaintext".to_string()
-        };
+        let peer = if tls.is_some() { rt.identities[i].clone() } else { plaintext() };
         let opts = Opts {
             connect_timeout: rt.pool.connect_timeout.map(|t| t.as_std()).unwrap_or(crate::pool::CONNECT_TIMEOUT),
             idle_timeout: rt.pool.idle_timeout.map(|t| t.as_std()).unwrap_or(crate::pool::IDLE_TIMEOUT),
@@ -432,7 +439,7 @@ impl Call<'_> {
     /// up or fails the primary request.
     fn mirror(&self, subset: &str, head: &Parts, replay: &Replay) {
         let (proxy, rt) = (self.proxy, self.rt);
-        let svc = rt.config.name.clone();
+        let svc = rt.name.clone();
         let Some(body) = replay.body() else {
             proxy.telemetry.mirror(&svc, "not-replayable");
             return;

@@ -6,6 +6,7 @@
 use http::HeaderName;
 use http::request::Parts;
 use regex::Regex;
+use std::sync::Arc;
 use std::time::Duration;
 use weft_api::resource::{Backend, Fault, Mirror, Route, StringMatch, TrafficPolicySpec, anchored_regex};
 
@@ -19,7 +20,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Debug)]
 pub struct CompiledRoute {
     /// Name from the policy, `route-N` when unnamed, `default` when no route matched.
-    pub name: String,
+    pub name: Arc<str>,
     matcher: Option<Matcher>,
     pub backends: Vec<Backend>,
     pub timeout: Option<Duration>,
@@ -78,7 +79,7 @@ impl CompiledRoute {
     /// The route requests take when no policy route matches.
     pub fn default_route() -> Self {
         CompiledRoute {
-            name: "default".into(),
+            name: Arc::from("default"),
             matcher: None,
             backends: Vec::new(),
             timeout: None,
@@ -106,9 +107,9 @@ impl CompiledRoute {
         });
         CompiledRoute {
             name: if route.name.is_empty() {
-                format!("route-{i}")
+                Arc::from(format!("route-{i}"))
             } else {
-                route.name.clone()
+                Arc::from(route.name.as_str())
             },
             matcher,
             backends: route.backends.clone(),
@@ -340,7 +341,7 @@ mod tests {
     }
 
     fn route<'a>(rs: &'a [CompiledRoute], d: &'a CompiledRoute, p: Parts) -> &'a str {
-        decide(rs, d, &p).name.as_str()
+        &decide(rs, d, &p).name
     }
 
     #[test]
@@ -350,9 +351,9 @@ mod tests {
         );
         let d = CompiledRoute::default_route();
         let acme = decide(&rs, &d, &parts("GET", "/api/x", &[("x-tenant", "acme")]));
-        assert_eq!((acme.name.as_str(), acme.subset(50)), ("acme", Some("v2")));
+        assert_eq!((&*acme.name, acme.subset(50)), ("acme", Some("v2")));
         let post = decide(&rs, &d, &parts("POST", "/api/x", &[("x-tenant", "acme")]));
-        assert_eq!(post.name, "rest");
+        assert_eq!(&*post.name, "rest");
         assert_eq!(post.timeout, Some(Duration::from_secs(2)));
         assert_eq!(route(&rs, &d, parts("GET", "/other", &[("x-tenant", "acme")])), "rest");
         assert_eq!(route(&[], &d, parts("GET", "/", &[])), "default");

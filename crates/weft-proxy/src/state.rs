@@ -176,9 +176,15 @@ impl Proxy {
         let own = self.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
         let inbound = done.direction == weft_api::proto::Direction::Inbound;
         let (direction, source, destination, service) = if inbound {
-            ("inbound", done.peer, own.as_str(), self.workload.service())
+            (
+                "inbound",
+                done.peer.map(|p| &**p).unwrap_or("plaintext"),
+                own.as_str(),
+                self.workload.service(),
+            )
         } else {
-            ("outbound", own.as_str(), done.peer, done.service)
+            let peer = done.peer.map(|p| &**p).unwrap_or("");
+            ("outbound", own.as_str(), peer, done.service.map(|s| &**s).unwrap_or(""))
         };
         self.telemetry.access.log(crate::access::Entry {
             time_ms: crate::access::now_ms(),
@@ -187,7 +193,7 @@ impl Proxy {
             source,
             destination,
             service,
-            route: done.route,
+            route: done.route.map(|r| &**r).unwrap_or(""),
             method: &c.method,
             path: &c.path,
             upstream,

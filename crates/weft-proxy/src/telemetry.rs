@@ -16,7 +16,9 @@ use weft_api::telemetry::{BUCKETS, bucket_of};
 pub struct Telemetry {
     pub registry: Arc<Registry>,
     pub access: crate::access::AccessLog,
-    own_service: String,
+    own_service: Arc<str>,
+    plaintext: Arc<str>,
+    empty: Arc<str>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
     connections: Family<ConnectionLabels, Counter>,
@@ -31,44 +33,44 @@ pub struct Telemetry {
     tcp_bytes: Family<ServiceOutcome, Counter>,
     /// Seconds until the workload certificate expires (negative once expired, 0 without one).
     pub cert_expires_in: prometheus_client::metrics::gauge::Gauge,
-    interval: Mutex<HashMap<(Direction, String, String, u64), Window>>,
+    interval: Mutex<HashMap<WindowKey, Window>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     direction: &'static str,
-    service: String,
+    service: Arc<str>,
     /// The other side's SPIFFE ID: the caller (inbound) or the endpoint (outbound); `plaintext`
     /// when the hop was not mTLS, empty when the proxy answered itself.
-    peer: String,
-    route: String,
+    peer: Arc<str>,
+    route: Arc<str>,
     status: u16,
-    reason: String,
+    reason: &'static str,
 }
 
 /// One finished request, as the listeners report it.
 #[derive(Clone, Copy)]
 pub struct Finished<'a> {
     pub direction: Direction,
-    /// Destination service for outbound; empty for inbound (the proxy's own service).
-    pub service: &'a str,
-    /// The policy route taken (outbound), empty otherwise.
-    pub route: &'a str,
+    /// Destination service for outbound; `None` for inbound (the proxy's own service).
+    pub service: Option<&'a Arc<str>>,
+    /// The policy route taken (outbound); `None` otherwise.
+    pub route: Option<&'a Arc<str>>,
     /// Inbound: the request arrived over mTLS.
     pub mtls: bool,
-    /// The other side's identity (see `RequestLabels::peer`).
-    pub peer: &'a str,
+    /// The other side's identity (see `RequestLabels::peer`); `None` for plaintext.
+    pub peer: Option<&'a Arc<str>>,
     /// Config revision in force when the request started.
     pub revision: u64,
     pub status: u16,
     /// `x-weft-error` reason when the proxy answered itself.
-    pub reason: &'a str,
+    pub reason: &'static str,
     pub elapsed: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceOutcome {
-    service: String,
+    service: Arc<str>,
     outcome: &'static str,
 }
 
@@ -86,8 +88,11 @@ struct ConnectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LatencyLabels {
     direction: &'static str,
-    service: String,
+    service: Arc<str>,
 }
+
+/// Direction, destination service, route, revision.
+type WindowKey = (Direction, Arc<str>, Arc<str>, u64);
 
 #[derive(Default)]
 struct Window {
@@ -179,7 +184,9 @@ impl Telemetry {
             mirrors,
             registry: Arc::new(registry),
             access,
-            own_service: own_service.to_string(),
+            own_service: Arc::from(own_service),
+            plaintext: Arc::from("plaintext"),
+            empty: Arc::from(""),
             requests,
             latency,
             connections,
@@ -189,90 +196,88 @@ impl Telemetry {
         }
     }
 
-    /// Records one finished request.
+    /// Records one finished request. Labels are shared strings (`Arc<str>`) handed over by
+    /// the caller, so recording allocates nothing once a series exists.
     pub fn record(&self, done: &Finished<'_>) {
-        let Finished {
-            direction,
-            service,
-            route,
-            mtls,
-            peer,
-            revision,
-            status,
-            reason,
-            elapsed,
-        } = *done;
-        let dir = match direction {
+        let dir = match done.direction {
             Direction::Inbound => "inbound",
             _ => "outbound",
         };
-        let svc = if service.is_empty() { self.own_service.as_str() } else { service };
+        let svc = done.service.unwrap_or(&self.own_service);
+        let route = done.route.unwrap_or(&self.empty);
+        let peer = done.peer.unwrap_or(if done.direction == Direction::Inbound {
+            &self.plaintext
+        } else {
+            &self.empty
+        });
         self.requests
             .get_or_create(&RequestLabels {
                 direction: dir,
-                service: svc.to_string(),
-                peer: peer.to_string(),
-                route: route.to_string(),
-                status,
-                reason: reason.to_string(),
+                service: svc.clone(),
+                peer: peer.clone(),
+                route: route.clone(),
+                status: done.status,
+                reason: done.reason,
             })
             .inc();
-        let secs = elapsed.as_secs_f64();
+        let secs = done.elapsed.as_secs_f64();
         self.latency
             .get_or_create(&LatencyLabels {
                 direction: dir,
-                service: svc.to_string(),
+                service: svc.clone(),
             })
             .observe(secs);
+        // The control plane's summary keys inbound requests by the empty service name.
+        let summary_service = done.service.unwrap_or(&self.empty);
         let mut interval = self.interval.lock();
         let w = interval
-            .entry((direction, service.to_string(), route.to_string(), revision))
+            .entry((done.direction, summary_service.clone(), route.clone(), done.revision))
             .or_default();
         w.requests += 1;
-        w.mtls += u64::from(mtls);
-        if status >= 500 {
+        w.mtls += u64::from(done.mtls);
+        if done.status >= 500 {
             w.errors += 1;
         }
         w.buckets[bucket_of(secs * 1000.0)] += 1;
     }
 
     /// Counts one try at an upstream endpoint.
-    pub fn attempt(&self, service: &str, success: bool) {
+    pub fn attempt(&self, service: &Arc<str>, success: bool) {
         self.count(&self.attempts, service, if success { "success" } else { "failure" });
     }
 
     /// Counts a retry taken (`retried`) or refused by the budget (`budget-exhausted`).
-    pub fn retry(&self, service: &str, outcome: &'static str) {
+    pub fn retry(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.retries, service, outcome);
     }
 
-    pub fn ejection(&self, service: &str) {
+    pub fn ejection(&self, service: &Arc<str>) {
         self.count(&self.ejections, service, "ejected");
     }
 
-    pub fn mirror(&self, service: &str, outcome: &'static str) {
+    pub fn mirror(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.mirrors, service, outcome);
     }
 
-    pub fn tcp(&self, service: &str, outcome: &'static str) {
+    pub fn tcp(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.tcp, service, outcome);
     }
 
-    pub fn tcp_bytes(&self, service: &str, sent: u64, received: u64) {
+    pub fn tcp_bytes(&self, service: &Arc<str>, sent: u64, received: u64) {
         for (outcome, n) in [("sent", sent), ("received", received)] {
             self.tcp_bytes
                 .get_or_create(&ServiceOutcome {
-                    service: service.to_string(),
+                    service: service.clone(),
                     outcome,
                 })
                 .inc_by(n);
         }
     }
 
-    fn count(&self, family: &Family<ServiceOutcome, Counter>, service: &str, outcome: &'static str) {
+    fn count(&self, family: &Family<ServiceOutcome, Counter>, service: &Arc<str>, outcome: &'static str) {
         family
             .get_or_create(&ServiceOutcome {
-                service: service.to_string(),
+                service: service.clone(),
                 outcome,
             })
             .inc();
@@ -295,8 +300,8 @@ impl Telemetry {
             .into_iter()
             .map(|((direction, service, route, revision), w)| TrafficStats {
                 direction: direction as i32,
-                service,
-                route,
+                service: service.to_string(),
+                route: route.to_string(),
                 revision,
                 requests: w.requests,
                 errors: w.errors,

@@ -212,6 +212,7 @@ pub async fn inbound(proxy: &Proxy, mut req: Request<hyper::body::Incoming>, pro
 /// An opaque TCP listener (`--tcp LISTEN=SERVICE`): every connection is joined to an endpoint
 /// of the service through its sidecar.
 pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, service: String, shutdown: weft_core::Shutdown) {
+    let service: Arc<str> = Arc::from(service);
     loop {
         let (tcp, remote) = tokio::select! {
             a = listener.accept() => match a {
@@ -236,7 +237,7 @@ pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, ser
     }
 }
 
-async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &str) -> &'static str {
+async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'static str {
     let Some(rt) = proxy.service(service).await else {
         return "unknown-service";
     };
@@ -247,7 +248,7 @@ async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &str) -> &'stati
     let req = Request::builder()
         .method("GET")
         .uri("/")
-        .header(HOST, service)
+        .header(HOST, &**service)
         .header(UPGRADE, TCP_PROTOCOL)
         .header(CONNECTION, "upgrade")
         .body(weft_core::empty())
