@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
-use weft_api::mesh::{Endpoint, ServiceConfig};
+use weft_api::mesh::ServiceConfig;
 use weft_api::resource::{ConnectionPool, LoadBalancer, OutlierDetection, RateLimit, RateLimitAt};
 
 /// Peak-EWMA decay time: a latency spike fades over about this long.
@@ -47,6 +47,36 @@ pub struct ServiceRuntime {
     pub lb: LoadBalancer,
     pub pool: ConnectionPool,
     pub outlier: (u32, Duration, f64),
+    /// Per subset (`None`: every endpoint), endpoint indexes grouped by locality priority.
+    localities: Vec<(Option<String>, Vec<Vec<usize>>)>,
+}
+
+/// Endpoint indexes of `subset`, grouped: `own_cluster`, each cluster of `failover`, the rest.
+fn locality_groups(config: &ServiceConfig, subset: Option<&str>, own_cluster: &str) -> Vec<Vec<usize>> {
+    let all: Vec<usize> = (0..config.endpoints.len())
+        .filter(|i| subset.is_none_or(|s| config.endpoints[*i].subset() == Some(s)))
+        .collect();
+    let failover = config.policy.as_ref().map(|p| p.failover.as_slice()).unwrap_or(&[]);
+    let mut groups: Vec<Vec<usize>> = Vec::with_capacity(failover.len() + 2);
+    let mut placed = vec![false; config.endpoints.len()];
+    for cluster in std::iter::once(own_cluster).chain(failover.iter().map(String::as_str)) {
+        let group: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|i| !placed[*i] && config.endpoints[*i].cluster == cluster)
+            .collect();
+        for i in &group {
+            placed[*i] = true;
+        }
+        if !group.is_empty() {
+            groups.push(group);
+        }
+    }
+    let rest: Vec<usize> = all.into_iter().filter(|i| !placed[*i]).collect();
+    if !rest.is_empty() {
+        groups.push(rest);
+    }
+    groups
 }
 
 /// State of one endpoint, kept across config swaps while the endpoint stays.
@@ -94,8 +124,8 @@ pub struct RateLimiter {
 }
 
 /// Candidates for one request in the order to try them: groups by locality priority.
-pub struct Candidates {
-    groups: Vec<Vec<usize>>,
+pub struct Candidates<'a> {
+    groups: &'a [Vec<usize>],
 }
 
 /// An endpoint's answer, for outlier detection and latency.
@@ -110,7 +140,7 @@ pub enum Outcome {
 // === impl ServiceRuntime ===
 
 impl ServiceRuntime {
-    pub fn build(config: Arc<ServiceConfig>, previous: Option<&ServiceRuntime>) -> Self {
+    pub fn build(config: Arc<ServiceConfig>, previous: Option<&ServiceRuntime>, own_cluster: &str) -> Self {
         let policy = config.policy.as_ref();
         let endpoints = config
             .endpoints
@@ -131,7 +161,22 @@ impl ServiceRuntime {
             .and_then(|p| p.outlier_detection.as_ref())
             .map(|o: &OutlierDetection| (o.consecutive_failures, o.ejection.as_std(), o.max_ejected_percent))
             .unwrap_or(DEFAULT_OUTLIER);
+        let mut subsets: Vec<Option<String>> = vec![None];
+        for e in &config.endpoints {
+            let s = e.subset().map(str::to_string);
+            if s.is_some() && !subsets.contains(&s) {
+                subsets.push(s);
+            }
+        }
+        let localities = subsets
+            .into_iter()
+            .map(|s| {
+                let groups = locality_groups(&config, s.as_deref(), own_cluster);
+                (s, groups)
+            })
+            .collect();
         ServiceRuntime {
+            localities,
             name: Arc::from(config.name.as_str()),
             identities: config.endpoints.iter().map(|e| Arc::from(e.identity.as_str())).collect(),
             routes: route::compile(policy),
@@ -146,62 +191,41 @@ impl ServiceRuntime {
         }
     }
 
-    /// Endpoints a request may go to, grouped by priority: the caller's cluster, then each
-    /// cluster of `failover` in order, then the rest. Ejected endpoints are left out; a group
-    /// whose endpoints are all ejected is skipped, which is what moves traffic to the next
-    /// cluster, and brings it back once an endpoint there returns.
-    pub fn candidates(&self, subset: Option<&str>, own_cluster: &str) -> Candidates {
-        let now = now_ms();
-        let usable = |i: &usize| {
-            let e: &Endpoint = &self.config.endpoints[*i];
-            subset.is_none_or(|s| e.subset() == Some(s)) && !self.endpoints[*i].ejected(now)
-        };
-        let all: Vec<usize> = (0..self.config.endpoints.len()).filter(usable).collect();
-        let failover = self.config.policy.as_ref().map(|p| p.failover.as_slice()).unwrap_or(&[]);
-        let mut groups: Vec<Vec<usize>> = Vec::with_capacity(failover.len() + 2);
-        let mut placed = vec![false; self.config.endpoints.len()];
-        let clusters = std::iter::once(own_cluster).chain(failover.iter().map(String::as_str));
-        for cluster in clusters {
-            let group: Vec<usize> = all
-                .iter()
-                .copied()
-                .filter(|i| !placed[*i] && self.config.endpoints[*i].cluster == cluster)
-                .collect();
-            for i in &group {
-                placed[*i] = true;
-            }
-            if !group.is_empty() {
-                groups.push(group);
-            }
-        }
-        let rest: Vec<usize> = all.into_iter().filter(|i| !placed[*i]).collect();
-        if !rest.is_empty() {
-            groups.push(rest);
-        }
+    /// Endpoints a request for `subset` may go to, grouped by priority: the caller's cluster,
+    /// then each cluster of `failover` in order, then the rest. Computed once per config swap;
+    /// ejection is applied when picking.
+    pub fn candidates(&self, subset: Option<&str>) -> Candidates<'_> {
+        let groups = self
+            .localities
+            .iter()
+            .find(|(s, _)| s.as_deref() == subset)
+            .map(|(_, g)| g.as_slice())
+            .unwrap_or(&[]);
         Candidates { groups }
     }
 
-    /// Picks an endpoint from the first group with one not yet `tried`: P2C over peak-EWMA
-    /// (two at random, the lower latency x load wins) or round-robin.
-    pub fn pick(&self, candidates: &Candidates, tried: &[usize]) -> Option<usize> {
-        let group: Vec<usize> = candidates
-            .groups
-            .iter()
-            .map(|g| g.iter().copied().filter(|i| !tried.contains(i)).collect::<Vec<_>>())
-            .find(|g| !g.is_empty())?;
-        if group.len() == 1 {
-            return Some(group[0]);
+    /// Picks an endpoint from the first group with one neither ejected nor `tried` (a group
+    /// whose endpoints are all ejected is skipped, which moves traffic to the next cluster and
+    /// back once one returns): P2C over peak-EWMA (two at random, the lower latency x load
+    /// wins) or round-robin. Allocates nothing.
+    pub fn pick(&self, candidates: &Candidates<'_>, tried: &[usize]) -> Option<usize> {
+        let now = now_ms();
+        let usable = |i: &&usize| !tried.contains(*i) && !self.endpoints[**i].ejected(now);
+        let group = candidates.groups.iter().find(|g| g.iter().any(|i| usable(&i)))?;
+        let n = group.iter().filter(usable).count();
+        let nth = |k: usize| *group.iter().filter(usable).nth(k).expect("k < n");
+        if n == 1 {
+            return Some(nth(0));
         }
         match self.lb {
-            LoadBalancer::RoundRobin => Some(group[self.shared.rr.fetch_add(1, Relaxed) % group.len()]),
+            LoadBalancer::RoundRobin => Some(nth(self.shared.rr.fetch_add(1, Relaxed) % n)),
             LoadBalancer::P2cEwma => {
-                let a = rand::random_range(0..group.len());
-                let mut b = rand::random_range(0..group.len() - 1);
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (group[a], group[b]);
-                let now = now_ms();
+                let (a, b) = (nth(a), nth(b));
                 Some(if self.endpoints[a].cost(now) <= self.endpoints[b].cost(now) {
                     a
                 } else {
@@ -438,9 +462,13 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    fn runtime(yaml: &str) -> ServiceRuntime {
+    fn runtime_in(yaml: &str, own_cluster: &str) -> ServiceRuntime {
         let svc: ServiceConfig = serde_saphyr::from_str(yaml).unwrap();
-        ServiceRuntime::build(Arc::new(svc), None)
+        ServiceRuntime::build(Arc::new(svc), None, own_cluster)
+    }
+
+    fn runtime(yaml: &str) -> ServiceRuntime {
+        runtime_in(yaml, "a")
     }
 
     const FOUR: &str = "name: inv\nendpoints:\n  - {address: '127.0.0.1:1', cluster: a, labels: {version: v1}}\n  - {address: '127.0.0.1:2', cluster: a, labels: {version: v1}}\n  - {address: '127.0.0.1:3', cluster: b, labels: {version: v1}}\n  - {address: '127.0.0.1:4', cluster: c, labels: {version: v2}}\n";
@@ -450,10 +478,10 @@ mod tests {
         let mut yaml = FOUR.to_string();
         yaml.push_str("policy: {service: inv, failover: [c, b]}\n");
         let rt = runtime(&yaml);
-        assert_eq!(rt.candidates(None, "a").groups, vec![vec![0, 1], vec![3], vec![2]]);
-        assert_eq!(rt.candidates(Some("v1"), "x").groups, vec![vec![2], vec![0, 1]]);
-        assert!(rt.candidates(Some("v3"), "a").groups.is_empty());
-        let c = rt.candidates(None, "a");
+        assert_eq!(rt.candidates(None).groups, vec![vec![0, 1], vec![3], vec![2]]);
+        assert_eq!(runtime_in(&yaml, "x").candidates(Some("v1")).groups, vec![vec![2], vec![0, 1]]);
+        assert!(rt.candidates(Some("v3")).groups.is_empty());
+        let c = rt.candidates(None);
         let first = rt.pick(&c, &[]).unwrap();
         assert!(first < 2);
         assert_eq!(
@@ -470,7 +498,8 @@ mod tests {
         let rt = runtime(&yaml);
         assert!(!rt.observe(0, Outcome::Failure, None) && !rt.observe(0, Outcome::Failure, None));
         assert!(rt.observe(0, Outcome::Failure, None), "third failure ejects");
-        assert_eq!(rt.candidates(None, "a").groups[0], vec![1]);
+        let c = rt.candidates(None);
+        assert!((0..50).all(|_| rt.pick(&c, &[]) == Some(1)), "the ejected endpoint is skipped");
         for _ in 0..3 {
             rt.observe(1, Outcome::Failure, None);
         }
@@ -500,7 +529,7 @@ mod tests {
         rt.observe(0, Outcome::Success, Some(Duration::from_millis(50)));
         rt.observe(1, Outcome::Success, Some(Duration::from_millis(1)));
         rt.observe(2, Outcome::Success, Some(Duration::from_millis(50)));
-        let c = rt.candidates(None, "");
+        let c = rt.candidates(None);
         let picks: Vec<usize> = (0..3000).map(|_| rt.pick(&c, &[]).unwrap()).collect();
         let fast = picks.iter().filter(|i| **i == 1).count();
         // Endpoint 1 wins every pair it is drawn into: 2 of the 3 pairs.

@@ -232,7 +232,7 @@ impl Call<'_> {
         };
         let head = keep.then(|| clone_head(&parts));
         let mut next = Some(Request::from_parts(parts, body));
-        let candidates = rt.candidates(subset, &self.proxy.workload.cluster);
+        let candidates = rt.candidates(subset);
         let mut tried: Vec<usize> = Vec::new();
         let mut retries = 0u32;
         loop {
@@ -448,7 +448,7 @@ impl Call<'_> {
             proxy.telemetry.mirror(&svc, "dropped");
             return;
         };
-        let candidates = rt.candidates(Some(subset), &proxy.workload.cluster);
+        let candidates = rt.candidates(Some(subset));
         let Some(i) = rt.pick(&candidates, &[]) else {
             proxy.telemetry.mirror(&svc, "failed");
             return;

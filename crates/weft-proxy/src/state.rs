@@ -68,6 +68,7 @@ impl Proxy {
             Some((tx, rx)) => (Some(tx), Some(rx)),
             None => (None, None),
         };
+        let initial_runtimes = runtimes(&config, &HashMap::new(), &cfg.workload.cluster);
         let proxy = Proxy {
             telemetry: Telemetry::new(cfg.workload.service(), cfg.access_log, cfg.access_log_sample),
             advertise: cfg.advertise.unwrap_or(bound.inbound),
@@ -75,7 +76,7 @@ impl Proxy {
             app: cfg.app,
             bound,
             control_url,
-            runtimes: ArcSwap::from_pointee(runtimes(&config, &HashMap::new())),
+            runtimes: ArcSwap::from_pointee(initial_runtimes),
             inbound_limiter: ArcSwap::from_pointee(config.inbound_rate_limit.clone().map(|l| Arc::new(RateLimiter::new(l)))),
             config: ArcSwap::from_pointee(config),
             applied: watch::channel(0).0,
@@ -110,7 +111,7 @@ impl Proxy {
     pub fn apply(&self, config: MeshConfig) {
         self.identity.follow(&config.trust_bundle, config.ca_generation);
         let previous = self.runtimes.load_full();
-        self.runtimes.store(Arc::new(runtimes(&config, &previous)));
+        self.runtimes.store(Arc::new(runtimes(&config, &previous, &self.workload.cluster)));
         let limiter = self.inbound_limiter.load_full();
         if limiter.as_ref().as_ref().map(|l| &l.limit) != config.inbound_rate_limit.as_ref() {
             let next = config.inbound_rate_limit.clone().map(|l| Arc::new(RateLimiter::new(l)));
@@ -236,12 +237,16 @@ impl Proxy {
 }
 
 /// Runtimes for every service of `config`, carrying over the state of those in `previous`.
-fn runtimes(config: &MeshConfig, previous: &HashMap<String, Arc<ServiceRuntime>>) -> HashMap<String, Arc<ServiceRuntime>> {
+fn runtimes(
+    config: &MeshConfig,
+    previous: &HashMap<String, Arc<ServiceRuntime>>,
+    own_cluster: &str,
+) -> HashMap<String, Arc<ServiceRuntime>> {
     config
         .services
         .iter()
         .map(|(name, svc)| {
-            let rt = ServiceRuntime::build(svc.clone(), previous.get(name).map(|p| p.as_ref()));
+            let rt = ServiceRuntime::build(svc.clone(), previous.get(name).map(|p| p.as_ref()), own_cluster);
             (name.clone(), Arc::new(rt))
         })
         .collect()

@@ -9,6 +9,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use weft_api::proto::{Direction, TrafficStats};
 use weft_api::telemetry::{BUCKETS, bucket_of};
@@ -33,7 +34,10 @@ pub struct Telemetry {
     tcp_bytes: Family<ServiceOutcome, Counter>,
     /// Seconds until the workload certificate expires (negative once expired, 0 without one).
     pub cert_expires_in: prometheus_client::metrics::gauge::Gauge,
-    interval: Mutex<HashMap<WindowKey, Window>>,
+    /// The interval's summaries. Read lock-free on every request; the map is copied and
+    /// swapped only when a new key appears or the control stream takes the interval.
+    interval: arc_swap::ArcSwap<HashMap<WindowKey, Arc<Window>>>,
+    interval_writer: Mutex<()>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,10 +100,10 @@ type WindowKey = (Direction, Arc<str>, Arc<str>, u64);
 
 #[derive(Default)]
 struct Window {
-    requests: u64,
-    errors: u64,
-    mtls: u64,
-    buckets: [u64; BUCKETS],
+    requests: AtomicU64,
+    errors: AtomicU64,
+    mtls: AtomicU64,
+    buckets: [AtomicU64; BUCKETS],
 }
 
 // === impl Telemetry ===
@@ -192,7 +196,8 @@ impl Telemetry {
             connections,
             authz,
             cert_expires_in,
-            interval: Mutex::new(HashMap::new()),
+            interval: Default::default(),
+            interval_writer: Mutex::new(()),
         }
     }
 
@@ -229,16 +234,33 @@ impl Telemetry {
             .observe(secs);
         // The control plane's summary keys inbound requests by the empty service name.
         let summary_service = done.service.unwrap_or(&self.empty);
-        let mut interval = self.interval.lock();
-        let w = interval
-            .entry((done.direction, summary_service.clone(), route.clone(), done.revision))
-            .or_default();
-        w.requests += 1;
-        w.mtls += u64::from(done.mtls);
-        if done.status >= 500 {
-            w.errors += 1;
+        let key = (done.direction, summary_service.clone(), route.clone(), done.revision);
+        let w = match self.interval.load().get(&key) {
+            Some(w) => w.clone(),
+            None => self.new_window(key),
+        };
+        w.requests.fetch_add(1, Relaxed);
+        if done.mtls {
+            w.mtls.fetch_add(1, Relaxed);
         }
-        w.buckets[bucket_of(secs * 1000.0)] += 1;
+        if done.status >= 500 {
+            w.errors.fetch_add(1, Relaxed);
+        }
+        w.buckets[bucket_of(secs * 1000.0)].fetch_add(1, Relaxed);
+    }
+
+    /// Adds a summary window (the cold path: a new destination, route or revision).
+    fn new_window(&self, key: WindowKey) -> Arc<Window> {
+        let _writer = self.interval_writer.lock();
+        let current = self.interval.load_full();
+        if let Some(w) = current.get(&key) {
+            return w.clone();
+        }
+        let mut next = HashMap::clone(&current);
+        let w = Arc::new(Window::default());
+        next.insert(key, w.clone());
+        self.interval.store(Arc::new(next));
+        w
     }
 
     /// Counts one try at an upstream endpoint.
@@ -294,20 +316,36 @@ impl Telemetry {
     }
 
     /// Takes the interval's summaries, leaving an empty interval.
+    /// Windows idle for a whole interval are dropped.
     pub fn take_interval(&self) -> Vec<TrafficStats> {
-        let taken = std::mem::take(&mut *self.interval.lock());
-        taken
-            .into_iter()
-            .map(|((direction, service, route, revision), w)| TrafficStats {
-                direction: direction as i32,
+        let _writer = self.interval_writer.lock();
+        let current = self.interval.load_full();
+        let mut out = Vec::new();
+        let mut idle = Vec::new();
+        for ((direction, service, route, revision), w) in current.iter() {
+            let requests = w.requests.swap(0, Relaxed);
+            if requests == 0 {
+                idle.push((*direction, service.clone(), route.clone(), *revision));
+                continue;
+            }
+            out.push(TrafficStats {
+                direction: *direction as i32,
                 service: service.to_string(),
                 route: route.to_string(),
-                revision,
-                requests: w.requests,
-                errors: w.errors,
-                mtls: w.mtls,
-                latency_buckets: w.buckets.to_vec(),
-            })
-            .collect()
+                revision: *revision,
+                requests,
+                errors: w.errors.swap(0, Relaxed),
+                mtls: w.mtls.swap(0, Relaxed),
+                latency_buckets: w.buckets.iter().map(|b| b.swap(0, Relaxed)).collect(),
+            });
+        }
+        if !idle.is_empty() {
+            let mut next = HashMap::clone(&current);
+            for k in idle {
+                next.remove(&k);
+            }
+            self.interval.store(Arc::new(next));
+        }
+        out
     }
 }

@@ -116,7 +116,7 @@ pub async fn outbound(
 
 /// Connects to an endpoint of `rt` (mTLS when it has an identity), trying up to three.
 async fn connect_endpoint(proxy: &Proxy, rt: &ServiceRuntime, subset: Option<&str>) -> Result<Box<dyn Io>, Response<Body>> {
-    let candidates = rt.candidates(subset, &proxy.workload.cluster);
+    let candidates = rt.candidates(subset);
     let mut tried = Vec::new();
     let mut last: Option<ConnectError> = None;
     while tried.len() < 3 {

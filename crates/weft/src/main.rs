@@ -171,13 +171,32 @@ pub enum IntentCommand {
     Abort { id: String },
 }
 
+/// Threads for the process's runtime: `WEFT_THREADS` when set; otherwise one for a proxy (a
+/// sidecar is one event loop, like Linkerd's proxy and a one-thread HAProxy: no cross-thread
+/// wake-ups on the request path, and its CPU cost stays within one core), one per core for
+/// everything else.
+fn worker_threads(cli: &Cli) -> usize {
+    if let Some(n) = std::env::var("WEFT_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        return n;
+    }
+    match cli.command {
+        Command::Proxy(_) => 1,
+        _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     weft_core::trace::init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = match worker_threads(&cli) {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    }
+    .expect("tokio runtime");
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(error) => {
