@@ -132,7 +132,7 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
 }
 
 /// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 21] = [
+pub const REASONS: [&str; 22] = [
     "ambiguous-framing",
     "app-reset",
     "app-unavailable",
@@ -149,6 +149,7 @@ pub const REASONS: [&str; 21] = [
     "refused-stream",
     "request-timeout",
     "retry-budget-exhausted",
+    "stream-idle-timeout",
     "unknown-service",
     "upstream-connect-failed",
     "upstream-connect-timeout",

@@ -1,10 +1,13 @@
-//! Stream idle timeout: a response body that yields no frame for the route's idle timeout is
-//! ended with an error, which resets the stream to the app (the response has already started,
-//! so no status can be sent any more).
+//! Stream idle timeout: a body that yields no frame for the route's idle timeout is ended with
+//! an error. On a response that resets the stream to the app (the response has started, so no
+//! status can be sent any more); on a request it fails the upstream stream. The wait for
+//! response headers is bounded by the same timeout, counted from the request's last frame.
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -14,15 +17,27 @@ pub struct IdleTimeout {
     inner: Body,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
+    /// Stamped (ms, `balance::now_ms`) on every frame, for whoever waits on the same stream.
+    activity: Option<Arc<AtomicU64>>,
 }
 
 impl IdleTimeout {
     pub fn wrap(inner: Body, timeout: Duration) -> Body {
+        Self::tracking(inner, timeout, None)
+    }
+
+    /// As [`IdleTimeout::wrap`], stamping `activity` on every frame.
+    pub fn tracking(inner: Body, timeout: Duration, activity: Option<Arc<AtomicU64>>) -> Body {
         if inner.is_end_stream() {
             return inner;
         }
         let sleep = Box::pin(tokio::time::sleep(timeout));
-        http_body_util::BodyExt::boxed_unsync(IdleTimeout { inner, timeout, sleep })
+        http_body_util::BodyExt::boxed_unsync(IdleTimeout {
+            inner,
+            timeout,
+            sleep,
+            activity,
+        })
     }
 }
 
@@ -41,6 +56,9 @@ impl HttpBody for IdleTimeout {
             Poll::Ready(frame) => {
                 let deadline = Instant::now() + this.timeout;
                 this.sleep.as_mut().reset(deadline);
+                if let Some(a) = &this.activity {
+                    a.store(crate::balance::now_ms(), Relaxed);
+                }
                 Poll::Ready(frame)
             }
             Poll::Pending => {

@@ -170,6 +170,24 @@ enum TryFailure {
     /// The stream was reset after the request was sent.
     Reset(String),
     PerTryTimeout(Duration),
+    /// Nothing moved on the stream for the idle timeout.
+    Idle(Duration),
+}
+
+/// Waits for `fut` unless the stream idles: `None` once `activity` (ms) is `idle` old.
+async fn wait_active<F: std::future::Future>(fut: F, activity: &std::sync::atomic::AtomicU64, idle: Duration) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let last = activity.load(std::sync::atomic::Ordering::Relaxed);
+        let left = Duration::from_millis((last + idle.as_millis() as u64).saturating_sub(crate::balance::now_ms()));
+        if left.is_zero() {
+            return None;
+        }
+        match tokio::time::timeout(left, &mut fut).await {
+            Ok(out) => return Some(out),
+            Err(_) => continue, // re-check: the request may have sent a frame meanwhile
+        }
+    }
 }
 
 impl Call<'_> {
@@ -308,6 +326,7 @@ impl Call<'_> {
                 }
                 TryFailure::Reset(detail) => (after_send && retry.on.reset, "upstream-reset", detail),
                 TryFailure::PerTryTimeout(t) => (after_send, "per-try-timeout", format!("no response within {t:?}")),
+                TryFailure::Idle(t) => (after_send, "stream-idle-timeout", format!("nothing moved for {t:?}")),
             };
             let replayable = next.is_some() || replay.as_ref().is_some_and(Replay::available);
             if retryable && replayable && retries < retry.retries {
@@ -326,7 +345,7 @@ impl Call<'_> {
                 );
             }
             let status = match reason {
-                "upstream-connect-timeout" | "per-try-timeout" => StatusCode::GATEWAY_TIMEOUT,
+                "upstream-connect-timeout" | "per-try-timeout" | "stream-idle-timeout" => StatusCode::GATEWAY_TIMEOUT,
                 "upstream-reset" => StatusCode::BAD_GATEWAY,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };
@@ -401,16 +420,28 @@ impl Call<'_> {
             }
         };
         let _in_flight = rt.endpoints[i].start();
+        // The request body is idle-limited, and stamps its activity so the wait for the
+        // response headers counts from its last frame.
+        let idle = self.route.idle_timeout;
+        let activity = Arc::new(std::sync::atomic::AtomicU64::new(crate::balance::now_ms()));
+        let req = req.map(|b| IdleTimeout::tracking(b, idle, Some(activity.clone())));
         let sent = sender.try_send_request(req);
-        let result = match self.route.retry.per_try_timeout {
-            Some(t) => match tokio::time::timeout(t, sent).await {
-                Ok(r) => r,
-                Err(_) => {
-                    self.observe(i, false, None);
-                    return Err(TryFailure::PerTryTimeout(t));
-                }
-            },
-            None => sent.await,
+        let per_try = self.route.retry.per_try_timeout;
+        let waited = wait_active(sent, &activity, idle);
+        let waited = match per_try {
+            Some(t) => tokio::time::timeout(t, waited).await,
+            None => Ok(waited.await),
+        };
+        let result = match waited {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.observe(i, false, None);
+                return Err(TryFailure::Idle(idle));
+            }
+            Err(_) => {
+                self.observe(i, false, None);
+                return Err(TryFailure::PerTryTimeout(per_try.unwrap_or_default()));
+            }
         };
         match result {
             Ok(resp) => {

@@ -40,6 +40,8 @@ pub enum Mode {
     Delay(Duration),
     /// Never answers.
     Hang,
+    /// Answers 200 with the first bytes of a body, then never sends the rest.
+    StallBody,
 }
 
 impl EchoServer {
@@ -78,6 +80,20 @@ impl EchoServer {
                         Mode::Hang => {
                             s.fetch_add(1, Ordering::Relaxed);
                             std::future::pending::<()>().await;
+                        }
+                        Mode::StallBody => {
+                            s.fetch_add(1, Ordering::Relaxed);
+                            let first = tokio_stream::once(Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                                bytes::Bytes::from_static(b"partial"),
+                            )));
+                            let stalled = first.chain(tokio_stream::pending());
+                            let body = http_body_util::StreamBody::new(stalled);
+                            return Response::builder()
+                                .status(200)
+                                .header("x-echo-server", n)
+                                .header("content-length", "1000")
+                                .body(weft_core::boxed(body))
+                                .unwrap();
                         }
                     }
                     echo(n, s, req).await

@@ -760,3 +760,50 @@ async fn websocket_upgrades_and_opaque_tcp_cross_two_sidecars_over_mtls() {
     );
     assert_eq!(metric(&m, "weft_proxy_tcp_connections_total", &["outcome=\"closed\""]), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_are_cut_before_and_after_the_response_starts() {
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+    let spec = "  routes:\n    - name: all\n      idleTimeout: 300ms\n";
+    apply(&control, &web, &traffic_policy("orders", spec)).await;
+    // No answer at all: 504 once nothing has moved for the idle timeout.
+    orders.app.set_mode(Mode::Hang);
+    let t = Instant::now();
+    let r = get(&web, "orders", "/", &[]).await;
+    let took = t.elapsed();
+    assert_eq!(
+        (r.status, r.header("x-weft-error").as_deref()),
+        (504, Some("stream-idle-timeout")),
+        "{}",
+        r.text()
+    );
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_millis(1500), "{took:?}");
+    // The answer starts, then stalls: the stream is cut, and the client sees an incomplete
+    // body, never a short one that looks whole.
+    orders.app.set_mode(Mode::StallBody);
+    let t = Instant::now();
+    let req = Request::get(format!("http://{}/", web.outbound))
+        .header("host", "orders")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let result = Client::new().send(req).await;
+    let took = t.elapsed();
+    assert!(
+        result.is_err(),
+        "a stalled body must end in an error: {:?}",
+        result.map(|r| r.text())
+    );
+    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "{took:?}");
+    // Back on the default idle timeout (5 min), a 600 ms answer is fine.
+    orders.app.set_mode(Mode::Delay(Duration::from_millis(600)));
+    apply(
+        &control,
+        &web,
+        &traffic_policy("orders", "  routes:\n    - name: all\n      timeout: 5s\n"),
+    )
+    .await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+}

@@ -333,7 +333,11 @@ async fn manual_mode_waits_for_approval_and_freeze_stops_a_rollout() {
             "{minRequests: 5, maxP99Increase: 500}",
         ))
         .await;
-    // Nothing moves without approval.
+    // It starts (the loop picks it up within a tick), then nothing moves without approval.
+    eventually(Duration::from_secs(5), "MANUAL-1 waits for approval", || async {
+        (f.intent(&id).await["phase"] == "awaiting-approval").then_some(())
+    })
+    .await;
     for _ in 0..5 {
         let i = f.intent(&id).await;
         assert_eq!(
