@@ -29,6 +29,7 @@ const APPLY_WAIT: Duration = Duration::from_secs(10);
 pub struct Api {
     pub mesh: Arc<Mesh>,
     pub registry: Arc<Registry>,
+    pub history: crate::history::History,
 }
 
 /// An error answer: `{error, field, errors}` with the status that fits.
@@ -50,6 +51,8 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/intents/{id}", get(show_intent))
         .route("/api/v1/intents/{id}/approve", post(approve))
         .route("/api/v1/intents/{id}/abort", post(abort))
+        .route("/api/v1/intents/{id}/mode", post(set_mode))
+        .route("/api/v1/history", get(history))
         .route("/api/v1/bypass/{service}", post(bypass))
         .route("/api/v1/freeze", post(freeze))
         .route("/api/v1/ledger", get(ledger))
@@ -245,6 +248,27 @@ async fn bypass(State(api): State<Api>, Path(service): Path<String>, body: Strin
     let namespace = t.namespace.unwrap_or_else(|| "default".into());
     api.mesh.set_bypass(&namespace, &service, t.enabled);
     Ok(Json(json!({"service": service, "namespace": namespace, "bypass": t.enabled})))
+}
+
+/// The last minutes of rps, error rate and p99 per service (the dashboard's charts).
+async fn history(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(json!(api.history.snapshot()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeBody {
+    mode: weft_api::resource::RolloutMode,
+}
+
+/// Body `{mode: auto|manual}`: switches an open intent's rollout mode (the dashboard's Auto).
+async fn set_mode(State(api): State<Api>, Path(id): Path<String>, body: String) -> Answer {
+    let m: ModeBody = json_body(&body, "mode")?;
+    let record = api.mesh.set_mode(&id, m.mode)?;
+    Ok((
+        StatusCode::OK,
+        Json(json!({"id": record.id, "mode": record.mode, "phase": record.phase.as_str()})),
+    ))
 }
 
 async fn freeze(State(api): State<Api>, body: String) -> Result<Json<serde_json::Value>, ApiError> {

@@ -502,6 +502,30 @@ impl Mesh {
         Ok(view)
     }
 
+    /// Switches an open intent between auto and manual; switching an intent that waits for
+    /// approval to auto lets it go on at once.
+    pub fn set_mode(&self, id: &str, mode: RolloutMode) -> Result<IntentRecord, ChangeError> {
+        let mut state = self.state.lock();
+        let seq = Self::seq_of(&state, id)?;
+        let intent = state.intents.get_mut(&seq).expect("found");
+        if intent.phase.is_terminal() {
+            return Err(ChangeError::Conflict(format!("intent {id} is {}", intent.phase.as_str())));
+        }
+        intent.mode = mode;
+        if mode == RolloutMode::Auto {
+            intent.approved = true;
+        }
+        let label = if mode == RolloutMode::Auto { "auto" } else { "manual" };
+        intent.log("operator", "mode", label);
+        let view = intent.clone();
+        self.persist(&state, seq);
+        drop(state);
+        self.operator_ledger(&format!("mode {label}"), id);
+        self.emit(json!({"type": "intent", "id": id, "mode": label}));
+        self.wake.notify_one();
+        Ok(view)
+    }
+
     /// Rolls an intent back (or cancels it while queued).
     pub fn abort(&self, id: &str) -> Result<IntentRecord, ChangeError> {
         let mut state = self.state.lock();

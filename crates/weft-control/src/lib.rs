@@ -6,6 +6,7 @@
 pub mod api;
 pub mod ca;
 pub mod distribution;
+pub mod history;
 pub mod intents;
 pub mod mesh;
 pub mod metrics;
@@ -87,9 +88,12 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     tracing::info!(api = %bound.api, grpc = %bound.grpc, data_dir = %cfg.data_dir.display(), revision = mesh.revision(), "control plane listening");
 
     let loop_task = tokio::spawn(intents::run(mesh.clone(), shutdown.clone()));
+    let history = history::History::default();
+    let history_task = tokio::spawn(history.clone().run(mesh.clone(), shutdown.clone()));
     let router = api::router(api::Api {
         mesh: mesh.clone(),
         registry: Arc::new(registry),
+        history,
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -115,7 +119,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         }
     });
     let handle = tokio::spawn(async move {
-        let _ = tokio::join!(api_task, grpc_task, loop_task);
+        let _ = tokio::join!(api_task, grpc_task, loop_task, history_task);
     });
     Ok((bound, handle))
 }

@@ -6,10 +6,12 @@
 //! pass `env!("CARGO_BIN_EXE_weft")` in.
 
 pub mod apps;
+pub mod browser;
 pub mod http;
 pub mod load;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod scripted;
 
 /// Generated code for `proto/echo.proto` (checked in; see tests/codegen.rs).

@@ -1,0 +1,92 @@
+//! A real Prometheus server (Debian's `prometheus`) scraping targets the test names, and PromQL
+//! queries against it.
+
+use crate::http::Client;
+use crate::process::{Process, free_addr};
+use anyhow::{Context, bail};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+pub struct Prometheus {
+    pub addr: SocketAddr,
+    process: Process,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping every second: `jobs` are (job name, metrics path, targets).
+    pub async fn start(jobs: &[(&str, &str, Vec<SocketAddr>)]) -> anyhow::Result<Self> {
+        if !std::path::Path::new(PROMETHEUS).exists() {
+            bail!("{PROMETHEUS} is missing: scripts/test installs Debian's prometheus");
+        }
+        let addr = free_addr();
+        let dir = std::env::temp_dir().join(format!("weft-prometheus-{}-{}", std::process::id(), addr.port()));
+        std::fs::create_dir_all(&dir)?;
+        let mut config = String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
+        for (job, path, targets) in jobs {
+            let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+            config.push_str(&format!(
+                "  - job_name: {job}\n    metrics_path: {path}\n    static_configs:\n      - targets: [{}]\n",
+                list.join(", ")
+            ));
+        }
+        let file = dir.join("prometheus.yml");
+        std::fs::write(&file, config)?;
+        let process = Process::spawn(
+            PROMETHEUS,
+            "prometheus",
+            &[
+                format!("--config.file={}", file.display()),
+                format!("--storage.tsdb.path={}", dir.join("data").display()),
+                format!("--web.listen-address={addr}"),
+            ],
+        );
+        let p = Prometheus { addr, process, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = Client::new().get(&format!("http://{addr}/-/ready")).await
+                && r.status == 200
+            {
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                bail!("prometheus did not become ready:\n{}", p.process.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs an instant PromQL query; returns `data.result`.
+    pub async fn query(&self, promql: &str) -> anyhow::Result<Vec<Value>> {
+        let q: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let r = Client::new().get(&format!("http://{}/api/v1/query?query={q}", self.addr)).await?;
+        let v = r.json();
+        if v["status"] != "success" {
+            bail!("query {promql}: {v}");
+        }
+        v["data"]["result"].as_array().cloned().context("no result array")
+    }
+
+    /// How many of the scrape targets are up.
+    pub async fn targets_up(&self) -> anyhow::Result<usize> {
+        let up = self.query("up == 1").await?;
+        Ok(up.len())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.process.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

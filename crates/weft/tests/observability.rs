@@ -1,0 +1,212 @@
+//! End-to-end tests of what operators look at: a real Prometheus scraping the sidecars and the
+//! control plane, and the dashboard in a real headless Chromium, driving the intent loop.
+
+use std::path::PathBuf;
+use std::time::Duration;
+use weft_test::apps::EchoServer;
+use weft_test::browser::Browser;
+use weft_test::load::Load;
+use weft_test::prometheus::Prometheus;
+use weft_test::{Control, ProxyHandle, eventually, free_addr};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft");
+
+fn artifacts() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("artifacts")
+}
+
+async fn instance(control: &Control, name: &str, service: &str, version: &str) -> (EchoServer, ProxyHandle) {
+    let app = EchoServer::start(name).await;
+    let proxy = ProxyHandle::start(
+        BIN,
+        control,
+        &format!("default/{name}"),
+        "cluster-a",
+        &[("service", service), ("version", version)],
+        app.addr,
+    )
+    .await;
+    (app, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_per_service_rates() {
+    let control = Control::start(BIN).await;
+    let (_orders, orders_proxy) = instance(&control, "orders-v1", "orders", "v1").await;
+    let (_pay, pay_proxy) = instance(&control, "payments-v1", "payments", "v1").await;
+    let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    let api = control.api;
+    let prom = Prometheus::start(&[
+        ("proxies", "/metrics", vec![orders_proxy.admin, pay_proxy.admin, web.admin]),
+        ("control", "/metrics", vec![api]),
+    ])
+    .await
+    .expect("prometheus starts");
+    // orders at ~50 requests/s, payments at ~10/s.
+    let to_orders = Load::start(web.outbound, "orders", &[], Duration::from_millis(20));
+    let to_payments = Load::start(web.outbound, "payments", &[], Duration::from_millis(100));
+    let rates = eventually(Duration::from_secs(30), "PromQL rates for both services", || async {
+        let rows = prom
+            .query("sum by (service) (rate(weft_proxy_requests_total{direction=\"inbound\"}[5s]))")
+            .await
+            .ok()?;
+        let rate = |svc: &str| {
+            rows.iter()
+                .find(|r| r["metric"]["service"] == svc)
+                .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+        };
+        // Once both series cover a full window of steady load.
+        match (rate("orders"), rate("payments")) {
+            (Some(o), Some(p)) if o > 20.0 && p > 4.0 => Some((o, p)),
+            _ => None,
+        }
+    })
+    .await;
+    let (orders_rps, payments_rps) = rates;
+    assert!(orders_rps <= 60.0, "orders at {orders_rps:.1}/s by PromQL, offered at most 50/s");
+    assert!((4.0..=15.0).contains(&payments_rps), "payments at {payments_rps:.1}/s by PromQL");
+    assert!(orders_rps > 2.5 * payments_rps, "{orders_rps:.1} vs {payments_rps:.1}");
+    // The caller's view by destination, and the control plane's own series.
+    let outbound = prom
+        .query("sum by (service) (rate(weft_proxy_requests_total{direction=\"outbound\",status=\"200\"}[5s]))")
+        .await
+        .unwrap();
+    assert_eq!(outbound.len(), 2, "{outbound:?}");
+    let proxies = prom.query("weft_control_proxies_connected").await.unwrap();
+    assert_eq!(proxies[0]["value"][1], "3", "{proxies:?}");
+    let acks = prom.query("weft_control_config_acks_total").await.unwrap();
+    assert!(acks[0]["value"][1].as_str().unwrap().parse::<f64>().unwrap() >= 3.0);
+    assert_eq!(prom.targets_up().await.unwrap(), 4, "every target scraped");
+    to_orders.stop().await;
+    to_payments.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_queue_and_cards_steps_a_manual_intent_and_toggles_bypass() {
+    let control = Control::start(BIN).await;
+    let (_v1, _p1) = instance(&control, "checkout-v1", "checkout", "v1").await;
+    let (_v2, _p2) = instance(&control, "checkout-v2", "checkout", "v2").await;
+    let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
+    let load = Load::start(web.outbound, "checkout", &[("x-tenant", "acme")], Duration::from_millis(20));
+    let intent = r#"apiVersion: weft/v1
+kind: Intent
+metadata: { name: MESH-701 }
+spec:
+  title: canary 50%
+  target: checkout
+  scope: tenant:acme
+  change:
+    apply:
+      - apiVersion: weft/v1
+        kind: TrafficPolicy
+        metadata: { name: checkout-canary }
+        spec:
+          service: checkout
+          routes:
+            - name: canary
+              backends: [ { subset: v2, weight: 50 }, { subset: v1, weight: 50 } ]
+  rollout: { stages: [50, 100], bake: 1s, mode: manual }
+  slo: { maxErrorRate: 5, minRequests: 5 }
+"#;
+    let (status, body) = control.post("/api/v1/intents", intent).await;
+    assert!([200, 201, 202].contains(&status), "{status} {body}");
+
+    let browser = Browser::start(1366, 900).await.expect("headless chromium");
+    browser.goto(&control.url("/")).await.unwrap();
+    let shots = artifacts();
+    // The queue and the cards render from the live API.
+    browser
+        .wait_for(Duration::from_secs(15), "the queue and the checkout card", || async {
+            let queued = browser.count("#queue .intent[data-id='MESH-701']").await?;
+            let card = browser.text(".card[data-service='checkout'] .rps").await?;
+            Ok((queued == 1 && card.is_some()).then_some(()))
+        })
+        .await
+        .unwrap();
+    let queue_text = browser.text("#queue").await.unwrap().unwrap();
+    assert!(queue_text.contains("canary 50% / tenant:acme"), "{queue_text}");
+    assert!(queue_text.contains("checkout"), "{queue_text}");
+    // Traffic shows on the card, and its chart has points.
+    browser
+        .wait_for(Duration::from_secs(15), "rps on the checkout card", || async {
+            let rps = browser.text(".card[data-service='checkout'] .rps").await?.unwrap_or_default();
+            Ok(rps.parse::<f64>().ok().filter(|r| *r > 0.0))
+        })
+        .await
+        .unwrap();
+    let status = browser.text("#loop-status").await.unwrap().unwrap();
+    assert!(status.contains("MESH-701") && status.contains("awaiting approval"), "{status}");
+    browser.screenshot(&shots.join("dashboard-awaiting.png")).await.unwrap();
+
+    // Step: the intent leaves awaiting-approval and its stage runs; the highlighted phase
+    // follows.
+    browser.click("#step").await.unwrap();
+    let phase = browser
+        .wait_for(Duration::from_secs(10), "the loop moves past approval", || async {
+            let v = browser
+                .eval("return document.getElementById('loop-status').dataset.phase", serde_json::json!([]))
+                .await?;
+            let p = v.as_str().unwrap_or("").to_string();
+            Ok(["distribution", "enforcement", "observation"].contains(&p.as_str()).then_some(p))
+        })
+        .await
+        .unwrap();
+    let active = browser.text(".step.active").await.unwrap().unwrap_or_default();
+    assert_eq!(active, phase, "the highlighted step is the loop's phase");
+    let shown = control.get("/api/v1/intents/MESH-701").await;
+    assert_ne!(shown["phase"], "awaiting-approval", "{shown}");
+    browser.screenshot(&shots.join("dashboard-stepped.png")).await.unwrap();
+
+    // Bypass on the card: the control plane records it and the card changes.
+    browser.click(".card[data-service='checkout'] input[type=checkbox]").await.unwrap();
+    browser
+        .wait_for(Duration::from_secs(10), "the card shows bypass on", || async {
+            let b = browser.text(".card[data-service='checkout'] .bypass").await?;
+            let bypassed = browser.count(".card.bypassed[data-service='checkout']").await?;
+            Ok((b.as_deref() == Some("on") && bypassed == 1).then_some(()))
+        })
+        .await
+        .unwrap();
+    let status = control.get("/api/v1/status").await;
+    let checkout = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "checkout")
+        .unwrap()
+        .clone();
+    assert_eq!(checkout["bypass"], true, "{checkout}");
+    browser.screenshot(&shots.join("dashboard-bypass.png")).await.unwrap();
+    browser.click(".card[data-service='checkout'] input[type=checkbox]").await.unwrap();
+    eventually(Duration::from_secs(10), "bypass off again", || async {
+        let s = control.get("/api/v1/status").await;
+        let c = s["services"].as_array()?.iter().find(|s| s["name"] == "checkout")?.clone();
+        (c["bypass"] == false).then_some(())
+    })
+    .await;
+
+    // Auto: the rest of the rollout runs by itself to promotion.
+    browser.click("#auto").await.unwrap();
+    eventually(Duration::from_secs(30), "MESH-701 promoted in auto mode", || async {
+        let i = control.get("/api/v1/intents/MESH-701").await;
+        (i["phase"] == "promoted").then_some(())
+    })
+    .await;
+    browser
+        .wait_for(
+            Duration::from_secs(10),
+            "the dashboard shows it promoted and the loop idle",
+            || async {
+                let state = browser.text("#queue .intent[data-id='MESH-701'] .state").await?;
+                let status = browser.text("#loop-status").await?;
+                Ok((state.as_deref() == Some("promoted") && status.as_deref() == Some("Waiting for next intent")).then_some(()))
+            },
+        )
+        .await
+        .unwrap();
+    let decision = browser.text("#last-decision").await.unwrap().unwrap();
+    assert!(decision.contains("MESH-701"), "{decision}");
+    browser.screenshot(&shots.join("dashboard-promoted.png")).await.unwrap();
+    let stats = load.stop().await;
+    assert!(stats.ok > 0);
+}
