@@ -69,6 +69,7 @@ async fn dashboard() -> Html<&'static str> {
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
+    api.mesh.count_intents();
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &api.registry).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();

@@ -473,6 +473,28 @@ impl Mesh {
         self.state.lock().intents.values().find(|i| i.id == id).cloned()
     }
 
+    /// Sets the intents-by-phase gauges (before a scrape).
+    pub fn count_intents(&self) {
+        use crate::rollout::Phase;
+        let state = self.state.lock();
+        for phase in [
+            Phase::Queued,
+            Phase::AwaitingApproval,
+            Phase::Distribution,
+            Phase::Enforcement,
+            Phase::Observation,
+            Phase::Promoted,
+            Phase::RolledBack,
+            Phase::Failed,
+        ] {
+            let n = state.intents.values().filter(|i| i.phase == phase).count();
+            self.metrics
+                .intents
+                .get_or_create(&crate::metrics::PhaseLabel { phase: phase.as_str() })
+                .set(n as i64);
+        }
+    }
+
     pub fn intent_list(&self) -> Vec<IntentRecord> {
         self.state.lock().intents.values().cloned().collect()
     }
@@ -818,6 +840,10 @@ impl Mesh {
             });
             intent.stage += 1;
             let decision = format!("{}: stage {stage} ({share}%) passed: {why}", intent.id);
+            self.metrics
+                .decisions
+                .get_or_create(&crate::metrics::OutcomeLabel { outcome: "stage-passed" })
+                .inc();
             state.last_decision = Some(decision.clone());
             self.emit(json!({"type": "decision", "id": state.intents[&seq].id, "decision": decision}));
             if state.intents[&seq].mode == RolloutMode::Manual {
@@ -880,6 +906,10 @@ impl Mesh {
         intent.treat_all = false;
         intent.finished_ms = Some(now_ms());
         let decision = format!("{}: {}: {reason}", intent.id, phase.as_str());
+        self.metrics
+            .decisions
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome: phase.as_str() })
+            .inc();
         if phase != Phase::Promoted {
             tracing::warn!(intent = %intent.id, %reason, "intent {}", phase.as_str());
         }

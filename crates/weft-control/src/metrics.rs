@@ -1,6 +1,8 @@
 //! The control plane's own metrics, served on `/metrics` of the API listener.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -16,6 +18,20 @@ pub struct ControlMetrics {
     pub push_to_ack: Histogram,
     pub certificates: Counter,
     pub refused_csrs: Counter,
+    /// Intents by phase (set when scraped).
+    pub intents: Family<PhaseLabel, Gauge>,
+    /// Decisions by outcome (stage-passed, promoted, rolled-back, failed).
+    pub decisions: Family<OutcomeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
 }
 
 impl ControlMetrics {
@@ -29,6 +45,8 @@ impl ControlMetrics {
             telemetry_reports: Counter::default(),
             certificates: Counter::default(),
             refused_csrs: Counter::default(),
+            intents: Family::default(),
+            decisions: Family::default(),
             push_to_ack: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         };
         registry.register("proxies_connected", "Proxies with an open control stream", m.proxies.clone());
@@ -36,6 +54,12 @@ impl ControlMetrics {
         registry.register("config_pushes", "Configs pushed to proxies", m.pushes.clone());
         registry.register("config_acks", "Configs proxies applied", m.acks.clone());
         registry.register("config_nacks", "Configs proxies refused", m.nacks.clone());
+        registry.register("intents", "Intents by phase", m.intents.clone());
+        registry.register(
+            "decisions",
+            "Decisions the control loop took, by outcome (stage-passed, promoted, rolled-back, failed)",
+            m.decisions.clone(),
+        );
         registry.register("certificates_issued", "Workload certificates the CA issued", m.certificates.clone());
         registry.register(
             "csrs_refused",

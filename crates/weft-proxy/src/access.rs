@@ -2,10 +2,17 @@
 //! percentage. Lines are handed to a writer task through a bounded queue, so a slow terminal
 //! never slows a request; a full queue drops the line and counts it.
 
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use serde::Serialize;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
+use weft_core::Body;
 
 /// How many lines may wait for the writer.
 const QUEUE: usize = 4096;
@@ -19,25 +26,134 @@ pub struct AccessLog {
 /// One request, as logged.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Entry<'a> {
-    /// Unix time in milliseconds when the request finished.
+pub struct Entry {
+    /// Unix time in milliseconds when the request finished (its response body ended).
     pub time_ms: u64,
     pub direction: &'static str,
     /// W3C trace id (or b3), empty when the request carried none.
-    pub trace_id: &'a str,
-    pub source: &'a str,
-    pub destination: &'a str,
-    pub service: &'a str,
-    pub route: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
+    pub trace_id: String,
+    pub source: String,
+    pub destination: String,
+    pub service: String,
+    pub route: String,
+    pub method: String,
+    pub path: String,
     /// The endpoint (outbound) or app (inbound) that answered.
-    pub upstream: &'a str,
+    pub upstream: String,
     pub status: u16,
     /// `x-weft-error` when the proxy answered itself.
-    pub reason: &'a str,
+    pub reason: &'static str,
+    /// Time to the response headers.
     pub duration_ms: f64,
+    /// Time to the end of the response body.
+    pub total_ms: f64,
+    /// Body bytes received from the client and sent back to it.
+    pub request_bytes: u64,
+    pub response_bytes: u64,
     pub retries: u32,
+}
+
+/// Counts the bytes of a body as they pass.
+pub struct Tally {
+    inner: Body,
+    count: Arc<AtomicU64>,
+}
+
+impl Tally {
+    pub fn wrap(inner: Body, count: Arc<AtomicU64>) -> Body {
+        http_body_util::BodyExt::boxed_unsync(Tally { inner, count })
+    }
+}
+
+impl HttpBody for Tally {
+    type Data = Bytes;
+    type Error = weft_core::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(d) = f.data_ref()
+        {
+            self.count.fetch_add(d.len() as u64, Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes its request's access line once it ends (or is dropped, when
+/// the client went away), with the bytes both ways and the total time.
+pub struct Logged {
+    inner: Body,
+    bytes: u64,
+    pending: Option<(Entry, Arc<AtomicU64>, std::time::Instant, Arc<crate::Proxy>)>,
+}
+
+impl Logged {
+    pub fn wrap(inner: Body, entry: Entry, request_bytes: Arc<AtomicU64>, start: std::time::Instant, proxy: Arc<crate::Proxy>) -> Body {
+        let mut logged = Logged {
+            inner,
+            bytes: 0,
+            pending: Some((entry, request_bytes, start, proxy)),
+        };
+        if logged.inner.is_end_stream() {
+            logged.finish();
+        }
+        http_body_util::BodyExt::boxed_unsync(logged)
+    }
+
+    fn finish(&mut self) {
+        if let Some((mut entry, request_bytes, start, proxy)) = self.pending.take() {
+            entry.response_bytes = self.bytes;
+            entry.request_bytes = request_bytes.load(Relaxed);
+            entry.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+            entry.time_ms = now_ms();
+            proxy.telemetry.access.log(entry);
+        }
+    }
+}
+
+impl HttpBody for Logged {
+    type Data = Bytes;
+    type Error = weft_core::BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(_) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// What an access line needs from a request before the request is consumed.
@@ -91,7 +207,7 @@ impl AccessLog {
     }
 
     /// Logs `entry` if enabled and sampled in.
-    pub fn log(&self, entry: Entry<'_>) {
+    pub fn log(&self, entry: Entry) {
         let Some(tx) = &self.tx else { return };
         if self.sample_percent < 100.0 && rand::random_range(0.0..100.0) >= self.sample_percent {
             return;

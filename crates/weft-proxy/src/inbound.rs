@@ -81,6 +81,11 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
     let captured = proxy.telemetry.access.capture(&req);
+    let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let req = req.map(|b| match &request_bytes {
+        Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
+        None => weft_core::boxed(b),
+    });
     let limited = proxy.inbound_limiter.load().as_ref().as_ref().filter(|l| !l.allow()).map(|l| {
         reply(
             StatusCode::TOO_MANY_REQUESTS,
@@ -115,9 +120,13 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
-    if captured.is_some() {
-        proxy.log_access(captured, &done, &proxy.app.to_string(), 0);
-    }
+    let resp = match (captured, request_bytes) {
+        (Some(c), Some(count)) => {
+            let entry = proxy.access_entry(c, &done, proxy.app.to_string(), 0);
+            resp.map(|b| crate::access::Logged::wrap(b, entry, count, start, proxy.clone()))
+        }
+        _ => resp,
+    };
     finish(resp, version, grpc)
 }
 
@@ -172,7 +181,7 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
 
 /// Forwards to the app; `canonical` (path and query) replaces the request's when authorization
 /// normalized it.
-async fn to_app(proxy: &Proxy, req: Request<Incoming>, canonical: Option<String>) -> Response<Body> {
+async fn to_app(proxy: &Proxy, req: Request<Body>, canonical: Option<String>) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let app_h2 = match parts.headers.remove(ORIG_PROTO) {
         Some(v) => v.as_bytes() == b"HTTP/2",
@@ -192,7 +201,7 @@ async fn to_app(proxy: &Proxy, req: Request<Incoming>, canonical: Option<String>
         })
         .unwrap_or_else(|| proxy.app.to_string());
     let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
-    let body = weft_core::boxed(body);
+
     if app_h2 {
         parts.version = Version::HTTP_2;
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {

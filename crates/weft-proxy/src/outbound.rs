@@ -56,6 +56,11 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
     let captured = proxy.telemetry.access.capture(&req);
+    let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let req = req.map(|b| match &request_bytes {
+        Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
+        None => weft_core::boxed(b),
+    });
     let (service, route, resp) = route_request(&proxy, req, grpc).await;
     let upstream = resp.extensions().get::<PeerIdentity>();
     let retries = resp.extensions().get::<Retries>().map(|r| r.0).unwrap_or(0);
@@ -71,15 +76,18 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
-    if captured.is_some() {
-        let upstream = upstream.map(|p| p.1.to_string()).unwrap_or_default();
-        proxy.log_access(captured, &done, &upstream, retries);
-    }
+    let resp = match (captured, request_bytes) {
+        (Some(c), Some(count)) => {
+            let entry = proxy.access_entry(c, &done, upstream.map(|p| p.1.to_string()).unwrap_or_default(), retries);
+            resp.map(|b| crate::access::Logged::wrap(b, entry, count, start, proxy.clone()))
+        }
+        _ => resp,
+    };
     finish(resp, version, grpc)
 }
 
 /// Routes and forwards one request; returns the destination service and route, and the answer.
-async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: bool) -> (Arc<str>, Arc<str>, Response<Body>) {
+async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -> (Arc<str>, Arc<str>, Response<Body>) {
     let Some(authority) = target_authority(&req) else {
         return (
             unnamed(),
@@ -136,7 +144,7 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Incoming>, grpc: boo
         grpc,
         retried_before,
     };
-    let fut = call.run(parts, weft_core::boxed(body));
+    let fut = call.run(parts, body);
     let resp = match route.timeout {
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,

@@ -164,45 +164,44 @@ impl Proxy {
         tokio::time::timeout(DISCOVERY_WAIT, wait).await.ok().flatten()
     }
 
-    /// Writes the access line of a finished request, when `captured` (access logs are on).
-    /// `upstream` is the endpoint (outbound) or app (inbound) that answered.
-    pub fn log_access(
+    /// The access line of a request whose response headers are ready; it is written when the
+    /// response body ends (see [`crate::access::Logged`]). `upstream` is the endpoint
+    /// (outbound) or app (inbound) that answered.
+    pub fn access_entry(
         &self,
-        captured: Option<crate::access::Captured>,
+        c: crate::access::Captured,
         done: &crate::telemetry::Finished<'_>,
-        upstream: &str,
+        upstream: String,
         retries: u32,
-    ) {
-        let Some(c) = captured else { return };
+    ) -> crate::access::Entry {
         let own = self.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
         let inbound = done.direction == weft_api::proto::Direction::Inbound;
         let (direction, source, destination, service) = if inbound {
-            (
-                "inbound",
-                done.peer.map(|p| &**p).unwrap_or("plaintext"),
-                own.as_str(),
-                self.workload.service(),
-            )
+            let peer = done.peer.map(|p| p.to_string()).unwrap_or_else(|| "plaintext".into());
+            ("inbound", peer, own, self.workload.service().to_string())
         } else {
-            let peer = done.peer.map(|p| &**p).unwrap_or("");
-            ("outbound", own.as_str(), peer, done.service.map(|s| &**s).unwrap_or(""))
+            let peer = done.peer.map(|p| p.to_string()).unwrap_or_default();
+            ("outbound", own, peer, done.service.map(|s| s.to_string()).unwrap_or_default())
         };
-        self.telemetry.access.log(crate::access::Entry {
-            time_ms: crate::access::now_ms(),
+        crate::access::Entry {
+            time_ms: 0,
             direction,
-            trace_id: &c.trace,
+            trace_id: c.trace,
             source,
             destination,
             service,
-            route: done.route.map(|r| &**r).unwrap_or(""),
-            method: &c.method,
-            path: &c.path,
+            route: done.route.map(|r| r.to_string()).unwrap_or_default(),
+            method: c.method,
+            path: c.path,
             upstream,
             status: done.status,
             reason: done.reason,
             duration_ms: done.elapsed.as_secs_f64() * 1000.0,
+            total_ms: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
             retries,
-        });
+        }
     }
 
     pub fn admin(self: &Arc<Self>) -> weft_core::admin::Admin {

@@ -49,6 +49,8 @@ struct RequestLabels {
     peer: Arc<str>,
     route: Arc<str>,
     status: u16,
+    /// `2xx`, `4xx`, `5xx`, ...: what dashboards and alerts group by.
+    class: &'static str,
     reason: &'static str,
 }
 
@@ -222,6 +224,13 @@ impl Telemetry {
                 peer: peer.clone(),
                 route: route.clone(),
                 status: done.status,
+                class: match done.status {
+                    100..=199 => "1xx",
+                    200..=299 => "2xx",
+                    300..=399 => "3xx",
+                    400..=499 => "4xx",
+                    _ => "5xx",
+                },
                 reason: done.reason,
             })
             .inc();

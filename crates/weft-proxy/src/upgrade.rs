@@ -26,7 +26,7 @@ use weft_core::serve::Io;
 pub const TCP_PROTOCOL: &str = "weft-tcp";
 
 /// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
-pub fn requested(req: &Request<hyper::body::Incoming>) -> Option<HeaderValue> {
+pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
@@ -159,7 +159,7 @@ async fn connect_endpoint(proxy: &Proxy, rt: &ServiceRuntime, subset: Option<&st
 
 /// Inbound: an Upgrade request for the app. `weft-tcp` connects to the app's port and joins
 /// raw bytes; any other protocol is forwarded to the app as an HTTP/1.1 Upgrade.
-pub async fn inbound(proxy: &Proxy, mut req: Request<hyper::body::Incoming>, protocol: HeaderValue) -> Response<Body> {
+pub async fn inbound(proxy: &Proxy, mut req: Request<Body>, protocol: HeaderValue) -> Response<Body> {
     let client = hyper::upgrade::on(&mut req);
     let app = match TcpStream::connect(proxy.app).await {
         Ok(tcp) => tcp,

@@ -476,12 +476,14 @@ async fn access_logs_are_one_json_line_per_request_with_both_identities() {
     let orders = ProxyHandle::start_logged(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
     let web = ProxyHandle::start_logged(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let req = Request::get(format!("http://{}/api/x?q=1", web.outbound))
+    // A POST of 1,234 bytes, which the echo app sends back.
+    let req = Request::post(format!("http://{}/api/x?q=1", web.outbound))
         .header("host", "orders")
         .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(Bytes::from(vec![b'x'; 1234])))
         .unwrap();
-    assert_eq!(Client::new().send(req).await.unwrap().status, 200);
+    let reply = Client::new().send(req).await.unwrap();
+    assert_eq!((reply.status, reply.body.len()), (200, 1234));
     let lines = |p: &ProxyHandle| -> Vec<Value> {
         p.process
             .log_text()
@@ -522,6 +524,19 @@ async fn access_logs_are_one_json_line_per_request_with_both_identities() {
         out["durationMs"].as_f64().unwrap() >= inb["durationMs"].as_f64().unwrap(),
         "the caller's view includes the callee's"
     );
+    for line in [&out, &inb] {
+        assert_eq!(
+            (line["requestBytes"].as_u64(), line["responseBytes"].as_u64()),
+            (Some(1234), Some(1234)),
+            "{line}"
+        );
+        assert_eq!(
+            (line["method"].as_str(), line["retries"].as_u64()),
+            (Some("POST"), Some(0)),
+            "{line}"
+        );
+        assert!(line["totalMs"].as_f64().unwrap() >= line["durationMs"].as_f64().unwrap(), "{line}");
+    }
     // Without the flag there is no access log at all.
     let quiet = ProxyHandle::start(BIN, &control, "default/quiet", "cluster-a", &[], free_addr()).await;
     let req = Request::get(format!("http://{}/", quiet.outbound))

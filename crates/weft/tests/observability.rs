@@ -77,6 +77,14 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     let acks = prom.query("weft_control_config_acks_total").await.unwrap();
     assert!(acks[0]["value"][1].as_str().unwrap().parse::<f64>().unwrap() >= 3.0);
     assert_eq!(prom.targets_up().await.unwrap(), 4, "every target scraped");
+    let ok_class = prom
+        .query("sum(rate(weft_proxy_requests_total{direction=\"inbound\",class=\"2xx\"}[5s]))")
+        .await
+        .unwrap();
+    let ok_rate: f64 = ok_class[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(ok_rate > 20.0, "2xx by status class: {ok_rate}");
+    let phases = prom.query("count(weft_control_intents)").await.unwrap();
+    assert_eq!(phases[0]["value"][1], "8", "intents by each of the 8 phases: {phases:?}");
     to_orders.stop().await;
     to_payments.stop().await;
 }
