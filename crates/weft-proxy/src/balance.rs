@@ -100,11 +100,10 @@ pub struct Shared {
 }
 
 /// Retries allowed over a sliding window of ten one-second slots: at most `ratio` of the
-/// requests in the window plus `min_per_second` for each second the budget has existed (up
-/// to the window), so a new destination gets no burst of retries.
+/// requests in the window plus `min_per_second` for each second of the window that saw
+/// requests, so neither a new nor an idle destination gets a burst of retries.
 pub struct RetryBudget {
     slots: [Slot; BUDGET_SLOTS],
-    created_ms: u64,
 }
 
 #[derive(Default)]
@@ -383,10 +382,7 @@ impl Drop for Pending {
 
 impl RetryBudget {
     fn new() -> Self {
-        RetryBudget {
-            slots: Default::default(),
-            created_ms: now_ms(),
-        }
+        RetryBudget { slots: Default::default() }
     }
 
     fn slot(&self, second: u64) -> &Slot {
@@ -408,16 +404,19 @@ impl RetryBudget {
     pub fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
         let now = now_ms();
         let second = now / 1000;
-        let (mut requests, mut retries) = (0, 0);
+        let (mut requests, mut retries, mut active) = (0, 0, 0u64);
         for s in &self.slots {
             let at = s.second.load(Relaxed);
             if at + (BUDGET_SLOTS as u64) > second && at <= second {
-                requests += s.requests.load(Relaxed);
+                let r = s.requests.load(Relaxed);
+                requests += r;
                 retries += s.retries.load(Relaxed);
+                active += u64::from(r > 0);
             }
         }
-        let seconds = (now.saturating_sub(self.created_ms) / 1000 + 1).min(BUDGET_SLOTS as u64);
-        let allowed = ratio * requests as f64 + (min_per_second as u64 * seconds) as f64;
+        // The reserve accrues only for seconds that saw requests, so an idle destination does
+        // not bank a burst of retries.
+        let allowed = ratio * requests as f64 + (min_per_second as u64 * active) as f64;
         if (retries as f64) < allowed.floor() {
             self.slot(second).retries.fetch_add(1, Relaxed);
             true
