@@ -18,6 +18,12 @@ pub mod proto {
     include!("gen/weft.v1.rs");
 }
 
+/// OTLP/gRPC trace export, from `proto/otlp_trace.proto` (checked in; see tests/codegen.rs).
+#[allow(clippy::all, missing_docs)]
+pub mod otlp {
+    include!("gen/opentelemetry.proto.collector.trace.v1.rs");
+}
+
 pub use duration::Duration;
 pub use error::{FieldError, Invalid};
 pub use resource::{Resource, ResourceKey};

@@ -21,6 +21,10 @@ pub struct ProxyConfig {
     pub access_log: bool,
     /// Percentage of requests logged when access logs are on.
     pub access_log_sample: f64,
+    /// OTLP/gRPC endpoint spans are exported to; no tracing without one.
+    pub otlp_endpoint: Option<String>,
+    /// Percentage of new traces sampled (a trace that arrives keeps its own decision).
+    pub trace_sample: f64,
     /// Opaque TCP listeners: each connection goes to an endpoint of the service.
     pub tcp: Vec<(SocketAddr, String)>,
     pub source: Source,
@@ -135,6 +139,8 @@ impl StaticFile {
             advertise: None,
             access_log: false,
             access_log_sample: 100.0,
+            otlp_endpoint: None,
+            trace_sample: 100.0,
             tcp: Vec::new(),
             source: Source::Static(MeshConfig {
                 services,

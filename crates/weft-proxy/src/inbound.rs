@@ -70,8 +70,13 @@ pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Op
     }
 }
 
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    let span = proxy
+        .telemetry
+        .tracer
+        .start(req.headers_mut(), weft_api::otlp::span::SpanKind::Server)
+        .map(|s| (s, req.method().clone()));
     let conn = req
         .extensions()
         .get::<ConnInfo>()
@@ -120,6 +125,20 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
+    if let Some((span, method)) = span {
+        use crate::spans::Attr;
+        let attributes = vec![
+            ("http.request.method", Attr::Str(method.to_string())),
+            ("http.response.status_code", Attr::Int(done.status.into())),
+            ("weft.direction", Attr::Str("inbound".into())),
+            ("weft.service", Attr::Str(proxy.workload.service().to_string())),
+            ("weft.reason", Attr::Str(done.reason.into())),
+            ("weft.peer", Attr::Str(conn.peer.as_deref().unwrap_or("plaintext").to_string())),
+            ("weft.mtls", Attr::Str(conn.mtls.to_string())),
+        ];
+        let name = format!("{method} {}", proxy.workload.service());
+        proxy.telemetry.tracer.finish(span, name, attributes, done.status >= 500);
+    }
     let resp = match (captured, request_bytes) {
         (Some(c), Some(count)) => {
             let entry = proxy.access_entry(c, &done, proxy.app.to_string(), 0);

@@ -23,6 +23,7 @@ mod outbound;
 mod pool;
 mod replay;
 pub mod route;
+mod spans;
 mod state;
 pub mod telemetry;
 mod upgrade;

@@ -50,8 +50,13 @@ pub const MIRROR_CONCURRENCY: usize = 64;
 /// A mirrored copy gets this long before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    let span = proxy
+        .telemetry
+        .tracer
+        .start(req.headers_mut(), weft_api::otlp::span::SpanKind::Client)
+        .map(|s| (s, req.method().clone()));
     let version = req.version();
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
@@ -76,6 +81,22 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body>
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
+    if let Some((span, method)) = span {
+        use crate::spans::Attr;
+        let attributes = vec![
+            ("http.request.method", Attr::Str(method.to_string())),
+            ("http.response.status_code", Attr::Int(done.status.into())),
+            ("weft.direction", Attr::Str("outbound".into())),
+            ("weft.service", Attr::Str(service.to_string())),
+            ("weft.route", Attr::Str(route.to_string())),
+            ("weft.reason", Attr::Str(done.reason.into())),
+            ("weft.peer", Attr::Str(upstream.map(|p| p.0.to_string()).unwrap_or_default())),
+            ("server.address", Attr::Str(upstream.map(|p| p.1.to_string()).unwrap_or_default())),
+            ("weft.retries", Attr::Int(retries.into())),
+        ];
+        let name = format!("{method} {service}");
+        proxy.telemetry.tracer.finish(span, name, attributes, done.status >= 500);
+    }
     let resp = match (captured, request_bytes) {
         (Some(c), Some(count)) => {
             let entry = proxy.access_entry(c, &done, upstream.map(|p| p.1.to_string()).unwrap_or_default(), retries);

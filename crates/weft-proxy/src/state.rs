@@ -70,7 +70,20 @@ impl Proxy {
         };
         let initial_runtimes = runtimes(&config, &HashMap::new(), &cfg.workload.cluster);
         let proxy = Proxy {
-            telemetry: Telemetry::new(cfg.workload.service(), cfg.access_log, cfg.access_log_sample),
+            telemetry: Telemetry::new(
+                cfg.workload.service(),
+                cfg.access_log,
+                cfg.access_log_sample,
+                crate::telemetry::Tracing {
+                    endpoint: cfg.otlp_endpoint.clone(),
+                    sample: cfg.trace_sample,
+                    resource: vec![
+                        ("service.name", cfg.workload.service().to_string()),
+                        ("weft.workload", format!("{}/{}", cfg.workload.namespace, cfg.workload.name)),
+                        ("weft.cluster", cfg.workload.cluster.clone()),
+                    ],
+                },
+            ),
             advertise: cfg.advertise.unwrap_or(bound.inbound),
             workload: cfg.workload,
             app: cfg.app,

@@ -17,6 +17,7 @@ use weft_api::telemetry::{BUCKETS, bucket_of};
 pub struct Telemetry {
     pub registry: Arc<Registry>,
     pub access: crate::access::AccessLog,
+    pub tracer: crate::spans::Tracer,
     own_service: Arc<str>,
     plaintext: Arc<str>,
     empty: Arc<str>,
@@ -52,6 +53,13 @@ struct RequestLabels {
     /// `2xx`, `4xx`, `5xx`, ...: what dashboards and alerts group by.
     class: &'static str,
     reason: &'static str,
+}
+
+/// Where spans go, if anywhere.
+pub struct Tracing {
+    pub endpoint: Option<String>,
+    pub sample: f64,
+    pub resource: Vec<(&'static str, String)>,
 }
 
 /// One finished request, as the listeners report it.
@@ -111,9 +119,10 @@ struct Window {
 // === impl Telemetry ===
 
 impl Telemetry {
-    pub fn new(own_service: &str, access_log: bool, access_log_sample: f64) -> Self {
+    pub fn new(own_service: &str, access_log: bool, access_log_sample: f64, tracing: Tracing) -> Self {
         let mut registry = Registry::with_prefix("weft_proxy");
         let access = crate::access::AccessLog::new(access_log, access_log_sample, &mut registry);
+        let tracer = crate::spans::Tracer::new(tracing.endpoint, tracing.sample, tracing.resource, &mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -182,6 +191,7 @@ impl Telemetry {
             "Opaque TCP bytes by destination and direction (sent, received)",
         );
         Self {
+            tracer,
             tcp,
             tcp_bytes,
             attempts,

@@ -9,6 +9,7 @@ pub mod apps;
 pub mod browser;
 pub mod http;
 pub mod load;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod prometheus;

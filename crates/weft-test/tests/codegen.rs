@@ -10,6 +10,7 @@ fn generated_code_matches_proto() {
     let mut stale = Vec::new();
     for (krate, proto, output) in [
         ("weft-api", "weft.proto", "weft.v1.rs"),
+        ("weft-api", "otlp_trace.proto", "opentelemetry.proto.collector.trace.v1.rs"),
         ("weft-test", "echo.proto", "weft.test.rs"),
     ] {
         let root = crates.join(krate);

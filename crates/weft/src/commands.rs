@@ -45,6 +45,12 @@ pub struct ProxyArgs {
     /// Percentage of requests written to the access log.
     #[arg(long, default_value_t = 100.0)]
     pub access_log_sample: f64,
+    /// OTLP/gRPC endpoint (e.g. http://127.0.0.1:4317) for client and server spans.
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Percentage of new traces sampled; a trace that arrives keeps its own decision.
+    #[arg(long, env = "WEFT_TRACE_SAMPLE", default_value_t = 100.0)]
+    pub trace_sample: f64,
     /// Opaque TCP: LISTEN=SERVICE forwards every connection to LISTEN to an endpoint of
     /// SERVICE over mTLS, byte for byte. Repeatable.
     #[arg(long = "tcp", env = "WEFT_TCP", value_delimiter = ',', value_parser = parse_tcp)]
@@ -224,6 +230,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             Ok(cfg) => weft_proxy::ProxyConfig {
                 access_log: args.access_log,
                 access_log_sample: args.access_log_sample,
+                otlp_endpoint: args.otlp_endpoint.clone(),
+                trace_sample: args.trace_sample,
                 tcp: if args.tcp.is_empty() { cfg.tcp.clone() } else { args.tcp.clone() },
                 ..cfg
             },
@@ -255,6 +263,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 advertise: None,
                 access_log: args.access_log,
                 access_log_sample: args.access_log_sample,
+                otlp_endpoint: args.otlp_endpoint.clone(),
+                trace_sample: args.trace_sample,
                 tcp: args.tcp.clone(),
                 source: weft_proxy::Source::Control {
                     url: args.control.expect("required"),

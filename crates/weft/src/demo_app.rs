@@ -17,8 +17,22 @@ use std::sync::Arc;
 use std::time::Duration;
 use weft_core::{Body, full};
 
-/// Headers the demo passes from each request to the calls it makes.
-const PROPAGATED: [&str; 4] = ["x-tenant", "x-user", "x-order", "traceparent"];
+/// Headers the demo passes from each request to the calls it makes: the demo's own keys,
+/// trace context (W3C and b3), and the mesh's retry marker, so a call chain is one trace and
+/// does not multiply retries.
+const PROPAGATED: [&str; 11] = [
+    "x-tenant",
+    "x-user",
+    "x-order",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+    "x-b3-parentspanid",
+    "weft-retried",
+];
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -218,3 +218,120 @@ spec:
     let stats = load.stop().await;
     assert!(stats.ok > 0);
 }
+
+/// A sidecar that exports spans to `otlp`, in front of `app`.
+async fn traced_proxy(control: &Control, name: &str, app: std::net::SocketAddr, otlp: &str) -> ProxyHandle {
+    let token = control.token(&format!("default/{name}"), name).await;
+    let p = ProxyHandle::spawn_url(
+        BIN,
+        &control.grpc_url(),
+        Some(&token),
+        &format!("default/{name}"),
+        "cluster-a",
+        &[("version", "v1")],
+        app,
+        &[("WEFT_OTLP_ENDPOINT", otlp)],
+    );
+    p.wait_ready().await;
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_through_three_services_is_one_connected_trace_over_otlp() {
+    use weft_test::otlp::OtlpReceiver;
+    let control = Control::start(BIN).await;
+    let receiver = OtlpReceiver::start().await;
+    // orders <- checkout (a demo app that calls orders through its sidecar, passing
+    // traceparent on) <- the caller's sidecar.
+    let orders_app = free_addr();
+    let orders = traced_proxy(&control, "orders", orders_app, &receiver.url()).await;
+    let _orders_app = weft_test::process::Process::spawn(
+        BIN,
+        "demo-orders",
+        &[
+            "demo-app".into(),
+            "--name".into(),
+            "orders".into(),
+            "--listen".into(),
+            orders_app.to_string(),
+        ],
+    );
+    let checkout_app = free_addr();
+    let checkout = traced_proxy(&control, "checkout", checkout_app, &receiver.url()).await;
+    let _checkout_app = weft_test::process::Process::spawn(
+        BIN,
+        "demo-checkout",
+        &[
+            "demo-app".into(),
+            "--name".into(),
+            "checkout".into(),
+            "--listen".into(),
+            checkout_app.to_string(),
+            "--call".into(),
+            "orders".into(),
+            "--proxy".into(),
+            checkout.outbound.to_string(),
+        ],
+    );
+    let web = traced_proxy(&control, "web", free_addr(), &receiver.url()).await;
+    // Until both demo apps listen and the first calls have subscribed, the chain may fail.
+    let reply = eventually(Duration::from_secs(10), "the chain answers", || async {
+        let r = weft_test::http::Client::new()
+            .send(
+                hyper::Request::get(format!("http://{}/cart", web.outbound))
+                    .header("host", "checkout")
+                    .header("x-trace-test", "1")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .ok()?;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert!(reply.text().contains("orders"), "{}", reply.text());
+    // The last request made exactly one trace of four spans: client and server at each hop.
+    let spans = eventually(Duration::from_secs(10), "four spans of the last request's trace", || async {
+        let all = receiver.spans();
+        let root = all.iter().rev().find(|s| s.service == "web" && s.kind() == "client")?;
+        let trace: Vec<_> = all.iter().filter(|s| s.trace_id() == root.trace_id()).cloned().collect();
+        (trace.len() >= 4).then_some(trace)
+    })
+    .await;
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let find = |service: &str, kind: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.kind() == kind)
+            .unwrap_or_else(|| panic!("no {kind} span from {service}: {spans:#?}"))
+    };
+    let (web_client, checkout_server) = (find("web", "client"), find("checkout", "server"));
+    let (checkout_client, orders_server) = (find("checkout", "client"), find("orders", "server"));
+    assert_eq!(web_client.parent_id(), "", "the caller's sidecar started the trace");
+    assert_eq!(checkout_server.parent_id(), web_client.span_id());
+    assert_eq!(
+        checkout_client.parent_id(),
+        checkout_server.span_id(),
+        "the app passed traceparent on"
+    );
+    assert_eq!(orders_server.parent_id(), checkout_client.span_id());
+    assert_eq!(web_client.attr("weft.service").as_deref(), Some("checkout"));
+    assert_eq!(orders_server.attr("http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(
+        checkout_server.attr("weft.peer").as_deref(),
+        Some("spiffe://weft.local/ns/default/sa/web")
+    );
+    // Each child starts after and ends before its parent.
+    for (parent, child) in [
+        (web_client, checkout_server),
+        (checkout_server, checkout_client),
+        (checkout_client, orders_server),
+    ] {
+        assert!(child.span.start_time_unix_nano >= parent.span.start_time_unix_nano);
+        assert!(
+            child.span.end_time_unix_nano <= parent.span.end_time_unix_nano,
+            "{parent:?} {child:?}"
+        );
+    }
+    drop(orders);
+}
