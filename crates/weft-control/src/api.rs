@@ -53,6 +53,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/intents/{id}/abort", post(abort))
         .route("/api/v1/intents/{id}/mode", post(set_mode))
         .route("/api/v1/history", get(history))
+        .route("/api/v1/top", get(top))
         .route("/api/v1/bypass/{service}", post(bypass))
         .route("/api/v1/freeze", post(freeze))
         .route("/api/v1/ledger", get(ledger))
@@ -249,6 +250,11 @@ async fn bypass(State(api): State<Api>, Path(service): Path<String>, body: Strin
     let namespace = t.namespace.unwrap_or_else(|| "default".into());
     api.mesh.set_bypass(&namespace, &service, t.enabled);
     Ok(Json(json!({"service": service, "namespace": namespace, "bypass": t.enabled})))
+}
+
+/// Per destination service and route, as callers saw it over the last 10 s (`weft top`).
+async fn top(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(json!({"routes": api.mesh.routes()}))
 }
 
 /// The last minutes of rps, error rate and p99 per service (the dashboard's charts).

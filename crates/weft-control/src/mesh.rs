@@ -655,6 +655,51 @@ impl Mesh {
     }
 }
 
+/// One destination route as its callers saw it over the last [`RATE_WINDOW`] (`weft top`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteView {
+    pub service: String,
+    pub route: String,
+    pub rps: f64,
+    /// Percentage of requests answered below 500.
+    pub success_rate: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl Mesh {
+    /// Every destination service and route the callers reported over the last window.
+    pub fn routes(&self) -> Vec<RouteView> {
+        let state = self.state.lock();
+        let now = Instant::now();
+        let mut by: BTreeMap<(String, String), (u64, u64, [u64; BUCKETS])> = BTreeMap::new();
+        for ((_, direction, service), samples) in &state.samples {
+            if *direction != proto::Direction::Outbound as i32 {
+                continue;
+            }
+            for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
+                let e = by.entry((service.clone(), s.route.clone())).or_insert((0, 0, [0; BUCKETS]));
+                e.0 += s.requests;
+                e.1 += s.errors;
+                for (b, c) in e.2.iter_mut().zip(s.buckets) {
+                    *b += c;
+                }
+            }
+        }
+        by.into_iter()
+            .map(|((service, route), (requests, errors, buckets))| RouteView {
+                service,
+                route,
+                rps: round2(requests as f64 / RATE_WINDOW.as_secs_f64()),
+                success_rate: (requests > 0).then(|| round2(100.0 * (requests - errors) as f64 / requests as f64)),
+                p50_ms: quantile_ms(&buckets, 0.5).map(round2),
+                p99_ms: quantile_ms(&buckets, 0.99).map(round2),
+            })
+            .collect()
+    }
+}
+
 /// The mTLS mode a service's SecurityPolicy sets for all of its workloads (one without a label
 /// selector); `None` is the default, permissive.
 pub(crate) fn mtls_mode(

@@ -128,6 +128,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::History => history(&api, format).await,
         Command::Rollback { revision } => rollback(&api, revision).await,
         Command::Status => status(&api, format).await,
+        Command::Top { once, interval } => top(&api, format, once, interval.as_std()).await,
         Command::Proxies => proxies(&api, format).await,
         Command::Intent(cmd) => intent(&api, cmd, format).await,
         Command::Token(TokenCommand::Create {
@@ -429,6 +430,45 @@ async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
         out["revision"]
     );
     Ok(())
+}
+
+async fn top(api: &Api, format: output::Format, once: bool, interval: std::time::Duration) -> anyhow::Result<()> {
+    loop {
+        let t = api.get("/api/v1/top").await?;
+        if output::structured(format, &t)? {
+            if once {
+                return Ok(());
+            }
+        } else {
+            if !once {
+                say!(
+                    "\x1b[2J\x1b[H{}",
+                    "weft top: destination routes over the last 10 s (Ctrl-C to stop)"
+                );
+            }
+            let ms = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+            let rows: Vec<Vec<String>> = t["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        cell(r, "service"),
+                        cell(r, "route"),
+                        format!("{:.1}", r["rps"].as_f64().unwrap_or(0.0)),
+                        r["successRate"].as_f64().map(|x| format!("{x:.2}%")).unwrap_or_else(|| "-".into()),
+                        ms(&r["p50Ms"]),
+                        ms(&r["p99Ms"]),
+                    ]
+                })
+                .collect();
+            table(&["SERVICE", "ROUTE", "RPS", "SUCCESS", "P50-MS", "P99-MS"], &rows);
+            if once {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
 async fn status(api: &Api, format: output::Format) -> anyhow::Result<()> {

@@ -101,6 +101,16 @@ pub enum Command {
     Rollback { revision: u64 },
     /// Service cards: traffic, errors, policy revision, mTLS and proxies in sync.
     Status,
+    /// A live table per destination service and route: rps, success rate, p50, p99 (as the
+    /// callers' sidecars measured them over the last 10 s).
+    Top {
+        /// Print the table once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Refresh period.
+        #[arg(long, default_value = "2s")]
+        interval: weft_api::Duration,
+    },
     /// Intents: staged, SLO-gated changes.
     #[command(subcommand)]
     Intent(IntentCommand),

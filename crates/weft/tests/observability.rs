@@ -85,6 +85,36 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     assert!(ok_rate > 20.0, "2xx by status class: {ok_rate}");
     let phases = prom.query("count(weft_control_intents)").await.unwrap();
     assert_eq!(phases[0]["value"][1], "8", "intents by each of the 8 phases: {phases:?}");
+    // `weft top`: the same traffic per destination route, from the control plane.
+    let top = |format: &'static str| {
+        let out = std::process::Command::new(BIN)
+            .args(["--server", &control.url(""), "top", "--once", "-o", format])
+            .output()
+            .expect("weft top runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&top("json")).unwrap();
+    let orders = json["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == "orders")
+        .expect("orders in top")
+        .clone();
+    assert_eq!(orders["route"], "default", "{orders}");
+    let rps = orders["rps"].as_f64().unwrap();
+    assert!((15.0..=60.0).contains(&rps), "{orders}");
+    assert_eq!(orders["successRate"], 100.0, "{orders}");
+    assert!(orders["p50Ms"].as_f64().unwrap() <= orders["p99Ms"].as_f64().unwrap(), "{orders}");
+    let table = top("table");
+    assert!(table.lines().next().unwrap().starts_with("SERVICE"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("orders") && l.contains("default") && l.contains("100.00%")),
+        "{table}"
+    );
     to_orders.stop().await;
     to_payments.stop().await;
 }
