@@ -30,6 +30,8 @@ pub struct Api {
     pub mesh: Arc<Mesh>,
     pub registry: Arc<Registry>,
     pub history: crate::history::History,
+    /// Bearer token for the endpoints only trusted callers may use (`/api/v1/tap`).
+    pub admin_token: Arc<str>,
 }
 
 /// An error answer: `{error, field, errors}` with the status that fits.
@@ -54,6 +56,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/intents/{id}/mode", post(set_mode))
         .route("/api/v1/history", get(history))
         .route("/api/v1/top", get(top))
+        .route("/api/v1/tap/{service}", get(tap))
         .route("/api/v1/bypass/{service}", post(bypass))
         .route("/api/v1/freeze", post(freeze))
         .route("/api/v1/ledger", get(ledger))
@@ -293,6 +296,51 @@ async fn ledger(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiEr
 }
 
 /// Server-sent events: one `data:` JSON object per change (intents, decisions, bypass, freeze).
+/// Live request metadata for `service` (never bodies), as server-sent events; only for callers
+/// holding the admin token.
+async fn tap(State(api): State<Api>, Path(service): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.as_bytes(), api.admin_token.as_bytes()) {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "tap needs the admin token (Authorization: Bearer ..., from {} in the control plane's data directory)",
+                crate::ADMIN_TOKEN_FILE
+            ),
+            vec![],
+        ));
+    }
+    let handle = api.mesh.taps.open(&service);
+    let stream = TapStream(handle).map(|e| {
+        let data = json!({
+            "time": e.time_ms, "direction": e.direction, "proxy": e.proxy, "source": e.source,
+            "destination": e.destination, "service": e.service, "route": e.route, "method": e.method,
+            "authority": e.authority, "path": e.path, "status": e.status, "reason": e.reason,
+            "durationMs": e.duration_ms, "upstream": e.upstream,
+        });
+        Ok::<_, std::convert::Infallible>(Event::default().data(data.to_string()))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The events of an open tap; the tap closes when the client goes away and this drops.
+struct TapStream(crate::taps::TapHandle);
+
+impl tokio_stream::Stream for TapStream {
+    type Item = weft_api::proto::TapEvent;
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        self.0.rx.poll_recv(cx)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn events(State(api): State<Api>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let stream = tokio_stream::wrappers::BroadcastStream::new(api.mesh.events.subscribe())
         .filter_map(|msg| msg.ok().map(|data| Ok(Event::default().data(data))));

@@ -74,6 +74,9 @@ async fn drive(
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
 ) {
     let mut changed = mesh.watch();
+    let mut taps = mesh.taps.watch();
+    // The open taps go first when there are any, then again whenever they change.
+    let mut taps_dirty = !taps.borrow_and_update().is_empty();
     let mut last: Option<proto::ProxyConfig> = None;
     let mut version = 0u64;
     let mut dirty = true;
@@ -96,6 +99,16 @@ async fn drive(
                 }
             }
         }
+        if taps_dirty {
+            taps_dirty = false;
+            let list = taps.borrow_and_update().clone();
+            let msg = ControlMessage {
+                msg: Some(control_message::Msg::Taps(proto::TapList { taps: list })),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                break;
+            }
+        }
         let held = async {
             match held_until {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -104,6 +117,10 @@ async fn drive(
         };
         tokio::select! {
             _ = held => dirty = true,
+            r = taps.changed() => {
+                if r.is_err() { break }
+                taps_dirty = true;
+            }
             r = changed.changed() => {
                 if r.is_err() { break }
                 changed.borrow_and_update();
@@ -118,6 +135,7 @@ async fn drive(
                     proxy_message::Msg::Ack(a) => mesh.ack(conn, a.version, a.revision),
                     proxy_message::Msg::Nack(n) => mesh.nack(conn, n.version, n.revision, n.reason),
                     proxy_message::Msg::Telemetry(t) => mesh.telemetry(conn, t),
+                    proxy_message::Msg::Tap(t) => mesh.taps.deliver(t.events),
                     proxy_message::Msg::Register(_) => {
                         let _ = tx.send(Err(Status::invalid_argument("Register may be sent once per stream"))).await;
                         break;

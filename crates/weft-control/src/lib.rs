@@ -12,6 +12,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod rollout;
 pub mod store;
+pub mod taps;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +55,33 @@ pub enum StartError {
     },
 }
 
+/// The file under the data directory holding the admin token (`weft tap` needs it).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Reads the admin token, creating it (random, mode 0600) on first start.
+fn admin_token(data_dir: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| std::io::Error::other("no randomness for the admin token"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
 /// Opens the store, binds both listeners and serves until `shutdown`.
 pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
     let store = store::Store::open(&cfg.data_dir)?;
@@ -90,10 +118,15 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     let loop_task = tokio::spawn(intents::run(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     let history_task = tokio::spawn(history.clone().run(mesh.clone(), shutdown.clone()));
+    let admin_token = admin_token(&cfg.data_dir).map_err(|source| StartError::Read {
+        path: cfg.data_dir.join(ADMIN_TOKEN_FILE).display().to_string(),
+        source,
+    })?;
     let router = api::router(api::Api {
         mesh: mesh.clone(),
         registry: Arc::new(registry),
         history,
+        admin_token: Arc::from(admin_token),
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {

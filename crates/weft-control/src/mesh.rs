@@ -37,6 +37,8 @@ pub struct Mesh {
     pub(crate) wake: tokio::sync::Notify,
     /// Server-sent events for the dashboard: one JSON object per change.
     pub events: tokio::sync::broadcast::Sender<String>,
+    /// Open `weft tap` streams.
+    pub taps: std::sync::Arc<crate::taps::Taps>,
 }
 
 pub(crate) struct State {
@@ -207,6 +209,7 @@ impl Mesh {
         metrics.revision.set(revision as i64);
         let intents = crate::intents::recover(&store, revision)?;
         Ok(Self {
+            taps: Default::default(),
             store,
             ca,
             state: Mutex::new(State {

@@ -21,12 +21,15 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Runs the control stream until shutdown, reconnecting as needed.
 pub async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedReceiver<String>, shutdown: Shutdown) {
     let url = proxy.control_url.clone().expect("control mode");
+    let mut taps = proxy.tap_rx.lock().take().expect("one control stream per proxy");
     let mut failures = 0u32;
     loop {
         let outcome = tokio::select! {
-            r = session(&proxy, &url, &mut subscriptions) => r,
+            r = session(&proxy, &url, &mut subscriptions, &mut taps) => r,
             _ = shutdown.cancelled() => return,
         };
+        // Taps live on the stream: a lost stream closes them.
+        proxy.taps.store(Arc::new(Vec::new()));
         match outcome {
             Ok(Session { configs }) if configs > 0 => failures = 0,
             Ok(_) => failures += 1,
@@ -64,7 +67,12 @@ enum SessionError {
     Closed,
 }
 
-async fn session(proxy: &Proxy, url: &str, subscriptions: &mut mpsc::UnboundedReceiver<String>) -> Result<Session, SessionError> {
+async fn session(
+    proxy: &Proxy,
+    url: &str,
+    subscriptions: &mut mpsc::UnboundedReceiver<String>,
+    taps: &mut mpsc::Receiver<proto::TapEvent>,
+) -> Result<Session, SessionError> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(SessionError::Connect)?
         .connect_timeout(Duration::from_secs(2))
@@ -104,7 +112,15 @@ async fn session(proxy: &Proxy, url: &str, subscriptions: &mut mpsc::UnboundedRe
                     None => return if configs > 0 { Ok(Session { configs }) } else { Err(SessionError::Closed) },
                     Some(m) => m?,
                 };
-                let Some(control_message::Msg::Config(cfg)) = msg.msg else { continue };
+                let cfg = match msg.msg {
+                    Some(control_message::Msg::Config(cfg)) => cfg,
+                    Some(control_message::Msg::Taps(list)) => {
+                        tracing::info!(taps = list.taps.len(), "taps changed");
+                        proxy.taps.store(Arc::new(list.taps));
+                        continue;
+                    }
+                    None => continue,
+                };
                 configs += 1;
                 let (version, revision) = (cfg.version, cfg.revision);
                 match MeshConfig::try_from(cfg) {
@@ -121,6 +137,13 @@ async fn session(proxy: &Proxy, url: &str, subscriptions: &mut mpsc::UnboundedRe
                         send(proxy_message::Msg::Nack(proto::Nack { version, revision, reason })).await;
                     }
                 }
+            }
+            Some(first) = taps.recv() => {
+                let mut events = vec![first];
+                while events.len() < 100 && let Ok(e) = taps.try_recv() {
+                    events.push(e);
+                }
+                send(proxy_message::Msg::Tap(proto::TapEvents { events })).await;
             }
             Some(service) = subscriptions.recv() => {
                 send(proxy_message::Msg::Subscribe(proto::Subscribe { services: vec![service] })).await;

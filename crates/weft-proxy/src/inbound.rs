@@ -86,6 +86,20 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
     let captured = proxy.telemetry.access.capture(&req);
+    let tapped = proxy.tapping().then(|| {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        (req.method().to_string(), req.uri().path().to_string(), authority)
+    });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = req.map(|b| match &request_bytes {
         Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
@@ -125,6 +139,23 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
+    if let Some((method, path, authority)) = tapped {
+        let own = proxy.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
+        let event = weft_api::proto::TapEvent {
+            direction: "inbound".into(),
+            source: conn.peer.as_deref().unwrap_or("plaintext").to_string(),
+            destination: own,
+            method,
+            authority,
+            path,
+            status: done.status.into(),
+            reason: done.reason.into(),
+            duration_ms: done.elapsed.as_secs_f64() * 1000.0,
+            upstream: proxy.app.to_string(),
+            ..Default::default()
+        };
+        proxy.tap(proxy.workload.service(), event);
+    }
     if let Some((span, method)) = span {
         use crate::spans::Attr;
         let attributes = vec![

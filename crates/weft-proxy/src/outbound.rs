@@ -61,6 +61,11 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
     let captured = proxy.telemetry.access.capture(&req);
+    let tapped = proxy.tapping().then(|| crate::access::Captured {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        trace: target_authority(&req).unwrap_or_default(),
+    });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = req.map(|b| match &request_bytes {
         Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
@@ -81,6 +86,24 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
+    if let Some(t) = tapped {
+        let own = proxy.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
+        let event = weft_api::proto::TapEvent {
+            direction: "outbound".into(),
+            source: own,
+            destination: upstream.map(|p| p.0.to_string()).unwrap_or_default(),
+            route: route.to_string(),
+            method: t.method,
+            authority: t.trace,
+            path: t.path,
+            status: done.status.into(),
+            reason: done.reason.into(),
+            duration_ms: done.elapsed.as_secs_f64() * 1000.0,
+            upstream: upstream.map(|p| p.1.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        proxy.tap(&service, event);
+    }
     if let Some((span, method)) = span {
         use crate::spans::Attr;
         let attributes = vec![

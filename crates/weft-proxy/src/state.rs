@@ -19,6 +19,8 @@ use weft_api::mesh::MeshConfig;
 
 /// How long a request for a service the proxy has not seen yet waits for the control plane.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(2);
+/// Most tap events one proxy sends per second; more are dropped.
+const TAP_EVENTS_PER_SECOND: f64 = 200.0;
 /// Most services one proxy will ask the control plane for.
 const MAX_SUBSCRIPTIONS: usize = 10_000;
 
@@ -43,6 +45,13 @@ pub struct Proxy {
     pub pools: Pools,
     /// Permits for mirrored copies in flight.
     pub mirrors: Arc<tokio::sync::Semaphore>,
+    /// Open `weft tap`s (from the control plane); empty almost always.
+    pub taps: ArcSwap<Vec<weft_api::proto::Tap>>,
+    tap_tx: mpsc::Sender<weft_api::proto::TapEvent>,
+    /// Taken by the control stream, which sends the events on.
+    pub tap_rx: Mutex<Option<mpsc::Receiver<weft_api::proto::TapEvent>>>,
+    /// At most this many tap events per second leave the proxy.
+    tap_limit: RateLimiter,
     pub identity: crate::identity::Identity,
     /// Join token (control mode); the proxy is ready only once it holds a certificate.
     pub token: Option<String>,
@@ -69,6 +78,7 @@ impl Proxy {
             None => (None, None),
         };
         let initial_runtimes = runtimes(&config, &HashMap::new(), &cfg.workload.cluster);
+        let (tap_tx, tap_rx) = mpsc::channel(1024);
         let proxy = Proxy {
             telemetry: Telemetry::new(
                 cfg.workload.service(),
@@ -99,6 +109,14 @@ impl Proxy {
             last_nack: Mutex::new(None),
             pools: Pools::new(),
             mirrors: Arc::new(tokio::sync::Semaphore::new(crate::outbound::MIRROR_CONCURRENCY)),
+            taps: ArcSwap::from_pointee(Vec::new()),
+            tap_tx,
+            tap_rx: Mutex::new(Some(tap_rx)),
+            tap_limit: RateLimiter::new(weft_api::resource::RateLimit {
+                requests_per_second: TAP_EVENTS_PER_SECOND,
+                burst: TAP_EVENTS_PER_SECOND as u32,
+                at: Default::default(),
+            }),
             identity: Default::default(),
             config_ready: AtomicBool::new(static_mode),
             token,
@@ -215,6 +233,25 @@ impl Proxy {
             response_bytes: 0,
             retries,
         }
+    }
+
+    /// Whether any tap is open (one atomic load; the request path checks it first).
+    pub fn tapping(&self) -> bool {
+        !self.taps.load().is_empty()
+    }
+
+    /// Sends a request's metadata to the taps on `service` (destination for outbound, this
+    /// workload's service for inbound), if any.
+    pub fn tap(&self, service: &str, mut event: weft_api::proto::TapEvent) {
+        let taps = self.taps.load();
+        event.taps = taps.iter().filter(|t| t.service == service).map(|t| t.id).collect();
+        if event.taps.is_empty() || !self.tap_limit.allow() {
+            return;
+        }
+        event.proxy = format!("{}/{}", self.workload.namespace, self.workload.name);
+        event.service = service.to_string();
+        event.time_ms = crate::access::now_ms();
+        let _ = self.tap_tx.try_send(event);
     }
 
     pub fn admin(self: &Arc<Self>) -> weft_core::admin::Admin {

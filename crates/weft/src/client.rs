@@ -50,6 +50,51 @@ impl Api {
         self.call(Method::DELETE, path, None, &[]).await
     }
 
+    /// Opens a server-sent-event stream; calls `each` with every event's data until it returns
+    /// `false` or the stream ends.
+    pub async fn events(&self, path: &str, bearer: &str, mut each: impl FnMut(Value) -> bool) -> anyhow::Result<()> {
+        let url = format!("{}{path}", self.base);
+        let req = Request::get(&url)
+            .header("authorization", format!("Bearer {bearer}"))
+            .header("accept", "text/event-stream")
+            .body(Full::new(Bytes::new()))
+            .with_context(|| format!("invalid server URL {url}"))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| anyhow!("cannot reach the control plane at {}: {e}", self.base))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let error = value["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(Refused { status, error }.into());
+        }
+        let mut pending = String::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("reading the event stream")?;
+            let Some(data) = frame.data_ref() else { continue };
+            pending.push_str(&String::from_utf8_lossy(data));
+            while let Some(end) = pending.find("\n\n") {
+                let event: String = pending.drain(..end + 2).collect();
+                for line in event.lines() {
+                    if let Some(json) = line.strip_prefix("data:")
+                        && let Ok(v) = serde_json::from_str(json.trim())
+                        && !each(v)
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn call(&self, method: Method, path: &str, body: Option<String>, headers: &[(&str, &str)]) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method).uri(&url);

@@ -129,6 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollback { revision } => rollback(&api, revision).await,
         Command::Status => status(&api, format).await,
         Command::Top { once, interval } => top(&api, format, once, interval.as_std()).await,
+        Command::Tap { service, token, count } => tap(&api, format, &service, &token, count).await,
         Command::Proxies => proxies(&api, format).await,
         Command::Intent(cmd) => intent(&api, cmd, format).await,
         Command::Token(TokenCommand::Create {
@@ -430,6 +431,38 @@ async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
         out["revision"]
     );
     Ok(())
+}
+
+async fn tap(api: &Api, format: output::Format, service: &str, token: &str, count: Option<u64>) -> anyhow::Result<()> {
+    let mut seen = 0u64;
+    let structured = !matches!(format, output::Format::Table);
+    api.events(&format!("/api/v1/tap/{service}"), token, |e| {
+        if structured {
+            say!("{e}");
+        } else {
+            say!(
+                "{} {:<8} {} {} {}{} -> {} {} {:.1}ms {} -> {}",
+                cell(&e, "proxy"),
+                cell(&e, "direction"),
+                cell(&e, "method"),
+                cell(&e, "authority"),
+                cell(&e, "path"),
+                if cell(&e, "route").is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", cell(&e, "route"))
+                },
+                cell(&e, "status"),
+                cell(&e, "reason"),
+                e["durationMs"].as_f64().unwrap_or(0.0),
+                cell(&e, "source"),
+                cell(&e, "destination"),
+            );
+        }
+        seen += 1;
+        count.is_none_or(|n| seen < n)
+    })
+    .await
 }
 
 async fn top(api: &Api, format: output::Format, once: bool, interval: std::time::Duration) -> anyhow::Result<()> {

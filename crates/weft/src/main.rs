@@ -101,6 +101,17 @@ pub enum Command {
     Rollback { revision: u64 },
     /// Service cards: traffic, errors, policy revision, mTLS and proxies in sync.
     Status,
+    /// A live stream of request metadata (never bodies) to and from SERVICE, as its callers'
+    /// and its own sidecars see it. Needs the control plane's admin token.
+    Tap {
+        service: String,
+        /// The admin token (`admin.token` in the control plane's data directory).
+        #[arg(long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Stop after this many requests.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// A live table per destination service and route: rps, success rate, p50, p99 (as the
     /// callers' sidecars measured them over the last 10 s).
     Top {

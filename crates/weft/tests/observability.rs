@@ -115,6 +115,44 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
             .any(|l| l.starts_with("orders") && l.contains("default") && l.contains("100.00%")),
         "{table}"
     );
+    // `weft tap orders`: request metadata from both the callers' and orders' own sidecars, only
+    // with the admin token.
+    let token = std::fs::read_to_string(control.data_dir.join("admin.token")).expect("the control plane wrote its admin token");
+    let tap = |token: &str| {
+        std::process::Command::new(BIN)
+            .args(["--server", &control.url(""), "tap", "orders", "--count", "6", "-o", "json"])
+            .env("WEFT_ADMIN_TOKEN", token)
+            .output()
+            .expect("weft tap runs")
+    };
+    let refused = tap("not-the-token");
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("admin token"), "{why}");
+    let out = tap(token.trim());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 6);
+    for e in &events {
+        assert_eq!(
+            (e["service"].as_str(), e["status"].as_u64(), e["path"].as_str()),
+            (Some("orders"), Some(200), Some("/load")),
+            "{e}"
+        );
+        assert!(e.get("body").is_none());
+    }
+    let directions: std::collections::BTreeSet<&str> = events.iter().filter_map(|e| e["direction"].as_str()).collect();
+    assert_eq!(directions.len(), 2, "both sides of the hop: {events:?}");
+    let inbound = events.iter().find(|e| e["direction"] == "inbound").unwrap();
+    assert_eq!(inbound["source"], "spiffe://weft.local/ns/default/sa/web", "{inbound}");
+    eventually(Duration::from_secs(5), "the tap closes when the CLI exits", || async {
+        control.process.log_text().contains("tap closed").then_some(())
+    })
+    .await;
     to_orders.stop().await;
     to_payments.stop().await;
 }

@@ -22,7 +22,7 @@ pub struct CertifyResponse {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyMessage {
-    #[prost(oneof = "proxy_message::Msg", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "proxy_message::Msg", tags = "1, 2, 3, 4, 5, 6")]
     pub msg: ::core::option::Option<proxy_message::Msg>,
 }
 /// Nested message and enum types in `ProxyMessage`.
@@ -39,7 +39,52 @@ pub mod proxy_message {
         Nack(super::Nack),
         #[prost(message, tag = "5")]
         Telemetry(super::TelemetryReport),
+        #[prost(message, tag = "6")]
+        Tap(super::TapEvents),
     }
+}
+/// Metadata of requests matching an active tap (never bodies).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TapEvents {
+    #[prost(message, repeated, tag = "1")]
+    pub events: ::prost::alloc::vec::Vec<TapEvent>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TapEvent {
+    /// The taps (TapList ids) this request matched.
+    #[prost(uint64, repeated, tag = "1")]
+    pub taps: ::prost::alloc::vec::Vec<u64>,
+    #[prost(uint64, tag = "2")]
+    pub time_ms: u64,
+    /// "outbound" (seen by the caller's sidecar) or "inbound" (by the destination's).
+    #[prost(string, tag = "3")]
+    pub direction: ::prost::alloc::string::String,
+    /// SPIFFE IDs; "plaintext" for an unauthenticated caller.
+    #[prost(string, tag = "4")]
+    pub source: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(string, tag = "7")]
+    pub route: ::prost::alloc::string::String,
+    #[prost(string, tag = "8")]
+    pub method: ::prost::alloc::string::String,
+    #[prost(string, tag = "9")]
+    pub authority: ::prost::alloc::string::String,
+    #[prost(string, tag = "10")]
+    pub path: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "11")]
+    pub status: u32,
+    #[prost(string, tag = "12")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(double, tag = "13")]
+    pub duration_ms: f64,
+    #[prost(string, tag = "14")]
+    pub upstream: ::prost::alloc::string::String,
+    /// The workload whose sidecar saw it (namespace/name).
+    #[prost(string, tag = "15")]
+    pub proxy: ::prost::alloc::string::String,
 }
 /// First message on every stream.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -131,7 +176,7 @@ pub struct TrafficStats {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Msg", tags = "1")]
+    #[prost(oneof = "control_message::Msg", tags = "1, 2")]
     pub msg: ::core::option::Option<control_message::Msg>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -140,6 +185,8 @@ pub mod control_message {
     pub enum Msg {
         #[prost(message, tag = "1")]
         Config(super::ProxyConfig),
+        #[prost(message, tag = "2")]
+        Taps(super::TapList),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -207,6 +254,20 @@ pub struct Endpoint {
     /// The SPIFFE ID this endpoint must present; empty when it has none.
     #[prost(string, tag = "5")]
     pub identity: ::prost::alloc::string::String,
+}
+/// Every active tap; a proxy reports requests to or from a listed service. An empty list ends
+/// tapping.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TapList {
+    #[prost(message, repeated, tag = "1")]
+    pub taps: ::prost::alloc::vec::Vec<Tap>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Tap {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(string, tag = "2")]
+    pub service: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
