@@ -217,6 +217,10 @@ async fn start_all(
     say!("  dashboard:  {api_url}/");
     say!("  control:    {control_url} (gRPC)");
     say!("  logs:       {}", logs.display());
+    say!(
+        "  admin token: {} (for `weft tap`: WEFT_ADMIN_TOKEN=$(cat that file))",
+        data_dir.join("control").join("admin.token").display()
+    );
     say!();
     crate::output::table(&["WORKLOAD", "CLUSTER", "APP", "INBOUND", "OUTBOUND", "ADMIN"], &table);
     say!();
