@@ -7,8 +7,10 @@
 
 pub mod apps;
 pub mod browser;
+pub mod fleet;
 pub mod http;
 pub mod load;
+pub mod loadgen;
 pub mod otlp;
 pub mod pki;
 pub mod process;

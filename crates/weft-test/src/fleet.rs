@@ -1,0 +1,180 @@
+//! A simulated fleet for the control-plane benchmark: N proxies as tokio tasks in one process,
+//! each with its own gRPC stream (its own TCP connection) to a real control plane. Each
+//! registers with a join token, subscribes to a service, applies and ACKs every config, and
+//! records when each revision reached it.
+
+use crate::http::Client;
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::StreamExt;
+use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
+
+pub struct Fleet {
+    /// Per proxy: when each revision's config arrived, and its encoded size.
+    arrivals: Arc<Mutex<Vec<HashMap<u64, (Instant, usize)>>>>,
+    pub started: Instant,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+#[derive(Debug)]
+pub struct Spread {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    pub reached: usize,
+}
+
+/// Join tokens for `n` simulated workloads `default/sim-0..n`.
+pub async fn tokens(api: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let client = Client::new();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!("{{\"workload\": \"default/sim-{i}\", \"serviceAccount\": \"sim\"}}").into_bytes();
+        let r = client.post(&format!("{api}/api/v1/tokens"), body, &[("content-type", "application/json")]).await?;
+        anyhow::ensure!(r.status == 200, "token: {} {}", r.status, r.text());
+        out.push(r.json()["token"].as_str().unwrap_or_default().to_string());
+    }
+    Ok(out)
+}
+
+impl Fleet {
+    /// Connects `tokens.len()` proxies; proxy `i` is an instance of `sim-svc-{i % services}`
+    /// (subset `v1`) and calls `calls`.
+    pub async fn connect(grpc: &str, tokens: Vec<String>, services: usize, calls: &str) -> anyhow::Result<Self> {
+        let n = tokens.len();
+        let arrivals = Arc::new(Mutex::new(vec![HashMap::new(); n]));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, token) in tokens.into_iter().enumerate() {
+            let endpoint = tonic::transport::Endpoint::from_shared(grpc.to_string())?.tcp_nodelay(true);
+            let arrivals = arrivals.clone();
+            let calls = calls.to_string();
+            tasks.spawn(async move {
+                if let Err(e) = run_one(i, endpoint, token, services, calls, arrivals).await {
+                    eprintln!("sim-{i}: {e}");
+                }
+            });
+        }
+        Ok(Fleet { arrivals, started, tasks })
+    }
+
+    /// How long after `since` each proxy received a config of `revision` or later.
+    pub async fn spread(&self, revision: u64, since: Instant) -> Spread {
+        let arrivals = self.arrivals.lock().await;
+        let mut d: Vec<Duration> = arrivals
+            .iter()
+            .filter_map(|a| {
+                a.iter()
+                    .filter(|(r, _)| **r >= revision)
+                    .map(|(_, (t, _))| *t)
+                    .min()
+                    .map(|t| t.saturating_duration_since(since))
+            })
+            .collect();
+        d.sort();
+        let q = |p: f64| d.get(((p * d.len() as f64).ceil() as usize).clamp(1, d.len().max(1)) - 1).copied().unwrap_or_default();
+        Spread {
+            p50: q(0.5),
+            p99: q(0.99),
+            max: d.last().copied().unwrap_or_default(),
+            reached: d.len(),
+        }
+    }
+
+    /// How many proxies have a config of `revision` or later.
+    pub async fn count_at(&self, revision: u64) -> usize {
+        self.arrivals
+            .lock()
+            .await
+            .iter()
+            .filter(|a| a.keys().any(|r| *r >= revision))
+            .count()
+    }
+
+    /// Encoded size of the config each proxy got for `revision` (the first proxy's).
+    pub async fn push_bytes(&self, revision: u64) -> usize {
+        let arrivals = self.arrivals.lock().await;
+        arrivals.iter().find_map(|a| a.get(&revision).map(|(_, b)| *b)).unwrap_or(0)
+    }
+
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+async fn run_one(
+    i: usize,
+    endpoint: tonic::transport::Endpoint,
+    token: String,
+    services: usize,
+    calls: String,
+    arrivals: Arc<Mutex<Vec<HashMap<u64, (Instant, usize)>>>>,
+) -> anyhow::Result<()> {
+    let channel = endpoint.connect().await?;
+    let mut client = DistributionClient::new(channel);
+    let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(16);
+    // Loopback addresses that nobody dials: the benchmark measures distribution only.
+    let inbound = format!("127.0.{}.{}:{}", 1 + i / 60000, 1 + (i / 250) % 250, 10000 + i % 50000);
+    let register = proto::Register {
+        namespace: "default".into(),
+        name: format!("sim-{i}"),
+        cluster: format!("cluster-{}", i % 3),
+        labels: [
+            ("service".to_string(), format!("sim-svc-{}", i % services.max(1))),
+            ("version".to_string(), "v1".to_string()),
+        ]
+        .into(),
+        inbound_addr: inbound,
+        services: vec![calls],
+        applied_revision: 0,
+        token,
+    };
+    tx.send(proto::ProxyMessage {
+        msg: Some(proxy_message::Msg::Register(register)),
+    })
+    .await?;
+    let mut stream = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    while let Some(msg) = stream.next().await {
+        let Some(control_message::Msg::Config(cfg)) = msg?.msg else { continue };
+        let bytes = cfg.encoded_len();
+        let (version, revision) = (cfg.version, cfg.revision);
+        arrivals.lock().await[i].entry(revision).or_insert((Instant::now(), bytes));
+        tx.send(proto::ProxyMessage {
+            msg: Some(proxy_message::Msg::Ack(proto::Ack { version, revision })),
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Resident memory of a process, bytes (from /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Waits until `check` holds, polling every 10 ms; returns how long it took.
+pub async fn until<F, Fut>(within: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if check().await {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
