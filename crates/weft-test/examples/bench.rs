@@ -4,6 +4,7 @@
 //! bench rate ADDR HOST RATE CONNECTIONS WARMUP_S SECONDS [h2]   constant rate, CO-corrected
 //! bench saturate ADDR HOST CONNECTIONS STREAMS SECONDS [h2]     as fast as answers come back
 //! bench fleet API GRPC PROXIES SERVICES CONTROL_PID             1,000 simulated proxies
+//! bench upstream ADDR                                            the fixed 1 KiB upstream
 //! ```
 //!
 //! Results go to stdout as one line of `key=value` pairs (fleet: JSON).
@@ -49,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
             println!("requests={} rps={:.0} errors={}", r.sent, r.rps(), r.errors);
         }
         "fleet" => fleet_run(&arg(1), &arg(2), num(3)? as usize, num(4)? as usize, num(5)? as u32).await?,
+        "upstream" => upstream(arg(1).parse()?).await?,
         _ => {
             eprintln!("usage: bench rate|saturate|fleet ... (see the source's header)");
             std::process::exit(2);
@@ -94,5 +96,29 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     });
     println!("{out}");
     fleet.abort();
+    Ok(())
+}
+
+/// The upstream every latency path ends at: 1 KiB, the same bytes for every request, over
+/// HTTP/1.1 or HTTP/2 (h2c), on all cores.
+async fn upstream(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let body = bytes::Bytes::from(vec![b'w'; 1024]);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let shutdown = weft_core::Shutdown::new();
+    weft_core::shutdown::install(&shutdown);
+    let limits = weft_core::serve::Limits {
+        max_concurrent_streams: 1000,
+        ..Default::default()
+    };
+    weft_core::serve::serve(listener, limits, shutdown, move |_req| {
+        let body = body.clone();
+        async move {
+            hyper::Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(weft_core::full(body))
+                .expect("valid response")
+        }
+    })
+    .await;
     Ok(())
 }

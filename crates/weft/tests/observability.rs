@@ -182,7 +182,7 @@ spec:
             - name: canary
               backends: [ { subset: v2, weight: 50 }, { subset: v1, weight: 50 } ]
   rollout: { stages: [50, 100], bake: 1s, mode: manual }
-  slo: { maxErrorRate: 5, minRequests: 5 }
+  slo: { maxErrorRate: 5, maxP99Increase: 1000, minRequests: 5 }
 "#;
     let (status, body) = control.post("/api/v1/intents", intent).await;
     assert!([200, 201, 202].contains(&status), "{status} {body}");
