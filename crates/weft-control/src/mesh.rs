@@ -56,6 +56,11 @@ pub(crate) struct State {
     /// Bypassed services, as (namespace, service).
     pub(crate) bypass: BTreeSet<(String, String)>,
     pub(crate) last_decision: Option<String>,
+    /// Each service's config as pushed, by (namespace, service, intents overlaid), for the
+    /// change generation it was built in: a change that reaches a thousand callers builds it
+    /// once, not a thousand times under the lock.
+    service_cache: HashMap<(String, String, Vec<u64>), proto::Service>,
+    service_cache_generation: u64,
 }
 
 /// A connected proxy.
@@ -224,6 +229,8 @@ impl Mesh {
                 frozen: false,
                 bypass: BTreeSet::new(),
                 last_decision: None,
+                service_cache: HashMap::new(),
+                service_cache_generation: u64::MAX,
             }),
             changed: watch::channel(0).0,
             metrics,
@@ -341,7 +348,14 @@ impl Mesh {
     /// whose candidate it carries: the stable resources, with the overlay of every intent that
     /// treats this proxy on top.
     pub fn config_for(&self, conn: u64) -> Option<(proto::ProxyConfig, BTreeSet<u64>)> {
-        let state = self.state.lock();
+        let generation = *self.changed.borrow();
+        let mut guard = self.state.lock();
+        if guard.service_cache_generation != generation {
+            guard.service_cache.clear();
+            guard.service_cache_generation = generation;
+        }
+        let mut cache = std::mem::take(&mut guard.service_cache);
+        let state = &*guard;
         let p = state.proxies.get(&conn)?;
         let mut resources = std::borrow::Cow::Borrowed(&state.resources);
         let mut revision = state.stable;
@@ -360,10 +374,15 @@ impl Mesh {
             }
         }
         let bypassed = |service: &str| state.bypass.contains(&(p.namespace.clone(), service.to_string()));
+        let overlays: Vec<u64> = included.iter().copied().collect();
         let services = p
             .subscriptions
             .iter()
             .map(|name| {
+                let key = (p.namespace.clone(), name.clone(), overlays.clone());
+                if let Some(cached) = cache.get(&key) {
+                    return cached.clone();
+                }
                 let mut endpoints: Vec<Endpoint> = state
                     .proxies
                     .values()
@@ -390,7 +409,9 @@ impl Mesh {
                     policy: policy.map(|(_, spec)| spec.clone()),
                     mtls: mtls_mode(&resources, &p.namespace, name),
                 };
-                proto::Service::from(&svc)
+                let built = proto::Service::from(&svc);
+                cache.insert(key, built.clone());
+                built
             })
             .collect();
         let security = resources.values().find_map(|r| match r {
@@ -423,6 +444,7 @@ impl Mesh {
                 .map(|r| serde_json::to_string(r).expect("rate limit serializes"))
                 .unwrap_or_default(),
         };
+        guard.service_cache = cache;
         Some((cfg, included))
     }
 
