@@ -73,7 +73,9 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let policy = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: sim-policy}\nspec:\n  service: sim-svc-0\n  routes:\n    - timeout: 2s\n";
     let client = weft_test::http::Client::new();
     let t0 = Instant::now();
-    let r = client.post(&format!("{api}/api/v1/resources"), policy.as_bytes().to_vec(), &[]).await?;
+    let r = client
+        .post(&format!("{api}/api/v1/resources"), policy.as_bytes().to_vec(), &[])
+        .await?;
     anyhow::ensure!(r.status == 200 || r.status == 202, "apply: {} {}", r.status, r.text());
     let revision = r.json()["revision"].as_u64().unwrap_or(1);
     fleet::until(Duration::from_secs(60), || async { fleet.count_at(revision).await == n }).await;

@@ -33,7 +33,9 @@ pub async fn tokens(api: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let body = format!("{{\"workload\": \"default/sim-{i}\", \"serviceAccount\": \"sim\"}}").into_bytes();
-        let r = client.post(&format!("{api}/api/v1/tokens"), body, &[("content-type", "application/json")]).await?;
+        let r = client
+            .post(&format!("{api}/api/v1/tokens"), body, &[("content-type", "application/json")])
+            .await?;
         anyhow::ensure!(r.status == 200, "token: {} {}", r.status, r.text());
         out.push(r.json()["token"].as_str().unwrap_or_default().to_string());
     }
@@ -53,8 +55,17 @@ impl Fleet {
             let arrivals = arrivals.clone();
             let calls = calls.to_string();
             tasks.spawn(async move {
-                if let Err(e) = run_one(i, endpoint, token, services, calls, arrivals).await {
-                    eprintln!("sim-{i}: {e}");
+                // Like a real proxy: reconnect with jittered backoff when the stream cannot be
+                // opened (a thousand connects at once can overflow the listen backlog).
+                for attempt in 0..8u32 {
+                    match run_one(i, endpoint.clone(), token.clone(), services, calls.clone(), arrivals.clone()).await {
+                        Ok(()) => return,
+                        Err(e) if attempt == 7 => eprintln!("sim-{i}: {e}"),
+                        Err(_) => {
+                            let cap = 50u64 << attempt.min(6);
+                            tokio::time::sleep(Duration::from_millis(rand::random_range(cap / 2..=cap))).await;
+                        }
+                    }
                 }
             });
         }
@@ -75,7 +86,11 @@ impl Fleet {
             })
             .collect();
         d.sort();
-        let q = |p: f64| d.get(((p * d.len() as f64).ceil() as usize).clamp(1, d.len().max(1)) - 1).copied().unwrap_or_default();
+        let q = |p: f64| {
+            d.get(((p * d.len() as f64).ceil() as usize).clamp(1, d.len().max(1)) - 1)
+                .copied()
+                .unwrap_or_default()
+        };
         Spread {
             p50: q(0.5),
             p99: q(0.99),
@@ -138,7 +153,9 @@ async fn run_one(
     .await?;
     let mut stream = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     while let Some(msg) = stream.next().await {
-        let Some(control_message::Msg::Config(cfg)) = msg?.msg else { continue };
+        let Some(control_message::Msg::Config(cfg)) = msg?.msg else {
+            continue;
+        };
         let bytes = cfg.encoded_len();
         let (version, revision) = (cfg.version, cfg.revision);
         arrivals.lock().await[i].entry(revision).or_insert((Instant::now(), bytes));

@@ -1,8 +1,9 @@
 //! The benchmarks' load generator.
 //!
 //! Open loop at a constant rate with coordinated-omission correction: request `i` is due at
-//! `start + i / rate`, whichever connection is free takes the next due request, and its latency
-//! counts from when it was due, not from when it was sent. A stall therefore shows up in every
+//! `start + i / rate`, whichever connection is free takes the next due request, and a request
+//! sent late because every connection was busy has its latency counted from when it was due,
+//! not from when it was sent. A stall therefore shows up in every
 //! request that should have been sent during it, as a user would see it (the same correction
 //! as `oha --latency-correction` and wrk2). Closed loop (as fast as answers come back) measures
 //! saturation throughput. HTTP/1.1 on kept-alive connections, or HTTP/2 streams on one
@@ -127,12 +128,21 @@ pub async fn constant_rate(t: &Target, rate: f64, connections: usize, warmup: Du
                 if due >= end {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
+                // A connection that is free waits for the due time, and the clock starts when the
+                // timer fires (the timer's own millisecond granularity is the client's, not the
+                // server's). One that is late because its last answer was slow starts the clock
+                // at the due time: that wait is what coordinated omission would hide.
+                let from = if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now()
+                } else {
+                    due
+                };
                 let ok = matches!(conn.call(&t).await, Ok(s) if s < 500);
                 if due >= measure_from {
                     sent += 1;
                     errors += u64::from(!ok);
-                    micros.push(due.elapsed().as_micros() as u64);
+                    micros.push(from.elapsed().as_micros() as u64);
                 }
                 if !ok {
                     // A broken connection is replaced; the time that takes counts too.

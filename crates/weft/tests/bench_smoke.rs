@@ -38,7 +38,12 @@ async fn the_load_generator_holds_its_rate_and_corrects_for_stalls() {
     app.set_mode(weft_test::apps::Mode::Normal);
     let r = stalled.await.unwrap().unwrap();
     let slow = r.micros.iter().filter(|m| **m > 100_000).count();
-    assert!(slow >= 10, "requests due during the stall count it: {slow} of {} ({})", r.sent, r.summary());
+    assert!(
+        slow >= 10,
+        "requests due during the stall count it: {slow} of {} ({})",
+        r.sent,
+        r.summary()
+    );
     // Saturation over both protocols.
     let sat = loadgen::saturate(&direct, 2, 1, Duration::from_millis(500)).await.unwrap();
     assert!(sat.sent > 100 && sat.errors == 0, "{:?}", (sat.sent, sat.errors));
@@ -113,7 +118,11 @@ async fn a_proxy_runs_with_a_thousand_services_in_its_static_config() {
         free_addr()
     );
     for i in 0..1000 {
-        let addr = if i == 7 { app.addr.to_string() } else { format!("127.0.0.1:{}", 20000 + i) };
+        let addr = if i == 7 {
+            app.addr.to_string()
+        } else {
+            format!("127.0.0.1:{}", 20000 + i)
+        };
         yaml.push_str(&format!(
             "  - name: svc-{i}\n    endpoints: [{{address: '{addr}', cluster: a, labels: {{version: v1}}}}]\n    mtls: 'off'\n"
         ));
@@ -135,7 +144,9 @@ async fn a_proxy_runs_with_a_thousand_services_in_its_static_config() {
         path: "/bench".into(),
         h2: false,
     };
-    let r = loadgen::constant_rate(&t, 50.0, 2, Duration::ZERO, Duration::from_millis(400)).await.unwrap();
+    let r = loadgen::constant_rate(&t, 50.0, 2, Duration::ZERO, Duration::from_millis(400))
+        .await
+        .unwrap();
     assert_eq!(r.errors, 0, "{}", r.summary());
     let rss = fleet::rss_bytes(p.pid());
     assert!(rss > 0 && rss < 200 << 20, "{rss}");
