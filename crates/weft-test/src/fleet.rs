@@ -12,9 +12,12 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
 use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
 
+/// Per proxy: when each revision's config arrived, and its encoded size.
+type Arrivals = Arc<Mutex<Vec<HashMap<u64, (Instant, usize)>>>>;
+
 pub struct Fleet {
     /// Per proxy: when each revision's config arrived, and its encoded size.
-    arrivals: Arc<Mutex<Vec<HashMap<u64, (Instant, usize)>>>>,
+    arrivals: Arrivals,
     pub started: Instant,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -126,7 +129,7 @@ async fn run_one(
     token: String,
     services: usize,
     calls: String,
-    arrivals: Arc<Mutex<Vec<HashMap<u64, (Instant, usize)>>>>,
+    arrivals: Arrivals,
 ) -> anyhow::Result<()> {
     let channel = endpoint.connect().await?;
     let mut client = DistributionClient::new(channel);
