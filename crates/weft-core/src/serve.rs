@@ -47,32 +47,6 @@ impl Default for Limits {
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-/// Why an HTTP/1.1 request's body framing is ambiguous, if it is: both `Content-Length` and
-/// `Transfer-Encoding` (a request-smuggling vector even where the parser picks one), a
-/// `Transfer-Encoding` whose last coding is not `chunked`, or several `Content-Length` values.
-pub fn ambiguous_framing<B>(req: &Request<B>) -> Option<&'static str> {
-    let h = req.headers();
-    let te = h.get_all(http::header::TRANSFER_ENCODING);
-    let has_te = te.iter().next().is_some();
-    if has_te && h.contains_key(http::header::CONTENT_LENGTH) {
-        return Some("both Content-Length and Transfer-Encoding");
-    }
-    if has_te {
-        let last = te
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next());
-        if !last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked")) {
-            return Some("Transfer-Encoding does not end with chunked");
-        }
-    }
-    if h.get_all(http::header::CONTENT_LENGTH).iter().count() > 1 {
-        return Some("more than one Content-Length");
-    }
-    None
-}
-
 /// The 400 for ambiguous framing; the connection is closed after it.
 fn refuse_framing(why: &'static str) -> Response<Body> {
     Response::builder()
@@ -147,7 +121,10 @@ where
                 } else {
                     verdicts.take(n)
                 };
-                let refused = scanned.or_else(|| ambiguous_framing(&req)).map(|why| {
+                // hyper refuses a bad length or coding itself, and resolves Content-Length
+                // with Transfer-Encoding by dropping the length: only the scan of the bytes
+                // still sees that one.
+                let refused = scanned.map(|why| {
                     tracing::info!(%remote, why, "request refused: ambiguous framing");
                     refuse_framing(why)
                 });

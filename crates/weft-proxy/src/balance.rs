@@ -329,10 +329,6 @@ impl EndpointState {
         self.in_flight.fetch_add(1, Relaxed);
         InFlight(self.clone())
     }
-
-    pub fn ewma(&self) -> Duration {
-        Duration::from_nanos(f64::from_bits(self.ewma_ns.load(Relaxed)) as u64)
-    }
 }
 
 /// A request in flight to an endpoint.

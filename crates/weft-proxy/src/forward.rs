@@ -157,13 +157,8 @@ pub const REASONS: [&str; 22] = [
     "upstream-tls-failed",
 ];
 
-/// The reason a reply carries, as one of the stable names (for metric labels); an unknown
-/// one (from a proxy of another version, say) is `other`, and none is empty.
-pub fn static_reason(resp: &Response<Body>) -> &'static str {
-    reason_of(resp)
-}
-
-/// The reason a response carries, if the mesh made it (empty when it did not).
+/// The reason a response carries, as one of the stable names (for metric labels): empty when
+/// the mesh did not make it, `other` for one this proxy does not know (a newer peer's, say).
 pub fn reason_of(resp: &Response<Body>) -> &'static str {
     let Some(v) = resp.headers().get(ERROR_HEADER) else { return "" };
     let v = v.as_bytes();

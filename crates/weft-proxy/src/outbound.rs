@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_api::proto::Direction;
-use weft_api::resource::MtlsMode;
 use weft_core::Body;
 
 /// The identity of the endpoint that answered (a response extension, for telemetry).
@@ -61,10 +60,9 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
     let captured = proxy.telemetry.access.capture(&req);
-    let tapped = proxy.tapping().then(|| crate::access::Captured {
-        method: req.method().to_string(),
-        path: req.uri().path().to_string(),
-        trace: target_authority(&req).unwrap_or_default(),
+    let tapped = proxy.tapping().then(|| {
+        let authority = target_authority(&req).unwrap_or_default();
+        (req.method().to_string(), req.uri().path().to_string(), authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = req.map(|b| match &request_bytes {
@@ -86,16 +84,16 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
-    if let Some(t) = tapped {
+    if let Some((method, path, authority)) = tapped {
         let own = proxy.identity.tls().map(|t| t.identity.clone()).unwrap_or_default();
         let event = weft_api::proto::TapEvent {
             direction: "outbound".into(),
             source: own,
             destination: upstream.map(|p| p.0.to_string()).unwrap_or_default(),
             route: route.to_string(),
-            method: t.method,
-            authority: t.trace,
-            path: t.path,
+            method,
+            authority,
+            path,
             status: done.status.into(),
             reason: done.reason.into(),
             duration_ms: done.elapsed.as_secs_f64() * 1000.0,
@@ -433,22 +431,9 @@ impl Call<'_> {
         let (proxy, rt) = (self.proxy, self.rt);
         let endpoint = &rt.config.endpoints[i];
         let addr = endpoint.address;
-        // mTLS to every endpoint that has an identity, unless the destination turned it off.
-        // Without a certificate of our own we fail closed rather than fall back to plaintext.
-        let tls = if rt.config.mtls != Some(MtlsMode::Off) && !endpoint.identity.is_empty() {
-            let Some(own) = proxy.identity.tls() else {
-                return Ok(reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-client-identity",
-                    "this proxy has no workload certificate yet; mTLS is required",
-                ));
-            };
-            match own.client_for(&endpoint.identity) {
-                Ok(config) => Some((endpoint.identity.as_str(), config)),
-                Err(e) => return Ok(reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", e)),
-            }
-        } else {
-            None
+        let tls = match proxy.endpoint_tls(rt, i) {
+            Ok(config) => config.map(|c| (endpoint.identity.as_str(), c)),
+            Err(refusal) => return Ok(refusal),
         };
         let peer = if tls.is_some() { rt.identities[i].clone() } else { plaintext() };
         let opts = Opts {
@@ -537,16 +522,9 @@ impl Call<'_> {
             return;
         };
         let endpoint = rt.config.endpoints[i].clone();
-        let tls = if rt.config.mtls != Some(MtlsMode::Off) && !endpoint.identity.is_empty() {
-            match proxy.identity.tls().map(|own| own.client_for(&endpoint.identity)) {
-                Some(Ok(config)) => Some(config),
-                _ => {
-                    proxy.telemetry.mirror(&svc, "failed");
-                    return;
-                }
-            }
-        } else {
-            None
+        let Ok(tls) = proxy.endpoint_tls(rt, i) else {
+            proxy.telemetry.mirror(&svc, "failed");
+            return;
         };
         let mut req = Request::from_parts(clone_head(head), body);
         req.headers_mut().insert(RETRIED, HeaderValue::from_static("1"));

@@ -19,8 +19,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Pools {
-    /// By endpoint and the identity it must present (empty for plaintext).
-    h2: Mutex<HashMap<(SocketAddr, String), Pooled>>,
+    /// By endpoint, then by the identity it must present (empty for plaintext): looked up by
+    /// `&str`, so finding a pooled connection allocates nothing.
+    h2: Mutex<HashMap<SocketAddr, Vec<(String, Pooled)>>>,
     pub h1: Client<HttpConnector, Body>,
 }
 
@@ -113,17 +114,14 @@ impl Pools {
         tls: Option<(&str, Arc<rustls::ClientConfig>)>,
         opts: Opts<'_>,
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
+        let identity = tls.as_ref().map(|(id, _)| *id).unwrap_or("");
+        if let Some(conns) = self.h2.lock().get(&addr)
+            && let Some((_, p)) = conns.iter().find(|(id, p)| id == identity && !p.send.is_closed())
         {
-            let pool = self.h2.lock();
-            let identity = tls.as_ref().map(|(id, _)| *id).unwrap_or("");
-            if let Some(p) = pool.get(&(addr, identity.to_string()))
-                && !p.send.is_closed()
-            {
-                p.last_used_ms.store(crate::balance::now_ms(), Relaxed);
-                return Ok(p.send.clone());
-            }
+            p.last_used_ms.store(crate::balance::now_ms(), Relaxed);
+            return Ok(p.send.clone());
         }
-        let key = (addr, tls.as_ref().map(|(id, _)| id.to_string()).unwrap_or_default());
+        let identity = identity.to_string();
         let slot = match opts.limit {
             None => None,
             Some((count, max)) => {
@@ -153,7 +151,10 @@ impl Pools {
             idle: opts.idle_timeout,
             _slot: slot,
         };
-        self.h2.lock().insert(key, pooled);
+        let mut pool = self.h2.lock();
+        let conns = pool.entry(addr).or_default();
+        conns.retain(|(id, _)| *id != identity); // a closed one it replaces
+        conns.push((identity, pooled));
         Ok(send)
     }
 
@@ -161,14 +162,15 @@ impl Pools {
     /// theirs open until they finish); run every second.
     pub fn reap(&self) {
         let now = crate::balance::now_ms();
-        self.h2
-            .lock()
-            .retain(|_, p| !p.send.is_closed() && now.saturating_sub(p.last_used_ms.load(Relaxed)) < p.idle.as_millis() as u64);
+        self.h2.lock().retain(|_, conns| {
+            conns.retain(|(_, p)| !p.send.is_closed() && now.saturating_sub(p.last_used_ms.load(Relaxed)) < p.idle.as_millis() as u64);
+            !conns.is_empty()
+        });
     }
 
     /// Forgets the connections to `addr` (after one failed).
     pub fn evict(&self, addr: SocketAddr) {
-        self.h2.lock().retain(|(a, _), _| *a != addr);
+        self.h2.lock().remove(&addr);
     }
 }
 

@@ -22,7 +22,6 @@ pub struct Tracer {
     tx: Option<mpsc::Sender<otlp::Span>>,
     sample_percent: f64,
     dropped: prometheus_client::metrics::counter::Counter,
-    exported: prometheus_client::metrics::counter::Counter,
 }
 
 /// A span in progress.
@@ -66,7 +65,6 @@ impl Tracer {
             tx,
             sample_percent: sample_percent.clamp(0.0, 100.0),
             dropped,
-            exported,
         }
     }
 
@@ -129,15 +127,13 @@ impl Tracer {
                     otlp::status::StatusCode::Unset as i32
                 },
             }),
-            flags: 0x100, // the parent is known to be remote or local: W3C flags bit 8 set
+            // Bits 8-9 (whether the parent is remote) left unset: unknown, which is always
+            // true to say; the W3C trace flags are not carried.
+            flags: 0,
         };
         if tx.try_send(span).is_err() {
             self.dropped.inc();
         }
-    }
-
-    pub fn exported(&self) -> u64 {
-        self.exported.get()
     }
 }
 

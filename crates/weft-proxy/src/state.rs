@@ -235,6 +235,32 @@ impl Proxy {
         }
     }
 
+    /// The client TLS config for endpoint `i` of `rt`: mTLS to every endpoint that has an
+    /// identity, unless the destination turned mTLS off (`None`: plaintext). Without a
+    /// certificate of our own this fails closed, never falling back to plaintext; the error is
+    /// the reply to make.
+    pub fn endpoint_tls(
+        &self,
+        rt: &crate::balance::ServiceRuntime,
+        i: usize,
+    ) -> Result<Option<Arc<rustls::ClientConfig>>, http::Response<weft_core::Body>> {
+        use http::StatusCode;
+        let endpoint = &rt.config.endpoints[i];
+        if rt.config.mtls == Some(weft_api::resource::MtlsMode::Off) || endpoint.identity.is_empty() {
+            return Ok(None);
+        }
+        let Some(own) = self.identity.tls() else {
+            return Err(crate::forward::reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-client-identity",
+                "this proxy has no workload certificate yet; mTLS is required",
+            ));
+        };
+        own.client_for(&endpoint.identity)
+            .map(Some)
+            .map_err(|e| crate::forward::reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", e))
+    }
+
     /// Whether any tap is open (one atomic load; the request path checks it first).
     pub fn tapping(&self) -> bool {
         !self.taps.load().is_empty()

@@ -18,7 +18,6 @@ use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use weft_api::resource::MtlsMode;
 use weft_core::Body;
 use weft_core::serve::Io;
 
@@ -123,21 +122,7 @@ async fn connect_endpoint(proxy: &Proxy, rt: &ServiceRuntime, subset: Option<&st
         let Some(i) = rt.pick(&candidates, &tried) else { break };
         tried.push(i);
         let endpoint = &rt.config.endpoints[i];
-        let tls = if rt.config.mtls != Some(MtlsMode::Off) && !endpoint.identity.is_empty() {
-            let Some(own) = proxy.identity.tls() else {
-                return Err(reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-client-identity",
-                    "this proxy has no workload certificate yet; mTLS is required",
-                ));
-            };
-            match own.client_for(&endpoint.identity) {
-                Ok(c) => Some(c),
-                Err(e) => return Err(reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", e)),
-            }
-        } else {
-            None
-        };
+        let tls = proxy.endpoint_tls(rt, i)?;
         let timeout = rt.pool.connect_timeout.map(|t| t.as_std()).unwrap_or(CONNECT_TIMEOUT);
         match crate::pool::connect(endpoint.address, tls, timeout).await {
             Ok(io) => return Ok(io),
@@ -243,7 +228,7 @@ async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'
     };
     let io = match connect_endpoint(proxy, &rt, None).await {
         Ok(io) => io,
-        Err(resp) => return crate::forward::static_reason(&resp),
+        Err(resp) => return crate::forward::reason_of(&resp),
     };
     let req = Request::builder()
         .method("GET")
@@ -262,7 +247,7 @@ async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'
             }
             Err(_) => "upstream-reset",
         },
-        Ok((resp, None)) => crate::forward::static_reason(&resp),
+        Ok((resp, None)) => crate::forward::reason_of(&resp),
         Err(_) => "upstream-reset",
     }
 }

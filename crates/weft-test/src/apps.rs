@@ -236,46 +236,6 @@ pub async fn grpc_client(outbound: SocketAddr, service: &str) -> echo_proto::ech
     echo_proto::echo_client::EchoClient::new(channel)
 }
 
-/// A TCP server that accepts connections, reads what arrives, and closes them without an
-/// answer: an app that resets.
-pub struct ResetServer {
-    pub addr: SocketAddr,
-    pub accepted: Arc<AtomicU64>,
-    shutdown: Shutdown,
-}
-
-impl ResetServer {
-    pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let shutdown = Shutdown::new();
-        let (count, stop) = (accepted.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = tokio::select! {
-                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-                    _ = stop.cancelled() => return,
-                };
-                count.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    use tokio::io::AsyncReadExt;
-                    let mut buf = [0u8; 4096];
-                    let _ = tokio::time::timeout(Duration::from_millis(50), tcp.read(&mut buf)).await;
-                    drop(tcp);
-                });
-            }
-        });
-        Self { addr, accepted, shutdown }
-    }
-}
-
-impl Drop for ResetServer {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
 /// A WebSocket echo app: completes the handshake (RFC 6455 accept key), then answers each
 /// short text frame from the client with the same text, prefixed `echo:`.
 pub struct WsEcho {

@@ -175,21 +175,18 @@ pub async fn saturate(t: &Target, connections: usize, streams: usize, duration: 
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {
         let conn = Conn::open(t).await?;
-        let lanes = if t.h2 { streams.max(1) } else { 1 };
-        let shared = Arc::new(tokio::sync::Mutex::new(conn));
-        for _ in 0..lanes {
-            let (t, shared) = (t.clone(), shared.clone());
+        // HTTP/1.1: one request at a time on the connection. HTTP/2: `streams` lanes, each with
+        // its own handle on the one connection.
+        let lanes: Vec<Conn> = match conn {
+            Conn::H2(send) => (0..streams.max(1)).map(|_| Conn::H2(send.clone())).collect(),
+            h1 => vec![h1],
+        };
+        for mut lane in lanes {
+            let t = t.clone();
             tasks.spawn(async move {
                 let (mut sent, mut errors) = (0u64, 0u64);
-                let mut mine = match &*shared.lock().await {
-                    Conn::H2(s) => Some(Conn::H2(s.clone())),
-                    Conn::H1(_) => None,
-                };
                 while Instant::now() < end {
-                    let ok = match &mut mine {
-                        Some(c) => matches!(c.call(&t).await, Ok(s) if s < 500),
-                        None => matches!(shared.lock().await.call(&t).await, Ok(s) if s < 500),
-                    };
+                    let ok = matches!(lane.call(&t).await, Ok(s) if s < 500);
                     sent += 1;
                     errors += u64::from(!ok);
                 }
