@@ -390,7 +390,7 @@ impl Mesh {
                     .map(|q| Endpoint {
                         address: q.inbound,
                         cluster: q.cluster.clone(),
-                        labels: q.labels.clone(),
+                        labels: q.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
                         workload: format!("{}/{}", q.namespace, q.name),
                         identity: q.identity.clone(),
                     })

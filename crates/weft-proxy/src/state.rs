@@ -11,8 +11,8 @@ use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use weft_api::mesh::MeshConfig;
@@ -31,8 +31,9 @@ pub struct Proxy {
     pub advertise: SocketAddr,
     pub control_url: Option<String>,
     config: ArcSwap<MeshConfig>,
-    /// Per destination service: compiled routes, endpoint state, budgets (rebuilt on swap).
-    runtimes: ArcSwap<HashMap<String, Arc<ServiceRuntime>>>,
+    /// Per destination service: its config and, once a request has needed it, its runtime
+    /// (compiled routes, endpoint state, budgets), rebuilt on swap only where it was built.
+    destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
     /// This service's inbound rate limit, if its policy sets one.
     pub inbound_limiter: ArcSwap<Option<Arc<RateLimiter>>>,
     /// Bumped on every applied config; requests waiting for a service watch it.
@@ -77,7 +78,7 @@ impl Proxy {
             Some((tx, rx)) => (Some(tx), Some(rx)),
             None => (None, None),
         };
-        let initial_runtimes = runtimes(&config, &HashMap::new(), &cfg.workload.cluster);
+        let initial = destinations(&config, &HashMap::new(), &cfg.workload.cluster);
         let (tap_tx, tap_rx) = mpsc::channel(1024);
         let proxy = Proxy {
             telemetry: Telemetry::new(
@@ -99,7 +100,7 @@ impl Proxy {
             app: cfg.app,
             bound,
             control_url,
-            runtimes: ArcSwap::from_pointee(initial_runtimes),
+            destinations: ArcSwap::from_pointee(initial),
             inbound_limiter: ArcSwap::from_pointee(config.inbound_rate_limit.clone().map(|l| Arc::new(RateLimiter::new(l)))),
             config: ArcSwap::from_pointee(config),
             applied: watch::channel(0).0,
@@ -141,8 +142,9 @@ impl Proxy {
     /// Swaps in a new config; in-flight requests keep the one they started with.
     pub fn apply(&self, config: MeshConfig) {
         self.identity.follow(&config.trust_bundle, config.ca_generation);
-        let previous = self.runtimes.load_full();
-        self.runtimes.store(Arc::new(runtimes(&config, &previous, &self.workload.cluster)));
+        let previous = self.destinations.load_full();
+        let next = destinations(&config, &previous, &self.workload.cluster);
+        self.destinations.store(Arc::new(next));
         let limiter = self.inbound_limiter.load_full();
         if limiter.as_ref().as_ref().map(|l| &l.limit) != config.inbound_rate_limit.as_ref() {
             let next = config.inbound_rate_limit.clone().map(|l| Arc::new(RateLimiter::new(l)));
@@ -167,8 +169,8 @@ impl Proxy {
     /// The config for the service `name`, asking the control plane for it (and waiting a
     /// little) the first time it is needed.
     pub async fn service(&self, name: &str) -> Option<Arc<ServiceRuntime>> {
-        if let Some(s) = self.runtimes.load().get(name) {
-            return Some(s.clone());
+        if let Some(d) = self.destinations.load().get(name) {
+            return Some(d.runtime(&self.workload.cluster));
         }
         let tx = self.subscribe_tx.as_ref()?;
         let mut changed = self.applied.subscribe();
@@ -184,8 +186,8 @@ impl Proxy {
         }
         let wait = async {
             loop {
-                if let Some(s) = self.runtimes.load().get(name) {
-                    return Some(s.clone());
+                if let Some(d) = self.destinations.load().get(name) {
+                    return Some(d.runtime(&self.workload.cluster));
                 }
                 if changed.changed().await.is_err() {
                     return None;
@@ -311,18 +313,39 @@ impl Proxy {
     }
 }
 
-/// Runtimes for every service of `config`, carrying over the state of those in `previous`.
-fn runtimes(
-    config: &MeshConfig,
-    previous: &HashMap<String, Arc<ServiceRuntime>>,
-    own_cluster: &str,
-) -> HashMap<String, Arc<ServiceRuntime>> {
+/// A destination service as the proxy holds it: the config always, the runtime from the first
+/// request that needs it on. A sidecar with a thousand services in its config that calls a few
+/// dozen pays for a few dozen runtimes.
+struct Destination {
+    config: Arc<weft_api::mesh::ServiceConfig>,
+    runtime: OnceLock<Arc<ServiceRuntime>>,
+}
+
+impl Destination {
+    fn runtime(&self, own_cluster: &str) -> Arc<ServiceRuntime> {
+        self.runtime
+            .get_or_init(|| Arc::new(ServiceRuntime::build(self.config.clone(), None, own_cluster)))
+            .clone()
+    }
+}
+
+/// Every service of `config`. Those whose runtime `previous` had built are rebuilt now,
+/// carrying over their endpoint state, budgets and limiters; the rest wait for a request.
+fn destinations(config: &MeshConfig, previous: &HashMap<String, Arc<Destination>>, own_cluster: &str) -> HashMap<String, Arc<Destination>> {
     config
         .services
         .iter()
         .map(|(name, svc)| {
-            let rt = ServiceRuntime::build(svc.clone(), previous.get(name).map(|p| p.as_ref()), own_cluster);
-            (name.clone(), Arc::new(rt))
+            let runtime = OnceLock::new();
+            if let Some(before) = previous.get(name).and_then(|d| d.runtime.get()) {
+                let rt = ServiceRuntime::build(svc.clone(), Some(before), own_cluster);
+                let _ = runtime.set(Arc::new(rt));
+            }
+            let destination = Destination {
+                config: svc.clone(),
+                runtime,
+            };
+            (name.clone(), Arc::new(destination))
         })
         .collect()
 }
