@@ -77,23 +77,23 @@ async fn drive(
     let mut taps = mesh.taps.watch();
     // The open taps go first when there are any, then again whenever they change.
     let mut taps_dirty = !taps.borrow_and_update().is_empty();
-    let mut last: Option<proto::ProxyConfig> = None;
+    let mut last: Option<u64> = None;
     let mut version = 0u64;
     let mut dirty = true;
     let mut held_until: Option<std::time::Instant> = None;
     loop {
         if dirty {
             dirty = false;
-            let Some((cfg, included)) = mesh.config_for(conn) else { break };
+            let Some(planned) = mesh.config_for(conn) else { break };
             let bundle_epoch = mesh.ca.bundle_epoch();
-            held_until = mesh.hold(conn, &cfg);
-            if held_until.is_none() && last.as_ref() != Some(&cfg) {
+            held_until = mesh.hold(conn, &planned);
+            if held_until.is_none() && last != Some(planned.fingerprint) {
                 version += 1;
-                last = Some(cfg.clone());
+                last = Some(planned.fingerprint);
                 let msg = ControlMessage {
-                    msg: Some(control_message::Msg::Config(proto::ProxyConfig { version, ..cfg })),
+                    msg: Some(control_message::Msg::Config(planned.message(version))),
                 };
-                mesh.pushed(conn, version, included, bundle_epoch);
+                mesh.pushed(conn, version, planned.included, bundle_epoch);
                 if tx.send(Ok(msg)).await.is_err() {
                     break;
                 }

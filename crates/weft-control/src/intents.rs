@@ -26,6 +26,8 @@ const BASELINE_WINDOW: Duration = Duration::from_secs(60);
 const EVIDENCE_PATIENCE: u32 = 3;
 /// Timer resolution of the loop.
 const TICK: Duration = Duration::from_millis(200);
+/// Most proxies a stage's ledger entry names.
+const LEDGER_NAMES: usize = 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -58,7 +60,7 @@ pub struct IntentRecord {
     #[serde(default)]
     pub routes: Vec<String>,
     /// Workloads (`ns/name`) the current stage treats.
-    pub treated: Vec<String>,
+    pub treated: BTreeSet<String>,
     /// The last stage (100%): every enforcing proxy, including ones that join later.
     pub treat_all: bool,
     /// An approval waiting to be used (manual mode).
@@ -136,7 +138,7 @@ impl IntentRecord {
 
     /// Whether `p` runs this intent's candidate now.
     pub fn treats(&self, p: &ProxyRecord) -> bool {
-        self.running() && !self.overlay.is_empty() && (self.treated.contains(&p.workload_id()) || (self.treat_all && self.enforced_by(p)))
+        self.running() && !self.overlay.is_empty() && (self.treated.contains(p.workload_id()) || (self.treat_all && self.enforced_by(p)))
     }
 
     /// Whether `p` enforces this change: a caller of a service whose TrafficPolicy changes, or an
@@ -429,7 +431,7 @@ impl Mesh {
             revision: None,
             overlay: Vec::new(),
             routes: Vec::new(),
-            treated: Vec::new(),
+            treated: BTreeSet::new(),
             treat_all: false,
             approved: false,
             decisions: Vec::new(),
@@ -718,16 +720,20 @@ impl Mesh {
                 .proxies
                 .values()
                 .filter(|p| intent.enforced_by(p))
-                .map(|p| (p.workload_id(), p.cluster.clone()))
+                .map(|p| (p.workload_id().to_string(), p.cluster.clone()))
                 .collect(),
         );
         let share = intent.share();
         let count = rollout::stage_count(share, enforcers.len());
-        let mut treated: Vec<String> = enforcers[..count].to_vec();
-        for id in &intent.treated {
-            if !treated.contains(id) {
-                treated.push(id.clone());
-            }
+        let mut treated = intent.treated.clone();
+        treated.extend(enforcers[..count].iter().cloned());
+        // The ledger names this stage's proxies in rollout order (the first 20 of a large one).
+        let order = enforcers[..count]
+            .iter()
+            .chain(intent.treated.iter().filter(|id| !enforcers[..count].contains(*id)));
+        let mut listed = order.take(LEDGER_NAMES).map(String::as_str).collect::<Vec<_>>().join(", ");
+        if treated.len() > LEDGER_NAMES {
+            listed.push_str(&format!(" and {} more", treated.len() - LEDGER_NAMES));
         }
         let candidate = intent.candidate.unwrap_or(0);
         let intent = state.intents.get_mut(&seq).expect("open");
@@ -739,11 +745,10 @@ impl Mesh {
             "control-plane",
             "distribution",
             format!(
-                "stage {} ({share}%): candidate revision {candidate} to {} of {} enforcing proxies: {}",
+                "stage {} ({share}%): candidate revision {candidate} to {} of {} enforcing proxies: {listed}",
                 intent.stage + 1,
                 treated.len(),
                 enforcers.len(),
-                treated.join(", ")
             ),
         );
         intent.treated = treated;
@@ -762,18 +767,11 @@ impl Mesh {
             self.end(state, seq, Phase::Failed, reason);
             return;
         }
-        let waiting: Vec<String> = treated
-            .iter()
-            .filter(|p| !p.applied_intents.contains(&seq))
-            .map(|p| p.id.clone())
-            .collect();
-        let acked: Vec<String> = treated
-            .iter()
-            .filter(|p| p.applied_intents.contains(&seq))
-            .map(|p| p.id.clone())
-            .collect();
+        // Runs on every ACK: counts, and names proxies only when the stage ends.
+        let waiting = |p: &&&ProxyRecord| !p.applied_intents.contains(&seq);
         let started = intent.clock.stage_started.unwrap_or(now);
-        if waiting.is_empty() {
+        if !treated.iter().any(|p| waiting(&p)) {
+            let acked: Vec<String> = treated.iter().map(|p| p.id.clone()).collect();
             let intent = state.intents.get_mut(&seq).expect("open");
             for id in &acked {
                 intent.log(id, "acked", format!("candidate revision {}", intent.candidate.unwrap_or(0)));
@@ -786,7 +784,10 @@ impl Mesh {
                 state,
                 seq,
                 Phase::Failed,
-                format!("no ACK within {ENFORCEMENT_TIMEOUT:?} from {}", waiting.join(", ")),
+                format!(
+                    "no ACK within {ENFORCEMENT_TIMEOUT:?} from {}",
+                    treated.iter().filter(waiting).map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ")
+                ),
             );
         }
     }
@@ -1016,7 +1017,7 @@ impl State {
             .proxies
             .values()
             .filter(|p| intent.enforced_by(p))
-            .map(|p| (p.workload_id(), intent.treats(p)))
+            .map(|p| (p.workload_id().to_string(), intent.treats(p)))
             .collect();
         let candidate = intent.candidate.unwrap_or(u64::MAX);
         let started = intent.clock.started;

@@ -6,9 +6,12 @@
 use crate::metrics::ControlMetrics;
 use crate::store::{ChangeEntry, Revision, Store, StoreError};
 use parking_lot::Mutex;
+use prost::Message;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use weft_api::ResourceKey;
@@ -59,7 +62,7 @@ pub(crate) struct State {
     /// Each service's config as pushed, by (namespace, service, intents overlaid), for the
     /// change generation it was built in: a change that reaches a thousand callers builds it
     /// once, not a thousand times under the lock.
-    service_cache: HashMap<(String, String, Vec<u64>), proto::Service>,
+    service_cache: HashMap<(String, String, Vec<u64>), Arc<BuiltService>>,
     service_cache_generation: u64,
 }
 
@@ -69,6 +72,8 @@ pub struct ProxyRecord {
     pub id: String,
     pub namespace: String,
     pub name: String,
+    /// `namespace/name`, built once: the intent loop looks proxies up by it on every step.
+    workload: String,
     pub cluster: String,
     pub labels: BTreeMap<String, String>,
     pub service: String,
@@ -191,6 +196,42 @@ pub struct ProxyCount {
     pub in_sync: usize,
 }
 
+/// A service's config as pushed, built once per change generation and shared by every proxy
+/// that calls it.
+pub struct BuiltService {
+    pub service: proto::Service,
+    /// Hash of its encoding.
+    fingerprint: u64,
+}
+
+/// What one proxy should run, before it is made into a message.
+pub struct PlannedConfig {
+    /// Changes whenever anything in the message would (the version aside).
+    pub fingerprint: u64,
+    pub services: Vec<Arc<BuiltService>>,
+    /// Everything but the services.
+    pub rest: proto::ProxyConfig,
+    /// The intents whose candidate it carries.
+    pub included: BTreeSet<u64>,
+}
+
+impl PlannedConfig {
+    /// The message, numbered `version`.
+    pub fn message(&self, version: u64) -> proto::ProxyConfig {
+        proto::ProxyConfig {
+            version,
+            services: self.services.iter().map(|s| s.service.clone()).collect(),
+            ..self.rest.clone()
+        }
+    }
+}
+
+fn fingerprint(bytes: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -301,6 +342,7 @@ impl Mesh {
                 id: id.clone(),
                 namespace: reg.namespace.clone(),
                 name: reg.name.clone(),
+                workload: format!("{}/{}", reg.namespace, reg.name),
                 cluster: reg.cluster.clone(),
                 labels,
                 service,
@@ -344,10 +386,11 @@ impl Mesh {
         }
     }
 
-    /// The config proxy `conn` needs now (its version is set by the stream), and the intents
-    /// whose candidate it carries: the stable resources, with the overlay of every intent that
-    /// treats this proxy on top.
-    pub fn config_for(&self, conn: u64) -> Option<(proto::ProxyConfig, BTreeSet<u64>)> {
+    /// The config proxy `conn` needs now: the stable resources, with the overlay of every
+    /// intent that treats this proxy on top. Cheap to make under the lock (services are shared
+    /// with every other proxy that needs them in this generation); the stream compares its
+    /// fingerprint with the last one it sent and builds the message only when it differs.
+    pub fn config_for(&self, conn: u64) -> Option<PlannedConfig> {
         let generation = *self.changed.borrow();
         let mut guard = self.state.lock();
         if guard.service_cache_generation != generation {
@@ -409,11 +452,13 @@ impl Mesh {
                     policy: policy.map(|(_, spec)| spec.clone()),
                     mtls: mtls_mode(&resources, &p.namespace, name),
                 };
-                let built = proto::Service::from(&svc);
+                let service = proto::Service::from(&svc);
+                let fingerprint = fingerprint(&service.encode_to_vec());
+                let built = Arc::new(BuiltService { service, fingerprint });
                 cache.insert(key, built.clone());
                 built
             })
-            .collect();
+            .collect::<Vec<_>>();
         let security = resources.values().find_map(|r| match r {
             Resource::SecurityPolicy(d)
                 if d.metadata.namespace == p.namespace
@@ -428,11 +473,11 @@ impl Mesh {
             _ => None,
         });
         let (security, security_name) = security.unzip();
-        let cfg = proto::ProxyConfig {
+        let rest = proto::ProxyConfig {
             version: 0,
             revision,
             proxy_id: p.id.clone(),
-            services,
+            services: Vec::new(),
             bypass: bypassed(&p.service),
             security_policy_json: security.unwrap_or_default(),
             security_policy_name: security_name.unwrap_or_default(),
@@ -445,7 +490,15 @@ impl Mesh {
                 .unwrap_or_default(),
         };
         guard.service_cache = cache;
-        Some((cfg, included))
+        let mut hasher = std::hash::DefaultHasher::new();
+        rest.encode_to_vec().hash(&mut hasher);
+        services.iter().for_each(|s| s.fingerprint.hash(&mut hasher));
+        Some(PlannedConfig {
+            fingerprint: hasher.finish(),
+            services,
+            rest,
+            included,
+        })
     }
 
     /// Starts a root rotation (see [`crate::ca::Rotation`]).
@@ -496,10 +549,12 @@ impl Mesh {
     /// While warming up, a proxy that resumed with a working config is not sent one that would
     /// leave any of its services without endpoints: those endpoints are most likely proxies
     /// that have not reconnected yet. Returns when to look again.
-    pub fn hold(&self, conn: u64, cfg: &proto::ProxyConfig) -> Option<Instant> {
+    pub fn hold(&self, conn: u64, cfg: &PlannedConfig) -> Option<Instant> {
         let until = self.started + WARMUP;
-        let resumed = self.state.lock().proxies.get(&conn).is_some_and(|p| p.resumed);
-        (resumed && Instant::now() < until && cfg.services.iter().any(|s| s.endpoints.is_empty())).then_some(until)
+        if Instant::now() >= until || !cfg.services.iter().any(|s| s.service.endpoints.is_empty()) {
+            return None;
+        }
+        self.state.lock().proxies.get(&conn).is_some_and(|p| p.resumed).then_some(until)
     }
 
     pub fn pushed(&self, conn: u64, version: u64, included: BTreeSet<u64>, bundle_epoch: u64) {
@@ -557,7 +612,7 @@ impl Mesh {
         p.cert_not_after = report.cert_not_after_unix;
         p.cert_generation = (report.cert_not_after_unix > 0).then_some(report.cert_generation);
         let service_key = (p.namespace.clone(), p.service.clone());
-        let workload = p.workload_id();
+        let workload = p.workload_id().to_string();
         let now = Instant::now();
         for s in report.stats {
             let mut buckets = [0u64; BUCKETS];
@@ -769,8 +824,8 @@ fn round2(v: f64) -> f64 {
 
 impl ProxyRecord {
     /// `namespace/name`: the proxy's identity across reconnects.
-    pub fn workload_id(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+    pub fn workload_id(&self) -> &str {
+        &self.workload
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Fleet {
 
 #[derive(Debug)]
 pub struct Spread {
+    /// The first proxy to have it: what the change took before fan-out began.
+    pub first: Duration,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
@@ -95,6 +97,7 @@ impl Fleet {
                 .unwrap_or_default()
         };
         Spread {
+            first: d.first().copied().unwrap_or_default(),
             p50: q(0.5),
             p99: q(0.99),
             max: d.last().copied().unwrap_or_default(),
