@@ -130,7 +130,9 @@ where
                 });
                 req.extensions_mut().insert(RemoteAddr(remote));
                 req.extensions_mut().insert(facts.clone());
-                let fut = refused.is_none().then(|| handler(req));
+                // Boxed: a proxy's handler future runs to kilobytes, and an HTTP/2 stream task
+                // would otherwise copy it whole each time it is spawned and moved.
+                let fut = refused.is_none().then(|| Box::pin(handler(req)));
                 async move {
                     match (refused, fut) {
                         (Some(refused), _) => Ok::<_, Infallible>(refused),
