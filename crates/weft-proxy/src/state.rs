@@ -349,3 +349,52 @@ fn destinations(config: &MeshConfig, previous: &HashMap<String, Arc<Destination>
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::mesh::{Endpoint, ServiceConfig};
+
+    fn mesh(services: &[&str]) -> MeshConfig {
+        let services = services
+            .iter()
+            .map(|name| {
+                let endpoint = Endpoint {
+                    address: "127.0.0.1:9000".parse().unwrap(),
+                    cluster: "a".into(),
+                    labels: Default::default(),
+                    workload: String::new(),
+                    identity: String::new(),
+                };
+                let svc = ServiceConfig {
+                    name: name.to_string(),
+                    namespace: "default".into(),
+                    endpoints: vec![endpoint],
+                    policy: None,
+                    policy_name: String::new(),
+                    mtls: None,
+                };
+                (name.to_string(), Arc::new(svc))
+            })
+            .collect();
+        MeshConfig {
+            services,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runtimes_are_built_on_first_use_and_carried_over_only_where_built() {
+        let first = destinations(&mesh(&["orders", "payments"]), &HashMap::new(), "a");
+        assert!(first.values().all(|d| d.runtime.get().is_none()), "nothing built before a request");
+        let orders = first["orders"].runtime("a");
+        assert!(Arc::ptr_eq(&orders, &first["orders"].runtime("a")), "built once");
+        let second = destinations(&mesh(&["orders", "payments", "users"]), &first, "a");
+        let carried = second["orders"].runtime.get().expect("a used service is rebuilt at once");
+        assert!(
+            Arc::ptr_eq(&carried.endpoints[0], &orders.endpoints[0]),
+            "its endpoint state carries over"
+        );
+        assert!(second["payments"].runtime.get().is_none() && second["users"].runtime.get().is_none());
+    }
+}
