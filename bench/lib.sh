@@ -27,6 +27,7 @@ wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 ticks=$(getconf CLK_TCK)
 cpu_seconds() { awk -v t="$ticks" '{print ($14+$15)/t}' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+steal_ticks() { awk '/^cpu / {print $9}' /proc/stat; }
 anon_kib() { awk '/^RssAnon:/ {print $2}' "/proc/$1/status"; }
 
 # The fixed 1 KiB upstream, on core $1 (optional).
