@@ -1,8 +1,8 @@
 //! Smoke runs of every benchmark scenario in `bench/` (seconds each), so the bench code cannot
 //! rot: the load generator at a constant rate and at saturation, over HTTP/1.1 and HTTP/2
 //! through real sidecars; the simulated fleet against a real control plane; a proxy with a
-//! thousand services in its config. Numbers asserted are sanity bounds, not targets; the
-//! targets are measured by `bench/run`.
+//! thousand services in its config; full mTLS handshakes against a sidecar's inbound listener.
+//! Numbers asserted are sanity bounds, not targets; the targets are measured by `bench/run`.
 
 use std::time::Duration;
 use weft_test::apps::EchoServer;
@@ -152,4 +152,59 @@ async fn a_proxy_runs_with_a_thousand_services_in_its_static_config() {
     assert!(rss > 0 && rss < 200 << 20, "{rss}");
     p.kill();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_mtls_handshakes_are_counted_against_the_sidecars_cpu() {
+    // The handshake scenario of `bench/mtls`, in-process: a root the test owns, a sidecar with
+    // its certificate from that root, and a client with a leaf of the same root making a new
+    // TLS 1.3 connection (a full handshake, no session to resume) for each request.
+    let pki = weft_test::pki::Pki::new("bench root");
+    let dir = std::env::temp_dir().join(format!("weft-bench-smoke-pki-{}", std::process::id()));
+    let (cert, key) = pki.write(&dir);
+    let args = [
+        "--root-cert".to_string(),
+        cert.display().to_string(),
+        "--root-key".into(),
+        key.display().to_string(),
+    ];
+    let control = Control::start_with(BIN, &args).await;
+    let app = EchoServer::start("orders").await;
+    let orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
+    let leaf = pki.leaf("spiffe://weft.local/ns/default/sa/bench", -60, 3600);
+    let pid = orders.process.pid();
+    let before = cpu_seconds(pid);
+    let t = std::time::Instant::now();
+    let mut handshakes = 0u32;
+    while t.elapsed() < Duration::from_millis(1500) {
+        let status = weft_test::pki::mtls_get(orders.inbound, Some(&leaf), "orders", "/bench").await;
+        assert_eq!(status, Ok(200));
+        handshakes += 1;
+    }
+    let cpu = cpu_seconds(pid) - before;
+    eprintln!(
+        "{handshakes} full handshakes, {cpu:.2} proxy CPU-s: {:.0} per CPU-second",
+        f64::from(handshakes) / cpu.max(0.01)
+    );
+    assert!(handshakes >= 20, "{handshakes}");
+    let metrics = orders.metrics().await;
+    let accepted: u32 = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"weft_proxy_inbound_connections_total{transport="mtls",outcome="accepted"}"#))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        accepted >= handshakes,
+        "the sidecar counted {accepted} mTLS connections for {handshakes} handshakes"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
