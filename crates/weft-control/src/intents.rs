@@ -768,9 +768,9 @@ impl Mesh {
             return;
         }
         // Runs on every ACK: counts, and names proxies only when the stage ends.
-        let waiting = |p: &&&ProxyRecord| !p.applied_intents.contains(&seq);
+        let waiting = |p: &ProxyRecord| !p.applied_intents.contains(&seq);
         let started = intent.clock.stage_started.unwrap_or(now);
-        if !treated.iter().any(|p| waiting(&p)) {
+        if !treated.iter().any(|p| waiting(p)) {
             let acked: Vec<String> = treated.iter().map(|p| p.id.clone()).collect();
             let intent = state.intents.get_mut(&seq).expect("open");
             for id in &acked {
@@ -786,7 +786,12 @@ impl Mesh {
                 Phase::Failed,
                 format!(
                     "no ACK within {ENFORCEMENT_TIMEOUT:?} from {}",
-                    treated.iter().filter(waiting).map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ")
+                    treated
+                        .iter()
+                        .filter(|p| waiting(p))
+                        .map(|p| p.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }

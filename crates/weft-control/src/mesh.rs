@@ -393,13 +393,16 @@ impl Mesh {
     pub fn config_for(&self, conn: u64) -> Option<PlannedConfig> {
         let generation = *self.changed.borrow();
         let mut guard = self.state.lock();
+        if !guard.proxies.contains_key(&conn) {
+            return None;
+        }
         if guard.service_cache_generation != generation {
             guard.service_cache.clear();
             guard.service_cache_generation = generation;
         }
         let mut cache = std::mem::take(&mut guard.service_cache);
         let state = &*guard;
-        let p = state.proxies.get(&conn)?;
+        let p = &state.proxies[&conn];
         let mut resources = std::borrow::Cow::Borrowed(&state.resources);
         let mut revision = state.stable;
         let mut included = BTreeSet::new();
@@ -434,7 +437,7 @@ impl Mesh {
                         address: q.inbound,
                         cluster: q.cluster.clone(),
                         labels: q.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-                        workload: format!("{}/{}", q.namespace, q.name),
+                        workload: q.workload_id().to_string(),
                         identity: q.identity.clone(),
                     })
                     .collect();

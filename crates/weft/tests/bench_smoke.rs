@@ -154,15 +154,6 @@ async fn a_proxy_runs_with_a_thousand_services_in_its_static_config() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_mtls_handshakes_are_counted_against_the_sidecars_cpu() {
     // The handshake scenario of `bench/mtls`, in-process: a root the test owns, a sidecar with
@@ -182,7 +173,7 @@ async fn full_mtls_handshakes_are_counted_against_the_sidecars_cpu() {
     let orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
     let leaf = pki.leaf("spiffe://weft.local/ns/default/sa/bench", -60, 3600);
     let pid = orders.process.pid();
-    let before = cpu_seconds(pid);
+    let before = fleet::cpu_seconds(pid);
     let t = std::time::Instant::now();
     let mut handshakes = 0u32;
     while t.elapsed() < Duration::from_millis(1500) {
@@ -190,7 +181,7 @@ async fn full_mtls_handshakes_are_counted_against_the_sidecars_cpu() {
         assert_eq!(status, Ok(200));
         handshakes += 1;
     }
-    let cpu = cpu_seconds(pid) - before;
+    let cpu = fleet::cpu_seconds(pid) - before;
     eprintln!(
         "{handshakes} full handshakes, {cpu:.2} proxy CPU-s: {:.0} per CPU-second",
         f64::from(handshakes) / cpu.max(0.01)
