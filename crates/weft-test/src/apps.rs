@@ -59,10 +59,12 @@ impl EchoServer {
             Default::default(),
             shutdown.clone(),
             move |req| {
+                // The mode is read before the request counts as received, so a test that waits
+                // for a request to arrive and then changes the mode never changes this one's.
+                let mode = *m.lock();
+                h.lock().push(req.headers().clone());
                 p.lock()
                     .push(req.uri().path_and_query().map(|x| x.as_str().to_string()).unwrap_or_default());
-                h.lock().push(req.headers().clone());
-                let mode = *m.lock();
                 let (n, s) = (n.clone(), s.clone());
                 async move {
                     match mode {
@@ -114,6 +116,20 @@ impl EchoServer {
     /// Changes how every later request is answered.
     pub fn set_mode(&self, mode: Mode) {
         *self.mode.lock() = mode;
+    }
+
+    /// Requests that reached the app (answered or not yet): what a test waits on before it
+    /// acts on requests in flight.
+    pub fn received(&self) -> usize {
+        self.paths.lock().len()
+    }
+
+    /// Waits until at least `n` requests have reached the app, in total.
+    pub async fn wait_received(&self, n: usize, within: Duration) {
+        crate::eventually(within, &format!("{n} requests reached {}", self.name), || async {
+            (self.received() >= n).then_some(())
+        })
+        .await;
     }
 
     pub fn served(&self) -> u64 {

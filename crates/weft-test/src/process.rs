@@ -152,30 +152,38 @@ impl Control {
         .to_vec();
         args.extend(extra.iter().cloned());
         let mut process = Process::spawn(bin, "control", &args);
-        // A port picked by the caller may have been taken before the control plane bound it:
-        // fresh ports for a fresh start; the same ones again for a restart.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        if !process.is_running() && process.log_text().contains("cannot bind") {
+        let client = Client::new();
+        let url = format!("http://{api}/api/v1/status");
+        // Up when the API answers. A port picked by the caller may have been taken before the
+        // control plane bound it: fresh ports for a fresh start, the same ones for a restart.
+        let up = crate::eventually(Duration::from_secs(30), "control plane API up (or exited)", || {
+            let (client, url, running) = (&client, &url, process.is_running());
+            async move {
+                if !running {
+                    return Some(false);
+                }
+                client.get(url).await.ok().filter(|r| r.status == 200).map(|_| true)
+            }
+        })
+        .await;
+        if !up {
+            let log = process.log_text();
+            assert!(log.contains("cannot bind"), "the control plane exited at start:\n{log}");
             let (api, grpc) = if keep_ports { (api, grpc) } else { (free_addr(), free_addr()) };
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            if keep_ports {
+                // The old process's sockets may still be closing; this is the only wait for them.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             return Box::pin(Self::launch(bin, data_dir, api, grpc, extra, keep_ports)).await;
         }
-        let c = Self {
+        Self {
             process,
             api,
             grpc,
             data_dir: data_dir.to_path_buf(),
             bin: bin.to_string(),
             extra,
-        };
-        let client = Client::new();
-        let url = c.url("/api/v1/status");
-        crate::eventually(Duration::from_secs(10), "control plane API up", || {
-            let (client, url) = (&client, &url);
-            async move { client.get(url).await.ok().filter(|r| r.status == 200) }
-        })
-        .await;
-        c
+        }
     }
 
     /// Kills the process and starts a new one on the same addresses and data directory.
@@ -274,10 +282,11 @@ impl ProxyHandle {
     ) -> Self {
         let mut p = Self::spawn_url(bin, control_url, token, workload, cluster, labels, app, &[]);
         // A port picked may have been taken by a parallel test before the proxy bound it.
-        if p.bind_failed().await {
+        if !p.ready_or_exited().await {
+            let log = p.process.log_text();
+            assert!(log.contains("cannot bind"), "{workload} exited at start:\n{log}");
             return Box::pin(Self::start_url(bin, control_url, token, workload, cluster, labels, app)).await;
         }
-        p.wait_ready().await;
         p
     }
 
@@ -329,22 +338,27 @@ impl ProxyHandle {
         }
     }
 
-    /// Whether the process exited at start because a port was taken.
-    async fn bind_failed(&mut self) -> bool {
-        let deadline = std::time::Instant::now() + Duration::from_millis(400);
-        while std::time::Instant::now() < deadline {
-            if !self.process.is_running() {
-                return self.process.log_text().contains("cannot bind");
+    /// Waits until the proxy is ready (true) or has exited (false).
+    async fn ready_or_exited(&mut self) -> bool {
+        let client = Client::new();
+        let url = format!("http://{}/ready", self.admin);
+        let what = format!("{} ready (or exited)", self.workload);
+        crate::eventually(Duration::from_secs(30), &what, || {
+            let (client, url, running) = (&client, &url, self.process.is_running());
+            async move {
+                if !running {
+                    return Some(false);
+                }
+                client.get(url).await.ok().filter(|r| r.status == 200).map(|_| true)
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        false
+        })
+        .await
     }
 
     pub async fn wait_ready(&self) {
         let client = Client::new();
         let url = format!("http://{}/ready", self.admin);
-        crate::eventually(Duration::from_secs(10), &format!("{} ready", self.workload), || {
+        crate::eventually(Duration::from_secs(30), &format!("{} ready", self.workload), || {
             let (client, url) = (&client, &url);
             async move { client.get(url).await.ok().filter(|r| r.status == 200) }
         })

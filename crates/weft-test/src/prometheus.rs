@@ -77,10 +77,23 @@ impl Prometheus {
         v["data"]["result"].as_array().cloned().context("no result array")
     }
 
-    /// How many of the scrape targets are up.
-    pub async fn targets_up(&self) -> anyhow::Result<usize> {
-        let up = self.query("up == 1").await?;
-        Ok(up.len())
+    /// Runs `promql` until `check` accepts its result, and returns what `check` made of it; fails
+    /// after `within` with the last result. For series that need scrapes to cover a window.
+    pub async fn wait_for<T>(&self, within: Duration, promql: &str, check: impl Fn(&[Value]) -> Option<T>) -> T {
+        let deadline = Instant::now() + within;
+        loop {
+            let last = self.query(promql).await;
+            if let Ok(rows) = &last
+                && let Some(v) = check(rows)
+            {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {within:?} on {promql}: last result {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 }
 

@@ -30,11 +30,13 @@ async fn the_load_generator_holds_its_rate_and_corrects_for_stalls() {
     // A stall of 300 ms on a single connection: every request due during it waits, and the
     // corrected latencies show it (an uncorrected tool would record one slow request).
     app.set_mode(weft_test::apps::Mode::Delay(Duration::from_millis(300)));
+    let first = app.received();
     let stalled = tokio::spawn({
         let t = direct.clone();
         async move { loadgen::constant_rate(&t, 100.0, 1, Duration::ZERO, Duration::from_millis(600)).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The first request to arrive is held 300 ms; the ones after it are answered at once.
+    app.wait_received(first + 1, Duration::from_secs(10)).await;
     app.set_mode(weft_test::apps::Mode::Normal);
     let r = stalled.await.unwrap().unwrap();
     let slow = r.micros.iter().filter(|m| **m > 100_000).count();

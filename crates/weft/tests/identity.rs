@@ -45,7 +45,7 @@ async fn apply(control: &Control, yaml: &str) -> u64 {
 }
 
 async fn on_revision(p: &ProxyHandle, rev: u64) {
-    eventually(Duration::from_secs(3), &format!("{} on revision {rev}", p.workload), || async {
+    eventually(Duration::from_secs(15), &format!("{} on revision {rev}", p.workload), || async {
         (p.config_dump().await["config"]["revision"] == rev).then_some(())
     })
     .await;
@@ -94,7 +94,7 @@ async fn mtls_between_sidecars_with_strict_permissive_and_bad_certificates() {
         assert!(outcome.is_err(), "{what} must fail the handshake, got {outcome:?}");
     }
     // With TLS 1.3 the client may see the refusal before the server has counted it.
-    eventually(Duration::from_secs(3), "four refused handshakes counted", || async {
+    eventually(Duration::from_secs(15), "four refused handshakes counted", || async {
         let metrics = orders.metrics().await;
         metrics
             .lines()
@@ -284,7 +284,11 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
         let mut proxy = ProxyHandle::spawn_url(BIN, &control.grpc_url(), token, workload, "a", &[], free_addr(), &[]);
         let admin = proxy.admin;
         let p = &mut proxy.process;
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Until the control plane has refused its stream at least once.
+        eventually(Duration::from_secs(15), "the control plane refused the proxy", || async {
+            p.log_text().contains("control stream down").then_some(())
+        })
+        .await;
         assert_eq!(control.get("/api/v1/proxies").await, serde_json::json!([]), "no proxy registered");
         let ready = Client::new()
             .get(&format!("http://{admin}/ready"))
@@ -387,6 +391,8 @@ async fn certificates_renew_at_half_life_and_outlive_a_ca_outage() {
     // The CA goes away before the renewal point (30 s into a 60 s certificate)...
     control.process.kill();
     let down = Instant::now();
+    // The subject of this test: real time passing the renewal point (30 s) with the CA away.
+    // The proxy's renewal runs on the wall clock (no injectable clock yet), so this waits it out.
     tokio::time::sleep(Duration::from_secs(36)).await;
     let during = load.stats();
     assert_eq!(during.failed, 0, "no errors while the current certificate is valid: {during:?}");
@@ -492,7 +498,7 @@ async fn access_logs_are_one_json_line_per_request_with_both_identities() {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     };
-    let (out, inb) = eventually(Duration::from_secs(3), "an access log line at each hop", || async {
+    let (out, inb) = eventually(Duration::from_secs(15), "an access log line at each hop", || async {
         let out = lines(&web)
             .into_iter()
             .find(|l| l["direction"] == "outbound" && l["traceId"] == trace)?;
@@ -544,6 +550,14 @@ async fn access_logs_are_one_json_line_per_request_with_both_identities() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(Client::new().send(req).await.unwrap().status, 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The request is counted when its response body ends, where a log line would be written.
+    eventually(Duration::from_secs(10), "the quiet proxy counted the request", || async {
+        let metrics = quiet.metrics().await;
+        metrics
+            .lines()
+            .any(|l| l.starts_with("weft_proxy_requests_total{") && l.contains("direction=\"outbound\""))
+            .then_some(())
+    })
+    .await;
     assert!(lines(&quiet).is_empty(), "access logs are off by default");
 }

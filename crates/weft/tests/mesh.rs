@@ -223,7 +223,7 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
     assert_eq!(status, 200, "{applied}");
     let rev = applied["revision"].as_u64().unwrap();
     assert_eq!(rev, 1);
-    eventually(Duration::from_secs(2), "every proxy reports the new revision", || async {
+    eventually(Duration::from_secs(15), "every proxy reports the new revision", || async {
         let proxies = control.get("/api/v1/proxies").await;
         let all = proxies.as_array().unwrap();
         (all.len() == 4 && all.iter().all(|p| p["appliedRevision"] == rev)).then_some(())
@@ -259,6 +259,7 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
     assert!((share - 20.0).abs() <= 3.0, "v2 got {share:.2}% of requests, expected 20 +- 3");
 
     // A request in flight when the config changes finishes normally.
+    let (before_v1, before_v2) = (v1.received(), v2.received());
     let slow = {
         let outbound = caller.outbound;
         tokio::spawn(async move {
@@ -270,7 +271,11 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
             Client::new().send(req).await.unwrap().status
         })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The slow request is in flight (at one of the apps) before the config changes.
+    eventually(Duration::from_secs(10), "the slow request reached an app", || async {
+        (v1.received() + v2.received() > before_v1 + before_v2).then_some(())
+    })
+    .await;
     let (status, _) = control
         .post(
             "/api/v1/resources",
@@ -289,7 +294,7 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
 async fn invalid_resource_changes_nothing_anywhere() {
     let control = Control::start(BIN).await;
     let (_v1, _p1, caller) = orders_and_caller(&control).await;
-    eventually(Duration::from_secs(2), "caller on revision 1", || async {
+    eventually(Duration::from_secs(15), "caller on revision 1", || async {
         (caller.config_dump().await["config"]["revision"] == 1).then_some(())
     })
     .await;
@@ -353,7 +358,7 @@ async fn invalid_resource_changes_nothing_anywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_restart_loses_no_request_and_no_history() {
     let mut control = Control::start(BIN).await;
-    let (_v1, _p1, caller) = orders_and_caller(&control).await;
+    let (orders, _p1, caller) = orders_and_caller(&control).await;
     let history = control.get("/api/v1/revisions").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -377,10 +382,11 @@ async fn control_plane_restart_loses_no_request_and_no_history() {
             (ok, failed)
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    orders.wait_received(orders.received() + 20, Duration::from_secs(15)).await;
     control.process.kill();
-    // The mesh keeps serving on last-known-good while the control plane is down.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The mesh keeps serving on last-known-good while the control plane is down: 50 more
+    // requests answered with no control plane.
+    orders.wait_received(orders.received() + 50, Duration::from_secs(15)).await;
     control.restart().await;
     let start = Instant::now();
     eventually(Duration::from_secs(10), "both proxies reconnected on revision 1", || async {
@@ -393,7 +399,8 @@ async fn control_plane_restart_loses_no_request_and_no_history() {
         "proxies resynced {:.0} ms after the control plane came back",
         start.elapsed().as_secs_f64() * 1000.0
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Traffic continues across the resync.
+    orders.wait_received(orders.received() + 20, Duration::from_secs(15)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = traffic.await.unwrap();
     assert!(ok > 100, "steady traffic ran: {ok} requests");
@@ -411,7 +418,7 @@ async fn control_plane_restart_loses_no_request_and_no_history() {
         .post("/api/v1/resources", &policy("orders", "orders", "    - timeout: 3s\n"))
         .await;
     assert_eq!((status, applied["revision"].as_u64()), (200, Some(2)));
-    eventually(Duration::from_secs(2), "caller on revision 2", || async {
+    eventually(Duration::from_secs(15), "caller on revision 2", || async {
         (caller.config_dump().await["config"]["revision"] == 2).then_some(())
     })
     .await;
@@ -431,7 +438,7 @@ async fn killed_proxy_leaves_balancing_within_five_seconds() {
             .map(Vec::len)
             .unwrap_or(0)
     };
-    eventually(Duration::from_secs(2), "two endpoints", || async {
+    eventually(Duration::from_secs(15), "two endpoints", || async {
         (endpoints(&caller.config_dump().await) == 2).then_some(())
     })
     .await;

@@ -67,24 +67,40 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     assert!((4.0..=15.0).contains(&payments_rps), "payments at {payments_rps:.1}/s by PromQL");
     assert!(orders_rps > 2.5 * payments_rps, "{orders_rps:.1} vs {payments_rps:.1}");
     // The caller's view by destination, and the control plane's own series.
+    // Each waits for its own series: a scrape that covered the inbound window may not yet cover
+    // the outbound one.
+    let wait = Duration::from_secs(20);
+    let value = |row: &serde_json::Value| row["value"][1].as_str().and_then(|v| v.parse::<f64>().ok());
     let outbound = prom
-        .query("sum by (service) (rate(weft_proxy_requests_total{direction=\"outbound\",status=\"200\"}[5s]))")
-        .await
-        .unwrap();
+        .wait_for(
+            wait,
+            "sum by (service) (rate(weft_proxy_requests_total{direction=\"outbound\",status=\"200\"}[5s]))",
+            |rows| (rows.len() == 2 && rows.iter().all(|r| value(r) > Some(0.0))).then(|| rows.to_vec()),
+        )
+        .await;
     assert_eq!(outbound.len(), 2, "{outbound:?}");
-    let proxies = prom.query("weft_control_proxies_connected").await.unwrap();
-    assert_eq!(proxies[0]["value"][1], "3", "{proxies:?}");
-    let acks = prom.query("weft_control_config_acks_total").await.unwrap();
-    assert!(acks[0]["value"][1].as_str().unwrap().parse::<f64>().unwrap() >= 3.0);
-    assert_eq!(prom.targets_up().await.unwrap(), 4, "every target scraped");
-    let ok_class = prom
-        .query("sum(rate(weft_proxy_requests_total{direction=\"inbound\",class=\"2xx\"}[5s]))")
-        .await
-        .unwrap();
-    let ok_rate: f64 = ok_class[0]["value"][1].as_str().unwrap().parse().unwrap();
+    let proxies = prom
+        .wait_for(wait, "weft_control_proxies_connected", |rows| rows.first().and_then(value))
+        .await;
+    assert_eq!(proxies, 3.0, "proxies connected by PromQL");
+    let acks = prom
+        .wait_for(wait, "weft_control_config_acks_total", |rows| rows.first().and_then(value))
+        .await;
+    assert!(acks >= 3.0, "{acks} ACKs");
+    let up = prom.wait_for(wait, "up == 1", |rows| (rows.len() == 4).then_some(rows.len())).await;
+    assert_eq!(up, 4, "every target scraped");
+    let ok_rate = prom
+        .wait_for(
+            wait,
+            "sum(rate(weft_proxy_requests_total{direction=\"inbound\",class=\"2xx\"}[5s]))",
+            |rows| rows.first().and_then(value).filter(|r| *r > 20.0),
+        )
+        .await;
     assert!(ok_rate > 20.0, "2xx by status class: {ok_rate}");
-    let phases = prom.query("count(weft_control_intents)").await.unwrap();
-    assert_eq!(phases[0]["value"][1], "8", "intents by each of the 8 phases: {phases:?}");
+    let phases = prom
+        .wait_for(wait, "count(weft_control_intents)", |rows| rows.first().and_then(value))
+        .await;
+    assert_eq!(phases, 8.0, "intents by each of the 8 phases");
     // `weft top`: the same traffic per destination route, from the control plane.
     let top = |format: &'static str| {
         let out = std::process::Command::new(BIN)
@@ -149,7 +165,7 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     assert_eq!(directions.len(), 2, "both sides of the hop: {events:?}");
     let inbound = events.iter().find(|e| e["direction"] == "inbound").unwrap();
     assert_eq!(inbound["source"], "spiffe://weft.local/ns/default/sa/web", "{inbound}");
-    eventually(Duration::from_secs(5), "the tap closes when the CLI exits", || async {
+    eventually(Duration::from_secs(15), "the tap closes when the CLI exits", || async {
         control.process.log_text().contains("tap closed").then_some(())
     })
     .await;
