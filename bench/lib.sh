@@ -42,7 +42,9 @@ start_control() {
   API=$(port); GRPC=$(port)
   "$W" control --data-dir "$T/control" --api 127.0.0.1:$API --grpc 127.0.0.1:$GRPC >"$T/control.log" 2>&1 & PIDS+=($!)
   CONTROL_PID=${PIDS[-1]}
-  wait_ok "http://127.0.0.1:$API/api/v1/status"
+  wait_ok "http://127.0.0.1:$API/ready"
+  # The bootstrap admin token: the CLI and the simulator read WEFT_API_TOKEN.
+  export WEFT_API_TOKEN; WEFT_API_TOKEN=$(cat "$T/control/admin.token")
 }
 
 # start_proxy NAME APP [extra proxy args...] -> IN OUT ADM PROXY_PID. PIN=core pins it.

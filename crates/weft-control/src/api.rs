@@ -4,14 +4,15 @@
 //! queue one (one 100% stage, no bake) and wait briefly for it to finish; `POST /intents`
 //! queues a staged one and answers at once.
 
+use crate::auth::{Actor, Auth, Role};
 use crate::intents::Submitted;
 use crate::mesh::{ChangeError, Mesh};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::routing::MethodFilter;
+use axum::{Extension, Json, Router};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
@@ -30,8 +31,8 @@ pub struct Api {
     pub mesh: Arc<Mesh>,
     pub registry: Arc<Registry>,
     pub history: crate::history::History,
-    /// Bearer token for the endpoints only trusted callers may use (`/api/v1/tap`).
-    pub admin_token: Arc<str>,
+    /// API tokens, dashboard sessions and the access rules every route is checked against.
+    pub auth: Arc<Auth>,
 }
 
 /// An error answer: `{error, field, errors}` with the status that fits.
@@ -39,33 +40,203 @@ pub struct ApiError(StatusCode, String, Vec<FieldError>);
 
 type Answer = Result<(StatusCode, Json<serde_json::Value>), ApiError>;
 
+/// The router under construction, and every (method, path) it serves: the list the access
+/// table is checked against.
+struct Routes {
+    router: Router<Api>,
+    registered: Vec<(Method, &'static str)>,
+}
+
+impl Routes {
+    fn on<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, Api>,
+        T: 'static,
+    {
+        let filter = MethodFilter::try_from(method.clone()).expect("a method axum routes");
+        self.router = self.router.route(path, axum::routing::on(filter, handler));
+        self.registered.push((method, path));
+        self
+    }
+}
+
+fn routes() -> Routes {
+    use Method as M;
+    Routes {
+        router: Router::new(),
+        registered: Vec::new(),
+    }
+    .on(M::GET, "/", dashboard)
+    .on(M::GET, "/live", live)
+    .on(M::GET, "/ready", live)
+    .on(M::POST, "/api/v1/session", sign_in)
+    .on(M::DELETE, "/api/v1/session", sign_out)
+    .on(M::GET, "/metrics", metrics)
+    .on(M::GET, "/api/v1/whoami", whoami)
+    .on(M::GET, "/api/v1/status", status)
+    .on(M::GET, "/api/v1/proxies", proxies)
+    .on(M::GET, "/api/v1/resources", list_resources)
+    .on(M::POST, "/api/v1/resources", apply)
+    .on(M::DELETE, "/api/v1/resources/{kind}/{namespace}/{name}", remove)
+    .on(M::GET, "/api/v1/revisions", revisions)
+    .on(M::POST, "/api/v1/rollback", rollback)
+    .on(M::GET, "/api/v1/intents", list_intents)
+    .on(M::POST, "/api/v1/intents", submit_intent)
+    .on(M::GET, "/api/v1/intents/{id}", show_intent)
+    .on(M::POST, "/api/v1/intents/{id}/approve", approve)
+    .on(M::POST, "/api/v1/intents/{id}/abort", abort)
+    .on(M::POST, "/api/v1/intents/{id}/mode", set_mode)
+    .on(M::GET, "/api/v1/history", history)
+    .on(M::GET, "/api/v1/top", top)
+    .on(M::GET, "/api/v1/tap/{service}", tap)
+    .on(M::POST, "/api/v1/bypass/{service}", bypass)
+    .on(M::POST, "/api/v1/freeze", freeze)
+    .on(M::GET, "/api/v1/ledger", ledger)
+    .on(M::GET, "/api/v1/audit", audit)
+    .on(M::POST, "/api/v1/tokens", create_token)
+    .on(M::GET, "/api/v1/admin/tokens", list_api_tokens)
+    .on(M::POST, "/api/v1/admin/tokens", create_api_token)
+    .on(M::DELETE, "/api/v1/admin/tokens/{name}", revoke_api_token)
+    .on(M::GET, "/api/v1/ca", ca_info)
+    .on(M::POST, "/api/v1/ca/rotate", rotate_root)
+    .on(M::GET, "/api/v1/events", events)
+}
+
+/// Every (method, path) the API serves, as the router was built: what tests check the access
+/// table against.
+pub fn registered_routes() -> Vec<(Method, &'static str)> {
+    routes().registered
+}
+
 pub fn router(api: Api) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/proxies", get(proxies))
-        .route("/api/v1/resources", get(list_resources).post(apply))
-        .route("/api/v1/resources/{kind}/{namespace}/{name}", delete(remove))
-        .route("/api/v1/revisions", get(revisions))
-        .route("/api/v1/rollback", post(rollback))
-        .route("/api/v1/intents", get(list_intents).post(submit_intent))
-        .route("/api/v1/intents/{id}", get(show_intent))
-        .route("/api/v1/intents/{id}/approve", post(approve))
-        .route("/api/v1/intents/{id}/abort", post(abort))
-        .route("/api/v1/intents/{id}/mode", post(set_mode))
-        .route("/api/v1/history", get(history))
-        .route("/api/v1/top", get(top))
-        .route("/api/v1/tap/{service}", get(tap))
-        .route("/api/v1/bypass/{service}", post(bypass))
-        .route("/api/v1/freeze", post(freeze))
-        .route("/api/v1/ledger", get(ledger))
-        .route("/api/v1/tokens", post(create_token))
-        .route("/api/v1/ca", get(ca_info))
-        .route("/api/v1/ca/rotate", post(rotate_root))
-        .route("/api/v1/events", get(events))
+    routes()
+        .router
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), crate::auth::authorize))
         .fallback(not_found)
         .with_state(api)
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({"live": true}))
+}
+
+/// Who the credential belongs to, and its role (the dashboard enables controls from it).
+async fn whoami(Extension(actor): Extension<Actor>) -> Json<serde_json::Value> {
+    Json(json!({"name": actor.name, "role": actor.role, "session": actor.session}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignIn {
+    token: String,
+}
+
+/// The dashboard signs in with a token once; the answer sets an HttpOnly, SameSite=Strict
+/// session cookie (Secure over TLS). The token itself is never stored in the browser.
+async fn sign_in(State(api): State<Api>, body: String) -> Result<Response, Response> {
+    let req: SignIn = json_body(&body, "session").map_err(IntoResponse::into_response)?;
+    let (id, actor, ttl) = api.auth.open_session(req.token.trim()).map_err(IntoResponse::into_response)?;
+    let cookie = crate::auth::session_cookie_header(Some((&id, ttl)), api.auth.tls);
+    Ok((
+        [(header::SET_COOKIE, cookie)],
+        Json(json!({"name": actor.name, "role": actor.role, "expiresInSeconds": ttl.as_secs()})),
+    )
+        .into_response())
+}
+
+async fn sign_out(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Some(id) = crate::auth::session_cookie(&headers) {
+        api.auth.close_session(id);
+    }
+    let cookie = crate::auth::session_cookie_header(None, api.auth.tls);
+    ([(header::SET_COOKIE, cookie)], Json(json!({"signedOut": true}))).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewApiToken {
+    name: String,
+    role: Role,
+    #[serde(default)]
+    ttl: Option<weft_api::Duration>,
+}
+
+/// Creates an API token; the answer carries the secret, shown this once.
+async fn create_api_token(State(api): State<Api>, body: String) -> Answer {
+    let req: NewApiToken = json_body(&body, "API token")?;
+    let (record, secret) = api
+        .auth
+        .create(&req.name, req.role, req.ttl.map(|t| t.as_std()))
+        .map_err(token_error)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"name": record.name, "role": record.role, "expiresMs": record.expires_ms, "token": secret})),
+    ))
+}
+
+async fn list_api_tokens(State(api): State<Api>) -> Json<serde_json::Value> {
+    let rows: Vec<_> = api
+        .auth
+        .list()
+        .iter()
+        .map(|t| json!({"name": t.name, "role": t.role, "createdMs": t.created_ms, "expiresMs": t.expires_ms}))
+        .collect();
+    Json(json!(rows))
+}
+
+async fn revoke_api_token(State(api): State<Api>, Path(name): Path<String>) -> Answer {
+    api.auth.revoke(&name).map_err(token_error)?;
+    Ok((StatusCode::OK, Json(json!({"name": name, "revoked": true}))))
+}
+
+fn token_error(e: crate::auth::TokenError) -> ApiError {
+    use crate::auth::TokenError as E;
+    match e {
+        E::Name(ref n) => ApiError(
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+            vec![FieldError::new("name", n, "1-63 of a-z, 0-9, '-', '_', '.'")],
+        ),
+        E::Exists(_) => ApiError(StatusCode::CONFLICT, e.to_string(), vec![]),
+        E::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string(), vec![]),
+        E::Store(_) | E::Random => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Only calls made within this long, e.g. `1h`.
+    #[serde(default)]
+    since: Option<weft_api::Duration>,
+}
+
+/// Every mutating call: who (token name and role), from where, what, and the outcome.
+async fn audit(State(api): State<Api>, axum::extract::RawQuery(query): axum::extract::RawQuery) -> Answer {
+    let q: AuditQuery = match query.as_deref().filter(|q| !q.is_empty()) {
+        None => AuditQuery { since: None },
+        Some(q) => {
+            let map: serde_json::Map<String, serde_json::Value> = q
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            json_body(&serde_json::Value::Object(map).to_string(), "audit query")?
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let from = q.since.map(|d| now.saturating_sub(d.as_std().as_millis() as u64)).unwrap_or(0);
+    let rows: Vec<_> = api
+        .mesh
+        .ledger(100_000)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]))?
+        .into_iter()
+        .filter(|e| e["kind"] == "audit" && e["timeMs"].as_u64().unwrap_or(0) >= from)
+        .collect();
+    Ok((StatusCode::OK, Json(json!(rows))))
 }
 
 async fn dashboard() -> Html<&'static str> {
@@ -240,18 +411,31 @@ async fn show_intent(State(api): State<Api>, Path(id): Path<String>) -> Result<J
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("intent {id} not found"), vec![]))
 }
 
-async fn approve(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(api.mesh.approve(&id)?.view()))
+async fn approve(
+    State(api): State<Api>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(api.mesh.approve(&id, &actor.name)?.view()))
 }
 
-async fn abort(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(api.mesh.abort(&id)?.view()))
+async fn abort(
+    State(api): State<Api>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(api.mesh.abort(&id, &actor.name)?.view()))
 }
 
-async fn bypass(State(api): State<Api>, Path(service): Path<String>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
+async fn bypass(
+    State(api): State<Api>,
+    Extension(actor): Extension<Actor>,
+    Path(service): Path<String>,
+    body: String,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let t: Toggle = json_body(&body, "bypass")?;
     let namespace = t.namespace.unwrap_or_else(|| "default".into());
-    api.mesh.set_bypass(&namespace, &service, t.enabled);
+    api.mesh.set_bypass(&namespace, &service, t.enabled, &actor.name);
     Ok(Json(json!({"service": service, "namespace": namespace, "bypass": t.enabled})))
 }
 
@@ -272,18 +456,18 @@ struct ModeBody {
 }
 
 /// Body `{mode: auto|manual}`: switches an open intent's rollout mode (the dashboard's Auto).
-async fn set_mode(State(api): State<Api>, Path(id): Path<String>, body: String) -> Answer {
+async fn set_mode(State(api): State<Api>, Extension(actor): Extension<Actor>, Path(id): Path<String>, body: String) -> Answer {
     let m: ModeBody = json_body(&body, "mode")?;
-    let record = api.mesh.set_mode(&id, m.mode)?;
+    let record = api.mesh.set_mode(&id, m.mode, &actor.name)?;
     Ok((
         StatusCode::OK,
         Json(json!({"id": record.id, "mode": record.mode, "phase": record.phase.as_str()})),
     ))
 }
 
-async fn freeze(State(api): State<Api>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
+async fn freeze(State(api): State<Api>, Extension(actor): Extension<Actor>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
     let t: Toggle = json_body(&body, "freeze")?;
-    api.mesh.freeze(t.enabled);
+    api.mesh.freeze(t.enabled, &actor.name);
     Ok(Json(json!({"frozen": t.enabled})))
 }
 
@@ -295,25 +479,8 @@ async fn ledger(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiEr
     Ok(Json(json!(rows)))
 }
 
-/// Server-sent events: one `data:` JSON object per change (intents, decisions, bypass, freeze).
-/// Live request metadata for `service` (never bodies), as server-sent events; only for callers
-/// holding the admin token.
-async fn tap(State(api): State<Api>, Path(service): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), api.admin_token.as_bytes()) {
-        return Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            format!(
-                "tap needs the admin token (Authorization: Bearer ..., from {} in the control plane's data directory)",
-                crate::ADMIN_TOKEN_FILE
-            ),
-            vec![],
-        ));
-    }
+/// Live request metadata for `service` (never bodies), as server-sent events (admin role).
+async fn tap(State(api): State<Api>, Path(service): Path<String>) -> Result<Response, ApiError> {
     let handle = api.mesh.taps.open(&service);
     let stream = TapStream(handle).map(|e| {
         let data = json!({
@@ -337,10 +504,7 @@ impl tokio_stream::Stream for TapStream {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
+/// Server-sent events: one `data:` JSON object per change (intents, decisions, bypass, freeze).
 async fn events(State(api): State<Api>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let stream = tokio_stream::wrappers::BroadcastStream::new(api.mesh.events.subscribe())
         .filter_map(|msg| msg.ok().map(|data| Ok(Event::default().data(data))));

@@ -502,7 +502,7 @@ impl Mesh {
     }
 
     /// Lets a manual intent start its next stage (the dashboard's "step").
-    pub fn approve(&self, id: &str) -> Result<IntentRecord, ChangeError> {
+    pub fn approve(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
         let mut state = self.state.lock();
         let seq = Self::seq_of(&state, id)?;
         let frozen = state.frozen;
@@ -521,14 +521,14 @@ impl Mesh {
         let view = intent.clone();
         self.persist(&state, seq);
         drop(state);
-        self.operator_ledger("approve", id);
+        self.operator_ledger(actor, "approve", id);
         self.wake.notify_one();
         Ok(view)
     }
 
     /// Switches an open intent between auto and manual; switching an intent that waits for
     /// approval to auto lets it go on at once.
-    pub fn set_mode(&self, id: &str, mode: RolloutMode) -> Result<IntentRecord, ChangeError> {
+    pub fn set_mode(&self, id: &str, mode: RolloutMode, actor: &str) -> Result<IntentRecord, ChangeError> {
         let mut state = self.state.lock();
         let seq = Self::seq_of(&state, id)?;
         let intent = state.intents.get_mut(&seq).expect("found");
@@ -544,14 +544,14 @@ impl Mesh {
         let view = intent.clone();
         self.persist(&state, seq);
         drop(state);
-        self.operator_ledger(&format!("mode {label}"), id);
+        self.operator_ledger(actor, &format!("mode {label}"), id);
         self.emit(json!({"type": "intent", "id": id, "mode": label}));
         self.wake.notify_one();
         Ok(view)
     }
 
     /// Rolls an intent back (or cancels it while queued).
-    pub fn abort(&self, id: &str) -> Result<IntentRecord, ChangeError> {
+    pub fn abort(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
         let mut state = self.state.lock();
         let seq = Self::seq_of(&state, id)?;
         if state.intents[&seq].phase.is_terminal() {
@@ -563,13 +563,13 @@ impl Mesh {
         self.end(&mut state, seq, Phase::RolledBack, "aborted by operator".into());
         let view = state.intents[&seq].clone();
         drop(state);
-        self.operator_ledger("abort", id);
+        self.operator_ledger(actor, "abort", id);
         Ok(view)
     }
 
     /// Freeze: every rollout in progress is rolled back to last-known-good and none starts
     /// until the freeze is lifted.
-    pub fn freeze(&self, on: bool) {
+    pub fn freeze(&self, on: bool, actor: &str) {
         let mut state = self.state.lock();
         state.frozen = on;
         if on {
@@ -591,13 +591,13 @@ impl Mesh {
             }
         }
         drop(state);
-        self.operator_ledger(if on { "freeze on" } else { "freeze off" }, "mesh");
+        self.operator_ledger(actor, if on { "freeze on" } else { "freeze off" }, "mesh");
         self.emit(json!({"type": "freeze", "enabled": on}));
         self.wake.notify_one();
     }
 
     /// The kill switch: `service`'s sidecars and its callers forward without its L7 policy.
-    pub fn set_bypass(&self, namespace: &str, service: &str, on: bool) {
+    pub fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) {
         let mut state = self.state.lock();
         let key = (namespace.to_string(), service.to_string());
         if on {
@@ -606,17 +606,22 @@ impl Mesh {
             state.bypass.remove(&key);
         }
         drop(state);
-        self.operator_ledger(if on { "bypass on" } else { "bypass off" }, &format!("{namespace}/{service}"));
+        self.operator_ledger(
+            actor,
+            if on { "bypass on" } else { "bypass off" },
+            &format!("{namespace}/{service}"),
+        );
         self.emit(json!({"type": "bypass", "service": service, "enabled": on}));
         self.bump();
     }
 
-    fn operator_ledger(&self, action: &str, subject: &str) {
-        let entry = json!({"timeMs": now_ms(), "actor": "operator", "action": action, "subject": subject});
+    /// Records an operator's action; `actor` is the name of the API token that asked for it.
+    fn operator_ledger(&self, actor: &str, action: &str, subject: &str) {
+        let entry = json!({"timeMs": now_ms(), "actor": actor, "action": action, "subject": subject});
         if let Err(error) = self.store.append_ledger(&entry.to_string()) {
             tracing::error!(%error, "cannot write the ledger");
         }
-        tracing::info!(action, subject, "operator action");
+        tracing::info!(actor, action, subject, "operator action");
     }
 
     pub fn ledger(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {

@@ -4,6 +4,7 @@
 //! It must not depend on weft-proxy: proxies are reached only through the control stream.
 
 pub mod api;
+pub mod auth;
 pub mod ca;
 pub mod distribution;
 pub mod history;
@@ -31,6 +32,8 @@ pub struct ControlConfig {
     pub cert_ttl: Duration,
     /// The user's own root (certificate and key PEM files) instead of a generated one.
     pub root: Option<(PathBuf, PathBuf)>,
+    /// Serve `/metrics` without a credential, for a Prometheus that cannot send a token.
+    pub metrics_open: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +48,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    Auth(#[from] auth::TokenError),
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
@@ -55,36 +60,12 @@ pub enum StartError {
     },
 }
 
-/// The file under the data directory holding the admin token (`weft tap` needs it).
+/// The file under the data directory holding the bootstrap admin API token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-
-/// Reads the admin token, creating it (random, mode 0600) on first start.
-fn admin_token(data_dir: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join(ADMIN_TOKEN_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut bytes = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| std::io::Error::other("no randomness for the admin token"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)?;
-    f.write_all(token.as_bytes())?;
-    Ok(token)
-}
 
 /// Opens the store, binds both listeners and serves until `shutdown`.
 pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
-    let store = store::Store::open(&cfg.data_dir)?;
+    let store = Arc::new(store::Store::open(&cfg.data_dir)?);
     let mut registry = prometheus_client::registry::Registry::with_prefix("weft_control");
     let metrics = metrics::ControlMetrics::register(&mut registry);
     let read = |p: &PathBuf| {
@@ -98,6 +79,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         None => None,
     };
     let ca = ca::Ca::open(&store, &cfg.trust_domain, cfg.cert_ttl, root)?;
+    let auth = auth::Auth::open(store.clone(), &cfg.data_dir.join(ADMIN_TOKEN_FILE), cfg.metrics_open, false)?;
     let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics)?);
     let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind {
         listener: "api",
@@ -118,19 +100,16 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     let loop_task = tokio::spawn(intents::run(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     let history_task = tokio::spawn(history.clone().run(mesh.clone(), shutdown.clone()));
-    let admin_token = admin_token(&cfg.data_dir).map_err(|source| StartError::Read {
-        path: cfg.data_dir.join(ADMIN_TOKEN_FILE).display().to_string(),
-        source,
-    })?;
     let router = api::router(api::Api {
         mesh: mesh.clone(),
         registry: Arc::new(registry),
         history,
-        admin_token: Arc::from(admin_token),
+        auth: Arc::new(auth),
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
-        let serve = axum::serve(api_l, router).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        let serve = axum::serve(api_l, service).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
         if let Err(error) = serve.await {
             tracing::error!(%error, "api server failed");
         }

@@ -30,7 +30,7 @@ const SAMPLE_WINDOW: Duration = Duration::from_secs(120);
 pub const WARMUP: Duration = Duration::from_secs(6);
 
 pub struct Mesh {
-    pub(crate) store: Store,
+    pub(crate) store: std::sync::Arc<Store>,
     pub ca: crate::ca::Ca,
     pub(crate) state: Mutex<State>,
     changed: watch::Sender<u64>,
@@ -243,7 +243,7 @@ fn now_ms() -> u64 {
 
 impl Mesh {
     /// Loads the newest revision from `store`.
-    pub fn new(store: Store, ca: crate::ca::Ca, metrics: ControlMetrics) -> Result<Self, StoreError> {
+    pub fn new(store: std::sync::Arc<Store>, ca: crate::ca::Ca, metrics: ControlMetrics) -> Result<Self, StoreError> {
         let stable = match store.stable()? {
             Some(rev) => store.get(rev)?,
             None => store.latest()?,

@@ -16,6 +16,8 @@ const INTENTS: TableDefinition<u64, &str> = TableDefinition::new("intents");
 const LEDGER: TableDefinition<u64, &str> = TableDefinition::new("ledger");
 /// The CA's root certificate and key and the token signing key (PEM / base64).
 const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
+/// API tokens by name (JSON records holding the secret's hash, never the secret).
+const API_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("api_tokens");
 
 pub struct Store {
     db: Database,
@@ -72,6 +74,7 @@ impl Store {
         tx.open_table(INTENTS).map_err(db_err)?;
         tx.open_table(LEDGER).map_err(db_err)?;
         tx.open_table(SECRETS).map_err(db_err)?;
+        tx.open_table(API_TOKENS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -192,6 +195,32 @@ impl Store {
     pub fn put_secret(&self, name: &str, value: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(SECRETS).map_err(db_err)?.insert(name, value).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+}
+
+// === API tokens ===
+
+impl Store {
+    pub fn api_tokens(&self) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(API_TOKENS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            out.push(row.map_err(db_err)?.1.value().to_string());
+        }
+        Ok(out)
+    }
+
+    pub fn put_api_token(&self, name: &str, json: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(API_TOKENS).map_err(db_err)?.insert(name, json).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn delete_api_token(&self, name: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(API_TOKENS).map_err(db_err)?.remove(name).map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 }

@@ -61,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid: u32) -> anyhow::Result<()> {
     let rss_before = fleet::rss_bytes(control_pid);
-    let tokens = fleet::tokens(api, n).await?;
+    let bearer = std::env::var("WEFT_API_TOKEN").map_err(|_| anyhow::anyhow!("WEFT_API_TOKEN: the control plane's admin token"))?;
+    let tokens = fleet::tokens(api, &bearer, n).await?;
     // Cold start: every proxy connects at once; done when each has its first config with the
     // endpoints of the service it calls.
     let fleet = Fleet::connect(grpc, tokens, services, "sim-svc-0").await?;
@@ -74,7 +75,11 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let client = weft_test::http::Client::new();
     let t0 = Instant::now();
     let r = client
-        .post(&format!("{api}/api/v1/resources"), policy.as_bytes().to_vec(), &[])
+        .post(
+            &format!("{api}/api/v1/resources"),
+            policy.as_bytes().to_vec(),
+            &[("authorization", &format!("Bearer {bearer}"))],
+        )
         .await?;
     anyhow::ensure!(r.status == 200 || r.status == 202, "apply: {} {}", r.status, r.text());
     let revision = r.json()["revision"].as_u64().unwrap_or(1);

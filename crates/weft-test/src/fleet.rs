@@ -32,14 +32,20 @@ pub struct Spread {
     pub reached: usize,
 }
 
-/// Join tokens for `n` simulated workloads `default/sim-0..n`.
-pub async fn tokens(api: &str, n: usize) -> anyhow::Result<Vec<String>> {
+/// Join tokens for `n` simulated workloads `default/sim-0..n`, minted with the admin API token
+/// `bearer`.
+pub async fn tokens(api: &str, bearer: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let client = Client::new();
     let mut out = Vec::with_capacity(n);
+    let auth = format!("Bearer {bearer}");
     for i in 0..n {
         let body = format!("{{\"workload\": \"default/sim-{i}\", \"serviceAccount\": \"sim\"}}").into_bytes();
         let r = client
-            .post(&format!("{api}/api/v1/tokens"), body, &[("content-type", "application/json")])
+            .post(
+                &format!("{api}/api/v1/tokens"),
+                body,
+                &[("content-type", "application/json"), ("authorization", &auth)],
+            )
             .await?;
         anyhow::ensure!(r.status == 200, "token: {} {}", r.status, r.text());
         out.push(r.json()["token"].as_str().unwrap_or_default().to_string());

@@ -114,6 +114,8 @@ pub struct Control {
     pub api: SocketAddr,
     pub grpc: SocketAddr,
     pub data_dir: PathBuf,
+    /// The bootstrap admin API token the control plane wrote to `admin.token`.
+    pub admin_token: String,
     bin: String,
     extra: Vec<String>,
 }
@@ -153,7 +155,7 @@ impl Control {
         args.extend(extra.iter().cloned());
         let mut process = Process::spawn(bin, "control", &args);
         let client = Client::new();
-        let url = format!("http://{api}/api/v1/status");
+        let url = format!("http://{api}/ready");
         // Up when the API answers. A port picked by the caller may have been taken before the
         // control plane bound it: fresh ports for a fresh start, the same ones for a restart.
         let up = crate::eventually(Duration::from_secs(30), "control plane API up (or exited)", || {
@@ -176,11 +178,16 @@ impl Control {
             }
             return Box::pin(Self::launch(bin, data_dir, api, grpc, extra, keep_ports)).await;
         }
+        let admin_token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("the control plane wrote admin.token")
+            .trim()
+            .to_string();
         Self {
             process,
             api,
             grpc,
             data_dir: data_dir.to_path_buf(),
+            admin_token,
             bin: bin.to_string(),
             extra,
         }
@@ -200,18 +207,59 @@ impl Control {
         format!("http://{}", self.grpc)
     }
 
+    /// GET with the admin token; asserts 200.
     pub async fn get(&self, path: &str) -> Value {
-        let r = Client::new().get(&self.url(path)).await.expect("API answers");
-        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
-        r.json()
+        let (status, v) = self.call_as("GET", path, "", &self.admin_token).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
     }
 
+    /// POST with the admin token.
     pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        let r = Client::new()
-            .post(&self.url(path), body.as_bytes().to_vec(), &[])
-            .await
-            .expect("API answers");
+        self.call_as("POST", path, body, &self.admin_token).await
+    }
+
+    /// Any call with `token` as the bearer credential (none when empty): status and JSON body.
+    pub async fn call_as(&self, method: &str, path: &str, body: &str, token: &str) -> (u16, Value) {
+        let mut req = hyper::Request::builder().method(method).uri(self.url(path));
+        if !token.is_empty() {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+            .expect("a valid request");
+        let r = Client::new().send(req).await.expect("API answers");
         (r.status, r.json())
+    }
+
+    /// `/metrics` as Prometheus text (read with the admin token).
+    pub async fn metrics(&self) -> String {
+        let req = hyper::Request::get(self.url("/metrics"))
+            .header("authorization", format!("Bearer {}", self.admin_token))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("a valid request");
+        let r = Client::new().send(req).await.expect("API answers");
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
+        r.text()
+    }
+
+    /// An API token with `role` (viewer, operator, admin), created with the admin token.
+    pub async fn api_token(&self, name: &str, role: &str) -> String {
+        let body = serde_json::json!({"name": name, "role": role}).to_string();
+        let (status, v) = self.post("/api/v1/admin/tokens", &body).await;
+        assert_eq!(status, 201, "API token {name}: {v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// The `weft` CLI against this control plane with the admin token, isolated from the user's
+    /// own saved login.
+    pub fn cli(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.bin);
+        c.arg("--server")
+            .arg(self.url(""))
+            .env("WEFT_API_TOKEN", &self.admin_token)
+            .env("WEFT_CONFIG", self.data_dir.join("no-user-config.json"));
+        c
     }
 
     /// A join token for `workload` (NS/NAME) with service account `sa`.

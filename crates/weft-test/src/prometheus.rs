@@ -18,8 +18,9 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus scraping every second: `jobs` are (job name, metrics path, targets).
-    pub async fn start(jobs: &[(&str, &str, Vec<SocketAddr>)]) -> anyhow::Result<Self> {
+    /// Starts Prometheus scraping every second: `jobs` are (job name, metrics path, targets,
+    /// bearer token to send if any).
+    pub async fn start(jobs: &[(&str, &str, Vec<SocketAddr>, Option<&str>)]) -> anyhow::Result<Self> {
         if !std::path::Path::new(PROMETHEUS).exists() {
             bail!("{PROMETHEUS} is missing: scripts/test installs Debian's prometheus");
         }
@@ -27,12 +28,15 @@ impl Prometheus {
         let dir = std::env::temp_dir().join(format!("weft-prometheus-{}-{}", std::process::id(), addr.port()));
         std::fs::create_dir_all(&dir)?;
         let mut config = String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
-        for (job, path, targets) in jobs {
+        for (job, path, targets, bearer) in jobs {
             let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
             config.push_str(&format!(
                 "  - job_name: {job}\n    metrics_path: {path}\n    static_configs:\n      - targets: [{}]\n",
                 list.join(", ")
             ));
+            if let Some(token) = bearer {
+                config.push_str(&format!("    authorization: {{type: Bearer, credentials: '{token}'}}\n"));
+            }
         }
         let file = dir.join("prometheus.yml");
         std::fs::write(&file, config)?;

@@ -11,6 +11,8 @@ use serde_json::Value;
 pub struct Api {
     base: String,
     http: Client<HttpConnector, Full<Bytes>>,
+    /// The API token sent as `Authorization: Bearer` on every call.
+    token: Option<String>,
 }
 
 /// A refusal from the API: its status and `{error, field}` body.
@@ -28,6 +30,21 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
+impl Refused {
+    /// The API's `{error, hint}` answer, or its text when it is not JSON.
+    fn of(status: StatusCode, bytes: &[u8]) -> Self {
+        let value: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        let mut error = value["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned());
+        if let Some(hint) = value["hint"].as_str() {
+            error = format!("{error}\nhint: {hint}");
+        }
+        Refused { status, error }
+    }
+}
+
 // === impl Api ===
 
 impl Api {
@@ -35,6 +52,24 @@ impl Api {
         Self {
             base: base.trim_end_matches('/').to_string(),
             http: Client::builder(TokioExecutor::new()).build_http(),
+            token: None,
+        }
+    }
+
+    /// Sends `token` with every call.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn authorize(&self, req: hyper::http::request::Builder) -> hyper::http::request::Builder {
+        match &self.token {
+            Some(t) => req.header("authorization", format!("Bearer {t}")),
+            None => req,
         }
     }
 
@@ -52,10 +87,10 @@ impl Api {
 
     /// Opens a server-sent-event stream; calls `each` with every event's data until it returns
     /// `false` or the stream ends.
-    pub async fn events(&self, path: &str, bearer: &str, mut each: impl FnMut(Value) -> bool) -> anyhow::Result<()> {
+    pub async fn events(&self, path: &str, mut each: impl FnMut(Value) -> bool) -> anyhow::Result<()> {
         let url = format!("{}{path}", self.base);
-        let req = Request::get(&url)
-            .header("authorization", format!("Bearer {bearer}"))
+        let req = self
+            .authorize(Request::get(&url))
             .header("accept", "text/event-stream")
             .body(Full::new(Bytes::new()))
             .with_context(|| format!("invalid server URL {url}"))?;
@@ -68,12 +103,7 @@ impl Api {
         let mut body = resp.into_body();
         if !status.is_success() {
             let bytes = body.collect().await?.to_bytes();
-            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let error = value["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(Refused { status, error }.into());
+            return Err(Refused::of(status, &bytes).into());
         }
         let mut pending = String::new();
         while let Some(frame) = body.frame().await {
@@ -97,7 +127,7 @@ impl Api {
 
     async fn call(&self, method: Method, path: &str, body: Option<String>, headers: &[(&str, &str)]) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut req = Request::builder().method(method).uri(&url);
+        let mut req = self.authorize(Request::builder().method(method).uri(&url));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -111,16 +141,9 @@ impl Api {
             .map_err(|e| anyhow!("cannot reach the control plane at {}: {e}", self.base))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.context("reading the API's answer")?.to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        if status.is_success() {
-            Ok(value)
-        } else {
-            let error = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            Err(Refused { status, error }.into())
+        if !status.is_success() {
+            return Err(Refused::of(status, &bytes).into());
         }
+        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())))
     }
 }

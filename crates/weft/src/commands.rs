@@ -2,7 +2,7 @@
 
 use crate::client::{Api, Refused};
 use crate::output::{self, cell, table};
-use crate::{CaCommand, Cli, Command, EXIT_INVALID, IntentCommand, TokenCommand};
+use crate::{AdminCommand, ApiTokenCommand, CaCommand, Cli, Command, EXIT_INVALID, IntentCommand, TokenCommand};
 use anyhow::Context;
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -82,8 +82,20 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let api = Api::new(&cli.server);
     let format = cli.output;
+    let needs_api = !matches!(
+        cli.command,
+        Command::Up { .. } | Command::Control { .. } | Command::Proxy(_) | Command::DemoApp(_)
+    );
+    let profile = if needs_api {
+        crate::login::resolve(cli.server.clone(), cli.token_file.as_deref())?
+    } else {
+        crate::login::Profile {
+            server: crate::login::DEFAULT_SERVER.into(),
+            token: None,
+        }
+    };
+    let api = Api::new(&profile.server).with_token(profile.token.clone());
     let result = match cli.command {
         Command::Up {
             no_traffic,
@@ -101,6 +113,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Control {
             data_dir,
+            metrics_open,
             api,
             grpc,
             trust_domain,
@@ -116,6 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 trust_domain,
                 cert_ttl: cert_ttl.as_std(),
                 root,
+                metrics_open,
             };
             return control(cfg).await;
         }
@@ -129,7 +143,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollback { revision } => rollback(&api, revision).await,
         Command::Status => status(&api, format).await,
         Command::Top { once, interval } => top(&api, format, once, interval.as_std()).await,
-        Command::Tap { service, token, count } => tap(&api, format, &service, &token, count).await,
+        Command::Tap { service, count } => tap(&api, format, &service, count).await,
+        Command::Login => match &cli.token_file {
+            Some(file) => login(&api, &profile, file).await,
+            None => Err(anyhow::anyhow!(
+                "weft login needs --token-file FILE (admin.token in the control plane's data directory, or a token from `weft admin token create`)"
+            )),
+        },
+        Command::Whoami => api.get("/api/v1/whoami").await.and_then(|v| {
+            if !output::structured(format, &v)? {
+                say!("{} ({}) at {}", cell(&v, "name"), cell(&v, "role"), api.base());
+            }
+            Ok(())
+        }),
+        Command::Admin(AdminCommand::Token(cmd)) => api_tokens(&api, cmd, format).await,
+        Command::Audit { since } => audit(&api, since, format).await,
         Command::Proxies => proxies(&api, format).await,
         Command::Intent(cmd) => intent(&api, cmd, format).await,
         Command::Token(TokenCommand::Create {
@@ -433,10 +461,100 @@ async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn tap(api: &Api, format: output::Format, service: &str, token: &str, count: Option<u64>) -> anyhow::Result<()> {
+/// Checks the token against the server, then saves both for this user.
+async fn login(api: &Api, profile: &crate::login::Profile, token_file: &Path) -> anyhow::Result<()> {
+    let token = crate::login::read_token_file(token_file)?;
+    let api = Api::new(api.base()).with_token(Some(token.clone()));
+    let me = api
+        .get("/api/v1/whoami")
+        .await
+        .with_context(|| format!("{} refused the token in {}", profile.server, token_file.display()))?;
+    let path = crate::login::save(&crate::login::Saved {
+        server: profile.server.clone(),
+        token,
+    })?;
+    say!(
+        "logged in to {} as {} ({}); saved in {}",
+        profile.server,
+        cell(&me, "name"),
+        cell(&me, "role"),
+        path.display()
+    );
+    Ok(())
+}
+
+async fn api_tokens(api: &Api, cmd: ApiTokenCommand, format: output::Format) -> anyhow::Result<()> {
+    match cmd {
+        ApiTokenCommand::Create { name, role, ttl } => {
+            let body = serde_json::json!({"name": name, "role": role, "ttl": ttl.map(|t| t.to_string())}).to_string();
+            let v = api
+                .post("/api/v1/admin/tokens", body, &[("content-type", "application/json")])
+                .await?;
+            say!("{}", cell(&v, "token"));
+            Ok(())
+        }
+        ApiTokenCommand::List => {
+            let v = api.get("/api/v1/admin/tokens").await?;
+            if output::structured(format, &v)? {
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let expires = t["expiresMs"].as_u64().map(output::time_ms).unwrap_or_else(|| "never".into());
+                    vec![
+                        cell(t, "name"),
+                        cell(t, "role"),
+                        output::time_ms(t["createdMs"].as_u64().unwrap_or(0)),
+                        expires,
+                    ]
+                })
+                .collect();
+            table(&["NAME", "ROLE", "CREATED", "EXPIRES"], &rows);
+            Ok(())
+        }
+        ApiTokenCommand::Revoke { name } => {
+            api.delete(&format!("/api/v1/admin/tokens/{name}")).await?;
+            say!("token {name} revoked");
+            Ok(())
+        }
+    }
+}
+
+async fn audit(api: &Api, since: Option<weft_api::Duration>, format: output::Format) -> anyhow::Result<()> {
+    let path = match since {
+        Some(d) => format!("/api/v1/audit?since={d}"),
+        None => "/api/v1/audit".to_string(),
+    };
+    let v = api.get(&path).await?;
+    if output::structured(format, &v)? {
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                output::time_ms(e["timeMs"].as_u64().unwrap_or(0)),
+                cell(e, "actor"),
+                cell(e, "role"),
+                cell(e, "source"),
+                format!("{} {}", cell(e, "method"), cell(e, "path")),
+                cell(e, "status"),
+            ]
+        })
+        .collect();
+    table(&["TIME", "ACTOR", "ROLE", "SOURCE", "CALL", "STATUS"], &rows);
+    Ok(())
+}
+
+async fn tap(api: &Api, format: output::Format, service: &str, count: Option<u64>) -> anyhow::Result<()> {
     let mut seen = 0u64;
     let structured = !matches!(format, output::Format::Table);
-    api.events(&format!("/api/v1/tap/{service}"), token, |e| {
+    api.events(&format!("/api/v1/tap/{service}"), |e| {
         if structured {
             say!("{e}");
         } else {

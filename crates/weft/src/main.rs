@@ -9,6 +9,7 @@ mod client;
 mod commands;
 mod demo_app;
 mod diff;
+mod login;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -26,9 +27,14 @@ pub const EXIT_INVALID: u8 = 64;
     about = "weft service mesh: control plane, sidecar proxy, CLI and local demo mesh"
 )]
 pub struct Cli {
-    /// The control plane's REST API.
-    #[arg(long, global = true, env = "WEFT_SERVER", default_value = "http://127.0.0.1:7070")]
-    pub server: String,
+    /// The control plane's REST API [default: the server `weft login` saved, else
+    /// http://127.0.0.1:7070].
+    #[arg(long, global = true, env = "WEFT_SERVER")]
+    pub server: Option<String>,
+    /// A file holding the API token to send (else WEFT_API_TOKEN, else the one `weft login`
+    /// saved for this server).
+    #[arg(long, global = true, env = "WEFT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: output::Format,
@@ -53,10 +59,28 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         rps: u32,
     },
+    /// Store a control plane's address (`--server`) and an API token (`--token-file`: the
+    /// first admin's `admin.token`, or one from `weft admin token create`) for this user's later
+    /// commands.
+    Login,
+    /// The API token in use: its name and role.
+    Whoami,
+    /// API tokens (admin): who may call the REST API, with which role.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Who changed what, from where: every mutating API call.
+    Audit {
+        /// Only calls within this long, e.g. 1h.
+        #[arg(long)]
+        since: Option<weft_api::Duration>,
+    },
     /// Run the control plane.
     Control {
         #[arg(long, default_value = "weft-data")]
         data_dir: PathBuf,
+        /// Serve /metrics without a credential (for a Prometheus that cannot send a token).
+        #[arg(long)]
+        metrics_open: bool,
         #[arg(long, default_value = "127.0.0.1:7070")]
         api: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:7071")]
@@ -102,12 +126,9 @@ pub enum Command {
     /// Service cards: traffic, errors, policy revision, mTLS and proxies in sync.
     Status,
     /// A live stream of request metadata (never bodies) to and from SERVICE, as its callers'
-    /// and its own sidecars see it. Needs the control plane's admin token.
+    /// and its own sidecars see it. Needs the admin role.
     Tap {
         service: String,
-        /// The admin token (`admin.token` in the control plane's data directory).
-        #[arg(long, env = "WEFT_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
         /// Stop after this many requests.
         #[arg(long)]
         count: Option<u64>,
@@ -148,6 +169,31 @@ pub enum Command {
     },
     /// Connected proxies and the revision each applied.
     Proxies,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// API tokens.
+    #[command(subcommand)]
+    Token(ApiTokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApiTokenCommand {
+    /// Create a token; prints its secret once, alone on stdout (the store keeps only a hash).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// Lifetime, e.g. 720h; none for no expiry.
+        #[arg(long)]
+        ttl: Option<weft_api::Duration>,
+    },
+    /// Every token's name, role and expiry (never secrets).
+    List,
+    /// Refuse a token from now on.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -224,5 +270,14 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

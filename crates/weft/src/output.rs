@@ -69,3 +69,35 @@ pub fn write_line(args: std::fmt::Arguments<'_>) {
         std::process::exit(0);
     }
 }
+
+/// Unix time in milliseconds as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn time_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01, counting in 400-year eras from 0000-03-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_utc_dates() {
+        assert_eq!(super::time_ms(0), "1970-01-01 00:00:00");
+        assert_eq!(super::time_ms(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(super::time_ms(1_796_036_461_000), "2026-11-30 11:01:01");
+    }
+}

@@ -169,11 +169,17 @@ async fn start_all(
             &grpc.to_string(),
         ],
     )?);
-    wait_http(&format!("{api_url}/api/v1/status"), Duration::from_secs(15), children)
+    wait_http(&format!("{api_url}/ready"), Duration::from_secs(15), children)
         .await
         .context("the control plane did not come up")?;
-
-    let api = crate::client::Api::new(&api_url);
+    // The CLI and the dashboard of this user get the bootstrap admin token, no extra step.
+    let token_file = data_dir.join("control").join(weft_control::ADMIN_TOKEN_FILE);
+    let token = crate::login::read_token_file(&token_file)?;
+    let config = crate::login::save(&crate::login::Saved {
+        server: api_url.clone(),
+        token: token.clone(),
+    })?;
+    let api = crate::client::Api::new(&api_url).with_token(Some(token));
     let mut gateway_inbound = None;
     let mut table = Vec::new();
     for spec in &WORKLOADS {
@@ -217,15 +223,16 @@ async fn start_all(
     say!("  dashboard:  {api_url}/");
     say!("  control:    {control_url} (gRPC)");
     say!("  logs:       {}", logs.display());
+    say!("  admin token: {} (the dashboard asks for it once)", token_file.display());
     say!(
-        "  admin token: {} (for `weft tap`: WEFT_ADMIN_TOKEN=$(cat that file))",
-        data_dir.join("control").join("admin.token").display()
+        "  CLI:        logged in as admin in {} (`weft login` replaces it)",
+        config.display()
     );
     say!();
     crate::output::table(&["WORKLOAD", "CLUSTER", "APP", "INBOUND", "OUTBOUND", "ADMIN"], &table);
     say!();
     say!("queued (manual mode): MESH-201..204, the seed's intents; `weft intent list`, `weft intent approve MESH-201`");
-    say!("try:  weft --server {api_url} status      (Ctrl-C stops everything)");
+    say!("try:  weft status      (Ctrl-C stops everything)");
     if opts.traffic {
         let target = gateway_inbound.expect("mobile-gateway is in the demo");
         tokio::spawn(generate(target, opts.rps.max(1), shutdown.clone()));

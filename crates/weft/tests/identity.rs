@@ -156,12 +156,7 @@ async fn mtls_between_sidecars_with_strict_permissive_and_bad_certificates() {
         proxies.as_array()?.iter().all(|p| p["certExpiry"].is_number()).then_some(())
     })
     .await;
-    let check = |within: &str| {
-        std::process::Command::new(BIN)
-            .args(["--server", &control.url(""), "check", "--within", within])
-            .output()
-            .unwrap()
-    };
+    let check = |within: &str| control.cli().args(["check", "--within", within]).output().unwrap();
     let ok = check("1h");
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stdout));
     let warn = check("48h");
@@ -276,7 +271,7 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
         .expect_err("bad token");
     assert_eq!(bad.code(), tonic::Code::Unauthenticated);
     assert!(!bad.message().contains(&token), "a token is never echoed");
-    let metrics = Client::new().get(&control.url("/metrics")).await.unwrap().text();
+    let metrics = control.metrics().await;
     assert!(metrics.lines().any(|l| l == "weft_control_csrs_refused_total 2"), "{metrics}");
 
     // A proxy without a token, or with another workload's, is refused registration.

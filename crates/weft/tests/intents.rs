@@ -425,6 +425,7 @@ async fn events(control: &Control) -> tokio::sync::mpsc::UnboundedReceiver<Value
     tokio::spawn(conn);
     let req = hyper::Request::get("/api/v1/events")
         .header("host", "weft")
+        .header("authorization", format!("Bearer {}", control.admin_token))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
     let mut body = send.send_request(req).await.unwrap().into_body();

@@ -325,10 +325,7 @@ async fn invalid_resource_changes_nothing_anywhere() {
     // The CLI: exit 64, naming file, field and value.
     let file = std::env::temp_dir().join(format!("weft-bad-{}.yaml", std::process::id()));
     std::fs::write(&file, policy("orders", "orders", "    - timeout: 5x\n")).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["--server", &control.url(""), "apply", "-f", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = control.cli().args(["apply", "-f", file.to_str().unwrap()]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     for needle in [file.to_str().unwrap(), "spec.routes[0].timeout", "5x"] {
@@ -340,10 +337,7 @@ async fn invalid_resource_changes_nothing_anywhere() {
         policy("orders", "orders", "    - backends: [{subset: v9, weight: 100}]\n"),
     )
     .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["--server", &control.url(""), "apply", "-f", subset_file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = control.cli().args(["apply", "-f", subset_file.to_str().unwrap()]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains(subset_file.to_str().unwrap()) && stderr.contains("v9"), "{stderr}");
@@ -728,10 +722,25 @@ fn descendants(pid: u32) -> Vec<u32> {
 async fn weft_up_serves_every_service_and_leaves_nothing_behind() {
     let api = free_addr();
     let start = Instant::now();
-    let mut up = weft_test::Process::spawn(BIN, "weft-up", &["up".into(), "--api".into(), api.to_string()]);
+    // `weft up` logs this user's CLI in: here, into a file of the test's own.
+    let config = std::env::temp_dir().join(format!("weft-up-cli-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&config);
+    let mut up = weft_test::Process::spawn_env(
+        BIN,
+        "weft-up",
+        &["up".into(), "--api".into(), api.to_string()],
+        &[("WEFT_CONFIG", config.to_str().unwrap())],
+    );
     let http = Client::new();
-    let services = eventually(Duration::from_secs(15), "all six demo services show rps > 0", || async {
-        let s = http.get(&format!("http://{api}/api/v1/status")).await.ok()?.json();
+    let services = eventually(Duration::from_secs(30), "all six demo services show rps > 0", || async {
+        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).ok()?).ok()?;
+        assert_eq!(saved["server"], format!("http://{api}"), "weft up saved its server for the CLI");
+        let token = saved["token"].as_str()?;
+        let req = Request::get(format!("http://{api}/api/v1/status"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap();
+        let s = http.send(req).await.ok()?.json();
         let services = s["services"].as_array()?.clone();
         (services.len() == 6 && services.iter().all(|v| v["rps"].as_f64().unwrap_or(0.0) > 0.0)).then_some(services)
     })
@@ -768,4 +777,5 @@ async fn weft_up_serves_every_service_and_leaves_nothing_behind() {
         .collect();
     assert!(alive.is_empty(), "orphans left behind: {alive:?}");
     assert!(std::net::TcpListener::bind(api).is_ok(), "the API port is free again");
+    let _ = std::fs::remove_file(&config);
 }

@@ -36,9 +36,11 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     let (_pay, pay_proxy) = instance(&control, "payments-v1", "payments", "v1").await;
     let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     let api = control.api;
+    // The control plane's /metrics needs a viewer credential: Prometheus sends one.
+    let scraper = control.api_token("prometheus", "viewer").await;
     let prom = Prometheus::start(&[
-        ("proxies", "/metrics", vec![orders_proxy.admin, pay_proxy.admin, web.admin]),
-        ("control", "/metrics", vec![api]),
+        ("proxies", "/metrics", vec![orders_proxy.admin, pay_proxy.admin, web.admin], None),
+        ("control", "/metrics", vec![api], Some(scraper.as_str())),
     ])
     .await
     .expect("prometheus starts");
@@ -103,10 +105,7 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     assert_eq!(phases, 8.0, "intents by each of the 8 phases");
     // `weft top`: the same traffic per destination route, from the control plane.
     let top = |format: &'static str| {
-        let out = std::process::Command::new(BIN)
-            .args(["--server", &control.url(""), "top", "--once", "-o", format])
-            .output()
-            .expect("weft top runs");
+        let out = control.cli().args(["top", "--once", "-o", format]).output().expect("weft top runs");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -132,19 +131,25 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
         "{table}"
     );
     // `weft tap orders`: request metadata from both the callers' and orders' own sidecars, only
-    // with the admin token.
-    let token = std::fs::read_to_string(control.data_dir.join("admin.token")).expect("the control plane wrote its admin token");
+    // for the admin role.
     let tap = |token: &str| {
-        std::process::Command::new(BIN)
-            .args(["--server", &control.url(""), "tap", "orders", "--count", "6", "-o", "json"])
-            .env("WEFT_ADMIN_TOKEN", token)
+        control
+            .cli()
+            .args(["tap", "orders", "--count", "6", "-o", "json"])
+            .env("WEFT_API_TOKEN", token)
             .output()
             .expect("weft tap runs")
     };
-    let refused = tap("not-the-token");
+    let refused = tap("not-a-token");
     assert!(!refused.status.success());
     let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(why.contains("admin token"), "{why}");
+    assert!(why.contains("not valid") && why.contains("hint"), "{why}");
+    let viewer = control.api_token("tap-viewer", "viewer").await;
+    let refused = tap(&viewer);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("needs the admin role"), "{why}");
+    let token = control.admin_token.clone();
     let out = tap(token.trim());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
@@ -206,6 +211,81 @@ spec:
     let browser = Browser::start(1366, 900).await.expect("headless chromium");
     browser.goto(&control.url("/")).await.unwrap();
     let shots = artifacts();
+    // Without a session the dashboard asks for a token and shows no data.
+    browser
+        .wait_for(Duration::from_secs(15), "the sign-in form", || async {
+            let hidden = browser
+                .eval("return document.getElementById('login').hidden", serde_json::json!([]))
+                .await?;
+            Ok((hidden == false).then_some(()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(browser.count(".card").await.unwrap(), 0, "no data before signing in");
+    browser.screenshot(&shots.join("dashboard-sign-in.png")).await.unwrap();
+    sign_in(&browser, "not-a-token").await;
+    browser
+        .wait_for(Duration::from_secs(10), "a refused token is explained", || async {
+            let why = browser.text("#login-error").await?.unwrap_or_default();
+            Ok(why.contains("not valid").then_some(why))
+        })
+        .await
+        .unwrap();
+
+    // A viewer sees the mesh, and cannot Step or bypass: the controls say why.
+    let viewer = control.api_token("dash-viewer", "viewer").await;
+    sign_in(&browser, &viewer).await;
+    browser
+        .wait_for(Duration::from_secs(15), "the viewer sees the queue and the cards", || async {
+            let queued = browser.count("#queue .intent[data-id='MESH-701']").await?;
+            let card = browser.text(".card[data-service='checkout'] .rps").await?;
+            let who = browser.text("#who").await?.unwrap_or_default();
+            Ok((queued == 1 && card.is_some() && who == "dash-viewer (viewer)").then_some(()))
+        })
+        .await
+        .unwrap();
+    let step = browser
+        .eval(
+            "const b = document.getElementById('step'); return [b.disabled, b.title]",
+            serde_json::json!([]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(step[0], true, "Step is disabled for a viewer: {step}");
+    assert!(step[1].as_str().unwrap().contains("needs the operator role"), "{step}");
+    let toggle = browser
+        .eval(
+            "const t = document.querySelector(\".card[data-service='checkout'] input[type=checkbox]\"); return [t.disabled, t.title]",
+            serde_json::json!([]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(toggle[0], true, "bypass is disabled for a viewer: {toggle}");
+    browser.screenshot(&shots.join("dashboard-viewer.png")).await.unwrap();
+    // Even a page that enables the button itself is refused by the server: 403, nothing moves.
+    let forced = browser
+        .eval(
+            "return fetch('/api/v1/intents/MESH-701/approve', {method: 'POST'}).then(r => r.status)",
+            serde_json::json!([]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced, 403, "a viewer's approve is refused");
+    assert_eq!(control.get("/api/v1/intents/MESH-701").await["phase"], "awaiting-approval");
+    browser.click("#sign-out").await.unwrap();
+    browser
+        .wait_for(Duration::from_secs(10), "signed out", || async {
+            let hidden = browser
+                .eval("return document.getElementById('login').hidden", serde_json::json!([]))
+                .await?;
+            Ok((hidden == false).then_some(()))
+        })
+        .await
+        .unwrap();
+
+    // An operator can drive the loop.
+    let operator = control.api_token("dash-operator", "operator").await;
+    sign_in(&browser, &operator).await;
     // The queue and the cards render from the live API.
     browser
         .wait_for(Duration::from_secs(15), "the queue and the checkout card", || async {
@@ -298,9 +378,27 @@ spec:
         .unwrap();
     let decision = browser.text("#last-decision").await.unwrap().unwrap();
     assert!(decision.contains("MESH-701"), "{decision}");
+    // The ledger view names who did it.
+    browser
+        .wait_for(Duration::from_secs(10), "the ledger names the operator", || async {
+            Ok((browser.count("#ledger .entry[data-actor='dash-operator']").await? >= 3).then_some(()))
+        })
+        .await
+        .unwrap();
     browser.screenshot(&shots.join("dashboard-promoted.png")).await.unwrap();
     let stats = load.stop().await;
     assert!(stats.ok > 0);
+}
+
+/// Signs the dashboard in with `token`, as a person pasting it would.
+async fn sign_in(browser: &Browser, token: &str) {
+    browser
+        .eval(
+            "document.getElementById('token-input').value = arguments[0]; document.getElementById('login-form').requestSubmit(); return true",
+            serde_json::json!([token]),
+        )
+        .await
+        .unwrap();
 }
 
 /// A sidecar that exports spans to `otlp`, in front of `app`.
