@@ -1,6 +1,7 @@
 //! The proxy's one typed config: where it listens, who it is, and where its routes come from
 //! (the control plane, or a static file for `weft proxy --config`).
 
+use http::HeaderName;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,6 +28,9 @@ pub struct ProxyConfig {
     pub trace_sample: f64,
     /// Opaque TCP listeners: each connection goes to an endpoint of the service.
     pub tcp: Vec<(SocketAddr, String)>,
+    /// Header names the inbound proxy removes before the app sees a request, besides the
+    /// identity headers it always removes (`--strip-header`, `stripHeaders`).
+    pub strip_headers: Vec<HeaderName>,
     pub source: Source,
 }
 
@@ -62,8 +66,30 @@ pub struct StaticFile {
     pub outbound: SocketAddr,
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// Extra header names the inbound proxy removes (as `--strip-header`).
+    #[serde(default)]
+    pub strip_headers: Vec<String>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+}
+
+/// Names the proxy needs to deliver a request, which therefore cannot be stripped.
+const NEEDED_HEADERS: [&str; 6] = ["host", "content-length", "transfer-encoding", "connection", "upgrade", "te"];
+
+/// Reads one extra header name to strip (`--strip-header`, `stripHeaders`): a valid HTTP header
+/// name in any case (kept lowercase, as header names compare), exact (no pattern), and not one
+/// the proxy needs to deliver the request. The error says what is wrong; the caller names the
+/// flag or field and the value.
+pub fn strip_header_name(name: &str) -> Result<HeaderName, String> {
+    if name.contains('*') {
+        return Err("a pattern; give exact header names (the x-weft-* and l5d-* prefixes are always stripped)".into());
+    }
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| "not an HTTP header name (one or more of letters, digits and !#$%&'+-.^_`|~)".to_string())?;
+    if NEEDED_HEADERS.contains(&parsed.as_str()) {
+        return Err("the proxy needs this header to deliver the request, so it cannot be stripped".into());
+    }
+    Ok(parsed)
 }
 
 // === impl Workload ===
@@ -124,6 +150,13 @@ impl StaticFile {
                 Default::default()
             }
         };
+        let mut strip_headers = Vec::new();
+        for (i, name) in file.strip_headers.iter().enumerate() {
+            match strip_header_name(name) {
+                Ok(h) => strip_headers.push(h),
+                Err(msg) => errors.push(FieldError::new(format!("stripHeaders[{i}]"), name, msg)),
+            }
+        }
         let mut services = BTreeMap::new();
         for (i, s) in file.services.into_iter().enumerate() {
             s.validate(&format!("services[{i}]"), &mut errors);
@@ -152,6 +185,7 @@ impl StaticFile {
             otlp_endpoint: None,
             trace_sample: 100.0,
             tcp: Vec::new(),
+            strip_headers,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()
@@ -187,5 +221,37 @@ mod tests {
         let twice = format!("{GOOD}  - name: orders\n");
         let err = StaticFile::parse(&twice, "web.yaml").expect_err("duplicate").to_string();
         assert!(err.contains("services[1].name") && err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn extra_header_names_to_strip_are_exact_valid_and_not_needed_by_the_proxy() {
+        for ok in ["x-internal-user", "X-Tenant-Admin", "x-spiffe-id", "authorization"] {
+            let name = strip_header_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(name.as_str(), ok.to_ascii_lowercase());
+        }
+        for (bad, why) in [
+            ("", "not an HTTP header name"),
+            ("x user", "not an HTTP header name"),
+            ("x-user:", "not an HTTP header name"),
+            (":authority", "not an HTTP header name"),
+            ("x-caf\u{e9}", "not an HTTP header name"),
+            ("x-internal-*", "a pattern"),
+            ("Host", "needs this header"),
+            ("content-length", "needs this header"),
+            ("Transfer-Encoding", "needs this header"),
+        ] {
+            let err = strip_header_name(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+        let file = GOOD.replace("services:", "stripHeaders: [X-Internal-User, 'bad name', x-tenant]\nservices:");
+        let err = StaticFile::parse(&file, "web.yaml").expect_err("one bad name").to_string();
+        assert!(
+            err.contains("web.yaml") && err.contains("stripHeaders[1]") && err.contains("bad name") && !err.contains("stripHeaders[0]"),
+            "{err}"
+        );
+        let file = GOOD.replace("services:", "stripHeaders: [X-Internal-User, x-tenant]\nservices:");
+        let cfg = StaticFile::parse(&file, "web.yaml").expect("valid names");
+        let names: Vec<&str> = cfg.strip_headers.iter().map(|h| h.as_str()).collect();
+        assert_eq!(names, ["x-internal-user", "x-tenant"]);
     }
 }

@@ -1,8 +1,10 @@
 //! Header hygiene and the replies the proxy makes itself.
 //!
 //! Hop-by-hop headers never cross a proxy; headers only the mesh may set are removed when they
-//! come from an app; every reply the proxy writes itself carries a stable reason in
-//! `x-weft-error`, the same one used as the metric label.
+//! come from an app; headers a caller could use to claim an identity are removed at the inbound
+//! trust boundary, which then states the verified caller in one header of its own; every reply
+//! the proxy writes itself carries a stable reason in `x-weft-error`, the same one used as the
+//! metric label.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
@@ -18,6 +20,19 @@ pub const ERROR_HEADER: &str = "x-weft-error";
 /// inbound proxy hands it to the app for that reason. Accepted from apps, since it can only
 /// turn retries off.
 pub const RETRIED: &str = "weft-retried";
+
+/// Set by the inbound proxy for an mTLS caller, in Envoy's format: `By=<this workload's SPIFFE
+/// ID>;URI=<the caller's, from its certificate>`. The one identity header an app may trust.
+pub const CLIENT_CERT: &str = "x-forwarded-client-cert";
+
+/// Header names a caller could use to claim an identity, removed by the inbound proxy before
+/// the app sees the request.
+const IDENTITY_NAMES: [&str; 2] = [CLIENT_CERT, "x-spiffe-id"];
+/// Name prefixes removed for the same reason: the mesh's own (`x-weft-`) and Linkerd's (`l5d-`,
+/// which apps migrated from Linkerd may still read).
+const IDENTITY_PREFIXES: [&str; 2] = ["x-weft-", "l5d-"];
+/// What the inbound proxy always removes, as shown on `/config_dump` (`*`: any name so prefixed).
+pub const IDENTITY_HEADERS: [&str; 4] = ["x-weft-*", CLIENT_CERT, "x-spiffe-id", "l5d-*"];
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -60,6 +75,62 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
         .collect();
     for k in mesh {
         headers.remove(k);
+    }
+}
+
+/// Removes every header a caller could use to claim an identity: [`IDENTITY_HEADERS`] and the
+/// configured `extra` names, every copy of each, in any spelling an app could read as one of
+/// them. Header names are case-insensitive and a [`HeaderMap`] holds them lowercase, so case
+/// never matters; `_` counts as `-`, because CGI-style servers (WSGI, Rack, PHP) turn both into
+/// `HTTP_X_SPIFFE_ID`. Trace headers and `weft-retried` are not identities and stay. Allocates
+/// only when a prefixed or underscored identity name is present.
+pub fn strip_identity_headers(headers: &mut HeaderMap, extra: &[HeaderName]) {
+    for name in IDENTITY_NAMES {
+        headers.remove(name);
+    }
+    for name in extra {
+        headers.remove(name);
+    }
+    let other: Vec<HeaderName> = headers.keys().filter(|k| claims_identity(k.as_str(), extra)).cloned().collect();
+    for name in other {
+        headers.remove(name);
+    }
+}
+
+/// Whether a (lowercase) header name starts with an identity prefix, or is an identity or
+/// `extra` name spelled with `_` for `-`.
+fn claims_identity(name: &str, extra: &[HeaderName]) -> bool {
+    let dashed = |b: u8| if b == b'_' { b'-' } else { b };
+    let starts = |p: &str| name.len() >= p.len() && name.bytes().take(p.len()).map(dashed).eq(p.bytes());
+    let same = |n: &str| name.len() == n.len() && name.bytes().map(dashed).eq(n.bytes().map(dashed));
+    IDENTITY_PREFIXES.iter().any(|p| starts(p))
+        || (name.contains('_') && (IDENTITY_NAMES.iter().any(|n| same(n)) || extra.iter().any(|n| same(n.as_str()))))
+}
+
+/// The [`CLIENT_CERT`] value for a caller proven by mTLS: `By=<own>;URI=<peer>`. A value holding
+/// `,`, `;` or `=` is double-quoted, as Envoy does. `None` for an ID holding `"`, `\` or bytes
+/// no header value may carry (no SPIFFE ID does): the app is then told nothing rather than
+/// something a parser could read two ways.
+pub fn client_cert(own: &str, peer: &str) -> Option<HeaderValue> {
+    if [own, peer].iter().any(|id| id.contains(['"', '\\'])) {
+        return None;
+    }
+    let mut value = String::with_capacity(12 + own.len() + peer.len());
+    value.push_str("By=");
+    push_xfcc_value(&mut value, own);
+    value.push_str(";URI=");
+    push_xfcc_value(&mut value, peer);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
+}
+
+fn push_xfcc_value(out: &mut String, v: &str) {
+    let quote = v.contains([',', ';', '=']);
+    if quote {
+        out.push('"');
+    }
+    out.push_str(v);
+    if quote {
+        out.push('"');
     }
 }
 
@@ -132,7 +203,7 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
 }
 
 /// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 22] = [
+pub const REASONS: [&str; 23] = [
     "ambiguous-framing",
     "app-reset",
     "app-unavailable",
@@ -151,6 +222,7 @@ pub const REASONS: [&str; 22] = [
     "retry-budget-exhausted",
     "stream-idle-timeout",
     "unknown-service",
+    "upgrade-refused",
     "upstream-connect-failed",
     "upstream-connect-timeout",
     "upstream-reset",
@@ -188,5 +260,86 @@ mod tests {
         strip_hop_by_hop(&mut h);
         strip_mesh_headers(&mut h);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    fn append(h: &mut HeaderMap, name: &str, value: &str) {
+        h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+    }
+
+    #[test]
+    fn identity_headers_go_in_any_case_and_every_copy_and_nothing_else_does() {
+        let mut h = HeaderMap::new();
+        let spoofed = [
+            "X-Forwarded-Client-Cert",
+            "x-forwarded-client-cert",
+            "X-SPIFFE-ID",
+            "x-spiffe-id",
+            "X-Weft-Identity",
+            "x-weft-error",
+            "x-weft-",
+            "L5D-Client-ID",
+            "l5d-dst-override",
+            "X-Internal-User",
+            "X_Forwarded_Client_Cert",
+            "x_spiffe-id",
+            "x_weft_identity",
+            "l5d_client_id",
+            "x_internal_user",
+        ];
+        for (i, name) in spoofed.iter().enumerate() {
+            append(
+                &mut h,
+                name,
+                &format!("By=spiffe://evil/{i};URI=spiffe://weft.local/ns/default/sa/admin"),
+            );
+            append(&mut h, name, "second copy");
+        }
+        let kept = [
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("weft-retried", "1"),
+            ("x-weft", "not the prefix"),
+            ("x-weftly", "not the prefix"),
+            ("l5d", "not the prefix"),
+            ("xl5d-id", "not the prefix"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-spiffe-id-hint", "a longer name"),
+            ("x_spiffe_idx", "a longer name"),
+            ("x_user", "an underscore alone is no identity"),
+        ];
+        for (k, v) in kept {
+            append(&mut h, k, v);
+        }
+        let extra = [HeaderName::from_static("x-internal-user")];
+        strip_identity_headers(&mut h, &extra);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        let mut want = kept.map(|(k, _)| k);
+        want.sort_unstable();
+        assert_eq!(left, want, "only the non-identity headers stay");
+        assert!(kept.iter().all(|(k, v)| h.get(*k).unwrap() == v), "untouched");
+        assert_eq!(h.len(), kept.len(), "one value each");
+        // Without the extra name, a configured header is not an identity header.
+        let mut h = HeaderMap::new();
+        append(&mut h, "x-internal-user", "alice");
+        strip_identity_headers(&mut h, &[]);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn client_cert_is_envoys_format_and_refuses_what_could_read_two_ways() {
+        let own = "spiffe://weft.local/ns/default/sa/orders";
+        let peer = "spiffe://weft.local/ns/default/sa/web";
+        let v = client_cert(own, peer).expect("plain SPIFFE IDs");
+        assert_eq!(
+            v.to_str().unwrap(),
+            "By=spiffe://weft.local/ns/default/sa/orders;URI=spiffe://weft.local/ns/default/sa/web"
+        );
+        let v = client_cert(own, "spiffe://td/ns/a;b/sa/c=d,e").expect("quoted");
+        assert_eq!(v.to_str().unwrap(), format!("By={own};URI=\"spiffe://td/ns/a;b/sa/c=d,e\""));
+        assert_eq!(client_cert(own, "spiffe://td/\"x"), None);
+        assert_eq!(client_cert(own, "spiffe://td/\\x"), None);
+        assert_eq!(client_cert(own, "spiffe://td/\nx"), None, "no control bytes");
     }
 }

@@ -1,14 +1,16 @@
 //! The inbound listener: mesh -> app. Hands each request to the app in the HTTP version its
 //! original client spoke (HTTP/1.1 through the pooled client, HTTP/2 and gRPC over one
-//! multiplexed connection).
+//! multiplexed connection). It is the trust boundary: before the app sees a request, every
+//! header a caller could use to claim an identity is removed, and an mTLS caller's verified
+//! identity is stated in `x-forwarded-client-cert` ([`identity_headers`]).
 
 use crate::authz;
-use crate::forward::{ORIG_PROTO, reason_of, reply, retarget, strip_hop_by_hop};
+use crate::forward::{CLIENT_CERT, ORIG_PROTO, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
 use crate::identity::spiffe_id;
 use crate::outbound::finish;
 use crate::state::Proxy;
 use crate::telemetry::Finished;
-use http::{HeaderValue, Version};
+use http::{HeaderMap, HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
@@ -26,6 +28,18 @@ pub struct ConnInfo {
     pub mtls: bool,
     /// The caller's SPIFFE ID, read from its certificate.
     pub peer: Option<Arc<str>>,
+    /// The `x-forwarded-client-cert` value for this connection's requests (`By=` this proxy's
+    /// SPIFFE ID as presented in the handshake, `URI=` the caller's), built once per connection;
+    /// `None` for plaintext.
+    pub client_cert: Option<HeaderValue>,
+}
+
+impl ConnInfo {
+    const PLAINTEXT: ConnInfo = ConnInfo {
+        mtls: false,
+        peer: None,
+        client_cert: None,
+    };
 }
 
 /// Decides what an inbound connection is: a TLS ClientHello (first byte 0x16) is an mTLS
@@ -48,9 +62,20 @@ pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Op
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(spiffe_id)
-                    .map(Arc::from);
+                    .map(Arc::<str>::from);
+                let client_cert = peer.as_deref().and_then(|p| client_cert(&tls.identity, p));
+                if client_cert.is_none() {
+                    tracing::warn!(%remote, peer = ?peer, "mTLS caller without a usable SPIFFE ID: its requests carry no identity header");
+                }
                 proxy.telemetry.connection("mtls", "accepted");
-                Some((Box::new(stream), ConnInfo { mtls: true, peer }))
+                Some((
+                    Box::new(stream),
+                    ConnInfo {
+                        mtls: true,
+                        peer,
+                        client_cert,
+                    },
+                ))
             }
             Err(error) => {
                 proxy.telemetry.connection("mtls", "handshake-failed");
@@ -66,7 +91,7 @@ pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Op
             return None;
         }
         proxy.telemetry.connection("plaintext", "accepted");
-        Some((Box::new(tcp), ConnInfo { mtls: false, peer: None }))
+        Some((Box::new(tcp), ConnInfo::PLAINTEXT))
     }
 }
 
@@ -77,11 +102,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         .tracer
         .start(req.headers_mut(), weft_api::otlp::span::SpanKind::Server)
         .map(|s| (s, req.method().clone()));
-    let conn = req
-        .extensions()
-        .get::<ConnInfo>()
-        .cloned()
-        .unwrap_or(ConnInfo { mtls: false, peer: None });
+    let conn = req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo::PLAINTEXT);
     let version = req.version();
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.revision();
@@ -121,8 +142,8 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         Some(r) => r,
         None => match authorize(&proxy, &conn, &req) {
             Ok(canonical) => match crate::upgrade::requested(&req) {
-                Some(protocol) => crate::upgrade::inbound(&proxy, req, protocol).await,
-                None => to_app(&proxy, req, canonical).await,
+                Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, protocol).await,
+                None => to_app(&proxy, &conn, req, canonical).await,
             },
             Err(denied) => denied,
         },
@@ -229,15 +250,33 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
     Ok(Some(format!("{canonical}{query}")))
 }
 
+/// The trust boundary, the last change to a request's headers before the app sees them: removes
+/// every header a caller could use to claim an identity (see
+/// [`crate::forward::strip_identity_headers`], plus `--strip-header` names), then states the
+/// identity mTLS proved, if any, in the one `x-forwarded-client-cert`. Every path to the app
+/// calls it (HTTP/1.1, HTTP/2 and gRPC, Upgrade), whatever the policy: bypass and authorization
+/// audit mode relax policy, never this. It runs after hop-by-hop stripping, so a `Connection`
+/// header naming `x-forwarded-client-cert` cannot remove the header set here. No allocation
+/// unless a prefixed identity header arrived.
+pub(crate) fn identity_headers(proxy: &Proxy, conn: &ConnInfo, headers: &mut HeaderMap) {
+    strip_identity_headers(headers, &proxy.strip_headers);
+    if let Some(v) = &conn.client_cert {
+        headers.insert(CLIENT_CERT, v.clone());
+    }
+}
+
 /// Forwards to the app; `canonical` (path and query) replaces the request's when authorization
 /// normalized it.
-async fn to_app(proxy: &Proxy, req: Request<Body>, canonical: Option<String>) -> Response<Body> {
+async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
+    // Set by the caller's sidecar, read and removed first; from anyone else it is harmless (it
+    // only picks the HTTP version spoken to the app).
     let app_h2 = match parts.headers.remove(ORIG_PROTO) {
         Some(v) => v.as_bytes() == b"HTTP/2",
         None => parts.version == Version::HTTP_2,
     };
     strip_hop_by_hop(&mut parts.headers);
+    identity_headers(proxy, conn, &mut parts.headers);
     let authority = parts
         .uri
         .authority()

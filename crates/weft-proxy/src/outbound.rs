@@ -162,6 +162,11 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     // multiply retries); the marker travels on with it.
     let retried_before = parts.headers.contains_key(RETRIED);
     strip_hop_by_hop(&mut parts.headers);
+    // Only the mesh's own names go here. Identity headers from the app (`x-forwarded-client-cert`,
+    // `x-spiffe-id`, `l5d-*`) pass on: the guarantee that no app sees a forged one lives at the
+    // receiving end, in the callee's inbound (`inbound::identity_headers`), which strips them
+    // from every caller, sidecar or not, whatever was done here, and sets the one true header.
+    // An upstream outside the mesh gets the caller's request as it was.
     strip_mesh_headers(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };

@@ -27,6 +27,9 @@ const MAX_SUBSCRIPTIONS: usize = 10_000;
 pub struct Proxy {
     pub workload: Workload,
     pub app: SocketAddr,
+    /// Header names the inbound proxy removes besides the identity headers it always removes:
+    /// configured at start, lowercase, each once.
+    pub strip_headers: Vec<http::HeaderName>,
     pub bound: Bound,
     pub advertise: SocketAddr,
     pub control_url: Option<String>,
@@ -80,6 +83,9 @@ impl Proxy {
         };
         let initial = destinations(&config, &HashMap::new(), &cfg.workload.cluster);
         let (tap_tx, tap_rx) = mpsc::channel(1024);
+        let mut strip_headers = cfg.strip_headers;
+        strip_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        strip_headers.dedup();
         let proxy = Proxy {
             telemetry: Telemetry::new(
                 cfg.workload.service(),
@@ -98,6 +104,7 @@ impl Proxy {
             advertise: cfg.advertise.unwrap_or(bound.inbound),
             workload: cfg.workload,
             app: cfg.app,
+            strip_headers,
             bound,
             control_url,
             destinations: ArcSwap::from_pointee(initial),
@@ -304,6 +311,11 @@ impl Proxy {
                 "advertise": self.advertise,
             },
             "control": self.control_url,
+            "trustHeaders": {
+                "stripped": crate::forward::IDENTITY_HEADERS,
+                "stripHeaders": self.strip_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+                "identityHeader": crate::forward::CLIENT_CERT,
+            },
             "identity": self.identity.tls().map(|t| serde_json::json!({"spiffeId": t.identity, "notAfter": t.not_after})),
             "subscriptions": self.subscriptions(),
             "lastNack": *self.last_nack.lock(),

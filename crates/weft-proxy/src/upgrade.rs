@@ -9,6 +9,7 @@
 
 use crate::balance::ServiceRuntime;
 use crate::forward::{ORIG_PROTO, reply};
+use crate::inbound::ConnInfo;
 use crate::pool::{CONNECT_TIMEOUT, ConnectError};
 use crate::state::Proxy;
 use http::header::{CONNECTION, HOST, UPGRADE};
@@ -18,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use weft_api::resource::MtlsMode;
 use weft_core::Body;
 use weft_core::serve::Io;
 
@@ -143,8 +145,12 @@ async fn connect_endpoint(proxy: &Proxy, rt: &ServiceRuntime, subset: Option<&st
 }
 
 /// Inbound: an Upgrade request for the app. `weft-tcp` connects to the app's port and joins
-/// raw bytes; any other protocol is forwarded to the app as an HTTP/1.1 Upgrade.
-pub async fn inbound(proxy: &Proxy, mut req: Request<Body>, protocol: HeaderValue) -> Response<Body> {
+/// raw bytes (no header reaches the app); any other protocol is forwarded to the app as an
+/// HTTP/1.1 Upgrade, through the same trust boundary as every other request.
+pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, protocol: HeaderValue) -> Response<Body> {
+    if let Some(why) = refused(proxy, conn, &protocol) {
+        return reply(StatusCode::FORBIDDEN, "upgrade-refused", why);
+    }
     let client = hyper::upgrade::on(&mut req);
     let app = match TcpStream::connect(proxy.app).await {
         Ok(tcp) => tcp,
@@ -172,6 +178,7 @@ pub async fn inbound(proxy: &Proxy, mut req: Request<Body>, protocol: HeaderValu
     parts.headers.remove(ORIG_PROTO);
     parts.headers.insert(UPGRADE, protocol);
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    crate::inbound::identity_headers(proxy, conn, &mut parts.headers);
     // Origin-form to the app, as an HTTP/1.1 server expects.
     let pq = parts
         .uri
@@ -192,6 +199,30 @@ pub async fn inbound(proxy: &Proxy, mut req: Request<Body>, protocol: HeaderValu
         Ok((resp, None)) => resp,
         Err(e) => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
     }
+}
+
+/// Why an upgrade must not reach the app, if it must not: those that would carry requests past
+/// the inbound trust boundary unseen. `h2c` from anyone (the app would then read HTTP/2 requests
+/// straight from the caller, forged identity headers and all). Opaque TCP from a plaintext
+/// caller where this proxy vouches for identities (it holds a workload certificate and this
+/// workload's mTLS is not `off`): the caller could write requests to the app's port itself. Over
+/// mTLS a sidecar opens it, for a caller authenticated and authorized like any other.
+fn refused(proxy: &Proxy, conn: &ConnInfo, protocol: &HeaderValue) -> Option<&'static str> {
+    let h2c = protocol
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .any(|p| p.trim().split('/').next().is_some_and(|name| name.eq_ignore_ascii_case("h2c")));
+    if h2c {
+        return Some("an h2c upgrade would let the caller speak HTTP/2 to the app past this proxy");
+    }
+    if protocol.as_bytes() == TCP_PROTOCOL.as_bytes() && !conn.mtls && proxy.identity.tls().is_some() {
+        let off = proxy.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Off);
+        if !off {
+            return Some("opaque TCP needs an mTLS caller (this workload's mTLS is not off)");
+        }
+    }
+    None
 }
 
 /// An opaque TCP listener (`--tcp LISTEN=SERVICE`): every connection is joined to an endpoint

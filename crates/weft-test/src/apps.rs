@@ -177,11 +177,14 @@ async fn echo(name: String, served: Arc<AtomicU64>, req: Request<Incoming>) -> R
 /// gRPC echo on tonic.
 pub struct GrpcEcho {
     pub addr: SocketAddr,
+    /// The metadata (headers) of every call, in order.
+    pub headers: Arc<parking_lot::Mutex<Vec<http::HeaderMap>>>,
     shutdown: Shutdown,
 }
 
 struct EchoService {
     name: String,
+    headers: Arc<parking_lot::Mutex<Vec<http::HeaderMap>>>,
 }
 
 impl GrpcEcho {
@@ -190,7 +193,11 @@ impl GrpcEcho {
         let addr = listener.local_addr().unwrap();
         let shutdown = Shutdown::new();
         let token = shutdown.clone();
-        let svc = echo_server::EchoServer::new(EchoService { name: name.to_string() });
+        let headers = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let svc = echo_server::EchoServer::new(EchoService {
+            name: name.to_string(),
+            headers: headers.clone(),
+        });
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(svc)
@@ -198,7 +205,7 @@ impl GrpcEcho {
                 .await
                 .unwrap();
         });
-        Self { addr, shutdown }
+        Self { addr, headers, shutdown }
     }
 }
 
@@ -211,6 +218,7 @@ impl Drop for GrpcEcho {
 #[tonic::async_trait]
 impl echo_server::Echo for EchoService {
     async fn unary(&self, req: tonic::Request<EchoMsg>) -> Result<tonic::Response<EchoMsg>, tonic::Status> {
+        self.headers.lock().push(req.metadata().clone().into_headers());
         let mut m = req.into_inner();
         // `fail:N` asks for gRPC status N, with a message and a detail header the caller must
         // get back intact.
@@ -230,6 +238,7 @@ impl echo_server::Echo for EchoService {
     type StreamStream = Pin<Box<dyn Stream<Item = Result<EchoMsg, tonic::Status>> + Send>>;
 
     async fn stream(&self, req: tonic::Request<tonic::Streaming<EchoMsg>>) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        self.headers.lock().push(req.metadata().clone().into_headers());
         let name = self.name.clone();
         let out = req.into_inner().map(move |m| {
             m.map(|mut m| {

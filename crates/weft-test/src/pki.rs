@@ -97,9 +97,13 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
     }
 }
 
-/// Sends one HTTP/2 GET over TLS to `addr` presenting `leaf` as the client certificate (or none).
-/// Returns the status, or the error that stopped it (handshake refused, connection closed).
-pub async fn mtls_get(addr: std::net::SocketAddr, leaf: Option<&Leaf>, host: &str, path: &str) -> Result<u16, String> {
+/// A TLS 1.3 connection to `addr` presenting `leaf` as the client certificate (or none), offering
+/// HTTP/2 by ALPN when `h2`.
+async fn connect(
+    addr: std::net::SocketAddr,
+    leaf: Option<&Leaf>,
+    h2: bool,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -109,12 +113,20 @@ pub async fn mtls_get(addr: std::net::SocketAddr, leaf: Option<&Leaf>, host: &st
         Some(l) => builder.with_client_auth_cert(l.chain.clone(), l.key.clone_key()).unwrap(),
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(rustls_pki_types::ServerName::try_from("weft.mesh").unwrap(), tcp)
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| format!("handshake: {e}"))
+}
+
+/// Sends one HTTP/2 GET over TLS to `addr` presenting `leaf` as the client certificate (or none).
+/// Returns the status, or the error that stopped it (handshake refused, connection closed).
+pub async fn mtls_get(addr: std::net::SocketAddr, leaf: Option<&Leaf>, host: &str, path: &str) -> Result<u16, String> {
+    let tls = connect(addr, leaf, true).await?;
     let req = hyper::Request::get(format!("http://{host}{path}"))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
@@ -128,6 +140,29 @@ pub async fn mtls_get(addr: std::net::SocketAddr, leaf: Option<&Leaf>, host: &st
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| format!("request: {e}"))?;
     Ok(resp.status().as_u16())
+}
+
+/// Writes `head`, a whole HTTP/1.1 request head spelled as given (no body), over TLS to `addr`
+/// presenting `leaf`; returns the response head.
+pub async fn mtls_h1_raw(addr: std::net::SocketAddr, leaf: &Leaf, head: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = connect(addr, Some(leaf), false).await?;
+    tls.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let read = async {
+        while !out.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if tls.read(&mut b).await.map_err(|e| e.to_string())? == 0 {
+                break;
+            }
+            out.push(b[0]);
+        }
+        Ok::<_, String>(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .map_err(|_| "timed out".to_string())??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// A TLS server presenting `leaf` (any client, no client certificate asked), answering 200 to

@@ -328,12 +328,29 @@ impl ProxyHandle {
         labels: &[(&str, &str)],
         app: SocketAddr,
     ) -> Self {
-        let mut p = Self::spawn_url(bin, control_url, token, workload, cluster, labels, app, &[]);
+        Self::start_url_env(bin, control_url, token, workload, cluster, labels, app, &[]).await
+    }
+
+    /// As [`ProxyHandle::start_url`], with extra environment for the proxy (options such as
+    /// `WEFT_STRIP_HEADERS`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_url_env(
+        bin: &str,
+        control_url: &str,
+        token: Option<&str>,
+        workload: &str,
+        cluster: &str,
+        labels: &[(&str, &str)],
+        app: SocketAddr,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        let mut p = Self::spawn_url(bin, control_url, token, workload, cluster, labels, app, extra_env);
         // A port picked may have been taken by a parallel test before the proxy bound it.
         if !p.ready_or_exited().await {
             let log = p.process.log_text();
             assert!(log.contains("cannot bind"), "{workload} exited at start:\n{log}");
-            return Box::pin(Self::start_url(bin, control_url, token, workload, cluster, labels, app)).await;
+            let retry = Self::start_url_env(bin, control_url, token, workload, cluster, labels, app, extra_env);
+            return Box::pin(retry).await;
         }
         p
     }

@@ -55,6 +55,17 @@ pub struct ProxyArgs {
     /// SERVICE over mTLS, byte for byte. Repeatable.
     #[arg(long = "tcp", env = "WEFT_TCP", value_delimiter = ',', value_parser = parse_tcp)]
     pub tcp: Vec<(SocketAddr, String)>,
+    /// A header the inbound listener removes before the app sees a request, besides the identity
+    /// headers it always removes (x-weft-*, x-forwarded-client-cert, x-spiffe-id, l5d-*). Any
+    /// case; exact names. Repeatable; with --config, added to the file's stripHeaders.
+    #[arg(
+        long = "strip-header",
+        value_name = "NAME",
+        env = "WEFT_STRIP_HEADERS",
+        value_delimiter = ',',
+        value_parser = weft_proxy::config::strip_header_name
+    )]
+    pub strip_header: Vec<http::HeaderName>,
 }
 
 fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
@@ -263,6 +274,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 otlp_endpoint: args.otlp_endpoint.clone(),
                 trace_sample: args.trace_sample,
                 tcp: if args.tcp.is_empty() { cfg.tcp.clone() } else { args.tcp.clone() },
+                strip_headers: cfg.strip_headers.iter().chain(&args.strip_header).cloned().collect(),
                 ..cfg
             },
             Err(invalid) => {
@@ -296,6 +308,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 otlp_endpoint: args.otlp_endpoint.clone(),
                 trace_sample: args.trace_sample,
                 tcp: args.tcp.clone(),
+                strip_headers: args.strip_header.clone(),
                 source: weft_proxy::Source::Control {
                     url: args.control.expect("required"),
                     token: args.token.clone(),
