@@ -3,6 +3,7 @@
 //!
 //! It must not depend on weft-proxy: proxies are reached only through the control stream.
 
+pub mod admission;
 pub mod api;
 pub mod ca;
 pub mod distribution;
@@ -11,6 +12,7 @@ pub mod intents;
 pub mod mesh;
 pub mod metrics;
 pub mod rollout;
+pub mod serving;
 pub mod store;
 pub mod taps;
 
@@ -19,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use weft_core::Shutdown;
 
 #[derive(Clone, Debug)]
@@ -31,6 +34,10 @@ pub struct ControlConfig {
     pub cert_ttl: Duration,
     /// The user's own root (certificate and key PEM files) instead of a generated one.
     pub root: Option<(PathBuf, PathBuf)>,
+    /// Extra names and addresses (DNS names or IPs) for the serving certificate.
+    pub sans: Vec<String>,
+    /// Serve the API and the gRPC without TLS (local experiments only).
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +52,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    Serving(#[from] serving::ServingError),
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
@@ -98,7 +107,18 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         None => None,
     };
     let ca = ca::Ca::open(&store, &cfg.trust_domain, cfg.cert_ttl, root)?;
-    let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics)?);
+    // Tokens that expired a day ago can no longer matter to anyone.
+    let stale = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .saturating_sub(86_400);
+    match store.prune_tokens(stale) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(tokens = n, "forgot join tokens expired over a day ago"),
+        Err(error) => tracing::warn!(%error, "cannot prune expired join tokens"),
+    }
+    let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics.clone())?);
     let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind {
         listener: "api",
         addr: cfg.api,
@@ -113,11 +133,27 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         api: api_l.local_addr().expect("bound"),
         grpc: grpc_l.local_addr().expect("bound"),
     };
-    tracing::info!(api = %bound.api, grpc = %bound.grpc, data_dir = %cfg.data_dir.display(), revision = mesh.revision(), "control plane listening");
+    serving::write_ca_file(&cfg.data_dir, &mesh.ca.bundle_pem())?;
+    let serving = if cfg.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: the API and the proxies' control streams are unencrypted and proxies cannot prove themselves with their certificates"
+        );
+        None
+    } else {
+        let sans = serving::sans(&[bound.api, bound.grpc], &cfg.sans)?;
+        Some(Arc::new(serving::Serving::new(&mesh.ca, sans)?))
+    };
+    tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), revision = mesh.revision(), "control plane listening");
 
     let loop_task = tokio::spawn(intents::run(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     let history_task = tokio::spawn(history.clone().run(mesh.clone(), shutdown.clone()));
+    let serving_task = tokio::spawn(serving::maintain(
+        serving.clone(),
+        mesh.clone(),
+        cfg.data_dir.clone(),
+        shutdown.clone(),
+    ));
     let admin_token = admin_token(&cfg.data_dir).map_err(|source| StartError::Read {
         path: cfg.data_dir.join(ADMIN_TOKEN_FILE).display().to_string(),
         source,
@@ -127,32 +163,45 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         registry: Arc::new(registry),
         history,
         admin_token: Arc::from(admin_token),
+        tls: serving.is_some(),
     });
+    let api_listener = serving::ApiListener {
+        rx: serving::accept(
+            api_l,
+            serving.as_ref().map(|s| s.api.clone()),
+            "api",
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        local: bound.api,
+    };
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
-        let serve = axum::serve(api_l, router).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
+        let serve = axum::serve(api_listener, router).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
         if let Err(error) = serve.await {
             tracing::error!(%error, "api server failed");
         }
     });
     let grpc_shutdown = shutdown.clone();
-    let distribution = weft_api::proto::distribution_server::DistributionServer::new(distribution::Distribution { mesh });
+    let distribution = weft_api::proto::distribution_server::DistributionServer::with_interceptor(
+        distribution::Distribution { mesh },
+        serving::connect_info,
+    );
+    let grpc_conns = serving::accept(grpc_l, serving.as_ref().map(|s| s.grpc.clone()), "grpc", metrics, shutdown.clone());
     let grpc_task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_conns).map(Ok::<_, std::io::Error>);
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(3)))
-            .tcp_nodelay(true)
             .add_service(distribution)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_l), async move {
-                grpc_shutdown.cancelled().await
-            })
+            .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await })
             .await;
         if let Err(error) = served {
             tracing::error!(%error, "grpc server failed");
         }
     });
     let handle = tokio::spawn(async move {
-        let _ = tokio::join!(api_task, grpc_task, loop_task, history_task);
+        let _ = tokio::join!(api_task, grpc_task, loop_task, history_task, serving_task);
     });
     Ok((bound, handle))
 }

@@ -13,11 +13,17 @@ use weft_api::Resource;
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
     /// Static config file (no control plane): listeners, workload and services.
-    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin", "token"])]
+    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin", "token", "insecure_plaintext"])]
     pub config: Option<PathBuf>,
-    /// The control plane's gRPC URL, e.g. http://127.0.0.1:7071.
+    /// The control plane's gRPC URL, e.g. https://127.0.0.1:7071 (TLS, the CA pinned by the join
+    /// token's fingerprint).
     #[arg(long, required_unless_present = "config")]
     pub control: Option<String>,
+    /// Allow an http:// --control URL: a control plane run with --insecure-plaintext. The token
+    /// and every config cross the network in clear, and the proxy can only prove itself with
+    /// its token (no renewal once it expired).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// NAMESPACE/NAME of the workload this sidecar fronts.
     #[arg(long, required_unless_present = "config")]
     pub workload: Option<String>,
@@ -82,9 +88,15 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let api = Api::new(&cli.server);
     let format = cli.output;
-    let result = match cli.command {
+    // Only the commands that talk to the API need a client (and a CA to trust).
+    let (server, ca_file) = (cli.server.clone(), cli.ca_file.clone());
+    let connect = move || -> anyhow::Result<Api> {
+        let ca = ca_file.as_deref().map(crate::client::read_ca_file).transpose()?;
+        let source = ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        Api::new(&server, ca.as_deref(), &source)
+    };
+    let command = match cli.command {
         Command::Up {
             no_traffic,
             api: addr,
@@ -107,6 +119,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cert_ttl,
             root_cert,
             root_key,
+            sans,
+            insecure_plaintext,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -116,11 +130,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 trust_domain,
                 cert_ttl: cert_ttl.as_std(),
                 root,
+                sans,
+                insecure_plaintext,
             };
             return control(cfg).await;
         }
         Command::Proxy(args) => return proxy(args).await,
         Command::DemoApp(args) => return crate::demo_app::run(args).await,
+        api_command => api_command,
+    };
+    let api = connect()?;
+    let result = match command {
+        Command::Up { .. } | Command::Control { .. } | Command::Proxy(_) | Command::DemoApp(_) => {
+            unreachable!("local commands returned above")
+        }
         Command::Apply { file } => apply(&api, &file, format).await,
         Command::Delete { file } => delete(&api, &file).await,
         Command::Get { kind, name } => get(&api, kind, name, format).await,
@@ -132,16 +155,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tap { service, token, count } => tap(&api, format, &service, &token, count).await,
         Command::Proxies => proxies(&api, format).await,
         Command::Intent(cmd) => intent(&api, cmd, format).await,
-        Command::Token(TokenCommand::Create {
-            workload,
-            service_account,
-            ttl,
-        }) => {
-            let body = serde_json::json!({"workload": workload, "serviceAccount": service_account, "ttl": ttl.to_string()}).to_string();
-            api.post("/api/v1/tokens", body, &[("content-type", "application/json")])
-                .await
-                .map(|v| say!("{}", cell(&v, "token")))
-        }
+        Command::Token(cmd) => token(&api, cmd, format).await,
         Command::Check { within } => return check(&api, within.as_std()).await,
         Command::Ca(cmd) => {
             let ca = match cmd {
@@ -214,7 +228,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn control(cfg: weft_control::ControlConfig) -> anyhow::Result<ExitCode> {
     let shutdown = weft_core::Shutdown::new();
     weft_core::shutdown::install(&shutdown);
-    let (_, handle) = weft_control::start(cfg, shutdown).await?;
+    let (_, handle) = match weft_control::start(cfg, shutdown).await {
+        Ok(started) => started,
+        Err(e @ weft_control::StartError::Serving(weft_control::serving::ServingError::San { .. })) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => return Err(e.into()),
+    };
     handle.await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -243,6 +264,21 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             }
         },
         None => {
+            let url = args.control.clone().expect("required by clap");
+            match url.split_once("://").map(|(scheme, _)| scheme) {
+                Some("https") => {}
+                Some("http") if args.insecure_plaintext => {}
+                Some("http") => {
+                    eprintln!(
+                        "error: --control {url}: plaintext; control planes serve TLS (https://) unless run with --insecure-plaintext, and then the proxy needs --insecure-plaintext too"
+                    );
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+                _ => {
+                    eprintln!("error: --control {url}: expected an https:// URL");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            }
             let id = args.workload.expect("required by clap");
             let (namespace, name) = match weft_proxy::Workload::parse_id(&id) {
                 Ok(v) => v,
@@ -269,7 +305,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 trace_sample: args.trace_sample,
                 tcp: args.tcp.clone(),
                 source: weft_proxy::Source::Control {
-                    url: args.control.expect("required"),
+                    url,
                     token: args.token.clone(),
                 },
             }
@@ -277,9 +313,69 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     };
     let shutdown = weft_core::Shutdown::new();
     weft_core::shutdown::install(&shutdown);
-    let (_, handle) = weft_proxy::start(cfg, shutdown).await?;
+    let (_, handle) = match weft_proxy::start(cfg, shutdown).await {
+        Ok(started) => started,
+        Err(e @ weft_proxy::StartError::Control(_)) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => return Err(e.into()),
+    };
     handle.await?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn token(api: &Api, cmd: TokenCommand, format: output::Format) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            workload,
+            service_account,
+            ttl,
+            uses,
+        } => {
+            let body = serde_json::json!({"workload": workload, "serviceAccount": service_account, "ttl": ttl.to_string(), "uses": uses})
+                .to_string();
+            let created = api.post("/api/v1/tokens", body, &[("content-type", "application/json")]).await?;
+            if !output::structured(format, &created)? {
+                say!("{}", cell(&created, "token"));
+            }
+            Ok(())
+        }
+        TokenCommand::List => {
+            let tokens = api.get("/api/v1/tokens").await?;
+            if output::structured(format, &tokens)? {
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = tokens
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let uses = match t["usesAllowed"].as_u64() {
+                        Some(allowed) => format!("{}/{allowed}", cell(t, "uses")),
+                        None => cell(t, "uses"),
+                    };
+                    vec![
+                        cell(t, "id"),
+                        cell(t, "workload"),
+                        cell(t, "serviceAccount"),
+                        cell(t, "expiresAt"),
+                        uses,
+                        cell(t, "state"),
+                    ]
+                })
+                .collect();
+            table(&["ID", "WORKLOAD", "SERVICE-ACCOUNT", "EXPIRES-AT", "USES", "STATE"], &rows);
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => {
+            let revoked = api.post(&format!("/api/v1/tokens/{id}/revoke"), String::new(), &[]).await?;
+            if !output::structured(format, &revoked)? {
+                say!("token {id} of {} revoked", cell(&revoked, "workload"));
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reads and parses a resource file; errors name the file.
@@ -692,6 +788,11 @@ async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCod
     let proxies = api.get("/api/v1/proxies").await?;
     let status = api.get("/api/v1/status").await?;
     let mut warnings = Vec::new();
+    if api.plaintext() || status["controlPlane"]["tls"] == false {
+        warnings.push(
+            "the control plane runs with --insecure-plaintext: the API, join tokens and every pushed config cross the network unencrypted, and proxies cannot renew once their tokens expire".to_string(),
+        );
+    }
     let root = ca["rootNotAfter"].as_u64().unwrap_or(0);
     if root <= now + 30 * 86_400 {
         warnings.push(format!(

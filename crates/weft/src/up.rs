@@ -153,8 +153,9 @@ async fn start_all(
     shutdown: &weft_core::Shutdown,
 ) -> anyhow::Result<()> {
     let grpc = free_port()?;
-    let control_url = format!("http://{grpc}");
-    let api_url = format!("http://{}", opts.api);
+    let control_url = format!("https://{grpc}");
+    let api_url = format!("https://{}", opts.api);
+    let ca_file = data_dir.join("control").join(weft_control::serving::CA_FILE);
     children.push(spawn(
         exe,
         logs,
@@ -169,11 +170,9 @@ async fn start_all(
             &grpc.to_string(),
         ],
     )?);
-    wait_http(&format!("{api_url}/api/v1/status"), Duration::from_secs(15), children)
+    let api = wait_api(&api_url, &ca_file, Duration::from_secs(15), children)
         .await
         .context("the control plane did not come up")?;
-
-    let api = crate::client::Api::new(&api_url);
     let mut gateway_inbound = None;
     let mut table = Vec::new();
     for spec in &WORKLOADS {
@@ -214,8 +213,12 @@ async fn start_all(
     }
     say!("weft demo mesh is up");
     say!("  API:        {api_url}/api/v1/status");
-    say!("  dashboard:  {api_url}/");
-    say!("  control:    {control_url} (gRPC)");
+    say!(
+        "  dashboard:  {api_url}/  (TLS from the mesh CA: trust {} in your browser)",
+        ca_file.display()
+    );
+    say!("  control:    {control_url} (gRPC over TLS)");
+    say!("  CA:         {}", ca_file.display());
     say!("  logs:       {}", logs.display());
     say!(
         "  admin token: {} (for `weft tap`: WEFT_ADMIN_TOKEN=$(cat that file))",
@@ -225,7 +228,10 @@ async fn start_all(
     crate::output::table(&["WORKLOAD", "CLUSTER", "APP", "INBOUND", "OUTBOUND", "ADMIN"], &table);
     say!();
     say!("queued (manual mode): MESH-201..204, the seed's intents; `weft intent list`, `weft intent approve MESH-201`");
-    say!("try:  weft --server {api_url} status      (Ctrl-C stops everything)");
+    say!(
+        "try:  weft --server {api_url} --ca-file {} status      (Ctrl-C stops everything)",
+        ca_file.display()
+    );
     if opts.traffic {
         let target = gateway_inbound.expect("mobile-gateway is in the demo");
         tokio::spawn(generate(target, opts.rps.max(1), shutdown.clone()));
@@ -264,8 +270,9 @@ async fn start_workload(
     control_url: &str,
     api: &crate::client::Api,
 ) -> anyhow::Result<(Vec<Running>, Ports)> {
-    // Its join token: the service account is the service, so v1 and v2 share an identity.
-    let body = serde_json::json!({"workload": format!("default/{}", spec.workload), "serviceAccount": spec.service, "ttl": "720h"});
+    // Its join token: the service account is the service, so v1 and v2 share an identity. One
+    // certificate is all it is for; the proxy renews with its certificate.
+    let body = serde_json::json!({"workload": format!("default/{}", spec.workload), "serviceAccount": spec.service, "uses": 1});
     let token = api
         .post("/api/v1/tokens", body.to_string(), &[("content-type", "application/json")])
         .await?["token"]
@@ -405,6 +412,34 @@ fn spawn_with(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str], 
         name: name.to_string(),
         child,
     })
+}
+
+/// Waits until the control plane has written its CA file and its API answers over TLS with
+/// it; returns a client for the API.
+async fn wait_api(
+    api_url: &str,
+    ca_file: &std::path::Path,
+    within: Duration,
+    children: &mut [Running],
+) -> anyhow::Result<crate::client::Api> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(ca) = std::fs::read_to_string(ca_file) {
+            let api = crate::client::Api::new(api_url, Some(&ca), &ca_file.display().to_string())?;
+            if api.get("/api/v1/status").await.is_ok() {
+                return Ok(api);
+            }
+        }
+        for c in children.iter_mut() {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                bail!("{} exited ({status})", c.name);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{api_url} not ready within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_http(url: &str, within: Duration, children: &mut [Running]) -> anyhow::Result<()> {

@@ -52,10 +52,7 @@ fn check(v: &PinnedVerifier, chain: &[CertificateDer<'static>], server: &str) ->
 #[test]
 fn fingerprints_are_hex_sha256_of_the_der() {
     // SHA-256 of the empty input.
-    assert_eq!(
-        fingerprint(b""),
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    );
+    assert_eq!(fingerprint(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
 }
 
 #[test]
