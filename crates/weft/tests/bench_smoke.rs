@@ -80,7 +80,7 @@ async fn a_simulated_fleet_gets_every_change_and_acks_it() {
     let api = control.url("");
     let api = api.trim_end_matches('/');
     let n = 30;
-    let tokens = fleet::tokens(api, n).await.unwrap();
+    let tokens = fleet::tokens(&control.client(), api, n).await.unwrap();
     let before = fleet::rss_bytes(control.process.pid());
     let fleet = Fleet::connect(&control.grpc_url(), tokens, 3, "sim-svc-0").await.unwrap();
     let cold = fleet::until(Duration::from_secs(20), || async { fleet.count_at(0).await == n }).await;
@@ -98,7 +98,7 @@ async fn a_simulated_fleet_gets_every_change_and_acks_it() {
     assert!(fleet.push_bytes(revision).await > 0);
     assert!(fleet::rss_bytes(control.process.pid()) >= before / 2, "RSS is readable");
     // The control plane counted an ACK from each.
-    let m = weft_test::http::Client::new().get(&control.url("/metrics")).await.unwrap().text();
+    let m = control.client().get(&control.url("/metrics")).await.unwrap().text();
     let acks: f64 = m
         .lines()
         .find(|l| l.starts_with("weft_control_config_acks_total"))

@@ -325,10 +325,7 @@ async fn invalid_resource_changes_nothing_anywhere() {
     // The CLI: exit 64, naming file, field and value.
     let file = std::env::temp_dir().join(format!("weft-bad-{}.yaml", std::process::id()));
     std::fs::write(&file, policy("orders", "orders", "    - timeout: 5x\n")).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["--server", &control.url(""), "apply", "-f", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = control.cli().args(["apply", "-f", file.to_str().unwrap()]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     for needle in [file.to_str().unwrap(), "spec.routes[0].timeout", "5x"] {
@@ -340,10 +337,7 @@ async fn invalid_resource_changes_nothing_anywhere() {
         policy("orders", "orders", "    - backends: [{subset: v9, weight: 100}]\n"),
     )
     .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["--server", &control.url(""), "apply", "-f", subset_file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = control.cli().args(["apply", "-f", subset_file.to_str().unwrap()]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains(subset_file.to_str().unwrap()) && stderr.contains("v9"), "{stderr}");
@@ -728,10 +722,24 @@ fn descendants(pid: u32) -> Vec<u32> {
 async fn weft_up_serves_every_service_and_leaves_nothing_behind() {
     let api = free_addr();
     let start = Instant::now();
-    let mut up = weft_test::Process::spawn(BIN, "weft-up", &["up".into(), "--api".into(), api.to_string()]);
-    let http = Client::new();
+    // A data directory of the test's, to find the CA the control plane writes there.
+    let data_dir = std::env::temp_dir().join(format!("weft-up-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let mut up = weft_test::Process::spawn(
+        BIN,
+        "weft-up",
+        &[
+            "up".into(),
+            "--api".into(),
+            api.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ],
+    );
+    let ca_file = data_dir.join("control").join("ca.pem");
     let services = eventually(Duration::from_secs(15), "all six demo services show rps > 0", || async {
-        let s = http.get(&format!("http://{api}/api/v1/status")).await.ok()?.json();
+        let http = Client::trusting(&std::fs::read_to_string(&ca_file).ok()?);
+        let s = http.get(&format!("https://{api}/api/v1/status")).await.ok()?.json();
         let services = s["services"].as_array()?.clone();
         (services.len() == 6 && services.iter().all(|v| v["rps"].as_f64().unwrap_or(0.0) > 0.0)).then_some(services)
     })
@@ -768,4 +776,5 @@ async fn weft_up_serves_every_service_and_leaves_nothing_behind() {
         .collect();
     assert!(alive.is_empty(), "orphans left behind: {alive:?}");
     assert!(std::net::TcpListener::bind(api).is_ok(), "the API port is free again");
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use weft_test::apps::EchoServer;
 use weft_test::browser::Browser;
 use weft_test::load::Load;
-use weft_test::prometheus::Prometheus;
+use weft_test::prometheus::{Job, Prometheus};
 use weft_test::{Control, ProxyHandle, eventually, free_addr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
@@ -35,10 +35,9 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     let (_orders, orders_proxy) = instance(&control, "orders-v1", "orders", "v1").await;
     let (_pay, pay_proxy) = instance(&control, "payments-v1", "payments", "v1").await;
     let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
-    let api = control.api;
     let prom = Prometheus::start(&[
-        ("proxies", "/metrics", vec![orders_proxy.admin, pay_proxy.admin, web.admin]),
-        ("control", "/metrics", vec![api]),
+        Job::plain("proxies", "/metrics", vec![orders_proxy.admin, pay_proxy.admin, web.admin]),
+        Job::control("control", &control),
     ])
     .await
     .expect("prometheus starts");
@@ -103,10 +102,7 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     assert_eq!(phases, 8.0, "intents by each of the 8 phases");
     // `weft top`: the same traffic per destination route, from the control plane.
     let top = |format: &'static str| {
-        let out = std::process::Command::new(BIN)
-            .args(["--server", &control.url(""), "top", "--once", "-o", format])
-            .output()
-            .expect("weft top runs");
+        let out = control.cli().args(["top", "--once", "-o", format]).output().expect("weft top runs");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -135,8 +131,9 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     // with the admin token.
     let token = std::fs::read_to_string(control.data_dir.join("admin.token")).expect("the control plane wrote its admin token");
     let tap = |token: &str| {
-        std::process::Command::new(BIN)
-            .args(["--server", &control.url(""), "tap", "orders", "--count", "6", "-o", "json"])
+        control
+            .cli()
+            .args(["tap", "orders", "--count", "6", "-o", "json"])
             .env("WEFT_ADMIN_TOKEN", token)
             .output()
             .expect("weft tap runs")
@@ -203,7 +200,10 @@ spec:
     let (status, body) = control.post("/api/v1/intents", intent).await;
     assert!([200, 201, 202].contains(&status), "{status} {body}");
 
-    let browser = Browser::start(1366, 900).await.expect("headless chromium");
+    // The control plane serves TLS from the mesh CA; the browser accepts its one serving key.
+    let browser = Browser::start(1366, 900, &[control.serving_spki().await])
+        .await
+        .expect("headless chromium");
     browser.goto(&control.url("/")).await.unwrap();
     let shots = artifacts();
     // The queue and the cards render from the live API.
