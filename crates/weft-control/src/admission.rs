@@ -288,3 +288,96 @@ impl Mesh {
         self.store.tokens()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::Ca;
+    use crate::store::Store;
+
+    fn mesh() -> (Mesh, std::path::PathBuf) {
+        let mut b = [0u8; 4];
+        aws_lc_rs::rand::fill(&mut b).unwrap();
+        let dir = std::env::temp_dir().join(format!("weft-admission-{}-{}", std::process::id(), u32::from_le_bytes(b)));
+        let store = Store::open(&dir).unwrap();
+        let ca = Ca::open(&store, "weft.local", Duration::from_secs(3600), None).unwrap();
+        let metrics = crate::metrics::ControlMetrics::register(&mut prometheus_client::registry::Registry::default());
+        (Mesh::new(store, ca, metrics).unwrap(), dir)
+    }
+
+    fn peer_with(spiffe_id: &str, workload: &str) -> ControlPeer {
+        ControlPeer {
+            remote: Some("127.0.0.1:4000".parse().unwrap()),
+            local: None,
+            cert: Some(PeerCert {
+                spiffe_id: spiffe_id.into(),
+                workload: workload.into(),
+                serial: "0a".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_certificate_proves_exactly_its_own_workload() {
+        let (mesh, dir) = mesh();
+        let peer = peer_with("spiffe://weft.local/ns/default/sa/checkout-api", "default/checkout-api-v2");
+        let admitted = mesh.admit(Some(&peer), "default", "checkout-api-v2", "").unwrap();
+        assert_eq!(admitted.identity, "spiffe://weft.local/ns/default/sa/checkout-api");
+        assert_eq!(admitted.service_account, "checkout-api");
+        assert_eq!(admitted.proof, Proof::Certificate { serial: "0a".into() });
+        // Another workload's certificate, another namespace, another trust domain: no.
+        for (ns, name, peer) in [
+            ("default", "checkout-api-v1", peer.clone()),
+            (
+                "prod",
+                "checkout-api-v2",
+                peer_with("spiffe://weft.local/ns/default/sa/checkout-api", "prod/checkout-api-v2"),
+            ),
+            (
+                "default",
+                "checkout-api-v2",
+                peer_with("spiffe://other.mesh/ns/default/sa/checkout-api", "default/checkout-api-v2"),
+            ),
+        ] {
+            let refused = mesh.admit(Some(&peer), ns, name, "").unwrap_err();
+            assert_eq!(refused.reason(), "other-certificate", "{ns}/{name}: {refused}");
+        }
+        assert_eq!(mesh.admit(None, "default", "web", "").unwrap_err().reason(), "no-proof");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_token_proves_its_workload_while_on_record_and_counts_each_certificate() {
+        let (mesh, dir) = mesh();
+        let (token, record) = mesh
+            .create_token("default", "orders", "orders", Duration::from_secs(60), Some(2))
+            .unwrap();
+        assert_eq!(mesh.admit(None, "default", "web", &token).unwrap_err().reason(), "other-workload");
+        let admitted = mesh.admit(None, "default", "orders", &token).unwrap();
+        assert!(matches!(&admitted.proof, Proof::Token(c) if c.jti == record.id));
+        let source = Some("127.0.0.1:5000".parse().unwrap());
+        mesh.redeem(&admitted, source, "01").unwrap();
+        mesh.redeem(&admitted, source, "02").unwrap();
+        let refused = mesh.redeem(&admitted, source, "03").unwrap_err();
+        assert_eq!(refused.reason(), "token-used-up");
+        assert_eq!(mesh.admit(None, "default", "orders", &token).unwrap_err().reason(), "token-used-up");
+        let ledger = mesh.ledger(10).unwrap();
+        let serials: Vec<&str> = ledger.iter().filter_map(|e| e["serial"].as_str()).collect();
+        assert_eq!(serials, ["01", "02"], "one ledger entry per certificate issued");
+        assert_eq!(ledger[0]["source"], "127.0.0.1:5000");
+
+        let (other, record) = mesh
+            .create_token("default", "orders", "orders", Duration::from_secs(60), None)
+            .unwrap();
+        assert!(mesh.revoke_token(&record.id).unwrap().is_some_and(|r| r.revoked));
+        assert_eq!(mesh.admit(None, "default", "orders", &other).unwrap_err().reason(), "token-revoked");
+        assert!(mesh.revoke_token("nope").unwrap().is_none());
+        // A certificate for the workload still works without any token.
+        let peer = peer_with("spiffe://weft.local/ns/default/sa/orders", "default/orders");
+        let by_cert = mesh.admit(Some(&peer), "default", "orders", &other).unwrap();
+        assert!(matches!(by_cert.proof, Proof::Certificate { .. }));
+        mesh.redeem(&by_cert, source, "04").unwrap();
+        assert_eq!(mesh.ledger(10).unwrap().len(), 2, "no redemption without a token");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -138,6 +138,11 @@ impl Serving {
             .with_client_cert_verifier(clients.clone())
             .with_cert_resolver(resolver.clone());
         grpc.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption: a resumed session carries the client certificate of the handshake it
+        // resumes (none, for a proxy's first connection; an expired one, later), not the one
+        // the proxy holds now.
+        grpc.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        grpc.send_tls13_tickets = 0;
         Ok(Self {
             key,
             sans,

@@ -151,6 +151,9 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Every connection proves itself afresh: a resumed session would carry the client
+    // certificate of the handshake it resumes, not the one held now.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 

@@ -481,3 +481,43 @@ fn pem_of(cert: &CertificateDer<'_>) -> String {
         .collect();
     format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_installed_only_for_the_identity_this_workload_expects() {
+        let first = Expected {
+            namespace: "default".into(),
+            service_account: Some("checkout-api".into()),
+            current: None,
+        };
+        assert!(first.matches("spiffe://weft.local/ns/default/sa/checkout-api"));
+        for other in [
+            "spiffe://weft.local/ns/default/sa/orders",
+            "spiffe://weft.local/ns/prod/sa/checkout-api",
+            "spiffe://weft.local/ns/default/sa/checkout-api/x",
+            "spiffe://weft.local/ns/default/sa/",
+            "https://weft.local/ns/default/sa/checkout-api",
+        ] {
+            assert!(!first.matches(other), "{other}");
+        }
+        // Without a token's service account, any in its own namespace.
+        let tokenless = Expected {
+            service_account: None,
+            ..first
+        };
+        assert!(tokenless.matches("spiffe://weft.local/ns/default/sa/anything"));
+        assert!(!tokenless.matches("spiffe://weft.local/ns/prod/sa/anything"));
+        // A renewal keeps exactly the identity held.
+        let renewal = Expected {
+            namespace: "default".into(),
+            service_account: Some("checkout-api".into()),
+            current: Some("spiffe://weft.local/ns/default/sa/checkout-api".into()),
+        };
+        assert!(renewal.matches("spiffe://weft.local/ns/default/sa/checkout-api"));
+        assert!(!renewal.matches("spiffe://other.td/ns/default/sa/checkout-api"));
+        assert_eq!(renewal.to_string(), "spiffe://weft.local/ns/default/sa/checkout-api");
+    }
+}
