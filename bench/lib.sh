@@ -37,22 +37,37 @@ start_upstream() {
   wait_port "$UP"
 }
 
-# Control plane -> API GRPC.
+# Control plane [extra flags...] -> API GRPC API_URL GRPC_URL CA CONTROL_PID. TLS (the mesh CA,
+# trusted through the ca.pem it writes) unless CONTROL_PLAINTEXT=1 (--insecure-plaintext).
 start_control() {
   API=$(port); GRPC=$(port)
-  "$W" control --data-dir "$T/control" --api 127.0.0.1:$API --grpc 127.0.0.1:$GRPC >"$T/control.log" 2>&1 & PIDS+=($!)
+  local flags=() scheme=https
+  [ "${CONTROL_PLAINTEXT:-0}" = 1 ] && { flags=(--insecure-plaintext); scheme=http; }
+  rm -rf "$T/control"
+  "$W" control --data-dir "$T/control" --api 127.0.0.1:$API --grpc 127.0.0.1:$GRPC "${flags[@]}" "$@" >"$T/control.log" 2>&1 & PIDS+=($!)
   CONTROL_PID=${PIDS[-1]}
-  wait_ok "http://127.0.0.1:$API/ready"
-  # The bootstrap admin token: the CLI and the simulator read WEFT_API_TOKEN.
-  export WEFT_API_TOKEN; WEFT_API_TOKEN=$(cat "$T/control/admin.token")
+  API_URL=$scheme://127.0.0.1:$API; GRPC_URL=$scheme://127.0.0.1:$GRPC; CA=$T/control/ca.pem
+  for _ in $(seq 1 200); do
+    if [ -f "$CA" ] && curl -fs --cacert "$CA" -o /dev/null "$API_URL/ready"; then
+      # The bootstrap admin token: the CLI, curl and the simulator read WEFT_API_TOKEN.
+      export WEFT_API_TOKEN; WEFT_API_TOKEN=$(cat "$T/control/admin.token")
+      return 0
+    fi
+    sleep 0.05
+  done
+  echo "not up: $API_URL" >&2; exit 1
 }
+# The CLI and curl against the control plane of start_control.
+weft_cli() { "$W" --server "$API_URL" --ca-file "$CA" "$@"; }
+api_post() { curl -fs --cacert "$CA" -H "Authorization: Bearer $WEFT_API_TOKEN" -XPOST --data-binary @- "$API_URL$1"; } # body on stdin
 
 # start_proxy NAME APP [extra proxy args...] -> IN OUT ADM PROXY_PID. PIN=core pins it.
 start_proxy() {
   IN=$(port); OUT=$(port); ADM=$(port)
   local name=$1 app=$2; shift 2
-  local tok; tok=$("$W" --server "http://127.0.0.1:$API" token create --workload "default/$name" --service-account "$name")
-  WEFT_TOKEN=$tok ${PIN:+taskset -c $PIN} "$W" proxy --control "http://127.0.0.1:$GRPC" --workload "default/$name" --cluster a --app "$app" \
+  local tok; tok=$(weft_cli token create --workload "default/$name" --service-account "$name")
+  [ "${CONTROL_PLAINTEXT:-0}" = 1 ] && set -- --insecure-plaintext "$@"
+  WEFT_TOKEN=$tok ${PIN:+taskset -c $PIN} "$W" proxy --control "$GRPC_URL" --workload "default/$name" --cluster a --app "$app" \
     --inbound 127.0.0.1:$IN --outbound 127.0.0.1:$OUT --admin 127.0.0.1:$ADM "$@" >"$T/$name.log" 2>&1 & PIDS+=($!)
   PROXY_PID=${PIDS[-1]}
   wait_ok "http://127.0.0.1:$ADM/ready"

@@ -11,6 +11,7 @@ pub mod error;
 pub mod mesh;
 pub mod resource;
 pub mod telemetry;
+pub mod token;
 
 /// Generated protobuf and tonic code for `proto/weft.proto` (checked in; see tests/codegen.rs).
 #[allow(clippy::all, missing_docs)]

@@ -33,6 +33,8 @@ pub struct Api {
     pub history: crate::history::History,
     /// API tokens, dashboard sessions and the access rules every route is checked against.
     pub auth: Arc<Auth>,
+    /// Whether the API and the gRPC listener speak TLS (not `--insecure-plaintext`).
+    pub tls: bool,
 }
 
 /// An error answer: `{error, field, errors}` with the status that fits.
@@ -93,7 +95,9 @@ fn routes() -> Routes {
     .on(M::POST, "/api/v1/freeze", freeze)
     .on(M::GET, "/api/v1/ledger", ledger)
     .on(M::GET, "/api/v1/audit", audit)
+    .on(M::GET, "/api/v1/tokens", list_tokens)
     .on(M::POST, "/api/v1/tokens", create_token)
+    .on(M::POST, "/api/v1/tokens/{id}/revoke", revoke_token)
     .on(M::GET, "/api/v1/admin/tokens", list_api_tokens)
     .on(M::POST, "/api/v1/admin/tokens", create_api_token)
     .on(M::DELETE, "/api/v1/admin/tokens/{name}", revoke_api_token)
@@ -253,7 +257,9 @@ async fn metrics(State(api): State<Api>) -> Response {
 }
 
 async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
-    Json(json!(api.mesh.status()))
+    let mut status = json!(api.mesh.status());
+    status["controlPlane"] = json!({"tls": api.tls});
+    Json(status)
 }
 
 async fn proxies(State(api): State<Api>) -> Json<serde_json::Value> {
@@ -511,6 +517,10 @@ async fn events(State(api): State<Api>) -> Sse<impl tokio_stream::Stream<Item = 
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+/// Default lifetime of a join token: long enough to start a proxy, short enough that a leaked
+/// one is soon worthless (a proxy renews with its certificate, not its token).
+const TOKEN_TTL: Duration = Duration::from_secs(3600);
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct TokenRequest {
@@ -519,12 +529,37 @@ struct TokenRequest {
     /// Defaults to the workload's name.
     #[serde(default)]
     service_account: Option<String>,
-    /// Token lifetime, e.g. `24h` (default).
+    /// Token lifetime, e.g. `1h` (default).
     #[serde(default)]
     ttl: Option<weft_api::Duration>,
+    /// Certificates it may be redeemed for; unlimited until it expires when absent.
+    #[serde(default)]
+    uses: Option<u32>,
 }
 
-/// A join token for one workload. Never logged.
+fn token_view(t: &crate::store::TokenRecord) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let state = match t.usable() {
+        Err(crate::store::TokenRefusal::Revoked(_)) => "revoked",
+        Err(_) => "used-up",
+        Ok(()) if t.expires_at <= now => "expired",
+        Ok(()) => "active",
+    };
+    json!({
+        "id": t.id, "workload": t.workload, "serviceAccount": t.service_account, "createdAt": t.created_at,
+        "expiresAt": t.expires_at, "usesAllowed": t.uses_allowed, "uses": t.uses, "revoked": t.revoked, "state": state,
+    })
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![])
+}
+
+/// A join token for one workload. The token is in this answer only: never logged, never
+/// stored (the store keeps its id, workload, expiry and use count).
 async fn create_token(State(api): State<Api>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
     let req: TokenRequest = json_body(&body, "token")?;
     let Some((ns, name)) = req.workload.split_once('/').filter(|(n, w)| !n.is_empty() && !w.is_empty()) else {
@@ -535,7 +570,7 @@ async fn create_token(State(api): State<Api>, body: String) -> Result<Json<serde
         ));
     };
     let sa = req.service_account.unwrap_or_else(|| name.to_string());
-    let ttl = req.ttl.map(|t| t.as_std()).unwrap_or(Duration::from_secs(24 * 3600));
+    let ttl = req.ttl.map(|t| t.as_std()).unwrap_or(TOKEN_TTL);
     if ttl.is_zero() {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -543,10 +578,32 @@ async fn create_token(State(api): State<Api>, body: String) -> Result<Json<serde
             vec![FieldError::new("ttl", "0s", "must be greater than zero")],
         ));
     }
-    let token = api.mesh.ca.create_token(ns, name, &sa, ttl);
-    Ok(Json(
-        json!({"token": token, "identity": api.mesh.ca.identity(ns, &sa), "expiresInSeconds": ttl.as_secs()}),
-    ))
+    if req.uses == Some(0) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "uses must be at least 1 (omit it for no limit)".into(),
+            vec![FieldError::new("uses", 0, "must be at least 1")],
+        ));
+    }
+    let (token, record) = api.mesh.create_token(ns, name, &sa, ttl, req.uses).map_err(store_error)?;
+    Ok(Json(json!({
+        "token": token, "id": record.id, "workload": record.workload, "identity": api.mesh.ca.identity(ns, &sa),
+        "expiresInSeconds": ttl.as_secs(), "expiresAt": record.expires_at, "usesAllowed": record.uses_allowed,
+    })))
+}
+
+/// Every join token on record (ids, workloads, expiry, uses; never the secret).
+async fn list_tokens(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows: Vec<_> = api.mesh.tokens().map_err(store_error)?.iter().map(token_view).collect();
+    Ok(Json(json!(rows)))
+}
+
+/// Refuses token `id` for registration and certificates from now on.
+async fn revoke_token(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    match api.mesh.revoke_token(&id).map_err(store_error)? {
+        Some(record) => Ok(Json(token_view(&record))),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("token {id} not found"), vec![])),
+    }
 }
 
 async fn ca_info(State(api): State<Api>) -> Json<serde_json::Value> {

@@ -91,7 +91,9 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("POST", "/api/v1/resources", Access::Role(Role::Admin)),
     ("DELETE", "/api/v1/resources/{kind}/{namespace}/{name}", Access::Role(Role::Admin)),
     ("POST", "/api/v1/rollback", Access::Role(Role::Admin)),
+    ("GET", "/api/v1/tokens", Access::Role(Role::Admin)),
     ("POST", "/api/v1/tokens", Access::Role(Role::Admin)),
+    ("POST", "/api/v1/tokens/{id}/revoke", Access::Role(Role::Admin)),
     ("GET", "/api/v1/admin/tokens", Access::Role(Role::Admin)),
     ("POST", "/api/v1/admin/tokens", Access::Role(Role::Admin)),
     ("DELETE", "/api/v1/admin/tokens/{name}", Access::Role(Role::Admin)),
@@ -480,7 +482,7 @@ pub async fn authorize(State(api): State<crate::api::Api>, req: Request, next: N
             has: actor.role,
         })
     } else if actor.session && mutating {
-        same_origin(req.headers(), auth.tls).err()
+        same_origin(&req, auth.tls).err()
     } else {
         None
     };
@@ -548,10 +550,18 @@ fn audit(auth: &Auth, actor: &Actor, source: &str, method: &Method, path: &str, 
     tracing::info!(actor = %actor.name, role = %actor.role, %source, %method, %path, status, "audited call");
 }
 
-/// A write made with the dashboard's cookie must come from the dashboard's own origin.
-fn same_origin(headers: &HeaderMap, tls: bool) -> Result<(), Denied> {
+/// A write made with the dashboard's cookie must come from the dashboard's own origin: the
+/// scheme it is served on and the authority the request names (`Host` in HTTP/1.1,
+/// `:authority` in HTTP/2).
+fn same_origin(req: &Request, tls: bool) -> Result<(), Denied> {
+    let headers = req.headers();
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+        .unwrap_or("");
     let expected = format!("{}://{host}", if tls { "https" } else { "http" });
     if host.is_empty() || origin != expected {
         return Err(Denied::CrossOrigin(origin.to_string()));

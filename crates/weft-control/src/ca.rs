@@ -2,11 +2,13 @@
 //!
 //! The root is generated at first start and kept in the store (or loaded from the user's own
 //! files). A proxy proves which workload it is with a join token: signed by the control plane
-//! (HMAC-SHA256 with a key kept in the store), expiring, valid for one workload. The CA decides
-//! the identity from the token, `spiffe://<trust-domain>/ns/<ns>/sa/<service-account>`, and
-//! issues a short-lived certificate with exactly that one URI SAN for the key in the CSR; a CSR
-//! asking for any other name is refused. Keys never leave the proxy; tokens and keys are never
-//! logged.
+//! (HMAC-SHA256 with a key kept in the store), expiring, valid for one workload, carrying the
+//! fingerprint of the root that signs the control plane's serving certificate (the proxy pins
+//! it). The CA decides the identity, `spiffe://<trust-domain>/ns/<ns>/sa/<service-account>`, and
+//! issues a short-lived certificate with exactly that one URI SAN (and the workload as its common
+//! name) for the key in the CSR; a CSR asking for any other name is refused. Which proof a
+//! workload needs (a token, or its current certificate) is [`crate::admission`]'s business. Keys
+//! never leave the proxy; tokens and keys are never logged.
 
 use crate::store::{Store, StoreError};
 use aws_lc_rs::hmac;
@@ -18,6 +20,7 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub use weft_api::token::Claims;
 
 /// Shortest certificate lifetime accepted (tests use it to watch rotation).
 pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
@@ -33,6 +36,8 @@ pub struct Ca {
 struct Roots {
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
+    /// SHA-256 of the signing root's DER (hex): what join tokens pin.
+    root_fingerprint: String,
     root_not_after: u64,
     /// Every root proxies must trust (PEM, concatenated).
     bundle_pem: String,
@@ -69,17 +74,6 @@ pub struct CaView {
     pub bundle: String,
 }
 
-/// What a token says: which workload holds it, and until when.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    pub ns: String,
-    pub name: String,
-    /// Service account: the last segment of the SPIFFE ID.
-    pub sa: String,
-    /// Expiry, unix seconds.
-    pub exp: u64,
-}
-
 /// A certificate issued to a workload.
 #[derive(Clone, Debug)]
 pub struct Issued {
@@ -88,12 +82,23 @@ pub struct Issued {
     pub not_after: u64,
     /// The signing root's generation.
     pub generation: u64,
+    /// The certificate's serial number, hex.
+    pub serial: String,
+}
+
+/// The control plane's own serving certificate.
+#[derive(Clone, Debug)]
+pub struct ServingIssued {
+    /// The leaf, then the root that signed it (so clients can pin the root by fingerprint).
+    pub chain_pem: String,
+    pub not_after: u64,
+    pub generation: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("invalid token: {0}")]
-    Token(&'static str),
+    Token(String),
     #[error("token expired {0} s ago")]
     Expired(u64),
     #[error("refused CSR: {0}")]
@@ -116,6 +121,22 @@ fn offset(secs_from_now: i64) -> time::OffsetDateTime {
 
 fn internal(e: impl std::fmt::Display) -> CaError {
     CaError::Internal(e.to_string())
+}
+
+/// A fresh random serial number (positive, 16 bytes) and its hex.
+fn serial() -> Result<(rcgen::SerialNumber, String), CaError> {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| CaError::Internal("no randomness for a serial number".into()))?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((rcgen::SerialNumber::from_slice(&bytes), hex))
+}
+
+/// SHA-256 of the first certificate in `pem`, hex.
+fn fingerprint_of(pem: &str) -> Result<String, CaError> {
+    pem_der(pem)
+        .map(|der| weft_core::tls::fingerprint(&der))
+        .ok_or_else(|| CaError::Internal("root certificate is not PEM".into()))
 }
 
 // === impl Ca ===
@@ -163,6 +184,7 @@ impl Ca {
         };
         let roots = Roots {
             issuer,
+            root_fingerprint: fingerprint_of(&root_pem)?,
             root_pem,
             root_not_after,
             bundle_pem,
@@ -213,6 +235,7 @@ impl Ca {
         store.put_secret("generation", &(st.generation + 1).to_string())?;
         store.put_secret("rotation", "reissuing")?;
         st.issuer = issuer;
+        st.root_fingerprint = fingerprint_of(&cert)?;
         st.root_pem = cert;
         st.root_not_after = not_after;
         st.generation += 1;
@@ -282,32 +305,32 @@ impl Ca {
         self.state.read().root_not_after
     }
 
-    /// A join token for one workload: `weft1.<claims>.<signature>`.
-    pub fn create_token(&self, ns: &str, name: &str, sa: &str, ttl: Duration) -> String {
+    /// SHA-256 (hex) of the root that signs now: what new join tokens pin.
+    pub fn root_fingerprint(&self) -> String {
+        self.state.read().root_fingerprint.clone()
+    }
+
+    /// A join token for one workload, `weft1.<claims>.<signature>`, with id `jti`. It pins the
+    /// root that signs now.
+    pub fn create_token(&self, jti: &str, ns: &str, name: &str, sa: &str, ttl: Duration) -> (String, Claims) {
         let claims = Claims {
+            jti: jti.into(),
             ns: ns.into(),
             name: name.into(),
             sa: sa.into(),
             exp: now() + ttl.as_secs(),
+            ca: self.root_fingerprint(),
         };
-        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
-        let tag = hmac::sign(&self.token_key, format!("weft1.{body}").as_bytes());
-        format!("weft1.{body}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+        let signed = claims.signed_part();
+        let tag = hmac::sign(&self.token_key, signed.as_bytes());
+        (format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref())), claims)
     }
 
-    /// Checks a token's signature and expiry; never echoes the token.
+    /// Checks a token's signature and expiry; never echoes the token. Whether it is still on
+    /// record (not revoked, uses left) is the store's to say.
     pub fn verify_token(&self, token: &str) -> Result<Claims, CaError> {
-        let mut parts = token.split('.');
-        let (Some("weft1"), Some(body), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-            return Err(CaError::Token("not a weft join token"));
-        };
-        let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| CaError::Token("malformed signature"))?;
-        hmac::verify(&self.token_key, format!("weft1.{body}").as_bytes(), &sig).map_err(|_| CaError::Token("bad signature"))?;
-        let claims: Claims = URL_SAFE_NO_PAD
-            .decode(body)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(CaError::Token("malformed claims"))?;
+        let (signed, claims, sig) = weft_api::token::split(token).map_err(|e| CaError::Token(e.to_string()))?;
+        hmac::verify(&self.token_key, signed.as_bytes(), &sig).map_err(|_| CaError::Token("bad signature".into()))?;
         let t = now();
         if claims.exp <= t {
             return Err(CaError::Expired(t - claims.exp));
@@ -315,10 +338,10 @@ impl Ca {
         Ok(claims)
     }
 
-    /// Signs the key in `csr_pem` for the workload the token names. The CSR may ask for no
-    /// name, or for exactly the identity the token grants; anything else is refused.
-    pub fn certify(&self, claims: &Claims, csr_pem: &str) -> Result<Issued, CaError> {
-        let identity = self.identity(&claims.ns, &claims.sa);
+    /// Signs the key in `csr_pem` for workload `ns/name` with service account `sa`. The CSR may
+    /// ask for no name, or for exactly that identity; anything else is refused.
+    pub fn certify(&self, ns: &str, name: &str, sa: &str, csr_pem: &str) -> Result<Issued, CaError> {
+        let identity = self.identity(ns, sa);
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::Refused(format!("unreadable CSR: {e}")))?;
         let asked: Vec<String> = csr
             .params
@@ -332,15 +355,15 @@ impl Ca {
             .collect();
         if !(asked.is_empty() || asked == [identity.clone()]) {
             return Err(CaError::Refused(format!(
-                "it asks for {asked:?}; the token of {}/{} grants only {identity}",
-                claims.ns, claims.name
+                "it asks for {asked:?}; workload {ns}/{name} may have only {identity}"
             )));
         }
+        let (serial, serial_hex) = serial()?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
         params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into().map_err(internal)?)];
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{}/{}", claims.ns, claims.name));
+        // The workload, for the control plane to read back from a client certificate.
+        params.distinguished_name.push(DnType::CommonName, format!("{ns}/{name}"));
+        params.serial_number = Some(serial);
         params.is_ca = IsCa::NoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -358,6 +381,32 @@ impl Ca {
             chain_pem: signed.pem(),
             identity,
             not_after: now() + self.leaf_ttl.as_secs(),
+            generation: roots.generation,
+            serial: serial_hex,
+        })
+    }
+
+    /// The control plane's serving certificate for `key`: server-auth only, with exactly `sans`
+    /// (DNS names and IP addresses), valid for `ttl`. The chain ends with the signing root.
+    pub fn issue_serving(&self, key: &KeyPair, sans: &[SanType], ttl: Duration) -> Result<ServingIssued, CaError> {
+        let (serial, _) = serial()?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
+        params.subject_alt_names = sans.to_vec();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("weft control plane ({})", self.trust_domain));
+        params.serial_number = Some(serial);
+        params.is_ca = IsCa::NoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = offset(-60);
+        params.not_after = offset(ttl.as_secs() as i64);
+        let roots = self.state.read();
+        let leaf = params.signed_by(key, &roots.issuer).map_err(internal)?;
+        Ok(ServingIssued {
+            chain_pem: format!("{}{}", leaf.pem(), roots.root_pem),
+            not_after: now() + ttl.as_secs(),
             generation: roots.generation,
         })
     }
@@ -436,16 +485,20 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_signed_expiring_and_for_one_workload() {
+    fn tokens_are_signed_expiring_and_pin_the_signing_root() {
         let (ca, dir) = ca();
-        let token = ca.create_token("default", "orders-api", "orders-api", Duration::from_secs(60));
+        let (token, made) = ca.create_token("t-1", "default", "orders-api", "orders-api", Duration::from_secs(60));
         let claims = ca.verify_token(&token).unwrap();
-        assert_eq!((claims.ns.as_str(), claims.name.as_str()), ("default", "orders-api"));
+        assert_eq!(claims, made);
+        assert_eq!((claims.jti.as_str(), claims.workload().as_str()), ("t-1", "default/orders-api"));
+        let root_der = pem_der(&ca.bundle_pem()).unwrap();
+        assert_eq!(claims.ca, weft_core::tls::fingerprint(&root_der), "the token pins the root");
+        assert_eq!(weft_api::token::peek(&token).unwrap().ca, claims.ca, "readable without the key");
         let mut forged = token.clone();
         forged.replace_range(10..11, if &token[10..11] == "A" { "B" } else { "A" });
         assert!(ca.verify_token(&forged).is_err());
         assert!(matches!(ca.verify_token("weft1.e30.AAAA"), Err(CaError::Token(_))));
-        let expired = ca.create_token("default", "x", "x", Duration::ZERO);
+        let (expired, _) = ca.create_token("t-2", "default", "x", "x", Duration::ZERO);
         assert!(matches!(ca.verify_token(&expired), Err(CaError::Expired(_))));
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -453,10 +506,8 @@ mod tests {
     #[test]
     fn the_ca_decides_the_identity_and_refuses_any_other() {
         let (ca, dir) = ca();
-        let claims = ca
-            .verify_token(&ca.create_token("default", "checkout-api-v2", "checkout-api", Duration::from_secs(60)))
-            .unwrap();
-        let issued = ca.certify(&claims, &csr(vec![])).unwrap();
+        let certify = |sans: Vec<String>| ca.certify("default", "checkout-api-v2", "checkout-api", &csr(sans));
+        let issued = certify(vec![]).unwrap();
         assert_eq!(issued.identity, "spiffe://weft.local/ns/default/sa/checkout-api");
         let der = pem_der(&issued.chain_pem).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -470,15 +521,46 @@ mod tests {
             .map(|n| format!("{n}"))
             .collect();
         assert_eq!(sans, ["URI(spiffe://weft.local/ns/default/sa/checkout-api)"]);
-        let own = ca.certify(&claims, &csr(vec!["spiffe://weft.local/ns/default/sa/checkout-api".into()]));
+        let cn: Vec<&str> = cert.subject().iter_common_name().filter_map(|c| c.as_str().ok()).collect();
+        assert_eq!(cn, ["default/checkout-api-v2"], "the workload is the common name");
+        assert_eq!(cert.raw_serial_as_string().replace(':', ""), issued.serial);
+        assert_ne!(certify(vec![]).unwrap().serial, issued.serial, "serials are not reused");
+        let own = certify(vec!["spiffe://weft.local/ns/default/sa/checkout-api".into()]);
         assert!(own.is_ok(), "asking for exactly its own identity is fine: {:?}", own.err());
-        let other = ca.certify(&claims, &csr(vec!["spiffe://weft.local/ns/default/sa/payments-svc".into()]));
+        let other = certify(vec!["spiffe://weft.local/ns/default/sa/payments-svc".into()]);
         assert!(matches!(other, Err(CaError::Refused(_))), "another identity is refused");
-        let extra = ca.certify(
-            &claims,
-            &csr(vec!["spiffe://weft.local/ns/default/sa/checkout-api".into(), "evil.example".into()]),
-        );
+        let extra = certify(vec!["spiffe://weft.local/ns/default/sa/checkout-api".into(), "evil.example".into()]);
         assert!(matches!(extra, Err(CaError::Refused(_))), "extra SANs are refused");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_serving_certificate_names_the_addresses_and_carries_the_root() {
+        let (ca, dir) = ca();
+        let key = KeyPair::generate().unwrap();
+        let sans = [
+            SanType::DnsName("localhost".try_into().unwrap()),
+            SanType::IpAddress("127.0.0.1".parse().unwrap()),
+        ];
+        let serving = ca.issue_serving(&key, &sans, Duration::from_secs(3600)).unwrap();
+        let chain = weft_core::tls::certs_from_pem(&serving.chain_pem, "chain").unwrap();
+        assert_eq!(chain.len(), 2, "leaf and root");
+        assert_eq!(weft_core::tls::fingerprint(&chain[1]), ca.root_fingerprint(), "the root tokens pin");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let names: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n}"))
+            .collect();
+        assert_eq!(
+            names,
+            ["DNSName(localhost)", "IPAddress(7f:00:00:01)"],
+            "127.0.0.1, as x509-parser prints it"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -2,7 +2,9 @@
 //! config whenever what that proxy needs has changed, and records ACKs, NACKs, subscriptions and
 //! telemetry. A proxy whose stream ends is removed from every other proxy's endpoints at once.
 
+use crate::admission::{ControlPeer, Proof, Refused};
 use crate::mesh::Mesh;
+use crate::metrics::ReasonLabel;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -21,34 +23,68 @@ pub struct Distribution {
 impl proto::distribution_server::Distribution for Distribution {
     type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
 
+    /// Issues a certificate to the workload the request names, if it proved itself (its current
+    /// certificate on this connection, or a join token for exactly that workload). A refusal
+    /// issues nothing for anyone.
     async fn certify(&self, req: Request<proto::CertifyRequest>) -> Result<Response<proto::CertifyResponse>, Status> {
+        let peer = req.extensions().get::<ControlPeer>().cloned();
+        let source = req.remote_addr();
         let req = req.into_inner();
-        let claims = self
+        let Some((ns, name)) = req.workload.split_once('/') else {
+            return Err(Status::invalid_argument(format!(
+                "certify: workload {:?} is not NAMESPACE/NAME",
+                req.workload
+            )));
+        };
+        let admitted = self.mesh.admit(peer.as_ref(), ns, name, &req.token).map_err(|refused| {
+            self.mesh
+                .metrics
+                .refused_admissions
+                .get_or_create(&ReasonLabel { reason: refused.reason() })
+                .inc();
+            tracing::warn!(workload = %req.workload, source = ?source, reason = %refused, "certificate refused");
+            match refused {
+                Refused::Store(e) => Status::internal(e.to_string()),
+                other => Status::unauthenticated(other.to_string()),
+            }
+        })?;
+        let issued = self
             .mesh
             .ca
-            .verify_token(&req.token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
-        match self.mesh.ca.certify(&claims, &req.csr_pem) {
-            Ok(issued) => {
-                self.mesh.metrics.certificates.inc();
-                tracing::info!(workload = %format!("{}/{}", claims.ns, claims.name), identity = %issued.identity, not_after = issued.not_after, "certificate issued");
-                Ok(Response::new(proto::CertifyResponse {
-                    cert_chain_pem: issued.chain_pem,
-                    trust_bundle_pem: self.mesh.ca.bundle_pem(),
-                    not_after_unix: issued.not_after,
-                    identity: issued.identity,
-                    generation: issued.generation,
-                }))
-            }
-            Err(e) => {
+            .certify(&admitted.namespace, &admitted.name, &admitted.service_account, &req.csr_pem)
+            .map_err(|e| {
                 self.mesh.metrics.refused_csrs.inc();
-                tracing::warn!(workload = %format!("{}/{}", claims.ns, claims.name), reason = %e, "certificate refused");
-                Err(Status::permission_denied(e.to_string()))
-            }
-        }
+                tracing::warn!(workload = %req.workload, reason = %e, "certificate refused");
+                Status::permission_denied(e.to_string())
+            })?;
+        // A token's use is counted only for a certificate actually issued; one whose last use
+        // was taken meanwhile issues nothing.
+        self.mesh.redeem(&admitted, source, &issued.serial).map_err(|refused| {
+            self.mesh
+                .metrics
+                .refused_admissions
+                .get_or_create(&ReasonLabel { reason: refused.reason() })
+                .inc();
+            tracing::warn!(workload = %req.workload, reason = %refused, "certificate refused");
+            Status::unauthenticated(refused.to_string())
+        })?;
+        self.mesh.metrics.certificates.inc();
+        let by = match admitted.proof {
+            Proof::Certificate { .. } => "certificate",
+            Proof::Token(_) => "token",
+        };
+        tracing::info!(workload = %req.workload, identity = %issued.identity, serial = %issued.serial, not_after = issued.not_after, by, "certificate issued");
+        Ok(Response::new(proto::CertifyResponse {
+            cert_chain_pem: issued.chain_pem,
+            trust_bundle_pem: self.mesh.ca.bundle_pem(),
+            not_after_unix: issued.not_after,
+            identity: issued.identity,
+            generation: issued.generation,
+        }))
     }
 
     async fn connect(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = req.extensions().get::<ControlPeer>().cloned();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -59,7 +95,13 @@ impl proto::distribution_server::Distribution for Distribution {
         else {
             return Err(Status::invalid_argument("the first message on the stream must be Register"));
         };
-        let (conn, id) = self.mesh.register(&reg).map_err(Status::invalid_argument)?;
+        // Fail closed: no proof for exactly this workload, no registration.
+        let admitted = self.mesh.admit(peer.as_ref(), &reg.namespace, &reg.name, &reg.token).map_err(|refused| {
+            self.mesh.metrics.refused_admissions.get_or_create(&ReasonLabel { reason: refused.reason() }).inc();
+            tracing::warn!(workload = %format!("{}/{}", reg.namespace, reg.name), source = ?peer.as_ref().and_then(|p| p.remote), reason = %refused, "registration refused");
+            Status::unauthenticated(format!("register {refused}"))
+        })?;
+        let (conn, id) = self.mesh.register(&reg, admitted.identity).map_err(Status::invalid_argument)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -3,6 +3,7 @@
 //!
 //! It must not depend on weft-proxy: proxies are reached only through the control stream.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod ca;
@@ -12,6 +13,7 @@ pub mod intents;
 pub mod mesh;
 pub mod metrics;
 pub mod rollout;
+pub mod serving;
 pub mod store;
 pub mod taps;
 
@@ -20,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use weft_core::Shutdown;
 
 #[derive(Clone, Debug)]
@@ -34,6 +37,10 @@ pub struct ControlConfig {
     pub root: Option<(PathBuf, PathBuf)>,
     /// Serve `/metrics` without a credential, for a Prometheus that cannot send a token.
     pub metrics_open: bool,
+    /// Extra names and addresses (DNS names or IPs) for the serving certificate.
+    pub sans: Vec<String>,
+    /// Serve the API and the gRPC without TLS (local experiments only).
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +57,8 @@ pub enum StartError {
     Ca(#[from] ca::CaError),
     #[error(transparent)]
     Auth(#[from] auth::TokenError),
+    #[error(transparent)]
+    Serving(#[from] serving::ServingError),
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("cannot bind the {listener} listener on {addr}: {source}")]
@@ -79,8 +88,24 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         None => None,
     };
     let ca = ca::Ca::open(&store, &cfg.trust_domain, cfg.cert_ttl, root)?;
-    let auth = auth::Auth::open(store.clone(), &cfg.data_dir.join(ADMIN_TOKEN_FILE), cfg.metrics_open, false)?;
-    let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics)?);
+    let auth = auth::Auth::open(
+        store.clone(),
+        &cfg.data_dir.join(ADMIN_TOKEN_FILE),
+        cfg.metrics_open,
+        !cfg.insecure_plaintext,
+    )?;
+    // Tokens that expired a day ago can no longer matter to anyone.
+    let stale = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .saturating_sub(86_400);
+    match store.prune_tokens(stale) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(tokens = n, "forgot join tokens expired over a day ago"),
+        Err(error) => tracing::warn!(%error, "cannot prune expired join tokens"),
+    }
+    let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics.clone())?);
     let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind {
         listener: "api",
         addr: cfg.api,
@@ -95,43 +120,75 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         api: api_l.local_addr().expect("bound"),
         grpc: grpc_l.local_addr().expect("bound"),
     };
-    tracing::info!(api = %bound.api, grpc = %bound.grpc, data_dir = %cfg.data_dir.display(), revision = mesh.revision(), "control plane listening");
+    serving::write_ca_file(&cfg.data_dir, &mesh.ca.bundle_pem())?;
+    let serving = if cfg.insecure_plaintext {
+        tracing::warn!(
+            "--insecure-plaintext: the API and the proxies' control streams are unencrypted and proxies cannot prove themselves with their certificates"
+        );
+        None
+    } else {
+        let sans = serving::sans(&[bound.api, bound.grpc], &cfg.sans)?;
+        Some(Arc::new(serving::Serving::new(&mesh.ca, sans)?))
+    };
+    tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), revision = mesh.revision(), ca_fingerprint = %mesh.ca.root_fingerprint(), "control plane listening");
 
     let loop_task = tokio::spawn(intents::run(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     let history_task = tokio::spawn(history.clone().run(mesh.clone(), shutdown.clone()));
+    let serving_task = tokio::spawn(serving::maintain(
+        serving.clone(),
+        mesh.clone(),
+        cfg.data_dir.clone(),
+        shutdown.clone(),
+    ));
     let router = api::router(api::Api {
         mesh: mesh.clone(),
         registry: Arc::new(registry),
         history,
         auth: Arc::new(auth),
+        tls: serving.is_some(),
     });
+    let api_listener = serving::ApiListener {
+        rx: serving::accept(
+            api_l,
+            serving.as_ref().map(|s| s.api.clone()),
+            "api",
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        local: bound.api,
+    };
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        // Through `tap_io` the listener's peer address becomes each request's `ConnectInfo`
+        // (the audit trail's source address).
         let service = router.into_make_service_with_connect_info::<SocketAddr>();
-        let serve = axum::serve(api_l, service).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
+        let serve = axum::serve(api_listener.tap_io(|_| {}), service).with_graceful_shutdown(async move { api_shutdown.cancelled().await });
         if let Err(error) = serve.await {
             tracing::error!(%error, "api server failed");
         }
     });
     let grpc_shutdown = shutdown.clone();
-    let distribution = weft_api::proto::distribution_server::DistributionServer::new(distribution::Distribution { mesh });
+    let distribution = weft_api::proto::distribution_server::DistributionServer::with_interceptor(
+        distribution::Distribution { mesh },
+        serving::connect_info,
+    );
+    let grpc_conns = serving::accept(grpc_l, serving.as_ref().map(|s| s.grpc.clone()), "grpc", metrics, shutdown.clone());
     let grpc_task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_conns).map(Ok::<_, std::io::Error>);
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(3)))
-            .tcp_nodelay(true)
             .add_service(distribution)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc_l), async move {
-                grpc_shutdown.cancelled().await
-            })
+            .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await })
             .await;
         if let Err(error) = served {
             tracing::error!(%error, "grpc server failed");
         }
     });
     let handle = tokio::spawn(async move {
-        let _ = tokio::join!(api_task, grpc_task, loop_task, history_task);
+        let _ = tokio::join!(api_task, grpc_task, loop_task, history_task, serving_task);
     });
     Ok((bound, handle))
 }

@@ -85,7 +85,7 @@ pub struct ProxyRecord {
     pushed: Option<(u64, Instant)>,
     /// Registered with a config already (it reconnected rather than started).
     resumed: bool,
-    /// The SPIFFE ID its token grants.
+    /// The SPIFFE ID it was admitted with (its token's, or its certificate's).
     pub identity: String,
     /// Expiry of its workload certificate (unix seconds), as it last reported.
     pub cert_not_after: u64,
@@ -307,29 +307,13 @@ impl Mesh {
         self.store.history()
     }
 
-    /// Adds a proxy that opened a stream; returns its connection number and id.
-    pub fn register(&self, reg: &proto::Register) -> Result<(u64, String), String> {
+    /// Adds a proxy that opened a stream and proved it is its workload ([`crate::admission`]),
+    /// with the identity it was admitted with; returns its connection number and id.
+    pub fn register(&self, reg: &proto::Register, identity: String) -> Result<(u64, String), String> {
         let inbound: SocketAddr = reg
             .inbound_addr
             .parse()
             .map_err(|_| format!("register: inbound_addr {:?} is not a socket address", reg.inbound_addr))?;
-        for (field, v) in [("namespace", &reg.namespace), ("name", &reg.name)] {
-            if v.is_empty() {
-                return Err(format!("register: {field} must not be empty"));
-            }
-        }
-        // Fail closed: no valid token for exactly this workload, no registration.
-        let claims = self
-            .ca
-            .verify_token(&reg.token)
-            .map_err(|e| format!("register {}/{}: {e}", reg.namespace, reg.name))?;
-        if claims.ns != reg.namespace || claims.name != reg.name {
-            return Err(format!(
-                "register {}/{}: the token is for workload {}/{}",
-                reg.namespace, reg.name, claims.ns, claims.name
-            ));
-        }
-        let identity = self.ca.identity(&claims.ns, &claims.sa);
         let labels: BTreeMap<String, String> = reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let service = labels.get(SERVICE_LABEL).cloned().unwrap_or_else(|| reg.name.clone());
         let mut state = self.state.lock();

@@ -22,6 +22,23 @@ pub struct ControlMetrics {
     pub intents: Family<PhaseLabel, Gauge>,
     /// Decisions by outcome (stage-passed, promoted, rolled-back, failed).
     pub decisions: Family<OutcomeLabel, Counter>,
+    /// Connections to the API and gRPC listeners by handshake outcome.
+    pub handshakes: Family<HandshakeLabel, Counter>,
+    /// Certificates and registrations refused for want of proof, by reason.
+    pub refused_admissions: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabel {
+    /// `api` or `grpc`.
+    pub listener: &'static str,
+    /// `accepted` (or plaintext taken as is), `failed`, `timed-out`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -47,6 +64,8 @@ impl ControlMetrics {
             refused_csrs: Counter::default(),
             intents: Family::default(),
             decisions: Family::default(),
+            handshakes: Family::default(),
+            refused_admissions: Family::default(),
             push_to_ack: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         };
         registry.register("proxies_connected", "Proxies with an open control stream", m.proxies.clone());
@@ -65,6 +84,16 @@ impl ControlMetrics {
             "csrs_refused",
             "CSRs the CA refused (another identity, extra names)",
             m.refused_csrs.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Connections to the API and gRPC listeners by TLS handshake outcome (accepted, failed, timed-out)",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "admissions_refused",
+            "Registrations and certificate requests refused for want of proof, by reason",
+            m.refused_admissions.clone(),
         );
         registry.register(
             "telemetry_reports",

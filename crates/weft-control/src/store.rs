@@ -18,6 +18,8 @@ const LEDGER: TableDefinition<u64, &str> = TableDefinition::new("ledger");
 const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
 /// API tokens by name (JSON records holding the secret's hash, never the secret).
 const API_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("api_tokens");
+/// Join tokens by id (JSON [`TokenRecord`]); never the token itself.
+const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 
 pub struct Store {
     db: Database,
@@ -53,6 +55,37 @@ pub enum StoreError {
     Corrupt { revision: u64, message: String },
 }
 
+/// What the control plane remembers of a join token it minted: enough to revoke it, count its
+/// uses and list it, never the token (whose signature alone proves it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRecord {
+    pub id: String,
+    /// `namespace/name`.
+    pub workload: String,
+    pub service_account: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+    /// Certificates it may still be redeemed for in all; `None`: any number until it expires.
+    pub uses_allowed: Option<u32>,
+    /// Certificates issued on its strength.
+    pub uses: u32,
+    pub revoked: bool,
+}
+
+/// Why a recorded token cannot be used (its signature and expiry aside).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("token {0} is not on record")]
+    Unknown(String),
+    #[error("token {0} was revoked")]
+    Revoked(String),
+    #[error("token {id} was used for all {allowed} certificate(s) it allows")]
+    UsedUp { id: String, allowed: u32 },
+}
+
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
 }
@@ -75,6 +108,7 @@ impl Store {
         tx.open_table(LEDGER).map_err(db_err)?;
         tx.open_table(SECRETS).map_err(db_err)?;
         tx.open_table(API_TOKENS).map_err(db_err)?;
+        tx.open_table(TOKENS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -271,6 +305,110 @@ impl Store {
     }
 }
 
+// === join tokens ===
+
+impl TokenRecord {
+    /// Whether it can still be used: on record, not revoked, uses left.
+    pub fn usable(&self) -> Result<(), TokenRefusal> {
+        if self.revoked {
+            return Err(TokenRefusal::Revoked(self.id.clone()));
+        }
+        match self.uses_allowed {
+            Some(allowed) if self.uses >= allowed => Err(TokenRefusal::UsedUp {
+                id: self.id.clone(),
+                allowed,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Store {
+    pub fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).map_err(db_err)?;
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(TOKENS)
+            .map_err(db_err)?
+            .insert(record.id.as_str(), json.as_str())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(TOKENS).map_err(db_err)?;
+        table
+            .get(id)
+            .map_err(db_err)?
+            .map(|v| serde_json::from_str(v.value()).map_err(db_err))
+            .transpose()
+    }
+
+    /// Every recorded token, by id.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(TOKENS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (_, v) = row.map_err(db_err)?;
+            out.push(serde_json::from_str(v.value()).map_err(db_err)?);
+        }
+        Ok(out)
+    }
+
+    /// Changes token `id` with `change` in one write transaction (nothing is written when it
+    /// refuses); returns the record as written.
+    pub fn update_token(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut TokenRecord) -> Result<(), TokenRefusal>,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let outcome = {
+            let mut table = tx.open_table(TOKENS).map_err(db_err)?;
+            let current: Option<TokenRecord> = table
+                .get(id)
+                .map_err(db_err)?
+                .map(|v| serde_json::from_str(v.value()).map_err(db_err))
+                .transpose()?;
+            match current {
+                None => Err(TokenRefusal::Unknown(id.to_string())),
+                Some(mut record) => match change(&mut record) {
+                    Ok(()) => {
+                        let json = serde_json::to_string(&record).map_err(db_err)?;
+                        table.insert(id, json.as_str()).map_err(db_err)?;
+                        Ok(record)
+                    }
+                    Err(refused) => Err(refused),
+                },
+            }
+        };
+        if outcome.is_ok() {
+            tx.commit().map_err(db_err)?;
+        } else {
+            tx.abort().map_err(db_err)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Forgets tokens that expired before `before` (unix seconds); returns how many.
+    pub fn prune_tokens(&self, before: u64) -> Result<usize, StoreError> {
+        let stale: Vec<String> = self.tokens()?.into_iter().filter(|t| t.expires_at < before).map(|t| t.id).collect();
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(TOKENS).map_err(db_err)?;
+            for id in &stale {
+                table.remove(id.as_str()).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(stale.len())
+    }
+}
+
 fn decode(revision: u64, json: &str) -> Result<Revision, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
         revision,
@@ -314,6 +452,58 @@ mod tests {
             "an older reservation commits as a new number"
         );
         assert_eq!(s.stable().unwrap(), Some(6));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn token_uses_are_counted_atomically_and_revocation_sticks() {
+        let dir = std::env::temp_dir().join(format!("weft-store-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = Store::open(&dir).unwrap();
+        let record = TokenRecord {
+            id: "t1".into(),
+            workload: "default/orders".into(),
+            service_account: "orders".into(),
+            created_at: 100,
+            expires_at: 200,
+            uses_allowed: Some(2),
+            uses: 0,
+            revoked: false,
+        };
+        s.put_token(&record).unwrap();
+        let redeem = |r: &mut TokenRecord| {
+            r.usable()?;
+            r.uses += 1;
+            Ok(())
+        };
+        assert_eq!(s.update_token("t1", redeem).unwrap().unwrap().uses, 1);
+        assert_eq!(s.update_token("t1", redeem).unwrap().unwrap().uses, 2);
+        assert_eq!(
+            s.update_token("t1", redeem).unwrap(),
+            Err(TokenRefusal::UsedUp {
+                id: "t1".into(),
+                allowed: 2
+            })
+        );
+        assert_eq!(s.token("t1").unwrap().unwrap().uses, 2, "a refused use is not counted");
+        assert_eq!(s.update_token("nope", redeem).unwrap(), Err(TokenRefusal::Unknown("nope".into())));
+        s.put_token(&TokenRecord {
+            id: "t2".into(),
+            uses_allowed: None,
+            expires_at: 300,
+            ..record.clone()
+        })
+        .unwrap();
+        s.update_token("t2", |r| {
+            r.revoked = true;
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(s.update_token("t2", redeem).unwrap(), Err(TokenRefusal::Revoked("t2".into())));
+        assert_eq!(s.prune_tokens(250).unwrap(), 1, "t1 expired at 200");
+        let left: Vec<String> = s.tokens().unwrap().into_iter().map(|t| t.id).collect();
+        assert_eq!(left, ["t2"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,5 +1,6 @@
 //! Small glue shared by the proxy, the control plane and the CLI: shutdown and drain, tracing
-//! set-up, the HTTP server loop with the mesh's safety limits, and the admin endpoints.
+//! set-up, the HTTP server loop with the mesh's safety limits, the admin endpoints, and TLS on
+//! the control channel (the pinned verifier and the connector everyone dials with).
 //!
 //! It owns no mesh logic and must not depend on weft-proxy or weft-control.
 
@@ -8,6 +9,7 @@ pub mod body;
 pub mod framing;
 pub mod serve;
 pub mod shutdown;
+pub mod tls;
 pub mod trace;
 
 pub use body::{Body, BoxError, boxed, empty, full};

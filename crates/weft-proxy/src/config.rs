@@ -44,7 +44,9 @@ pub struct Workload {
 
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// gRPC URL of the control plane, e.g. `http://127.0.0.1:7071`, and the join token.
+    /// gRPC URL of the control plane, e.g. `https://127.0.0.1:7071` (TLS pinned by the join
+    /// token's CA fingerprint) or `http://...` (plaintext, `--insecure-plaintext`), and the
+    /// join token.
     Control {
         url: String,
         token: Option<String>,

@@ -1,16 +1,23 @@
 //! The proxy's workload identity: a key generated here (it never leaves the proxy), a
-//! certificate the control plane's CA issues for it from the join token, renewed at half its
-//! lifetime, and the TLS configurations built on it. Outbound, the server must present exactly
-//! the SPIFFE ID the control plane gave for that endpoint; inbound, the client's identity is
-//! read from its certificate. Without a valid certificate nothing is sent over mTLS: the
-//! proxy fails closed.
+//! certificate the control plane's CA issues for it (the first on the strength of the join
+//! token, every renewal on the strength of the current certificate, presented as the client
+//! certificate of the control channel), renewed at half its lifetime, and the TLS
+//! configurations built on it. A certificate is installed only if it is the identity this
+//! workload expects: its own namespace and service account, its own name as the common name,
+//! verifying against the trust bundle that came with it. Outbound, the server must present
+//! exactly the SPIFFE ID the control plane gave for that endpoint; inbound, the client's
+//! identity is read from its certificate. Without a valid certificate nothing is sent over mTLS:
+//! the proxy fails closed.
 
 use crate::state::Proxy;
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::collections::HashMap;
@@ -33,6 +40,8 @@ pub struct Identity {
 /// TLS material for one certificate.
 pub struct Tls {
     pub identity: String,
+    /// Serial number, hex.
+    pub serial: String,
     pub not_after: u64,
     /// Generation of the root that signed the certificate.
     pub generation: u64,
@@ -43,6 +52,8 @@ pub struct Tls {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// The certificate as the control channel's client certificate.
+    certified: Arc<CertifiedKey>,
     /// Client configurations by the identity the server must present.
     clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
 }
@@ -55,6 +66,8 @@ pub enum IdentityError {
     Refused(String),
     #[error("unusable certificate material: {0}")]
     Material(String),
+    #[error("the control plane issued {got}, but this proxy is {expected}: not installed")]
+    NotMine { got: String, expected: String },
 }
 
 fn material(e: impl std::fmt::Display) -> IdentityError {
@@ -76,6 +89,11 @@ impl Identity {
         self.current.store(Some(Arc::new(tls)));
     }
 
+    /// The SPIFFE ID of the certificate held now.
+    pub fn current_id(&self) -> Option<String> {
+        self.current.load().as_ref().map(|t| t.identity.clone())
+    }
+
     /// Follows the CA in a pushed config: trusts a new bundle at once (keeping the current
     /// certificate) and renews early when the CA signs with a newer root.
     pub fn follow(&self, bundle_pem: &str, ca_generation: u64) {
@@ -95,6 +113,25 @@ impl Identity {
     }
 }
 
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("spiffe_id", &self.current_id()).finish()
+    }
+}
+
+/// The control channel presents the workload's current certificate, whatever it is at the
+/// moment of the handshake.
+impl ResolvesClientCert for Identity {
+    fn resolve(&self, _root_hints: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        let tls = self.current.load_full()?;
+        tls.certified.key.choose_scheme(sigschemes).is_some().then(|| tls.certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
 // === impl Tls ===
 
 impl Tls {
@@ -107,8 +144,13 @@ impl Tls {
         key: PrivateKeyDer<'static>,
         bundle_pem: &str,
     ) -> Result<Self, IdentityError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = weft_core::tls::provider();
         let chain = pem_certs(chain_pem)?;
+        // Refuses a chain whose leaf is not for this key.
+        let certified = Arc::new(CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(material)?);
+        let serial = x509_parser::parse_x509_certificate(chain[0].as_ref())
+            .map(|(_, c)| c.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+            .map_err(material)?;
         let mut roots = RootCertStore::empty();
         for root in pem_certs(bundle_pem)? {
             roots.add(root).map_err(material)?;
@@ -126,6 +168,7 @@ impl Tls {
         server.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
             identity,
+            serial,
             not_after,
             generation,
             bundle_pem: bundle_pem.to_string(),
@@ -134,6 +177,7 @@ impl Tls {
             roots,
             chain,
             key,
+            certified,
             clients: Mutex::new(HashMap::new()),
         })
     }
@@ -181,14 +225,7 @@ pub fn sni() -> ServerName<'static> {
 }
 
 fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    use rustls_pki_types::pem::PemObject;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(material)?;
-    if certs.is_empty() {
-        return Err(IdentityError::Material("no certificate in PEM".into()));
-    }
-    Ok(certs)
+    weft_core::tls::certs_from_pem(pem, "certificate chain").map_err(material)
 }
 
 /// The one SPIFFE ID (URI SAN) of a certificate.
@@ -274,8 +311,11 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
-/// Obtains a certificate for a fresh key: CSR to the control plane's CA with the join token.
-pub async fn certify(control_url: &str, token: &str) -> Result<Tls, IdentityError> {
+/// Obtains a certificate for a fresh key: a CSR to the control plane's CA over the control
+/// link, proven by the current certificate (presented in the handshake) or else the join token.
+/// The result is checked to be this workload's before it is handed back.
+pub async fn certify(proxy: &Proxy) -> Result<Tls, IdentityError> {
+    let link = proxy.control.as_ref().expect("control mode");
     let key = rcgen::KeyPair::generate().map_err(material)?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .map_err(material)?
@@ -283,17 +323,15 @@ pub async fn certify(control_url: &str, token: &str) -> Result<Tls, IdentityErro
         .map_err(material)?
         .pem()
         .map_err(material)?;
-    let channel = tonic::transport::Endpoint::from_shared(control_url.to_string())
-        .map_err(|e| IdentityError::Unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
+    let channel = link
+        .connect(|e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)))
         .await
         .map_err(|e| IdentityError::Unreachable(e.to_string()))?;
     let reply = DistributionClient::new(channel)
         .certify(proto::CertifyRequest {
-            token: token.to_string(),
+            token: proxy.token.clone().unwrap_or_default(),
             csr_pem: csr,
+            workload: proxy.workload.id(),
         })
         .await
         .map_err(|s| match s.code() {
@@ -301,20 +339,98 @@ pub async fn certify(control_url: &str, token: &str) -> Result<Tls, IdentityErro
             _ => IdentityError::Unreachable(s.message().to_string()),
         })?
         .into_inner();
+    let expected = expected_identity(proxy);
+    if !expected.matches(&reply.identity) {
+        return Err(IdentityError::NotMine {
+            got: reply.identity,
+            expected: expected.to_string(),
+        });
+    }
     let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    Tls::new(
+    let tls = Tls::new(
         reply.identity,
         reply.not_after_unix,
         reply.generation,
         &reply.cert_chain_pem,
         key,
         &reply.trust_bundle_pem,
-    )
+    )?;
+    tls.check_issued_to(&proxy.workload.id())?;
+    link.trust(&reply.trust_bundle_pem);
+    Ok(tls)
+}
+
+/// What the proxy expects its identity to be.
+struct Expected {
+    namespace: String,
+    /// From the join token, when there is one.
+    service_account: Option<String>,
+    /// The identity held now: a renewal must keep it.
+    current: Option<String>,
+}
+
+fn expected_identity(proxy: &Proxy) -> Expected {
+    Expected {
+        namespace: proxy.workload.namespace.clone(),
+        service_account: proxy.token.as_deref().and_then(|t| weft_api::token::peek(t).ok()).map(|c| c.sa),
+        current: proxy.identity.current_id(),
+    }
+}
+
+impl Expected {
+    fn matches(&self, spiffe_id: &str) -> bool {
+        if let Some(current) = &self.current {
+            return current == spiffe_id;
+        }
+        let Some((_, path)) = spiffe_id.strip_prefix("spiffe://").and_then(|r| r.split_once('/')) else {
+            return false;
+        };
+        let Some(sa) = path.strip_prefix(&format!("ns/{}/sa/", self.namespace)) else {
+            return false;
+        };
+        !sa.is_empty() && !sa.contains('/') && self.service_account.as_deref().is_none_or(|want| want == sa)
+    }
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.current, &self.service_account) {
+            (Some(current), _) => write!(f, "{current}"),
+            (None, Some(sa)) => write!(f, "spiffe://*/ns/{}/sa/{sa}", self.namespace),
+            (None, None) => write!(f, "spiffe://*/ns/{}/sa/*", self.namespace),
+        }
+    }
+}
+
+impl Tls {
+    /// Checks the leaf carries exactly [`Tls::identity`], names `workload` as its common name,
+    /// and verifies against the trust bundle it came with.
+    fn check_issued_to(&self, workload: &str) -> Result<(), IdentityError> {
+        let leaf = &self.chain[0];
+        let not_mine = |got: String| IdentityError::NotMine {
+            got,
+            expected: format!("{} of workload {workload}", self.identity),
+        };
+        match spiffe_id(leaf) {
+            Some(id) if id == self.identity => {}
+            other => return Err(not_mine(other.unwrap_or_else(|| "a certificate without a SPIFFE ID".into()))),
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(material)?;
+        let cn = cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("");
+        if cn != workload {
+            return Err(not_mine(format!("a certificate of workload {cn:?}")));
+        }
+        let verifier = weft_core::tls::RootsClientVerifier::new(&self.bundle_pem).map_err(material)?;
+        verifier
+            .verify_client_cert(leaf, &self.chain[1..], UnixTime::now())
+            .map_err(|e| IdentityError::Material(format!("the certificate does not verify against its trust bundle: {e}")))?;
+        Ok(())
+    }
 }
 
 /// Keeps the proxy's certificate fresh: renews at half its lifetime, retries with capped
 /// backoff, and keeps serving with the current certificate while the CA is unreachable.
-pub async fn run(proxy: Arc<Proxy>, control_url: String, token: String, shutdown: Shutdown) {
+pub async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
     let gauge = proxy.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -330,11 +446,11 @@ pub async fn run(proxy: Arc<Proxy>, control_url: String, token: String, shutdown
     });
     let mut failures = 0u32;
     loop {
-        let wait = match certify(&control_url, &token).await {
+        let wait = match certify(&proxy).await {
             Ok(tls) => {
                 failures = 0;
                 let lifetime = tls.not_after.saturating_sub(now());
-                tracing::info!(identity = %tls.identity, expires_in_s = lifetime, "workload certificate installed");
+                tracing::info!(identity = %tls.identity, serial = %tls.serial, expires_in_s = lifetime, "workload certificate installed");
                 proxy.identity.install(tls);
                 proxy.refresh_ready();
                 Duration::from_secs_f64(lifetime as f64 * RENEW_AT).max(Duration::from_secs(1))
@@ -364,4 +480,44 @@ fn pem_of(cert: &CertificateDer<'_>) -> String {
         .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
         .collect();
     format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_installed_only_for_the_identity_this_workload_expects() {
+        let first = Expected {
+            namespace: "default".into(),
+            service_account: Some("checkout-api".into()),
+            current: None,
+        };
+        assert!(first.matches("spiffe://weft.local/ns/default/sa/checkout-api"));
+        for other in [
+            "spiffe://weft.local/ns/default/sa/orders",
+            "spiffe://weft.local/ns/prod/sa/checkout-api",
+            "spiffe://weft.local/ns/default/sa/checkout-api/x",
+            "spiffe://weft.local/ns/default/sa/",
+            "https://weft.local/ns/default/sa/checkout-api",
+        ] {
+            assert!(!first.matches(other), "{other}");
+        }
+        // Without a token's service account, any in its own namespace.
+        let tokenless = Expected {
+            service_account: None,
+            ..first
+        };
+        assert!(tokenless.matches("spiffe://weft.local/ns/default/sa/anything"));
+        assert!(!tokenless.matches("spiffe://weft.local/ns/prod/sa/anything"));
+        // A renewal keeps exactly the identity held.
+        let renewal = Expected {
+            namespace: "default".into(),
+            service_account: Some("checkout-api".into()),
+            current: Some("spiffe://weft.local/ns/default/sa/checkout-api".into()),
+        };
+        assert!(renewal.matches("spiffe://weft.local/ns/default/sa/checkout-api"));
+        assert!(!renewal.matches("spiffe://other.td/ns/default/sa/checkout-api"));
+        assert_eq!(renewal.to_string(), "spiffe://weft.local/ns/default/sa/checkout-api");
+    }
 }

@@ -52,6 +52,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Control(#[from] control::LinkError),
 }
 
 /// Binds every listener, then serves until `shutdown`; returns once drained.
@@ -76,14 +78,14 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
         outbound: outbound_l.local_addr().expect("bound"),
         admin: admin_l.as_ref().map(|l| l.local_addr().expect("bound")),
     };
-    let (proxy, subscriptions) = Proxy::new(cfg, bound.clone());
+    let (proxy, subscriptions) = Proxy::new(cfg, bound.clone())?;
     let proxy = Arc::new(proxy);
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(subscriptions) = subscriptions {
         tasks.spawn(control::run(proxy.clone(), subscriptions, shutdown.clone()));
     }
-    if let (Some(url), Some(token)) = (proxy.control_url.clone(), proxy.token.clone()) {
-        tasks.spawn(identity::run(proxy.clone(), url, token, shutdown.clone()));
+    if proxy.control.is_some() && proxy.token.is_some() {
+        tasks.spawn(identity::run(proxy.clone(), shutdown.clone()));
     }
     for (listener, service) in tcp_l {
         tracing::info!(addr = %listener.local_addr().expect("bound"), %service, "opaque TCP listener");

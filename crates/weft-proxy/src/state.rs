@@ -32,7 +32,8 @@ pub struct Proxy {
     pub strip_headers: Vec<http::HeaderName>,
     pub bound: Bound,
     pub advertise: SocketAddr,
-    pub control_url: Option<String>,
+    /// How it reaches the control plane (control mode).
+    pub control: Option<crate::control::Link>,
     config: ArcSwap<MeshConfig>,
     /// Per destination service: its config and, once a request has needed it, its runtime
     /// (compiled routes, endpoint state, budgets), rebuilt on swap only where it was built.
@@ -56,7 +57,8 @@ pub struct Proxy {
     pub tap_rx: Mutex<Option<mpsc::Receiver<weft_api::proto::TapEvent>>>,
     /// At most this many tap events per second leave the proxy.
     tap_limit: RateLimiter,
-    pub identity: crate::identity::Identity,
+    /// Shared with the control link, which presents it as the client certificate.
+    pub identity: Arc<crate::identity::Identity>,
     /// Join token (control mode); the proxy is ready only once it holds a certificate.
     pub token: Option<String>,
     config_ready: AtomicBool,
@@ -67,15 +69,17 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy; in control mode also returns the receiver of new subscriptions, which
     /// the control stream drains.
-    pub fn new(cfg: ProxyConfig, bound: Bound) -> (Self, Option<mpsc::UnboundedReceiver<String>>) {
-        let (config, control_url, token, channel) = match cfg.source {
+    pub fn new(cfg: ProxyConfig, bound: Bound) -> Result<(Self, Option<mpsc::UnboundedReceiver<String>>), crate::control::LinkError> {
+        let identity = Arc::new(crate::identity::Identity::default());
+        let (config, control, token, channel) = match cfg.source {
             Source::Static(mesh) => (mesh, None, None, None),
             Source::Control { url, token } => {
+                let link = crate::control::Link::new(&url, token.as_deref(), identity.clone())?;
                 let (tx, rx) = mpsc::unbounded_channel();
-                (MeshConfig::default(), Some(url), token, Some((tx, rx)))
+                (MeshConfig::default(), Some(link), token, Some((tx, rx)))
             }
         };
-        let static_mode = control_url.is_none();
+        let static_mode = control.is_none();
         let ready = Arc::new(AtomicBool::new(static_mode));
         let (subscribe_tx, rx) = match channel {
             Some((tx, rx)) => (Some(tx), Some(rx)),
@@ -106,7 +110,7 @@ impl Proxy {
             app: cfg.app,
             strip_headers,
             bound,
-            control_url,
+            control,
             destinations: ArcSwap::from_pointee(initial),
             inbound_limiter: ArcSwap::from_pointee(config.inbound_rate_limit.clone().map(|l| Arc::new(RateLimiter::new(l)))),
             config: ArcSwap::from_pointee(config),
@@ -125,11 +129,11 @@ impl Proxy {
                 burst: TAP_EVENTS_PER_SECOND as u32,
                 at: Default::default(),
             }),
-            identity: Default::default(),
+            identity,
             config_ready: AtomicBool::new(static_mode),
             token,
         };
-        (proxy, rx)
+        Ok((proxy, rx))
     }
 
     pub fn config(&self) -> Arc<MeshConfig> {
@@ -149,6 +153,9 @@ impl Proxy {
     /// Swaps in a new config; in-flight requests keep the one they started with.
     pub fn apply(&self, config: MeshConfig) {
         self.identity.follow(&config.trust_bundle, config.ca_generation);
+        if let Some(link) = &self.control {
+            link.trust(&config.trust_bundle);
+        }
         let previous = self.destinations.load_full();
         let next = destinations(&config, &previous, &self.workload.cluster);
         self.destinations.store(Arc::new(next));
@@ -310,13 +317,15 @@ impl Proxy {
                 "app": self.app,
                 "advertise": self.advertise,
             },
-            "control": self.control_url,
+            "control": self.control.as_ref().map(|l| serde_json::json!({
+                "url": l.url, "tls": l.tls(), "pinnedCa": l.pinned(), "trustsBundle": l.trusts_bundle(),
+            })),
             "trustHeaders": {
                 "stripped": crate::forward::IDENTITY_HEADERS,
                 "stripHeaders": self.strip_headers.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
                 "identityHeader": crate::forward::CLIENT_CERT,
             },
-            "identity": self.identity.tls().map(|t| serde_json::json!({"spiffeId": t.identity, "notAfter": t.not_after})),
+            "identity": self.identity.tls().map(|t| serde_json::json!({"spiffeId": t.identity, "serial": t.serial, "notAfter": t.not_after})),
             "subscriptions": self.subscriptions(),
             "lastNack": *self.last_nack.lock(),
             "config": *self.config(),

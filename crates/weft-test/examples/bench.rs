@@ -3,7 +3,10 @@
 //! ```text
 //! bench rate ADDR HOST RATE CONNECTIONS WARMUP_S SECONDS [h2]   constant rate, CO-corrected
 //! bench saturate ADDR HOST CONNECTIONS STREAMS SECONDS [h2]     as fast as answers come back
-//! bench fleet API GRPC PROXIES SERVICES CONTROL_PID             1,000 simulated proxies
+//! bench fleet API GRPC PROXIES SERVICES CONTROL_PID [CA_FILE]   1,000 simulated proxies
+//!                                                                (https:// API and gRPC with the
+//!                                                                control plane's ca.pem; http://
+//!                                                                for --insecure-plaintext)
 //! bench upstream ADDR                                            the fixed 1 KiB upstream
 //! ```
 //!
@@ -49,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
             let r = loadgen::saturate(&t, num(3)? as usize, num(4)? as usize, Duration::from_secs_f64(num(5)?)).await?;
             println!("requests={} rps={:.0} errors={}", r.sent, r.rps(), r.errors);
         }
-        "fleet" => fleet_run(&arg(1), &arg(2), num(3)? as usize, num(4)? as usize, num(5)? as u32).await?,
+        "fleet" => fleet_run(&arg(1), &arg(2), num(3)? as usize, num(4)? as usize, num(5)? as u32, &arg(6)).await?,
         "upstream" => upstream(arg(1).parse()?).await?,
         _ => {
             eprintln!("usage: bench rate|saturate|fleet ... (see the source's header)");
@@ -59,10 +62,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid: u32) -> anyhow::Result<()> {
+async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid: u32, ca_file: &str) -> anyhow::Result<()> {
+    let client = if api.starts_with("https://") {
+        let ca = std::fs::read_to_string(ca_file).map_err(|e| anyhow::anyhow!("CA_FILE {ca_file:?}: {e}"))?;
+        weft_test::http::Client::trusting(&ca)
+    } else {
+        weft_test::http::Client::new()
+    };
     let rss_before = fleet::rss_bytes(control_pid);
     let bearer = std::env::var("WEFT_API_TOKEN").map_err(|_| anyhow::anyhow!("WEFT_API_TOKEN: the control plane's admin token"))?;
-    let tokens = fleet::tokens(api, &bearer, n).await?;
+    let tokens = fleet::tokens(&client, api, &bearer, n).await?;
     // Cold start: every proxy connects at once; done when each has its first config with the
     // endpoints of the service it calls.
     let fleet = Fleet::connect(grpc, tokens, services, "sim-svc-0").await?;
@@ -72,7 +81,6 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let rss_after = fleet::rss_bytes(control_pid);
     // One change: a TrafficPolicy on the service every proxy calls.
     let policy = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: sim-policy}\nspec:\n  service: sim-svc-0\n  routes:\n    - timeout: 2s\n";
-    let client = weft_test::http::Client::new();
     let t0 = Instant::now();
     let r = client
         .post(
@@ -91,6 +99,7 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let out = serde_json::json!({
         "proxies": n,
         "services": services,
+        "tls": grpc.starts_with("https://"),
         "coldStartAllConfiguredMs": cold_ms,
         "changeAllAckedMs": {"first": spread.first.as_secs_f64() * 1e3, "p50": spread.p50.as_secs_f64() * 1e3, "p99": spread.p99.as_secs_f64() * 1e3, "max": spread.max.as_secs_f64() * 1e3},
         "reached": spread.reached,

@@ -36,7 +36,14 @@ impl Drop for TempDir {
 
 impl Browser {
     /// Starts chromedriver and a headless Chromium session with a `width` x `height` window.
-    pub async fn start(width: u32, height: u32) -> anyhow::Result<Self> {
+    ///
+    /// `trusted_spki`: base64 SHA-256 hashes of the public keys whose certificates the browser
+    /// accepts although no CA it knows issued them (`Control::serving_spki`). Chromium trusts
+    /// only its own store; a pin on the one serving key is narrower than trusting the mesh CA
+    /// (whose workload certificates are also valid for server auth) and far narrower than
+    /// `acceptInsecureCerts`. Chromium honours the list only with `--user-data-dir`, which
+    /// every session here has.
+    pub async fn start(width: u32, height: u32, trusted_spki: &[String]) -> anyhow::Result<Self> {
         for bin in [CHROMEDRIVER, CHROMIUM] {
             if !Path::new(bin).exists() {
                 bail!("{bin} is missing: scripts/test installs Debian's chromium and chromium-driver");
@@ -60,13 +67,20 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let mut args = vec![
+            "--headless=new".to_string(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            format!("--window-size={width},{height}"),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        if !trusted_spki.is_empty() {
+            args.push(format!("--ignore-certificate-errors-spki-list={}", trusted_spki.join(",")));
+        }
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": CHROMIUM,
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                         format!("--window-size={width},{height}"), format!("--user-data-dir={}", profile.display())]
-            }
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": args}
         }}});
         let created = b.call("POST", "/session", Some(caps)).await.context("new WebDriver session")?;
         b.session = created["sessionId"].as_str().context("no sessionId")?.to_string();

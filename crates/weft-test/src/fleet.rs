@@ -1,7 +1,8 @@
 //! A simulated fleet for the control-plane benchmark: N proxies as tokio tasks in one process,
-//! each with its own gRPC stream (its own TCP connection) to a real control plane. Each
-//! registers with a join token, subscribes to a service, applies and ACKs every config, and
-//! records when each revision reached it.
+//! each with its own gRPC stream (its own TCP connection) to a real control plane. Each dials
+//! like a real proxy (TLS for an `https://` URL, trusting only the CA its join token pins, with
+//! its own TLS configuration; plaintext for `http://`), registers with its token, subscribes to
+//! a service, applies and ACKs every config, and records when each revision reached it.
 
 use crate::http::Client;
 use prost::Message;
@@ -32,10 +33,10 @@ pub struct Spread {
     pub reached: usize,
 }
 
-/// Join tokens for `n` simulated workloads `default/sim-0..n`, minted with the admin API token
-/// `bearer`.
-pub async fn tokens(api: &str, bearer: &str, n: usize) -> anyhow::Result<Vec<String>> {
-    let client = Client::new();
+/// Join tokens for `n` simulated workloads `default/sim-0..n`, from the API at `api` through
+/// `client` (one that trusts the control plane's CA for an `https://` API), minted with the
+/// admin API token `bearer`.
+pub async fn tokens(client: &Client, api: &str, bearer: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::with_capacity(n);
     let auth = format!("Bearer {bearer}");
     for i in 0..n {
@@ -62,14 +63,24 @@ impl Fleet {
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for (i, token) in tokens.into_iter().enumerate() {
-            let endpoint = tonic::transport::Endpoint::from_shared(grpc.to_string())?.tcp_nodelay(true);
+            let endpoint = tonic::transport::Endpoint::from_shared(grpc.to_string())?;
+            let connector = connector(grpc, &token)?;
             let arrivals = arrivals.clone();
             let calls = calls.to_string();
             tasks.spawn(async move {
                 // Like a real proxy: reconnect with jittered backoff when the stream cannot be
                 // opened (a thousand connects at once can overflow the listen backlog).
                 for attempt in 0..8u32 {
-                    match run_one(i, endpoint.clone(), token.clone(), services, calls.clone(), arrivals.clone()).await {
+                    let run = run_one(
+                        i,
+                        endpoint.clone(),
+                        connector.clone(),
+                        token.clone(),
+                        services,
+                        calls.clone(),
+                        arrivals.clone(),
+                    );
+                    match run.await {
                         Ok(()) => return,
                         Err(e) if attempt == 7 => eprintln!("sim-{i}: {e}"),
                         Err(_) => {
@@ -132,15 +143,28 @@ impl Fleet {
     }
 }
 
+/// How a simulated proxy dials `grpc`: as a real one does, TLS pinned to its token's CA for
+/// `https://`, plaintext for `http://`.
+fn connector(grpc: &str, token: &str) -> anyhow::Result<weft_core::tls::Connector> {
+    if grpc.starts_with("http://") {
+        return Ok(weft_core::tls::Connector::plaintext());
+    }
+    let claims = weft_api::token::peek(token)?;
+    let verifier = std::sync::Arc::new(weft_core::tls::PinnedVerifier::new(&claims.ca));
+    let config = weft_core::tls::client_config(verifier, None, &[weft_core::tls::ALPN_H2])?;
+    Ok(weft_core::tls::Connector::tls(Arc::new(config)))
+}
+
 async fn run_one(
     i: usize,
     endpoint: tonic::transport::Endpoint,
+    connector: weft_core::tls::Connector,
     token: String,
     services: usize,
     calls: String,
     arrivals: Arrivals,
 ) -> anyhow::Result<()> {
-    let channel = endpoint.connect().await?;
+    let channel = endpoint.connect_with_connector(connector).await?;
     let mut client = DistributionClient::new(channel);
     let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(16);
     // Loopback addresses that nobody dials: the benchmark measures distribution only.

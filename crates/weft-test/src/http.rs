@@ -1,18 +1,21 @@
-//! HTTP clients for tests: HTTP/1.1 (origin-form with `Host`, or absolute-form through a proxy)
-//! and HTTP/2 with prior knowledge.
+//! HTTP clients for tests: HTTP/1.1 (origin-form with `Host`, or absolute-form through a proxy),
+//! HTTP/2 with prior knowledge, and HTTPS to the control plane trusting its CA file (the same
+//! connector the CLI uses).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper_util::client::legacy::{Client as Legacy, connect::HttpConnector};
+use hyper_util::client::legacy::Client as Legacy;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use weft_core::tls::Connector;
 
 #[derive(Clone)]
 pub struct Client {
-    inner: Legacy<HttpConnector, Full<Bytes>>,
+    inner: Legacy<Connector, Full<Bytes>>,
 }
 
 /// A whole response.
@@ -45,18 +48,33 @@ impl Default for Client {
 }
 
 impl Client {
-    /// HTTP/1.1.
+    /// HTTP/1.1, plaintext (`http://` URLs only).
     pub fn new() -> Self {
         Self {
-            inner: Legacy::builder(TokioExecutor::new()).build_http(),
+            inner: Legacy::builder(TokioExecutor::new()).build(Connector::plaintext()),
         }
     }
 
     /// HTTP/2 with prior knowledge (h2c).
     pub fn h2() -> Self {
         Self {
-            inner: Legacy::builder(TokioExecutor::new()).http2_only(true).build_http(),
+            inner: Legacy::builder(TokioExecutor::new()).http2_only(true).build(Connector::plaintext()),
         }
+    }
+
+    /// HTTP/1.1 over TLS (`https://` URLs only), trusting the roots in `ca_pem` and checking the
+    /// server's name, as the CLI does.
+    pub fn trusting(ca_pem: &str) -> Self {
+        let verifier = weft_core::tls::roots_verifier(ca_pem, "the control plane's ca.pem").expect("a CA to trust");
+        let config = weft_core::tls::client_config(verifier, None, &[weft_core::tls::ALPN_HTTP1]).expect("TLS client configuration");
+        Self {
+            inner: Legacy::builder(TokioExecutor::new()).build(Connector::tls(Arc::new(config))),
+        }
+    }
+
+    /// Sends `req` and hands back the response with its body unread (event streams).
+    pub async fn open(&self, req: Request<Full<Bytes>>) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        Ok(tokio::time::timeout(Duration::from_secs(20), self.inner.request(req)).await??)
     }
 
     pub async fn get(&self, url: &str) -> anyhow::Result<Reply> {

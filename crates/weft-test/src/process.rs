@@ -108,7 +108,8 @@ fn rand_suffix() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A control plane process.
+/// A control plane process. It serves TLS unless started with `--insecure-plaintext`; the
+/// harness trusts it through the `ca.pem` it writes to its data directory, as the CLI does.
 pub struct Control {
     pub process: Process,
     pub api: SocketAddr,
@@ -116,6 +117,8 @@ pub struct Control {
     pub data_dir: PathBuf,
     /// The bootstrap admin API token the control plane wrote to `admin.token`.
     pub admin_token: String,
+    /// Whether it serves TLS.
+    pub tls: bool,
     bin: String,
     extra: Vec<String>,
 }
@@ -127,7 +130,7 @@ impl Control {
         Self::launch(bin, &data_dir, free_addr(), free_addr(), Vec::new(), false).await
     }
 
-    /// A control plane with extra flags (`--root-cert`, `--cert-ttl`, ...).
+    /// A control plane with extra flags (`--root-cert`, `--cert-ttl`, `--insecure-plaintext`...).
     pub async fn start_with(bin: &str, extra: &[String]) -> Self {
         let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -153,17 +156,24 @@ impl Control {
         .map(String::from)
         .to_vec();
         args.extend(extra.iter().cloned());
+        let tls = !extra.iter().any(|a| a == "--insecure-plaintext");
         let mut process = Process::spawn(bin, "control", &args);
-        let client = Client::new();
-        let url = format!("http://{api}/ready");
-        // Up when the API answers. A port picked by the caller may have been taken before the
-        // control plane bound it: fresh ports for a fresh start, the same ones for a restart.
+        let ca_file = data_dir.join("ca.pem");
+        let url = format!("{}://{api}/ready", if tls { "https" } else { "http" });
+        // Up when the API answers (over TLS, trusting the CA file it wrote). A port picked by the
+        // caller may have been taken before the control plane bound it: fresh ports for a fresh
+        // start, the same ones for a restart.
         let up = crate::eventually(Duration::from_secs(30), "control plane API up (or exited)", || {
-            let (client, url, running) = (&client, &url, process.is_running());
+            let (url, ca_file, running) = (&url, &ca_file, process.is_running());
             async move {
                 if !running {
                     return Some(false);
                 }
+                let client = if tls {
+                    Client::trusting(&std::fs::read_to_string(ca_file).ok()?)
+                } else {
+                    Client::new()
+                };
                 client.get(url).await.ok().filter(|r| r.status == 200).map(|_| true)
             }
         })
@@ -188,6 +198,7 @@ impl Control {
             grpc,
             data_dir: data_dir.to_path_buf(),
             admin_token,
+            tls,
             bin: bin.to_string(),
             extra,
         }
@@ -199,12 +210,87 @@ impl Control {
         *self = Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await;
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
+        format!("{}://{}{path}", self.scheme(), self.api)
     }
 
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc)
+        format!("{}://{}", self.scheme(), self.grpc)
+    }
+
+    /// The roots the control plane serves from (its `ca.pem`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca.pem")
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.ca_file()).expect("the control plane wrote ca.pem")
+    }
+
+    /// An HTTP client for the API: trusting the CA file, or plaintext for an insecure one.
+    pub fn client(&self) -> Client {
+        if self.tls {
+            Client::trusting(&self.ca_pem())
+        } else {
+            Client::new()
+        }
+    }
+
+    /// The CLI pointed at this control plane (`--server`, `--ca-file`) with the admin token,
+    /// isolated from the user's own saved login.
+    pub fn cli(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.bin);
+        cmd.args(["--server", &self.url("")])
+            .env("WEFT_API_TOKEN", &self.admin_token)
+            .env("WEFT_CONFIG", self.data_dir.join("no-user-config.json"));
+        if self.tls {
+            cmd.arg("--ca-file").arg(self.ca_file());
+        }
+        cmd
+    }
+
+    /// A gRPC channel to the control stream as a proxy dials it: TLS trusting only the root
+    /// whose fingerprint join tokens pin (the first certificate of `ca.pem`), or plaintext.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        let connector = if self.tls {
+            let root = weft_core::tls::certs_from_pem(&self.ca_pem(), "ca.pem").expect("ca.pem holds the root");
+            let pin = weft_core::tls::PinnedVerifier::new(&weft_core::tls::fingerprint(&root[0]));
+            let config = weft_core::tls::client_config(std::sync::Arc::new(pin), None, &[weft_core::tls::ALPN_H2])
+                .expect("TLS client configuration");
+            weft_core::tls::Connector::tls(std::sync::Arc::new(config))
+        } else {
+            weft_core::tls::Connector::plaintext()
+        };
+        tonic::transport::Endpoint::from_shared(self.grpc_url())
+            .expect("valid URL")
+            .connect_with_connector(connector)
+            .await
+            .expect("the control plane's gRPC answers")
+    }
+
+    /// Base64 of the SHA-256 of the serving certificate's public key (SPKI), as Chromium's
+    /// `--ignore-certificate-errors-spki-list` takes it.
+    pub async fn serving_spki(&self) -> String {
+        use base64::Engine;
+        let config = weft_core::tls::client_config(
+            weft_core::tls::roots_verifier(&self.ca_pem(), "ca.pem").expect("a CA to trust"),
+            None,
+            &[weft_core::tls::ALPN_HTTP1],
+        )
+        .expect("TLS client configuration");
+        let tcp = tokio::net::TcpStream::connect(self.api).await.expect("the API listens");
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .expect("TLS handshake with the API");
+        let leaf = tls.get_ref().1.peer_certificates().expect("a serving certificate")[0].clone();
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).expect("a readable certificate");
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.tbs_certificate.subject_pki.raw);
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
     }
 
     /// GET with the admin token; asserts 200.
@@ -228,7 +314,7 @@ impl Control {
         let req = req
             .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
             .expect("a valid request");
-        let r = Client::new().send(req).await.expect("API answers");
+        let r = self.client().send(req).await.expect("API answers");
         (r.status, r.json())
     }
 
@@ -238,7 +324,7 @@ impl Control {
             .header("authorization", format!("Bearer {}", self.admin_token))
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .expect("a valid request");
-        let r = Client::new().send(req).await.expect("API answers");
+        let r = self.client().send(req).await.expect("API answers");
         assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
         r.text()
     }
@@ -249,17 +335,6 @@ impl Control {
         let (status, v) = self.post("/api/v1/admin/tokens", &body).await;
         assert_eq!(status, 201, "API token {name}: {v}");
         v["token"].as_str().unwrap().to_string()
-    }
-
-    /// The `weft` CLI against this control plane with the admin token, isolated from the user's
-    /// own saved login.
-    pub fn cli(&self) -> std::process::Command {
-        let mut c = std::process::Command::new(&self.bin);
-        c.arg("--server")
-            .arg(self.url(""))
-            .env("WEFT_API_TOKEN", &self.admin_token)
-            .env("WEFT_CONFIG", self.data_dir.join("no-user-config.json"));
-        c
     }
 
     /// A join token for `workload` (NS/NAME) with service account `sa`.
@@ -390,6 +465,10 @@ impl ProxyHandle {
         for (k, v) in labels {
             args.push("--label".into());
             args.push(format!("{k}={v}"));
+        }
+        // A plaintext control plane (a scripted one, or --insecure-plaintext) must be asked for.
+        if control_url.starts_with("http://") {
+            args.push("--insecure-plaintext".into());
         }
         let mut env: Vec<(&str, &str)> = token.map(|t| ("WEFT_TOKEN", t)).into_iter().collect();
         env.extend_from_slice(extra_env);

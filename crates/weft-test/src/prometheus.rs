@@ -17,10 +17,42 @@ pub struct Prometheus {
     dir: PathBuf,
 }
 
+/// One scrape job.
+pub struct Job {
+    pub name: String,
+    pub metrics_path: String,
+    pub targets: Vec<SocketAddr>,
+    /// Scrape over HTTPS, trusting this CA file (and checking the target's address is in the
+    /// certificate); plain HTTP when `None`.
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token to send (the control plane's `/metrics` needs a viewer's).
+    pub bearer: Option<String>,
+}
+
+impl Job {
+    /// Plain HTTP targets (proxies' admin listeners).
+    pub fn plain(name: &str, metrics_path: &str, targets: Vec<SocketAddr>) -> Self {
+        Self {
+            name: name.into(),
+            metrics_path: metrics_path.into(),
+            targets,
+            ca_file: None,
+            bearer: None,
+        }
+    }
+
+    /// The control plane's `/metrics`, over TLS with its CA when it serves TLS.
+    pub fn control(name: &str, control: &crate::Control) -> Self {
+        Self {
+            ca_file: control.tls.then(|| control.ca_file()),
+            ..Self::plain(name, "/metrics", vec![control.api])
+        }
+    }
+}
+
 impl Prometheus {
-    /// Starts Prometheus scraping every second: `jobs` are (job name, metrics path, targets,
-    /// bearer token to send if any).
-    pub async fn start(jobs: &[(&str, &str, Vec<SocketAddr>, Option<&str>)]) -> anyhow::Result<Self> {
+    /// Starts Prometheus scraping `jobs` every second.
+    pub async fn start(jobs: &[Job]) -> anyhow::Result<Self> {
         if !std::path::Path::new(PROMETHEUS).exists() {
             bail!("{PROMETHEUS} is missing: scripts/test installs Debian's prometheus");
         }
@@ -28,13 +60,18 @@ impl Prometheus {
         let dir = std::env::temp_dir().join(format!("weft-prometheus-{}-{}", std::process::id(), addr.port()));
         std::fs::create_dir_all(&dir)?;
         let mut config = String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n");
-        for (job, path, targets, bearer) in jobs {
-            let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        for job in jobs {
+            let list: Vec<String> = job.targets.iter().map(|t| format!("'{t}'")).collect();
             config.push_str(&format!(
-                "  - job_name: {job}\n    metrics_path: {path}\n    static_configs:\n      - targets: [{}]\n",
+                "  - job_name: {}\n    metrics_path: {}\n    static_configs:\n      - targets: [{}]\n",
+                job.name,
+                job.metrics_path,
                 list.join(", ")
             ));
-            if let Some(token) = bearer {
+            if let Some(ca) = &job.ca_file {
+                config.push_str(&format!("    scheme: https\n    tls_config:\n      ca_file: '{}'\n", ca.display()));
+            }
+            if let Some(token) = &job.bearer {
                 config.push_str(&format!("    authorization: {{type: Bearer, credentials: '{token}'}}\n"));
             }
         }

@@ -4,17 +4,12 @@
 
 use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
 
-/// Registers with `register` at the control plane's gRPC `url` and answers each config with
-/// `respond`. The registration lasts until the returned task is dropped or aborted.
-pub async fn proxy<R>(url: &str, register: proto::Register, respond: R) -> tokio::task::JoinHandle<()>
+/// Registers with `register` over `channel` (see `Control::channel`) and answers each config
+/// with `respond`. The registration lasts until the returned task is dropped or aborted.
+pub async fn proxy<R>(channel: tonic::transport::Channel, register: proto::Register, respond: R) -> tokio::task::JoinHandle<()>
 where
     R: Fn(&proto::ProxyConfig) -> proxy_message::Msg + Send + 'static,
 {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(proto::ProxyMessage {
         msg: Some(proxy_message::Msg::Register(register)),

@@ -1,16 +1,20 @@
-//! A small client for the control plane's REST API.
+//! A small client for the control plane's REST API: TLS by default (`https://`), trusting the
+//! mesh CA from a PEM file; plaintext only for an `http://` server (a control plane run with
+//! `--insecure-plaintext`).
 
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use std::sync::Arc;
+use weft_core::tls::Connector;
 
 pub struct Api {
     base: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<Connector, Full<Bytes>>,
     /// The API token sent as `Authorization: Bearer` on every call.
     token: Option<String>,
 }
@@ -48,12 +52,38 @@ impl Refused {
 // === impl Api ===
 
 impl Api {
-    pub fn new(base: &str) -> Self {
+    /// A client for the API at `base`. An `https://` base needs `ca_pem`, the roots to trust
+    /// (the control plane writes them to `ca.pem` in its data directory); `ca_source` names
+    /// where they came from, for errors.
+    pub fn new(base: &str, ca_pem: Option<&str>, ca_source: &str) -> anyhow::Result<Self> {
+        let base = base.trim_end_matches('/').to_string();
+        let connector = match (base.split_once("://").map(|(s, _)| s), ca_pem) {
+            (Some("http"), _) => Connector::plaintext(),
+            (Some("https"), Some(pem)) => {
+                let verifier = weft_core::tls::roots_verifier(pem, ca_source)?;
+                let config = weft_core::tls::client_config(verifier, None, &[weft_core::tls::ALPN_HTTP1])?;
+                Connector::tls(Arc::new(config))
+            }
+            (Some("https"), None) => anyhow::bail!(
+                "--server {base}: TLS needs the mesh CA to trust: `weft login` (which pins it), --ca-file FILE or WEFT_CA_FILE (the control plane writes it to ca.pem in its data directory)"
+            ),
+            _ => anyhow::bail!("--server {base}: expected an https:// (or http://) URL"),
+        };
+        Ok(Self::with_connector(base, connector))
+    }
+
+    /// A client for the API at `base` over `connector` (e.g. one pinning a CA fingerprint).
+    pub fn with_connector(base: String, connector: Connector) -> Self {
         Self {
-            base: base.trim_end_matches('/').to_string(),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            base,
+            http: Client::builder(TokioExecutor::new()).build(connector),
             token: None,
         }
+    }
+
+    /// Whether requests travel in clear.
+    pub fn plaintext(&self) -> bool {
+        self.base.starts_with("http://")
     }
 
     /// Sends `token` with every call.
@@ -94,11 +124,7 @@ impl Api {
             .header("accept", "text/event-stream")
             .body(Full::new(Bytes::new()))
             .with_context(|| format!("invalid server URL {url}"))?;
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| anyhow!("cannot reach the control plane at {}: {e}", self.base))?;
+        let resp = self.http.request(req).await.map_err(|e| self.unreachable(&e))?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
@@ -125,6 +151,19 @@ impl Api {
         Ok(())
     }
 
+    /// The error of a request that never got an answer, with its causes (a refused TLS
+    /// certificate says why).
+    fn unreachable(&self, error: &hyper_util::client::legacy::Error) -> anyhow::Error {
+        let mut why = error.to_string();
+        let mut next = std::error::Error::source(error);
+        while let Some(e) = next {
+            why.push_str(": ");
+            why.push_str(&e.to_string());
+            next = e.source();
+        }
+        anyhow!("cannot reach the control plane at {}: {why}", self.base)
+    }
+
     async fn call(&self, method: Method, path: &str, body: Option<String>, headers: &[(&str, &str)]) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut req = self.authorize(Request::builder().method(method).uri(&url));
@@ -134,11 +173,7 @@ impl Api {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .with_context(|| format!("invalid server URL {url}"))?;
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| anyhow!("cannot reach the control plane at {}: {e}", self.base))?;
+        let resp = self.http.request(req).await.map_err(|e| self.unreachable(&e))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.context("reading the API's answer")?.to_bytes();
         if !status.is_success() {

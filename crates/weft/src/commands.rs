@@ -13,11 +13,17 @@ use weft_api::Resource;
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
     /// Static config file (no control plane): listeners, workload and services.
-    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin", "token"])]
+    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin", "token", "insecure_plaintext"])]
     pub config: Option<PathBuf>,
-    /// The control plane's gRPC URL, e.g. http://127.0.0.1:7071.
+    /// The control plane's gRPC URL, e.g. https://127.0.0.1:7071 (TLS, the CA pinned by the join
+    /// token's fingerprint).
     #[arg(long, required_unless_present = "config")]
     pub control: Option<String>,
+    /// Allow an http:// --control URL: a control plane run with --insecure-plaintext. The token
+    /// and every config cross the network in clear, and the proxy can only prove itself with
+    /// its token (no renewal once it expired).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// NAMESPACE/NAME of the workload this sidecar fronts.
     #[arg(long, required_unless_present = "config")]
     pub workload: Option<String>,
@@ -94,20 +100,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let format = cli.output;
-    let needs_api = !matches!(
-        cli.command,
-        Command::Up { .. } | Command::Control { .. } | Command::Proxy(_) | Command::DemoApp(_)
-    );
-    let profile = if needs_api {
-        crate::login::resolve(cli.server.clone(), cli.token_file.as_deref())?
-    } else {
-        crate::login::Profile {
-            server: crate::login::DEFAULT_SERVER.into(),
-            token: None,
-        }
-    };
-    let api = Api::new(&profile.server).with_token(profile.token.clone());
-    let result = match cli.command {
+    let (server, token_file, ca_file) = (cli.server.clone(), cli.token_file.clone(), cli.ca_file.clone());
+    let command = match cli.command {
         Command::Up {
             no_traffic,
             api: addr,
@@ -131,6 +125,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cert_ttl,
             root_cert,
             root_key,
+            sans,
+            insecure_plaintext,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -141,11 +137,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cert_ttl: cert_ttl.as_std(),
                 root,
                 metrics_open,
+                sans,
+                insecure_plaintext,
             };
             return control(cfg).await;
         }
         Command::Proxy(args) => return proxy(args).await,
         Command::DemoApp(args) => return crate::demo_app::run(args).await,
+        api_command => api_command,
+    };
+    // Only the commands that talk to the API need a server, a CA to trust and a credential.
+    let profile = crate::login::resolve(server, token_file.as_deref(), ca_file.as_deref())?;
+    if let Command::Login { ca_fingerprint } = &command {
+        return login(&profile, token_file.as_deref(), ca_fingerprint.as_deref())
+            .await
+            .map(|()| ExitCode::SUCCESS);
+    }
+    let api = Api::new(&profile.server, profile.ca_pem.as_deref(), &profile.ca_source)?.with_token(profile.token.clone());
+    let result = match command {
+        Command::Up { .. } | Command::Control { .. } | Command::Proxy(_) | Command::DemoApp(_) | Command::Login { .. } => {
+            unreachable!("local commands and login returned above")
+        }
         Command::Apply { file } => apply(&api, &file, format).await,
         Command::Delete { file } => delete(&api, &file).await,
         Command::Get { kind, name } => get(&api, kind, name, format).await,
@@ -155,12 +167,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => status(&api, format).await,
         Command::Top { once, interval } => top(&api, format, once, interval.as_std()).await,
         Command::Tap { service, count } => tap(&api, format, &service, count).await,
-        Command::Login => match &cli.token_file {
-            Some(file) => login(&api, &profile, file).await,
-            None => Err(anyhow::anyhow!(
-                "weft login needs --token-file FILE (admin.token in the control plane's data directory, or a token from `weft admin token create`)"
-            )),
-        },
         Command::Whoami => api.get("/api/v1/whoami").await.and_then(|v| {
             if !output::structured(format, &v)? {
                 say!("{} ({}) at {}", cell(&v, "name"), cell(&v, "role"), api.base());
@@ -171,16 +177,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { since } => audit(&api, since, format).await,
         Command::Proxies => proxies(&api, format).await,
         Command::Intent(cmd) => intent(&api, cmd, format).await,
-        Command::Token(TokenCommand::Create {
-            workload,
-            service_account,
-            ttl,
-        }) => {
-            let body = serde_json::json!({"workload": workload, "serviceAccount": service_account, "ttl": ttl.to_string()}).to_string();
-            api.post("/api/v1/tokens", body, &[("content-type", "application/json")])
-                .await
-                .map(|v| say!("{}", cell(&v, "token")))
-        }
+        Command::Token(cmd) => token(&api, cmd, format).await,
         Command::Check { within } => return check(&api, within.as_std()).await,
         Command::Ca(cmd) => {
             let ca = match cmd {
@@ -253,7 +250,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn control(cfg: weft_control::ControlConfig) -> anyhow::Result<ExitCode> {
     let shutdown = weft_core::Shutdown::new();
     weft_core::shutdown::install(&shutdown);
-    let (_, handle) = weft_control::start(cfg, shutdown).await?;
+    let (_, handle) = match weft_control::start(cfg, shutdown).await {
+        Ok(started) => started,
+        Err(e @ weft_control::StartError::Serving(weft_control::serving::ServingError::San { .. })) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => return Err(e.into()),
+    };
     handle.await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -283,6 +287,21 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             }
         },
         None => {
+            let url = args.control.clone().expect("required by clap");
+            match url.split_once("://").map(|(scheme, _)| scheme) {
+                Some("https") => {}
+                Some("http") if args.insecure_plaintext => {}
+                Some("http") => {
+                    eprintln!(
+                        "error: --control {url}: plaintext; control planes serve TLS (https://) unless run with --insecure-plaintext, and then the proxy needs --insecure-plaintext too"
+                    );
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+                _ => {
+                    eprintln!("error: --control {url}: expected an https:// URL");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            }
             let id = args.workload.expect("required by clap");
             let (namespace, name) = match weft_proxy::Workload::parse_id(&id) {
                 Ok(v) => v,
@@ -310,7 +329,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 tcp: args.tcp.clone(),
                 strip_headers: args.strip_header.clone(),
                 source: weft_proxy::Source::Control {
-                    url: args.control.expect("required"),
+                    url,
                     token: args.token.clone(),
                 },
             }
@@ -318,9 +337,69 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     };
     let shutdown = weft_core::Shutdown::new();
     weft_core::shutdown::install(&shutdown);
-    let (_, handle) = weft_proxy::start(cfg, shutdown).await?;
+    let (_, handle) = match weft_proxy::start(cfg, shutdown).await {
+        Ok(started) => started,
+        Err(e @ weft_proxy::StartError::Control(_)) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => return Err(e.into()),
+    };
     handle.await?;
     Ok(ExitCode::SUCCESS)
+}
+
+async fn token(api: &Api, cmd: TokenCommand, format: output::Format) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            workload,
+            service_account,
+            ttl,
+            uses,
+        } => {
+            let body = serde_json::json!({"workload": workload, "serviceAccount": service_account, "ttl": ttl.to_string(), "uses": uses})
+                .to_string();
+            let created = api.post("/api/v1/tokens", body, &[("content-type", "application/json")]).await?;
+            if !output::structured(format, &created)? {
+                say!("{}", cell(&created, "token"));
+            }
+            Ok(())
+        }
+        TokenCommand::List => {
+            let tokens = api.get("/api/v1/tokens").await?;
+            if output::structured(format, &tokens)? {
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = tokens
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    let uses = match t["usesAllowed"].as_u64() {
+                        Some(allowed) => format!("{}/{allowed}", cell(t, "uses")),
+                        None => cell(t, "uses"),
+                    };
+                    vec![
+                        cell(t, "id"),
+                        cell(t, "workload"),
+                        cell(t, "serviceAccount"),
+                        cell(t, "expiresAt"),
+                        uses,
+                        cell(t, "state"),
+                    ]
+                })
+                .collect();
+            table(&["ID", "WORKLOAD", "SERVICE-ACCOUNT", "EXPIRES-AT", "USES", "STATE"], &rows);
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => {
+            let revoked = api.post(&format!("/api/v1/tokens/{id}/revoke"), String::new(), &[]).await?;
+            if !output::structured(format, &revoked)? {
+                say!("token {id} of {} revoked", cell(&revoked, "workload"));
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reads and parses a resource file; errors name the file.
@@ -474,21 +553,54 @@ async fn rollback(api: &Api, revision: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks the token against the server, then saves both for this user.
-async fn login(api: &Api, profile: &crate::login::Profile, token_file: &Path) -> anyhow::Result<()> {
+/// Pins the mesh CA (from `--ca-file`, or fetched from the server over a connection that must
+/// prove the CA with `fingerprint`), checks the token against the server, then saves server, CA
+/// and token for this user.
+async fn login(profile: &crate::login::Profile, token_file: Option<&Path>, fingerprint: Option<&str>) -> anyhow::Result<()> {
+    let Some(token_file) = token_file else {
+        anyhow::bail!(
+            "weft login needs --token-file FILE (admin.token in the control plane's data directory, or a token from `weft admin token create`)"
+        );
+    };
     let token = crate::login::read_token_file(token_file)?;
-    let api = Api::new(api.base()).with_token(Some(token.clone()));
+    let server = profile.server.trim_end_matches('/').to_string();
+    let ca_pem = match (&profile.ca_pem, fingerprint) {
+        _ if server.starts_with("http://") => None,
+        (Some(pem), _) => Some(pem.clone()),
+        (None, Some(pin)) => {
+            // Whoever answers must present a chain holding the root with this fingerprint; what it
+            // then says its CA is can be trusted.
+            let verifier = std::sync::Arc::new(weft_core::tls::PinnedVerifier::new(pin));
+            let config = weft_core::tls::client_config(verifier, None, &[weft_core::tls::ALPN_HTTP1])?;
+            let pinned = Api::with_connector(server.clone(), weft_core::tls::Connector::tls(std::sync::Arc::new(config)))
+                .with_token(Some(token.clone()));
+            let ca = pinned
+                .get("/api/v1/ca")
+                .await
+                .with_context(|| format!("{server} did not prove the CA with fingerprint {pin}"))?;
+            Some(
+                ca["bundle"]
+                    .as_str()
+                    .context("the control plane's /api/v1/ca has no bundle")?
+                    .to_string(),
+            )
+        }
+        (None, None) => anyhow::bail!(
+            "weft login {server}: name the mesh CA to trust with --ca-file FILE (ca.pem in the control plane's data directory) or --ca-fingerprint SHA256 (logged by `weft control` at start)"
+        ),
+    };
+    let api = Api::new(&server, ca_pem.as_deref(), &profile.ca_source)?.with_token(Some(token.clone()));
     let me = api
         .get("/api/v1/whoami")
         .await
-        .with_context(|| format!("{} refused the token in {}", profile.server, token_file.display()))?;
+        .with_context(|| format!("{server} refused the token in {}", token_file.display()))?;
     let path = crate::login::save(&crate::login::Saved {
-        server: profile.server.clone(),
+        server: server.clone(),
         token,
+        ca_pem,
     })?;
     say!(
-        "logged in to {} as {} ({}); saved in {}",
-        profile.server,
+        "logged in to {server} as {} ({}); saved in {}",
         cell(&me, "name"),
         cell(&me, "role"),
         path.display()
@@ -823,6 +935,11 @@ async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCod
     let proxies = api.get("/api/v1/proxies").await?;
     let status = api.get("/api/v1/status").await?;
     let mut warnings = Vec::new();
+    if api.plaintext() || status["controlPlane"]["tls"] == false {
+        warnings.push(
+            "the control plane runs with --insecure-plaintext: the API, join tokens and every pushed config cross the network unencrypted, and proxies cannot renew once their tokens expire".to_string(),
+        );
+    }
     let root = ca["rootNotAfter"].as_u64().unwrap_or(0);
     if root <= now + 30 * 86_400 {
         warnings.push(format!(

@@ -1,16 +1,17 @@
-//! Where the CLI finds its control plane and credential: `--server` / `WEFT_SERVER`, and a token
-//! from `--token-file`, `WEFT_API_TOKEN`, or the per-user file `weft login` writes.
+//! Where the CLI finds its control plane, the CA to trust and its credential: `--server` /
+//! `WEFT_SERVER`, `--ca-file` / `WEFT_CA_FILE`, and a token from `--token-file`,
+//! `WEFT_API_TOKEN`; else the per-user file `weft login` writes.
 //!
 //! The per-user file is `$WEFT_CONFIG`, else `$XDG_CONFIG_HOME/weft/config.json`, else
-//! `~/.config/weft/config.json`, mode 0600. Its token is sent only to the server it was saved
-//! for, so `--server` pointed elsewhere never leaks it.
+//! `~/.config/weft/config.json`, mode 0600. Its token and CA are used only for the server they
+//! were saved for, so `--server` pointed elsewhere never leaks the token.
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The control plane's REST API when nothing else names one.
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7070";
 
 /// What `weft login` saves.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -18,6 +19,9 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
 pub struct Saved {
     pub server: String,
     pub token: String,
+    /// The mesh CA (PEM) pinned at login, trusted for this server.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 /// The server to call and the credential to send it.
@@ -25,6 +29,9 @@ pub struct Saved {
 pub struct Profile {
     pub server: String,
     pub token: Option<String>,
+    /// The roots to trust for an `https://` server, and where they came from (for errors).
+    pub ca_pem: Option<String>,
+    pub ca_source: String,
 }
 
 /// The per-user config file's path.
@@ -81,24 +88,44 @@ pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
     Ok(token.to_string())
 }
 
-/// The server and credential for this invocation: flags and environment first, then the saved
-/// login (its token only for its own server).
-pub fn resolve(server: Option<String>, token_file: Option<&Path>) -> anyhow::Result<Profile> {
-    let saved = match config_path() {
-        Ok(path) => load(&path)?,
-        Err(_) => None,
+/// The server, CA and credential for this invocation: flags and environment first, then the
+/// saved login (its token and CA only for its own server).
+pub fn resolve(server: Option<String>, token_file: Option<&Path>, ca_file: Option<&Path>) -> anyhow::Result<Profile> {
+    let path = config_path().ok();
+    let saved = match &path {
+        Some(path) => load(path)?,
+        None => None,
     };
     let server = server
         .or_else(|| saved.as_ref().map(|s| s.server.clone()))
         .unwrap_or_else(|| DEFAULT_SERVER.to_string());
+    let saved = saved.filter(|s| same_server(&s.server, &server));
     let token = match token_file {
         Some(path) => Some(read_token_file(path)?),
         None => match std::env::var("WEFT_API_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
             Some(t) => Some(t.trim().to_string()),
-            None => saved.filter(|s| same_server(&s.server, &server)).map(|s| s.token),
+            None => saved.as_ref().map(|s| s.token.clone()),
         },
     };
-    Ok(Profile { server, token })
+    let (ca_pem, ca_source) = match ca_file {
+        Some(file) => (
+            Some(std::fs::read_to_string(file).with_context(|| format!("--ca-file {}: cannot read it", file.display()))?),
+            file.display().to_string(),
+        ),
+        None => (
+            saved.and_then(|s| s.ca_pem),
+            format!(
+                "the CA `weft login` saved in {}",
+                path.map(|p| p.display().to_string()).unwrap_or_default()
+            ),
+        ),
+    };
+    Ok(Profile {
+        server,
+        token,
+        ca_pem,
+        ca_source,
+    })
 }
 
 fn same_server(a: &str, b: &str) -> bool {

@@ -28,13 +28,17 @@ pub const EXIT_INVALID: u8 = 64;
 )]
 pub struct Cli {
     /// The control plane's REST API [default: the server `weft login` saved, else
-    /// http://127.0.0.1:7070].
+    /// https://127.0.0.1:7070].
     #[arg(long, global = true, env = "WEFT_SERVER")]
     pub server: Option<String>,
     /// A file holding the API token to send (else WEFT_API_TOKEN, else the one `weft login`
     /// saved for this server).
     #[arg(long, global = true, env = "WEFT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// The mesh CA to trust for an https:// server (PEM; the control plane writes it to ca.pem
+    /// in its data directory) [default: the CA `weft login` pinned for this server].
+    #[arg(long, global = true, env = "WEFT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: output::Format,
@@ -59,10 +63,15 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         rps: u32,
     },
-    /// Store a control plane's address (`--server`) and an API token (`--token-file`: the
-    /// first admin's `admin.token`, or one from `weft admin token create`) for this user's later
-    /// commands.
-    Login,
+    /// Store a control plane's address (`--server`), its CA and an API token (`--token-file`:
+    /// the first admin's `admin.token`, or one from `weft admin token create`) for this user's
+    /// later commands. The CA comes from `--ca-file`, or is fetched from the server and pinned by
+    /// `--ca-fingerprint` (what `weft control` logs at start and join tokens carry).
+    Login {
+        /// SHA-256 of the mesh CA's root certificate (hex): the server must prove it holds it.
+        #[arg(long)]
+        ca_fingerprint: Option<String>,
+    },
     /// The API token in use: its name and role.
     Whoami,
     /// API tokens (admin): who may call the REST API, with which role.
@@ -97,6 +106,15 @@ pub enum Command {
         /// The key of --root-cert, PEM.
         #[arg(long, requires = "root_cert")]
         root_key: Option<PathBuf>,
+        /// Another name or IP address the serving certificate carries (besides localhost,
+        /// 127.0.0.1, ::1 and the bound addresses). Repeatable.
+        #[arg(long = "san", value_name = "NAME_OR_IP")]
+        sans: Vec<String>,
+        /// Serve the API and the proxies' gRPC without TLS, for local experiments only: nothing
+        /// is encrypted, and proxies cannot renew with their certificates (only with a join
+        /// token, so not after it expired). `weft check` warns while it is on.
+        #[arg(long)]
+        insecure_plaintext: bool,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),
@@ -161,7 +179,8 @@ pub enum Command {
     /// The mesh's certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Warn about workload certificates or the root that expire soon, and proxies out of sync.
+    /// Warn about workload certificates or the root that expire soon, proxies out of sync, and
+    /// a control plane that runs without TLS.
     Check {
         /// Warn when a workload certificate expires within this long.
         #[arg(long, default_value = "1h")]
@@ -207,7 +226,8 @@ pub enum CaCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
-    /// Create a token for one workload; prints the token alone on stdout.
+    /// Create a token for one workload; prints the token alone on stdout (`-o json`: with its
+    /// id, identity, expiry and uses).
     Create {
         /// NAMESPACE/NAME of the workload.
         #[arg(long)]
@@ -215,10 +235,19 @@ pub enum TokenCommand {
         /// Service account (the last segment of the SPIFFE ID); defaults to the workload name.
         #[arg(long)]
         service_account: Option<String>,
-        /// Lifetime, e.g. 24h.
-        #[arg(long, default_value = "24h")]
+        /// Lifetime. A proxy renews with its certificate, so the token only has to outlive its
+        /// start.
+        #[arg(long, default_value = "1h")]
         ttl: weft_api::Duration,
+        /// Certificates it may be redeemed for (each start of a proxy is one); no limit until it
+        /// expires when omitted.
+        #[arg(long)]
+        uses: Option<u32>,
     },
+    /// Every join token on record: id, workload, expiry, uses, state (never the secret).
+    List,
+    /// Refuse a token from now on (registration and certificates).
+    Revoke { id: String },
 }
 
 #[derive(Subcommand, Debug)]

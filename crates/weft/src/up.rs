@@ -153,8 +153,9 @@ async fn start_all(
     shutdown: &weft_core::Shutdown,
 ) -> anyhow::Result<()> {
     let grpc = free_port()?;
-    let control_url = format!("http://{grpc}");
-    let api_url = format!("http://{}", opts.api);
+    let control_url = format!("https://{grpc}");
+    let api_url = format!("https://{}", opts.api);
+    let ca_file = data_dir.join("control").join(weft_control::serving::CA_FILE);
     children.push(spawn(
         exe,
         logs,
@@ -169,17 +170,19 @@ async fn start_all(
             &grpc.to_string(),
         ],
     )?);
-    wait_http(&format!("{api_url}/ready"), Duration::from_secs(15), children)
+    let api = wait_api(&api_url, &ca_file, Duration::from_secs(15), children)
         .await
         .context("the control plane did not come up")?;
-    // The CLI and the dashboard of this user get the bootstrap admin token, no extra step.
+    // The CLI and the dashboard of this user get the bootstrap admin token and the CA, no extra
+    // step.
     let token_file = data_dir.join("control").join(weft_control::ADMIN_TOKEN_FILE);
     let token = crate::login::read_token_file(&token_file)?;
     let config = crate::login::save(&crate::login::Saved {
         server: api_url.clone(),
         token: token.clone(),
+        ca_pem: Some(std::fs::read_to_string(&ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?),
     })?;
-    let api = crate::client::Api::new(&api_url).with_token(Some(token));
+    let api = api.with_token(Some(token));
     let mut gateway_inbound = None;
     let mut table = Vec::new();
     for spec in &WORKLOADS {
@@ -220,8 +223,12 @@ async fn start_all(
     }
     say!("weft demo mesh is up");
     say!("  API:        {api_url}/api/v1/status");
-    say!("  dashboard:  {api_url}/");
-    say!("  control:    {control_url} (gRPC)");
+    say!(
+        "  dashboard:  {api_url}/  (TLS from the mesh CA: trust {} in your browser)",
+        ca_file.display()
+    );
+    say!("  control:    {control_url} (gRPC over TLS)");
+    say!("  CA:         {}", ca_file.display());
     say!("  logs:       {}", logs.display());
     say!("  admin token: {} (the dashboard asks for it once)", token_file.display());
     say!(
@@ -271,8 +278,9 @@ async fn start_workload(
     control_url: &str,
     api: &crate::client::Api,
 ) -> anyhow::Result<(Vec<Running>, Ports)> {
-    // Its join token: the service account is the service, so v1 and v2 share an identity.
-    let body = serde_json::json!({"workload": format!("default/{}", spec.workload), "serviceAccount": spec.service, "ttl": "720h"});
+    // Its join token: the service account is the service, so v1 and v2 share an identity. One
+    // certificate is all it is for; the proxy renews with its certificate.
+    let body = serde_json::json!({"workload": format!("default/{}", spec.workload), "serviceAccount": spec.service, "uses": 1});
     let token = api
         .post("/api/v1/tokens", body.to_string(), &[("content-type", "application/json")])
         .await?["token"]
@@ -412,6 +420,34 @@ fn spawn_with(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str], 
         name: name.to_string(),
         child,
     })
+}
+
+/// Waits until the control plane has written its CA file and its API answers over TLS with
+/// it; returns a client for the API.
+async fn wait_api(
+    api_url: &str,
+    ca_file: &std::path::Path,
+    within: Duration,
+    children: &mut [Running],
+) -> anyhow::Result<crate::client::Api> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(ca) = std::fs::read_to_string(ca_file) {
+            let api = crate::client::Api::new(api_url, Some(&ca), &ca_file.display().to_string())?;
+            if api.get("/ready").await.is_ok() {
+                return Ok(api);
+            }
+        }
+        for c in children.iter_mut() {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                bail!("{} exited ({status})", c.name);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{api_url} not ready within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_http(url: &str, within: Duration, children: &mut [Running]) -> anyhow::Result<()> {

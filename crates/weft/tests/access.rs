@@ -22,25 +22,19 @@ fn concrete(path: &str) -> String {
         .replace("{name}", "nosuch")
 }
 
-/// Sends one request and returns the status and, unless it is an event stream, the body. Event
-/// streams (`/events`, `/tap`) never end, so only their status is read.
+/// Sends one request (over TLS, trusting the control plane's CA) and returns the status and,
+/// unless it is an event stream, the body. Event streams (`/events`, `/tap`) never end, so only
+/// their status is read.
 async fn call(control: &Control, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, Value) {
-    let tcp = tokio::net::TcpStream::connect(control.api).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::builder().method(method).uri(path).header("host", control.api.to_string());
+    let mut req = Request::builder().method(method).uri(control.url(path));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = tokio::time::timeout(
-        Duration::from_secs(20),
-        send.send_request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap()),
-    )
-    .await
-    .expect("the API answers")
-    .unwrap();
+    let resp = control
+        .client()
+        .open(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+        .expect("the API answers");
     let status = resp.status().as_u16();
     let streaming = resp
         .headers()
@@ -132,15 +126,10 @@ async fn revoked_tokens_and_sessions_are_refused_at_once_and_cookies_stay_on_the
     let (status, _) = control.call_as("GET", "/api/v1/status", "", &ci).await;
     assert_eq!(status, 200);
     // The dashboard's session: an HttpOnly, SameSite=Strict cookie; the token is not in it.
-    let tcp = tokio::net::TcpStream::connect(control.api).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let resp = send
-        .send_request(
-            Request::post("/api/v1/session")
-                .header("host", control.api.to_string())
+    let resp = control
+        .client()
+        .open(
+            Request::post(control.url("/api/v1/session"))
                 .body(Full::new(Bytes::from(format!("{{\"token\": \"{ci}\"}}"))))
                 .unwrap(),
         )
@@ -148,13 +137,13 @@ async fn revoked_tokens_and_sessions_are_refused_at_once_and_cookies_stay_on_the
         .unwrap();
     assert_eq!(resp.status(), 200);
     let set_cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
-    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Secure"] {
         assert!(set_cookie.contains(attr), "{set_cookie}");
     }
     assert!(!set_cookie.contains(&ci), "the cookie is a session id, not the token");
     let cookie = set_cookie.split(';').next().unwrap().to_string();
     let host = control.api.to_string();
-    let own_origin = format!("http://{host}");
+    let own_origin = format!("https://{host}");
     let freeze = |origin: Option<&'static str>| {
         let (cookie, own_origin) = (cookie.clone(), own_origin.clone());
         let control = &control;
@@ -238,25 +227,61 @@ async fn the_audit_trail_names_the_actor_of_each_change_and_the_cli_finds_its_cr
         c.output().unwrap()
     };
     let server = control.url("");
+    let ca = control.ca_file();
+    let ca = ca.to_str().unwrap();
     // No credential: a clear refusal with the way to get one.
-    let out = cli(&["--server", &server, "status"], &[]);
+    let out = cli(&["--server", &server, "--ca-file", ca, "status"], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no credential") && err.contains("weft login"), "{err}");
     // An admin makes an operator token; it is printed once, alone.
     let out = cli(
         &[
-            "--server", &server, "admin", "token", "create", "--name", "alice", "--role", "operator",
+            "--server",
+            &server,
+            "--ca-file",
+            ca,
+            "admin",
+            "token",
+            "create",
+            "--name",
+            "alice",
+            "--role",
+            "operator",
         ],
         &[("WEFT_API_TOKEN", &control.admin_token)],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let alice = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(alice.starts_with("weft_") && !alice.contains(' '), "{alice}");
-    // `weft login` checks the token and saves it (0600) for this server.
+    // `weft login` pins the CA by its fingerprint (a server that cannot prove it is refused),
+    // checks the token and saves server, CA and token (0600) for this user.
     let token_file = control.data_dir.join("alice.token");
     std::fs::write(&token_file, format!("{alice}\n")).unwrap();
+    let root = weft_core::tls::certs_from_pem(&control.ca_pem(), "ca.pem").unwrap();
+    let fingerprint = weft_core::tls::fingerprint(&root[0]);
+    let login = |pin: &str| {
+        cli(
+            &[
+                "--server",
+                &server,
+                "login",
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "--ca-fingerprint",
+                pin,
+            ],
+            &[],
+        )
+    };
+    let wrong = login(&"0".repeat(64));
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("did not prove the CA"), "{err}");
+    assert!(!config.exists(), "nothing saved for a server that did not prove its CA");
     let out = cli(&["--server", &server, "login", "--token-file", token_file.to_str().unwrap()], &[]);
+    assert!(!out.status.success(), "an https server needs a CA named at login");
+    let out = login(&fingerprint);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600);
@@ -265,8 +290,14 @@ async fn the_audit_trail_names_the_actor_of_each_change_and_the_cli_finds_its_cr
     let me: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((me["name"].as_str(), me["role"].as_str()), (Some("alice"), Some("operator")));
     // The saved token never goes to another server.
-    let out = cli(&["--server", "http://127.0.0.1:9", "whoami"], &[]);
-    assert!(!out.status.success());
+    let elsewhere = weft_test::apps::EchoServer::start("elsewhere").await;
+    let _ = cli(&["--server", &format!("http://{}", elsewhere.addr), "whoami"], &[]);
+    let seen = elsewhere.headers.lock().clone();
+    assert_eq!(seen.len(), 1, "the CLI called the other server");
+    assert!(
+        seen[0].get("authorization").is_none(),
+        "the saved token stays with its server: {seen:?}"
+    );
     // alice (operator) freezes and unfreezes; she may not apply (admin only); the admin applies.
     for state in ["on", "off"] {
         let out = cli(&["freeze", state], &[]);

@@ -80,7 +80,7 @@ async fn a_simulated_fleet_gets_every_change_and_acks_it() {
     let api = control.url("");
     let api = api.trim_end_matches('/');
     let n = 30;
-    let tokens = fleet::tokens(api, &control.admin_token, n).await.unwrap();
+    let tokens = fleet::tokens(&control.client(), api, &control.admin_token, n).await.unwrap();
     let before = fleet::rss_bytes(control.process.pid());
     let fleet = Fleet::connect(&control.grpc_url(), tokens, 3, "sim-svc-0").await.unwrap();
     let cold = fleet::until(Duration::from_secs(20), || async { fleet.count_at(0).await == n }).await;

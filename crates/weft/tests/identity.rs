@@ -178,7 +178,7 @@ async fn register_endpoint(control: &Control, workload: &str, service: &str, add
         token,
         ..Default::default()
     };
-    weft_test::scripted::proxy(&control.grpc_url(), register, weft_test::scripted::ack).await
+    weft_test::scripted::proxy(control.channel().await, register, weft_test::scripted::ack).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,12 +217,7 @@ async fn a_server_must_present_exactly_the_identity_the_control_plane_gave() {
 async fn the_ca_decides_identities_and_tokens_bind_workloads() {
     let control = Control::start(BIN).await;
     let token = control.token("default/orders", "orders").await;
-    let channel = tonic::transport::Endpoint::from_shared(control.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = DistributionClient::new(channel);
+    let mut client = DistributionClient::new(control.channel().await);
     // A CSR asking for `sans`: SPIFFE IDs as URI names, anything else as DNS names.
     let csr = |sans: Vec<String>| {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -243,6 +238,7 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
         .certify(proto::CertifyRequest {
             token: token.clone(),
             csr_pem: csr(vec![]),
+            workload: "default/orders".into(),
         })
         .await
         .expect("a plain CSR is signed")
@@ -257,6 +253,7 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
             .certify(proto::CertifyRequest {
                 token: token.clone(),
                 csr_pem: csr(sans.clone()),
+                workload: "default/orders".into(),
             })
             .await
             .expect_err("refused");
@@ -266,6 +263,7 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
         .certify(proto::CertifyRequest {
             token: format!("{token}x"),
             csr_pem: csr(vec![]),
+            workload: "default/orders".into(),
         })
         .await
         .expect_err("bad token");
@@ -274,8 +272,15 @@ async fn the_ca_decides_identities_and_tokens_bind_workloads() {
     let metrics = control.metrics().await;
     assert!(metrics.lines().any(|l| l == "weft_control_csrs_refused_total 2"), "{metrics}");
 
-    // A proxy without a token, or with another workload's, is refused registration.
-    for (token, workload) in [(None, "default/web"), (Some(token.as_str()), "default/web")] {
+    // A proxy without a token cannot even trust the control plane (the token pins its CA): it
+    // refuses to start, saying so.
+    let mut tokenless = ProxyHandle::spawn_url(BIN, &control.grpc_url(), None, "default/web", "a", &[], free_addr(), &[]);
+    assert_eq!(tokenless.process.wait(Duration::from_secs(10)), Some(64));
+    let log = tokenless.process.log_text();
+    assert!(log.contains("needs the join token"), "{log}");
+
+    // A proxy with another workload's token is refused registration.
+    for (token, workload) in [(Some(token.as_str()), "default/web")] {
         let mut proxy = ProxyHandle::spawn_url(BIN, &control.grpc_url(), token, workload, "a", &[], free_addr(), &[]);
         let admin = proxy.admin;
         let p = &mut proxy.process;

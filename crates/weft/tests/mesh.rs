@@ -722,21 +722,36 @@ fn descendants(pid: u32) -> Vec<u32> {
 async fn weft_up_serves_every_service_and_leaves_nothing_behind() {
     let api = free_addr();
     let start = Instant::now();
-    // `weft up` logs this user's CLI in: here, into a file of the test's own.
+    // A data directory of the test's, to find the CA the control plane writes there; and `weft
+    // up` logs this user's CLI in: here, into a file of the test's own.
+    let data_dir = std::env::temp_dir().join(format!("weft-up-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
     let config = std::env::temp_dir().join(format!("weft-up-cli-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&config);
     let mut up = weft_test::Process::spawn_env(
         BIN,
         "weft-up",
-        &["up".into(), "--api".into(), api.to_string()],
+        &[
+            "up".into(),
+            "--api".into(),
+            api.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ],
         &[("WEFT_CONFIG", config.to_str().unwrap())],
     );
-    let http = Client::new();
+    let ca_file = data_dir.join("control").join("ca.pem");
     let services = eventually(Duration::from_secs(30), "all six demo services show rps > 0", || async {
         let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).ok()?).ok()?;
-        assert_eq!(saved["server"], format!("http://{api}"), "weft up saved its server for the CLI");
+        assert_eq!(saved["server"], format!("https://{api}"), "weft up saved its server for the CLI");
+        assert_eq!(
+            saved["caPem"].as_str(),
+            std::fs::read_to_string(&ca_file).ok().as_deref(),
+            "and its CA"
+        );
         let token = saved["token"].as_str()?;
-        let req = Request::get(format!("http://{api}/api/v1/status"))
+        let http = Client::trusting(&std::fs::read_to_string(&ca_file).ok()?);
+        let req = Request::get(format!("https://{api}/api/v1/status"))
             .header("authorization", format!("Bearer {token}"))
             .body(empty())
             .unwrap();
@@ -778,4 +793,5 @@ async fn weft_up_serves_every_service_and_leaves_nothing_behind() {
     assert!(alive.is_empty(), "orphans left behind: {alive:?}");
     assert!(std::net::TcpListener::bind(api).is_ok(), "the API port is free again");
     let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

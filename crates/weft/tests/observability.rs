@@ -6,7 +6,7 @@ use std::time::Duration;
 use weft_test::apps::EchoServer;
 use weft_test::browser::Browser;
 use weft_test::load::Load;
-use weft_test::prometheus::Prometheus;
+use weft_test::prometheus::{Job, Prometheus};
 use weft_test::{Control, ProxyHandle, eventually, free_addr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
@@ -35,12 +35,14 @@ async fn prometheus_scrapes_every_proxy_and_the_control_plane_and_promql_gives_p
     let (_orders, orders_proxy) = instance(&control, "orders-v1", "orders", "v1").await;
     let (_pay, pay_proxy) = instance(&control, "payments-v1", "payments", "v1").await;
     let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
-    let api = control.api;
     // The control plane's /metrics needs a viewer credential: Prometheus sends one.
     let scraper = control.api_token("prometheus", "viewer").await;
     let prom = Prometheus::start(&[
-        ("proxies", "/metrics", vec![orders_proxy.admin, pay_proxy.admin, web.admin], None),
-        ("control", "/metrics", vec![api], Some(scraper.as_str())),
+        Job::plain("proxies", "/metrics", vec![orders_proxy.admin, pay_proxy.admin, web.admin]),
+        Job {
+            bearer: Some(scraper),
+            ..Job::control("control", &control)
+        },
     ])
     .await
     .expect("prometheus starts");
@@ -208,7 +210,10 @@ spec:
     let (status, body) = control.post("/api/v1/intents", intent).await;
     assert!([200, 201, 202].contains(&status), "{status} {body}");
 
-    let browser = Browser::start(1366, 900).await.expect("headless chromium");
+    // The control plane serves TLS from the mesh CA; the browser accepts its one serving key.
+    let browser = Browser::start(1366, 900, &[control.serving_spki().await])
+        .await
+        .expect("headless chromium");
     browser.goto(&control.url("/")).await.unwrap();
     let shots = artifacts();
     // Without a session the dashboard asks for a token and shows no data.

@@ -1,0 +1,417 @@
+//! TLS on the control plane's two listeners, the REST API and the proxies' gRPC, on by default.
+//!
+//! The serving certificate comes from the mesh CA, for the names and addresses the control
+//! plane is reached by (`localhost`, `127.0.0.1`, `::1`, the bound addresses unless unspecified,
+//! and every `--san`); its chain ends with the signing root, so a proxy can find the root its
+//! join token pins. A key is made at start and kept for the process; the certificate is issued
+//! at start, renewed at half its lifetime, and re-issued at once when the CA's signing root
+//! changes. Client certificates are asked for on the gRPC listener, never required, and
+//! verified against the current trust bundle: a proxy's workload certificate is how it proves
+//! itself once its join token has expired ([`crate::admission`]).
+//!
+//! Each accepted connection is handshaken in its own task under a deadline, so a slow or silent
+//! client never holds up the accept loop; finished connections are handed to axum (through
+//! [`ApiListener`]) and to tonic (as a stream of [`ControlConn`], whose connect info is the
+//! [`ControlPeer`]). `--insecure-plaintext` runs the same loop without TLS.
+
+use crate::admission::{ControlPeer, PeerCert};
+use crate::ca::{Ca, CaError};
+use crate::metrics::{ControlMetrics, HandshakeLabel};
+use parking_lot::RwLock;
+use rcgen::{KeyPair, SanType};
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::PrivateKeyDer;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use weft_core::Shutdown;
+use weft_core::tls::RootsClientVerifier;
+
+/// Lifetime of the serving certificate; renewed at half of it.
+pub const SERVING_TTL: Duration = Duration::from_secs(7 * 86_400);
+/// Time a client has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in progress at once; the accept loop waits beyond it.
+const MAX_HANDSHAKES: usize = 4096;
+/// How often the serving certificate's expiry is looked at (root changes wake it at once).
+const RENEW_CHECK: Duration = Duration::from_secs(60);
+/// The file in the data directory holding the roots to trust (PEM, mode 0644).
+pub const CA_FILE: &str = "ca.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("--san {value:?}: {reason}")]
+    San { value: String, reason: String },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("serving certificate: {0}")]
+    Tls(String),
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
+/// The serving certificate and the TLS configurations of both listeners.
+pub struct Serving {
+    key: KeyPair,
+    sans: Vec<SanType>,
+    resolver: Arc<Resolver>,
+    /// (generation of the root that signed it, its expiry in unix seconds).
+    issued: RwLock<(u64, u64)>,
+    clients: Arc<RootsClientVerifier>,
+    bundle_epoch: RwLock<u64>,
+    pub api: Arc<ServerConfig>,
+    pub grpc: Arc<ServerConfig>,
+}
+
+/// Hands every handshake the current certificate.
+#[derive(Debug)]
+struct Resolver(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().clone())
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn tls_err(e: impl std::fmt::Display) -> ServingError {
+    ServingError::Tls(e.to_string())
+}
+
+/// The names and addresses the serving certificate carries: always `localhost`, `127.0.0.1`
+/// and `::1`, the bound addresses unless unspecified, then `extra` (each a DNS name or an IP).
+pub fn sans(bound: &[SocketAddr], extra: &[String]) -> Result<Vec<SanType>, ServingError> {
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    names.extend(
+        bound
+            .iter()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .map(|ip| ip.to_string()),
+    );
+    names.extend(extra.iter().cloned());
+    let mut out: Vec<SanType> = Vec::new();
+    for name in names {
+        let san = match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.as_str().try_into().map_err(|e: rcgen::Error| ServingError::San {
+                value: name.clone(),
+                reason: format!("neither an IP address nor a DNS name ({e})"),
+            })?),
+        };
+        if !out.contains(&san) {
+            out.push(san);
+        }
+    }
+    Ok(out)
+}
+
+// === impl Serving ===
+
+impl Serving {
+    pub fn new(ca: &Ca, sans: Vec<SanType>) -> Result<Self, ServingError> {
+        let key = KeyPair::generate().map_err(tls_err)?;
+        let (certified, issued) = Self::issue(ca, &key, &sans)?;
+        let resolver = Arc::new(Resolver(RwLock::new(certified)));
+        let clients = Arc::new(RootsClientVerifier::new(&ca.bundle_pem()).map_err(tls_err)?);
+        let provider = weft_core::tls::provider();
+        let mut api = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(tls_err)?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        api.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut grpc = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(tls_err)?
+            .with_client_cert_verifier(clients.clone())
+            .with_cert_resolver(resolver.clone());
+        grpc.alpn_protocols = vec![b"h2".to_vec()];
+        // No resumption: a resumed session carries the client certificate of the handshake it
+        // resumes (none, for a proxy's first connection; an expired one, later), not the one
+        // the proxy holds now.
+        grpc.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        grpc.send_tls13_tickets = 0;
+        Ok(Self {
+            key,
+            sans,
+            resolver,
+            issued: RwLock::new(issued),
+            clients,
+            bundle_epoch: RwLock::new(ca.bundle_epoch()),
+            api: Arc::new(api),
+            grpc: Arc::new(grpc),
+        })
+    }
+
+    fn issue(ca: &Ca, key: &KeyPair, sans: &[SanType]) -> Result<(Arc<CertifiedKey>, (u64, u64)), ServingError> {
+        let issued = ca.issue_serving(key, sans, SERVING_TTL)?;
+        let chain = weft_core::tls::certs_from_pem(&issued.chain_pem, "serving certificate").map_err(tls_err)?;
+        let certified = CertifiedKey::from_der(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()), &weft_core::tls::provider())
+            .map_err(tls_err)?;
+        Ok((Arc::new(certified), (issued.generation, issued.not_after)))
+    }
+
+    /// Re-issues the certificate when the signing root changed or half its lifetime passed,
+    /// and trusts a changed bundle for client certificates. Returns whether the bundle changed.
+    pub fn refresh(&self, ca: &Ca) -> Result<bool, ServingError> {
+        let (generation, not_after) = *self.issued.read();
+        let half_life = not_after.saturating_sub(SERVING_TTL.as_secs() / 2);
+        if generation != ca.generation() || now() >= half_life {
+            let (certified, issued) = Self::issue(ca, &self.key, &self.sans)?;
+            *self.resolver.0.write() = certified;
+            *self.issued.write() = issued;
+            tracing::info!(generation = issued.0, not_after = issued.1, "serving certificate re-issued");
+        }
+        let epoch = ca.bundle_epoch();
+        if *self.bundle_epoch.read() == epoch {
+            return Ok(false);
+        }
+        self.clients.set_roots(&ca.bundle_pem()).map_err(tls_err)?;
+        *self.bundle_epoch.write() = epoch;
+        Ok(true)
+    }
+
+    /// The serving certificate's expiry (unix seconds).
+    pub fn not_after(&self) -> u64 {
+        self.issued.read().1
+    }
+}
+
+/// Writes the roots to trust to `DIR/ca.pem` (mode 0644), atomically.
+pub fn write_ca_file(data_dir: &Path, bundle_pem: &str) -> Result<(), ServingError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = data_dir.join(CA_FILE);
+    let temp = data_dir.join(format!(".{CA_FILE}.tmp"));
+    let write_err = |source| ServingError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::write(&temp, bundle_pem).map_err(write_err)?;
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644)).map_err(write_err)?;
+    std::fs::rename(&temp, &path).map_err(write_err)
+}
+
+/// Keeps the serving certificate and `ca.pem` current until shutdown.
+pub async fn maintain(serving: Option<Arc<Serving>>, mesh: Arc<crate::mesh::Mesh>, data_dir: std::path::PathBuf, shutdown: Shutdown) {
+    let mut changed = mesh.watch();
+    let mut epoch = mesh.ca.bundle_epoch();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RENEW_CHECK) => {}
+            r = changed.changed() => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+        if let Some(serving) = &serving
+            && let Err(error) = serving.refresh(&mesh.ca)
+        {
+            tracing::error!(%error, not_after = serving.not_after(), "cannot renew the serving certificate; retrying");
+        }
+        if mesh.ca.bundle_epoch() != epoch {
+            epoch = mesh.ca.bundle_epoch();
+            if let Err(error) = write_ca_file(&data_dir, &mesh.ca.bundle_pem()) {
+                tracing::error!(%error, "cannot update the CA file");
+            }
+        }
+    }
+}
+
+// === accepting ===
+
+/// A connection's byte stream, plain or after the TLS handshake.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// An accepted, handshaken connection and what it proved.
+pub struct ControlConn {
+    io: Io,
+    pub peer: ControlPeer,
+}
+
+/// Accepts on `listener` until shutdown; handshakes each connection (TLS with `tls`, none
+/// without) in its own task, and sends the finished ones on. `name` labels the metrics.
+pub fn accept(
+    listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    name: &'static str,
+    metrics: ControlMetrics,
+    shutdown: Shutdown,
+) -> mpsc::Receiver<ControlConn> {
+    let (tx, rx) = mpsc::channel(256);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.cancelled() => return,
+            };
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        tracing::warn!(listener = name, %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tx, acceptor, metrics) = (tx.clone(), acceptor.clone(), metrics.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let local = tcp.local_addr().ok();
+                let outcome = match acceptor {
+                    None => Ok(ControlConn {
+                        io: Io::Plain(tcp),
+                        peer: ControlPeer {
+                            remote: Some(remote),
+                            local,
+                            cert: None,
+                        },
+                    }),
+                    Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let cert = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| PeerCert::from_der(c));
+                            Ok(ControlConn {
+                                io: Io::Tls(Box::new(stream)),
+                                peer: ControlPeer {
+                                    remote: Some(remote),
+                                    local,
+                                    cert,
+                                },
+                            })
+                        }
+                        Ok(Err(error)) => Err(("failed", error.to_string())),
+                        Err(_) => Err(("timed-out", format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))),
+                    },
+                };
+                let label = |outcome| HandshakeLabel { listener: name, outcome };
+                match outcome {
+                    Ok(conn) => {
+                        metrics.handshakes.get_or_create(&label("accepted")).inc();
+                        let _ = tx.send(conn).await;
+                    }
+                    Err((outcome, error)) => {
+                        metrics.handshakes.get_or_create(&label(outcome)).inc();
+                        tracing::debug!(listener = name, %remote, %error, "TLS handshake refused");
+                    }
+                }
+            });
+        }
+    });
+    rx
+}
+
+impl AsyncRead for ControlConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ControlConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for ControlConn {
+    type ConnectInfo = ControlPeer;
+
+    fn connect_info(&self) -> ControlPeer {
+        self.peer.clone()
+    }
+}
+
+/// Makes `Request::remote_addr()` work for connections of [`accept`]: tonic reads it from
+/// `TcpConnectInfo`, which only its own listeners set.
+pub fn connect_info(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    if let Some(peer) = req.extensions().get::<ControlPeer>().cloned() {
+        req.extensions_mut().insert(tonic::transport::server::TcpConnectInfo {
+            local_addr: peer.local,
+            remote_addr: peer.remote,
+        });
+    }
+    Ok(req)
+}
+
+// === impl ApiListener ===
+
+/// The REST API's connections, for `axum::serve`.
+pub struct ApiListener {
+    pub rx: mpsc::Receiver<ControlConn>,
+    pub local: SocketAddr,
+}
+
+impl axum::serve::Listener for ApiListener {
+    type Io = ControlConn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (ControlConn, SocketAddr) {
+        match self.rx.recv().await {
+            Some(conn) => {
+                let remote = conn.peer.remote.unwrap_or(self.local);
+                (conn, remote)
+            }
+            // The accept loop ended (shutdown): wait for axum's graceful shutdown to stop us.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
