@@ -103,12 +103,17 @@ pub fn sans(bound: &[SocketAddr], extra: &[String]) -> Result<Vec<SanType>, Serv
     names.extend(extra.iter().cloned());
     let mut out: Vec<SanType> = Vec::new();
     for name in names {
+        let invalid = |why: String| ServingError::San {
+            value: name.clone(),
+            reason: format!("neither an IP address nor a DNS name ({why})"),
+        };
         let san = match name.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(name.as_str().try_into().map_err(|e: rcgen::Error| ServingError::San {
-                value: name.clone(),
-                reason: format!("neither an IP address nor a DNS name ({e})"),
-            })?),
+            Err(_) => {
+                // The name clients will check against, by the same rules.
+                rustls_pki_types::DnsName::try_from(name.as_str()).map_err(|e| invalid(e.to_string()))?;
+                SanType::DnsName(name.as_str().try_into().map_err(|e: rcgen::Error| invalid(e.to_string()))?)
+            }
         };
         if !out.contains(&san) {
             out.push(san);
@@ -413,5 +418,33 @@ impl axum::serve::Listener for ApiListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_serving_names_are_the_loopback_ones_the_bound_addresses_and_the_asked() {
+        let bound = ["0.0.0.0:7070".parse().unwrap(), "10.0.0.5:7071".parse().unwrap()];
+        let names = sans(&bound, &["control.mesh.internal".into(), "10.0.0.5".into(), "fd00::1".into()]).unwrap();
+        let shown: Vec<String> = names
+            .iter()
+            .map(|n| match n {
+                SanType::DnsName(d) => d.as_str().to_string(),
+                SanType::IpAddress(ip) => ip.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            ["localhost", "127.0.0.1", "::1", "10.0.0.5", "control.mesh.internal", "fd00::1"],
+            "unspecified addresses left out, duplicates once"
+        );
+        for bad in ["bad name!", "", "-x.example", "a..b"] {
+            let err = sans(&[], &[bad.to_string()]).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--san {bad:?}")), "{err}");
+        }
     }
 }
