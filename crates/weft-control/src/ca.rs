@@ -310,8 +310,19 @@ impl Ca {
         self.state.read().root_fingerprint.clone()
     }
 
-    /// A join token for one workload, `weft1.<claims>.<signature>`, with id `jti`. It pins the
-    /// root that signs now.
+    /// What new join tokens pin: the root that signs now and, during a rotation's distribution,
+    /// the root about to sign (comma-separated hex SHA-256). A token minted mid-rotation then
+    /// verifies the control plane before and after the new root starts signing.
+    pub fn token_pins(&self) -> String {
+        let st = self.state.read();
+        match st.next.as_ref().and_then(|(cert, _)| fingerprint_of(cert).ok()) {
+            Some(next) => format!("{},{next}", st.root_fingerprint),
+            None => st.root_fingerprint.clone(),
+        }
+    }
+
+    /// A join token for one workload, `weft1.<claims>.<signature>`, with id `jti`. It pins
+    /// [`Ca::token_pins`].
     pub fn create_token(&self, jti: &str, ns: &str, name: &str, sa: &str, ttl: Duration) -> (String, Claims) {
         let claims = Claims {
             jti: jti.into(),
@@ -319,7 +330,7 @@ impl Ca {
             name: name.into(),
             sa: sa.into(),
             exp: now() + ttl.as_secs(),
-            ca: self.root_fingerprint(),
+            ca: self.token_pins(),
         };
         let signed = claims.signed_part();
         let tag = hmac::sign(&self.token_key, signed.as_bytes());

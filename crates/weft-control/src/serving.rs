@@ -218,16 +218,18 @@ pub async fn maintain(serving: Option<Arc<Serving>>, mesh: Arc<crate::mesh::Mesh
             r = changed.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
         }
-        if let Some(serving) = &serving
-            && let Err(error) = serving.refresh(&mesh.ca)
-        {
-            tracing::error!(%error, not_after = serving.not_after(), "cannot renew the serving certificate; retrying");
-        }
+        // Trust first, then sign: the CA file names a new root before the serving certificate
+        // is signed by it (one wake-up may carry both steps of a rotation).
         if mesh.ca.bundle_epoch() != epoch {
             epoch = mesh.ca.bundle_epoch();
             if let Err(error) = write_ca_file(&data_dir, &mesh.ca.bundle_pem()) {
                 tracing::error!(%error, "cannot update the CA file");
             }
+        }
+        if let Some(serving) = &serving
+            && let Err(error) = serving.refresh(&mesh.ca)
+        {
+            tracing::error!(%error, not_after = serving.not_after(), "cannot renew the serving certificate; retrying");
         }
     }
 }

@@ -174,7 +174,9 @@ pub fn roots_verifier(pem: &str, what: &str) -> Result<Arc<dyn ServerCertVerifie
 /// received over the channel that fingerprint verified.
 #[derive(Debug)]
 pub struct PinnedVerifier {
+    /// As the token gives it: one fingerprint, or several comma-separated during a rotation.
     pin: String,
+    pins: Vec<String>,
     provider: Arc<CryptoProvider>,
     /// Roots of the trust bundle received over a verified channel; they replace the pin.
     bundle: RwLock<Option<Arc<Vec<TrustAnchor<'static>>>>>,
@@ -183,10 +185,13 @@ pub struct PinnedVerifier {
 }
 
 impl PinnedVerifier {
-    /// `pin`: hex SHA-256 of the CA root's DER.
+    /// `pin`: hex SHA-256 of the CA root's DER; during a root rotation a token pins the old and
+    /// the new root, comma-separated, and either one verifies the control plane.
     pub fn new(pin: &str) -> Self {
+        let pin = pin.to_ascii_lowercase();
         Self {
-            pin: pin.to_ascii_lowercase(),
+            pins: pin.split(',').map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect(),
+            pin,
             provider: provider(),
             bundle: RwLock::new(None),
             refusal: Mutex::new(None),
@@ -234,7 +239,7 @@ impl ServerCertVerifier for PinnedVerifier {
         let (anchors, trusted) = match bundle {
             Some(roots) => ((*roots).clone(), "the trust bundle".to_string()),
             None => {
-                let pinned: Vec<&CertificateDer<'_>> = intermediates.iter().filter(|c| fingerprint(c) == self.pin).collect();
+                let pinned: Vec<&CertificateDer<'_>> = intermediates.iter().filter(|c| self.pins.contains(&fingerprint(c))).collect();
                 if pinned.is_empty() {
                     let presented: Vec<String> = intermediates.iter().map(|c| format!("sha256:{}", fingerprint(c))).collect();
                     let presented = if presented.is_empty() {
