@@ -1043,16 +1043,16 @@ impl State {
                 if *is_treated {
                     let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
                     if after_observe && s.revision >= candidate && in_scope {
-                        treated.add(s.requests, s.errors, &s.buckets);
+                        treated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
                     }
                     if let Some(st) = started
                         && s.at < st
                         && st.duration_since(s.at) <= BASELINE_WINDOW
                     {
-                        baseline.add(s.requests, s.errors, &s.buckets);
+                        baseline.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
                     }
                 } else if after_observe {
-                    untreated.add(s.requests, s.errors, &s.buckets);
+                    untreated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
                 }
             }
         }

@@ -12,6 +12,7 @@ pub mod intents;
 pub mod mesh;
 pub mod metrics;
 pub mod rollout;
+pub mod stats;
 pub mod store;
 pub mod taps;
 
