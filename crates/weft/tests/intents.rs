@@ -676,3 +676,53 @@ async fn a_scoped_change_is_judged_on_the_requests_in_its_scope() {
     assert_eq!(stats[0].failed, 0, "requests outside the scope never saw the change: {stats:?}");
     assert!(acme_stats.failed > 0, "{acme_stats:?}");
 }
+
+/// A quiet service (one request every 400 ms against `minRequests: 1000`) cannot gather the
+/// evidence in three bakes: the intent is held in awaiting-approval with an inconclusive
+/// verdict and its numbers (`onInconclusive` defaults to hold), not rolled back; an approval
+/// then promotes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_service_is_held_inconclusive_not_rolled_back() {
+    let f = Fixture::start(2, false, &[], Duration::from_millis(400)).await;
+    let id = f
+        .submit(&intent_yaml(
+            "QUIET-1",
+            "            - timeout: 20s\n",
+            "[50, 100]",
+            "1s",
+            "auto",
+            "{minRequests: 1000}",
+        ))
+        .await;
+    let held = f.wait_phase(&id, "awaiting-approval", Duration::from_secs(20)).await;
+    let decision = &held["decisions"][0];
+    assert_eq!(decision["outcome"], "inconclusive", "{held}");
+    assert_eq!(decision["stage"], 1, "{held}");
+    let reason = decision["reason"].as_str().unwrap();
+    assert!(reason.starts_with("inconclusive after 3s: "), "{reason}");
+    assert!(reason.contains(" of 1,000 requests observed (error rate 0.0%"), "{reason}");
+    assert!(
+        reason.ends_with("held at stage 1 (50%) for an operator to approve or abort"),
+        "{reason}"
+    );
+    assert_eq!(held["held"], true, "{held}");
+    let (status, body) = f.control.post(&format!("/api/v1/intents/{id}/approve"), "").await;
+    assert_eq!(status, 200, "{body}");
+    // Stage 1 is promoted by the approval; stage 2 is quiet too and is held again.
+    let again = eventually(Duration::from_secs(20), "stage 2 held", || async {
+        let i = f.intent(&id).await;
+        (i["decisions"].as_array()?.len() == 3).then_some(i)
+    })
+    .await;
+    let outcomes: Vec<(&str, u64)> = again["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["outcome"].as_str().unwrap(), d["stage"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(outcomes, [("inconclusive", 1), ("promoted", 1), ("inconclusive", 2)], "{again}");
+    assert_eq!(again["phase"], "awaiting-approval");
+    f.control.post(&format!("/api/v1/intents/{id}/approve"), "").await;
+    let done = f.wait_phase(&id, "promoted", Duration::from_secs(10)).await;
+    assert!(done["revision"].as_u64().is_some(), "{done}");
+}
