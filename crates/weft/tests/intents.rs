@@ -726,3 +726,57 @@ async fn a_quiet_service_is_held_inconclusive_not_rolled_back() {
     let done = f.wait_phase(&id, "promoted", Duration::from_secs(10)).await;
     assert!(done["revision"].as_u64().is_some(), "{done}");
 }
+
+/// Inbound connections the server sidecar has accepted (any transport).
+async fn accepted_connections(server: &ProxyHandle) -> u64 {
+    server
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("weft_proxy_inbound_connections_total{") && l.contains("outcome=\"accepted\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// No bias from the swap itself (#13 part 3): a change that leaves a destination's endpoints
+/// alone reuses the caller's open connections, so treated requests pay no new handshakes. The
+/// caller's pool lives beside the config, keyed by endpoint and identity, not inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_swap_keeps_connections_to_unchanged_endpoints() {
+    let f = Fixture::start(1, false, &[], Duration::from_millis(40)).await;
+    let server = &f._servers[0];
+    let before = eventually(Duration::from_secs(10), "the caller connected", || async {
+        let n = accepted_connections(server).await;
+        (n > 0).then_some(n)
+    })
+    .await;
+    let id = f
+        .submit(&intent_yaml(
+            "SWAP-1",
+            "            - timeout: 20s\n",
+            "[100]",
+            "1s",
+            "auto",
+            "{minRequests: 5}",
+        ))
+        .await;
+    let done = f.wait_phase(&id, "promoted", Duration::from_secs(20)).await;
+    let revision = done["revision"].as_u64().unwrap();
+    eventually(Duration::from_secs(5), "the caller on the promoted revision", || async {
+        (f.callers[0].config_dump().await["config"]["revision"] == revision).then_some(())
+    })
+    .await;
+    let sent = f.stats()[0].total();
+    eventually(Duration::from_secs(5), "20 requests on the new config", || {
+        let now = f.stats()[0].total();
+        async move { (now >= sent + 20).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        accepted_connections(server).await,
+        before,
+        "two config swaps (candidate, promoted) opened no new connection"
+    );
+    let (stats, _, _) = f.stop().await;
+    assert_eq!(stats[0].failed, 0, "{stats:?}");
+}
