@@ -172,20 +172,21 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
 }
 
 /// Judges treated proxies against the untreated proxies over the same time and against their
-/// own baseline (before the intent), with the SLO's stated error rates:
+/// own baseline (before the intent), with the SLO's stated error rates. A stage is rolled back
+/// when, against either reference, one of these is shown at `confidence`:
 ///
-/// - errors: the difference of error rates, rolled back when it exceeds `maxErrorRateIncrease`
-///   at `confidence`; and the treated error rate alone, rolled back when it exceeds
-///   `maxErrorRate` at `confidence` while higher than every reference;
-/// - latency: a Mann-Whitney rank test of treated requests against the reference's slowed by
-///   `maxP99Increase` percent, rolled back when treated requests are slower than that at
-///   `confidence`.
+/// - errors: the treated error rate is higher (an always-valid test of the difference of
+///   proportions) and the increase is larger than `maxErrorRateIncrease`;
+/// - latency: treated requests are slower (an always-valid Mann-Whitney rank test) and by more
+///   than `maxP99Increase` percent (treated requests are more often slower than the
+///   reference's slowed by that much than faster);
+/// - without any reference: the treated error rate is above `maxErrorRate`.
 ///
-/// Each test is always valid (see [`crate::stats`]), so the judge may look after every report;
-/// the false-rollback rate is split over the tests it makes, so a harmless change is rolled
-/// back with probability at most `100 - confidence` percent. Nothing is decided before
-/// `minRequests` treated requests; after that, with no harm shown, the stage passes (the
-/// loop still waits for the bake) and the reason bounds what the evidence allows.
+/// Each test is always valid (see [`crate::stats`]) so the judge may look after every report,
+/// and the false-rollback rate is split over the tests made: a change that does nothing is
+/// rolled back with probability at most `100 - confidence` percent. Nothing is decided before
+/// `minRequests` treated requests; after that, with no harm shown, the stage passes (the loop
+/// still waits for the bake) and the reason bounds what the evidence still allows.
 pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence) -> Verdict {
     let references: Vec<(&str, &Evidence)> = [("untreated", untreated), ("baseline", baseline)]
         .into_iter()
@@ -200,85 +201,102 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         ));
     }
     let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5);
-    let tests = (2 * references.len() + 1) as f64;
+    let tests = (2 * references.len()).max(1) as f64;
     let alpha_each = alpha / tests;
     let delta = slo.max_error_rate_increase / 100.0;
     let tau2 = (ERROR_TAU_PER_DELTA * delta).max(ERROR_TAU_FLOOR).powi(2);
+    let slower = 1.0 + slo.max_p99_increase / 100.0;
     let mut harms: Vec<(f64, String)> = Vec::new();
     let mut bounds: Vec<String> = Vec::new();
 
     for (name, reference) in &references {
-        let (gap, variance) = proportion_gap(treated.errors, treated.requests, reference.errors, reference.requests);
-        let p = mixture_p_value(gap - delta, variance, tau2);
         let sides = format!("{} vs {} requests", count(treated.requests), count(reference.requests));
-        if p <= alpha_each {
+        let (gap, variance) = proportion_gap(treated.errors, treated.requests, reference.errors, reference.requests);
+        let p = mixture_p_value(gap, variance, tau2);
+        if p <= alpha_each && gap > delta {
+            let beyond = mixture_p_value(gap - delta, variance, tau2);
             harms.push((
                 p,
                 format!(
-                    "error rate {} vs {} {name} ({}, {sides}, {} confident it exceeds +{} pp)",
+                    "error rate {} vs {} {name} ({}, {sides}, {} confident it is higher{})",
                     percent(treated.error_rate()),
                     percent(reference.error_rate()),
                     points(gap),
                     confidence(p),
-                    trim(slo.max_error_rate_increase),
+                    beyond_words(beyond, &format!("+{} pp", trim(slo.max_error_rate_increase)), "the", "that matters"),
                 ),
             ));
         }
         let upper = gap + mixture_radius(variance, tau2, alpha);
         bounds.push(format!("errors vs {name} at most {}", points(upper)));
 
-        let scale = 1.0 + slo.max_p99_increase / 100.0;
-        if let Some(rank) = mann_whitney(&treated.points(1.0), &reference.points(scale)) {
-            let nn = rank.n_x as f64 * rank.n_y as f64;
-            let variance = rank.var_u / (nn * nn);
-            let p = mixture_p_value(rank.auc - 0.5, variance, LATENCY_TAU2);
-            if p <= alpha_each {
+        let (t, r) = (treated.points(1.0), reference.points(1.0));
+        if let (Some(plain), Some(shifted)) = (mann_whitney(&t, &r), mann_whitney(&t, &reference.points(slower))) {
+            let nn = plain.n_x as f64 * plain.n_y as f64;
+            let p = mixture_p_value(plain.auc - 0.5, plain.var_u / (nn * nn), LATENCY_TAU2);
+            if p <= alpha_each && shifted.auc > 0.5 {
+                let beyond = mixture_p_value(shifted.auc - 0.5, shifted.var_u / (nn * nn), LATENCY_TAU2);
                 harms.push((
                     p,
                     format!(
-                        "latency p50 {} p99 {} vs {} {} {name} ({sides}, {} confident it is more than {}% slower)",
+                        "latency p50 {} p99 {} vs {} {} {name} (typically {:+.0}%, {sides}, {} confident it is slower{})",
                         ms(treated.quantile(0.5)),
                         ms(treated.quantile(0.99)),
                         ms(reference.quantile(0.5)),
                         ms(reference.quantile(0.99)),
+                        100.0 * (typical_ratio(&t, reference) - 1.0),
                         confidence(p),
-                        trim(slo.max_p99_increase),
+                        beyond_words(beyond, &format!("+{}%", trim(slo.max_p99_increase)), "the", "that matters"),
                     ),
                 ));
             }
         }
     }
-
-    // The absolute ceiling, for a change that is bad whatever the references did (named
-    // only when no comparison already shows the harm).
-    let ceiling = slo.max_error_rate / 100.0;
-    let rate = treated.error_rate() / 100.0;
-    let (gap, variance) = proportion_gap(treated.errors, treated.requests, 0, u64::MAX / 4);
-    let p = mixture_p_value(
-        gap - ceiling,
-        variance,
-        (ERROR_TAU_PER_DELTA * ceiling).max(ERROR_TAU_FLOOR).powi(2),
-    );
-    let worse_than_all = references.iter().all(|(_, r)| rate > r.error_rate() / 100.0);
     if let Some((_, why)) = harms.into_iter().min_by(|a, b| a.0.total_cmp(&b.0)) {
         return Verdict::Fail(why);
     }
-    if p <= alpha_each && worse_than_all {
-        return Verdict::Fail(format!(
-            "error rate {} above the {}% maximum ({} requests, {} confident)",
-            percent(treated.error_rate()),
-            trim(slo.max_error_rate),
-            count(treated.requests),
-            confidence(p),
-        ));
-    }
+
     let at = trim(slo.confidence);
     if references.is_empty() {
-        return Verdict::Pass(format!(
-            "no harm shown at {at}% confidence: {summary}; no reference traffic to compare with"
-        ));
+        // Nothing to compare with: only the absolute ceiling can be judged.
+        let ceiling = slo.max_error_rate / 100.0;
+        let (rate, variance) = proportion_gap(treated.errors, treated.requests, 0, u64::MAX / 4);
+        let tau2 = (ERROR_TAU_PER_DELTA * ceiling).max(ERROR_TAU_FLOOR).powi(2);
+        let p = mixture_p_value(rate - ceiling, variance, tau2);
+        if p <= alpha {
+            return Verdict::Fail(format!(
+                "error rate {} above the {}% maximum ({} requests, {} confident, no reference traffic)",
+                percent(treated.error_rate()),
+                trim(slo.max_error_rate),
+                count(treated.requests),
+                confidence(p),
+            ));
+        }
+        return Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}"));
     }
     Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
+}
+
+/// `, 99.2% that it exceeds the +0.5 pp that matters` when the evidence says so at all.
+fn beyond_words(p: f64, threshold: &str, article: &str, what: &str) -> String {
+    if p <= 0.5 {
+        format!(", {} that it exceeds {article} {threshold} {what}", confidence(p))
+    } else {
+        format!(", by more than {article} {threshold} {what}")
+    }
+}
+
+/// The factor by which treated requests are typically slower than the reference's: the scale
+/// `s` at which a treated request is as often slower as faster than a reference one times `s`
+/// (a Hodges-Lehmann-style estimate), found by bisection on a log scale.
+fn typical_ratio(treated: &[(f64, u64)], reference: &Evidence) -> f64 {
+    let (mut lo, mut hi) = (0.01f64.ln(), 100f64.ln());
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        let auc = mann_whitney(treated, &reference.points(mid.exp())).map_or(0.5, |t| t.auc);
+        if auc > 0.5 { lo = mid } else { hi = mid }
+    }
+    (0.5 * (lo + hi)).exp()
 }
 
 /// The numbers of a stage in a line: treated against the first reference.
@@ -395,9 +413,7 @@ mod tests {
             panic!()
         };
         assert!(
-            why.starts_with(
-                "error rate 6.0% vs 0.4% baseline (+5.6 pp, 1,000 vs 4,000 requests, over 99.99% confident it exceeds +0.5 pp)"
-            ),
+            why == "error rate 6.0% vs 0.4% baseline (+5.6 pp, 1,000 vs 4,000 requests, over 99.99% confident it is higher, over 99.99% that it exceeds the +0.5 pp that matters)",
             "{why}"
         );
         let Verdict::Pass(why) = judge(&slo, &evidence(1000, 4, 4.0), &healthy, &healthy) else {
@@ -409,7 +425,7 @@ mod tests {
             panic!()
         };
         assert!(why.starts_with("latency p50 8."), "{why}");
-        assert!(why.contains("more than 20% slower"), "{why}");
+        assert!(why.contains("that it exceeds the +20% that matters"), "{why}");
         // 10% slower is under the 20% that matters: not a rollback.
         assert!(matches!(judge(&slo, &evidence(2000, 8, 4.4), &healthy, &healthy), Verdict::Pass(_)));
         // Without any reference, the absolute maximum still applies.
@@ -453,8 +469,14 @@ mod tests {
         let Verdict::Fail(why) = judge(&slo, &treated, &Evidence::default(), &reference) else {
             panic!()
         };
-        assert!(why.contains("untreated (60 vs 2,000 requests, "), "{why}");
-        assert!(why.contains("confident it is more than 20% slower"), "{why}");
+        assert!(
+            why.starts_with("latency p50 4.00 ms p99 43.8 ms vs 4.00 ms 5.93 ms untreated (typically +"),
+            "{why}"
+        );
+        assert!(
+            why.ends_with("60 vs 2,000 requests, over 99.99% confident it is slower, 99.95% that it exceeds the +20% that matters)"),
+            "{why}"
+        );
     }
 
     #[test]
