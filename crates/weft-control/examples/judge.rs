@@ -39,6 +39,8 @@ struct Change {
     error: f64,
     /// Latency multiplier.
     latency: f64,
+    /// Milliseconds added to every other request.
+    half_ms: f64,
 }
 
 struct Scenario {
@@ -72,7 +74,11 @@ fn main() {
         min_requests: 20,
         ..Slo::default()
     };
-    let none = Change { error: 0.0, latency: 1.0 };
+    let none = Change {
+        error: 0.0,
+        latency: 1.0,
+        half_ms: 0.0,
+    };
     let scenarios = [
         Scenario {
             name: "A/A, the issue's SLO, a short stage",
@@ -121,6 +127,21 @@ fn main() {
                 ..default.clone()
             },
             horizon: 30_000,
+        },
+        Scenario {
+            name: "latency +20% (maxP99Increase 10)",
+            change: Change { latency: 1.2, ..none },
+            slo: Slo {
+                max_p99_increase: 10.0,
+                ..default.clone()
+            },
+            horizon: 30_000,
+        },
+        Scenario {
+            name: "half the requests +40 ms, the issue's SLO",
+            change: Change { half_ms: 40.0, ..none },
+            slo: issue.clone(),
+            horizon: 1000,
         },
         Scenario {
             name: "latency +50%",
@@ -179,14 +200,21 @@ fn main() {
 /// One request of the service, changed by `change`.
 fn request(rng: &mut Rng, change: Change) -> (bool, f64) {
     let error = rng.uniform() < BASE_ERROR + change.error;
-    let ms = MEDIAN_MS * (SIGMA * rng.normal()).exp() * change.latency;
+    let mut ms = MEDIAN_MS * (SIGMA * rng.normal()).exp() * change.latency;
+    if change.half_ms > 0.0 && rng.uniform() < 0.5 {
+        ms += change.half_ms;
+    }
     (error, ms)
 }
 
 /// Replays one stage: treated and reference requests arrive together; every judge looks after
 /// each report (every `report` treated requests: 20 early on, 5% of the count later).
 fn trial(rng: &mut Rng, s: &Scenario) -> Outcome {
-    let none = Change { error: 0.0, latency: 1.0 };
+    let none = Change {
+        error: 0.0,
+        latency: 1.0,
+        half_ms: 0.0,
+    };
     let mut baseline = Evidence::default();
     let mut old_baseline = Coarse::default();
     for _ in 0..BASELINE_REQUESTS {

@@ -13,7 +13,7 @@ use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms, slot_of, slot_
 const LATENCY_TAU2: f64 = 0.01;
 /// Mixing scale of the error test, as a multiple of the smallest change that matters: the
 /// test is most sensitive to effects around it (checked with the judge harness).
-const ERROR_TAU_PER_DELTA: f64 = 2.0;
+const ERROR_TAU_PER_DELTA: f64 = 4.0;
 /// Smallest mixing scale of the error tests (0.5 pp).
 const ERROR_TAU_FLOOR: f64 = 0.005;
 
