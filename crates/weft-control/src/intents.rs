@@ -22,9 +22,14 @@ use weft_core::Shutdown;
 const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How far before an intent started its baseline looks.
 const BASELINE_WINDOW: Duration = Duration::from_secs(60);
-/// A stage without enough evidence after this many bakes is inconclusive and follows the
+/// A stage without enough evidence after this many bakes (and the warm-up) is inconclusive and follows the
 /// SLO's `onInconclusive`.
 const EVIDENCE_PATIENCE: u32 = 3;
+/// Evidence of a stage starts one telemetry report after its proxies ACKed: the report that
+/// spans the swap also holds whatever the swap itself cost (config pushes, ACKs and route
+/// compilation competing for the CPU), which is warm-up, not the change. Treated and untreated
+/// proxies skip the same span, so they stay comparable.
+const WARM_UP: Duration = Duration::from_secs(2);
 /// Timer resolution of the loop.
 const TICK: Duration = Duration::from_millis(200);
 /// Most proxies a stage's ledger entry names.
@@ -836,7 +841,7 @@ impl Mesh {
                 format!("{why}: rolled back at stage {stage} ({share}%)"),
             ),
             Verdict::Pass(why) if since >= bake => self.promote_stage(state, seq, why),
-            Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE => {
+            Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE + WARM_UP => {
                 let why = format!("inconclusive after {}s: {why}", since.as_secs());
                 match intent.slo.on_inconclusive {
                     OnInconclusive::Rollback => self.end(
@@ -1081,7 +1086,7 @@ impl State {
             }
             let Some(is_treated) = enforcing.get(workload) else { continue };
             for s in samples {
-                let after_observe = observing.is_some_and(|o| s.at >= o);
+                let after_observe = observing.is_some_and(|o| s.at >= o + WARM_UP);
                 if *is_treated {
                     let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
                     if after_observe && s.revision >= candidate && in_scope {

@@ -171,9 +171,14 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
     }
 }
 
-/// Judges treated proxies against the untreated proxies over the same time and against their
-/// own baseline (before the intent), with the SLO's stated error rates. A stage is rolled back
-/// when, against either reference, one of these is shown at `confidence`:
+/// Judges treated proxies with the SLO's stated error rates against two references: the
+/// untreated proxies over the same time (same load, same machine weather) and the treated
+/// proxies' own baseline from before the intent (same proxies). Each reference with at least
+/// `minRequests` requests counts, and a harm must show against *every* one that counts: a
+/// difference between proxies that was there before the change shows against the untreated
+/// proxies but not against the baseline, a drift over time against the baseline but not
+/// against the untreated proxies; a change shows against both. A stage is rolled back when,
+/// at `confidence`:
 ///
 /// - errors: the treated error rate is higher (an always-valid test of the difference of
 ///   proportions) and the increase is larger than `maxErrorRateIncrease`;
@@ -182,15 +187,16 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
 ///   reference's slowed by that much than faster);
 /// - without any reference: the treated error rate is above `maxErrorRate`.
 ///
-/// Each test is always valid (see [`crate::stats`]) so the judge may look after every report,
-/// and the false-rollback rate is split over the tests made: a change that does nothing is
-/// rolled back with probability at most `100 - confidence` percent. Nothing is decided before
-/// `minRequests` treated requests; after that, with no harm shown, the stage passes (the loop
-/// still waits for the bake) and the reason bounds what the evidence still allows.
+/// Each test is always valid (see [`crate::stats`]) so the judge may look after every report;
+/// errors and latency share the false-alarm budget, and requiring every reference only lowers
+/// it: a change that does nothing is rolled back with probability at most `100 - confidence`
+/// percent. Nothing is decided before `minRequests` treated requests; after that, with no harm
+/// shown, the stage passes (the loop still waits for the bake) and the reason bounds what the
+/// evidence still allows.
 pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence) -> Verdict {
     let references: Vec<(&str, &Evidence)> = [("untreated", untreated), ("baseline", baseline)]
         .into_iter()
-        .filter(|(_, r)| r.requests > 0)
+        .filter(|(_, r)| r.requests >= slo.min_requests.max(1))
         .collect();
     let summary = summarize(treated, references.first().copied());
     if treated.requests < slo.min_requests {
@@ -201,62 +207,12 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         ));
     }
     let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5);
-    let tests = (2 * references.len()).max(1) as f64;
-    let alpha_each = alpha / tests;
+    let alpha_each = alpha / 2.0;
     let delta = slo.max_error_rate_increase / 100.0;
     let tau2 = (ERROR_TAU_PER_DELTA * delta).max(ERROR_TAU_FLOOR).powi(2);
     let slower = 1.0 + slo.max_p99_increase / 100.0;
-    let mut harms: Vec<(f64, String)> = Vec::new();
-    let mut bounds: Vec<String> = Vec::new();
-
-    for (name, reference) in &references {
-        let sides = format!("{} vs {} requests", count(treated.requests), count(reference.requests));
-        let (gap, variance) = proportion_gap(treated.errors, treated.requests, reference.errors, reference.requests);
-        let p = mixture_p_value(gap, variance, tau2);
-        if p <= alpha_each && gap > delta {
-            let beyond = mixture_p_value(gap - delta, variance, tau2);
-            harms.push((
-                p,
-                format!(
-                    "error rate {} vs {} {name} ({}, {sides}, {} confident it is higher{})",
-                    percent(treated.error_rate()),
-                    percent(reference.error_rate()),
-                    points(gap),
-                    confidence(p),
-                    beyond_words(beyond, &format!("+{} pp", trim(slo.max_error_rate_increase)), "the", "that matters"),
-                ),
-            ));
-        }
-        let upper = gap + mixture_radius(variance, tau2, alpha);
-        bounds.push(format!("errors vs {name} at most {}", points(upper)));
-
-        let (t, r) = (treated.points(1.0), reference.points(1.0));
-        if let (Some(plain), Some(shifted)) = (mann_whitney(&t, &r), mann_whitney(&t, &reference.points(slower))) {
-            let nn = plain.n_x as f64 * plain.n_y as f64;
-            let p = mixture_p_value(plain.auc - 0.5, plain.var_u / (nn * nn), LATENCY_TAU2);
-            if p <= alpha_each && shifted.auc > 0.5 {
-                let beyond = mixture_p_value(shifted.auc - 0.5, shifted.var_u / (nn * nn), LATENCY_TAU2);
-                harms.push((
-                    p,
-                    format!(
-                        "latency p50 {} p99 {} vs {} {} {name} (typically {:+.0}%, {sides}, {} confident it is slower{})",
-                        ms(treated.quantile(0.5)),
-                        ms(treated.quantile(0.99)),
-                        ms(reference.quantile(0.5)),
-                        ms(reference.quantile(0.99)),
-                        100.0 * (typical_ratio(&t, reference) - 1.0),
-                        confidence(p),
-                        beyond_words(beyond, &format!("+{}%", trim(slo.max_p99_increase)), "the", "that matters"),
-                    ),
-                ));
-            }
-        }
-    }
-    if let Some((_, why)) = harms.into_iter().min_by(|a, b| a.0.total_cmp(&b.0)) {
-        return Verdict::Fail(why);
-    }
-
     let at = trim(slo.confidence);
+
     if references.is_empty() {
         // Nothing to compare with: only the absolute ceiling can be judged.
         let ceiling = slo.max_error_rate / 100.0;
@@ -274,15 +230,91 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         }
         return Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}"));
     }
+
+    // Errors, against each reference: (p that it is higher, p that it exceeds delta, gap).
+    let errors: Vec<(f64, f64, f64, f64)> = references
+        .iter()
+        .map(|(_, r)| {
+            let (gap, variance) = proportion_gap(treated.errors, treated.requests, r.errors, r.requests);
+            let p = if gap > delta { mixture_p_value(gap, variance, tau2) } else { 1.0 };
+            let upper = gap + mixture_radius(variance, tau2, alpha);
+            (p, mixture_p_value(gap - delta, variance, tau2), gap, upper)
+        })
+        .collect();
+    let worst = |v: &[(f64, f64, f64, f64)]| v.iter().map(|e| e.0).fold(0.0, f64::max);
+    if worst(&errors) <= alpha_each {
+        let (name, reference) = references[0];
+        let (p, beyond) = (worst(&errors), errors.iter().map(|e| e.1).fold(0.0, f64::max));
+        return Verdict::Fail(format!(
+            "error rate {} vs {} {name}{} ({}, {} vs {} requests, {} confident it is higher{})",
+            percent(treated.error_rate()),
+            percent(reference.error_rate()),
+            also(&references, |r| percent(r.error_rate())),
+            points(errors[0].2),
+            count(treated.requests),
+            count(reference.requests),
+            confidence(p),
+            beyond_words(beyond, &format!("+{} pp", trim(slo.max_error_rate_increase))),
+        ));
+    }
+
+    // Latency, against each reference: (p that it is slower, p that it exceeds the slowdown).
+    let t = treated.points(1.0);
+    let mut latency: Vec<(f64, f64)> = Vec::new();
+    for (_, r) in &references {
+        let (Some(plain), Some(shifted)) = (mann_whitney(&t, &r.points(1.0)), mann_whitney(&t, &r.points(slower))) else {
+            latency.push((1.0, 1.0));
+            continue;
+        };
+        let nn = plain.n_x as f64 * plain.n_y as f64;
+        let p = if shifted.auc > 0.5 {
+            mixture_p_value(plain.auc - 0.5, plain.var_u / (nn * nn), LATENCY_TAU2)
+        } else {
+            1.0
+        };
+        latency.push((p, mixture_p_value(shifted.auc - 0.5, shifted.var_u / (nn * nn), LATENCY_TAU2)));
+    }
+    let p = latency.iter().map(|l| l.0).fold(0.0, f64::max);
+    if p <= alpha_each {
+        let (name, reference) = references[0];
+        let beyond = latency.iter().map(|l| l.1).fold(0.0, f64::max);
+        return Verdict::Fail(format!(
+            "latency p50 {} p99 {} vs {} {} {name}{} (typically {:+.0}%, {} vs {} requests, {} confident it is slower{})",
+            ms(treated.quantile(0.5)),
+            ms(treated.quantile(0.99)),
+            ms(reference.quantile(0.5)),
+            ms(reference.quantile(0.99)),
+            also(&references, |r| format!("{} {}", ms(r.quantile(0.5)), ms(r.quantile(0.99)))),
+            100.0 * (typical_ratio(&t, reference) - 1.0),
+            count(treated.requests),
+            count(reference.requests),
+            confidence(p),
+            beyond_words(beyond, &format!("+{}%", trim(slo.max_p99_increase))),
+        ));
+    }
+
+    let bounds: Vec<String> = references
+        .iter()
+        .zip(&errors)
+        .map(|((name, _), e)| format!("errors vs {name} at most {}", points(e.3)))
+        .collect();
     Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
 }
 
+/// ` and 0.5% baseline`: the second reference's numbers, when there is one.
+fn also(references: &[(&str, &Evidence)], show: impl Fn(&Evidence) -> String) -> String {
+    references
+        .get(1)
+        .map(|(name, r)| format!(" and {} {name}", show(r)))
+        .unwrap_or_default()
+}
+
 /// `, 99.2% that it exceeds the +0.5 pp that matters` when the evidence says so at all.
-fn beyond_words(p: f64, threshold: &str, article: &str, what: &str) -> String {
+fn beyond_words(p: f64, threshold: &str) -> String {
     if p <= 0.5 {
-        format!(", {} that it exceeds {article} {threshold} {what}", confidence(p))
+        format!(", {} that it exceeds the {threshold} that matters", confidence(p))
     } else {
-        format!(", by more than {article} {threshold} {what}")
+        format!(", by more than the {threshold} that matters")
     }
 }
 
@@ -477,6 +509,26 @@ mod tests {
             why.ends_with("60 vs 2,000 requests, over 99.99% confident it is slower, 99.95% that it exceeds the +20% that matters)"),
             "{why}"
         );
+    }
+
+    /// Seen in the end-to-end tests: the treated callers were 40% slower than the untreated
+    /// ones before the change too (separate processes on a busy machine). Harm must show
+    /// against both references, so a difference that was there before is not the change's.
+    #[test]
+    fn a_difference_between_proxies_that_predates_the_change_is_not_harm() {
+        let slo = Slo::default();
+        let before = evidence(3000, 0, 5.6);
+        let peers = evidence(3000, 0, 4.0);
+        let verdict = judge(&slo, &evidence(1000, 0, 5.6), &before, &peers);
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+        // The same proxies, now also slower than they were: harm against both.
+        let Verdict::Fail(why) = judge(&slo, &evidence(1000, 0, 11.2), &before, &peers) else {
+            panic!()
+        };
+        assert!(why.contains("untreated and 5."), "{why}");
+        // Drift over time shows against the baseline only: not harm either.
+        let verdict = judge(&slo, &evidence(1000, 0, 8.0), &peers, &evidence(3000, 0, 8.0));
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
     }
 
     #[test]
