@@ -8,12 +8,12 @@
 //! - **fixed-horizon**: a Kayenta-style Mann-Whitney comparison made once at a planned sample
 //!   size (one-sided, errors and latency at 0.5% each: 1% overall, the new judge's default).
 //!
-//! Run: `cargo run --release -p weft-control --example judge [-- --trials N]`. It prints a
+//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W]`. It prints a
 //! Markdown table; bench/README.md ("Issue #13, the judge") explains the method.
 
 use std::io::Write;
 use weft_api::resource::Slo;
-use weft_api::telemetry::LATENCY_BOUNDS_MS;
+use weft_api::telemetry::{LATENCY_BOUNDS_MS, LATENCY_SLOTS, slot_of};
 use weft_control::rollout::{Evidence, Verdict, judge};
 use weft_control::stats::{Rng, mann_whitney};
 
@@ -24,6 +24,11 @@ const MEDIAN_MS: f64 = 4.0;
 const SIGMA: f64 = 0.5;
 /// Baseline: what the treated proxies did in the minute before the intent.
 const BASELINE_REQUESTS: u64 = 3000;
+/// Requests in one proxy's report (two seconds at 50 requests per second).
+const REPORT: u64 = 100;
+/// Default spread of the factor all latencies of one report share (log scale): a busy two
+/// seconds on the proxy's machine; 0.1 is about 10%. `--weather 0` makes requests independent.
+const WEATHER: f64 = 0.1;
 /// One-sided 0.5% normal quantile: the fixed-horizon test's bar for each of its two metrics.
 const Z_HALF_PERCENT: f64 = 2.575_829;
 /// Planned sample sizes the fixed-horizon comparison is evaluated at.
@@ -61,11 +66,9 @@ struct Outcome {
 }
 
 fn main() {
-    let trials = std::env::args()
-        .skip_while(|a| a != "--trials")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1000usize);
+    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    let trials = arg("--trials").and_then(|n| n.parse().ok()).unwrap_or(1000usize);
+    let weather = arg("--weather").and_then(|n| n.parse().ok()).unwrap_or(WEATHER);
     let default = Slo::default();
     let issue = Slo {
         max_error_rate: 5.0,
@@ -153,7 +156,7 @@ fn main() {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{trials} trials per row; the reference gets as many requests as the treated side (a 50% stage), the baseline {BASELINE_REQUESTS}.\n"
+        "{trials} trials per row; the reference gets as many requests as the treated side (a 50% stage), the baseline {BASELINE_REQUESTS}; reports of {REPORT} requests share a latency factor exp({weather} N(0,1)).\n"
     );
     let _ = writeln!(
         out,
@@ -163,7 +166,7 @@ fn main() {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for (k, s) in scenarios.iter().enumerate() {
         let mut rng = Rng::new(0x5eed + k as u64);
-        let outcomes: Vec<Outcome> = (0..trials).map(|_| trial(&mut rng, s)).collect();
+        let outcomes: Vec<Outcome> = (0..trials).map(|_| trial(&mut rng, s, weather)).collect();
         let rate = |f: &dyn Fn(&Outcome) -> bool| {
             let n = outcomes.iter().filter(|o| f(o)).count();
             format!("{:.1}% ({n})", 100.0 * n as f64 / trials as f64)
@@ -197,19 +200,60 @@ fn main() {
     }
 }
 
-/// One request of the service, changed by `change`.
-fn request(rng: &mut Rng, change: Change) -> (bool, f64) {
+/// One request of the service, changed by `change`, in a report whose latencies share the
+/// factor `weather`.
+fn request(rng: &mut Rng, change: Change, weather: f64) -> (bool, f64) {
     let error = rng.uniform() < BASE_ERROR + change.error;
-    let mut ms = MEDIAN_MS * (SIGMA * rng.normal()).exp() * change.latency;
+    let mut ms = MEDIAN_MS * (SIGMA * rng.normal()).exp() * change.latency * weather;
     if change.half_ms > 0.0 && rng.uniform() < 0.5 {
         ms += change.half_ms;
     }
     (error, ms)
 }
 
-/// Replays one stage: treated and reference requests arrive together; every judge looks after
-/// each report (every `report` treated requests: 20 early on, 5% of the count later).
-fn trial(rng: &mut Rng, s: &Scenario) -> Outcome {
+/// One proxy's report: REPORT requests sharing one weather factor.
+struct Report {
+    requests: u64,
+    errors: u64,
+    slots: Vec<u32>,
+    weather: f64,
+}
+
+impl Report {
+    fn new(rng: &mut Rng, weather: f64) -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            slots: Vec::new(),
+            weather: (weather * rng.normal()).exp(),
+        }
+    }
+
+    fn push(&mut self, error: bool, ms: f64) {
+        self.requests += 1;
+        self.errors += error as u64;
+        self.slots.push(slot_of(ms) as u32);
+    }
+
+    /// Hands the report over as a proxy sends it: sparse slots and counts.
+    fn send(mut self, to: &mut Evidence) {
+        self.slots.sort_unstable();
+        let (mut slots, mut counts) = (Vec::new(), Vec::new());
+        for s in self.slots {
+            if slots.last() == Some(&s) {
+                *counts.last_mut().expect("paired") += 1;
+            } else {
+                slots.push(s);
+                counts.push(1u64);
+            }
+        }
+        to.add(self.requests, self.errors, &slots, &counts);
+    }
+}
+
+/// Replays one stage: treated and untreated requests arrive together in reports of REPORT
+/// requests; every judge looks every 100 treated requests, then every 10% of the count.
+fn trial(rng: &mut Rng, s: &Scenario, weather: f64) -> Outcome {
     let none = Change {
         error: 0.0,
         latency: 1.0,
@@ -217,48 +261,61 @@ fn trial(rng: &mut Rng, s: &Scenario) -> Outcome {
     };
     let mut baseline = Evidence::default();
     let mut old_baseline = Coarse::default();
-    for _ in 0..BASELINE_REQUESTS {
-        let (e, ms) = request(rng, none);
-        baseline.record(e, ms);
-        old_baseline.record(e, ms);
+    for _ in 0..BASELINE_REQUESTS / REPORT {
+        let mut report = Report::new(rng, weather);
+        for _ in 0..REPORT {
+            let (e, ms) = request(rng, none, report.weather);
+            report.push(e, ms);
+            old_baseline.record(e, ms);
+        }
+        report.send(&mut baseline);
     }
     let (mut treated, mut untreated) = (Evidence::default(), Evidence::default());
     let (mut old_treated, mut old_untreated) = (Coarse::default(), Coarse::default());
+    let (mut fine_treated, mut fine_untreated) = (Coarse::fine(), Coarse::fine());
     let mut out = Outcome::default();
     let grid: Vec<u64> = GRID.iter().copied().filter(|g| *g <= s.horizon).collect();
     let mut next_grid = 0;
     let mut n = 0u64;
+    let mut next_look = REPORT.min(s.horizon);
+    let (mut t_report, mut u_report) = (Report::new(rng, weather), Report::new(rng, weather));
     while n < s.horizon {
-        let report = (n / 20).max(20).min(s.horizon - n);
-        for _ in 0..report {
-            let (e, ms) = request(rng, s.change);
-            treated.record(e, ms);
-            old_treated.record(e, ms);
-            let (e, ms) = request(rng, none);
-            untreated.record(e, ms);
-            old_untreated.record(e, ms);
-            n += 1;
-            if next_grid < grid.len() && n == grid[next_grid] {
-                out.fixed.push(fixed_horizon(&treated, &untreated));
-                next_grid += 1;
+        let (e, ms) = request(rng, s.change, t_report.weather);
+        t_report.push(e, ms);
+        old_treated.record(e, ms);
+        fine_treated.record_fine(e, ms);
+        let (e, ms) = request(rng, none, u_report.weather);
+        u_report.push(e, ms);
+        old_untreated.record(e, ms);
+        fine_untreated.record_fine(e, ms);
+        n += 1;
+        if t_report.requests == REPORT {
+            std::mem::replace(&mut t_report, Report::new(rng, weather)).send(&mut treated);
+            std::mem::replace(&mut u_report, Report::new(rng, weather)).send(&mut untreated);
+        }
+        if next_grid < grid.len() && n == grid[next_grid] {
+            out.fixed.push(fixed_horizon(&fine_treated, &fine_untreated));
+            next_grid += 1;
+        }
+        if n == next_look {
+            next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
+            if out.new.is_none() && matches!(judge(&s.slo, &treated, &baseline, &untreated), Verdict::Fail(_)) {
+                out.new = Some(n);
             }
-        }
-        if out.new.is_none() && matches!(judge(&s.slo, &treated, &baseline, &untreated), Verdict::Fail(_)) {
-            out.new = Some(n);
-        }
-        if out.today.is_none() && old_treated.fails(&s.slo, &old_baseline, &old_untreated) {
-            out.today = Some(n);
+            if out.today.is_none() && old_treated.fails(&s.slo, &old_baseline, &old_untreated) {
+                out.today = Some(n);
+            }
         }
     }
     out
 }
 
 /// Kayenta-style: Mann-Whitney of treated against untreated at one planned size, for error
-/// (as 0/1 values) and latency, each one-sided at 0.5%.
-fn fixed_horizon(treated: &Evidence, reference: &Evidence) -> bool {
-    let errors = |e: &Evidence| [(0.0, e.requests - e.errors), (1.0, e.errors)];
-    let latency = |e: &Evidence| -> Vec<(f64, u64)> {
-        e.latency
+/// (as 0/1 values) and latency (fine slots, request by request), each one-sided at 0.5%.
+fn fixed_horizon(treated: &Coarse, reference: &Coarse) -> bool {
+    let errors = |e: &Coarse| [(0.0, e.requests - e.errors), (1.0, e.errors)];
+    let latency = |e: &Coarse| -> Vec<(f64, u64)> {
+        e.fine
             .iter()
             .enumerate()
             .filter(|(_, c)| **c > 0)
@@ -276,9 +333,24 @@ struct Coarse {
     requests: u64,
     errors: u64,
     buckets: [u64; LATENCY_BOUNDS_MS.len() + 1],
+    /// The fine slots, for the fixed-horizon comparison (empty for today's judge).
+    fine: Vec<u64>,
 }
 
 impl Coarse {
+    fn fine() -> Self {
+        Self {
+            fine: vec![0; LATENCY_SLOTS],
+            ..Self::default()
+        }
+    }
+
+    fn record_fine(&mut self, error: bool, ms: f64) {
+        self.requests += 1;
+        self.errors += error as u64;
+        self.fine[slot_of(ms)] += 1;
+    }
+
     fn record(&mut self, error: bool, ms: f64) {
         self.requests += 1;
         self.errors += error as u64;

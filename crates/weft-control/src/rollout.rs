@@ -2,7 +2,7 @@
 //! change, and the judgement of a stage against its SLO. The state machine that drives intents
 //! through these lives in [`crate::mesh`].
 
-use crate::stats::{mann_whitney, mixture_p_value, mixture_radius, proportion_gap};
+use crate::stats::{clustered_auc, mann_whitney, mixture_p_value, mixture_radius, proportion_gap};
 use serde::{Deserialize, Serialize};
 use weft_api::resource::{Resource, RouteMatch, Slo, StringMatch};
 use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms, slot_of, slot_value_ms};
@@ -38,6 +38,9 @@ pub struct Evidence {
     pub errors: u64,
     /// Dense latency histogram over weft_api::telemetry's slots (empty until the first add).
     pub latency: Vec<u64>,
+    /// The same latencies by report (one proxy's two seconds), as sparse `(slot, count)`:
+    /// requests of one report are not independent, and the rank test's variance says so.
+    pub reports: Vec<Vec<(u32, u64)>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -79,13 +82,29 @@ impl Evidence {
         self.requests += requests;
         self.errors += errors;
         add_sparse(self.histogram(), slots, counts);
+        let report: Vec<(u32, u64)> = slots
+            .iter()
+            .zip(counts)
+            .filter(|(_, c)| **c > 0)
+            .map(|(s, c)| ((*s as usize).min(LATENCY_SLOTS - 1) as u32, *c))
+            .collect();
+        if !report.is_empty() {
+            self.reports.push(report);
+        }
     }
 
-    /// Adds one request (the offline harness's unit).
+    /// Adds one request as a report of its own.
     pub fn record(&mut self, error: bool, latency_ms: f64) {
-        self.requests += 1;
-        self.errors += error as u64;
-        self.histogram()[slot_of(latency_ms)] += 1;
+        let slot = slot_of(latency_ms) as u32;
+        self.add(1, error as u64, &[slot], &[1]);
+    }
+
+    /// The latencies by report, as `(milliseconds, count)`, every value multiplied by `scale`.
+    fn report_points(&self, scale: f64) -> Vec<Vec<(f64, u64)>> {
+        self.reports
+            .iter()
+            .map(|r| r.iter().map(|(s, c)| (slot_value_ms(*s as usize) * scale, *c)).collect())
+            .collect()
     }
 
     fn histogram(&mut self) -> &mut Vec<u64> {
@@ -173,8 +192,8 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
 
 /// Judges treated proxies with the SLO's stated error rates against two references: the
 /// untreated proxies over the same time (same load, same machine weather) and the treated
-/// proxies' own baseline from before the intent (same proxies). Each reference with at least
-/// `minRequests` requests counts, and a harm must show against *every* one that counts: a
+/// proxies' own baseline from before the intent (same proxies). Each reference with traffic
+/// counts, and a harm must show against *every* one that counts: a
 /// difference between proxies that was there before the change shows against the untreated
 /// proxies but not against the baseline, a drift over time against the baseline but not
 /// against the untreated proxies; a change shows against both. A stage is rolled back when,
@@ -182,7 +201,8 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
 ///
 /// - errors: the treated error rate is higher (an always-valid test of the difference of
 ///   proportions) and the increase is larger than `maxErrorRateIncrease`;
-/// - latency: treated requests are slower (an always-valid Mann-Whitney rank test) and by more
+/// - latency: treated requests are slower (an always-valid Mann-Whitney rank test, its variance
+///   taken between telemetry reports so that a slow two seconds of one proxy counts once) and by more
 ///   than `maxP99Increase` percent (treated requests are more often slower than the
 ///   reference's slowed by that much than faster);
 /// - without any reference: the treated error rate is above `maxErrorRate`.
@@ -196,7 +216,7 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
 pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence) -> Verdict {
     let references: Vec<(&str, &Evidence)> = [("untreated", untreated), ("baseline", baseline)]
         .into_iter()
-        .filter(|(_, r)| r.requests >= slo.min_requests.max(1))
+        .filter(|(_, r)| r.requests > 0)
         .collect();
     let summary = summarize(treated, references.first().copied());
     if treated.requests < slo.min_requests {
@@ -260,19 +280,21 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
 
     // Latency, against each reference: (p that it is slower, p that it exceeds the slowdown).
     let t = treated.points(1.0);
+    let by_report = treated.report_points(1.0);
     let mut latency: Vec<(f64, f64)> = Vec::new();
     for (_, r) in &references {
-        let (Some(plain), Some(shifted)) = (mann_whitney(&t, &r.points(1.0)), mann_whitney(&t, &r.points(slower))) else {
+        let plain = clustered_auc(&by_report, &r.report_points(1.0));
+        let shifted = clustered_auc(&by_report, &r.report_points(slower));
+        let (Some((auc, variance)), Some((shifted_auc, shifted_variance))) = (plain, shifted) else {
             latency.push((1.0, 1.0));
             continue;
         };
-        let nn = plain.n_x as f64 * plain.n_y as f64;
-        let p = if shifted.auc > 0.5 {
-            mixture_p_value(plain.auc - 0.5, plain.var_u / (nn * nn), LATENCY_TAU2)
+        let p = if shifted_auc > 0.5 {
+            mixture_p_value(auc - 0.5, variance, LATENCY_TAU2)
         } else {
             1.0
         };
-        latency.push((p, mixture_p_value(shifted.auc - 0.5, shifted.var_u / (nn * nn), LATENCY_TAU2)));
+        latency.push((p, mixture_p_value(shifted_auc - 0.5, shifted_variance, LATENCY_TAU2)));
     }
     let p = latency.iter().map(|l| l.0).fold(0.0, f64::max);
     if p <= alpha_each {
@@ -506,7 +528,7 @@ mod tests {
             "{why}"
         );
         assert!(
-            why.ends_with("60 vs 2,000 requests, over 99.99% confident it is slower, 99.95% that it exceeds the +20% that matters)"),
+            why.ends_with("60 vs 2,000 requests, over 99.99% confident it is slower, 99.5% that it exceeds the +20% that matters)"),
             "{why}"
         );
     }

@@ -95,6 +95,85 @@ pub fn mann_whitney(x: &[(f64, u64)], y: &[(f64, u64)]) -> Option<RankTest> {
     })
 }
 
+/// The probability that an `x` exceeds a `y` (ties count one half), with a variance that
+/// holds when requests are correlated within a group: `x` and `y` come as groups (one
+/// telemetry report of one proxy each: requests of the same proxy in the same two seconds share
+/// its CPU and its connections) of `(value, count)`. Each value's placement (the share of the
+/// other side below it, ties one half) is summed per group, and the variance is the spread of
+/// those sums between groups (DeLong's variance, clustered as in Obuchowski 1997), widened by
+/// `nu / (nu - 2)` with `nu = groups - 1` (the variance of Student's t: a spread estimated from
+/// few groups is itself uncertain). Returns `(probability, variance)`; the variance is
+/// infinite with fewer than four groups on a side, `None` when a side is empty.
+pub fn clustered_auc(x: &[Vec<(f64, u64)>], y: &[Vec<(f64, u64)>]) -> Option<(f64, f64)> {
+    let pooled = |groups: &[Vec<(f64, u64)>]| {
+        let mut all: Vec<(f64, u64)> = groups.iter().flatten().copied().filter(|p| p.1 > 0).collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut merged: Vec<(f64, u64)> = Vec::with_capacity(all.len());
+        for (v, c) in all {
+            match merged.last_mut() {
+                Some(last) if last.0 == v => last.1 += c,
+                _ => merged.push((v, c)),
+            }
+        }
+        // (value, count below, count equal)
+        let mut below = 0u64;
+        let cdf: Vec<(f64, u64, u64)> = merged
+            .into_iter()
+            .map(|(v, c)| {
+                let row = (v, below, c);
+                below += c;
+                row
+            })
+            .collect();
+        (cdf, below)
+    };
+    // Share of a pooled side below `v`, ties one half.
+    let share_below = |cdf: &[(f64, u64, u64)], n: u64, v: f64| {
+        let i = cdf.partition_point(|row| row.0 < v);
+        let (below, equal) = match cdf.get(i) {
+            Some(row) if row.0 == v => (row.1, row.2),
+            Some(row) => (row.1, 0),
+            None => (n, 0),
+        };
+        (below as f64 + 0.5 * equal as f64) / n as f64
+    };
+    let (x_cdf, n_x) = pooled(x);
+    let (y_cdf, n_y) = pooled(y);
+    if n_x == 0 || n_y == 0 {
+        return None;
+    }
+    // Per group: (sum of placements, requests).
+    let x_groups: Vec<(f64, f64)> = x
+        .iter()
+        .map(|g| {
+            g.iter().fold((0.0, 0.0), |(s, m), &(v, c)| {
+                (s + c as f64 * share_below(&y_cdf, n_y, v), m + c as f64)
+            })
+        })
+        .filter(|g| g.1 > 0.0)
+        .collect();
+    let y_groups: Vec<(f64, f64)> = y
+        .iter()
+        .map(|g| {
+            g.iter().fold((0.0, 0.0), |(s, m), &(v, c)| {
+                (s + c as f64 * (1.0 - share_below(&x_cdf, n_x, v)), m + c as f64)
+            })
+        })
+        .filter(|g| g.1 > 0.0)
+        .collect();
+    let auc = x_groups.iter().map(|g| g.0).sum::<f64>() / n_x as f64;
+    let spread = |groups: &[(f64, f64)], n: u64| {
+        let k = groups.len() as f64;
+        if k < 4.0 {
+            return f64::INFINITY;
+        }
+        let ss: f64 = groups.iter().map(|(s, m)| (s - m * auc).powi(2)).sum();
+        let nu = k - 1.0;
+        k / (k - 1.0) * ss / (n as f64 * n as f64) * nu / (nu - 2.0)
+    };
+    Some((auc, spread(&x_groups, n_x) + spread(&y_groups, n_y)))
+}
+
 /// Difference of two proportions `x_a / n_a - x_b / n_b` and the variance of that difference.
 /// The variance uses each rate shrunk towards one half by one success and one failure
 /// (`(x + 1) / (n + 2)`), so a side with no errors yet still has some uncertainty.
@@ -199,6 +278,31 @@ mod tests {
         let all = mann_whitney(&[(7.0, 3)], &[(7.0, 4)]).unwrap();
         assert_eq!((all.auc, all.z), (0.5, 0.0));
         assert!(mann_whitney(&[], &y).is_none());
+    }
+
+    /// The worked example above, one request per group: DeLong's variance, widened for few
+    /// groups. Placements of x in y: 0, 0.1, 0.1, 0.3 (mean 0.125); of y in x: 0.5, 0.125, 0,
+    /// 0, 0 (mean 0.125). DeLong: 4/3 * 0.0475 / 16 + 5/4 * 0.1875 / 25 = 0.0039583 + 0.009375;
+    /// widened by 3/1 and 4/2: 0.011875 + 0.01875 = 0.030625.
+    #[test]
+    fn clustered_auc_is_delong_for_single_requests_and_widens_for_groups() {
+        let single = |v: &[f64]| v.iter().map(|&x| vec![(x, 1)]).collect::<Vec<_>>();
+        let (auc, var) = clustered_auc(&single(&[1.0, 2.0, 2.0, 3.0]), &single(&[2.0, 3.0, 4.0, 4.0, 5.0])).unwrap();
+        assert!(close(auc, 0.125, 1e-12) && close(var, 0.030_625, 1e-9), "{auc} {var}");
+        // Three groups on a side: too few to estimate the spread between groups.
+        let (_, var) = clustered_auc(&single(&[1.0, 2.0, 3.0]), &single(&[2.0, 3.0, 4.0, 5.0])).unwrap();
+        assert!(var.is_infinite());
+        // Two groups that differ wholesale (a slow window and a fast one) carry far more
+        // uncertainty than the same values taken one by one.
+        let x = vec![vec![(10.0, 50)], vec![(1.0, 50)], vec![(10.0, 50)], vec![(1.0, 50)]];
+        let y = vec![vec![(5.0, 50)]; 4];
+        let (auc, grouped) = clustered_auc(&x, &y).unwrap();
+        let mut flat_x = vec![(10.0, 1); 100];
+        flat_x.extend(vec![(1.0, 1); 100]);
+        let (_, flat) = clustered_auc(&flat_x.iter().map(|p| vec![*p]).collect::<Vec<_>>(), &vec![vec![(5.0, 1)]; 200]).unwrap();
+        assert!(close(auc, 0.5, 1e-12));
+        assert!(grouped > 10.0 * flat, "{grouped} vs {flat}");
+        assert!(clustered_auc(&[], &y).is_none());
     }
 
     /// Without ties, n = 3 and 3, x all above y: U = 9, var = 9 * 7 / 12 = 5.25, z = 1.96396.
