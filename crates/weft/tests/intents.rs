@@ -842,7 +842,13 @@ async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confide
             "{}",
         ))
         .await;
+    let submitted = Instant::now();
     let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(50)).await;
+    eprintln!(
+        "+3% errors: rolled back {:.1} s after submission -- {}",
+        submitted.elapsed().as_secs_f64(),
+        done["decisions"][0]["reason"]
+    );
     assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
     let reason = done["decisions"][0]["reason"].as_str().unwrap();
     assert!(reason.starts_with("error rate "), "{reason}");
@@ -869,7 +875,13 @@ async fn forty_ms_on_half_the_requests_is_rolled_back_at_stage_one_with_the_conf
             "{}",
         ))
         .await;
+    let submitted = Instant::now();
     let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(50)).await;
+    eprintln!(
+        "half the requests +40 ms: rolled back {:.1} s after submission -- {}",
+        submitted.elapsed().as_secs_f64(),
+        done["decisions"][0]["reason"]
+    );
     assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
     let reason = done["decisions"][0]["reason"].as_str().unwrap();
     assert!(reason.starts_with("latency p50 "), "{reason}");
