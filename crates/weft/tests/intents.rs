@@ -792,7 +792,7 @@ fn outcomes(intent: &Value) -> Vec<(String, u64)> {
 }
 
 /// The first test: harmless changes (timeouts raised) in a row are all promoted, with
-/// no manual step; the old thresholds rolled back two of three.
+/// no manual step, under the SLO; the old thresholds rolled back two of three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_harmless_intents_in_a_row_are_all_promoted() {
     let f = Fixture::start(4, false, &[], Duration::from_millis(10)).await;
@@ -804,7 +804,7 @@ async fn ten_harmless_intents_in_a_row_are_all_promoted() {
                 "[50, 100]",
                 "1s",
                 "auto",
-                "{minRequests: 300}",
+                "{maxErrorRate: 5, maxErrorRateIncrease: 1, maxP99Increase: 20, minRequests: 20}",
             ))
             .await;
         let done = eventually(Duration::from_secs(30), &format!("{id} finished"), || async {
