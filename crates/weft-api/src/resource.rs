@@ -460,8 +460,27 @@ pub struct Slo {
     pub max_error_rate_increase: f64,
     #[serde(default = "default_max_p99_increase")]
     pub max_p99_increase: f64,
+    /// Treated requests a stage needs before it is judged either way.
     #[serde(default = "default_min_requests")]
     pub min_requests: u64,
+    /// How sure (percent) the judge must be before it rolls back: the false-rollback rate of a
+    /// harmless change is at most `100 - confidence` percent, however often it looks.
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+    /// What a stage does when it has not gathered `minRequests` after three bakes.
+    #[serde(default)]
+    pub on_inconclusive: OnInconclusive,
+}
+
+/// What an intent does when a stage cannot gather enough evidence (a quiet service).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInconclusive {
+    /// Wait in `awaiting-approval` with the numbers, for a person to decide.
+    #[default]
+    Hold,
+    Rollback,
+    Promote,
 }
 
 fn default_namespace() -> String {
@@ -484,6 +503,9 @@ fn default_max_p99_increase() -> f64 {
 }
 fn default_min_requests() -> u64 {
     100
+}
+fn default_confidence() -> f64 {
+    99.0
 }
 
 // === parsing ===
@@ -1085,6 +1107,13 @@ impl IntentSpec {
                 "must not be negative",
             ));
         }
+        if !(50.0..100.0).contains(&self.slo.confidence) || self.slo.confidence.is_nan() {
+            errors.push(FieldError::new(
+                format!("{at}.slo.confidence"),
+                self.slo.confidence,
+                "must be a percentage from 50 up to (not including) 100",
+            ));
+        }
     }
 
     /// The resources this intent applies, parsed.
@@ -1118,6 +1147,8 @@ impl Default for Slo {
             max_error_rate_increase: default_max_error_rate_increase(),
             max_p99_increase: default_max_p99_increase(),
             min_requests: default_min_requests(),
+            confidence: default_confidence(),
+            on_inconclusive: OnInconclusive::default(),
         }
     }
 }

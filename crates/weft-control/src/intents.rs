@@ -15,15 +15,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use weft_api::ResourceKey;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::proto::Direction;
-use weft_api::resource::{Document, IntentSpec, Resource, RolloutMode, Slo};
+use weft_api::resource::{Document, IntentSpec, OnInconclusive, Resource, RolloutMode, Slo};
 use weft_core::Shutdown;
 
 /// How long the treated proxies of a stage have to ACK before the intent fails.
 const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How far before an intent started its baseline looks.
 const BASELINE_WINDOW: Duration = Duration::from_secs(60);
-/// A stage without enough evidence after this many bakes is rolled back.
+/// A stage without enough evidence after this many bakes (and the warm-up) is inconclusive and follows the
+/// SLO's `onInconclusive`.
 const EVIDENCE_PATIENCE: u32 = 3;
+/// Evidence of a stage starts one telemetry report after its proxies ACKed: the report that
+/// spans the swap also holds whatever the swap itself cost (config pushes, ACKs and route
+/// compilation competing for the CPU), which is warm-up, not the change. Treated and untreated
+/// proxies skip the same span, so they stay comparable.
+const WARM_UP: Duration = Duration::from_secs(2);
 /// Timer resolution of the loop.
 const TICK: Duration = Duration::from_millis(200);
 /// Most proxies a stage's ledger entry names.
@@ -65,6 +71,10 @@ pub struct IntentRecord {
     pub treat_all: bool,
     /// An approval waiting to be used (manual mode).
     pub approved: bool,
+    /// Held after an inconclusive stage (`onInconclusive: hold`): an approval promotes that
+    /// stage instead of starting it again.
+    #[serde(default)]
+    pub held: bool,
     pub decisions: Vec<DecisionRecord>,
     pub ledger: Vec<LedgerEntry>,
     pub submitted_ms: u64,
@@ -190,7 +200,7 @@ pub fn recover(store: &Store, stable: u64) -> Result<BTreeMap<u64, IntentRecord>
                 continue;
             }
         };
-        let untouched = intent.phase == Phase::Queued || (intent.phase == Phase::AwaitingApproval && intent.stage == 0);
+        let untouched = intent.phase == Phase::Queued || (intent.phase == Phase::AwaitingApproval && intent.stage == 0 && !intent.held);
         if untouched && intent.phase != Phase::Queued {
             intent.phase = Phase::Queued;
             intent.overlay.clear();
@@ -434,6 +444,7 @@ impl Mesh {
             treated: BTreeSet::new(),
             treat_all: false,
             approved: false,
+            held: false,
             decisions: Vec::new(),
             ledger: Vec::new(),
             submitted_ms: now_ms(),
@@ -679,9 +690,14 @@ impl Mesh {
                 self.start(state, seq, now);
             }
             Phase::AwaitingApproval => {
-                if state.intents[&seq].approved {
-                    state.intents.get_mut(&seq).expect("open").approved = false;
-                    self.begin_stage(state, seq, now);
+                let intent = state.intents.get_mut(&seq).expect("open");
+                if intent.approved {
+                    intent.approved = false;
+                    if std::mem::take(&mut intent.held) {
+                        self.promote_stage(state, seq, "inconclusive stage approved by an operator".into());
+                    } else {
+                        self.begin_stage(state, seq, now);
+                    }
                 }
             }
             Phase::Distribution | Phase::Enforcement => self.enforce(state, seq, now),
@@ -825,17 +841,48 @@ impl Mesh {
                 format!("{why}: rolled back at stage {stage} ({share}%)"),
             ),
             Verdict::Pass(why) if since >= bake => self.promote_stage(state, seq, why),
-            Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE => self.end(
-                state,
-                seq,
-                Phase::RolledBack,
-                format!(
-                    "insufficient evidence after {:?}: {why}: rolled back at stage {stage} ({share}%)",
-                    since
-                ),
-            ),
+            Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE + WARM_UP => {
+                let why = format!("inconclusive after {}s: {why}", since.as_secs());
+                match intent.slo.on_inconclusive {
+                    OnInconclusive::Rollback => self.end(
+                        state,
+                        seq,
+                        Phase::RolledBack,
+                        format!("{why}: rolled back at stage {stage} ({share}%) as onInconclusive says"),
+                    ),
+                    OnInconclusive::Promote => self.promote_stage(state, seq, format!("{why}: promoted as onInconclusive says")),
+                    OnInconclusive::Hold => self.hold_inconclusive(state, seq, why),
+                }
+            }
             _ => {}
         }
+    }
+
+    /// An inconclusive stage under `onInconclusive: hold`: the treated proxies keep the
+    /// candidate and the intent waits in `awaiting-approval` for a person (approve promotes
+    /// the stage, abort rolls it back).
+    fn hold_inconclusive(&self, state: &mut State, seq: u64, why: String) {
+        let intent = state.intents.get_mut(&seq).expect("open");
+        let (stage, share) = (intent.stage + 1, intent.share());
+        let reason = format!("{why}: held at stage {stage} ({share}%) for an operator to approve or abort");
+        intent.decisions.push(DecisionRecord {
+            time_ms: now_ms(),
+            stage,
+            share,
+            outcome: "inconclusive".into(),
+            reason: reason.clone(),
+        });
+        intent.held = true;
+        intent.log("control-plane", "inconclusive", reason.clone());
+        let decision = format!("{}: inconclusive: {reason}", intent.id);
+        tracing::warn!(intent = %intent.id, %reason, "intent held: inconclusive");
+        self.metrics
+            .decisions
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome: "inconclusive" })
+            .inc();
+        state.last_decision = Some(decision.clone());
+        self.emit(json!({"type": "decision", "id": state.intents[&seq].id, "decision": decision}));
+        self.set_phase(state, seq, Phase::AwaitingApproval);
     }
 
     fn promote_stage(&self, state: &mut State, seq: u64, why: String) {
@@ -1039,20 +1086,20 @@ impl State {
             }
             let Some(is_treated) = enforcing.get(workload) else { continue };
             for s in samples {
-                let after_observe = observing.is_some_and(|o| s.at >= o);
+                let after_observe = observing.is_some_and(|o| s.at >= o + WARM_UP);
                 if *is_treated {
                     let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
                     if after_observe && s.revision >= candidate && in_scope {
-                        treated.add(s.requests, s.errors, &s.buckets);
+                        treated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
                     }
                     if let Some(st) = started
                         && s.at < st
                         && st.duration_since(s.at) <= BASELINE_WINDOW
                     {
-                        baseline.add(s.requests, s.errors, &s.buckets);
+                        baseline.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
                     }
                 } else if after_observe {
-                    untreated.add(s.requests, s.errors, &s.buckets);
+                    untreated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
                 }
             }
         }

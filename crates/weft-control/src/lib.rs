@@ -14,6 +14,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod rollout;
 pub mod serving;
+pub mod stats;
 pub mod store;
 pub mod taps;
 

@@ -19,7 +19,7 @@ use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::{Endpoint, SERVICE_LABEL, SUBSET_LABEL, ServiceConfig};
 use weft_api::proto;
 use weft_api::resource::{RateLimitAt, Resource};
-use weft_api::telemetry::{BUCKETS, quantile_ms};
+use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms};
 
 /// Window over which `status` computes rates.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -111,7 +111,9 @@ pub(crate) struct Sample {
     pub(crate) mtls: u64,
     pub(crate) requests: u64,
     pub(crate) errors: u64,
-    pub(crate) buckets: [u64; BUCKETS],
+    /// Sparse latency histogram: non-empty slots and their counts (weft_api::telemetry).
+    pub(crate) latency_slots: Vec<u32>,
+    pub(crate) latency_counts: Vec<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -602,10 +604,6 @@ impl Mesh {
         let workload = p.workload_id().to_string();
         let now = Instant::now();
         for s in report.stats {
-            let mut buckets = [0u64; BUCKETS];
-            for (b, c) in buckets.iter_mut().zip(&s.latency_buckets) {
-                *b = *c;
-            }
             let sample = Sample {
                 at: now,
                 revision: s.revision,
@@ -613,7 +611,8 @@ impl Mesh {
                 mtls: s.mtls,
                 requests: s.requests,
                 errors: s.errors,
-                buckets,
+                latency_slots: s.latency_slots,
+                latency_counts: s.latency_counts,
             };
             if s.direction == proto::Direction::Inbound as i32 {
                 push_window(
@@ -670,15 +669,13 @@ impl Mesh {
                 let mut requests = 0;
                 let mut errors = 0;
                 let mut mtls_requests = 0;
-                let mut buckets = [0u64; BUCKETS];
+                let mut buckets = vec![0u64; LATENCY_SLOTS];
                 if let Some(samples) = state.traffic.get(&(namespace.clone(), name.clone())) {
                     for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
                         requests += s.requests;
                         errors += s.errors;
                         mtls_requests += s.mtls;
-                        for (b, c) in buckets.iter_mut().zip(s.buckets) {
-                            *b += c;
-                        }
+                        add_sparse(&mut buckets, &s.latency_slots, &s.latency_counts);
                     }
                 }
                 let clusters: BTreeSet<&str> = proxies.iter().map(|p| p.cluster.as_str()).collect();
@@ -740,18 +737,18 @@ impl Mesh {
     pub fn routes(&self) -> Vec<RouteView> {
         let state = self.state.lock();
         let now = Instant::now();
-        let mut by: BTreeMap<(String, String), (u64, u64, [u64; BUCKETS])> = BTreeMap::new();
+        let mut by: BTreeMap<(String, String), (u64, u64, Vec<u64>)> = BTreeMap::new();
         for ((_, direction, service), samples) in &state.samples {
             if *direction != proto::Direction::Outbound as i32 {
                 continue;
             }
             for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
-                let e = by.entry((service.clone(), s.route.clone())).or_insert((0, 0, [0; BUCKETS]));
+                let e = by
+                    .entry((service.clone(), s.route.clone()))
+                    .or_insert_with(|| (0, 0, vec![0; LATENCY_SLOTS]));
                 e.0 += s.requests;
                 e.1 += s.errors;
-                for (b, c) in e.2.iter_mut().zip(s.buckets) {
-                    *b += c;
-                }
+                add_sparse(&mut e.2, &s.latency_slots, &s.latency_counts);
             }
         }
         by.into_iter()

@@ -2,14 +2,20 @@
 //! change, and the judgement of a stage against its SLO. The state machine that drives intents
 //! through these lives in [`crate::mesh`].
 
+use crate::stats::{clustered_auc, mann_whitney, mixture_p_value, mixture_radius, proportion_gap};
 use serde::{Deserialize, Serialize};
 use weft_api::resource::{Resource, RouteMatch, Slo, StringMatch};
-use weft_api::telemetry::{BUCKETS, quantile_ms};
+use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms, slot_of, slot_value_ms};
 
-/// Latency increases smaller than this are noise, whatever the percentage.
-const P99_NOISE_MS: f64 = 2.0;
-/// A reference (baseline or untreated) needs this many requests to be compared against.
-const MIN_REFERENCE_REQUESTS: u64 = 20;
+/// Mixing variance of the always-valid rank test, on the scale of the probability that a
+/// treated request is slower than a reference one (0.5 when neither is): tuned for effects
+/// around 0.1, the shift a +50% latency change makes on a typical service.
+const LATENCY_TAU2: f64 = 0.01;
+/// Mixing scale of the error test, as a multiple of the smallest change that matters: the
+/// test is most sensitive to effects around it (checked with the judge harness).
+const ERROR_TAU_PER_DELTA: f64 = 4.0;
+/// Smallest mixing scale of the error tests (0.5 pp).
+const ERROR_TAU_FLOOR: f64 = 0.005;
 
 /// Lifecycle of an intent (DESIGN.md §4); `awaiting-approval` is manual mode's pause.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,16 +36,20 @@ pub enum Phase {
 pub struct Evidence {
     pub requests: u64,
     pub errors: u64,
-    pub buckets: [u64; BUCKETS],
+    /// Dense latency histogram over weft_api::telemetry's slots (empty until the first add).
+    pub latency: Vec<u64>,
+    /// The same latencies by report (one proxy's two seconds), as sparse `(slot, count)`:
+    /// requests of one report are not independent, and the rank test's variance says so.
+    pub reports: Vec<Vec<(u32, u64)>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
-    /// Within the SLO; the reason gives the numbers.
+    /// Enough evidence and no harm shown at the SLO's confidence; the reason gives the numbers.
     Pass(String),
-    /// Outside the SLO.
+    /// Harm beyond the SLO's smallest change that matters, at its confidence.
     Fail(String),
-    /// Not enough evidence yet.
+    /// Not enough evidence yet (inconclusive if it stays so).
     Wait(String),
 }
 
@@ -67,12 +77,52 @@ impl Phase {
 // === impl Evidence ===
 
 impl Evidence {
-    pub fn add(&mut self, requests: u64, errors: u64, buckets: &[u64]) {
+    /// Adds a report: counts and its sparse latency histogram (slots and their counts).
+    pub fn add(&mut self, requests: u64, errors: u64, slots: &[u32], counts: &[u64]) {
         self.requests += requests;
         self.errors += errors;
-        for (b, c) in self.buckets.iter_mut().zip(buckets) {
-            *b += c;
+        add_sparse(self.histogram(), slots, counts);
+        let report: Vec<(u32, u64)> = slots
+            .iter()
+            .zip(counts)
+            .filter(|(_, c)| **c > 0)
+            .map(|(s, c)| ((*s as usize).min(LATENCY_SLOTS - 1) as u32, *c))
+            .collect();
+        if !report.is_empty() {
+            self.reports.push(report);
         }
+    }
+
+    /// Adds one request as a report of its own.
+    pub fn record(&mut self, error: bool, latency_ms: f64) {
+        let slot = slot_of(latency_ms) as u32;
+        self.add(1, error as u64, &[slot], &[1]);
+    }
+
+    /// The latencies by report, as `(milliseconds, count)`, every value multiplied by `scale`.
+    fn report_points(&self, scale: f64) -> Vec<Vec<(f64, u64)>> {
+        self.reports
+            .iter()
+            .map(|r| r.iter().map(|(s, c)| (slot_value_ms(*s as usize) * scale, *c)).collect())
+            .collect()
+    }
+
+    fn histogram(&mut self) -> &mut Vec<u64> {
+        if self.latency.is_empty() {
+            self.latency = vec![0; LATENCY_SLOTS];
+        }
+        &mut self.latency
+    }
+
+    /// The latency histogram as `(milliseconds, count)` of its non-empty slots, every value
+    /// multiplied by `scale`.
+    fn points(&self, scale: f64) -> Vec<(f64, u64)> {
+        self.latency
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| (slot_value_ms(i) * scale, *c))
+            .collect()
     }
 
     /// Error rate in percent.
@@ -84,8 +134,8 @@ impl Evidence {
         }
     }
 
-    pub fn p99(&self) -> Option<f64> {
-        quantile_ms(&self.buckets, 0.99)
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        quantile_ms(&self.latency, q)
     }
 }
 
@@ -140,62 +190,252 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
     }
 }
 
-/// Judges treated proxies against their own baseline (before the intent) and against the
-/// untreated proxies over the same time.
+/// Judges treated proxies with the SLO's stated error rates against two references: the
+/// untreated proxies over the same time (same load, same machine weather) and the treated
+/// proxies' own baseline from before the intent (same proxies). Each reference with traffic
+/// counts, and a harm must show against *every* one that counts: a
+/// difference between proxies that was there before the change shows against the untreated
+/// proxies but not against the baseline, a drift over time against the baseline but not
+/// against the untreated proxies; a change shows against both. A stage is rolled back when,
+/// at `confidence`:
+///
+/// - errors: the treated error rate is higher (an always-valid test of the difference of
+///   proportions) and the increase is larger than `maxErrorRateIncrease`;
+/// - latency: treated requests are slower (an always-valid Mann-Whitney rank test, its variance
+///   taken between telemetry reports so that a slow two seconds of one proxy counts once) and by more
+///   than `maxP99Increase` percent (treated requests are more often slower than the
+///   reference's slowed by that much than faster);
+/// - without any reference: the treated error rate is above `maxErrorRate`.
+///
+/// Each test is always valid (see [`crate::stats`]) so the judge may look after every report;
+/// errors and latency share the false-alarm budget, and requiring every reference only lowers
+/// it: a change that does nothing is rolled back with probability at most `100 - confidence`
+/// percent. Nothing is decided before `minRequests` treated requests; after that, with no harm
+/// shown, the stage passes (the loop still waits for the bake) and the reason bounds what the
+/// evidence still allows.
 pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence) -> Verdict {
+    let references: Vec<(&str, &Evidence)> = [("untreated", untreated), ("baseline", baseline)]
+        .into_iter()
+        .filter(|(_, r)| r.requests > 0)
+        .collect();
+    let summary = summarize(treated, references.first().copied());
     if treated.requests < slo.min_requests {
-        return Verdict::Wait(format!("{} of {} requests observed", treated.requests, slo.min_requests));
-    }
-    let rate = treated.error_rate();
-    let references = [("baseline", baseline), ("untreated", untreated)];
-    for (name, reference) in references.iter().filter(|(_, r)| r.requests >= MIN_REFERENCE_REQUESTS) {
-        let base = reference.error_rate();
-        if rate - base > slo.max_error_rate_increase {
-            return Verdict::Fail(format!(
-                "error rate {rate:.1}% vs {name} {base:.1}% (> +{} pp, {} requests)",
-                slo.max_error_rate_increase, treated.requests
-            ));
-        }
-    }
-    let reference_rate = references
-        .iter()
-        .filter(|(_, r)| r.requests >= MIN_REFERENCE_REQUESTS)
-        .map(|(_, r)| r.error_rate())
-        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.min(r))));
-    if rate > slo.max_error_rate && reference_rate.is_none_or(|r| rate > r) {
-        return Verdict::Fail(format!(
-            "error rate {rate:.1}% > max {}% ({} requests)",
-            slo.max_error_rate, treated.requests
+        return Verdict::Wait(format!(
+            "{} of {} requests observed ({summary})",
+            count(treated.requests),
+            count(slo.min_requests)
         ));
     }
-    let p99 = treated.p99();
-    for (name, reference) in references.iter().filter(|(_, r)| r.requests >= MIN_REFERENCE_REQUESTS) {
-        if let (Some(t), Some(b)) = (p99, reference.p99())
-            && t - b > P99_NOISE_MS
-            && t > b * (1.0 + slo.max_p99_increase / 100.0)
-        {
-            return Verdict::Fail(format!("p99 {t:.1} ms vs {name} {b:.1} ms (> +{}%)", slo.max_p99_increase));
+    let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5);
+    let alpha_each = alpha / 2.0;
+    let delta = slo.max_error_rate_increase / 100.0;
+    let tau2 = (ERROR_TAU_PER_DELTA * delta).max(ERROR_TAU_FLOOR).powi(2);
+    let slower = 1.0 + slo.max_p99_increase / 100.0;
+    let at = trim(slo.confidence);
+
+    if references.is_empty() {
+        // Nothing to compare with: only the absolute ceiling can be judged.
+        let ceiling = slo.max_error_rate / 100.0;
+        let (rate, variance) = proportion_gap(treated.errors, treated.requests, 0, u64::MAX / 4);
+        let tau2 = (ERROR_TAU_PER_DELTA * ceiling).max(ERROR_TAU_FLOOR).powi(2);
+        let p = mixture_p_value(rate - ceiling, variance, tau2);
+        if p <= alpha {
+            return Verdict::Fail(format!(
+                "error rate {} above the {}% maximum ({} requests, {} confident, no reference traffic)",
+                percent(treated.error_rate()),
+                trim(slo.max_error_rate),
+                count(treated.requests),
+                confidence(p),
+            ));
         }
+        return Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}"));
     }
-    let base = if baseline.requests >= MIN_REFERENCE_REQUESTS {
-        format!(" vs baseline {:.1}%", baseline.error_rate())
+
+    // Errors, against each reference: (p that it is higher, p that it exceeds delta, gap).
+    let errors: Vec<(f64, f64, f64, f64)> = references
+        .iter()
+        .map(|(_, r)| {
+            let (gap, variance) = proportion_gap(treated.errors, treated.requests, r.errors, r.requests);
+            let p = if gap > delta { mixture_p_value(gap, variance, tau2) } else { 1.0 };
+            let upper = gap + mixture_radius(variance, tau2, alpha);
+            (p, mixture_p_value(gap - delta, variance, tau2), gap, upper)
+        })
+        .collect();
+    let worst = |v: &[(f64, f64, f64, f64)]| v.iter().map(|e| e.0).fold(0.0, f64::max);
+    if worst(&errors) <= alpha_each {
+        let (name, reference) = references[0];
+        let (p, beyond) = (worst(&errors), errors.iter().map(|e| e.1).fold(0.0, f64::max));
+        return Verdict::Fail(format!(
+            "error rate {} vs {} {name}{} ({}, {} vs {} requests, {} confident it is higher{})",
+            percent(treated.error_rate()),
+            percent(reference.error_rate()),
+            also(&references, |r| percent(r.error_rate())),
+            points(errors[0].2),
+            count(treated.requests),
+            count(reference.requests),
+            confidence(p),
+            beyond_words(beyond, &format!("+{} pp", trim(slo.max_error_rate_increase))),
+        ));
+    }
+
+    // Latency, against each reference: (p that it is slower, p that it exceeds the slowdown).
+    let t = treated.points(1.0);
+    let by_report = treated.report_points(1.0);
+    let mut latency: Vec<(f64, f64)> = Vec::new();
+    for (_, r) in &references {
+        let plain = clustered_auc(&by_report, &r.report_points(1.0));
+        let shifted = clustered_auc(&by_report, &r.report_points(slower));
+        let (Some((auc, variance)), Some((shifted_auc, shifted_variance))) = (plain, shifted) else {
+            latency.push((1.0, 1.0));
+            continue;
+        };
+        let p = if shifted_auc > 0.5 {
+            mixture_p_value(auc - 0.5, variance, LATENCY_TAU2)
+        } else {
+            1.0
+        };
+        latency.push((p, mixture_p_value(shifted_auc - 0.5, shifted_variance, LATENCY_TAU2)));
+    }
+    let p = latency.iter().map(|l| l.0).fold(0.0, f64::max);
+    if p <= alpha_each {
+        let (name, reference) = references[0];
+        let beyond = latency.iter().map(|l| l.1).fold(0.0, f64::max);
+        return Verdict::Fail(format!(
+            "latency p50 {} p99 {} vs {} {} {name}{} (typically {:+.0}%, {} vs {} requests, {} confident it is slower{})",
+            ms(treated.quantile(0.5)),
+            ms(treated.quantile(0.99)),
+            ms(reference.quantile(0.5)),
+            ms(reference.quantile(0.99)),
+            also(&references, |r| format!("{} {}", ms(r.quantile(0.5)), ms(r.quantile(0.99)))),
+            100.0 * (typical_ratio(&t, reference) - 1.0),
+            count(treated.requests),
+            count(reference.requests),
+            confidence(p),
+            beyond_words(beyond, &format!("+{}%", trim(slo.max_p99_increase))),
+        ));
+    }
+
+    let bounds: Vec<String> = references
+        .iter()
+        .zip(&errors)
+        .map(|((name, _), e)| format!("errors vs {name} at most {}", points(e.3)))
+        .collect();
+    Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
+}
+
+/// ` and 0.5% baseline`: the second reference's numbers, when there is one.
+fn also(references: &[(&str, &Evidence)], show: impl Fn(&Evidence) -> String) -> String {
+    references
+        .get(1)
+        .map(|(name, r)| format!(" and {} {name}", show(r)))
+        .unwrap_or_default()
+}
+
+/// `, 99.2% that it exceeds the +0.5 pp that matters` when the evidence says so at all.
+fn beyond_words(p: f64, threshold: &str) -> String {
+    if p <= 0.5 {
+        format!(", {} that it exceeds the {threshold} that matters", confidence(p))
     } else {
-        String::new()
-    };
-    let latency = p99.map(|t| format!(", p99 {t:.1} ms")).unwrap_or_default();
-    Verdict::Pass(format!("error rate {rate:.1}%{base}{latency} ({} requests)", treated.requests))
+        format!(", by more than the {threshold} that matters")
+    }
+}
+
+/// The factor by which treated requests are typically slower than the reference's: the scale
+/// `s` at which a treated request is as often slower as faster than a reference one times `s`
+/// (a Hodges-Lehmann-style estimate), found by bisection on a log scale.
+fn typical_ratio(treated: &[(f64, u64)], reference: &Evidence) -> f64 {
+    let (mut lo, mut hi) = (0.01f64.ln(), 100f64.ln());
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        let auc = mann_whitney(treated, &reference.points(mid.exp())).map_or(0.5, |t| t.auc);
+        if auc > 0.5 { lo = mid } else { hi = mid }
+    }
+    (0.5 * (lo + hi)).exp()
+}
+
+/// The numbers of a stage in a line: treated against the first reference.
+fn summarize(treated: &Evidence, reference: Option<(&str, &Evidence)>) -> String {
+    let mut out = format!(
+        "error rate {}, p50 {} p99 {}",
+        percent(treated.error_rate()),
+        ms(treated.quantile(0.5)),
+        ms(treated.quantile(0.99))
+    );
+    if let Some((name, r)) = reference {
+        out.push_str(&format!(
+            " vs {name} {}, p50 {} p99 {} ({} vs {} requests)",
+            percent(r.error_rate()),
+            ms(r.quantile(0.5)),
+            ms(r.quantile(0.99)),
+            count(treated.requests),
+            count(r.requests)
+        ));
+    } else {
+        out.push_str(&format!(" ({} requests, no reference)", count(treated.requests)));
+    }
+    out
+}
+
+/// `3,980`.
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// How confident a p-value makes the judge, never rounded up: `99.9%`, `99.97%`, `over 99.99%`.
+pub fn confidence(p: f64) -> String {
+    let c = 100.0 * (1.0 - p);
+    if c >= 99.99 {
+        "over 99.99%".into()
+    } else if c >= 99.9 {
+        format!("{:.2}%", (c * 100.0).floor() / 100.0)
+    } else {
+        format!("{:.1}%", (c * 10.0).floor() / 10.0)
+    }
+}
+
+fn percent(v: f64) -> String {
+    format!("{v:.1}%")
+}
+
+/// A difference of proportions in percentage points, signed.
+fn points(d: f64) -> String {
+    format!("{:+.1} pp", d * 100.0)
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v < 10.0 => format!("{v:.2} ms"),
+        Some(v) => format!("{v:.1} ms"),
+        None => "-".into(),
+    }
+}
+
+/// A setting as written: `0.5`, `20`.
+fn trim(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_api::telemetry::bucket_of;
 
+    /// `requests` with `errors` among them, the latencies spread evenly over [0.5x, 1.5x] of
+    /// `latency_ms` (a service is never one value).
     fn evidence(requests: u64, errors: u64, latency_ms: f64) -> Evidence {
         let mut e = Evidence::default();
-        let mut b = [0u64; BUCKETS];
-        b[bucket_of(latency_ms)] = requests;
-        e.add(requests, errors, &b);
+        for i in 0..requests {
+            let spread = 0.5 + (i % 100) as f64 / 99.0;
+            e.record(i < errors, latency_ms * spread);
+        }
         e
     }
 
@@ -217,25 +457,113 @@ mod tests {
             min_requests: 100,
             ..Default::default()
         };
-        let healthy = evidence(1000, 4, 4.0);
-        assert!(matches!(judge(&slo, &evidence(50, 50, 4.0), &healthy, &healthy), Verdict::Wait(_)));
-        let Verdict::Fail(why) = judge(&slo, &evidence(200, 12, 4.0), &healthy, &Evidence::default()) else {
+        let healthy = evidence(4000, 16, 4.0);
+        let Verdict::Wait(why) = judge(&slo, &evidence(50, 50, 4.0), &healthy, &healthy) else {
             panic!()
         };
-        assert!(why.contains("error rate 6.0% vs baseline 0.4%"), "{why}");
-        assert!(matches!(judge(&slo, &evidence(200, 1, 4.0), &healthy, &healthy), Verdict::Pass(_)));
-        let Verdict::Fail(why) = judge(&slo, &evidence(200, 0, 150.0), &healthy, &healthy) else {
+        assert!(why.starts_with("50 of 100 requests observed (error rate 100.0%"), "{why}");
+        // +5.6 pp over 1,000 requests: far beyond +0.5 pp.
+        let Verdict::Fail(why) = judge(&slo, &evidence(1000, 60, 4.0), &healthy, &Evidence::default()) else {
             panic!()
         };
-        assert!(why.starts_with("p99"), "{why}");
+        assert!(
+            why == "error rate 6.0% vs 0.4% baseline (+5.6 pp, 1,000 vs 4,000 requests, over 99.99% confident it is higher, over 99.99% that it exceeds the +0.5 pp that matters)",
+            "{why}"
+        );
+        let Verdict::Pass(why) = judge(&slo, &evidence(1000, 4, 4.0), &healthy, &healthy) else {
+            panic!()
+        };
+        assert!(why.starts_with("no harm shown at 99% confidence: error rate 0.4%"), "{why}");
+        // Twice as slow, every request.
+        let Verdict::Fail(why) = judge(&slo, &evidence(300, 0, 8.0), &healthy, &healthy) else {
+            panic!()
+        };
+        assert!(why.starts_with("latency p50 8."), "{why}");
+        assert!(why.contains("that it exceeds the +20% that matters"), "{why}");
+        // 10% slower is under the 20% that matters: not a rollback.
+        assert!(matches!(judge(&slo, &evidence(2000, 8, 4.4), &healthy, &healthy), Verdict::Pass(_)));
         // Without any reference, the absolute maximum still applies.
         assert!(matches!(
-            judge(&slo, &evidence(200, 10, 4.0), &Evidence::default(), &Evidence::default()),
+            judge(&slo, &evidence(1000, 100, 4.0), &Evidence::default(), &Evidence::default()),
             Verdict::Fail(_)
         ));
         // A pre-existing error rate is not blamed on the change.
-        let noisy = evidence(1000, 50, 4.0);
-        assert!(matches!(judge(&slo, &evidence(200, 10, 4.0), &noisy, &noisy), Verdict::Pass(_)));
+        let noisy = evidence(4000, 200, 4.0);
+        assert!(matches!(judge(&slo, &evidence(1000, 50, 4.0), &noisy, &noisy), Verdict::Pass(_)));
+    }
+
+    /// The false rollback: ~20 treated requests whose slowest was 10-20 ms, against a
+    /// baseline of thousands at ~5 ms. The old judge read that maximum as a p99 of 20.0 ms.
+    #[test]
+    fn one_slow_request_among_twenty_is_not_a_regression() {
+        let slo = Slo {
+            min_requests: 20,
+            max_error_rate: 5.0,
+            max_error_rate_increase: 1.0,
+            ..Default::default()
+        };
+        let baseline = evidence(4000, 0, 4.8);
+        let mut treated = evidence(21, 0, 4.8);
+        treated.record(false, 14.0);
+        let verdict = judge(&slo, &treated, &baseline, &baseline);
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+    }
+
+    #[test]
+    fn half_the_requests_40ms_slower_fails_at_stated_confidence() {
+        let slo = Slo {
+            min_requests: 20,
+            ..Default::default()
+        };
+        let reference = evidence(2000, 0, 4.0);
+        let mut treated = Evidence::default();
+        for i in 0..60 {
+            treated.record(false, if i % 2 == 0 { 44.0 } else { 4.0 });
+        }
+        let Verdict::Fail(why) = judge(&slo, &treated, &Evidence::default(), &reference) else {
+            panic!()
+        };
+        assert!(
+            why.starts_with("latency p50 4.00 ms p99 43.8 ms vs 4.00 ms 5.93 ms untreated (typically +"),
+            "{why}"
+        );
+        assert!(
+            why.ends_with("60 vs 2,000 requests, over 99.99% confident it is slower, 99.5% that it exceeds the +20% that matters)"),
+            "{why}"
+        );
+    }
+
+    /// Seen in the end-to-end tests: the treated callers were 40% slower than the untreated
+    /// ones before the change too (separate processes on a busy machine). Harm must show
+    /// against both references, so a difference that was there before is not the change's.
+    #[test]
+    fn a_difference_between_proxies_that_predates_the_change_is_not_harm() {
+        let slo = Slo::default();
+        let before = evidence(3000, 0, 5.6);
+        let peers = evidence(3000, 0, 4.0);
+        let verdict = judge(&slo, &evidence(1000, 0, 5.6), &before, &peers);
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+        // The same proxies, now also slower than they were: harm against both.
+        let Verdict::Fail(why) = judge(&slo, &evidence(1000, 0, 11.2), &before, &peers) else {
+            panic!()
+        };
+        assert!(why.contains("untreated and 5."), "{why}");
+        // Drift over time shows against the baseline only: not harm either.
+        let verdict = judge(&slo, &evidence(1000, 0, 8.0), &peers, &evidence(3000, 0, 8.0));
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+    }
+
+    #[test]
+    fn numbers_read_as_a_person_writes_them() {
+        assert_eq!(count(3980), "3,980");
+        assert_eq!(count(412), "412");
+        assert_eq!(count(1_234_567), "1,234,567");
+        assert_eq!(confidence(0.001), "99.90%");
+        assert_eq!(confidence(0.0003), "99.97%");
+        assert_eq!(confidence(0.011), "98.9%");
+        assert_eq!(confidence(1e-7), "over 99.99%");
+        assert_eq!(trim(0.5), "0.5");
+        assert_eq!(trim(20.0), "20");
     }
 
     #[test]

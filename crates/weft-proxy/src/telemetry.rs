@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use weft_api::proto::{Direction, TrafficStats};
-use weft_api::telemetry::{BUCKETS, bucket_of};
+use weft_api::telemetry::{LATENCY_SLOTS, slot_of};
 
 pub struct Telemetry {
     pub registry: Arc<Registry>,
@@ -108,12 +108,25 @@ struct LatencyLabels {
 /// Direction, destination service, route, revision.
 type WindowKey = (Direction, Arc<str>, Arc<str>, u64);
 
-#[derive(Default)]
 struct Window {
     requests: AtomicU64,
     errors: AtomicU64,
     mtls: AtomicU64,
-    buckets: [AtomicU64; BUCKETS],
+    /// One counter per log-scaled latency slot (weft_api::telemetry).
+    slots: Box<[AtomicU64]>,
+}
+
+// === impl Window ===
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            mtls: AtomicU64::new(0),
+            slots: (0..LATENCY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 // === impl Telemetry ===
@@ -265,7 +278,7 @@ impl Telemetry {
         if done.status >= 500 {
             w.errors.fetch_add(1, Relaxed);
         }
-        w.buckets[bucket_of(secs * 1000.0)].fetch_add(1, Relaxed);
+        w.slots[slot_of(secs * 1000.0)].fetch_add(1, Relaxed);
     }
 
     /// Adds a summary window (the cold path: a new destination, route or revision).
@@ -276,7 +289,7 @@ impl Telemetry {
             return w.clone();
         }
         let mut next = HashMap::clone(&current);
-        let w = Arc::new(Window::default());
+        let w = Arc::new(Window::new());
         next.insert(key, w.clone());
         self.interval.store(Arc::new(next));
         w
@@ -347,6 +360,14 @@ impl Telemetry {
                 idle.push((*direction, service.clone(), route.clone(), *revision));
                 continue;
             }
+            let (mut latency_slots, mut latency_counts) = (Vec::new(), Vec::new());
+            for (i, slot) in w.slots.iter().enumerate() {
+                let n = slot.swap(0, Relaxed);
+                if n > 0 {
+                    latency_slots.push(i as u32);
+                    latency_counts.push(n);
+                }
+            }
             out.push(TrafficStats {
                 direction: *direction as i32,
                 service: service.to_string(),
@@ -355,7 +376,8 @@ impl Telemetry {
                 requests,
                 errors: w.errors.swap(0, Relaxed),
                 mtls: w.mtls.swap(0, Relaxed),
-                latency_buckets: w.buckets.iter().map(|b| b.swap(0, Relaxed)).collect(),
+                latency_slots,
+                latency_counts,
             });
         }
         if !idle.is_empty() {

@@ -677,3 +677,216 @@ async fn a_scoped_change_is_judged_on_the_requests_in_its_scope() {
     assert_eq!(stats[0].failed, 0, "requests outside the scope never saw the change: {stats:?}");
     assert!(acme_stats.failed > 0, "{acme_stats:?}");
 }
+
+/// A quiet service (one request every 400 ms against `minRequests: 1000`) cannot gather the
+/// evidence in three bakes: the intent is held in awaiting-approval with an inconclusive
+/// verdict and its numbers (`onInconclusive` defaults to hold), not rolled back; an approval
+/// then promotes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_service_is_held_inconclusive_not_rolled_back() {
+    let f = Fixture::start(2, false, &[], Duration::from_millis(400)).await;
+    let id = f
+        .submit(&intent_yaml(
+            "QUIET-1",
+            "            - timeout: 20s\n",
+            "[50, 100]",
+            "1s",
+            "auto",
+            "{minRequests: 1000}",
+        ))
+        .await;
+    let held = f.wait_phase(&id, "awaiting-approval", Duration::from_secs(20)).await;
+    let decision = &held["decisions"][0];
+    assert_eq!(decision["outcome"], "inconclusive", "{held}");
+    assert_eq!(decision["stage"], 1, "{held}");
+    let reason = decision["reason"].as_str().unwrap();
+    assert!(reason.starts_with("inconclusive after 5s: "), "{reason}");
+    assert!(reason.contains(" of 1,000 requests observed (error rate 0.0%"), "{reason}");
+    assert!(
+        reason.ends_with("held at stage 1 (50%) for an operator to approve or abort"),
+        "{reason}"
+    );
+    assert_eq!(held["held"], true, "{held}");
+    let (status, body) = f.control.post(&format!("/api/v1/intents/{id}/approve"), "").await;
+    assert_eq!(status, 200, "{body}");
+    // Stage 1 is promoted by the approval; stage 2 is quiet too and is held again.
+    let again = eventually(Duration::from_secs(20), "stage 2 held", || async {
+        let i = f.intent(&id).await;
+        (i["decisions"].as_array()?.len() == 3).then_some(i)
+    })
+    .await;
+    let outcomes: Vec<(&str, u64)> = again["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["outcome"].as_str().unwrap(), d["stage"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(outcomes, [("inconclusive", 1), ("promoted", 1), ("inconclusive", 2)], "{again}");
+    assert_eq!(again["phase"], "awaiting-approval");
+    f.control.post(&format!("/api/v1/intents/{id}/approve"), "").await;
+    let done = f.wait_phase(&id, "promoted", Duration::from_secs(10)).await;
+    assert!(done["revision"].as_u64().is_some(), "{done}");
+}
+
+/// Inbound connections the server sidecar has accepted (any transport).
+async fn accepted_connections(server: &ProxyHandle) -> u64 {
+    server
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("weft_proxy_inbound_connections_total{") && l.contains("outcome=\"accepted\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// No bias from the swap itself (#13 part 3): a change that leaves a destination's endpoints
+/// alone reuses the caller's open connections, so treated requests pay no new handshakes. The
+/// caller's pool lives beside the config, keyed by endpoint and identity, not inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_swap_keeps_connections_to_unchanged_endpoints() {
+    let f = Fixture::start(1, false, &[], Duration::from_millis(40)).await;
+    let server = &f._servers[0];
+    let before = eventually(Duration::from_secs(10), "the caller connected", || async {
+        let n = accepted_connections(server).await;
+        (n > 0).then_some(n)
+    })
+    .await;
+    let id = f
+        .submit(&intent_yaml(
+            "SWAP-1",
+            "            - timeout: 20s\n",
+            "[100]",
+            "1s",
+            "auto",
+            "{minRequests: 5}",
+        ))
+        .await;
+    let done = f.wait_phase(&id, "promoted", Duration::from_secs(20)).await;
+    let revision = done["revision"].as_u64().unwrap();
+    eventually(Duration::from_secs(5), "the caller on the promoted revision", || async {
+        (f.callers[0].config_dump().await["config"]["revision"] == revision).then_some(())
+    })
+    .await;
+    let sent = f.stats()[0].total();
+    eventually(Duration::from_secs(5), "20 requests on the new config", || {
+        let now = f.stats()[0].total();
+        async move { (now >= sent + 20).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        accepted_connections(server).await,
+        before,
+        "two config swaps (candidate, promoted) opened no new connection"
+    );
+    let (stats, _, _) = f.stop().await;
+    assert_eq!(stats[0].failed, 0, "{stats:?}");
+}
+
+/// The decisions of an intent as (outcome, stage).
+fn outcomes(intent: &Value) -> Vec<(String, u64)> {
+    intent["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["outcome"].as_str().unwrap().to_string(), d["stage"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The first test: harmless changes (timeouts raised) in a row are all promoted, with
+/// no manual step, under the SLO; the old thresholds rolled back two of three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_harmless_intents_in_a_row_are_all_promoted() {
+    let f = Fixture::start(4, false, &[], Duration::from_millis(10)).await;
+    for i in 0..10 {
+        let id = f
+            .submit(&intent_yaml(
+                &format!("HARMLESS-{i}"),
+                &format!("            - timeout: {}s\n", 10 + i),
+                "[50, 100]",
+                "1s",
+                "auto",
+                "{maxErrorRate: 5, maxErrorRateIncrease: 1, maxP99Increase: 20, minRequests: 20}",
+            ))
+            .await;
+        let done = eventually(Duration::from_secs(30), &format!("{id} finished"), || async {
+            let i = f.intent(&id).await;
+            ["promoted", "rolled-back", "failed", "awaiting-approval"]
+                .contains(&i["phase"].as_str()?)
+                .then_some(i)
+        })
+        .await;
+        assert_eq!(done["phase"], "promoted", "harmless change {i}: {done}");
+        assert_eq!(
+            outcomes(&done),
+            [("promoted".to_string(), 1), ("promoted".to_string(), 2)],
+            "{done}"
+        );
+        let reason = done["decisions"][0]["reason"].as_str().unwrap();
+        assert!(reason.starts_with("no harm shown at 99% confidence: error rate 0.0%"), "{reason}");
+    }
+    let (stats, _, _) = f.stop().await;
+    assert_eq!(stats.iter().map(|s| s.failed).sum::<u64>(), 0, "{stats:?}");
+}
+
+/// A change that makes 3% of requests fail (a fault it injects) is rolled back at stage 1,
+/// the decision stating the effect, both sides and the confidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confidence() {
+    let f = Fixture::start(4, false, &[], Duration::from_millis(10)).await;
+    let id = f
+        .submit(&intent_yaml(
+            "ERRORS-3",
+            "            - fault: {abort: {percent: 3, status: 503}}\n",
+            "[50, 100]",
+            "30s",
+            "auto",
+            "{}",
+        ))
+        .await;
+    let submitted = Instant::now();
+    let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(50)).await;
+    eprintln!(
+        "+3% errors: rolled back {:.1} s after submission -- {}",
+        submitted.elapsed().as_secs_f64(),
+        done["decisions"][0]["reason"]
+    );
+    assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
+    let reason = done["decisions"][0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("error rate "), "{reason}");
+    assert!(reason.contains("% untreated (+"), "{reason}");
+    assert!(reason.contains(" confident it is higher"), "{reason}");
+    assert!(reason.ends_with("rolled back at stage 1 (50%)"), "{reason}");
+    // The stated effect is near the injected 3 pp.
+    let pp: f64 = reason.split("(+").nth(1).unwrap().split(" pp").next().unwrap().parse().unwrap();
+    assert!((1.0..=6.0).contains(&pp), "{reason}");
+}
+
+/// A change that delays half of the requests by 40 ms is rolled back at stage 1 for its
+/// latency (the old judge only rolled it back for "insufficient evidence").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_ms_on_half_the_requests_is_rolled_back_at_stage_one_with_the_confidence() {
+    let f = Fixture::start(4, false, &[], Duration::from_millis(20)).await;
+    let id = f
+        .submit(&intent_yaml(
+            "SLOW-40",
+            "            - fault: {delay: {percent: 50, duration: 40ms}}\n",
+            "[50, 100]",
+            "30s",
+            "auto",
+            "{}",
+        ))
+        .await;
+    let submitted = Instant::now();
+    let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(50)).await;
+    eprintln!(
+        "half the requests +40 ms: rolled back {:.1} s after submission -- {}",
+        submitted.elapsed().as_secs_f64(),
+        done["decisions"][0]["reason"]
+    );
+    assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
+    let reason = done["decisions"][0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("latency p50 "), "{reason}");
+    assert!(reason.contains(" untreated (typically +"), "{reason}");
+    assert!(reason.contains(" confident it is slower"), "{reason}");
+    assert!(reason.ends_with("rolled back at stage 1 (50%)"), "{reason}");
+}

@@ -155,3 +155,29 @@ spec:
     assert!(fields.contains(&"spec.change.apply[0].spec.routes[0].timeout"), "{fields:?}");
     assert!(fields.contains(&"spec.rollout.stages"), "{fields:?}");
 }
+
+#[test]
+fn slo_confidence_and_on_inconclusive() {
+    let intent = |slo: &str| {
+        format!(
+            "apiVersion: weft/v1\nkind: Intent\nmetadata: {{ name: mesh-901 }}\nspec:\n  title: t\n  target: orders-api\n  change: {{ delete: [{{ kind: TrafficPolicy, namespace: default, name: t }}] }}\n  slo: {slo}\n"
+        )
+    };
+    let objs = parse_objects(&intent("{ maxErrorRate: 1 }"), "f.yaml").unwrap();
+    let [Object::Intent(i)] = &objs[..] else { panic!() };
+    assert_eq!((i.spec.slo.confidence, i.spec.slo.on_inconclusive), (99.0, OnInconclusive::Hold));
+    let objs = parse_objects(&intent("{ confidence: 99.9, onInconclusive: promote }"), "f.yaml").unwrap();
+    let [Object::Intent(i)] = &objs[..] else { panic!() };
+    assert_eq!((i.spec.slo.confidence, i.spec.slo.on_inconclusive), (99.9, OnInconclusive::Promote));
+    for bad in ["100", "40", "-1"] {
+        let errs = errors_of(&intent(&format!("{{ confidence: {bad} }}")));
+        assert_eq!(errs[0].field, "spec.slo.confidence", "{errs:?}");
+        assert_eq!(errs[0].value, bad.trim_start_matches('+'), "{errs:?}");
+    }
+    let errs = errors_of(&intent("{ onInconclusive: maybe }"));
+    assert!(errs[0].field.contains("onInconclusive"), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.to_string().contains("maybe") || e.value.contains("maybe")),
+        "{errs:?}"
+    );
+}

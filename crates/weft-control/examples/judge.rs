@@ -1,0 +1,406 @@
+//! The offline judge harness (#13 part 5): no processes, only synthetic telemetry replayed into
+//! three judges, each over many trials:
+//!
+//! - **new**: `weft_control::rollout::judge` (always-valid tests at the SLO's confidence),
+//!   looking after every report;
+//! - **today's**: the thresholds weft used before #13 (p99 from 17 coarse buckets, a 2 ms noise
+//!   floor, a fixed ratio, references of at least 20 requests), looking after every report;
+//! - **fixed-horizon**: a Kayenta-style Mann-Whitney comparison made once at a planned sample
+//!   size (one-sided, errors and latency at 0.5% each: 1% overall, the new judge's default).
+//!
+//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W]`. It prints a
+//! Markdown table; bench/README.md ("Issue #13, the judge") explains the method.
+
+use std::io::Write;
+use weft_api::resource::Slo;
+use weft_api::telemetry::{LATENCY_BOUNDS_MS, LATENCY_SLOTS, slot_of};
+use weft_control::rollout::{Evidence, Verdict, judge};
+use weft_control::stats::{Rng, mann_whitney};
+
+/// The service before any change: 0.4% errors, log-normal latency with a 4 ms median and a
+/// p99 near 13 ms.
+const BASE_ERROR: f64 = 0.004;
+const MEDIAN_MS: f64 = 4.0;
+const SIGMA: f64 = 0.5;
+/// Baseline: what the treated proxies did in the minute before the intent.
+const BASELINE_REQUESTS: u64 = 3000;
+/// Requests in one proxy's report (two seconds at 50 requests per second).
+const REPORT: u64 = 100;
+/// Default spread of the factor all latencies of one report share (log scale): a busy two
+/// seconds on the proxy's machine; 0.1 is about 10%. `--weather 0` makes requests independent.
+const WEATHER: f64 = 0.1;
+/// One-sided 0.5% normal quantile: the fixed-horizon test's bar for each of its two metrics.
+const Z_HALF_PERCENT: f64 = 2.575_829;
+/// Planned sample sizes the fixed-horizon comparison is evaluated at.
+const GRID: [u64; 18] = [
+    20, 50, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10_000, 15_000, 20_000, 30_000,
+];
+/// Share of trials that must be rolled back for a change to count as detected.
+const POWER: f64 = 0.8;
+
+#[derive(Clone, Copy)]
+struct Change {
+    /// Added to the error probability.
+    error: f64,
+    /// Latency multiplier.
+    latency: f64,
+    /// Milliseconds added to every other request.
+    half_ms: f64,
+}
+
+struct Scenario {
+    name: &'static str,
+    change: Change,
+    slo: Slo,
+    /// Treated requests the stage is watched for.
+    horizon: u64,
+}
+
+/// One trial's outcome for each judge: the treated requests at the first rollback, if any.
+#[derive(Default)]
+struct Outcome {
+    new: Option<u64>,
+    today: Option<u64>,
+    /// Fixed-horizon verdict at each grid size within the horizon.
+    fixed: Vec<bool>,
+}
+
+fn main() {
+    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    let trials = arg("--trials").and_then(|n| n.parse().ok()).unwrap_or(1000usize);
+    let weather = arg("--weather").and_then(|n| n.parse().ok()).unwrap_or(WEATHER);
+    let default = Slo::default();
+    let issue = Slo {
+        max_error_rate: 5.0,
+        max_error_rate_increase: 1.0,
+        max_p99_increase: 20.0,
+        min_requests: 20,
+        ..Slo::default()
+    };
+    let none = Change {
+        error: 0.0,
+        latency: 1.0,
+        half_ms: 0.0,
+    };
+    let scenarios = [
+        Scenario {
+            name: "A/A, the issue's SLO, a short stage",
+            change: none,
+            slo: issue.clone(),
+            horizon: 100,
+        },
+        Scenario {
+            name: "A/A, default SLO",
+            change: none,
+            slo: default.clone(),
+            horizon: 1000,
+        },
+        Scenario {
+            name: "A/A, default SLO, a long stage",
+            change: none,
+            slo: default.clone(),
+            horizon: 20_000,
+        },
+        Scenario {
+            name: "errors +0.5 pp (maxErrorRateIncrease 0.25)",
+            change: Change { error: 0.005, ..none },
+            slo: Slo {
+                max_error_rate_increase: 0.25,
+                ..default.clone()
+            },
+            horizon: 30_000,
+        },
+        Scenario {
+            name: "errors +1 pp",
+            change: Change { error: 0.01, ..none },
+            slo: default.clone(),
+            horizon: 30_000,
+        },
+        Scenario {
+            name: "errors +5 pp",
+            change: Change { error: 0.05, ..none },
+            slo: default.clone(),
+            horizon: 30_000,
+        },
+        Scenario {
+            name: "latency +10% (maxP99Increase 5)",
+            change: Change { latency: 1.1, ..none },
+            slo: Slo {
+                max_p99_increase: 5.0,
+                ..default.clone()
+            },
+            horizon: 30_000,
+        },
+        Scenario {
+            name: "latency +20% (maxP99Increase 10)",
+            change: Change { latency: 1.2, ..none },
+            slo: Slo {
+                max_p99_increase: 10.0,
+                ..default.clone()
+            },
+            horizon: 30_000,
+        },
+        Scenario {
+            name: "half the requests +40 ms, the issue's SLO",
+            change: Change { half_ms: 40.0, ..none },
+            slo: issue.clone(),
+            horizon: 1000,
+        },
+        Scenario {
+            name: "latency +50%",
+            change: Change { latency: 1.5, ..none },
+            slo: default.clone(),
+            horizon: 30_000,
+        },
+    ];
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{trials} trials per row; the reference gets as many requests as the treated side (a 50% stage), the baseline {BASELINE_REQUESTS}; reports of {REPORT} requests share a latency factor exp({weather} N(0,1)).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | within | new: rolled back | new: requests for {p}% | today's: rolled back | today's: requests for {p}% | fixed-horizon MW: rolled back at the horizon | fixed-horizon: requests for {p}% |",
+        p = (POWER * 100.0) as u32
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for (k, s) in scenarios.iter().enumerate() {
+        let mut rng = Rng::new(0x5eed + k as u64);
+        let outcomes: Vec<Outcome> = (0..trials).map(|_| trial(&mut rng, s, weather)).collect();
+        let rate = |f: &dyn Fn(&Outcome) -> bool| {
+            let n = outcomes.iter().filter(|o| f(o)).count();
+            format!("{:.1}% ({n})", 100.0 * n as f64 / trials as f64)
+        };
+        let needed = |f: &dyn Fn(&Outcome) -> Option<u64>| {
+            let mut at: Vec<u64> = outcomes.iter().filter_map(f).collect();
+            at.sort_unstable();
+            let k = (POWER * trials as f64).ceil() as usize;
+            at.get(k.saturating_sub(1))
+                .map_or("not within the horizon".to_string(), |n| n.to_string())
+        };
+        let grid: Vec<u64> = GRID.iter().copied().filter(|g| *g <= s.horizon).collect();
+        let fixed_needed = grid
+            .iter()
+            .enumerate()
+            .find(|(i, _)| outcomes.iter().filter(|o| o.fixed[*i]).count() as f64 >= POWER * trials as f64)
+            .map_or("not within the horizon".to_string(), |(_, n)| n.to_string());
+        let last = grid.len().saturating_sub(1);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.name,
+            s.horizon,
+            rate(&|o| o.new.is_some()),
+            needed(&|o| o.new),
+            rate(&|o| o.today.is_some()),
+            needed(&|o| o.today),
+            rate(&|o| o.fixed.get(last).copied().unwrap_or(false)),
+            fixed_needed,
+        );
+    }
+}
+
+/// One request of the service, changed by `change`, in a report whose latencies share the
+/// factor `weather`.
+fn request(rng: &mut Rng, change: Change, weather: f64) -> (bool, f64) {
+    let error = rng.uniform() < BASE_ERROR + change.error;
+    let mut ms = MEDIAN_MS * (SIGMA * rng.normal()).exp() * change.latency * weather;
+    if change.half_ms > 0.0 && rng.uniform() < 0.5 {
+        ms += change.half_ms;
+    }
+    (error, ms)
+}
+
+/// One proxy's report: REPORT requests sharing one weather factor.
+struct Report {
+    requests: u64,
+    errors: u64,
+    slots: Vec<u32>,
+    weather: f64,
+}
+
+impl Report {
+    fn new(rng: &mut Rng, weather: f64) -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            slots: Vec::new(),
+            weather: (weather * rng.normal()).exp(),
+        }
+    }
+
+    fn push(&mut self, error: bool, ms: f64) {
+        self.requests += 1;
+        self.errors += error as u64;
+        self.slots.push(slot_of(ms) as u32);
+    }
+
+    /// Hands the report over as a proxy sends it: sparse slots and counts.
+    fn send(mut self, to: &mut Evidence) {
+        self.slots.sort_unstable();
+        let (mut slots, mut counts) = (Vec::new(), Vec::new());
+        for s in self.slots {
+            if slots.last() == Some(&s) {
+                *counts.last_mut().expect("paired") += 1;
+            } else {
+                slots.push(s);
+                counts.push(1u64);
+            }
+        }
+        to.add(self.requests, self.errors, &slots, &counts);
+    }
+}
+
+/// Replays one stage: treated and untreated requests arrive together in reports of REPORT
+/// requests; every judge looks every 100 treated requests, then every 10% of the count.
+fn trial(rng: &mut Rng, s: &Scenario, weather: f64) -> Outcome {
+    let none = Change {
+        error: 0.0,
+        latency: 1.0,
+        half_ms: 0.0,
+    };
+    let mut baseline = Evidence::default();
+    let mut old_baseline = Coarse::default();
+    for _ in 0..BASELINE_REQUESTS / REPORT {
+        let mut report = Report::new(rng, weather);
+        for _ in 0..REPORT {
+            let (e, ms) = request(rng, none, report.weather);
+            report.push(e, ms);
+            old_baseline.record(e, ms);
+        }
+        report.send(&mut baseline);
+    }
+    let (mut treated, mut untreated) = (Evidence::default(), Evidence::default());
+    let (mut old_treated, mut old_untreated) = (Coarse::default(), Coarse::default());
+    let (mut fine_treated, mut fine_untreated) = (Coarse::fine(), Coarse::fine());
+    let mut out = Outcome::default();
+    let grid: Vec<u64> = GRID.iter().copied().filter(|g| *g <= s.horizon).collect();
+    let mut next_grid = 0;
+    let mut n = 0u64;
+    let mut next_look = REPORT.min(s.horizon);
+    let (mut t_report, mut u_report) = (Report::new(rng, weather), Report::new(rng, weather));
+    while n < s.horizon {
+        let (e, ms) = request(rng, s.change, t_report.weather);
+        t_report.push(e, ms);
+        old_treated.record(e, ms);
+        fine_treated.record_fine(e, ms);
+        let (e, ms) = request(rng, none, u_report.weather);
+        u_report.push(e, ms);
+        old_untreated.record(e, ms);
+        fine_untreated.record_fine(e, ms);
+        n += 1;
+        if t_report.requests == REPORT {
+            std::mem::replace(&mut t_report, Report::new(rng, weather)).send(&mut treated);
+            std::mem::replace(&mut u_report, Report::new(rng, weather)).send(&mut untreated);
+        }
+        if next_grid < grid.len() && n == grid[next_grid] {
+            out.fixed.push(fixed_horizon(&fine_treated, &fine_untreated));
+            next_grid += 1;
+        }
+        if n == next_look {
+            next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
+            if out.new.is_none() && matches!(judge(&s.slo, &treated, &baseline, &untreated), Verdict::Fail(_)) {
+                out.new = Some(n);
+            }
+            if out.today.is_none() && old_treated.fails(&s.slo, &old_baseline, &old_untreated) {
+                out.today = Some(n);
+            }
+        }
+    }
+    out
+}
+
+/// Kayenta-style: Mann-Whitney of treated against untreated at one planned size, for error
+/// (as 0/1 values) and latency (fine slots, request by request), each one-sided at 0.5%.
+fn fixed_horizon(treated: &Coarse, reference: &Coarse) -> bool {
+    let errors = |e: &Coarse| [(0.0, e.requests - e.errors), (1.0, e.errors)];
+    let latency = |e: &Coarse| -> Vec<(f64, u64)> {
+        e.fine
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| (i as f64, *c))
+            .collect()
+    };
+    let worse = |t: Option<weft_control::stats::RankTest>| t.is_some_and(|t| t.z > Z_HALF_PERCENT);
+    worse(mann_whitney(&errors(treated), &errors(reference))) || worse(mann_whitney(&latency(treated), &latency(reference)))
+}
+
+/// Today's judge (before #13), kept here to measure it: 17 coarse latency buckets, p99 read
+/// with linear interpolation inside its bucket, a 2 ms noise floor and a fixed ratio.
+#[derive(Default)]
+struct Coarse {
+    requests: u64,
+    errors: u64,
+    buckets: [u64; LATENCY_BOUNDS_MS.len() + 1],
+    /// The fine slots, for the fixed-horizon comparison (empty for today's judge).
+    fine: Vec<u64>,
+}
+
+impl Coarse {
+    fn fine() -> Self {
+        Self {
+            fine: vec![0; LATENCY_SLOTS],
+            ..Self::default()
+        }
+    }
+
+    fn record_fine(&mut self, error: bool, ms: f64) {
+        self.requests += 1;
+        self.errors += error as u64;
+        self.fine[slot_of(ms)] += 1;
+    }
+
+    fn record(&mut self, error: bool, ms: f64) {
+        self.requests += 1;
+        self.errors += error as u64;
+        let i = LATENCY_BOUNDS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.buckets[i] += 1;
+    }
+
+    fn rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            100.0 * self.errors as f64 / self.requests as f64
+        }
+    }
+
+    fn p99(&self) -> Option<f64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (0.99 * total as f64).ceil().max(1.0);
+        let mut seen = 0u64;
+        for (i, count) in self.buckets.iter().enumerate() {
+            if *count > 0 && (seen + count) as f64 >= rank {
+                let lower = if i == 0 { 0.0 } else { LATENCY_BOUNDS_MS[i - 1] };
+                let upper = LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(lower * 2.0);
+                return Some(lower + (upper - lower) * (rank - seen as f64) / *count as f64);
+            }
+            seen += count;
+        }
+        None
+    }
+
+    fn fails(&self, slo: &Slo, baseline: &Coarse, untreated: &Coarse) -> bool {
+        if self.requests < slo.min_requests {
+            return false;
+        }
+        let references: Vec<&Coarse> = [baseline, untreated].into_iter().filter(|r| r.requests >= 20).collect();
+        let rate = self.rate();
+        if references.iter().any(|r| rate - r.rate() > slo.max_error_rate_increase) {
+            return true;
+        }
+        let lowest = references.iter().map(|r| r.rate()).fold(f64::INFINITY, f64::min);
+        if rate > slo.max_error_rate && (references.is_empty() || rate > lowest) {
+            return true;
+        }
+        let p99 = self.p99();
+        references.iter().any(|r| match (p99, r.p99()) {
+            (Some(t), Some(b)) => t - b > 2.0 && t > b * (1.0 + slo.max_p99_increase / 100.0),
+            _ => false,
+        })
+    }
+}
