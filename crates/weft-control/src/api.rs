@@ -31,10 +31,9 @@ pub struct Api {
     pub mesh: Arc<Mesh>,
     pub registry: Arc<Registry>,
     pub history: crate::history::History,
-    /// API tokens, dashboard sessions and the access rules every route is checked against.
+    /// API tokens, dashboard sessions and the access rules every route is checked against; it
+    /// also knows whether the API and the gRPC speak TLS (not `--insecure-plaintext`).
     pub auth: Arc<Auth>,
-    /// Whether the API and the gRPC listener speak TLS (not `--insecure-plaintext`).
-    pub tls: bool,
 }
 
 /// An error answer: `{error, field, errors}` with the status that fits.
@@ -258,7 +257,7 @@ async fn metrics(State(api): State<Api>) -> Response {
 
 async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
     let mut status = json!(api.mesh.status());
-    status["controlPlane"] = json!({"tls": api.tls});
+    status["controlPlane"] = json!({"tls": api.auth.tls});
     Json(status)
 }
 

@@ -265,9 +265,6 @@ impl Auth {
         if !valid_name(name) {
             return Err(TokenError::Name(name.into()));
         }
-        if self.tokens.read().iter().any(|t| t.name == name) {
-            return Err(TokenError::Exists(name.into()));
-        }
         let secret = random_secret("weft_")?;
         let created = now_ms();
         let token = ApiToken {
@@ -277,7 +274,14 @@ impl Auth {
             created_ms: created,
             expires_ms: ttl.map(|t| created + t.as_millis() as u64),
         };
-        self.insert(token.clone())?;
+        // Checked and added under one lock: two creates of one name cannot both succeed.
+        let mut tokens = self.tokens.write();
+        if tokens.iter().any(|t| t.name == name) {
+            return Err(TokenError::Exists(name.into()));
+        }
+        self.store
+            .put_api_token(name, &serde_json::to_string(&token).expect("a token serializes"))?;
+        tokens.push(token.clone());
         Ok((token, secret))
     }
 

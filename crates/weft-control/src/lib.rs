@@ -147,7 +147,6 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         registry: Arc::new(registry),
         history,
         auth: Arc::new(auth),
-        tls: serving.is_some(),
     });
     let api_listener = serving::ApiListener {
         rx: serving::accept(

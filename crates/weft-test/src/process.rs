@@ -307,6 +307,18 @@ impl Control {
 
     /// Any call with `token` as the bearer credential (none when empty): status and JSON body.
     pub async fn call_as(&self, method: &str, path: &str, body: &str, token: &str) -> (u16, Value) {
+        let r = self.send_as(method, path, body, token).await;
+        (r.status, r.json())
+    }
+
+    /// `/metrics` as Prometheus text (read with the admin token).
+    pub async fn metrics(&self) -> String {
+        let r = self.send_as("GET", "/metrics", "", &self.admin_token).await;
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
+        r.text()
+    }
+
+    async fn send_as(&self, method: &str, path: &str, body: &str, token: &str) -> crate::http::Reply {
         let mut req = hyper::Request::builder().method(method).uri(self.url(path));
         if !token.is_empty() {
             req = req.header("authorization", format!("Bearer {token}"));
@@ -314,19 +326,7 @@ impl Control {
         let req = req
             .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
             .expect("a valid request");
-        let r = self.client().send(req).await.expect("API answers");
-        (r.status, r.json())
-    }
-
-    /// `/metrics` as Prometheus text (read with the admin token).
-    pub async fn metrics(&self) -> String {
-        let req = hyper::Request::get(self.url("/metrics"))
-            .header("authorization", format!("Bearer {}", self.admin_token))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .expect("a valid request");
-        let r = self.client().send(req).await.expect("API answers");
-        assert_eq!(r.status, 200, "GET /metrics: {}", r.text());
-        r.text()
+        self.client().send(req).await.expect("API answers")
     }
 
     /// An API token with `role` (viewer, operator, admin), created with the admin token.

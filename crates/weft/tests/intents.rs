@@ -828,15 +828,13 @@ async fn ten_harmless_intents_in_a_row_are_all_promoted() {
     assert_eq!(stats.iter().map(|s| s.failed).sum::<u64>(), 0, "{stats:?}");
 }
 
-/// A change that makes 3% of requests fail (a fault it injects) is rolled back at stage 1,
-/// the decision stating the effect, both sides and the confidence.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confidence() {
-    let f = Fixture::start(4, false, &[], Duration::from_millis(10)).await;
+/// Submits `fault` on orders' callers (stages 50/100%, default SLO) and waits for it to be
+/// rolled back at stage 1; returns the decision's reason.
+async fn rolled_back_at_stage_one(f: &Fixture, id: &str, fault: &str, what: &str) -> String {
     let id = f
         .submit(&intent_yaml(
-            "ERRORS-3",
-            "            - fault: {abort: {percent: 3, status: 503}}\n",
+            id,
+            &format!("            - fault: {fault}\n"),
             "[50, 100]",
             "30s",
             "auto",
@@ -846,16 +844,25 @@ async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confide
     let submitted = Instant::now();
     let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(50)).await;
     eprintln!(
-        "+3% errors: rolled back {:.1} s after submission -- {}",
+        "{what}: rolled back {:.1} s after submission -- {}",
         submitted.elapsed().as_secs_f64(),
         done["decisions"][0]["reason"]
     );
     assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
-    let reason = done["decisions"][0]["reason"].as_str().unwrap();
+    let reason = done["decisions"][0]["reason"].as_str().unwrap().to_string();
+    assert!(reason.ends_with("rolled back at stage 1 (50%)"), "{reason}");
+    reason
+}
+
+/// A change that makes 3% of requests fail (a fault it injects) is rolled back at stage 1,
+/// the decision stating the effect, both sides and the confidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confidence() {
+    let f = Fixture::start(4, false, &[], Duration::from_millis(10)).await;
+    let reason = rolled_back_at_stage_one(&f, "ERRORS-3", "{abort: {percent: 3, status: 503}}", "+3% errors").await;
     assert!(reason.starts_with("error rate "), "{reason}");
     assert!(reason.contains("% untreated (+"), "{reason}");
     assert!(reason.contains(" confident it is higher"), "{reason}");
-    assert!(reason.ends_with("rolled back at stage 1 (50%)"), "{reason}");
     // The stated effect is near the injected 3 pp.
     let pp: f64 = reason.split("(+").nth(1).unwrap().split(" pp").next().unwrap().parse().unwrap();
     assert!((1.0..=6.0).contains(&pp), "{reason}");
@@ -866,27 +873,9 @@ async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confide
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_ms_on_half_the_requests_is_rolled_back_at_stage_one_with_the_confidence() {
     let f = Fixture::start(4, false, &[], Duration::from_millis(20)).await;
-    let id = f
-        .submit(&intent_yaml(
-            "SLOW-40",
-            "            - fault: {delay: {percent: 50, duration: 40ms}}\n",
-            "[50, 100]",
-            "30s",
-            "auto",
-            "{}",
-        ))
-        .await;
-    let submitted = Instant::now();
-    let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(50)).await;
-    eprintln!(
-        "half the requests +40 ms: rolled back {:.1} s after submission -- {}",
-        submitted.elapsed().as_secs_f64(),
-        done["decisions"][0]["reason"]
-    );
-    assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
-    let reason = done["decisions"][0]["reason"].as_str().unwrap();
+    let fault = "{delay: {percent: 50, duration: 40ms}}";
+    let reason = rolled_back_at_stage_one(&f, "SLOW-40", fault, "half the requests +40 ms").await;
     assert!(reason.starts_with("latency p50 "), "{reason}");
     assert!(reason.contains(" untreated (typically +"), "{reason}");
     assert!(reason.contains(" confident it is slower"), "{reason}");
-    assert!(reason.ends_with("rolled back at stage 1 (50%)"), "{reason}");
 }
