@@ -114,7 +114,7 @@ pub fn registered_routes() -> Vec<(Method, &'static str)> {
 pub fn router(api: Api) -> Router {
     routes()
         .router
-        .route_layer(axum::middleware::from_fn_with_state(api.clone(), crate::auth::authorize))
+        .route_layer(axum::middleware::from_fn_with_state(api.auth.clone(), crate::auth::authorize))
         .fallback(not_found)
         .with_state(api)
 }
@@ -645,5 +645,27 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let field = self.2.first().map(|e| e.field.clone()).unwrap_or_default();
         (self.0, Json(json!({ "error": self.1, "field": field, "errors": self.2 }))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_has_an_access_rule_and_every_rule_a_route() {
+        let registered = registered_routes();
+        for (method, path) in &registered {
+            assert!(
+                crate::auth::access_of(method.as_str(), path).is_some(),
+                "{method} {path} is routed but has no row in auth::ACCESS"
+            );
+        }
+        for (method, path, _) in crate::auth::ACCESS {
+            assert!(
+                registered.iter().any(|(m, p)| m.as_str() == *method && p == path),
+                "auth::ACCESS names {method} {path}, which no route serves"
+            );
+        }
     }
 }
