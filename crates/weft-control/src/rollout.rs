@@ -2,7 +2,9 @@
 //! change, and the judgement of a stage against its SLO. The state machine that drives intents
 //! through these lives in [`crate::mesh`].
 
-use crate::stats::{clustered_auc, mann_whitney, mixture_p_value, mixture_radius, proportion_gap};
+use crate::stats::{
+    clustered_auc, mann_whitney, mixture_p_value, mixture_radius, pooled_gap_variance, proportion_gap,
+};
 use serde::{Deserialize, Serialize};
 use weft_api::resource::{Resource, RouteMatch, Slo, StringMatch};
 use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms, slot_of, slot_value_ms};
@@ -210,7 +212,7 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
 /// at `confidence`:
 ///
 /// - errors: the treated error rate is higher (an always-valid test of the difference of
-///   proportions) and the increase is larger than `maxErrorRateIncrease`;
+///   proportions, with the variance both sides would share if they did not differ) and the increase is larger than `maxErrorRateIncrease`;
 /// - latency: treated requests are slower (an always-valid Mann-Whitney rank test, its variance
 ///   taken between telemetry reports so that a slow two seconds of one proxy counts once) and by more
 ///   than `maxP99Increase` percent (treated requests are more often slower than the
@@ -246,7 +248,9 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     if references.is_empty() {
         // Nothing to compare with: only the absolute ceiling can be judged.
         let ceiling = slo.max_error_rate / 100.0;
-        let (rate, variance) = proportion_gap(treated.errors, treated.requests, 0, u64::MAX / 4);
+        // The null's variance: a rate exactly at the ceiling.
+        let rate = treated.error_rate();
+        let variance = ceiling * (1.0 - ceiling) / treated.requests as f64;
         let tau2 = (ERROR_TAU_PER_DELTA * ceiling).max(ERROR_TAU_FLOOR).powi(2);
         let p = mixture_p_value(rate - ceiling, variance, tau2);
         if p <= alpha {
@@ -266,7 +270,8 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         .iter()
         .map(|(_, r)| {
             let (gap, variance) = proportion_gap(treated.errors, treated.requests, r.errors, r.requests);
-            let p = if gap > delta { mixture_p_value(gap, variance, tau2) } else { 1.0 };
+            let null = pooled_gap_variance(treated.errors, treated.requests, r.errors, r.requests);
+            let p = if gap > delta { mixture_p_value(gap, null, tau2) } else { 1.0 };
             let upper = gap + mixture_radius(variance, tau2, alpha);
             (p, mixture_p_value(gap - delta, variance, tau2), gap, upper)
         })
@@ -508,6 +513,28 @@ mod tests {
 
     /// The false rollback: ~20 treated requests whose slowest was 10-20 ms, against a
     /// baseline of thousands at ~5 ms. The old judge read that maximum as a p99 of 20.0 ms.
+    /// Seen in the demo mesh (`bench/demo-judge`): +3% errors on orders-api, 5 errors in 157
+    /// treated requests against none in 1,194 before, was promoted: the test took the treated
+    /// side's own rate for the variance, five times the variance of "no difference".
+    #[test]
+    fn a_few_errors_among_few_treated_requests_against_none_before_fail() {
+        let slo = Slo {
+            max_error_rate: 5.0,
+            max_error_rate_increase: 1.0,
+            max_p99_increase: 20.0,
+            min_requests: 20,
+            ..Slo::default()
+        };
+        let Verdict::Fail(why) = judge(&slo, &evidence(157, 5, 2.0), &evidence(1194, 0, 2.0), &Evidence::default())
+        else {
+            panic!("not rolled back")
+        };
+        assert!(why.starts_with("error rate 3.2% vs 0.0% baseline (+3.2 pp, 157 vs 1,194 requests"), "{why}");
+        // One error in 157 is within what no difference produces.
+        let verdict = judge(&slo, &evidence(157, 1, 2.0), &evidence(1194, 0, 2.0), &Evidence::default());
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+    }
+
     #[test]
     fn one_slow_request_among_twenty_is_not_a_regression() {
         let slo = Slo {

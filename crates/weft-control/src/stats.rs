@@ -186,6 +186,18 @@ pub fn proportion_gap(x_a: u64, n_a: u64, x_b: u64, n_b: u64) -> (f64, f64) {
     (rate(x_a, n_a) - rate(x_b, n_b), var(x_a, n_a) + var(x_b, n_b))
 }
 
+/// Variance of the difference of two proportions when both sides share one rate (the null of
+/// "no difference"): the pooled rate `(x_a + x_b) / (n_a + n_b)`, shrunk by one success and
+/// one failure, times `1 / n_a + 1 / n_b`. This is the variance a test of "higher at all" must
+/// use: the unpooled one takes the treated side's own rate, so with few treated requests and a
+/// few errors among them (5 of 157 against 0 of 1,194) it is many times too wide and hides the
+/// very difference it tests (the demo mesh promoted +3% errors that way).
+pub fn pooled_gap_variance(x_a: u64, n_a: u64, x_b: u64, n_b: u64) -> f64 {
+    let p = (x_a + x_b) as f64 + 1.0;
+    let p = p / ((n_a + n_b) as f64 + 2.0);
+    p * (1.0 - p) * (1.0 / (n_a as f64).max(1.0) + 1.0 / (n_b as f64).max(1.0))
+}
+
 /// Always-valid p-value that an effect exceeds zero, given its estimate `excess` (the effect
 /// minus the null's bound) and the estimate's `variance`: the reciprocal of the normal-mixture
 /// likelihood ratio with mixing variance `tau2` (see the module's notes). 1 when `excess <= 0`.
@@ -324,6 +336,20 @@ mod tests {
         let (d, v) = proportion_gap(0, 0, 0, 10);
         assert_eq!(d, 0.0);
         assert!(v > 0.2, "an empty side is all uncertainty: {v}");
+    }
+
+    /// 5 errors in 157 against 0 in 1,194: pooled rate 6 / 1,353, variance 0.0044346 *
+    /// 0.9955654 * (1/157 + 1/1194) = 3.1812e-5, a seventh of the unpooled 2.3199e-4 (treated
+    /// 6/159: 3.7736e-2 * 0.962264 / 157; reference 1/1196: 7.0e-7).
+    #[test]
+    fn pooled_variance_of_a_small_treated_side() {
+        let pooled = pooled_gap_variance(5, 157, 0, 1194);
+        assert!(close(pooled, 3.1812e-5, 1e-8), "{pooled}");
+        let (_, unpooled) = proportion_gap(5, 157, 0, 1194);
+        assert!(close(unpooled, 2.3199e-4, 1e-8) && unpooled > 7.0 * pooled, "{unpooled} vs {pooled}");
+        // Equal sides with equal rates: both agree (within the shrinkage's one error a side).
+        let (_, v) = proportion_gap(40, 10_000, 40, 10_000);
+        assert!(close(pooled_gap_variance(40, 10_000, 40, 10_000), v, v * 0.02));
     }
 
     #[test]
