@@ -42,6 +42,8 @@ pub struct ControlConfig {
     pub sans: Vec<String>,
     /// Serve the API and the gRPC without TLS (local experiments only).
     pub insecure_plaintext: bool,
+    /// Move the store aside and start an empty mesh (`--reinit-store`).
+    pub reinit_store: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -73,9 +75,23 @@ pub enum StartError {
 /// The file under the data directory holding the bootstrap admin API token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// The store in `--data-dir`: the one there, or with `--reinit-store` an empty one (the old
+/// file kept aside).
+fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
+    if !cfg.reinit_store {
+        return store::Store::open(&cfg.data_dir);
+    }
+    let (store, aside) = store::Store::reinit(&cfg.data_dir)?;
+    match aside {
+        Some(aside) => tracing::warn!(old_store = %aside.display(), "--reinit-store: the old store was moved aside; starting an empty mesh"),
+        None => tracing::warn!("--reinit-store: there was no store; starting an empty mesh"),
+    }
+    Ok(store)
+}
+
 /// Opens the store, binds both listeners and serves until `shutdown`.
 pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
-    let store = Arc::new(store::Store::open(&cfg.data_dir)?);
+    let store = Arc::new(open_store(&cfg)?);
     let mut registry = prometheus_client::registry::Registry::with_prefix("weft_control");
     let metrics = metrics::ControlMetrics::register(&mut registry);
     let read = |p: &PathBuf| {

@@ -127,6 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             root_key,
             sans,
             insecure_plaintext,
+            reinit_store,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -139,6 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_open,
                 sans,
                 insecure_plaintext,
+                reinit_store,
             };
             return control(cfg).await;
         }

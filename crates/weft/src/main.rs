@@ -115,6 +115,11 @@ pub enum Command {
         /// token, so not after it expired). `weft check` warns while it is on.
         #[arg(long)]
         insecure_plaintext: bool,
+        /// Start an empty mesh even though --data-dir holds a store (an unreadable one, say):
+        /// the old weft.redb is renamed weft.redb.broken-<unix time>, never deleted. History,
+        /// policies, tokens and the root CA start over; every proxy must join again.
+        #[arg(long)]
+        reinit_store: bool,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),
