@@ -125,10 +125,15 @@ pub enum Command {
     Proxy(commands::ProxyArgs),
     /// Run the demo application (an HTTP service that calls others through its sidecar).
     DemoApp(demo_app::Args),
-    /// Apply TrafficPolicy / SecurityPolicy resources from a file.
+    /// Apply TrafficPolicy / SecurityPolicy resources from a file. Returns once the change is
+    /// applied, or at once when it is queued behind another intent (saying which, and what to do).
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Wait until the change is applied even when it is queued behind another intent; give
+        /// up (exit 1, the change stays queued) after DURATION.
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "5m")]
+        wait: Option<weft_api::Duration>,
     },
     /// Delete the resources named in a file.
     Delete {
