@@ -87,7 +87,9 @@ fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
     }
     let (store, aside) = store::Store::reinit(&cfg.data_dir)?;
     match aside {
-        Some(aside) => tracing::warn!(old_store = %aside.display(), "--reinit-store: the old store was moved aside; starting an empty mesh"),
+        Some(aside) => {
+            tracing::warn!(old_store = %aside.display(), "--reinit-store: the old store was moved aside; starting an empty mesh")
+        }
         None => tracing::warn!("--reinit-store: there was no store; starting an empty mesh"),
     }
     Ok(store)

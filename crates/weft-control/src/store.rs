@@ -64,7 +64,9 @@ pub enum StoreError {
     Open { path: String, message: String },
     #[error("the store {path} is unreadable: {problem}; {REINIT_HINT}")]
     Unreadable { path: String, problem: String },
-    #[error("the store {path} is missing but {found} beside it shows this directory held a control plane's state, so the store was lost; {REINIT_HINT}")]
+    #[error(
+        "the store {path} is missing but {found} beside it shows this directory held a control plane's state, so the store was lost; {REINIT_HINT}"
+    )]
     Lost { path: String, found: String },
     #[error("the store {path} is in use by another process (a control plane still running on this data directory?)")]
     InUse { path: String },

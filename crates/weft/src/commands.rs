@@ -465,8 +465,14 @@ fn print_pending(applied: &Value) {
         Some("intent") => {
             let other = cell(blocker, "id");
             let phase = cell(blocker, "phase");
-            let services = blocker["services"].as_array().map(|s| s.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-            say!("queued as intent {id} behind intent {other} ({} mode, {phase}) on {services}; {id} starts when {other} is finished", cell(blocker, "mode"));
+            let services = blocker["services"]
+                .as_array()
+                .map(|s| s.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            say!(
+                "queued as intent {id} behind intent {other} ({} mode, {phase}) on {services}; {id} starts when {other} is finished",
+                cell(blocker, "mode")
+            );
             if phase == "awaiting-approval" {
                 say!("  weft intent approve {other}   lets {other} go on (one approval per stage)");
             }
@@ -487,13 +493,23 @@ async fn wait_applied(api: &Api, id: &str, within: std::time::Duration) -> anyho
     let deadline = std::time::Instant::now() + within;
     loop {
         let intent = api.get(&format!("/api/v1/intents/{id}")).await?;
-        let reason = || intent["decisions"].as_array().and_then(|d| d.last()).map(|d| cell(d, "reason")).unwrap_or_default();
+        let reason = || {
+            intent["decisions"]
+                .as_array()
+                .and_then(|d| d.last())
+                .map(|d| cell(d, "reason"))
+                .unwrap_or_default()
+        };
         match intent["phase"].as_str().unwrap_or_default() {
             "promoted" => return Ok(intent),
             phase @ ("rolled-back" | "failed") => anyhow::bail!("intent {id} {phase}: {}", reason()),
             phase if std::time::Instant::now() >= deadline => {
                 let behind = match intent["blockedBy"]["by"].as_str() {
-                    Some("intent") => format!(" behind intent {} ({})", cell(&intent["blockedBy"], "id"), cell(&intent["blockedBy"], "phase")),
+                    Some("intent") => format!(
+                        " behind intent {} ({})",
+                        cell(&intent["blockedBy"], "id"),
+                        cell(&intent["blockedBy"], "phase")
+                    ),
                     Some("freeze") => " behind the freeze".to_string(),
                     _ => String::new(),
                 };

@@ -64,7 +64,14 @@ async fn no_request_failed(loads: Vec<Load>) -> u64 {
     let mut total = 0;
     for load in loads {
         let stats = load.stop().await;
-        assert_eq!(stats.failed, 0, "{} of {} requests failed: {:?}", stats.failed, stats.total(), stats.reasons);
+        assert_eq!(
+            stats.failed,
+            0,
+            "{} of {} requests failed: {:?}",
+            stats.failed,
+            stats.total(),
+            stats.reasons
+        );
         total += stats.total();
     }
     total
@@ -88,7 +95,9 @@ async fn sigterm_with_proxies_connected_exits_promptly_and_the_replacement_takes
     assert_eq!((status, applied["revision"].as_u64()), (200, Some(1)), "{applied}");
     mesh.on_revision(&control, 1, Duration::from_secs(15)).await;
     let loads = mesh.load();
-    mesh.orders.wait_received(mesh.orders.received() + 20, Duration::from_secs(15)).await;
+    mesh.orders
+        .wait_received(mesh.orders.received() + 20, Duration::from_secs(15))
+        .await;
 
     let asked = Instant::now();
     let code = control.process.terminate(Duration::from_secs(5));
@@ -107,7 +116,9 @@ async fn sigterm_with_proxies_connected_exits_promptly_and_the_replacement_takes
     let (status, applied) = replacement.post("/api/v1/resources", &policy(3000)).await;
     assert_eq!((status, applied["revision"].as_u64()), (200, Some(2)), "{applied}");
     mesh.on_revision(&replacement, 2, Duration::from_secs(15)).await;
-    mesh.orders.wait_received(mesh.orders.received() + 20, Duration::from_secs(15)).await;
+    mesh.orders
+        .wait_received(mesh.orders.received() + 20, Duration::from_secs(15))
+        .await;
     let total = no_request_failed(loads).await;
     eprintln!(
         "SIGTERM with {} proxies: exited in {:.0} ms; replacement serving at {:.0} ms, every proxy back on it at {:.0} ms; 0 of {total} requests failed",
@@ -126,7 +137,9 @@ async fn a_hundred_pushes_in_a_row_under_load_fail_no_request() {
     let control = Control::start(BIN).await;
     let mesh = Mesh::start(&control).await;
     let loads = mesh.load();
-    mesh.orders.wait_received(mesh.orders.received() + 20, Duration::from_secs(15)).await;
+    mesh.orders
+        .wait_received(mesh.orders.received() + 20, Duration::from_secs(15))
+        .await;
     let started = Instant::now();
     for i in 1..=100u64 {
         let (status, applied) = control.post("/api/v1/resources", &policy(2000 + i)).await;
@@ -193,9 +206,17 @@ fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 
 /// Starts `weft control` on `dir` on ports of its own choosing.
 fn control_on(dir: &Path, extra: &[&str]) -> Process {
-    let mut args: Vec<String> = ["control", "--data-dir", &dir.display().to_string(), "--api", "127.0.0.1:0", "--grpc", "127.0.0.1:0"]
-        .map(String::from)
-        .to_vec();
+    let mut args: Vec<String> = [
+        "control",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--api",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
     args.extend(extra.iter().map(|a| a.to_string()));
     Process::spawn(BIN, "control", &args)
 }

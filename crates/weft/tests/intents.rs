@@ -924,7 +924,10 @@ async fn apply_behind_a_manual_intent_says_it_is_queued_and_returns_at_once() {
         assert!(stdout.contains(&said), "says {said:?}:\n{stdout}");
     }
     assert!(!stdout.contains("revision"), "claims no revision:\n{stdout}");
-    eprintln!("apply behind a manual intent returned in {:.0} ms:\n{stdout}", took.as_secs_f64() * 1000.0);
+    eprintln!(
+        "apply behind a manual intent returned in {:.0} ms:\n{stdout}",
+        took.as_secs_f64() * 1000.0
+    );
 
     // What the CLI says is what the API answered.
     let out = apply(&["-o", "json"], &[]).output().unwrap();
@@ -946,7 +949,8 @@ async fn apply_behind_a_manual_intent_says_it_is_queued_and_returns_at_once() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("gave up waiting after 1s: intent") && stderr.contains("is still queued behind intent HOLD-1 (awaiting-approval); it stays queued"),
+        stderr.contains("gave up waiting after 1s: intent")
+            && stderr.contains("is still queued behind intent HOLD-1 (awaiting-approval); it stays queued"),
         "{stderr}"
     );
     assert!(took < Duration::from_secs(5), "gave up after {took:?}");
