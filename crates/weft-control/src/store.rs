@@ -535,6 +535,48 @@ mod tests {
     }
 
     #[test]
+    fn a_store_that_existed_is_never_reinitialised_silently() {
+        let dir = std::env::temp_dir().join(format!("weft-store-reinit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(Store::open(&dir).expect("a fresh directory initialises"));
+        let file = dir.join(STORE_FILE);
+
+        std::fs::write(&file, b"").unwrap();
+        let refused = Store::open(&dir).err().expect("an empty store is refused").to_string();
+        assert!(
+            refused.contains(&file.display().to_string()) && refused.contains("empty (0 bytes)") && refused.contains("--reinit-store"),
+            "{refused}"
+        );
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "the file is untouched");
+
+        std::fs::write(&file, b"not a database").unwrap();
+        let refused = Store::open(&dir).err().expect("garbage is refused").to_string();
+        assert!(
+            refused.contains("is unreadable: ") && refused.contains("--reinit-store"),
+            "{refused}"
+        );
+
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(dir.join("ca.pem"), "roots").unwrap();
+        let refused = Store::open(&dir).err().expect("a lost store is refused").to_string();
+        assert!(refused.contains("is missing but ca.pem"), "{refused}");
+        assert!(!file.exists(), "nothing was created");
+
+        std::fs::write(&file, b"not a database").unwrap();
+        let (store, aside) = Store::reinit(&dir).expect("--reinit-store starts over");
+        let aside = aside.expect("the old file was kept");
+        assert!(
+            aside.file_name().unwrap().to_string_lossy().starts_with("weft.redb.broken-"),
+            "{aside:?}"
+        );
+        assert_eq!(std::fs::read(&aside).unwrap(), b"not a database");
+        assert!(store.latest().unwrap().is_none(), "an empty mesh");
+        drop(store);
+        Store::open(&dir).expect("and it opens from then on");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn token_uses_are_counted_atomically_and_revocation_sticks() {
         let dir = std::env::temp_dir().join(format!("weft-store-tokens-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
