@@ -6,15 +6,16 @@
 //! Covered elsewhere, not repeated here:
 //! - control plane SIGKILLed and restarted under traffic, 0 failed requests and history intact:
 //!   `mesh.rs`, `control_plane_restart_loses_no_request_and_no_history`;
-//! - a bad push NACKed by a real proxy, which keeps serving last-known-good:
-//!   `mesh.rs`, `refused_config_is_nacked_and_last_known_good_keeps_serving`;
 //! - a change a proxy NACKs fails its intent and leaves every proxy on last-known-good with 0
-//!   failed requests: `intents.rs`, `a_nacked_change_never_leaves_last_known_good`.
+//!   failed requests (the control plane's side of a NACK): `intents.rs`,
+//!   `a_nacked_change_never_leaves_last_known_good`; the proxy's side, the NACK's reason and
+//!   `/config_dump` after it: `mesh.rs`, `refused_config_is_nacked_and_last_known_good_keeps_serving`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 use weft_test::apps::EchoServer;
 use weft_test::load::Load;
+use weft_test::scripted::ScriptedControl;
 use weft_test::{Control, Process, ProxyHandle, eventually, free_addr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
@@ -157,6 +158,75 @@ async fn a_hundred_pushes_in_a_row_under_load_fail_no_request() {
         pushed.as_secs_f64(),
         pushed.as_secs_f64() * 10.0
     );
+}
+
+/// A trusted mesh never runs a config its proxies cannot apply, and a refused push costs no
+/// traffic: pushed a config no proxy can apply (here an endpoint address that is not one, which
+/// the real control plane never sends), every proxy NACKs it naming the field and value, and all
+/// keep serving on last-known-good under steady load; not one request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_push_nacked_by_every_proxy_keeps_last_known_good_serving() {
+    use weft_api::proto::{self, proxy_message::Msg};
+    let echo = EchoServer::start("echo").await;
+    let config = |version: u64, address: String| proto::ProxyConfig {
+        version,
+        revision: version,
+        services: vec![proto::Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            endpoints: vec![proto::Endpoint {
+                address,
+                cluster: "cluster-a".into(),
+                workload: "default/echo".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut scripted = ScriptedControl::start(vec![config(1, echo.addr.to_string())]).await;
+    let mut callers = Vec::new();
+    for i in 0..3 {
+        let workload = format!("default/web-{i}");
+        callers.push(ProxyHandle::start_url(BIN, &scripted.url, None, &workload, "cluster-a", &[], free_addr()).await);
+    }
+    // Every proxy ACKed the good config.
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < callers.len() {
+        if let (stream, Msg::Ack(a)) = scripted.next().await {
+            assert_eq!(a.version, 1);
+            acked.insert(stream);
+        }
+    }
+    let loads: Vec<Load> = callers.iter().map(|p| Load::start(p.outbound, "echo", &[], LOAD_EVERY)).collect();
+    echo.wait_received(echo.received() + 20, Duration::from_secs(15)).await;
+
+    scripted.push(config(2, "not-an-address".into()));
+    let mut nacked = std::collections::BTreeSet::new();
+    while nacked.len() < callers.len() {
+        match scripted.next().await {
+            (stream, Msg::Nack(n)) => {
+                assert_eq!(n.version, 2);
+                assert!(
+                    n.reason.contains("services[0].endpoints[0].address") && n.reason.contains("not-an-address"),
+                    "{}",
+                    n.reason
+                );
+                nacked.insert(stream);
+            }
+            (_, Msg::Ack(a)) => panic!("a proxy applied the bad config: {a:?}"),
+            _ => {}
+        }
+    }
+    // Traffic goes on after every NACK, on the config each proxy kept.
+    echo.wait_received(echo.received() + 50, Duration::from_secs(15)).await;
+    for caller in &callers {
+        let dump = caller.config_dump().await;
+        assert_eq!(dump["config"]["version"], 1, "{}: {dump}", caller.workload);
+        assert!(dump["lastNack"].as_str().is_some_and(|r| r.contains("not-an-address")), "{dump}");
+    }
+    let total = no_request_failed(loads).await;
+    eprintln!("bad push NACKed by all {} proxies; 0 of {total} requests failed", callers.len());
 }
 
 /// A store file damaged the way disks and operators damage files.
