@@ -303,7 +303,11 @@ fn main() -> ExitCode {
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     }
     .expect("tokio runtime");
-    match runtime.block_on(commands::run(cli)) {
+    let outcome = runtime.block_on(commands::run(cli));
+    // The command is done: a task still running (a blocking read of standard input, a
+    // connection cut at shutdown) must not keep the process, nor the store's lock, any longer.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
