@@ -482,7 +482,7 @@ fn print_pending(applied: &Value) {
             say!("queued as intent {id}: the mesh is frozen");
             say!("  weft freeze off   lets queued changes start");
         }
-        _ => say!("intent {id} is {} (not applied yet)", cell(applied, "phase")),
+        _ => say!("intent {id} is still rolling out ({}), not applied yet", cell(applied, "phase")),
     }
     say!("  weft intent show {id}      follows it; `weft intent abort {id}` withdraws this change");
 }
