@@ -304,19 +304,20 @@ async fn remove(State(api): State<Api>, Path((kind, namespace, name)): Path<(Str
     settle(&api.mesh, submitted).await
 }
 
-/// Waits for a plain change's intent; 200 when promoted, 202 while still queued or running,
-/// 409 when it failed or was rolled back.
+/// Waits for a plain change's intent; 200 when promoted, 409 when it failed or was rolled back,
+/// 202 while still running, and 202 at once when it is queued behind another intent or the
+/// freeze (`blockedBy` says which: that may last until an operator acts).
 async fn settle(mesh: &Mesh, submitted: Submitted) -> Answer {
     let (id, changes) = match submitted {
         Submitted::Unchanged(applied) => return Ok((StatusCode::OK, Json(json!(applied)))),
         Submitted::Queued { id, changes } => (id, changes),
     };
-    let intent = mesh
-        .wait_finished(&id, APPLY_WAIT)
+    let (intent, blocker) = mesh
+        .wait_settled(&id, APPLY_WAIT)
         .await
         .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("intent {id} vanished"), vec![]))?;
     let reason = intent.decisions.last().map(|d| d.reason.clone()).unwrap_or_default();
-    let body = json!({"revision": intent.revision, "changes": changes, "intent": id, "phase": intent.phase.as_str(), "reason": reason});
+    let body = json!({"revision": intent.revision, "changes": changes, "intent": id, "phase": intent.phase.as_str(), "reason": reason, "blockedBy": blocker});
     match intent.phase {
         crate::rollout::Phase::Promoted => Ok((StatusCode::OK, Json(body))),
         p if p.is_terminal() => Err(ApiError(
@@ -410,9 +411,14 @@ async fn submit_intent(State(api): State<Api>, headers: HeaderMap, body: String)
 }
 
 async fn show_intent(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let blocker = api.mesh.blocker(&id);
     api.mesh
         .intent(&id)
-        .map(|i| Json(i.view()))
+        .map(|i| {
+            let mut view = i.view();
+            view["blockedBy"] = json!(blocker);
+            Json(view)
+        })
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("intent {id} not found"), vec![]))
 }
 

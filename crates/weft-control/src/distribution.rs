@@ -1,6 +1,9 @@
 //! The control stream, control-plane side: one task per connected proxy that pushes a new
 //! config whenever what that proxy needs has changed, and records ACKs, NACKs, subscriptions and
 //! telemetry. A proxy whose stream ends is removed from every other proxy's endpoints at once.
+//! At shutdown every stream ends with `UNAVAILABLE`, so proxies look for a control plane again
+//! (keeping their last-known-good config) instead of holding a stream to a process that is
+//! going away.
 
 use crate::admission::{ControlPeer, Proof, Refused};
 use crate::mesh::Mesh;
@@ -11,12 +14,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::proto::{self, ControlMessage, ProxyMessage, control_message, proxy_message};
+use weft_core::Shutdown;
 
 /// How long a new stream may take to send its Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Distribution {
     pub mesh: Arc<Mesh>,
+    pub shutdown: Shutdown,
 }
 
 #[tonic::async_trait]
@@ -103,7 +108,7 @@ impl proto::distribution_server::Distribution for Distribution {
         })?;
         let (conn, id) = self.mesh.register(&reg, admitted.identity).map_err(Status::invalid_argument)?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx));
+        tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -114,6 +119,7 @@ async fn drive(
     id: String,
     mut inbound: Streaming<ProxyMessage>,
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
+    shutdown: Shutdown,
 ) {
     let mut changed = mesh.watch();
     let mut taps = mesh.taps.watch();
@@ -129,6 +135,12 @@ async fn drive(
             let Some(planned) = mesh.config_for(conn) else { break };
             let bundle_epoch = mesh.ca.bundle_epoch();
             held_until = mesh.hold(conn, &planned);
+            // Checked after planning: a config that lost endpoints because other proxies'
+            // streams ended at shutdown is never sent (they did not go away, this process did).
+            if shutdown.is_cancelled() {
+                stop(&tx);
+                break;
+            }
             if held_until.is_none() && last != Some(planned.fingerprint) {
                 version += 1;
                 last = Some(planned.fingerprint);
@@ -191,7 +203,17 @@ async fn drive(
                 }
             },
             _ = tx.closed() => break,
+            _ = shutdown.cancelled() => {
+                stop(&tx);
+                break;
+            }
         }
     }
     mesh.unregister(conn);
+}
+
+/// Ends a stream at shutdown with `UNAVAILABLE`, which proxies answer by reconnecting. Never
+/// waits: a proxy too slow to take the status still sees its stream end.
+fn stop(tx: &mpsc::Sender<Result<ControlMessage, Status>>) {
+    let _ = tx.try_send(Err(Status::unavailable("the control plane is shutting down")));
 }

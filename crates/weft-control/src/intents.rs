@@ -84,6 +84,24 @@ pub struct IntentRecord {
     clock: Clock,
 }
 
+/// What keeps a queued intent from starting.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "by")]
+pub enum Blocker {
+    /// The earliest unfinished intent on one of its services; it starts once that one is
+    /// finished (promoted, rolled back or failed).
+    #[serde(rename_all = "camelCase")]
+    Intent {
+        id: String,
+        phase: Phase,
+        mode: RolloutMode,
+        /// The services both touch.
+        services: Vec<String>,
+    },
+    /// `weft freeze on`: nothing starts until it is off.
+    Freeze,
+}
+
 /// One resource the intent sets (`Some`) or removes (`None`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -644,16 +662,45 @@ impl Mesh {
             .collect())
     }
 
-    /// Waits until intent `id` has finished, up to `within`.
-    pub async fn wait_finished(&self, id: &str, within: Duration) -> Option<IntentRecord> {
+    /// Waits until intent `id` has finished or is known to wait behind something (which may
+    /// take hours: an intent awaiting approval), up to `within`.
+    pub async fn wait_settled(&self, id: &str, within: Duration) -> Option<(IntentRecord, Option<Blocker>)> {
         let deadline = Instant::now() + within;
         loop {
             let intent = self.intent(id)?;
-            if intent.phase.is_terminal() || Instant::now() >= deadline {
-                return Some(intent);
+            let blocker = self.blocker(id);
+            if intent.phase.is_terminal() || blocker.is_some() || Instant::now() >= deadline {
+                return Some((intent, blocker));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// What keeps intent `id` queued, if it is queued behind something.
+    pub fn blocker(&self, id: &str) -> Option<Blocker> {
+        let state = self.state.lock();
+        let seq = Self::seq_of(&state, id).ok()?;
+        blocker_of(&state, seq)
+    }
+}
+
+/// What keeps queued intent `seq` from starting now: an earlier unfinished intent on one of its
+/// services (intents on disjoint services run at once), else the freeze.
+fn blocker_of(state: &State, seq: u64) -> Option<Blocker> {
+    let intent = state.intents.get(&seq).filter(|i| i.phase == Phase::Queued)?;
+    let earlier = state
+        .intents
+        .range(..seq)
+        .map(|(_, o)| o)
+        .find(|o| !o.phase.is_terminal() && !o.services.is_disjoint(&intent.services));
+    match earlier {
+        Some(o) => Some(Blocker::Intent {
+            id: o.id.clone(),
+            phase: o.phase,
+            mode: o.mode,
+            services: o.services.intersection(&intent.services).cloned().collect(),
+        }),
+        None => state.frozen.then_some(Blocker::Freeze),
     }
 }
 
@@ -679,15 +726,9 @@ impl Mesh {
         let phase = state.intents[&seq].phase;
         match phase {
             Phase::Queued => {
-                let intent = &state.intents[&seq];
-                let blocked = state
-                    .intents
-                    .range(..seq)
-                    .any(|(_, o)| !o.phase.is_terminal() && !o.services.is_disjoint(&intent.services));
-                if state.frozen || blocked {
-                    return;
+                if blocker_of(state, seq).is_none() {
+                    self.start(state, seq, now);
                 }
-                self.start(state, seq, now);
             }
             Phase::AwaitingApproval => {
                 let intent = state.intents.get_mut(&seq).expect("open");

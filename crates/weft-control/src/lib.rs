@@ -42,6 +42,8 @@ pub struct ControlConfig {
     pub sans: Vec<String>,
     /// Serve the API and the gRPC without TLS (local experiments only).
     pub insecure_plaintext: bool,
+    /// Move the store aside and start an empty mesh (`--reinit-store`).
+    pub reinit_store: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -70,12 +72,32 @@ pub enum StartError {
     },
 }
 
+/// How long connections get to finish after shutdown is asked before they are cut (a dashboard's
+/// event stream never finishes by itself); a replacement waits no longer than this for the store.
+const DRAIN: Duration = Duration::from_millis(1500);
+
 /// The file under the data directory holding the bootstrap admin API token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
+/// The store in `--data-dir`: the one there, or with `--reinit-store` an empty one (the old
+/// file kept aside).
+fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
+    if !cfg.reinit_store {
+        return store::Store::open(&cfg.data_dir);
+    }
+    let (store, aside) = store::Store::reinit(&cfg.data_dir)?;
+    match aside {
+        Some(aside) => {
+            tracing::warn!(old_store = %aside.display(), "--reinit-store: the old store was moved aside; starting an empty mesh")
+        }
+        None => tracing::warn!("--reinit-store: there was no store; starting an empty mesh"),
+    }
+    Ok(store)
+}
+
 /// Opens the store, binds both listeners and serves until `shutdown`.
 pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
-    let store = Arc::new(store::Store::open(&cfg.data_dir)?);
+    let store = Arc::new(open_store(&cfg)?);
     let mut registry = prometheus_client::registry::Registry::with_prefix("weft_control");
     let metrics = metrics::ControlMetrics::register(&mut registry);
     let read = |p: &PathBuf| {
@@ -133,10 +155,11 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     };
     tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), revision = mesh.revision(), ca_fingerprint = %mesh.ca.root_fingerprint(), "control plane listening");
 
-    let loop_task = tokio::spawn(intents::run(mesh.clone(), shutdown.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(intents::run(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
-    let history_task = tokio::spawn(history.clone().run(mesh.clone(), shutdown.clone()));
-    let serving_task = tokio::spawn(serving::maintain(
+    tasks.spawn(history.clone().run(mesh.clone(), shutdown.clone()));
+    tasks.spawn(serving::maintain(
         serving.clone(),
         mesh.clone(),
         cfg.data_dir.clone(),
@@ -159,7 +182,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         local: bound.api,
     };
     let api_shutdown = shutdown.clone();
-    let api_task = tokio::spawn(async move {
+    tasks.spawn(async move {
         use axum::serve::ListenerExt;
         // Through `tap_io` the listener's peer address becomes each request's `ConnectInfo`
         // (the audit trail's source address).
@@ -171,11 +194,14 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     });
     let grpc_shutdown = shutdown.clone();
     let distribution = weft_api::proto::distribution_server::DistributionServer::with_interceptor(
-        distribution::Distribution { mesh },
+        distribution::Distribution {
+            mesh,
+            shutdown: shutdown.clone(),
+        },
         serving::connect_info,
     );
     let grpc_conns = serving::accept(grpc_l, serving.as_ref().map(|s| s.grpc.clone()), "grpc", metrics, shutdown.clone());
-    let grpc_task = tokio::spawn(async move {
+    tasks.spawn(async move {
         let incoming = tokio_stream::wrappers::ReceiverStream::new(grpc_conns).map(Ok::<_, std::io::Error>);
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
@@ -188,7 +214,12 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         }
     });
     let handle = tokio::spawn(async move {
-        let _ = tokio::join!(api_task, grpc_task, loop_task, history_task, serving_task);
+        shutdown.cancelled().await;
+        let drained = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(DRAIN, drained).await.is_err() {
+            tracing::warn!(tasks = tasks.len(), drain = ?DRAIN, "connections still open after the drain; cutting them");
+            tasks.shutdown().await;
+        }
     });
     Ok((bound, handle))
 }

@@ -2,11 +2,16 @@
 //! current resources and every revision with the full set of resources it produced, so history
 //! survives restarts and any earlier revision can be restored. Revisions are monotonic and never
 //! reused: each commit is one write transaction.
+//!
+//! A data directory that has ever held a store is never re-initialised silently: an empty or
+//! unreadable store file, or a missing one beside the state a control plane leaves (`ca.pem`),
+//! refuses to open; only `--reinit-store` ([`Store::reinit`]) starts over, keeping the old
+//! file under another name.
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use weft_api::{Resource, ResourceKey};
 
 const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
@@ -20,6 +25,14 @@ const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
 const API_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("api_tokens");
 /// Join tokens by id (JSON [`TokenRecord`]); never the token itself.
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+
+/// The store's file under the data directory.
+pub const STORE_FILE: &str = "weft.redb";
+/// Files a control plane writes beside its store once the store is open: finding one without
+/// the store means the store was lost, not that the directory is new.
+const STATE_FILES: [&str; 1] = ["ca.pem"];
+/// What the refusals tell the operator to do.
+const REINIT_HINT: &str = "nothing was changed; restore weft.redb from a backup, or start with --reinit-store to begin an empty mesh (a store file there is kept as weft.redb.broken-<unix time>; history, policies and the root CA start over and every proxy must join again)";
 
 pub struct Store {
     db: Database,
@@ -49,6 +62,14 @@ pub struct ChangeEntry {
 pub enum StoreError {
     #[error("store at {path}: {message}")]
     Open { path: String, message: String },
+    #[error("the store {path} is unreadable: {problem}; {REINIT_HINT}")]
+    Unreadable { path: String, problem: String },
+    #[error(
+        "the store {path} is missing but {found} beside it shows this directory held a control plane's state, so the store was lost; {REINIT_HINT}"
+    )]
+    Lost { path: String, found: String },
+    #[error("the store {path} is in use by another process (a control plane still running on this data directory?)")]
+    InUse { path: String },
     #[error("store: {0}")]
     Db(String),
     #[error("stored revision {revision} is unreadable: {message}")]
@@ -93,14 +114,72 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
 // === impl Store ===
 
 impl Store {
-    /// Opens (or creates) `DIR/weft.redb`.
+    /// Opens `DIR/weft.redb`, or creates it in a directory that never held one. Refuses an
+    /// empty or unreadable file, and a missing one where a control plane's other state remains.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
             path: dir.display().to_string(),
             message: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
-        let db = Database::create(dir.join("weft.redb")).map_err(|e| open_err(&e))?;
+        let file = dir.join(STORE_FILE);
+        let path = file.display().to_string();
+        let db = match std::fs::metadata(&file) {
+            Ok(meta) if meta.len() == 0 => {
+                return Err(StoreError::Unreadable {
+                    path,
+                    problem: "the file is empty (0 bytes)".into(),
+                });
+            }
+            Ok(_) => Database::open(&file).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path: path.clone() },
+                other => StoreError::Unreadable {
+                    path: path.clone(),
+                    problem: other.to_string(),
+                },
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let found: Vec<&str> = STATE_FILES.into_iter().filter(|f| dir.join(f).exists()).collect();
+                if !found.is_empty() {
+                    return Err(StoreError::Lost {
+                        path,
+                        found: found.join(", "),
+                    });
+                }
+                Database::create(&file).map_err(|e| open_err(&e))?
+            }
+            Err(e) => return Err(open_err(&e)),
+        };
+        Self::with_tables(db)
+    }
+
+    /// `--reinit-store`: renames `DIR/weft.redb`, whatever it holds, to
+    /// `weft.redb.broken-<unix seconds>` (never deletes it) and creates an empty store in its
+    /// place. Returns the store and where the old file went, if there was one.
+    pub fn reinit(dir: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
+        let file = dir.join(STORE_FILE);
+        let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+            path: file.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(&e))?;
+        let aside = if file.exists() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = dir.join(format!("{STORE_FILE}.broken-{now}"));
+            std::fs::rename(&file, &aside).map_err(|e| open_err(&format!("cannot move it aside to {}: {e}", aside.display())))?;
+            Some(aside)
+        } else {
+            None
+        };
+        let db = Database::create(&file).map_err(|e| open_err(&e))?;
+        Ok((Self::with_tables(db)?, aside))
+    }
+
+    /// Makes sure every table exists (a new store has none).
+    fn with_tables(db: Database) -> Result<Self, StoreError> {
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(REVISIONS).map_err(db_err)?;
         tx.open_table(META).map_err(db_err)?;
@@ -452,6 +531,48 @@ mod tests {
             "an older reservation commits as a new number"
         );
         assert_eq!(s.stable().unwrap(), Some(6));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_that_existed_is_never_reinitialised_silently() {
+        let dir = std::env::temp_dir().join(format!("weft-store-reinit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(Store::open(&dir).expect("a fresh directory initialises"));
+        let file = dir.join(STORE_FILE);
+
+        std::fs::write(&file, b"").unwrap();
+        let refused = Store::open(&dir).err().expect("an empty store is refused").to_string();
+        assert!(
+            refused.contains(&file.display().to_string()) && refused.contains("empty (0 bytes)") && refused.contains("--reinit-store"),
+            "{refused}"
+        );
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 0, "the file is untouched");
+
+        std::fs::write(&file, b"not a database").unwrap();
+        let refused = Store::open(&dir).err().expect("garbage is refused").to_string();
+        assert!(
+            refused.contains("is unreadable: ") && refused.contains("--reinit-store"),
+            "{refused}"
+        );
+
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(dir.join("ca.pem"), "roots").unwrap();
+        let refused = Store::open(&dir).err().expect("a lost store is refused").to_string();
+        assert!(refused.contains("is missing but ca.pem"), "{refused}");
+        assert!(!file.exists(), "nothing was created");
+
+        std::fs::write(&file, b"not a database").unwrap();
+        let (store, aside) = Store::reinit(&dir).expect("--reinit-store starts over");
+        let aside = aside.expect("the old file was kept");
+        assert!(
+            aside.file_name().unwrap().to_string_lossy().starts_with("weft.redb.broken-"),
+            "{aside:?}"
+        );
+        assert_eq!(std::fs::read(&aside).unwrap(), b"not a database");
+        assert!(store.latest().unwrap().is_none(), "an empty mesh");
+        drop(store);
+        Store::open(&dir).expect("and it opens from then on");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -127,6 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             root_key,
             sans,
             insecure_plaintext,
+            reinit_store,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -139,6 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_open,
                 sans,
                 insecure_plaintext,
+                reinit_store,
             };
             return control(cfg).await;
         }
@@ -158,7 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up { .. } | Command::Control { .. } | Command::Proxy(_) | Command::DemoApp(_) | Command::Login { .. } => {
             unreachable!("local commands and login returned above")
         }
-        Command::Apply { file } => apply(&api, &file, format).await,
+        Command::Apply { file, wait } => apply(&api, &file, wait.map(|w| w.as_std()), format).await,
         Command::Delete { file } => delete(&api, &file).await,
         Command::Get { kind, name } => get(&api, kind, name, format).await,
         Command::Diff { file } => diff(&api, &file).await,
@@ -410,31 +412,115 @@ fn read_resources(file: &Path) -> anyhow::Result<(String, Vec<Resource>)> {
     Ok((text, resources))
 }
 
-async fn apply(api: &Api, file: &Path, format: output::Format) -> anyhow::Result<()> {
+async fn apply(api: &Api, file: &Path, wait: Option<std::time::Duration>, format: output::Format) -> anyhow::Result<()> {
     let (text, _) = read_resources(file)?;
     let name = file.display().to_string();
     let applied = api.post("/api/v1/resources", text, &[("x-weft-source", &name)]).await?;
-    print_applied(&applied, format)
+    let pending = applied["phase"].as_str().is_some_and(|p| p != "promoted");
+    match wait {
+        Some(within) if pending => {
+            if !output::structured(format, &Value::Null)? {
+                print_pending(&applied);
+                say!("waiting up to {} for it to be applied...", weft_api::Duration(within));
+            }
+            let done = wait_applied(api, &cell(&applied, "intent"), within).await?;
+            let applied = serde_json::json!({"revision": done["revision"], "changes": applied["changes"], "intent": applied["intent"], "phase": "promoted", "reason": "", "blockedBy": null});
+            print_applied(&applied, format)
+        }
+        _ => print_applied(&applied, format),
+    }
 }
 
-/// Prints the outcome of a plain change: promoted, or still queued behind another intent.
+/// Prints the outcome of a plain change: applied, or not yet (queued or still rolling out).
 fn print_applied(applied: &Value, format: output::Format) -> anyhow::Result<()> {
     if output::structured(format, applied)? {
         return Ok(());
     }
-    for c in applied["changes"].as_array().into_iter().flatten() {
-        let k = &c["key"];
-        say!("{}/{}/{} {}", cell(k, "kind"), cell(k, "namespace"), cell(k, "name"), cell(c, "op"));
-    }
     match applied["phase"].as_str() {
-        None | Some("promoted") => say!("revision {}", applied["revision"]),
-        Some(phase) => say!(
-            "{}: {phase} (see `weft intent show {}`)",
-            cell(applied, "intent"),
-            cell(applied, "intent")
-        ),
+        None | Some("promoted") => {
+            for c in applied["changes"].as_array().into_iter().flatten() {
+                say!("{} {}", key_of(c), cell(c, "op"));
+            }
+            say!("revision {}", applied["revision"]);
+        }
+        Some(_) => print_pending(applied),
     }
     Ok(())
+}
+
+/// `KIND/NAMESPACE/NAME` of a change entry.
+fn key_of(change: &Value) -> String {
+    let k = &change["key"];
+    format!("{}/{}/{}", cell(k, "kind"), cell(k, "namespace"), cell(k, "name"))
+}
+
+/// A change accepted but not applied: what would change, why it waits and what can be done.
+fn print_pending(applied: &Value) {
+    let id = cell(applied, "intent");
+    for c in applied["changes"].as_array().into_iter().flatten() {
+        say!("{}: not {} yet", key_of(c), cell(c, "op"));
+    }
+    let blocker = &applied["blockedBy"];
+    match blocker["by"].as_str() {
+        Some("intent") => {
+            let other = cell(blocker, "id");
+            let phase = cell(blocker, "phase");
+            let services = blocker["services"]
+                .as_array()
+                .map(|s| s.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            say!(
+                "queued as intent {id} behind intent {other} ({} mode, {phase}) on {services}; {id} starts when {other} is finished",
+                cell(blocker, "mode")
+            );
+            if phase == "awaiting-approval" {
+                say!("  weft intent approve {other}   lets {other} go on (one approval per stage)");
+            }
+            say!("  weft intent abort {other}     rolls {other} back, and {id} starts");
+        }
+        Some("freeze") => {
+            say!("queued as intent {id}: the mesh is frozen");
+            say!("  weft freeze off   lets queued changes start");
+        }
+        _ => say!("intent {id} is still rolling out ({}), not applied yet", cell(applied, "phase")),
+    }
+    say!("  weft intent show {id}      follows it; `weft intent abort {id}` withdraws this change");
+}
+
+/// Polls intent `id` until it is promoted (its view), fails or rolls back (an error with the
+/// reason), or `within` passes (an error saying what it still waits for).
+async fn wait_applied(api: &Api, id: &str, within: std::time::Duration) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let intent = api.get(&format!("/api/v1/intents/{id}")).await?;
+        let reason = || {
+            intent["decisions"]
+                .as_array()
+                .and_then(|d| d.last())
+                .map(|d| cell(d, "reason"))
+                .unwrap_or_default()
+        };
+        match intent["phase"].as_str().unwrap_or_default() {
+            "promoted" => return Ok(intent),
+            phase @ ("rolled-back" | "failed") => anyhow::bail!("intent {id} {phase}: {}", reason()),
+            phase if std::time::Instant::now() >= deadline => {
+                let behind = match intent["blockedBy"]["by"].as_str() {
+                    Some("intent") => format!(
+                        " behind intent {} ({})",
+                        cell(&intent["blockedBy"], "id"),
+                        cell(&intent["blockedBy"], "phase")
+                    ),
+                    Some("freeze") => " behind the freeze".to_string(),
+                    _ => String::new(),
+                };
+                anyhow::bail!(
+                    "gave up waiting after {}: intent {id} is still {phase}{behind}; it stays queued (`weft intent show {id}` follows it, `weft intent abort {id}` withdraws it)",
+                    weft_api::Duration(within)
+                );
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
 }
 
 async fn delete(api: &Api, file: &Path) -> anyhow::Result<()> {
@@ -444,7 +530,10 @@ async fn delete(api: &Api, file: &Path) -> anyhow::Result<()> {
         let out = api
             .delete(&format!("/api/v1/resources/{}/{}/{}", k.kind, k.namespace, k.name))
             .await?;
-        say!("{k} deleted (revision {})", out["revision"]);
+        match out["phase"].as_str() {
+            None | Some("promoted") => say!("{k} deleted (revision {})", out["revision"]),
+            Some(_) => print_pending(&out),
+        }
     }
     Ok(())
 }
@@ -883,6 +972,15 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
                     cell(&i, "candidate"),
                     cell(&i, "revision")
                 );
+                match i["blockedBy"]["by"].as_str() {
+                    Some("intent") => say!(
+                        "waits behind intent {} ({})",
+                        cell(&i["blockedBy"], "id"),
+                        cell(&i["blockedBy"], "phase")
+                    ),
+                    Some("freeze") => say!("waits for the freeze to end (`weft freeze off`)"),
+                    _ => {}
+                }
                 say!(
                     "treated: {}",
                     i["treated"]

@@ -115,15 +115,25 @@ pub enum Command {
         /// token, so not after it expired). `weft check` warns while it is on.
         #[arg(long)]
         insecure_plaintext: bool,
+        /// Start an empty mesh even though --data-dir holds a store (an unreadable one, say):
+        /// the old weft.redb is renamed weft.redb.broken-<unix time>, never deleted. History,
+        /// policies, tokens and the root CA start over; every proxy must join again.
+        #[arg(long)]
+        reinit_store: bool,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),
     /// Run the demo application (an HTTP service that calls others through its sidecar).
     DemoApp(demo_app::Args),
-    /// Apply TrafficPolicy / SecurityPolicy resources from a file.
+    /// Apply TrafficPolicy / SecurityPolicy resources from a file. Returns once the change is
+    /// applied, or at once when it is queued behind another intent (saying which, and what to do).
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Wait until the change is applied even when it is queued behind another intent; give
+        /// up (exit 1, the change stays queued) after DURATION.
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "5m")]
+        wait: Option<weft_api::Duration>,
     },
     /// Delete the resources named in a file.
     Delete {
@@ -293,7 +303,11 @@ fn main() -> ExitCode {
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     }
     .expect("tokio runtime");
-    match runtime.block_on(commands::run(cli)) {
+    let outcome = runtime.block_on(commands::run(cli));
+    // The command is done: a task still running (a blocking read of standard input, a
+    // connection cut at shutdown) must not keep the process, nor the store's lock, any longer.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -879,3 +879,98 @@ async fn forty_ms_on_half_the_requests_is_rolled_back_at_stage_one_with_the_conf
     assert!(reason.contains(" untreated (typically +"), "{reason}");
     assert!(reason.contains(" confident it is slower"), "{reason}");
 }
+
+/// `weft apply` on a service a manual intent holds says the change is queued, behind which
+/// intent, and what to do about it, and returns at once (it blocked 10 s and printed "created"
+/// before); `--wait` waits until the change is applied, and gives up with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_behind_a_manual_intent_says_it_is_queued_and_returns_at_once() {
+    let control = Control::start(BIN).await;
+    let hold = intent_yaml("HOLD-1", "            - timeout: 2s\n", "[100]", "1s", "manual", "{minRequests: 1}");
+    let (status, body) = control.post("/api/v1/intents", &hold).await;
+    assert_eq!(status, 201, "{body}");
+    let file = control.data_dir.join("orders-retries.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: orders-retries}\nspec:\n  service: orders\n  routes:\n    - timeout: 3s\n",
+    )
+    .unwrap();
+    // `weft [GLOBAL..] apply -f FILE [FLAGS..]`
+    let apply = |global: &[&str], flags: &[&str]| {
+        let mut cmd = control.cli();
+        cmd.args(global).args(["apply", "-f", file.to_str().unwrap()]).args(flags);
+        cmd
+    };
+
+    let started = Instant::now();
+    let out = apply(&[], &[]).output().unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(took < Duration::from_secs(3), "returned after {took:?}");
+    let queued = stdout
+        .split("queued as intent ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("says it is queued:\n{stdout}"))
+        .to_string();
+    for said in [
+        "TrafficPolicy/default/orders-retries: not created yet".to_string(),
+        format!("queued as intent {queued} behind intent HOLD-1 (manual mode, awaiting-approval) on orders"),
+        "weft intent approve HOLD-1".to_string(),
+        "weft intent abort HOLD-1".to_string(),
+        format!("weft intent abort {queued}` withdraws this change"),
+    ] {
+        assert!(stdout.contains(&said), "says {said:?}:\n{stdout}");
+    }
+    assert!(!stdout.contains("revision"), "claims no revision:\n{stdout}");
+    eprintln!(
+        "apply behind a manual intent returned in {:.0} ms:\n{stdout}",
+        took.as_secs_f64() * 1000.0
+    );
+
+    // What the CLI says is what the API answered.
+    let out = apply(&["-o", "json"], &[]).output().unwrap();
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&answer["phase"], &answer["revision"], &answer["blockedBy"]),
+        (
+            &Value::from("queued"),
+            &Value::Null,
+            &serde_json::json!({"by": "intent", "id": "HOLD-1", "phase": "awaiting-approval", "mode": "manual", "services": ["orders"]})
+        ),
+        "{answer}"
+    );
+
+    // --wait gives up with the reason, leaving the change queued.
+    let started = Instant::now();
+    let out = apply(&[], &["--wait=1s"]).output().unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("gave up waiting after 1s: intent")
+            && stderr.contains("is still queued behind intent HOLD-1 (awaiting-approval); it stays queued"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(5), "gave up after {took:?}");
+
+    // --wait returns once the change is applied: here when the operator aborts HOLD-1.
+    let before = control.get("/api/v1/intents").await.as_array().unwrap().len();
+    let waiting = apply(&[], &["--wait"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    eventually(Duration::from_secs(10), "the waiting apply's intent is queued", || async {
+        (control.get("/api/v1/intents").await.as_array()?.len() > before).then_some(())
+    })
+    .await;
+    let (status, body) = control.post("/api/v1/intents/HOLD-1/abort", "").await;
+    assert_eq!(status, 200, "{body}");
+    let out = waiting.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("waiting up to 5m for it to be applied") && stdout.contains("TrafficPolicy/default/orders-retries created"),
+        "{stdout}"
+    );
+    let revision = control.get("/api/v1/status").await["revision"].clone();
+    assert!(stdout.trim_end().ends_with(&format!("revision {revision}")), "{stdout}");
+}

@@ -548,60 +548,6 @@ async fn static_config_proxy_needs_no_control_plane() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A scripted control plane: pushes the configs it is given, one after each ACK or NACK, and
-/// reports every message the proxy sends.
-mod scripted {
-    use std::sync::Arc;
-    use tokio::sync::{Mutex, mpsc};
-    use tokio_stream::wrappers::ReceiverStream;
-    use tonic::{Request, Response, Status, Streaming};
-    use weft_api::proto::{self, ControlMessage, ProxyMessage, control_message, proxy_message};
-
-    pub struct Scripted {
-        pub configs: Arc<Mutex<Vec<proto::ProxyConfig>>>,
-        pub seen: mpsc::UnboundedSender<proxy_message::Msg>,
-    }
-
-    #[tonic::async_trait]
-    impl proto::distribution_server::Distribution for Scripted {
-        type ConnectStream = ReceiverStream<Result<ControlMessage, Status>>;
-
-        async fn certify(&self, _: Request<proto::CertifyRequest>) -> Result<Response<proto::CertifyResponse>, Status> {
-            Err(Status::unimplemented("this scripted control plane issues no certificates"))
-        }
-
-        async fn connect(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
-            let mut inbound = req.into_inner();
-            let (tx, rx) = mpsc::channel(8);
-            let (configs, seen) = (self.configs.clone(), self.seen.clone());
-            tokio::spawn(async move {
-                let push_next = |tx: mpsc::Sender<Result<ControlMessage, Status>>, configs: Arc<Mutex<Vec<proto::ProxyConfig>>>| async move {
-                    let mut c = configs.lock().await;
-                    if !c.is_empty() {
-                        let cfg = c.remove(0);
-                        let _ = tx
-                            .send(Ok(ControlMessage {
-                                msg: Some(control_message::Msg::Config(cfg)),
-                            }))
-                            .await;
-                    }
-                };
-                while let Ok(Some(ProxyMessage { msg: Some(m) })) = inbound.message().await {
-                    let answer = matches!(
-                        m,
-                        proxy_message::Msg::Register(_) | proxy_message::Msg::Ack(_) | proxy_message::Msg::Nack(_)
-                    );
-                    let _ = seen.send(m);
-                    if answer {
-                        push_next(tx.clone(), configs.clone()).await;
-                    }
-                }
-            });
-            Ok(Response::new(ReceiverStream::new(rx)))
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
     use weft_api::proto::{self, proxy_message::Msg};
@@ -632,32 +578,14 @@ async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
         services: vec![service("not-an-address".into())],
         ..Default::default()
     };
-    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
-    let fake = scripted::Scripted {
-        configs: std::sync::Arc::new(tokio::sync::Mutex::new(vec![good, bad])),
-        seen: seen_tx,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(proto::distribution_server::DistributionServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let url = format!("http://{grpc}");
-    let proxy = ProxyHandle::start_url(BIN, &url, None, "default/web", "cluster-a", &[], free_addr()).await;
+    let mut scripted = weft_test::scripted::ScriptedControl::start(vec![good, bad]).await;
+    let proxy = ProxyHandle::start_url(BIN, &scripted.url, None, "default/web", "cluster-a", &[], free_addr()).await;
     let (admin, outbound) = (proxy.admin, proxy.outbound);
 
-    async fn next(seen: &mut tokio::sync::mpsc::UnboundedReceiver<Msg>) -> Msg {
-        tokio::time::timeout(Duration::from_secs(10), seen.recv())
-            .await
-            .expect("proxy message")
-            .unwrap()
-    }
-    assert!(matches!(next(&mut seen).await, Msg::Register(r) if r.name == "web" && r.applied_revision == 0));
-    assert!(matches!(next(&mut seen).await, Msg::Ack(a) if a.version == 1 && a.revision == 5));
+    assert!(matches!(scripted.next().await.1, Msg::Register(r) if r.name == "web" && r.applied_revision == 0));
+    assert!(matches!(scripted.next().await.1, Msg::Ack(a) if a.version == 1 && a.revision == 5));
     let nack = loop {
-        match next(&mut seen).await {
+        match scripted.next().await.1 {
             Msg::Nack(n) => break n,
             Msg::Telemetry(_) => continue,
             other => panic!("expected a NACK, got {other:?}"),
