@@ -55,11 +55,6 @@ impl Invalid {
     pub fn one(source_name: impl Into<String>, error: FieldError) -> Self {
         Self::new(source_name, vec![error])
     }
-
-    /// The field of the first problem, for APIs that report one.
-    pub fn first_field(&self) -> &str {
-        self.errors.first().map(|e| e.field.as_str()).unwrap_or("")
-    }
 }
 
 impl fmt::Display for Invalid {

@@ -787,20 +787,6 @@ impl Resource {
             Resource::SecurityPolicy(_) => Vec::new(),
         }
     }
-
-    /// Parses a stored or wire JSON form; for data already validated once.
-    pub fn from_json(text: &str, source_name: &str) -> Result<Resource, Invalid> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| Invalid::one(source_name, FieldError::new("", "", format!("not valid JSON: {e}"))))?;
-        match object_from_value(&value) {
-            Ok(Object::Resource(r)) => Ok(r),
-            Ok(Object::Intent(_)) => Err(Invalid::one(
-                source_name,
-                FieldError::new("kind", "Intent", "expected a policy resource"),
-            )),
-            Err(errors) => Err(Invalid::new(source_name, errors)),
-        }
-    }
 }
 
 // === impl ResourceKey ===

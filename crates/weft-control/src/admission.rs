@@ -23,26 +23,26 @@ use std::time::Duration;
 /// What a connection on the control channel proved in its handshake (a request extension of
 /// every gRPC call; see [`crate::serving`]).
 #[derive(Clone, Debug, Default)]
-pub struct ControlPeer {
-    pub remote: Option<SocketAddr>,
-    pub local: Option<SocketAddr>,
+pub(crate) struct ControlPeer {
+    pub(crate) remote: Option<SocketAddr>,
+    pub(crate) local: Option<SocketAddr>,
     /// The client certificate, when one was presented and verified.
-    pub cert: Option<PeerCert>,
+    pub(crate) cert: Option<PeerCert>,
 }
 
 /// The facts of a verified client certificate the control plane relies on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerCert {
-    pub spiffe_id: String,
+pub(crate) struct PeerCert {
+    pub(crate) spiffe_id: String,
     /// Its common name: the workload (`namespace/name`) the CA issued it to.
-    pub workload: String,
+    pub(crate) workload: String,
     /// Hex.
-    pub serial: String,
+    pub(crate) serial: String,
 }
 
 /// How a workload proved itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Proof {
+pub(crate) enum Proof {
     /// Its current certificate; no token use is counted.
     Certificate { serial: String },
     /// A join token.
@@ -51,16 +51,16 @@ pub enum Proof {
 
 /// A workload admitted to register or be certified, and the identity it gets.
 #[derive(Clone, Debug)]
-pub struct Admitted {
-    pub namespace: String,
-    pub name: String,
-    pub service_account: String,
-    pub identity: String,
-    pub proof: Proof,
+pub(crate) struct Admitted {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) service_account: String,
+    pub(crate) identity: String,
+    pub(crate) proof: Proof,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum Refused {
+pub(crate) enum Refused {
     #[error("{workload}: no proof of identity (a join token, or the workload's certificate as the client certificate)")]
     NoProof { workload: String },
     #[error("{workload}: the client certificate is {presented_spiffe} of workload {presented_workload}, and no join token")]
@@ -85,7 +85,7 @@ pub enum Refused {
 
 impl Refused {
     /// A short label for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Refused::NoProof { .. } => "no-proof",
             Refused::OtherCertificate { .. } => "other-certificate",
@@ -128,7 +128,7 @@ fn now() -> u64 {
 
 impl PeerCert {
     /// Reads a (verified) certificate: its one SPIFFE ID, common name and serial.
-    pub fn from_der(der: &[u8]) -> Option<Self> {
+    pub(crate) fn from_der(der: &[u8]) -> Option<Self> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let san = cert.subject_alternative_name().ok()??;
         let mut uris = san.value.general_names.iter().filter_map(|n| match n {
@@ -153,7 +153,7 @@ impl PeerCert {
 impl Mesh {
     /// Decides whether `namespace/name` proved itself: by the client certificate of `peer`, or
     /// else by `token`. Counts no use; see [`Mesh::redeem`].
-    pub fn admit(&self, peer: Option<&ControlPeer>, namespace: &str, name: &str, token: &str) -> Result<Admitted, Refused> {
+    pub(crate) fn admit(&self, peer: Option<&ControlPeer>, namespace: &str, name: &str, token: &str) -> Result<Admitted, Refused> {
         let workload = format!("{namespace}/{name}");
         if namespace.is_empty() || name.is_empty() || name.contains('/') {
             return Err(Refused::Workload(workload));
@@ -215,7 +215,7 @@ impl Mesh {
     /// Counts one use of the token `admitted` proved itself with, if it still has one, and
     /// records the redemption (workload, source address, certificate serial) in the ledger.
     /// Nothing to do for a workload admitted by its certificate.
-    pub fn redeem(&self, admitted: &Admitted, source: Option<SocketAddr>, serial: &str) -> Result<(), Refused> {
+    pub(crate) fn redeem(&self, admitted: &Admitted, source: Option<SocketAddr>, serial: &str) -> Result<(), Refused> {
         let Proof::Token(claims) = &admitted.proof else {
             return Ok(());
         };
@@ -245,7 +245,7 @@ impl Mesh {
 
     /// Mints a join token for `namespace/name` and records it; `uses`: certificates it may be
     /// redeemed for (none: any number until it expires).
-    pub fn create_token(
+    pub(crate) fn create_token(
         &self,
         namespace: &str,
         name: &str,
@@ -270,7 +270,7 @@ impl Mesh {
     }
 
     /// Refuses token `id` from now on; `None` when there is no such token.
-    pub fn revoke_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+    pub(crate) fn revoke_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         match self.store.update_token(id, |r| {
             r.revoked = true;
             Ok(())
@@ -284,7 +284,7 @@ impl Mesh {
     }
 
     /// Every recorded token (never a secret).
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+    pub(crate) fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.store.tokens()
     }
 }

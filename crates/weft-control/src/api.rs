@@ -5,8 +5,9 @@
 //! queues a staged one and answers at once.
 
 use crate::auth::{Actor, Auth, Role};
-use crate::intents::Submitted;
-use crate::mesh::{ChangeError, Mesh};
+use crate::intents::{ChangeError, Submitted};
+use crate::mesh::Mesh;
+use crate::plan::Kind;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -27,17 +28,17 @@ use weft_api::resource::Object;
 const APPLY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
-pub struct Api {
-    pub mesh: Arc<Mesh>,
-    pub registry: Arc<Registry>,
-    pub history: crate::history::History,
+pub(crate) struct Api {
+    pub(crate) mesh: Arc<Mesh>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) history: crate::history::History,
     /// API tokens, dashboard sessions and the access rules every route is checked against; it
     /// also knows whether the API and the gRPC speak TLS (not `--insecure-plaintext`).
-    pub auth: Arc<Auth>,
+    pub(crate) auth: Arc<Auth>,
 }
 
 /// An error answer: `{error, field, errors}` with the status that fits.
-pub struct ApiError(StatusCode, String, Vec<FieldError>);
+pub(crate) struct ApiError(StatusCode, String, Vec<FieldError>);
 
 type Answer = Result<(StatusCode, Json<serde_json::Value>), ApiError>;
 
@@ -111,7 +112,7 @@ pub fn registered_routes() -> Vec<(Method, &'static str)> {
     routes().registered
 }
 
-pub fn router(api: Api) -> Router {
+pub(crate) fn router(api: Api) -> Router {
     routes()
         .router
         .route_layer(axum::middleware::from_fn_with_state(api.auth.clone(), crate::auth::authorize))
@@ -287,14 +288,14 @@ async fn apply(State(api): State<Api>, headers: HeaderMap, body: String) -> Answ
 }
 
 async fn remove(State(api): State<Api>, Path((kind, namespace, name)): Path<(String, String, String)>) -> Answer {
-    if !matches!(kind.as_str(), "TrafficPolicy" | "SecurityPolicy") {
+    let key = ResourceKey { kind, namespace, name };
+    if Kind::of_key(&key).is_none() {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            format!("unknown kind {kind:?}"),
-            vec![FieldError::new("kind", &kind, "one of TrafficPolicy, SecurityPolicy")],
+            format!("unknown kind {:?}", key.kind),
+            vec![FieldError::new("kind", &key.kind, "one of TrafficPolicy, SecurityPolicy")],
         ));
     }
-    let key = ResourceKey { kind, namespace, name };
     let submitted = api.mesh.submit_change(
         format!("delete {key}"),
         Vec::new(),
@@ -517,7 +518,7 @@ impl tokio_stream::Stream for TapStream {
 
 /// Server-sent events: one `data:` JSON object per change (intents, decisions, bypass, freeze).
 async fn events(State(api): State<Api>) -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
-    let stream = tokio_stream::wrappers::BroadcastStream::new(api.mesh.events.subscribe())
+    let stream = tokio_stream::wrappers::BroadcastStream::new(api.mesh.subscribe_events())
         .filter_map(|msg| msg.ok().map(|data| Ok(Event::default().data(data))));
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

@@ -4,6 +4,7 @@
 //! Tokens are random secrets shown once; the store keeps only their SHA-256. Every comparison
 //! of a secret is constant-time, and no secret is ever logged or echoed.
 
+use crate::clock::Clock;
 use crate::store::{Store, StoreError};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -19,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The name of the admin token written to `admin.token` at first start.
-pub const BOOTSTRAP_TOKEN: &str = "bootstrap-admin";
+pub(crate) const BOOTSTRAP_TOKEN: &str = "bootstrap-admin";
 /// The dashboard's session cookie.
-pub const SESSION_COOKIE: &str = "weft_session";
+pub(crate) const SESSION_COOKIE: &str = "weft_session";
 /// How long a dashboard session lasts at most (less when its token expires sooner).
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// How much of a mutating call's body the audit record keeps.
@@ -102,30 +103,30 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
 ];
 
 /// The access rule of a route, by method and path pattern.
-pub fn access_of(method: &str, path: &str) -> Option<Access> {
+pub(crate) fn access_of(method: &str, path: &str) -> Option<Access> {
     ACCESS.iter().find(|(m, p, _)| *m == method && *p == path).map(|(_, _, a)| *a)
 }
 
 /// An API token as stored: never the secret, only its hash.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ApiToken {
-    pub name: String,
-    pub role: Role,
+pub(crate) struct ApiToken {
+    pub(crate) name: String,
+    pub(crate) role: Role,
     /// Hex SHA-256 of the secret.
-    pub hash: String,
-    pub created_ms: u64,
+    pub(crate) hash: String,
+    pub(crate) created_ms: u64,
     /// Unix time in ms after which the token is refused; none for no expiry.
-    pub expires_ms: Option<u64>,
+    pub(crate) expires_ms: Option<u64>,
 }
 
 /// Who made a call: attached to every authorized request.
 #[derive(Clone, Debug)]
-pub struct Actor {
-    pub name: String,
-    pub role: Role,
+pub(crate) struct Actor {
+    pub(crate) name: String,
+    pub(crate) role: Role,
     /// Whether the credential came from the dashboard's session cookie.
-    pub session: bool,
+    pub(crate) session: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -136,7 +137,7 @@ struct Session {
 
 /// Why a credential was not accepted: 401 with a hint, or 403 naming the role needed.
 #[derive(Debug, thiserror::Error)]
-pub enum Denied {
+pub(crate) enum Denied {
     #[error("no credential")]
     Missing,
     #[error("the token is not valid (unknown or revoked)")]
@@ -168,14 +169,16 @@ pub enum TokenError {
 }
 
 /// The API tokens and dashboard sessions of this control plane.
-pub struct Auth {
+pub(crate) struct Auth {
     store: Arc<Store>,
     tokens: RwLock<Vec<ApiToken>>,
     sessions: RwLock<HashMap<String, Session>>,
     /// `/metrics` without a credential (`--metrics-open`).
-    pub metrics_open: bool,
+    pub(crate) metrics_open: bool,
     /// Whether the API is served over TLS: session cookies are then `Secure`.
-    pub tls: bool,
+    pub(crate) tls: bool,
+    /// What token and session expiry are checked against.
+    clock: Clock,
 }
 
 fn now_ms() -> u64 {
@@ -216,7 +219,7 @@ fn valid_name(name: &str) -> bool {
 impl Auth {
     /// Loads the stored tokens. On the first start (no bootstrap token recorded yet) the admin
     /// token in `admin_file` is registered, written there first (mode 0600) when missing.
-    pub fn open(store: Arc<Store>, admin_file: &std::path::Path, metrics_open: bool, tls: bool) -> Result<Self, TokenError> {
+    pub(crate) fn open(store: Arc<Store>, admin_file: &std::path::Path, metrics_open: bool, tls: bool) -> Result<Self, TokenError> {
         let tokens = store
             .api_tokens()?
             .iter()
@@ -228,6 +231,7 @@ impl Auth {
             sessions: RwLock::new(HashMap::new()),
             metrics_open,
             tls,
+            clock: Clock::default(),
         };
         if auth.store.secret("bootstrap_token_registered")?.is_none() {
             let secret = match std::fs::read_to_string(admin_file) {
@@ -243,7 +247,7 @@ impl Auth {
                 name: BOOTSTRAP_TOKEN.into(),
                 role: Role::Admin,
                 hash: sha256_hex(&secret),
-                created_ms: now_ms(),
+                created_ms: auth.clock.unix_ms(),
                 expires_ms: None,
             })?;
             auth.store.put_secret("bootstrap_token_registered", "1")?;
@@ -260,13 +264,19 @@ impl Auth {
         Ok(())
     }
 
+    /// The same tokens and sessions, expiring by `clock`.
+    #[cfg(test)]
+    pub(crate) fn with_clock(self, clock: Clock) -> Self {
+        Self { clock, ..self }
+    }
+
     /// Creates a token; returns its record and the secret, which is never shown again.
-    pub fn create(&self, name: &str, role: Role, ttl: Option<Duration>) -> Result<(ApiToken, String), TokenError> {
+    pub(crate) fn create(&self, name: &str, role: Role, ttl: Option<Duration>) -> Result<(ApiToken, String), TokenError> {
         if !valid_name(name) {
             return Err(TokenError::Name(name.into()));
         }
         let secret = random_secret("weft_")?;
-        let created = now_ms();
+        let created = self.clock.unix_ms();
         let token = ApiToken {
             name: name.into(),
             role,
@@ -286,14 +296,14 @@ impl Auth {
     }
 
     /// Every token, without secrets.
-    pub fn list(&self) -> Vec<ApiToken> {
+    pub(crate) fn list(&self) -> Vec<ApiToken> {
         let mut tokens = self.tokens.read().clone();
         tokens.sort_by(|a, b| a.name.cmp(&b.name));
         tokens
     }
 
     /// Revokes a token at once, with every dashboard session signed in with it.
-    pub fn revoke(&self, name: &str) -> Result<(), TokenError> {
+    pub(crate) fn revoke(&self, name: &str) -> Result<(), TokenError> {
         if !self.tokens.read().iter().any(|t| t.name == name) {
             return Err(TokenError::NotFound(name.into()));
         }
@@ -305,7 +315,7 @@ impl Auth {
 
     /// The token a secret belongs to. Compares the secret's hash with every token's, in
     /// constant time each.
-    pub fn verify(&self, secret: &str) -> Result<Actor, Denied> {
+    pub(crate) fn verify(&self, secret: &str) -> Result<Actor, Denied> {
         let hash = sha256_hex(secret);
         let tokens = self.tokens.read();
         let mut found = None;
@@ -315,7 +325,7 @@ impl Auth {
             }
         }
         let t = found.ok_or(Denied::Unknown)?;
-        if t.expires_ms.is_some_and(|e| e <= now_ms()) {
+        if t.expires_ms.is_some_and(|e| e <= self.clock.unix_ms()) {
             return Err(Denied::Expired(t.name.clone()));
         }
         Ok(Actor {
@@ -326,9 +336,9 @@ impl Auth {
     }
 
     /// Signs the dashboard in with a token: a session id for the cookie, and its lifetime.
-    pub fn open_session(&self, secret: &str) -> Result<(String, Actor, Duration), Denied> {
+    pub(crate) fn open_session(&self, secret: &str) -> Result<(String, Actor, Duration), Denied> {
         let actor = self.verify(secret)?;
-        let now = now_ms();
+        let now = self.clock.unix_ms();
         let token_left = self
             .tokens
             .read()
@@ -351,7 +361,7 @@ impl Auth {
         Ok((id, actor, Duration::from_millis(ttl_ms)))
     }
 
-    pub fn close_session(&self, id: &str) {
+    pub(crate) fn close_session(&self, id: &str) {
         self.sessions.write().remove(id);
     }
 
@@ -364,12 +374,12 @@ impl Auth {
             }
         }
         let s = found.ok_or(Denied::SessionEnded)?;
-        if s.expires_ms <= now_ms() {
+        if s.expires_ms <= self.clock.unix_ms() {
             return Err(Denied::SessionEnded);
         }
         let tokens = self.tokens.read();
         let t = tokens.iter().find(|t| t.name == s.token).ok_or(Denied::SessionEnded)?;
-        if t.expires_ms.is_some_and(|e| e <= now_ms()) {
+        if t.expires_ms.is_some_and(|e| e <= self.clock.unix_ms()) {
             return Err(Denied::Expired(t.name.clone()));
         }
         Ok(Actor {
@@ -380,7 +390,7 @@ impl Auth {
     }
 
     /// The caller of a request: a bearer token, or else the dashboard's session cookie.
-    pub fn caller(&self, headers: &HeaderMap) -> Result<Actor, Denied> {
+    pub(crate) fn caller(&self, headers: &HeaderMap) -> Result<Actor, Denied> {
         if let Some(v) = headers.get(header::AUTHORIZATION) {
             let secret = v
                 .to_str()
@@ -398,7 +408,7 @@ impl Auth {
 }
 
 /// The session id in a request's cookies, if any.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn session_cookie(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -450,7 +460,7 @@ impl IntoResponse for Denied {
 /// The authorization middleware of every route: finds the route's rule, checks the caller's
 /// credential and role, refuses cross-site writes made with the dashboard's cookie, and records
 /// every mutating call in the audit ledger.
-pub async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
     let auth = &*auth;
     let route = req
         .extensions()
@@ -574,7 +584,7 @@ fn same_origin(req: &Request, tls: bool) -> Result<(), Denied> {
 }
 
 /// The `Set-Cookie` value for a session (or its removal with `None`).
-pub fn session_cookie_header(id: Option<(&str, Duration)>, tls: bool) -> String {
+pub(crate) fn session_cookie_header(id: Option<(&str, Duration)>, tls: bool) -> String {
     let secure = if tls { "; Secure" } else { "" };
     match id {
         Some((id, ttl)) => format!(
@@ -630,6 +640,38 @@ mod tests {
             ["bootstrap-admin", "short"]
         );
         assert_eq!(again.verify(&admin).unwrap().name, BOOTSTRAP_TOKEN);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn tokens_and_sessions_expire_when_their_time_has_passed_on_the_clock() {
+        let (auth, dir) = auth();
+        let clock = Clock::manual();
+        let auth = auth.with_clock(clock.clone());
+        let session_cookie = |id: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::COOKIE, format!("{SESSION_COOKIE}={id}").parse().unwrap());
+            headers
+        };
+        let (_, ops) = auth.create("ops", Role::Operator, Some(Duration::from_secs(2 * 3600))).unwrap();
+        let (ops_session, _, ttl) = auth.open_session(&ops).unwrap();
+        assert_eq!(ttl, Duration::from_secs(2 * 3600), "a session lasts no longer than its token");
+        let (_, ci) = auth.create("ci", Role::Viewer, None).unwrap();
+        let (ci_session, _, ttl) = auth.open_session(&ci).unwrap();
+        assert_eq!(ttl, SESSION_TTL);
+        clock.advance(Duration::from_secs(2 * 3600 - 1));
+        assert_eq!(auth.verify(&ops).unwrap().name, "ops");
+        assert_eq!(auth.caller(&session_cookie(&ops_session)).unwrap().name, "ops");
+        clock.advance(Duration::from_secs(1));
+        assert!(matches!(auth.verify(&ops), Err(Denied::Expired(_))));
+        assert!(
+            auth.caller(&session_cookie(&ops_session)).is_err(),
+            "the session ends with its token"
+        );
+        assert_eq!(auth.caller(&session_cookie(&ci_session)).unwrap().name, "ci");
+        clock.advance(SESSION_TTL);
+        assert!(auth.caller(&session_cookie(&ci_session)).is_err(), "a session ends after its TTL");
+        assert_eq!(auth.verify(&ci).unwrap().name, "ci", "a token without a TTL does not expire");
         let _ = std::fs::remove_dir_all(dir);
     }
 

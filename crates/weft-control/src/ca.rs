@@ -10,6 +10,7 @@
 //! workload needs (a token, or its current certificate) is [`crate::admission`]'s business. Keys
 //! never leave the proxy; tokens and keys are never logged.
 
+use crate::clock::Clock;
 use crate::store::{Store, StoreError};
 use aws_lc_rs::hmac;
 use base64::Engine;
@@ -20,16 +21,18 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-pub use weft_api::token::Claims;
+pub(crate) use weft_api::token::Claims;
 
 /// Shortest certificate lifetime accepted (tests use it to watch rotation).
-pub const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
+pub(crate) const MIN_LEAF_TTL: Duration = Duration::from_secs(60);
 
-pub struct Ca {
+pub(crate) struct Ca {
     trust_domain: String,
     leaf_ttl: Duration,
     state: parking_lot::RwLock<Roots>,
     token_key: hmac::Key,
+    /// What token expiry is checked against.
+    clock: Clock,
 }
 
 /// The signing root, the roots trusted, and where a rotation stands.
@@ -55,7 +58,7 @@ struct Roots {
 /// until every workload holds a new leaf; then `idle` with the new root alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Rotation {
+pub(crate) enum Rotation {
     Idle,
     Distributing,
     Reissuing,
@@ -64,35 +67,35 @@ pub enum Rotation {
 /// A snapshot of the CA for the API.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CaView {
-    pub trust_domain: String,
-    pub root_not_after: u64,
-    pub roots_trusted: usize,
-    pub bundle_epoch: u64,
-    pub generation: u64,
-    pub rotation: Rotation,
-    pub bundle: String,
+pub(crate) struct CaView {
+    pub(crate) trust_domain: String,
+    pub(crate) root_not_after: u64,
+    pub(crate) roots_trusted: usize,
+    pub(crate) bundle_epoch: u64,
+    pub(crate) generation: u64,
+    pub(crate) rotation: Rotation,
+    pub(crate) bundle: String,
 }
 
 /// A certificate issued to a workload.
 #[derive(Clone, Debug)]
-pub struct Issued {
-    pub chain_pem: String,
-    pub identity: String,
-    pub not_after: u64,
+pub(crate) struct Issued {
+    pub(crate) chain_pem: String,
+    pub(crate) identity: String,
+    pub(crate) not_after: u64,
     /// The signing root's generation.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// The certificate's serial number, hex.
-    pub serial: String,
+    pub(crate) serial: String,
 }
 
 /// The control plane's own serving certificate.
 #[derive(Clone, Debug)]
-pub struct ServingIssued {
+pub(crate) struct ServingIssued {
     /// The leaf, then the root that signed it (so clients can pin the root by fingerprint).
-    pub chain_pem: String,
-    pub not_after: u64,
-    pub generation: u64,
+    pub(crate) chain_pem: String,
+    pub(crate) not_after: u64,
+    pub(crate) generation: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +147,12 @@ fn fingerprint_of(pem: &str) -> Result<String, CaError> {
 impl Ca {
     /// Loads the CA from the store, creating the root (or adopting `user_root`: certificate and
     /// key PEM) and the token key the first time.
-    pub fn open(store: &Store, trust_domain: &str, leaf_ttl: Duration, user_root: Option<(String, String)>) -> Result<Self, CaError> {
+    pub(crate) fn open(
+        store: &Store,
+        trust_domain: &str,
+        leaf_ttl: Duration,
+        user_root: Option<(String, String)>,
+    ) -> Result<Self, CaError> {
         if leaf_ttl < MIN_LEAF_TTL {
             return Err(CaError::Internal(format!(
                 "certificate lifetime {leaf_ttl:?} is below the minimum of {MIN_LEAF_TTL:?}"
@@ -198,11 +206,24 @@ impl Ca {
             leaf_ttl,
             state: parking_lot::RwLock::new(roots),
             token_key: hmac::Key::new(hmac::HMAC_SHA256, &token_secret),
+            clock: Clock::default(),
         })
     }
 
+    /// The same CA, deciding token expiry by `clock`.
+    #[cfg(test)]
+    pub(crate) fn with_clock(self, clock: Clock) -> Self {
+        Self { clock, ..self }
+    }
+
+    /// Unix seconds by the CA's clock. Certificates' own validity is stamped from the real
+    /// clock (peers check it against theirs); the clock decides what is policy: token expiry.
+    fn now(&self) -> u64 {
+        self.clock.unix_ms() / 1000
+    }
+
     /// Starts a root rotation: a new root joins the trust bundle; the old one still signs.
-    pub fn rotate(&self, store: &Store) -> Result<(), CaError> {
+    pub(crate) fn rotate(&self, store: &Store) -> Result<(), CaError> {
         let mut st = self.state.write();
         if st.rotation != Rotation::Idle {
             return Err(CaError::Busy(format!("a rotation is already {:?}", st.rotation)));
@@ -226,7 +247,7 @@ impl Ca {
     }
 
     /// Every proxy trusts the new root: it signs from now on, and leaves are re-issued.
-    pub fn switch_signer(&self, store: &Store) -> Result<(), CaError> {
+    pub(crate) fn switch_signer(&self, store: &Store) -> Result<(), CaError> {
         let mut st = self.state.write();
         let Some((cert, key)) = st.next.clone() else { return Ok(()) };
         let (issuer, not_after) = signer(&cert, &key)?;
@@ -246,7 +267,7 @@ impl Ca {
     }
 
     /// Every workload holds a leaf of the new root: the old root leaves the bundle.
-    pub fn finish_rotation(&self, store: &Store) -> Result<(), CaError> {
+    pub(crate) fn finish_rotation(&self, store: &Store) -> Result<(), CaError> {
         let mut st = self.state.write();
         let bundle = st.root_pem.clone();
         store.put_secret("bundle", &bundle)?;
@@ -262,19 +283,19 @@ impl Ca {
         Ok(())
     }
 
-    pub fn rotation(&self) -> Rotation {
+    pub(crate) fn rotation(&self) -> Rotation {
         self.state.read().rotation
     }
 
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.state.read().generation
     }
 
-    pub fn bundle_epoch(&self) -> u64 {
+    pub(crate) fn bundle_epoch(&self) -> u64 {
         self.state.read().bundle_epoch
     }
 
-    pub fn view(&self) -> CaView {
+    pub(crate) fn view(&self) -> CaView {
         let st = self.state.read();
         CaView {
             trust_domain: self.trust_domain.clone(),
@@ -287,33 +308,29 @@ impl Ca {
         }
     }
 
-    pub fn trust_domain(&self) -> &str {
+    pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
     /// The SPIFFE ID of a workload's service account.
-    pub fn identity(&self, ns: &str, sa: &str) -> String {
+    pub(crate) fn identity(&self, ns: &str, sa: &str) -> String {
         format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain)
     }
 
     /// The roots proxies trust.
-    pub fn bundle_pem(&self) -> String {
+    pub(crate) fn bundle_pem(&self) -> String {
         self.state.read().bundle_pem.clone()
     }
 
-    pub fn root_not_after(&self) -> u64 {
-        self.state.read().root_not_after
-    }
-
     /// SHA-256 (hex) of the root that signs now: what new join tokens pin.
-    pub fn root_fingerprint(&self) -> String {
+    pub(crate) fn root_fingerprint(&self) -> String {
         self.state.read().root_fingerprint.clone()
     }
 
     /// What new join tokens pin: the root that signs now and, during a rotation's distribution,
     /// the root about to sign (comma-separated hex SHA-256). A token minted mid-rotation then
     /// verifies the control plane before and after the new root starts signing.
-    pub fn token_pins(&self) -> String {
+    pub(crate) fn token_pins(&self) -> String {
         let st = self.state.read();
         match st.next.as_ref().and_then(|(cert, _)| fingerprint_of(cert).ok()) {
             Some(next) => format!("{},{next}", st.root_fingerprint),
@@ -323,13 +340,13 @@ impl Ca {
 
     /// A join token for one workload, `weft1.<claims>.<signature>`, with id `jti`. It pins
     /// [`Ca::token_pins`].
-    pub fn create_token(&self, jti: &str, ns: &str, name: &str, sa: &str, ttl: Duration) -> (String, Claims) {
+    pub(crate) fn create_token(&self, jti: &str, ns: &str, name: &str, sa: &str, ttl: Duration) -> (String, Claims) {
         let claims = Claims {
             jti: jti.into(),
             ns: ns.into(),
             name: name.into(),
             sa: sa.into(),
-            exp: now() + ttl.as_secs(),
+            exp: self.now() + ttl.as_secs(),
             ca: self.token_pins(),
         };
         let signed = claims.signed_part();
@@ -339,10 +356,10 @@ impl Ca {
 
     /// Checks a token's signature and expiry; never echoes the token. Whether it is still on
     /// record (not revoked, uses left) is the store's to say.
-    pub fn verify_token(&self, token: &str) -> Result<Claims, CaError> {
+    pub(crate) fn verify_token(&self, token: &str) -> Result<Claims, CaError> {
         let (signed, claims, sig) = weft_api::token::split(token).map_err(|e| CaError::Token(e.to_string()))?;
         hmac::verify(&self.token_key, signed.as_bytes(), &sig).map_err(|_| CaError::Token("bad signature".into()))?;
-        let t = now();
+        let t = self.now();
         if claims.exp <= t {
             return Err(CaError::Expired(t - claims.exp));
         }
@@ -351,7 +368,7 @@ impl Ca {
 
     /// Signs the key in `csr_pem` for workload `ns/name` with service account `sa`. The CSR may
     /// ask for no name, or for exactly that identity; anything else is refused.
-    pub fn certify(&self, ns: &str, name: &str, sa: &str, csr_pem: &str) -> Result<Issued, CaError> {
+    pub(crate) fn certify(&self, ns: &str, name: &str, sa: &str, csr_pem: &str) -> Result<Issued, CaError> {
         let identity = self.identity(ns, sa);
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::Refused(format!("unreadable CSR: {e}")))?;
         let asked: Vec<String> = csr
@@ -399,7 +416,7 @@ impl Ca {
 
     /// The control plane's serving certificate for `key`: server-auth only, with exactly `sans`
     /// (DNS names and IP addresses), valid for `ttl`. The chain ends with the signing root.
-    pub fn issue_serving(&self, key: &KeyPair, sans: &[SanType], ttl: Duration) -> Result<ServingIssued, CaError> {
+    pub(crate) fn issue_serving(&self, key: &KeyPair, sans: &[SanType], ttl: Duration) -> Result<ServingIssued, CaError> {
         let (serial, _) = serial()?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
         params.subject_alt_names = sans.to_vec();
@@ -452,7 +469,7 @@ fn signer(cert_pem: &str, key_pem: &str) -> Result<(Issuer<'static, KeyPair>, u6
 }
 
 /// The DER of the first PEM block in `pem`.
-pub fn pem_der(pem: &str) -> Option<Vec<u8>> {
+pub(crate) fn pem_der(pem: &str) -> Option<Vec<u8>> {
     let body: String = pem
         .lines()
         .skip_while(|l| !l.starts_with("-----BEGIN"))
@@ -511,6 +528,22 @@ mod tests {
         assert!(matches!(ca.verify_token("weft1.e30.AAAA"), Err(CaError::Token(_))));
         let (expired, _) = ca.create_token("t-2", "default", "x", "x", Duration::ZERO);
         assert!(matches!(ca.verify_token(&expired), Err(CaError::Expired(_))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_token_expires_when_its_ttl_has_passed_on_the_clock() {
+        let (ca, dir) = ca();
+        let clock = Clock::manual();
+        let ca = ca.with_clock(clock.clone());
+        let (token, _) = ca.create_token("t-3", "default", "orders-api", "orders-api", Duration::from_secs(600));
+        clock.advance(Duration::from_secs(599));
+        assert!(ca.verify_token(&token).is_ok(), "valid one second before its expiry");
+        clock.advance(Duration::from_secs(61));
+        match ca.verify_token(&token) {
+            Err(CaError::Expired(ago)) => assert_eq!(ago, 60, "expired a minute ago"),
+            other => panic!("expected expiry, got {other:?}"),
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

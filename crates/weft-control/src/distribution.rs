@@ -19,9 +19,9 @@ use weft_core::Shutdown;
 /// How long a new stream may take to send its Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct Distribution {
-    pub mesh: Arc<Mesh>,
-    pub shutdown: Shutdown,
+pub(crate) struct Distribution {
+    pub(crate) mesh: Arc<Mesh>,
+    pub(crate) shutdown: Shutdown,
 }
 
 #[tonic::async_trait]

@@ -8,27 +8,27 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const STEP: Duration = Duration::from_secs(2);
-pub const WINDOW: Duration = Duration::from_secs(300);
+pub(crate) const STEP: Duration = Duration::from_secs(2);
+pub(crate) const WINDOW: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Copy, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Point {
+pub(crate) struct Point {
     /// Unix milliseconds.
-    pub t: u64,
-    pub rps: f64,
-    pub error_rate: f64,
-    pub p99_ms: Option<f64>,
+    pub(crate) t: u64,
+    pub(crate) rps: f64,
+    pub(crate) error_rate: f64,
+    pub(crate) p99_ms: Option<f64>,
 }
 
 #[derive(Clone, Default)]
-pub struct History {
+pub(crate) struct History {
     series: Arc<Mutex<BTreeMap<String, VecDeque<Point>>>>,
 }
 
 impl History {
     /// Takes one sample of every service now.
-    pub fn sample(&self, mesh: &Mesh) {
+    pub(crate) fn sample(&self, mesh: &Mesh) {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -52,7 +52,7 @@ impl History {
         }
     }
 
-    pub fn snapshot(&self) -> BTreeMap<String, Vec<Point>> {
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, Vec<Point>> {
         self.series
             .lock()
             .iter()
@@ -61,7 +61,7 @@ impl History {
     }
 
     /// Samples until `shutdown`.
-    pub async fn run(self, mesh: Arc<Mesh>, shutdown: weft_core::Shutdown) {
+    pub(crate) async fn run(self, mesh: Arc<Mesh>, shutdown: weft_core::Shutdown) {
         let mut tick = tokio::time::interval(STEP);
         loop {
             tokio::select! {

@@ -3,20 +3,26 @@
 //! on the stable resources; the proxies its current stage treats get stable + overlay, every
 //! other proxy stays on stable (last-known-good). `step` advances every intent; it runs on every
 //! ACK, NACK, telemetry report and operator action, and on a short tick for timers.
+//!
+//! The machine owns the intents and the stable resources. It reads the registry and the signals
+//! and tells its caller what happened as [`Event`]s (persist this record, replan, tell the
+//! dashboard) rather than reaching back into the mesh.
 
-use crate::mesh::{Applied, ChangeError, LoopView, Mesh, ProxyRecord, State};
+use crate::plan::{Kind, OverlayEntry};
+use crate::registry::ProxyRecord;
 use crate::rollout::{self, Evidence, Phase, Verdict};
-use crate::store::{ChangeEntry, Store, StoreError};
+use crate::signals::Signals;
+use crate::store::{ChangeEntry, Revision, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use weft_api::ResourceKey;
 use weft_api::error::{FieldError, Invalid};
+use weft_api::mesh::SUBSET_LABEL;
 use weft_api::proto::Direction;
 use weft_api::resource::{Document, IntentSpec, OnInconclusive, Resource, RolloutMode, Slo};
-use weft_core::Shutdown;
 
 /// How long the treated proxies of a stage have to ACK before the intent fails.
 const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -30,8 +36,6 @@ const EVIDENCE_PATIENCE: u32 = 3;
 /// compilation competing for the CPU), which is warm-up, not the change. Treated and untreated
 /// proxies skip the same span, so they stay comparable.
 const WARM_UP: Duration = Duration::from_secs(2);
-/// Timer resolution of the loop.
-const TICK: Duration = Duration::from_millis(200);
 /// Most proxies a stage's ledger entry names.
 const LEDGER_NAMES: usize = 20;
 
@@ -81,7 +85,10 @@ pub struct IntentRecord {
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
     #[serde(skip)]
-    clock: Clock,
+    timing: Timing,
+    /// Promoted, with its revision being stored: no step or operator touches it meanwhile.
+    #[serde(skip)]
+    committing: bool,
 }
 
 /// What keeps a queued intent from starting.
@@ -100,15 +107,6 @@ pub enum Blocker {
     },
     /// `weft freeze on`: nothing starts until it is off.
     Freeze,
-}
-
-/// One resource the intent sets (`Some`) or removes (`None`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OverlayEntry {
-    pub key: ResourceKey,
-    pub service: String,
-    pub resource: Option<Resource>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,7 +131,7 @@ pub struct LedgerEntry {
 }
 
 #[derive(Clone, Debug, Default)]
-struct Clock {
+struct Timing {
     started: Option<Instant>,
     stage_started: Option<Instant>,
     observe_started: Option<Instant>,
@@ -141,7 +139,7 @@ struct Clock {
 
 /// What a submission of resources (`weft apply`, `delete`, `rollback`) became.
 #[derive(Clone, Debug)]
-pub enum Submitted {
+pub(crate) enum Submitted {
     /// Nothing to change.
     Unchanged(Applied),
     Queued {
@@ -150,31 +148,107 @@ pub enum Submitted {
     },
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChangeError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The outcome of an accepted change.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Applied {
+    pub(crate) revision: u64,
+    pub(crate) changes: Vec<ChangeEntry>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct LoopView {
+    phase: &'static str,
+    intent: Option<String>,
+    mode: &'static str,
+    last_decision: Option<String>,
+    frozen: bool,
+}
+
+/// What the machine did that others must act on, in order.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// One JSON object for the dashboard's `/api/v1/events`.
+    Emit(serde_json::Value),
+    /// What some proxy should run changed: every stream plans again.
+    Changed,
+    /// The loop should step again at once.
+    Wake,
+    /// A decision with this outcome was made (the decisions metric).
+    Decided(&'static str),
+    /// A new stable revision.
+    Stable(u64),
+    /// Intent `seq`'s record changed: store this JSON.
+    Persist(u64, String),
+}
+
+/// The intents and the stable resources they change.
+pub(crate) struct Machine {
+    /// The revision every untreated proxy runs, and its resources.
+    pub(crate) stable: u64,
+    pub(crate) resources: Arc<BTreeMap<ResourceKey, Resource>>,
+    pub(crate) records: BTreeMap<u64, IntentRecord>,
+    pub(crate) frozen: bool,
+    /// Bypassed services, as (namespace, service).
+    pub(crate) bypass: BTreeSet<(String, String)>,
+    last_decision: Option<String>,
+}
+
+/// One pass of the machine: what it reads, and the events it produces.
+pub(crate) struct Step<'a> {
+    pub(crate) m: &'a mut Machine,
+    proxies: &'a BTreeMap<u64, ProxyRecord>,
+    signals: &'a Signals,
+    now: Instant,
+    now_ms: u64,
+    /// Revision numbers reserved for intents that start in this pass.
+    pub(crate) reserved: Vec<u64>,
+    pub(crate) events: Vec<Event>,
+    /// Promotions whose revision the caller stores once the machine is released.
+    pub(crate) commits: Vec<Commit>,
+}
+
+/// A promoted candidate to store as the new stable revision.
+pub(crate) struct Commit {
+    seq: u64,
+    pub(crate) candidate: u64,
+    pub(crate) summary: String,
+    pub(crate) changes: Vec<ChangeEntry>,
+    pub(crate) next: BTreeMap<ResourceKey, Resource>,
+    why: String,
 }
 
 // === impl IntentRecord ===
 
 impl IntentRecord {
-    fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         !self.phase.is_terminal() && self.phase != Phase::Queued
     }
 
     /// Whether `p` runs this intent's candidate now.
-    pub fn treats(&self, p: &ProxyRecord) -> bool {
+    pub(crate) fn treats(&self, p: &ProxyRecord) -> bool {
         self.running() && !self.overlay.is_empty() && (self.treated.contains(p.workload_id()) || (self.treat_all && self.enforced_by(p)))
     }
 
     /// Whether `p` enforces this change: a caller of a service whose TrafficPolicy changes, or an
     /// instance of a service whose SecurityPolicy changes.
-    pub fn enforced_by(&self, p: &ProxyRecord) -> bool {
+    fn enforced_by(&self, p: &ProxyRecord) -> bool {
         p.namespace == self.namespace
-            && self.overlay.iter().any(|e| match (e.key.kind.as_str(), &e.resource) {
-                ("TrafficPolicy", _) => p.subscriptions.contains(&e.service),
+            && self.overlay.iter().any(|e| match (Kind::of_key(&e.key), &e.resource) {
+                (Some(Kind::TrafficPolicy), _) => p.subscriptions.contains(&e.service),
                 (_, Some(Resource::SecurityPolicy(d))) => {
                     p.service == e.service && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
                 }
@@ -183,16 +257,16 @@ impl IntentRecord {
     }
 
     fn is_security(&self) -> bool {
-        self.overlay.iter().all(|e| e.key.kind == "SecurityPolicy")
+        self.overlay.iter().all(|e| Kind::of_key(&e.key) == Some(Kind::SecurityPolicy))
     }
 
     fn share(&self) -> f64 {
         self.stages.get(self.stage).copied().unwrap_or(100.0)
     }
 
-    fn log(&mut self, actor: &str, event: &str, detail: impl Into<String>) {
+    fn log(&mut self, time_ms: u64, actor: &str, event: &str, detail: impl Into<String>) {
         self.ledger.push(LedgerEntry {
-            time_ms: now_ms(),
+            time_ms,
             actor: actor.to_string(),
             event: event.to_string(),
             detail: detail.into(),
@@ -200,78 +274,187 @@ impl IntentRecord {
     }
 
     /// The JSON the API shows.
-    pub fn view(&self) -> serde_json::Value {
+    pub(crate) fn view(&self) -> serde_json::Value {
         json!(self)
     }
 }
 
-/// Loads the intents of an earlier run. An intent that was mid-rollout is rolled back: its
-/// candidate lived only in the proxies this control plane no longer tracks, and every proxy
-/// now gets the stable revision, so the fleet is never left on an unknown mix.
-pub fn recover(store: &Store, stable: u64) -> Result<BTreeMap<u64, IntentRecord>, StoreError> {
-    let mut out = BTreeMap::new();
-    for (seq, json) in store.intents()? {
-        let mut intent: IntentRecord = match serde_json::from_str(&json) {
-            Ok(i) => i,
-            Err(error) => {
-                tracing::error!(seq, %error, "unreadable intent record; skipped");
-                continue;
-            }
+// === impl Machine ===
+
+impl Machine {
+    /// Loads the stable revision and the intents of an earlier run. An intent that was
+    /// mid-rollout is rolled back: its candidate lived only in the proxies this control plane no
+    /// longer tracks, and every proxy now gets the stable revision, so the fleet is never left
+    /// on an unknown mix.
+    pub(crate) fn recover(store: &Store, now_ms: u64) -> Result<Self, StoreError> {
+        let stable = match store.stable()? {
+            Some(rev) => store.get(rev)?,
+            None => store.latest()?,
         };
-        let untouched = intent.phase == Phase::Queued || (intent.phase == Phase::AwaitingApproval && intent.stage == 0 && !intent.held);
-        if untouched && intent.phase != Phase::Queued {
-            intent.phase = Phase::Queued;
-            intent.overlay.clear();
-            intent.candidate = None;
-            store.put_intent(seq, &serde_json::to_string(&intent).expect("serializes"))?;
-        } else if !intent.phase.is_terminal() && !untouched {
-            let reason = format!("control plane restarted mid-rollout: every proxy returned to revision {stable}");
-            intent.decisions.push(DecisionRecord {
-                time_ms: now_ms(),
-                stage: intent.stage + 1,
-                share: intent.share(),
-                outcome: "rolled-back".into(),
-                reason,
-            });
-            intent.phase = Phase::RolledBack;
-            intent.treated.clear();
-            intent.treat_all = false;
-            intent.finished_ms = Some(now_ms());
-            store.put_intent(seq, &serde_json::to_string(&intent).expect("serializes"))?;
+        let (stable, resources) = match stable {
+            Some(r) => (r.revision, r.resources.into_iter().map(|res| (res.key(), res)).collect()),
+            None => (0, BTreeMap::new()),
+        };
+        let mut records = BTreeMap::new();
+        for (seq, json) in store.intents()? {
+            let mut intent: IntentRecord = match serde_json::from_str(&json) {
+                Ok(i) => i,
+                Err(error) => {
+                    tracing::error!(seq, %error, "unreadable intent record; skipped");
+                    continue;
+                }
+            };
+            let untouched = intent.phase == Phase::Queued || (intent.phase == Phase::AwaitingApproval && intent.stage == 0 && !intent.held);
+            if untouched && intent.phase != Phase::Queued {
+                intent.phase = Phase::Queued;
+                intent.overlay.clear();
+                intent.candidate = None;
+                store.put_intent(seq, &serde_json::to_string(&intent).expect("serializes"))?;
+            } else if !intent.phase.is_terminal() && !untouched {
+                let reason = format!("control plane restarted mid-rollout: every proxy returned to revision {stable}");
+                intent.decisions.push(DecisionRecord {
+                    time_ms: now_ms,
+                    stage: intent.stage + 1,
+                    share: intent.share(),
+                    outcome: "rolled-back".into(),
+                    reason,
+                });
+                intent.phase = Phase::RolledBack;
+                intent.treated.clear();
+                intent.treat_all = false;
+                intent.finished_ms = Some(now_ms);
+                store.put_intent(seq, &serde_json::to_string(&intent).expect("serializes"))?;
+            }
+            records.insert(seq, intent);
         }
-        out.insert(seq, intent);
+        Ok(Self {
+            stable,
+            resources: Arc::new(resources),
+            records,
+            frozen: false,
+            bypass: BTreeSet::new(),
+            last_decision: None,
+        })
     }
-    Ok(out)
+
+    pub(crate) fn seq_of(&self, id: &str) -> Result<u64, ChangeError> {
+        self.records
+            .iter()
+            .find(|(_, i)| i.id == id)
+            .map(|(s, _)| *s)
+            .ok_or_else(|| ChangeError::NotFound(format!("intent {id}")))
+    }
+
+    /// One pass over the machine with the registry's proxies (and the signals, which only
+    /// judging reads).
+    pub(crate) fn pass<'a>(
+        &'a mut self,
+        proxies: &'a BTreeMap<u64, ProxyRecord>,
+        signals: &'a Signals,
+        now: Instant,
+        now_ms: u64,
+    ) -> Step<'a> {
+        Step {
+            m: self,
+            proxies,
+            signals,
+            now,
+            now_ms,
+            reserved: Vec::new(),
+            events: Vec::new(),
+            commits: Vec::new(),
+        }
+    }
+
+    /// How many queued intents could start now: the revision numbers to reserve before the
+    /// next pass, so the pass itself writes nothing to the store.
+    pub(crate) fn startable(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|(seq, i)| i.phase == Phase::Queued && self.blocker_of(**seq).is_none())
+            .count()
+    }
+
+    /// The revision `p` should be running: stable, or the candidate of an intent treating it.
+    pub(crate) fn assigned_revision(&self, p: &ProxyRecord) -> u64 {
+        self.records
+            .values()
+            .filter(|i| i.treats(p))
+            .filter_map(|i| i.candidate)
+            .fold(self.stable, u64::max)
+    }
+
+    pub(crate) fn loop_view(&self) -> LoopView {
+        let current = self.records.values().find(|i| i.running());
+        LoopView {
+            phase: current.map(|i| i.phase.as_str()).unwrap_or("idle"),
+            intent: current.map(|i| i.id.clone()),
+            mode: match current.map(|i| i.mode) {
+                Some(RolloutMode::Manual) => "manual",
+                _ => "auto",
+            },
+            last_decision: self.last_decision.clone(),
+            frozen: self.frozen,
+        }
+    }
+
+    /// What keeps queued intent `seq` from starting now: an earlier unfinished intent on one
+    /// of its services (intents on disjoint services run at once), else the freeze.
+    pub(crate) fn blocker_of(&self, seq: u64) -> Option<Blocker> {
+        let intent = self.records.get(&seq).filter(|i| i.phase == Phase::Queued)?;
+        let earlier = self
+            .records
+            .range(..seq)
+            .map(|(_, o)| o)
+            .find(|o| !o.phase.is_terminal() && !o.services.is_disjoint(&intent.services));
+        match earlier {
+            Some(o) => Some(Blocker::Intent {
+                id: o.id.clone(),
+                phase: o.phase,
+                mode: o.mode,
+                services: o.services.intersection(&intent.services).cloned().collect(),
+            }),
+            None => self.frozen.then_some(Blocker::Freeze),
+        }
+    }
 }
 
-/// Runs the loop until shutdown.
-pub async fn run(mesh: Arc<Mesh>, shutdown: Shutdown) {
-    loop {
-        tokio::select! {
-            _ = mesh.wake.notified() => {}
-            _ = tokio::time::sleep(TICK) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        mesh.step();
-        mesh.rotation_step();
+// === impl Step: submissions and operator controls ===
+
+impl Step<'_> {
+    fn emit(&mut self, event: serde_json::Value) {
+        self.events.push(Event::Emit(event));
     }
-}
 
-// === impl Mesh: submissions and operator controls ===
+    fn bump(&mut self) {
+        self.events.push(Event::Changed);
+    }
 
-impl Mesh {
+    fn wake(&mut self) {
+        self.events.push(Event::Wake);
+    }
+
+    fn decided(&mut self, outcome: &'static str) {
+        self.events.push(Event::Decided(outcome));
+    }
+
+    fn persist(&mut self, seq: u64) {
+        if let Some(i) = self.m.records.get(&seq) {
+            let json = serde_json::to_string(i).expect("intent serializes");
+            self.events.push(Event::Persist(seq, json));
+        }
+    }
+
     /// Queues an intent written by a user. Validated whole, like a resource; nothing is queued
     /// when anything is wrong.
-    pub fn submit_intent(&self, doc: Document<IntentSpec>, source: &str) -> Result<IntentRecord, ChangeError> {
+    pub(crate) fn submit_intent(&mut self, doc: Document<IntentSpec>, source: &str) -> Result<IntentRecord, ChangeError> {
         let spec = &doc.spec;
         let apply = spec.resources().map_err(|errors| Invalid::new(source, errors))?;
-        let mut state = self.state.lock();
-        if !doc.metadata.name.is_empty() && state.intents.values().any(|i| i.id == doc.metadata.name) {
+        if !doc.metadata.name.is_empty() && self.m.records.values().any(|i| i.id == doc.metadata.name) {
             return Err(ChangeError::Conflict(format!("intent {} already exists", doc.metadata.name)));
         }
-        self.validate_change(&state, &apply, &spec.change.delete, source, "spec.change.apply")?;
+        self.validate_change(&apply, &spec.change.delete, source, "spec.change.apply")?;
         let record = self.new_record(
-            &state,
             doc.metadata.name.clone(),
             spec.title.clone(),
             spec.target.clone(),
@@ -287,22 +470,22 @@ impl Mesh {
             apply,
             spec.change.delete.clone(),
         );
-        Ok(self.enqueue(&mut state, record))
+        Ok(self.enqueue(record))
     }
 
     /// Queues a plain change (`weft apply`, `delete`, `rollback`): one 100% stage, no bake.
-    pub fn submit_change(
-        &self,
+    pub(crate) fn submit_change(
+        &mut self,
         title: String,
         apply: Vec<Resource>,
         delete: Vec<ResourceKey>,
         source: &str,
     ) -> Result<Submitted, ChangeError> {
-        let mut state = self.state.lock();
-        self.validate_change(&state, &apply, &delete, source, "")?;
+        self.validate_change(&apply, &delete, source, "")?;
+        let resources = self.m.resources.clone();
         let mut changes = Vec::new();
         for r in &apply {
-            let op = match state.resources.get(&r.key()) {
+            let op = match resources.get(&r.key()) {
                 None => "created",
                 Some(old) if old == r => "unchanged",
                 Some(_) => "configured",
@@ -313,7 +496,7 @@ impl Mesh {
             });
         }
         for k in &delete {
-            if !state.resources.contains_key(k) {
+            if !resources.contains_key(k) {
                 return Err(ChangeError::NotFound(k.to_string()));
             }
             changes.push(ChangeEntry {
@@ -323,15 +506,15 @@ impl Mesh {
         }
         if changes.iter().all(|c| c.op == "unchanged") {
             return Ok(Submitted::Unchanged(Applied {
-                revision: state.stable,
+                revision: self.m.stable,
                 changes,
             }));
         }
-        let apply: Vec<Resource> = apply.into_iter().filter(|r| state.resources.get(&r.key()) != Some(r)).collect();
+        let apply: Vec<Resource> = apply.into_iter().filter(|r| resources.get(&r.key()) != Some(r)).collect();
         let target = apply
             .first()
             .map(|r| r.service().to_string())
-            .or_else(|| delete.first().and_then(|k| state.resources.get(k)).map(|r| r.service().to_string()))
+            .or_else(|| delete.first().and_then(|k| resources.get(k)).map(|r| r.service().to_string()))
             .unwrap_or_default();
         let namespace = apply
             .first()
@@ -339,7 +522,6 @@ impl Mesh {
             .or_else(|| delete.first().map(|k| k.namespace.clone()))
             .unwrap_or_else(|| "default".into());
         let record = self.new_record(
-            &state,
             String::new(),
             title,
             target,
@@ -350,42 +532,13 @@ impl Mesh {
             apply,
             delete,
         );
-        let id = self.enqueue(&mut state, record).id;
+        let id = self.enqueue(record).id;
         Ok(Submitted::Queued { id, changes })
     }
 
-    /// A rollback to revision `rev`: an intent whose change restores that revision's resources.
-    pub fn submit_rollback(&self, rev: u64) -> Result<Submitted, ChangeError> {
-        let Some(old) = self.store.get(rev)? else {
-            return Err(Invalid::one("rollback", FieldError::new("revision", rev, "no such revision")).into());
-        };
-        let target: BTreeMap<ResourceKey, Resource> = old.resources.into_iter().map(|r| (r.key(), r)).collect();
-        let delete: Vec<ResourceKey> = self
-            .state
-            .lock()
-            .resources
-            .keys()
-            .filter(|k| !target.contains_key(k))
-            .cloned()
-            .collect();
-        self.submit_change(
-            format!("rollback to revision {rev}"),
-            target.into_values().collect(),
-            delete,
-            &format!("weft rollback {rev}"),
-        )
-    }
-
     /// Checks a change against the live mesh as it would be after the change.
-    fn validate_change(
-        &self,
-        state: &State,
-        apply: &[Resource],
-        delete: &[ResourceKey],
-        source: &str,
-        prefix: &str,
-    ) -> Result<(), ChangeError> {
-        let mut next = state.resources.clone();
+    fn validate_change(&self, apply: &[Resource], delete: &[ResourceKey], source: &str, prefix: &str) -> Result<(), ChangeError> {
+        let mut next = (*self.m.resources).clone();
         for k in delete {
             next.remove(k);
         }
@@ -399,7 +552,7 @@ impl Mesh {
                 (true, true) => format!("[{i}]."),
                 (false, _) => format!("{prefix}[{i}]."),
             };
-            for e in state.check(r, &next) {
+            for e in check(self.proxies, r, &next) {
                 errors.push(FieldError {
                     field: format!("{at}{}", e.field),
                     ..e
@@ -416,7 +569,6 @@ impl Mesh {
     #[allow(clippy::too_many_arguments)]
     fn new_record(
         &self,
-        state: &State,
         id: String,
         title: String,
         target: String,
@@ -427,12 +579,12 @@ impl Mesh {
         apply: Vec<Resource>,
         delete: Vec<ResourceKey>,
     ) -> IntentRecord {
-        let seq = state.intents.keys().next_back().copied().unwrap_or(0) + 1;
+        let seq = self.m.records.keys().next_back().copied().unwrap_or(0) + 1;
         let mut services: BTreeSet<String> = apply.iter().map(|r| r.service().to_string()).collect();
         services.extend(
             delete
                 .iter()
-                .filter_map(|k| state.resources.get(k))
+                .filter_map(|k| self.m.resources.get(k))
                 .map(|r| r.service().to_string()),
         );
         if !target.is_empty() {
@@ -465,77 +617,36 @@ impl Mesh {
             held: false,
             decisions: Vec::new(),
             ledger: Vec::new(),
-            submitted_ms: now_ms(),
+            submitted_ms: self.now_ms,
             started_ms: None,
             finished_ms: None,
-            clock: Clock::default(),
+            timing: Timing::default(),
+            committing: false,
         }
     }
 
-    fn enqueue(&self, state: &mut State, mut record: IntentRecord) -> IntentRecord {
-        record.log("operator", "submitted", format!("{} from {}", record.title, record.source));
+    fn enqueue(&mut self, mut record: IntentRecord) -> IntentRecord {
+        record.log(
+            self.now_ms,
+            "operator",
+            "submitted",
+            format!("{} from {}", record.title, record.source),
+        );
         let seq = record.seq;
-        state.intents.insert(seq, record.clone());
-        self.persist(state, seq);
+        self.m.records.insert(seq, record.clone());
+        self.persist(seq);
         tracing::info!(intent = %record.id, title = %record.title, target = %record.target, "intent queued");
         self.emit(json!({"type": "intent", "id": record.id, "phase": "queued"}));
-        self.wake.notify_one();
+        self.wake();
         record
     }
 
-    fn persist(&self, state: &State, seq: u64) {
-        if let Some(i) = state.intents.get(&seq)
-            && let Err(error) = self.store.put_intent(seq, &serde_json::to_string(i).expect("intent serializes"))
-        {
-            tracing::error!(intent = %i.id, %error, "cannot persist intent");
-        }
-    }
-
-    fn seq_of(state: &State, id: &str) -> Result<u64, ChangeError> {
-        state
-            .intents
-            .iter()
-            .find(|(_, i)| i.id == id)
-            .map(|(s, _)| *s)
-            .ok_or_else(|| ChangeError::NotFound(format!("intent {id}")))
-    }
-
-    pub fn intent(&self, id: &str) -> Option<IntentRecord> {
-        self.state.lock().intents.values().find(|i| i.id == id).cloned()
-    }
-
-    /// Sets the intents-by-phase gauges (before a scrape).
-    pub fn count_intents(&self) {
-        use crate::rollout::Phase;
-        let state = self.state.lock();
-        for phase in [
-            Phase::Queued,
-            Phase::AwaitingApproval,
-            Phase::Distribution,
-            Phase::Enforcement,
-            Phase::Observation,
-            Phase::Promoted,
-            Phase::RolledBack,
-            Phase::Failed,
-        ] {
-            let n = state.intents.values().filter(|i| i.phase == phase).count();
-            self.metrics
-                .intents
-                .get_or_create(&crate::metrics::PhaseLabel { phase: phase.as_str() })
-                .set(n as i64);
-        }
-    }
-
-    pub fn intent_list(&self) -> Vec<IntentRecord> {
-        self.state.lock().intents.values().cloned().collect()
-    }
-
     /// Lets a manual intent start its next stage (the dashboard's "step").
-    pub fn approve(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
-        let mut state = self.state.lock();
-        let seq = Self::seq_of(&state, id)?;
-        let frozen = state.frozen;
-        let intent = state.intents.get_mut(&seq).expect("found");
+    pub(crate) fn approve(&mut self, id: &str) -> Result<IntentRecord, ChangeError> {
+        let seq = self.m.seq_of(id)?;
+        let frozen = self.m.frozen;
+        let now_ms = self.now_ms;
+        let intent = self.m.records.get_mut(&seq).expect("found");
         if intent.phase.is_terminal() {
             return Err(ChangeError::Conflict(format!(
                 "intent {id} is {}; nothing to approve",
@@ -546,21 +657,19 @@ impl Mesh {
             return Err(ChangeError::Conflict("the mesh is frozen: `weft freeze off` first".into()));
         }
         intent.approved = true;
-        intent.log("operator", "approved", format!("stage {}", intent.stage + 1));
+        intent.log(now_ms, "operator", "approved", format!("stage {}", intent.stage + 1));
         let view = intent.clone();
-        self.persist(&state, seq);
-        drop(state);
-        self.operator_ledger(actor, "approve", id);
-        self.wake.notify_one();
+        self.persist(seq);
+        self.wake();
         Ok(view)
     }
 
     /// Switches an open intent between auto and manual; switching an intent that waits for
     /// approval to auto lets it go on at once.
-    pub fn set_mode(&self, id: &str, mode: RolloutMode, actor: &str) -> Result<IntentRecord, ChangeError> {
-        let mut state = self.state.lock();
-        let seq = Self::seq_of(&state, id)?;
-        let intent = state.intents.get_mut(&seq).expect("found");
+    pub(crate) fn set_mode(&mut self, id: &str, mode: RolloutMode) -> Result<IntentRecord, ChangeError> {
+        let seq = self.m.seq_of(id)?;
+        let now_ms = self.now_ms;
+        let intent = self.m.records.get_mut(&seq).expect("found");
         if intent.phase.is_terminal() {
             return Err(ChangeError::Conflict(format!("intent {id} is {}", intent.phase.as_str())));
         }
@@ -569,217 +678,178 @@ impl Mesh {
             intent.approved = true;
         }
         let label = if mode == RolloutMode::Auto { "auto" } else { "manual" };
-        intent.log("operator", "mode", label);
+        intent.log(now_ms, "operator", "mode", label);
         let view = intent.clone();
-        self.persist(&state, seq);
-        drop(state);
-        self.operator_ledger(actor, &format!("mode {label}"), id);
+        self.persist(seq);
         self.emit(json!({"type": "intent", "id": id, "mode": label}));
-        self.wake.notify_one();
+        self.wake();
         Ok(view)
     }
 
     /// Rolls an intent back (or cancels it while queued).
-    pub fn abort(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
-        let mut state = self.state.lock();
-        let seq = Self::seq_of(&state, id)?;
-        if state.intents[&seq].phase.is_terminal() {
+    pub(crate) fn abort(&mut self, id: &str) -> Result<IntentRecord, ChangeError> {
+        let seq = self.m.seq_of(id)?;
+        if self.m.records[&seq].phase.is_terminal() {
             return Err(ChangeError::Conflict(format!(
                 "intent {id} is already {}",
-                state.intents[&seq].phase.as_str()
+                self.m.records[&seq].phase.as_str()
             )));
         }
-        self.end(&mut state, seq, Phase::RolledBack, "aborted by operator".into());
-        let view = state.intents[&seq].clone();
-        drop(state);
-        self.operator_ledger(actor, "abort", id);
-        Ok(view)
+        if self.m.records[&seq].committing {
+            return Err(ChangeError::Conflict(format!("intent {id} is being promoted")));
+        }
+        self.end(seq, Phase::RolledBack, "aborted by operator".into());
+        Ok(self.m.records[&seq].clone())
     }
 
     /// Freeze: every rollout in progress is rolled back to last-known-good and none starts
     /// until the freeze is lifted.
-    pub fn freeze(&self, on: bool, actor: &str) {
-        let mut state = self.state.lock();
-        state.frozen = on;
+    pub(crate) fn freeze(&mut self, on: bool) {
+        self.m.frozen = on;
         if on {
-            let running: Vec<u64> = state.intents.iter().filter(|(_, i)| i.running()).map(|(s, _)| *s).collect();
+            let running: Vec<u64> = self.m.records.iter().filter(|(_, i)| i.running()).map(|(s, _)| *s).collect();
             for seq in running {
-                let untouched = state.intents[&seq].phase == Phase::AwaitingApproval
-                    && state.intents[&seq].treated.is_empty()
-                    && state.intents[&seq].stage == 0;
-                if untouched {
+                let intent = &self.m.records[&seq];
+                let untouched = intent.phase == Phase::AwaitingApproval && intent.treated.is_empty() && intent.stage == 0;
+                // One being promoted is past rolling back: its revision is being stored.
+                if untouched || intent.committing {
                     continue;
                 }
-                let stage = state.intents[&seq].stage + 1;
-                self.end(
-                    &mut state,
-                    seq,
-                    Phase::RolledBack,
-                    format!("mesh frozen: rolled back at stage {stage}"),
-                );
+                let stage = intent.stage + 1;
+                self.end(seq, Phase::RolledBack, format!("mesh frozen: rolled back at stage {stage}"));
             }
         }
-        drop(state);
-        self.operator_ledger(actor, if on { "freeze on" } else { "freeze off" }, "mesh");
         self.emit(json!({"type": "freeze", "enabled": on}));
-        self.wake.notify_one();
+        self.wake();
     }
 
-    /// The kill switch: `service`'s sidecars and its callers forward without its L7 policy.
-    pub fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) {
-        let mut state = self.state.lock();
+    /// The kill switch: `service`'s callers forward to it without its TrafficPolicy's routes,
+    /// and its own sidecars without routes or authorization. Its inbound rate limit is still
+    /// sent (the plan leaves it in place under a bypass).
+    pub(crate) fn set_bypass(&mut self, namespace: &str, service: &str, on: bool) {
         let key = (namespace.to_string(), service.to_string());
         if on {
-            state.bypass.insert(key);
+            self.m.bypass.insert(key);
         } else {
-            state.bypass.remove(&key);
+            self.m.bypass.remove(&key);
         }
-        drop(state);
-        self.operator_ledger(
-            actor,
-            if on { "bypass on" } else { "bypass off" },
-            &format!("{namespace}/{service}"),
-        );
         self.emit(json!({"type": "bypass", "service": service, "enabled": on}));
         self.bump();
     }
+}
 
-    /// Records an operator's action; `actor` is the name of the API token that asked for it.
-    fn operator_ledger(&self, actor: &str, action: &str, subject: &str) {
-        let entry = json!({"timeMs": now_ms(), "actor": actor, "action": action, "subject": subject});
-        if let Err(error) = self.store.append_ledger(&entry.to_string()) {
-            tracing::error!(%error, "cannot write the ledger");
+/// Checks that need the live mesh: subsets must exist, one TrafficPolicy per service.
+fn check(proxies: &BTreeMap<u64, ProxyRecord>, res: &Resource, next: &BTreeMap<ResourceKey, Resource>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let ns = &res.metadata().namespace;
+    let service = res.service();
+    let known: BTreeSet<&str> = proxies
+        .values()
+        .filter(|p| &p.namespace == ns && p.service == service)
+        .filter_map(|p| p.labels.get(SUBSET_LABEL).map(String::as_str))
+        .collect();
+    for (field, subset) in res.subsets() {
+        if !known.contains(subset.as_str()) {
+            let have = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.iter().copied().collect::<Vec<_>>().join(", ")
+            };
+            errors.push(FieldError::new(
+                field,
+                &subset,
+                format!("no workload of service {service} has label {SUBSET_LABEL}={subset} (known subsets: {have})"),
+            ));
         }
-        tracing::info!(actor, action, subject, "operator action");
     }
-
-    pub fn ledger(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {
-        Ok(self
-            .store
-            .ledger(limit)?
-            .iter()
-            .filter_map(|s| serde_json::from_str(s).ok())
-            .collect())
-    }
-
-    /// Waits until intent `id` has finished or is known to wait behind something (which may
-    /// take hours: an intent awaiting approval), up to `within`.
-    pub async fn wait_settled(&self, id: &str, within: Duration) -> Option<(IntentRecord, Option<Blocker>)> {
-        let deadline = Instant::now() + within;
-        loop {
-            let intent = self.intent(id)?;
-            let blocker = self.blocker(id);
-            if intent.phase.is_terminal() || blocker.is_some() || Instant::now() >= deadline {
-                return Some((intent, blocker));
+    if Kind::of(res) == Kind::TrafficPolicy {
+        let key = res.key();
+        for (k, other) in next {
+            if *k != key && Kind::of(other) == Kind::TrafficPolicy && &other.metadata().namespace == ns && other.service() == service {
+                errors.push(FieldError::new(
+                    "spec.service",
+                    service,
+                    format!("already governed by {k}; one TrafficPolicy per service"),
+                ));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-
-    /// What keeps intent `id` queued, if it is queued behind something.
-    pub fn blocker(&self, id: &str) -> Option<Blocker> {
-        let state = self.state.lock();
-        let seq = Self::seq_of(&state, id).ok()?;
-        blocker_of(&state, seq)
-    }
+    errors
 }
 
-/// What keeps queued intent `seq` from starting now: an earlier unfinished intent on one of its
-/// services (intents on disjoint services run at once), else the freeze.
-fn blocker_of(state: &State, seq: u64) -> Option<Blocker> {
-    let intent = state.intents.get(&seq).filter(|i| i.phase == Phase::Queued)?;
-    let earlier = state
-        .intents
-        .range(..seq)
-        .map(|(_, o)| o)
-        .find(|o| !o.phase.is_terminal() && !o.services.is_disjoint(&intent.services));
-    match earlier {
-        Some(o) => Some(Blocker::Intent {
-            id: o.id.clone(),
-            phase: o.phase,
-            mode: o.mode,
-            services: o.services.intersection(&intent.services).cloned().collect(),
-        }),
-        None => state.frozen.then_some(Blocker::Freeze),
-    }
-}
+// === impl Step: the state machine ===
 
-// === impl Mesh: the state machine ===
-
-impl Mesh {
+impl Step<'_> {
     /// Advances every unfinished intent as far as it can go now.
-    pub fn step(&self) {
-        let now = Instant::now();
-        let mut state = self.state.lock();
-        let open: Vec<u64> = state
-            .intents
+    pub(crate) fn step(&mut self) {
+        let now = self.now;
+        let open: Vec<u64> = self
+            .m
+            .records
             .iter()
             .filter(|(_, i)| !i.phase.is_terminal())
             .map(|(s, _)| *s)
             .collect();
         for seq in open {
-            self.advance(&mut state, seq, now);
+            self.advance(seq, now);
         }
     }
 
-    fn advance(&self, state: &mut State, seq: u64, now: Instant) {
-        let phase = state.intents[&seq].phase;
+    fn advance(&mut self, seq: u64, now: Instant) {
+        if self.m.records[&seq].committing {
+            return;
+        }
+        let phase = self.m.records[&seq].phase;
         match phase {
             Phase::Queued => {
-                if blocker_of(state, seq).is_none() {
-                    self.start(state, seq, now);
+                if self.m.blocker_of(seq).is_none() {
+                    self.start(seq, now);
                 }
             }
             Phase::AwaitingApproval => {
-                let intent = state.intents.get_mut(&seq).expect("open");
+                let intent = self.m.records.get_mut(&seq).expect("open");
                 if intent.approved {
                     intent.approved = false;
                     if std::mem::take(&mut intent.held) {
-                        self.promote_stage(state, seq, "inconclusive stage approved by an operator".into());
+                        self.promote_stage(seq, "inconclusive stage approved by an operator".into());
                     } else {
-                        self.begin_stage(state, seq, now);
+                        self.begin_stage(seq, now);
                     }
                 }
             }
-            Phase::Distribution | Phase::Enforcement => self.enforce(state, seq, now),
-            Phase::Observation => self.observe(state, seq, now),
+            Phase::Distribution | Phase::Enforcement => self.enforce(seq, now),
+            Phase::Observation => self.observe(seq, now),
             Phase::Promoted | Phase::RolledBack | Phase::Failed => {}
         }
     }
 
     /// Builds the overlay (narrowed by the scope), reserves the candidate revision, and starts
     /// the first stage (or waits for approval).
-    fn start(&self, state: &mut State, seq: u64, now: Instant) {
-        let candidate = match self.store.reserve() {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::error!(%error, "cannot reserve a revision; intent stays queued");
-                return;
-            }
-        };
-        let (overlay, routes) = overlay_of(state, &state.intents[&seq]);
-        let intent = state.intents.get_mut(&seq).expect("open");
+    fn start(&mut self, seq: u64, now: Instant) {
+        // Numbers are reserved before the pass, outside every lock (see `Machine::startable`).
+        let Some(candidate) = self.reserved.pop() else { return };
+        let (overlay, routes) = overlay_of(&self.m.resources, &self.m.records[&seq]);
+        let intent = self.m.records.get_mut(&seq).expect("open");
         intent.overlay = overlay;
         intent.routes = routes;
         intent.candidate = Some(candidate);
-        intent.started_ms = Some(now_ms());
+        intent.started_ms = Some(self.now_ms);
         intent.stage = 0;
-        intent.log("control-plane", "started", format!("candidate revision {candidate}"));
+        intent.log(self.now_ms, "control-plane", "started", format!("candidate revision {candidate}"));
         if intent.mode == RolloutMode::Manual && !intent.approved {
-            self.set_phase(state, seq, Phase::AwaitingApproval);
+            self.set_phase(seq, Phase::AwaitingApproval);
         } else {
-            state.intents.get_mut(&seq).expect("open").approved = false;
-            self.begin_stage(state, seq, now);
+            self.m.records.get_mut(&seq).expect("open").approved = false;
+            self.begin_stage(seq, now);
         }
     }
 
     /// Pushes the candidate to the current stage's share of the enforcing proxies.
-    fn begin_stage(&self, state: &mut State, seq: u64, now: Instant) {
-        self.set_phase(state, seq, Phase::Distribution);
-        let intent = &state.intents[&seq];
+    fn begin_stage(&mut self, seq: u64, now: Instant) {
+        self.set_phase(seq, Phase::Distribution);
+        let intent = &self.m.records[&seq];
         let enforcers = rollout::spread(
-            state
-                .proxies
+            self.proxies
                 .values()
                 .filter(|p| intent.enforced_by(p))
                 .map(|p| (p.workload_id().to_string(), p.cluster.clone()))
@@ -798,12 +868,13 @@ impl Mesh {
             listed.push_str(&format!(" and {} more", treated.len() - LEDGER_NAMES));
         }
         let candidate = intent.candidate.unwrap_or(0);
-        let intent = state.intents.get_mut(&seq).expect("open");
+        let intent = self.m.records.get_mut(&seq).expect("open");
         intent.treat_all = share >= 100.0;
-        intent.clock.stage_started = Some(now);
+        intent.timing.stage_started = Some(now);
         // The baseline is what the enforcing proxies did before the change first reached any.
-        intent.clock.started.get_or_insert(now);
+        intent.timing.started.get_or_insert(now);
         intent.log(
+            self.now_ms,
             "control-plane",
             "distribution",
             format!(
@@ -814,36 +885,41 @@ impl Mesh {
             ),
         );
         intent.treated = treated;
-        self.set_phase(state, seq, Phase::Enforcement);
+        self.set_phase(seq, Phase::Enforcement);
         self.bump();
     }
 
     /// Waits for every treated proxy to ACK the candidate; a NACK fails the intent.
-    fn enforce(&self, state: &mut State, seq: u64, now: Instant) {
-        let intent = &state.intents[&seq];
-        let treated: Vec<&ProxyRecord> = state.proxies.values().filter(|p| intent.treats(p)).collect();
+    fn enforce(&mut self, seq: u64, now: Instant) {
+        let intent = &self.m.records[&seq];
+        let treated: Vec<&ProxyRecord> = self.proxies.values().filter(|p| intent.treats(p)).collect();
         if let Some((p, why)) = treated.iter().find_map(|p| p.refused.get(&seq).map(|w| (p, w))) {
             let reason = format!("{} refused candidate revision {}: {why}", p.id, intent.candidate.unwrap_or(0));
             let (id, detail) = (p.id.clone(), why.clone());
-            state.intents.get_mut(&seq).expect("open").log(&id, "nacked", detail);
-            self.end(state, seq, Phase::Failed, reason);
+            let now_ms = self.now_ms;
+            self.m.records.get_mut(&seq).expect("open").log(now_ms, &id, "nacked", detail);
+            self.end(seq, Phase::Failed, reason);
             return;
         }
         // Runs on every ACK: counts, and names proxies only when the stage ends.
         let waiting = |p: &ProxyRecord| !p.applied_intents.contains(&seq);
-        let started = intent.clock.stage_started.unwrap_or(now);
+        let started = intent.timing.stage_started.unwrap_or(now);
         if !treated.iter().any(|p| waiting(p)) {
             let acked: Vec<String> = treated.iter().map(|p| p.id.clone()).collect();
-            let intent = state.intents.get_mut(&seq).expect("open");
+            let intent = self.m.records.get_mut(&seq).expect("open");
             for id in &acked {
-                intent.log(id, "acked", format!("candidate revision {}", intent.candidate.unwrap_or(0)));
+                intent.log(
+                    self.now_ms,
+                    id,
+                    "acked",
+                    format!("candidate revision {}", intent.candidate.unwrap_or(0)),
+                );
             }
-            intent.clock.observe_started = Some(now);
-            self.set_phase(state, seq, Phase::Observation);
-            self.observe(state, seq, now);
+            intent.timing.observe_started = Some(now);
+            self.set_phase(seq, Phase::Observation);
+            self.observe(seq, now);
         } else if now.duration_since(started) > ENFORCEMENT_TIMEOUT {
             self.end(
-                state,
                 seq,
                 Phase::Failed,
                 format!(
@@ -860,39 +936,33 @@ impl Mesh {
     }
 
     /// Judges the stage on the mesh's own telemetry; promotes, rolls back, or keeps watching.
-    fn observe(&self, state: &mut State, seq: u64, now: Instant) {
-        let intent = &state.intents[&seq];
+    fn observe(&mut self, seq: u64, now: Instant) {
+        let intent = &self.m.records[&seq];
         let bake = Duration::from_millis(intent.bake_ms);
-        let enforcing = state.proxies.values().any(|p| intent.treats(p));
+        let enforcing = self.proxies.values().any(|p| intent.treats(p));
         if !enforcing {
-            return self.promote_stage(state, seq, "no proxy enforces this change yet".into());
+            return self.promote_stage(seq, "no proxy enforces this change yet".into());
         }
         if bake.is_zero() {
-            return self.promote_stage(state, seq, "applied (no bake)".into());
+            return self.promote_stage(seq, "applied (no bake)".into());
         }
-        let (treated, baseline, untreated) = state.evidence(intent);
-        let since = now.duration_since(intent.clock.observe_started.unwrap_or(now));
+        let (treated, baseline, untreated) = evidence(self.proxies, self.signals, intent);
+        let since = now.duration_since(intent.timing.observe_started.unwrap_or(now));
         let stage = intent.stage + 1;
         let share = intent.share();
         match rollout::judge(&intent.slo, &treated, &baseline, &untreated) {
-            Verdict::Fail(why) => self.end(
-                state,
-                seq,
-                Phase::RolledBack,
-                format!("{why}: rolled back at stage {stage} ({share}%)"),
-            ),
-            Verdict::Pass(why) if since >= bake => self.promote_stage(state, seq, why),
+            Verdict::Fail(why) => self.end(seq, Phase::RolledBack, format!("{why}: rolled back at stage {stage} ({share}%)")),
+            Verdict::Pass(why) if since >= bake => self.promote_stage(seq, why),
             Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE + WARM_UP => {
                 let why = format!("inconclusive after {}s: {why}", since.as_secs());
                 match intent.slo.on_inconclusive {
                     OnInconclusive::Rollback => self.end(
-                        state,
                         seq,
                         Phase::RolledBack,
                         format!("{why}: rolled back at stage {stage} ({share}%) as onInconclusive says"),
                     ),
-                    OnInconclusive::Promote => self.promote_stage(state, seq, format!("{why}: promoted as onInconclusive says")),
-                    OnInconclusive::Hold => self.hold_inconclusive(state, seq, why),
+                    OnInconclusive::Promote => self.promote_stage(seq, format!("{why}: promoted as onInconclusive says")),
+                    OnInconclusive::Hold => self.hold_inconclusive(seq, why),
                 }
             }
             _ => {}
@@ -902,36 +972,33 @@ impl Mesh {
     /// An inconclusive stage under `onInconclusive: hold`: the treated proxies keep the
     /// candidate and the intent waits in `awaiting-approval` for a person (approve promotes
     /// the stage, abort rolls it back).
-    fn hold_inconclusive(&self, state: &mut State, seq: u64, why: String) {
-        let intent = state.intents.get_mut(&seq).expect("open");
+    fn hold_inconclusive(&mut self, seq: u64, why: String) {
+        let intent = self.m.records.get_mut(&seq).expect("open");
         let (stage, share) = (intent.stage + 1, intent.share());
         let reason = format!("{why}: held at stage {stage} ({share}%) for an operator to approve or abort");
         intent.decisions.push(DecisionRecord {
-            time_ms: now_ms(),
+            time_ms: self.now_ms,
             stage,
             share,
             outcome: "inconclusive".into(),
             reason: reason.clone(),
         });
         intent.held = true;
-        intent.log("control-plane", "inconclusive", reason.clone());
+        intent.log(self.now_ms, "control-plane", "inconclusive", reason.clone());
         let decision = format!("{}: inconclusive: {reason}", intent.id);
         tracing::warn!(intent = %intent.id, %reason, "intent held: inconclusive");
-        self.metrics
-            .decisions
-            .get_or_create(&crate::metrics::OutcomeLabel { outcome: "inconclusive" })
-            .inc();
-        state.last_decision = Some(decision.clone());
-        self.emit(json!({"type": "decision", "id": state.intents[&seq].id, "decision": decision}));
-        self.set_phase(state, seq, Phase::AwaitingApproval);
+        self.decided("inconclusive");
+        self.m.last_decision = Some(decision.clone());
+        self.emit(json!({"type": "decision", "id": self.m.records[&seq].id, "decision": decision}));
+        self.set_phase(seq, Phase::AwaitingApproval);
     }
 
-    fn promote_stage(&self, state: &mut State, seq: u64, why: String) {
-        let intent = state.intents.get_mut(&seq).expect("open");
+    fn promote_stage(&mut self, seq: u64, why: String) {
+        let intent = self.m.records.get_mut(&seq).expect("open");
         let (stage, share) = (intent.stage + 1, intent.share());
         if intent.stage + 1 < intent.stages.len() {
             intent.decisions.push(DecisionRecord {
-                time_ms: now_ms(),
+                time_ms: self.now_ms,
                 stage,
                 share,
                 outcome: "promoted".into(),
@@ -939,21 +1006,18 @@ impl Mesh {
             });
             intent.stage += 1;
             let decision = format!("{}: stage {stage} ({share}%) passed: {why}", intent.id);
-            self.metrics
-                .decisions
-                .get_or_create(&crate::metrics::OutcomeLabel { outcome: "stage-passed" })
-                .inc();
-            state.last_decision = Some(decision.clone());
-            self.emit(json!({"type": "decision", "id": state.intents[&seq].id, "decision": decision}));
-            if state.intents[&seq].mode == RolloutMode::Manual {
-                self.set_phase(state, seq, Phase::AwaitingApproval);
+            self.decided("stage-passed");
+            self.m.last_decision = Some(decision.clone());
+            self.emit(json!({"type": "decision", "id": self.m.records[&seq].id, "decision": decision}));
+            if self.m.records[&seq].mode == RolloutMode::Manual {
+                self.set_phase(seq, Phase::AwaitingApproval);
             } else {
-                self.begin_stage(state, seq, Instant::now());
+                self.begin_stage(seq, self.now);
             }
             return;
         }
         // Last stage passed: the candidate becomes stable.
-        let mut next = state.resources.clone();
+        let mut next = (*self.m.resources).clone();
         let mut changes = Vec::new();
         for e in &intent.overlay {
             let op = match (&e.resource, next.get(&e.key)) {
@@ -971,31 +1035,47 @@ impl Mesh {
                 None => next.remove(&e.key),
             };
         }
-        let summary = format!("{}: {}", intent.id, intent.title);
-        let committed = match self.store.commit_at(intent.candidate.unwrap_or(0), summary, changes, &next) {
+        let commit = Commit {
+            seq,
+            candidate: intent.candidate.unwrap_or(0),
+            summary: format!("{}: {}", intent.id, intent.title),
+            changes,
+            next,
+            why,
+        };
+        // Stored by the caller once the machine is released; `committed` finishes the promotion.
+        intent.committing = true;
+        self.commits.push(commit);
+    }
+
+    /// Finishes a promotion with what the store made of its commit.
+    pub(crate) fn committed(&mut self, commit: Commit, stored: Result<Revision, StoreError>) {
+        let seq = commit.seq;
+        self.m.records.get_mut(&seq).expect("open").committing = false;
+        let committed = match stored {
             Ok(r) => r,
             Err(error) => {
                 let reason = format!("cannot store the promoted revision: {error}");
-                return self.end(state, seq, Phase::Failed, reason);
+                return self.end(seq, Phase::Failed, reason);
             }
         };
-        state.stable = committed.revision;
-        state.resources = next;
-        self.metrics.revision.set(committed.revision as i64);
-        let intent = state.intents.get_mut(&seq).expect("open");
+        self.m.stable = committed.revision;
+        self.m.resources = Arc::new(commit.next);
+        self.events.push(Event::Stable(committed.revision));
+        let intent = self.m.records.get_mut(&seq).expect("open");
         intent.revision = Some(committed.revision);
-        let reason = format!("{why}: promoted as revision {}", committed.revision);
+        let reason = format!("{}: promoted as revision {}", commit.why, committed.revision);
         tracing::info!(intent = %intent.id, revision = committed.revision, "intent promoted");
-        self.end(state, seq, Phase::Promoted, reason);
+        self.end(seq, Phase::Promoted, reason);
     }
 
     /// Ends an intent: its treated proxies return to stable (unless it was promoted, when stable
     /// now holds its change).
-    fn end(&self, state: &mut State, seq: u64, phase: Phase, reason: String) {
-        let intent = state.intents.get_mut(&seq).expect("open");
+    fn end(&mut self, seq: u64, phase: Phase, reason: String) {
+        let intent = self.m.records.get_mut(&seq).expect("open");
         let (stage, share) = (intent.stage + 1, intent.share());
         intent.decisions.push(DecisionRecord {
-            time_ms: now_ms(),
+            time_ms: self.now_ms,
             stage,
             share,
             outcome: phase.as_str().into(),
@@ -1003,34 +1083,32 @@ impl Mesh {
         });
         intent.treated.clear();
         intent.treat_all = false;
-        intent.finished_ms = Some(now_ms());
+        intent.finished_ms = Some(self.now_ms);
         let decision = format!("{}: {}: {reason}", intent.id, phase.as_str());
-        self.metrics
-            .decisions
-            .get_or_create(&crate::metrics::OutcomeLabel { outcome: phase.as_str() })
-            .inc();
         if phase != Phase::Promoted {
             tracing::warn!(intent = %intent.id, %reason, "intent {}", phase.as_str());
         }
-        state.last_decision = Some(decision.clone());
-        self.emit(json!({"type": "decision", "id": intent.id, "decision": decision}));
-        self.set_phase(state, seq, phase);
+        let id = intent.id.clone();
+        self.decided(phase.as_str());
+        self.m.last_decision = Some(decision.clone());
+        self.emit(json!({"type": "decision", "id": id, "decision": decision}));
+        self.set_phase(seq, phase);
         self.bump();
     }
 
-    fn set_phase(&self, state: &mut State, seq: u64, phase: Phase) {
-        let intent = state.intents.get_mut(&seq).expect("open");
+    fn set_phase(&mut self, seq: u64, phase: Phase) {
+        let intent = self.m.records.get_mut(&seq).expect("open");
         intent.phase = phase;
         let id = intent.id.clone();
-        self.persist(state, seq);
+        self.persist(seq);
         self.emit(json!({"type": "intent", "id": id, "phase": phase.as_str()}));
-        self.wake.notify_one();
+        self.wake();
     }
 }
 
 /// The intent's resources, narrowed by its scope. A scoped TrafficPolicy keeps the service's
 /// stable routes after its own, so only requests in scope see the change.
-fn overlay_of(state: &State, intent: &IntentRecord) -> (Vec<OverlayEntry>, Vec<String>) {
+fn overlay_of(resources: &BTreeMap<ResourceKey, Resource>, intent: &IntentRecord) -> (Vec<OverlayEntry>, Vec<String>) {
     let mut out = Vec::new();
     let mut routes = Vec::new();
     for r in &intent.apply {
@@ -1047,8 +1125,8 @@ fn overlay_of(state: &State, intent: &IntentRecord) -> (Vec<OverlayEntry>, Vec<S
                 }
             }
             if let Resource::TrafficPolicy(d) = &mut r
-                && let Some((stable_key, Resource::TrafficPolicy(old))) = state.resources.iter().find(|(_, o)| {
-                    o.kind() == "TrafficPolicy" && o.service() == d.spec.service && o.metadata().namespace == d.metadata.namespace
+                && let Some((stable_key, Resource::TrafficPolicy(old))) = resources.iter().find(|(_, o)| {
+                    Kind::of(o) == Kind::TrafficPolicy && o.service() == d.spec.service && o.metadata().namespace == d.metadata.namespace
                 })
             {
                 d.spec.routes.extend(old.spec.routes.iter().cloned());
@@ -1063,7 +1141,7 @@ fn overlay_of(state: &State, intent: &IntentRecord) -> (Vec<OverlayEntry>, Vec<S
         });
     }
     for k in &intent.delete {
-        let service = state.resources.get(k).map(|r| r.service().to_string()).unwrap_or_default();
+        let service = resources.get(k).map(|r| r.service().to_string()).unwrap_or_default();
         out.push(OverlayEntry {
             key: k.clone(),
             service,
@@ -1073,77 +1151,49 @@ fn overlay_of(state: &State, intent: &IntentRecord) -> (Vec<OverlayEntry>, Vec<S
     (out, routes)
 }
 
-// === impl State: views for the loop ===
-
-impl State {
-    /// The revision `p` should be running: stable, or the candidate of an intent treating it.
-    pub(crate) fn assigned_revision(&self, p: &ProxyRecord) -> u64 {
-        self.intents
-            .values()
-            .filter(|i| i.treats(p))
-            .filter_map(|i| i.candidate)
-            .fold(self.stable, u64::max)
-    }
-
-    pub(crate) fn loop_view(&self) -> LoopView {
-        let current = self.intents.values().find(|i| i.running());
-        LoopView {
-            phase: current.map(|i| i.phase.as_str()).unwrap_or("idle"),
-            intent: current.map(|i| i.id.clone()),
-            mode: match current.map(|i| i.mode) {
-                Some(RolloutMode::Manual) => "manual",
-                _ => "auto",
-            },
-            last_decision: self.last_decision.clone(),
-            frozen: self.frozen,
+/// Evidence for the intent's current stage: treated proxies since observation began (on the
+/// candidate, and for a scoped change only on its own routes), the same proxies before the
+/// intent, and untreated enforcing proxies since.
+fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> (Evidence, Evidence, Evidence) {
+    let (direction, services): (i32, BTreeSet<String>) = if intent.is_security() {
+        (Direction::Inbound as i32, [String::new()].into())
+    } else {
+        (
+            Direction::Outbound as i32,
+            intent.overlay.iter().map(|e| e.service.clone()).collect(),
+        )
+    };
+    let enforcing: BTreeMap<String, bool> = proxies
+        .values()
+        .filter(|p| intent.enforced_by(p))
+        .map(|p| (p.workload_id().to_string(), intent.treats(p)))
+        .collect();
+    let candidate = intent.candidate.unwrap_or(u64::MAX);
+    let started = intent.timing.started;
+    let observing = intent.timing.observe_started;
+    let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
+    for ((workload, dir, service), samples) in &signals.samples {
+        if *dir != direction || !services.contains(service) {
+            continue;
         }
-    }
-
-    /// Evidence for the intent's current stage: treated proxies since observation began (on the
-    /// candidate, and for a scoped change only on its own routes), the same proxies before the
-    /// intent, and untreated enforcing proxies since.
-    fn evidence(&self, intent: &IntentRecord) -> (Evidence, Evidence, Evidence) {
-        let (direction, services): (i32, BTreeSet<String>) = if intent.is_security() {
-            (Direction::Inbound as i32, [String::new()].into())
-        } else {
-            (
-                Direction::Outbound as i32,
-                intent.overlay.iter().map(|e| e.service.clone()).collect(),
-            )
-        };
-        let enforcing: BTreeMap<String, bool> = self
-            .proxies
-            .values()
-            .filter(|p| intent.enforced_by(p))
-            .map(|p| (p.workload_id().to_string(), intent.treats(p)))
-            .collect();
-        let candidate = intent.candidate.unwrap_or(u64::MAX);
-        let started = intent.clock.started;
-        let observing = intent.clock.observe_started;
-        let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
-        for ((workload, dir, service), samples) in &self.samples {
-            if *dir != direction || !services.contains(service) {
-                continue;
-            }
-            let Some(is_treated) = enforcing.get(workload) else { continue };
-            for s in samples {
-                let after_observe = observing.is_some_and(|o| s.at >= o + WARM_UP);
-                if *is_treated {
-                    let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
-                    if after_observe && s.revision >= candidate && in_scope {
-                        treated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
-                    }
-                    if let Some(st) = started
-                        && s.at < st
-                        && st.duration_since(s.at) <= BASELINE_WINDOW
-                    {
-                        baseline.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
-                    }
-                } else if after_observe {
-                    untreated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+        let Some(is_treated) = enforcing.get(workload) else { continue };
+        for s in samples {
+            let after_observe = observing.is_some_and(|o| s.at >= o + WARM_UP);
+            if *is_treated {
+                let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
+                if after_observe && s.revision >= candidate && in_scope {
+                    treated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
                 }
+                if let Some(st) = started
+                    && s.at < st
+                    && st.duration_since(s.at) <= BASELINE_WINDOW
+                {
+                    baseline.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+                }
+            } else if after_observe {
+                untreated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
             }
         }
-        (treated, baseline, untreated)
     }
+    (treated, baseline, untreated)
 }

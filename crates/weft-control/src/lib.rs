@@ -3,20 +3,24 @@
 //!
 //! It must not depend on weft-proxy: proxies are reached only through the control stream.
 
-pub mod admission;
+mod admission;
 pub mod api;
 pub mod auth;
-pub mod ca;
-pub mod distribution;
-pub mod history;
-pub mod intents;
-pub mod mesh;
-pub mod metrics;
+mod ca;
+mod clock;
+mod distribution;
+mod history;
+mod intents;
+mod mesh;
+mod metrics;
+mod plan;
+mod registry;
 pub mod rollout;
 pub mod serving;
+mod signals;
 pub mod stats;
-pub mod store;
-pub mod taps;
+mod store;
+mod taps;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -156,7 +160,8 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), revision = mesh.revision(), ca_fingerprint = %mesh.ca.root_fingerprint(), "control plane listening");
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(intents::run(mesh.clone(), shutdown.clone()));
+    tasks.spawn(mesh::run_intents(mesh.clone(), shutdown.clone()));
+    tasks.spawn(mesh::run_rotation(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     tasks.spawn(history.clone().run(mesh.clone(), shutdown.clone()));
     tasks.spawn(serving::maintain(

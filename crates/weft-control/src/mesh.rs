@@ -1,520 +1,601 @@
-//! The live mesh as the control plane sees it: the stored resources at the current revision,
-//! the proxies connected right now, and the traffic they report. Every change bumps a watch that
-//! each proxy's stream waits on, so a new revision, a new endpoint or a departed proxy reaches
-//! every proxy that needs it at once; each stream then sends only what its proxy needs.
+//! The live mesh as the control plane sees it, as one facade over parts that each own their
+//! data: the store, the CA, the registry of connected proxies, the signals they report, and
+//! the intent machine with the stable resources. Every change bumps a watch that each proxy's
+//! stream waits on; each stream then plans its proxy's config from the snapshot of that change
+//! ([`crate::plan`]), outside every lock here.
+//!
+//! Locks, always taken in this order and never across disk I/O on the push path:
+//! `snapshot` -> `machine` -> `registry` -> `signals`. The push path (register, ACK, NACK,
+//! telemetry, planning) takes only `registry`, `signals` and `snapshot`.
 
-use crate::metrics::ControlMetrics;
-use crate::store::{ChangeEntry, Revision, Store, StoreError};
-use parking_lot::Mutex;
-use prost::Message;
+use crate::ca::{Ca, CaError, Rotation};
+use crate::clock::Clock;
+use crate::intents::{Blocker, ChangeError, Event, IntentRecord, LoopView, Machine, Step, Submitted};
+use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
+use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
+use crate::registry::{ProxyView, Registry};
+use crate::rollout::Phase;
+use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, round2};
+use crate::store::{Revision, Store, StoreError};
+use crate::taps::Taps;
+use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, broadcast, watch};
 use weft_api::ResourceKey;
-use weft_api::error::{FieldError, Invalid};
-use weft_api::mesh::{Endpoint, SERVICE_LABEL, SUBSET_LABEL, ServiceConfig};
 use weft_api::proto;
-use weft_api::resource::{RateLimitAt, Resource};
-use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms};
+use weft_api::resource::{Document, IntentSpec, MtlsMode, Resource, RolloutMode};
+use weft_api::telemetry::quantile_ms;
+use weft_core::Shutdown;
 
-/// Window over which `status` computes rates.
-const RATE_WINDOW: Duration = Duration::from_secs(10);
-/// How long per-proxy samples are kept for judging intents (baselines look this far back).
-const SAMPLE_WINDOW: Duration = Duration::from_secs(120);
 /// After a (re)start the registry is incomplete until every live proxy has reconnected; proxies
 /// retry with a backoff capped at 5 s, so after this long every live one is back.
-pub const WARMUP: Duration = Duration::from_secs(6);
+const WARMUP: Duration = Duration::from_secs(6);
+/// Timer resolution of the intent loop and of root rotation.
+const TICK: Duration = Duration::from_millis(200);
 
-pub struct Mesh {
-    pub(crate) store: std::sync::Arc<Store>,
-    pub ca: crate::ca::Ca,
-    pub(crate) state: Mutex<State>,
-    changed: watch::Sender<u64>,
-    pub metrics: ControlMetrics,
-    started: Instant,
-    /// Wakes the intent loop (submissions, ACKs, NACKs, operator actions).
-    pub(crate) wake: tokio::sync::Notify,
-    /// Server-sent events for the dashboard: one JSON object per change.
-    pub events: tokio::sync::broadcast::Sender<String>,
+pub(crate) struct Mesh {
+    pub(crate) store: Arc<Store>,
+    pub(crate) ca: Ca,
+    pub(crate) metrics: ControlMetrics,
     /// Open `weft tap` streams.
-    pub taps: std::sync::Arc<crate::taps::Taps>,
-}
-
-pub(crate) struct State {
-    /// The revision every untreated proxy runs, and its resources.
-    pub(crate) stable: u64,
-    pub(crate) resources: BTreeMap<ResourceKey, Resource>,
-    pub(crate) proxies: BTreeMap<u64, ProxyRecord>,
-    next_conn: u64,
-    traffic: HashMap<(String, String), VecDeque<Sample>>,
-    /// Per proxy, direction and peer service: what intents are judged on.
-    pub(crate) samples: HashMap<(String, i32, String), VecDeque<Sample>>,
-    telemetry_signals: u64,
-    pub(crate) intents: BTreeMap<u64, crate::intents::IntentRecord>,
-    pub(crate) frozen: bool,
-    /// Bypassed services, as (namespace, service).
-    pub(crate) bypass: BTreeSet<(String, String)>,
-    pub(crate) last_decision: Option<String>,
-    /// Each service's config as pushed, by (namespace, service, intents overlaid), for the
-    /// change generation it was built in: a change that reaches a thousand callers builds it
-    /// once, not a thousand times under the lock.
-    service_cache: HashMap<(String, String, Vec<u64>), Arc<BuiltService>>,
-    service_cache_generation: u64,
-}
-
-/// A connected proxy.
-#[derive(Clone, Debug)]
-pub struct ProxyRecord {
-    pub id: String,
-    pub namespace: String,
-    pub name: String,
-    /// `namespace/name`, built once: the intent loop looks proxies up by it on every step.
-    workload: String,
-    pub cluster: String,
-    pub labels: BTreeMap<String, String>,
-    pub service: String,
-    pub inbound: SocketAddr,
-    pub subscriptions: BTreeSet<String>,
-    pub applied_revision: u64,
-    pub last_nack: Option<String>,
-    pub connected_since_ms: u64,
-    pushed: Option<(u64, Instant)>,
-    /// Registered with a config already (it reconnected rather than started).
-    resumed: bool,
-    /// The SPIFFE ID it was admitted with (its token's, or its certificate's).
-    pub identity: String,
-    /// Expiry of its workload certificate (unix seconds), as it last reported.
-    pub cert_not_after: u64,
-    /// Intents whose candidate each pushed version carried, until it is ACKed or NACKed.
-    pending: BTreeMap<u64, (BTreeSet<u64>, u64)>,
-    /// The trust-bundle epoch of the last config it ACKed.
-    pub(crate) bundle_epoch: u64,
-    /// Generation of the root behind the certificate it reports using (none reported yet).
-    pub(crate) cert_generation: Option<u64>,
-    /// Intents whose candidate this proxy runs (from its last ACK).
-    pub(crate) applied_intents: BTreeSet<u64>,
-    /// Intents whose candidate this proxy refused, with the reason.
-    pub(crate) refused: BTreeMap<u64, String>,
-}
-
-#[derive(Clone)]
-pub(crate) struct Sample {
-    pub(crate) at: Instant,
-    pub(crate) revision: u64,
-    /// Outbound: the route the requests took.
-    pub(crate) route: String,
-    /// Inbound: how many of the requests came over mTLS.
-    pub(crate) mtls: u64,
-    pub(crate) requests: u64,
-    pub(crate) errors: u64,
-    /// Sparse latency histogram: non-empty slots and their counts (weft_api::telemetry).
-    pub(crate) latency_slots: Vec<u32>,
-    pub(crate) latency_counts: Vec<u64>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ChangeError {
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// The outcome of an accepted change.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Applied {
-    pub revision: u64,
-    pub changes: Vec<ChangeEntry>,
+    pub(crate) taps: Arc<Taps>,
+    clock: Clock,
+    started: Instant,
+    machine: Mutex<Machine>,
+    registry: Mutex<Registry>,
+    signals: Mutex<Signals>,
+    /// The mesh at the newest change generation that some stream has planned from.
+    snapshot: Mutex<Arc<Snapshot>>,
+    /// Held from the moment a change to an intent is decided until its record is written, so
+    /// records reach the store in the order they were decided, without the machine's lock.
+    writes: Mutex<()>,
+    changed: watch::Sender<u64>,
+    /// Wakes the intent loop (submissions, ACKs, NACKs, operator actions).
+    wake: Notify,
+    /// Server-sent events for the dashboard: one JSON object per change.
+    events: broadcast::Sender<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ProxyView {
-    pub id: String,
-    pub workload: String,
-    pub service: String,
-    pub cluster: String,
-    pub labels: BTreeMap<String, String>,
-    pub address: String,
-    pub applied_revision: u64,
-    pub last_nack: Option<String>,
-    pub connected_since: u64,
-    pub cert_expiry: Option<u64>,
-    pub identity: String,
-    pub subscriptions: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatusView {
-    pub revision: u64,
+pub(crate) struct StatusView {
+    revision: u64,
     #[serde(rename = "loop")]
-    pub loop_: LoopView,
-    pub telemetry_signals: u64,
-    pub services: Vec<ServiceView>,
+    loop_: LoopView,
+    telemetry_signals: u64,
+    pub(crate) services: Vec<ServiceView>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct LoopView {
-    pub phase: &'static str,
-    pub intent: Option<String>,
-    pub mode: &'static str,
-    pub last_decision: Option<String>,
-    pub frozen: bool,
-}
-
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceView {
-    pub name: String,
-    pub namespace: String,
-    pub cluster: String,
-    pub rps: f64,
-    pub errors: u64,
-    pub error_rate: f64,
-    pub p99_ms: Option<f64>,
-    pub policy_revision: u64,
-    pub mtls: &'static str,
+pub(crate) struct ServiceView {
+    pub(crate) name: String,
+    pub(crate) namespace: String,
+    cluster: String,
+    pub(crate) rps: f64,
+    pub(crate) errors: u64,
+    pub(crate) error_rate: f64,
+    pub(crate) p99_ms: Option<f64>,
+    policy_revision: u64,
+    mtls: &'static str,
     /// Percentage of inbound requests that arrived over mTLS.
-    pub mtls_share: Option<f64>,
-    pub bypass: bool,
-    pub proxies: ProxyCount,
+    mtls_share: Option<f64>,
+    bypass: bool,
+    proxies: ProxyCount,
 }
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ProxyCount {
-    pub total: usize,
-    pub in_sync: usize,
-}
-
-/// A service's config as pushed, built once per change generation and shared by every proxy
-/// that calls it.
-pub struct BuiltService {
-    pub service: proto::Service,
-    /// Hash of its encoding.
-    fingerprint: u64,
-}
-
-/// What one proxy should run, before it is made into a message.
-pub struct PlannedConfig {
-    /// Changes whenever anything in the message would (the version aside).
-    pub fingerprint: u64,
-    pub services: Vec<Arc<BuiltService>>,
-    /// Everything but the services.
-    pub rest: proto::ProxyConfig,
-    /// The intents whose candidate it carries.
-    pub included: BTreeSet<u64>,
-}
-
-impl PlannedConfig {
-    /// The message, numbered `version`.
-    pub fn message(&self, version: u64) -> proto::ProxyConfig {
-        proto::ProxyConfig {
-            version,
-            services: self.services.iter().map(|s| s.service.clone()).collect(),
-            ..self.rest.clone()
-        }
-    }
-}
-
-fn fingerprint(bytes: &[u8]) -> u64 {
-    let mut hasher = std::hash::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+struct ProxyCount {
+    total: usize,
+    in_sync: usize,
 }
 
 // === impl Mesh ===
 
 impl Mesh {
-    /// Loads the newest revision from `store`.
-    pub fn new(store: std::sync::Arc<Store>, ca: crate::ca::Ca, metrics: ControlMetrics) -> Result<Self, StoreError> {
-        let stable = match store.stable()? {
-            Some(rev) => store.get(rev)?,
-            None => store.latest()?,
-        };
-        let (revision, resources) = match stable {
-            Some(r) => (r.revision, r.resources.into_iter().map(|res| (res.key(), res)).collect()),
-            None => (0, BTreeMap::new()),
-        };
-        metrics.revision.set(revision as i64);
-        let intents = crate::intents::recover(&store, revision)?;
+    /// Loads the newest revision and the intents from `store`.
+    pub(crate) fn new(store: Arc<Store>, ca: Ca, metrics: ControlMetrics) -> Result<Self, StoreError> {
+        Self::with_clock(store, ca, metrics, Clock::default())
+    }
+
+    pub(crate) fn with_clock(store: Arc<Store>, ca: Ca, metrics: ControlMetrics, clock: Clock) -> Result<Self, StoreError> {
+        let machine = Machine::recover(&store, clock.unix_ms())?;
+        metrics.revision.set(machine.stable as i64);
         Ok(Self {
             taps: Default::default(),
             store,
             ca,
-            state: Mutex::new(State {
-                stable: revision,
-                resources,
-                proxies: BTreeMap::new(),
-                next_conn: 1,
-                traffic: HashMap::new(),
-                samples: HashMap::new(),
-                telemetry_signals: 0,
-                intents,
-                frozen: false,
-                bypass: BTreeSet::new(),
-                last_decision: None,
-                service_cache: HashMap::new(),
-                service_cache_generation: u64::MAX,
-            }),
-            changed: watch::channel(0).0,
             metrics,
-            started: Instant::now(),
-            wake: tokio::sync::Notify::new(),
-            events: tokio::sync::broadcast::channel(256).0,
+            started: clock.now(),
+            clock,
+            machine: Mutex::new(machine),
+            registry: Mutex::default(),
+            signals: Mutex::default(),
+            snapshot: Mutex::new(Arc::new(Snapshot::none())),
+            writes: Mutex::new(()),
+            changed: watch::channel(0).0,
+            wake: Notify::new(),
+            events: broadcast::channel(256).0,
         })
     }
 
-    pub fn watch(&self) -> watch::Receiver<u64> {
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
-    pub(crate) fn bump(&self) {
+    fn bump(&self) {
         self.changed.send_modify(|g| *g += 1);
     }
 
     /// Sends one event to every `/api/v1/events` listener.
-    pub(crate) fn emit(&self, event: serde_json::Value) {
+    fn emit(&self, event: serde_json::Value) {
         let _ = self.events.send(event.to_string());
     }
 
+    pub(crate) fn subscribe_events(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
     /// The stable revision.
-    pub fn revision(&self) -> u64 {
-        self.state.lock().stable
+    pub(crate) fn revision(&self) -> u64 {
+        self.machine.lock().stable
     }
 
-    pub fn resources(&self) -> Vec<Resource> {
-        self.state.lock().resources.values().cloned().collect()
+    pub(crate) fn resources(&self) -> Vec<Resource> {
+        let resources = self.machine.lock().resources.clone();
+        resources.values().cloned().collect()
     }
 
-    pub fn history(&self) -> Result<Vec<Revision>, StoreError> {
+    pub(crate) fn history(&self) -> Result<Vec<Revision>, StoreError> {
         self.store.history()
     }
 
+    // --- the push path: registry, signals, plans ---
+
     /// Adds a proxy that opened a stream and proved it is its workload ([`crate::admission`]),
     /// with the identity it was admitted with; returns its connection number and id.
-    pub fn register(&self, reg: &proto::Register, identity: String) -> Result<(u64, String), String> {
-        let inbound: SocketAddr = reg
-            .inbound_addr
-            .parse()
-            .map_err(|_| format!("register: inbound_addr {:?} is not a socket address", reg.inbound_addr))?;
-        let labels: BTreeMap<String, String> = reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let service = labels.get(SERVICE_LABEL).cloned().unwrap_or_else(|| reg.name.clone());
-        let mut state = self.state.lock();
-        let conn = state.next_conn;
-        state.next_conn += 1;
-        let id = format!("{}/{}#{conn}", reg.namespace, reg.name);
-        state.proxies.insert(
-            conn,
-            ProxyRecord {
-                id: id.clone(),
-                namespace: reg.namespace.clone(),
-                name: reg.name.clone(),
-                workload: format!("{}/{}", reg.namespace, reg.name),
-                cluster: reg.cluster.clone(),
-                labels,
-                service,
-                inbound,
-                subscriptions: reg.services.iter().cloned().collect(),
-                applied_revision: reg.applied_revision,
-                last_nack: None,
-                connected_since_ms: now_ms(),
-                pushed: None,
-                resumed: reg.applied_revision > 0 || !reg.services.is_empty(),
-                identity,
-                cert_not_after: 0,
-                bundle_epoch: 0,
-                cert_generation: None,
-                pending: BTreeMap::new(),
-                applied_intents: BTreeSet::new(),
-                refused: BTreeMap::new(),
-            },
-        );
-        self.metrics.proxies.set(state.proxies.len() as i64);
-        drop(state);
-        tracing::info!(proxy = %id, %inbound, "proxy connected");
+    pub(crate) fn register(&self, reg: &proto::Register, identity: String) -> Result<(u64, String), String> {
+        let mut registry = self.registry.lock();
+        let (conn, id) = registry.register(reg, identity, self.clock.unix_ms())?;
+        self.metrics.proxies.set(registry.proxies.len() as i64);
+        drop(registry);
+        tracing::info!(proxy = %id, inbound = %reg.inbound_addr, "proxy connected");
         self.bump();
         Ok((conn, id))
     }
 
-    pub fn unregister(&self, conn: u64) {
-        let mut state = self.state.lock();
-        if let Some(p) = state.proxies.remove(&conn) {
+    pub(crate) fn unregister(&self, conn: u64) {
+        let mut registry = self.registry.lock();
+        if let Some(p) = registry.proxies.remove(&conn) {
             tracing::info!(proxy = %p.id, "proxy disconnected");
         }
-        self.metrics.proxies.set(state.proxies.len() as i64);
-        drop(state);
+        self.metrics.proxies.set(registry.proxies.len() as i64);
+        drop(registry);
         self.bump();
     }
 
-    pub fn subscribe(&self, conn: u64, services: Vec<String>) {
-        if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
-            p.subscriptions
-                .extend(services.into_iter().filter(|s| !s.is_empty() && s.len() <= 253));
+    /// New subscriptions change what the proxy is sent (and which intents treat it), so they
+    /// are a change like any other.
+    pub(crate) fn subscribe(&self, conn: u64, services: Vec<String>) {
+        self.registry.lock().subscribe(conn, services);
+        self.bump();
+    }
+
+    /// The config proxy `conn` needs now, planned from the snapshot of the current change
+    /// generation (made here by the first stream that asks for it).
+    pub(crate) fn config_for(&self, conn: u64) -> Option<PlannedConfig> {
+        let snapshot = self.snapshot();
+        let trust = Trust {
+            bundle_pem: self.ca.bundle_pem(),
+            generation: self.ca.generation(),
+        };
+        snapshot.plan(conn, trust)
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        let generation = *self.changed.borrow();
+        let mut current = self.snapshot.lock();
+        if current.generation != generation {
+            *current = Arc::new(self.take_snapshot(generation));
+        }
+        current.clone()
+    }
+
+    /// Copies what planning reads, under the machine's and the registry's locks (no planning,
+    /// no I/O there).
+    fn take_snapshot(&self, generation: u64) -> Snapshot {
+        let machine = self.machine.lock();
+        let registry = self.registry.lock();
+        let mut overlays = BTreeMap::new();
+        let mut treats: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (seq, intent) in &machine.records {
+            let mut treats_any = false;
+            for (conn, p) in &registry.proxies {
+                if intent.treats(p) {
+                    treats.entry(*conn).or_default().push(*seq);
+                    treats_any = true;
+                }
+            }
+            if treats_any {
+                let overlay = Overlay {
+                    candidate: intent.candidate.unwrap_or(0),
+                    entries: intent.overlay.clone(),
+                };
+                overlays.insert(*seq, overlay);
+            }
+        }
+        Snapshot::new(
+            generation,
+            machine.stable,
+            machine.resources.clone(),
+            overlays,
+            treats,
+            machine.bypass.clone(),
+            registry.proxies.clone(),
+        )
+    }
+
+    /// While warming up, a proxy that resumed with a working config is not sent one that would
+    /// leave any of its services without endpoints: those endpoints are most likely proxies
+    /// that have not reconnected yet. Returns when to look again.
+    pub(crate) fn hold(&self, conn: u64, cfg: &PlannedConfig) -> Option<Instant> {
+        let until = self.started + WARMUP;
+        if self.clock.now() >= until || !cfg.services.iter().any(|s| s.service.endpoints.is_empty()) {
+            return None;
+        }
+        self.registry.lock().proxies.get(&conn).is_some_and(|p| p.resumed).then_some(until)
+    }
+
+    pub(crate) fn pushed(&self, conn: u64, version: u64, included: BTreeSet<u64>, bundle_epoch: u64) {
+        self.metrics.pushes.inc();
+        self.registry.lock().pushed(conn, version, included, bundle_epoch, self.clock.now());
+    }
+
+    pub(crate) fn ack(&self, conn: u64, version: u64, revision: u64) {
+        self.metrics.acks.inc();
+        let took = self.registry.lock().ack(conn, version, revision, self.clock.now());
+        if let Some(took) = took {
+            self.metrics.push_to_ack.observe(took.as_secs_f64());
+        }
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn nack(&self, conn: u64, version: u64, revision: u64, reason: String) {
+        self.metrics.nacks.inc();
+        self.registry.lock().nack(conn, version, revision, reason);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn telemetry(&self, conn: u64, report: proto::TelemetryReport) {
+        self.metrics.telemetry_reports.inc();
+        let from = {
+            let mut registry = self.registry.lock();
+            registry.certificate(conn, report.cert_not_after_unix, report.cert_generation);
+            registry.proxies.get(&conn).map(|p| Reporter {
+                workload: p.workload_id().to_string(),
+                namespace: p.namespace.clone(),
+                service: p.service.clone(),
+            })
+        };
+        let reporting = from.is_some();
+        self.signals.lock().record(from, report.stats, self.clock.now());
+        if reporting {
+            self.wake.notify_one();
         }
     }
 
-    /// The config proxy `conn` needs now: the stable resources, with the overlay of every
-    /// intent that treats this proxy on top. Cheap to make under the lock (services are shared
-    /// with every other proxy that needs them in this generation); the stream compares its
-    /// fingerprint with the last one it sent and builds the message only when it differs.
-    pub fn config_for(&self, conn: u64) -> Option<PlannedConfig> {
-        let generation = *self.changed.borrow();
-        let mut guard = self.state.lock();
-        if !guard.proxies.contains_key(&conn) {
-            return None;
+    pub(crate) fn proxies(&self) -> Vec<ProxyView> {
+        self.registry.lock().views()
+    }
+
+    pub(crate) fn routes(&self) -> Vec<RouteView> {
+        self.signals.lock().routes(self.clock.now())
+    }
+
+    pub(crate) fn status(&self) -> StatusView {
+        let machine = self.machine.lock();
+        let registry = self.registry.lock();
+        let signals = self.signals.lock();
+        let mut services: BTreeMap<(String, String), Vec<_>> = BTreeMap::new();
+        for p in registry.proxies.values() {
+            services.entry((p.namespace.clone(), p.service.clone())).or_default().push(p);
         }
-        if guard.service_cache_generation != generation {
-            guard.service_cache.clear();
-            guard.service_cache_generation = generation;
+        for r in machine.resources.values() {
+            services
+                .entry((r.metadata().namespace.clone(), r.service().to_string()))
+                .or_default();
         }
-        let mut cache = std::mem::take(&mut guard.service_cache);
-        let state = &*guard;
-        let p = &state.proxies[&conn];
-        let mut resources = std::borrow::Cow::Borrowed(&state.resources);
-        let mut revision = state.stable;
-        let mut included = BTreeSet::new();
-        for (seq, intent) in &state.intents {
-            if intent.treats(p) {
-                let r = resources.to_mut();
-                for entry in &intent.overlay {
-                    match &entry.resource {
-                        Some(res) => r.insert(entry.key.clone(), res.clone()),
-                        None => r.remove(&entry.key),
-                    };
+        let now = self.clock.now();
+        let views = services
+            .into_iter()
+            .map(|((namespace, name), proxies)| {
+                let traffic = signals.traffic(&namespace, &name, now);
+                let (requests, errors) = (traffic.requests, traffic.errors);
+                let clusters: BTreeSet<&str> = proxies.iter().map(|p| p.cluster.as_str()).collect();
+                ServiceView {
+                    cluster: clusters.into_iter().collect::<Vec<_>>().join(","),
+                    rps: round2(requests as f64 / RATE_WINDOW.as_secs_f64()),
+                    errors,
+                    error_rate: if requests == 0 {
+                        0.0
+                    } else {
+                        round2(100.0 * errors as f64 / requests as f64)
+                    },
+                    p99_ms: quantile_ms(&traffic.buckets, 0.99).map(round2),
+                    policy_revision: proxies.iter().map(|p| p.applied_revision).min().unwrap_or(0),
+                    mtls: match mtls_mode(&machine.resources, &namespace, &name) {
+                        Some(MtlsMode::Strict) => "strict",
+                        Some(MtlsMode::Off) => "off",
+                        _ => "permissive",
+                    },
+                    mtls_share: if requests == 0 {
+                        None
+                    } else {
+                        Some(round2(100.0 * traffic.mtls as f64 / requests as f64))
+                    },
+                    bypass: machine.bypass.contains(&(namespace.clone(), name.clone())),
+                    proxies: ProxyCount {
+                        total: proxies.len(),
+                        in_sync: proxies
+                            .iter()
+                            .filter(|p| p.applied_revision == machine.assigned_revision(p))
+                            .count(),
+                    },
+                    name,
+                    namespace,
                 }
-                revision = revision.max(intent.candidate.unwrap_or(0));
-                included.insert(*seq);
-            }
-        }
-        let bypassed = |service: &str| state.bypass.contains(&(p.namespace.clone(), service.to_string()));
-        let overlays: Vec<u64> = included.iter().copied().collect();
-        let services = p
-            .subscriptions
-            .iter()
-            .map(|name| {
-                let key = (p.namespace.clone(), name.clone(), overlays.clone());
-                if let Some(cached) = cache.get(&key) {
-                    return cached.clone();
-                }
-                let mut endpoints: Vec<Endpoint> = state
-                    .proxies
-                    .values()
-                    .filter(|q| q.namespace == p.namespace && &q.service == name)
-                    .map(|q| Endpoint {
-                        address: q.inbound,
-                        cluster: q.cluster.clone(),
-                        labels: q.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-                        workload: q.workload_id().to_string(),
-                        identity: q.identity.clone(),
-                    })
-                    .collect();
-                endpoints.sort_by_key(|e| e.address);
-                let policy = if bypassed(name) {
-                    None
-                } else {
-                    traffic_policy(&resources, &p.namespace, name)
-                };
-                let svc = ServiceConfig {
-                    name: name.clone(),
-                    namespace: p.namespace.clone(),
-                    endpoints,
-                    policy_name: policy.map(|(k, _)| k.name.clone()).unwrap_or_default(),
-                    policy: policy.map(|(_, spec)| spec.clone()),
-                    mtls: mtls_mode(&resources, &p.namespace, name),
-                };
-                let service = proto::Service::from(&svc);
-                let fingerprint = fingerprint(&service.encode_to_vec());
-                let built = Arc::new(BuiltService { service, fingerprint });
-                cache.insert(key, built.clone());
-                built
             })
-            .collect::<Vec<_>>();
-        let security = resources.values().find_map(|r| match r {
-            Resource::SecurityPolicy(d)
-                if d.metadata.namespace == p.namespace
-                    && d.spec.selector.service == p.service
-                    && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)) =>
-            {
-                Some((
-                    serde_json::to_string(&d.spec).expect("policy serializes"),
-                    format!("{}/{}", d.metadata.namespace, d.metadata.name),
-                ))
+            .collect();
+        StatusView {
+            revision: machine.stable,
+            loop_: machine.loop_view(),
+            telemetry_signals: signals.reports,
+            services: views,
+        }
+    }
+
+    // --- the intent machine ---
+
+    /// Runs `f` as one pass of the machine, then acts on what it decided once the machine's
+    /// lock is released.
+    fn with_machine<T>(&self, f: impl FnOnce(&mut Step<'_>) -> T) -> T {
+        let mut machine = self.machine.lock();
+        let registry = self.registry.lock();
+        let signals = self.signals.lock();
+        let mut step = machine.pass(&registry.proxies, &signals, self.clock.now(), self.clock.unix_ms());
+        let out = f(&mut step);
+        let events = std::mem::take(&mut step.events);
+        drop(signals);
+        drop(registry);
+        self.settle(machine, events);
+        out
+    }
+
+    /// Releases the machine and acts on `events`: records are written under `writes`, taken
+    /// before the machine is released, so they reach the store in the order decided.
+    fn settle(&self, machine: MutexGuard<'_, Machine>, events: Vec<Event>) {
+        let writes = self.writes.lock();
+        drop(machine);
+        for event in events {
+            match event {
+                Event::Emit(value) => self.emit(value),
+                Event::Changed => self.bump(),
+                Event::Wake => self.wake.notify_one(),
+                Event::Decided(outcome) => {
+                    self.metrics.decisions.get_or_create(&OutcomeLabel { outcome }).inc();
+                }
+                Event::Stable(revision) => {
+                    self.metrics.revision.set(revision as i64);
+                }
+                Event::Persist(seq, json) => {
+                    if let Err(error) = self.store.put_intent(seq, &json) {
+                        tracing::error!(seq, %error, "cannot persist intent");
+                    }
+                }
             }
-            _ => None,
+        }
+        drop(writes);
+    }
+
+    /// Advances every unfinished intent as far as it can go now. The store is written before
+    /// the pass (candidate numbers for intents that can start) and after it (promoted
+    /// revisions), never while the registry or the machine is locked.
+    fn step(&self) {
+        let startable = self.machine.lock().startable();
+        let mut reserved = Vec::with_capacity(startable);
+        for _ in 0..startable {
+            match self.store.reserve() {
+                Ok(c) => reserved.push(c),
+                Err(error) => {
+                    tracing::error!(%error, "cannot reserve a revision; intent stays queued");
+                    break;
+                }
+            }
+        }
+        // The earliest intent starts with the lowest number.
+        reserved.reverse();
+        let commits = self.with_machine(|step| {
+            step.reserved = reserved;
+            step.step();
+            std::mem::take(&mut step.commits)
         });
-        let (security, security_name) = security.unzip();
-        let rest = proto::ProxyConfig {
-            version: 0,
-            revision,
-            proxy_id: p.id.clone(),
-            services: Vec::new(),
-            bypass: bypassed(&p.service),
-            security_policy_json: security.unwrap_or_default(),
-            security_policy_name: security_name.unwrap_or_default(),
-            trust_bundle_pem: self.ca.bundle_pem(),
-            ca_generation: self.ca.generation(),
-            inbound_rate_limit_json: traffic_policy(&resources, &p.namespace, &p.service)
-                .and_then(|(_, spec)| spec.rate_limit.as_ref())
-                .filter(|r| r.at == RateLimitAt::Inbound)
-                .map(|r| serde_json::to_string(r).expect("rate limit serializes"))
-                .unwrap_or_default(),
+        for commit in commits {
+            let stored = self
+                .store
+                .commit_at(commit.candidate, commit.summary.clone(), commit.changes.clone(), &commit.next);
+            self.with_machine(|step| step.committed(commit, stored));
+        }
+    }
+
+    pub(crate) fn submit_intent(&self, doc: Document<IntentSpec>, source: &str) -> Result<IntentRecord, ChangeError> {
+        self.with_machine(|step| step.submit_intent(doc, source))
+    }
+
+    pub(crate) fn submit_change(
+        &self,
+        title: String,
+        apply: Vec<Resource>,
+        delete: Vec<ResourceKey>,
+        source: &str,
+    ) -> Result<Submitted, ChangeError> {
+        self.with_machine(|step| step.submit_change(title, apply, delete, source))
+    }
+
+    /// A rollback to revision `rev`: an intent whose change restores that revision's resources.
+    pub(crate) fn submit_rollback(&self, rev: u64) -> Result<Submitted, ChangeError> {
+        let Some(old) = self.store.get(rev)? else {
+            let error = weft_api::error::FieldError::new("revision", rev, "no such revision");
+            return Err(weft_api::error::Invalid::one("rollback", error).into());
         };
-        guard.service_cache = cache;
-        let mut hasher = std::hash::DefaultHasher::new();
-        rest.encode_to_vec().hash(&mut hasher);
-        services.iter().for_each(|s| s.fingerprint.hash(&mut hasher));
-        Some(PlannedConfig {
-            fingerprint: hasher.finish(),
-            services,
-            rest,
-            included,
+        let target: BTreeMap<ResourceKey, Resource> = old.resources.into_iter().map(|r| (r.key(), r)).collect();
+        let title = format!("rollback to revision {rev}");
+        let source = format!("weft rollback {rev}");
+        self.with_machine(|step| {
+            let delete: Vec<ResourceKey> = step.m.resources.keys().filter(|k| !target.contains_key(k)).cloned().collect();
+            step.submit_change(title, target.into_values().collect(), delete, &source)
         })
     }
 
+    pub(crate) fn intent(&self, id: &str) -> Option<IntentRecord> {
+        self.machine.lock().records.values().find(|i| i.id == id).cloned()
+    }
+
+    pub(crate) fn intent_list(&self) -> Vec<IntentRecord> {
+        self.machine.lock().records.values().cloned().collect()
+    }
+
+    /// What keeps intent `id` queued, if it is queued behind something.
+    pub(crate) fn blocker(&self, id: &str) -> Option<Blocker> {
+        let machine = self.machine.lock();
+        let seq = machine.seq_of(id).ok()?;
+        machine.blocker_of(seq)
+    }
+
+    /// Sets the intents-by-phase gauges (before a scrape).
+    pub(crate) fn count_intents(&self) {
+        let machine = self.machine.lock();
+        for phase in [
+            Phase::Queued,
+            Phase::AwaitingApproval,
+            Phase::Distribution,
+            Phase::Enforcement,
+            Phase::Observation,
+            Phase::Promoted,
+            Phase::RolledBack,
+            Phase::Failed,
+        ] {
+            let n = machine.records.values().filter(|i| i.phase == phase).count();
+            self.metrics
+                .intents
+                .get_or_create(&PhaseLabel { phase: phase.as_str() })
+                .set(n as i64);
+        }
+    }
+
+    /// Lets a manual intent start its next stage (the dashboard's "step").
+    pub(crate) fn approve(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
+        let view = self.with_machine(|step| step.approve(id))?;
+        self.operator_ledger(actor, "approve", id);
+        Ok(view)
+    }
+
+    /// Switches an open intent between auto and manual.
+    pub(crate) fn set_mode(&self, id: &str, mode: RolloutMode, actor: &str) -> Result<IntentRecord, ChangeError> {
+        let view = self.with_machine(|step| step.set_mode(id, mode))?;
+        let label = if mode == RolloutMode::Auto { "auto" } else { "manual" };
+        self.operator_ledger(actor, &format!("mode {label}"), id);
+        Ok(view)
+    }
+
+    /// Rolls an intent back (or cancels it while queued).
+    pub(crate) fn abort(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
+        let view = self.with_machine(|step| step.abort(id))?;
+        self.operator_ledger(actor, "abort", id);
+        Ok(view)
+    }
+
+    /// Freeze: every rollout in progress is rolled back and none starts until it is lifted.
+    pub(crate) fn freeze(&self, on: bool, actor: &str) {
+        self.with_machine(|step| step.freeze(on));
+        self.operator_ledger(actor, if on { "freeze on" } else { "freeze off" }, "mesh");
+    }
+
+    /// The kill switch (what it turns off: [`Step::set_bypass`]).
+    pub(crate) fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) {
+        self.with_machine(|step| step.set_bypass(namespace, service, on));
+        self.operator_ledger(
+            actor,
+            if on { "bypass on" } else { "bypass off" },
+            &format!("{namespace}/{service}"),
+        );
+    }
+
+    /// Records an operator's action; `actor` is the name of the API token that asked for it.
+    fn operator_ledger(&self, actor: &str, action: &str, subject: &str) {
+        let entry = json!({"timeMs": self.clock.unix_ms(), "actor": actor, "action": action, "subject": subject});
+        if let Err(error) = self.store.append_ledger(&entry.to_string()) {
+            tracing::error!(%error, "cannot write the ledger");
+        }
+        tracing::info!(actor, action, subject, "operator action");
+    }
+
+    pub(crate) fn ledger(&self, limit: usize) -> Result<Vec<serde_json::Value>, StoreError> {
+        Ok(self
+            .store
+            .ledger(limit)?
+            .iter()
+            .filter_map(|s| serde_json::from_str(s).ok())
+            .collect())
+    }
+
+    /// Waits until intent `id` has finished or is known to wait behind something (which may
+    /// take hours: an intent awaiting approval), up to `within`.
+    pub(crate) async fn wait_settled(&self, id: &str, within: Duration) -> Option<(IntentRecord, Option<Blocker>)> {
+        let deadline = Instant::now() + within;
+        loop {
+            let intent = self.intent(id)?;
+            let blocker = self.blocker(id);
+            if intent.phase.is_terminal() || blocker.is_some() || Instant::now() >= deadline {
+                return Some((intent, blocker));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // --- the CA ---
+
     /// Starts a root rotation (see [`crate::ca::Rotation`]).
-    pub fn rotate_root(&self) -> Result<(), crate::ca::CaError> {
+    pub(crate) fn rotate_root(&self) -> Result<(), CaError> {
         self.ca.rotate(&self.store)?;
-        self.emit(serde_json::json!({"type": "ca", "rotation": "distributing"}));
+        self.emit(json!({"type": "ca", "rotation": "distributing"}));
         self.bump();
         Ok(())
     }
 
     /// Advances a root rotation: the new root signs once every proxy trusts it; the old root is
     /// dropped once every workload holds a leaf of the new one.
-    pub fn rotation_step(&self) {
-        use crate::ca::Rotation;
+    fn rotation_step(&self) {
         let rotation = self.ca.rotation();
         if rotation == Rotation::Idle {
             return;
         }
         let ready = {
-            let state = self.state.lock();
+            let registry = self.registry.lock();
             match rotation {
-                Rotation::Distributing => state.proxies.values().all(|p| p.bundle_epoch >= self.ca.bundle_epoch()),
+                Rotation::Distributing => registry.proxies.values().all(|p| p.bundle_epoch >= self.ca.bundle_epoch()),
                 // What proxies report they use, not what was issued: a proxy may install its
                 // new certificate a little after the CA signed it.
                 Rotation::Reissuing => {
                     let generation = self.ca.generation();
-                    state.proxies.values().all(|p| p.cert_generation.is_some_and(|g| g >= generation))
+                    registry
+                        .proxies
+                        .values()
+                        .all(|p| p.cert_generation.is_some_and(|g| g >= generation))
                 }
                 Rotation::Idle => false,
             }
@@ -528,331 +609,126 @@ impl Mesh {
         };
         match result {
             Ok(()) => {
-                self.emit(serde_json::json!({"type": "ca", "rotation": format!("{:?}", self.ca.rotation()).to_lowercase()}));
+                self.emit(json!({"type": "ca", "rotation": format!("{:?}", self.ca.rotation()).to_lowercase()}));
                 self.bump();
             }
             Err(error) => tracing::error!(%error, "root rotation step failed"),
         }
     }
+}
 
-    /// While warming up, a proxy that resumed with a working config is not sent one that would
-    /// leave any of its services without endpoints: those endpoints are most likely proxies
-    /// that have not reconnected yet. Returns when to look again.
-    pub fn hold(&self, conn: u64, cfg: &PlannedConfig) -> Option<Instant> {
-        let until = self.started + WARMUP;
-        if Instant::now() >= until || !cfg.services.iter().any(|s| s.service.endpoints.is_empty()) {
-            return None;
+/// Runs the intent loop until shutdown: a step on every wake-up and on a short tick for timers.
+pub(crate) async fn run_intents(mesh: Arc<Mesh>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = mesh.wake.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shutdown.cancelled() => return,
         }
-        self.state.lock().proxies.get(&conn).is_some_and(|p| p.resumed).then_some(until)
-    }
-
-    pub fn pushed(&self, conn: u64, version: u64, included: BTreeSet<u64>, bundle_epoch: u64) {
-        self.metrics.pushes.inc();
-        if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
-            p.pushed = Some((version, Instant::now()));
-            p.pending.insert(version, (included, bundle_epoch));
-            while p.pending.len() > 16 {
-                p.pending.pop_first();
-            }
-        }
-    }
-
-    pub fn ack(&self, conn: u64, version: u64, revision: u64) {
-        self.metrics.acks.inc();
-        let mut state = self.state.lock();
-        if let Some(p) = state.proxies.get_mut(&conn) {
-            p.applied_revision = revision;
-            p.last_nack = None;
-            if let Some((included, epoch)) = p.pending.remove(&version) {
-                p.applied_intents = included;
-                p.bundle_epoch = epoch;
-            }
-            p.pending.retain(|v, _| *v > version);
-            if let Some((v, at)) = p.pushed
-                && v == version
-            {
-                self.metrics.push_to_ack.observe(at.elapsed().as_secs_f64());
-                p.pushed = None;
-            }
-        }
-        drop(state);
-        self.wake.notify_one();
-    }
-
-    pub fn nack(&self, conn: u64, version: u64, revision: u64, reason: String) {
-        self.metrics.nacks.inc();
-        if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
-            tracing::warn!(proxy = %p.id, version, revision, %reason, "proxy refused config");
-            if let Some((included, _)) = p.pending.remove(&version) {
-                for seq in included.difference(&p.applied_intents) {
-                    p.refused.insert(*seq, reason.clone());
-                }
-            }
-            p.last_nack = Some(reason);
-        }
-        self.wake.notify_one();
-    }
-
-    pub fn telemetry(&self, conn: u64, report: proto::TelemetryReport) {
-        self.metrics.telemetry_reports.inc();
-        let mut state = self.state.lock();
-        state.telemetry_signals += 1;
-        let Some(p) = state.proxies.get_mut(&conn) else { return };
-        p.cert_not_after = report.cert_not_after_unix;
-        p.cert_generation = (report.cert_not_after_unix > 0).then_some(report.cert_generation);
-        let service_key = (p.namespace.clone(), p.service.clone());
-        let workload = p.workload_id().to_string();
-        let now = Instant::now();
-        for s in report.stats {
-            let sample = Sample {
-                at: now,
-                revision: s.revision,
-                route: s.route,
-                mtls: s.mtls,
-                requests: s.requests,
-                errors: s.errors,
-                latency_slots: s.latency_slots,
-                latency_counts: s.latency_counts,
-            };
-            if s.direction == proto::Direction::Inbound as i32 {
-                push_window(
-                    state.traffic.entry(service_key.clone()).or_default(),
-                    sample.clone(),
-                    now,
-                    RATE_WINDOW * 3,
-                );
-            }
-            let key = (workload.clone(), s.direction, s.service);
-            push_window(state.samples.entry(key).or_default(), sample, now, SAMPLE_WINDOW);
-        }
-        drop(state);
-        self.wake.notify_one();
-    }
-
-    pub fn proxies(&self) -> Vec<ProxyView> {
-        self.state
-            .lock()
-            .proxies
-            .values()
-            .map(|p| ProxyView {
-                id: p.id.clone(),
-                workload: format!("{}/{}", p.namespace, p.name),
-                service: p.service.clone(),
-                cluster: p.cluster.clone(),
-                labels: p.labels.clone(),
-                address: p.inbound.to_string(),
-                applied_revision: p.applied_revision,
-                last_nack: p.last_nack.clone(),
-                connected_since: p.connected_since_ms,
-                cert_expiry: (p.cert_not_after > 0).then_some(p.cert_not_after),
-                identity: p.identity.clone(),
-                subscriptions: p.subscriptions.iter().cloned().collect(),
-            })
-            .collect()
-    }
-
-    pub fn status(&self) -> StatusView {
-        let state = self.state.lock();
-        let mut services: BTreeMap<(String, String), Vec<&ProxyRecord>> = BTreeMap::new();
-        for p in state.proxies.values() {
-            services.entry((p.namespace.clone(), p.service.clone())).or_default().push(p);
-        }
-        for r in state.resources.values() {
-            services
-                .entry((r.metadata().namespace.clone(), r.service().to_string()))
-                .or_default();
-        }
-        let now = Instant::now();
-        let views = services
-            .into_iter()
-            .map(|((namespace, name), proxies)| {
-                let mut requests = 0;
-                let mut errors = 0;
-                let mut mtls_requests = 0;
-                let mut buckets = vec![0u64; LATENCY_SLOTS];
-                if let Some(samples) = state.traffic.get(&(namespace.clone(), name.clone())) {
-                    for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
-                        requests += s.requests;
-                        errors += s.errors;
-                        mtls_requests += s.mtls;
-                        add_sparse(&mut buckets, &s.latency_slots, &s.latency_counts);
-                    }
-                }
-                let clusters: BTreeSet<&str> = proxies.iter().map(|p| p.cluster.as_str()).collect();
-                ServiceView {
-                    cluster: clusters.into_iter().collect::<Vec<_>>().join(","),
-                    rps: round2(requests as f64 / RATE_WINDOW.as_secs_f64()),
-                    errors,
-                    error_rate: if requests == 0 {
-                        0.0
-                    } else {
-                        round2(100.0 * errors as f64 / requests as f64)
-                    },
-                    p99_ms: quantile_ms(&buckets, 0.99).map(round2),
-                    policy_revision: proxies.iter().map(|p| p.applied_revision).min().unwrap_or(0),
-                    mtls: match mtls_mode(&state.resources, &namespace, &name) {
-                        Some(weft_api::resource::MtlsMode::Strict) => "strict",
-                        Some(weft_api::resource::MtlsMode::Off) => "off",
-                        _ => "permissive",
-                    },
-                    mtls_share: if requests == 0 {
-                        None
-                    } else {
-                        Some(round2(100.0 * mtls_requests as f64 / requests as f64))
-                    },
-                    bypass: state.bypass.contains(&(namespace.clone(), name.clone())),
-                    proxies: ProxyCount {
-                        total: proxies.len(),
-                        in_sync: proxies.iter().filter(|p| p.applied_revision == state.assigned_revision(p)).count(),
-                    },
-                    name,
-                    namespace,
-                }
-            })
-            .collect();
-        StatusView {
-            revision: state.stable,
-            loop_: state.loop_view(),
-            telemetry_signals: state.telemetry_signals,
-            services: views,
-        }
+        mesh.step();
     }
 }
 
-/// One destination route as its callers saw it over the last [`RATE_WINDOW`] (`weft top`).
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RouteView {
-    pub service: String,
-    pub route: String,
-    pub rps: f64,
-    /// Percentage of requests answered below 500.
-    pub success_rate: Option<f64>,
-    pub p50_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-}
-
-impl Mesh {
-    /// Every destination service and route the callers reported over the last window.
-    pub fn routes(&self) -> Vec<RouteView> {
-        let state = self.state.lock();
-        let now = Instant::now();
-        let mut by: BTreeMap<(String, String), (u64, u64, Vec<u64>)> = BTreeMap::new();
-        for ((_, direction, service), samples) in &state.samples {
-            if *direction != proto::Direction::Outbound as i32 {
-                continue;
-            }
-            for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
-                let e = by
-                    .entry((service.clone(), s.route.clone()))
-                    .or_insert_with(|| (0, 0, vec![0; LATENCY_SLOTS]));
-                e.0 += s.requests;
-                e.1 += s.errors;
-                add_sparse(&mut e.2, &s.latency_slots, &s.latency_counts);
-            }
+/// Runs root rotation until shutdown: its own task, so a slow rotation step (it writes the
+/// store) never holds up the intent loop, and the loop never drives the CA.
+pub(crate) async fn run_rotation(mesh: Arc<Mesh>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shutdown.cancelled() => return,
         }
-        by.into_iter()
-            .map(|((service, route), (requests, errors, buckets))| RouteView {
-                service,
-                route,
-                rps: round2(requests as f64 / RATE_WINDOW.as_secs_f64()),
-                success_rate: (requests > 0).then(|| round2(100.0 * (requests - errors) as f64 / requests as f64)),
-                p50_ms: quantile_ms(&buckets, 0.5).map(round2),
-                p99_ms: quantile_ms(&buckets, 0.99).map(round2),
-            })
-            .collect()
+        mesh.rotation_step();
     }
 }
 
-/// The mTLS mode a service's SecurityPolicy sets for all of its workloads (one without a label
-/// selector); `None` is the default, permissive.
-pub(crate) fn mtls_mode(
-    resources: &BTreeMap<ResourceKey, Resource>,
-    namespace: &str,
-    service: &str,
-) -> Option<weft_api::resource::MtlsMode> {
-    resources.values().find_map(|r| match r {
-        Resource::SecurityPolicy(d)
-            if d.metadata.namespace == namespace && d.spec.selector.service == service && d.spec.selector.labels.is_empty() =>
-        {
-            d.spec.mtls
-        }
-        _ => None,
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intents::Submitted;
 
-fn push_window(samples: &mut VecDeque<Sample>, sample: Sample, now: Instant, keep: Duration) {
-    samples.push_back(sample);
-    while samples.front().is_some_and(|x| now.duration_since(x.at) > keep) {
-        samples.pop_front();
+    fn mesh(clock: Clock) -> (Mesh, std::path::PathBuf) {
+        let mut b = [0u8; 4];
+        aws_lc_rs::rand::fill(&mut b).unwrap();
+        let dir = std::env::temp_dir().join(format!("weft-mesh-{}-{}", std::process::id(), u32::from_le_bytes(b)));
+        let store = Store::open(&dir).unwrap();
+        let ca = Ca::open(&store, "weft.local", Duration::from_secs(3600), None).unwrap();
+        let metrics = ControlMetrics::register(&mut prometheus_client::registry::Registry::default());
+        (Mesh::with_clock(Arc::new(store), ca, metrics, clock).unwrap(), dir)
     }
-}
 
-/// The TrafficPolicy governing `service` in `resources`.
-fn traffic_policy<'a>(
-    resources: &'a BTreeMap<ResourceKey, Resource>,
-    namespace: &str,
-    service: &str,
-) -> Option<(&'a ResourceKey, &'a weft_api::resource::TrafficPolicySpec)> {
-    resources.iter().find_map(|(k, r)| match r {
-        Resource::TrafficPolicy(d) if d.metadata.namespace == namespace && d.spec.service == service => Some((k, &d.spec)),
-        _ => None,
-    })
-}
-
-fn round2(v: f64) -> f64 {
-    (v * 100.0).round() / 100.0
-}
-
-// === impl ProxyRecord ===
-
-impl ProxyRecord {
-    /// `namespace/name`: the proxy's identity across reconnects.
-    pub fn workload_id(&self) -> &str {
-        &self.workload
+    /// A proxy of `name` (its own service) calling `calls`; returns its connection.
+    fn register(mesh: &Mesh, name: &str, port: u16, calls: &[&str]) -> u64 {
+        let reg = proto::Register {
+            namespace: "default".into(),
+            name: name.into(),
+            inbound_addr: format!("127.0.0.1:{port}"),
+            services: calls.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        mesh.register(&reg, format!("spiffe://weft.local/ns/default/sa/{name}")).unwrap().0
     }
-}
 
-// === impl State ===
+    /// Queues a plain change of the `orders` TrafficPolicy; returns the intent's id.
+    fn change_orders(mesh: &Mesh) -> String {
+        let yaml = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: orders}\nspec: {service: orders, routes: [{timeout: 1s}]}\n";
+        let policy = weft_api::resource::parse_resources(yaml, "test").unwrap();
+        match mesh.submit_change("orders timeout".into(), policy, Vec::new(), "test").unwrap() {
+            Submitted::Queued { id, .. } => id,
+            other => panic!("expected a queued intent, got {other:?}"),
+        }
+    }
 
-impl State {
-    /// Checks that need the live mesh: subsets must exist, one TrafficPolicy per service.
-    pub(crate) fn check(&self, res: &Resource, next: &BTreeMap<ResourceKey, Resource>) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        let ns = &res.metadata().namespace;
-        let service = res.service();
-        let known: BTreeSet<&str> = self
-            .proxies
-            .values()
-            .filter(|p| &p.namespace == ns && p.service == service)
-            .filter_map(|p| p.labels.get(SUBSET_LABEL).map(String::as_str))
-            .collect();
-        for (field, subset) in res.subsets() {
-            if !known.contains(subset.as_str()) {
-                let have = if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.iter().copied().collect::<Vec<_>>().join(", ")
-                };
-                errors.push(FieldError::new(
-                    field,
-                    &subset,
-                    format!("no workload of service {service} has label {SUBSET_LABEL}={subset} (known subsets: {have})"),
-                ));
-            }
-        }
-        if let Resource::TrafficPolicy(_) = res {
-            let key = res.key();
-            for (k, other) in next {
-                if *k != key && other.kind() == "TrafficPolicy" && &other.metadata().namespace == ns && other.service() == service {
-                    errors.push(FieldError::new(
-                        "spec.service",
-                        service,
-                        format!("already governed by {k}; one TrafficPolicy per service"),
-                    ));
-                }
-            }
-        }
-        errors
+    fn phase(mesh: &Mesh, id: &str) -> Phase {
+        mesh.intent(id).unwrap().phase
+    }
+
+    #[test]
+    fn a_stage_nobody_acks_fails_when_the_enforcement_timeout_passes_on_the_clock() {
+        let clock = Clock::manual();
+        let (mesh, dir) = mesh(clock.clone());
+        let web = register(&mesh, "web", 4001, &["orders"]);
+        register(&mesh, "orders", 4002, &[]);
+        let id = change_orders(&mesh);
+        mesh.step();
+        assert_eq!(phase(&mesh, &id), Phase::Enforcement);
+        assert_eq!(mesh.config_for(web).unwrap().included.len(), 1, "web is sent the candidate");
+        clock.advance(Duration::from_secs(15));
+        mesh.step();
+        assert_eq!(phase(&mesh, &id), Phase::Enforcement, "15 s is the limit, not past it");
+        clock.advance(Duration::from_millis(1));
+        mesh.step();
+        let intent = mesh.intent(&id).unwrap();
+        assert_eq!(intent.phase, Phase::Failed);
+        let reason = &intent.decisions.last().unwrap().reason;
+        assert!(reason.contains("no ACK within 15s from default/web#1"), "{reason}");
+        assert_eq!(mesh.config_for(web).unwrap().included.len(), 0, "web is back on stable");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_acked_change_is_promoted_and_every_proxy_is_planned_from_the_new_stable() {
+        let (mesh, dir) = mesh(Clock::manual());
+        let web = register(&mesh, "web", 4001, &["orders"]);
+        let orders = register(&mesh, "orders", 4002, &[]);
+        let before = mesh.revision();
+        let id = change_orders(&mesh);
+        mesh.step();
+        let planned = mesh.config_for(web).unwrap();
+        let candidate = planned.message(1).revision;
+        assert!(candidate > before, "the candidate {candidate} is a new revision (stable {before})");
+        mesh.pushed(web, 1, planned.included, 0);
+        mesh.ack(web, 1, candidate);
+        mesh.step();
+        assert_eq!(phase(&mesh, &id), Phase::Promoted);
+        assert_eq!(mesh.revision(), candidate);
+        let web_config = mesh.config_for(web).unwrap().message(2);
+        assert_eq!(web_config.revision, candidate);
+        assert!(
+            web_config.services[0].traffic_policy_json.contains("\"timeout\""),
+            "{:?}",
+            web_config.services[0]
+        );
+        assert_eq!(mesh.config_for(orders).unwrap().message(1).revision, candidate);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

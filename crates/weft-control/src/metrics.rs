@@ -8,51 +8,51 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone)]
-pub struct ControlMetrics {
-    pub proxies: Gauge,
-    pub revision: Gauge,
-    pub pushes: Counter,
-    pub acks: Counter,
-    pub nacks: Counter,
-    pub telemetry_reports: Counter,
-    pub push_to_ack: Histogram,
-    pub certificates: Counter,
-    pub refused_csrs: Counter,
+pub(crate) struct ControlMetrics {
+    pub(crate) proxies: Gauge,
+    pub(crate) revision: Gauge,
+    pub(crate) pushes: Counter,
+    pub(crate) acks: Counter,
+    pub(crate) nacks: Counter,
+    pub(crate) telemetry_reports: Counter,
+    pub(crate) push_to_ack: Histogram,
+    pub(crate) certificates: Counter,
+    pub(crate) refused_csrs: Counter,
     /// Intents by phase (set when scraped).
-    pub intents: Family<PhaseLabel, Gauge>,
+    pub(crate) intents: Family<PhaseLabel, Gauge>,
     /// Decisions by outcome (stage-passed, promoted, rolled-back, failed).
-    pub decisions: Family<OutcomeLabel, Counter>,
+    pub(crate) decisions: Family<OutcomeLabel, Counter>,
     /// Connections to the API and gRPC listeners by handshake outcome.
-    pub handshakes: Family<HandshakeLabel, Counter>,
+    pub(crate) handshakes: Family<HandshakeLabel, Counter>,
     /// Certificates and registrations refused for want of proof, by reason.
-    pub refused_admissions: Family<ReasonLabel, Counter>,
+    pub(crate) refused_admissions: Family<ReasonLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabel {
+pub(crate) struct HandshakeLabel {
     /// `api` or `grpc`.
-    pub listener: &'static str,
+    pub(crate) listener: &'static str,
     /// `accepted` (or plaintext taken as is), `failed`, `timed-out`.
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: &'static str,
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabel {
-    pub phase: &'static str,
+pub(crate) struct PhaseLabel {
+    pub(crate) phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: &'static str,
+pub(crate) struct OutcomeLabel {
+    pub(crate) outcome: &'static str,
 }
 
 impl ControlMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
+    pub(crate) fn register(registry: &mut Registry) -> Self {
         let m = Self {
             proxies: Gauge::default(),
             revision: Gauge::default(),

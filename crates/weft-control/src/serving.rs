@@ -36,9 +36,9 @@ use weft_core::Shutdown;
 use weft_core::tls::RootsClientVerifier;
 
 /// Lifetime of the serving certificate; renewed at half of it.
-pub const SERVING_TTL: Duration = Duration::from_secs(7 * 86_400);
+pub(crate) const SERVING_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Time a client has to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in progress at once; the accept loop waits beyond it.
 const MAX_HANDSHAKES: usize = 4096;
 /// How often the serving certificate's expiry is looked at (root changes wake it at once).
@@ -59,7 +59,7 @@ pub enum ServingError {
 }
 
 /// The serving certificate and the TLS configurations of both listeners.
-pub struct Serving {
+pub(crate) struct Serving {
     key: KeyPair,
     sans: Vec<SanType>,
     resolver: Arc<Resolver>,
@@ -67,8 +67,8 @@ pub struct Serving {
     issued: RwLock<(u64, u64)>,
     clients: Arc<RootsClientVerifier>,
     bundle_epoch: RwLock<u64>,
-    pub api: Arc<ServerConfig>,
-    pub grpc: Arc<ServerConfig>,
+    pub(crate) api: Arc<ServerConfig>,
+    pub(crate) grpc: Arc<ServerConfig>,
 }
 
 /// Hands every handshake the current certificate.
@@ -91,7 +91,7 @@ fn tls_err(e: impl std::fmt::Display) -> ServingError {
 
 /// The names and addresses the serving certificate carries: always `localhost`, `127.0.0.1`
 /// and `::1`, the bound addresses unless unspecified, then `extra` (each a DNS name or an IP).
-pub fn sans(bound: &[SocketAddr], extra: &[String]) -> Result<Vec<SanType>, ServingError> {
+pub(crate) fn sans(bound: &[SocketAddr], extra: &[String]) -> Result<Vec<SanType>, ServingError> {
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     names.extend(
         bound
@@ -125,7 +125,7 @@ pub fn sans(bound: &[SocketAddr], extra: &[String]) -> Result<Vec<SanType>, Serv
 // === impl Serving ===
 
 impl Serving {
-    pub fn new(ca: &Ca, sans: Vec<SanType>) -> Result<Self, ServingError> {
+    pub(crate) fn new(ca: &Ca, sans: Vec<SanType>) -> Result<Self, ServingError> {
         let key = KeyPair::generate().map_err(tls_err)?;
         let (certified, issued) = Self::issue(ca, &key, &sans)?;
         let resolver = Arc::new(Resolver(RwLock::new(certified)));
@@ -170,7 +170,7 @@ impl Serving {
 
     /// Re-issues the certificate when the signing root changed or half its lifetime passed,
     /// and trusts a changed bundle for client certificates. Returns whether the bundle changed.
-    pub fn refresh(&self, ca: &Ca) -> Result<bool, ServingError> {
+    pub(crate) fn refresh(&self, ca: &Ca) -> Result<bool, ServingError> {
         let (generation, not_after) = *self.issued.read();
         let half_life = not_after.saturating_sub(SERVING_TTL.as_secs() / 2);
         if generation != ca.generation() || now() >= half_life {
@@ -189,13 +189,13 @@ impl Serving {
     }
 
     /// The serving certificate's expiry (unix seconds).
-    pub fn not_after(&self) -> u64 {
+    pub(crate) fn not_after(&self) -> u64 {
         self.issued.read().1
     }
 }
 
 /// Writes the roots to trust to `DIR/ca.pem` (mode 0644), atomically.
-pub fn write_ca_file(data_dir: &Path, bundle_pem: &str) -> Result<(), ServingError> {
+pub(crate) fn write_ca_file(data_dir: &Path, bundle_pem: &str) -> Result<(), ServingError> {
     use std::os::unix::fs::PermissionsExt;
     let path = data_dir.join(CA_FILE);
     let temp = data_dir.join(format!(".{CA_FILE}.tmp"));
@@ -209,7 +209,12 @@ pub fn write_ca_file(data_dir: &Path, bundle_pem: &str) -> Result<(), ServingErr
 }
 
 /// Keeps the serving certificate and `ca.pem` current until shutdown.
-pub async fn maintain(serving: Option<Arc<Serving>>, mesh: Arc<crate::mesh::Mesh>, data_dir: std::path::PathBuf, shutdown: Shutdown) {
+pub(crate) async fn maintain(
+    serving: Option<Arc<Serving>>,
+    mesh: Arc<crate::mesh::Mesh>,
+    data_dir: std::path::PathBuf,
+    shutdown: Shutdown,
+) {
     let mut changed = mesh.watch();
     let mut epoch = mesh.ca.bundle_epoch();
     loop {
@@ -243,14 +248,14 @@ enum Io {
 }
 
 /// An accepted, handshaken connection and what it proved.
-pub struct ControlConn {
+pub(crate) struct ControlConn {
     io: Io,
-    pub peer: ControlPeer,
+    pub(crate) peer: ControlPeer,
 }
 
 /// Accepts on `listener` until shutdown; handshakes each connection (TLS with `tls`, none
 /// without) in its own task, and sends the finished ones on. `name` labels the metrics.
-pub fn accept(
+pub(crate) fn accept(
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
     name: &'static str,
@@ -385,7 +390,7 @@ impl tonic::transport::server::Connected for ControlConn {
 
 /// Makes `Request::remote_addr()` work for connections of [`accept`]: tonic reads it from
 /// `TcpConnectInfo`, which only its own listeners set.
-pub fn connect_info(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+pub(crate) fn connect_info(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     if let Some(peer) = req.extensions().get::<ControlPeer>().cloned() {
         req.extensions_mut().insert(tonic::transport::server::TcpConnectInfo {
             local_addr: peer.local,
@@ -398,9 +403,9 @@ pub fn connect_info(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, t
 // === impl ApiListener ===
 
 /// The REST API's connections, for `axum::serve`.
-pub struct ApiListener {
-    pub rx: mpsc::Receiver<ControlConn>,
-    pub local: SocketAddr,
+pub(crate) struct ApiListener {
+    pub(crate) rx: mpsc::Receiver<ControlConn>,
+    pub(crate) local: SocketAddr,
 }
 
 impl axum::serve::Listener for ApiListener {

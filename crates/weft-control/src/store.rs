@@ -27,35 +27,35 @@ const API_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("api_tokens
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 
 /// The store's file under the data directory.
-pub const STORE_FILE: &str = "weft.redb";
+pub(crate) const STORE_FILE: &str = "weft.redb";
 /// Files a control plane writes beside its store once the store is open: finding one without
 /// the store means the store was lost, not that the directory is new.
 const STATE_FILES: [&str; 1] = ["ca.pem"];
 /// What the refusals tell the operator to do.
 const REINIT_HINT: &str = "nothing was changed; restore weft.redb from a backup, or start with --reinit-store to begin an empty mesh (a store file there is kept as weft.redb.broken-<unix time>; history, policies and the root CA start over and every proxy must join again)";
 
-pub struct Store {
+pub(crate) struct Store {
     db: Database,
 }
 
 /// One accepted change and the resources it left.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Revision {
-    pub revision: u64,
+pub(crate) struct Revision {
+    pub(crate) revision: u64,
     /// Unix time, milliseconds.
-    pub time_ms: u64,
-    pub summary: String,
-    pub changes: Vec<ChangeEntry>,
-    pub resources: Vec<Resource>,
+    pub(crate) time_ms: u64,
+    pub(crate) summary: String,
+    pub(crate) changes: Vec<ChangeEntry>,
+    pub(crate) resources: Vec<Resource>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ChangeEntry {
+pub(crate) struct ChangeEntry {
     /// `created`, `configured`, `unchanged` or `deleted`.
-    pub op: String,
-    pub key: ResourceKey,
+    pub(crate) op: String,
+    pub(crate) key: ResourceKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,25 +80,25 @@ pub enum StoreError {
 /// uses and list it, never the token (whose signature alone proves it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TokenRecord {
-    pub id: String,
+pub(crate) struct TokenRecord {
+    pub(crate) id: String,
     /// `namespace/name`.
-    pub workload: String,
-    pub service_account: String,
+    pub(crate) workload: String,
+    pub(crate) service_account: String,
     /// Unix seconds.
-    pub created_at: u64,
+    pub(crate) created_at: u64,
     /// Unix seconds.
-    pub expires_at: u64,
+    pub(crate) expires_at: u64,
     /// Certificates it may still be redeemed for in all; `None`: any number until it expires.
-    pub uses_allowed: Option<u32>,
+    pub(crate) uses_allowed: Option<u32>,
     /// Certificates issued on its strength.
-    pub uses: u32,
-    pub revoked: bool,
+    pub(crate) uses: u32,
+    pub(crate) revoked: bool,
 }
 
 /// Why a recorded token cannot be used (its signature and expiry aside).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TokenRefusal {
+pub(crate) enum TokenRefusal {
     #[error("token {0} is not on record")]
     Unknown(String),
     #[error("token {0} was revoked")]
@@ -116,7 +116,7 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
 impl Store {
     /// Opens `DIR/weft.redb`, or creates it in a directory that never held one. Refuses an
     /// empty or unreadable file, and a missing one where a control plane's other state remains.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
             path: dir.display().to_string(),
             message: e.to_string(),
@@ -156,7 +156,7 @@ impl Store {
     /// `--reinit-store`: renames `DIR/weft.redb`, whatever it holds, to
     /// `weft.redb.broken-<unix seconds>` (never deletes it) and creates an empty store in its
     /// place. Returns the store and where the old file went, if there was one.
-    pub fn reinit(dir: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
+    pub(crate) fn reinit(dir: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
         let file = dir.join(STORE_FILE);
         let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
             path: file.display().to_string(),
@@ -193,7 +193,7 @@ impl Store {
     }
 
     /// The newest revision, or `None` for an empty mesh.
-    pub fn latest(&self) -> Result<Option<Revision>, StoreError> {
+    pub(crate) fn latest(&self) -> Result<Option<Revision>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(REVISIONS).map_err(db_err)?;
         match table.last().map_err(db_err)? {
@@ -202,7 +202,7 @@ impl Store {
         }
     }
 
-    pub fn get(&self, revision: u64) -> Result<Option<Revision>, StoreError> {
+    pub(crate) fn get(&self, revision: u64) -> Result<Option<Revision>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(REVISIONS).map_err(db_err)?;
         match table.get(revision).map_err(db_err)? {
@@ -212,7 +212,7 @@ impl Store {
     }
 
     /// Every revision, oldest first.
-    pub fn history(&self) -> Result<Vec<Revision>, StoreError> {
+    pub(crate) fn history(&self) -> Result<Vec<Revision>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(REVISIONS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -224,7 +224,7 @@ impl Store {
     }
 
     /// Reserves the next revision number; it is never handed out again.
-    pub fn reserve(&self) -> Result<u64, StoreError> {
+    pub(crate) fn reserve(&self) -> Result<u64, StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         let next = {
             let revisions = tx.open_table(REVISIONS).map_err(db_err)?;
@@ -240,14 +240,16 @@ impl Store {
     }
 
     /// The revision every untreated proxy runs, once one was set.
-    pub fn stable(&self) -> Result<Option<u64>, StoreError> {
+    pub(crate) fn stable(&self) -> Result<Option<u64>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let meta = tx.open_table(META).map_err(db_err)?;
         Ok(meta.get("stable").map_err(db_err)?.map(|v| v.value()))
     }
 
-    /// Records `resources` as the next revision and makes it stable. The caller validated them.
-    pub fn commit(
+    /// Records `resources` as the next revision and makes it stable (the intent loop reserves
+    /// its number first and uses `commit_at`; the store's tests commit directly).
+    #[cfg(test)]
+    pub(crate) fn commit(
         &self,
         summary: String,
         changes: Vec<ChangeEntry>,
@@ -259,7 +261,7 @@ impl Store {
 
     /// Records `resources` as revision `wanted` (a number reserved earlier) when it is newer than
     /// every committed one, else under a freshly reserved number; makes it stable.
-    pub fn commit_at(
+    pub(crate) fn commit_at(
         &self,
         wanted: u64,
         summary: String,
@@ -299,13 +301,13 @@ impl Store {
 // === secrets ===
 
 impl Store {
-    pub fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(SECRETS).map_err(db_err)?;
         Ok(table.get(name).map_err(db_err)?.map(|v| v.value().to_string()))
     }
 
-    pub fn put_secret(&self, name: &str, value: &str) -> Result<(), StoreError> {
+    pub(crate) fn put_secret(&self, name: &str, value: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(SECRETS).map_err(db_err)?.insert(name, value).map_err(db_err)?;
         tx.commit().map_err(db_err)
@@ -315,7 +317,7 @@ impl Store {
 // === API tokens ===
 
 impl Store {
-    pub fn api_tokens(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn api_tokens(&self) -> Result<Vec<String>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(API_TOKENS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -325,13 +327,13 @@ impl Store {
         Ok(out)
     }
 
-    pub fn put_api_token(&self, name: &str, json: &str) -> Result<(), StoreError> {
+    pub(crate) fn put_api_token(&self, name: &str, json: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(API_TOKENS).map_err(db_err)?.insert(name, json).map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
-    pub fn delete_api_token(&self, name: &str) -> Result<(), StoreError> {
+    pub(crate) fn delete_api_token(&self, name: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(API_TOKENS).map_err(db_err)?.remove(name).map_err(db_err)?;
         tx.commit().map_err(db_err)
@@ -342,13 +344,13 @@ impl Store {
 
 impl Store {
     /// Writes an intent's record (JSON) under its queue number.
-    pub fn put_intent(&self, seq: u64, json: &str) -> Result<(), StoreError> {
+    pub(crate) fn put_intent(&self, seq: u64, json: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(INTENTS).map_err(db_err)?.insert(seq, json).map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
-    pub fn intents(&self) -> Result<Vec<(u64, String)>, StoreError> {
+    pub(crate) fn intents(&self) -> Result<Vec<(u64, String)>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(INTENTS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -360,7 +362,7 @@ impl Store {
     }
 
     /// Appends an operator action (JSON) to the ledger.
-    pub fn append_ledger(&self, json: &str) -> Result<(), StoreError> {
+    pub(crate) fn append_ledger(&self, json: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = tx.open_table(LEDGER).map_err(db_err)?;
@@ -371,7 +373,7 @@ impl Store {
     }
 
     /// The newest `limit` ledger entries, oldest first.
-    pub fn ledger(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn ledger(&self, limit: usize) -> Result<Vec<String>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(LEDGER).map_err(db_err)?;
         let mut out: Vec<String> = Vec::new();
@@ -388,7 +390,7 @@ impl Store {
 
 impl TokenRecord {
     /// Whether it can still be used: on record, not revoked, uses left.
-    pub fn usable(&self) -> Result<(), TokenRefusal> {
+    pub(crate) fn usable(&self) -> Result<(), TokenRefusal> {
         if self.revoked {
             return Err(TokenRefusal::Revoked(self.id.clone()));
         }
@@ -403,7 +405,7 @@ impl TokenRecord {
 }
 
 impl Store {
-    pub fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+    pub(crate) fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
         let json = serde_json::to_string(record).map_err(db_err)?;
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(TOKENS)
@@ -413,7 +415,7 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
-    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+    pub(crate) fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(TOKENS).map_err(db_err)?;
         table
@@ -424,7 +426,7 @@ impl Store {
     }
 
     /// Every recorded token, by id.
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+    pub(crate) fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(TOKENS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -437,7 +439,7 @@ impl Store {
 
     /// Changes token `id` with `change` in one write transaction (nothing is written when it
     /// refuses); returns the record as written.
-    pub fn update_token(
+    pub(crate) fn update_token(
         &self,
         id: &str,
         change: impl FnOnce(&mut TokenRecord) -> Result<(), TokenRefusal>,
@@ -471,7 +473,7 @@ impl Store {
     }
 
     /// Forgets tokens that expired before `before` (unix seconds); returns how many.
-    pub fn prune_tokens(&self, before: u64) -> Result<usize, StoreError> {
+    pub(crate) fn prune_tokens(&self, before: u64) -> Result<usize, StoreError> {
         let stale: Vec<String> = self.tokens()?.into_iter().filter(|t| t.expires_at < before).map(|t| t.id).collect();
         if stale.is_empty() {
             return Ok(0);

@@ -11,7 +11,7 @@ use weft_api::proto;
 /// Events buffered per tap before new ones are dropped (a slow reader never slows proxies).
 const BUFFER: usize = 1024;
 
-pub struct Taps {
+pub(crate) struct Taps {
     inner: Mutex<Inner>,
     list: watch::Sender<Vec<proto::Tap>>,
 }
@@ -23,9 +23,9 @@ struct Inner {
 }
 
 /// An open tap; closes when dropped.
-pub struct TapHandle {
-    pub id: u64,
-    pub rx: mpsc::Receiver<proto::TapEvent>,
+pub(crate) struct TapHandle {
+    pub(crate) id: u64,
+    pub(crate) rx: mpsc::Receiver<proto::TapEvent>,
     taps: Arc<Taps>,
 }
 
@@ -39,7 +39,7 @@ impl Default for Taps {
 }
 
 impl Taps {
-    pub fn open(self: &Arc<Self>, service: &str) -> TapHandle {
+    pub(crate) fn open(self: &Arc<Self>, service: &str) -> TapHandle {
         let (tx, rx) = mpsc::channel(BUFFER);
         let mut inner = self.inner.lock();
         inner.next += 1;
@@ -76,12 +76,12 @@ impl Taps {
     }
 
     /// The open taps, for the proxy streams.
-    pub fn watch(&self) -> watch::Receiver<Vec<proto::Tap>> {
+    pub(crate) fn watch(&self) -> watch::Receiver<Vec<proto::Tap>> {
         self.list.subscribe()
     }
 
     /// Hands each event to the taps it matched; a full tap drops it.
-    pub fn deliver(&self, events: Vec<proto::TapEvent>) {
+    pub(crate) fn deliver(&self, events: Vec<proto::TapEvent>) {
         let inner = self.inner.lock();
         for e in events {
             for id in &e.taps {

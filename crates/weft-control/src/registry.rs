@@ -1,0 +1,208 @@
+//! The proxies connected right now: who each one is, what it subscribes to, and what it has
+//! ACKed or NACKed of what it was sent. It owns those records; everything above reads them.
+
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use weft_api::mesh::SERVICE_LABEL;
+use weft_api::proto;
+
+/// A connected proxy.
+#[derive(Clone, Debug)]
+pub(crate) struct ProxyRecord {
+    pub(crate) id: String,
+    pub(crate) namespace: String,
+    /// `namespace/name`, built once: the intent loop looks proxies up by it on every step.
+    workload: String,
+    pub(crate) cluster: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) service: String,
+    pub(crate) inbound: SocketAddr,
+    pub(crate) subscriptions: BTreeSet<String>,
+    pub(crate) applied_revision: u64,
+    pub(crate) last_nack: Option<String>,
+    pub(crate) connected_since_ms: u64,
+    pushed: Option<(u64, Instant)>,
+    /// Registered with a config already (it reconnected rather than started).
+    pub(crate) resumed: bool,
+    /// The SPIFFE ID it was admitted with (its token's, or its certificate's).
+    pub(crate) identity: String,
+    /// Expiry of its workload certificate (unix seconds), as it last reported.
+    pub(crate) cert_not_after: u64,
+    /// Intents whose candidate each pushed version carried, until it is ACKed or NACKed.
+    pending: BTreeMap<u64, (BTreeSet<u64>, u64)>,
+    /// The trust-bundle epoch of the last config it ACKed.
+    pub(crate) bundle_epoch: u64,
+    /// Generation of the root behind the certificate it reports using (none reported yet).
+    pub(crate) cert_generation: Option<u64>,
+    /// Intents whose candidate this proxy runs (from its last ACK).
+    pub(crate) applied_intents: BTreeSet<u64>,
+    /// Intents whose candidate this proxy refused, with the reason.
+    pub(crate) refused: BTreeMap<u64, String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ProxyView {
+    id: String,
+    workload: String,
+    service: String,
+    cluster: String,
+    labels: BTreeMap<String, String>,
+    address: String,
+    applied_revision: u64,
+    last_nack: Option<String>,
+    connected_since: u64,
+    cert_expiry: Option<u64>,
+    identity: String,
+    subscriptions: Vec<String>,
+}
+
+/// The connected proxies by connection number.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    pub(crate) proxies: BTreeMap<u64, ProxyRecord>,
+    next_conn: u64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            proxies: BTreeMap::new(),
+            next_conn: 1,
+        }
+    }
+}
+
+// === impl Registry ===
+
+impl Registry {
+    /// Adds a proxy that proved it is its workload, with the identity it was admitted with;
+    /// returns its connection number and id.
+    pub(crate) fn register(&mut self, reg: &proto::Register, identity: String, now_ms: u64) -> Result<(u64, String), String> {
+        let inbound: SocketAddr = reg
+            .inbound_addr
+            .parse()
+            .map_err(|_| format!("register: inbound_addr {:?} is not a socket address", reg.inbound_addr))?;
+        let labels: BTreeMap<String, String> = reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let service = labels.get(SERVICE_LABEL).cloned().unwrap_or_else(|| reg.name.clone());
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let id = format!("{}/{}#{conn}", reg.namespace, reg.name);
+        self.proxies.insert(
+            conn,
+            ProxyRecord {
+                id: id.clone(),
+                namespace: reg.namespace.clone(),
+                workload: format!("{}/{}", reg.namespace, reg.name),
+                cluster: reg.cluster.clone(),
+                labels,
+                service,
+                inbound,
+                subscriptions: reg.services.iter().cloned().collect(),
+                applied_revision: reg.applied_revision,
+                last_nack: None,
+                connected_since_ms: now_ms,
+                pushed: None,
+                resumed: reg.applied_revision > 0 || !reg.services.is_empty(),
+                identity,
+                cert_not_after: 0,
+                bundle_epoch: 0,
+                cert_generation: None,
+                pending: BTreeMap::new(),
+                applied_intents: BTreeSet::new(),
+                refused: BTreeMap::new(),
+            },
+        );
+        Ok((conn, id))
+    }
+
+    pub(crate) fn subscribe(&mut self, conn: u64, services: Vec<String>) {
+        if let Some(p) = self.proxies.get_mut(&conn) {
+            p.subscriptions
+                .extend(services.into_iter().filter(|s| !s.is_empty() && s.len() <= 253));
+        }
+    }
+
+    /// Notes that `version` (carrying the candidates of `included`) went out to `conn`.
+    pub(crate) fn pushed(&mut self, conn: u64, version: u64, included: BTreeSet<u64>, bundle_epoch: u64, now: Instant) {
+        if let Some(p) = self.proxies.get_mut(&conn) {
+            p.pushed = Some((version, now));
+            p.pending.insert(version, (included, bundle_epoch));
+            while p.pending.len() > 16 {
+                p.pending.pop_first();
+            }
+        }
+    }
+
+    /// Records an ACK; returns how long the ACKed push took, when it was the last one sent.
+    pub(crate) fn ack(&mut self, conn: u64, version: u64, revision: u64, now: Instant) -> Option<Duration> {
+        let p = self.proxies.get_mut(&conn)?;
+        p.applied_revision = revision;
+        p.last_nack = None;
+        if let Some((included, epoch)) = p.pending.remove(&version) {
+            p.applied_intents = included;
+            p.bundle_epoch = epoch;
+        }
+        p.pending.retain(|v, _| *v > version);
+        match p.pushed {
+            Some((v, at)) if v == version => {
+                p.pushed = None;
+                Some(now.duration_since(at))
+            }
+            _ => None,
+        }
+    }
+
+    /// Records a NACK: every intent the refused version carried, and this proxy did not already
+    /// run, is refused with `reason`.
+    pub(crate) fn nack(&mut self, conn: u64, version: u64, revision: u64, reason: String) {
+        if let Some(p) = self.proxies.get_mut(&conn) {
+            tracing::warn!(proxy = %p.id, version, revision, %reason, "proxy refused config");
+            if let Some((included, _)) = p.pending.remove(&version) {
+                for seq in included.difference(&p.applied_intents) {
+                    p.refused.insert(*seq, reason.clone());
+                }
+            }
+            p.last_nack = Some(reason);
+        }
+    }
+
+    /// The certificate `conn` reports using.
+    pub(crate) fn certificate(&mut self, conn: u64, not_after: u64, generation: u64) {
+        if let Some(p) = self.proxies.get_mut(&conn) {
+            p.cert_not_after = not_after;
+            p.cert_generation = (not_after > 0).then_some(generation);
+        }
+    }
+
+    pub(crate) fn views(&self) -> Vec<ProxyView> {
+        self.proxies
+            .values()
+            .map(|p| ProxyView {
+                id: p.id.clone(),
+                workload: p.workload.clone(),
+                service: p.service.clone(),
+                cluster: p.cluster.clone(),
+                labels: p.labels.clone(),
+                address: p.inbound.to_string(),
+                applied_revision: p.applied_revision,
+                last_nack: p.last_nack.clone(),
+                connected_since: p.connected_since_ms,
+                cert_expiry: (p.cert_not_after > 0).then_some(p.cert_not_after),
+                identity: p.identity.clone(),
+                subscriptions: p.subscriptions.iter().cloned().collect(),
+            })
+            .collect()
+    }
+}
+
+// === impl ProxyRecord ===
+
+impl ProxyRecord {
+    /// `namespace/name`: the proxy's identity across reconnects.
+    pub(crate) fn workload_id(&self) -> &str {
+        &self.workload
+    }
+}

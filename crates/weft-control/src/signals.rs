@@ -1,0 +1,156 @@
+//! The traffic the proxies report, kept in time windows: per service for `status` and `weft
+//! top`, and per proxy, direction and peer service as the evidence the judge reads.
+
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+use weft_api::proto;
+use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms};
+
+/// Window over which `status` and `routes` compute rates.
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How long per-proxy samples are kept for judging intents (baselines look this far back).
+const SAMPLE_WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Clone)]
+pub(crate) struct Sample {
+    pub(crate) at: Instant,
+    pub(crate) revision: u64,
+    /// Outbound: the route the requests took.
+    pub(crate) route: String,
+    /// Inbound: how many of the requests came over mTLS.
+    pub(crate) mtls: u64,
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    /// Sparse latency histogram: non-empty slots and their counts (weft_api::telemetry).
+    pub(crate) latency_slots: Vec<u32>,
+    pub(crate) latency_counts: Vec<u64>,
+}
+
+/// A proxy's workload and service, which its report is filed under.
+pub(crate) struct Reporter {
+    pub(crate) workload: String,
+    pub(crate) namespace: String,
+    pub(crate) service: String,
+}
+
+#[derive(Default)]
+pub(crate) struct Signals {
+    /// Inbound traffic per (namespace, service).
+    traffic: HashMap<(String, String), VecDeque<Sample>>,
+    /// Per workload, direction and peer service: what intents are judged on.
+    pub(crate) samples: HashMap<(String, i32, String), VecDeque<Sample>>,
+    /// Reports received, from any proxy.
+    pub(crate) reports: u64,
+}
+
+/// A service's inbound traffic over the last [`RATE_WINDOW`].
+#[derive(Default)]
+pub(crate) struct Traffic {
+    pub(crate) requests: u64,
+    pub(crate) errors: u64,
+    pub(crate) mtls: u64,
+    pub(crate) buckets: Vec<u64>,
+}
+
+/// One destination route as its callers saw it over the last [`RATE_WINDOW`] (`weft top`).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RouteView {
+    service: String,
+    route: String,
+    rps: f64,
+    /// Percentage of requests answered below 500.
+    success_rate: Option<f64>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+}
+
+// === impl Signals ===
+
+impl Signals {
+    /// Files one report from `from` (none: a proxy that has gone; the report still counts).
+    pub(crate) fn record(&mut self, from: Option<Reporter>, stats: Vec<proto::TrafficStats>, now: Instant) {
+        self.reports += 1;
+        let Some(from) = from else { return };
+        let service_key = (from.namespace, from.service);
+        for s in stats {
+            let sample = Sample {
+                at: now,
+                revision: s.revision,
+                route: s.route,
+                mtls: s.mtls,
+                requests: s.requests,
+                errors: s.errors,
+                latency_slots: s.latency_slots,
+                latency_counts: s.latency_counts,
+            };
+            if s.direction == proto::Direction::Inbound as i32 {
+                push_window(
+                    self.traffic.entry(service_key.clone()).or_default(),
+                    sample.clone(),
+                    now,
+                    RATE_WINDOW * 3,
+                );
+            }
+            let key = (from.workload.clone(), s.direction, s.service);
+            push_window(self.samples.entry(key).or_default(), sample, now, SAMPLE_WINDOW);
+        }
+    }
+
+    /// `namespace/service`'s inbound traffic over the last window.
+    pub(crate) fn traffic(&self, namespace: &str, service: &str, now: Instant) -> Traffic {
+        let mut t = Traffic {
+            buckets: vec![0; LATENCY_SLOTS],
+            ..Traffic::default()
+        };
+        if let Some(samples) = self.traffic.get(&(namespace.to_string(), service.to_string())) {
+            for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
+                t.requests += s.requests;
+                t.errors += s.errors;
+                t.mtls += s.mtls;
+                add_sparse(&mut t.buckets, &s.latency_slots, &s.latency_counts);
+            }
+        }
+        t
+    }
+
+    /// Every destination service and route the callers reported over the last window.
+    pub(crate) fn routes(&self, now: Instant) -> Vec<RouteView> {
+        let mut by: BTreeMap<(String, String), (u64, u64, Vec<u64>)> = BTreeMap::new();
+        for ((_, direction, service), samples) in &self.samples {
+            if *direction != proto::Direction::Outbound as i32 {
+                continue;
+            }
+            for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
+                let e = by
+                    .entry((service.clone(), s.route.clone()))
+                    .or_insert_with(|| (0, 0, vec![0; LATENCY_SLOTS]));
+                e.0 += s.requests;
+                e.1 += s.errors;
+                add_sparse(&mut e.2, &s.latency_slots, &s.latency_counts);
+            }
+        }
+        by.into_iter()
+            .map(|((service, route), (requests, errors, buckets))| RouteView {
+                service,
+                route,
+                rps: round2(requests as f64 / RATE_WINDOW.as_secs_f64()),
+                success_rate: (requests > 0).then(|| round2(100.0 * (requests - errors) as f64 / requests as f64)),
+                p50_ms: quantile_ms(&buckets, 0.5).map(round2),
+                p99_ms: quantile_ms(&buckets, 0.99).map(round2),
+            })
+            .collect()
+    }
+}
+
+fn push_window(samples: &mut VecDeque<Sample>, sample: Sample, now: Instant, keep: Duration) {
+    samples.push_back(sample);
+    while samples.front().is_some_and(|x| now.duration_since(x.at) > keep) {
+        samples.pop_front();
+    }
+}
+
+pub(crate) fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
