@@ -2,9 +2,7 @@
 //! change, and the judgement of a stage against its SLO. The state machine that drives intents
 //! through these lives in [`crate::mesh`].
 
-use crate::stats::{
-    clustered_auc, mann_whitney, mixture_p_value, mixture_radius, pooled_gap_variance, proportion_gap,
-};
+use crate::stats::{clustered_auc, mann_whitney, mixture_p_value, mixture_radius, pooled_gap_variance, proportion_gap};
 use serde::{Deserialize, Serialize};
 use weft_api::resource::{Resource, RouteMatch, Slo, StringMatch};
 use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms, slot_of, slot_value_ms};
@@ -525,11 +523,13 @@ mod tests {
             min_requests: 20,
             ..Slo::default()
         };
-        let Verdict::Fail(why) = judge(&slo, &evidence(157, 5, 2.0), &evidence(1194, 0, 2.0), &Evidence::default())
-        else {
+        let Verdict::Fail(why) = judge(&slo, &evidence(157, 5, 2.0), &evidence(1194, 0, 2.0), &Evidence::default()) else {
             panic!("not rolled back")
         };
-        assert!(why.starts_with("error rate 3.2% vs 0.0% baseline (+3.2 pp, 157 vs 1,194 requests"), "{why}");
+        assert!(
+            why.starts_with("error rate 3.2% vs 0.0% baseline (+3.2 pp, 157 vs 1,194 requests"),
+            "{why}"
+        );
         // One error in 157 is within what no difference produces.
         let verdict = judge(&slo, &evidence(157, 1, 2.0), &evidence(1194, 0, 2.0), &Evidence::default());
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");

@@ -346,7 +346,10 @@ mod tests {
         let pooled = pooled_gap_variance(5, 157, 0, 1194);
         assert!(close(pooled, 3.1812e-5, 1e-8), "{pooled}");
         let (_, unpooled) = proportion_gap(5, 157, 0, 1194);
-        assert!(close(unpooled, 2.3199e-4, 1e-8) && unpooled > 7.0 * pooled, "{unpooled} vs {pooled}");
+        assert!(
+            close(unpooled, 2.3199e-4, 1e-8) && unpooled > 7.0 * pooled,
+            "{unpooled} vs {pooled}"
+        );
         // Equal sides with equal rates: both agree (within the shrinkage's one error a side).
         let (_, v) = proportion_gap(40, 10_000, 40, 10_000);
         assert!(close(pooled_gap_variance(40, 10_000, 40, 10_000), v, v * 0.02));
