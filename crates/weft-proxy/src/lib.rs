@@ -16,6 +16,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 mod forward;
+pub mod host;
 pub mod identity;
 mod idle;
 mod inbound;
