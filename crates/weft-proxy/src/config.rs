@@ -162,9 +162,9 @@ impl StaticFile {
         let mut services = BTreeMap::new();
         for (i, s) in file.services.into_iter().enumerate() {
             s.validate(&format!("services[{i}]"), &mut errors);
-            let name = s.name.clone();
-            if services.insert(name.clone(), std::sync::Arc::new(s)).is_some() {
-                errors.push(FieldError::new(format!("services[{i}].name"), &name, "service listed twice"));
+            let key = s.key();
+            if services.insert(key.clone(), std::sync::Arc::new(s)).is_some() {
+                errors.push(FieldError::new(format!("services[{i}].name"), &key, "service listed twice"));
             }
         }
         if !errors.is_empty() {
@@ -206,7 +206,7 @@ mod tests {
     fn a_valid_file_is_read_straight_into_its_types() {
         let cfg = StaticFile::parse(GOOD, "web.yaml").expect("valid");
         let Source::Static(mesh) = cfg.source else { panic!("static") };
-        let orders = &mesh.services["orders"];
+        let orders = &mesh.services["default/orders"];
         assert_eq!(orders.endpoints[0].labels.get("version"), Some("v1"));
         let route = &orders.policy.as_ref().expect("policy").routes[0];
         assert_eq!(route.timeout.map(|t| t.as_std()), Some(std::time::Duration::from_secs(2)));

@@ -23,7 +23,8 @@ use std::net::Ipv4Addr;
 pub const DEFAULT_TRUST_DOMAIN: &str = "weft.local";
 
 /// The accepted forms, for the replies that refuse a host.
-pub const FORMS: &str = "NAME (in the caller's namespace), NAME.NAMESPACE, NAME.NAMESPACE.svc or NAME.NAMESPACE.svc.TRUST_DOMAIN, each with an optional :PORT";
+pub const FORMS: &str =
+    "NAME (in the caller's namespace), NAME.NAMESPACE, NAME.NAMESPACE.svc or NAME.NAMESPACE.svc.TRUST_DOMAIN, each with an optional :PORT";
 
 /// A mesh service: its namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,17 +104,16 @@ fn strip_port(authority: &str) -> Result<&str, Why> {
 
 /// A DNS label as Kubernetes names are (RFC 1123), in any case.
 fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !s.starts_with('-') && !s.ends_with('-')
 }
 
 /// Whether the labels `domain` spell `trust_domain`, ignoring case.
 fn same_domain(domain: &[&str], trust_domain: &str) -> bool {
     let mut expected = trust_domain.split('.');
-    domain.iter().all(|label| expected.next().is_some_and(|e| e.eq_ignore_ascii_case(label))) && expected.next().is_none()
+    domain
+        .iter()
+        .all(|label| expected.next().is_some_and(|e| e.eq_ignore_ascii_case(label)))
+        && expected.next().is_none()
 }
 
 // === impl ServiceRef ===
@@ -147,7 +147,11 @@ impl fmt::Display for Why {
 
 impl fmt::Display for UnknownService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "host {:?} names no mesh service ({}); a mesh host is {FORMS}", self.authority, self.why)
+        write!(
+            f,
+            "host {:?} names no mesh service ({}); a mesh host is {FORMS}",
+            self.authority, self.why
+        )
     }
 }
 
@@ -191,7 +195,11 @@ mod tests {
         assert_eq!(ok("orders.evil"), pair("evil", "orders"));
         assert_eq!(ok("orders.evil:443"), pair("evil", "orders"));
         assert_eq!(ok("ORDERS.Evil."), pair("evil", "orders"));
-        assert_eq!(ok("example.com"), pair("com", "example"), "well-formed; the control plane says it is unknown");
+        assert_eq!(
+            ok("example.com"),
+            pair("com", "example"),
+            "well-formed; the control plane says it is unknown"
+        );
     }
 
     #[test]
@@ -210,7 +218,11 @@ mod tests {
         assert_eq!(refused("httpbe.evil.com"), Why::NotAMeshForm);
         assert_eq!(refused("orders.evil.svc.cluster.local"), Why::NotAMeshForm);
         assert_eq!(refused("orders.evil.svc.weft"), Why::NotAMeshForm, "a prefix of the trust domain");
-        assert_eq!(refused("orders.evil.svc.weft.local.evil"), Why::NotAMeshForm, "the trust domain and more");
+        assert_eq!(
+            refused("orders.evil.svc.weft.local.evil"),
+            Why::NotAMeshForm,
+            "the trust domain and more"
+        );
         assert_eq!(refused("orders.evil.cluster"), Why::NotAMeshForm);
         assert_eq!(refused("www.example.co.uk"), Why::NotAMeshForm);
     }

@@ -254,8 +254,13 @@ pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, ser
 }
 
 async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'static str {
-    let Some(rt) = proxy.service(service).await else {
+    let Ok(rt) = proxy.resolve(service) else {
         return "unknown-service";
+    };
+    let rt = match proxy.service(&rt).await {
+        Ok(rt) => rt,
+        Err(crate::state::Missing::Unknown) => return "unknown-service",
+        Err(crate::state::Missing::NoAnswer) => return "discovery-timeout",
     };
     let io = match connect_endpoint(proxy, &rt, None).await {
         Ok(io) => io,

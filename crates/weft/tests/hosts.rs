@@ -103,7 +103,13 @@ async fn hosts_resolve_in_their_namespace_and_anything_else_is_unknown() {
     })
     .await;
     let mut got = Vec::new();
-    for host in ["httpbe", "httpbe.evil", "httpbe.evil.svc", "httpbe.Evil.svc.weft.local:80", "httpbe.evil.com"] {
+    for host in [
+        "httpbe",
+        "httpbe.evil",
+        "httpbe.evil.svc",
+        "httpbe.Evil.svc.weft.local:80",
+        "httpbe.evil.com",
+    ] {
         got.push(through(&client, host).await);
     }
     for host in ["httpbe", "httpbe.default"] {
@@ -138,7 +144,9 @@ async fn app_speaking(h2: bool) -> SocketAddr {
             let io = TokioIo::new(tcp);
             tokio::spawn(async move {
                 let _ = if h2 {
-                    hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await
                 } else {
                     hyper::server::conn::http1::Builder::new().serve_connection(io, service).await
                 };
@@ -212,7 +220,14 @@ async fn sidecars_speak_the_protocol_the_app_declares() {
 async fn a_bad_app_protocol_is_refused_naming_it() {
     let addr = || free_addr().to_string();
     let out = std::process::Command::new(BIN)
-        .args(["proxy", "--control", "http://127.0.0.1:1", "--insecure-plaintext", "--workload", "default/x"])
+        .args([
+            "proxy",
+            "--control",
+            "http://127.0.0.1:1",
+            "--insecure-plaintext",
+            "--workload",
+            "default/x",
+        ])
         .args(["--cluster", "a", "--app", &addr(), "--inbound", &addr(), "--outbound", &addr()])
         .args(["--app-protocol", "h3"])
         .output()

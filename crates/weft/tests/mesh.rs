@@ -235,7 +235,7 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
     let dump = caller.config_dump().await;
     assert_eq!(dump["config"]["revision"], rev);
     assert_eq!(
-        dump["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][1]["weight"],
+        dump["config"]["services"]["default/orders"]["policy"]["routes"][0]["backends"][1]["weight"],
         20
     );
     let bystander_dump = bystander.config_dump().await;
@@ -427,7 +427,7 @@ async fn killed_proxy_leaves_balancing_within_five_seconds() {
     let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
     let endpoints = |dump: &Value| {
-        dump["config"]["services"]["orders"]["endpoints"]
+        dump["config"]["services"]["default/orders"]["endpoints"]
             .as_array()
             .map(Vec::len)
             .unwrap_or(0)
@@ -530,7 +530,7 @@ async fn static_config_proxy_needs_no_control_plane() {
         )
         .await
         .unwrap();
-    assert_eq!((r.status, r.header("x-weft-error").as_deref()), (503, Some("unknown-service")));
+    assert_eq!((r.status, r.header("x-weft-error").as_deref()), (404, Some("unknown-service")));
 
     // A bad static file: exit 64, naming the file and the field; nothing is bound.
     let bad = dir.join("bad.yaml");

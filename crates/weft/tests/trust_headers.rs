@@ -438,7 +438,7 @@ async fn retries_audit_mode_and_bypass_keep_the_trust_boundary() {
             let on = if p.workload == "default/orders" {
                 dump["config"]["bypass"] == true
             } else {
-                dump["config"]["services"]["orders"]["policy"].is_null()
+                dump["config"]["services"]["default/orders"]["policy"].is_null()
             };
             on.then_some(())
         })
