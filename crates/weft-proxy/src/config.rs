@@ -31,7 +31,25 @@ pub struct ProxyConfig {
     /// Header names the inbound proxy removes before the app sees a request, besides the
     /// identity headers it always removes (`--strip-header`, `stripHeaders`).
     pub strip_headers: Vec<HeaderName>,
+    /// The protocol the inbound listener speaks to the app (`--app-protocol`, `appProtocol`).
+    pub app_protocol: AppProtocol,
     pub source: Source,
+}
+
+/// The HTTP version the app serves, as its workload declares it. The inbound listener speaks
+/// this to the app whatever its caller spoke (the sidecars translate), so an HTTP/2 caller
+/// reaches an HTTP/1.1-only app and the other way round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 only; gRPC, which needs HTTP/2, is refused with `app-protocol-mismatch`.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) only; Upgrade (WebSocket) is refused.
+    H2,
+    /// HTTP/2 for gRPC, which needs it, HTTP/1.1 for everything else, which every HTTP app
+    /// serves (many do not take h2c).
+    #[default]
+    Auto,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -71,6 +89,8 @@ pub struct StaticFile {
     /// Extra header names the inbound proxy removes (as `--strip-header`).
     #[serde(default)]
     pub strip_headers: Vec<String>,
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
 }
@@ -119,6 +139,21 @@ impl Workload {
 
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+// === impl AppProtocol ===
+
+impl std::str::FromStr for AppProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "http1" => Ok(AppProtocol::Http1),
+            "h2" => Ok(AppProtocol::H2),
+            "auto" => Ok(AppProtocol::Auto),
+            _ => Err("one of http1, h2, auto".into()),
+        }
     }
 }
 
@@ -188,6 +223,7 @@ impl StaticFile {
             trace_sample: 100.0,
             tcp: Vec::new(),
             strip_headers,
+            app_protocol: file.app_protocol,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()

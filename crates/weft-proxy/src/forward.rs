@@ -10,9 +10,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 use weft_core::{Body, full};
 
-/// Set by the outbound proxy: the HTTP version the app's client spoke, so the inbound proxy
-/// speaks the same to the destination app.
-pub const ORIG_PROTO: &str = "weft-orig-proto";
 /// The reason for a reply the proxy made itself.
 pub const ERROR_HEADER: &str = "x-weft-error";
 /// Marks a request a proxy already retried (or mirrored): no later hop retries it again. An

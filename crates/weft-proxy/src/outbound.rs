@@ -4,7 +4,7 @@
 //! mirroring, rate limit and pool limits.
 
 use crate::balance::{Outcome, ServiceRuntime};
-use crate::forward::{ORIG_PROTO, RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
+use crate::forward::{RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::idle::IdleTimeout;
 use crate::pool::{ConnectError, Opts};
 use crate::replay::{self, Replay};
@@ -181,8 +181,6 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     // An upstream outside the mesh gets the caller's request as it was.
     strip_mesh_headers(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
-    let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
-    parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
     if retried_before {
         parts.headers.insert(RETRIED, HeaderValue::from_static("1"));
     }

@@ -28,6 +28,7 @@ const MAX_SUBSCRIPTIONS: usize = 10_000;
 pub struct Proxy {
     pub workload: Workload,
     pub app: SocketAddr,
+    pub app_protocol: crate::config::AppProtocol,
     /// Header names the inbound proxy removes besides the identity headers it always removes:
     /// configured at start, lowercase, each once.
     pub strip_headers: Vec<http::HeaderName>,
@@ -119,6 +120,7 @@ impl Proxy {
             advertise: cfg.advertise.unwrap_or(bound.inbound),
             workload: cfg.workload,
             app: cfg.app,
+            app_protocol: cfg.app_protocol,
             strip_headers,
             bound,
             control,
@@ -352,6 +354,7 @@ impl Proxy {
                 "outbound": self.bound.outbound,
                 "admin": self.bound.admin,
                 "app": self.app,
+                "appProtocol": self.app_protocol,
                 "advertise": self.advertise,
             },
             "control": self.control.as_ref().map(|l| serde_json::json!({

@@ -77,7 +77,7 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
     assert_eq!(seen["path"], "/hello?x=1");
-    assert_eq!(seen["version"], "HTTP/1.1", "the app sees the protocol its caller spoke");
+    assert_eq!(seen["version"], "HTTP/1.1", "the app sees its declared protocol (auto: HTTP/1.1)");
     assert_eq!(seen["headers"]["host"], "echo");
     assert_eq!(seen["headers"]["x-tenant"], "acme");
     for gone in ["x-secret", "x-weft-error", "weft-orig-proto"] {
@@ -105,7 +105,8 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/absolute");
 
-    // HTTP/2 with :authority = service; the app is spoken to in HTTP/2 too.
+    // HTTP/2 with :authority = service; the app is spoken to in its declared protocol (auto:
+    // HTTP/1.1 unless gRPC).
     let r = h2_via(
         client.outbound,
         Request::get("http://echo/h2").header("x-user", "42").body(empty()).unwrap(),
@@ -114,7 +115,7 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
-    assert_eq!((seen["path"].as_str(), seen["version"].as_str()), (Some("/h2"), Some("HTTP/2.0")));
+    assert_eq!((seen["path"].as_str(), seen["version"].as_str()), (Some("/h2"), Some("HTTP/1.1")));
     assert_eq!(seen["headers"]["x-user"], "42");
 
     // gRPC unary and bidirectional streaming.
