@@ -893,3 +893,21 @@ impl State {
         errors
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_are_namespaced_and_malformed_ones_dropped() {
+        assert_eq!(subscription("shop", "evil/httpbe").as_deref(), Some("evil/httpbe"));
+        assert_eq!(
+            subscription("shop", "httpbe").as_deref(),
+            Some("shop/httpbe"),
+            "an older proxy's bare name"
+        );
+        for bad in ["", "/httpbe", "evil/", "a/b/c", &"x".repeat(254)] {
+            assert_eq!(subscription("shop", bad), None, "{bad:?}");
+        }
+    }
+}
