@@ -9,7 +9,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::time::Duration;
-use weft_test::apps::{EchoServer, GrpcEcho, grpc_client};
+use weft_test::apps::{EchoServer, GrpcEcho, WsEcho, grpc_client};
 use weft_test::echo_proto::EchoMsg;
 use weft_test::http::{Client, Reply, h2_via};
 use weft_test::{Control, ProxyHandle, eventually, free_addr};
@@ -214,6 +214,40 @@ async fn sidecars_speak_the_protocol_the_app_declares() {
         .unwrap_err();
     assert_eq!((e.code(), e.message()), (tonic::Code::Unimplemented, "app-protocol-mismatch"));
     assert_eq!(grpc.headers.lock().len(), 0, "the app saw no call");
+
+    // WebSocket is an HTTP/1.1 Upgrade: it crosses to an app declared `http1`, and an app
+    // declared `h2` refuses it plainly.
+    let ws = WsEcho::start().await;
+    let _chat = workload(&control, "default/chat", ws.addr, &[("WEFT_APP_PROTOCOL", "http1")]).await;
+    let _chat2 = workload(&control, "default/chat-h2", ws.addr, &[("WEFT_APP_PROTOCOL", "h2")]).await;
+    let (to_http1, to_h2) = (websocket(&client, "chat").await, websocket(&client, "chat-h2").await);
+    assert!(to_http1.starts_with("http/1.1 101"), "{to_http1}");
+    assert!(
+        to_h2.starts_with("http/1.1 501") && to_h2.contains("x-weft-error: app-protocol-mismatch"),
+        "{to_h2}"
+    );
+    assert_eq!(
+        ws.upgraded.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "only the http1 app was upgraded"
+    );
+}
+
+/// The response head (lowercase) to a WebSocket handshake for `host` through `proxy`.
+async fn websocket(proxy: &ProxyHandle, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(proxy.outbound).await.unwrap();
+    let handshake = format!(
+        "GET /chat HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(tcp.read(&mut b).await.unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
