@@ -4,7 +4,8 @@
 //! sidecars). Real `weft` processes as control plane and sidecars, real apps.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
@@ -130,7 +131,8 @@ async fn hosts_resolve_in_their_namespace_and_anything_else_is_unknown() {
 }
 
 /// An app that speaks one protocol only: `h2` (prior knowledge) or HTTP/1.1. It echoes the
-/// request body and says which version it was spoken to in `x-app-version`.
+/// request body, says which version it was spoken to in `x-app-version`, and ends with the
+/// trailer `x-body-length` (HTTP/1.1 sends trailers to a caller that says `te: trailers`).
 async fn app_speaking(h2: bool) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -139,7 +141,16 @@ async fn app_speaking(h2: bool) -> SocketAddr {
             let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                 let version = format!("{:?}", req.version());
                 let body = req.into_body().collect().await?.to_bytes();
-                Ok::<_, hyper::Error>(Response::builder().header("x-app-version", version).body(Full::new(body)).unwrap())
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-body-length", body.len().into());
+                let frames = [Frame::data(body), Frame::trailers(trailers)].map(Ok::<_, std::convert::Infallible>);
+                let body = StreamBody::new(tokio_stream::iter(frames));
+                let resp = Response::builder()
+                    .header("x-app-version", version)
+                    .header("trailer", "x-body-length")
+                    .body(body)
+                    .unwrap();
+                Ok::<_, hyper::Error>(resp)
             });
             let io = TokioIo::new(tcp);
             tokio::spawn(async move {
@@ -194,6 +205,10 @@ async fn sidecars_speak_the_protocol_the_app_declares() {
     // h2c caller (HTTP/2 with prior knowledge), two sidecars, an HTTP/1.1-only app (default).
     let r = h2_via(client.outbound, post("legacy")).await.unwrap();
     assert_eq!(summary(&r), (200, String::new(), "HTTP/1.1".into(), true), "{}", r.text());
+    // The app's trailers (HTTP/1.1 chunked) reach an HTTP/2 caller that asks for them.
+    let (trailers, length) = h2_trailers(client.outbound, "legacy", body.clone()).await;
+    assert_eq!(trailers, Some(body.len().to_string()), "{length} bytes came back");
+    assert_eq!(length, body.len());
     // HTTP/1.1 caller to the same app, and to an HTTP/2-only app declared `h2`.
     let r = Client::new().send(h1_post("legacy")).await.unwrap();
     assert_eq!(summary(&r), (200, String::new(), "HTTP/1.1".into(), true), "{}", r.text());
@@ -231,6 +246,26 @@ async fn sidecars_speak_the_protocol_the_app_declares() {
         1,
         "only the http1 app was upgraded"
     );
+}
+
+/// POSTs `body` over h2c to `host` through `outbound` with `te: trailers`: the response's
+/// `x-body-length` trailer, and how many body bytes came back.
+async fn h2_trailers(outbound: SocketAddr, host: &str, body: Bytes) -> (Option<String>, usize) {
+    let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{host}/upload"))
+        .header("te", "trailers")
+        .body(Full::new(body))
+        .unwrap();
+    let collected = send.send_request(req).await.unwrap().into_body().collect().await.unwrap();
+    let trailer = collected
+        .trailers()
+        .and_then(|t| t.get("x-body-length"))
+        .map(|v| v.to_str().unwrap().to_string());
+    (trailer, collected.to_bytes().len())
 }
 
 /// The response head (lowercase) to a WebSocket handshake for `host` through `proxy`.
