@@ -259,6 +259,59 @@ mod tests {
         assert_eq!(refused("orders evil"), Why::BadLabel);
     }
 
+    /// Every combination of form, port, case and trailing dot resolves to the same service.
+    #[test]
+    fn every_spelling_of_every_form_resolves_alike() {
+        let mut checked = 0;
+        for (name, namespace) in [("orders", "evil"), ("a", "b"), ("x-1", "ns-2"), (&*"n".repeat(63), "shop")] {
+            let forms = [
+                (name.to_string(), "shop"),
+                (format!("{name}.{namespace}"), namespace),
+                (format!("{name}.{namespace}.svc"), namespace),
+                (format!("{name}.{namespace}.svc.weft.local"), namespace),
+            ];
+            for (host, expected_ns) in &forms {
+                for port in ["", ":0", ":80", ":65535"] {
+                    for dot in ["", "."] {
+                        for upper in [false, true] {
+                            let mut authority = format!("{host}{dot}{port}");
+                            if upper {
+                                authority = authority.to_ascii_uppercase();
+                            }
+                            let r = resolve(&authority, "shop", "weft.local").unwrap_or_else(|e| panic!("{e}"));
+                            assert_eq!((r.namespace.as_str(), r.name.as_str()), (*expected_ns, name), "{authority}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 4 * 4 * 4 * 2 * 2);
+    }
+
+    /// Arbitrary input never panics, and whatever resolves is made of DNS labels (a cheap
+    /// stand-in for the fuzz target, on a fixed seed so it is the same every run).
+    #[test]
+    fn arbitrary_authorities_never_panic_and_resolve_only_to_labels() {
+        const ALPHABET: &[u8] = b"ab-.:[]09Zz\x00\xc3\xa9@/ ";
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 24) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize]).collect();
+            let authority = String::from_utf8_lossy(&bytes);
+            if let Ok(r) = resolve(&authority, "shop", "weft.local") {
+                assert!(is_label(&r.name) && is_label(&r.namespace), "{authority:?} -> {r}");
+                assert_eq!(r.name, r.name.to_ascii_lowercase());
+            }
+        }
+    }
+
     #[test]
     fn the_refusal_names_the_host_and_the_forms() {
         let e = resolve("httpbe.evil.com", "default", "weft.local").unwrap_err();
