@@ -1,8 +1,8 @@
 //! The inbound listener: mesh -> app. Hands each request to the app in the HTTP version the
 //! workload declares for it ([`AppProtocol`]), whatever its caller spoke (HTTP/1.1 through the
-//! pooled client, HTTP/2 over one multiplexed connection). It is the trust boundary: before the app sees a request, every
-//! header a caller could use to claim an identity is removed, and an mTLS caller's verified
-//! identity is stated in `x-forwarded-client-cert` ([`identity_headers`]).
+//! pooled client, HTTP/2 over one multiplexed connection). It is the trust boundary: before the
+//! app sees a request, every header a caller could use to claim an identity is removed, and an
+//! mTLS caller's verified identity is stated in `x-forwarded-client-cert` ([`identity_headers`]).
 
 use crate::authz;
 use crate::config::AppProtocol;
