@@ -172,14 +172,15 @@ impl IntentRecord {
     /// Whether `p` enforces this change: a caller of a service whose TrafficPolicy changes, or an
     /// instance of a service whose SecurityPolicy changes.
     pub fn enforced_by(&self, p: &ProxyRecord) -> bool {
-        p.namespace == self.namespace
-            && self.overlay.iter().any(|e| match (e.key.kind.as_str(), &e.resource) {
-                ("TrafficPolicy", _) => p.subscriptions.contains(&e.service),
-                (_, Some(Resource::SecurityPolicy(d))) => {
-                    p.service == e.service && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                }
-                _ => p.service == e.service,
-            })
+        let own = p.namespace == self.namespace;
+        self.overlay.iter().any(|e| match (e.key.kind.as_str(), &e.resource) {
+            // Callers in any namespace enforce the policy of a service they route to.
+            ("TrafficPolicy", _) => p.subscribes_to(&self.namespace, &e.service),
+            (_, Some(Resource::SecurityPolicy(d))) => {
+                own && p.service == e.service && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            }
+            _ => own && p.service == e.service,
+        })
     }
 
     fn is_security(&self) -> bool {

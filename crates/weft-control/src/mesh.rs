@@ -58,6 +58,10 @@ pub(crate) struct State {
     pub(crate) frozen: bool,
     /// Bypassed services, as (namespace, service).
     pub(crate) bypass: BTreeSet<(String, String)>,
+    /// Every (namespace, service) a workload has registered for since this process started:
+    /// a service whose instances are all gone is still known (its callers get
+    /// `no-healthy-endpoints`, not `unknown-service`).
+    seen: BTreeSet<(String, String)>,
     pub(crate) last_decision: Option<String>,
     /// Each service's config as pushed, by (namespace, service, intents overlaid), for the
     /// change generation it was built in: a change that reaches a thousand callers builds it
@@ -78,6 +82,7 @@ pub struct ProxyRecord {
     pub labels: BTreeMap<String, String>,
     pub service: String,
     pub inbound: SocketAddr,
+    /// The services it routes to, as `NAMESPACE/NAME` ([`subscription`]).
     pub subscriptions: BTreeSet<String>,
     pub applied_revision: u64,
     pub last_nack: Option<String>,
@@ -271,6 +276,7 @@ impl Mesh {
                 intents,
                 frozen: false,
                 bypass: BTreeSet::new(),
+                seen: BTreeSet::new(),
                 last_decision: None,
                 service_cache: HashMap::new(),
                 service_cache_generation: u64::MAX,
@@ -322,6 +328,8 @@ impl Mesh {
         let conn = state.next_conn;
         state.next_conn += 1;
         let id = format!("{}/{}#{conn}", reg.namespace, reg.name);
+        state.seen.insert((reg.namespace.clone(), service.clone()));
+        let subscriptions = reg.services.iter().filter_map(|s| subscription(&reg.namespace, s)).collect();
         state.proxies.insert(
             conn,
             ProxyRecord {
@@ -333,7 +341,7 @@ impl Mesh {
                 labels,
                 service,
                 inbound,
-                subscriptions: reg.services.iter().cloned().collect(),
+                subscriptions,
                 applied_revision: reg.applied_revision,
                 last_nack: None,
                 connected_since_ms: now_ms(),
@@ -367,8 +375,8 @@ impl Mesh {
 
     pub fn subscribe(&self, conn: u64, services: Vec<String>) {
         if let Some(p) = self.state.lock().proxies.get_mut(&conn) {
-            p.subscriptions
-                .extend(services.into_iter().filter(|s| !s.is_empty() && s.len() <= 253));
+            let keys: Vec<String> = services.iter().filter_map(|s| subscription(&p.namespace, s)).collect();
+            p.subscriptions.extend(keys);
         }
     }
 
@@ -405,20 +413,21 @@ impl Mesh {
                 included.insert(*seq);
             }
         }
-        let bypassed = |service: &str| state.bypass.contains(&(p.namespace.clone(), service.to_string()));
+        let bypassed = |namespace: &str, service: &str| state.bypass.contains(&(namespace.to_string(), service.to_string()));
         let overlays: Vec<u64> = included.iter().copied().collect();
         let services = p
             .subscriptions
             .iter()
-            .map(|name| {
-                let key = (p.namespace.clone(), name.clone(), overlays.clone());
+            .filter_map(|key| key.split_once('/'))
+            .map(|(namespace, name)| {
+                let key = (namespace.to_string(), name.to_string(), overlays.clone());
                 if let Some(cached) = cache.get(&key) {
                     return cached.clone();
                 }
                 let mut endpoints: Vec<Endpoint> = state
                     .proxies
                     .values()
-                    .filter(|q| q.namespace == p.namespace && &q.service == name)
+                    .filter(|q| q.namespace == namespace && q.service == name)
                     .map(|q| Endpoint {
                         address: q.inbound,
                         cluster: q.cluster.clone(),
@@ -428,18 +437,22 @@ impl Mesh {
                     })
                     .collect();
                 endpoints.sort_by_key(|e| e.address);
-                let policy = if bypassed(name) {
+                let policy = if bypassed(namespace, name) {
                     None
                 } else {
-                    traffic_policy(&resources, &p.namespace, name)
+                    traffic_policy(&resources, namespace, name)
                 };
+                let unknown = endpoints.is_empty()
+                    && !state.seen.contains(&(key.0.clone(), key.1.clone()))
+                    && !named_by_policy(&resources, namespace, name);
                 let svc = ServiceConfig {
-                    name: name.clone(),
-                    namespace: p.namespace.clone(),
+                    name: name.to_string(),
+                    namespace: namespace.to_string(),
                     endpoints,
                     policy_name: policy.map(|(k, _)| k.name.clone()).unwrap_or_default(),
                     policy: policy.map(|(_, spec)| spec.clone()),
-                    mtls: mtls_mode(&resources, &p.namespace, name),
+                    mtls: mtls_mode(&resources, namespace, name),
+                    unknown,
                 };
                 let service = proto::Service::from(&svc);
                 let fingerprint = fingerprint(&service.encode_to_vec());
@@ -467,7 +480,7 @@ impl Mesh {
             revision,
             proxy_id: p.id.clone(),
             services: Vec::new(),
-            bypass: bypassed(&p.service),
+            bypass: bypassed(&p.namespace, &p.service),
             security_policy_json: security.unwrap_or_default(),
             security_policy_name: security_name.unwrap_or_default(),
             trust_bundle_pem: self.ca.bundle_pem(),
@@ -811,6 +824,30 @@ impl ProxyRecord {
     pub fn workload_id(&self) -> &str {
         &self.workload
     }
+
+    /// Whether it routes to `service` in `namespace`.
+    pub fn subscribes_to(&self, namespace: &str, service: &str) -> bool {
+        self.subscriptions.contains(&format!("{namespace}/{service}"))
+    }
+}
+
+/// A service a proxy asks for, as `NAMESPACE/NAME`: what it sends, or a bare `NAME` (an older
+/// proxy's) in its own namespace. Anything malformed is dropped.
+fn subscription(own_namespace: &str, asked: &str) -> Option<String> {
+    if asked.len() > 253 {
+        return None;
+    }
+    let (namespace, name) = asked.split_once('/').unwrap_or((own_namespace, asked));
+    let valid = |s: &str| !s.is_empty() && !s.contains('/');
+    (valid(namespace) && valid(name)).then(|| format!("{namespace}/{name}"))
+}
+
+/// Whether a policy in `namespace` names `service` (which makes it known before any instance
+/// registers).
+fn named_by_policy(resources: &BTreeMap<ResourceKey, Resource>, namespace: &str, service: &str) -> bool {
+    resources
+        .values()
+        .any(|r| r.metadata().namespace == namespace && r.service() == service)
 }
 
 // === impl State ===
@@ -854,5 +891,23 @@ impl State {
             }
         }
         errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_are_namespaced_and_malformed_ones_dropped() {
+        assert_eq!(subscription("shop", "evil/httpbe").as_deref(), Some("evil/httpbe"));
+        assert_eq!(
+            subscription("shop", "httpbe").as_deref(),
+            Some("shop/httpbe"),
+            "an older proxy's bare name"
+        );
+        for bad in ["", "/httpbe", "evil/", "a/b/c", &"x".repeat(254)] {
+            assert_eq!(subscription("shop", bad), None, "{bad:?}");
+        }
     }
 }

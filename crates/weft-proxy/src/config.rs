@@ -31,7 +31,25 @@ pub struct ProxyConfig {
     /// Header names the inbound proxy removes before the app sees a request, besides the
     /// identity headers it always removes (`--strip-header`, `stripHeaders`).
     pub strip_headers: Vec<HeaderName>,
+    /// The protocol the inbound listener speaks to the app (`--app-protocol`, `appProtocol`).
+    pub app_protocol: AppProtocol,
     pub source: Source,
+}
+
+/// The HTTP version the app serves, as its workload declares it. The inbound listener speaks
+/// this to the app whatever its caller spoke (the sidecars translate), so an HTTP/2 caller
+/// reaches an HTTP/1.1-only app and the other way round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 only; gRPC, which needs HTTP/2, is refused with `app-protocol-mismatch`.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) only; Upgrade (WebSocket) is refused.
+    H2,
+    /// HTTP/2 for gRPC, which needs it, HTTP/1.1 for everything else, which every HTTP app
+    /// serves (many do not take h2c).
+    #[default]
+    Auto,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -71,6 +89,8 @@ pub struct StaticFile {
     /// Extra header names the inbound proxy removes (as `--strip-header`).
     #[serde(default)]
     pub strip_headers: Vec<String>,
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
 }
@@ -122,6 +142,21 @@ impl Workload {
     }
 }
 
+// === impl AppProtocol ===
+
+impl std::str::FromStr for AppProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "http1" => Ok(AppProtocol::Http1),
+            "h2" => Ok(AppProtocol::H2),
+            "auto" => Ok(AppProtocol::Auto),
+            _ => Err("one of http1, h2, auto".into()),
+        }
+    }
+}
+
 // === impl StaticFile ===
 
 impl StaticFile {
@@ -162,9 +197,9 @@ impl StaticFile {
         let mut services = BTreeMap::new();
         for (i, s) in file.services.into_iter().enumerate() {
             s.validate(&format!("services[{i}]"), &mut errors);
-            let name = s.name.clone();
-            if services.insert(name.clone(), std::sync::Arc::new(s)).is_some() {
-                errors.push(FieldError::new(format!("services[{i}].name"), &name, "service listed twice"));
+            let key = s.key();
+            if services.insert(key.clone(), std::sync::Arc::new(s)).is_some() {
+                errors.push(FieldError::new(format!("services[{i}].name"), &key, "service listed twice"));
             }
         }
         if !errors.is_empty() {
@@ -188,6 +223,7 @@ impl StaticFile {
             trace_sample: 100.0,
             tcp: Vec::new(),
             strip_headers,
+            app_protocol: file.app_protocol,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()
@@ -206,7 +242,7 @@ mod tests {
     fn a_valid_file_is_read_straight_into_its_types() {
         let cfg = StaticFile::parse(GOOD, "web.yaml").expect("valid");
         let Source::Static(mesh) = cfg.source else { panic!("static") };
-        let orders = &mesh.services["orders"];
+        let orders = &mesh.services["default/orders"];
         assert_eq!(orders.endpoints[0].labels.get("version"), Some("v1"));
         let route = &orders.policy.as_ref().expect("policy").routes[0];
         assert_eq!(route.timeout.map(|t| t.as_std()), Some(std::time::Duration::from_secs(2)));

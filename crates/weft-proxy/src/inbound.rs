@@ -1,11 +1,12 @@
-//! The inbound listener: mesh -> app. Hands each request to the app in the HTTP version its
-//! original client spoke (HTTP/1.1 through the pooled client, HTTP/2 and gRPC over one
-//! multiplexed connection). It is the trust boundary: before the app sees a request, every
-//! header a caller could use to claim an identity is removed, and an mTLS caller's verified
-//! identity is stated in `x-forwarded-client-cert` ([`identity_headers`]).
+//! The inbound listener: mesh -> app. Hands each request to the app in the HTTP version the
+//! workload declares for it ([`AppProtocol`]), whatever its caller spoke (HTTP/1.1 through the
+//! pooled client, HTTP/2 over one multiplexed connection). It is the trust boundary: before the
+//! app sees a request, every header a caller could use to claim an identity is removed, and an
+//! mTLS caller's verified identity is stated in `x-forwarded-client-cert` ([`identity_headers`]).
 
 use crate::authz;
-use crate::forward::{CLIENT_CERT, ORIG_PROTO, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
+use crate::config::AppProtocol;
+use crate::forward::{CLIENT_CERT, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
 use crate::identity::spiffe_id;
 use crate::outbound::finish;
 use crate::state::Proxy;
@@ -143,7 +144,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         None => match authorize(&proxy, &conn, &req) {
             Ok(canonical) => match crate::upgrade::requested(&req) {
                 Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, protocol).await,
-                None => to_app(&proxy, &conn, req, canonical).await,
+                None => to_app(&proxy, &conn, req, canonical, grpc).await,
             },
             Err(denied) => denied,
         },
@@ -265,16 +266,26 @@ pub(crate) fn identity_headers(proxy: &Proxy, conn: &ConnInfo, headers: &mut Hea
     }
 }
 
-/// Forwards to the app; `canonical` (path and query) replaces the request's when authorization
-/// normalized it.
-async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>) -> Response<Body> {
-    let (mut parts, body) = req.into_parts();
-    // Set by the caller's sidecar, read and removed first; from anyone else it is harmless (it
-    // only picks the HTTP version spoken to the app).
-    let app_h2 = match parts.headers.remove(ORIG_PROTO) {
-        Some(v) => v.as_bytes() == b"HTTP/2",
-        None => parts.version == Version::HTTP_2,
+/// Forwards to the app in its declared protocol; `canonical` (path and query) replaces the
+/// request's when authorization normalized it.
+async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>, grpc: bool) -> Response<Body> {
+    let app_h2 = match proxy.app_protocol {
+        AppProtocol::H2 => true,
+        AppProtocol::Auto => grpc,
+        AppProtocol::Http1 => false,
     };
+    if grpc && !app_h2 {
+        // gRPC over HTTP/1.1 would lose its trailers (grpc-status): refuse it plainly.
+        return reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "app-protocol-mismatch",
+            format!(
+                "{} declares its app http1 (--app-protocol, appProtocol), and gRPC needs HTTP/2: declare h2 or auto",
+                proxy.workload.id()
+            ),
+        );
+    }
+    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     identity_headers(proxy, conn, &mut parts.headers);
     let authority = parts

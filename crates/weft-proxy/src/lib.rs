@@ -1,9 +1,10 @@
 //! The weft data plane: one sidecar per workload.
 //!
 //! The outbound listener takes the app's requests (as an HTTP proxy, or with `Host` /
-//! `:authority` naming a service), applies the caller-side TrafficPolicy and forwards them over
-//! HTTP/2 to a healthy endpoint's inbound listener; the inbound listener hands them to the app in
-//! the protocol the app's client spoke. The config arrives on the control stream ([`control`]) or
+//! `:authority` naming a service in one of the forms of [`host`]), applies the caller-side
+//! TrafficPolicy and forwards them over HTTP/2 to a healthy endpoint's inbound listener; the
+//! inbound listener hands them to the app in the protocol the workload declares
+//! ([`config::AppProtocol`]). The config arrives on the control stream ([`control`]) or
 //! from a static file, and is swapped atomically. This crate must not depend on weft-control.
 
 // Handlers return the reply that refuses a request as their error value; it is built only on
@@ -16,6 +17,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 mod forward;
+pub mod host;
 pub mod identity;
 mod idle;
 mod inbound;

@@ -4,12 +4,12 @@
 //! mirroring, rate limit and pool limits.
 
 use crate::balance::{Outcome, ServiceRuntime};
-use crate::forward::{ORIG_PROTO, RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
+use crate::forward::{RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::idle::IdleTimeout;
 use crate::pool::{ConnectError, Opts};
 use crate::replay::{self, Replay};
 use crate::route::{self, CompiledRoute};
-use crate::state::Proxy;
+use crate::state::{Missing, Proxy};
 use crate::telemetry::Finished;
 use http::request::Parts;
 use http::{HeaderValue, Method, Version};
@@ -141,17 +141,29 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
             ),
         );
     };
-    let name = service_name(&authority);
-    let Some(rt) = proxy.service(name).await else {
-        return (
-            Arc::from(name),
-            unnamed(),
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unknown-service",
-                format!("no service named {name:?} is known to this proxy"),
-            ),
-        );
+    // A host that names no known service is reported without a service label: the metric's
+    // labels stay the mesh's own names, never whatever hosts apps send.
+    let service = match proxy.resolve(&authority) {
+        Ok(service) => service,
+        Err(refused) => return (unnamed(), unnamed(), reply(StatusCode::NOT_FOUND, "unknown-service", refused)),
+    };
+    let rt = match proxy.service(&service).await {
+        Ok(rt) => rt,
+        Err(Missing::Unknown) => {
+            let why = format!(
+                "host {authority:?} names service {service}, which the mesh does not know (no workload serves it, no policy names it); a mesh host is {}",
+                crate::host::FORMS
+            );
+            return (unnamed(), unnamed(), reply(StatusCode::NOT_FOUND, "unknown-service", why));
+        }
+        Err(Missing::NoAnswer) => {
+            let why = format!("the control plane has not said whether service {service} exists");
+            return (
+                unnamed(),
+                unnamed(),
+                reply(StatusCode::SERVICE_UNAVAILABLE, "discovery-timeout", why),
+            );
+        }
     };
     let upgrade = crate::upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
@@ -169,8 +181,6 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     // An upstream outside the mesh gets the caller's request as it was.
     strip_mesh_headers(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
-    let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
-    parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
     if retried_before {
         parts.headers.insert(RETRIED, HeaderValue::from_static("1"));
     }
@@ -595,12 +605,6 @@ fn target_authority<B>(req: &Request<B>) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
-/// `orders-api:8080` -> `orders-api`; `orders-api.default.svc` -> `orders-api`.
-fn service_name(authority: &str) -> &str {
-    let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority);
-    host.split('.').next().unwrap_or(host)
-}
-
 /// Strips hop-by-hop headers from the answer and speaks the client's HTTP version. A reply the
 /// proxy made itself to a gRPC request becomes a gRPC status (trailers-only), so gRPC clients
 /// see DEADLINE_EXCEEDED, UNAVAILABLE, ... rather than a bare HTTP error.
@@ -614,16 +618,4 @@ pub fn finish(mut resp: Response<Body>, version: Version, grpc: bool) -> Respons
     }
     *resp.version_mut() = version;
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_names_from_authorities() {
-        assert_eq!(service_name("orders-api"), "orders-api");
-        assert_eq!(service_name("orders-api:8080"), "orders-api");
-        assert_eq!(service_name("orders-api.default.svc:80"), "orders-api");
-    }
 }

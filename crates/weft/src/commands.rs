@@ -72,6 +72,11 @@ pub struct ProxyArgs {
         value_parser = weft_proxy::config::strip_header_name
     )]
     pub strip_header: Vec<http::HeaderName>,
+    /// The protocol the app serves: http1, h2 (prior knowledge), or auto (HTTP/2 for gRPC,
+    /// HTTP/1.1 for the rest). The sidecars translate from whatever the caller spoke. Default
+    /// auto; with --config, overrides the file's appProtocol.
+    #[arg(long, env = "WEFT_APP_PROTOCOL", value_name = "PROTOCOL")]
+    pub app_protocol: Option<weft_proxy::config::AppProtocol>,
 }
 
 fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
@@ -281,6 +286,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 trace_sample: args.trace_sample,
                 tcp: if args.tcp.is_empty() { cfg.tcp.clone() } else { args.tcp.clone() },
                 strip_headers: cfg.strip_headers.iter().chain(&args.strip_header).cloned().collect(),
+                app_protocol: args.app_protocol.unwrap_or(cfg.app_protocol),
                 ..cfg
             },
             Err(invalid) => {
@@ -330,6 +336,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 trace_sample: args.trace_sample,
                 tcp: args.tcp.clone(),
                 strip_headers: args.strip_header.clone(),
+                app_protocol: args.app_protocol.unwrap_or_default(),
                 source: weft_proxy::Source::Control {
                     url,
                     token: args.token.clone(),

@@ -154,7 +154,7 @@ async fn good_canary_promotes_through_every_stage_in_auto_mode() {
             for c in &f.callers {
                 let d = c.config_dump().await;
                 if d["config"]["revision"] != revision
-                    || d["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][0]["weight"] != 10
+                    || d["config"]["services"]["default/orders"]["policy"]["routes"][0]["backends"][0]["weight"] != 10
                 {
                     return None;
                 }
@@ -198,7 +198,7 @@ async fn bad_timeout_is_rolled_back_at_stage_one_and_only_treated_callers_fail()
     let treated_proxy = f.callers.iter().find(|c| c.workload == treated[0]).unwrap();
     eventually(Duration::from_secs(15), "the treated caller back on stable", || async {
         let d = treated_proxy.config_dump().await;
-        (d["config"]["revision"] == 0 && d["config"]["services"]["orders"]["policy"].is_null()).then_some(())
+        (d["config"]["revision"] == 0 && d["config"]["services"]["default/orders"]["policy"].is_null()).then_some(())
     })
     .await;
     // A request that started under the bad config may still finish (and fail) on it; the
@@ -312,7 +312,7 @@ async fn a_nacked_change_never_leaves_last_known_good() {
             let proxies = f.control.get("/api/v1/proxies").await;
             let all_stable = proxies.as_array()?.iter().all(|p| p["appliedRevision"] == 0);
             let d = f.callers[0].config_dump().await;
-            (all_stable && d["config"]["services"]["orders"]["policy"].is_null()).then_some(())
+            (all_stable && d["config"]["services"]["default/orders"]["policy"].is_null()).then_some(())
         },
     )
     .await;
@@ -539,7 +539,7 @@ async fn bypass_on_and_off_under_steady_load_fails_nothing() {
         )
         .await;
     assert_eq!(status, 200, "{applied}");
-    let policy_of = |d: &Value| d["config"]["services"]["orders"]["policy"].clone();
+    let policy_of = |d: &Value| d["config"]["services"]["default/orders"]["policy"].clone();
     for c in &f.callers {
         eventually(Duration::from_secs(15), "policy applied", || async {
             (!policy_of(&c.config_dump().await).is_null()).then_some(())
@@ -637,7 +637,7 @@ async fn control_plane_restarted_mid_rollout_rolls_back_to_one_revision() {
     for c in &callers {
         let d = c.config_dump().await;
         assert_eq!(d["config"]["revision"], 0, "no proxy keeps the candidate");
-        assert!(d["config"]["services"]["orders"]["policy"].is_null());
+        assert!(d["config"]["services"]["default/orders"]["policy"].is_null());
     }
     let mut failed = 0;
     for l in loads {
