@@ -203,13 +203,16 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
 }
 
 /// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 23] = [
+pub const REASONS: [&str; 26] = [
     "ambiguous-framing",
     "app-reset",
     "app-unavailable",
     "authz-denied",
     "bad-path",
     "bad-request-target",
+    "client-bad-request",
+    "client-reset",
+    "client-timeout",
     "fault-abort",
     "no-client-identity",
     "no-destination",

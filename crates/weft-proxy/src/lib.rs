@@ -15,6 +15,7 @@ pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod control;
+mod downstream;
 mod forward;
 pub mod identity;
 mod idle;

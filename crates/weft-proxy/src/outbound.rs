@@ -4,6 +4,7 @@
 //! mirroring, rate limit and pool limits.
 
 use crate::balance::{Outcome, ServiceRuntime};
+use crate::downstream::{BodyState, ClientBody, ClientFault};
 use crate::forward::{ORIG_PROTO, RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::idle::IdleTimeout;
 use crate::pool::{ConnectError, Opts};
@@ -65,10 +66,15 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         (req.method().to_string(), req.uri().path().to_string(), authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let req = req.map(|b| match &request_bytes {
-        Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
-        None => weft_core::boxed(b),
+    let client = Arc::new(BodyState::default());
+    let mut req = req.map(|b| {
+        let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
+        match &request_bytes {
+            Some(count) => crate::access::Tally::wrap(b, count.clone()),
+            None => b,
+        }
     });
+    req.extensions_mut().insert(client);
     let (service, route, resp) = route_request(&proxy, req, grpc).await;
     let upstream = resp.extensions().get::<PeerIdentity>();
     let retries = resp.extensions().get::<Retries>().map(|r| r.0).unwrap_or(0);
@@ -184,17 +190,24 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
         return (rt.name.clone(), route.name.clone(), resp);
     }
     parts.version = Version::HTTP_2;
+    let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
     let call = Call {
         proxy,
         rt: &rt,
         route,
         grpc,
         retried_before,
+        client: &client,
     };
     let fut = call.run(parts, body);
     let resp = match route.timeout {
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,
+            // Still waiting for the client's body: the client was too slow, not the service.
+            Err(_) if client.streaming() => {
+                client.timed_out();
+                ClientFault::Timeout.reply(format!("the request body did not arrive within {t:?} (route {})", route.name))
+            }
             Err(_) => reply(
                 StatusCode::GATEWAY_TIMEOUT,
                 "request-timeout",
@@ -213,6 +226,8 @@ struct Call<'a> {
     route: &'a CompiledRoute,
     grpc: bool,
     retried_before: bool,
+    /// How the client's request body is going.
+    client: &'a Arc<BodyState>,
 }
 
 /// Why a try failed, when it did not produce a response to hand back.
@@ -466,7 +481,8 @@ impl Call<'_> {
         // response headers counts from its last frame.
         let idle = self.route.idle_timeout;
         let activity = Arc::new(std::sync::atomic::AtomicU64::new(crate::balance::now_ms()));
-        let req = req.map(|b| IdleTimeout::tracking(b, idle, Some(activity.clone())));
+        // Wrapped again so a body that idles out here counts as the client's too.
+        let req = req.map(|b| ClientBody::wrap(IdleTimeout::tracking(b, idle, Some(activity.clone())), self.client.clone()));
         let sent = sender.try_send_request(req);
         let per_try = self.route.retry.per_try_timeout;
         let waited = wait_active(sent, &activity, idle);
@@ -477,6 +493,10 @@ impl Call<'_> {
         let result = match waited {
             Ok(Some(r)) => r,
             Ok(None) => {
+                if self.client.streaming() {
+                    self.client.timed_out();
+                    return Ok(ClientFault::Timeout.reply(format!("the request body stopped for {idle:?} (idle timeout)")));
+                }
                 self.observe(i, false, None);
                 return Err(TryFailure::Idle(idle));
             }
@@ -490,6 +510,12 @@ impl Call<'_> {
                 let mut resp = resp.map(weft_core::boxed);
                 resp.extensions_mut().insert(PeerIdentity(peer, addr));
                 Ok(resp)
+            }
+            Err(e) if self.client.fault().is_some() => {
+                // The stream failed because the client's body did: nothing to hold against
+                // the endpoint or its connection.
+                let fault = self.client.fault().expect("checked");
+                Ok(fault.reply(format!("the request body failed: {}", error_chain(e.error()))))
             }
             Err(mut e) => {
                 proxy.pools.evict(addr);

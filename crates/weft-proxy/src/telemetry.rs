@@ -50,7 +50,8 @@ struct RequestLabels {
     peer: Arc<str>,
     route: Arc<str>,
     status: u16,
-    /// `2xx`, `4xx`, `5xx`, ...: what dashboards and alerts group by.
+    /// `2xx`, `4xx`, `5xx`, ...: what dashboards and alerts group by; `client` for a request
+    /// the client itself broke (a `client-*` reason), whatever its status.
     class: &'static str,
     reason: &'static str,
 }
@@ -235,6 +236,7 @@ impl Telemetry {
         };
         let svc = done.service.unwrap_or(&self.own_service);
         let route = done.route.unwrap_or(&self.empty);
+        let client_fault = crate::downstream::ClientFault::is_reason(done.reason);
         let peer = done.peer.unwrap_or(if done.direction == Direction::Inbound {
             &self.plaintext
         } else {
@@ -248,6 +250,7 @@ impl Telemetry {
                 route: route.clone(),
                 status: done.status,
                 class: match done.status {
+                    _ if client_fault => "client",
                     100..=199 => "1xx",
                     200..=299 => "2xx",
                     300..=399 => "3xx",
@@ -264,6 +267,11 @@ impl Telemetry {
                 service: svc.clone(),
             })
             .observe(secs);
+        if client_fault {
+            // A request the client broke says nothing about the service: it stays out of the
+            // summaries the control plane judges (requests, errors, latency).
+            return;
+        }
         // The control plane's summary keys inbound requests by the empty service name.
         let summary_service = done.service.unwrap_or(&self.empty);
         let key = (done.direction, summary_service.clone(), route.clone(), done.revision);
