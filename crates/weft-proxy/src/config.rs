@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::{MeshConfig, SERVICE_LABEL, ServiceConfig};
 
+pub use crate::pool::APP_CONNECT_TIMEOUT;
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub workload: Workload,
@@ -31,6 +33,9 @@ pub struct ProxyConfig {
     /// Header names the inbound proxy removes before the app sees a request, besides the
     /// identity headers it always removes (`--strip-header`, `stripHeaders`).
     pub strip_headers: Vec<HeaderName>,
+    /// How long the inbound listener waits for the app to accept a connection
+    /// (`--app-connect-timeout`, `appConnectTimeout`).
+    pub app_connect_timeout: std::time::Duration,
     pub source: Source,
 }
 
@@ -71,12 +76,26 @@ pub struct StaticFile {
     /// Extra header names the inbound proxy removes (as `--strip-header`).
     #[serde(default)]
     pub strip_headers: Vec<String>,
+    /// As `--app-connect-timeout`.
+    #[serde(default)]
+    pub app_connect_timeout: Option<weft_api::duration::Duration>,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
 }
 
 /// Names the proxy needs to deliver a request, which therefore cannot be stripped.
 const NEEDED_HEADERS: [&str; 6] = ["host", "content-length", "transfer-encoding", "connection", "upgrade", "te"];
+
+/// Reads an app connect timeout (`--app-connect-timeout`, `appConnectTimeout`): a duration
+/// such as `4s`, above zero (zero would refuse every request) and at most a minute.
+pub fn app_connect_timeout(v: &str) -> Result<std::time::Duration, String> {
+    let t: weft_api::duration::Duration = v.parse().map_err(|e| format!("{v:?}: {e}"))?;
+    let t = t.as_std();
+    if t.is_zero() || t > std::time::Duration::from_secs(60) {
+        return Err(format!("{v:?} is not between 1ms and 60s"));
+    }
+    Ok(t)
+}
 
 /// Reads one extra header name to strip (`--strip-header`, `stripHeaders`): a valid HTTP header
 /// name in any case (kept lowercase, as header names compare), exact (no pattern), and not one
@@ -159,6 +178,15 @@ impl StaticFile {
                 Err(msg) => errors.push(FieldError::new(format!("stripHeaders[{i}]"), name, msg)),
             }
         }
+        let app_timeout = file.app_connect_timeout.map(|t| t.to_string());
+        let app_connect_timeout = match app_timeout.as_deref().map(app_connect_timeout) {
+            None => APP_CONNECT_TIMEOUT,
+            Some(Ok(t)) => t,
+            Some(Err(msg)) => {
+                errors.push(FieldError::new("appConnectTimeout", app_timeout.as_deref().unwrap_or(""), msg));
+                APP_CONNECT_TIMEOUT
+            }
+        };
         let mut services = BTreeMap::new();
         for (i, s) in file.services.into_iter().enumerate() {
             s.validate(&format!("services[{i}]"), &mut errors);
@@ -188,6 +216,7 @@ impl StaticFile {
             trace_sample: 100.0,
             tcp: Vec::new(),
             strip_headers,
+            app_connect_timeout,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()

@@ -303,7 +303,7 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
-        let mut sender = match proxy.pools.h2(proxy.app, None, Default::default()).await {
+        let mut sender = match proxy.pools.h2(proxy.app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
         };

@@ -72,6 +72,16 @@ pub struct ProxyArgs {
         value_parser = weft_proxy::config::strip_header_name
     )]
     pub strip_header: Vec<http::HeaderName>,
+    /// How long the inbound listener waits for the app to accept a connection before
+    /// answering 503 app-unavailable; default 4s, which outlasts two dropped SYNs (Linux
+    /// retransmits after 1 s and 3 s) when the app's listen backlog overflows.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "WEFT_APP_CONNECT_TIMEOUT",
+        value_parser = weft_proxy::config::app_connect_timeout
+    )]
+    pub app_connect_timeout: Option<std::time::Duration>,
 }
 
 fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
@@ -279,6 +289,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 trace_sample: args.trace_sample,
                 tcp: if args.tcp.is_empty() { cfg.tcp.clone() } else { args.tcp.clone() },
                 strip_headers: cfg.strip_headers.iter().chain(&args.strip_header).cloned().collect(),
+                app_connect_timeout: args.app_connect_timeout.unwrap_or(cfg.app_connect_timeout),
                 ..cfg
             },
             Err(invalid) => {
@@ -328,6 +339,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 trace_sample: args.trace_sample,
                 tcp: args.tcp.clone(),
                 strip_headers: args.strip_header.clone(),
+                app_connect_timeout: args.app_connect_timeout.unwrap_or(weft_proxy::config::APP_CONNECT_TIMEOUT),
                 source: weft_proxy::Source::Control {
                     url,
                     token: args.token.clone(),

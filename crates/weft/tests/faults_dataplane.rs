@@ -163,3 +163,110 @@ async fn a_callers_broken_body_is_the_callers_fault_not_the_endpoints() {
     assert_eq!(metric(&m, "weft_proxy_requests_total", &["reason=\"app-reset\""]), 0.0, "{m}");
     drop((a, b));
 }
+
+/// An app that accepts slowly behind a listen backlog of 1: the kernel queues two finished
+/// handshakes and drops further SYNs, which clients retransmit after 1 s and again 2 s later.
+/// Each connection carries one request (`connection: close`), so every request is a new SYN.
+struct SlowAcceptor {
+    addr: SocketAddr,
+    served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowAcceptor {
+    fn start(every: Duration) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Ok((mut tcp, _)) = listener.accept().await else { continue };
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                    if tcp.write_all(answer).await.is_ok() {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        SlowAcceptor { addr, served, task }
+    }
+}
+
+impl Drop for SlowAcceptor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `n` GETs at once to `addr` (plain HTTP/1.1, `host: service`); returns the statuses.
+async fn concurrent_gets(addr: SocketAddr, service: &str, n: usize) -> Vec<u16> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let req = Request::get(format!("http://{addr}/"))
+            .header("host", service)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        tasks.spawn(async move { Client::new().send(req).await.map(|r| r.status).unwrap_or(0) });
+    }
+    tasks.join_all().await
+}
+
+/// A trusted sidecar is no less patient than the app's direct clients. When an app's listen
+/// backlog overflows, the kernel drops SYNs and every client retransmits them (after 1 s, then
+/// 2 s later): direct clients all get through. The sidecar's app connect timeout must outlast
+/// those retransmits, or one dropped SYN becomes a 503 `app-unavailable`. Six requests at
+/// once on an app with backlog 1 that accepts every 100 ms: only two or three handshakes fit
+/// at once, the other SYNs are dropped and retransmitted. Promise checked: 0 failed requests,
+/// directly and through the sidecar. Before the fix (a 1 s app connect timeout) 3 or 4 of the
+/// 6 failed with 503 in three runs, at 1.00 s, while direct clients all got through in 1.35 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_past_its_listen_backlog_loses_no_request_through_its_sidecar() {
+    const AT_ONCE: usize = 6;
+    let app = SlowAcceptor::start(Duration::from_millis(100));
+    let t = Instant::now();
+    let direct = concurrent_gets(app.addr, "orders", AT_ONCE).await;
+    let direct_took = t.elapsed();
+    assert_eq!(direct, [200; AT_ONCE], "direct clients get through with retransmits");
+    assert!(
+        direct_took > Duration::from_millis(900),
+        "SYNs were dropped and retransmitted: {direct_took:?}"
+    );
+    let control = Control::start(BIN).await;
+    let token = control.token("default/orders", "orders").await;
+    let labels = [("service", "orders")];
+    let sidecar = ProxyHandle::start_url(
+        BIN,
+        &control.grpc_url(),
+        Some(&token),
+        "default/orders",
+        "cluster-a",
+        &labels,
+        app.addr,
+    )
+    .await;
+    let before = app.served.load(std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    let through = concurrent_gets(sidecar.inbound, "orders", AT_ONCE).await;
+    let took = t.elapsed();
+    let failed = through.iter().filter(|s| **s != 200).count();
+    assert_eq!(failed, 0, "through the sidecar: {through:?} in {took:?}");
+    assert!(
+        took > Duration::from_millis(900),
+        "SYNs were dropped on the sidecar's connects too: {took:?}"
+    );
+    assert_eq!(app.served.load(std::sync::atomic::Ordering::Relaxed) - before, AT_ONCE);
+}
