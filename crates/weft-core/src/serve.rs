@@ -47,15 +47,43 @@ impl Default for Limits {
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-/// The 400 for ambiguous framing; the connection is closed after it.
-fn refuse_framing(why: &'static str) -> Response<Body> {
+/// A request refused before any handler sees it (status, `x-weft-error` reason, detail); the
+/// connection is closed after it.
+fn refuse(status: http::StatusCode, reason: &'static str, why: impl std::fmt::Display) -> Response<Body> {
     Response::builder()
-        .status(http::StatusCode::BAD_REQUEST)
+        .status(status)
         .header(http::header::CONNECTION, "close")
-        .header("x-weft-error", "ambiguous-framing")
+        .header("x-weft-error", reason)
         .header(http::header::CONTENT_TYPE, "text/plain")
-        .body(crate::full(format!("ambiguous-framing: {why}\n")))
+        .body(crate::full(format!("{reason}: {why}\n")))
         .expect("valid refusal")
+}
+
+/// What is wrong with a request's `Host`, if anything: more than one (RFC 9112 §3.2 requires
+/// a 400), or one that names another host than the absolute-form target or `:authority`. A
+/// proxy may ignore such a `Host` (§3.2.2), but weft refuses it, so that no hop routes on one
+/// name while the app reads the other.
+fn host_problem<B>(req: &Request<B>) -> Option<String> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next()?;
+    if hosts.next().is_some() {
+        return Some("more than one Host header".into());
+    }
+    let target = req.uri().authority()?;
+    let default_port: &[u8] = if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+        b":443"
+    } else {
+        b":80"
+    };
+    let (h, t) = (host.as_bytes(), target.as_str().as_bytes());
+    let (h, t) = (h.strip_suffix(default_port).unwrap_or(h), t.strip_suffix(default_port).unwrap_or(t));
+    (!h.eq_ignore_ascii_case(t)).then(|| {
+        format!(
+            "Host {:?} names another host than the request target {:?}",
+            String::from_utf8_lossy(host.as_bytes()),
+            target.as_str()
+        )
+    })
 }
 
 /// Serves `handler` on `listener` until `shutdown`, then drains for at most `limits.drain`.
@@ -124,10 +152,17 @@ where
                 // hyper refuses a bad length or coding itself, and resolves Content-Length
                 // with Transfer-Encoding by dropping the length: only the scan of the bytes
                 // still sees that one.
-                let refused = scanned.map(|why| {
-                    tracing::info!(%remote, why, "request refused: ambiguous framing");
-                    refuse_framing(why)
-                });
+                let refused = match (scanned, host_problem(&req)) {
+                    (Some(why), _) => {
+                        tracing::info!(%remote, why, "request refused: ambiguous framing");
+                        Some(refuse(http::StatusCode::BAD_REQUEST, "ambiguous-framing", why))
+                    }
+                    (None, Some(why)) => {
+                        tracing::info!(%remote, why, "request refused: bad Host");
+                        Some(refuse(http::StatusCode::BAD_REQUEST, "client-bad-host", why))
+                    }
+                    (None, None) => None,
+                };
                 req.extensions_mut().insert(RemoteAddr(remote));
                 req.extensions_mut().insert(facts.clone());
                 // Boxed: a proxy's handler future runs to kilobytes, and an HTTP/2 stream task
