@@ -203,14 +203,16 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
 }
 
 /// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 26] = [
+pub const REASONS: [&str; 28] = [
     "ambiguous-framing",
     "app-reset",
     "app-unavailable",
     "authz-denied",
     "bad-path",
     "bad-request-target",
+    "client-bad-host",
     "client-bad-request",
+    "client-header-too-large",
     "client-reset",
     "client-timeout",
     "fault-abort",

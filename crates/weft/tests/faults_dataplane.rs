@@ -270,3 +270,174 @@ async fn an_app_past_its_listen_backlog_loses_no_request_through_its_sidecar() {
     );
     assert_eq!(app.served.load(std::sync::atomic::Ordering::Relaxed) - before, AT_ONCE);
 }
+
+/// An HTTP/2 frame header: payload length, type, flags, stream 0.
+fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+
+/// What a SETTINGS flood got from the server.
+#[derive(Debug)]
+struct Flood {
+    /// SETTINGS frames the client managed to write.
+    sent: usize,
+    /// SETTINGS ACKs the server wrote back.
+    acks: usize,
+    /// The GOAWAY error code, if the server sent one.
+    goaway: Option<u32>,
+    /// Whether the server closed the connection.
+    closed: bool,
+    took: Duration,
+}
+
+/// Opens an h2c connection to `addr` and sends `n` SETTINGS frames, reading what comes back
+/// until the server closes the connection or goes quiet for a second.
+async fn settings_flood(addr: SocketAddr, n: usize) -> Flood {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rx, mut tx) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        let (mut acks, mut goaway, mut buf) = (0usize, None, Vec::new());
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match tokio::time::timeout(Duration::from_secs(1), rx.read(&mut chunk)).await {
+                Err(_) => return (acks, goaway, false),
+                Ok(Ok(0)) | Ok(Err(_)) => return (acks, goaway, true),
+                Ok(Ok(n)) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            while buf.len() - at >= 9 {
+                let len = (buf[at] as usize) << 16 | (buf[at + 1] as usize) << 8 | buf[at + 2] as usize;
+                if buf.len() - at < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[at + 3], buf[at + 4]);
+                if kind == SETTINGS && flags & 1 == 1 {
+                    acks += 1;
+                }
+                if kind == GOAWAY && len >= 8 {
+                    let p = &buf[at + 9 + 4..at + 9 + 8];
+                    goaway = Some(u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
+                }
+                at += 9 + len;
+            }
+            buf.drain(..at);
+        }
+    });
+    let start = Instant::now();
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend(h2_frame(SETTINGS, 0, &[]));
+    tx.write_all(&preface).await.unwrap();
+    // SETTINGS_MAX_CONCURRENT_STREAMS = 100, a thousand frames per write.
+    let one = h2_frame(SETTINGS, 0, &[0, 3, 0, 0, 0, 100]);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+    let mut sent = 0;
+    while sent < n {
+        if tx.write_all(&batch).await.is_err() {
+            break;
+        }
+        sent += 1000;
+    }
+    let (acks, goaway, closed) = reader.await.unwrap();
+    Flood {
+        sent,
+        acks,
+        goaway,
+        closed,
+        took: start.elapsed(),
+    }
+}
+
+/// A trusted server bounds what one client can make it do. A client that sends SETTINGS
+/// frames without end (100,000 here) makes a server without a cap ACK every one of them and
+/// re-apply each, for as long as it likes: before the cap, all 100,000 were ACKed and the
+/// connection stayed open. Promise checked: the connection is closed after at most
+/// `MAX_SETTINGS` (100) SETTINGS in 10 s, and the listener goes on serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_flood_is_cut_off_and_others_are_still_served() {
+    let control = Control::start(BIN).await;
+    let a = instance(&control, "orders-a", "orders").await;
+    let web = caller(&control, "web").await;
+    let flood = settings_flood(web.outbound, 100_000).await;
+    assert!(flood.closed, "the connection is closed: {flood:?}");
+    let cap = weft_core::framing::MAX_SETTINGS as usize;
+    assert!(
+        flood.acks <= cap + 1,
+        "at most the initial SETTINGS and {cap} more ACKed: {flood:?}"
+    );
+    assert!(flood.took < Duration::from_secs(5), "{flood:?}");
+    assert_eq!(get(&web, "orders", "/").await.status, 200, "others are still served");
+    // The inbound listener (mTLS or plaintext) runs the same accept loop.
+    let flood = settings_flood(a.proxy.inbound, 100_000).await;
+    assert!(flood.closed && flood.acks <= cap + 1, "inbound: {flood:?}");
+    assert_eq!(get(&web, "orders", "/").await.status, 200);
+}
+
+/// A trusted HTTP server answers a request it cannot take with a status and a reason the
+/// client can act on, and never routes a request whose target can be read two ways. Before:
+/// two `Host` headers were accepted (routed on the first), and hyper's own 400 and 431 carried
+/// no `x-weft-error`. Promise checked: each case below is answered with its status and a
+/// `client-*` reason, on the outbound and inbound listeners alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_heads_are_refused_with_a_reason() {
+    let control = Control::start(BIN).await;
+    let a = instance(&control, "orders-a", "orders").await;
+    let web = caller(&control, "web").await;
+    assert_eq!(get(&web, "orders", "/").await.status, 200);
+    let many_headers: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let big_header = format!("x-big: {}\r\n", "v".repeat(70 * 1024));
+    let cases: [(String, u16, &str); 6] = [
+        (
+            "GET / HTTP/1.1\r\nHost: orders\r\nHost: evil\r\n\r\n".into(),
+            400,
+            "client-bad-host",
+        ),
+        ("GET http://orders/ HTTP/1.1\r\nHost: evil\r\n\r\n".into(), 400, "client-bad-host"),
+        (
+            "GET / HTTP/1.1\r\nHost: orders\r\nbad header\r\n\r\n".into(),
+            400,
+            "client-bad-request",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: orders\r\nContent-Length: x\r\n\r\n".into(),
+            400,
+            "client-bad-request",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: orders\r\n{many_headers}\r\n"),
+            431,
+            "client-header-too-large",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: orders\r\n{big_header}\r\n"),
+            431,
+            "client-header-too-large",
+        ),
+    ];
+    for listener in [web.outbound, a.proxy.inbound] {
+        for (raw, status, reason) in &cases {
+            let answer = raw_exchange(listener, raw.as_bytes()).await;
+            let shown = &raw[..raw.len().min(60)];
+            assert_eq!(raw_status(&answer), *status, "{shown:?} -> {answer:?}");
+            assert_eq!(
+                raw_header(&answer, "x-weft-error").as_deref(),
+                Some(*reason),
+                "{shown:?} -> {answer:?}"
+            );
+        }
+    }
+    // The same name in both places is no conflict (an HTTP proxy client sends both).
+    let answer = raw_exchange(
+        web.outbound,
+        b"GET http://orders/ HTTP/1.1\r\nHost: ORDERS:80\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 200, "{answer:?}");
+    assert_eq!(a.app.served(), 2, "no refused request reached the app");
+}
