@@ -191,6 +191,7 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     }
     parts.version = Version::HTTP_2;
     let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
+    let in_flight = std::sync::atomic::AtomicUsize::new(NO_TRY);
     let call = Call {
         proxy,
         rt: &rt,
@@ -198,6 +199,7 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
         grpc,
         retried_before,
         client: &client,
+        in_flight: &in_flight,
     };
     let fut = call.run(parts, body);
     let resp = match route.timeout {
@@ -208,11 +210,19 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
                 client.timed_out();
                 ClientFault::Timeout.reply(format!("the request body did not arrive within {t:?} (route {})", route.name))
             }
-            Err(_) => reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                "request-timeout",
-                format!("no response within {t:?} (route {}, retries included)", route.name),
-            ),
+            Err(_) => {
+                // An endpoint that never answered failed this request, like one past its
+                // per-try timeout: without this, one that hangs is never ejected.
+                let hung = in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                if hung != NO_TRY {
+                    observe(proxy, &rt, hung, false, None);
+                }
+                reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "request-timeout",
+                    format!("no response within {t:?} (route {}, retries included)", route.name),
+                )
+            }
         },
         None => fut.await,
     };
@@ -228,6 +238,9 @@ struct Call<'a> {
     retried_before: bool,
     /// How the client's request body is going.
     client: &'a Arc<BodyState>,
+    /// The endpoint a try is waiting on for response headers ([`NO_TRY`] if none), so a
+    /// request timeout that cuts the wait counts against it.
+    in_flight: &'a std::sync::atomic::AtomicUsize,
 }
 
 /// Why a try failed, when it did not produce a response to hand back.
@@ -361,7 +374,14 @@ impl Call<'_> {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
                     let failed = status >= 500 || grpc_status.is_some_and(|c: u32| c == 14);
-                    self.observe(i, !failed, Some(started.elapsed()));
+                    if failed || http_body::Body::is_end_stream(resp.body()) {
+                        self.observe(i, !failed, Some(started.elapsed()));
+                    } else {
+                        // Its latency counts now; whether it succeeded, once its body has
+                        // ended whole (`EndpointBody`).
+                        self.proxy.telemetry.attempt(&rt.name, true);
+                        rt.observe_latency(i, started.elapsed());
+                    }
                     // The destination's sidecar says its app reset or could not be reached.
                     let peer_said = reason_of(&resp);
                     let wants = after_send
@@ -379,7 +399,7 @@ impl Call<'_> {
                     }
                     resp.extensions_mut().insert(Retries(retries));
                     let idle = route.idle_timeout;
-                    return resp.map(|b| IdleTimeout::wrap(b, idle));
+                    return resp.map(|b| EndpointBody::wrap(IdleTimeout::wrap(b, idle), &self, i));
                 }
                 Err(f) => f,
             };
@@ -439,11 +459,7 @@ impl Call<'_> {
     }
 
     fn observe(&self, i: usize, success: bool, latency: Option<Duration>) {
-        let outcome = if success { Outcome::Success } else { Outcome::Failure };
-        self.proxy.telemetry.attempt(&self.rt.name, success);
-        if self.rt.observe(i, outcome, latency) {
-            self.proxy.telemetry.ejection(&self.rt.name);
-        }
+        observe(self.proxy, self.rt, i, success, latency);
     }
 
     /// One try at endpoint `i`.
@@ -477,6 +493,7 @@ impl Call<'_> {
             }
         };
         let _in_flight = rt.endpoints[i].start();
+        self.in_flight.store(i, std::sync::atomic::Ordering::Relaxed);
         // The request body is idle-limited, and stamps its activity so the wait for the
         // response headers counts from its last frame.
         let idle = self.route.idle_timeout;
@@ -490,6 +507,7 @@ impl Call<'_> {
             Some(t) => tokio::time::timeout(t, waited).await,
             None => Ok(waited.await),
         };
+        self.in_flight.store(NO_TRY, std::sync::atomic::Ordering::Relaxed);
         let result = match waited {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -575,6 +593,79 @@ impl Call<'_> {
             };
             proxy.telemetry.mirror(&svc, outcome);
         });
+    }
+}
+
+/// Counts a try at endpoint `i` (outlier detection and the attempts metric).
+fn observe(proxy: &Proxy, rt: &ServiceRuntime, i: usize, success: bool, latency: Option<Duration>) {
+    let outcome = if success { Outcome::Success } else { Outcome::Failure };
+    proxy.telemetry.attempt(&rt.name, success);
+    if rt.observe(i, outcome, latency) {
+        proxy.telemetry.ejection(&rt.name);
+    }
+}
+
+/// No try in flight (see `Call::in_flight`).
+const NO_TRY: usize = usize::MAX;
+
+/// An endpoint's response body, whose end decides whether the endpoint succeeded: one that
+/// breaks off after the headers (the endpoint died, reset the stream or stalled past the idle
+/// timeout) counts against the endpoint like a failure before them, unless the client's own
+/// body broke first; one that ends whole counts as a success.
+struct EndpointBody {
+    inner: Body,
+    /// Taken on the first error.
+    endpoint: Option<(Arc<Proxy>, Arc<ServiceRuntime>, usize)>,
+    client: Arc<BodyState>,
+}
+
+impl EndpointBody {
+    fn wrap(inner: Body, call: &Call<'_>, i: usize) -> Body {
+        if http_body::Body::is_end_stream(&inner) {
+            return inner;
+        }
+        let endpoint = Some((call.proxy.clone(), call.rt.clone(), i));
+        let client = call.client.clone();
+        http_body_util::BodyExt::boxed_unsync(EndpointBody { inner, endpoint, client })
+    }
+}
+
+impl http_body::Body for EndpointBody {
+    type Data = bytes::Bytes;
+    type Error = weft_core::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Err(error))) if self.client.fault().is_none() => {
+                if let Some((proxy, rt, i)) = self.endpoint.take() {
+                    tracing::info!(service = %rt.name, endpoint = %rt.endpoints[i].address, %error, "response body broke off");
+                    proxy.telemetry.body_failure(&rt.name);
+                    if rt.observe(i, Outcome::Failure, None) {
+                        proxy.telemetry.ejection(&rt.name);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some((_, rt, i)) = self.endpoint.take() {
+                    rt.observe(i, Outcome::Success, None);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

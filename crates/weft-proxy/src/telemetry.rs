@@ -29,6 +29,8 @@ pub struct Telemetry {
     /// `requests` (what the app got after retries).
     attempts: Family<ServiceOutcome, Counter>,
     retries: Family<ServiceOutcome, Counter>,
+    /// Responses an endpoint broke off after their headers, by destination.
+    body_failures: Family<ServiceOutcome, Counter>,
     ejections: Family<ServiceOutcome, Counter>,
     mirrors: Family<ServiceOutcome, Counter>,
     tcp: Family<ServiceOutcome, Counter>,
@@ -184,6 +186,11 @@ impl Telemetry {
             "retries",
             "Outbound retries by destination and outcome (retried, budget-exhausted)",
         );
+        let body_failures = family(
+            &mut registry,
+            "upstream_body_failures",
+            "Outbound responses whose body the endpoint broke off after the headers (closed, reset or stalled), by destination; each also counts against the endpoint in outlier detection",
+        );
         let ejections = family(
             &mut registry,
             "outlier_ejections",
@@ -210,6 +217,7 @@ impl Telemetry {
             tcp_bytes,
             attempts,
             retries,
+            body_failures,
             ejections,
             mirrors,
             registry: Arc::new(registry),
@@ -311,6 +319,11 @@ impl Telemetry {
     /// Counts a retry taken (`retried`) or refused by the budget (`budget-exhausted`).
     pub fn retry(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.retries, service, outcome);
+    }
+
+    /// Counts a response body an endpoint broke off.
+    pub fn body_failure(&self, service: &Arc<str>) {
+        self.count(&self.body_failures, service, "failed");
     }
 
     pub fn ejection(&self, service: &Arc<str>) {

@@ -280,17 +280,12 @@ fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
 
 /// What a SETTINGS flood got from the server.
 #[derive(Debug)]
 struct Flood {
-    /// SETTINGS frames the client managed to write.
-    sent: usize,
     /// SETTINGS ACKs the server wrote back.
     acks: usize,
-    /// The GOAWAY error code, if the server sent one.
-    goaway: Option<u32>,
     /// Whether the server closed the connection.
     closed: bool,
     took: Duration,
@@ -302,12 +297,12 @@ async fn settings_flood(addr: SocketAddr, n: usize) -> Flood {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut rx, mut tx) = tcp.into_split();
     let reader = tokio::spawn(async move {
-        let (mut acks, mut goaway, mut buf) = (0usize, None, Vec::new());
+        let (mut acks, mut buf) = (0usize, Vec::new());
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             let n = match tokio::time::timeout(Duration::from_secs(1), rx.read(&mut chunk)).await {
-                Err(_) => return (acks, goaway, false),
-                Ok(Ok(0)) | Ok(Err(_)) => return (acks, goaway, true),
+                Err(_) => return (acks, false),
+                Ok(Ok(0)) | Ok(Err(_)) => return (acks, true),
                 Ok(Ok(n)) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
@@ -321,10 +316,6 @@ async fn settings_flood(addr: SocketAddr, n: usize) -> Flood {
                 if kind == SETTINGS && flags & 1 == 1 {
                     acks += 1;
                 }
-                if kind == GOAWAY && len >= 8 {
-                    let p = &buf[at + 9 + 4..at + 9 + 8];
-                    goaway = Some(u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
-                }
                 at += 9 + len;
             }
             buf.drain(..at);
@@ -337,18 +328,14 @@ async fn settings_flood(addr: SocketAddr, n: usize) -> Flood {
     // SETTINGS_MAX_CONCURRENT_STREAMS = 100, a thousand frames per write.
     let one = h2_frame(SETTINGS, 0, &[0, 3, 0, 0, 0, 100]);
     let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
-    let mut sent = 0;
-    while sent < n {
+    for _ in 0..n / 1000 {
         if tx.write_all(&batch).await.is_err() {
-            break;
+            break; // closed by the server
         }
-        sent += 1000;
     }
-    let (acks, goaway, closed) = reader.await.unwrap();
+    let (acks, closed) = reader.await.unwrap();
     Flood {
-        sent,
         acks,
-        goaway,
         closed,
         took: start.elapsed(),
     }
@@ -440,4 +427,196 @@ async fn bad_request_heads_are_refused_with_a_reason() {
     .await;
     assert_eq!(raw_status(&answer), 200, "{answer:?}");
     assert_eq!(a.app.served(), 2, "no refused request reached the app");
+}
+
+/// An app that answers `200` with `content-length: 1000`, sends the first bytes of the body
+/// and closes its connection, as an app killed mid-response does.
+async fn dies_mid_body() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial").await;
+                // Dropped: the connection closes 993 bytes short.
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A trusted proxy never passes a cut-off response off as complete, and counts the endpoint
+/// that cut it. Two endpoints, round robin: every answer of one dies 993 bytes into a
+/// 1000-byte body. Promise checked: each response of that endpoint fails for its caller (an
+/// incomplete body, an error to its HTTP client), never a short body that reads as whole; the
+/// broken bodies are counted, and after 5 in a row (the default `consecutiveFailures`) the
+/// endpoint is ejected, so of 17 requests exactly 5 fail and 12 succeed. Before: the caller
+/// saw the breakage, but the endpoint counted a success each time (its headers had arrived)
+/// and was never ejected: half of them failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_killed_mid_response_is_a_failure_the_caller_sees_and_the_endpoint_counts() {
+    let control = Control::start(BIN).await;
+    let (app, _task) = dies_mid_body().await;
+    let labels = [("service", "orders"), ("version", "v1")];
+    let _dying = ProxyHandle::start(BIN, &control, "default/orders-a", "cluster-a", &labels, app).await;
+    let healthy = instance(&control, "orders-b", "orders").await;
+    let web = caller(&control, "web").await;
+    // The first request (the caller learns of the service) may land on either endpoint.
+    let first_broken = usize::from(Client::new().send(orders_get(&web)).await.is_err());
+    wait_endpoints(&web, "orders", 2).await;
+    apply(&control, &web, &traffic_policy("orders", "  loadBalancer: round-robin\n")).await;
+    let (mut broken, mut whole) = (first_broken, 0);
+    for _ in 0..16 {
+        match Client::new().send(orders_get(&web)).await {
+            Ok(r) => {
+                assert_eq!(
+                    (r.status, r.header("x-echo-server").as_deref()),
+                    (200, Some("orders-b")),
+                    "{}",
+                    r.text()
+                );
+                whole += 1;
+            }
+            Err(_) => broken += 1,
+        }
+    }
+    assert_eq!(
+        (broken, whole),
+        (5, 11 + first_broken),
+        "5 cut-off responses, then the endpoint is out"
+    );
+    let m = web.metrics().await;
+    let counted = metric(&m, "weft_proxy_upstream_body_failures_total", &["service=\"orders\""]);
+    assert_eq!(counted, 5.0, "{m}");
+    assert_eq!(
+        metric(&m, "weft_proxy_outlier_ejections_total", &["service=\"orders\""]),
+        1.0,
+        "{m}"
+    );
+    drop(healthy);
+}
+
+fn orders_get(web: &ProxyHandle) -> Request<Full<Bytes>> {
+    Request::get(format!("http://{}/", web.outbound))
+        .header("host", "orders")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A trusted proxy bounds how long a caller waits on an endpoint that hangs, says why, and
+/// stops sending to that endpoint. Two endpoints, one hanging; a 300 ms request timeout and
+/// `consecutiveFailures: 2`, round robin. Promise checked: every request ends by the bound
+/// (504 `request-timeout` within 290-900 ms, or a 200), and only 2 of 12 time out before
+/// the hanging endpoint is ejected. Before: a request timeout did not count against the
+/// endpoint it cut (only per-try timeouts did), so it was never ejected and 6 of 12 timed out.
+/// (dataplane.rs checks the 504 itself, per-try timeouts and idle streams.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_hangs_costs_each_caller_the_timeout_and_is_ejected() {
+    let control = Control::start(BIN).await;
+    let hung = instance(&control, "orders-a", "orders").await;
+    let ok = instance(&control, "orders-b", "orders").await;
+    let web = caller(&control, "web").await;
+    assert_eq!(get(&web, "orders", "/").await.status, 200);
+    wait_endpoints(&web, "orders", 2).await;
+    let spec = "  loadBalancer: round-robin\n  outlierDetection: {consecutiveFailures: 2, ejection: 30s, maxEjectedPercent: 50}\n  routes:\n    - name: all\n      timeout: 300ms\n";
+    apply(&control, &web, &traffic_policy("orders", spec)).await;
+    hung.app.set_mode(weft_test::apps::Mode::Hang);
+    let mut timed_out = 0;
+    for i in 0..12 {
+        let t = Instant::now();
+        let r = get(&web, "orders", "/").await;
+        let took = t.elapsed();
+        match r.status {
+            200 => assert_eq!(r.header("x-echo-server").as_deref(), Some("orders-b")),
+            504 => {
+                timed_out += 1;
+                assert_eq!(r.header("x-weft-error").as_deref(), Some("request-timeout"), "{}", r.text());
+                assert!(
+                    took >= Duration::from_millis(290) && took < Duration::from_millis(900),
+                    "request {i}: {took:?}"
+                );
+            }
+            other => panic!("request {i}: {other} {}", r.text()),
+        }
+    }
+    assert_eq!(timed_out, 2, "the hanging endpoint is ejected after 2 timeouts");
+    let m = web.metrics().await;
+    assert_eq!(
+        metric(&m, "weft_proxy_outlier_ejections_total", &["service=\"orders\""]),
+        1.0,
+        "{m}"
+    );
+    drop(ok);
+}
+
+/// A trusted mesh keeps serving while instances come and go. Every second a new instance of
+/// the service starts and the oldest is stopped with SIGTERM (its sidecar drains), six times,
+/// under four callers in a loop with the default policy (retries on connect failure and
+/// refused streams only). Promise checked: 0 failed requests among all sent, and the last
+/// instances take traffic. What this does not promise: an instance killed with SIGKILL
+/// mid-request fails the requests it held (a reset after sending is retried only when the
+/// route's retry policy says `reset`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_churn_under_load_fails_no_request() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let control = Control::start(BIN).await;
+    let mut live = std::collections::VecDeque::new();
+    live.push_back(instance(&control, "orders-0", "orders").await);
+    live.push_back(instance(&control, "orders-1", "orders").await);
+    let web = caller(&control, "web").await;
+    assert_eq!(get(&web, "orders", "/").await.status, 200);
+    wait_endpoints(&web, "orders", 2).await;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (stop, url) = (stop.clone(), format!("http://{}/", web.outbound));
+        load.spawn(async move {
+            let client = Client::new();
+            let mut replies = Vec::new();
+            while !stop.load(Relaxed) {
+                let req = Request::get(&url).header("host", "orders").body(Full::new(Bytes::new())).unwrap();
+                let reply = client.send(req).await;
+                replies.push(reply.map(|r| {
+                    (
+                        r.status,
+                        r.header("x-weft-error").map(|e| format!("{e}: {}", r.text())),
+                        r.header("x-echo-server"),
+                    )
+                }));
+            }
+            replies
+        });
+    }
+    let mut every_second = tokio::time::interval(Duration::from_secs(1));
+    every_second.tick().await;
+    for round in 2..8 {
+        every_second.tick().await;
+        live.push_back(instance(&control, &format!("orders-{round}"), "orders").await);
+        let mut leaving = live.pop_front().expect("an instance to stop");
+        let exit = tokio::task::spawn_blocking(move || {
+            let code = leaving.proxy.process.terminate(Duration::from_secs(10));
+            (code, leaving)
+        });
+        let (code, leaving) = exit.await.unwrap();
+        assert_eq!(code, Some(0), "{} drained and exited", leaving.proxy.workload);
+        drop(leaving);
+    }
+    stop.store(true, Relaxed);
+    let replies: Vec<_> = load.join_all().await.into_iter().flatten().collect();
+    let failed: Vec<_> = replies.iter().filter(|r| !matches!(r, Ok((200, _, _)))).collect();
+    assert!(replies.len() > 100, "load ran throughout: {} requests", replies.len());
+    assert!(failed.is_empty(), "{} of {} failed: {failed:?}", failed.len(), replies.len());
+    let served_by_last: usize = replies
+        .iter()
+        .filter(|r| matches!(r, Ok((_, _, Some(s))) if s == "orders-7" || s == "orders-6"))
+        .count();
+    assert!(served_by_last > 0, "the newest instances took traffic");
 }
