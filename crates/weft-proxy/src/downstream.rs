@@ -30,11 +30,14 @@ pub enum ClientFault {
 #[derive(Default)]
 pub struct BodyState(AtomicU8);
 
+/// Not ended; the last read got bytes (or none was made yet).
 const STREAMING: u8 = 0;
 const ENDED: u8 = 1;
 const BAD: u8 = 2;
 const RESET: u8 = 3;
 const TIMEOUT: u8 = 4;
+/// Not ended, and the last read found nothing: the proxy is waiting on the client.
+const WAITING: u8 = 5;
 
 /// The client's request body, recording into a [`BodyState`] how it ends.
 pub struct ClientBody {
@@ -116,27 +119,36 @@ impl BodyState {
         }
     }
 
-    /// Whether the body is still arriving (neither ended nor failed).
-    pub fn streaming(&self) -> bool {
-        self.0.load(Relaxed) == STREAMING
-    }
-
-    /// Records that the body stopped arriving (the idle timer fired while it was streaming).
-    pub fn timed_out(&self) {
-        let _ = self.0.compare_exchange(STREAMING, TIMEOUT, Relaxed, Relaxed);
+    /// Records that the client's body stopped arriving, if the proxy was waiting on it (the
+    /// last read found nothing; a body nobody has read yet, say behind an injected delay, is
+    /// not waited on); returns whether it was.
+    pub fn timed_out(&self) -> bool {
+        self.0.compare_exchange(WAITING, TIMEOUT, Relaxed, Relaxed).is_ok()
     }
 
     fn end(&self) {
-        let _ = self.0.compare_exchange(STREAMING, ENDED, Relaxed, Relaxed);
+        self.settle(ENDED);
     }
 
     fn set(&self, fault: ClientFault) {
-        let v = match fault {
+        self.settle(match fault {
             ClientFault::BadRequest => BAD,
             ClientFault::Reset => RESET,
             ClientFault::Timeout => TIMEOUT,
-        };
-        let _ = self.0.compare_exchange(STREAMING, v, Relaxed, Relaxed);
+        });
+    }
+
+    /// Moves an unsettled body (streaming or waited on) to `to`; a settled one keeps its end.
+    fn settle(&self, to: u8) {
+        let _ = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |v| (v == STREAMING || v == WAITING).then_some(to));
+    }
+
+    /// Notes whether the last read found bytes or nothing.
+    fn read(&self, found: bool) {
+        let (from, to) = if found { (WAITING, STREAMING) } else { (STREAMING, WAITING) };
+        let _ = self.0.compare_exchange(from, to, Relaxed, Relaxed);
     }
 }
 
@@ -163,7 +175,8 @@ impl HttpBody for ClientBody {
             Poll::Ready(None) => self.state.end(),
             Poll::Ready(Some(Err(e))) => self.state.set(ClientFault::of_error(e.as_ref())),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.state.end(),
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => self.state.read(true),
+            Poll::Pending => self.state.read(false),
         }
         polled
     }

@@ -206,8 +206,7 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,
             // Still waiting for the client's body: the client was too slow, not the service.
-            Err(_) if client.streaming() => {
-                client.timed_out();
+            Err(_) if client.timed_out() => {
                 ClientFault::Timeout.reply(format!("the request body did not arrive within {t:?} (route {})", route.name))
             }
             Err(_) => {
@@ -511,8 +510,7 @@ impl Call<'_> {
         let result = match waited {
             Ok(Some(r)) => r,
             Ok(None) => {
-                if self.client.streaming() {
-                    self.client.timed_out();
+                if self.client.timed_out() {
                     return Ok(ClientFault::Timeout.reply(format!("the request body stopped for {idle:?} (idle timeout)")));
                 }
                 self.observe(i, false, None);

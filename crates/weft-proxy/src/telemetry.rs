@@ -411,3 +411,41 @@ impl Telemetry {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_the_client_broke_stay_out_of_the_judged_summaries() {
+        let tracing = Tracing {
+            endpoint: None,
+            sample: 0.0,
+            resource: Vec::new(),
+        };
+        let t = Telemetry::new("orders", false, 100.0, tracing);
+        let (service, route) = (Arc::from("pay"), Arc::from("default"));
+        let finished = |status, reason| Finished {
+            direction: Direction::Outbound,
+            service: Some(&service),
+            route: Some(&route),
+            mtls: false,
+            peer: None,
+            revision: 1,
+            status,
+            reason,
+            elapsed: Duration::from_millis(5),
+        };
+        t.record(&finished(200, ""));
+        t.record(&finished(503, "no-healthy-endpoints"));
+        t.record(&finished(400, "client-bad-request"));
+        t.record(&finished(499, "client-reset"));
+        let stats = t.take_interval();
+        assert_eq!(stats.len(), 1);
+        assert_eq!((stats[0].requests, stats[0].errors), (2, 1), "only the service's own outcomes");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &t.registry).unwrap();
+        let client = text.lines().filter(|l| l.contains("class=\"client\"")).count();
+        assert_eq!(client, 2, "{text}");
+    }
+}

@@ -147,6 +147,44 @@ async fn a_callers_broken_body_is_the_callers_fault_not_the_endpoints() {
     let fivexx = metric(&m, "weft_proxy_requests_total", &["class=\"5xx\""]);
     assert_eq!((ejections, failures, fivexx), (0.0, 0.0, 0.0), "no endpoint blamed:\n{m}");
     assert_eq!(client, 15.0, "every broken request counted as the client's:\n{m}");
+    // A caller that goes away mid-body gets no answer; its request is recorded as its own.
+    let mut tcp = tokio::net::TcpStream::connect(web.outbound).await.unwrap();
+    let cut = b"POST / HTTP/1.1\r\nHost: orders\r\nContent-Length: 100\r\n\r\n0123456789";
+    tcp.write_all(cut).await.unwrap();
+    let received = a.app.received() + b.app.received();
+    eventually(Duration::from_secs(5), "the cut request reaches an app", || async {
+        (a.app.received() + b.app.received() > received).then_some(())
+    })
+    .await;
+    drop(tcp);
+    let reset = ["class=\"client\"", "status=\"499\"", "reason=\"client-reset\""];
+    eventually(Duration::from_secs(5), "the reset is recorded", || async {
+        let m = web.metrics().await;
+        (metric(&m, "weft_proxy_requests_total", &reset) == 1.0).then_some(())
+    })
+    .await;
+    // A caller too slow with its body for the request timeout: 408, its own fault.
+    let spec = "  loadBalancer: round-robin\n  routes:\n    - name: all\n      timeout: 500ms\n";
+    apply(&control, &web, &traffic_policy("orders", spec)).await;
+    let mut tcp = tokio::net::TcpStream::connect(web.outbound).await.unwrap();
+    tcp.write_all(cut).await.unwrap();
+    let t = Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert_eq!(raw_status(&answer), 408, "{answer:?}");
+    assert_eq!(raw_header(&answer, "x-weft-error").as_deref(), Some("client-timeout"), "{answer:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "at the request timeout: {:?}", t.elapsed());
+    let m = web.metrics().await;
+    assert_eq!(
+        metric(&m, "weft_proxy_upstream_attempts_total", &["outcome=\"failure\""]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "weft_proxy_outlier_ejections_total", &[]), 0.0, "{m}");
     // The same body sent straight to a sidecar's inbound: the caller broke it, not the app.
     for _ in 0..3 {
         let answer = raw_exchange(a.proxy.inbound, bad).await;
