@@ -543,9 +543,9 @@ mod tests {
         max_bytes: 1024,
     };
 
-    /// Feeds `chunks` as reads; returns the bytes hyper would get after each, and the refusal.
-    fn scan(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Option<(u64, Refusal)>, Scanned<()>) {
-        let (mut s, v) = Scanned::new((), LIMITS);
+    /// Feeds `chunks` as reads; returns the bytes hyper would get after each, and the scan.
+    fn scan(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Scanned<()>) {
+        let (mut s, _) = Scanned::new((), LIMITS);
         let mut out = Vec::new();
         for c in chunks {
             s.pending.extend_from_slice(c);
@@ -557,7 +557,11 @@ mod tests {
             }
             s.ready = 0;
         }
-        (out, v.0.get().copied(), s)
+        (out, s)
+    }
+
+    fn refusal(s: &Scanned<()>) -> Option<(u64, Refusal)> {
+        s.verdicts.0.get().copied()
     }
 
     #[test]
@@ -567,8 +571,8 @@ mod tests {
             b"loGET /b HTTP/1.1\r\nHo",
             b"st: x\r\n\r\nPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
         ];
-        let (out, refused, s) = scan(pipelined);
-        assert_eq!(refused, None);
+        let (out, s) = scan(pipelined);
+        assert_eq!(refusal(&s), None);
         assert_eq!(out[0], b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel");
         assert_eq!(out[1], b"lo", "the next head is held");
         assert_eq!(out.concat(), pipelined.concat(), "everything passes, in order");
@@ -597,8 +601,8 @@ mod tests {
         ];
         for (raw, why) in cases {
             let first = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-            let (out, refused, _) = scan(&[first, raw, b"GET /after HTTP/1.1\r\n\r\n"]);
-            assert_eq!(refused, Some((1, why)), "{:?}", String::from_utf8_lossy(raw));
+            let (out, s) = scan(&[first, raw, b"GET /after HTTP/1.1\r\n\r\n"]);
+            assert_eq!(refusal(&s), Some((1, why)), "{:?}", String::from_utf8_lossy(raw));
             assert_eq!(
                 out.concat(),
                 [&first[..], STAND_IN].concat(),
@@ -623,13 +627,13 @@ mod tests {
             ),
         ];
         for (raw, why) in cases {
-            let (out, refused, _) = scan(&[raw]);
-            assert_eq!(refused, Some((0, why)), "{:?}", String::from_utf8_lossy(raw));
+            let (out, s) = scan(&[raw]);
+            assert_eq!(refusal(&s), Some((0, why)), "{:?}", String::from_utf8_lossy(raw));
             assert_eq!(out.concat(), STAND_IN);
         }
         let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "v".repeat(600));
-        let (out, refused, _) = scan(&[big.as_bytes(), big.as_bytes()[16..].as_ref()]);
-        assert!(matches!(refused, Some((0, Refusal::TooLarge(_)))), "{refused:?}");
+        let (out, s) = scan(&[big.as_bytes(), big.as_bytes()[16..].as_ref()]);
+        assert!(matches!(refusal(&s), Some((0, Refusal::TooLarge(_)))), "{:?}", refusal(&s));
         assert_eq!(out.concat(), STAND_IN, "refused before the head even ends");
     }
 
@@ -642,10 +646,10 @@ mod tests {
             h2.extend_from_slice(&settings);
             h2.extend_from_slice(&ack); // ACKs are the client's answers, not counted
         }
-        let (out, refused, s) = scan(&[&h2]);
-        assert_eq!((out.concat(), refused, s.scan.state), (h2.clone(), None, State::H2));
+        let (out, s) = scan(&[&h2]);
+        assert_eq!((out.concat(), refusal(&s), s.scan.state), (h2.clone(), None, State::H2));
         let flood = [h2.clone(), settings.to_vec(), settings.to_vec()].concat();
-        let (out, _, s) = scan(&[&flood[..30], &flood[30..]]);
+        let (out, s) = scan(&[&flood[..30], &flood[30..]]);
         assert_eq!(s.scan.state, State::Flooded);
         assert_eq!(out.concat(), h2, "nothing past the cap reaches hyper");
     }
