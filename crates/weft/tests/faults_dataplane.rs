@@ -498,7 +498,7 @@ async fn dies_mid_body() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 /// broken bodies are counted, and after 5 in a row (the default `consecutiveFailures`) the
 /// endpoint is ejected, so of 17 requests exactly 5 fail and 12 succeed. Before: the caller
 /// saw the breakage, but the endpoint counted a success each time (its headers had arrived)
-/// and was never ejected: half of them failed.
+/// and was never ejected: 9 of 17 failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_killed_mid_response_is_a_failure_the_caller_sees_and_the_endpoint_counts() {
     let control = Control::start(BIN).await;
