@@ -1,12 +1,17 @@
-//! Request-smuggling defence for HTTP/1.1: a request whose body framing is ambiguous is refused
-//! with 400 and its connection closed.
+//! What a connection's client may send before hyper parses it: request-smuggling defence and
+//! named refusals for HTTP/1.1, and a cap on HTTP/2 SETTINGS frames.
 //!
 //! hyper resolves `Content-Length` + `Transfer-Encoding` itself (it drops the length and closes
 //! the connection afterwards), which RFC 9112 allows, but it leaves no trace of the dropped
-//! header for the handler to refuse the request. So the bytes of each plaintext or decrypted
-//! connection are scanned as hyper reads them: every request head is checked, and its body is
-//! skipped by its own framing so the next head is found. The scan keeps a few integers of
-//! state and the current head line; it stops for HTTP/2 and after an upgrade.
+//! header for the handler to refuse the request; and a head it cannot parse it answers with a
+//! bare 400 or 431 of its own, with no reason a client could act on. So the bytes of each
+//! plaintext or decrypted connection pass through a scan before hyper reads them: every request
+//! head is held until whole and checked (framing, then syntax and size with hyper's own parser,
+//! httparse, and limits), and a refused one reaches hyper as a stand-in request that the serving
+//! loop answers with the reason; a body is skipped by its own framing so the next head is
+//! found. After an upgrade the scan stops; on HTTP/2 it reads frame headers only, counting the
+//! client's SETTINGS (h2 0.4 ACKs and applies every one, with no cap of its own). It keeps a
+//! few integers of state, the current line and the bytes of the head being held.
 
 use std::io;
 use std::pin::Pin;

@@ -255,6 +255,23 @@ mod tests {
     }
 
     #[test]
+    fn the_app_connect_timeout_defaults_past_two_syn_retransmits_and_is_checked() {
+        let cfg = StaticFile::parse(GOOD, "web.yaml").expect("valid");
+        assert_eq!(cfg.app_connect_timeout, std::time::Duration::from_secs(4));
+        let file = GOOD.replace("services:", "appConnectTimeout: 1500ms\nservices:");
+        let cfg = StaticFile::parse(&file, "web.yaml").expect("valid");
+        assert_eq!(cfg.app_connect_timeout, std::time::Duration::from_millis(1500));
+        for bad in ["0s", "2m"] {
+            let file = GOOD.replace("services:", &format!("appConnectTimeout: {bad}\nservices:"));
+            let err = StaticFile::parse(&file, "web.yaml").expect_err(bad).to_string();
+            assert!(
+                err.contains("web.yaml") && err.contains("appConnectTimeout") && err.contains(bad),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn extra_header_names_to_strip_are_exact_valid_and_not_needed_by_the_proxy() {
         for ok in ["x-internal-user", "X-Tenant-Admin", "x-spiffe-id", "authorization"] {
             let name = strip_header_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
