@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::{MeshConfig, SERVICE_LABEL, ServiceConfig};
 
+pub use crate::pool::APP_CONNECT_TIMEOUT;
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub workload: Workload,
@@ -33,6 +35,9 @@ pub struct ProxyConfig {
     pub strip_headers: Vec<HeaderName>,
     /// The protocol the inbound listener speaks to the app (`--app-protocol`, `appProtocol`).
     pub app_protocol: AppProtocol,
+    /// How long the inbound listener waits for the app to accept a connection
+    /// (`--app-connect-timeout`, `appConnectTimeout`).
+    pub app_connect_timeout: std::time::Duration,
     pub source: Source,
 }
 
@@ -89,6 +94,9 @@ pub struct StaticFile {
     /// Extra header names the inbound proxy removes (as `--strip-header`).
     #[serde(default)]
     pub strip_headers: Vec<String>,
+    /// As `--app-connect-timeout`.
+    #[serde(default)]
+    pub app_connect_timeout: Option<weft_api::duration::Duration>,
     #[serde(default)]
     pub app_protocol: AppProtocol,
     #[serde(default)]
@@ -97,6 +105,17 @@ pub struct StaticFile {
 
 /// Names the proxy needs to deliver a request, which therefore cannot be stripped.
 const NEEDED_HEADERS: [&str; 6] = ["host", "content-length", "transfer-encoding", "connection", "upgrade", "te"];
+
+/// Reads an app connect timeout (`--app-connect-timeout`, `appConnectTimeout`): a duration
+/// such as `4s`, above zero (zero would refuse every request) and at most a minute.
+pub fn app_connect_timeout(v: &str) -> Result<std::time::Duration, String> {
+    let t: weft_api::duration::Duration = v.parse().map_err(|e| format!("{v:?}: {e}"))?;
+    let t = t.as_std();
+    if t.is_zero() || t > std::time::Duration::from_secs(60) {
+        return Err(format!("{v:?} is not between 1ms and 60s"));
+    }
+    Ok(t)
+}
 
 /// Reads one extra header name to strip (`--strip-header`, `stripHeaders`): a valid HTTP header
 /// name in any case (kept lowercase, as header names compare), exact (no pattern), and not one
@@ -194,6 +213,15 @@ impl StaticFile {
                 Err(msg) => errors.push(FieldError::new(format!("stripHeaders[{i}]"), name, msg)),
             }
         }
+        let app_timeout = file.app_connect_timeout.map(|t| t.to_string());
+        let app_connect_timeout = match app_timeout.as_deref().map(app_connect_timeout) {
+            None => APP_CONNECT_TIMEOUT,
+            Some(Ok(t)) => t,
+            Some(Err(msg)) => {
+                errors.push(FieldError::new("appConnectTimeout", app_timeout.as_deref().unwrap_or(""), msg));
+                APP_CONNECT_TIMEOUT
+            }
+        };
         let mut services = BTreeMap::new();
         for (i, s) in file.services.into_iter().enumerate() {
             s.validate(&format!("services[{i}]"), &mut errors);
@@ -224,6 +252,7 @@ impl StaticFile {
             tcp: Vec::new(),
             strip_headers,
             app_protocol: file.app_protocol,
+            app_connect_timeout,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()
@@ -259,6 +288,23 @@ mod tests {
         let twice = format!("{GOOD}  - name: orders\n");
         let err = StaticFile::parse(&twice, "web.yaml").expect_err("duplicate").to_string();
         assert!(err.contains("services[1].name") && err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn the_app_connect_timeout_defaults_past_two_syn_retransmits_and_is_checked() {
+        let cfg = StaticFile::parse(GOOD, "web.yaml").expect("valid");
+        assert_eq!(cfg.app_connect_timeout, std::time::Duration::from_secs(4));
+        let file = GOOD.replace("services:", "appConnectTimeout: 1500ms\nservices:");
+        let cfg = StaticFile::parse(&file, "web.yaml").expect("valid");
+        assert_eq!(cfg.app_connect_timeout, std::time::Duration::from_millis(1500));
+        for bad in ["0s", "2m"] {
+            let file = GOOD.replace("services:", &format!("appConnectTimeout: {bad}\nservices:"));
+            let err = StaticFile::parse(&file, "web.yaml").expect_err(bad).to_string();
+            assert!(
+                err.contains("web.yaml") && err.contains("appConnectTimeout") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

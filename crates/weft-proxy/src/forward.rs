@@ -201,7 +201,7 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
 }
 
 /// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 25] = [
+pub const REASONS: [&str; 30] = [
     "ambiguous-framing",
     "app-protocol-mismatch",
     "app-reset",
@@ -209,6 +209,11 @@ pub const REASONS: [&str; 25] = [
     "authz-denied",
     "bad-path",
     "bad-request-target",
+    "client-bad-host",
+    "client-bad-request",
+    "client-header-too-large",
+    "client-reset",
+    "client-timeout",
     "discovery-timeout",
     "fault-abort",
     "no-client-identity",

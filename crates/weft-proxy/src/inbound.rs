@@ -6,6 +6,7 @@
 
 use crate::authz;
 use crate::config::AppProtocol;
+use crate::downstream::{BodyState, ClientBody};
 use crate::forward::{CLIENT_CERT, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
 use crate::identity::spiffe_id;
 use crate::outbound::finish;
@@ -123,10 +124,15 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         (req.method().to_string(), req.uri().path().to_string(), authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let req = req.map(|b| match &request_bytes {
-        Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
-        None => weft_core::boxed(b),
+    let client = Arc::new(BodyState::default());
+    let mut req = req.map(|b| {
+        let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
+        match &request_bytes {
+            Some(count) => crate::access::Tally::wrap(b, count.clone()),
+            None => b,
+        }
     });
+    req.extensions_mut().insert(client);
     let limited = proxy.inbound_limiter.load().as_ref().as_ref().filter(|l| !l.allow()).map(|l| {
         reply(
             StatusCode::TOO_MANY_REQUESTS,
@@ -301,22 +307,26 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         })
         .unwrap_or_else(|| proxy.app.to_string());
     let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
+    let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
 
     if app_h2 {
         parts.version = Version::HTTP_2;
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
-        let mut sender = match proxy.pools.h2(proxy.app, None, Default::default()).await {
+        let mut sender = match proxy.pools.h2(proxy.app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
         };
         match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
-            Err(e) => {
-                proxy.pools.evict(proxy.app);
-                reply(StatusCode::BAD_GATEWAY, "app-reset", e)
-            }
+            Err(e) => match client.fault() {
+                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                None => {
+                    proxy.pools.evict(proxy.app);
+                    reply(StatusCode::BAD_GATEWAY, "app-reset", e)
+                }
+            },
         }
     } else {
         parts.version = Version::HTTP_11;
@@ -329,7 +339,10 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         match proxy.pools.h1.request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
             Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
-            Err(e) => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+            Err(e) => match client.fault() {
+                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                None => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+            },
         }
     }
 }

@@ -99,6 +99,7 @@ impl Proxy {
         };
         let initial = destinations(&config, &HashMap::new(), &cfg.workload.cluster);
         let (tap_tx, tap_rx) = mpsc::channel(1024);
+        let app_connect_timeout = cfg.app_connect_timeout;
         let mut strip_headers = cfg.strip_headers;
         strip_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         strip_headers.dedup();
@@ -132,7 +133,7 @@ impl Proxy {
             subscriptions: Mutex::new(BTreeSet::new()),
             subscribe_tx,
             last_nack: Mutex::new(None),
-            pools: Pools::new(),
+            pools: Pools::new(app_connect_timeout),
             mirrors: Arc::new(tokio::sync::Semaphore::new(crate::outbound::MIRROR_CONCURRENCY)),
             taps: ArcSwap::from_pointee(Vec::new()),
             tap_tx,

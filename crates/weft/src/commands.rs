@@ -77,6 +77,16 @@ pub struct ProxyArgs {
     /// auto; with --config, overrides the file's appProtocol.
     #[arg(long, env = "WEFT_APP_PROTOCOL", value_name = "PROTOCOL")]
     pub app_protocol: Option<weft_proxy::config::AppProtocol>,
+    /// How long the inbound listener waits for the app to accept a connection before
+    /// answering 503 app-unavailable; default 4s, which outlasts two dropped SYNs (Linux
+    /// retransmits after 1 s and 3 s) when the app's listen backlog overflows.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "WEFT_APP_CONNECT_TIMEOUT",
+        value_parser = weft_proxy::config::app_connect_timeout
+    )]
+    pub app_connect_timeout: Option<std::time::Duration>,
 }
 
 fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
@@ -287,6 +297,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 tcp: if args.tcp.is_empty() { cfg.tcp.clone() } else { args.tcp.clone() },
                 strip_headers: cfg.strip_headers.iter().chain(&args.strip_header).cloned().collect(),
                 app_protocol: args.app_protocol.unwrap_or(cfg.app_protocol),
+                app_connect_timeout: args.app_connect_timeout.unwrap_or(cfg.app_connect_timeout),
                 ..cfg
             },
             Err(invalid) => {
@@ -337,6 +348,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 tcp: args.tcp.clone(),
                 strip_headers: args.strip_header.clone(),
                 app_protocol: args.app_protocol.unwrap_or_default(),
+                app_connect_timeout: args.app_connect_timeout.unwrap_or(weft_proxy::config::APP_CONNECT_TIMEOUT),
                 source: weft_proxy::Source::Control {
                     url,
                     token: args.token.clone(),
