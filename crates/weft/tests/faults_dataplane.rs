@@ -61,7 +61,8 @@ fn traffic_policy(service: &str, spec: &str) -> String {
 async fn wait_endpoints(caller: &ProxyHandle, service: &str, n: usize) {
     eventually(Duration::from_secs(15), &format!("{n} endpoints of {service}"), || async {
         let dump = caller.config_dump().await;
-        let known = dump["config"]["services"][service]["endpoints"]
+        // Services are keyed by namespace and name; every workload here is in `default`.
+        let known = dump["config"]["services"][&format!("default/{service}")]["endpoints"]
             .as_array()
             .map(Vec::len)
             .unwrap_or(0);
