@@ -22,6 +22,7 @@ pub struct MeshConfig {
     pub version: u64,
     /// Mesh policy revision.
     pub revision: u64,
+    /// By `NAMESPACE/NAME` ([`ServiceConfig::key`]).
     pub services: BTreeMap<String, Arc<ServiceConfig>>,
     /// Forward without L7 policy (`weft bypass`).
     pub bypass: bool,
@@ -55,6 +56,10 @@ pub struct ServiceConfig {
     /// The destination's mTLS mode; callers use mTLS unless it is `off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// The control plane knows no such service (no workload serves it, no policy names it).
+    /// Only the control plane says so: a static file lists the services that exist.
+    #[serde(default, skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +120,11 @@ fn default_namespace() -> String {
 // === impl ServiceConfig ===
 
 impl ServiceConfig {
+    /// `NAMESPACE/NAME`: how a config keys it and a proxy subscribes to it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
     /// Checks what serde cannot: names, and the policy's own validation.
     pub fn validate(&self, at: &str, errors: &mut Vec<FieldError>) {
         if self.name.is_empty() {
@@ -193,16 +203,17 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
             };
             let svc = ServiceConfig {
                 name: s.name,
-                namespace: s.namespace,
+                namespace: if s.namespace.is_empty() { default_namespace() } else { s.namespace },
                 endpoints,
                 policy,
                 policy_name: s.policy_name,
                 mtls,
+                unknown: s.unknown,
             };
             svc.validate(&at, &mut errors);
-            let name = svc.name.clone();
-            if services.insert(name.clone(), Arc::new(svc)).is_some() {
-                errors.push(FieldError::new(format!("{at}.name"), name, "service listed twice"));
+            let key = svc.key();
+            if services.insert(key.clone(), Arc::new(svc)).is_some() {
+                errors.push(FieldError::new(format!("{at}.name"), key, "service listed twice"));
             }
         }
         let security = if msg.security_policy_json.is_empty() {
@@ -290,6 +301,7 @@ impl From<&ServiceConfig> for proto::Service {
                 Some(MtlsMode::Permissive) => "permissive".into(),
                 Some(MtlsMode::Off) => "off".into(),
             },
+            unknown: s.unknown,
         }
     }
 }
@@ -312,6 +324,7 @@ mod tests {
             traffic_policy_json: policy.into(),
             policy_name: String::new(),
             mtls: "strict".into(),
+            unknown: false,
         }
     }
 
@@ -337,12 +350,12 @@ mod tests {
         let limit = cfg.inbound_rate_limit.as_ref().unwrap();
         assert_eq!((limit.requests_per_second, limit.burst), (5.0, 2));
         assert_eq!((cfg.trust_bundle.as_str(), cfg.ca_generation), ("-----BEGIN CERTIFICATE-----", 2));
-        assert_eq!(cfg.services["orders-api"].mtls, Some(crate::resource::MtlsMode::Strict));
+        assert_eq!(cfg.services["default/orders-api"].mtls, Some(crate::resource::MtlsMode::Strict));
         assert_eq!(
-            cfg.services["orders-api"].endpoints[0].identity,
+            cfg.services["default/orders-api"].endpoints[0].identity,
             "spiffe://weft.local/ns/default/sa/orders-api"
         );
-        let svc = &cfg.services["orders-api"];
+        let svc = &cfg.services["default/orders-api"];
         assert_eq!(svc.endpoints[0].subset(), Some("v1"));
         assert_eq!(svc.policy.as_ref().unwrap().routes[0].timeout.unwrap().0.as_millis(), 2000);
         let back = proto::Service::from(svc.as_ref());
@@ -352,8 +365,8 @@ mod tests {
                 ..Default::default()
             })
             .unwrap()
-            .services["orders-api"],
-            cfg.services["orders-api"]
+            .services["default/orders-api"],
+            cfg.services["default/orders-api"]
         );
     }
 

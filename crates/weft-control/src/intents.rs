@@ -246,14 +246,15 @@ impl IntentRecord {
     /// Whether `p` enforces this change: a caller of a service whose TrafficPolicy changes, or an
     /// instance of a service whose SecurityPolicy changes.
     fn enforced_by(&self, p: &ProxyRecord) -> bool {
-        p.namespace == self.namespace
-            && self.overlay.iter().any(|e| match (Kind::of_key(&e.key), &e.resource) {
-                (Some(Kind::TrafficPolicy), _) => p.subscriptions.contains(&e.service),
-                (_, Some(Resource::SecurityPolicy(d))) => {
-                    p.service == e.service && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                }
-                _ => p.service == e.service,
-            })
+        let own = p.namespace == self.namespace;
+        self.overlay.iter().any(|e| match (Kind::of_key(&e.key), &e.resource) {
+            // Callers in any namespace enforce the policy of a service they route to.
+            (Some(Kind::TrafficPolicy), _) => p.subscribes_to(&self.namespace, &e.service),
+            (_, Some(Resource::SecurityPolicy(d))) => {
+                own && p.service == e.service && d.spec.selector.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            }
+            _ => own && p.service == e.service,
+        })
     }
 
     fn is_security(&self) -> bool {

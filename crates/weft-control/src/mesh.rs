@@ -236,7 +236,7 @@ impl Mesh {
             overlays,
             treats,
             machine.bypass.clone(),
-            registry.proxies.clone(),
+            &registry,
         )
     }
 

@@ -3,7 +3,7 @@
 //! the connected proxies. A snapshot is made once per change generation and shared by every
 //! stream, so planning takes no lock that the registry, the signals or the intent loop hold.
 
-use crate::registry::ProxyRecord;
+use crate::registry::{ProxyRecord, Registry};
 use parking_lot::Mutex;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,9 @@ pub(crate) struct Snapshot {
     /// Bypassed services, as (namespace, service).
     pub(crate) bypass: BTreeSet<(String, String)>,
     pub(crate) proxies: BTreeMap<u64, ProxyRecord>,
+    /// Every (namespace, service) a workload has registered for since the process started
+    /// ([`crate::registry::Registry::seen`]).
+    pub(crate) seen: BTreeSet<(String, String)>,
     /// Each service's config as pushed, by (namespace, service, intents overlaid): a change that
     /// reaches a thousand callers builds it once, not a thousand times.
     services: Mutex<HashMap<ServiceKey, Arc<BuiltService>>>,
@@ -89,6 +92,7 @@ impl PlannedConfig {
 // === impl Snapshot ===
 
 impl Snapshot {
+    /// `registry`'s connected proxies and the services it has seen are copied in.
     pub(crate) fn new(
         generation: u64,
         stable: u64,
@@ -96,7 +100,7 @@ impl Snapshot {
         overlays: BTreeMap<u64, Overlay>,
         treats: HashMap<u64, Vec<u64>>,
         bypass: BTreeSet<(String, String)>,
-        proxies: BTreeMap<u64, ProxyRecord>,
+        registry: &Registry,
     ) -> Self {
         Self {
             generation,
@@ -105,7 +109,8 @@ impl Snapshot {
             overlays,
             treats,
             bypass,
-            proxies,
+            proxies: registry.proxies.clone(),
+            seen: registry.seen.clone(),
             services: Mutex::new(HashMap::new()),
         }
     }
@@ -119,7 +124,7 @@ impl Snapshot {
             BTreeMap::new(),
             HashMap::new(),
             BTreeSet::new(),
-            BTreeMap::new(),
+            &Registry::default(),
         )
     }
 
@@ -147,7 +152,8 @@ impl Snapshot {
         let services: Vec<Arc<BuiltService>> = p
             .subscriptions
             .iter()
-            .map(|name| self.service(p, name, &overlays, &resources))
+            .filter_map(|key| key.split_once('/'))
+            .map(|(namespace, name)| self.service(namespace, name, &overlays, &resources))
             .collect();
         let security = resources.values().find_map(|r| match r {
             Resource::SecurityPolicy(d)
@@ -194,18 +200,19 @@ impl Snapshot {
         self.bypass.contains(&(namespace.to_string(), service.to_string()))
     }
 
-    /// Service `name` as `p` calls it, built once per snapshot for each set of overlays. The
-    /// cache's lock is not held while building: two streams may build the same service at
-    /// once, and both results are equal.
-    fn service(&self, p: &ProxyRecord, name: &str, overlays: &[u64], resources: &BTreeMap<ResourceKey, Resource>) -> Arc<BuiltService> {
-        let key = (p.namespace.clone(), name.to_string(), overlays.to_vec());
+    /// Service `name` in `namespace` (the destination's, not the caller's: its endpoints,
+    /// policy, bypass and mTLS are looked up there), built once per snapshot for each set of
+    /// overlays. The cache's lock is not held while building: two streams may build the same
+    /// service at once, and both results are equal.
+    fn service(&self, namespace: &str, name: &str, overlays: &[u64], resources: &BTreeMap<ResourceKey, Resource>) -> Arc<BuiltService> {
+        let key = (namespace.to_string(), name.to_string(), overlays.to_vec());
         if let Some(cached) = self.services.lock().get(&key) {
             return cached.clone();
         }
         let mut endpoints: Vec<Endpoint> = self
             .proxies
             .values()
-            .filter(|q| q.namespace == p.namespace && q.service == name)
+            .filter(|q| q.namespace == namespace && q.service == name)
             .map(|q| Endpoint {
                 address: q.inbound,
                 cluster: q.cluster.clone(),
@@ -215,18 +222,22 @@ impl Snapshot {
             })
             .collect();
         endpoints.sort_by_key(|e| e.address);
-        let policy = if self.bypassed(&p.namespace, name) {
+        let policy = if self.bypassed(namespace, name) {
             None
         } else {
-            traffic_policy(resources, &p.namespace, name)
+            traffic_policy(resources, namespace, name)
         };
+        let unknown = endpoints.is_empty()
+            && !self.seen.contains(&(namespace.to_string(), name.to_string()))
+            && !named_by_policy(resources, namespace, name);
         let svc = ServiceConfig {
             name: name.to_string(),
-            namespace: p.namespace.clone(),
+            namespace: namespace.to_string(),
             endpoints,
             policy_name: policy.map(|(k, _)| k.name.clone()).unwrap_or_default(),
             policy: policy.map(|(_, spec)| spec.clone()),
-            mtls: mtls_mode(resources, &p.namespace, name),
+            mtls: mtls_mode(resources, namespace, name),
+            unknown,
         };
         let service = proto::Service::from(&svc);
         let fingerprint = fingerprint(&service.encode_to_vec());
@@ -240,6 +251,14 @@ fn fingerprint(bytes: &[u8]) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
     bytes.hash(&mut hasher);
     hasher.finish()
+}
+
+/// Whether a policy in `namespace` names `service` (which makes it known before any instance
+/// registers).
+fn named_by_policy(resources: &BTreeMap<ResourceKey, Resource>, namespace: &str, service: &str) -> bool {
+    resources
+        .values()
+        .any(|r| r.metadata().namespace == namespace && r.service() == service)
 }
 
 /// The mTLS mode a service's SecurityPolicy sets for all of its workloads (one without a label

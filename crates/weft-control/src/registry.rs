@@ -19,6 +19,7 @@ pub(crate) struct ProxyRecord {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) service: String,
     pub(crate) inbound: SocketAddr,
+    /// The services it routes to, as `NAMESPACE/NAME` ([`subscription`]).
     pub(crate) subscriptions: BTreeSet<String>,
     pub(crate) applied_revision: u64,
     pub(crate) last_nack: Option<String>,
@@ -63,6 +64,10 @@ pub(crate) struct ProxyView {
 #[derive(Debug)]
 pub(crate) struct Registry {
     pub(crate) proxies: BTreeMap<u64, ProxyRecord>,
+    /// Every (namespace, service) a workload has registered for since this process started:
+    /// a service whose instances are all gone is still known (its callers get
+    /// `no-healthy-endpoints`, not `unknown-service`).
+    pub(crate) seen: BTreeSet<(String, String)>,
     next_conn: u64,
 }
 
@@ -70,6 +75,7 @@ impl Default for Registry {
     fn default() -> Self {
         Self {
             proxies: BTreeMap::new(),
+            seen: BTreeSet::new(),
             next_conn: 1,
         }
     }
@@ -90,6 +96,8 @@ impl Registry {
         let conn = self.next_conn;
         self.next_conn += 1;
         let id = format!("{}/{}#{conn}", reg.namespace, reg.name);
+        self.seen.insert((reg.namespace.clone(), service.clone()));
+        let subscriptions = reg.services.iter().filter_map(|s| subscription(&reg.namespace, s)).collect();
         self.proxies.insert(
             conn,
             ProxyRecord {
@@ -100,7 +108,7 @@ impl Registry {
                 labels,
                 service,
                 inbound,
-                subscriptions: reg.services.iter().cloned().collect(),
+                subscriptions,
                 applied_revision: reg.applied_revision,
                 last_nack: None,
                 connected_since_ms: now_ms,
@@ -120,8 +128,8 @@ impl Registry {
 
     pub(crate) fn subscribe(&mut self, conn: u64, services: Vec<String>) {
         if let Some(p) = self.proxies.get_mut(&conn) {
-            p.subscriptions
-                .extend(services.into_iter().filter(|s| !s.is_empty() && s.len() <= 253));
+            let keys: Vec<String> = services.iter().filter_map(|s| subscription(&p.namespace, s)).collect();
+            p.subscriptions.extend(keys);
         }
     }
 
@@ -204,5 +212,39 @@ impl ProxyRecord {
     /// `namespace/name`: the proxy's identity across reconnects.
     pub(crate) fn workload_id(&self) -> &str {
         &self.workload
+    }
+
+    /// Whether it routes to `service` in `namespace`.
+    pub(crate) fn subscribes_to(&self, namespace: &str, service: &str) -> bool {
+        self.subscriptions.contains(&format!("{namespace}/{service}"))
+    }
+}
+
+/// A service a proxy asks for, as `NAMESPACE/NAME`: what it sends, or a bare `NAME` (an older
+/// proxy's) in its own namespace. Anything malformed is dropped.
+fn subscription(own_namespace: &str, asked: &str) -> Option<String> {
+    if asked.len() > 253 {
+        return None;
+    }
+    let (namespace, name) = asked.split_once('/').unwrap_or((own_namespace, asked));
+    let valid = |s: &str| !s.is_empty() && !s.contains('/');
+    (valid(namespace) && valid(name)).then(|| format!("{namespace}/{name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_are_namespaced_and_malformed_ones_dropped() {
+        assert_eq!(subscription("shop", "evil/httpbe").as_deref(), Some("evil/httpbe"));
+        assert_eq!(
+            subscription("shop", "httpbe").as_deref(),
+            Some("shop/httpbe"),
+            "an older proxy's bare name"
+        );
+        for bad in ["", "/httpbe", "evil/", "a/b/c", &"x".repeat(254)] {
+            assert_eq!(subscription("shop", bad), None, "{bad:?}");
+        }
     }
 }

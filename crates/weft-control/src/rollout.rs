@@ -247,7 +247,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         // Nothing to compare with: only the absolute ceiling can be judged.
         let ceiling = slo.max_error_rate / 100.0;
         // The null's variance: a rate exactly at the ceiling.
-        let rate = treated.error_rate();
+        let rate = treated.errors as f64 / treated.requests.max(1) as f64;
         let variance = ceiling * (1.0 - ceiling) / treated.requests as f64;
         let tau2 = (ERROR_TAU_PER_DELTA * ceiling).max(ERROR_TAU_FLOOR).powi(2);
         let p = mixture_p_value(rate - ceiling, variance, tau2);
@@ -530,6 +530,19 @@ mod tests {
             why.starts_with("error rate 3.2% vs 0.0% baseline (+3.2 pp, 157 vs 1,194 requests"),
             "{why}"
         );
+        // With no reference at all, only the ceiling judges: 8 of 200 is above 1% but not
+        // above 20%.
+        let ceiling = |max| Slo {
+            max_error_rate: max,
+            ..slo.clone()
+        };
+        let none = Evidence::default();
+        let verdict = judge(&ceiling(20.0), &evidence(200, 8, 2.0), &none, &none);
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+        let Verdict::Fail(why) = judge(&ceiling(1.0), &evidence(200, 8, 2.0), &none, &none) else {
+            panic!("4% passed a 1% ceiling")
+        };
+        assert!(why.starts_with("error rate 4.0% above the 1% maximum (200 requests"), "{why}");
         // One error in 157 is within what no difference produces.
         let verdict = judge(&slo, &evidence(157, 1, 2.0), &evidence(1194, 0, 2.0), &Evidence::default());
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");

@@ -217,26 +217,66 @@ pub(crate) async fn maintain(
 ) {
     let mut changed = mesh.watch();
     let mut epoch = mesh.ca.bundle_epoch();
+    let mut written = mesh.ca.bundle_pem();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RENEW_CHECK) => {}
             r = changed.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
         }
-        // Trust first, then sign: the CA file names a new root before the serving certificate
-        // is signed by it (one wake-up may carry both steps of a rotation).
-        if mesh.ca.bundle_epoch() != epoch {
+        // The CA file must name the root of whatever certificate is being served at every
+        // moment: first both the old and the new bundle's roots, then the certificate re-signed,
+        // then the new bundle alone. (Trusting first and signing after was right for a root
+        // joining, wrong for one leaving: the switch to the new signer and the old root's
+        // removal can arrive in one wake-up, and a client that read the file in between saw
+        // UnknownIssuer.)
+        let bundle = (mesh.ca.bundle_epoch() != epoch).then(|| {
             epoch = mesh.ca.bundle_epoch();
-            if let Err(error) = write_ca_file(&data_dir, &mesh.ca.bundle_pem()) {
-                tracing::error!(%error, "cannot update the CA file");
-            }
+            mesh.ca.bundle_pem()
+        });
+        if let Some(bundle) = &bundle {
+            let both = union_of_roots(&written, bundle);
+            update_ca_file(&data_dir, &mut written, &both);
         }
         if let Some(serving) = &serving
             && let Err(error) = serving.refresh(&mesh.ca)
         {
             tracing::error!(%error, not_after = serving.not_after(), "cannot renew the serving certificate; retrying");
         }
+        if let Some(bundle) = &bundle {
+            update_ca_file(&data_dir, &mut written, bundle);
+        }
     }
+}
+
+/// Writes `pem` to the CA file unless it already holds exactly that.
+fn update_ca_file(data_dir: &Path, written: &mut String, pem: &str) {
+    if written == pem {
+        return;
+    }
+    match write_ca_file(data_dir, pem) {
+        Ok(()) => *written = pem.to_string(),
+        Err(error) => tracing::error!(%error, "cannot update the CA file"),
+    }
+}
+
+/// The certificates of `a` followed by those of `b` that `a` lacks, as PEM.
+fn union_of_roots(a: &str, b: &str) -> String {
+    const END: &str = "-----END CERTIFICATE-----";
+    let blocks = |pem: &str| -> Vec<String> {
+        pem.split_inclusive(END)
+            .map(str::trim)
+            .filter(|c| c.ends_with(END))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut all = blocks(a);
+    for cert in blocks(b) {
+        if !all.contains(&cert) {
+            all.push(cert);
+        }
+    }
+    all.join("\n") + "\n"
 }
 
 // === accepting ===
@@ -453,5 +493,19 @@ mod tests {
             let err = sans(&[], &[bad.to_string()]).unwrap_err().to_string();
             assert!(err.starts_with(&format!("--san {bad:?}")), "{err}");
         }
+    }
+
+    const A: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
+    const B: &str = "-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----";
+
+    /// A root joining: the file gains it. A root leaving: the file keeps it until the second
+    /// write (the union of old and new is the old).
+    #[test]
+    fn the_union_keeps_every_root_of_both_bundles_once() {
+        let old = format!("{A}\n");
+        let both = format!("{A}\n{B}\n");
+        assert_eq!(union_of_roots(&old, &both), both);
+        assert_eq!(union_of_roots(&both, &format!("{B}\n")), both);
+        assert_eq!(union_of_roots(&format!("{B}\n"), &format!("{B}\n")), format!("{B}\n"));
     }
 }

@@ -1,28 +1,39 @@
-//! Request-smuggling defence for HTTP/1.1: a request whose body framing is ambiguous is refused
-//! with 400 and its connection closed.
+//! What a connection's client may send before hyper parses it: request-smuggling defence and
+//! named refusals for HTTP/1.1, and a cap on HTTP/2 SETTINGS frames.
 //!
 //! hyper resolves `Content-Length` + `Transfer-Encoding` itself (it drops the length and closes
 //! the connection afterwards), which RFC 9112 allows, but it leaves no trace of the dropped
-//! header for the handler to refuse the request. So the bytes of each plaintext or decrypted
-//! connection are scanned as hyper reads them: every request head is checked, and its body is
-//! skipped by its own framing so the next head is found. The scan keeps a few integers of
-//! state and the current head line; it stops for HTTP/2 and after an upgrade.
+//! header for the handler to refuse the request; and a head it cannot parse it answers with a
+//! bare 400 or 431 of its own, with no reason a client could act on. So the bytes of each
+//! plaintext or decrypted connection pass through a scan before hyper reads them: every request
+//! head is held until whole and checked (framing, then syntax and size with hyper's own parser,
+//! httparse, and limits), and a refused one reaches hyper as a stand-in request that the serving
+//! loop answers with the reason; a body is skipped by its own framing so the next head is
+//! found. After an upgrade the scan stops; on HTTP/2 it reads frame headers only, counting the
+//! client's SETTINGS (h2 0.4 ACKs and applies every one, with no cap of its own). It keeps a
+//! few integers of state, the current line and the bytes of the head being held.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Verdicts on a connection's request heads, by their order on the connection.
-#[derive(Default)]
-pub struct Verdicts {
-    /// Bit `i % 64` set: head `i` was ambiguous (cleared once read).
-    ambiguous: AtomicU64,
-    /// Why the last ambiguous head was.
-    why: AtomicU64,
+/// Why a request head was refused before hyper parsed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its body framing could be read two ways (400 `ambiguous-framing`).
+    Ambiguous(&'static str),
+    /// It is not a valid HTTP/1.1 request head (400 `client-bad-request`).
+    BadHead(&'static str),
+    /// It has too many headers, or too many bytes (431 `client-header-too-large`).
+    TooLarge(&'static str),
 }
+
+/// The refused head of a connection, if any: a refused head is its connection's last.
+#[derive(Default)]
+pub struct Verdicts(OnceLock<(u64, Refusal)>);
 
 const WHY: [&str; 3] = [
     "both Content-Length and Transfer-Encoding",
@@ -30,20 +41,48 @@ const WHY: [&str; 3] = [
     "Transfer-Encoding does not end with chunked",
 ];
 
+/// Stands in for a refused head, so hyper hands the serving loop a request to answer (with the
+/// refusal's reason) instead of writing a bare error of its own.
+const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n";
+
+/// HTTP/2 SETTINGS frames one client may send in [`SETTINGS_WINDOW`]. A client sends one at
+/// the start and rarely any later; each costs the server an ACK and a pass over its streams,
+/// so a flood is cut off by closing the connection.
+pub const MAX_SETTINGS: u32 = 100;
+const SETTINGS_WINDOW: Duration = Duration::from_secs(10);
+
 impl Verdicts {
-    /// Whether request `index` (0-based on its connection) was ambiguous, and why.
-    pub fn take(&self, index: u64) -> Option<&'static str> {
-        let bit = 1u64 << (index % 64);
-        let was = self.ambiguous.fetch_and(!bit, Relaxed);
-        (was & bit != 0).then(|| WHY[self.why.load(Relaxed) as usize % WHY.len()])
+    /// Why request `index` (0-based on its connection) was refused, if it was.
+    pub fn take(&self, index: u64) -> Option<Refusal> {
+        self.0.get().filter(|(i, _)| *i == index).map(|(_, r)| *r)
     }
 }
 
-/// A connection's byte stream, with its request heads checked as they arrive.
+/// The largest request head accepted, as hyper is configured.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadLimits {
+    pub max_headers: usize,
+    pub max_bytes: usize,
+}
+
+/// A connection's byte stream, with its request heads checked as they arrive: each head is
+/// held until it is whole, then checked (framing, syntax, size) and handed on, or replaced by
+/// a stand-in that the serving loop answers with the refusal.
 pub struct Scanned<T> {
     inner: T,
     scan: Scan,
     verdicts: Arc<Verdicts>,
+    limits: HeadLimits,
+    /// Bytes read from `inner` that hyper has not had yet.
+    pending: Vec<u8>,
+    /// How many of `pending`'s first bytes hyper may have.
+    ready: usize,
+    /// How many of `pending`'s bytes the scan has seen.
+    seen: usize,
+    /// Where the head being held starts in `pending`.
+    head_start: Option<usize>,
+    /// A head was refused: later bytes are read and dropped until the connection closes.
+    refused: bool,
 }
 
 struct Scan {
@@ -54,9 +93,25 @@ struct Scan {
     content_lengths: u32,
     first_length: Option<u64>,
     lengths_differ: bool,
+    /// A Content-Length that is not a plain decimal number.
+    bad_length: bool,
     transfer_encoding: Option<Vec<u8>>,
     upgrade: bool,
     first_line: bool,
+    /// Set when a head's last line was scanned, with what its framing says; the scan pauses
+    /// there.
+    head_ended: Option<Result<(), Refusal>>,
+    h2: H2Watch,
+}
+
+/// Counts the client's HTTP/2 SETTINGS frames, after the connection preface.
+struct H2Watch {
+    /// Bytes to pass before the next frame header (rest of the preface, or a payload).
+    skip: usize,
+    header: [u8; 9],
+    have: usize,
+    settings: u32,
+    window: Instant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -67,6 +122,10 @@ enum State {
     ChunkData(u64),
     ChunkEnd(u8),
     Trailers,
+    /// After the HTTP/2 preface: frames are watched for a SETTINGS flood.
+    H2,
+    /// Settings flooded: the connection is ended.
+    Flooded,
     Off,
 }
 
@@ -74,7 +133,7 @@ enum State {
 const MAX_LINE: usize = 64 * 1024;
 
 impl<T> Scanned<T> {
-    pub fn new(inner: T) -> (Self, Arc<Verdicts>) {
+    pub fn new(inner: T, limits: HeadLimits) -> (Self, Arc<Verdicts>) {
         let verdicts = Arc::new(Verdicts::default());
         let scan = Scan {
             state: State::Head,
@@ -83,64 +142,224 @@ impl<T> Scanned<T> {
             content_lengths: 0,
             first_length: None,
             lengths_differ: false,
+            bad_length: false,
             transfer_encoding: None,
             upgrade: false,
             first_line: true,
+            head_ended: None,
+            h2: H2Watch {
+                skip: 0,
+                header: [0; 9],
+                have: 0,
+                settings: 0,
+                window: Instant::now(),
+            },
         };
         (
             Scanned {
                 inner,
                 scan,
                 verdicts: verdicts.clone(),
+                limits,
+                pending: Vec::new(),
+                ready: 0,
+                seen: 0,
+                head_start: None,
+                refused: false,
             },
             verdicts,
         )
     }
+
+    /// Scans what was read and not yet scanned, deciding how much of it hyper may have.
+    fn advance(&mut self) {
+        while self.seen < self.pending.len() && !self.refused && self.scan.state != State::Flooded {
+            if self.scan.state == State::Head && self.head_start.is_none() {
+                self.head_start = Some(self.seen);
+            }
+            self.seen += self.scan.feed(&self.pending[self.seen..]);
+            match (self.head_start, self.scan.head_ended.take()) {
+                (Some(start), Some(framing)) => {
+                    let index = self.scan.heads - 1;
+                    match framing.and_then(|()| head_check(&self.pending[start..self.seen], self.limits)) {
+                        Ok(()) => {
+                            self.ready = self.seen;
+                            self.head_start = None;
+                        }
+                        Err(refusal) => self.refuse(start, index, refusal),
+                    }
+                }
+                (Some(start), None) if self.seen - start > self.limits.max_bytes => {
+                    let why = Refusal::TooLarge("the request head is larger than the limit");
+                    self.refuse(start, self.scan.heads, why);
+                }
+                (Some(_), None) if self.scan.state == State::Head => {} // held until whole
+                _ => {
+                    // A body, an HTTP/2 connection, or an upgraded one: nothing to hold.
+                    self.ready = self.seen;
+                    self.head_start = None;
+                }
+            }
+        }
+    }
+
+    /// Replaces the head from `start` on with the stand-in, and drops all that follows.
+    fn refuse(&mut self, start: usize, index: u64, refusal: Refusal) {
+        let _ = self.verdicts.0.set((index, refusal));
+        self.pending.truncate(start);
+        self.pending.extend_from_slice(STAND_IN);
+        self.ready = self.pending.len();
+        self.seen = self.ready;
+        self.head_start = None;
+        self.refused = true;
+        self.scan.state = State::Off;
+    }
+}
+
+/// Checks a whole request head as hyper will parse it (the same parser, httparse, with the
+/// same limits), so that a head hyper would refuse with a bare 400 or 431 is refused here with
+/// the reason named.
+fn head_check(head: &[u8], limits: HeadLimits) -> Result<(), Refusal> {
+    let mut on_stack = [httparse::EMPTY_HEADER; 100];
+    let mut on_heap = Vec::new();
+    let headers: &mut [httparse::Header] = if limits.max_headers <= on_stack.len() {
+        &mut on_stack[..limits.max_headers]
+    } else {
+        on_heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+        &mut on_heap
+    };
+    let mut req = httparse::Request::new(headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Refusal::BadHead("the request head is incomplete")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLarge("too many header fields")),
+        Err(e) => return Err(Refusal::BadHead(syntax_error(e))),
+    }
+    if http::Uri::try_from(req.path.unwrap_or_default()).is_err() {
+        return Err(Refusal::BadHead("invalid request target"));
+    }
+    let chunked_1_0 = req.version == Some(0) && req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+    if chunked_1_0 {
+        return Err(Refusal::BadHead("Transfer-Encoding in an HTTP/1.0 request"));
+    }
+    Ok(())
+}
+
+fn syntax_error(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid header name",
+        httparse::Error::HeaderValue => "invalid header value",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Token => "invalid method",
+        httparse::Error::Version => "invalid HTTP version",
+        _ => "invalid request line",
+    }
+}
+
+// === impl H2Watch ===
+
+impl H2Watch {
+    /// Reads frame headers; returns how many bytes were read before a SETTINGS frame past the
+    /// cap, if one came.
+    fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut at = 0;
+        while at < bytes.len() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len() - at);
+                self.skip -= n;
+                at += n;
+                continue;
+            }
+            let header_at = at;
+            let n = (9 - self.have).min(bytes.len() - at);
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[at..at + n]);
+            self.have += n;
+            at += n;
+            if self.have < 9 {
+                continue;
+            }
+            self.have = 0;
+            let h = self.header;
+            self.skip = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
+            let settings = h[3] == 0x4 && h[4] & 0x1 == 0;
+            if settings {
+                if self.window.elapsed() > SETTINGS_WINDOW {
+                    self.window = Instant::now();
+                    self.settings = 0;
+                }
+                self.settings += 1;
+                if self.settings > MAX_SETTINGS {
+                    return Some(header_at);
+                }
+            }
+        }
+        None
+    }
 }
 
 impl Scan {
-    fn feed(&mut self, mut bytes: &[u8], verdicts: &Verdicts) {
-        while !bytes.is_empty() {
+    /// Scans `bytes`; returns how many it took, which is fewer when a request head begins or
+    /// ends (the caller holds and checks heads) or a SETTINGS flood begins.
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        let mut at = 0;
+        let in_head = self.state == State::Head;
+        while at < bytes.len() {
+            if (self.state == State::Head) != in_head {
+                return at;
+            }
+            let rest = &bytes[at..];
             match self.state {
-                State::Off => return,
+                State::Off => return bytes.len(),
+                State::Flooded => return at,
+                State::H2 => match self.h2.feed(rest) {
+                    Some(before) => {
+                        self.state = State::Flooded;
+                        return at + before;
+                    }
+                    None => return bytes.len(),
+                },
                 State::Fixed(n) => {
-                    let take = (n as usize).min(bytes.len());
-                    bytes = &bytes[take..];
+                    let take = (n as usize).min(rest.len());
+                    at += take;
                     let left = n - take as u64;
                     self.state = if left == 0 { State::Head } else { State::Fixed(left) };
                 }
                 State::ChunkData(n) => {
-                    let take = (n as usize).min(bytes.len());
-                    bytes = &bytes[take..];
+                    let take = (n as usize).min(rest.len());
+                    at += take;
                     let left = n - take as u64;
                     self.state = if left == 0 { State::ChunkEnd(2) } else { State::ChunkData(left) };
                 }
                 State::ChunkEnd(n) => {
-                    let take = (n as usize).min(bytes.len());
-                    bytes = &bytes[take..];
+                    let take = (n as usize).min(rest.len());
+                    at += take;
                     let left = n - take as u8;
                     self.state = if left == 0 { State::ChunkSize } else { State::ChunkEnd(left) };
                 }
                 State::Head | State::ChunkSize | State::Trailers => {
-                    let Some(end) = bytes.iter().position(|b| *b == b'\n') else {
-                        self.push_line(bytes);
-                        return;
+                    let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+                        self.push_line(rest);
+                        return bytes.len();
                     };
-                    self.push_line(&bytes[..end]);
-                    bytes = &bytes[end + 1..];
+                    self.push_line(&rest[..end]);
+                    at += end + 1;
                     if self.state == State::Off {
-                        return;
+                        return bytes.len();
                     }
                     let mut line = std::mem::take(&mut self.line);
                     if line.last() == Some(&b'\r') {
                         line.pop();
                     }
-                    self.line_done(&line, verdicts);
+                    self.line_done(&line);
                     line.clear();
                     self.line = line;
+                    if self.head_ended.is_some() {
+                        return at;
+                    }
                 }
             }
         }
+        at
     }
 
     fn push_line(&mut self, bytes: &[u8]) {
@@ -152,7 +371,7 @@ impl Scan {
         }
     }
 
-    fn line_done(&mut self, line: &[u8], verdicts: &Verdicts) {
+    fn line_done(&mut self, line: &[u8]) {
         match self.state {
             State::ChunkSize => {
                 let digits = line.split(|b| *b == b';').next().unwrap_or(b"");
@@ -170,13 +389,19 @@ impl Scan {
                 if line.is_empty() {
                     return; // tolerated blank line between requests
                 }
-                if line.starts_with(b"PRI * HTTP/2") || line.starts_with(b"CONNECT ") {
+                if line.starts_with(b"PRI * HTTP/2") {
+                    // The rest of the connection preface ("\r\nSM\r\n\r\n"), then frames.
+                    self.h2.skip = 8;
+                    self.state = State::H2;
+                    return;
+                }
+                if line.starts_with(b"CONNECT ") {
                     self.state = State::Off;
                     return;
                 }
                 self.first_line = false;
             }
-            State::Head if line.is_empty() => self.head_done(verdicts),
+            State::Head if line.is_empty() => self.head_done(),
             State::Head => {
                 let Some(colon) = line.iter().position(|b| *b == b':') else {
                     return;
@@ -185,8 +410,13 @@ impl Scan {
                 let value = trim(&line[colon + 1..]);
                 if name.eq_ignore_ascii_case(b"content-length") {
                     self.content_lengths += 1;
-                    let n = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+                    let digits = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+                    let n = std::str::from_utf8(value)
+                        .ok()
+                        .filter(|_| digits)
+                        .and_then(|v| v.parse::<u64>().ok());
                     match (self.first_length, n) {
+                        (_, None) => self.bad_length = true,
                         (None, Some(n)) => self.first_length = Some(n),
                         (Some(a), Some(b)) if a == b => {}
                         _ => self.lengths_differ = true,
@@ -205,21 +435,19 @@ impl Scan {
         }
     }
 
-    fn head_done(&mut self, verdicts: &Verdicts) {
+    fn head_done(&mut self) {
         let chunked = self.transfer_encoding.as_deref().map(|te| {
             let last = te.rsplit(|b| *b == b',').next().unwrap_or(b"");
             trim(last).eq_ignore_ascii_case(b"chunked")
         });
         let why = match (self.content_lengths, chunked) {
-            (1.., Some(_)) => Some(0),
-            (2.., None) if self.lengths_differ || self.content_lengths > 1 => Some(1),
-            (_, Some(false)) => Some(2),
+            _ if self.bad_length => Some(Refusal::BadHead("invalid Content-Length")),
+            (1.., Some(_)) => Some(Refusal::Ambiguous(WHY[0])),
+            (2.., None) => Some(Refusal::Ambiguous(WHY[1])),
+            (_, Some(false)) => Some(Refusal::Ambiguous(WHY[2])),
             _ => None,
         };
-        if let Some(why) = why {
-            verdicts.why.store(why, Relaxed);
-            verdicts.ambiguous.fetch_or(1u64 << (self.heads % 64), Relaxed);
-        }
+        self.head_ended = Some(why.map_or(Ok(()), Err));
         self.heads += 1;
         self.state = if why.is_some() || self.upgrade {
             // The connection ends after this request (refused, or no longer HTTP).
@@ -234,6 +462,7 @@ impl Scan {
         self.content_lengths = 0;
         self.first_length = None;
         self.lengths_differ = false;
+        self.bad_length = false;
         self.transfer_encoding = None;
         self.upgrade = false;
         self.first_line = true;
@@ -246,17 +475,45 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end.max(start)]
 }
 
+/// Bytes read from the connection at a time while heads are checked.
+const READ_CHUNK: usize = 16 * 1024;
+
 impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled
-            && self.scan.state != State::Off
-        {
-            let this = &mut *self;
-            this.scan.feed(&buf.filled()[before..], &this.verdicts);
+        let this = &mut *self;
+        loop {
+            if this.ready > 0 {
+                let n = this.ready.min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.drain(..n);
+                this.ready -= n;
+                this.seen -= n;
+                if let Some(start) = &mut this.head_start {
+                    *start -= n; // a held head starts at or after what was ready
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.scan.state == State::Flooded {
+                tracing::info!(max = MAX_SETTINGS, window = ?SETTINGS_WINDOW, "HTTP/2 SETTINGS flood; closing the connection");
+                return Poll::Ready(Err(io::Error::other("HTTP/2 SETTINGS flood")));
+            }
+            if this.scan.state == State::Off && this.pending.is_empty() && !this.refused {
+                // Nothing left to check on this connection: read straight into hyper's buffer.
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let len = this.pending.len();
+            this.pending.resize(len + READ_CHUNK, 0);
+            let mut chunk = ReadBuf::new(&mut this.pending[len..]);
+            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
+            let n = chunk.filled().len();
+            this.pending.truncate(len + n);
+            match polled {
+                Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(())), // end of stream
+                Poll::Ready(Ok(())) if this.refused => this.pending.truncate(len), // dropped
+                Poll::Ready(Ok(())) => this.advance(),
+                other => return other,
+            }
         }
-        polled
     }
 }
 
@@ -286,31 +543,119 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Scanned<T> {
 mod tests {
     use super::*;
 
-    fn verdicts_of(chunks: &[&[u8]]) -> Vec<Option<&'static str>> {
-        let (mut s, v) = Scanned::new(());
+    const LIMITS: HeadLimits = HeadLimits {
+        max_headers: 10,
+        max_bytes: 1024,
+    };
+
+    /// Feeds `chunks` as reads; returns the bytes hyper would get after each, and the scan.
+    fn scan(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, Scanned<()>) {
+        let (mut s, _) = Scanned::new((), LIMITS);
+        let mut out = Vec::new();
         for c in chunks {
-            s.scan.feed(c, &v);
+            s.pending.extend_from_slice(c);
+            s.advance();
+            out.push(s.pending.drain(..s.ready).collect());
+            s.seen -= s.ready;
+            if let Some(start) = &mut s.head_start {
+                *start -= s.ready;
+            }
+            s.ready = 0;
         }
-        (0..s.scan.heads).map(|i| v.take(i)).collect()
+        (out, s)
+    }
+
+    fn refusal(s: &Scanned<()>) -> Option<(u64, Refusal)> {
+        s.verdicts.0.get().copied()
     }
 
     #[test]
-    fn finds_every_head_across_bodies_and_reads() {
+    fn heads_are_held_until_whole_and_bodies_pass_at_once() {
         let pipelined: &[&[u8]] = &[
             b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel",
             b"loGET /b HTTP/1.1\r\nHo",
             b"st: x\r\n\r\nPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
-            b"POST /d HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
         ];
-        let v = verdicts_of(pipelined);
-        assert_eq!(v, [None, None, None, Some(WHY[0])]);
-        let v = verdicts_of(&[b"POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 4\r\n\r\nabc"]);
-        assert_eq!(v, [Some(WHY[1])]);
-        let v = verdicts_of(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"]);
-        assert_eq!(v, [Some(WHY[2])]);
-        assert!(
-            verdicts_of(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"])
-                .is_empty()
-        );
+        let (out, s) = scan(pipelined);
+        assert_eq!(refusal(&s), None);
+        assert_eq!(out[0], b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel");
+        assert_eq!(out[1], b"lo", "the next head is held");
+        assert_eq!(out.concat(), pipelined.concat(), "everything passes, in order");
+        assert_eq!(s.scan.heads, 3);
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused_at_its_head() {
+        let cases: [(&[u8], Refusal); 4] = [
+            (
+                b"POST /d HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                Refusal::Ambiguous(WHY[0]),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 4\r\n\r\nabc",
+                Refusal::Ambiguous(WHY[1]),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                Refusal::Ambiguous(WHY[2]),
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+                Refusal::BadHead("invalid Content-Length"),
+            ),
+        ];
+        for (raw, why) in cases {
+            let first = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+            let (out, s) = scan(&[first, raw, b"GET /after HTTP/1.1\r\n\r\n"]);
+            assert_eq!(refusal(&s), Some((1, why)), "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                out.concat(),
+                [&first[..], STAND_IN].concat(),
+                "the stand-in replaces the head; the rest is dropped"
+            );
+        }
+    }
+
+    #[test]
+    fn heads_hyper_would_refuse_bare_are_refused_with_a_reason() {
+        let cases: [(&[u8], Refusal); 5] = [
+            (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", Refusal::BadHead("invalid header name")),
+            (b"G(T / HTTP/1.1\r\n\r\n", Refusal::BadHead("invalid method")),
+            (
+                b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Refusal::BadHead("Transfer-Encoding in an HTTP/1.0 request"),
+            ),
+            (b"GET http://[::1 HTTP/1.1\r\n\r\n", Refusal::BadHead("invalid request target")),
+            (
+                b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\ng: 1\r\nh: 1\r\ni: 1\r\nj: 1\r\nk: 1\r\n\r\n",
+                Refusal::TooLarge("too many header fields"),
+            ),
+        ];
+        for (raw, why) in cases {
+            let (out, s) = scan(&[raw]);
+            assert_eq!(refusal(&s), Some((0, why)), "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(out.concat(), STAND_IN);
+        }
+        let big = format!("GET / HTTP/1.1\r\nx: {}\r\n", "v".repeat(600));
+        let (out, s) = scan(&[big.as_bytes(), big.as_bytes()[16..].as_ref()]);
+        assert!(matches!(refusal(&s), Some((0, Refusal::TooLarge(_)))), "{:?}", refusal(&s));
+        assert_eq!(out.concat(), STAND_IN, "refused before the head even ends");
+    }
+
+    #[test]
+    fn http2_passes_whole_and_a_settings_flood_is_cut_off() {
+        let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let settings = [0u8, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100];
+        let ack = [0u8, 0, 0, 0x4, 0x1, 0, 0, 0, 0];
+        for _ in 0..MAX_SETTINGS {
+            h2.extend_from_slice(&settings);
+            h2.extend_from_slice(&ack); // ACKs are the client's answers, not counted
+        }
+        let (out, s) = scan(&[&h2]);
+        assert_eq!((out.concat(), refusal(&s), s.scan.state), (h2.clone(), None, State::H2));
+        let flood = [h2.clone(), settings.to_vec(), settings.to_vec()].concat();
+        let (out, s) = scan(&[&flood[..30], &flood[30..]]);
+        assert_eq!(s.scan.state, State::Flooded);
+        assert_eq!(out.concat(), h2, "nothing past the cap reaches hyper");
     }
 }

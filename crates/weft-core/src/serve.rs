@@ -1,6 +1,7 @@
 //! The accept loop every weft listener runs: HTTP/1.1 and HTTP/2 on one port, with the mesh's
 //! safety limits, and graceful drain when shutdown is asked.
 
+use crate::framing::Refusal;
 use crate::{Body, Shutdown};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -47,15 +48,53 @@ impl Default for Limits {
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-/// The 400 for ambiguous framing; the connection is closed after it.
-fn refuse_framing(why: &'static str) -> Response<Body> {
+/// A request refused before any handler sees it (status, `x-weft-error` reason, detail); the
+/// connection is closed after it.
+fn refuse(status: http::StatusCode, reason: &'static str, why: impl std::fmt::Display) -> Response<Body> {
     Response::builder()
-        .status(http::StatusCode::BAD_REQUEST)
+        .status(status)
         .header(http::header::CONNECTION, "close")
-        .header("x-weft-error", "ambiguous-framing")
+        .header("x-weft-error", reason)
         .header(http::header::CONTENT_TYPE, "text/plain")
-        .body(crate::full(format!("ambiguous-framing: {why}\n")))
+        .body(crate::full(format!("{reason}: {why}\n")))
         .expect("valid refusal")
+}
+
+/// The answer to a head the framing scan refused.
+fn answer(refusal: Refusal) -> Response<Body> {
+    use http::StatusCode;
+    match refusal {
+        Refusal::Ambiguous(why) => refuse(StatusCode::BAD_REQUEST, "ambiguous-framing", why),
+        Refusal::BadHead(why) => refuse(StatusCode::BAD_REQUEST, "client-bad-request", why),
+        Refusal::TooLarge(why) => refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "client-header-too-large", why),
+    }
+}
+
+/// What is wrong with a request's `Host`, if anything: more than one (RFC 9112 §3.2 requires
+/// a 400), or one that names another host than the absolute-form target or `:authority`. A
+/// proxy may ignore such a `Host` (§3.2.2), but weft refuses it, so that no hop routes on one
+/// name while the app reads the other.
+fn host_problem<B>(req: &Request<B>) -> Option<String> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = hosts.next()?;
+    if hosts.next().is_some() {
+        return Some("more than one Host header".into());
+    }
+    let target = req.uri().authority()?;
+    let default_port: &[u8] = if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+        b":443"
+    } else {
+        b":80"
+    };
+    let (h, t) = (host.as_bytes(), target.as_str().as_bytes());
+    let (h, t) = (h.strip_suffix(default_port).unwrap_or(h), t.strip_suffix(default_port).unwrap_or(t));
+    (!h.eq_ignore_ascii_case(t)).then(|| {
+        format!(
+            "Host {:?} names another host than the request target {:?}",
+            String::from_utf8_lossy(host.as_bytes()),
+            target.as_str()
+        )
+    })
 }
 
 /// Serves `handler` on `listener` until `shutdown`, then drains for at most `limits.drain`.
@@ -108,11 +147,15 @@ where
         let _ = stream.set_nodelay(true);
         let (handler, accept, builder, watcher) = (handler.clone(), accept.clone(), builder.clone(), graceful.watcher());
         let handshake_timeout = limits.header_read_timeout;
+        let head_limits = crate::framing::HeadLimits {
+            max_headers: limits.max_headers,
+            max_bytes: limits.max_header_bytes.max(8192),
+        };
         tokio::spawn(async move {
             let Ok(Some((io, facts))) = tokio::time::timeout(handshake_timeout, accept(stream, remote)).await else {
                 return;
             };
-            let (io, verdicts) = crate::framing::Scanned::new(io);
+            let (io, verdicts) = crate::framing::Scanned::new(io, head_limits);
             let index = std::sync::atomic::AtomicU64::new(0);
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let n = index.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -124,10 +167,17 @@ where
                 // hyper refuses a bad length or coding itself, and resolves Content-Length
                 // with Transfer-Encoding by dropping the length: only the scan of the bytes
                 // still sees that one.
-                let refused = scanned.map(|why| {
-                    tracing::info!(%remote, why, "request refused: ambiguous framing");
-                    refuse_framing(why)
-                });
+                let refused = match (scanned, host_problem(&req)) {
+                    (Some(refusal), _) => {
+                        tracing::info!(%remote, ?refusal, "request refused before parsing");
+                        Some(answer(refusal))
+                    }
+                    (None, Some(why)) => {
+                        tracing::info!(%remote, why, "request refused: bad Host");
+                        Some(refuse(http::StatusCode::BAD_REQUEST, "client-bad-host", why))
+                    }
+                    (None, None) => None,
+                };
                 req.extensions_mut().insert(RemoteAddr(remote));
                 req.extensions_mut().insert(facts.clone());
                 // Boxed: a proxy's handler future runs to kilobytes, and an HTTP/2 stream task
@@ -159,17 +209,20 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Sends raw bytes and returns the status code of the answer.
-    async fn status_of(addr: SocketAddr, request: Vec<u8>) -> u16 {
+    /// Sends raw bytes and returns the status code of the answer, and its `x-weft-error`.
+    async fn status_of(addr: SocketAddr, request: Vec<u8>) -> (u16, Option<String>) {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.write_all(&request).await.unwrap();
         let mut buf = vec![0u8; 1024];
         let n = tcp.read(&mut buf).await.unwrap();
         let head = String::from_utf8_lossy(&buf[..n]);
-        head.split(' ')
+        let status = head
+            .split(' ')
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in {head:?}"))
+            .unwrap_or_else(|| panic!("no status line in {head:?}"));
+        let reason = head.lines().find_map(|l| l.strip_prefix("x-weft-error: ")).map(str::to_string);
+        (status, reason)
     }
 
     fn request(extra_headers: usize, value_len: usize) -> Vec<u8> {
@@ -182,18 +235,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn header_count_and_size_limits_answer_431() {
+    async fn header_count_and_size_limits_answer_431_with_the_reason() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = Shutdown::new();
         tokio::spawn(serve(listener, Limits::default(), shutdown.clone(), |_req| async {
             crate::admin::text(hyper::StatusCode::OK, "ok")
         }));
-        assert_eq!(status_of(addr, request(90, 10)).await, 200, "91 headers are allowed");
-        assert_eq!(status_of(addr, request(100, 10)).await, 431, "101 headers are refused");
+        let too_large = (431, Some("client-header-too-large".to_string()));
+        assert_eq!(status_of(addr, request(90, 10)).await, (200, None), "91 headers are allowed");
+        assert_eq!(status_of(addr, request(100, 10)).await, too_large, "101 headers are refused");
         assert_eq!(
             status_of(addr, request(1, 70 * 1024)).await,
-            431,
+            too_large,
             "a 70 KiB header block is refused"
         );
         shutdown.cancel();

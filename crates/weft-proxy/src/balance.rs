@@ -271,6 +271,11 @@ impl ServiceRuntime {
         true
     }
 
+    /// Records how long endpoint `i` took to answer, before its outcome is known.
+    pub fn observe_latency(&self, i: usize, latency: Duration) {
+        self.endpoints[i].observe_latency(latency);
+    }
+
     /// How many endpoints are ejected now.
     pub fn ejected(&self) -> usize {
         let now = now_ms();

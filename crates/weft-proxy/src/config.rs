@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::{MeshConfig, SERVICE_LABEL, ServiceConfig};
 
+pub use crate::pool::APP_CONNECT_TIMEOUT;
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub workload: Workload,
@@ -31,7 +33,28 @@ pub struct ProxyConfig {
     /// Header names the inbound proxy removes before the app sees a request, besides the
     /// identity headers it always removes (`--strip-header`, `stripHeaders`).
     pub strip_headers: Vec<HeaderName>,
+    /// The protocol the inbound listener speaks to the app (`--app-protocol`, `appProtocol`).
+    pub app_protocol: AppProtocol,
+    /// How long the inbound listener waits for the app to accept a connection
+    /// (`--app-connect-timeout`, `appConnectTimeout`).
+    pub app_connect_timeout: std::time::Duration,
     pub source: Source,
+}
+
+/// The HTTP version the app serves, as its workload declares it. The inbound listener speaks
+/// this to the app whatever its caller spoke (the sidecars translate), so an HTTP/2 caller
+/// reaches an HTTP/1.1-only app and the other way round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 only; gRPC, which needs HTTP/2, is refused with `app-protocol-mismatch`.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) only; Upgrade (WebSocket) is refused.
+    H2,
+    /// HTTP/2 for gRPC, which needs it, HTTP/1.1 for everything else, which every HTTP app
+    /// serves (many do not take h2c).
+    #[default]
+    Auto,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -71,12 +94,28 @@ pub struct StaticFile {
     /// Extra header names the inbound proxy removes (as `--strip-header`).
     #[serde(default)]
     pub strip_headers: Vec<String>,
+    /// As `--app-connect-timeout`.
+    #[serde(default)]
+    pub app_connect_timeout: Option<weft_api::duration::Duration>,
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
 }
 
 /// Names the proxy needs to deliver a request, which therefore cannot be stripped.
 const NEEDED_HEADERS: [&str; 6] = ["host", "content-length", "transfer-encoding", "connection", "upgrade", "te"];
+
+/// Reads an app connect timeout (`--app-connect-timeout`, `appConnectTimeout`): a duration
+/// such as `4s`, above zero (zero would refuse every request) and at most a minute.
+pub fn app_connect_timeout(v: &str) -> Result<std::time::Duration, String> {
+    let t: weft_api::duration::Duration = v.parse().map_err(|e| format!("{v:?}: {e}"))?;
+    let t = t.as_std();
+    if t.is_zero() || t > std::time::Duration::from_secs(60) {
+        return Err(format!("{v:?} is not between 1ms and 60s"));
+    }
+    Ok(t)
+}
 
 /// Reads one extra header name to strip (`--strip-header`, `stripHeaders`): a valid HTTP header
 /// name in any case (kept lowercase, as header names compare), exact (no pattern), and not one
@@ -122,6 +161,21 @@ impl Workload {
     }
 }
 
+// === impl AppProtocol ===
+
+impl std::str::FromStr for AppProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "http1" => Ok(AppProtocol::Http1),
+            "h2" => Ok(AppProtocol::H2),
+            "auto" => Ok(AppProtocol::Auto),
+            _ => Err("one of http1, h2, auto".into()),
+        }
+    }
+}
+
 // === impl StaticFile ===
 
 impl StaticFile {
@@ -159,12 +213,21 @@ impl StaticFile {
                 Err(msg) => errors.push(FieldError::new(format!("stripHeaders[{i}]"), name, msg)),
             }
         }
+        let app_timeout = file.app_connect_timeout.map(|t| t.to_string());
+        let app_connect_timeout = match app_timeout.as_deref().map(app_connect_timeout) {
+            None => APP_CONNECT_TIMEOUT,
+            Some(Ok(t)) => t,
+            Some(Err(msg)) => {
+                errors.push(FieldError::new("appConnectTimeout", app_timeout.as_deref().unwrap_or(""), msg));
+                APP_CONNECT_TIMEOUT
+            }
+        };
         let mut services = BTreeMap::new();
         for (i, s) in file.services.into_iter().enumerate() {
             s.validate(&format!("services[{i}]"), &mut errors);
-            let name = s.name.clone();
-            if services.insert(name.clone(), std::sync::Arc::new(s)).is_some() {
-                errors.push(FieldError::new(format!("services[{i}].name"), &name, "service listed twice"));
+            let key = s.key();
+            if services.insert(key.clone(), std::sync::Arc::new(s)).is_some() {
+                errors.push(FieldError::new(format!("services[{i}].name"), &key, "service listed twice"));
             }
         }
         if !errors.is_empty() {
@@ -188,6 +251,8 @@ impl StaticFile {
             trace_sample: 100.0,
             tcp: Vec::new(),
             strip_headers,
+            app_protocol: file.app_protocol,
+            app_connect_timeout,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()
@@ -206,7 +271,7 @@ mod tests {
     fn a_valid_file_is_read_straight_into_its_types() {
         let cfg = StaticFile::parse(GOOD, "web.yaml").expect("valid");
         let Source::Static(mesh) = cfg.source else { panic!("static") };
-        let orders = &mesh.services["orders"];
+        let orders = &mesh.services["default/orders"];
         assert_eq!(orders.endpoints[0].labels.get("version"), Some("v1"));
         let route = &orders.policy.as_ref().expect("policy").routes[0];
         assert_eq!(route.timeout.map(|t| t.as_std()), Some(std::time::Duration::from_secs(2)));
@@ -223,6 +288,23 @@ mod tests {
         let twice = format!("{GOOD}  - name: orders\n");
         let err = StaticFile::parse(&twice, "web.yaml").expect_err("duplicate").to_string();
         assert!(err.contains("services[1].name") && err.contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn the_app_connect_timeout_defaults_past_two_syn_retransmits_and_is_checked() {
+        let cfg = StaticFile::parse(GOOD, "web.yaml").expect("valid");
+        assert_eq!(cfg.app_connect_timeout, std::time::Duration::from_secs(4));
+        let file = GOOD.replace("services:", "appConnectTimeout: 1500ms\nservices:");
+        let cfg = StaticFile::parse(&file, "web.yaml").expect("valid");
+        assert_eq!(cfg.app_connect_timeout, std::time::Duration::from_millis(1500));
+        for bad in ["0s", "2m"] {
+            let file = GOOD.replace("services:", &format!("appConnectTimeout: {bad}\nservices:"));
+            let err = StaticFile::parse(&file, "web.yaml").expect_err(bad).to_string();
+            assert!(
+                err.contains("web.yaml") && err.contains("appConnectTimeout") && err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

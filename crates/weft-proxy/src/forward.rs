@@ -10,9 +10,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 use weft_core::{Body, full};
 
-/// Set by the outbound proxy: the HTTP version the app's client spoke, so the inbound proxy
-/// speaks the same to the destination app.
-pub const ORIG_PROTO: &str = "weft-orig-proto";
 /// The reason for a reply the proxy made itself.
 pub const ERROR_HEADER: &str = "x-weft-error";
 /// Marks a request a proxy already retried (or mirrored): no later hop retries it again. An
@@ -178,6 +175,7 @@ pub fn grpc_code_for(status: StatusCode) -> u32 {
         404 => 12,       // UNIMPLEMENTED
         429 => 8,        // RESOURCE_EXHAUSTED
         431 => 8,        // RESOURCE_EXHAUSTED
+        501 => 12,       // UNIMPLEMENTED
         502..=503 => 14, // UNAVAILABLE
         504 => 4,        // DEADLINE_EXCEEDED
         _ => 2,          // UNKNOWN
@@ -203,13 +201,20 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
 }
 
 /// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 23] = [
+pub const REASONS: [&str; 30] = [
     "ambiguous-framing",
+    "app-protocol-mismatch",
     "app-reset",
     "app-unavailable",
     "authz-denied",
     "bad-path",
     "bad-request-target",
+    "client-bad-host",
+    "client-bad-request",
+    "client-header-too-large",
+    "client-reset",
+    "client-timeout",
+    "discovery-timeout",
     "fault-abort",
     "no-client-identity",
     "no-destination",

@@ -44,7 +44,7 @@ impl IdleTimeout {
 /// The error a body ends with when it idled out.
 #[derive(Debug, thiserror::Error)]
 #[error("stream idle for {0:?} (idle timeout)")]
-pub struct Idle(Duration);
+pub struct Idle(pub Duration);
 
 impl HttpBody for IdleTimeout {
     type Data = Bytes;

@@ -1,11 +1,13 @@
-//! The inbound listener: mesh -> app. Hands each request to the app in the HTTP version its
-//! original client spoke (HTTP/1.1 through the pooled client, HTTP/2 and gRPC over one
-//! multiplexed connection). It is the trust boundary: before the app sees a request, every
-//! header a caller could use to claim an identity is removed, and an mTLS caller's verified
-//! identity is stated in `x-forwarded-client-cert` ([`identity_headers`]).
+//! The inbound listener: mesh -> app. Hands each request to the app in the HTTP version the
+//! workload declares for it ([`AppProtocol`]), whatever its caller spoke (HTTP/1.1 through the
+//! pooled client, HTTP/2 over one multiplexed connection). It is the trust boundary: before the
+//! app sees a request, every header a caller could use to claim an identity is removed, and an
+//! mTLS caller's verified identity is stated in `x-forwarded-client-cert` ([`identity_headers`]).
 
 use crate::authz;
-use crate::forward::{CLIENT_CERT, ORIG_PROTO, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
+use crate::config::AppProtocol;
+use crate::downstream::{BodyState, ClientBody};
+use crate::forward::{CLIENT_CERT, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
 use crate::identity::spiffe_id;
 use crate::outbound::finish;
 use crate::state::Proxy;
@@ -122,10 +124,15 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         (req.method().to_string(), req.uri().path().to_string(), authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let req = req.map(|b| match &request_bytes {
-        Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
-        None => weft_core::boxed(b),
+    let client = Arc::new(BodyState::default());
+    let mut req = req.map(|b| {
+        let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
+        match &request_bytes {
+            Some(count) => crate::access::Tally::wrap(b, count.clone()),
+            None => b,
+        }
     });
+    req.extensions_mut().insert(client);
     let limited = proxy.inbound_limiter.load().as_ref().as_ref().filter(|l| !l.allow()).map(|l| {
         reply(
             StatusCode::TOO_MANY_REQUESTS,
@@ -143,7 +150,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         None => match authorize(&proxy, &conn, &req) {
             Ok(canonical) => match crate::upgrade::requested(&req) {
                 Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, protocol).await,
-                None => to_app(&proxy, &conn, req, canonical).await,
+                None => to_app(&proxy, &conn, req, canonical, grpc).await,
             },
             Err(denied) => denied,
         },
@@ -265,16 +272,26 @@ pub(crate) fn identity_headers(proxy: &Proxy, conn: &ConnInfo, headers: &mut Hea
     }
 }
 
-/// Forwards to the app; `canonical` (path and query) replaces the request's when authorization
-/// normalized it.
-async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>) -> Response<Body> {
-    let (mut parts, body) = req.into_parts();
-    // Set by the caller's sidecar, read and removed first; from anyone else it is harmless (it
-    // only picks the HTTP version spoken to the app).
-    let app_h2 = match parts.headers.remove(ORIG_PROTO) {
-        Some(v) => v.as_bytes() == b"HTTP/2",
-        None => parts.version == Version::HTTP_2,
+/// Forwards to the app in its declared protocol; `canonical` (path and query) replaces the
+/// request's when authorization normalized it.
+async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>, grpc: bool) -> Response<Body> {
+    let app_h2 = match proxy.app_protocol {
+        AppProtocol::H2 => true,
+        AppProtocol::Auto => grpc,
+        AppProtocol::Http1 => false,
     };
+    if grpc && !app_h2 {
+        // gRPC over HTTP/1.1 would lose its trailers (grpc-status): refuse it plainly.
+        return reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "app-protocol-mismatch",
+            format!(
+                "{} declares its app http1 (--app-protocol, appProtocol), and gRPC needs HTTP/2: declare h2 or auto",
+                proxy.workload.id()
+            ),
+        );
+    }
+    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     identity_headers(proxy, conn, &mut parts.headers);
     let authority = parts
@@ -290,22 +307,26 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         })
         .unwrap_or_else(|| proxy.app.to_string());
     let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
+    let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
 
     if app_h2 {
         parts.version = Version::HTTP_2;
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
-        let mut sender = match proxy.pools.h2(proxy.app, None, Default::default()).await {
+        let mut sender = match proxy.pools.h2(proxy.app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
         };
         match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
-            Err(e) => {
-                proxy.pools.evict(proxy.app);
-                reply(StatusCode::BAD_GATEWAY, "app-reset", e)
-            }
+            Err(e) => match client.fault() {
+                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                None => {
+                    proxy.pools.evict(proxy.app);
+                    reply(StatusCode::BAD_GATEWAY, "app-reset", e)
+                }
+            },
         }
     } else {
         parts.version = Version::HTTP_11;
@@ -318,7 +339,10 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         match proxy.pools.h1.request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
             Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
-            Err(e) => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+            Err(e) => match client.fault() {
+                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                None => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+            },
         }
     }
 }

@@ -4,12 +4,13 @@
 //! mirroring, rate limit and pool limits.
 
 use crate::balance::{Outcome, ServiceRuntime};
-use crate::forward::{ORIG_PROTO, RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
+use crate::downstream::{BodyState, ClientBody, ClientFault};
+use crate::forward::{RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::idle::IdleTimeout;
 use crate::pool::{ConnectError, Opts};
 use crate::replay::{self, Replay};
 use crate::route::{self, CompiledRoute};
-use crate::state::Proxy;
+use crate::state::{Missing, Proxy};
 use crate::telemetry::Finished;
 use http::request::Parts;
 use http::{HeaderValue, Method, Version};
@@ -65,10 +66,15 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         (req.method().to_string(), req.uri().path().to_string(), authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let req = req.map(|b| match &request_bytes {
-        Some(count) => crate::access::Tally::wrap(weft_core::boxed(b), count.clone()),
-        None => weft_core::boxed(b),
+    let client = Arc::new(BodyState::default());
+    let mut req = req.map(|b| {
+        let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
+        match &request_bytes {
+            Some(count) => crate::access::Tally::wrap(b, count.clone()),
+            None => b,
+        }
     });
+    req.extensions_mut().insert(client);
     let (service, route, resp) = route_request(&proxy, req, grpc).await;
     let upstream = resp.extensions().get::<PeerIdentity>();
     let retries = resp.extensions().get::<Retries>().map(|r| r.0).unwrap_or(0);
@@ -141,17 +147,29 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
             ),
         );
     };
-    let name = service_name(&authority);
-    let Some(rt) = proxy.service(name).await else {
-        return (
-            Arc::from(name),
-            unnamed(),
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unknown-service",
-                format!("no service named {name:?} is known to this proxy"),
-            ),
-        );
+    // A host that names no known service is reported without a service label: the metric's
+    // labels stay the mesh's own names, never whatever hosts apps send.
+    let service = match proxy.resolve(&authority) {
+        Ok(service) => service,
+        Err(refused) => return (unnamed(), unnamed(), reply(StatusCode::NOT_FOUND, "unknown-service", refused)),
+    };
+    let rt = match proxy.service(&service).await {
+        Ok(rt) => rt,
+        Err(Missing::Unknown) => {
+            let why = format!(
+                "host {authority:?} names service {service}, which the mesh does not know (no workload serves it, no policy names it); a mesh host is {}",
+                crate::host::FORMS
+            );
+            return (unnamed(), unnamed(), reply(StatusCode::NOT_FOUND, "unknown-service", why));
+        }
+        Err(Missing::NoAnswer) => {
+            let why = format!("the control plane has not said whether service {service} exists");
+            return (
+                unnamed(),
+                unnamed(),
+                reply(StatusCode::SERVICE_UNAVAILABLE, "discovery-timeout", why),
+            );
+        }
     };
     let upgrade = crate::upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
@@ -169,8 +187,6 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     // An upstream outside the mesh gets the caller's request as it was.
     strip_mesh_headers(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
-    let proto = if parts.version == Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
-    parts.headers.insert(ORIG_PROTO, HeaderValue::from_static(proto));
     if retried_before {
         parts.headers.insert(RETRIED, HeaderValue::from_static("1"));
     }
@@ -184,22 +200,38 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
         return (rt.name.clone(), route.name.clone(), resp);
     }
     parts.version = Version::HTTP_2;
+    let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
+    let in_flight = std::sync::atomic::AtomicUsize::new(NO_TRY);
     let call = Call {
         proxy,
         rt: &rt,
         route,
         grpc,
         retried_before,
+        client: &client,
+        in_flight: &in_flight,
     };
     let fut = call.run(parts, body);
     let resp = match route.timeout {
         Some(t) => match tokio::time::timeout(t, fut).await {
             Ok(r) => r,
-            Err(_) => reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                "request-timeout",
-                format!("no response within {t:?} (route {}, retries included)", route.name),
-            ),
+            // Still waiting for the client's body: the client was too slow, not the service.
+            Err(_) if client.timed_out() => {
+                ClientFault::Timeout.reply(format!("the request body did not arrive within {t:?} (route {})", route.name))
+            }
+            Err(_) => {
+                // An endpoint that never answered failed this request, like one past its
+                // per-try timeout: without this, one that hangs is never ejected.
+                let hung = in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                if hung != NO_TRY {
+                    observe(proxy, &rt, hung, false, None);
+                }
+                reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "request-timeout",
+                    format!("no response within {t:?} (route {}, retries included)", route.name),
+                )
+            }
         },
         None => fut.await,
     };
@@ -213,6 +245,11 @@ struct Call<'a> {
     route: &'a CompiledRoute,
     grpc: bool,
     retried_before: bool,
+    /// How the client's request body is going.
+    client: &'a Arc<BodyState>,
+    /// The endpoint a try is waiting on for response headers ([`NO_TRY`] if none), so a
+    /// request timeout that cuts the wait counts against it.
+    in_flight: &'a std::sync::atomic::AtomicUsize,
 }
 
 /// Why a try failed, when it did not produce a response to hand back.
@@ -346,7 +383,14 @@ impl Call<'_> {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
                     let failed = status >= 500 || grpc_status.is_some_and(|c: u32| c == 14);
-                    self.observe(i, !failed, Some(started.elapsed()));
+                    if failed || http_body::Body::is_end_stream(resp.body()) {
+                        self.observe(i, !failed, Some(started.elapsed()));
+                    } else {
+                        // Its latency counts now; whether it succeeded, once its body has
+                        // ended whole (`EndpointBody`).
+                        self.proxy.telemetry.attempt(&rt.name, true);
+                        rt.observe_latency(i, started.elapsed());
+                    }
                     // The destination's sidecar says its app reset or could not be reached.
                     let peer_said = reason_of(&resp);
                     let wants = after_send
@@ -364,7 +408,7 @@ impl Call<'_> {
                     }
                     resp.extensions_mut().insert(Retries(retries));
                     let idle = route.idle_timeout;
-                    return resp.map(|b| IdleTimeout::wrap(b, idle));
+                    return resp.map(|b| EndpointBody::wrap(IdleTimeout::wrap(b, idle), &self, i));
                 }
                 Err(f) => f,
             };
@@ -424,11 +468,7 @@ impl Call<'_> {
     }
 
     fn observe(&self, i: usize, success: bool, latency: Option<Duration>) {
-        let outcome = if success { Outcome::Success } else { Outcome::Failure };
-        self.proxy.telemetry.attempt(&self.rt.name, success);
-        if self.rt.observe(i, outcome, latency) {
-            self.proxy.telemetry.ejection(&self.rt.name);
-        }
+        observe(self.proxy, self.rt, i, success, latency);
     }
 
     /// One try at endpoint `i`.
@@ -462,11 +502,13 @@ impl Call<'_> {
             }
         };
         let _in_flight = rt.endpoints[i].start();
+        self.in_flight.store(i, std::sync::atomic::Ordering::Relaxed);
         // The request body is idle-limited, and stamps its activity so the wait for the
         // response headers counts from its last frame.
         let idle = self.route.idle_timeout;
         let activity = Arc::new(std::sync::atomic::AtomicU64::new(crate::balance::now_ms()));
-        let req = req.map(|b| IdleTimeout::tracking(b, idle, Some(activity.clone())));
+        // Wrapped again so a body that idles out here counts as the client's too.
+        let req = req.map(|b| ClientBody::wrap(IdleTimeout::tracking(b, idle, Some(activity.clone())), self.client.clone()));
         let sent = sender.try_send_request(req);
         let per_try = self.route.retry.per_try_timeout;
         let waited = wait_active(sent, &activity, idle);
@@ -474,9 +516,13 @@ impl Call<'_> {
             Some(t) => tokio::time::timeout(t, waited).await,
             None => Ok(waited.await),
         };
+        self.in_flight.store(NO_TRY, std::sync::atomic::Ordering::Relaxed);
         let result = match waited {
             Ok(Some(r)) => r,
             Ok(None) => {
+                if self.client.timed_out() {
+                    return Ok(ClientFault::Timeout.reply(format!("the request body stopped for {idle:?} (idle timeout)")));
+                }
                 self.observe(i, false, None);
                 return Err(TryFailure::Idle(idle));
             }
@@ -490,6 +536,12 @@ impl Call<'_> {
                 let mut resp = resp.map(weft_core::boxed);
                 resp.extensions_mut().insert(PeerIdentity(peer, addr));
                 Ok(resp)
+            }
+            Err(e) if self.client.fault().is_some() => {
+                // The stream failed because the client's body did: nothing to hold against
+                // the endpoint or its connection.
+                let fault = self.client.fault().expect("checked");
+                Ok(fault.reply(format!("the request body failed: {}", error_chain(e.error()))))
             }
             Err(mut e) => {
                 proxy.pools.evict(addr);
@@ -552,6 +604,79 @@ impl Call<'_> {
     }
 }
 
+/// Counts a try at endpoint `i` (outlier detection and the attempts metric).
+fn observe(proxy: &Proxy, rt: &ServiceRuntime, i: usize, success: bool, latency: Option<Duration>) {
+    let outcome = if success { Outcome::Success } else { Outcome::Failure };
+    proxy.telemetry.attempt(&rt.name, success);
+    if rt.observe(i, outcome, latency) {
+        proxy.telemetry.ejection(&rt.name);
+    }
+}
+
+/// No try in flight (see `Call::in_flight`).
+const NO_TRY: usize = usize::MAX;
+
+/// An endpoint's response body, whose end decides whether the endpoint succeeded: one that
+/// breaks off after the headers (the endpoint died, reset the stream or stalled past the idle
+/// timeout) counts against the endpoint like a failure before them, unless the client's own
+/// body broke first; one that ends whole counts as a success.
+struct EndpointBody {
+    inner: Body,
+    /// Taken on the first error.
+    endpoint: Option<(Arc<Proxy>, Arc<ServiceRuntime>, usize)>,
+    client: Arc<BodyState>,
+}
+
+impl EndpointBody {
+    fn wrap(inner: Body, call: &Call<'_>, i: usize) -> Body {
+        if http_body::Body::is_end_stream(&inner) {
+            return inner;
+        }
+        let endpoint = Some((call.proxy.clone(), call.rt.clone(), i));
+        let client = call.client.clone();
+        http_body_util::BodyExt::boxed_unsync(EndpointBody { inner, endpoint, client })
+    }
+}
+
+impl http_body::Body for EndpointBody {
+    type Data = bytes::Bytes;
+    type Error = weft_core::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Err(error))) if self.client.fault().is_none() => {
+                if let Some((proxy, rt, i)) = self.endpoint.take() {
+                    tracing::info!(service = %rt.name, endpoint = %rt.endpoints[i].address, %error, "response body broke off");
+                    proxy.telemetry.body_failure(&rt.name);
+                    if rt.observe(i, Outcome::Failure, None) {
+                        proxy.telemetry.ejection(&rt.name);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some((_, rt, i)) = self.endpoint.take() {
+                    rt.observe(i, Outcome::Success, None);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -595,12 +720,6 @@ fn target_authority<B>(req: &Request<B>) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
-/// `orders-api:8080` -> `orders-api`; `orders-api.default.svc` -> `orders-api`.
-fn service_name(authority: &str) -> &str {
-    let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority);
-    host.split('.').next().unwrap_or(host)
-}
-
 /// Strips hop-by-hop headers from the answer and speaks the client's HTTP version. A reply the
 /// proxy made itself to a gRPC request becomes a gRPC status (trailers-only), so gRPC clients
 /// see DEADLINE_EXCEEDED, UNAVAILABLE, ... rather than a bare HTTP error.
@@ -614,16 +733,4 @@ pub fn finish(mut resp: Response<Body>, version: Version, grpc: bool) -> Respons
     }
     *resp.version_mut() = version;
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_names_from_authorities() {
-        assert_eq!(service_name("orders-api"), "orders-api");
-        assert_eq!(service_name("orders-api:8080"), "orders-api");
-        assert_eq!(service_name("orders-api.default.svc:80"), "orders-api");
-    }
 }

@@ -15,6 +15,11 @@ use weft_core::Body;
 
 /// Connect timeout when the policy sets none.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connect timeout to the app (`--app-connect-timeout`) by default. Linux retransmits a SYN
+/// that got no answer after 1 s and again 2 s later (an app whose listen backlog is full drops
+/// SYNs), so 4 s lets a connection through after two dropped SYNs, where 1 s turned one
+/// dropped SYN into a 503 while direct clients all got through.
+pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// An HTTP/2 connection with no request for this long is closed, when the policy sets none.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -23,6 +28,8 @@ pub struct Pools {
     /// `&str`, so finding a pooled connection allocates nothing.
     h2: Mutex<HashMap<SocketAddr, Vec<(String, Pooled)>>>,
     pub h1: Client<HttpConnector, Body>,
+    /// How to connect to the app over HTTP/2.
+    app: Opts<'static>,
 }
 
 struct Pooled {
@@ -91,10 +98,11 @@ impl ConnectError {
 // === impl Pools ===
 
 impl Pools {
-    pub fn new() -> Self {
+    /// Pools whose connections to the app give up connecting after `app_connect_timeout`.
+    pub fn new(app_connect_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_connect_timeout(Some(app_connect_timeout));
         let h1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(TokioTimer::new())
@@ -103,7 +111,16 @@ impl Pools {
         Self {
             h2: Mutex::new(HashMap::new()),
             h1,
+            app: Opts {
+                connect_timeout: app_connect_timeout,
+                ..Opts::default()
+            },
         }
+    }
+
+    /// How to open an HTTP/2 connection to the app.
+    pub fn app_opts(&self) -> Opts<'static> {
+        self.app
     }
 
     /// A ready HTTP/2 sender to `addr`, reusing the open connection when there is one. With
@@ -201,6 +218,6 @@ pub async fn connect(
 
 impl Default for Pools {
     fn default() -> Self {
-        Self::new()
+        Self::new(APP_CONNECT_TIMEOUT)
     }
 }

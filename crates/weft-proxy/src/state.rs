@@ -4,6 +4,7 @@
 use crate::Bound;
 use crate::balance::{RateLimiter, ServiceRuntime};
 use crate::config::{ProxyConfig, Source, Workload};
+use crate::host::{ServiceRef, UnknownService};
 use crate::pool::Pools;
 use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
@@ -27,6 +28,7 @@ const MAX_SUBSCRIPTIONS: usize = 10_000;
 pub struct Proxy {
     pub workload: Workload,
     pub app: SocketAddr,
+    pub app_protocol: crate::config::AppProtocol,
     /// Header names the inbound proxy removes besides the identity headers it always removes:
     /// configured at start, lowercase, each once.
     pub strip_headers: Vec<http::HeaderName>,
@@ -37,7 +39,7 @@ pub struct Proxy {
     config: ArcSwap<MeshConfig>,
     /// Per destination service: its config and, once a request has needed it, its runtime
     /// (compiled routes, endpoint state, budgets), rebuilt on swap only where it was built.
-    destinations: ArcSwap<HashMap<String, Arc<Destination>>>,
+    destinations: ArcSwap<HashMap<ServiceRef, Arc<Destination>>>,
     /// This service's inbound rate limit, if its policy sets one.
     pub inbound_limiter: ArcSwap<Option<Arc<RateLimiter>>>,
     /// Bumped on every applied config; requests waiting for a service watch it.
@@ -64,6 +66,16 @@ pub struct Proxy {
     config_ready: AtomicBool,
 }
 
+/// Why [`Proxy::service`] has no service to route to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// The control plane (or the static file) knows no such service.
+    Unknown,
+    /// The control plane has not said within [`DISCOVERY_WAIT`] (or this proxy already asks it
+    /// for as many services as it may).
+    NoAnswer,
+}
+
 // === impl Proxy ===
 
 impl Proxy {
@@ -87,6 +99,7 @@ impl Proxy {
         };
         let initial = destinations(&config, &HashMap::new(), &cfg.workload.cluster);
         let (tap_tx, tap_rx) = mpsc::channel(1024);
+        let app_connect_timeout = cfg.app_connect_timeout;
         let mut strip_headers = cfg.strip_headers;
         strip_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         strip_headers.dedup();
@@ -108,6 +121,7 @@ impl Proxy {
             advertise: cfg.advertise.unwrap_or(bound.inbound),
             workload: cfg.workload,
             app: cfg.app,
+            app_protocol: cfg.app_protocol,
             strip_headers,
             bound,
             control,
@@ -119,7 +133,7 @@ impl Proxy {
             subscriptions: Mutex::new(BTreeSet::new()),
             subscribe_tx,
             last_nack: Mutex::new(None),
-            pools: Pools::new(),
+            pools: Pools::new(app_connect_timeout),
             mirrors: Arc::new(tokio::sync::Semaphore::new(crate::outbound::MIRROR_CONCURRENCY)),
             taps: ArcSwap::from_pointee(Vec::new()),
             tap_tx,
@@ -180,35 +194,61 @@ impl Proxy {
         self.subscriptions.lock().iter().cloned().collect()
     }
 
-    /// The config for the service `name`, asking the control plane for it (and waiting a
-    /// little) the first time it is needed.
-    pub async fn service(&self, name: &str) -> Option<Arc<ServiceRuntime>> {
-        if let Some(d) = self.destinations.load().get(name) {
-            return Some(d.runtime(&self.workload.cluster));
+    /// The mesh service `authority` names ([`crate::host`]): a bare name is in this workload's
+    /// namespace, and the fully qualified form ends in the trust domain of this proxy's own
+    /// SPIFFE ID (the default one until it holds a certificate).
+    pub fn resolve(&self, authority: &str) -> Result<ServiceRef, UnknownService> {
+        let tls = self.identity.tls();
+        let trust_domain = tls
+            .as_ref()
+            .and_then(|t| t.identity.strip_prefix("spiffe://")?.split_once('/'))
+            .map(|(domain, _)| domain)
+            .unwrap_or(crate::host::DEFAULT_TRUST_DOMAIN);
+        crate::host::resolve(authority, &self.workload.namespace, trust_domain)
+    }
+
+    /// The runtime of `service`, asking the control plane for it (and waiting a little) the
+    /// first time it is needed.
+    pub async fn service(&self, service: &ServiceRef) -> Result<Arc<ServiceRuntime>, Missing> {
+        if let Some(found) = self.known(service) {
+            return found;
         }
-        let tx = self.subscribe_tx.as_ref()?;
+        let Some(tx) = self.subscribe_tx.as_ref() else {
+            return Err(Missing::Unknown); // a static file lists every service there is
+        };
         let mut changed = self.applied.subscribe();
         changed.borrow_and_update();
         {
+            let key = service.key();
             let mut subs = self.subscriptions.lock();
-            if subs.len() >= MAX_SUBSCRIPTIONS && !subs.contains(name) {
-                return None;
+            if subs.len() >= MAX_SUBSCRIPTIONS && !subs.contains(&key) {
+                return Err(Missing::NoAnswer);
             }
-            if subs.insert(name.to_string()) {
-                let _ = tx.send(name.to_string());
+            if subs.insert(key.clone()) {
+                let _ = tx.send(key);
             }
         }
         let wait = async {
             loop {
-                if let Some(d) = self.destinations.load().get(name) {
-                    return Some(d.runtime(&self.workload.cluster));
+                if let Some(found) = self.known(service) {
+                    return found;
                 }
                 if changed.changed().await.is_err() {
-                    return None;
+                    return Err(Missing::NoAnswer);
                 }
             }
         };
-        tokio::time::timeout(DISCOVERY_WAIT, wait).await.ok().flatten()
+        tokio::time::timeout(DISCOVERY_WAIT, wait).await.unwrap_or(Err(Missing::NoAnswer))
+    }
+
+    /// What the config in force says of `service`, if anything.
+    fn known(&self, service: &ServiceRef) -> Option<Result<Arc<ServiceRuntime>, Missing>> {
+        let d = self.destinations.load().get(service)?.clone();
+        Some(if d.config.unknown {
+            Err(Missing::Unknown)
+        } else {
+            Ok(d.runtime(&self.workload.cluster))
+        })
     }
 
     /// The access line of a request whose response headers are ready; it is written when the
@@ -315,6 +355,7 @@ impl Proxy {
                 "outbound": self.bound.outbound,
                 "admin": self.bound.admin,
                 "app": self.app,
+                "appProtocol": self.app_protocol,
                 "advertise": self.advertise,
             },
             "control": self.control.as_ref().map(|l| serde_json::json!({
@@ -352,13 +393,21 @@ impl Destination {
 
 /// Every service of `config`. Those whose runtime `previous` had built are rebuilt now,
 /// carrying over their endpoint state, budgets and limiters; the rest wait for a request.
-fn destinations(config: &MeshConfig, previous: &HashMap<String, Arc<Destination>>, own_cluster: &str) -> HashMap<String, Arc<Destination>> {
+fn destinations(
+    config: &MeshConfig,
+    previous: &HashMap<ServiceRef, Arc<Destination>>,
+    own_cluster: &str,
+) -> HashMap<ServiceRef, Arc<Destination>> {
     config
         .services
-        .iter()
-        .map(|(name, svc)| {
+        .values()
+        .map(|svc| {
+            let key = ServiceRef {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+            };
             let runtime = OnceLock::new();
-            if let Some(before) = previous.get(name).and_then(|d| d.runtime.get()) {
+            if let Some(before) = previous.get(&key).and_then(|d| d.runtime.get()) {
                 let rt = ServiceRuntime::build(svc.clone(), Some(before), own_cluster);
                 let _ = runtime.set(Arc::new(rt));
             }
@@ -366,7 +415,7 @@ fn destinations(config: &MeshConfig, previous: &HashMap<String, Arc<Destination>
                 config: svc.clone(),
                 runtime,
             };
-            (name.clone(), Arc::new(destination))
+            (key, Arc::new(destination))
         })
         .collect()
 }
@@ -394,8 +443,9 @@ mod tests {
                     policy: None,
                     policy_name: String::new(),
                     mtls: None,
+                    unknown: false,
                 };
-                (name.to_string(), Arc::new(svc))
+                (svc.key(), Arc::new(svc))
             })
             .collect();
         MeshConfig {
@@ -404,18 +454,25 @@ mod tests {
         }
     }
 
+    fn at(name: &str) -> ServiceRef {
+        ServiceRef {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
     #[test]
     fn runtimes_are_built_on_first_use_and_carried_over_only_where_built() {
         let first = destinations(&mesh(&["orders", "payments"]), &HashMap::new(), "a");
         assert!(first.values().all(|d| d.runtime.get().is_none()), "nothing built before a request");
-        let orders = first["orders"].runtime("a");
-        assert!(Arc::ptr_eq(&orders, &first["orders"].runtime("a")), "built once");
+        let orders = first[&at("orders")].runtime("a");
+        assert!(Arc::ptr_eq(&orders, &first[&at("orders")].runtime("a")), "built once");
         let second = destinations(&mesh(&["orders", "payments", "users"]), &first, "a");
-        let carried = second["orders"].runtime.get().expect("a used service is rebuilt at once");
+        let carried = second[&at("orders")].runtime.get().expect("a used service is rebuilt at once");
         assert!(
             Arc::ptr_eq(&carried.endpoints[0], &orders.endpoints[0]),
             "its endpoint state carries over"
         );
-        assert!(second["payments"].runtime.get().is_none() && second["users"].runtime.get().is_none());
+        assert!(second[&at("payments")].runtime.get().is_none() && second[&at("users")].runtime.get().is_none());
     }
 }

@@ -29,6 +29,8 @@ pub struct Telemetry {
     /// `requests` (what the app got after retries).
     attempts: Family<ServiceOutcome, Counter>,
     retries: Family<ServiceOutcome, Counter>,
+    /// Responses an endpoint broke off after their headers, by destination.
+    body_failures: Family<ServiceOutcome, Counter>,
     ejections: Family<ServiceOutcome, Counter>,
     mirrors: Family<ServiceOutcome, Counter>,
     tcp: Family<ServiceOutcome, Counter>,
@@ -50,7 +52,8 @@ struct RequestLabels {
     peer: Arc<str>,
     route: Arc<str>,
     status: u16,
-    /// `2xx`, `4xx`, `5xx`, ...: what dashboards and alerts group by.
+    /// `2xx`, `4xx`, `5xx`, ...: what dashboards and alerts group by; `client` for a request
+    /// the client itself broke (a `client-*` reason), whatever its status.
     class: &'static str,
     reason: &'static str,
 }
@@ -183,6 +186,11 @@ impl Telemetry {
             "retries",
             "Outbound retries by destination and outcome (retried, budget-exhausted)",
         );
+        let body_failures = family(
+            &mut registry,
+            "upstream_body_failures",
+            "Outbound responses whose body the endpoint broke off after the headers (closed, reset or stalled), by destination; each also counts against the endpoint in outlier detection",
+        );
         let ejections = family(
             &mut registry,
             "outlier_ejections",
@@ -209,6 +217,7 @@ impl Telemetry {
             tcp_bytes,
             attempts,
             retries,
+            body_failures,
             ejections,
             mirrors,
             registry: Arc::new(registry),
@@ -235,6 +244,7 @@ impl Telemetry {
         };
         let svc = done.service.unwrap_or(&self.own_service);
         let route = done.route.unwrap_or(&self.empty);
+        let client_fault = crate::downstream::ClientFault::is_reason(done.reason);
         let peer = done.peer.unwrap_or(if done.direction == Direction::Inbound {
             &self.plaintext
         } else {
@@ -248,6 +258,7 @@ impl Telemetry {
                 route: route.clone(),
                 status: done.status,
                 class: match done.status {
+                    _ if client_fault => "client",
                     100..=199 => "1xx",
                     200..=299 => "2xx",
                     300..=399 => "3xx",
@@ -264,6 +275,11 @@ impl Telemetry {
                 service: svc.clone(),
             })
             .observe(secs);
+        if client_fault {
+            // A request the client broke says nothing about the service: it stays out of the
+            // summaries the control plane judges (requests, errors, latency).
+            return;
+        }
         // The control plane's summary keys inbound requests by the empty service name.
         let summary_service = done.service.unwrap_or(&self.empty);
         let key = (done.direction, summary_service.clone(), route.clone(), done.revision);
@@ -303,6 +319,11 @@ impl Telemetry {
     /// Counts a retry taken (`retried`) or refused by the budget (`budget-exhausted`).
     pub fn retry(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.retries, service, outcome);
+    }
+
+    /// Counts a response body an endpoint broke off.
+    pub fn body_failure(&self, service: &Arc<str>) {
+        self.count(&self.body_failures, service, "failed");
     }
 
     pub fn ejection(&self, service: &Arc<str>) {
@@ -388,5 +409,43 @@ impl Telemetry {
             self.interval.store(Arc::new(next));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_the_client_broke_stay_out_of_the_judged_summaries() {
+        let tracing = Tracing {
+            endpoint: None,
+            sample: 0.0,
+            resource: Vec::new(),
+        };
+        let t = Telemetry::new("orders", false, 100.0, tracing);
+        let (service, route) = (Arc::from("pay"), Arc::from("default"));
+        let finished = |status, reason| Finished {
+            direction: Direction::Outbound,
+            service: Some(&service),
+            route: Some(&route),
+            mtls: false,
+            peer: None,
+            revision: 1,
+            status,
+            reason,
+            elapsed: Duration::from_millis(5),
+        };
+        t.record(&finished(200, ""));
+        t.record(&finished(503, "no-healthy-endpoints"));
+        t.record(&finished(400, "client-bad-request"));
+        t.record(&finished(499, "client-reset"));
+        let stats = t.take_interval();
+        assert_eq!(stats.len(), 1);
+        assert_eq!((stats[0].requests, stats[0].errors), (2, 1), "only the service's own outcomes");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &t.registry).unwrap();
+        let client = text.lines().filter(|l| l.contains("class=\"client\"")).count();
+        assert_eq!(client, 2, "{text}");
     }
 }

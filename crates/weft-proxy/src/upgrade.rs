@@ -8,7 +8,7 @@
 //! app and joins the streams.
 
 use crate::balance::ServiceRuntime;
-use crate::forward::{ORIG_PROTO, reply};
+use crate::forward::reply;
 use crate::inbound::ConnInfo;
 use crate::pool::{CONNECT_TIMEOUT, ConnectError};
 use crate::state::Proxy;
@@ -98,7 +98,6 @@ pub async fn outbound(
         Err(resp) => return resp,
     };
     parts.version = Version::HTTP_11;
-    parts.headers.remove(ORIG_PROTO);
     parts.headers.insert(UPGRADE, protocol);
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     if let Ok(host) = HeaderValue::from_str(authority) {
@@ -151,13 +150,26 @@ pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, pro
     if let Some(why) = refused(proxy, conn, &protocol) {
         return reply(StatusCode::FORBIDDEN, "upgrade-refused", why);
     }
+    // Opaque TCP is bytes, whatever the app speaks; an HTTP Upgrade is HTTP/1.1.
+    let opaque = protocol.as_bytes() == TCP_PROTOCOL.as_bytes();
+    if !opaque && proxy.app_protocol == crate::config::AppProtocol::H2 {
+        return reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "app-protocol-mismatch",
+            format!(
+                "{} declares its app h2, and an HTTP/1.1 Upgrade ({}) needs http1 or auto",
+                proxy.workload.id(),
+                String::from_utf8_lossy(protocol.as_bytes())
+            ),
+        );
+    }
     let client = hyper::upgrade::on(&mut req);
     let app = match TcpStream::connect(proxy.app).await {
         Ok(tcp) => tcp,
         Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", format!("{}: {e}", proxy.app)),
     };
     let _ = app.set_nodelay(true);
-    if protocol.as_bytes() == TCP_PROTOCOL.as_bytes() {
+    if opaque {
         tokio::spawn(async move {
             match client.await {
                 Ok(c) => {
@@ -175,7 +187,6 @@ pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, pro
             .expect("valid 101");
     }
     let (mut parts, _) = req.into_parts();
-    parts.headers.remove(ORIG_PROTO);
     parts.headers.insert(UPGRADE, protocol);
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     crate::inbound::identity_headers(proxy, conn, &mut parts.headers);
@@ -254,8 +265,13 @@ pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, ser
 }
 
 async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'static str {
-    let Some(rt) = proxy.service(service).await else {
+    let Ok(rt) = proxy.resolve(service) else {
         return "unknown-service";
+    };
+    let rt = match proxy.service(&rt).await {
+        Ok(rt) => rt,
+        Err(crate::state::Missing::Unknown) => return "unknown-service",
+        Err(crate::state::Missing::NoAnswer) => return "discovery-timeout",
     };
     let io = match connect_endpoint(proxy, &rt, None).await {
         Ok(io) => io,

@@ -72,6 +72,21 @@ pub struct ProxyArgs {
         value_parser = weft_proxy::config::strip_header_name
     )]
     pub strip_header: Vec<http::HeaderName>,
+    /// The protocol the app serves: http1, h2 (prior knowledge), or auto (HTTP/2 for gRPC,
+    /// HTTP/1.1 for the rest). The sidecars translate from whatever the caller spoke. Default
+    /// auto; with --config, overrides the file's appProtocol.
+    #[arg(long, env = "WEFT_APP_PROTOCOL", value_name = "PROTOCOL")]
+    pub app_protocol: Option<weft_proxy::config::AppProtocol>,
+    /// How long the inbound listener waits for the app to accept a connection before
+    /// answering 503 app-unavailable; default 4s, which outlasts two dropped SYNs (Linux
+    /// retransmits after 1 s and 3 s) when the app's listen backlog overflows.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "WEFT_APP_CONNECT_TIMEOUT",
+        value_parser = weft_proxy::config::app_connect_timeout
+    )]
+    pub app_connect_timeout: Option<std::time::Duration>,
 }
 
 fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
@@ -281,6 +296,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 trace_sample: args.trace_sample,
                 tcp: if args.tcp.is_empty() { cfg.tcp.clone() } else { args.tcp.clone() },
                 strip_headers: cfg.strip_headers.iter().chain(&args.strip_header).cloned().collect(),
+                app_protocol: args.app_protocol.unwrap_or(cfg.app_protocol),
+                app_connect_timeout: args.app_connect_timeout.unwrap_or(cfg.app_connect_timeout),
                 ..cfg
             },
             Err(invalid) => {
@@ -330,6 +347,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 trace_sample: args.trace_sample,
                 tcp: args.tcp.clone(),
                 strip_headers: args.strip_header.clone(),
+                app_protocol: args.app_protocol.unwrap_or_default(),
+                app_connect_timeout: args.app_connect_timeout.unwrap_or(weft_proxy::config::APP_CONNECT_TIMEOUT),
                 source: weft_proxy::Source::Control {
                     url,
                     token: args.token.clone(),

@@ -494,7 +494,7 @@ async fn rate_limits_and_pool_limits_answer_fast_with_their_reasons() {
     assert!(limited.iter().all(|r| r.header("x-weft-error").as_deref() == Some("rate-limited")));
     // The other caller has its own bucket.
     eventually(Duration::from_secs(15), "other runs the policy", || async {
-        (other.config_dump().await["config"]["services"]["orders"]["policy"]["rateLimit"].is_object()).then_some(())
+        (other.config_dump().await["config"]["services"]["default/orders"]["policy"]["rateLimit"].is_object()).then_some(())
     })
     .await;
     assert_eq!(get(&other, "orders", "/", &[]).await.status, 200);

@@ -10,6 +10,9 @@
 //!   failed requests (the control plane's side of a NACK): `intents.rs`,
 //!   `a_nacked_change_never_leaves_last_known_good`; the proxy's side, the NACK's reason and
 //!   `/config_dump` after it: `mesh.rs`, `refused_config_is_nacked_and_last_known_good_keeps_serving`.
+//! - the CA unreachable across a certificate renewal: traffic keeps flowing on the current
+//!   certificate and renewal completes when the CA returns: `identity.rs`,
+//!   `certificates_renew_at_half_life_and_outlive_a_ca_outage`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

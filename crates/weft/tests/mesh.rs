@@ -77,7 +77,7 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
     assert_eq!(seen["path"], "/hello?x=1");
-    assert_eq!(seen["version"], "HTTP/1.1", "the app sees the protocol its caller spoke");
+    assert_eq!(seen["version"], "HTTP/1.1", "the app sees its declared protocol (auto: HTTP/1.1)");
     assert_eq!(seen["headers"]["host"], "echo");
     assert_eq!(seen["headers"]["x-tenant"], "acme");
     for gone in ["x-secret", "x-weft-error", "weft-orig-proto"] {
@@ -105,7 +105,8 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/absolute");
 
-    // HTTP/2 with :authority = service; the app is spoken to in HTTP/2 too.
+    // HTTP/2 with :authority = service; the app is spoken to in its declared protocol (auto:
+    // HTTP/1.1 unless gRPC).
     let r = h2_via(
         client.outbound,
         Request::get("http://echo/h2").header("x-user", "42").body(empty()).unwrap(),
@@ -114,7 +115,7 @@ async fn http1_http2_and_grpc_cross_two_sidecars_intact() {
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let seen = r.json();
-    assert_eq!((seen["path"].as_str(), seen["version"].as_str()), (Some("/h2"), Some("HTTP/2.0")));
+    assert_eq!((seen["path"].as_str(), seen["version"].as_str()), (Some("/h2"), Some("HTTP/1.1")));
     assert_eq!(seen["headers"]["x-user"], "42");
 
     // gRPC unary and bidirectional streaming.
@@ -235,7 +236,7 @@ async fn applied_policy_reaches_exactly_the_proxies_that_need_it() {
     let dump = caller.config_dump().await;
     assert_eq!(dump["config"]["revision"], rev);
     assert_eq!(
-        dump["config"]["services"]["orders"]["policy"]["routes"][0]["backends"][1]["weight"],
+        dump["config"]["services"]["default/orders"]["policy"]["routes"][0]["backends"][1]["weight"],
         20
     );
     let bystander_dump = bystander.config_dump().await;
@@ -427,7 +428,7 @@ async fn killed_proxy_leaves_balancing_within_five_seconds() {
     let caller = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
     assert_eq!(get_via(&caller, "orders", "/", &[]).await.status, 200);
     let endpoints = |dump: &Value| {
-        dump["config"]["services"]["orders"]["endpoints"]
+        dump["config"]["services"]["default/orders"]["endpoints"]
             .as_array()
             .map(Vec::len)
             .unwrap_or(0)
@@ -530,7 +531,7 @@ async fn static_config_proxy_needs_no_control_plane() {
         )
         .await
         .unwrap();
-    assert_eq!((r.status, r.header("x-weft-error").as_deref()), (503, Some("unknown-service")));
+    assert_eq!((r.status, r.header("x-weft-error").as_deref()), (404, Some("unknown-service")));
 
     // A bad static file: exit 64, naming the file and the field; nothing is bound.
     let bad = dir.join("bad.yaml");

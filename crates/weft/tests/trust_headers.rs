@@ -239,12 +239,13 @@ async fn spoofed_identity_headers_never_reach_the_app_over_http1_http2_grpc_upgr
         Some(&from_web),
     );
 
-    // HTTP/2 from the app: HTTP/2 to the destination app too.
+    // HTTP/2 from the app; the destination app is spoken to in its declared protocol (auto:
+    // HTTP/1.1). gRPC, below, takes HTTP/2 to the app.
     let r = h2_via(web.outbound, request("http://orders/h2".into(), None, &all)).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let h2 = received_once(&orders_app, "/h2");
     assert_trusted("HTTP/2 via the mesh", &h2, &KEPT, Some(&from_web));
-    assert!(r.text().contains(r#""version":"HTTP/2.0""#), "{}", r.text());
+    assert!(r.text().contains(r#""version":"HTTP/1.1""#), "{}", r.text());
 
     // gRPC, unary and streaming, with the spoofed names as metadata.
     let mut client = grpc_client(web.outbound, "grpc-echo").await;
@@ -438,7 +439,7 @@ async fn retries_audit_mode_and_bypass_keep_the_trust_boundary() {
             let on = if p.workload == "default/orders" {
                 dump["config"]["bypass"] == true
             } else {
-                dump["config"]["services"]["orders"]["policy"].is_null()
+                dump["config"]["services"]["default/orders"]["policy"].is_null()
             };
             on.then_some(())
         })

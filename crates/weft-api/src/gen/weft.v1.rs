@@ -108,7 +108,7 @@ pub struct Register {
     /// Address other proxies dial to reach this workload's inbound listener.
     #[prost(string, tag = "5")]
     pub inbound_addr: ::prost::alloc::string::String,
-    /// Services this proxy already routes to (kept across reconnects).
+    /// Services this proxy already routes to (kept across reconnects), as in Subscribe.
     #[prost(string, repeated, tag = "6")]
     pub services: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// Revision of the config the proxy is running (0 when it has none).
@@ -121,6 +121,7 @@ pub struct Register {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Subscribe {
+    /// NAMESPACE/NAME (a bare NAME, from an older proxy, is in the proxy's own namespace).
     #[prost(string, repeated, tag = "1")]
     pub services: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
@@ -247,6 +248,9 @@ pub struct Service {
     /// The destination's mTLS mode (strict | permissive | off); callers use mTLS unless off.
     #[prost(string, tag = "6")]
     pub mtls: ::prost::alloc::string::String,
+    /// No workload serves it and no policy names it: callers answer `unknown-service` at once.
+    #[prost(bool, tag = "7")]
+    pub unknown: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Endpoint {
