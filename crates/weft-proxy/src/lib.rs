@@ -29,6 +29,8 @@ pub mod telemetry;
 mod upgrade;
 
 pub use config::{ProxyConfig, Source, StaticFile, Workload};
+/// Host resolution, public for its fuzz target (`weft-fuzz`).
+pub use outbound::service_name;
 pub use state::Proxy;
 
 use std::net::SocketAddr;

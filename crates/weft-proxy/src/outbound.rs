@@ -596,7 +596,7 @@ fn target_authority<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// `orders-api:8080` -> `orders-api`; `orders-api.default.svc` -> `orders-api`.
-fn service_name(authority: &str) -> &str {
+pub fn service_name(authority: &str) -> &str {
     let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority);
     host.split('.').next().unwrap_or(host)
 }
