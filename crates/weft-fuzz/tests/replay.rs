@@ -56,3 +56,20 @@ fn every_target_has_a_libfuzzer_driver() {
         );
     }
 }
+
+/// The resource seeds parse and validate, so the fuzzer starts from inputs that reach the store
+/// and proxy round trips; only `examples/policies/bad-subset.yaml` is meant to be refused.
+#[test]
+fn the_resource_seeds_are_accepted_resources() {
+    let seeds: Vec<PathBuf> = files(&fuzz_dir().join("corpus/resource"))
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("seed-")))
+        .collect();
+    assert!(seeds.len() >= 5, "{seeds:?}");
+    for seed in seeds {
+        let name = seed.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&seed).expect("a seed reads");
+        let parsed = weft_api::resource::parse_objects(&text, &name);
+        assert_eq!(parsed.is_ok(), name != "seed-bad-subset.yaml", "{name}: {parsed:?}");
+    }
+}
