@@ -774,7 +774,11 @@ impl Mesh {
 fn check_report(report: &proto::TelemetryReport) -> Result<(), FieldError> {
     for (i, s) in report.stats.iter().enumerate() {
         let above = |field: &str, value: u64| {
-            FieldError::new(format!("stats[{i}].{field}"), value, format!("more than its {} requests", s.requests))
+            FieldError::new(
+                format!("stats[{i}].{field}"),
+                value,
+                format!("more than its {} requests", s.requests),
+            )
         };
         if s.errors > s.requests {
             return Err(above("errors", s.errors));

@@ -19,12 +19,17 @@ pub fn run(data: &[u8]) {
         pem(data)
     };
     let ca = fixture::ca();
-    let Ok(issued) = ca.certify("default", "orders", "orders", &pem) else { return };
+    let Ok(issued) = ca.certify("default", "orders", "orders", &pem) else {
+        return;
+    };
     let identity = ca.identity("default", "orders");
     assert_eq!(issued.identity, identity);
     let der = weft_control::ca::pem_der(&issued.chain_pem).expect("the issued chain is PEM");
     let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("the issued certificate parses");
-    let sans = cert.subject_alternative_name().expect("one SAN extension").expect("a SAN extension");
+    let sans = cert
+        .subject_alternative_name()
+        .expect("one SAN extension")
+        .expect("a SAN extension");
     let names: Vec<String> = sans
         .value
         .general_names

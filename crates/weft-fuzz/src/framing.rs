@@ -16,7 +16,10 @@ pub fn run(data: &[u8]) {
     let Some((&seed, stream)) = data.split_first() else { return };
     let whole = verdicts(stream, std::iter::repeat(stream.len().max(1)));
     let cut = verdicts(stream, read_sizes(seed));
-    assert_eq!(whole, cut, "the verdicts changed when the same bytes arrived in other reads (seed {seed})");
+    assert_eq!(
+        whole, cut,
+        "the verdicts changed when the same bytes arrived in other reads (seed {seed})"
+    );
 }
 
 /// The verdict on each request head of `stream`, read through the scanner in reads of `sizes`.

@@ -27,13 +27,40 @@ pub struct Target {
 
 /// Every target, by name.
 pub const TARGETS: [Target; 9] = [
-    Target { name: "resource", run: resource::run },
-    Target { name: "framing", run: framing::run },
-    Target { name: "path", run: path::run },
-    Target { name: "route", run: route::run },
-    Target { name: "host", run: host::run },
-    Target { name: "token", run: token::run },
-    Target { name: "csr", run: csr::run },
-    Target { name: "proxy_message", run: proxy_message::run },
-    Target { name: "control_message", run: control_message::run },
+    Target {
+        name: "resource",
+        run: resource::run,
+    },
+    Target {
+        name: "framing",
+        run: framing::run,
+    },
+    Target {
+        name: "path",
+        run: path::run,
+    },
+    Target {
+        name: "route",
+        run: route::run,
+    },
+    Target {
+        name: "host",
+        run: host::run,
+    },
+    Target {
+        name: "token",
+        run: token::run,
+    },
+    Target {
+        name: "csr",
+        run: csr::run,
+    },
+    Target {
+        name: "proxy_message",
+        run: proxy_message::run,
+    },
+    Target {
+        name: "control_message",
+        run: control_message::run,
+    },
 ];

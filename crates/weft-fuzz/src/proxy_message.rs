@@ -16,13 +16,17 @@ use weft_control::distribution;
 pub fn run(data: &[u8]) {
     let Some(messages) = decode(data) else { return };
     let mut messages = messages.into_iter();
-    let Some(Msg::Register(register)) = messages.next().and_then(|m| m.msg) else { return };
+    let Some(Msg::Register(register)) = messages.next().and_then(|m| m.msg) else {
+        return;
+    };
     let mesh = fixture::mesh();
     let identity = match mesh.admit(None, &register.namespace, &register.name, &register.token) {
         Ok(admitted) => admitted.identity,
         Err(_) => mesh.ca.identity(&register.namespace, &register.name),
     };
-    let Ok((conn, _id)) = mesh.register(&register, identity) else { return };
+    let Ok((conn, _id)) = mesh.register(&register, identity) else {
+        return;
+    };
     for msg in messages.filter_map(|m| m.msg) {
         if distribution::receive(&mesh, conn, msg).is_err() {
             break;

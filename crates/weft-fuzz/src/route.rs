@@ -21,7 +21,9 @@ pub fn run(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Some((head, policy)) = text.split_once("\n\n") else { return };
     let Some(request) = request(head) else { return };
-    let Ok(spec) = serde_saphyr::from_str::<TrafficPolicySpec>(policy) else { return };
+    let Ok(spec) = serde_saphyr::from_str::<TrafficPolicySpec>(policy) else {
+        return;
+    };
     let mut errors = Vec::new();
     spec.validate("spec", &mut errors);
     if !errors.is_empty() {
@@ -32,7 +34,12 @@ pub fn run(data: &[u8]) {
     let chosen = decide(&routes, &default, &request);
     let picks = (0..100).filter(|roll| chosen.subset(*roll).is_some()).count();
     let weights: u32 = chosen.backends.iter().map(|b| b.weight).sum();
-    assert_eq!(picks as u32, weights.min(100), "route {} picks a subset {picks} times in 100", chosen.name);
+    assert_eq!(
+        picks as u32,
+        weights.min(100),
+        "route {} picks a subset {picks} times in 100",
+        chosen.name
+    );
 }
 
 /// `METHOD TARGET` then `name: value` lines, as request parts; `None` when http refuses them.

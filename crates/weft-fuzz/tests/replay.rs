@@ -14,7 +14,10 @@ fn fuzz_dir() -> PathBuf {
 /// The files of `dir`, sorted; none when it does not exist.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut files: Vec<PathBuf> = entries.map(|e| e.expect("a directory entry").path()).filter(|p| p.is_file()).collect();
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
     files.sort();
     files
 }
@@ -40,7 +43,11 @@ fn every_corpus_and_regression_file_replays_without_a_panic() {
             replayed += 1;
         }
     }
-    assert!(failures.is_empty(), "{} of {replayed} inputs panicked: {failures:#?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {replayed} inputs panicked: {failures:#?}",
+        failures.len()
+    );
 }
 
 #[test]

@@ -52,7 +52,10 @@ fn examples(repo: &Path) -> anyhow::Result<Vec<(String, String)>> {
         for entry in std::fs::read_dir(repo.join(dir)).with_context(|| format!("reading {dir}"))? {
             let path = entry?.path();
             let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            out.push((name, std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?));
+            out.push((
+                name,
+                std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+            ));
         }
     }
     out.sort();
@@ -181,7 +184,10 @@ fn csrs(seeds: &mut Seeds) -> anyhow::Result<()> {
     let cases: [(&str, Vec<rcgen::SanType>); 4] = [
         ("no-name", vec![]),
         ("identity", vec![rcgen::SanType::URI(identity.as_str().try_into()?)]),
-        ("other-identity", vec![rcgen::SanType::URI("spiffe://weft.local/ns/kube-system/sa/admin".try_into()?)]),
+        (
+            "other-identity",
+            vec![rcgen::SanType::URI("spiffe://weft.local/ns/kube-system/sa/admin".try_into()?)],
+        ),
         ("dns-name", vec![rcgen::SanType::DnsName("orders.default.svc".try_into()?)]),
     ];
     for (name, sans) in cases {
@@ -192,7 +198,9 @@ fn csrs(seeds: &mut Seeds) -> anyhow::Result<()> {
         seeds.write("csr", &format!("{name}.der"), request.der())?;
     }
     let key = rcgen::KeyPair::generate()?;
-    let pem = rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
+    let pem = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
     seeds.write("csr", "pem", pem)
 }
 
@@ -208,7 +216,10 @@ fn proxy_messages(seeds: &mut Seeds) -> anyhow::Result<()> {
         applied_revision: 3,
         token: fixture::token(),
     }));
-    let latency: Vec<u32> = [2.0, 5.0, 120.0].iter().map(|ms| weft_api::telemetry::slot_of(*ms) as u32).collect();
+    let latency: Vec<u32> = [2.0, 5.0, 120.0]
+        .iter()
+        .map(|ms| weft_api::telemetry::slot_of(*ms) as u32)
+        .collect();
     let stats = |direction: proto::Direction, service: &str| proto::TrafficStats {
         direction: direction as i32,
         service: service.into(),
