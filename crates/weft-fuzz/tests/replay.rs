@@ -52,7 +52,23 @@ fn every_corpus_and_regression_file_replays_without_a_panic() {
 
 #[test]
 fn every_target_has_a_libfuzzer_driver() {
+    let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).expect("fuzz/Cargo.toml reads");
+    let run = std::fs::read_to_string(fuzz_dir().join("run")).expect("fuzz/run reads");
+    let listed = run
+        .lines()
+        .find(|l| l.starts_with("TARGETS=("))
+        .expect("fuzz/run lists its targets");
     for target in TARGETS {
+        assert!(
+            manifest.contains(&format!("name = \"{}\"", target.name)),
+            "fuzz/Cargo.toml has no bin {}",
+            target.name
+        );
+        assert!(
+            listed.split(['(', ')', ' ']).any(|t| t == target.name),
+            "fuzz/run does not list {}",
+            target.name
+        );
         let driver = fuzz_dir().join("fuzz_targets").join(format!("{}.rs", target.name));
         let text = std::fs::read_to_string(&driver).unwrap_or_else(|e| panic!("{}: {e}", driver.display()));
         assert!(
