@@ -101,7 +101,7 @@ fn percent_encoded(value: &str, plus_for_space: bool) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(1024))]
 
     /// The scanner finds exactly the requests a client wrote, however their bodies look and
     /// however the bytes are cut into reads: after N unambiguous requests, only request N (which
