@@ -611,6 +611,10 @@ impl Mesh {
         let mut state = self.state.lock();
         state.telemetry_signals += 1;
         let Some(p) = state.proxies.get_mut(&conn) else { return };
+        if let Err(e) = check_report(&report) {
+            tracing::warn!(proxy = %p.id, field = %e.field, value = %e.value, reason = %e.message, "telemetry report refused");
+            return;
+        }
         p.cert_not_after = report.cert_not_after_unix;
         p.cert_generation = (report.cert_not_after_unix > 0).then_some(report.cert_generation);
         let service_key = (p.namespace.clone(), p.service.clone());
@@ -685,9 +689,9 @@ impl Mesh {
                 let mut buckets = vec![0u64; LATENCY_SLOTS];
                 if let Some(samples) = state.traffic.get(&(namespace.clone(), name.clone())) {
                     for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
-                        requests += s.requests;
-                        errors += s.errors;
-                        mtls_requests += s.mtls;
+                        requests = s.requests.saturating_add(requests);
+                        errors = s.errors.saturating_add(errors);
+                        mtls_requests = s.mtls.saturating_add(mtls_requests);
                         add_sparse(&mut buckets, &s.latency_slots, &s.latency_counts);
                     }
                 }
@@ -759,8 +763,8 @@ impl Mesh {
                 let e = by
                     .entry((service.clone(), s.route.clone()))
                     .or_insert_with(|| (0, 0, vec![0; LATENCY_SLOTS]));
-                e.0 += s.requests;
-                e.1 += s.errors;
+                e.0 = e.0.saturating_add(s.requests);
+                e.1 = e.1.saturating_add(s.errors);
                 add_sparse(&mut e.2, &s.latency_slots, &s.latency_counts);
             }
         }
@@ -775,6 +779,35 @@ impl Mesh {
             })
             .collect()
     }
+}
+
+/// Refuses a report whose counts contradict each other (they would become negative success
+/// counts and rates downstream), naming the first such field and its value. Totals are still
+/// added with saturation: a proxy may report any number.
+fn check_report(report: &proto::TelemetryReport) -> Result<(), FieldError> {
+    for (i, s) in report.stats.iter().enumerate() {
+        let above = |field: &str, value: u64| {
+            FieldError::new(
+                format!("stats[{i}].{field}"),
+                value,
+                format!("more than its {} requests", s.requests),
+            )
+        };
+        if s.errors > s.requests {
+            return Err(above("errors", s.errors));
+        }
+        if s.mtls > s.requests {
+            return Err(above("mtls", s.mtls));
+        }
+        if s.latency_slots.len() != s.latency_counts.len() {
+            return Err(FieldError::new(
+                format!("stats[{i}].latencyCounts"),
+                s.latency_counts.len(),
+                format!("must pair with the {} latency slots", s.latency_slots.len()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The mTLS mode a service's SecurityPolicy sets for all of its workloads (one without a label

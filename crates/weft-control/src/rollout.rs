@@ -88,8 +88,8 @@ impl Phase {
 impl Evidence {
     /// Adds a report: counts and its sparse latency histogram (slots and their counts).
     pub fn add(&mut self, requests: u64, errors: u64, slots: &[u32], counts: &[u64]) {
-        self.requests += requests;
-        self.errors += errors;
+        self.requests = self.requests.saturating_add(requests);
+        self.errors = self.errors.saturating_add(errors);
         add_sparse(self.histogram(), slots, counts);
         let report: Vec<(u32, u64)> = slots
             .iter()
@@ -532,7 +532,10 @@ mod tests {
         );
         // With no reference at all, only the ceiling judges: 8 of 200 is above 1% but not
         // above 20%.
-        let ceiling = |max| Slo { max_error_rate: max, ..slo.clone() };
+        let ceiling = |max| Slo {
+            max_error_rate: max,
+            ..slo.clone()
+        };
         let none = Evidence::default();
         let verdict = judge(&ceiling(20.0), &evidence(200, 8, 2.0), &none, &none);
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
