@@ -43,13 +43,7 @@ async fn caller(control: &Control, name: &str) -> ProxyHandle {
 
 /// Applies `yaml` and waits until `caller` runs the revision it made.
 async fn apply(control: &Control, caller: &ProxyHandle, yaml: &str) {
-    let (status, applied) = control.post("/api/v1/resources", yaml).await;
-    assert_eq!(status, 200, "{applied}");
-    let rev = applied["revision"].as_u64().expect("a revision");
-    eventually(Duration::from_secs(15), "the caller runs the new revision", || async {
-        (caller.config_dump().await["config"]["revision"].as_u64() >= Some(rev)).then_some(())
-    })
-    .await;
+    control.apply_until_run_by(caller, yaml).await;
 }
 
 fn traffic_policy(service: &str, spec: &str) -> String {
