@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use weft_test::apps::{EchoServer, GrpcEcho, Mode, grpc_client};
 use weft_test::echo_proto::EchoMsg;
 use weft_test::http::{Client, Reply};
-use weft_test::{Control, ProxyHandle, eventually, free_addr};
+use weft_test::{Control, ProxyHandle, eventually, free_addr, metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -71,17 +71,6 @@ async fn instance(control: &Control, name: &str, service: &str, version: &str, c
 
 async fn caller(control: &Control, name: &str, cluster: &str) -> ProxyHandle {
     ProxyHandle::start(BIN, control, &format!("default/{name}"), cluster, &[], free_addr()).await
-}
-
-/// The value of one sample of a metric, summed over the series whose labels contain all of
-/// `labels` (`key="value"` strings).
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Sends `n` GETs with `concurrency` at a time; returns the replies.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_test::apps::EchoServer;
 use weft_test::http::{Client, Reply};
-use weft_test::{Control, ProxyHandle, eventually, free_addr};
+use weft_test::{Control, ProxyHandle, eventually, free_addr, metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -63,17 +63,6 @@ async fn wait_endpoints(caller: &ProxyHandle, service: &str, n: usize) {
         (known == n).then_some(())
     })
     .await;
-}
-
-/// The value of one sample of a metric, summed over the series whose labels contain all of
-/// `labels` (`key="value"` strings).
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Writes `raw` on a fresh connection to `addr` and reads until the server closes it (or 5 s).
