@@ -53,6 +53,11 @@ impl std::str::FromStr for Duration {
             total = total.checked_add(part).ok_or_else(err)?;
             rest = &rest[unit_len..];
         }
+        // Written back in its largest exact unit, which may be milliseconds: a total with more
+        // milliseconds than a u64 holds would be written as a number no parse reads back.
+        if total.as_millis() > u128::from(u64::MAX) {
+            return Err(err());
+        }
         Ok(Self(total))
     }
 }
@@ -103,14 +108,14 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_duration() {
-        for bad in ["", "5", "s", "5x", "-1s", "1.5s", "2 s", "ms5"] {
+        for bad in ["", "5", "s", "5x", "-1s", "1.5s", "2 s", "ms5", "18446744073709551615s1ms"] {
             assert!(bad.parse::<Duration>().is_err(), "{bad:?} must be rejected");
         }
     }
 
     #[test]
     fn display_round_trips() {
-        for s in ["250ms", "2s", "1m", "1h", "1500ms"] {
+        for s in ["250ms", "2s", "1m", "1h", "1500ms", "18446744073709551615ms"] {
             assert_eq!(s.parse::<Duration>().unwrap().to_string(), s);
         }
     }

@@ -42,14 +42,15 @@ pub fn slot_value_ms(slot: usize) -> f64 {
 /// The `q` quantile (0..1) of a dense slot histogram (`counts[i]` for slot `i`), in
 /// milliseconds. Returns `None` when the histogram is empty.
 pub fn quantile_ms(counts: &[u64], q: f64) -> Option<f64> {
-    let total: u64 = counts.iter().sum();
+    // Saturating: the counts come from proxies, and a sum past u64::MAX is no quantile.
+    let total = counts.iter().fold(0u64, |sum, c| sum.saturating_add(*c));
     if total == 0 {
         return None;
     }
     let rank = (q * total as f64).ceil().max(1.0) as u64;
     let mut seen = 0u64;
     for (i, count) in counts.iter().enumerate() {
-        seen += count;
+        seen = seen.saturating_add(*count);
         if seen >= rank {
             return Some(slot_value_ms(i));
         }
@@ -58,11 +59,12 @@ pub fn quantile_ms(counts: &[u64], q: f64) -> Option<f64> {
 }
 
 /// Adds sparse `(slot, count)` pairs to a dense histogram; pairs naming a slot out of range
-/// are counted in the last slot.
+/// are counted in the last slot, and a slot's count saturates at `u64::MAX`.
 pub fn add_sparse(dense: &mut [u64], slots: &[u32], counts: &[u64]) {
     let Some(last) = dense.len().checked_sub(1) else { return };
     for (s, c) in slots.iter().zip(counts) {
-        dense[(*s as usize).min(last)] += c;
+        let slot = &mut dense[(*s as usize).min(last)];
+        *slot = slot.saturating_add(*c);
     }
 }
 

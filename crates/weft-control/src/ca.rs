@@ -483,6 +483,12 @@ pub(crate) fn pem_der(pem: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// A certificate's subject alternative names, as x509-parser prints them.
+    fn san_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+        let sans = cert.subject_alternative_name().unwrap().expect("a SAN extension");
+        sans.value.general_names.iter().map(|n| format!("{n}")).collect()
+    }
+
     fn ca() -> (Ca, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("weft-ca-{}-{}", std::process::id(), rand_suffix()));
         let store = Store::open(&dir).unwrap();
@@ -555,15 +561,7 @@ mod tests {
         assert_eq!(issued.identity, "spiffe://weft.local/ns/default/sa/checkout-api");
         let der = pem_der(&issued.chain_pem).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-        let sans: Vec<String> = cert
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(|n| format!("{n}"))
-            .collect();
+        let sans = san_names(&cert);
         assert_eq!(sans, ["URI(spiffe://weft.local/ns/default/sa/checkout-api)"]);
         let cn: Vec<&str> = cert.subject().iter_common_name().filter_map(|c| c.as_str().ok()).collect();
         assert_eq!(cn, ["default/checkout-api-v2"], "the workload is the common name");
@@ -591,15 +589,7 @@ mod tests {
         assert_eq!(chain.len(), 2, "leaf and root");
         assert_eq!(weft_core::tls::fingerprint(&chain[1]), ca.root_fingerprint(), "the root tokens pin");
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
-        let names: Vec<String> = leaf
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(|n| format!("{n}"))
-            .collect();
+        let names = san_names(&leaf);
         assert_eq!(
             names,
             ["DNSName(localhost)", "IPAddress(7f:00:00:01)"],

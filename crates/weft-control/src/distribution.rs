@@ -181,17 +181,10 @@ async fn drive(
                 dirty = true;
             }
             msg = inbound.message() => match msg {
-                Ok(Some(ProxyMessage { msg: Some(m) })) => match m {
-                    proxy_message::Msg::Subscribe(s) => {
-                        mesh.subscribe(conn, s.services);
-                        dirty = true;
-                    }
-                    proxy_message::Msg::Ack(a) => mesh.ack(conn, a.version, a.revision),
-                    proxy_message::Msg::Nack(n) => mesh.nack(conn, n.version, n.revision, n.reason),
-                    proxy_message::Msg::Telemetry(t) => mesh.telemetry(conn, t),
-                    proxy_message::Msg::Tap(t) => mesh.taps.deliver(t.events),
-                    proxy_message::Msg::Register(_) => {
-                        let _ = tx.send(Err(Status::invalid_argument("Register may be sent once per stream"))).await;
+                Ok(Some(ProxyMessage { msg: Some(m) })) => match receive(&mesh, conn, m) {
+                    Ok(subscribed) => dirty |= subscribed,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 },
@@ -216,4 +209,22 @@ async fn drive(
 /// waits: a proxy too slow to take the status still sees its stream end.
 fn stop(tx: &mpsc::Sender<Result<ControlMessage, Status>>) {
     let _ = tx.try_send(Err(Status::unavailable("the control plane is shutting down")));
+}
+
+/// Applies one message a registered proxy sent on its stream (after its Register) to the mesh.
+/// Returns whether the proxy subscribed to services (its config must be recomputed), or the
+/// status that ends the stream. The fuzz target `proxy_message` drives this same function.
+pub(crate) fn receive(mesh: &Mesh, conn: u64, msg: proxy_message::Msg) -> Result<bool, Status> {
+    match msg {
+        proxy_message::Msg::Subscribe(s) => {
+            mesh.subscribe(conn, s.services);
+            return Ok(true);
+        }
+        proxy_message::Msg::Ack(a) => mesh.ack(conn, a.version, a.revision),
+        proxy_message::Msg::Nack(n) => mesh.nack(conn, n.version, n.revision, n.reason),
+        proxy_message::Msg::Telemetry(t) => mesh.telemetry(conn, t),
+        proxy_message::Msg::Tap(t) => mesh.taps.deliver(t.events),
+        proxy_message::Msg::Register(_) => return Err(Status::invalid_argument("Register may be sent once per stream")),
+    }
+    Ok(false)
 }

@@ -9,6 +9,8 @@ pub mod auth;
 mod ca;
 mod clock;
 mod distribution;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 mod history;
 mod intents;
 mod mesh;

@@ -15,7 +15,7 @@ use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
 use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
 use crate::registry::{ProxyView, Registry};
 use crate::rollout::Phase;
-use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, round2};
+use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, check_report, round2};
 use crate::store::{Revision, Store, StoreError};
 use crate::taps::Taps;
 use parking_lot::{Mutex, MutexGuard};
@@ -273,8 +273,17 @@ impl Mesh {
 
     pub(crate) fn telemetry(&self, conn: u64, report: proto::TelemetryReport) {
         self.metrics.telemetry_reports.inc();
+        let checked = check_report(&report);
         let from = {
             let mut registry = self.registry.lock();
+            if let Err(e) = checked {
+                // Counted as a report, but nothing of it is believed, not even its certificate.
+                let proxy = registry.proxies.get(&conn).map(|p| p.id.clone()).unwrap_or_default();
+                tracing::warn!(%proxy, field = %e.field, value = %e.value, reason = %e.message, "telemetry report refused");
+                drop(registry);
+                self.signals.lock().record(None, Vec::new(), self.clock.now());
+                return;
+            }
             registry.certificate(conn, report.cert_not_after_unix, report.cert_generation);
             registry.proxies.get(&conn).map(|p| Reporter {
                 workload: p.workload_id().to_string(),
@@ -729,6 +738,49 @@ mod tests {
             web_config.services[0]
         );
         assert_eq!(mesh.config_for(orders).unwrap().message(1).revision, candidate);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn report(requests: u64, errors: u64) -> proto::proxy_message::Msg {
+        proto::proxy_message::Msg::Telemetry(proto::TelemetryReport {
+            interval_ms: 1000,
+            stats: vec![proto::TrafficStats {
+                direction: proto::Direction::Outbound as i32,
+                service: "payments".into(),
+                requests,
+                errors,
+                route: "default".into(),
+                latency_slots: vec![100, 200],
+                latency_counts: vec![requests / 2, requests - requests / 2],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    /// Found by the `proxy_message` fuzz target: a report with more errors than requests
+    /// reached `weft top`'s view, whose success count (requests - errors) underflowed: a panic
+    /// in a debug build, a success rate of about 1.8e19 % in a release build.
+    #[test]
+    fn a_telemetry_report_with_more_errors_than_requests_is_refused_and_changes_nothing() {
+        use crate::distribution::receive;
+        let (mesh, dir) = mesh(Clock::manual());
+        let orders = register(&mesh, "orders", 4001, &["payments"]);
+        assert_eq!(receive(&mesh, orders, report(10, 11)).ok(), Some(false));
+        assert!(mesh.routes().is_empty(), "a contradictory report was recorded: {:?}", mesh.routes());
+        assert_eq!(mesh.signals.lock().reports, 1, "a refused report still counts as received");
+
+        receive(&mesh, orders, report(10, 1)).expect("a report is received");
+        let routes = serde_json::to_value(mesh.routes()).unwrap();
+        assert_eq!(routes.as_array().unwrap().len(), 1, "{routes}");
+        assert_eq!(routes[0]["successRate"], 90.0);
+
+        // Totals past u64::MAX saturate rather than wrap.
+        receive(&mesh, orders, report(u64::MAX, 0)).expect("a report is received");
+        receive(&mesh, orders, report(u64::MAX, 0)).expect("a report is received");
+        let routes = serde_json::to_value(mesh.routes()).unwrap();
+        assert_eq!(routes[0]["successRate"], 100.0, "{routes}");
+        assert!(routes[0]["p99Ms"].as_f64().is_some_and(f64::is_finite), "{routes}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

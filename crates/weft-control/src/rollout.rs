@@ -88,8 +88,8 @@ impl Phase {
 impl Evidence {
     /// Adds a report: counts and its sparse latency histogram (slots and their counts).
     pub fn add(&mut self, requests: u64, errors: u64, slots: &[u32], counts: &[u64]) {
-        self.requests += requests;
-        self.errors += errors;
+        self.requests = self.requests.saturating_add(requests);
+        self.errors = self.errors.saturating_add(errors);
         add_sparse(self.histogram(), slots, counts);
         let report: Vec<(u32, u64)> = slots
             .iter()

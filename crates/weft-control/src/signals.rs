@@ -4,6 +4,7 @@
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
+use weft_api::error::FieldError;
 use weft_api::proto;
 use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms};
 
@@ -106,9 +107,9 @@ impl Signals {
         };
         if let Some(samples) = self.traffic.get(&(namespace.to_string(), service.to_string())) {
             for s in samples.iter().filter(|s| now.duration_since(s.at) <= RATE_WINDOW) {
-                t.requests += s.requests;
-                t.errors += s.errors;
-                t.mtls += s.mtls;
+                t.requests = t.requests.saturating_add(s.requests);
+                t.errors = t.errors.saturating_add(s.errors);
+                t.mtls = t.mtls.saturating_add(s.mtls);
                 add_sparse(&mut t.buckets, &s.latency_slots, &s.latency_counts);
             }
         }
@@ -126,8 +127,8 @@ impl Signals {
                 let e = by
                     .entry((service.clone(), s.route.clone()))
                     .or_insert_with(|| (0, 0, vec![0; LATENCY_SLOTS]));
-                e.0 += s.requests;
-                e.1 += s.errors;
+                e.0 = e.0.saturating_add(s.requests);
+                e.1 = e.1.saturating_add(s.errors);
                 add_sparse(&mut e.2, &s.latency_slots, &s.latency_counts);
             }
         }
@@ -142,6 +143,35 @@ impl Signals {
             })
             .collect()
     }
+}
+
+/// Refuses a report whose counts contradict each other (they would become negative success
+/// counts and rates downstream), naming the first such field and its value. Totals are still
+/// added with saturation: a proxy may report any number.
+pub(crate) fn check_report(report: &proto::TelemetryReport) -> Result<(), FieldError> {
+    for (i, s) in report.stats.iter().enumerate() {
+        let above = |field: &str, value: u64| {
+            FieldError::new(
+                format!("stats[{i}].{field}"),
+                value,
+                format!("more than its {} requests", s.requests),
+            )
+        };
+        if s.errors > s.requests {
+            return Err(above("errors", s.errors));
+        }
+        if s.mtls > s.requests {
+            return Err(above("mtls", s.mtls));
+        }
+        if s.latency_slots.len() != s.latency_counts.len() {
+            return Err(FieldError::new(
+                format!("stats[{i}].latencyCounts"),
+                s.latency_counts.len(),
+                format!("must pair with the {} latency slots", s.latency_slots.len()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn push_window(samples: &mut VecDeque<Sample>, sample: Sample, now: Instant, keep: Duration) {

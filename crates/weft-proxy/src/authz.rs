@@ -24,8 +24,10 @@ pub fn normalize(path: &str) -> Result<String, &'static str> {
     if path.contains('\\') {
         return Err("'\\' in the path");
     }
+    // Bytes, not chars: a raw UTF-8 path (`/café`, which HTTP parsers accept) passes through
+    // byte for byte. Only ASCII is ever decoded or rewritten, so the result is still UTF-8.
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    let mut decoded = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
@@ -36,18 +38,19 @@ pub fn normalize(path: &str) -> Result<String, &'static str> {
             let v = u8::from_str_radix(hex, 16).expect("hex checked");
             match v {
                 b'/' | b'\\' => return Err("an encoded '/' or '\\' in the path"),
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => decoded.push(v as char),
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => decoded.push(v),
                 _ => {
-                    decoded.push('%');
-                    decoded.push_str(&hex.to_ascii_uppercase());
+                    decoded.push(b'%');
+                    decoded.extend_from_slice(hex.to_ascii_uppercase().as_bytes());
                 }
             }
             i += 3;
         } else {
-            decoded.push(bytes[i] as char);
+            decoded.push(bytes[i]);
             i += 1;
         }
     }
+    let decoded = String::from_utf8(decoded).expect("UTF-8 in, only ASCII changed");
     let trailing = decoded.ends_with('/') && decoded.len() > 1;
     let mut segments: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
@@ -148,6 +151,7 @@ mod tests {
             ("/../../etc", "/etc"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
+            ("/caf\u{e9}/./men\u{fc}", "/caf\u{e9}/men\u{fc}"),
             ("/", "/"),
         ] {
             assert_eq!(normalize(raw).as_deref(), Ok(canonical), "{raw}");

@@ -8,10 +8,11 @@
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::Response;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use weft_core::Body;
 
@@ -188,6 +189,22 @@ impl HttpBody for ClientBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A caller's request as the listeners forward it: its body watched (how it ended is in the
+/// returned request's extensions as an `Arc<BodyState>`) and, when the access log records
+/// sizes, counted into `request_bytes`.
+pub fn watched(req: Request<Incoming>, request_bytes: Option<&Arc<AtomicU64>>) -> Request<Body> {
+    let client = Arc::new(BodyState::default());
+    let mut req = req.map(|b| {
+        let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
+        match request_bytes {
+            Some(count) => crate::access::Tally::wrap(b, count.clone()),
+            None => b,
+        }
+    });
+    req.extensions_mut().insert(client);
+    req
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use crate::authz;
 use crate::config::AppProtocol;
-use crate::downstream::{BodyState, ClientBody};
+use crate::downstream::BodyState;
 use crate::forward::{CLIENT_CERT, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
 use crate::identity::spiffe_id;
 use crate::outbound::finish;
@@ -124,15 +124,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         (req.method().to_string(), req.uri().path().to_string(), authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let client = Arc::new(BodyState::default());
-    let mut req = req.map(|b| {
-        let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
-        match &request_bytes {
-            Some(count) => crate::access::Tally::wrap(b, count.clone()),
-            None => b,
-        }
-    });
-    req.extensions_mut().insert(client);
+    let req = crate::downstream::watched(req, request_bytes.as_ref());
     let limited = proxy.inbound_limiter.load().as_ref().as_ref().filter(|l| !l.allow()).map(|l| {
         reply(
             StatusCode::TOO_MANY_REQUESTS,

@@ -32,6 +32,7 @@ pub mod telemetry;
 mod upgrade;
 
 pub use config::{ProxyConfig, Source, StaticFile, Workload};
+/// Host resolution, public for its fuzz target (`weft-fuzz`).
 pub use state::Proxy;
 
 use std::net::SocketAddr;

@@ -66,15 +66,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         (req.method().to_string(), req.uri().path().to_string(), authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-    let client = Arc::new(BodyState::default());
-    let mut req = req.map(|b| {
-        let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
-        match &request_bytes {
-            Some(count) => crate::access::Tally::wrap(b, count.clone()),
-            None => b,
-        }
-    });
-    req.extensions_mut().insert(client);
+    let req = crate::downstream::watched(req, request_bytes.as_ref());
     let (service, route, resp) = route_request(&proxy, req, grpc).await;
     let upstream = resp.extensions().get::<PeerIdentity>();
     let retries = resp.extensions().get::<Retries>().map(|r| r.0).unwrap_or(0);

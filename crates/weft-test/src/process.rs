@@ -305,6 +305,19 @@ impl Control {
         self.call_as("POST", path, body, &self.admin_token).await
     }
 
+    /// Applies `yaml` (asserting 200) and waits until `caller` runs the revision it made;
+    /// returns that revision.
+    pub async fn apply_until_run_by(&self, caller: &ProxyHandle, yaml: &str) -> u64 {
+        let (status, applied) = self.post("/api/v1/resources", yaml).await;
+        assert_eq!(status, 200, "{applied}");
+        let rev = applied["revision"].as_u64().expect("a revision");
+        crate::eventually(Duration::from_secs(15), "the caller runs the new revision", || async {
+            (caller.config_dump().await["config"]["revision"].as_u64() >= Some(rev)).then_some(())
+        })
+        .await;
+        rev
+    }
+
     /// Any call with `token` as the bearer credential (none when empty): status and JSON body.
     pub async fn call_as(&self, method: &str, path: &str, body: &str, token: &str) -> (u16, Value) {
         let r = self.send_as(method, path, body, token).await;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use weft_test::apps::{EchoServer, GrpcEcho, Mode, grpc_client};
 use weft_test::echo_proto::EchoMsg;
 use weft_test::http::{Client, Reply};
-use weft_test::{Control, ProxyHandle, eventually, free_addr};
+use weft_test::{Control, ProxyHandle, eventually, free_addr, metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -36,14 +36,7 @@ async fn get(proxy: &ProxyHandle, service: &str, path: &str, headers: &[(&str, &
 
 /// Applies `yaml` and waits until `caller` runs the revision it made.
 async fn apply(control: &Control, caller: &ProxyHandle, yaml: &str) -> u64 {
-    let (status, applied) = control.post("/api/v1/resources", yaml).await;
-    assert_eq!(status, 200, "{applied}");
-    let rev = applied["revision"].as_u64().expect("a revision");
-    eventually(Duration::from_secs(15), "the caller runs the new revision", || async {
-        (caller.config_dump().await["config"]["revision"].as_u64() >= Some(rev)).then_some(())
-    })
-    .await;
-    rev
+    control.apply_until_run_by(caller, yaml).await
 }
 
 /// The most requests a token bucket of `rate`/s and `burst` can admit over `elapsed`, with one
@@ -78,17 +71,6 @@ async fn instance(control: &Control, name: &str, service: &str, version: &str, c
 
 async fn caller(control: &Control, name: &str, cluster: &str) -> ProxyHandle {
     ProxyHandle::start(BIN, control, &format!("default/{name}"), cluster, &[], free_addr()).await
-}
-
-/// The value of one sample of a metric, summed over the series whose labels contain all of
-/// `labels` (`key="value"` strings).
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Sends `n` GETs with `concurrency` at a time; returns the replies.

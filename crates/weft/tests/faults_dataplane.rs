@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_test::apps::EchoServer;
 use weft_test::http::{Client, Reply};
-use weft_test::{Control, ProxyHandle, eventually, free_addr};
+use weft_test::{Control, ProxyHandle, eventually, free_addr, metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -43,13 +43,7 @@ async fn caller(control: &Control, name: &str) -> ProxyHandle {
 
 /// Applies `yaml` and waits until `caller` runs the revision it made.
 async fn apply(control: &Control, caller: &ProxyHandle, yaml: &str) {
-    let (status, applied) = control.post("/api/v1/resources", yaml).await;
-    assert_eq!(status, 200, "{applied}");
-    let rev = applied["revision"].as_u64().expect("a revision");
-    eventually(Duration::from_secs(15), "the caller runs the new revision", || async {
-        (caller.config_dump().await["config"]["revision"].as_u64() >= Some(rev)).then_some(())
-    })
-    .await;
+    control.apply_until_run_by(caller, yaml).await;
 }
 
 fn traffic_policy(service: &str, spec: &str) -> String {
@@ -69,17 +63,6 @@ async fn wait_endpoints(caller: &ProxyHandle, service: &str, n: usize) {
         (known == n).then_some(())
     })
     .await;
-}
-
-/// The value of one sample of a metric, summed over the series whose labels contain all of
-/// `labels` (`key="value"` strings).
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Writes `raw` on a fresh connection to `addr` and reads until the server closes it (or 5 s).
