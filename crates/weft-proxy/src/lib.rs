@@ -24,6 +24,7 @@ pub mod identity;
 mod idle;
 mod inbound;
 pub mod intercept;
+pub mod netfilter;
 mod outbound;
 mod pool;
 mod replay;
