@@ -63,7 +63,8 @@ impl Rules {
         if !self.skip_outbound_ports.is_empty() {
             output.push(format!("tcp dport {{ {} }} return", set(&self.skip_outbound_ports)));
         }
-        output.push(format!("meta l4proto tcp redirect to :{}", self.outbound_port));
+        // Counted, so `nft list table ip weft-intercept` shows how much went through the sidecar.
+        output.push(format!("meta l4proto tcp counter redirect to :{}", self.outbound_port));
         let app_ports: Vec<u16> = self
             .app_ports
             .iter()
@@ -72,7 +73,7 @@ impl Rules {
             .collect();
         let mut prerouting = Vec::new();
         if !app_ports.is_empty() {
-            prerouting.push(format!("tcp dport {{ {} }} redirect to :{}", set(&app_ports), self.inbound_port));
+            prerouting.push(format!("tcp dport {{ {} }} counter redirect to :{}", set(&app_ports), self.inbound_port));
         }
         let chain = |name: &str, hook: &str, rules: &[String]| {
             let body: String = rules.iter().map(|r| format!("    {r}\n")).collect();
@@ -140,8 +141,8 @@ mod tests {
             "ip daddr 127.0.0.0/8 return",
             "ip daddr { 10.0.0.0/8 } return",
             "tcp dport { 5432 } return",
-            "meta l4proto tcp redirect to :15001",
-            "tcp dport { 8080 } redirect to :15006",
+            "meta l4proto tcp counter redirect to :15001",
+            "tcp dport { 8080 } counter redirect to :15006",
         ];
         let at: Vec<usize> = order.iter().map(|r| text.find(r).unwrap_or_else(|| panic!("{r} in\n{text}"))).collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");

@@ -2,7 +2,7 @@
 //! hosts, partitions, transparent interception.
 //!
 //! A [`Network`] is a set of host namespaces, each with its loopback up and one interface
-//! (`eth0`) joined to a bridge that lives in a namespace of its own, so nothing is created in,
+//! (`eth0`, also its default route) joined to a bridge that lives in a namespace of its own, so nothing is created in,
 //! or routed from, the machine's own namespace. Addresses come from 198.18.0.0/15 (reserved
 //! for benchmarking, RFC 2544) and never leave the network's namespaces; since each network
 //! has its own bridge, two tests may use the same addresses at once. Everything is removed on
@@ -85,6 +85,10 @@ impl Network {
             network.exec_ok(&netns, &["ip", "link", "set", "lo", "up"]);
             network.exec_ok(&netns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
             network.exec_ok(&netns, &["ip", "link", "set", "eth0", "up"]);
+            // Like a real host, a default route (on the link: the bridge has no gateway, so
+            // nothing leaves the network): virtual IPs and other off-subnet addresses are
+            // routable, so a connection to one reaches the interception rules.
+            network.exec_ok(&netns, &["ip", "route", "add", "default", "dev", "eth0"]);
             // A resolver that is no one, so nothing in a test asks the machine's own resolver.
             network.set_resolv_conf(name, "nameserver 198.18.0.254\noptions timeout:1 attempts:1\n");
         }

@@ -1,0 +1,374 @@
+//! Unmodified apps in the mesh (issue #17): `weft run --intercept` in network namespaces the
+//! test creates (weft_test::netns), a control plane on a host of its own, and clients that know
+//! nothing of the mesh (curl, python requests, redis-cli) calling services by name.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+use weft_test::netns::{KERNEL_REFUSES, Network};
+use weft_test::{Process, eventually};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft");
+/// Debian's python, where python3-requests is installed (scripts/test).
+const PYTHON: &str = "/usr/bin/python3";
+const API_PORT: u16 = 7070;
+const GRPC_PORT: u16 = 7071;
+const INBOUND_PORT: u16 = 15006;
+const EXPLICIT: &str = "127.0.0.1:15000";
+const ADMIN: &str = "127.0.0.1:15020";
+
+/// A control plane on host `control` and the hosts of the workloads.
+struct Mesh {
+    net: Network,
+    _control: Process,
+    data_dir: PathBuf,
+    admin_token: String,
+}
+
+/// A network of `hosts` (plus `control`) with a control plane running, or `None` (loudly) where
+/// the kernel refuses namespaces.
+async fn mesh(hosts: &[&str]) -> Option<Mesh> {
+    let mut names = vec!["control"];
+    names.extend_from_slice(hosts);
+    let net = match Network::new(&names) {
+        Ok(net) => net,
+        Err(refused) => {
+            assert_eq!(Network::skip_reason(&refused), KERNEL_REFUSES);
+            return None;
+        }
+    };
+    let addr = net.host("control").addr;
+    let data_dir = std::env::temp_dir().join(format!("weft-intercept-{}-{}", std::process::id(), net.host("control").netns));
+    let args: Vec<String> = [
+        "control",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--api",
+        &format!("{addr}:{API_PORT}"),
+        "--grpc",
+        &format!("{addr}:{GRPC_PORT}"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let control = net.spawn("control", "control", BIN, &args, &[("RUST_LOG", "info")]);
+    let ready_url = format!("https://{addr}:{API_PORT}/ready");
+    let ca = data_dir.join("ca.pem");
+    eventually(Duration::from_secs(30), "control plane ready", || {
+        let out = net.run("control", &["curl", "-sf", "--cacert", &ca.display().to_string(), &ready_url]);
+        async move { out.status.success().then_some(()) }
+    })
+    .await;
+    let admin_token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap().trim().to_string();
+    Some(Mesh {
+        net,
+        _control: control,
+        data_dir,
+        admin_token,
+    })
+}
+
+impl Mesh {
+    /// Runs the CLI against the control plane (from the control plane's own host).
+    fn cli(&self, args: &[&str]) -> Output {
+        let server = format!("https://{}:{API_PORT}", self.net.host("control").addr);
+        let out = self
+            .net
+            .command("control", BIN)
+            .args(["--server", &server, "--ca-file", &self.data_dir.join("ca.pem").display().to_string()])
+            .args(args)
+            .env("WEFT_API_TOKEN", &self.admin_token)
+            .env("WEFT_CONFIG", self.data_dir.join("no-user-config.json"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "weft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    fn token(&self, workload: &str) -> String {
+        String::from_utf8(self.cli(&["token", "create", "--workload", workload]).stdout)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn addr(&self, host: &str) -> Ipv4Addr {
+        self.net.host(host).addr
+    }
+
+    /// `weft run --intercept` on `host` for `workload`, its app on 127.0.0.1:`app_port`.
+    fn run(&self, host: &str, workload: &str, labels: &[&str], app_port: u16, extra: &[&str], command: &[&str]) -> Process {
+        let control = format!("https://{}:{GRPC_PORT}", self.addr("control"));
+        let inbound = format!("{}:{INBOUND_PORT}", self.addr(host));
+        let app = format!("127.0.0.1:{app_port}");
+        let mut args: Vec<String> = [
+            "run",
+            "--control",
+            &control,
+            "--workload",
+            workload,
+            "--cluster",
+            "cluster-a",
+            "--app",
+            &app,
+            "--inbound",
+            &inbound,
+            "--outbound",
+            EXPLICIT,
+            "--admin",
+            ADMIN,
+            "--intercept",
+        ]
+        .map(String::from)
+        .to_vec();
+        for label in labels {
+            args.extend(["--label".to_string(), label.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("--".into());
+        args.extend(command.iter().map(|s| s.to_string()));
+        let token = self.token(workload);
+        let env = [("WEFT_TOKEN", token.as_str()), ("RUST_LOG", "info,weft_proxy::intercept=debug"), ("NO_COLOR", "1")];
+        self.net.spawn(host, workload, BIN, &args, &env)
+    }
+
+    /// Waits until the sidecar on `host` is ready.
+    async fn ready(&self, host: &str) {
+        eventually(Duration::from_secs(30), &format!("sidecar on {host} ready"), || {
+            let out = self.net.run(host, &["curl", "-sf", &format!("http://{ADMIN}/ready")]);
+            async move { out.status.success().then_some(()) }
+        })
+        .await;
+    }
+
+    fn metrics(&self, host: &str) -> String {
+        String::from_utf8(self.net.run(host, &["curl", "-s", &format!("http://{ADMIN}/metrics")]).stdout).unwrap()
+    }
+
+    fn sh(&self, host: &str, script: &str) -> Output {
+        self.net.run(host, &["sh", "-c", script])
+    }
+
+    /// Runs a python script in `host`; its standard output, which must be JSON.
+    fn python(&self, host: &str, script: &str) -> serde_json::Value {
+        let out = self.net.run(host, &[PYTHON, "-c", script]);
+        assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Packets the interception rules of `host` redirected to the sidecar (outbound).
+    fn redirected(&self, host: &str) -> u64 {
+        let out = self.net.run(host, &["nft", "list", "chain", "ip", "weft-intercept", "output"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.contains("redirect to :15001")).expect("the outbound rule");
+        line.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter in {line}"))
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// Percentile `p` (0-100) of `samples` in milliseconds.
+fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+/// A python snippet timing `n` GETs of `url` (through `proxy` when given): JSON with the
+/// version each answer came from and the latencies in ms.
+fn timed_gets(url: &str, n: usize, proxy: Option<&str>) -> String {
+    let proxies = proxy.map(|p| format!("{{'http': 'http://{p}'}}")).unwrap_or("None".into());
+    format!(
+        r#"
+import json, time, requests
+s = requests.Session()
+s.trust_env = False
+versions, ms = {{}}, []
+for _ in range({n}):
+    t = time.perf_counter()
+    r = s.get("{url}", proxies={proxies}, timeout=5)
+    ms.append((time.perf_counter() - t) * 1000)
+    assert r.status_code == 200, (r.status_code, r.headers, r.text)
+    v = r.json()["version"]
+    versions[v] = versions.get(v, 0) + 1
+print(json.dumps({{"versions": versions, "ms": ms}}))
+"#
+    )
+}
+
+/// DNS round trips to the namespace's resolver (which the rules send to the sidecar): the
+/// answer's first A address and each query's time in ms.
+fn timed_dns(name: &str, n: usize) -> String {
+    format!(
+        r#"
+import json, socket, struct, time
+ns = open("/etc/resolv.conf").read().split("nameserver")[1].split()[0]
+q = b"".join(bytes([len(l)]) + l.encode() for l in "{name}".split(".")) + b"\0"
+ms, addr = [], None
+for i in range({n}):
+    pkt = struct.pack(">HHHHHH", i, 0x0100, 1, 0, 0, 0) + q + struct.pack(">HH", 1, 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    t = time.perf_counter()
+    s.sendto(pkt, (ns, 53))
+    data = s.recv(512)
+    ms.append((time.perf_counter() - t) * 1000)
+    addr = socket.inet_ntoa(data[-4:]) if struct.unpack(">H", data[6:8])[0] else None
+print(json.dumps({{"addr": addr, "ms": ms}}))
+"#
+    )
+}
+
+fn samples(v: &serde_json::Value) -> Vec<f64> {
+    v["ms"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// The detection times the client sidecar logged, per protocol, in µs.
+fn detection_micros(log: &str, protocol: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains("protocol detected") && l.contains(&format!("protocol={protocol}")))
+        .filter_map(|l| l.split("micros=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
+    let Some(mesh) = mesh(&["client", "orders-v1", "orders-v2", "cache"]).await else { return };
+    let demo = |version| [BIN, "demo-app", "--name", "orders-api", "--version", version, "--listen", "127.0.0.1:8080"];
+    let labels = |version| ["service=orders-api".to_string(), format!("version={version}")];
+    let (l1, l2) = (labels("v1"), labels("v2"));
+    let _v1 = mesh.run("orders-v1", "default/orders-v1", &[&l1[0], &l1[1]], 8080, &[], &demo("v1"));
+    let _v2 = mesh.run("orders-v2", "default/orders-v2", &[&l2[0], &l2[1]], 8080, &[], &demo("v2"));
+    let _cache = mesh.run(
+        "cache",
+        "default/cache",
+        &[],
+        6379,
+        &[],
+        &["redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    );
+    let client = mesh.run("client", "default/client", &[], 9, &[], &["sleep", "3600"]);
+    for host in ["orders-v1", "orders-v2", "cache", "client"] {
+        mesh.ready(host).await;
+    }
+
+    // curl, by name: the sidecar's DNS answers with the service's virtual IP, the rules send the
+    // connection to the sidecar, and it goes over mTLS to a callee's sidecar.
+    let out = eventually(Duration::from_secs(20), "curl http://orders-api/ answers 200", || {
+        let out = mesh.sh("client", "curl -s -o /dev/null -w '%{http_code} %{remote_ip}' --max-time 5 http://orders-api/");
+        async move { String::from_utf8_lossy(&out.stdout).starts_with("200").then_some(out) }
+    })
+    .await;
+    let remote_ip: Ipv4Addr = String::from_utf8_lossy(&out.stdout).split(' ').nth(1).unwrap().parse().unwrap();
+    assert_eq!(remote_ip, weft_api::mesh::virtual_ip("default", "orders-api"), "curl dialled the virtual IP");
+    let callee_metrics = mesh.metrics("orders-v1") + &mesh.metrics("orders-v2");
+    assert!(
+        callee_metrics.lines().any(|l| l.starts_with("weft_proxy_requests_total{")
+            && l.contains(r#"direction="inbound""#)
+            && l.contains(r#"peer="spiffe://weft.local/ns/default/sa/client""#)),
+        "a callee sidecar saw the client's identity over mTLS:\n{callee_metrics}"
+    );
+
+    // A TrafficPolicy split applies to intercepted traffic: 30/70 over 400 requests from python
+    // requests, within 7 points (over 5 standard deviations of a binomial at n=400).
+    let policy = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: orders-split}\nspec:\n  service: orders-api\n  routes:\n    - name: split\n      backends: [{subset: v1, weight: 30}, {subset: v2, weight: 70}]\n";
+    let file = mesh.data_dir.join("split.yaml");
+    std::fs::write(&file, policy).unwrap();
+    mesh.cli(&["apply", "-f", &file.display().to_string()]);
+    eventually(Duration::from_secs(20), "the split is in force at the client", || {
+        let got = mesh.python("client", &timed_gets("http://orders-api/", 20, None));
+        async move { (got["versions"]["v1"].as_u64().is_some() && got["versions"]["v2"].as_u64().is_some()).then_some(()) }
+    })
+    .await;
+    let intercepted = mesh.python("client", &timed_gets("http://orders-api/", 400, None));
+    let v1_share = intercepted["versions"]["v1"].as_f64().unwrap_or(0.0) / 400.0 * 100.0;
+    assert!((v1_share - 30.0).abs() <= 7.0, "v1 got {v1_share:.1}% of 400, expected 30 ± 7: {}", intercepted["versions"]);
+
+    // Added latency of interception: the same path through the explicit outbound listener (the
+    // app using the sidecar as its HTTP proxy), same run.
+    let explicit = mesh.python("client", &timed_gets("http://orders-api/", 400, Some(EXPLICIT)));
+    let (i, e) = (samples(&intercepted), samples(&explicit));
+    eprintln!(
+        "MEASURE interception: p50 {:.2} ms p99 {:.2} ms; explicit outbound: p50 {:.2} ms p99 {:.2} ms (400 requests each, both sidecars, mTLS)",
+        percentile(&i, 50.0),
+        percentile(&i, 99.0),
+        percentile(&e, 50.0),
+        percentile(&e, 99.0)
+    );
+
+    // DNS: mesh names answered by the sidecar, in every accepted form.
+    for name in ["orders-api", "orders-api.default", "orders-api.default.svc", "orders-api.default.svc.weft.local"] {
+        let got = mesh.python("client", &timed_dns(name, 1));
+        assert_eq!(got["addr"], weft_api::mesh::virtual_ip("default", "orders-api").to_string(), "{name}");
+    }
+    let dns = mesh.python("client", &timed_dns("orders-api", 200));
+    let d = samples(&dns);
+    eprintln!(
+        "MEASURE DNS answer for a mesh name: p50 {:.3} ms p99 {:.3} ms (200 queries)",
+        percentile(&d, 50.0),
+        percentile(&d, 99.0)
+    );
+
+    // redis through its declared opaque port: never sniffed, so the first reply needs no wait.
+    let redis = mesh.sh("client", "redis-cli -h cache -p 6379 SET k v && redis-cli -h cache -p 6379 GET k");
+    assert_eq!(String::from_utf8_lossy(&redis.stdout).trim(), "OK\nv", "{}", String::from_utf8_lossy(&redis.stderr));
+    let pings = mesh.python(
+        "client",
+        r#"
+import json, socket, time
+ms = []
+for _ in range(50):
+    t = time.perf_counter()
+    s = socket.create_connection(("cache", 6379), timeout=5)
+    s.sendall(b"PING\r\n")
+    assert s.recv(64) == b"+PONG\r\n"
+    ms.append((time.perf_counter() - t) * 1000)
+    s.close()
+print(json.dumps({"ms": ms}))
+"#,
+    );
+    let p = samples(&pings);
+    eprintln!(
+        "MEASURE redis connect+PING through the declared opaque port: p50 {:.2} ms p99 {:.2} ms",
+        percentile(&p, 50.0),
+        percentile(&p, 99.0)
+    );
+    let log = client.log_text();
+    assert!(
+        log.lines().all(|l| !(l.contains("protocol detected") && l.contains(":6379"))),
+        "the opaque port was never sniffed"
+    );
+    let http1 = detection_micros(&log, "Http1");
+    assert!(!http1.is_empty(), "HTTP/1.1 was detected on intercepted connections");
+    eprintln!(
+        "MEASURE detection: HTTP/1.1 p50 {:.0} µs p99 {:.0} µs over {} connections",
+        percentile(&http1, 50.0),
+        percentile(&http1, 99.0),
+        http1.len()
+    );
+    // HTTP/2 with prior knowledge, and TLS (passed through by SNI as opaque TCP).
+    let h2 = mesh.sh("client", "curl -s -o /dev/null -w '%{http_code}' --http2-prior-knowledge --max-time 5 http://orders-api/");
+    assert_eq!(String::from_utf8_lossy(&h2.stdout), "200");
+    let _ = mesh.sh("client", "curl -s -o /dev/null --max-time 2 -k https://orders-api:443/");
+    let log = eventually(Duration::from_secs(5), "h2 and TLS detections logged", || {
+        let log = client.log_text();
+        async move { (!detection_micros(&log, "H2").is_empty() && log.contains("protocol=Tls")).then_some(log) }
+    })
+    .await;
+    assert!(log.contains(r#"protocol=Tls { sni: Some("orders-api") }"#), "the TLS hello's server name was read");
+    // Detection time runs from accept to decision, so it includes the client's own delay before
+    // its first bytes (curl prepares its TLS context after connecting).
+    eprintln!(
+        "MEASURE detection: HTTP/2 prior knowledge {:?} µs; TLS {:?} µs",
+        detection_micros(&log, "H2"),
+        detection_micros(&log, "Tls")
+    );
+}
