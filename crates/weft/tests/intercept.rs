@@ -155,18 +155,6 @@ impl Mesh {
         assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
     }
-
-    /// Packets the interception rules of `host` redirected to the sidecar (outbound).
-    fn redirected(&self, host: &str) -> u64 {
-        let out = self.net.run(host, &["nft", "list", "chain", "ip", "weft-intercept", "output"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.contains("redirect to :15001")).expect("the outbound rule");
-        line.split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no counter in {line}"))
-    }
 }
 
 impl Drop for Mesh {
@@ -370,5 +358,89 @@ print(json.dumps({"ms": ms}))
         "MEASURE detection: HTTP/2 prior knowledge {:?} µs; TLS {:?} µs",
         detection_micros(&log, "H2"),
         detection_micros(&log, "Tls")
+    );
+}
+
+/// The packet counter of `host`'s outbound redirect rule, as a shell function `redirected`.
+const REDIRECTED_SH: &str =
+    "redirected() { nft list chain ip weft-intercept output | sed -n 's/.*packets \\([0-9]*\\).*redirect to :15001.*/\\1/p'; }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_job_exits_with_its_own_code_leaves_nothing_behind_and_skips_bypass() {
+    let Some(mesh) = mesh(&["job", "orders", "ext", "ext2"]).await else { return };
+    let demo = [BIN, "demo-app", "--name", "orders", "--listen", "127.0.0.1:8080"];
+    let _orders = mesh.run("orders", "default/orders", &[], 8080, &[], &demo);
+    let server = |host: &str, port: &str| mesh.net.spawn(host, &format!("http-{host}-{port}"), PYTHON, &["-m".into(), "http.server".into(), port.into()], &[]);
+    let _servers = [server("ext", "8000"), server("ext", "8001"), server("ext2", "8000")];
+    mesh.ready("orders").await;
+    let (ext, ext2) = (mesh.addr("ext"), mesh.addr("ext2"));
+    for (host, addr) in [("ext", ext), ("ext2", ext2)] {
+        eventually(Duration::from_secs(10), &format!("http.server on {host}"), || {
+            let out = mesh.sh(host, &format!("curl -sf -o /dev/null http://{addr}:8000/"));
+            async move { out.status.success().then_some(()) }
+        })
+        .await;
+    }
+
+    // The job calls a mesh service by name, then checks from the rules' own counter that the
+    // skipped port and CIDR went around the sidecar while another destination did not, and
+    // exits with its own code (7); each failed step exits with a code of its own.
+    let script = format!(
+        "{REDIRECTED_SH}
+         curl -sf -o /dev/null --max-time 5 http://orders/ || exit 10
+         a=$(redirected); curl -sf -o /dev/null --max-time 5 http://{ext}:8001/ || exit 11
+         b=$(redirected); [ \"$a\" = \"$b\" ] || exit 12
+         curl -sf -o /dev/null --max-time 5 http://{ext2}:8000/ || exit 13
+         c=$(redirected); [ \"$b\" = \"$c\" ] || exit 14
+         curl -sf -o /dev/null --max-time 5 http://{ext}:8000/ || exit 15
+         d=$(redirected); [ \"$d\" -gt \"$c\" ] || exit 16
+         exit 7"
+    );
+    let mut job = mesh.run(
+        "job",
+        "default/job",
+        &[],
+        9,
+        &["--skip-outbound-ports", "8001", "--skip-cidrs", &format!("{ext2}/32")],
+        &["sh", "-c", &script],
+    );
+    let code = tokio::task::spawn_blocking(move || {
+        let code = job.wait(Duration::from_secs(60));
+        (code, job)
+    })
+    .await
+    .unwrap();
+    let (code, job) = code;
+    assert_eq!(code, Some(7), "weft run ends with the job's own code:\n{}", job.log_text());
+    let tables = mesh.net.run("job", &["nft", "list", "tables"]);
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("weft-intercept"),
+        "the rules are removed: {}",
+        String::from_utf8_lossy(&tables.stdout)
+    );
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", &mesh.net.host("job").netns])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&pids.stdout).trim(), "", "no process is left in the job's namespace");
+
+    // Rules that cannot be installed (no nft to run): the app is never started, and the
+    // error says why.
+    let marker = mesh.data_dir.join("started");
+    let control = format!("https://{}:{GRPC_PORT}", mesh.addr("control"));
+    let out = std::process::Command::new("/usr/sbin/ip")
+        .args(["netns", "exec", &mesh.net.host("job").netns, BIN, "run", "--control", &control])
+        .args(["--workload", "default/job", "--cluster", "cluster-a", "--app", "127.0.0.1:9"])
+        .args(["--inbound", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--intercept", "--"])
+        .args(["/usr/bin/touch", &marker.display().to_string()])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!marker.exists(), "the app was not started");
+    assert!(
+        stderr.contains("the app was not started") && stderr.contains("cannot run nft"),
+        "the error says why: {stderr}"
     );
 }
