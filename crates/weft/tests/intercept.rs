@@ -444,3 +444,129 @@ async fn a_batch_job_exits_with_its_own_code_leaves_nothing_behind_and_skips_byp
         "the error says why: {stderr}"
     );
 }
+
+/// An app that serves slowly (each request logged to ARRIVALS, then answered after 1.5 s) and,
+/// when CALL is set, calls it 20 times at once at start; on SIGTERM it waits for those calls
+/// and exits 0 only if all 20 succeeded, writing their statuses to RESULT.
+const SLOW_APP: &str = r#"
+import json, os, signal, sys, threading, time, requests
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+arrivals = os.environ["ARRIVALS"]
+lock = threading.Lock()
+class Slow(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        with lock:
+            open(arrivals, "a").write("x\n")
+        time.sleep(1.5)
+        body = b"slow ok"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", 8080), Slow)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+statuses = []
+def call(url):
+    try:
+        statuses.append(requests.get(url, timeout=20).status_code)
+    except Exception as e:
+        statuses.append(str(e))
+calls = [threading.Thread(target=call, args=(os.environ["CALL"],)) for _ in range(20)] if os.environ.get("CALL") else []
+for t in calls:
+    t.start()
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+stop.wait()
+for t in calls:
+    t.join()
+open(os.environ["RESULT"], "w").write(json.dumps(statuses))
+sys.exit(0 if all(s == 200 for s in statuses) else 3)
+"#;
+
+fn lines(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_loses_no_request_in_flight_in_either_direction() {
+    let Some(mesh) = mesh(&["caller", "middle", "backend"]).await else { return };
+    let dir = &mesh.data_dir;
+    let app = dir.join("slow.py");
+    std::fs::write(&app, SLOW_APP).unwrap();
+    let (backend_arrivals, middle_arrivals, result) = (dir.join("backend.arrivals"), dir.join("middle.arrivals"), dir.join("middle.result"));
+    let app = app.display().to_string();
+    let env_of = |arrivals: &PathBuf, call: &str| {
+        format!(
+            "ARRIVALS={} RESULT={} CALL={call}",
+            arrivals.display(),
+            result.display()
+        )
+    };
+    let backend_env = env_of(&backend_arrivals, "");
+    let middle_env = env_of(&middle_arrivals, "http://backend/");
+    let _backend = mesh.run(
+        "backend",
+        "default/backend",
+        &[],
+        8080,
+        &[],
+        &["sh", "-c", &format!("exec env {backend_env} {PYTHON} {app}")],
+    );
+    mesh.ready("backend").await;
+    let mut middle = mesh.run(
+        "middle",
+        "default/middle",
+        &[],
+        8080,
+        &[],
+        &["sh", "-c", &format!("exec env {middle_env} {PYTHON} {app}")],
+    );
+    let _caller = mesh.run("caller", "default/caller", &[], 9, &[], &["sleep", "3600"]);
+    mesh.ready("middle").await;
+    mesh.ready("caller").await;
+
+    // 20 requests into middle from an unmodified client; middle's app has 20 of its own out.
+    let clients = mesh
+        .net
+        .command("caller", PYTHON)
+        .args([
+            "-c",
+            r#"
+import json, threading, requests
+out = []
+def get():
+    try:
+        out.append(requests.get("http://middle/", timeout=20).status_code)
+    except Exception as e:
+        out.append(str(e))
+ts = [threading.Thread(target=get) for _ in range(20)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps(out))
+"#,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(20), "20 requests in flight each way at middle", || {
+        let (inbound, outbound) = (lines(&middle_arrivals), lines(&backend_arrivals));
+        async move { (inbound >= 20 && outbound >= 20).then_some(()) }
+    })
+    .await;
+    middle.signal(nix::sys::signal::Signal::SIGTERM);
+    let clients = tokio::task::spawn_blocking(move || clients.wait_with_output().unwrap()).await.unwrap();
+    let inbound: Vec<serde_json::Value> = serde_json::from_slice(&clients.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&clients.stderr)));
+    let (code, middle) = tokio::task::spawn_blocking(move || (middle.wait(Duration::from_secs(30)), middle))
+        .await
+        .unwrap();
+    assert_eq!(inbound.len(), 20);
+    assert!(inbound.iter().all(|s| s == 200), "every inbound request in flight finished: {inbound:?}");
+    let outbound = std::fs::read_to_string(&result).expect("the app wrote its outbound results");
+    assert_eq!(code, Some(0), "the app's 20 outbound calls all succeeded ({outbound}):\n{}", middle.log_text());
+    assert_eq!(outbound.matches("200").count(), 20, "{outbound}");
+}
