@@ -468,5 +468,4 @@ mod tests {
             assert!(![[0, 0], [255, 255]].contains(&[ip.octets()[2], ip.octets()[3]]), "{ip}");
         }
     }
-
 }

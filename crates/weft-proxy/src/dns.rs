@@ -66,7 +66,9 @@ async fn serve_tcp(proxy: Arc<Proxy>, mut stream: TcpStream, upstream: Option<So
         if stream.read_exact(&mut packet).await.is_err() {
             return;
         }
-        let Some(answer) = answer(&proxy, &packet, upstream, true).await else { return };
+        let Some(answer) = answer(&proxy, &packet, upstream, true).await else {
+            return;
+        };
         let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
         framed.extend(answer);
         if stream.write_all(&framed).await.is_err() {

@@ -50,7 +50,10 @@ pub struct Intercepted {
 /// Binds the DNS listeners (UDP, and TCP for long answers and TCP-only resolvers).
 pub async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), crate::StartError> {
     let err = |source| crate::StartError::Dns { addr, source };
-    Ok((UdpSocket::bind(addr).await.map_err(err)?, TcpListener::bind(addr).await.map_err(err)?))
+    Ok((
+        UdpSocket::bind(addr).await.map_err(err)?,
+        TcpListener::bind(addr).await.map_err(err)?,
+    ))
 }
 
 /// Serves the intercepted outbound listener until `shutdown`, then drains.

@@ -73,7 +73,11 @@ impl Rules {
             .collect();
         let mut prerouting = Vec::new();
         if !app_ports.is_empty() {
-            prerouting.push(format!("tcp dport {{ {} }} counter redirect to :{}", set(&app_ports), self.inbound_port));
+            prerouting.push(format!(
+                "tcp dport {{ {} }} counter redirect to :{}",
+                set(&app_ports),
+                self.inbound_port
+            ));
         }
         let chain = |name: &str, hook: &str, rules: &[String]| {
             let body: String = rules.iter().map(|r| format!("    {r}\n")).collect();
@@ -134,7 +138,10 @@ mod tests {
             skip_cidrs: vec![(Ipv4Addr::new(10, 0, 0, 0), 8)],
         };
         let text = rules.ruleset();
-        assert!(text.starts_with("table ip weft-intercept\ndelete table ip weft-intercept\n"), "{text}");
+        assert!(
+            text.starts_with("table ip weft-intercept\ndelete table ip weft-intercept\n"),
+            "{text}"
+        );
         let order = [
             "meta skgid 1337 return",
             "udp dport 53 redirect to :15053",
@@ -144,7 +151,10 @@ mod tests {
             "meta l4proto tcp counter redirect to :15001",
             "tcp dport { 8080 } counter redirect to :15006",
         ];
-        let at: Vec<usize> = order.iter().map(|r| text.find(r).unwrap_or_else(|| panic!("{r} in\n{text}"))).collect();
+        let at: Vec<usize> = order
+            .iter()
+            .map(|r| text.find(r).unwrap_or_else(|| panic!("{r} in\n{text}")))
+            .collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
     }
 }

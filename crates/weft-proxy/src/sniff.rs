@@ -16,7 +16,9 @@ pub enum Protocol {
     /// HTTP/2 with prior knowledge (the connection preface).
     H2,
     /// A TLS ClientHello, with the server name it asks for, if any.
-    Tls { sni: Option<String> },
+    Tls {
+        sni: Option<String>,
+    },
     /// Anything else, or nothing within the bound.
     Opaque,
 }
@@ -25,7 +27,15 @@ pub enum Protocol {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The methods an HTTP/1.1 request line may start with, each followed by a space.
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
 ];
 
 /// Peeks at `tcp` until its first bytes decide the protocol, or [`BOUND`] has passed; returns the
@@ -175,7 +185,12 @@ mod tests {
         let mut record = vec![0x16, 3, 1];
         record.extend((hs.len() as u16).to_be_bytes());
         record.extend(&hs);
-        assert_eq!(classify(&record), Some(Protocol::Tls { sni: Some("db.example".into()) }));
+        assert_eq!(
+            classify(&record),
+            Some(Protocol::Tls {
+                sni: Some("db.example".into())
+            })
+        );
         assert_eq!(classify(&record[..20]), None, "half a hello waits for the rest");
     }
 }

@@ -78,8 +78,21 @@ impl Network {
             });
             let port = format!("h{i}");
             // Both ends are created straight in their namespaces: nothing in the root one.
-            ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &network.bridge])
-                .unwrap_or_else(|e| panic!("{e}"));
+            ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &network.bridge,
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
             let bridge = network.bridge.clone();
             network.exec_ok(&bridge, &["ip", "link", "set", &port, "master", "br0", "up"]);
             network.exec_ok(&netns, &["ip", "link", "set", "lo", "up"]);
@@ -202,7 +215,11 @@ fn nft(netns: &str, rules: &str) {
         .expect("nft runs (install nftables)");
     child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "nft -f in {netns}: {}\n{rules}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nft -f in {netns}: {}\n{rules}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `ip ARGS`; the error names the command and what it printed.

@@ -8,7 +8,9 @@ use weft_test::netns::{KERNEL_REFUSES, Network};
 /// `curl` from `from` to an HTTP server on `to`: whether it answered.
 fn reaches(net: &Network, from: &str, to: &str) -> bool {
     let url = format!("http://{}:8000/", net.host(to).addr);
-    net.run(from, &["curl", "-s", "-o", "/dev/null", "--max-time", "2", &url]).status.success()
+    net.run(from, &["curl", "-s", "-o", "/dev/null", "--max-time", "2", &url])
+        .status
+        .success()
 }
 
 fn namespaces() -> String {
@@ -28,7 +30,10 @@ async fn hosts_talk_over_their_own_bridge_and_partitions_cut_and_heal() {
     };
     let prefix = net.host("a").netns.trim_end_matches('a').to_string();
     let _server = net.spawn("a", "http-a", "python3", &["-m".into(), "http.server".into(), "8000".into()], &[]);
-    weft_test::eventually(std::time::Duration::from_secs(10), "b reaches a", || async { reaches(&net, "b", "a").then_some(()) }).await;
+    weft_test::eventually(std::time::Duration::from_secs(10), "b reaches a", || async {
+        reaches(&net, "b", "a").then_some(())
+    })
+    .await;
     assert!(reaches(&net, "c", "a"));
     assert_eq!(root_addrs(), root_before, "nothing was added to the machine's own namespace");
     assert!(!root_before.contains("198.18."), "the root namespace holds no test address");
@@ -41,5 +46,9 @@ async fn hosts_talk_over_their_own_bridge_and_partitions_cut_and_heal() {
 
     drop(_server);
     drop(net);
-    assert!(!namespaces().contains(&prefix), "every namespace is removed on drop:\n{}", namespaces());
+    assert!(
+        !namespaces().contains(&prefix),
+        "every namespace is removed on drop:\n{}",
+        namespaces()
+    );
 }

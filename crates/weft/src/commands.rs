@@ -160,7 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return control(cfg).await;
         }
         Command::Proxy(args) => return proxy(args).await,
-        Command::Run(args) => return crate::run::run(args).await,
+        Command::Run(args) => return crate::run::run(*args).await,
         Command::DemoApp(args) => return crate::demo_app::run(args).await,
         api_command => api_command,
     };
@@ -173,7 +173,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let api = Api::new(&profile.server, profile.ca_pem.as_deref(), &profile.ca_source)?.with_token(profile.token.clone());
     let result = match command {
-        Command::Up { .. } | Command::Control { .. } | Command::Proxy(_) | Command::Run(_) | Command::DemoApp(_) | Command::Login { .. } => {
+        Command::Up { .. }
+        | Command::Control { .. }
+        | Command::Proxy(_)
+        | Command::Run(_)
+        | Command::DemoApp(_)
+        | Command::Login { .. } => {
             unreachable!("local commands and login returned above")
         }
         Command::Apply { file, wait } => apply(&api, &file, wait.map(|w| w.as_std()), format).await,

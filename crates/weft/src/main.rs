@@ -127,7 +127,7 @@ pub enum Command {
     /// Run an app with its sidecar: the sidecar first, the app once the sidecar is ready; the
     /// app's exit code is weft run's. `--intercept` redirects the network namespace's traffic to
     /// the sidecar, so an unmodified app calls services by name.
-    Run(run::Args),
+    Run(Box<run::Args>),
     /// Run the demo application (an HTTP service that calls others through its sidecar).
     DemoApp(demo_app::Args),
     /// Apply TrafficPolicy / SecurityPolicy resources from a file. Returns once the change is

@@ -61,7 +61,9 @@ pub struct Args {
 
 fn parse_cidr(v: &str) -> Result<(Ipv4Addr, u8), String> {
     let (ip, len) = v.split_once('/').unwrap_or((v, "32"));
-    let ip = ip.parse::<Ipv4Addr>().map_err(|_| format!("{v:?}: {ip:?} is not an IPv4 address"))?;
+    let ip = ip
+        .parse::<Ipv4Addr>()
+        .map_err(|_| format!("{v:?}: {ip:?} is not an IPv4 address"))?;
     match len.parse::<u8>() {
         Ok(len) if len <= 32 => Ok((ip, len)),
         _ => Err(format!("{v:?}: {len:?} is not a prefix length 0-32")),

@@ -75,7 +75,12 @@ impl Mesh {
         let out = self
             .net
             .command("control", BIN)
-            .args(["--server", &server, "--ca-file", &self.data_dir.join("ca.pem").display().to_string()])
+            .args([
+                "--server",
+                &server,
+                "--ca-file",
+                &self.data_dir.join("ca.pem").display().to_string(),
+            ])
             .args(args)
             .env("WEFT_API_TOKEN", &self.admin_token)
             .env("WEFT_CONFIG", self.data_dir.join("no-user-config.json"))
@@ -128,7 +133,11 @@ impl Mesh {
         args.push("--".into());
         args.extend(command.iter().map(|s| s.to_string()));
         let token = self.token(workload);
-        let env = [("WEFT_TOKEN", token.as_str()), ("RUST_LOG", "info,weft_proxy::intercept=debug"), ("NO_COLOR", "1")];
+        let env = [
+            ("WEFT_TOKEN", token.as_str()),
+            ("RUST_LOG", "info,weft_proxy::intercept=debug"),
+            ("NO_COLOR", "1"),
+        ];
         self.net.spawn(host, workload, BIN, &args, &env)
     }
 
@@ -170,10 +179,11 @@ fn percentile(samples: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p / 100.0).round() as usize]
 }
 
-/// A python snippet timing `n` GETs of `url` (through `proxy` when given): JSON with the
-/// version each answer came from and the latencies in ms.
-fn timed_gets(url: &str, n: usize, proxy: Option<&str>) -> String {
+/// A python snippet timing `n` GETs of `url` (through `proxy` when given; each on a new
+/// connection when `fresh`): JSON with the version each answer came from and the latencies in ms.
+fn timed_gets(url: &str, n: usize, proxy: Option<&str>, fresh: bool) -> String {
     let proxies = proxy.map(|p| format!("{{'http': 'http://{p}'}}")).unwrap_or("None".into());
+    let headers = if fresh { "{'Connection': 'close'}" } else { "None" };
     format!(
         r#"
 import json, time, requests
@@ -182,7 +192,7 @@ s.trust_env = False
 versions, ms = {{}}, []
 for _ in range({n}):
     t = time.perf_counter()
-    r = s.get("{url}", proxies={proxies}, timeout=5)
+    r = s.get("{url}", proxies={proxies}, headers={headers}, timeout=5)
     ms.append((time.perf_counter() - t) * 1000)
     assert r.status_code == 200, (r.status_code, r.headers, r.text)
     v = r.json()["version"]
@@ -229,8 +239,21 @@ fn detection_micros(log: &str, protocol: &str) -> Vec<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
-    let Some(mesh) = mesh(&["client", "orders-v1", "orders-v2", "cache"]).await else { return };
-    let demo = |version| [BIN, "demo-app", "--name", "orders-api", "--version", version, "--listen", "127.0.0.1:8080"];
+    let Some(mesh) = mesh(&["client", "orders-v1", "orders-v2", "cache"]).await else {
+        return;
+    };
+    let demo = |version| {
+        [
+            BIN,
+            "demo-app",
+            "--name",
+            "orders-api",
+            "--version",
+            version,
+            "--listen",
+            "127.0.0.1:8080",
+        ]
+    };
     let labels = |version| ["service=orders-api".to_string(), format!("version={version}")];
     let (l1, l2) = (labels("v1"), labels("v2"));
     let _v1 = mesh.run("orders-v1", "default/orders-v1", &[&l1[0], &l1[1]], 8080, &[], &demo("v1"));
@@ -241,7 +264,17 @@ async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
         &[],
         6379,
         &[],
-        &["redis-server", "--port", "6379", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        &[
+            "redis-server",
+            "--port",
+            "6379",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
     );
     let client = mesh.run("client", "default/client", &[], 9, &[], &["sleep", "3600"]);
     for host in ["orders-v1", "orders-v2", "cache", "client"] {
@@ -251,12 +284,19 @@ async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
     // curl, by name: the sidecar's DNS answers with the service's virtual IP, the rules send the
     // connection to the sidecar, and it goes over mTLS to a callee's sidecar.
     let out = eventually(Duration::from_secs(20), "curl http://orders-api/ answers 200", || {
-        let out = mesh.sh("client", "curl -s -o /dev/null -w '%{http_code} %{remote_ip}' --max-time 5 http://orders-api/");
+        let out = mesh.sh(
+            "client",
+            "curl -s -o /dev/null -w '%{http_code} %{remote_ip}' --max-time 5 http://orders-api/",
+        );
         async move { String::from_utf8_lossy(&out.stdout).starts_with("200").then_some(out) }
     })
     .await;
     let remote_ip: Ipv4Addr = String::from_utf8_lossy(&out.stdout).split(' ').nth(1).unwrap().parse().unwrap();
-    assert_eq!(remote_ip, weft_api::mesh::virtual_ip("default", "orders-api"), "curl dialled the virtual IP");
+    assert_eq!(
+        remote_ip,
+        weft_api::mesh::virtual_ip("default", "orders-api"),
+        "curl dialled the virtual IP"
+    );
     let callee_metrics = mesh.metrics("orders-v1") + &mesh.metrics("orders-v2");
     assert!(
         callee_metrics.lines().any(|l| l.starts_with("weft_proxy_requests_total{")
@@ -272,30 +312,51 @@ async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
     std::fs::write(&file, policy).unwrap();
     mesh.cli(&["apply", "-f", &file.display().to_string()]);
     eventually(Duration::from_secs(20), "the split is in force at the client", || {
-        let got = mesh.python("client", &timed_gets("http://orders-api/", 20, None));
+        let got = mesh.python("client", &timed_gets("http://orders-api/", 20, None, false));
         async move { (got["versions"]["v1"].as_u64().is_some() && got["versions"]["v2"].as_u64().is_some()).then_some(()) }
     })
     .await;
-    let intercepted = mesh.python("client", &timed_gets("http://orders-api/", 400, None));
+    let intercepted = mesh.python("client", &timed_gets("http://orders-api/", 400, None, false));
     let v1_share = intercepted["versions"]["v1"].as_f64().unwrap_or(0.0) / 400.0 * 100.0;
-    assert!((v1_share - 30.0).abs() <= 7.0, "v1 got {v1_share:.1}% of 400, expected 30 ± 7: {}", intercepted["versions"]);
+    assert!(
+        (v1_share - 30.0).abs() <= 7.0,
+        "v1 got {v1_share:.1}% of 400, expected 30 ± 7: {}",
+        intercepted["versions"]
+    );
 
     // Added latency of interception: the same path through the explicit outbound listener (the
     // app using the sidecar as its HTTP proxy), same run.
-    let explicit = mesh.python("client", &timed_gets("http://orders-api/", 400, Some(EXPLICIT)));
-    let (i, e) = (samples(&intercepted), samples(&explicit));
-    eprintln!(
-        "MEASURE interception: p50 {:.2} ms p99 {:.2} ms; explicit outbound: p50 {:.2} ms p99 {:.2} ms (400 requests each, both sidecars, mTLS)",
-        percentile(&i, 50.0),
-        percentile(&i, 99.0),
-        percentile(&e, 50.0),
-        percentile(&e, 99.0)
-    );
+    let explicit = mesh.python("client", &timed_gets("http://orders-api/", 400, Some(EXPLICIT), false));
+    let fresh = mesh.python("client", &timed_gets("http://orders-api/", 200, None, true));
+    let fresh_explicit = mesh.python("client", &timed_gets("http://orders-api/", 200, Some(EXPLICIT), true));
+    for (what, i, e) in [
+        ("one connection", &intercepted, &explicit),
+        ("a new connection per request", &fresh, &fresh_explicit),
+    ] {
+        let (i, e) = (samples(i), samples(e));
+        eprintln!(
+            "MEASURE {what}: interception p50 {:.2} ms p99 {:.2} ms; explicit outbound p50 {:.2} ms p99 {:.2} ms ({} requests each, both sidecars, mTLS)",
+            percentile(&i, 50.0),
+            percentile(&i, 99.0),
+            percentile(&e, 50.0),
+            percentile(&e, 99.0),
+            i.len()
+        );
+    }
 
     // DNS: mesh names answered by the sidecar, in every accepted form.
-    for name in ["orders-api", "orders-api.default", "orders-api.default.svc", "orders-api.default.svc.weft.local"] {
+    for name in [
+        "orders-api",
+        "orders-api.default",
+        "orders-api.default.svc",
+        "orders-api.default.svc.weft.local",
+    ] {
         let got = mesh.python("client", &timed_dns(name, 1));
-        assert_eq!(got["addr"], weft_api::mesh::virtual_ip("default", "orders-api").to_string(), "{name}");
+        assert_eq!(
+            got["addr"],
+            weft_api::mesh::virtual_ip("default", "orders-api").to_string(),
+            "{name}"
+        );
     }
     let dns = mesh.python("client", &timed_dns("orders-api", 200));
     let d = samples(&dns);
@@ -307,7 +368,12 @@ async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
 
     // redis through its declared opaque port: never sniffed, so the first reply needs no wait.
     let redis = mesh.sh("client", "redis-cli -h cache -p 6379 SET k v && redis-cli -h cache -p 6379 GET k");
-    assert_eq!(String::from_utf8_lossy(&redis.stdout).trim(), "OK\nv", "{}", String::from_utf8_lossy(&redis.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&redis.stdout).trim(),
+        "OK\nv",
+        "{}",
+        String::from_utf8_lossy(&redis.stderr)
+    );
     let pings = mesh.python(
         "client",
         r#"
@@ -343,7 +409,10 @@ print(json.dumps({"ms": ms}))
         http1.len()
     );
     // HTTP/2 with prior knowledge, and TLS (passed through by SNI as opaque TCP).
-    let h2 = mesh.sh("client", "curl -s -o /dev/null -w '%{http_code}' --http2-prior-knowledge --max-time 5 http://orders-api/");
+    let h2 = mesh.sh(
+        "client",
+        "curl -s -o /dev/null -w '%{http_code}' --http2-prior-knowledge --max-time 5 http://orders-api/",
+    );
     assert_eq!(String::from_utf8_lossy(&h2.stdout), "200");
     let _ = mesh.sh("client", "curl -s -o /dev/null --max-time 2 -k https://orders-api:443/");
     let log = eventually(Duration::from_secs(5), "h2 and TLS detections logged", || {
@@ -351,7 +420,10 @@ print(json.dumps({"ms": ms}))
         async move { (!detection_micros(&log, "H2").is_empty() && log.contains("protocol=Tls")).then_some(log) }
     })
     .await;
-    assert!(log.contains(r#"protocol=Tls { sni: Some("orders-api") }"#), "the TLS hello's server name was read");
+    assert!(
+        log.contains(r#"protocol=Tls { sni: Some("orders-api") }"#),
+        "the TLS hello's server name was read"
+    );
     // Detection time runs from accept to decision, so it includes the client's own delay before
     // its first bytes (curl prepares its TLS context after connecting).
     eprintln!(
@@ -367,10 +439,20 @@ const REDIRECTED_SH: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_job_exits_with_its_own_code_leaves_nothing_behind_and_skips_bypass() {
-    let Some(mesh) = mesh(&["job", "orders", "ext", "ext2"]).await else { return };
+    let Some(mesh) = mesh(&["job", "orders", "ext", "ext2"]).await else {
+        return;
+    };
     let demo = [BIN, "demo-app", "--name", "orders", "--listen", "127.0.0.1:8080"];
     let _orders = mesh.run("orders", "default/orders", &[], 8080, &[], &demo);
-    let server = |host: &str, port: &str| mesh.net.spawn(host, &format!("http-{host}-{port}"), PYTHON, &["-m".into(), "http.server".into(), port.into()], &[]);
+    let server = |host: &str, port: &str| {
+        mesh.net.spawn(
+            host,
+            &format!("http-{host}-{port}"),
+            PYTHON,
+            &["-m".into(), "http.server".into(), port.into()],
+            &[],
+        )
+    };
     let _servers = [server("ext", "8000"), server("ext", "8001"), server("ext2", "8000")];
     mesh.ready("orders").await;
     let (ext, ext2) = (mesh.addr("ext"), mesh.addr("ext2"));
@@ -422,7 +504,11 @@ async fn a_batch_job_exits_with_its_own_code_leaves_nothing_behind_and_skips_byp
         .args(["netns", "pids", &mesh.net.host("job").netns])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&pids.stdout).trim(), "", "no process is left in the job's namespace");
+    assert_eq!(
+        String::from_utf8_lossy(&pids.stdout).trim(),
+        "",
+        "no process is left in the job's namespace"
+    );
 
     // Rules that cannot be installed (no nft to run): the app is never started, and the
     // error says why.
@@ -492,19 +578,16 @@ fn lines(path: &std::path::Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_loses_no_request_in_flight_in_either_direction() {
-    let Some(mesh) = mesh(&["caller", "middle", "backend"]).await else { return };
+    let Some(mesh) = mesh(&["caller", "middle", "backend"]).await else {
+        return;
+    };
     let dir = &mesh.data_dir;
     let app = dir.join("slow.py");
     std::fs::write(&app, SLOW_APP).unwrap();
-    let (backend_arrivals, middle_arrivals, result) = (dir.join("backend.arrivals"), dir.join("middle.arrivals"), dir.join("middle.result"));
+    let (backend_arrivals, middle_arrivals, result) =
+        (dir.join("backend.arrivals"), dir.join("middle.arrivals"), dir.join("middle.result"));
     let app = app.display().to_string();
-    let env_of = |arrivals: &PathBuf, call: &str| {
-        format!(
-            "ARRIVALS={} RESULT={} CALL={call}",
-            arrivals.display(),
-            result.display()
-        )
-    };
+    let env_of = |arrivals: &PathBuf, call: &str| format!("ARRIVALS={} RESULT={} CALL={call}", arrivals.display(), result.display());
     let backend_env = env_of(&backend_arrivals, "");
     let middle_env = env_of(&middle_arrivals, "http://backend/");
     let _backend = mesh.run(
@@ -558,15 +641,25 @@ print(json.dumps(out))
     })
     .await;
     middle.signal(nix::sys::signal::Signal::SIGTERM);
-    let clients = tokio::task::spawn_blocking(move || clients.wait_with_output().unwrap()).await.unwrap();
-    let inbound: Vec<serde_json::Value> = serde_json::from_slice(&clients.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&clients.stderr)));
+    let clients = tokio::task::spawn_blocking(move || clients.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let inbound: Vec<serde_json::Value> =
+        serde_json::from_slice(&clients.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&clients.stderr)));
     let (code, middle) = tokio::task::spawn_blocking(move || (middle.wait(Duration::from_secs(30)), middle))
         .await
         .unwrap();
     assert_eq!(inbound.len(), 20);
-    assert!(inbound.iter().all(|s| s == 200), "every inbound request in flight finished: {inbound:?}");
+    assert!(
+        inbound.iter().all(|s| s == 200),
+        "every inbound request in flight finished: {inbound:?}"
+    );
     let outbound = std::fs::read_to_string(&result).expect("the app wrote its outbound results");
-    assert_eq!(code, Some(0), "the app's 20 outbound calls all succeeded ({outbound}):\n{}", middle.log_text());
+    assert_eq!(
+        code,
+        Some(0),
+        "the app's 20 outbound calls all succeeded ({outbound}):\n{}",
+        middle.log_text()
+    );
     assert_eq!(outbound.matches("200").count(), 20, "{outbound}");
 }
