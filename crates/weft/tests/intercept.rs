@@ -663,3 +663,41 @@ print(json.dumps(out))
     );
     assert_eq!(outbound.matches("200").count(), 20, "{outbound}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_an_intercepted_namespace_the_apps_port_is_reached_only_through_the_sidecar() {
+    let Some(mesh) = mesh(&["app", "raw"]).await else { return };
+    // The app listens on every address, as unmodified apps do.
+    let demo = [BIN, "demo-app", "--name", "app", "--listen", "0.0.0.0:8080"];
+    let _app = mesh.run("app", "default/app", &[], 8080, &[], &demo);
+    mesh.ready("app").await;
+    let url = format!("http://{}:8080/", mesh.addr("app"));
+    let raw_get = || {
+        let out = mesh.sh("raw", &format!("curl -s -o /dev/null -w '%{{http_code}}' --max-time 3 {url}"));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let plaintext_inbound = |m: &str| weft_test::metric(m, "weft_proxy_inbound_connections_total", &[r#"transport="plaintext""#]);
+
+    // Permissive (the default): a raw connection to the app's port from a namespace without a
+    // sidecar is answered, but by way of the sidecar (which counts it), never by the app alone.
+    let before = plaintext_inbound(&mesh.metrics("app"));
+    assert_eq!(raw_get(), "200");
+    let after = plaintext_inbound(&mesh.metrics("app"));
+    assert!(after > before, "the raw connection went through the sidecar ({before} -> {after})");
+
+    // Strict: the same connection is refused.
+    let policy = "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: app-strict}\nspec:\n  selector: {service: app}\n  mtls: strict\n";
+    let file = mesh.data_dir.join("strict.yaml");
+    std::fs::write(&file, policy).unwrap();
+    mesh.cli(&["apply", "-f", &file.display().to_string()]);
+    eventually(Duration::from_secs(20), "a raw connection to the app's port is refused", || {
+        let code = raw_get();
+        async move { (code != "200").then_some(()) }
+    })
+    .await;
+    for _ in 0..20 {
+        assert_ne!(raw_get(), "200", "no raw connection reaches the app under strict");
+    }
+    let refused = weft_test::metric(&mesh.metrics("app"), "weft_proxy_inbound_connections_total", &[r#"outcome="refused-strict""#]);
+    assert!(refused >= 20.0, "the sidecar refused them: {refused}");
+}
