@@ -552,6 +552,8 @@ class Slow(BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *a):
         pass
+# A listen backlog for 20 connections at once (the default, 5, drops SYNs under that burst).
+ThreadingHTTPServer.request_queue_size = 128
 server = ThreadingHTTPServer(("127.0.0.1", 8080), Slow)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 statuses = []
@@ -635,11 +637,16 @@ print(json.dumps(out))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    eventually(Duration::from_secs(20), "20 requests in flight each way at middle", || {
-        let (inbound, outbound) = (lines(&middle_arrivals), lines(&backend_arrivals));
-        async move { (inbound >= 20 && outbound >= 20).then_some(()) }
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while lines(&middle_arrivals) < 20 || lines(&backend_arrivals) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "20 requests in flight each way at middle: {} in, {} out after 20 s",
+            lines(&middle_arrivals),
+            lines(&backend_arrivals)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     middle.signal(nix::sys::signal::Signal::SIGTERM);
     let clients = tokio::task::spawn_blocking(move || clients.wait_with_output().unwrap())
         .await
@@ -686,7 +693,8 @@ async fn in_an_intercepted_namespace_the_apps_port_is_reached_only_through_the_s
     assert!(after > before, "the raw connection went through the sidecar ({before} -> {after})");
 
     // Strict: the same connection is refused.
-    let policy = "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: app-strict}\nspec:\n  selector: {service: app}\n  mtls: strict\n";
+    let policy =
+        "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: app-strict}\nspec:\n  selector: {service: app}\n  mtls: strict\n";
     let file = mesh.data_dir.join("strict.yaml");
     std::fs::write(&file, policy).unwrap();
     mesh.cli(&["apply", "-f", &file.display().to_string()]);
@@ -698,6 +706,10 @@ async fn in_an_intercepted_namespace_the_apps_port_is_reached_only_through_the_s
     for _ in 0..20 {
         assert_ne!(raw_get(), "200", "no raw connection reaches the app under strict");
     }
-    let refused = weft_test::metric(&mesh.metrics("app"), "weft_proxy_inbound_connections_total", &[r#"outcome="refused-strict""#]);
+    let refused = weft_test::metric(
+        &mesh.metrics("app"),
+        "weft_proxy_inbound_connections_total",
+        &[r#"outcome="refused-strict""#],
+    );
     assert!(refused >= 20.0, "the sidecar refused them: {refused}");
 }
