@@ -225,6 +225,36 @@ print(json.dumps({{"addr": addr, "ms": ms}}))
     )
 }
 
+/// A DNS server answering every A query with 198.18.0.99 (stands for a namespace's resolver).
+const UPSTREAM_DNS: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))
+while True:
+    q, a = s.recvfrom(512)
+    end = 12
+    while q[end] != 0:
+        end += 1 + q[end]
+    end += 5
+    r = q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + q[12:end]
+    r += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x1e\x00\x04" + bytes([198, 18, 0, 99])
+    s.sendto(r, a)
+"#;
+
+/// One A query for `orders-api` over TCP to the namespace's resolver.
+const TCP_DNS_QUERY: &str = r#"
+import json, socket, struct
+ns = open("/etc/resolv.conf").read().split("nameserver")[1].split()[0]
+q = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\x0aorders-api\x00" + struct.pack(">HH", 1, 1)
+s = socket.create_connection((ns, 53), timeout=5)
+s.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", s.recv(2))[0]
+data = b""
+while len(data) < n:
+    data += s.recv(n - len(data))
+print(json.dumps({"addr": socket.inet_ntoa(data[-4:])}))
+"#;
+
 fn samples(v: &serde_json::Value) -> Vec<f64> {
     v["ms"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
@@ -239,9 +269,16 @@ fn detection_micros(log: &str, protocol: &str) -> Vec<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
-    let Some(mesh) = mesh(&["client", "orders-v1", "orders-v2", "cache"]).await else {
+    let Some(mesh) = mesh(&["client", "orders-v1", "orders-v2", "cache", "resolver"]).await else {
         return;
     };
+    // The client namespace's own resolver: a DNS server on another host that answers every A
+    // query with 198.18.0.99, so forwarding of names outside the mesh is visible.
+    let resolver = mesh
+        .net
+        .spawn("resolver", "resolver", PYTHON, &["-c".into(), UPSTREAM_DNS.into()], &[]);
+    mesh.net
+        .set_resolv_conf("client", &format!("nameserver {}\n", mesh.addr("resolver")));
     let demo = |version| {
         [
             BIN,
@@ -358,6 +395,20 @@ async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
             "{name}"
         );
     }
+    // Other names go to the namespace's resolver; TCP queries are answered too.
+    let outside = mesh.python("client", &timed_dns("www.example.org", 1));
+    assert_eq!(
+        outside["addr"],
+        "198.18.0.99",
+        "forwarded to the upstream resolver:\n{}",
+        resolver.log_text()
+    );
+    let tcp = mesh.python("client", TCP_DNS_QUERY);
+    assert_eq!(
+        tcp["addr"],
+        weft_api::mesh::virtual_ip("default", "orders-api").to_string(),
+        "DNS over TCP"
+    );
     let dns = mesh.python("client", &timed_dns("orders-api", 200));
     let d = samples(&dns);
     eprintln!(
