@@ -103,7 +103,7 @@ impl Network {
             // routable, so a connection to one reaches the interception rules.
             network.exec_ok(&netns, &["ip", "route", "add", "default", "dev", "eth0"]);
             // A resolver that is no one, so nothing in a test asks the machine's own resolver.
-            network.set_resolv_conf(name, "nameserver 198.18.0.254\noptions timeout:1 attempts:1\n");
+            network.set_resolv_conf(name, "nameserver 198.18.0.254\n");
         }
         Ok(network)
     }

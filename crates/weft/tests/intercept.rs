@@ -241,6 +241,24 @@ while True:
     s.sendto(r, a)
 "#;
 
+/// Sends a TLS ClientHello for server name `orders-api` to orders-api:443 right after
+/// connecting; the app behind is plain HTTP, so nothing answers it.
+const TLS_HELLO: &str = r#"
+import json, socket, ssl
+ctx = ssl.create_default_context()
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(incoming, outgoing, server_hostname="orders-api")
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = outgoing.read()
+s = socket.create_connection(("orders-api", 443), timeout=5)
+s.sendall(hello)
+s.close()
+print(json.dumps({"sent": len(hello)}))
+"#;
+
 /// One A query for `orders-api` over TCP to the namespace's resolver.
 const TCP_DNS_QUERY: &str = r#"
 import json, socket, struct
@@ -465,7 +483,8 @@ print(json.dumps({"ms": ms}))
         "curl -s -o /dev/null -w '%{http_code}' --http2-prior-knowledge --max-time 5 http://orders-api/",
     );
     assert_eq!(String::from_utf8_lossy(&h2.stdout), "200");
-    let _ = mesh.sh("client", "curl -s -o /dev/null --max-time 2 -k https://orders-api:443/");
+    // A TLS ClientHello (made in memory, so it is sent at once after connecting).
+    mesh.python("client", TLS_HELLO);
     let log = eventually(Duration::from_secs(5), "h2 and TLS detections logged", || {
         let log = client.log_text();
         async move { (!detection_micros(&log, "H2").is_empty() && log.contains("protocol=Tls")).then_some(log) }
@@ -664,6 +683,10 @@ async fn sigterm_loses_no_request_in_flight_in_either_direction() {
     mesh.ready("middle").await;
     mesh.ready("caller").await;
 
+    // The first lookup of a name costs the caller's sidecar a control-plane round trip; done
+    // here, so the burst below does not race glibc's resolver timeout on a loaded machine.
+    let looked_up = mesh.sh("caller", "getent hosts middle");
+    assert!(looked_up.status.success(), "middle resolves in the caller's namespace");
     // 20 requests into middle from an unmodified client; middle's app has 20 of its own out.
     let clients = mesh
         .net
