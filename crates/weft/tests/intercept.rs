@@ -103,6 +103,13 @@ impl Mesh {
 
     /// `weft run --intercept` on `host` for `workload`, its app on 127.0.0.1:`app_port`.
     fn run(&self, host: &str, workload: &str, labels: &[&str], app_port: u16, extra: &[&str], command: &[&str]) -> Process {
+        let mut flags = vec!["--intercept"];
+        flags.extend_from_slice(extra);
+        self.launch(host, workload, labels, app_port, &flags, command)
+    }
+
+    /// `weft run` on `host` with `flags` (interception only when they ask for it).
+    fn launch(&self, host: &str, workload: &str, labels: &[&str], app_port: u16, flags: &[&str], command: &[&str]) -> Process {
         let control = format!("https://{}:{GRPC_PORT}", self.addr("control"));
         let inbound = format!("{}:{INBOUND_PORT}", self.addr(host));
         let app = format!("127.0.0.1:{app_port}");
@@ -122,14 +129,13 @@ impl Mesh {
             EXPLICIT,
             "--admin",
             ADMIN,
-            "--intercept",
         ]
         .map(String::from)
         .to_vec();
         for label in labels {
             args.extend(["--label".to_string(), label.to_string()]);
         }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(flags.iter().map(|s| s.to_string()));
         args.push("--".into());
         args.extend(command.iter().map(|s| s.to_string()));
         let token = self.token(workload);
@@ -579,6 +585,28 @@ async fn a_batch_job_exits_with_its_own_code_leaves_nothing_behind_and_skips_byp
         "",
         "no process is left in the job's namespace"
     );
+
+    // Without interception the app calls through the explicit outbound listener, and its exit
+    // code is still weft run's.
+    let explicit = mesh.launch(
+        "job",
+        "default/job",
+        &[],
+        9,
+        &[],
+        &[
+            "sh",
+            "-c",
+            &format!("curl -sf -o /dev/null --max-time 5 -x http://{EXPLICIT} http://orders/ || exit 20; exit 3"),
+        ],
+    );
+    let (code, explicit) = tokio::task::spawn_blocking(move || {
+        let mut p = explicit;
+        (p.wait(Duration::from_secs(60)), p)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(3), "{}", explicit.log_text());
 
     // Rules that cannot be installed (no nft to run): the app is never started, and the
     // error says why.
