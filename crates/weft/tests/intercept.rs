@@ -147,13 +147,22 @@ impl Mesh {
         self.net.spawn(host, workload, BIN, &args, &env)
     }
 
-    /// Waits until the sidecar on `host` is ready.
-    async fn ready(&self, host: &str) {
+    /// Waits until the sidecar on `host` is ready and, when `app_port` is given, its app
+    /// accepts connections there (`weft run` starts the app only once the sidecar is ready).
+    async fn ready(&self, host: &str, app_port: Option<u16>) {
         eventually(Duration::from_secs(30), &format!("sidecar on {host} ready"), || {
             let out = self.net.run(host, &["curl", "-sf", &format!("http://{ADMIN}/ready")]);
             async move { out.status.success().then_some(()) }
         })
         .await;
+        if let Some(port) = app_port {
+            let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+            eventually(Duration::from_secs(30), &format!("app on {host} listening"), || {
+                let out = self.net.run(host, &["bash", "-c", &probe]);
+                async move { out.status.success().then_some(()) }
+            })
+            .await;
+        }
     }
 
     fn metrics(&self, host: &str) -> String {
@@ -339,7 +348,8 @@ async fn unmodified_clients_call_services_by_name_through_both_sidecars() {
     );
     let client = mesh.run("client", "default/client", &[], 9, &[], &["sleep", "3600"]);
     for host in ["orders-v1", "orders-v2", "cache", "client"] {
-        mesh.ready(host).await;
+        mesh.ready(host, (host != "client").then(|| if host == "cache" { 6379 } else { 8080 }))
+            .await;
     }
 
     // curl, by name: the sidecar's DNS answers with the service's virtual IP, the rules send the
@@ -530,7 +540,7 @@ async fn a_batch_job_exits_with_its_own_code_leaves_nothing_behind_and_skips_byp
         )
     };
     let _servers = [server("ext", "8000"), server("ext", "8001"), server("ext2", "8000")];
-    mesh.ready("orders").await;
+    mesh.ready("orders", Some(8080)).await;
     let (ext, ext2) = (mesh.addr("ext"), mesh.addr("ext2"));
     for (host, addr) in [("ext", ext), ("ext2", ext2)] {
         eventually(Duration::from_secs(10), &format!("http.server on {host}"), || {
@@ -698,7 +708,7 @@ async fn sigterm_loses_no_request_in_flight_in_either_direction() {
         &[],
         &["sh", "-c", &format!("exec env {backend_env} {PYTHON} {app}")],
     );
-    mesh.ready("backend").await;
+    mesh.ready("backend", Some(8080)).await;
     let mut middle = mesh.run(
         "middle",
         "default/middle",
@@ -708,8 +718,8 @@ async fn sigterm_loses_no_request_in_flight_in_either_direction() {
         &["sh", "-c", &format!("exec env {middle_env} {PYTHON} {app}")],
     );
     let _caller = mesh.run("caller", "default/caller", &[], 9, &[], &["sleep", "3600"]);
-    mesh.ready("middle").await;
-    mesh.ready("caller").await;
+    mesh.ready("middle", Some(8080)).await;
+    mesh.ready("caller", None).await;
 
     // The first lookup of a name costs the caller's sidecar a control-plane round trip; done
     // here, so the burst below does not race glibc's resolver timeout on a loaded machine.
@@ -779,7 +789,7 @@ async fn in_an_intercepted_namespace_the_apps_port_is_reached_only_through_the_s
     // The app listens on every address, as unmodified apps do.
     let demo = [BIN, "demo-app", "--name", "app", "--listen", "0.0.0.0:8080"];
     let _app = mesh.run("app", "default/app", &[], 8080, &[], &demo);
-    mesh.ready("app").await;
+    mesh.ready("app", Some(8080)).await;
     let url = format!("http://{}:8080/", mesh.addr("app"));
     let raw_get = || {
         let out = mesh.sh("raw", &format!("curl -s -o /dev/null -w '%{{http_code}}' --max-time 3 {url}"));
@@ -814,4 +824,39 @@ async fn in_an_intercepted_namespace_the_apps_port_is_reached_only_through_the_s
         &[r#"outcome="refused-strict""#],
     );
     assert!(refused >= 20.0, "the sidecar refused them: {refused}");
+}
+
+/// A gRPC server (grpcio, generic handler: no generated code) echoing `/test.Echo/Say`.
+const GRPC_SERVER: &str = r#"
+import concurrent.futures, grpc
+echo = grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"echo:" + req)
+server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", {"Say": echo}),))
+server.add_insecure_port("127.0.0.1:50051")
+server.start()
+server.wait_for_termination()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmodified_grpc_client_calls_a_service_by_name() {
+    let Some(mesh) = mesh(&["client", "greeter"]).await else { return };
+    let _greeter = mesh.run("greeter", "default/greeter", &[], 50051, &[], &[PYTHON, "-c", GRPC_SERVER]);
+    let _client = mesh.run("client", "default/client", &[], 9, &[], &["sleep", "3600"]);
+    mesh.ready("greeter", Some(50051)).await;
+    mesh.ready("client", None).await;
+    let call = r#"
+import grpc, json
+say = grpc.insecure_channel("greeter:50051").unary_unary("/test.Echo/Say")
+print(json.dumps({"reply": [say(b"hello %d" % i, timeout=10).decode() for i in range(20)]}))
+"#;
+    let got = mesh.python("client", call);
+    let replies: Vec<String> = (0..20).map(|i| format!("echo:hello {i}")).collect();
+    assert_eq!(got["reply"], serde_json::json!(replies));
+    let metrics = mesh.metrics("greeter");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("weft_proxy_requests_total{")
+            && l.contains(r#"direction="inbound""#)
+            && l.contains(r#"peer="spiffe://weft.local/ns/default/sa/client""#)),
+        "the greeter's sidecar served the calls over mTLS from the client:\n{metrics}"
+    );
 }
