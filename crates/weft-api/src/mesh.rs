@@ -8,7 +8,7 @@ use crate::proto;
 use crate::resource::{MtlsMode, RateLimit, SecurityPolicySpec, TrafficPolicySpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 /// The workload label that names a subset.
@@ -60,6 +60,9 @@ pub struct ServiceConfig {
     /// Only the control plane says so: a static file lists the services that exist.
     #[serde(default, skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
     pub unknown: bool,
+    /// Its virtual IP ([`virtual_ip`]), which the control plane sends; a static file may set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +194,16 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                     }
                 }
             };
+            let virtual_ip = match s.virtual_ip.as_str() {
+                "" => None,
+                v => match v.parse::<Ipv4Addr>() {
+                    Ok(ip) if VIRTUAL_IPS.contains(ip) => Some(ip),
+                    _ => {
+                        errors.push(FieldError::new(format!("{at}.virtualIp"), v, "an IPv4 address in 240.240.0.0/16"));
+                        None
+                    }
+                },
+            };
             let mtls = match s.mtls.as_str() {
                 "" => None,
                 "strict" => Some(MtlsMode::Strict),
@@ -209,6 +222,7 @@ impl TryFrom<proto::ProxyConfig> for MeshConfig {
                 policy_name: s.policy_name,
                 mtls,
                 unknown: s.unknown,
+                virtual_ip,
             };
             svc.validate(&at, &mut errors);
             let key = svc.key();
@@ -302,8 +316,39 @@ impl From<&ServiceConfig> for proto::Service {
                 Some(MtlsMode::Off) => "off".into(),
             },
             unknown: s.unknown,
+            virtual_ip: s.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         }
     }
+}
+
+/// The range services' virtual IPs come from: 240.0.0.0/4 is reserved ("future use", RFC
+/// 1112) and never routed, and Istio auto-allocates from the same /16.
+pub const VIRTUAL_IPS: VirtualRange = VirtualRange;
+
+/// 240.240.0.0/16.
+#[derive(Clone, Copy, Debug)]
+pub struct VirtualRange;
+
+impl VirtualRange {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        ip.octets()[..2] == [240, 240]
+    }
+}
+
+/// The virtual IP of service `namespace/name`: derived from the name alone (FNV-1a, 32 bits,
+/// folded into the range's 65,534 usable hosts), so it is the same on every control-plane
+/// replica and after every restart without being stored anywhere. Two services may share one
+/// address (birthday bound: 1% chance at ~36 services, 50% at ~300); a sidecar then maps the
+/// address to the first of them it knows, so callers of such services must use names in the
+/// `Host` header (HTTP) rather than rely on the address alone.
+pub fn virtual_ip(namespace: &str, name: &str) -> Ipv4Addr {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let host = (hash ^ (hash >> 16)) % 65_534 + 1; // 240.240.0.1 ..= 240.240.255.254
+    Ipv4Addr::new(240, 240, (host >> 8) as u8, host as u8)
 }
 
 #[cfg(test)]
@@ -325,6 +370,7 @@ mod tests {
             policy_name: String::new(),
             mtls: "strict".into(),
             unknown: false,
+            virtual_ip: String::new(),
         }
     }
 
@@ -409,5 +455,17 @@ mod tests {
             labels,
             [("version", "v2"), ("tier", "web"), ("app", "orders")].into_iter().collect()
         );
+    }
+
+    #[test]
+    fn virtual_ips_are_stable_and_in_range() {
+        let a = virtual_ip("default", "orders-api");
+        assert_eq!(a, virtual_ip("default", "orders-api"));
+        assert_ne!(a, virtual_ip("shop", "orders-api"));
+        for n in 0..5000 {
+            let ip = virtual_ip("default", &format!("svc-{n}"));
+            assert!(VIRTUAL_IPS.contains(ip), "{ip}");
+            assert!(![[0, 0], [255, 255]].contains(&[ip.octets()[2], ip.octets()[3]]), "{ip}");
+        }
     }
 }

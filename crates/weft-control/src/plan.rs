@@ -238,6 +238,7 @@ impl Snapshot {
             policy: policy.map(|(_, spec)| spec.clone()),
             mtls: mtls_mode(resources, namespace, name),
             unknown,
+            virtual_ip: (!unknown).then(|| weft_api::mesh::virtual_ip(namespace, name)),
         };
         let service = proto::Service::from(&svc);
         let fingerprint = fingerprint(&service.encode_to_vec());

@@ -16,16 +16,20 @@ pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod control;
+mod dns;
 mod downstream;
 mod forward;
 pub mod host;
 pub mod identity;
 mod idle;
 mod inbound;
+pub mod intercept;
+pub mod netfilter;
 mod outbound;
 mod pool;
 mod replay;
 pub mod route;
+mod sniff;
 mod spans;
 mod state;
 pub mod telemetry;
@@ -58,6 +62,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Control(#[from] control::LinkError),
+    #[error("cannot bind the DNS listener on {addr}: {source}")]
+    Dns { addr: SocketAddr, source: std::io::Error },
 }
 
 /// How long a leaving proxy's inbound listener keeps accepting after its control stream has
@@ -68,6 +74,31 @@ const LEAVE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Binds every listener, then serves until `shutdown`; returns once drained.
 pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
+    let started = start_staged(cfg, Shutdown::new(), shutdown, None).await?;
+    Ok((started.bound, started.handle))
+}
+
+/// A proxy started by [`start_staged`].
+pub struct Started {
+    pub bound: Bound,
+    /// True once the proxy holds its identity (when it has a join token) and a first config.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled once the inbound listener has stopped and its requests in flight have finished.
+    pub inbound_drained: Shutdown,
+    /// Ends once everything has drained.
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+/// As [`start`], for `weft run`, which stops the two directions one after the other: cancelling
+/// `inbound` stops the inbound listener alone (its requests in flight finish, then
+/// `inbound_drained` fires) while the app keeps calling out; `shutdown` stops the rest.
+/// `intercept` adds the listeners for intercepted traffic ([`intercept`]).
+pub async fn start_staged(
+    cfg: ProxyConfig,
+    inbound: Shutdown,
+    shutdown: Shutdown,
+    intercept: Option<intercept::Settings>,
+) -> Result<Started, StartError> {
     let bind = |listener: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -79,6 +110,10 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     for (addr, service) in &cfg.tcp {
         tcp_l.push((bind("tcp", *addr).await?, service.clone()));
     }
+    let intercept_l = match &intercept {
+        Some(s) => Some((bind("intercept", s.outbound).await?, intercept::bind_dns(s.dns).await?, s.clone())),
+        None => None,
+    };
     let admin_l = match cfg.admin {
         Some(a) => Some(bind("admin", a).await?),
         None => None,
@@ -100,6 +135,10 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     for (listener, service) in tcp_l {
         tracing::info!(addr = %listener.local_addr().expect("bound"), %service, "opaque TCP listener");
         tasks.spawn(upgrade::serve_tcp(proxy.clone(), listener, service, shutdown.clone()));
+    }
+    if let Some((listener, dns, settings)) = intercept_l {
+        tasks.spawn(intercept::serve(proxy.clone(), listener, settings, shutdown.clone()));
+        tasks.spawn(dns::serve(proxy.clone(), dns, shutdown.clone()));
     }
     let reaper = proxy.clone();
     let stop = shutdown.clone();
@@ -130,15 +169,29 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
             });
             stop
         }
-        None => shutdown.clone(),
+        // A child: stopping inbound early must not stop the rest.
+        None => shutdown.child_token(),
     };
-    tasks.spawn(weft_core::serve::serve_with(
+    let (early, stop) = (inbound.clone(), inbound_stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = early.cancelled() => stop.cancel(),
+            _ = stop.cancelled() => {}
+        }
+    });
+    let inbound_drained = Shutdown::new();
+    let drained = inbound_drained.clone();
+    let inbound_serve = weft_core::serve::serve_with(
         inbound_l,
         limits.clone(),
         inbound_stop,
         move |tcp, remote| inbound::accept(acceptor.clone(), tcp, remote),
         move |req| inbound::handle(p.clone(), req),
-    ));
+    );
+    tasks.spawn(async move {
+        inbound_serve.await;
+        drained.cancel();
+    });
     if let Some(l) = admin_l {
         let admin = Arc::new(proxy.admin());
         tasks.spawn(weft_core::serve::serve(l, limits, shutdown.clone(), move |req| {
@@ -148,5 +201,10 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     }
     tracing::info!(inbound = %bound.inbound, outbound = %bound.outbound, admin = ?bound.admin, "proxy listening");
     let handle = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
-    Ok((bound, handle))
+    Ok(Started {
+        bound,
+        ready: proxy.ready.clone(),
+        inbound_drained,
+        handle,
+    })
 }

@@ -264,7 +264,7 @@ pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, ser
     }
 }
 
-async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'static str {
+pub(crate) async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'static str {
     let Ok(rt) = proxy.resolve(service) else {
         return "unknown-service";
     };

@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod http;
 pub mod load;
 pub mod loadgen;
+pub mod netns;
 pub mod otlp;
 pub mod pki;
 pub mod process;

@@ -37,8 +37,8 @@ impl Process {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
             .args(args)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)

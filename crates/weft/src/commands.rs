@@ -160,6 +160,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return control(cfg).await;
         }
         Command::Proxy(args) => return proxy(args).await,
+        Command::Run(args) => return crate::run::run(*args).await,
         Command::DemoApp(args) => return crate::demo_app::run(args).await,
         api_command => api_command,
     };
@@ -172,7 +173,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let api = Api::new(&profile.server, profile.ca_pem.as_deref(), &profile.ca_source)?.with_token(profile.token.clone());
     let result = match command {
-        Command::Up { .. } | Command::Control { .. } | Command::Proxy(_) | Command::DemoApp(_) | Command::Login { .. } => {
+        Command::Up { .. }
+        | Command::Control { .. }
+        | Command::Proxy(_)
+        | Command::Run(_)
+        | Command::DemoApp(_)
+        | Command::Login { .. } => {
             unreachable!("local commands and login returned above")
         }
         Command::Apply { file, wait } => apply(&api, &file, wait.map(|w| w.as_std()), format).await,
@@ -280,12 +286,33 @@ async fn control(cfg: weft_control::ControlConfig) -> anyhow::Result<ExitCode> {
 }
 
 async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match proxy_config(args) {
+        Ok(cfg) => cfg,
+        Err(code) => return Ok(code),
+    };
+    let shutdown = weft_core::Shutdown::new();
+    weft_core::shutdown::install(&shutdown);
+    let (_, handle) = match weft_proxy::start(cfg, shutdown).await {
+        Ok(started) => started,
+        Err(e @ weft_proxy::StartError::Control(_)) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    handle.await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The proxy's config from its flags (or its --config file); an invalid one is reported on
+/// standard error and comes back as the exit code to end with.
+pub fn proxy_config(args: ProxyArgs) -> Result<weft_proxy::ProxyConfig, ExitCode> {
     if !(0.0..=100.0).contains(&args.access_log_sample) {
         eprintln!(
             "error: --access-log-sample: {} is not a percentage between 0 and 100",
             args.access_log_sample
         );
-        return Ok(ExitCode::from(2));
+        return Err(ExitCode::from(2));
     }
     let cfg = match &args.config {
         Some(path) => match weft_proxy::StaticFile::load(&path.display().to_string()) {
@@ -302,7 +329,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             },
             Err(invalid) => {
                 eprintln!("error: {invalid}");
-                return Ok(ExitCode::from(EXIT_INVALID));
+                return Err(ExitCode::from(EXIT_INVALID));
             }
         },
         None => {
@@ -314,11 +341,11 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                     eprintln!(
                         "error: --control {url}: plaintext; control planes serve TLS (https://) unless run with --insecure-plaintext, and then the proxy needs --insecure-plaintext too"
                     );
-                    return Ok(ExitCode::from(EXIT_INVALID));
+                    return Err(ExitCode::from(EXIT_INVALID));
                 }
                 _ => {
                     eprintln!("error: --control {url}: expected an https:// URL");
-                    return Ok(ExitCode::from(EXIT_INVALID));
+                    return Err(ExitCode::from(EXIT_INVALID));
                 }
             }
             let id = args.workload.expect("required by clap");
@@ -326,7 +353,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 Ok(v) => v,
                 Err(msg) => {
                     eprintln!("error: --workload: {msg}");
-                    return Ok(ExitCode::from(EXIT_INVALID));
+                    return Err(ExitCode::from(EXIT_INVALID));
                 }
             };
             weft_proxy::ProxyConfig {
@@ -356,18 +383,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    let shutdown = weft_core::Shutdown::new();
-    weft_core::shutdown::install(&shutdown);
-    let (_, handle) = match weft_proxy::start(cfg, shutdown).await {
-        Ok(started) => started,
-        Err(e @ weft_proxy::StartError::Control(_)) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(EXIT_INVALID));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    handle.await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(cfg)
 }
 
 async fn token(api: &Api, cmd: TokenCommand, format: output::Format) -> anyhow::Result<()> {

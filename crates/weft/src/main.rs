@@ -10,6 +10,7 @@ mod commands;
 mod demo_app;
 mod diff;
 mod login;
+mod run;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -123,6 +124,10 @@ pub enum Command {
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),
+    /// Run an app with its sidecar: the sidecar first, the app once the sidecar is ready; the
+    /// app's exit code is weft run's. `--intercept` redirects the network namespace's traffic to
+    /// the sidecar, so an unmodified app calls services by name.
+    Run(Box<run::Args>),
     /// Run the demo application (an HTTP service that calls others through its sidecar).
     DemoApp(demo_app::Args),
     /// Apply TrafficPolicy / SecurityPolicy resources from a file. Returns once the change is
@@ -290,7 +295,7 @@ fn worker_threads(cli: &Cli) -> usize {
         return n;
     }
     match cli.command {
-        Command::Proxy(_) => 1,
+        Command::Proxy(_) | Command::Run(_) => 1,
         _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     }
 }

@@ -251,6 +251,10 @@ pub struct Service {
     /// No workload serves it and no policy names it: callers answer `unknown-service` at once.
     #[prost(bool, tag = "7")]
     pub unknown: bool,
+    /// The service's virtual IPv4 address (from 240.240.0.0/16): what the sidecar's DNS answers
+    /// for its name, and how an intercepted connection is mapped back to it. Empty when unknown.
+    #[prost(string, tag = "8")]
+    pub virtual_ip: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Endpoint {

@@ -303,6 +303,7 @@ fn control_messages(seeds: &mut Seeds, repo: &Path) -> anyhow::Result<()> {
                 policy_name: "default/checkout-canary".into(),
                 mtls: "strict".into(),
                 unknown: false,
+                virtual_ip: "240.240.1.2".into(),
             },
             proto::Service {
                 name: "payments".into(),
