@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use weft_core::Body;
@@ -93,15 +92,15 @@ impl HttpBody for Tally {
 pub struct Logged {
     inner: Body,
     bytes: u64,
-    pending: Option<(Entry, Arc<AtomicU64>, std::time::Instant, Arc<crate::Proxy>)>,
+    pending: Option<(Entry, Arc<AtomicU64>, std::time::Instant, Arc<AccessLog>)>,
 }
 
 impl Logged {
-    pub fn wrap(inner: Body, entry: Entry, request_bytes: Arc<AtomicU64>, start: std::time::Instant, proxy: Arc<crate::Proxy>) -> Body {
+    pub fn wrap(inner: Body, entry: Entry, request_bytes: Arc<AtomicU64>, start: std::time::Instant, log: Arc<AccessLog>) -> Body {
         let mut logged = Logged {
             inner,
             bytes: 0,
-            pending: Some((entry, request_bytes, start, proxy)),
+            pending: Some((entry, request_bytes, start, log)),
         };
         if logged.inner.is_end_stream() {
             logged.finish();
@@ -110,12 +109,12 @@ impl Logged {
     }
 
     fn finish(&mut self) {
-        if let Some((mut entry, request_bytes, start, proxy)) = self.pending.take() {
+        if let Some((mut entry, request_bytes, start, log)) = self.pending.take() {
             entry.response_bytes = self.bytes;
             entry.request_bytes = request_bytes.load(Relaxed);
             entry.total_ms = start.elapsed().as_secs_f64() * 1000.0;
-            entry.time_ms = now_ms();
-            proxy.telemetry.access.log(entry);
+            entry.time_ms = crate::clock::unix_ms();
+            log.log(entry);
         }
     }
 }
@@ -236,13 +235,6 @@ pub fn trace_id(headers: &http::HeaderMap) -> String {
         .and_then(|b| b.split('-').next())
         .unwrap_or("")
         .to_string()
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

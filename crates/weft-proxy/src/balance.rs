@@ -8,7 +8,6 @@
 use crate::route::{self, CompiledRoute};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use weft_api::mesh::ServiceConfig;
@@ -24,12 +23,6 @@ pub const DEFAULT_OUTLIER: (u32, Duration, f64) = (5, Duration::from_secs(10), 5
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// The retry budget's window.
 const BUDGET_SLOTS: usize = 10;
-
-/// Milliseconds since the process started (a monotonic clock for atomics).
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
 
 /// One destination service, as the data plane runs it.
 pub struct ServiceRuntime {
@@ -208,7 +201,7 @@ impl ServiceRuntime {
     /// back once one returns): P2C over peak-EWMA (two at random, the lower latency x load
     /// wins) or round-robin. Allocates nothing.
     pub fn pick(&self, candidates: &Candidates<'_>, tried: &[usize]) -> Option<usize> {
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         let usable = |i: &&usize| !tried.contains(*i) && !self.endpoints[**i].ejected(now);
         let group = candidates.groups.iter().find(|g| g.iter().any(|i| usable(&i)))?;
         let n = group.iter().filter(usable).count();
@@ -253,7 +246,7 @@ impl ServiceRuntime {
         }
         let (threshold, base, max_percent) = self.outlier;
         let failures = e.consecutive_failures.fetch_add(1, Relaxed) + 1;
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         if failures < threshold || e.ejected(now) {
             return false;
         }
@@ -278,7 +271,7 @@ impl ServiceRuntime {
 
     /// How many endpoints are ejected now.
     pub fn ejected(&self) -> usize {
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         self.endpoints.iter().filter(|e| e.ejected(now)).count()
     }
 }
@@ -290,7 +283,7 @@ impl EndpointState {
         EndpointState {
             address,
             ewma_ns: AtomicU64::new((EWMA_INITIAL.as_nanos() as f64).to_bits()),
-            ewma_at_ms: AtomicU64::new(now_ms()),
+            ewma_at_ms: AtomicU64::new(crate::clock::mono_ms()),
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -315,7 +308,7 @@ impl EndpointState {
 
     /// Peak EWMA: a slower answer takes effect at once, a faster one is averaged in.
     fn observe_latency(&self, latency: Duration) {
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         let sample = latency.as_nanos() as f64;
         let current = f64::from_bits(self.ewma_ns.load(Relaxed));
         let age = now.saturating_sub(self.ewma_at_ms.load(Relaxed)) as f64;
@@ -398,12 +391,12 @@ impl RetryBudget {
 
     /// Counts one request (first tries only).
     pub fn request(&self) {
-        self.slot(now_ms() / 1000).requests.fetch_add(1, Relaxed);
+        self.slot(crate::clock::mono_ms() / 1000).requests.fetch_add(1, Relaxed);
     }
 
     /// Takes one retry from the budget, if it has one.
     pub fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         let second = now / 1000;
         let (mut requests, mut retries, mut active) = (0, 0, 0u64);
         for s in &self.slots {
@@ -516,7 +509,7 @@ mod tests {
         // Growing backoff: the second ejection lasts twice as long.
         let e = &rt.endpoints[0];
         e.ejected_until_ms.store(1, Relaxed);
-        let before = now_ms();
+        let before = crate::clock::mono_ms();
         rt.endpoints[1].ejected_until_ms.store(1, Relaxed);
         assert!(rt.observe(0, Outcome::Failure, None), "one failure on probation ejects again");
         let until = e.ejected_until_ms.load(Relaxed);

@@ -242,6 +242,21 @@ pub fn reason_of(resp: &Response<Body>) -> &'static str {
     REASONS.into_iter().find(|r| r.as_bytes() == v).unwrap_or("other")
 }
 
+/// Strips hop-by-hop headers from the answer and speaks the client's HTTP version. A reply the
+/// proxy made itself to a gRPC request becomes a gRPC status (trailers-only), so gRPC clients
+/// see DEADLINE_EXCEEDED, UNAVAILABLE, ... rather than a bare HTTP error.
+pub fn finish(mut resp: Response<Body>, version: http::Version, grpc: bool) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return resp; // its Upgrade and Connection headers are the point
+    }
+    strip_hop_by_hop(resp.headers_mut());
+    if grpc && resp.headers().contains_key(ERROR_HEADER) && !resp.headers().contains_key("grpc-status") {
+        resp = as_grpc_status(resp);
+    }
+    *resp.version_mut() = version;
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

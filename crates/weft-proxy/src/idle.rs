@@ -17,7 +17,7 @@ pub struct IdleTimeout {
     inner: Body,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
-    /// Stamped (ms, `balance::now_ms`) on every frame, for whoever waits on the same stream.
+    /// Stamped (ms, `clock::mono_ms`) on every frame, for whoever waits on the same stream.
     activity: Option<Arc<AtomicU64>>,
 }
 
@@ -57,7 +57,7 @@ impl HttpBody for IdleTimeout {
                 let deadline = Instant::now() + this.timeout;
                 this.sleep.as_mut().reset(deadline);
                 if let Some(a) = &this.activity {
-                    a.store(crate::balance::now_ms(), Relaxed);
+                    a.store(crate::clock::mono_ms(), Relaxed);
                 }
                 Poll::Ready(frame)
             }

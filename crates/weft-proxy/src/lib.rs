@@ -11,42 +11,43 @@
 // those cold paths, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-pub mod access;
+// Public: what the CLI configures (`config`) and what the fuzz targets (`weft-fuzz`) call
+// (`authz::normalize`, `host::resolve`, `route`). Everything else is the crate's own.
+mod access;
+mod admin;
 pub mod authz;
-pub mod balance;
+mod backoff;
+mod balance;
+mod clock;
 pub mod config;
-pub mod control;
+mod control;
+mod discovery;
 mod downstream;
 mod forward;
 pub mod host;
-pub mod identity;
+mod identity;
 mod idle;
 mod inbound;
+mod link;
 mod outbound;
 mod pool;
+mod renewal;
 mod replay;
 pub mod route;
 mod spans;
 mod state;
-pub mod telemetry;
+mod taps;
+mod telemetry;
+mod trust;
 mod upgrade;
 
-pub use config::{ProxyConfig, Source, StaticFile, Workload};
-/// Host resolution, public for its fuzz target (`weft-fuzz`).
-pub use state::Proxy;
+pub use config::{Bound, ProxyConfig, Source, StaticFile, Workload};
+use state::Proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use weft_core::Shutdown;
-
-/// The addresses a running proxy is bound to (useful when they were `:0`).
-#[derive(Clone, Debug)]
-pub struct Bound {
-    pub inbound: SocketAddr,
-    pub outbound: SocketAddr,
-    pub admin: Option<SocketAddr>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -57,7 +58,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Control(#[from] control::LinkError),
+    Control(#[from] link::LinkError),
 }
 
 /// How long a leaving proxy's inbound listener keeps accepting after its control stream has
@@ -94,8 +95,8 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     if let Some(subscriptions) = subscriptions {
         tasks.spawn(control::run(proxy.clone(), subscriptions, shutdown.clone()));
     }
-    if proxy.control.is_some() && proxy.token.is_some() {
-        tasks.spawn(identity::run(proxy.clone(), shutdown.clone()));
+    if proxy.link.is_some() && proxy.local.token.is_some() {
+        tasks.spawn(renewal::run(proxy.clone(), shutdown.clone()));
     }
     for (listener, service) in tcp_l {
         tracing::info!(addr = %listener.local_addr().expect("bound"), %service, "opaque TCP listener");
@@ -119,7 +120,7 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     }));
     let p = proxy.clone();
     let acceptor = proxy.clone();
-    let inbound_stop = match proxy.control {
+    let inbound_stop = match proxy.link {
         Some(_) => {
             let (stop, leaving) = (Shutdown::new(), shutdown.clone());
             let later = stop.clone();
@@ -140,7 +141,7 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
         move |req| inbound::handle(p.clone(), req),
     ));
     if let Some(l) = admin_l {
-        let admin = Arc::new(proxy.admin());
+        let admin = Arc::new(admin::admin(&proxy));
         tasks.spawn(weft_core::serve::serve(l, limits, shutdown.clone(), move |req| {
             let admin = admin.clone();
             async move { admin.handle(&req) }

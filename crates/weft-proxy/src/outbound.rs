@@ -4,14 +4,15 @@
 //! mirroring, rate limit and pool limits.
 
 use crate::balance::{Outcome, ServiceRuntime};
+use crate::discovery::Missing;
 use crate::downstream::{BodyState, ClientBody, ClientFault};
-use crate::forward::{RETRIED, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
+use crate::forward::{RETRIED, finish, reason_of, reply, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::idle::IdleTimeout;
 use crate::pool::{ConnectError, Opts};
 use crate::replay::{self, Replay};
 use crate::route::{self, CompiledRoute};
-use crate::state::{Missing, Proxy};
-use crate::telemetry::Finished;
+use crate::state::Proxy;
+use crate::telemetry::{Finished, access_entry};
 use http::request::Parts;
 use http::{HeaderValue, Method, Version};
 use http_body_util::BodyExt;
@@ -42,11 +43,6 @@ fn unnamed() -> Arc<str> {
 #[derive(Clone, Copy, Debug)]
 struct Retries(u32);
 
-/// First retry backoff; doubles per retry, with full jitter, up to [`BACKOFF_MAX`].
-const BACKOFF_BASE: Duration = Duration::from_millis(25);
-const BACKOFF_MAX: Duration = Duration::from_millis(250);
-/// Mirrored copies in flight at once per proxy; more are dropped, never queued.
-pub const MIRROR_CONCURRENCY: usize = 64;
 /// A mirrored copy gets this long before it is abandoned.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -59,9 +55,9 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         .map(|s| (s, req.method().clone()));
     let version = req.version();
     let grpc = crate::forward::is_grpc(req.headers());
-    let revision = proxy.revision();
+    let revision = proxy.discovery.revision();
     let captured = proxy.telemetry.access.capture(&req);
-    let tapped = proxy.tapping().then(|| {
+    let tapped = proxy.taps.tapping().then(|| {
         let authority = target_authority(&req).unwrap_or_default();
         (req.method().to_string(), req.uri().path().to_string(), authority)
     });
@@ -98,7 +94,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
             upstream: upstream.map(|p| p.1.to_string()).unwrap_or_default(),
             ..Default::default()
         };
-        proxy.tap(&service, event);
+        proxy.taps.tap(&service, event);
     }
     if let Some((span, method)) = span {
         use crate::spans::Attr;
@@ -118,8 +114,10 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
     }
     let resp = match (captured, request_bytes) {
         (Some(c), Some(count)) => {
-            let entry = proxy.access_entry(c, &done, upstream.map(|p| p.1.to_string()).unwrap_or_default(), retries);
-            resp.map(|b| crate::access::Logged::wrap(b, entry, count, start, proxy.clone()))
+            let own = proxy.identity.current_id().unwrap_or_default();
+            let upstream = upstream.map(|p| p.1.to_string()).unwrap_or_default();
+            let entry = access_entry(c, &done, own, proxy.local.workload.service(), upstream, retries);
+            resp.map(|b| crate::access::Logged::wrap(b, entry, count, start, proxy.telemetry.access.clone()))
         }
         _ => resp,
     };
@@ -141,11 +139,11 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     };
     // A host that names no known service is reported without a service label: the metric's
     // labels stay the mesh's own names, never whatever hosts apps send.
-    let service = match proxy.resolve(&authority) {
+    let service = match proxy.discovery.resolve(&authority, &proxy.identity) {
         Ok(service) => service,
         Err(refused) => return (unnamed(), unnamed(), reply(StatusCode::NOT_FOUND, "unknown-service", refused)),
     };
-    let rt = match proxy.service(&service).await {
+    let rt = match proxy.discovery.service(&service).await {
         Ok(rt) => rt,
         Err(Missing::Unknown) => {
             let why = format!(
@@ -165,8 +163,10 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     };
     let upgrade = crate::upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
-    // Bypass (the kill switch): no L7 policy at all, plain balancing over every endpoint.
-    let routes: &[CompiledRoute] = if proxy.bypassed() { &[] } else { &rt.routes };
+    // Bypass (the kill switch): the policy's routes are set aside (no matching, timeouts,
+    // faults, mirrors or route retries: the default route, plain balancing over every
+    // endpoint); its rate limit, pool limits and outlier detection still apply.
+    let routes: &[CompiledRoute] = if proxy.discovery.bypassed() { &[] } else { &rt.routes };
     let route = route::decide(routes, &rt.default_route, &parts);
     // A request another hop already retried is not retried again here (so call chains do not
     // multiply retries); the marker travels on with it.
@@ -263,7 +263,7 @@ async fn wait_active<F: std::future::Future>(fut: F, activity: &std::sync::atomi
     let mut fut = std::pin::pin!(fut);
     loop {
         let last = activity.load(std::sync::atomic::Ordering::Relaxed);
-        let left = Duration::from_millis((last + idle.as_millis() as u64).saturating_sub(crate::balance::now_ms()));
+        let left = Duration::from_millis((last + idle.as_millis() as u64).saturating_sub(crate::clock::mono_ms()));
         if left.is_zero() {
             return None;
         }
@@ -392,7 +392,7 @@ impl Call<'_> {
                     let replayable = replay.as_ref().is_some_and(Replay::available);
                     if wants && retries < retry.retries && replayable && self.take_retry() {
                         retries += 1;
-                        backoff(retries).await;
+                        tokio::time::sleep(crate::backoff::retry(retries)).await;
                         continue;
                     }
                     if let (Some(subset), Some(h), Some(r)) = (mirror.as_deref(), &head, &replay) {
@@ -423,7 +423,7 @@ impl Call<'_> {
             if retryable && replayable && retries < retry.retries {
                 if self.take_retry() {
                     retries += 1;
-                    backoff(retries).await;
+                    tokio::time::sleep(crate::backoff::retry(retries)).await;
                     continue;
                 }
                 return reply(
@@ -468,9 +468,9 @@ impl Call<'_> {
         let (proxy, rt) = (self.proxy, self.rt);
         let endpoint = &rt.config.endpoints[i];
         let addr = endpoint.address;
-        let tls = match proxy.endpoint_tls(rt, i) {
+        let tls = match proxy.identity.endpoint_tls(&rt.config, i) {
             Ok(config) => config.map(|c| (endpoint.identity.as_str(), c)),
-            Err(refusal) => return Ok(refusal),
+            Err(why) => return Ok(reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", why)),
         };
         let peer = if tls.is_some() { rt.identities[i].clone() } else { plaintext() };
         let opts = Opts {
@@ -498,7 +498,7 @@ impl Call<'_> {
         // The request body is idle-limited, and stamps its activity so the wait for the
         // response headers counts from its last frame.
         let idle = self.route.idle_timeout;
-        let activity = Arc::new(std::sync::atomic::AtomicU64::new(crate::balance::now_ms()));
+        let activity = Arc::new(std::sync::atomic::AtomicU64::new(crate::clock::mono_ms()));
         // Wrapped again so a body that idles out here counts as the client's too.
         let req = req.map(|b| ClientBody::wrap(IdleTimeout::tracking(b, idle, Some(activity.clone())), self.client.clone()));
         let sent = sender.try_send_request(req);
@@ -571,7 +571,7 @@ impl Call<'_> {
             return;
         };
         let endpoint = rt.config.endpoints[i].clone();
-        let Ok(tls) = proxy.endpoint_tls(rt, i) else {
+        let Ok(tls) = proxy.identity.endpoint_tls(&rt.config, i) else {
             proxy.telemetry.mirror(&svc, "failed");
             return;
         };
@@ -685,13 +685,6 @@ fn clone_head(p: &Parts) -> Parts {
     b.body(()).expect("a valid head stays valid").into_parts().0
 }
 
-/// Exponential backoff with full jitter before retry `n` (1-based).
-async fn backoff(n: u32) {
-    let ceiling = BACKOFF_BASE.saturating_mul(1 << (n - 1).min(8)).min(BACKOFF_MAX);
-    let wait = rand::random_range(0..=ceiling.as_micros() as u64);
-    tokio::time::sleep(Duration::from_micros(wait)).await;
-}
-
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -710,19 +703,4 @@ fn target_authority<B>(req: &Request<B>) -> Option<String> {
     }
     let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
-}
-
-/// Strips hop-by-hop headers from the answer and speaks the client's HTTP version. A reply the
-/// proxy made itself to a gRPC request becomes a gRPC status (trailers-only), so gRPC clients
-/// see DEADLINE_EXCEEDED, UNAVAILABLE, ... rather than a bare HTTP error.
-pub fn finish(mut resp: Response<Body>, version: Version, grpc: bool) -> Response<Body> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return resp; // its Upgrade and Connection headers are the point
-    }
-    strip_hop_by_hop(resp.headers_mut());
-    if grpc && resp.headers().contains_key(crate::forward::ERROR_HEADER) && !resp.headers().contains_key("grpc-status") {
-        resp = crate::forward::as_grpc_status(resp);
-    }
-    *resp.version_mut() = version;
-    resp
 }

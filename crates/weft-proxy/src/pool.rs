@@ -15,11 +15,6 @@ use weft_core::Body;
 
 /// Connect timeout when the policy sets none.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Connect timeout to the app (`--app-connect-timeout`) by default. Linux retransmits a SYN
-/// that got no answer after 1 s and again 2 s later (an app whose listen backlog is full drops
-/// SYNs), so 4 s lets a connection through after two dropped SYNs, where 1 s turned one
-/// dropped SYN into a 503 while direct clients all got through.
-pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
 /// An HTTP/2 connection with no request for this long is closed, when the policy sets none.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -135,7 +130,7 @@ impl Pools {
         if let Some(conns) = self.h2.lock().get(&addr)
             && let Some((_, p)) = conns.iter().find(|(id, p)| id == identity && !p.send.is_closed())
         {
-            p.last_used_ms.store(crate::balance::now_ms(), Relaxed);
+            p.last_used_ms.store(crate::clock::mono_ms(), Relaxed);
             return Ok(p.send.clone());
         }
         let identity = identity.to_string();
@@ -164,7 +159,7 @@ impl Pools {
         });
         let pooled = Pooled {
             send: send.clone(),
-            last_used_ms: AtomicU64::new(crate::balance::now_ms()),
+            last_used_ms: AtomicU64::new(crate::clock::mono_ms()),
             idle: opts.idle_timeout,
             _slot: slot,
         };
@@ -178,7 +173,7 @@ impl Pools {
     /// Closes connections idle longer than their idle timeout (in-flight requests keep
     /// theirs open until they finish); run every second.
     pub fn reap(&self) {
-        let now = crate::balance::now_ms();
+        let now = crate::clock::mono_ms();
         self.h2.lock().retain(|_, conns| {
             conns.retain(|(_, p)| !p.send.is_closed() && now.saturating_sub(p.last_used_ms.load(Relaxed)) < p.idle.as_millis() as u64);
             !conns.is_empty()
@@ -213,11 +208,5 @@ pub async fn connect(
                 Ok(Ok(stream)) => Ok(Box::new(stream)),
             }
         }
-    }
-}
-
-impl Default for Pools {
-    fn default() -> Self {
-        Self::new(APP_CONNECT_TIMEOUT)
     }
 }

@@ -68,10 +68,6 @@ impl Tracer {
         }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.tx.is_some()
-    }
-
     /// Starts a span for a request and rewrites its context headers so the next hop is this
     /// span's child. `None` when tracing is off.
     pub fn start(&self, headers: &mut http::HeaderMap, kind: otlp::span::SpanKind) -> Option<Active> {

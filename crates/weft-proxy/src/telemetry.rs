@@ -16,7 +16,7 @@ use weft_api::telemetry::{LATENCY_SLOTS, slot_of};
 
 pub struct Telemetry {
     pub registry: Arc<Registry>,
-    pub access: crate::access::AccessLog,
+    pub access: Arc<crate::access::AccessLog>,
     pub tracer: crate::spans::Tracer,
     own_service: Arc<str>,
     plaintext: Arc<str>,
@@ -134,10 +134,51 @@ impl Window {
 
 // === impl Telemetry ===
 
+/// The access line of a request whose response headers are ready; it is written when the
+/// response body ends (see [`crate::access::Logged`]). `own` is this proxy's SPIFFE ID (empty
+/// without one), `own_service` this workload's service, `upstream` the endpoint (outbound) or
+/// app (inbound) that answered.
+pub fn access_entry(
+    c: crate::access::Captured,
+    done: &Finished<'_>,
+    own: String,
+    own_service: &str,
+    upstream: String,
+    retries: u32,
+) -> crate::access::Entry {
+    let inbound = done.direction == Direction::Inbound;
+    let (direction, source, destination, service) = if inbound {
+        let peer = done.peer.map(|p| p.to_string()).unwrap_or_else(|| "plaintext".into());
+        ("inbound", peer, own, own_service.to_string())
+    } else {
+        let peer = done.peer.map(|p| p.to_string()).unwrap_or_default();
+        ("outbound", own, peer, done.service.map(|s| s.to_string()).unwrap_or_default())
+    };
+    crate::access::Entry {
+        time_ms: 0,
+        direction,
+        trace_id: c.trace,
+        source,
+        destination,
+        service,
+        route: done.route.map(|r| r.to_string()).unwrap_or_default(),
+        method: c.method,
+        path: c.path,
+        upstream,
+        status: done.status,
+        reason: done.reason,
+        duration_ms: done.elapsed.as_secs_f64() * 1000.0,
+        total_ms: 0.0,
+        request_bytes: 0,
+        response_bytes: 0,
+        retries,
+    }
+}
+
 impl Telemetry {
     pub fn new(own_service: &str, access_log: bool, access_log_sample: f64, tracing: Tracing) -> Self {
         let mut registry = Registry::with_prefix("weft_proxy");
-        let access = crate::access::AccessLog::new(access_log, access_log_sample, &mut registry);
+        let access = Arc::new(crate::access::AccessLog::new(access_log, access_log_sample, &mut registry));
         let tracer = crate::spans::Tracer::new(tracing.endpoint, tracing.sample, tracing.resource, &mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(

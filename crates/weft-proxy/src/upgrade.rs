@@ -9,9 +9,9 @@
 
 use crate::balance::ServiceRuntime;
 use crate::forward::reply;
-use crate::inbound::ConnInfo;
 use crate::pool::{CONNECT_TIMEOUT, ConnectError};
 use crate::state::Proxy;
+use crate::trust::ConnInfo;
 use http::header::{CONNECTION, HOST, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
@@ -123,7 +123,10 @@ async fn connect_endpoint(proxy: &Proxy, rt: &ServiceRuntime, subset: Option<&st
         let Some(i) = rt.pick(&candidates, &tried) else { break };
         tried.push(i);
         let endpoint = &rt.config.endpoints[i];
-        let tls = proxy.endpoint_tls(rt, i)?;
+        let tls = proxy
+            .identity
+            .endpoint_tls(&rt.config, i)
+            .map_err(|why| reply(StatusCode::SERVICE_UNAVAILABLE, "no-client-identity", why))?;
         let timeout = rt.pool.connect_timeout.map(|t| t.as_std()).unwrap_or(CONNECT_TIMEOUT);
         match crate::pool::connect(endpoint.address, tls, timeout).await {
             Ok(io) => return Ok(io),
@@ -152,21 +155,27 @@ pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, pro
     }
     // Opaque TCP is bytes, whatever the app speaks; an HTTP Upgrade is HTTP/1.1.
     let opaque = protocol.as_bytes() == TCP_PROTOCOL.as_bytes();
-    if !opaque && proxy.app_protocol == crate::config::AppProtocol::H2 {
+    if !opaque && proxy.local.app_protocol == crate::config::AppProtocol::H2 {
         return reply(
             StatusCode::NOT_IMPLEMENTED,
             "app-protocol-mismatch",
             format!(
                 "{} declares its app h2, and an HTTP/1.1 Upgrade ({}) needs http1 or auto",
-                proxy.workload.id(),
+                proxy.local.workload.id(),
                 String::from_utf8_lossy(protocol.as_bytes())
             ),
         );
     }
     let client = hyper::upgrade::on(&mut req);
-    let app = match TcpStream::connect(proxy.app).await {
+    let app = match TcpStream::connect(proxy.local.app).await {
         Ok(tcp) => tcp,
-        Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", format!("{}: {e}", proxy.app)),
+        Err(e) => {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "app-unavailable",
+                format!("{}: {e}", proxy.local.app),
+            );
+        }
     };
     let _ = app.set_nodelay(true);
     if opaque {
@@ -189,7 +198,7 @@ pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, pro
     let (mut parts, _) = req.into_parts();
     parts.headers.insert(UPGRADE, protocol);
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    crate::inbound::identity_headers(proxy, conn, &mut parts.headers);
+    crate::trust::identity_headers(&proxy.local.strip_headers, conn, &mut parts.headers);
     // Origin-form to the app, as an HTTP/1.1 server expects.
     let pq = parts
         .uri
@@ -228,7 +237,7 @@ fn refused(proxy: &Proxy, conn: &ConnInfo, protocol: &HeaderValue) -> Option<&'s
         return Some("an h2c upgrade would let the caller speak HTTP/2 to the app past this proxy");
     }
     if protocol.as_bytes() == TCP_PROTOCOL.as_bytes() && !conn.mtls && proxy.identity.tls().is_some() {
-        let off = proxy.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Off);
+        let off = proxy.discovery.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Off);
         if !off {
             return Some("opaque TCP needs an mTLS caller (this workload's mTLS is not off)");
         }
@@ -265,13 +274,13 @@ pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, ser
 }
 
 async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'static str {
-    let Ok(rt) = proxy.resolve(service) else {
+    let Ok(rt) = proxy.discovery.resolve(service, &proxy.identity) else {
         return "unknown-service";
     };
-    let rt = match proxy.service(&rt).await {
+    let rt = match proxy.discovery.service(&rt).await {
         Ok(rt) => rt,
-        Err(crate::state::Missing::Unknown) => return "unknown-service",
-        Err(crate::state::Missing::NoAnswer) => return "discovery-timeout",
+        Err(crate::discovery::Missing::Unknown) => return "unknown-service",
+        Err(crate::discovery::Missing::NoAnswer) => return "discovery-timeout",
     };
     let io = match connect_endpoint(proxy, &rt, None).await {
         Ok(io) => io,
