@@ -5,6 +5,7 @@
 //! own `client-*` reason and a 4xx, and never counts against the endpoint or the app (no
 //! outlier detection, no error rate).
 
+use crate::reason::Reason;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -50,11 +51,11 @@ pub struct ClientBody {
 
 impl ClientFault {
     /// The stable reason (`x-weft-error`, metric label, access log).
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> Reason {
         match self {
-            ClientFault::BadRequest => "client-bad-request",
-            ClientFault::Reset => "client-reset",
-            ClientFault::Timeout => "client-timeout",
+            ClientFault::BadRequest => Reason::ClientBadRequest,
+            ClientFault::Reset => Reason::ClientReset,
+            ClientFault::Timeout => Reason::ClientTimeout,
         }
     }
 
@@ -221,6 +222,6 @@ mod tests {
         assert_eq!(ClientFault::of_error(&idle), ClientFault::Timeout);
         let reset = h2::Error::from(h2::Reason::CANCEL);
         assert_eq!(ClientFault::of_error(&reset), ClientFault::BadRequest, "a reason made here");
-        assert_eq!((bad.status().as_u16(), bad.reason()), (400, "client-bad-request"));
+        assert_eq!((bad.status().as_u16(), bad.reason().as_str()), (400, "client-bad-request"));
     }
 }

@@ -6,12 +6,11 @@
 //! the proxy writes itself carries a stable reason in `x-weft-error`, the same one used as the
 //! metric label.
 
+use crate::reason::{ERROR_HEADER, Reason};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 use weft_core::{Body, full};
 
-/// The reason for a reply the proxy made itself.
-pub const ERROR_HEADER: &str = "x-weft-error";
 /// Marks a request a proxy already retried (or mirrored): no later hop retries it again. An
 /// app may forward it, like trace headers, so a call chain does not multiply retries; the
 /// inbound proxy hands it to the app for that reason. Accepted from apps, since it can only
@@ -142,21 +141,24 @@ pub fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_quer
         .map_err(|_| {
             reply(
                 StatusCode::BAD_REQUEST,
-                "bad-request-target",
+                Reason::BadRequestTarget,
                 format!("cannot rebuild the request URI for {authority}"),
             )
         })?;
     Ok(())
 }
 
-/// A reply the proxy makes itself: status, reason header, and a one-line explanation.
-pub fn reply(status: StatusCode, reason: &'static str, detail: impl std::fmt::Display) -> Response<Body> {
-    Response::builder()
+/// A reply the proxy makes itself: status, reason header, and a one-line explanation. The
+/// reason also rides along typed ([`Reason::of`] reads it), so nothing parses the header back.
+pub fn reply(status: StatusCode, reason: Reason, detail: impl std::fmt::Display) -> Response<Body> {
+    let mut resp = Response::builder()
         .status(status)
-        .header(ERROR_HEADER, HeaderValue::from_static(reason))
+        .header(ERROR_HEADER, HeaderValue::from_static(reason.as_str()))
         .header(header::CONTENT_TYPE, "text/plain")
         .body(full(format!("{reason}: {detail}\n")))
-        .expect("valid reply")
+        .expect("valid reply");
+    resp.extensions_mut().insert(reason);
+    resp
 }
 
 /// Whether a request is gRPC (by its content type).
@@ -198,48 +200,6 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
     let mut out = out.body(weft_core::empty()).expect("valid gRPC status");
     *out.extensions_mut() = resp.into_parts().0.extensions;
     out
-}
-
-/// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 30] = [
-    "ambiguous-framing",
-    "app-protocol-mismatch",
-    "app-reset",
-    "app-unavailable",
-    "authz-denied",
-    "bad-path",
-    "bad-request-target",
-    "client-bad-host",
-    "client-bad-request",
-    "client-header-too-large",
-    "client-reset",
-    "client-timeout",
-    "discovery-timeout",
-    "fault-abort",
-    "no-client-identity",
-    "no-destination",
-    "no-healthy-endpoints",
-    "per-try-timeout",
-    "pool-full",
-    "rate-limited",
-    "refused-stream",
-    "request-timeout",
-    "retry-budget-exhausted",
-    "stream-idle-timeout",
-    "unknown-service",
-    "upgrade-refused",
-    "upstream-connect-failed",
-    "upstream-connect-timeout",
-    "upstream-reset",
-    "upstream-tls-failed",
-];
-
-/// The reason a response carries, as one of the stable names (for metric labels): empty when
-/// the mesh did not make it, `other` for one this proxy does not know (a newer peer's, say).
-pub fn reason_of(resp: &Response<Body>) -> &'static str {
-    let Some(v) = resp.headers().get(ERROR_HEADER) else { return "" };
-    let v = v.as_bytes();
-    REASONS.into_iter().find(|r| r.as_bytes() == v).unwrap_or("other")
 }
 
 /// Strips hop-by-hop headers from the answer and speaks the client's HTTP version. A reply the

@@ -7,8 +7,9 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::forward::{client_cert, finish, reason_of, reply, retarget, strip_hop_by_hop};
+use crate::forward::{client_cert, finish, reply, retarget, strip_hop_by_hop};
 use crate::identity::spiffe_id;
+use crate::reason::Reason;
 use crate::state::Proxy;
 use crate::telemetry::{Finished, access_entry};
 use crate::trust::{ConnInfo, identity_headers};
@@ -115,7 +116,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         .map(|l| {
             reply(
                 StatusCode::TOO_MANY_REQUESTS,
-                "rate-limited",
+                Reason::RateLimited,
                 format!(
                     "{} accepts {} requests/s (burst {}) per instance",
                     proxy.local.workload.service(),
@@ -142,7 +143,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         peer: conn.peer.as_ref(),
         revision,
         status: resp.status().as_u16(),
-        reason: reason_of(&resp),
+        reason: Reason::label_of(&resp),
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
@@ -202,7 +203,7 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
     };
     let canonical = authz::normalize(req.uri().path()).map_err(|why| {
         proxy.telemetry.authz("refused-path");
-        reply(StatusCode::BAD_REQUEST, "bad-path", why)
+        reply(StatusCode::BAD_REQUEST, Reason::BadPath, why)
     })?;
     let method = req.method().as_str();
     let verdict = authz::evaluate(authz, conn.peer.as_deref(), method, &canonical);
@@ -222,7 +223,7 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
         if enforce {
             return Err(reply(
                 StatusCode::FORBIDDEN,
-                "authz-denied",
+                Reason::AuthzDenied,
                 format!(
                     "{method} {canonical} is not allowed for {} ({}, {rule})",
                     conn.peer.as_deref().unwrap_or("an unauthenticated caller"),
@@ -249,7 +250,7 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         // gRPC over HTTP/1.1 would lose its trailers (grpc-status): refuse it plainly.
         return reply(
             StatusCode::NOT_IMPLEMENTED,
-            "app-protocol-mismatch",
+            Reason::AppProtocolMismatch,
             format!(
                 "{} declares its app http1 (--app-protocol, appProtocol), and gRPC needs HTTP/2: declare h2 or auto",
                 proxy.local.workload.id()
@@ -281,7 +282,7 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         }
         let mut sender = match proxy.pools.h2(proxy.local.app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
-            Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
+            Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
         };
         match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
@@ -289,7 +290,7 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
                 None => {
                     proxy.pools.evict(proxy.local.app);
-                    reply(StatusCode::BAD_GATEWAY, "app-reset", e)
+                    reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e)
                 }
             },
         }
@@ -303,10 +304,10 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         }
         match proxy.pools.h1.request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
-            Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
+            Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
             Err(e) => match client.fault() {
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
-                None => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+                None => reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e),
             },
         }
     }

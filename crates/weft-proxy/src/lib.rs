@@ -18,6 +18,7 @@ mod admin;
 pub mod authz;
 mod backoff;
 mod balance;
+mod call;
 mod clock;
 pub mod config;
 mod control;
@@ -31,12 +32,14 @@ mod inbound;
 mod link;
 mod outbound;
 mod pool;
+mod reason;
 mod renewal;
 mod replay;
 pub mod route;
 mod spans;
 mod state;
 mod taps;
+mod tcp;
 mod telemetry;
 mod trust;
 mod upgrade;
@@ -100,7 +103,7 @@ pub async fn start(cfg: ProxyConfig, shutdown: Shutdown) -> Result<(Bound, tokio
     }
     for (listener, service) in tcp_l {
         tracing::info!(addr = %listener.local_addr().expect("bound"), %service, "opaque TCP listener");
-        tasks.spawn(upgrade::serve_tcp(proxy.clone(), listener, service, shutdown.clone()));
+        tasks.spawn(tcp::serve_tcp(proxy.clone(), listener, service, shutdown.clone()));
     }
     let reaper = proxy.clone();
     let stop = shutdown.clone();

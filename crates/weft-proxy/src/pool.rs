@@ -1,6 +1,7 @@
 //! Connections the proxy owns: one multiplexed HTTP/2 connection per endpoint (proxy to proxy,
 //! and to an app that speaks HTTP/2), and a pooled HTTP/1.1 client for apps that speak it.
 
+use crate::reason::Reason;
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -80,12 +81,12 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// The stable reason for a reply made after this error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            ConnectError::Timeout { .. } => "upstream-connect-timeout",
-            ConnectError::Io { .. } | ConnectError::Handshake { .. } => "upstream-connect-failed",
-            ConnectError::Tls { .. } => "upstream-tls-failed",
-            ConnectError::PoolFull { .. } => "pool-full",
+            ConnectError::Timeout { .. } => Reason::UpstreamConnectTimeout,
+            ConnectError::Io { .. } | ConnectError::Handshake { .. } => Reason::UpstreamConnectFailed,
+            ConnectError::Tls { .. } => Reason::UpstreamTlsFailed,
+            ConnectError::PoolFull { .. } => Reason::PoolFull,
         }
     }
 }
