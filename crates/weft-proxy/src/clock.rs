@@ -64,18 +64,22 @@ impl Clock {
         now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
     }
 
-    /// Waits until `d` has passed on this clock: real time, or a manual clock advanced that far.
-    pub(crate) async fn sleep(&self, d: Duration) {
-        let Some(m) = &self.manual else {
-            return tokio::time::sleep(d).await;
-        };
-        let until = *m.advanced.lock() + d;
-        loop {
-            let moved = m.moved.notified();
-            if *m.advanced.lock() >= until {
-                return;
+    /// Waits until `d` has passed on this clock, counted from this call: real time, or a
+    /// manual clock advanced that far.
+    pub(crate) fn sleep(&self, d: Duration) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let manual = self.manual.clone();
+        let until = manual.as_ref().map(|m| *m.advanced.lock() + d);
+        async move {
+            let (Some(m), Some(until)) = (manual, until) else {
+                return tokio::time::sleep(d).await;
+            };
+            loop {
+                let moved = m.moved.notified();
+                if *m.advanced.lock() >= until {
+                    return;
+                }
+                moved.await;
             }
-            moved.await;
         }
     }
 }
@@ -88,10 +92,7 @@ mod tests {
     async fn a_manual_clock_moves_only_when_advanced() {
         let clock = Clock::manual();
         let t0 = clock.unix_secs();
-        let waiter = tokio::spawn({
-            let clock = clock.clone();
-            async move { clock.sleep(Duration::from_secs(30)).await }
-        });
+        let waiter = tokio::spawn(clock.sleep(Duration::from_secs(30)));
         tokio::task::yield_now().await;
         clock.advance(Duration::from_secs(20));
         tokio::task::yield_now().await;

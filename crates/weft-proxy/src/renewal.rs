@@ -135,7 +135,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
         let wait = match certify(&proxy).await {
             Ok(tls) => {
                 failures = 0;
-                let wait = renew_after(&tls, clock);
+                let wait = renew_after(tls.not_after, clock);
                 tracing::info!(identity = %tls.identity, serial = %tls.serial, renew_in_s = wait.as_secs(), "workload certificate installed");
                 proxy.identity.install(tls);
                 proxy.discovery.ready.certified();
@@ -156,16 +156,34 @@ pub(crate) async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
     }
 }
 
-/// How long after `tls` is installed to renew it: [`RENEW_AT`] of the lifetime it has left on
-/// `clock`, at least a second.
-fn renew_after(tls: &Tls, clock: &Clock) -> Duration {
-    let lifetime = tls.not_after.saturating_sub(clock.unix_secs());
+/// How long after a certificate valid until `not_after` (unix seconds) is installed to renew
+/// it: [`RENEW_AT`] of the lifetime it has left on `clock`, at least a second.
+fn renew_after(not_after: u64, clock: &Clock) -> Duration {
+    let lifetime = not_after.saturating_sub(clock.unix_secs());
     Duration::from_secs_f64(lifetime as f64 * RENEW_AT).max(Duration::from_secs(1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn renewal_waits_half_the_lifetime_on_the_proxys_clock() {
+        let clock = Clock::manual();
+        let not_after = clock.unix_secs() + 60;
+        let wait = renew_after(not_after, &clock);
+        assert_eq!(wait, Duration::from_secs(30));
+        let renewal = tokio::spawn(clock.sleep(wait));
+        clock.advance(Duration::from_secs(29));
+        tokio::task::yield_now().await;
+        assert!(!renewal.is_finished(), "not before half-life");
+        clock.advance(Duration::from_secs(1));
+        renewal.await.expect("due at half-life");
+        // Installed late (or the clock ran on): the time left counts, and never less than 1 s.
+        assert_eq!(renew_after(not_after, &clock), Duration::from_secs(15));
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(renew_after(not_after, &clock), Duration::from_secs(1));
+    }
 
     #[test]
     fn a_certificate_is_installed_only_for_the_identity_this_workload_expects() {
