@@ -17,10 +17,10 @@ use weft_api::proto::{self, control_message, distribution_client::DistributionCl
 use weft_core::Shutdown;
 
 /// Telemetry summary interval.
-pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs the control stream until shutdown, reconnecting as needed.
-pub async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedReceiver<String>, shutdown: Shutdown) {
+pub(crate) async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedReceiver<String>, shutdown: Shutdown) {
     let url = proxy.link.as_ref().expect("control mode").url.clone();
     let mut taps = proxy.taps.take_events().expect("one control stream per proxy");
     let mut failures = 0u32;

@@ -19,7 +19,7 @@ use weft_core::Body;
 
 /// What went wrong on the client's side of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientFault {
+pub(crate) enum ClientFault {
     /// The body's framing was invalid (a bad chunk size, an HTTP/2 length mismatch).
     BadRequest,
     /// The client reset the stream or closed the connection before its body ended.
@@ -30,7 +30,7 @@ pub enum ClientFault {
 
 /// How a request's body has gone so far, shared between the body and whoever forwards it.
 #[derive(Default)]
-pub struct BodyState(AtomicU8);
+pub(crate) struct BodyState(AtomicU8);
 
 /// Not ended; the last read got bytes (or none was made yet).
 const STREAMING: u8 = 0;
@@ -42,7 +42,7 @@ const TIMEOUT: u8 = 4;
 const WAITING: u8 = 5;
 
 /// The client's request body, recording into a [`BodyState`] how it ends.
-pub struct ClientBody {
+pub(crate) struct ClientBody {
     inner: Body,
     state: Arc<BodyState>,
 }
@@ -51,7 +51,7 @@ pub struct ClientBody {
 
 impl ClientFault {
     /// The stable reason (`x-weft-error`, metric label, access log).
-    pub fn reason(self) -> Reason {
+    pub(crate) fn reason(self) -> Reason {
         match self {
             ClientFault::BadRequest => Reason::ClientBadRequest,
             ClientFault::Reset => Reason::ClientReset,
@@ -61,7 +61,7 @@ impl ClientFault {
 
     /// The status the answer carries. A client that reset gets no answer at all; 499 (as
     /// nginx logs it, "client closed request") is what its request is recorded with.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             ClientFault::BadRequest => StatusCode::BAD_REQUEST,
             ClientFault::Reset => StatusCode::from_u16(499).expect("valid status"),
@@ -71,12 +71,12 @@ impl ClientFault {
 
     /// The answer to a request the client broke (hyper closes an HTTP/1.1 connection whose
     /// body failed after it).
-    pub fn reply(self, detail: impl std::fmt::Display) -> Response<Body> {
+    pub(crate) fn reply(self, detail: impl std::fmt::Display) -> Response<Body> {
         crate::forward::reply(self.status(), self.reason(), detail)
     }
 
     /// Whether a reason names a failure the client caused.
-    pub fn is_reason(reason: &str) -> bool {
+    pub(crate) fn is_reason(reason: &str) -> bool {
         reason.starts_with("client-")
     }
 
@@ -112,7 +112,7 @@ impl ClientFault {
 
 impl BodyState {
     /// The client's fault, if its body failed.
-    pub fn fault(&self) -> Option<ClientFault> {
+    pub(crate) fn fault(&self) -> Option<ClientFault> {
         match self.0.load(Relaxed) {
             BAD => Some(ClientFault::BadRequest),
             RESET => Some(ClientFault::Reset),
@@ -124,7 +124,7 @@ impl BodyState {
     /// Records that the client's body stopped arriving, if the proxy was waiting on it (the
     /// last read found nothing; a body nobody has read yet, say behind an injected delay, is
     /// not waited on); returns whether it was.
-    pub fn timed_out(&self) -> bool {
+    pub(crate) fn timed_out(&self) -> bool {
         self.0.compare_exchange(WAITING, TIMEOUT, Relaxed, Relaxed).is_ok()
     }
 
@@ -158,7 +158,7 @@ impl BodyState {
 
 impl ClientBody {
     /// Wraps the client's body; `state` learns how it ends.
-    pub fn wrap(inner: Body, state: Arc<BodyState>) -> Body {
+    pub(crate) fn wrap(inner: Body, state: Arc<BodyState>) -> Body {
         if inner.is_end_stream() {
             state.end();
             return inner;
@@ -195,7 +195,7 @@ impl HttpBody for ClientBody {
 /// A caller's request as the listeners forward it: its body watched (how it ended is in the
 /// returned request's extensions as an `Arc<BodyState>`) and, when the access log records
 /// sizes, counted into `request_bytes`.
-pub fn watched(req: Request<Incoming>, request_bytes: Option<&Arc<AtomicU64>>) -> Request<Body> {
+pub(crate) fn watched(req: Request<Incoming>, request_bytes: Option<&Arc<AtomicU64>>) -> Request<Body> {
     let client = Arc::new(BodyState::default());
     let mut req = req.map(|b| {
         let b = ClientBody::wrap(weft_core::boxed(b), client.clone());

@@ -24,23 +24,23 @@ use std::sync::Arc;
 
 /// The identity slot of a proxy: empty until the first certificate arrives.
 #[derive(Default)]
-pub struct Identity {
+pub(crate) struct Identity {
     current: ArcSwapOption<Tls>,
     /// Wakes the renewal loop early (the CA's signing root changed).
     pub(crate) renew: tokio::sync::Notify,
 }
 
 /// TLS material for one certificate.
-pub struct Tls {
-    pub identity: String,
+pub(crate) struct Tls {
+    pub(crate) identity: String,
     /// Serial number, hex.
-    pub serial: String,
-    pub not_after: u64,
+    pub(crate) serial: String,
+    pub(crate) not_after: u64,
     /// Generation of the root that signed the certificate.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// The roots trusted (PEM).
-    pub bundle_pem: String,
-    pub server: Arc<ServerConfig>,
+    pub(crate) bundle_pem: String,
+    pub(crate) server: Arc<ServerConfig>,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
@@ -52,7 +52,7 @@ pub struct Tls {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     #[error("cannot reach the CA: {0}")]
     Unreachable(String),
     #[error("the CA refused: {0}")]
@@ -70,22 +70,22 @@ pub(crate) fn material(e: impl std::fmt::Display) -> IdentityError {
 // === impl Identity ===
 
 impl Identity {
-    pub fn tls(&self) -> Option<Arc<Tls>> {
+    pub(crate) fn tls(&self) -> Option<Arc<Tls>> {
         self.current.load_full()
     }
 
-    pub fn install(&self, tls: Tls) {
+    pub(crate) fn install(&self, tls: Tls) {
         self.current.store(Some(Arc::new(tls)));
     }
 
     /// The SPIFFE ID of the certificate held now.
-    pub fn current_id(&self) -> Option<String> {
+    pub(crate) fn current_id(&self) -> Option<String> {
         self.current.load().as_ref().map(|t| t.identity.clone())
     }
 
     /// Follows the CA in a pushed config: trusts a new bundle at once (keeping the current
     /// certificate) and renews early when the CA signs with a newer root.
-    pub fn follow(&self, bundle_pem: &str, ca_generation: u64) {
+    pub(crate) fn follow(&self, bundle_pem: &str, ca_generation: u64) {
         let Some(tls) = self.tls() else { return };
         if !bundle_pem.is_empty() && bundle_pem != tls.bundle_pem {
             match tls.with_bundle(bundle_pem) {
@@ -142,7 +142,7 @@ impl ResolvesClientCert for Identity {
 
 impl Tls {
     /// Builds the TLS configurations from a certificate chain, its key, and the trust bundle.
-    pub fn new(
+    pub(crate) fn new(
         identity: String,
         not_after: u64,
         generation: u64,
@@ -189,7 +189,7 @@ impl Tls {
     }
 
     /// The same certificate, trusting `bundle_pem`.
-    pub fn with_bundle(&self, bundle_pem: &str) -> Result<Self, IdentityError> {
+    pub(crate) fn with_bundle(&self, bundle_pem: &str) -> Result<Self, IdentityError> {
         let chain_pem: String = self.chain.iter().map(|c| pem_of(c)).collect();
         Self::new(
             self.identity.clone(),
@@ -202,7 +202,7 @@ impl Tls {
     }
 
     /// A client configuration that accepts only a server presenting `expected`.
-    pub fn client_for(&self, expected: &str) -> Result<Arc<ClientConfig>, IdentityError> {
+    pub(crate) fn client_for(&self, expected: &str) -> Result<Arc<ClientConfig>, IdentityError> {
         if let Some(c) = self.clients.lock().get(expected) {
             return Ok(c.clone());
         }
@@ -226,7 +226,7 @@ impl Tls {
 }
 
 /// The server name sent in SNI; identities are checked by SPIFFE ID, not by name.
-pub fn sni() -> ServerName<'static> {
+pub(crate) fn sni() -> ServerName<'static> {
     ServerName::try_from("weft.mesh").expect("valid name")
 }
 
@@ -235,7 +235,7 @@ fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
 }
 
 /// The one SPIFFE ID (URI SAN) of a certificate.
-pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+pub(crate) fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
     let mut uris = san.value.general_names.iter().filter_map(|n| match n {

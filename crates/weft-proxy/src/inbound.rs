@@ -28,7 +28,7 @@ use weft_core::serve::Io;
 /// Decides what an inbound connection is: a TLS ClientHello (first byte 0x16) is an mTLS
 /// handshake, which must present a certificate from the mesh's CA; anything else is
 /// plaintext, refused when this workload's policy is `strict`.
-pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, ConnInfo)> {
+pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, ConnInfo)> {
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await.ok()?;
     if n == 1 && first[0] == 0x16 {
@@ -78,7 +78,7 @@ pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Op
     }
 }
 
-pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let span = proxy
         .telemetry

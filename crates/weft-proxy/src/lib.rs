@@ -45,6 +45,7 @@ mod trust;
 mod upgrade;
 
 pub use config::{Bound, ProxyConfig, Source, StaticFile, Workload};
+pub use link::LinkError;
 use state::Proxy;
 
 use std::net::SocketAddr;

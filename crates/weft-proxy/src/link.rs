@@ -8,8 +8,8 @@ use std::sync::Arc;
 use weft_core::tls::{Connector, PinnedVerifier};
 
 /// How the proxy reaches the control plane.
-pub struct Link {
-    pub url: String,
+pub(crate) struct Link {
+    pub(crate) url: String,
     connector: Connector,
     /// TLS only: the pin, then the trust bundle.
     verifier: Option<Arc<PinnedVerifier>>,
@@ -32,7 +32,7 @@ pub enum LinkError {
 impl Link {
     /// `https://` pins the CA of `token`'s claims and presents `client_cert`; `http://` is
     /// plaintext (the caller checked it was asked for).
-    pub fn new(url: &str, token: Option<&str>, client_cert: Arc<dyn rustls::client::ResolvesClientCert>) -> Result<Self, LinkError> {
+    pub(crate) fn new(url: &str, token: Option<&str>, client_cert: Arc<dyn rustls::client::ResolvesClientCert>) -> Result<Self, LinkError> {
         let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
         match scheme {
             "http" => Ok(Self {
@@ -55,23 +55,23 @@ impl Link {
         }
     }
 
-    pub fn tls(&self) -> bool {
+    pub(crate) fn tls(&self) -> bool {
         self.verifier.is_some()
     }
 
     /// The CA fingerprint the token pins (TLS only).
-    pub fn pinned(&self) -> Option<&str> {
+    pub(crate) fn pinned(&self) -> Option<&str> {
         self.verifier.as_deref().map(PinnedVerifier::pin)
     }
 
     /// Whether a trust bundle replaced the pin.
-    pub fn trusts_bundle(&self) -> bool {
+    pub(crate) fn trusts_bundle(&self) -> bool {
         self.verifier.as_ref().is_some_and(|v| v.has_bundle())
     }
 
     /// Trusts the roots of a bundle that arrived over this link (a certificate response, a
     /// pushed config) from now on.
-    pub fn trust(&self, bundle_pem: &str) {
+    pub(crate) fn trust(&self, bundle_pem: &str) {
         let Some(verifier) = &self.verifier else { return };
         if bundle_pem.is_empty() {
             return;
@@ -82,7 +82,7 @@ impl Link {
     }
 
     /// A channel to the control plane, connected.
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         endpoint: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
     ) -> Result<tonic::transport::Channel, LinkDown> {
@@ -99,7 +99,7 @@ impl Link {
 
 /// Why the link is down.
 #[derive(Debug, thiserror::Error)]
-pub enum LinkDown {
+pub(crate) enum LinkDown {
     /// The control plane could not prove it is the one the token pins.
     #[error("refusing the control plane: {0}")]
     Refused(String),

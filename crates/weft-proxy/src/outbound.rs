@@ -23,7 +23,7 @@ fn unnamed() -> Arc<str> {
     EMPTY.get_or_init(|| Arc::from("")).clone()
 }
 
-pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let span = proxy
         .telemetry

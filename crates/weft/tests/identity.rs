@@ -376,8 +376,8 @@ async fn authorization_matrix_no_spelling_of_a_denied_path_reaches_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_renew_at_half_life_and_outlive_a_ca_outage() {
-    // 30 s certificates: renewal is due 15 s after issue.
-    let mut control = Control::start_with(BIN, &["--cert-ttl".into(), "30s".into()]).await;
+    // 1-minute certificates (the CA's shortest): renewal is due 30 s after issue.
+    let mut control = Control::start_with(BIN, &["--cert-ttl".into(), "1m".into()]).await;
     let app = EchoServer::start("orders").await;
     let _orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
     let web = ProxyHandle::start(BIN, &control, "default/web", "cluster-a", &[], free_addr()).await;
@@ -389,16 +389,16 @@ async fn certificates_renew_at_half_life_and_outlive_a_ca_outage() {
         "web knows orders before the CA goes away"
     );
     let load = Load::start(web.outbound, "orders", &[], Duration::from_millis(50));
-    // The CA goes away before the renewal point (15 s into a 30 s certificate)...
+    // The CA goes away before the renewal point (30 s into a 60 s certificate)...
     control.process.kill();
     let down = Instant::now();
-    // The subject: a renewal falling due while the CA is away, in the real processes. Waits
-    // until web's own gauge says its certificate is 2 s past the renewal point (15 s left), so
-    // the renewal has been tried and failed; the timing itself is the proxy's unit test
-    // (renewal::tests, on a manual clock).
-    eventually(Duration::from_secs(30), "web's certificate past its renewal point", || async {
+    // The subject: a renewal falling due while the CA is away, in the real processes, so real
+    // time passes here (the timing itself is the proxy's unit test, renewal::tests, on a manual
+    // clock). No fixed sleep: waits until web's own gauge says its certificate is 2 s past the
+    // renewal point (30 s left), so the renewal has been tried and failed.
+    eventually(Duration::from_secs(45), "web's certificate past its renewal point", || async {
         let left = weft_test::metric(&web.metrics().await, "weft_proxy_certificate_expires_in_seconds", &[]);
-        (left > 0.0 && left <= 13.0).then_some(())
+        (left > 0.0 && left <= 28.0).then_some(())
     })
     .await;
     let during = load.stats();
@@ -418,7 +418,7 @@ async fn certificates_renew_at_half_life_and_outlive_a_ca_outage() {
     assert!(metrics.contains("weft_proxy_certificate_expires_in_seconds"), "{metrics}");
     let stats = load.stop().await;
     assert_eq!(stats.failed, 0, "{stats:?}");
-    assert!(stats.ok > 200, "requests kept flowing (one every 50 ms for over 15 s): {stats:?}");
+    assert!(stats.ok > 500, "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
