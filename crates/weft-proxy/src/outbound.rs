@@ -1,7 +1,8 @@
-//! The outbound listener: app -> mesh. Finds the destination service from the request target
-//! (absolute-form URI, `:authority`, or `Host`), routes by the caller-side policy, and forwards
-//! over HTTP/2 to an endpoint's inbound listener, with the route's timeouts, retries, faults,
-//! mirroring, rate limit and pool limits.
+//! The outbound listener: app -> mesh. Top to bottom: finds the destination service from the
+//! request target (absolute-form URI, `:authority`, or `Host`; discovery), routes by the
+//! caller-side policy, hands the request to [`crate::call`] (rate limit, faults, admission,
+//! endpoint pick, tries, retries, mirror; an Upgrade too), then observes how it ended (metrics,
+//! tap, span, access log) and answers in the client's HTTP version.
 
 use crate::call::{self, Outcome};
 use crate::discovery::Missing;
@@ -162,7 +163,7 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     strip_hop_by_hop(&mut parts.headers);
     // Only the mesh's own names go here. Identity headers from the app (`x-forwarded-client-cert`,
     // `x-spiffe-id`, `l5d-*`) pass on: the guarantee that no app sees a forged one lives at the
-    // receiving end, in the callee's inbound (`inbound::identity_headers`), which strips them
+    // receiving end, in the callee's inbound (`trust::identity_headers`), which strips them
     // from every caller, sidecar or not, whatever was done here, and sets the one true header.
     // An upstream outside the mesh gets the caller's request as it was.
     strip_mesh_headers(&mut parts.headers);
