@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use weft_core::Body;
@@ -17,7 +16,7 @@ use weft_core::Body;
 /// How many lines may wait for the writer.
 const QUEUE: usize = 4096;
 
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     tx: Option<mpsc::Sender<String>>,
     sample_percent: f64,
     dropped: prometheus_client::metrics::counter::Counter,
@@ -26,41 +25,41 @@ pub struct AccessLog {
 /// One request, as logged.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Unix time in milliseconds when the request finished (its response body ended).
-    pub time_ms: u64,
-    pub direction: &'static str,
+    pub(crate) time_ms: u64,
+    pub(crate) direction: &'static str,
     /// W3C trace id (or b3), empty when the request carried none.
-    pub trace_id: String,
-    pub source: String,
-    pub destination: String,
-    pub service: String,
-    pub route: String,
-    pub method: String,
-    pub path: String,
+    pub(crate) trace_id: String,
+    pub(crate) source: String,
+    pub(crate) destination: String,
+    pub(crate) service: String,
+    pub(crate) route: String,
+    pub(crate) method: String,
+    pub(crate) path: String,
     /// The endpoint (outbound) or app (inbound) that answered.
-    pub upstream: String,
-    pub status: u16,
+    pub(crate) upstream: String,
+    pub(crate) status: u16,
     /// `x-weft-error` when the proxy answered itself.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
     /// Time to the response headers.
-    pub duration_ms: f64,
+    pub(crate) duration_ms: f64,
     /// Time to the end of the response body.
-    pub total_ms: f64,
+    pub(crate) total_ms: f64,
     /// Body bytes received from the client and sent back to it.
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    pub retries: u32,
+    pub(crate) request_bytes: u64,
+    pub(crate) response_bytes: u64,
+    pub(crate) retries: u32,
 }
 
 /// Counts the bytes of a body as they pass.
-pub struct Tally {
+pub(crate) struct Tally {
     inner: Body,
     count: Arc<AtomicU64>,
 }
 
 impl Tally {
-    pub fn wrap(inner: Body, count: Arc<AtomicU64>) -> Body {
+    pub(crate) fn wrap(inner: Body, count: Arc<AtomicU64>) -> Body {
         http_body_util::BodyExt::boxed_unsync(Tally { inner, count })
     }
 }
@@ -90,18 +89,18 @@ impl HttpBody for Tally {
 
 /// A response body that writes its request's access line once it ends (or is dropped, when
 /// the client went away), with the bytes both ways and the total time.
-pub struct Logged {
+pub(crate) struct Logged {
     inner: Body,
     bytes: u64,
-    pending: Option<(Entry, Arc<AtomicU64>, std::time::Instant, Arc<crate::Proxy>)>,
+    pending: Option<(Entry, Arc<AtomicU64>, std::time::Instant, Arc<AccessLog>)>,
 }
 
 impl Logged {
-    pub fn wrap(inner: Body, entry: Entry, request_bytes: Arc<AtomicU64>, start: std::time::Instant, proxy: Arc<crate::Proxy>) -> Body {
+    pub(crate) fn wrap(inner: Body, entry: Entry, request_bytes: Arc<AtomicU64>, start: std::time::Instant, log: Arc<AccessLog>) -> Body {
         let mut logged = Logged {
             inner,
             bytes: 0,
-            pending: Some((entry, request_bytes, start, proxy)),
+            pending: Some((entry, request_bytes, start, log)),
         };
         if logged.inner.is_end_stream() {
             logged.finish();
@@ -110,12 +109,12 @@ impl Logged {
     }
 
     fn finish(&mut self) {
-        if let Some((mut entry, request_bytes, start, proxy)) = self.pending.take() {
+        if let Some((mut entry, request_bytes, start, log)) = self.pending.take() {
             entry.response_bytes = self.bytes;
             entry.request_bytes = request_bytes.load(Relaxed);
             entry.total_ms = start.elapsed().as_secs_f64() * 1000.0;
-            entry.time_ms = now_ms();
-            proxy.telemetry.access.log(entry);
+            entry.time_ms = crate::clock::unix_ms();
+            log.log(entry);
         }
     }
 }
@@ -157,16 +156,16 @@ impl Drop for Logged {
 }
 
 /// What an access line needs from a request before the request is consumed.
-pub struct Captured {
-    pub method: String,
-    pub path: String,
-    pub trace: String,
+pub(crate) struct Captured {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) trace: String,
 }
 
 impl AccessLog {
     /// Captures the request's line fields, only when access logs are on (nothing extra per
     /// request otherwise).
-    pub fn capture<B>(&self, req: &http::Request<B>) -> Option<Captured> {
+    pub(crate) fn capture<B>(&self, req: &http::Request<B>) -> Option<Captured> {
         self.enabled().then(|| Captured {
             method: req.method().to_string(),
             path: req.uri().path().to_string(),
@@ -175,7 +174,7 @@ impl AccessLog {
     }
 
     /// Starts the writer when `enabled` (call inside the runtime).
-    pub fn new(enabled: bool, sample_percent: f64, registry: &mut prometheus_client::registry::Registry) -> Self {
+    pub(crate) fn new(enabled: bool, sample_percent: f64, registry: &mut prometheus_client::registry::Registry) -> Self {
         let dropped = prometheus_client::metrics::counter::Counter::default();
         registry.register(
             "access_log_dropped",
@@ -202,12 +201,12 @@ impl AccessLog {
         }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.tx.is_some()
     }
 
     /// Logs `entry` if enabled and sampled in.
-    pub fn log(&self, entry: Entry) {
+    pub(crate) fn log(&self, entry: Entry) {
         let Some(tx) = &self.tx else { return };
         if self.sample_percent < 100.0 && rand::random_range(0.0..100.0) >= self.sample_percent {
             return;
@@ -221,7 +220,7 @@ impl AccessLog {
 }
 
 /// The trace id a request carries: W3C `traceparent` (`00-<trace>-<span>-<flags>`), else b3.
-pub fn trace_id(headers: &http::HeaderMap) -> String {
+pub(crate) fn trace_id(headers: &http::HeaderMap) -> String {
     if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok())
         && let Some(id) = tp.split('-').nth(1)
     {
@@ -236,13 +235,6 @@ pub fn trace_id(headers: &http::HeaderMap) -> String {
         .and_then(|b| b.split('-').next())
         .unwrap_or("")
         .to_string()
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -10,10 +10,10 @@ use weft_api::resource::{Action, Authorization, AuthzRule};
 
 /// The outcome for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verdict {
-    pub action: Action,
+pub(crate) struct Verdict {
+    pub(crate) action: Action,
     /// Index of the deciding rule; `None` when the default decided.
-    pub rule: Option<usize>,
+    pub(crate) rule: Option<usize>,
 }
 
 /// The canonical form of a request path, or why it is refused.
@@ -71,7 +71,7 @@ pub fn normalize(path: &str) -> Result<String, &'static str> {
 
 /// Decides a request. `peer` is the caller's SPIFFE ID (none over plaintext); `path` is
 /// already normalized.
-pub fn evaluate(authz: &Authorization, peer: Option<&str>, method: &str, path: &str) -> Verdict {
+pub(crate) fn evaluate(authz: &Authorization, peer: Option<&str>, method: &str, path: &str) -> Verdict {
     let matching = |action: Action| {
         authz
             .rules

@@ -8,7 +8,6 @@
 use crate::route::{self, CompiledRoute};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 use weft_api::mesh::ServiceConfig;
@@ -19,34 +18,28 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// Latency assumed for an endpoint before its first answer.
 const EWMA_INITIAL: Duration = Duration::from_millis(1);
 /// Outlier detection when the policy has none.
-pub const DEFAULT_OUTLIER: (u32, Duration, f64) = (5, Duration::from_secs(10), 50.0);
+pub(crate) const DEFAULT_OUTLIER: (u32, Duration, f64) = (5, Duration::from_secs(10), 50.0);
 /// Longest ejection, however often an endpoint fails its probes.
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// The retry budget's window.
 const BUDGET_SLOTS: usize = 10;
 
-/// Milliseconds since the process started (a monotonic clock for atomics).
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
-
 /// One destination service, as the data plane runs it.
-pub struct ServiceRuntime {
-    pub config: Arc<ServiceConfig>,
+pub(crate) struct ServiceRuntime {
+    pub(crate) config: Arc<ServiceConfig>,
     /// The service's name, shared with every metric series that carries it.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// Each endpoint's SPIFFE ID (parallel to `config.endpoints`), shared likewise.
-    pub identities: Vec<Arc<str>>,
-    pub routes: Vec<CompiledRoute>,
-    pub default_route: CompiledRoute,
+    pub(crate) identities: Vec<Arc<str>>,
+    pub(crate) routes: Vec<CompiledRoute>,
+    pub(crate) default_route: CompiledRoute,
     /// Parallel to `config.endpoints`.
-    pub endpoints: Vec<Arc<EndpointState>>,
-    pub shared: Arc<Shared>,
-    pub limiter: Option<Arc<RateLimiter>>,
-    pub lb: LoadBalancer,
-    pub pool: ConnectionPool,
-    pub outlier: (u32, Duration, f64),
+    pub(crate) endpoints: Vec<Arc<EndpointState>>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) limiter: Option<Arc<RateLimiter>>,
+    pub(crate) lb: LoadBalancer,
+    pub(crate) pool: ConnectionPool,
+    pub(crate) outlier: (u32, Duration, f64),
     /// Per subset (`None`: every endpoint), endpoint indexes grouped by locality priority.
     localities: Vec<(Option<String>, Vec<Vec<usize>>)>,
 }
@@ -80,8 +73,8 @@ fn locality_groups(config: &ServiceConfig, subset: Option<&str>, own_cluster: &s
 }
 
 /// State of one endpoint, kept across config swaps while the endpoint stays.
-pub struct EndpointState {
-    pub address: SocketAddr,
+pub(crate) struct EndpointState {
+    pub(crate) address: SocketAddr,
     ewma_ns: AtomicU64,
     ewma_at_ms: AtomicU64,
     in_flight: AtomicU32,
@@ -92,17 +85,17 @@ pub struct EndpointState {
 
 /// State of one destination kept across config swaps: the retry budget, requests in flight
 /// and the round-robin cursor.
-pub struct Shared {
-    pub budget: RetryBudget,
-    pub in_flight: AtomicU32,
-    pub connections: Arc<AtomicU32>,
+pub(crate) struct Shared {
+    pub(crate) budget: RetryBudget,
+    pub(crate) in_flight: AtomicU32,
+    pub(crate) connections: Arc<AtomicU32>,
     rr: AtomicUsize,
 }
 
 /// Retries allowed over a sliding window of ten one-second slots: at most `ratio` of the
 /// requests in the window plus `min_per_second` for each second of the window that saw
 /// requests, so neither a new nor an idle destination gets a burst of retries.
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     slots: [Slot; BUDGET_SLOTS],
 }
 
@@ -114,8 +107,8 @@ struct Slot {
 }
 
 /// A token bucket as one atomic (GCRA): the theoretical arrival time of the next request.
-pub struct RateLimiter {
-    pub limit: RateLimit,
+pub(crate) struct RateLimiter {
+    pub(crate) limit: RateLimit,
     interval_ns: u64,
     tolerance_ns: u64,
     tat_ns: AtomicU64,
@@ -123,13 +116,13 @@ pub struct RateLimiter {
 }
 
 /// Candidates for one request in the order to try them: groups by locality priority.
-pub struct Candidates<'a> {
+pub(crate) struct Candidates<'a> {
     groups: &'a [Vec<usize>],
 }
 
 /// An endpoint's answer, for outlier detection and latency.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     /// Connecting failed, the stream was reset, a per-try timeout fired, or the upstream
     /// answered 5xx.
@@ -139,7 +132,7 @@ pub enum Outcome {
 // === impl ServiceRuntime ===
 
 impl ServiceRuntime {
-    pub fn build(config: Arc<ServiceConfig>, previous: Option<&ServiceRuntime>, own_cluster: &str) -> Self {
+    pub(crate) fn build(config: Arc<ServiceConfig>, previous: Option<&ServiceRuntime>, own_cluster: &str) -> Self {
         let policy = config.policy.as_ref();
         let endpoints = config
             .endpoints
@@ -193,7 +186,7 @@ impl ServiceRuntime {
     /// Endpoints a request for `subset` may go to, grouped by priority: the caller's cluster,
     /// then each cluster of `failover` in order, then the rest. Computed once per config swap;
     /// ejection is applied when picking.
-    pub fn candidates(&self, subset: Option<&str>) -> Candidates<'_> {
+    pub(crate) fn candidates(&self, subset: Option<&str>) -> Candidates<'_> {
         let groups = self
             .localities
             .iter()
@@ -207,8 +200,8 @@ impl ServiceRuntime {
     /// whose endpoints are all ejected is skipped, which moves traffic to the next cluster and
     /// back once one returns): P2C over peak-EWMA (two at random, the lower latency x load
     /// wins) or round-robin. Allocates nothing.
-    pub fn pick(&self, candidates: &Candidates<'_>, tried: &[usize]) -> Option<usize> {
-        let now = now_ms();
+    pub(crate) fn pick(&self, candidates: &Candidates<'_>, tried: &[usize]) -> Option<usize> {
+        let now = crate::clock::mono_ms();
         let usable = |i: &&usize| !tried.contains(*i) && !self.endpoints[**i].ejected(now);
         let group = candidates.groups.iter().find(|g| g.iter().any(|i| usable(&i)))?;
         let n = group.iter().filter(usable).count();
@@ -237,7 +230,7 @@ impl ServiceRuntime {
     /// Records an endpoint's answer; ejects it after `consecutiveFailures` in a row, unless
     /// that would eject more than `maxEjectedPercent` of the service. Returns whether it was
     /// ejected now.
-    pub fn observe(&self, i: usize, outcome: Outcome, latency: Option<Duration>) -> bool {
+    pub(crate) fn observe(&self, i: usize, outcome: Outcome, latency: Option<Duration>) -> bool {
         let e = &self.endpoints[i];
         if let Some(l) = latency {
             e.observe_latency(l);
@@ -253,7 +246,7 @@ impl ServiceRuntime {
         }
         let (threshold, base, max_percent) = self.outlier;
         let failures = e.consecutive_failures.fetch_add(1, Relaxed) + 1;
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         if failures < threshold || e.ejected(now) {
             return false;
         }
@@ -272,13 +265,13 @@ impl ServiceRuntime {
     }
 
     /// Records how long endpoint `i` took to answer, before its outcome is known.
-    pub fn observe_latency(&self, i: usize, latency: Duration) {
+    pub(crate) fn observe_latency(&self, i: usize, latency: Duration) {
         self.endpoints[i].observe_latency(latency);
     }
 
     /// How many endpoints are ejected now.
-    pub fn ejected(&self) -> usize {
-        let now = now_ms();
+    pub(crate) fn ejected(&self) -> usize {
+        let now = crate::clock::mono_ms();
         self.endpoints.iter().filter(|e| e.ejected(now)).count()
     }
 }
@@ -290,7 +283,7 @@ impl EndpointState {
         EndpointState {
             address,
             ewma_ns: AtomicU64::new((EWMA_INITIAL.as_nanos() as f64).to_bits()),
-            ewma_at_ms: AtomicU64::new(now_ms()),
+            ewma_at_ms: AtomicU64::new(crate::clock::mono_ms()),
             in_flight: AtomicU32::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -315,7 +308,7 @@ impl EndpointState {
 
     /// Peak EWMA: a slower answer takes effect at once, a faster one is averaged in.
     fn observe_latency(&self, latency: Duration) {
-        let now = now_ms();
+        let now = crate::clock::mono_ms();
         let sample = latency.as_nanos() as f64;
         let current = f64::from_bits(self.ewma_ns.load(Relaxed));
         let age = now.saturating_sub(self.ewma_at_ms.load(Relaxed)) as f64;
@@ -330,14 +323,14 @@ impl EndpointState {
     }
 
     /// Counts a request in flight until the guard drops.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Relaxed);
         InFlight(self.clone())
     }
 }
 
 /// A request in flight to an endpoint.
-pub struct InFlight(Arc<EndpointState>);
+pub(crate) struct InFlight(Arc<EndpointState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -359,11 +352,11 @@ impl Default for Shared {
 }
 
 /// A request counted against `maxPendingRequests` until dropped.
-pub struct Pending(Arc<Shared>);
+pub(crate) struct Pending(Arc<Shared>);
 
 impl Shared {
     /// Admits a request unless `max` are already in flight.
-    pub fn admit(self: &Arc<Self>, max: u32) -> Option<Pending> {
+    pub(crate) fn admit(self: &Arc<Self>, max: u32) -> Option<Pending> {
         let before = self.in_flight.fetch_add(1, Relaxed);
         if before >= max {
             self.in_flight.fetch_sub(1, Relaxed);
@@ -397,13 +390,13 @@ impl RetryBudget {
     }
 
     /// Counts one request (first tries only).
-    pub fn request(&self) {
-        self.slot(now_ms() / 1000).requests.fetch_add(1, Relaxed);
+    pub(crate) fn request(&self) {
+        self.slot(crate::clock::mono_ms() / 1000).requests.fetch_add(1, Relaxed);
     }
 
     /// Takes one retry from the budget, if it has one.
-    pub fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
-        let now = now_ms();
+    pub(crate) fn try_retry(&self, ratio: f64, min_per_second: u32) -> bool {
+        let now = crate::clock::mono_ms();
         let second = now / 1000;
         let (mut requests, mut retries, mut active) = (0, 0, 0u64);
         for s in &self.slots {
@@ -430,7 +423,7 @@ impl RetryBudget {
 // === impl RateLimiter ===
 
 impl RateLimiter {
-    pub fn new(limit: RateLimit) -> Self {
+    pub(crate) fn new(limit: RateLimit) -> Self {
         let interval_ns = (1e9 / limit.requests_per_second) as u64;
         RateLimiter {
             interval_ns,
@@ -442,7 +435,7 @@ impl RateLimiter {
     }
 
     /// Takes a token; `false` when the bucket is empty.
-    pub fn allow(&self) -> bool {
+    pub(crate) fn allow(&self) -> bool {
         let now = self.start.elapsed().as_nanos() as u64;
         let mut tat = self.tat_ns.load(Relaxed);
         loop {
@@ -516,7 +509,7 @@ mod tests {
         // Growing backoff: the second ejection lasts twice as long.
         let e = &rt.endpoints[0];
         e.ejected_until_ms.store(1, Relaxed);
-        let before = now_ms();
+        let before = crate::clock::mono_ms();
         rt.endpoints[1].ejected_until_ms.store(1, Relaxed);
         assert!(rt.observe(0, Outcome::Failure, None), "one failure on probation ejects again");
         let until = e.ejected_until_ms.load(Relaxed);

@@ -8,7 +8,11 @@ use std::net::SocketAddr;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::{MeshConfig, SERVICE_LABEL, ServiceConfig};
 
-pub use crate::pool::APP_CONNECT_TIMEOUT;
+/// Connect timeout to the app (`--app-connect-timeout`) by default. Linux retransmits a SYN
+/// that got no answer after 1 s and again 2 s later (an app whose listen backlog is full drops
+/// SYNs), so 4 s lets a connection through after two dropped SYNs, where 1 s turned one
+/// dropped SYN into a 503 while direct clients all got through.
+pub const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -259,6 +263,14 @@ impl StaticFile {
             }),
         })
     }
+}
+
+/// The addresses a running proxy is bound to (useful when they were `:0`).
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub inbound: std::net::SocketAddr,
+    pub outbound: std::net::SocketAddr,
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 #[cfg(test)]

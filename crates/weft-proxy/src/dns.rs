@@ -6,7 +6,8 @@
 //!
 //! Only what a stub resolver sends is understood: one question, no compression in it.
 
-use crate::state::{Missing, Proxy};
+use crate::discovery::Missing;
+use crate::state::Proxy;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,8 +102,8 @@ async fn mesh_address(proxy: &Proxy, query: &Query<'_>) -> Option<Option<Ipv4Add
     if query.qclass != CLASS_IN {
         return None;
     }
-    let service = proxy.resolve(&query.name).ok()?;
-    let ip = match proxy.service(&service).await {
+    let service = proxy.discovery.resolve(&query.name, &proxy.identity).ok()?;
+    let ip = match proxy.discovery.service(&service).await {
         Ok(rt) => rt.config.virtual_ip?,
         Err(Missing::Unknown | Missing::NoAnswer) => return None,
     };

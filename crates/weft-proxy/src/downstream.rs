@@ -5,6 +5,7 @@
 //! own `client-*` reason and a 4xx, and never counts against the endpoint or the app (no
 //! outlier detection, no error rate).
 
+use crate::reason::Reason;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -18,7 +19,7 @@ use weft_core::Body;
 
 /// What went wrong on the client's side of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientFault {
+pub(crate) enum ClientFault {
     /// The body's framing was invalid (a bad chunk size, an HTTP/2 length mismatch).
     BadRequest,
     /// The client reset the stream or closed the connection before its body ended.
@@ -29,7 +30,7 @@ pub enum ClientFault {
 
 /// How a request's body has gone so far, shared between the body and whoever forwards it.
 #[derive(Default)]
-pub struct BodyState(AtomicU8);
+pub(crate) struct BodyState(AtomicU8);
 
 /// Not ended; the last read got bytes (or none was made yet).
 const STREAMING: u8 = 0;
@@ -41,7 +42,7 @@ const TIMEOUT: u8 = 4;
 const WAITING: u8 = 5;
 
 /// The client's request body, recording into a [`BodyState`] how it ends.
-pub struct ClientBody {
+pub(crate) struct ClientBody {
     inner: Body,
     state: Arc<BodyState>,
 }
@@ -50,17 +51,17 @@ pub struct ClientBody {
 
 impl ClientFault {
     /// The stable reason (`x-weft-error`, metric label, access log).
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> Reason {
         match self {
-            ClientFault::BadRequest => "client-bad-request",
-            ClientFault::Reset => "client-reset",
-            ClientFault::Timeout => "client-timeout",
+            ClientFault::BadRequest => Reason::ClientBadRequest,
+            ClientFault::Reset => Reason::ClientReset,
+            ClientFault::Timeout => Reason::ClientTimeout,
         }
     }
 
     /// The status the answer carries. A client that reset gets no answer at all; 499 (as
     /// nginx logs it, "client closed request") is what its request is recorded with.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             ClientFault::BadRequest => StatusCode::BAD_REQUEST,
             ClientFault::Reset => StatusCode::from_u16(499).expect("valid status"),
@@ -70,12 +71,12 @@ impl ClientFault {
 
     /// The answer to a request the client broke (hyper closes an HTTP/1.1 connection whose
     /// body failed after it).
-    pub fn reply(self, detail: impl std::fmt::Display) -> Response<Body> {
+    pub(crate) fn reply(self, detail: impl std::fmt::Display) -> Response<Body> {
         crate::forward::reply(self.status(), self.reason(), detail)
     }
 
     /// Whether a reason names a failure the client caused.
-    pub fn is_reason(reason: &str) -> bool {
+    pub(crate) fn is_reason(reason: &str) -> bool {
         reason.starts_with("client-")
     }
 
@@ -111,7 +112,7 @@ impl ClientFault {
 
 impl BodyState {
     /// The client's fault, if its body failed.
-    pub fn fault(&self) -> Option<ClientFault> {
+    pub(crate) fn fault(&self) -> Option<ClientFault> {
         match self.0.load(Relaxed) {
             BAD => Some(ClientFault::BadRequest),
             RESET => Some(ClientFault::Reset),
@@ -123,7 +124,7 @@ impl BodyState {
     /// Records that the client's body stopped arriving, if the proxy was waiting on it (the
     /// last read found nothing; a body nobody has read yet, say behind an injected delay, is
     /// not waited on); returns whether it was.
-    pub fn timed_out(&self) -> bool {
+    pub(crate) fn timed_out(&self) -> bool {
         self.0.compare_exchange(WAITING, TIMEOUT, Relaxed, Relaxed).is_ok()
     }
 
@@ -157,7 +158,7 @@ impl BodyState {
 
 impl ClientBody {
     /// Wraps the client's body; `state` learns how it ends.
-    pub fn wrap(inner: Body, state: Arc<BodyState>) -> Body {
+    pub(crate) fn wrap(inner: Body, state: Arc<BodyState>) -> Body {
         if inner.is_end_stream() {
             state.end();
             return inner;
@@ -194,7 +195,7 @@ impl HttpBody for ClientBody {
 /// A caller's request as the listeners forward it: its body watched (how it ended is in the
 /// returned request's extensions as an `Arc<BodyState>`) and, when the access log records
 /// sizes, counted into `request_bytes`.
-pub fn watched(req: Request<Incoming>, request_bytes: Option<&Arc<AtomicU64>>) -> Request<Body> {
+pub(crate) fn watched(req: Request<Incoming>, request_bytes: Option<&Arc<AtomicU64>>) -> Request<Body> {
     let client = Arc::new(BodyState::default());
     let mut req = req.map(|b| {
         let b = ClientBody::wrap(weft_core::boxed(b), client.clone());
@@ -221,6 +222,6 @@ mod tests {
         assert_eq!(ClientFault::of_error(&idle), ClientFault::Timeout);
         let reset = h2::Error::from(h2::Reason::CANCEL);
         assert_eq!(ClientFault::of_error(&reset), ClientFault::BadRequest, "a reason made here");
-        assert_eq!((bad.status().as_u16(), bad.reason()), (400, "client-bad-request"));
+        assert_eq!((bad.status().as_u16(), bad.reason().as_str()), (400, "client-bad-request"));
     }
 }

@@ -6,21 +6,20 @@
 //! the proxy writes itself carries a stable reason in `x-weft-error`, the same one used as the
 //! metric label.
 
+use crate::reason::{ERROR_HEADER, Reason};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 use weft_core::{Body, full};
 
-/// The reason for a reply the proxy made itself.
-pub const ERROR_HEADER: &str = "x-weft-error";
 /// Marks a request a proxy already retried (or mirrored): no later hop retries it again. An
 /// app may forward it, like trace headers, so a call chain does not multiply retries; the
 /// inbound proxy hands it to the app for that reason. Accepted from apps, since it can only
 /// turn retries off.
-pub const RETRIED: &str = "weft-retried";
+pub(crate) const RETRIED: &str = "weft-retried";
 
 /// Set by the inbound proxy for an mTLS caller, in Envoy's format: `By=<this workload's SPIFFE
 /// ID>;URI=<the caller's, from its certificate>`. The one identity header an app may trust.
-pub const CLIENT_CERT: &str = "x-forwarded-client-cert";
+pub(crate) const CLIENT_CERT: &str = "x-forwarded-client-cert";
 
 /// Header names a caller could use to claim an identity, removed by the inbound proxy before
 /// the app sees the request.
@@ -29,7 +28,7 @@ const IDENTITY_NAMES: [&str; 2] = [CLIENT_CERT, "x-spiffe-id"];
 /// which apps migrated from Linkerd may still read).
 const IDENTITY_PREFIXES: [&str; 2] = ["x-weft-", "l5d-"];
 /// What the inbound proxy always removes, as shown on `/config_dump` (`*`: any name so prefixed).
-pub const IDENTITY_HEADERS: [&str; 4] = ["x-weft-*", CLIENT_CERT, "x-spiffe-id", "l5d-*"];
+pub(crate) const IDENTITY_HEADERS: [&str; 4] = ["x-weft-*", CLIENT_CERT, "x-spiffe-id", "l5d-*"];
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -44,7 +43,7 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// Removes hop-by-hop headers, including those the `Connection` header lists. `te: trailers`
 /// (needed by gRPC) is kept; any other `te` is removed.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -64,7 +63,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes headers only the mesh may set (`weft-*`, `x-weft-*`) from a request an app sent.
-pub fn strip_mesh_headers(headers: &mut HeaderMap) {
+pub(crate) fn strip_mesh_headers(headers: &mut HeaderMap) {
     let mesh: Vec<HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("weft-") || k.as_str().starts_with("x-weft-"))
@@ -81,7 +80,7 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
 /// never matters; `_` counts as `-`, because CGI-style servers (WSGI, Rack, PHP) turn both into
 /// `HTTP_X_SPIFFE_ID`. Trace headers and `weft-retried` are not identities and stay. Allocates
 /// only when a prefixed or underscored identity name is present.
-pub fn strip_identity_headers(headers: &mut HeaderMap, extra: &[HeaderName]) {
+pub(crate) fn strip_identity_headers(headers: &mut HeaderMap, extra: &[HeaderName]) {
     for name in IDENTITY_NAMES {
         headers.remove(name);
     }
@@ -108,7 +107,7 @@ fn claims_identity(name: &str, extra: &[HeaderName]) -> bool {
 /// `,`, `;` or `=` is double-quoted, as Envoy does. `None` for an ID holding `"`, `\` or bytes
 /// no header value may carry (no SPIFFE ID does): the app is then told nothing rather than
 /// something a parser could read two ways.
-pub fn client_cert(own: &str, peer: &str) -> Option<HeaderValue> {
+pub(crate) fn client_cert(own: &str, peer: &str) -> Option<HeaderValue> {
     if [own, peer].iter().any(|id| id.contains(['"', '\\'])) {
         return None;
     }
@@ -133,7 +132,7 @@ fn push_xfcc_value(out: &mut String, v: &str) {
 
 /// Points `parts` at `http://{authority}{path_and_query}`; a target that cannot be rebuilt is
 /// answered 400.
-pub fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_query: &str) -> Result<(), Response<Body>> {
+pub(crate) fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_query: &str) -> Result<(), Response<Body>> {
     parts.uri = http::Uri::builder()
         .scheme("http")
         .authority(authority)
@@ -142,32 +141,35 @@ pub fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_quer
         .map_err(|_| {
             reply(
                 StatusCode::BAD_REQUEST,
-                "bad-request-target",
+                Reason::BadRequestTarget,
                 format!("cannot rebuild the request URI for {authority}"),
             )
         })?;
     Ok(())
 }
 
-/// A reply the proxy makes itself: status, reason header, and a one-line explanation.
-pub fn reply(status: StatusCode, reason: &'static str, detail: impl std::fmt::Display) -> Response<Body> {
-    Response::builder()
+/// A reply the proxy makes itself: status, reason header, and a one-line explanation. The
+/// reason also rides along typed ([`Reason::of`] reads it), so nothing parses the header back.
+pub(crate) fn reply(status: StatusCode, reason: Reason, detail: impl std::fmt::Display) -> Response<Body> {
+    let mut resp = Response::builder()
         .status(status)
-        .header(ERROR_HEADER, HeaderValue::from_static(reason))
+        .header(ERROR_HEADER, HeaderValue::from_static(reason.as_str()))
         .header(header::CONTENT_TYPE, "text/plain")
         .body(full(format!("{reason}: {detail}\n")))
-        .expect("valid reply")
+        .expect("valid reply");
+    resp.extensions_mut().insert(reason);
+    resp
 }
 
 /// Whether a request is gRPC (by its content type).
-pub fn is_grpc(headers: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// The gRPC status for a reply the proxy made itself with HTTP `status`.
-pub fn grpc_code_for(status: StatusCode) -> u32 {
+pub(crate) fn grpc_code_for(status: StatusCode) -> u32 {
     match status.as_u16() {
         400 => 13,       // INTERNAL: the request could not be handled as sent
         401 => 16,       // UNAUTHENTICATED
@@ -184,7 +186,7 @@ pub fn grpc_code_for(status: StatusCode) -> u32 {
 
 /// Turns a reply the proxy made itself into a trailers-only gRPC answer: HTTP 200 with
 /// `grpc-status` and `grpc-message`, keeping the `x-weft-error` reason.
-pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
+pub(crate) fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
     let code = grpc_code_for(resp.status());
     let reason = resp.headers().get(ERROR_HEADER).cloned();
     let mut out = Response::builder()
@@ -200,46 +202,19 @@ pub fn as_grpc_status(resp: Response<Body>) -> Response<Body> {
     out
 }
 
-/// Every reason a weft proxy puts in `x-weft-error`.
-pub const REASONS: [&str; 30] = [
-    "ambiguous-framing",
-    "app-protocol-mismatch",
-    "app-reset",
-    "app-unavailable",
-    "authz-denied",
-    "bad-path",
-    "bad-request-target",
-    "client-bad-host",
-    "client-bad-request",
-    "client-header-too-large",
-    "client-reset",
-    "client-timeout",
-    "discovery-timeout",
-    "fault-abort",
-    "no-client-identity",
-    "no-destination",
-    "no-healthy-endpoints",
-    "per-try-timeout",
-    "pool-full",
-    "rate-limited",
-    "refused-stream",
-    "request-timeout",
-    "retry-budget-exhausted",
-    "stream-idle-timeout",
-    "unknown-service",
-    "upgrade-refused",
-    "upstream-connect-failed",
-    "upstream-connect-timeout",
-    "upstream-reset",
-    "upstream-tls-failed",
-];
-
-/// The reason a response carries, as one of the stable names (for metric labels): empty when
-/// the mesh did not make it, `other` for one this proxy does not know (a newer peer's, say).
-pub fn reason_of(resp: &Response<Body>) -> &'static str {
-    let Some(v) = resp.headers().get(ERROR_HEADER) else { return "" };
-    let v = v.as_bytes();
-    REASONS.into_iter().find(|r| r.as_bytes() == v).unwrap_or("other")
+/// Strips hop-by-hop headers from the answer and speaks the client's HTTP version. A reply the
+/// proxy made itself to a gRPC request becomes a gRPC status (trailers-only), so gRPC clients
+/// see DEADLINE_EXCEEDED, UNAVAILABLE, ... rather than a bare HTTP error.
+pub(crate) fn finish(mut resp: Response<Body>, version: http::Version, grpc: bool) -> Response<Body> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return resp; // its Upgrade and Connection headers are the point
+    }
+    strip_hop_by_hop(resp.headers_mut());
+    if grpc && resp.headers().contains_key(ERROR_HEADER) && !resp.headers().contains_key("grpc-status") {
+        resp = as_grpc_status(resp);
+    }
+    *resp.version_mut() = version;
+    resp
 }
 
 #[cfg(test)]

@@ -20,10 +20,10 @@ use std::net::Ipv4Addr;
 
 /// The trust domain a proxy assumes until it holds a certificate that says otherwise (the
 /// default of `weft control --trust-domain`).
-pub const DEFAULT_TRUST_DOMAIN: &str = "weft.local";
+pub(crate) const DEFAULT_TRUST_DOMAIN: &str = "weft.local";
 
 /// The accepted forms, for the replies that refuse a host.
-pub const FORMS: &str =
+pub(crate) const FORMS: &str =
     "NAME (in the caller's namespace), NAME.NAMESPACE, NAME.NAMESPACE.svc or NAME.NAMESPACE.svc.TRUST_DOMAIN, each with an optional :PORT";
 
 /// A mesh service: its namespace and name.
@@ -120,7 +120,7 @@ fn same_domain(domain: &[&str], trust_domain: &str) -> bool {
 
 impl ServiceRef {
     /// How a proxy asks the control plane for it, and how a config keys it: `NAMESPACE/NAME`.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 }

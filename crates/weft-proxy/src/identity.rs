@@ -7,9 +7,8 @@
 //! verifying against the trust bundle that came with it. Outbound, the server must present
 //! exactly the SPIFFE ID the control plane gave for that endpoint; inbound, the client's
 //! identity is read from its certificate. Without a valid certificate nothing is sent over mTLS:
-//! the proxy fails closed.
+//! the proxy fails closed. Obtaining and renewing the certificate is [`crate::renewal`]'s.
 
-use crate::state::Proxy;
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 use rustls::client::ResolvesClientCert;
@@ -22,32 +21,26 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use weft_api::proto::{self, distribution_client::DistributionClient};
-use weft_core::Shutdown;
-
-/// Renewal is attempted at this fraction of the certificate's lifetime.
-const RENEW_AT: f64 = 0.5;
 
 /// The identity slot of a proxy: empty until the first certificate arrives.
 #[derive(Default)]
-pub struct Identity {
+pub(crate) struct Identity {
     current: ArcSwapOption<Tls>,
     /// Wakes the renewal loop early (the CA's signing root changed).
-    renew: tokio::sync::Notify,
+    pub(crate) renew: tokio::sync::Notify,
 }
 
 /// TLS material for one certificate.
-pub struct Tls {
-    pub identity: String,
+pub(crate) struct Tls {
+    pub(crate) identity: String,
     /// Serial number, hex.
-    pub serial: String,
-    pub not_after: u64,
+    pub(crate) serial: String,
+    pub(crate) not_after: u64,
     /// Generation of the root that signed the certificate.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// The roots trusted (PEM).
-    pub bundle_pem: String,
-    pub server: Arc<ServerConfig>,
+    pub(crate) bundle_pem: String,
+    pub(crate) server: Arc<ServerConfig>,
     provider: Arc<CryptoProvider>,
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
@@ -59,7 +52,7 @@ pub struct Tls {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     #[error("cannot reach the CA: {0}")]
     Unreachable(String),
     #[error("the CA refused: {0}")]
@@ -70,33 +63,29 @@ pub enum IdentityError {
     NotMine { got: String, expected: String },
 }
 
-fn material(e: impl std::fmt::Display) -> IdentityError {
+pub(crate) fn material(e: impl std::fmt::Display) -> IdentityError {
     IdentityError::Material(e.to_string())
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 // === impl Identity ===
 
 impl Identity {
-    pub fn tls(&self) -> Option<Arc<Tls>> {
+    pub(crate) fn tls(&self) -> Option<Arc<Tls>> {
         self.current.load_full()
     }
 
-    pub fn install(&self, tls: Tls) {
+    pub(crate) fn install(&self, tls: Tls) {
         self.current.store(Some(Arc::new(tls)));
     }
 
     /// The SPIFFE ID of the certificate held now.
-    pub fn current_id(&self) -> Option<String> {
+    pub(crate) fn current_id(&self) -> Option<String> {
         self.current.load().as_ref().map(|t| t.identity.clone())
     }
 
     /// Follows the CA in a pushed config: trusts a new bundle at once (keeping the current
     /// certificate) and renews early when the CA signs with a newer root.
-    pub fn follow(&self, bundle_pem: &str, ca_generation: u64) {
+    pub(crate) fn follow(&self, bundle_pem: &str, ca_generation: u64) {
         let Some(tls) = self.tls() else { return };
         if !bundle_pem.is_empty() && bundle_pem != tls.bundle_pem {
             match tls.with_bundle(bundle_pem) {
@@ -110,6 +99,23 @@ impl Identity {
         if ca_generation > tls.generation {
             self.renew.notify_one();
         }
+    }
+}
+
+impl Identity {
+    /// The client TLS config for endpoint `i` of `service`: mTLS to every endpoint that has an
+    /// identity, unless the destination turned mTLS off (`None`: plaintext). Without a
+    /// certificate of our own this fails closed, never falling back to plaintext; the error
+    /// says why.
+    pub(crate) fn endpoint_tls(&self, service: &weft_api::mesh::ServiceConfig, i: usize) -> Result<Option<Arc<ClientConfig>>, String> {
+        let endpoint = &service.endpoints[i];
+        if service.mtls == Some(weft_api::resource::MtlsMode::Off) || endpoint.identity.is_empty() {
+            return Ok(None);
+        }
+        let Some(own) = self.tls() else {
+            return Err("this proxy has no workload certificate yet; mTLS is required".into());
+        };
+        own.client_for(&endpoint.identity).map(Some).map_err(|e| e.to_string())
     }
 }
 
@@ -136,7 +142,7 @@ impl ResolvesClientCert for Identity {
 
 impl Tls {
     /// Builds the TLS configurations from a certificate chain, its key, and the trust bundle.
-    pub fn new(
+    pub(crate) fn new(
         identity: String,
         not_after: u64,
         generation: u64,
@@ -183,7 +189,7 @@ impl Tls {
     }
 
     /// The same certificate, trusting `bundle_pem`.
-    pub fn with_bundle(&self, bundle_pem: &str) -> Result<Self, IdentityError> {
+    pub(crate) fn with_bundle(&self, bundle_pem: &str) -> Result<Self, IdentityError> {
         let chain_pem: String = self.chain.iter().map(|c| pem_of(c)).collect();
         Self::new(
             self.identity.clone(),
@@ -196,7 +202,7 @@ impl Tls {
     }
 
     /// A client configuration that accepts only a server presenting `expected`.
-    pub fn client_for(&self, expected: &str) -> Result<Arc<ClientConfig>, IdentityError> {
+    pub(crate) fn client_for(&self, expected: &str) -> Result<Arc<ClientConfig>, IdentityError> {
         if let Some(c) = self.clients.lock().get(expected) {
             return Ok(c.clone());
         }
@@ -220,7 +226,7 @@ impl Tls {
 }
 
 /// The server name sent in SNI; identities are checked by SPIFFE ID, not by name.
-pub fn sni() -> ServerName<'static> {
+pub(crate) fn sni() -> ServerName<'static> {
     ServerName::try_from("weft.mesh").expect("valid name")
 }
 
@@ -229,7 +235,7 @@ fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
 }
 
 /// The one SPIFFE ID (URI SAN) of a certificate.
-pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+pub(crate) fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
     let mut uris = san.value.general_names.iter().filter_map(|n| match n {
@@ -311,101 +317,10 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
-/// Obtains a certificate for a fresh key: a CSR to the control plane's CA over the control
-/// link, proven by the current certificate (presented in the handshake) or else the join token.
-/// The result is checked to be this workload's before it is handed back.
-pub async fn certify(proxy: &Proxy) -> Result<Tls, IdentityError> {
-    let link = proxy.control.as_ref().expect("control mode");
-    let key = rcgen::KeyPair::generate().map_err(material)?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .map_err(material)?
-        .serialize_request(&key)
-        .map_err(material)?
-        .pem()
-        .map_err(material)?;
-    let channel = link
-        .connect(|e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)))
-        .await
-        .map_err(|e| IdentityError::Unreachable(e.to_string()))?;
-    let reply = DistributionClient::new(channel)
-        .certify(proto::CertifyRequest {
-            token: proxy.token.clone().unwrap_or_default(),
-            csr_pem: csr,
-            workload: proxy.workload.id(),
-        })
-        .await
-        .map_err(|s| match s.code() {
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => IdentityError::Refused(s.message().to_string()),
-            _ => IdentityError::Unreachable(s.message().to_string()),
-        })?
-        .into_inner();
-    let expected = expected_identity(proxy);
-    if !expected.matches(&reply.identity) {
-        return Err(IdentityError::NotMine {
-            got: reply.identity,
-            expected: expected.to_string(),
-        });
-    }
-    let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let tls = Tls::new(
-        reply.identity,
-        reply.not_after_unix,
-        reply.generation,
-        &reply.cert_chain_pem,
-        key,
-        &reply.trust_bundle_pem,
-    )?;
-    tls.check_issued_to(&proxy.workload.id())?;
-    link.trust(&reply.trust_bundle_pem);
-    Ok(tls)
-}
-
-/// What the proxy expects its identity to be.
-struct Expected {
-    namespace: String,
-    /// From the join token, when there is one.
-    service_account: Option<String>,
-    /// The identity held now: a renewal must keep it.
-    current: Option<String>,
-}
-
-fn expected_identity(proxy: &Proxy) -> Expected {
-    Expected {
-        namespace: proxy.workload.namespace.clone(),
-        service_account: proxy.token.as_deref().and_then(|t| weft_api::token::peek(t).ok()).map(|c| c.sa),
-        current: proxy.identity.current_id(),
-    }
-}
-
-impl Expected {
-    fn matches(&self, spiffe_id: &str) -> bool {
-        if let Some(current) = &self.current {
-            return current == spiffe_id;
-        }
-        let Some((_, path)) = spiffe_id.strip_prefix("spiffe://").and_then(|r| r.split_once('/')) else {
-            return false;
-        };
-        let Some(sa) = path.strip_prefix(&format!("ns/{}/sa/", self.namespace)) else {
-            return false;
-        };
-        !sa.is_empty() && !sa.contains('/') && self.service_account.as_deref().is_none_or(|want| want == sa)
-    }
-}
-
-impl std::fmt::Display for Expected {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.current, &self.service_account) {
-            (Some(current), _) => write!(f, "{current}"),
-            (None, Some(sa)) => write!(f, "spiffe://*/ns/{}/sa/{sa}", self.namespace),
-            (None, None) => write!(f, "spiffe://*/ns/{}/sa/*", self.namespace),
-        }
-    }
-}
-
 impl Tls {
     /// Checks the leaf carries exactly [`Tls::identity`], names `workload` as its common name,
     /// and verifies against the trust bundle it came with.
-    fn check_issued_to(&self, workload: &str) -> Result<(), IdentityError> {
+    pub(crate) fn check_issued_to(&self, workload: &str) -> Result<(), IdentityError> {
         let leaf = &self.chain[0];
         let not_mine = |got: String| IdentityError::NotMine {
             got,
@@ -428,48 +343,6 @@ impl Tls {
     }
 }
 
-/// Keeps the proxy's certificate fresh: renews at half its lifetime, retries with capped
-/// backoff, and keeps serving with the current certificate while the CA is unreachable.
-pub async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
-    let gauge = proxy.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => return,
-            }
-            let left = gauge.identity.tls().map(|t| t.not_after as i64 - now() as i64).unwrap_or(0);
-            gauge.telemetry.cert_expires_in.set(left);
-        }
-    });
-    let mut failures = 0u32;
-    loop {
-        let wait = match certify(&proxy).await {
-            Ok(tls) => {
-                failures = 0;
-                let lifetime = tls.not_after.saturating_sub(now());
-                tracing::info!(identity = %tls.identity, serial = %tls.serial, expires_in_s = lifetime, "workload certificate installed");
-                proxy.identity.install(tls);
-                proxy.refresh_ready();
-                Duration::from_secs_f64(lifetime as f64 * RENEW_AT).max(Duration::from_secs(1))
-            }
-            Err(error) => {
-                failures += 1;
-                let left = proxy.identity.tls().map(|t| t.not_after.saturating_sub(now()));
-                tracing::warn!(%error, cert_expires_in_s = ?left, "cannot renew the workload certificate; retrying");
-                crate::control::backoff(failures)
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = proxy.identity.renew.notified() => tracing::info!("the CA signs with a new root; renewing now"),
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
 /// PEM text of one DER certificate.
 fn pem_of(cert: &CertificateDer<'_>) -> String {
     use base64::Engine;
@@ -480,44 +353,4 @@ fn pem_of(cert: &CertificateDer<'_>) -> String {
         .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
         .collect();
     format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_certificate_is_installed_only_for_the_identity_this_workload_expects() {
-        let first = Expected {
-            namespace: "default".into(),
-            service_account: Some("checkout-api".into()),
-            current: None,
-        };
-        assert!(first.matches("spiffe://weft.local/ns/default/sa/checkout-api"));
-        for other in [
-            "spiffe://weft.local/ns/default/sa/orders",
-            "spiffe://weft.local/ns/prod/sa/checkout-api",
-            "spiffe://weft.local/ns/default/sa/checkout-api/x",
-            "spiffe://weft.local/ns/default/sa/",
-            "https://weft.local/ns/default/sa/checkout-api",
-        ] {
-            assert!(!first.matches(other), "{other}");
-        }
-        // Without a token's service account, any in its own namespace.
-        let tokenless = Expected {
-            service_account: None,
-            ..first
-        };
-        assert!(tokenless.matches("spiffe://weft.local/ns/default/sa/anything"));
-        assert!(!tokenless.matches("spiffe://weft.local/ns/prod/sa/anything"));
-        // A renewal keeps exactly the identity held.
-        let renewal = Expected {
-            namespace: "default".into(),
-            service_account: Some("checkout-api".into()),
-            current: Some("spiffe://weft.local/ns/default/sa/checkout-api".into()),
-        };
-        assert!(renewal.matches("spiffe://weft.local/ns/default/sa/checkout-api"));
-        assert!(!renewal.matches("spiffe://other.td/ns/default/sa/checkout-api"));
-        assert_eq!(renewal.to_string(), "spiffe://weft.local/ns/default/sa/checkout-api");
-    }
 }

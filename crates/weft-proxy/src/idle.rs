@@ -13,21 +13,21 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use weft_core::Body;
 
-pub struct IdleTimeout {
+pub(crate) struct IdleTimeout {
     inner: Body,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
-    /// Stamped (ms, `balance::now_ms`) on every frame, for whoever waits on the same stream.
+    /// Stamped (ms, `clock::mono_ms`) on every frame, for whoever waits on the same stream.
     activity: Option<Arc<AtomicU64>>,
 }
 
 impl IdleTimeout {
-    pub fn wrap(inner: Body, timeout: Duration) -> Body {
+    pub(crate) fn wrap(inner: Body, timeout: Duration) -> Body {
         Self::tracking(inner, timeout, None)
     }
 
     /// As [`IdleTimeout::wrap`], stamping `activity` on every frame.
-    pub fn tracking(inner: Body, timeout: Duration, activity: Option<Arc<AtomicU64>>) -> Body {
+    pub(crate) fn tracking(inner: Body, timeout: Duration, activity: Option<Arc<AtomicU64>>) -> Body {
         if inner.is_end_stream() {
             return inner;
         }
@@ -44,7 +44,7 @@ impl IdleTimeout {
 /// The error a body ends with when it idled out.
 #[derive(Debug, thiserror::Error)]
 #[error("stream idle for {0:?} (idle timeout)")]
-pub struct Idle(pub Duration);
+pub(crate) struct Idle(pub Duration);
 
 impl HttpBody for IdleTimeout {
     type Data = Bytes;
@@ -57,7 +57,7 @@ impl HttpBody for IdleTimeout {
                 let deadline = Instant::now() + this.timeout;
                 this.sleep.as_mut().reset(deadline);
                 if let Some(a) = &this.activity {
-                    a.store(crate::balance::now_ms(), Relaxed);
+                    a.store(crate::clock::mono_ms(), Relaxed);
                 }
                 Poll::Ready(frame)
             }

@@ -7,12 +7,13 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::forward::{CLIENT_CERT, client_cert, reason_of, reply, retarget, strip_hop_by_hop, strip_identity_headers};
+use crate::forward::{client_cert, finish, reply, retarget, strip_hop_by_hop};
 use crate::identity::spiffe_id;
-use crate::outbound::finish;
+use crate::reason::Reason;
 use crate::state::Proxy;
-use crate::telemetry::Finished;
-use http::{HeaderMap, HeaderValue, Version};
+use crate::telemetry::{Finished, access_entry};
+use crate::trust::{ConnInfo, identity_headers};
+use http::{HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
@@ -24,30 +25,10 @@ use weft_api::resource::{Action, AuthzMode, MtlsMode};
 use weft_core::Body;
 use weft_core::serve::Io;
 
-/// Facts about an inbound connection, attached to each of its requests.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    pub mtls: bool,
-    /// The caller's SPIFFE ID, read from its certificate.
-    pub peer: Option<Arc<str>>,
-    /// The `x-forwarded-client-cert` value for this connection's requests (`By=` this proxy's
-    /// SPIFFE ID as presented in the handshake, `URI=` the caller's), built once per connection;
-    /// `None` for plaintext.
-    pub client_cert: Option<HeaderValue>,
-}
-
-impl ConnInfo {
-    const PLAINTEXT: ConnInfo = ConnInfo {
-        mtls: false,
-        peer: None,
-        client_cert: None,
-    };
-}
-
 /// Decides what an inbound connection is: a TLS ClientHello (first byte 0x16) is an mTLS
 /// handshake, which must present a certificate from the mesh's CA; anything else is
 /// plaintext, refused when this workload's policy is `strict`.
-pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, ConnInfo)> {
+pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, ConnInfo)> {
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await.ok()?;
     if n == 1 && first[0] == 0x16 {
@@ -86,30 +67,30 @@ pub async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Op
             }
         }
     } else {
-        let strict = proxy.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Strict);
+        let strict = proxy.discovery.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Strict);
         if strict {
             proxy.telemetry.connection("plaintext", "refused-strict");
             tracing::info!(%remote, "plaintext connection refused: mTLS is strict");
             return None;
         }
         proxy.telemetry.connection("plaintext", "accepted");
-        Some((Box::new(tcp), ConnInfo::PLAINTEXT))
+        Some((Box::new(tcp), ConnInfo::plaintext()))
     }
 }
 
-pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let span = proxy
         .telemetry
         .tracer
         .start(req.headers_mut(), weft_api::otlp::span::SpanKind::Server)
         .map(|s| (s, req.method().clone()));
-    let conn = req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo::PLAINTEXT);
+    let conn = req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo::plaintext());
     let version = req.version();
     let grpc = crate::forward::is_grpc(req.headers());
-    let revision = proxy.revision();
+    let revision = proxy.discovery.revision();
     let captured = proxy.telemetry.access.capture(&req);
-    let tapped = proxy.tapping().then(|| {
+    let tapped = proxy.taps.tapping().then(|| {
         let authority = req
             .uri()
             .authority()
@@ -125,18 +106,25 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = crate::downstream::watched(req, request_bytes.as_ref());
-    let limited = proxy.inbound_limiter.load().as_ref().as_ref().filter(|l| !l.allow()).map(|l| {
-        reply(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
-            format!(
-                "{} accepts {} requests/s (burst {}) per instance",
-                proxy.workload.service(),
-                l.limit.requests_per_second,
-                l.limit.burst
-            ),
-        )
-    });
+    let limited = proxy
+        .discovery
+        .inbound_limiter
+        .load()
+        .as_ref()
+        .as_ref()
+        .filter(|l| !l.allow())
+        .map(|l| {
+            reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                Reason::RateLimited,
+                format!(
+                    "{} accepts {} requests/s (burst {}) per instance",
+                    proxy.local.workload.service(),
+                    l.limit.requests_per_second,
+                    l.limit.burst
+                ),
+            )
+        });
     let resp = match limited {
         Some(r) => r,
         None => match authorize(&proxy, &conn, &req) {
@@ -155,7 +143,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
         peer: conn.peer.as_ref(),
         revision,
         status: resp.status().as_u16(),
-        reason: reason_of(&resp),
+        reason: Reason::label_of(&resp),
         elapsed: start.elapsed(),
     };
     proxy.telemetry.record(&done);
@@ -171,10 +159,10 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
             status: done.status.into(),
             reason: done.reason.into(),
             duration_ms: done.elapsed.as_secs_f64() * 1000.0,
-            upstream: proxy.app.to_string(),
+            upstream: proxy.local.app.to_string(),
             ..Default::default()
         };
-        proxy.tap(proxy.workload.service(), event);
+        proxy.taps.tap(proxy.local.workload.service(), event);
     }
     if let Some((span, method)) = span {
         use crate::spans::Attr;
@@ -182,18 +170,19 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
             ("http.request.method", Attr::Str(method.to_string())),
             ("http.response.status_code", Attr::Int(done.status.into())),
             ("weft.direction", Attr::Str("inbound".into())),
-            ("weft.service", Attr::Str(proxy.workload.service().to_string())),
+            ("weft.service", Attr::Str(proxy.local.workload.service().to_string())),
             ("weft.reason", Attr::Str(done.reason.into())),
             ("weft.peer", Attr::Str(conn.peer.as_deref().unwrap_or("plaintext").to_string())),
             ("weft.mtls", Attr::Str(conn.mtls.to_string())),
         ];
-        let name = format!("{method} {}", proxy.workload.service());
+        let name = format!("{method} {}", proxy.local.workload.service());
         proxy.telemetry.tracer.finish(span, name, attributes, done.status >= 500);
     }
     let resp = match (captured, request_bytes) {
         (Some(c), Some(count)) => {
-            let entry = proxy.access_entry(c, &done, proxy.app.to_string(), 0);
-            resp.map(|b| crate::access::Logged::wrap(b, entry, count, start, proxy.clone()))
+            let own = proxy.identity.current_id().unwrap_or_default();
+            let entry = access_entry(c, &done, own, proxy.local.workload.service(), proxy.local.app.to_string(), 0);
+            resp.map(|b| crate::access::Logged::wrap(b, entry, count, start, proxy.telemetry.access.clone()))
         }
         _ => resp,
     };
@@ -203,7 +192,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<B
 /// Applies this workload's authorization, if it has one (and is not bypassed). Returns the
 /// canonical path and query to forward, or the reply that refuses the request.
 fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Option<String>, Response<Body>> {
-    let config = proxy.config();
+    let config = proxy.discovery.config();
     let Some(authz) = config
         .security
         .as_ref()
@@ -214,7 +203,7 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
     };
     let canonical = authz::normalize(req.uri().path()).map_err(|why| {
         proxy.telemetry.authz("refused-path");
-        reply(StatusCode::BAD_REQUEST, "bad-path", why)
+        reply(StatusCode::BAD_REQUEST, Reason::BadPath, why)
     })?;
     let method = req.method().as_str();
     let verdict = authz::evaluate(authz, conn.peer.as_deref(), method, &canonical);
@@ -234,7 +223,7 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
         if enforce {
             return Err(reply(
                 StatusCode::FORBIDDEN,
-                "authz-denied",
+                Reason::AuthzDenied,
                 format!(
                     "{method} {canonical} is not allowed for {} ({}, {rule})",
                     conn.peer.as_deref().unwrap_or("an unauthenticated caller"),
@@ -249,25 +238,10 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
     Ok(Some(format!("{canonical}{query}")))
 }
 
-/// The trust boundary, the last change to a request's headers before the app sees them: removes
-/// every header a caller could use to claim an identity (see
-/// [`crate::forward::strip_identity_headers`], plus `--strip-header` names), then states the
-/// identity mTLS proved, if any, in the one `x-forwarded-client-cert`. Every path to the app
-/// calls it (HTTP/1.1, HTTP/2 and gRPC, Upgrade), whatever the policy: bypass and authorization
-/// audit mode relax policy, never this. It runs after hop-by-hop stripping, so a `Connection`
-/// header naming `x-forwarded-client-cert` cannot remove the header set here. No allocation
-/// unless a prefixed identity header arrived.
-pub(crate) fn identity_headers(proxy: &Proxy, conn: &ConnInfo, headers: &mut HeaderMap) {
-    strip_identity_headers(headers, &proxy.strip_headers);
-    if let Some(v) = &conn.client_cert {
-        headers.insert(CLIENT_CERT, v.clone());
-    }
-}
-
 /// Forwards to the app in its declared protocol; `canonical` (path and query) replaces the
 /// request's when authorization normalized it.
 async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>, grpc: bool) -> Response<Body> {
-    let app_h2 = match proxy.app_protocol {
+    let app_h2 = match proxy.local.app_protocol {
         AppProtocol::H2 => true,
         AppProtocol::Auto => grpc,
         AppProtocol::Http1 => false,
@@ -276,16 +250,16 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         // gRPC over HTTP/1.1 would lose its trailers (grpc-status): refuse it plainly.
         return reply(
             StatusCode::NOT_IMPLEMENTED,
-            "app-protocol-mismatch",
+            Reason::AppProtocolMismatch,
             format!(
                 "{} declares its app http1 (--app-protocol, appProtocol), and gRPC needs HTTP/2: declare h2 or auto",
-                proxy.workload.id()
+                proxy.local.workload.id()
             ),
         );
     }
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    identity_headers(proxy, conn, &mut parts.headers);
+    identity_headers(&proxy.local.strip_headers, conn, &mut parts.headers);
     let authority = parts
         .uri
         .authority()
@@ -297,7 +271,7 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string)
         })
-        .unwrap_or_else(|| proxy.app.to_string());
+        .unwrap_or_else(|| proxy.local.app.to_string());
     let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
     let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
 
@@ -306,23 +280,23 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
-        let mut sender = match proxy.pools.h2(proxy.app, None, proxy.pools.app_opts()).await {
+        let mut sender = match proxy.pools.h2(proxy.local.app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
-            Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
+            Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
         };
         match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
             Err(e) => match client.fault() {
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
                 None => {
-                    proxy.pools.evict(proxy.app);
-                    reply(StatusCode::BAD_GATEWAY, "app-reset", e)
+                    proxy.pools.evict(proxy.local.app);
+                    reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e)
                 }
             },
         }
     } else {
         parts.version = Version::HTTP_11;
-        if let Err(resp) = retarget(&mut parts, &proxy.app.to_string(), &pq) {
+        if let Err(resp) = retarget(&mut parts, &proxy.local.app.to_string(), &pq) {
             return resp;
         }
         if let Ok(host) = HeaderValue::from_str(&authority) {
@@ -330,10 +304,10 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         }
         match proxy.pools.h1.request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),
-            Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", e),
+            Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
             Err(e) => match client.fault() {
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
-                None => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+                None => reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e),
             },
         }
     }

@@ -43,21 +43,17 @@ pub struct Settings {
 
 /// The service an intercepted connection goes to (a request extension).
 #[derive(Clone, Debug)]
-pub struct Intercepted {
+pub(crate) struct Intercepted {
     pub service: ServiceRef,
 }
 
 /// Binds the DNS listeners (UDP, and TCP for long answers and TCP-only resolvers).
-pub async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), crate::StartError> {
-    let err = |source| crate::StartError::Dns { addr, source };
-    Ok((
-        UdpSocket::bind(addr).await.map_err(err)?,
-        TcpListener::bind(addr).await.map_err(err)?,
-    ))
+pub(crate) async fn bind_dns(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    Ok((UdpSocket::bind(addr).await?, TcpListener::bind(addr).await?))
 }
 
 /// Serves the intercepted outbound listener until `shutdown`, then drains.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, settings: Settings, shutdown: Shutdown) {
+pub(crate) async fn serve(proxy: Arc<Proxy>, listener: TcpListener, settings: Settings, shutdown: Shutdown) {
     let settings = Arc::new(settings);
     let accepting = proxy.clone();
     weft_core::serve::serve_with(
@@ -71,7 +67,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, settings: Settings,
 }
 
 /// The destination the app dialled, before the redirect rewrote it.
-pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddrV4> {
+pub(crate) fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddrV4> {
     let raw = nix::sys::socket::getsockopt(tcp, nix::sys::socket::sockopt::OriginalDst)?;
     let ip = Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
     Ok(SocketAddrV4::new(ip, u16::from_be(raw.sin_port)))
@@ -111,7 +107,7 @@ async fn accept(proxy: Arc<Proxy>, settings: Arc<Settings>, tcp: TcpStream, remo
 /// The mesh service behind `ip`: the one whose virtual IP it is, else the one with an endpoint
 /// there. Only services this proxy already knows (a DNS answer subscribes to its service).
 fn mesh_service(proxy: &Proxy, ip: Ipv4Addr) -> Option<ServiceRef> {
-    let config = proxy.config();
+    let config = proxy.discovery.config();
     let of = |s: &weft_api::mesh::ServiceConfig| ServiceRef {
         namespace: s.namespace.clone(),
         name: s.name.clone(),
@@ -129,7 +125,7 @@ fn mesh_service(proxy: &Proxy, ip: Ipv4Addr) -> Option<ServiceRef> {
 /// Opaque TCP to `service` over mTLS between the sidecars, as a `--tcp` listener does.
 async fn opaque(proxy: Arc<Proxy>, tcp: TcpStream, service: ServiceRef) {
     let name: Arc<str> = Arc::from(format!("{}.{}", service.name, service.namespace));
-    let outcome = crate::upgrade::tcp_connection(&proxy, tcp, &name).await;
+    let outcome = crate::tcp::tcp_connection(&proxy, tcp, &name).await;
     proxy.telemetry.tcp(&name, outcome);
 }
 
@@ -153,7 +149,7 @@ async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> http::Response
             .authority()
             .map(|a| a.as_str().to_string())
             .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok().map(str::to_string));
-        let named = authority.is_some_and(|a| proxy.resolve(&a).is_ok_and(|s| s == to.service));
+        let named = authority.is_some_and(|a| proxy.discovery.resolve(&a, &proxy.identity).is_ok_and(|s| s == to.service));
         if !named {
             name_target(&mut req, &to.service);
         }

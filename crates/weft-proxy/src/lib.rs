@@ -11,46 +11,51 @@
 // those cold paths, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-pub mod access;
+// Public: what the CLI configures (`config`) and what the fuzz targets (`weft-fuzz`) call
+// (`authz::normalize`, `host::resolve`, `route`). Everything else is the crate's own.
+mod access;
+mod admin;
 pub mod authz;
-pub mod balance;
+mod backoff;
+mod balance;
+mod call;
+mod clock;
 pub mod config;
-pub mod control;
+mod control;
+mod discovery;
 mod dns;
 mod downstream;
 mod forward;
 pub mod host;
-pub mod identity;
+mod identity;
 mod idle;
 mod inbound;
 pub mod intercept;
+mod link;
 pub mod netfilter;
 mod outbound;
 mod pool;
+mod reason;
+mod renewal;
 mod replay;
 pub mod route;
 mod sniff;
 mod spans;
 mod state;
-pub mod telemetry;
+mod taps;
+mod tcp;
+mod telemetry;
+mod trust;
 mod upgrade;
 
-pub use config::{ProxyConfig, Source, StaticFile, Workload};
-/// Host resolution, public for its fuzz target (`weft-fuzz`).
-pub use state::Proxy;
+pub use config::{Bound, ProxyConfig, Source, StaticFile, Workload};
+pub use link::LinkError;
+use state::Proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use weft_core::Shutdown;
-
-/// The addresses a running proxy is bound to (useful when they were `:0`).
-#[derive(Clone, Debug)]
-pub struct Bound {
-    pub inbound: SocketAddr,
-    pub outbound: SocketAddr,
-    pub admin: Option<SocketAddr>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -61,7 +66,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Control(#[from] control::LinkError),
+    Control(#[from] link::LinkError),
     #[error("cannot bind the DNS listener on {addr}: {source}")]
     Dns { addr: SocketAddr, source: std::io::Error },
 }
@@ -111,7 +116,7 @@ pub async fn start_staged(
         tcp_l.push((bind("tcp", *addr).await?, service.clone()));
     }
     let intercept_l = match &intercept {
-        Some(s) => Some((bind("intercept", s.outbound).await?, intercept::bind_dns(s.dns).await?, s.clone())),
+        Some(s) => Some((bind("intercept", s.outbound).await?, intercept::bind_dns(s.dns).await.map_err(|source| StartError::Dns { addr: s.dns, source })?, s.clone())),
         None => None,
     };
     let admin_l = match cfg.admin {
@@ -129,12 +134,12 @@ pub async fn start_staged(
     if let Some(subscriptions) = subscriptions {
         tasks.spawn(control::run(proxy.clone(), subscriptions, shutdown.clone()));
     }
-    if proxy.control.is_some() && proxy.token.is_some() {
-        tasks.spawn(identity::run(proxy.clone(), shutdown.clone()));
+    if proxy.link.is_some() && proxy.local.token.is_some() {
+        tasks.spawn(renewal::run(proxy.clone(), shutdown.clone()));
     }
     for (listener, service) in tcp_l {
         tracing::info!(addr = %listener.local_addr().expect("bound"), %service, "opaque TCP listener");
-        tasks.spawn(upgrade::serve_tcp(proxy.clone(), listener, service, shutdown.clone()));
+        tasks.spawn(tcp::serve_tcp(proxy.clone(), listener, service, shutdown.clone()));
     }
     if let Some((listener, dns, settings)) = intercept_l {
         tasks.spawn(intercept::serve(proxy.clone(), listener, settings, shutdown.clone()));
@@ -158,7 +163,7 @@ pub async fn start_staged(
     }));
     let p = proxy.clone();
     let acceptor = proxy.clone();
-    let inbound_stop = match proxy.control {
+    let inbound_stop = match proxy.link {
         Some(_) => {
             let (stop, leaving) = (Shutdown::new(), shutdown.clone());
             let later = stop.clone();
@@ -193,7 +198,7 @@ pub async fn start_staged(
         drained.cancel();
     });
     if let Some(l) = admin_l {
-        let admin = Arc::new(proxy.admin());
+        let admin = Arc::new(admin::admin(&proxy));
         tasks.spawn(weft_core::serve::serve(l, limits, shutdown.clone(), move |req| {
             let admin = admin.clone();
             async move { admin.handle(&req) }
@@ -203,7 +208,7 @@ pub async fn start_staged(
     let handle = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
     Ok(Started {
         bound,
-        ready: proxy.ready.clone(),
+        ready: proxy.discovery.ready.ready.clone(),
         inbound_drained,
         handle,
     })

@@ -1,6 +1,7 @@
 //! Connections the proxy owns: one multiplexed HTTP/2 connection per endpoint (proxy to proxy,
 //! and to an app that speaks HTTP/2), and a pooled HTTP/1.1 client for apps that speak it.
 
+use crate::reason::Reason;
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,20 +15,15 @@ use std::time::Duration;
 use weft_core::Body;
 
 /// Connect timeout when the policy sets none.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Connect timeout to the app (`--app-connect-timeout`) by default. Linux retransmits a SYN
-/// that got no answer after 1 s and again 2 s later (an app whose listen backlog is full drops
-/// SYNs), so 4 s lets a connection through after two dropped SYNs, where 1 s turned one
-/// dropped SYN into a 503 while direct clients all got through.
-pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// An HTTP/2 connection with no request for this long is closed, when the policy sets none.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub struct Pools {
+pub(crate) struct Pools {
     /// By endpoint, then by the identity it must present (empty for plaintext): looked up by
     /// `&str`, so finding a pooled connection allocates nothing.
     h2: Mutex<HashMap<SocketAddr, Vec<(String, Pooled)>>>,
-    pub h1: Client<HttpConnector, Body>,
+    pub(crate) h1: Client<HttpConnector, Body>,
     /// How to connect to the app over HTTP/2.
     app: Opts<'static>,
 }
@@ -42,11 +38,11 @@ struct Pooled {
 
 /// How to open a connection to a service's endpoint.
 #[derive(Clone, Copy)]
-pub struct Opts<'a> {
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
+pub(crate) struct Opts<'a> {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// The service's open connections, and the most it may have.
-    pub limit: Option<(&'a Arc<AtomicU32>, u32)>,
+    pub(crate) limit: Option<(&'a Arc<AtomicU32>, u32)>,
 }
 
 impl Default for Opts<'_> {
@@ -70,7 +66,7 @@ impl Drop for ConnectionSlot {
 
 /// Why a connection could not be had.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     #[error("connect to {addr} timed out")]
     Timeout { addr: SocketAddr },
     #[error("connect to {addr} failed: {source}")]
@@ -85,12 +81,12 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// The stable reason for a reply made after this error.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
-            ConnectError::Timeout { .. } => "upstream-connect-timeout",
-            ConnectError::Io { .. } | ConnectError::Handshake { .. } => "upstream-connect-failed",
-            ConnectError::Tls { .. } => "upstream-tls-failed",
-            ConnectError::PoolFull { .. } => "pool-full",
+            ConnectError::Timeout { .. } => Reason::UpstreamConnectTimeout,
+            ConnectError::Io { .. } | ConnectError::Handshake { .. } => Reason::UpstreamConnectFailed,
+            ConnectError::Tls { .. } => Reason::UpstreamTlsFailed,
+            ConnectError::PoolFull { .. } => Reason::PoolFull,
         }
     }
 }
@@ -99,7 +95,7 @@ impl ConnectError {
 
 impl Pools {
     /// Pools whose connections to the app give up connecting after `app_connect_timeout`.
-    pub fn new(app_connect_timeout: Duration) -> Self {
+    pub(crate) fn new(app_connect_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(app_connect_timeout));
@@ -119,13 +115,13 @@ impl Pools {
     }
 
     /// How to open an HTTP/2 connection to the app.
-    pub fn app_opts(&self) -> Opts<'static> {
+    pub(crate) fn app_opts(&self) -> Opts<'static> {
         self.app
     }
 
     /// A ready HTTP/2 sender to `addr`, reusing the open connection when there is one. With
     /// `tls` (the configuration that accepts only the endpoint's identity), it speaks mTLS.
-    pub async fn h2(
+    pub(crate) async fn h2(
         &self,
         addr: SocketAddr,
         tls: Option<(&str, Arc<rustls::ClientConfig>)>,
@@ -135,7 +131,7 @@ impl Pools {
         if let Some(conns) = self.h2.lock().get(&addr)
             && let Some((_, p)) = conns.iter().find(|(id, p)| id == identity && !p.send.is_closed())
         {
-            p.last_used_ms.store(crate::balance::now_ms(), Relaxed);
+            p.last_used_ms.store(crate::clock::mono_ms(), Relaxed);
             return Ok(p.send.clone());
         }
         let identity = identity.to_string();
@@ -164,7 +160,7 @@ impl Pools {
         });
         let pooled = Pooled {
             send: send.clone(),
-            last_used_ms: AtomicU64::new(crate::balance::now_ms()),
+            last_used_ms: AtomicU64::new(crate::clock::mono_ms()),
             idle: opts.idle_timeout,
             _slot: slot,
         };
@@ -177,8 +173,8 @@ impl Pools {
 
     /// Closes connections idle longer than their idle timeout (in-flight requests keep
     /// theirs open until they finish); run every second.
-    pub fn reap(&self) {
-        let now = crate::balance::now_ms();
+    pub(crate) fn reap(&self) {
+        let now = crate::clock::mono_ms();
         self.h2.lock().retain(|_, conns| {
             conns.retain(|(_, p)| !p.send.is_closed() && now.saturating_sub(p.last_used_ms.load(Relaxed)) < p.idle.as_millis() as u64);
             !conns.is_empty()
@@ -186,13 +182,13 @@ impl Pools {
     }
 
     /// Forgets the connections to `addr` (after one failed).
-    pub fn evict(&self, addr: SocketAddr) {
+    pub(crate) fn evict(&self, addr: SocketAddr) {
         self.h2.lock().remove(&addr);
     }
 }
 
 /// A new connection to `addr`, over mTLS when `tls` is given.
-pub async fn connect(
+pub(crate) async fn connect(
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
@@ -213,11 +209,5 @@ pub async fn connect(
                 Ok(Ok(stream)) => Ok(Box::new(stream)),
             }
         }
-    }
-}
-
-impl Default for Pools {
-    fn default() -> Self {
-        Self::new(APP_CONNECT_TIMEOUT)
     }
 }

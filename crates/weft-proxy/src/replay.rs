@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use weft_core::Body;
 
 /// Largest request body kept for a retry or a mirror.
-pub const MAX_REPLAY: usize = 64 * 1024;
+pub(crate) const MAX_REPLAY: usize = 64 * 1024;
 
 /// What was recorded of a body.
 #[derive(Default)]
@@ -25,19 +25,19 @@ struct Recorded {
 }
 
 /// Records the body it streams.
-pub struct Recording {
+pub(crate) struct Recording {
     inner: Body,
     record: Arc<Mutex<Recorded>>,
 }
 
 /// A handle on the recording, to replay it once the first send is over.
 #[derive(Clone)]
-pub struct Replay {
+pub(crate) struct Replay {
     record: Arc<Mutex<Recorded>>,
 }
 
 /// Wraps `body` to record it. An empty body is recorded as complete at once.
-pub fn record(body: Body) -> (Body, Replay) {
+pub(crate) fn record(body: Body) -> (Body, Replay) {
     let record = Arc::new(Mutex::new(Recorded::default()));
     if body.is_end_stream() {
         record.lock().complete = true;
@@ -86,13 +86,13 @@ impl HttpBody for Recording {
 
 impl Replay {
     /// Whether the body was sent in full and fit, so [`Replay::body`] has it.
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         let r = self.record.lock();
         r.complete && !r.overflow
     }
 
     /// The whole body again, if it was sent in full and fit.
-    pub fn body(&self) -> Option<Body> {
+    pub(crate) fn body(&self) -> Option<Body> {
         let r = self.record.lock();
         if !r.complete || r.overflow {
             return None;

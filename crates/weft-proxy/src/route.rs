@@ -12,9 +12,9 @@ use weft_api::resource::{Backend, Fault, Mirror, Route, StringMatch, TrafficPoli
 
 /// Retries taken when a route has no retry block: connecting failed or the stream was refused,
 /// so the request never reached an app and another endpoint is always safe.
-pub const DEFAULT_RETRIES: u32 = 2;
+pub(crate) const DEFAULT_RETRIES: u32 = 2;
 /// Stream idle timeout when a route sets none.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A route ready to match requests.
 #[derive(Debug)]
@@ -23,11 +23,11 @@ pub struct CompiledRoute {
     pub name: Arc<str>,
     matcher: Option<Matcher>,
     pub backends: Vec<Backend>,
-    pub timeout: Option<Duration>,
-    pub idle_timeout: Duration,
-    pub retry: RetryPolicy,
-    pub fault: Option<Fault>,
-    pub mirror: Option<Mirror>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) fault: Option<Fault>,
+    pub(crate) mirror: Option<Mirror>,
 }
 
 #[derive(Debug)]
@@ -50,27 +50,27 @@ enum ValueMatch {
 
 /// What a route retries, and how often.
 #[derive(Clone, Debug, PartialEq)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     /// Retries after the first try.
-    pub retries: u32,
-    pub per_try_timeout: Option<Duration>,
-    pub on: RetryOn,
+    pub(crate) retries: u32,
+    pub(crate) per_try_timeout: Option<Duration>,
+    pub(crate) on: RetryOn,
     /// Retries allowed as a share of requests (0.2 = 20%), plus `min_per_second`.
-    pub budget_ratio: f64,
-    pub budget_min_per_second: u32,
-    pub non_idempotent: bool,
+    pub(crate) budget_ratio: f64,
+    pub(crate) budget_min_per_second: u32,
+    pub(crate) non_idempotent: bool,
 }
 
 /// Retry conditions as flags, plus listed statuses and gRPC codes.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct RetryOn {
-    pub connect_failure: bool,
-    pub refused_stream: bool,
-    pub reset: bool,
-    pub any_5xx: bool,
-    pub gateway_error: bool,
-    pub statuses: Vec<u16>,
-    pub grpc_codes: Vec<u32>,
+pub(crate) struct RetryOn {
+    pub(crate) connect_failure: bool,
+    pub(crate) refused_stream: bool,
+    pub(crate) reset: bool,
+    pub(crate) any_5xx: bool,
+    pub(crate) gateway_error: bool,
+    pub(crate) statuses: Vec<u16>,
+    pub(crate) grpc_codes: Vec<u32>,
 }
 
 // === impl CompiledRoute ===
@@ -121,7 +121,7 @@ impl CompiledRoute {
         }
     }
 
-    pub fn matches(&self, req: &Parts) -> bool {
+    pub(crate) fn matches(&self, req: &Parts) -> bool {
         self.matcher.as_ref().is_none_or(|m| m.matches(req))
     }
 
@@ -296,7 +296,7 @@ impl From<&weft_api::resource::Retry> for RetryPolicy {
 impl RetryPolicy {
     /// Whether an answered request should be retried, from its status and (for a gRPC
     /// trailers-only answer) its `grpc-status`.
-    pub fn retry_status(&self, status: u16, grpc_status: Option<u32>) -> bool {
+    pub(crate) fn retry_status(&self, status: u16, grpc_status: Option<u32>) -> bool {
         (self.on.any_5xx && status >= 500)
             || (self.on.gateway_error && matches!(status, 502..=504))
             || self.on.statuses.contains(&status)
@@ -304,13 +304,13 @@ impl RetryPolicy {
     }
 
     /// Whether any condition needs the request to have reached the app (so its method matters).
-    pub fn after_send(&self) -> bool {
+    pub(crate) fn after_send(&self) -> bool {
         self.on.reset || self.on.any_5xx || self.on.gateway_error || !self.on.statuses.is_empty() || !self.on.grpc_codes.is_empty()
     }
 }
 
 /// gRPC status code by its retry-condition name.
-pub fn grpc_code(name: &str) -> Option<u32> {
+pub(crate) fn grpc_code(name: &str) -> Option<u32> {
     Some(match name {
         "cancelled" => 1,
         "unknown" => 2,

@@ -18,14 +18,14 @@ const QUEUE: usize = 8192;
 /// batches grow with load and a quiet proxy sends each span at once.
 const BATCH: usize = 512;
 
-pub struct Tracer {
+pub(crate) struct Tracer {
     tx: Option<mpsc::Sender<otlp::Span>>,
     sample_percent: f64,
     dropped: prometheus_client::metrics::counter::Counter,
 }
 
 /// A span in progress.
-pub struct Active {
+pub(crate) struct Active {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     parent: Option<[u8; 8]>,
@@ -46,7 +46,7 @@ struct Incoming {
 
 impl Tracer {
     /// `endpoint` is an OTLP/gRPC URL such as `http://127.0.0.1:4317`. Call inside the runtime.
-    pub fn new(
+    pub(crate) fn new(
         endpoint: Option<String>,
         sample_percent: f64,
         resource: Vec<(&'static str, String)>,
@@ -68,13 +68,9 @@ impl Tracer {
         }
     }
 
-    pub fn enabled(&self) -> bool {
-        self.tx.is_some()
-    }
-
     /// Starts a span for a request and rewrites its context headers so the next hop is this
     /// span's child. `None` when tracing is off.
-    pub fn start(&self, headers: &mut http::HeaderMap, kind: otlp::span::SpanKind) -> Option<Active> {
+    pub(crate) fn start(&self, headers: &mut http::HeaderMap, kind: otlp::span::SpanKind) -> Option<Active> {
         self.tx.as_ref()?;
         let incoming = incoming(headers);
         let (trace_id, parent, sampled, b3) = match incoming {
@@ -103,7 +99,7 @@ impl Tracer {
     }
 
     /// Ends `span` and queues it for export (when sampled).
-    pub fn finish(&self, span: Active, name: String, attributes: Vec<(&'static str, Attr)>, error: bool) {
+    pub(crate) fn finish(&self, span: Active, name: String, attributes: Vec<(&'static str, Attr)>, error: bool) {
         let Some(tx) = &self.tx else { return };
         if !span.sampled {
             return;
@@ -138,7 +134,7 @@ impl Tracer {
 }
 
 /// A span attribute value.
-pub enum Attr {
+pub(crate) enum Attr {
     Str(String),
     Int(i64),
 }

@@ -14,10 +14,10 @@ use std::time::Duration;
 use weft_api::proto::{Direction, TrafficStats};
 use weft_api::telemetry::{LATENCY_SLOTS, slot_of};
 
-pub struct Telemetry {
-    pub registry: Arc<Registry>,
-    pub access: crate::access::AccessLog,
-    pub tracer: crate::spans::Tracer,
+pub(crate) struct Telemetry {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) access: Arc<crate::access::AccessLog>,
+    pub(crate) tracer: crate::spans::Tracer,
     own_service: Arc<str>,
     plaintext: Arc<str>,
     empty: Arc<str>,
@@ -36,7 +36,7 @@ pub struct Telemetry {
     tcp: Family<ServiceOutcome, Counter>,
     tcp_bytes: Family<ServiceOutcome, Counter>,
     /// Seconds until the workload certificate expires (negative once expired, 0 without one).
-    pub cert_expires_in: prometheus_client::metrics::gauge::Gauge,
+    pub(crate) cert_expires_in: prometheus_client::metrics::gauge::Gauge,
     /// The interval's summaries. Read lock-free on every request; the map is copied and
     /// swapped only when a new key appears or the control stream takes the interval.
     interval: arc_swap::ArcSwap<HashMap<WindowKey, Arc<Window>>>,
@@ -59,30 +59,30 @@ struct RequestLabels {
 }
 
 /// Where spans go, if anywhere.
-pub struct Tracing {
-    pub endpoint: Option<String>,
-    pub sample: f64,
-    pub resource: Vec<(&'static str, String)>,
+pub(crate) struct Tracing {
+    pub(crate) endpoint: Option<String>,
+    pub(crate) sample: f64,
+    pub(crate) resource: Vec<(&'static str, String)>,
 }
 
 /// One finished request, as the listeners report it.
 #[derive(Clone, Copy)]
-pub struct Finished<'a> {
-    pub direction: Direction,
+pub(crate) struct Finished<'a> {
+    pub(crate) direction: Direction,
     /// Destination service for outbound; `None` for inbound (the proxy's own service).
-    pub service: Option<&'a Arc<str>>,
+    pub(crate) service: Option<&'a Arc<str>>,
     /// The policy route taken (outbound); `None` otherwise.
-    pub route: Option<&'a Arc<str>>,
+    pub(crate) route: Option<&'a Arc<str>>,
     /// Inbound: the request arrived over mTLS.
-    pub mtls: bool,
+    pub(crate) mtls: bool,
     /// The other side's identity (see `RequestLabels::peer`); `None` for plaintext.
-    pub peer: Option<&'a Arc<str>>,
+    pub(crate) peer: Option<&'a Arc<str>>,
     /// Config revision in force when the request started.
-    pub revision: u64,
-    pub status: u16,
+    pub(crate) revision: u64,
+    pub(crate) status: u16,
     /// `x-weft-error` reason when the proxy answered itself.
-    pub reason: &'static str,
-    pub elapsed: Duration,
+    pub(crate) reason: &'static str,
+    pub(crate) elapsed: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,10 +134,51 @@ impl Window {
 
 // === impl Telemetry ===
 
+/// The access line of a request whose response headers are ready; it is written when the
+/// response body ends (see [`crate::access::Logged`]). `own` is this proxy's SPIFFE ID (empty
+/// without one), `own_service` this workload's service, `upstream` the endpoint (outbound) or
+/// app (inbound) that answered.
+pub(crate) fn access_entry(
+    c: crate::access::Captured,
+    done: &Finished<'_>,
+    own: String,
+    own_service: &str,
+    upstream: String,
+    retries: u32,
+) -> crate::access::Entry {
+    let inbound = done.direction == Direction::Inbound;
+    let (direction, source, destination, service) = if inbound {
+        let peer = done.peer.map(|p| p.to_string()).unwrap_or_else(|| "plaintext".into());
+        ("inbound", peer, own, own_service.to_string())
+    } else {
+        let peer = done.peer.map(|p| p.to_string()).unwrap_or_default();
+        ("outbound", own, peer, done.service.map(|s| s.to_string()).unwrap_or_default())
+    };
+    crate::access::Entry {
+        time_ms: 0,
+        direction,
+        trace_id: c.trace,
+        source,
+        destination,
+        service,
+        route: done.route.map(|r| r.to_string()).unwrap_or_default(),
+        method: c.method,
+        path: c.path,
+        upstream,
+        status: done.status,
+        reason: done.reason,
+        duration_ms: done.elapsed.as_secs_f64() * 1000.0,
+        total_ms: 0.0,
+        request_bytes: 0,
+        response_bytes: 0,
+        retries,
+    }
+}
+
 impl Telemetry {
-    pub fn new(own_service: &str, access_log: bool, access_log_sample: f64, tracing: Tracing) -> Self {
+    pub(crate) fn new(own_service: &str, access_log: bool, access_log_sample: f64, tracing: Tracing) -> Self {
         let mut registry = Registry::with_prefix("weft_proxy");
-        let access = crate::access::AccessLog::new(access_log, access_log_sample, &mut registry);
+        let access = Arc::new(crate::access::AccessLog::new(access_log, access_log_sample, &mut registry));
         let tracer = crate::spans::Tracer::new(tracing.endpoint, tracing.sample, tracing.resource, &mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -237,7 +278,7 @@ impl Telemetry {
 
     /// Records one finished request. Labels are shared strings (`Arc<str>`) handed over by
     /// the caller, so recording allocates nothing once a series exists.
-    pub fn record(&self, done: &Finished<'_>) {
+    pub(crate) fn record(&self, done: &Finished<'_>) {
         let dir = match done.direction {
             Direction::Inbound => "inbound",
             _ => "outbound",
@@ -312,33 +353,33 @@ impl Telemetry {
     }
 
     /// Counts one try at an upstream endpoint.
-    pub fn attempt(&self, service: &Arc<str>, success: bool) {
+    pub(crate) fn attempt(&self, service: &Arc<str>, success: bool) {
         self.count(&self.attempts, service, if success { "success" } else { "failure" });
     }
 
     /// Counts a retry taken (`retried`) or refused by the budget (`budget-exhausted`).
-    pub fn retry(&self, service: &Arc<str>, outcome: &'static str) {
+    pub(crate) fn retry(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.retries, service, outcome);
     }
 
     /// Counts a response body an endpoint broke off.
-    pub fn body_failure(&self, service: &Arc<str>) {
+    pub(crate) fn body_failure(&self, service: &Arc<str>) {
         self.count(&self.body_failures, service, "failed");
     }
 
-    pub fn ejection(&self, service: &Arc<str>) {
+    pub(crate) fn ejection(&self, service: &Arc<str>) {
         self.count(&self.ejections, service, "ejected");
     }
 
-    pub fn mirror(&self, service: &Arc<str>, outcome: &'static str) {
+    pub(crate) fn mirror(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.mirrors, service, outcome);
     }
 
-    pub fn tcp(&self, service: &Arc<str>, outcome: &'static str) {
+    pub(crate) fn tcp(&self, service: &Arc<str>, outcome: &'static str) {
         self.count(&self.tcp, service, outcome);
     }
 
-    pub fn tcp_bytes(&self, service: &Arc<str>, sent: u64, received: u64) {
+    pub(crate) fn tcp_bytes(&self, service: &Arc<str>, sent: u64, received: u64) {
         for (outcome, n) in [("sent", sent), ("received", received)] {
             self.tcp_bytes
                 .get_or_create(&ServiceOutcome {
@@ -359,18 +400,18 @@ impl Telemetry {
     }
 
     /// Counts one authorization decision.
-    pub fn authz(&self, decision: &'static str) {
+    pub(crate) fn authz(&self, decision: &'static str) {
         self.authz.get_or_create(&AuthzLabels { decision }).inc();
     }
 
     /// Counts one inbound connection.
-    pub fn connection(&self, transport: &'static str, outcome: &'static str) {
+    pub(crate) fn connection(&self, transport: &'static str, outcome: &'static str) {
         self.connections.get_or_create(&ConnectionLabels { transport, outcome }).inc();
     }
 
     /// Takes the interval's summaries, leaving an empty interval.
     /// Windows idle for a whole interval are dropped.
-    pub fn take_interval(&self) -> Vec<TrafficStats> {
+    pub(crate) fn take_interval(&self) -> Vec<TrafficStats> {
         let _writer = self.interval_writer.lock();
         let current = self.interval.load_full();
         let mut out = Vec::new();

@@ -7,16 +7,14 @@
 //! listener and asks the destination's sidecar to upgrade to `weft-tcp`, which connects to the
 //! app and joins the streams.
 
-use crate::balance::ServiceRuntime;
 use crate::forward::reply;
-use crate::inbound::ConnInfo;
-use crate::pool::{CONNECT_TIMEOUT, ConnectError};
+use crate::reason::Reason;
 use crate::state::Proxy;
+use crate::trust::ConnInfo;
 use http::header::{CONNECTION, HOST, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use weft_api::resource::MtlsMode;
@@ -24,10 +22,10 @@ use weft_core::Body;
 use weft_core::serve::Io;
 
 /// The protocol name of an opaque TCP stream between sidecars.
-pub const TCP_PROTOCOL: &str = "weft-tcp";
+pub(crate) const TCP_PROTOCOL: &str = "weft-tcp";
 
 /// The protocol an HTTP/1.1 request asks to upgrade to, if it does.
-pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
+pub(crate) fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
@@ -44,7 +42,7 @@ pub fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
 /// Sends an Upgrade request on a fresh HTTP/1.1 connection. On 101 returns the answer and the
 /// upstream's side of the upgraded stream (resolved once hyper hands it over); any other
 /// answer comes back as is.
-async fn send_upgrade(io: Box<dyn Io>, req: Request<Body>) -> Result<(Response<Body>, Option<OnUpgrade>), String> {
+pub(crate) async fn send_upgrade(io: Box<dyn Io>, req: Request<Body>) -> Result<(Response<Body>, Option<OnUpgrade>), String> {
     let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
@@ -62,7 +60,7 @@ async fn send_upgrade(io: Box<dyn Io>, req: Request<Body>) -> Result<(Response<B
 }
 
 /// Joins two byte streams until either side closes; returns bytes each way.
-async fn join<A, B>(mut a: A, mut b: B) -> (u64, u64)
+pub(crate) async fn join<A, B>(mut a: A, mut b: B) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -71,7 +69,7 @@ where
 }
 
 /// Joins the client's upgraded stream with the upstream's once both are handed over.
-fn splice(client: OnUpgrade, upstream: OnUpgrade) {
+pub(crate) fn splice(client: OnUpgrade, upstream: OnUpgrade) {
     tokio::spawn(async move {
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
@@ -83,90 +81,46 @@ fn splice(client: OnUpgrade, upstream: OnUpgrade) {
     });
 }
 
-/// Outbound: forwards an Upgrade request to an endpoint of `rt` and joins the streams.
-pub async fn outbound(
-    proxy: &Proxy,
-    rt: &ServiceRuntime,
-    subset: Option<&str>,
-    mut parts: http::request::Parts,
-    protocol: HeaderValue,
-    client: OnUpgrade,
-    authority: &str,
-) -> Response<Body> {
-    let io = match connect_endpoint(proxy, rt, subset).await {
-        Ok(io) => io,
-        Err(resp) => return resp,
-    };
-    parts.version = Version::HTTP_11;
-    parts.headers.insert(UPGRADE, protocol);
-    parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+/// Readies the head of an Upgrade request for an endpoint: HTTP/1.1, asking for `protocol`,
+/// `Host` naming the service as the app addressed it.
+pub(crate) fn prepare(headers: &mut http::HeaderMap, protocol: HeaderValue, authority: &str) {
+    headers.insert(UPGRADE, protocol);
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     if let Ok(host) = HeaderValue::from_str(authority) {
-        parts.headers.insert(HOST, host);
+        headers.insert(HOST, host);
     }
-    let req = Request::from_parts(parts, weft_core::empty());
-    match send_upgrade(io, req).await {
-        Ok((resp, Some(upstream))) => {
-            splice(client, upstream);
-            resp
-        }
-        Ok((resp, None)) => resp,
-        Err(e) => reply(StatusCode::BAD_GATEWAY, "upstream-reset", e),
-    }
-}
-
-/// Connects to an endpoint of `rt` (mTLS when it has an identity), trying up to three.
-async fn connect_endpoint(proxy: &Proxy, rt: &ServiceRuntime, subset: Option<&str>) -> Result<Box<dyn Io>, Response<Body>> {
-    let candidates = rt.candidates(subset);
-    let mut tried = Vec::new();
-    let mut last: Option<ConnectError> = None;
-    while tried.len() < 3 {
-        let Some(i) = rt.pick(&candidates, &tried) else { break };
-        tried.push(i);
-        let endpoint = &rt.config.endpoints[i];
-        let tls = proxy.endpoint_tls(rt, i)?;
-        let timeout = rt.pool.connect_timeout.map(|t| t.as_std()).unwrap_or(CONNECT_TIMEOUT);
-        match crate::pool::connect(endpoint.address, tls, timeout).await {
-            Ok(io) => return Ok(io),
-            Err(e) => {
-                rt.observe(i, crate::balance::Outcome::Failure, None);
-                last = Some(e);
-            }
-        }
-    }
-    Err(match last {
-        Some(e) => reply(StatusCode::SERVICE_UNAVAILABLE, e.reason(), format!("{}: {e}", rt.config.name)),
-        None => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no-healthy-endpoints",
-            format!("service {} has no endpoint to connect to", rt.config.name),
-        ),
-    })
 }
 
 /// Inbound: an Upgrade request for the app. `weft-tcp` connects to the app's port and joins
 /// raw bytes (no header reaches the app); any other protocol is forwarded to the app as an
 /// HTTP/1.1 Upgrade, through the same trust boundary as every other request.
-pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, protocol: HeaderValue) -> Response<Body> {
+pub(crate) async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, protocol: HeaderValue) -> Response<Body> {
     if let Some(why) = refused(proxy, conn, &protocol) {
-        return reply(StatusCode::FORBIDDEN, "upgrade-refused", why);
+        return reply(StatusCode::FORBIDDEN, Reason::UpgradeRefused, why);
     }
     // Opaque TCP is bytes, whatever the app speaks; an HTTP Upgrade is HTTP/1.1.
     let opaque = protocol.as_bytes() == TCP_PROTOCOL.as_bytes();
-    if !opaque && proxy.app_protocol == crate::config::AppProtocol::H2 {
+    if !opaque && proxy.local.app_protocol == crate::config::AppProtocol::H2 {
         return reply(
             StatusCode::NOT_IMPLEMENTED,
-            "app-protocol-mismatch",
+            Reason::AppProtocolMismatch,
             format!(
                 "{} declares its app h2, and an HTTP/1.1 Upgrade ({}) needs http1 or auto",
-                proxy.workload.id(),
+                proxy.local.workload.id(),
                 String::from_utf8_lossy(protocol.as_bytes())
             ),
         );
     }
     let client = hyper::upgrade::on(&mut req);
-    let app = match TcpStream::connect(proxy.app).await {
+    let app = match TcpStream::connect(proxy.local.app).await {
         Ok(tcp) => tcp,
-        Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, "app-unavailable", format!("{}: {e}", proxy.app)),
+        Err(e) => {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::AppUnavailable,
+                format!("{}: {e}", proxy.local.app),
+            );
+        }
     };
     let _ = app.set_nodelay(true);
     if opaque {
@@ -189,7 +143,7 @@ pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, pro
     let (mut parts, _) = req.into_parts();
     parts.headers.insert(UPGRADE, protocol);
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    crate::inbound::identity_headers(proxy, conn, &mut parts.headers);
+    crate::trust::identity_headers(&proxy.local.strip_headers, conn, &mut parts.headers);
     // Origin-form to the app, as an HTTP/1.1 server expects.
     let pq = parts
         .uri
@@ -208,7 +162,7 @@ pub async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, pro
             resp
         }
         Ok((resp, None)) => resp,
-        Err(e) => reply(StatusCode::BAD_GATEWAY, "app-reset", e),
+        Err(e) => reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e),
     }
 }
 
@@ -228,73 +182,10 @@ fn refused(proxy: &Proxy, conn: &ConnInfo, protocol: &HeaderValue) -> Option<&'s
         return Some("an h2c upgrade would let the caller speak HTTP/2 to the app past this proxy");
     }
     if protocol.as_bytes() == TCP_PROTOCOL.as_bytes() && !conn.mtls && proxy.identity.tls().is_some() {
-        let off = proxy.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Off);
+        let off = proxy.discovery.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Off);
         if !off {
             return Some("opaque TCP needs an mTLS caller (this workload's mTLS is not off)");
         }
     }
     None
-}
-
-/// An opaque TCP listener (`--tcp LISTEN=SERVICE`): every connection is joined to an endpoint
-/// of the service through its sidecar.
-pub async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListener, service: String, shutdown: weft_core::Shutdown) {
-    let service: Arc<str> = Arc::from(service);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(error) => {
-                    tracing::warn!(%error, "TCP accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let _ = tcp.set_nodelay(true);
-        let (proxy, service) = (proxy.clone(), service.clone());
-        tokio::spawn(async move {
-            let outcome = tcp_connection(&proxy, tcp, &service).await;
-            proxy.telemetry.tcp(&service, outcome);
-            if outcome != "closed" {
-                tracing::info!(%remote, %service, outcome, "TCP connection refused");
-            }
-        });
-    }
-}
-
-pub(crate) async fn tcp_connection(proxy: &Proxy, tcp: TcpStream, service: &Arc<str>) -> &'static str {
-    let Ok(rt) = proxy.resolve(service) else {
-        return "unknown-service";
-    };
-    let rt = match proxy.service(&rt).await {
-        Ok(rt) => rt,
-        Err(crate::state::Missing::Unknown) => return "unknown-service",
-        Err(crate::state::Missing::NoAnswer) => return "discovery-timeout",
-    };
-    let io = match connect_endpoint(proxy, &rt, None).await {
-        Ok(io) => io,
-        Err(resp) => return crate::forward::reason_of(&resp),
-    };
-    let req = Request::builder()
-        .method("GET")
-        .uri("/")
-        .header(HOST, &**service)
-        .header(UPGRADE, TCP_PROTOCOL)
-        .header(CONNECTION, "upgrade")
-        .body(weft_core::empty())
-        .expect("valid upgrade request");
-    match send_upgrade(io, req).await {
-        Ok((_, Some(upstream))) => match upstream.await {
-            Ok(u) => {
-                let (sent, received) = join(tcp, TokioIo::new(u)).await;
-                proxy.telemetry.tcp_bytes(service, sent, received);
-                "closed"
-            }
-            Err(_) => "upstream-reset",
-        },
-        Ok((resp, None)) => crate::forward::reason_of(&resp),
-        Err(_) => "upstream-reset",
-    }
 }

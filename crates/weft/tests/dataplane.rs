@@ -783,6 +783,13 @@ async fn websocket_upgrades_and_opaque_tcp_cross_two_sidecars_over_mtls() {
         data.len() as f64
     );
     assert_eq!(metric(&m, "weft_proxy_tcp_connections_total", &["outcome=\"closed\""]), 1.0);
+    // Both went through the same endpoint tries as HTTP requests, counted per destination
+    // (before issue #15 an upgrade had a loop of its own that counted no attempt: 0 and 0).
+    for service in ["chat", "cache"] {
+        let label = format!("service=\"{service}\"");
+        let tries = metric(&m, "weft_proxy_upstream_attempts_total", &[&label, "outcome=\"success\""]);
+        assert_eq!(tries, 1.0, "{service}: {m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
