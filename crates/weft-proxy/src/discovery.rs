@@ -267,6 +267,7 @@ mod tests {
                     policy_name: String::new(),
                     mtls: None,
                     unknown: false,
+                    virtual_ip: None,
                 };
                 (svc.key(), Arc::new(svc))
             })
