@@ -109,7 +109,7 @@ fn server_of(r: &Reply) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_match_every_way_and_weights_split_within_one_and_a_half_points() {
+async fn routes_match_every_way_and_weights_split_within_two_and_a_half_points() {
     let control = Control::start(BIN).await;
     let v1 = instance(&control, "shop-v1", "shop", "v1", "cluster-a").await;
     let v2 = instance(&control, "shop-v2", "shop", "v2", "cluster-a").await;
@@ -170,11 +170,13 @@ async fn routes_match_every_way_and_weights_split_within_one_and_a_half_points()
     }
     assert!(miss_v1 >= 20, "the misses took the 80/20 split: {miss_v1} of 40 on v1");
 
-    // 5,000 requests over the split: v2 within 20% +- 1.5 points.
+    // 5,000 requests over the split: v2 within 20% +- 2.5 points. Each pick is random, so the
+    // share's standard deviation is sqrt(0.2 * 0.8 / 5000) = 0.57 points: 2.5 is 4.4 of them
+    // (a false failure about once in 100,000 runs; +-1.5, 2.65 of them, failed about 1 in 125).
     let replies = burst(&web, "shop", "/split", 5000, 16).await;
     assert!(replies.iter().all(|r| r.status == 200));
     let share = replies.iter().filter(|r| server_of(r) == "shop-v2").count() as f64 / 50.0;
-    assert!((18.5..=21.5).contains(&share), "v2 got {share}% of 5000, want 20 +- 1.5");
+    assert!((17.5..=22.5).contains(&share), "v2 got {share}% of 5000, want 20 +- 2.5");
 
     // New weights under load: requests in flight on the old config all finish.
     v1.app.set_mode(Mode::Delay(Duration::from_millis(400)));
