@@ -116,7 +116,13 @@ pub async fn start_staged(
         tcp_l.push((bind("tcp", *addr).await?, service.clone()));
     }
     let intercept_l = match &intercept {
-        Some(s) => Some((bind("intercept", s.outbound).await?, intercept::bind_dns(s.dns).await.map_err(|source| StartError::Dns { addr: s.dns, source })?, s.clone())),
+        Some(s) => Some((
+            bind("intercept", s.outbound).await?,
+            intercept::bind_dns(s.dns)
+                .await
+                .map_err(|source| StartError::Dns { addr: s.dns, source })?,
+            s.clone(),
+        )),
         None => None,
     };
     let admin_l = match cfg.admin {
