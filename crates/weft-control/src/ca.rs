@@ -162,11 +162,18 @@ impl Ca {
             (Some((cert, key)), _, _) => (cert, key),
             (None, Some(cert), Some(key)) => (cert, key),
             _ => {
+                // Replicas starting together on a new shared store agree on the first root
+                // stored: the pair is one record so a root never meets another's key.
                 let pair = new_root(trust_domain)?;
-                store.put_secret("root_cert", &pair.0)?;
-                store.put_secret("root_key", &pair.1)?;
-                tracing::info!(trust_domain, "generated a new root CA");
-                pair
+                let joined = format!("{}\n{}", pair.0, pair.1);
+                let stored = store.create_secret("root_pair", &joined)?;
+                if stored == joined {
+                    tracing::info!(trust_domain, "generated a new root CA");
+                }
+                let (cert, key) = split_pair(&stored)?;
+                store.put_secret("root_cert", &cert)?;
+                store.put_secret("root_key", &key)?;
+                (cert, key)
             }
         };
         let (issuer, root_not_after) = signer(&root_pem, &key_pem)?;
@@ -186,8 +193,8 @@ impl Ca {
             None => {
                 let mut k = [0u8; 32];
                 aws_lc_rs::rand::fill(&mut k).map_err(|_| CaError::Internal("no randomness".into()))?;
-                store.put_secret("token_key", &URL_SAFE_NO_PAD.encode(k))?;
-                k.to_vec()
+                let stored = store.create_secret("token_key", &URL_SAFE_NO_PAD.encode(k))?;
+                URL_SAFE_NO_PAD.decode(stored).map_err(internal)?
             }
         };
         let roots = Roots {
@@ -441,6 +448,16 @@ impl Ca {
 }
 
 /// A fresh self-signed root (certificate and key PEM), valid for ten years.
+/// The certificate and key of a `root_pair` record (the certificate's PEM, then the key's).
+fn split_pair(pair: &str) -> Result<(String, String), CaError> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let at = pair
+        .find(END)
+        .ok_or_else(|| CaError::Internal("the stored root pair holds no certificate".into()))?
+        + END.len();
+    Ok((format!("{}\n", &pair[..at]), pair[at..].trim_start().to_string()))
+}
+
 fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(internal)?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;

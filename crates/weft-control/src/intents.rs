@@ -195,6 +195,10 @@ pub(crate) enum Event {
     Persist(u64, String),
 }
 
+/// The store's names for the operator switches that outlive a restart.
+pub(crate) const FREEZE_STATE: &str = "freeze";
+pub(crate) const BYPASS_STATE: &str = "bypass";
+
 /// The intents and the stable resources they change.
 pub(crate) struct Machine {
     /// The revision every untreated proxy runs, and its resources.
@@ -328,12 +332,17 @@ impl Machine {
             }
             records.insert(seq, intent);
         }
+        let frozen = store.state(FREEZE_STATE)?.as_deref() == Some("true");
+        let bypass = match store.state(BYPASS_STATE)? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| StoreError::Db(format!("the stored bypass list is unreadable: {e}")))?,
+            None => BTreeSet::new(),
+        };
         Ok(Self {
             stable,
             resources: Arc::new(resources),
             records,
-            frozen: false,
-            bypass: BTreeSet::new(),
+            frozen,
+            bypass,
             last_decision: None,
         })
     }

@@ -9,6 +9,7 @@ pub mod auth;
 mod ca;
 mod clock;
 mod distribution;
+mod etcd;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 mod history;
@@ -50,6 +51,11 @@ pub struct ControlConfig {
     pub insecure_plaintext: bool,
     /// Move the store aside and start an empty mesh (`--reinit-store`).
     pub reinit_store: bool,
+    /// `--store etcd://HOST:PORT[,...]`: the mesh lives in etcd, shared by every replica;
+    /// `None`: the embedded store under `data_dir`.
+    pub store: Option<String>,
+    /// `--store-prefix`: where in etcd.
+    pub store_prefix: String,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +94,14 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The store in `--data-dir`: the one there, or with `--reinit-store` an empty one (the old
 /// file kept aside).
 fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
+    if let Some(url) = &cfg.store {
+        // The data directory still holds this replica's own files (admin.token, ca.pem).
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| store::StoreError::Open {
+            path: cfg.data_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        return store::Store::etcd(url, &cfg.store_prefix);
+    }
     if !cfg.reinit_store {
         return store::Store::open(&cfg.data_dir);
     }
@@ -159,7 +173,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         let sans = serving::sans(&[bound.api, bound.grpc], &cfg.sans)?;
         Some(Arc::new(serving::Serving::new(&mesh.ca, sans)?))
     };
-    tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), revision = mesh.revision(), ca_fingerprint = %mesh.ca.root_fingerprint(), "control plane listening");
+    tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), store = %mesh.store.describe(), revision = mesh.revision(), ca_fingerprint = %mesh.ca.root_fingerprint(), "control plane listening");
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(mesh::run_intents(mesh.clone(), shutdown.clone()));

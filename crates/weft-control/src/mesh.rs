@@ -10,7 +10,7 @@
 
 use crate::ca::{Ca, CaError, Rotation};
 use crate::clock::Clock;
-use crate::intents::{Blocker, ChangeError, Event, IntentRecord, LoopView, Machine, Step, Submitted};
+use crate::intents::{BYPASS_STATE, Blocker, ChangeError, Event, FREEZE_STATE, IntentRecord, LoopView, Machine, Step, Submitted};
 use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
 use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
 use crate::registry::{ProxyView, Registry};
@@ -50,6 +50,8 @@ pub(crate) struct Mesh {
     signals: Mutex<Signals>,
     /// The mesh at the newest change generation that some stream has planned from.
     snapshot: Mutex<Arc<Snapshot>>,
+    /// Serializes the operator switches (freeze, bypass) from their store write to the machine.
+    switches: Mutex<()>,
     /// Held from the moment a change to an intent is decided until its record is written, so
     /// records reach the store in the order they were decided, without the machine's lock.
     writes: Mutex<()>,
@@ -117,6 +119,7 @@ impl Mesh {
             registry: Mutex::default(),
             signals: Mutex::default(),
             snapshot: Mutex::new(Arc::new(Snapshot::none())),
+            switches: Mutex::new(()),
             writes: Mutex::new(()),
             changed: watch::channel(0).0,
             wake: Notify::new(),
@@ -529,19 +532,34 @@ impl Mesh {
     }
 
     /// Freeze: every rollout in progress is rolled back and none starts until it is lifted.
-    pub(crate) fn freeze(&self, on: bool, actor: &str) {
+    /// Stored first (it outlives a restart): when the store refuses, nothing changes.
+    pub(crate) fn freeze(&self, on: bool, actor: &str) -> Result<(), StoreError> {
+        let _switch = self.switches.lock();
+        self.store.put_state(FREEZE_STATE, if on { "true" } else { "false" })?;
         self.with_machine(|step| step.freeze(on));
         self.operator_ledger(actor, if on { "freeze on" } else { "freeze off" }, "mesh");
+        Ok(())
     }
 
-    /// The kill switch (what it turns off: [`Step::set_bypass`]).
-    pub(crate) fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) {
+    /// The kill switch (what it turns off: [`Step::set_bypass`]). Stored first, like the freeze.
+    pub(crate) fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) -> Result<(), StoreError> {
+        let _switch = self.switches.lock();
+        let mut bypass = self.machine.lock().bypass.clone();
+        let key = (namespace.to_string(), service.to_string());
+        if on {
+            bypass.insert(key);
+        } else {
+            bypass.remove(&key);
+        }
+        self.store
+            .put_state(BYPASS_STATE, &serde_json::to_string(&bypass).expect("serializes"))?;
         self.with_machine(|step| step.set_bypass(namespace, service, on));
         self.operator_ledger(
             actor,
             if on { "bypass on" } else { "bypass off" },
             &format!("{namespace}/{service}"),
         );
+        Ok(())
     }
 
     /// Records an operator's action; `actor` is the name of the API token that asked for it.

@@ -143,6 +143,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sans,
             insecure_plaintext,
             reinit_store,
+            store,
+            store_prefix,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -156,6 +158,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sans,
                 insecure_plaintext,
                 reinit_store,
+                store,
+                store_prefix,
             };
             return control(cfg).await;
         }

@@ -120,6 +120,13 @@ pub enum Command {
         /// policies, tokens and the root CA start over; every proxy must join again.
         #[arg(long)]
         reinit_store: bool,
+        /// Keep the mesh in etcd instead of --data-dir, shared by every replica started with
+        /// the same value: etcd://HOST:PORT[,HOST:PORT...] (plaintext gRPC to etcd).
+        #[arg(long, value_name = "etcd://HOST:PORT,...", conflicts_with = "reinit_store")]
+        store: Option<String>,
+        /// Every key this mesh keeps in etcd starts with it, so meshes can share one etcd.
+        #[arg(long, default_value = "/weft", requires = "store")]
+        store_prefix: String,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),
