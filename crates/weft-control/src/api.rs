@@ -258,7 +258,7 @@ async fn metrics(State(api): State<Api>) -> Response {
 
 async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
     let mut status = json!(api.mesh.status());
-    status["controlPlane"] = json!({"tls": api.auth.tls});
+    status["controlPlane"]["tls"] = json!(api.auth.tls);
     Json(status)
 }
 
@@ -567,7 +567,7 @@ fn token_view(t: &crate::store::TokenRecord) -> serde_json::Value {
 fn store_error(e: crate::store::StoreError) -> ApiError {
     use crate::store::StoreError;
     let status = match e {
-        StoreError::Unavailable(_) | StoreError::Fenced(_) => StatusCode::SERVICE_UNAVAILABLE,
+        StoreError::Unavailable(_) | StoreError::Fenced(_) | StoreError::NotLeader(_) => StatusCode::SERVICE_UNAVAILABLE,
         StoreError::Conflict(_) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };

@@ -113,9 +113,17 @@ impl Etcd {
 
     /// Runs `fut` on the client's runtime and waits for it, at most [`REQUEST_TIMEOUT`].
     fn wait<T: Send + 'static>(&self, fut: impl Future<Output = Result<T, tonic::Status>> + Send + 'static) -> Result<T, EtcdError> {
+        self.wait_within(REQUEST_TIMEOUT, fut)
+    }
+
+    fn wait_within<T: Send + 'static>(
+        &self,
+        within: Duration,
+        fut: impl Future<Output = Result<T, tonic::Status>> + Send + 'static,
+    ) -> Result<T, EtcdError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.runtime.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(REQUEST_TIMEOUT, fut).await);
+            let _ = tx.send(tokio::time::timeout(within, fut).await);
         });
         match rx.recv() {
             Ok(Ok(Ok(answer))) => Ok(answer),
@@ -143,6 +151,19 @@ impl Etcd {
         };
         let answer = self.wait(async move { kv.range(request).await })?.into_inner();
         Ok(answer.kvs.into_iter().next().map(Kv::from))
+    }
+
+    /// etcd's current revision (where a watch that misses nothing starts).
+    pub(crate) fn revision(&self) -> Result<i64, EtcdError> {
+        let mut kv = self.kv.clone();
+        let request = pb::RangeRequest {
+            key: vec![0],
+            count_only: true,
+            serializable: true,
+            ..Default::default()
+        };
+        let answer = self.wait(async move { kv.range(request).await })?.into_inner();
+        Ok(answer.header.map(|h| h.revision).unwrap_or(0))
     }
 
     /// Every key under `prefix`, in key order (reversed and cut to `limit` when `newest` is set).
@@ -198,10 +219,11 @@ impl Etcd {
         Ok(())
     }
 
-    /// Renews lease `id` once; returns its remaining TTL in seconds (0 or less: it is gone).
-    pub(crate) fn keep_alive(&self, id: i64) -> Result<i64, EtcdError> {
+    /// Renews lease `id` once, waiting at most `within`; returns its remaining TTL in seconds
+    /// (0 or less: it is gone).
+    pub(crate) fn keep_alive(&self, id: i64, within: Duration) -> Result<i64, EtcdError> {
         let mut lease = self.lease.clone();
-        let answer = self.wait(async move {
+        let answer = self.wait_within(within, async move {
             let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
             let mut answers = lease.lease_keep_alive(request).await?.into_inner();
             answers

@@ -14,6 +14,7 @@ mod etcd;
 pub mod fuzz;
 mod history;
 mod intents;
+mod leader;
 mod mesh;
 mod metrics;
 mod plan;
@@ -56,6 +57,8 @@ pub struct ControlConfig {
     pub store: Option<String>,
     /// `--store-prefix`: where in etcd.
     pub store_prefix: String,
+    /// `--replica`: this replica's name among those on one store (default: its API address).
+    pub replica: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -148,12 +151,18 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         Ok(n) => tracing::info!(tokens = n, "forgot join tokens expired over a day ago"),
         Err(error) => tracing::warn!(%error, "cannot prune expired join tokens"),
     }
-    let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics.clone())?);
+    let mut mesh = mesh::Mesh::new(store, ca, metrics.clone())?;
     let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind {
         listener: "api",
         addr: cfg.api,
         source,
     })?;
+    mesh.set_replica(
+        cfg.replica
+            .clone()
+            .unwrap_or_else(|| api_l.local_addr().expect("bound").to_string()),
+    );
+    let mesh = Arc::new(mesh);
     let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind {
         listener: "grpc",
         addr: cfg.grpc,
@@ -178,6 +187,8 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(mesh::run_intents(mesh.clone(), shutdown.clone()));
     tasks.spawn(mesh::run_rotation(mesh.clone(), shutdown.clone()));
+    tasks.spawn(leader::run(mesh.clone(), shutdown.clone()));
+    tasks.spawn(leader::follow_store(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     tasks.spawn(history.clone().run(mesh.clone(), shutdown.clone()));
     tasks.spawn(serving::maintain(

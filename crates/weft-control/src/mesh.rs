@@ -38,6 +38,10 @@ const WARMUP: Duration = Duration::from_secs(6);
 const TICK: Duration = Duration::from_millis(200);
 
 pub(crate) struct Mesh {
+    /// This replica's name (`--replica`).
+    pub(crate) replica: String,
+    /// Whether this replica leads, and who does.
+    role: Mutex<Role>,
     pub(crate) store: Arc<Store>,
     pub(crate) ca: Ca,
     pub(crate) metrics: ControlMetrics,
@@ -62,9 +66,29 @@ pub(crate) struct Mesh {
     events: broadcast::Sender<String>,
 }
 
+/// Only the leader changes the mesh; on the embedded store the one replica always leads.
+#[derive(Clone, Debug)]
+struct Role {
+    leading: bool,
+    /// The leader's replica name, once known.
+    leader: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ControlPlaneView {
+    replica: String,
+    /// The leader's replica name (`null` while none is elected).
+    leader: Option<String>,
+    role: &'static str,
+    store: String,
+    version: &'static str,
+}
+
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct StatusView {
+    control_plane: ControlPlaneView,
     revision: u64,
     #[serde(rename = "loop")]
     loop_: LoopView,
@@ -106,9 +130,20 @@ impl Mesh {
     }
 
     pub(crate) fn with_clock(store: Arc<Store>, ca: Ca, metrics: ControlMetrics, clock: Clock) -> Result<Self, StoreError> {
-        let machine = Machine::recover(&store, clock.unix_ms())?;
+        // A replica on a shared store changes nothing until it is elected ([`crate::leader`]).
+        let leading = matches!(*store, Store::Redb(_));
+        let machine = if leading {
+            Machine::recover(&store, clock.unix_ms())?
+        } else {
+            Machine::load(&store)?
+        };
         metrics.revision.set(machine.stable as i64);
         Ok(Self {
+            replica: "local".into(),
+            role: Mutex::new(Role {
+                leading,
+                leader: leading.then(|| "local".to_string()),
+            }),
             taps: Default::default(),
             store,
             ca,
@@ -364,11 +399,91 @@ impl Mesh {
             })
             .collect();
         StatusView {
+            control_plane: self.control_plane(),
             revision: machine.stable,
             loop_: machine.loop_view(),
             telemetry_signals: signals.reports,
             services: views,
         }
+    }
+
+    // --- leadership ---
+
+    pub(crate) fn control_plane(&self) -> ControlPlaneView {
+        let role = self.role.lock().clone();
+        ControlPlaneView {
+            replica: self.replica.clone(),
+            leader: role.leader,
+            role: if role.leading { "leader" } else { "follower" },
+            store: self.store.describe(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// Names this replica (`--replica`); on the embedded store it is also the leader.
+    pub(crate) fn set_replica(&mut self, name: String) {
+        let role = self.role.get_mut();
+        if role.leading {
+            role.leader = Some(name.clone());
+        }
+        self.replica = name;
+    }
+
+    pub(crate) fn leading(&self) -> bool {
+        self.role.lock().leading
+    }
+
+    /// Refuses a change on a follower, naming the leader.
+    fn require_leader(&self) -> Result<(), StoreError> {
+        let role = self.role.lock();
+        if role.leading {
+            return Ok(());
+        }
+        Err(StoreError::NotLeader(match &role.leader {
+            Some(leader) => format!("send it to the leader, replica {leader}"),
+            None => "no leader is elected right now (is etcd reachable with quorum?); try again shortly".into(),
+        }))
+    }
+
+    /// Elected: takes the machine over from the store as [`Machine::recover`] does (a rollout
+    /// the old leader left mid-way is rolled back, its proxies return to stable), then runs
+    /// the intent loop and rotation. The fence is set first, so these writes are fenced too.
+    pub(crate) fn lead(&self) -> Result<(), StoreError> {
+        let machine = Machine::recover(&self.store, self.clock.unix_ms())?;
+        self.metrics.revision.set(machine.stable as i64);
+        *self.machine.lock() = machine;
+        *self.role.lock() = Role {
+            leading: true,
+            leader: Some(self.replica.clone()),
+        };
+        self.bump();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Not (or no longer) leading: `leader` leads, if anyone does. Stops acting at once.
+    pub(crate) fn follow(&self, leader: Option<String>) {
+        *self.role.lock() = Role { leading: false, leader };
+    }
+
+    /// A follower catching up with the store after it changed (the watch says so): the
+    /// machine as stored, then every proxy is replanned.
+    pub(crate) fn reload(&self) -> Result<(), StoreError> {
+        if self.leading() {
+            return Ok(());
+        }
+        let machine = Machine::load(&self.store)?;
+        {
+            let mut current = self.machine.lock();
+            // Elected meanwhile: the machine is this replica's own now.
+            if self.leading() {
+                return Ok(());
+            }
+            self.metrics.revision.set(machine.stable as i64);
+            *current = machine;
+        }
+        self.bump();
+        Ok(())
     }
 
     // --- the intent machine ---
@@ -445,6 +560,7 @@ impl Mesh {
     }
 
     pub(crate) fn submit_intent(&self, doc: Document<IntentSpec>, source: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         self.with_machine(|step| step.submit_intent(doc, source))
     }
 
@@ -455,11 +571,13 @@ impl Mesh {
         delete: Vec<ResourceKey>,
         source: &str,
     ) -> Result<Submitted, ChangeError> {
+        self.require_leader()?;
         self.with_machine(|step| step.submit_change(title, apply, delete, source))
     }
 
     /// A rollback to revision `rev`: an intent whose change restores that revision's resources.
     pub(crate) fn submit_rollback(&self, rev: u64) -> Result<Submitted, ChangeError> {
+        self.require_leader()?;
         let Some(old) = self.store.get(rev)? else {
             let error = weft_api::error::FieldError::new("revision", rev, "no such revision");
             return Err(weft_api::error::Invalid::one("rollback", error).into());
@@ -511,6 +629,7 @@ impl Mesh {
 
     /// Lets a manual intent start its next stage (the dashboard's "step").
     pub(crate) fn approve(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         let view = self.with_machine(|step| step.approve(id))?;
         self.operator_ledger(actor, "approve", id);
         Ok(view)
@@ -518,6 +637,7 @@ impl Mesh {
 
     /// Switches an open intent between auto and manual.
     pub(crate) fn set_mode(&self, id: &str, mode: RolloutMode, actor: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         let view = self.with_machine(|step| step.set_mode(id, mode))?;
         let label = if mode == RolloutMode::Auto { "auto" } else { "manual" };
         self.operator_ledger(actor, &format!("mode {label}"), id);
@@ -526,6 +646,7 @@ impl Mesh {
 
     /// Rolls an intent back (or cancels it while queued).
     pub(crate) fn abort(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         let view = self.with_machine(|step| step.abort(id))?;
         self.operator_ledger(actor, "abort", id);
         Ok(view)
@@ -534,6 +655,7 @@ impl Mesh {
     /// Freeze: every rollout in progress is rolled back and none starts until it is lifted.
     /// Stored first (it outlives a restart): when the store refuses, nothing changes.
     pub(crate) fn freeze(&self, on: bool, actor: &str) -> Result<(), StoreError> {
+        self.require_leader()?;
         let _switch = self.switches.lock();
         self.store.put_state(FREEZE_STATE, if on { "true" } else { "false" })?;
         self.with_machine(|step| step.freeze(on));
@@ -543,6 +665,7 @@ impl Mesh {
 
     /// The kill switch (what it turns off: [`Step::set_bypass`]). Stored first, like the freeze.
     pub(crate) fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) -> Result<(), StoreError> {
+        self.require_leader()?;
         let _switch = self.switches.lock();
         let mut bypass = self.machine.lock().bypass.clone();
         let key = (namespace.to_string(), service.to_string());
@@ -652,7 +775,9 @@ pub(crate) async fn run_intents(mesh: Arc<Mesh>, shutdown: Shutdown) {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.cancelled() => return,
         }
-        mesh.step();
+        if mesh.leading() {
+            mesh.step();
+        }
     }
 }
 
@@ -664,7 +789,9 @@ pub(crate) async fn run_rotation(mesh: Arc<Mesh>, shutdown: Shutdown) {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.cancelled() => return,
         }
-        mesh.rotation_step();
+        if mesh.leading() {
+            mesh.rotation_step();
+        }
     }
 }
 

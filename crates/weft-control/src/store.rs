@@ -95,6 +95,9 @@ pub enum StoreError {
     /// This replica lost the leadership it held when it decided the write.
     #[error("this replica is no longer the leader ({0}); nothing was written")]
     Fenced(String),
+    /// A change asked of a follower replica: only the leader changes the mesh.
+    #[error("this replica is a follower and does not change the mesh: {0}")]
+    NotLeader(String),
 }
 
 /// What the control plane remembers of a join token it minted: enough to revoke it, count its

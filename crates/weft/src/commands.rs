@@ -145,6 +145,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reinit_store,
             store,
             store_prefix,
+            replica,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -160,6 +161,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reinit_store,
                 store,
                 store_prefix,
+                replica,
             };
             return control(cfg).await;
         }

@@ -127,6 +127,9 @@ pub enum Command {
         /// Every key this mesh keeps in etcd starts with it, so meshes can share one etcd.
         #[arg(long, default_value = "/weft", requires = "store")]
         store_prefix: String,
+        /// This replica's name among the replicas on one --store (default: its API address).
+        #[arg(long, requires = "store")]
+        replica: Option<String>,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),

@@ -2,8 +2,10 @@
 //! restart: real etcd members (Debian's etcd-server), real control-plane processes.
 
 use serde_json::Value;
+use std::time::{Duration, Instant};
 use weft_test::Control;
 use weft_test::etcd::EtcdCluster;
+use weft_test::eventually;
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -89,4 +91,109 @@ async fn a_control_plane_on_etcd_keeps_everything_across_a_restart_with_a_new_da
         ledger.contains("freeze on") && ledger.contains("bypass on"),
         "the audit ledger: {ledger}"
     );
+}
+
+const HOLD: &str = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: HOLD-1}\nspec:\n  title: held\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: orders}\n        spec: {service: orders, routes: [{timeout: 2s}]}\n  rollout: {stages: [100], bake: 1s, mode: manual}\n  slo: {minRequests: 1}\n";
+
+/// Starts `n` replicas on `store`, the first registering the admin token the others reuse.
+async fn replicas(store: &str, n: usize) -> Vec<Control> {
+    let first = Control::start_on_store(BIN, store, None, &[]).await;
+    let token = first.admin_token.clone();
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(Control::start_on_store(BIN, store, Some(&token), &[]).await);
+    }
+    all
+}
+
+/// The index of the one replica among `live` that leads, once every one of them agrees.
+async fn leader_of(replicas: &[Control], live: &[usize], within: Duration) -> usize {
+    eventually(within, "one leader every live replica agrees on", || async {
+        let mut leaders = Vec::new();
+        let mut names = Vec::new();
+        for &i in live {
+            let (status, body) = replicas[i].call_as("GET", "/api/v1/status", "", &replicas[i].admin_token).await;
+            if status != 200 {
+                return None;
+            }
+            let cp = &body["controlPlane"];
+            names.push(cp["leader"].as_str()?.to_string());
+            if cp["role"] == "leader" {
+                leaders.push(i);
+            }
+        }
+        names.dedup();
+        (leaders.len() == 1 && names.len() == 1).then(|| leaders[0])
+    })
+    .await
+}
+
+async fn phase(control: &Control, id: &str) -> Option<String> {
+    let (status, body) = control
+        .call_as("GET", &format!("/api/v1/intents/{id}"), "", &control.admin_token)
+        .await;
+    (status == 200).then(|| body["phase"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_elect_one_leader_and_another_takes_over_within_the_lease_when_it_is_killed() {
+    let etcd = EtcdCluster::start(3).await;
+    let mut all = replicas(&etcd.url(), 3).await;
+    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    let status = all[leader].get("/api/v1/status").await;
+    assert_eq!(
+        status["controlPlane"]["store"].as_str().unwrap(),
+        format!("{} (prefix /weft/)", etcd.url())
+    );
+    assert_eq!(status["controlPlane"]["version"], env!("CARGO_PKG_VERSION"));
+
+    // Only the leader changes the mesh; a follower says who does.
+    let (code, refused) = all[follower].post("/api/v1/intents", HOLD).await;
+    assert_eq!(code, 503, "{refused}");
+    let leader_name = status["controlPlane"]["replica"].as_str().unwrap();
+    assert!(
+        refused["error"].as_str().unwrap().contains(&format!(
+            "follower and does not change the mesh: send it to the leader, replica {leader_name}"
+        )),
+        "{refused}"
+    );
+    let (code, body) = all[leader].post("/api/v1/intents", HOLD).await;
+    assert_eq!(code, 201, "{body}");
+    // Followers see the leader's intent through their watch.
+    for i in 0..3 {
+        eventually(Duration::from_secs(10), "every replica shows the held intent", || async {
+            (phase(&all[i], "HOLD-1").await.as_deref() == Some("awaiting-approval")).then_some(())
+        })
+        .await;
+    }
+
+    // kill -9 the leader mid-rollout: another takes over within the lease's TTL.
+    all[leader].process.kill();
+    let killed = Instant::now();
+    let live: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let next = leader_of(&all, &live, Duration::from_secs(15)).await;
+    let failover = killed.elapsed();
+    eprintln!("leader failover: {failover:?} (lease TTL 3s)");
+    assert!(failover <= Duration::from_millis(3000 + 1500), "took {failover:?}");
+
+    // The intent continues on the new leader: approved there, it is promoted, and the other
+    // replica follows.
+    eventually(Duration::from_secs(10), "the new leader holds the intent for approval", || async {
+        (phase(&all[next], "HOLD-1").await.as_deref() == Some("awaiting-approval")).then_some(())
+    })
+    .await;
+    let (code, body) = all[next].post("/api/v1/intents/HOLD-1/approve", "").await;
+    assert_eq!(code, 200, "{body}");
+    let other = live.into_iter().find(|&i| i != next).unwrap();
+    eventually(Duration::from_secs(15), "promoted, on both live replicas", || async {
+        let (a, b) = (phase(&all[next], "HOLD-1").await, phase(&all[other], "HOLD-1").await);
+        (a.as_deref() == Some("promoted") && b.as_deref() == Some("promoted")).then_some(())
+    })
+    .await;
+    let revision = Control::revision_of(&all[next].get("/api/v1/status").await);
+    eventually(Duration::from_secs(10), "the follower's stable revision follows", || async {
+        (Control::revision_of(&all[other].get("/api/v1/status").await) == revision).then_some(())
+    })
+    .await;
 }
