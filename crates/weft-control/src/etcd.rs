@@ -5,6 +5,8 @@
 //! runtime: nothing here blocks one of its tasks on another of its tasks.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
@@ -34,9 +36,10 @@ pub enum EtcdError {
 
 /// One etcd cluster, reached through every member listed in `etcd://HOST:PORT[,HOST:PORT...]`.
 pub(crate) struct Etcd {
-    kv: pb::kv_client::KvClient<Channel>,
-    lease: pb::lease_client::LeaseClient<Channel>,
-    watch: pb::watch_client::WatchClient<Channel>,
+    /// One channel per member, in the order given.
+    members: Arc<Vec<Channel>>,
+    /// The member that answered last: tried first next time.
+    preferred: Arc<AtomicUsize>,
     /// The address as given, for messages.
     pub(crate) url: String,
     runtime: tokio::runtime::Handle,
@@ -78,7 +81,6 @@ impl Etcd {
             let endpoint = Endpoint::from_shared(format!("http://{member}"))
                 .map_err(|e| bad(&e.to_string()))?
                 .connect_timeout(Duration::from_secs(1))
-                .timeout(REQUEST_TIMEOUT)
                 .http2_keep_alive_interval(Duration::from_secs(1))
                 .keep_alive_timeout(Duration::from_secs(2));
             endpoints.push(endpoint);
@@ -93,29 +95,24 @@ impl Etcd {
                     .enable_all()
                     .build()
                     .expect("a runtime for etcd requests");
-                let channel = runtime.block_on(async { Channel::balance_list(endpoints.into_iter()) });
-                let _ = handle_tx.send((runtime.handle().clone(), channel));
+                let members: Vec<Channel> = runtime.block_on(async { endpoints.iter().map(|e| e.connect_lazy()).collect() });
+                let _ = handle_tx.send((runtime.handle().clone(), members));
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
             })
             .map_err(|e| bad(&format!("cannot start its thread: {e}")))?;
-        let (runtime, channel) = handle_rx.recv().map_err(|_| bad("its thread failed to start"))?;
+        let (runtime, members) = handle_rx.recv().map_err(|_| bad("its thread failed to start"))?;
         Ok(Self {
-            kv: pb::kv_client::KvClient::new(channel.clone()),
-            lease: pb::lease_client::LeaseClient::new(channel.clone()),
-            watch: pb::watch_client::WatchClient::new(channel),
+            members: Arc::new(members),
+            preferred: Arc::new(AtomicUsize::new(0)),
             url: url.to_string(),
             runtime,
             _stop: stop,
         })
     }
 
-    /// Runs `fut` on the client's runtime and waits for it, at most [`REQUEST_TIMEOUT`].
-    fn wait<T: Send + 'static>(&self, fut: impl Future<Output = Result<T, tonic::Status>> + Send + 'static) -> Result<T, EtcdError> {
-        self.wait_within(REQUEST_TIMEOUT, fut)
-    }
-
+    /// Runs `fut` on the client's runtime and waits for it, at most `within`.
     fn wait_within<T: Send + 'static>(
         &self,
         within: Duration,
@@ -136,6 +133,32 @@ impl Etcd {
         }
     }
 
+    /// Sends one request built by `request` to the member that answered last, and to the next
+    /// one whenever a member cannot be reached, waiting at most `within` in all.
+    fn call<T, F, Fut>(&self, within: Duration, request: F) -> Result<T, EtcdError>
+    where
+        T: Send + 'static,
+        F: Fn(Channel) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, tonic::Status>> + Send,
+    {
+        let (members, preferred) = (self.members.clone(), self.preferred.clone());
+        self.wait_within(within, async move {
+            let first = preferred.load(Ordering::Relaxed);
+            let mut unreachable = None;
+            for i in 0..members.len() {
+                let at = (first + i) % members.len();
+                match request(members[at].clone()).await {
+                    Err(status) if status.code() == tonic::Code::Unavailable => unreachable = Some(status),
+                    answered => {
+                        preferred.store(at, Ordering::Relaxed);
+                        return answered;
+                    }
+                }
+            }
+            Err(unreachable.unwrap_or_else(|| tonic::Status::unavailable("no member")))
+        })
+    }
+
     fn timeout(&self) -> EtcdError {
         EtcdError::Timeout { url: self.url.clone() }
     }
@@ -143,32 +166,36 @@ impl Etcd {
     /// The value at `key`. `serializable` reads answer from the member reached even when it has
     /// lost quorum (reads keep working then); the others are linearizable.
     pub(crate) fn get(&self, key: &str, serializable: bool) -> Result<Option<Kv>, EtcdError> {
-        let mut kv = self.kv.clone();
         let request = pb::RangeRequest {
             key: key.as_bytes().to_vec(),
             serializable,
             ..Default::default()
         };
-        let answer = self.wait(async move { kv.range(request).await })?.into_inner();
+        let answer = self.range(request)?;
         Ok(answer.kvs.into_iter().next().map(Kv::from))
+    }
+
+    fn range(&self, request: pb::RangeRequest) -> Result<pb::RangeResponse, EtcdError> {
+        self.call(REQUEST_TIMEOUT, move |channel| {
+            let request = request.clone();
+            async move { Ok(pb::kv_client::KvClient::new(channel).range(request).await?.into_inner()) }
+        })
     }
 
     /// etcd's current revision (where a watch that misses nothing starts).
     pub(crate) fn revision(&self) -> Result<i64, EtcdError> {
-        let mut kv = self.kv.clone();
         let request = pb::RangeRequest {
             key: vec![0],
             count_only: true,
             serializable: true,
             ..Default::default()
         };
-        let answer = self.wait(async move { kv.range(request).await })?.into_inner();
+        let answer = self.range(request)?;
         Ok(answer.header.map(|h| h.revision).unwrap_or(0))
     }
 
     /// Every key under `prefix`, in key order (reversed and cut to `limit` when `newest` is set).
     pub(crate) fn list(&self, prefix: &str, newest: Option<i64>) -> Result<Vec<Kv>, EtcdError> {
-        let mut kv = self.kv.clone();
         let mut request = pb::RangeRequest {
             key: prefix.as_bytes().to_vec(),
             range_end: prefix_end(prefix),
@@ -180,30 +207,33 @@ impl Etcd {
             request.sort_order = pb::range_request::SortOrder::Descend as i32;
             request.sort_target = pb::range_request::SortTarget::Key as i32;
         }
-        let answer = self.wait(async move { kv.range(request).await })?.into_inner();
+        let answer = self.range(request)?;
         Ok(answer.kvs.into_iter().map(Kv::from).collect())
     }
 
     /// Applies `then` when every compare holds; returns whether it did, and etcd's revision.
     pub(crate) fn txn(&self, compare: Vec<pb::Compare>, then: Vec<pb::RequestOp>) -> Result<(bool, i64), EtcdError> {
-        let mut kv = self.kv.clone();
         let request = pb::TxnRequest {
             compare,
             success: then,
             failure: Vec::new(),
         };
-        let answer = self.wait(async move { kv.txn(request).await })?.into_inner();
+        let answer = self.call(REQUEST_TIMEOUT, move |channel| {
+            let request = request.clone();
+            async move { Ok(pb::kv_client::KvClient::new(channel).txn(request).await?.into_inner()) }
+        })?;
         Ok((answer.succeeded, answer.header.map(|h| h.revision).unwrap_or(0)))
     }
 
     /// A lease that lapses `ttl` after its last keep-alive.
     pub(crate) fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
-        let mut lease = self.lease.clone();
         let request = pb::LeaseGrantRequest {
             ttl: ttl.as_secs() as i64,
             id: 0,
         };
-        let answer = self.wait(async move { lease.lease_grant(request).await })?.into_inner();
+        let answer = self.call(REQUEST_TIMEOUT, move |channel| async move {
+            Ok(pb::lease_client::LeaseClient::new(channel).lease_grant(request).await?.into_inner())
+        })?;
         if !answer.error.is_empty() {
             return Err(EtcdError::Status {
                 url: self.url.clone(),
@@ -214,18 +244,23 @@ impl Etcd {
     }
 
     pub(crate) fn revoke(&self, id: i64) -> Result<(), EtcdError> {
-        let mut lease = self.lease.clone();
-        self.wait(async move { lease.lease_revoke(pb::LeaseRevokeRequest { id }).await })?;
+        self.call(REQUEST_TIMEOUT, move |channel| async move {
+            pb::lease_client::LeaseClient::new(channel)
+                .lease_revoke(pb::LeaseRevokeRequest { id })
+                .await
+        })?;
         Ok(())
     }
 
     /// Renews lease `id` once, waiting at most `within`; returns its remaining TTL in seconds
     /// (0 or less: it is gone).
     pub(crate) fn keep_alive(&self, id: i64, within: Duration) -> Result<i64, EtcdError> {
-        let mut lease = self.lease.clone();
-        let answer = self.wait_within(within, async move {
+        let answer = self.call(within, move |channel| async move {
             let request = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
-            let mut answers = lease.lease_keep_alive(request).await?.into_inner();
+            let mut answers = pb::lease_client::LeaseClient::new(channel)
+                .lease_keep_alive(request)
+                .await?
+                .into_inner();
             answers
                 .message()
                 .await?
@@ -235,14 +270,17 @@ impl Etcd {
     }
 
     /// Streams the changes under `prefix` after etcd revision `after` into `changed` (one
-    /// message per batch of events, carrying the newest revision seen), reconnecting until
-    /// `changed` is closed. Runs on the client's runtime.
-    pub(crate) fn watch_prefix(&self, prefix: &str, after: i64, changed: tokio::sync::mpsc::Sender<i64>) {
-        let watch = self.watch.clone();
+    /// message per batch of events), reconnecting from the last revision seen until `changed`
+    /// is closed. Runs on the client's runtime.
+    pub(crate) fn watch_prefix(&self, prefix: &str, after: i64, changed: tokio::sync::mpsc::Sender<Vec<Change>>) {
+        let members = self.members.clone();
         let prefix = prefix.to_string();
         self.runtime.spawn(async move {
             let mut seen = after;
+            // Each try goes to the next member: one that is down is left at once.
+            let mut member = 0;
             while !changed.is_closed() {
+                member = (member + 1) % members.len();
                 let request = pb::WatchRequest {
                     request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
                         key: prefix.as_bytes().to_vec(),
@@ -254,14 +292,22 @@ impl Etcd {
                 // The request stream stays open (ending it would end the watch).
                 let (keep, held) = tokio::sync::mpsc::channel(1);
                 keep.send(request).await.expect("the receiver is held");
-                let mut client = watch.clone();
+                let mut client = pb::watch_client::WatchClient::new(members[member].clone());
                 match client.watch(tokio_stream::wrappers::ReceiverStream::new(held)).await {
                     Ok(answers) => {
                         let mut answers = answers.into_inner();
                         while let Ok(Some(answer)) = answers.message().await {
-                            if let Some(newest) = answer.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max() {
+                            let batch: Vec<Change> = answer
+                                .events
+                                .into_iter()
+                                .filter_map(|e| {
+                                    let deleted = e.r#type == pb::event::EventType::Delete as i32;
+                                    e.kv.map(|kv| Change { kv: kv.into(), deleted })
+                                })
+                                .collect();
+                            if let Some(newest) = batch.iter().map(|c| c.kv.mod_revision).max() {
                                 seen = seen.max(newest);
-                                if changed.send(seen).await.is_err() {
+                                if changed.send(batch).await.is_err() {
                                     return;
                                 }
                             }
@@ -277,6 +323,13 @@ impl Etcd {
             }
         });
     }
+}
+
+/// One event of a watch.
+#[derive(Clone, Debug)]
+pub(crate) struct Change {
+    pub(crate) kv: Kv,
+    pub(crate) deleted: bool,
 }
 
 impl From<pb::KeyValue> for Kv {

@@ -53,6 +53,12 @@ pub(crate) async fn run(mesh: Arc<Mesh>, shutdown: Shutdown) {
     }
     let mut standing = Standing::Following;
     loop {
+        let m = mesh.clone();
+        // etcd calls block (up to the request timeout without quorum): off the async workers.
+        standing = match tokio::task::spawn_blocking(move || round(&m, standing)).await {
+            Ok(next) => next,
+            Err(_) => Standing::Following,
+        };
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.cancelled() => {
@@ -64,16 +70,11 @@ pub(crate) async fn run(mesh: Arc<Mesh>, shutdown: Shutdown) {
                 return;
             }
         }
-        let m = mesh.clone();
-        // etcd calls block (up to the request timeout without quorum): off the async workers.
-        standing = match tokio::task::spawn_blocking(move || round(&m, standing)).await {
-            Ok(next) => next,
-            Err(_) => Standing::Following,
-        };
     }
 }
 
-/// Keeps the watch that reloads a follower's machine after each change to the store.
+/// Watches the store: other replicas' proxies and telemetry go to [`crate::peers`]; any other
+/// change reloads a follower's machine.
 pub(crate) async fn follow_store(mesh: Arc<Mesh>, shutdown: Shutdown) {
     let Store::Etcd(store) = &*mesh.store else {
         return;
@@ -82,15 +83,32 @@ pub(crate) async fn follow_store(mesh: Arc<Mesh>, shutdown: Shutdown) {
     let from = store.etcd.revision().unwrap_or(0);
     store.etcd.watch_prefix(&store.prefix, from, tx);
     // Whatever changed between loading the machine and starting the watch.
+    let m = mesh.clone();
+    if let Ok(Err(error)) = tokio::task::spawn_blocking(move || crate::peers::load(&m)).await {
+        tracing::warn!(%error, "cannot read the other replicas' proxies; the watch brings them");
+    }
     reload(&mesh).await;
     loop {
-        tokio::select! {
-            changed = changes.recv() => if changed.is_none() { return },
+        let first = tokio::select! {
+            batch = changes.recv() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
             _ = shutdown.cancelled() => return,
+        };
+        let mut batch = first;
+        while let Ok(more) = changes.try_recv() {
+            batch.extend(more);
         }
-        // One reload for a burst of changes.
-        while changes.try_recv().is_ok() {}
-        reload(&mesh).await;
+        let mut stale = false;
+        for change in &batch {
+            if !crate::peers::receive(&mesh, &store.prefix, change) && !change.kv.key.starts_with(&store.key("ledger/")) {
+                stale = true;
+            }
+        }
+        if stale {
+            reload(&mesh).await;
+        }
     }
 }
 

@@ -17,6 +17,7 @@ mod intents;
 mod leader;
 mod mesh;
 mod metrics;
+mod peers;
 mod plan;
 mod registry;
 pub mod rollout;
@@ -189,6 +190,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     tasks.spawn(mesh::run_rotation(mesh.clone(), shutdown.clone()));
     tasks.spawn(leader::run(mesh.clone(), shutdown.clone()));
     tasks.spawn(leader::follow_store(mesh.clone(), shutdown.clone()));
+    tasks.spawn(peers::publish(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     tasks.spawn(history.clone().run(mesh.clone(), shutdown.clone()));
     tasks.spawn(serving::maintain(

@@ -12,8 +12,9 @@ use crate::ca::{Ca, CaError, Rotation};
 use crate::clock::Clock;
 use crate::intents::{BYPASS_STATE, Blocker, ChangeError, Event, FREEZE_STATE, IntentRecord, LoopView, Machine, Step, Submitted};
 use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
+use crate::peers::ForwardedReport;
 use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
-use crate::registry::{ProxyView, Registry};
+use crate::registry::{PeerProxy, ProxyView, Registry};
 use crate::rollout::Phase;
 use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, check_report, round2};
 use crate::store::{Revision, Store, StoreError};
@@ -54,6 +55,8 @@ pub(crate) struct Mesh {
     signals: Mutex<Signals>,
     /// The mesh at the newest change generation that some stream has planned from.
     snapshot: Mutex<Arc<Snapshot>>,
+    /// Telemetry reports a follower has yet to forward to the leader ([`crate::peers`]).
+    outbox: Mutex<Vec<ForwardedReport>>,
     /// Serializes the operator switches (freeze, bypass) from their store write to the machine.
     switches: Mutex<()>,
     /// Held from the moment a change to an intent is decided until its record is written, so
@@ -154,6 +157,7 @@ impl Mesh {
             registry: Mutex::default(),
             signals: Mutex::default(),
             snapshot: Mutex::new(Arc::new(Snapshot::none())),
+            outbox: Mutex::default(),
             switches: Mutex::new(()),
             writes: Mutex::new(()),
             changed: watch::channel(0).0,
@@ -330,6 +334,11 @@ impl Mesh {
             })
         };
         let reporting = from.is_some();
+        // A follower forwards what its proxies report to the leader, which judges on it.
+        if let Some(f) = from.as_ref().filter(|_| matches!(*self.store, Store::Etcd(_)) && !self.leading()) {
+            let forwarded = ForwardedReport::new(f.workload.clone(), f.namespace.clone(), f.service.clone(), report.stats.clone());
+            self.outbox.lock().push(forwarded);
+        }
         self.signals.lock().record(from, report.stats, self.clock.now());
         if reporting {
             self.wake.notify_one();
@@ -484,6 +493,42 @@ impl Mesh {
         }
         self.bump();
         Ok(())
+    }
+
+    // --- the other replicas ---
+
+    /// The proxies connected to this replica, to publish to the others.
+    pub(crate) fn local_proxies(&self) -> Vec<PeerProxy> {
+        self.registry.lock().local()
+    }
+
+    /// What replica `peer` published of its proxies; every stream replans.
+    pub(crate) fn set_peer(&self, peer: &str, proxies: Vec<PeerProxy>) {
+        self.registry.lock().set_peer(peer, proxies);
+        self.bump();
+        self.wake.notify_one();
+    }
+
+    /// Telemetry reports received since the last call, for the leader (a follower's own).
+    pub(crate) fn take_outbox(&self) -> Vec<ForwardedReport> {
+        std::mem::take(&mut *self.outbox.lock())
+    }
+
+    /// Reports another replica forwarded: filed as if their proxies were connected here.
+    pub(crate) fn peer_telemetry(&self, reports: Vec<ForwardedReport>) {
+        let now = self.clock.now();
+        let mut signals = self.signals.lock();
+        for r in reports {
+            let stats = r.stats();
+            let from = Reporter {
+                workload: r.workload,
+                namespace: r.namespace,
+                service: r.service,
+            };
+            signals.record(Some(from), stats, now);
+        }
+        drop(signals);
+        self.wake.notify_one();
     }
 
     // --- the intent machine ---

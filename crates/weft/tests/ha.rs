@@ -3,9 +3,11 @@
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use weft_test::Control;
+use weft_test::apps::EchoServer;
 use weft_test::etcd::EtcdCluster;
 use weft_test::eventually;
+use weft_test::http::Client;
+use weft_test::{Control, ProxyHandle, free_addr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -62,6 +64,7 @@ async fn freeze_and_bypass_survive_a_restart_of_the_embedded_store() {
 async fn a_control_plane_on_etcd_keeps_everything_across_a_restart_with_a_new_data_dir() {
     let etcd = EtcdCluster::start(1).await;
     let first = Control::start_on_store(BIN, &etcd.url(), None, &[]).await;
+    leader_of(std::slice::from_ref(&first), &[0], Duration::from_secs(10)).await;
     let revision = change_everything(&first).await;
     let viewer = first.api_token("ci", "viewer").await;
     let join = first.token("default/orders", "orders").await;
@@ -74,6 +77,8 @@ async fn a_control_plane_on_etcd_keeps_everything_across_a_restart_with_a_new_da
     // A fresh data directory holds nothing of the mesh: all of it comes back from etcd.
     let second = Control::start_on_store(BIN, &etcd.url(), Some(&admin), &[]).await;
     assert_kept(&second, revision).await;
+    // It leads once the killed replica's lease has lapsed.
+    leader_of(std::slice::from_ref(&second), &[0], Duration::from_secs(10)).await;
     assert_eq!(second.ca_pem(), ca, "the same root CA");
     let (status, _) = second.call_as("GET", "/api/v1/status", "", &viewer).await;
     assert_eq!(status, 200, "the API token created before the restart still works");
@@ -196,4 +201,78 @@ async fn replicas_elect_one_leader_and_another_takes_over_within_the_lease_when_
         (Control::revision_of(&all[other].get("/api/v1/status").await) == revision).then_some(())
     })
     .await;
+}
+
+/// One call through `caller`'s outbound listener to `service`: its status.
+async fn call_via(caller: &ProxyHandle, service: &str) -> u16 {
+    let request = hyper::Request::get(format!("http://{}/", caller.outbound))
+        .header("host", service)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    match Client::new().send(request).await {
+        Ok(reply) => reply.status,
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_quorum_writes_get_503_with_the_reason_and_traffic_and_reads_go_on() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let follower = 1 - leader;
+    let echo = EchoServer::start("orders").await;
+    let _orders = ProxyHandle::start(BIN, &all[follower], "default/orders", "cluster-a", &[], echo.addr).await;
+    let caller = ProxyHandle::start(BIN, &all[leader], "default/web", "cluster-a", &[], free_addr()).await;
+    eventually(Duration::from_secs(15), "web reaches orders", || async {
+        (call_via(&caller, "orders").await == 200).then_some(())
+    })
+    .await;
+
+    // One member down: no effect.
+    etcd.stop(2);
+    let (code, body) = all[leader].post("/api/v1/freeze", r#"{"enabled": true}"#).await;
+    assert_eq!(code, 200, "one of three members down changes nothing: {body}");
+
+    // Two down: no quorum. Writes are refused with a reason; reads and traffic go on.
+    etcd.stop(1);
+    let refused = eventually(Duration::from_secs(20), "a write refused for want of quorum", || async {
+        let (code, body) = all[leader].post("/api/v1/freeze", r#"{"enabled": false}"#).await;
+        (code != 200).then_some((code, body))
+    })
+    .await;
+    assert_eq!(refused.0, 503, "{}", refused.1);
+    let reason = refused.1["error"].as_str().unwrap().to_string();
+    assert!(reason.contains("quorum"), "the reason names the missing quorum: {reason}");
+    let mut failed = 0;
+    for i in 0..2 {
+        let (code, body) = all[i].call_as("GET", "/api/v1/status", "", &all[i].admin_token).await;
+        assert_eq!(code, 200, "reads go on: {body}");
+        assert_eq!(body["loop"]["frozen"], true, "from what the replica has: {body}");
+    }
+    for _ in 0..50 {
+        if call_via(&caller, "orders").await != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "traffic is unharmed without quorum");
+
+    // Quorum back: writes resume without restarting anything.
+    etcd.resume(1);
+    etcd.resume(2);
+    let resumed = Instant::now();
+    eventually(Duration::from_secs(30), "writes accepted again", || async {
+        let leader = leader_of(&all, &[0, 1], Duration::from_secs(30)).await;
+        let (code, _) = all[leader].post("/api/v1/freeze", r#"{"enabled": false}"#).await;
+        (code == 200).then_some(())
+    })
+    .await;
+    eprintln!("writes resumed {:?} after quorum returned", resumed.elapsed());
+    for i in 0..2 {
+        eventually(Duration::from_secs(10), "every replica sees the freeze lifted", || async {
+            (all[i].get("/api/v1/status").await["loop"]["frozen"] == false).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(call_via(&caller, "orders").await, 200);
 }
