@@ -359,7 +359,7 @@ impl Proxy {
                 "advertise": self.advertise,
             },
             "control": self.control.as_ref().map(|l| serde_json::json!({
-                "url": l.url, "tls": l.tls(), "pinnedCa": l.pinned(), "trustsBundle": l.trusts_bundle(),
+                "url": l.url, "current": l.current_url(), "tls": l.tls(), "pinnedCa": l.pinned(), "trustsBundle": l.trusts_bundle(),
             })),
             "trustHeaders": {
                 "stripped": crate::forward::IDENTITY_HEADERS,

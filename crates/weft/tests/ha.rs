@@ -276,3 +276,68 @@ async fn without_etcd_quorum_writes_get_503_with_the_reason_and_traffic_and_read
     }
     assert_eq!(call_via(&caller, "orders").await, 200);
 }
+
+/// The control URL `proxy` uses now.
+async fn connected_to(proxy: &ProxyHandle) -> String {
+    proxy.config_dump().await["control"]["current"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_whose_replica_dies_moves_to_another_and_misses_no_change() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let urls = format!("{},{}", all[0].grpc_url(), all[1].grpc_url());
+    let echo = EchoServer::start("orders").await;
+    let token = all[0].token("default/orders", "orders").await;
+    let _orders = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
+    let token = all[1].token("default/web", "web").await;
+    let web = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/web", "cluster-a", &[], free_addr()).await;
+    eventually(Duration::from_secs(15), "web reaches orders", || async {
+        (call_via(&web, "orders").await == 200).then_some(())
+    })
+    .await;
+
+    // Kill the replica web's stream is on; calls go on meanwhile.
+    let before = connected_to(&web).await;
+    assert!(
+        before == all[0].grpc_url() || before == all[1].grpc_url(),
+        "web reports the replica it uses: {before:?}"
+    );
+    let dead = if before == all[0].grpc_url() { 0 } else { 1 };
+    let survivor = 1 - dead;
+    let mut all = all;
+    all[dead].process.kill();
+    let killed = Instant::now();
+    let mut failed = 0;
+    let mut calls = 0;
+    let moved = loop {
+        calls += 1;
+        if call_via(&web, "orders").await != 200 {
+            failed += 1;
+        }
+        if connected_to(&web).await == all[survivor].grpc_url() {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "web never moved to the surviving replica"
+        );
+    };
+    eprintln!("proxy moved to the surviving replica after {moved:?}; {failed} of {calls} calls failed meanwhile");
+    assert_eq!(failed, 0, "last-known-good config serves every call");
+
+    // A change made on the survivor (leading once the dead one's lease lapsed) reaches web.
+    leader_of(&all, &[survivor], Duration::from_secs(10)).await;
+    let (code, applied) = all[survivor].post("/api/v1/resources", POLICY).await;
+    assert_eq!(code, 200, "{applied}");
+    let revision = applied["revision"].as_u64().unwrap();
+    eventually(Duration::from_secs(10), "web runs the change made after the failover", || async {
+        (web.config_dump().await["config"]["revision"].as_u64() >= Some(revision)).then_some(())
+    })
+    .await;
+    assert_eq!(call_via(&web, "orders").await, 200);
+}
