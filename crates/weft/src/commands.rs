@@ -123,9 +123,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api: addr,
             data_dir,
             rps,
+            ha,
         } => {
             return crate::up::run(crate::up::Options {
                 traffic: !no_traffic,
+                ha,
                 api: addr,
                 data_dir,
                 rps,

@@ -62,6 +62,10 @@ pub enum Command {
         /// Requests per second the traffic generator sends to mobile-gateway.
         #[arg(long, default_value_t = 20)]
         rps: u32,
+        /// A highly available control plane: a three-member etcd and three replicas on
+        /// loopback (the first on --api), proxies given all three; needs Debian's etcd-server.
+        #[arg(long)]
+        ha: bool,
     },
     /// Store a control plane's address (`--server`), its CA and an API token (`--token-file`:
     /// the first admin's `admin.token`, or one from `weft admin token create`) for this user's

@@ -341,3 +341,62 @@ async fn a_proxy_whose_replica_dies_moves_to_another_and_misses_no_change() {
     .await;
     assert_eq!(call_via(&web, "orders").await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_up_ha_runs_three_etcd_members_and_three_replicas_that_all_see_every_proxy() {
+    let api = free_addr();
+    let data_dir = std::env::temp_dir().join(format!("weft-up-ha-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let config = std::env::temp_dir().join(format!("weft-up-ha-cli-{}.json", std::process::id()));
+    let mut up = weft_test::Process::spawn_env(
+        BIN,
+        "weft-up-ha",
+        &[
+            "up",
+            "--ha",
+            "--no-traffic",
+            "--api",
+            &api.to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+        ]
+        .map(String::from),
+        &[("WEFT_CONFIG", config.to_str().unwrap())],
+    );
+    let apis: Vec<String> = eventually(Duration::from_secs(60), "weft up --ha lists its three replicas", || async {
+        let log = up.log_text();
+        let apis: Vec<String> = log
+            .lines()
+            .filter(|l| l.trim_start().starts_with("replica r"))
+            .filter_map(|l| l.split("API ").nth(1)?.split_whitespace().next().map(String::from))
+            .collect();
+        (log.contains("weft demo mesh is up") && apis.len() == 3).then_some(apis)
+    })
+    .await;
+    let token = std::fs::read_to_string(data_dir.join("control/admin.token")).unwrap();
+    let http = Client::trusting(&std::fs::read_to_string(data_dir.join("control/ca.pem")).unwrap());
+    let mut roles = Vec::new();
+    for api in &apis {
+        let status = eventually(Duration::from_secs(15), "the replica sees all eight proxies", || async {
+            let request = hyper::Request::get(format!("{api}/api/v1/status"))
+                .header("authorization", format!("Bearer {}", token.trim()))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let status = http.send(request).await.ok()?.json();
+            let proxies: u64 = status["services"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s["proxies"]["total"].as_u64())
+                .sum();
+            (proxies == 8).then_some(status)
+        })
+        .await;
+        assert_eq!(status["controlPlane"]["leader"], "r0", "{status}");
+        roles.push(status["controlPlane"]["role"].as_str().unwrap().to_string());
+    }
+    assert_eq!(roles, ["leader", "follower", "follower"]);
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(up.wait(Duration::from_secs(15)), Some(0), "{}", up.log_text());
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_file(&config);
+}
