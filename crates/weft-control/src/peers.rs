@@ -79,10 +79,7 @@ pub(crate) async fn publish(mesh: Arc<Mesh>, shutdown: Shutdown) {
             _ = shutdown.cancelled() => return,
         }
         let m = mesh.clone();
-        state = match tokio::task::spawn_blocking(move || round(&m, state)).await {
-            Ok(next) => next,
-            Err(_) => Published::default(),
-        };
+        state = tokio::task::spawn_blocking(move || round(&m, state)).await.unwrap_or_default();
     }
 }
 

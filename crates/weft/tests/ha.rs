@@ -166,9 +166,9 @@ async fn replicas_elect_one_leader_and_another_takes_over_within_the_lease_when_
     let (code, body) = all[leader].post("/api/v1/intents", HOLD).await;
     assert_eq!(code, 201, "{body}");
     // Followers see the leader's intent through their watch.
-    for i in 0..3 {
+    for replica in &all {
         eventually(Duration::from_secs(10), "every replica shows the held intent", || async {
-            (phase(&all[i], "HOLD-1").await.as_deref() == Some("awaiting-approval")).then_some(())
+            (phase(replica, "HOLD-1").await.as_deref() == Some("awaiting-approval")).then_some(())
         })
         .await;
     }
@@ -245,8 +245,8 @@ async fn without_etcd_quorum_writes_get_503_with_the_reason_and_traffic_and_read
     let reason = refused.1["error"].as_str().unwrap().to_string();
     assert!(reason.contains("quorum"), "the reason names the missing quorum: {reason}");
     let mut failed = 0;
-    for i in 0..2 {
-        let (code, body) = all[i].call_as("GET", "/api/v1/status", "", &all[i].admin_token).await;
+    for replica in &all {
+        let (code, body) = replica.call_as("GET", "/api/v1/status", "", &replica.admin_token).await;
         assert_eq!(code, 200, "reads go on: {body}");
         assert_eq!(body["loop"]["frozen"], true, "from what the replica has: {body}");
     }
@@ -268,9 +268,9 @@ async fn without_etcd_quorum_writes_get_503_with_the_reason_and_traffic_and_read
     })
     .await;
     eprintln!("writes resumed {:?} after quorum returned", resumed.elapsed());
-    for i in 0..2 {
+    for replica in &all {
         eventually(Duration::from_secs(10), "every replica sees the freeze lifted", || async {
-            (all[i].get("/api/v1/status").await["loop"]["frozen"] == false).then_some(())
+            (replica.get("/api/v1/status").await["loop"]["frozen"] == false).then_some(())
         })
         .await;
     }
