@@ -28,6 +28,8 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum EtcdError {
     #[error("etcd at {url} did not answer within {REQUEST_TIMEOUT:?} (no quorum, or no member reachable)")]
     Timeout { url: String },
+    #[error("etcd at {url}: no member answered (no quorum, or none reachable): {last}")]
+    Unreachable { url: String, last: String },
     #[error("etcd at {url}: {message}")]
     Status { url: String, message: String },
     #[error("bad store address {url:?}: {message}")]
@@ -125,6 +127,11 @@ impl Etcd {
         match rx.recv() {
             Ok(Ok(Ok(answer))) => Ok(answer),
             Ok(Ok(Err(status))) if status.code() == tonic::Code::DeadlineExceeded => Err(self.timeout()),
+            // `call` asks the next member on these: here every member failed so.
+            Ok(Ok(Err(status))) if status.code() == tonic::Code::Unavailable => Err(EtcdError::Unreachable {
+                url: self.url.clone(),
+                last: status.message().to_string(),
+            }),
             Ok(Ok(Err(status))) => Err(EtcdError::Status {
                 url: self.url.clone(),
                 message: status.message().to_string(),
@@ -142,20 +149,25 @@ impl Etcd {
         Fut: Future<Output = Result<T, tonic::Status>> + Send,
     {
         let (members, preferred) = (self.members.clone(), self.preferred.clone());
+        // A member that neither answers nor refuses (killed mid-connection, cut off) gets its
+        // share of the time, then the next one is asked.
+        let each = within / members.len() as u32;
         self.wait_within(within, async move {
             let first = preferred.load(Ordering::Relaxed);
             let mut unreachable = None;
             for i in 0..members.len() {
                 let at = (first + i) % members.len();
-                match request(members[at].clone()).await {
-                    Err(status) if status.code() == tonic::Code::Unavailable => unreachable = Some(status),
-                    answered => {
+                match tokio::time::timeout(each, request(members[at].clone())).await {
+                    Err(_) => unreachable = Some(tonic::Status::deadline_exceeded("no answer")),
+                    Ok(Err(status)) if status.code() == tonic::Code::Unavailable => unreachable = Some(status),
+                    Ok(answered) => {
                         preferred.store(at, Ordering::Relaxed);
                         return answered;
                     }
                 }
             }
-            Err(unreachable.unwrap_or_else(|| tonic::Status::unavailable("no member")))
+            let last = unreachable.map(|s| s.message().to_string()).unwrap_or_default();
+            Err(tonic::Status::unavailable(last))
         })
     }
 
