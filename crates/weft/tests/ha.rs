@@ -400,3 +400,92 @@ async fn weft_up_ha_runs_three_etcd_members_and_three_replicas_that_all_see_ever
     let _ = std::fs::remove_dir_all(&data_dir);
     let _ = std::fs::remove_file(&config);
 }
+
+const ROLLOUT: &str = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: ROLL-1}\nspec:\n  title: staged\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: orders}\n        spec: {service: orders, routes: [{timeout: 3s}]}\n  rollout: {stages: [50, 100], bake: 60s}\n  slo: {minRequests: 100000}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_request_fails() {
+    let etcd = EtcdCluster::start(3).await;
+    let mut all = replicas(&etcd.url(), 3).await;
+    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+    let urls: Vec<String> = all.iter().map(Control::grpc_url).collect();
+    let urls = urls.join(",");
+    let echo = EchoServer::start("orders").await;
+    let token = all[0].token("default/orders", "orders").await;
+    let _orders = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
+    let mut callers = Vec::new();
+    for name in ["web-a", "web-b"] {
+        let token = all[0].token(&format!("default/{name}"), name).await;
+        callers.push(ProxyHandle::start_url(BIN, &urls, Some(&token), &format!("default/{name}"), "cluster-a", &[], free_addr()).await);
+    }
+    for caller in &callers {
+        eventually(Duration::from_secs(15), "the callers reach orders", || async {
+            (call_via(caller, "orders").await == 200).then_some(())
+        })
+        .await;
+    }
+    let stable = Control::revision_of(&all[leader].get("/api/v1/status").await);
+
+    // Traffic from both callers from now to the end.
+    let callers = std::sync::Arc::new(callers);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let (callers, stop) = (callers.clone(), stop.clone());
+        async move {
+            let (mut sent, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for caller in callers.iter() {
+                    sent += 1;
+                    if call_via(caller, "orders").await != 200 {
+                        failed += 1;
+                    }
+                }
+            }
+            (sent, failed)
+        }
+    });
+
+    let (code, body) = all[leader].post("/api/v1/intents", ROLLOUT).await;
+    assert_eq!(code, 201, "{body}");
+    let treated = eventually(Duration::from_secs(20), "the first stage runs on a caller", || async {
+        let (status, intent) = all[leader]
+            .call_as("GET", "/api/v1/intents/ROLL-1", "", &all[leader].admin_token)
+            .await;
+        let treated = intent["treated"].as_array()?.clone();
+        // Stages count from 0: the first one, on at least one caller.
+        (status == 200 && intent["stage"] == 0 && !treated.is_empty()).then_some(treated)
+    })
+    .await;
+    let treated = treated[0].as_str().unwrap().to_string();
+    let candidate = callers.iter().find(|c| c.workload == treated).expect("a caller is treated");
+    eventually(Duration::from_secs(10), "the treated caller runs the candidate", || async {
+        (candidate.config_dump().await["config"]["revision"].as_u64() > Some(stable)).then_some(())
+    })
+    .await;
+
+    all[leader].process.kill();
+    let killed = Instant::now();
+    let live: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let next = leader_of(&all, &live, Duration::from_secs(15)).await;
+    eprintln!("new leader after {:?}", killed.elapsed());
+    let intent = eventually(Duration::from_secs(10), "the new leader rolled the intent back", || async {
+        let (_, intent) = all[next].call_as("GET", "/api/v1/intents/ROLL-1", "", &all[next].admin_token).await;
+        (intent["phase"] == "rolled-back").then_some(intent)
+    })
+    .await;
+    assert!(intent.to_string().contains("restarted mid-rollout"), "{intent}");
+    eventually(Duration::from_secs(15), "every caller is back on the stable revision", || async {
+        for caller in callers.iter() {
+            if caller.config_dump().await["config"]["revision"].as_u64() != Some(stable) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = traffic.await.unwrap();
+    eprintln!("{sent} calls during the rollout, the kill and the rollback; {failed} failed");
+    assert!(sent > 20, "{sent}");
+    assert_eq!(failed, 0, "not one request fails");
+}
