@@ -73,8 +73,8 @@ pub(crate) async fn run(mesh: Arc<Mesh>, shutdown: Shutdown) {
     }
 }
 
-/// Watches the store: other replicas' proxies and telemetry go to [`crate::peers`]; any other
-/// change reloads a follower's machine.
+/// Watches the store: other replicas' proxies and telemetry go to [`crate::peers`], API token
+/// changes to the API's cache; any other change reloads a follower's machine.
 pub(crate) async fn follow_store(mesh: Arc<Mesh>, shutdown: Shutdown) {
     let Store::Etcd(store) = &*mesh.store else {
         return;
@@ -102,7 +102,10 @@ pub(crate) async fn follow_store(mesh: Arc<Mesh>, shutdown: Shutdown) {
         }
         let mut stale = false;
         for change in &batch {
-            if !crate::peers::receive(&mesh, &store.prefix, change) && !change.kv.key.starts_with(&store.key("ledger/")) {
+            let key = &change.kv.key;
+            if key.starts_with(&store.key("api_tokens/")) {
+                mesh.tokens_changed.notify_one();
+            } else if !crate::peers::receive(&mesh, &store.prefix, change) && !key.starts_with(&store.key("ledger/")) {
                 stale = true;
             }
         }

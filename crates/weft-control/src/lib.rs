@@ -119,6 +119,21 @@ fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
     Ok(store)
 }
 
+/// Reads the API tokens again whenever another replica changed them (a token revoked there is
+/// refused here at once).
+async fn reload_tokens(mesh: Arc<mesh::Mesh>, auth: Arc<auth::Auth>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = mesh.tokens_changed.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let auth = auth.clone();
+        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || auth.reload()).await {
+            tracing::warn!(%error, "cannot read the API tokens again; keeping the ones held");
+        }
+    }
+}
+
 /// Opens the store, binds both listeners and serves until `shutdown`.
 pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tokio::task::JoinHandle<()>), StartError> {
     let store = Arc::new(open_store(&cfg)?);
@@ -199,11 +214,13 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         cfg.data_dir.clone(),
         shutdown.clone(),
     ));
+    let auth = Arc::new(auth);
+    tasks.spawn(reload_tokens(mesh.clone(), auth.clone(), shutdown.clone()));
     let router = api::router(api::Api {
         mesh: mesh.clone(),
         registry: Arc::new(registry),
         history,
-        auth: Arc::new(auth),
+        auth,
     });
     let api_listener = serving::ApiListener {
         rx: serving::accept(

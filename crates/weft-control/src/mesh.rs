@@ -65,6 +65,8 @@ pub(crate) struct Mesh {
     changed: watch::Sender<u64>,
     /// Wakes the intent loop (submissions, ACKs, NACKs, operator actions).
     wake: Notify,
+    /// Another replica created or revoked an API token: the API reads them again.
+    pub(crate) tokens_changed: Notify,
     /// Server-sent events for the dashboard: one JSON object per change.
     events: broadcast::Sender<String>,
 }
@@ -162,6 +164,7 @@ impl Mesh {
             writes: Mutex::new(()),
             changed: watch::channel(0).0,
             wake: Notify::new(),
+            tokens_changed: Notify::new(),
             events: broadcast::channel(256).0,
         })
     }

@@ -489,3 +489,31 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
     assert!(sent > 20, "{sent}");
     assert_eq!(failed, 0, "not one request fails");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_token_made_on_one_replica_works_on_the_others_and_its_revocation_too() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let viewer = all[0].api_token("ci", "viewer").await;
+    let status_with = |replica: &Control, token: String| {
+        let replica = replica.url("/api/v1/status");
+        let client = all[1].client();
+        async move {
+            let request = hyper::Request::get(replica)
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            client.send(request).await.unwrap().status
+        }
+    };
+    eventually(Duration::from_secs(5), "the other replica accepts the new token", || async {
+        (status_with(&all[1], viewer.clone()).await == 200).then_some(())
+    })
+    .await;
+    let (code, body) = all[1].call_as("DELETE", "/api/v1/admin/tokens/ci", "", &all[1].admin_token).await;
+    assert!(code < 300, "{code} {body}");
+    eventually(Duration::from_secs(5), "the first replica refuses the revoked token", || async {
+        (status_with(&all[0], viewer.clone()).await == 401).then_some(())
+    })
+    .await;
+}
