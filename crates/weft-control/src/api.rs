@@ -630,6 +630,7 @@ async fn ca_info(State(api): State<Api>) -> Json<serde_json::Value> {
 async fn rotate_root(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiError> {
     api.mesh.rotate_root().map_err(|e| match e {
         crate::ca::CaError::Busy(why) => ApiError(StatusCode::CONFLICT, why, vec![]),
+        crate::ca::CaError::Store(e) => store_error(e),
         other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string(), vec![]),
     })?;
     Ok(Json(json!(api.mesh.ca.view())))

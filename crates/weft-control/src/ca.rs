@@ -176,18 +176,6 @@ impl Ca {
                 (cert, key)
             }
         };
-        let (issuer, root_not_after) = signer(&root_pem, &key_pem)?;
-        let bundle_pem = store.secret("bundle")?.unwrap_or_else(|| root_pem.clone());
-        let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
-        let next = match (store.secret("next_cert")?, store.secret("next_key")?) {
-            (Some(c), Some(k)) => Some((c, k)),
-            _ => None,
-        };
-        let rotation = match store.secret("rotation")?.as_deref() {
-            Some("distributing") if next.is_some() => Rotation::Distributing,
-            Some("reissuing") => Rotation::Reissuing,
-            _ => Rotation::Idle,
-        };
         let token_secret = match store.secret("token_key")? {
             Some(k) => URL_SAFE_NO_PAD.decode(k).map_err(internal)?,
             None => {
@@ -197,17 +185,7 @@ impl Ca {
                 URL_SAFE_NO_PAD.decode(stored).map_err(internal)?
             }
         };
-        let roots = Roots {
-            issuer,
-            root_fingerprint: fingerprint_of(&root_pem)?,
-            root_pem,
-            root_not_after,
-            bundle_pem,
-            bundle_epoch: number("bundle_epoch")?,
-            generation: number("generation")?,
-            rotation,
-            next,
-        };
+        let roots = read_roots(store, root_pem, key_pem)?;
         Ok(Self {
             trust_domain: trust_domain.to_string(),
             leaf_ttl,
@@ -215,6 +193,24 @@ impl Ca {
             token_key: hmac::Key::new(hmac::HMAC_SHA256, &token_secret),
             clock: Clock::default(),
         })
+    }
+
+    /// Follows a root rotation another replica (the leader) made: once the stored generation or
+    /// bundle epoch moved past this replica's, its roots are read again from the store.
+    pub(crate) fn reload(&self, store: &Store) -> Result<bool, CaError> {
+        let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
+        let (generation, epoch) = (number("generation")?, number("bundle_epoch")?);
+        {
+            let st = self.state.read();
+            if generation <= st.generation && epoch <= st.bundle_epoch {
+                return Ok(false);
+            }
+        }
+        let (Some(cert), Some(key)) = (store.secret("root_cert")?, store.secret("root_key")?) else {
+            return Ok(false);
+        };
+        *self.state.write() = read_roots(store, cert, key)?;
+        Ok(true)
     }
 
     /// The same CA, deciding token expiry by `clock`.
@@ -448,6 +444,34 @@ impl Ca {
 }
 
 /// A fresh self-signed root (certificate and key PEM), valid for ten years.
+/// The signing root `root_pem`/`key_pem` with what the store holds of the trust bundle and of a
+/// rotation.
+fn read_roots(store: &Store, root_pem: String, key_pem: String) -> Result<Roots, CaError> {
+    let (issuer, root_not_after) = signer(&root_pem, &key_pem)?;
+    let bundle_pem = store.secret("bundle")?.unwrap_or_else(|| root_pem.clone());
+    let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
+    let next = match (store.secret("next_cert")?, store.secret("next_key")?) {
+        (Some(c), Some(k)) => Some((c, k)),
+        _ => None,
+    };
+    let rotation = match store.secret("rotation")?.as_deref() {
+        Some("distributing") if next.is_some() => Rotation::Distributing,
+        Some("reissuing") => Rotation::Reissuing,
+        _ => Rotation::Idle,
+    };
+    Ok(Roots {
+        issuer,
+        root_fingerprint: fingerprint_of(&root_pem)?,
+        root_pem,
+        root_not_after,
+        bundle_pem,
+        bundle_epoch: number("bundle_epoch")?,
+        generation: number("generation")?,
+        rotation,
+        next,
+    })
+}
+
 /// The certificate and key of a `root_pair` record (the certificate's PEM, then the key's).
 fn split_pair(pair: &str) -> Result<(String, String), CaError> {
     const END: &str = "-----END CERTIFICATE-----";

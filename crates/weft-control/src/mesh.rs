@@ -484,6 +484,11 @@ impl Mesh {
         if self.leading() {
             return Ok(());
         }
+        match self.ca.reload(&self.store) {
+            Ok(true) => tracing::info!("followed the leader's root rotation"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "cannot follow the leader's root rotation"),
+        }
         let machine = Machine::load(&self.store)?;
         {
             let mut current = self.machine.lock();
@@ -769,6 +774,7 @@ impl Mesh {
 
     /// Starts a root rotation (see [`crate::ca::Rotation`]).
     pub(crate) fn rotate_root(&self) -> Result<(), CaError> {
+        self.require_leader()?;
         self.ca.rotate(&self.store)?;
         self.emit(json!({"type": "ca", "rotation": "distributing"}));
         self.bump();

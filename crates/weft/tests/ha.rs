@@ -517,3 +517,29 @@ async fn an_api_token_made_on_one_replica_works_on_the_others_and_its_revocation
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_follow_the_leaders_root_rotation_and_cannot_start_one() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let follower = 1 - leader;
+    let (code, body) = all[follower].post("/api/v1/ca/rotate", "").await;
+    assert_eq!(code, 503, "{body}");
+    let before = all[follower].get("/api/v1/ca").await;
+    let (code, body) = all[leader].post("/api/v1/ca/rotate", "").await;
+    assert_eq!(code, 200, "{body}");
+    // With no proxy to wait for, the leader completes the rotation; the follower signs with the
+    // new root and trusts what the leader trusts.
+    let done = eventually(Duration::from_secs(15), "the leader finished the rotation", || async {
+        let ca = all[leader].get("/api/v1/ca").await;
+        (ca["rotation"] == "idle" && ca["generation"].as_u64() > before["generation"].as_u64()).then_some(ca)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the follower holds the leader's roots", || async {
+        let ca = all[follower].get("/api/v1/ca").await;
+        (ca == done).then_some(())
+    })
+    .await;
+    assert_ne!(done["bundle"], before["bundle"]);
+}
