@@ -543,3 +543,27 @@ async fn followers_follow_the_leaders_root_rotation_and_cannot_start_one() {
     .await;
     assert_ne!(done["bundle"], before["bundle"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_sees_the_traffic_of_proxies_connected_to_a_follower() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let follower = 1 - leader;
+    let echo = EchoServer::start("orders").await;
+    let token = all[follower].token("default/orders", "orders").await;
+    let url = all[follower].grpc_url();
+    let _orders = ProxyHandle::start_url(BIN, &url, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
+    let token = all[follower].token("default/web", "web").await;
+    let web = ProxyHandle::start_url(BIN, &url, Some(&token), "default/web", "cluster-a", &[], free_addr()).await;
+    let rps = eventually(Duration::from_secs(20), "the leader counts orders' requests", || async {
+        for _ in 0..20 {
+            assert_eq!(call_via(&web, "orders").await, 200);
+        }
+        let status = all[leader].get("/api/v1/status").await;
+        let orders = status["services"].as_array()?.iter().find(|s| s["name"] == "orders")?.clone();
+        (orders["rps"].as_f64()? > 0.0).then_some(orders["rps"].as_f64()?)
+    })
+    .await;
+    eprintln!("the leader sees orders at {rps} rps, all of it through the follower");
+}
