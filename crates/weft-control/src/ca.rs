@@ -195,14 +195,17 @@ impl Ca {
         })
     }
 
-    /// Follows a root rotation another replica (the leader) made: once the stored generation or
-    /// bundle epoch moved past this replica's, its roots are read again from the store.
+    /// Follows a root rotation another replica (the leader) made: once the stored generation,
+    /// bundle epoch or rotation phase differs from this replica's, its roots are read again.
     pub(crate) fn reload(&self, store: &Store) -> Result<bool, CaError> {
         let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
         let (generation, epoch) = (number("generation")?, number("bundle_epoch")?);
+        let rotation = store.secret("rotation")?.unwrap_or_else(|| "idle".into());
         {
             let st = self.state.read();
-            if generation <= st.generation && epoch <= st.bundle_epoch {
+            // The rotation's phase too: its last write (back to idle) moves neither number.
+            let same_phase = format!("{:?}", st.rotation).eq_ignore_ascii_case(&rotation);
+            if generation <= st.generation && epoch <= st.bundle_epoch && same_phase {
                 return Ok(false);
             }
         }

@@ -24,10 +24,11 @@ use weft_core::Shutdown;
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(3);
 /// How often the leader renews its lease, and followers look at the election key.
 const TICK: Duration = Duration::from_millis(300);
-/// A leader whose last renewal is this old stops acting: its lease may lapse any moment.
-const STEP_DOWN: Duration = Duration::from_millis(1500);
+/// A leader whose last renewal is this old stops acting (checked on every action, not only by
+/// the election loop, which may itself be starved): its lease may lapse any moment.
+const STEP_DOWN: Duration = Duration::from_millis(2200);
 /// How long one renewal may take (a leader without quorum must notice well within the TTL).
-const RENEW_TIMEOUT: Duration = Duration::from_millis(700);
+const RENEW_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// What the election key holds.
 #[derive(Debug, Serialize, Deserialize)]
@@ -129,10 +130,11 @@ fn round(mesh: &Mesh, standing: Standing) -> Standing {
     };
     match standing {
         Standing::Leading { lease, renewed } => match store.etcd.keep_alive(lease, RENEW_TIMEOUT) {
-            Ok(ttl) if ttl > 0 => Standing::Leading {
-                lease,
-                renewed: Instant::now(),
-            },
+            Ok(ttl) if ttl > 0 => {
+                let renewed = Instant::now();
+                mesh.renewed(renewed + STEP_DOWN);
+                Standing::Leading { lease, renewed }
+            }
             outcome => {
                 if renewed.elapsed() < STEP_DOWN && outcome.is_err() {
                     return Standing::Leading { lease, renewed };
@@ -185,7 +187,7 @@ fn try_lead(mesh: &Mesh) -> Result<Option<i64>, crate::store::StoreError> {
         return Ok(None);
     }
     store.set_fence(Some((key, created)));
-    if let Err(error) = mesh.lead() {
+    if let Err(error) = mesh.lead(Instant::now() + STEP_DOWN) {
         tracing::error!(%error, "elected but cannot take the mesh over; stepping down");
         store.set_fence(None);
         mesh.follow(None);

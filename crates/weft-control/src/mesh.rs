@@ -77,6 +77,15 @@ struct Role {
     leading: bool,
     /// The leader's replica name, once known.
     leader: Option<String>,
+    /// A leader on etcd acts only until then unless its lease is renewed meanwhile: a leader
+    /// whose election loop is starved stops acting by itself before its lease can lapse.
+    until: Option<Instant>,
+}
+
+impl Role {
+    fn acting(&self) -> bool {
+        self.leading && self.until.is_none_or(|until| Instant::now() < until)
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -148,6 +157,7 @@ impl Mesh {
             role: Mutex::new(Role {
                 leading,
                 leader: leading.then(|| "local".to_string()),
+                until: None,
             }),
             taps: Default::default(),
             store,
@@ -425,8 +435,8 @@ impl Mesh {
         let role = self.role.lock().clone();
         ControlPlaneView {
             replica: self.replica.clone(),
+            role: if role.acting() { "leader" } else { "follower" },
             leader: role.leader,
-            role: if role.leading { "leader" } else { "follower" },
             store: self.store.describe(),
             version: env!("CARGO_PKG_VERSION"),
         }
@@ -442,13 +452,13 @@ impl Mesh {
     }
 
     pub(crate) fn leading(&self) -> bool {
-        self.role.lock().leading
+        self.role.lock().acting()
     }
 
     /// Refuses a change on a follower, naming the leader.
     fn require_leader(&self) -> Result<(), StoreError> {
         let role = self.role.lock();
-        if role.leading {
+        if role.acting() {
             return Ok(());
         }
         Err(StoreError::NotLeader(match &role.leader {
@@ -460,13 +470,14 @@ impl Mesh {
     /// Elected: takes the machine over from the store as [`Machine::recover`] does (a rollout
     /// the old leader left mid-way is rolled back, its proxies return to stable), then runs
     /// the intent loop and rotation. The fence is set first, so these writes are fenced too.
-    pub(crate) fn lead(&self) -> Result<(), StoreError> {
+    pub(crate) fn lead(&self, until: Instant) -> Result<(), StoreError> {
         let machine = Machine::recover(&self.store, self.clock.unix_ms())?;
         self.metrics.revision.set(machine.stable as i64);
         *self.machine.lock() = machine;
         *self.role.lock() = Role {
             leading: true,
             leader: Some(self.replica.clone()),
+            until: Some(until),
         };
         self.bump();
         self.wake.notify_one();
@@ -475,7 +486,16 @@ impl Mesh {
 
     /// Not (or no longer) leading: `leader` leads, if anyone does. Stops acting at once.
     pub(crate) fn follow(&self, leader: Option<String>) {
-        *self.role.lock() = Role { leading: false, leader };
+        *self.role.lock() = Role {
+            leading: false,
+            leader,
+            until: None,
+        };
+    }
+
+    /// The leader's lease was renewed: it acts until `until`.
+    pub(crate) fn renewed(&self, until: Instant) {
+        self.role.lock().until = Some(until);
     }
 
     /// A follower catching up with the store after it changed (the watch says so): the
@@ -510,10 +530,13 @@ impl Mesh {
         self.registry.lock().local()
     }
 
-    /// What replica `peer` published of its proxies; every stream replans.
+    /// What replica `peer` published of its proxies: every stream replans when a proxy came,
+    /// went or calls something new; an ACK only wakes the intent loop (a replan of every stream
+    /// per ACK published would be a storm with many proxies).
     pub(crate) fn set_peer(&self, peer: &str, proxies: Vec<PeerProxy>) {
-        self.registry.lock().set_peer(peer, proxies);
-        self.bump();
+        if self.registry.lock().set_peer(peer, proxies) {
+            self.bump();
+        }
         self.wake.notify_one();
     }
 

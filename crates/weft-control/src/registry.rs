@@ -243,9 +243,24 @@ impl Registry {
     }
 
     /// Replaces what is known of the proxies connected to replica `peer` (none: it is gone).
-    pub(crate) fn set_peer(&mut self, peer: &str, proxies: Vec<PeerProxy>) {
+    /// Returns whether anything other proxies are planned from changed (who is where, what it
+    /// calls), rather than only what the peer's proxies ACKed.
+    pub(crate) fn set_peer(&mut self, peer: &str, proxies: Vec<PeerProxy>) -> bool {
+        let planned = |p: &ProxyRecord| {
+            (
+                p.id.clone(),
+                p.cluster.clone(),
+                p.labels.clone(),
+                p.inbound,
+                p.subscriptions.clone(),
+                p.identity.clone(),
+            )
+        };
+        let mut before = Vec::new();
         for conn in self.peers.remove(peer).unwrap_or_default() {
-            self.proxies.remove(&conn);
+            if let Some(p) = self.proxies.remove(&conn) {
+                before.push(planned(&p));
+            }
         }
         let mut conns = Vec::with_capacity(proxies.len());
         for p in proxies {
@@ -279,9 +294,11 @@ impl Registry {
             );
             conns.push(conn);
         }
+        let after: Vec<_> = conns.iter().filter_map(|c| self.proxies.get(c)).map(planned).collect();
         if !conns.is_empty() {
             self.peers.insert(peer.to_string(), conns);
         }
+        before != after
     }
 
     pub(crate) fn views(&self) -> Vec<ProxyView> {
