@@ -424,6 +424,21 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
         })
         .await;
     }
+    // The leader knows both callers call orders (those on a follower through the store).
+    eventually(Duration::from_secs(10), "the leader sees both callers subscribed", || async {
+        let proxies = all[leader].get("/api/v1/proxies").await;
+        let subscribed = proxies
+            .as_array()?
+            .iter()
+            .filter(|p| {
+                p["subscriptions"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s == "default/orders"))
+            })
+            .count();
+        (subscribed == 2).then_some(())
+    })
+    .await;
     let stable = Control::revision_of(&all[leader].get("/api/v1/status").await);
 
     // Traffic from both callers from now to the end.
