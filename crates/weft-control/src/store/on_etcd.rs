@@ -251,8 +251,10 @@ impl EtcdStore {
         self.get_string(&format!("state/{name}"))
     }
 
+    /// Freeze and bypass are the leader's to change: fenced.
     pub(crate) fn put_state(&self, name: &str, value: &str) -> Result<(), StoreError> {
-        self.put_string(&format!("state/{name}"), value)
+        self.leader_write(vec![etcd::put(&self.key(&format!("state/{name}")), value)])?;
+        Ok(())
     }
 
     pub(crate) fn api_tokens(&self) -> Result<Vec<String>, StoreError> {
