@@ -258,7 +258,7 @@ async fn metrics(State(api): State<Api>) -> Response {
 
 async fn status(State(api): State<Api>) -> Json<serde_json::Value> {
     let mut status = json!(api.mesh.status());
-    status["controlPlane"] = json!({"tls": api.auth.tls});
+    status["controlPlane"]["tls"] = json!(api.auth.tls);
     Json(status)
 }
 
@@ -447,7 +447,9 @@ async fn bypass(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let t: Toggle = json_body(&body, "bypass")?;
     let namespace = t.namespace.unwrap_or_else(|| "default".into());
-    api.mesh.set_bypass(&namespace, &service, t.enabled, &actor.name);
+    api.mesh
+        .set_bypass(&namespace, &service, t.enabled, &actor.name)
+        .map_err(store_error)?;
     Ok(Json(json!({"service": service, "namespace": namespace, "bypass": t.enabled})))
 }
 
@@ -479,7 +481,7 @@ async fn set_mode(State(api): State<Api>, Extension(actor): Extension<Actor>, Pa
 
 async fn freeze(State(api): State<Api>, Extension(actor): Extension<Actor>, body: String) -> Result<Json<serde_json::Value>, ApiError> {
     let t: Toggle = json_body(&body, "freeze")?;
-    api.mesh.freeze(t.enabled, &actor.name);
+    api.mesh.freeze(t.enabled, &actor.name).map_err(store_error)?;
     Ok(Json(json!({"frozen": t.enabled})))
 }
 
@@ -560,8 +562,16 @@ fn token_view(t: &crate::store::TokenRecord) -> serde_json::Value {
     })
 }
 
+/// 503 when the store cannot take a write now (etcd without quorum, a deposed leader): the
+/// caller may retry; 409 when another replica wrote first; 500 otherwise.
 fn store_error(e: crate::store::StoreError) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![])
+    use crate::store::StoreError;
+    let status = match e {
+        StoreError::Unavailable(_) | StoreError::Fenced(_) | StoreError::NotLeader(_) => StatusCode::SERVICE_UNAVAILABLE,
+        StoreError::Conflict(_) => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, e.to_string(), vec![])
 }
 
 /// A join token for one workload. The token is in this answer only: never logged, never
@@ -620,6 +630,7 @@ async fn ca_info(State(api): State<Api>) -> Json<serde_json::Value> {
 async fn rotate_root(State(api): State<Api>) -> Result<Json<serde_json::Value>, ApiError> {
     api.mesh.rotate_root().map_err(|e| match e {
         crate::ca::CaError::Busy(why) => ApiError(StatusCode::CONFLICT, why, vec![]),
+        crate::ca::CaError::Store(e) => store_error(e),
         other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string(), vec![]),
     })?;
     Ok(Json(json!(api.mesh.ca.view())))
@@ -643,7 +654,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::Invalid(i) => i.into(),
             ChangeError::NotFound(what) => ApiError(StatusCode::NOT_FOUND, format!("{what} not found"), vec![]),
             ChangeError::Conflict(why) => ApiError(StatusCode::CONFLICT, why, vec![]),
-            ChangeError::Store(s) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, s.to_string(), vec![]),
+            ChangeError::Store(s) => store_error(s),
         }
     }
 }

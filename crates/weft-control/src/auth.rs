@@ -220,11 +220,7 @@ impl Auth {
     /// Loads the stored tokens. On the first start (no bootstrap token recorded yet) the admin
     /// token in `admin_file` is registered, written there first (mode 0600) when missing.
     pub(crate) fn open(store: Arc<Store>, admin_file: &std::path::Path, metrics_open: bool, tls: bool) -> Result<Self, TokenError> {
-        let tokens = store
-            .api_tokens()?
-            .iter()
-            .filter_map(|json| serde_json::from_str::<ApiToken>(json).ok())
-            .collect::<Vec<_>>();
+        let tokens = stored_tokens(&store)?;
         let auth = Self {
             store,
             tokens: RwLock::new(tokens),
@@ -253,6 +249,13 @@ impl Auth {
             auth.store.put_secret("bootstrap_token_registered", "1")?;
         }
         Ok(auth)
+    }
+
+    /// Reads the tokens again: another replica on the same store created or revoked one.
+    pub(crate) fn reload(&self) -> Result<(), TokenError> {
+        let tokens = stored_tokens(&self.store)?;
+        *self.tokens.write() = tokens;
+        Ok(())
     }
 
     fn insert(&self, token: ApiToken) -> Result<(), TokenError> {
@@ -417,6 +420,14 @@ pub(crate) fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == SESSION_COOKIE)
         .map(|(_, v)| v)
+}
+
+fn stored_tokens(store: &Store) -> Result<Vec<ApiToken>, TokenError> {
+    Ok(store
+        .api_tokens()?
+        .iter()
+        .filter_map(|json| serde_json::from_str::<ApiToken>(json).ok())
+        .collect())
 }
 
 fn write_private(path: &std::path::Path, secret: &str) -> std::io::Result<()> {

@@ -162,45 +162,30 @@ impl Ca {
             (Some((cert, key)), _, _) => (cert, key),
             (None, Some(cert), Some(key)) => (cert, key),
             _ => {
+                // Replicas starting together on a new shared store agree on the first root
+                // stored: the pair is one record so a root never meets another's key.
                 let pair = new_root(trust_domain)?;
-                store.put_secret("root_cert", &pair.0)?;
-                store.put_secret("root_key", &pair.1)?;
-                tracing::info!(trust_domain, "generated a new root CA");
-                pair
+                let joined = format!("{}\n{}", pair.0, pair.1);
+                let stored = store.create_secret("root_pair", &joined)?;
+                if stored == joined {
+                    tracing::info!(trust_domain, "generated a new root CA");
+                }
+                let (cert, key) = split_pair(&stored)?;
+                store.put_secret("root_cert", &cert)?;
+                store.put_secret("root_key", &key)?;
+                (cert, key)
             }
-        };
-        let (issuer, root_not_after) = signer(&root_pem, &key_pem)?;
-        let bundle_pem = store.secret("bundle")?.unwrap_or_else(|| root_pem.clone());
-        let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
-        let next = match (store.secret("next_cert")?, store.secret("next_key")?) {
-            (Some(c), Some(k)) => Some((c, k)),
-            _ => None,
-        };
-        let rotation = match store.secret("rotation")?.as_deref() {
-            Some("distributing") if next.is_some() => Rotation::Distributing,
-            Some("reissuing") => Rotation::Reissuing,
-            _ => Rotation::Idle,
         };
         let token_secret = match store.secret("token_key")? {
             Some(k) => URL_SAFE_NO_PAD.decode(k).map_err(internal)?,
             None => {
                 let mut k = [0u8; 32];
                 aws_lc_rs::rand::fill(&mut k).map_err(|_| CaError::Internal("no randomness".into()))?;
-                store.put_secret("token_key", &URL_SAFE_NO_PAD.encode(k))?;
-                k.to_vec()
+                let stored = store.create_secret("token_key", &URL_SAFE_NO_PAD.encode(k))?;
+                URL_SAFE_NO_PAD.decode(stored).map_err(internal)?
             }
         };
-        let roots = Roots {
-            issuer,
-            root_fingerprint: fingerprint_of(&root_pem)?,
-            root_pem,
-            root_not_after,
-            bundle_pem,
-            bundle_epoch: number("bundle_epoch")?,
-            generation: number("generation")?,
-            rotation,
-            next,
-        };
+        let roots = read_roots(store, root_pem, key_pem)?;
         Ok(Self {
             trust_domain: trust_domain.to_string(),
             leaf_ttl,
@@ -208,6 +193,27 @@ impl Ca {
             token_key: hmac::Key::new(hmac::HMAC_SHA256, &token_secret),
             clock: Clock::default(),
         })
+    }
+
+    /// Follows a root rotation another replica (the leader) made: once the stored generation,
+    /// bundle epoch or rotation phase differs from this replica's, its roots are read again.
+    pub(crate) fn reload(&self, store: &Store) -> Result<bool, CaError> {
+        let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
+        let (generation, epoch) = (number("generation")?, number("bundle_epoch")?);
+        let rotation = store.secret("rotation")?.unwrap_or_else(|| "idle".into());
+        {
+            let st = self.state.read();
+            // The rotation's phase too: its last write (back to idle) moves neither number.
+            let same_phase = format!("{:?}", st.rotation).eq_ignore_ascii_case(&rotation);
+            if generation <= st.generation && epoch <= st.bundle_epoch && same_phase {
+                return Ok(false);
+            }
+        }
+        let (Some(cert), Some(key)) = (store.secret("root_cert")?, store.secret("root_key")?) else {
+            return Ok(false);
+        };
+        *self.state.write() = read_roots(store, cert, key)?;
+        Ok(true)
     }
 
     /// The same CA, deciding token expiry by `clock`.
@@ -441,6 +447,44 @@ impl Ca {
 }
 
 /// A fresh self-signed root (certificate and key PEM), valid for ten years.
+/// The signing root `root_pem`/`key_pem` with what the store holds of the trust bundle and of a
+/// rotation.
+fn read_roots(store: &Store, root_pem: String, key_pem: String) -> Result<Roots, CaError> {
+    let (issuer, root_not_after) = signer(&root_pem, &key_pem)?;
+    let bundle_pem = store.secret("bundle")?.unwrap_or_else(|| root_pem.clone());
+    let number = |name: &str| -> Result<u64, CaError> { Ok(store.secret(name)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
+    let next = match (store.secret("next_cert")?, store.secret("next_key")?) {
+        (Some(c), Some(k)) => Some((c, k)),
+        _ => None,
+    };
+    let rotation = match store.secret("rotation")?.as_deref() {
+        Some("distributing") if next.is_some() => Rotation::Distributing,
+        Some("reissuing") => Rotation::Reissuing,
+        _ => Rotation::Idle,
+    };
+    Ok(Roots {
+        issuer,
+        root_fingerprint: fingerprint_of(&root_pem)?,
+        root_pem,
+        root_not_after,
+        bundle_pem,
+        bundle_epoch: number("bundle_epoch")?,
+        generation: number("generation")?,
+        rotation,
+        next,
+    })
+}
+
+/// The certificate and key of a `root_pair` record (the certificate's PEM, then the key's).
+fn split_pair(pair: &str) -> Result<(String, String), CaError> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let at = pair
+        .find(END)
+        .ok_or_else(|| CaError::Internal("the stored root pair holds no certificate".into()))?
+        + END.len();
+    Ok((format!("{}\n", &pair[..at]), pair[at..].trim_start().to_string()))
+}
+
 fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(internal)?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;

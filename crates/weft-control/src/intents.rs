@@ -195,6 +195,10 @@ pub(crate) enum Event {
     Persist(u64, String),
 }
 
+/// The store's names for the operator switches that outlive a restart.
+pub(crate) const FREEZE_STATE: &str = "freeze";
+pub(crate) const BYPASS_STATE: &str = "bypass";
+
 /// The intents and the stable resources they change.
 pub(crate) struct Machine {
     /// The revision every untreated proxy runs, and its resources.
@@ -288,6 +292,18 @@ impl Machine {
     /// longer tracks, and every proxy now gets the stable revision, so the fleet is never left
     /// on an unknown mix.
     pub(crate) fn recover(store: &Store, now_ms: u64) -> Result<Self, StoreError> {
+        Self::read(store, Some(now_ms))
+    }
+
+    /// The machine as the leader left it in the store, changing nothing: how a follower
+    /// replica follows (it plans its proxies from the leader's intents and stages).
+    pub(crate) fn load(store: &Store) -> Result<Self, StoreError> {
+        Self::read(store, None)
+    }
+
+    /// Reads the machine from `store`; `recover_at` (unix ms) also rolls back and re-queues
+    /// intents as [`Machine::recover`] says, writing them back.
+    fn read(store: &Store, recover_at: Option<u64>) -> Result<Self, StoreError> {
         let stable = match store.stable()? {
             Some(rev) => store.get(rev)?,
             None => store.latest()?,
@@ -304,6 +320,10 @@ impl Machine {
                     tracing::error!(seq, %error, "unreadable intent record; skipped");
                     continue;
                 }
+            };
+            let Some(now_ms) = recover_at else {
+                records.insert(seq, intent);
+                continue;
             };
             let untouched = intent.phase == Phase::Queued || (intent.phase == Phase::AwaitingApproval && intent.stage == 0 && !intent.held);
             if untouched && intent.phase != Phase::Queued {
@@ -328,12 +348,17 @@ impl Machine {
             }
             records.insert(seq, intent);
         }
+        let frozen = store.state(FREEZE_STATE)?.as_deref() == Some("true");
+        let bypass = match store.state(BYPASS_STATE)? {
+            Some(json) => serde_json::from_str(&json).map_err(|e| StoreError::Db(format!("the stored bypass list is unreadable: {e}")))?,
+            None => BTreeSet::new(),
+        };
         Ok(Self {
             stable,
             resources: Arc::new(resources),
             records,
-            frozen: false,
-            bypass: BTreeSet::new(),
+            frozen,
+            bypass,
             last_decision: None,
         })
     }

@@ -9,12 +9,15 @@ pub mod auth;
 mod ca;
 mod clock;
 mod distribution;
+mod etcd;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 mod history;
 mod intents;
+mod leader;
 mod mesh;
 mod metrics;
+mod peers;
 mod plan;
 mod registry;
 pub mod rollout;
@@ -50,6 +53,13 @@ pub struct ControlConfig {
     pub insecure_plaintext: bool,
     /// Move the store aside and start an empty mesh (`--reinit-store`).
     pub reinit_store: bool,
+    /// `--store etcd://HOST:PORT[,...]`: the mesh lives in etcd, shared by every replica;
+    /// `None`: the embedded store under `data_dir`.
+    pub store: Option<String>,
+    /// `--store-prefix`: where in etcd.
+    pub store_prefix: String,
+    /// `--replica`: this replica's name among those on one store (default: its API address).
+    pub replica: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +98,14 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The store in `--data-dir`: the one there, or with `--reinit-store` an empty one (the old
 /// file kept aside).
 fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
+    if let Some(url) = &cfg.store {
+        // The data directory still holds this replica's own files (admin.token, ca.pem).
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| store::StoreError::Open {
+            path: cfg.data_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        return store::Store::etcd(url, &cfg.store_prefix);
+    }
     if !cfg.reinit_store {
         return store::Store::open(&cfg.data_dir);
     }
@@ -99,6 +117,21 @@ fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
         None => tracing::warn!("--reinit-store: there was no store; starting an empty mesh"),
     }
     Ok(store)
+}
+
+/// Reads the API tokens again whenever another replica changed them (a token revoked there is
+/// refused here at once).
+async fn reload_tokens(mesh: Arc<mesh::Mesh>, auth: Arc<auth::Auth>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = mesh.tokens_changed.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let auth = auth.clone();
+        if let Ok(Err(error)) = tokio::task::spawn_blocking(move || auth.reload()).await {
+            tracing::warn!(%error, "cannot read the API tokens again; keeping the ones held");
+        }
+    }
 }
 
 /// Opens the store, binds both listeners and serves until `shutdown`.
@@ -134,12 +167,18 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         Ok(n) => tracing::info!(tokens = n, "forgot join tokens expired over a day ago"),
         Err(error) => tracing::warn!(%error, "cannot prune expired join tokens"),
     }
-    let mesh = Arc::new(mesh::Mesh::new(store, ca, metrics.clone())?);
+    let mut mesh = mesh::Mesh::new(store, ca, metrics.clone())?;
     let api_l = TcpListener::bind(cfg.api).await.map_err(|source| StartError::Bind {
         listener: "api",
         addr: cfg.api,
         source,
     })?;
+    mesh.set_replica(
+        cfg.replica
+            .clone()
+            .unwrap_or_else(|| api_l.local_addr().expect("bound").to_string()),
+    );
+    let mesh = Arc::new(mesh);
     let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind {
         listener: "grpc",
         addr: cfg.grpc,
@@ -159,11 +198,14 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         let sans = serving::sans(&[bound.api, bound.grpc], &cfg.sans)?;
         Some(Arc::new(serving::Serving::new(&mesh.ca, sans)?))
     };
-    tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), revision = mesh.revision(), ca_fingerprint = %mesh.ca.root_fingerprint(), "control plane listening");
+    tracing::info!(api = %bound.api, grpc = %bound.grpc, tls = serving.is_some(), data_dir = %cfg.data_dir.display(), store = %mesh.store.describe(), revision = mesh.revision(), ca_fingerprint = %mesh.ca.root_fingerprint(), "control plane listening");
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(mesh::run_intents(mesh.clone(), shutdown.clone()));
     tasks.spawn(mesh::run_rotation(mesh.clone(), shutdown.clone()));
+    tasks.spawn(leader::run(mesh.clone(), shutdown.clone()));
+    tasks.spawn(leader::follow_store(mesh.clone(), shutdown.clone()));
+    tasks.spawn(peers::publish(mesh.clone(), shutdown.clone()));
     let history = history::History::default();
     tasks.spawn(history.clone().run(mesh.clone(), shutdown.clone()));
     tasks.spawn(serving::maintain(
@@ -172,11 +214,13 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
         cfg.data_dir.clone(),
         shutdown.clone(),
     ));
+    let auth = Arc::new(auth);
+    tasks.spawn(reload_tokens(mesh.clone(), auth.clone(), shutdown.clone()));
     let router = api::router(api::Api {
         mesh: mesh.clone(),
         registry: Arc::new(registry),
         history,
-        auth: Arc::new(auth),
+        auth,
     });
     let api_listener = serving::ApiListener {
         rx: serving::accept(

@@ -10,10 +10,11 @@
 
 use crate::ca::{Ca, CaError, Rotation};
 use crate::clock::Clock;
-use crate::intents::{Blocker, ChangeError, Event, IntentRecord, LoopView, Machine, Step, Submitted};
+use crate::intents::{BYPASS_STATE, Blocker, ChangeError, Event, FREEZE_STATE, IntentRecord, LoopView, Machine, Step, Submitted};
 use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
+use crate::peers::ForwardedReport;
 use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
-use crate::registry::{ProxyView, Registry};
+use crate::registry::{PeerProxy, ProxyView, Registry};
 use crate::rollout::Phase;
 use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, check_report, round2};
 use crate::store::{Revision, Store, StoreError};
@@ -38,6 +39,10 @@ const WARMUP: Duration = Duration::from_secs(6);
 const TICK: Duration = Duration::from_millis(200);
 
 pub(crate) struct Mesh {
+    /// This replica's name (`--replica`).
+    pub(crate) replica: String,
+    /// Whether this replica leads, and who does.
+    role: Mutex<Role>,
     pub(crate) store: Arc<Store>,
     pub(crate) ca: Ca,
     pub(crate) metrics: ControlMetrics,
@@ -50,19 +55,54 @@ pub(crate) struct Mesh {
     signals: Mutex<Signals>,
     /// The mesh at the newest change generation that some stream has planned from.
     snapshot: Mutex<Arc<Snapshot>>,
+    /// Telemetry reports a follower has yet to forward to the leader ([`crate::peers`]).
+    outbox: Mutex<Vec<ForwardedReport>>,
+    /// Serializes the operator switches (freeze, bypass) from their store write to the machine.
+    switches: Mutex<()>,
     /// Held from the moment a change to an intent is decided until its record is written, so
     /// records reach the store in the order they were decided, without the machine's lock.
     writes: Mutex<()>,
     changed: watch::Sender<u64>,
     /// Wakes the intent loop (submissions, ACKs, NACKs, operator actions).
     wake: Notify,
+    /// Another replica created or revoked an API token: the API reads them again.
+    pub(crate) tokens_changed: Notify,
     /// Server-sent events for the dashboard: one JSON object per change.
     events: broadcast::Sender<String>,
+}
+
+/// Only the leader changes the mesh; on the embedded store the one replica always leads.
+#[derive(Clone, Debug)]
+struct Role {
+    leading: bool,
+    /// The leader's replica name, once known.
+    leader: Option<String>,
+    /// A leader on etcd acts only until then unless its lease is renewed meanwhile: a leader
+    /// whose election loop is starved stops acting by itself before its lease can lapse.
+    until: Option<Instant>,
+}
+
+impl Role {
+    fn acting(&self) -> bool {
+        self.leading && self.until.is_none_or(|until| Instant::now() < until)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ControlPlaneView {
+    replica: String,
+    /// The leader's replica name (`null` while none is elected).
+    leader: Option<String>,
+    role: &'static str,
+    store: String,
+    version: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct StatusView {
+    control_plane: ControlPlaneView,
     revision: u64,
     #[serde(rename = "loop")]
     loop_: LoopView,
@@ -104,9 +144,21 @@ impl Mesh {
     }
 
     pub(crate) fn with_clock(store: Arc<Store>, ca: Ca, metrics: ControlMetrics, clock: Clock) -> Result<Self, StoreError> {
-        let machine = Machine::recover(&store, clock.unix_ms())?;
+        // A replica on a shared store changes nothing until it is elected ([`crate::leader`]).
+        let leading = matches!(*store, Store::Redb(_));
+        let machine = if leading {
+            Machine::recover(&store, clock.unix_ms())?
+        } else {
+            Machine::load(&store)?
+        };
         metrics.revision.set(machine.stable as i64);
         Ok(Self {
+            replica: "local".into(),
+            role: Mutex::new(Role {
+                leading,
+                leader: leading.then(|| "local".to_string()),
+                until: None,
+            }),
             taps: Default::default(),
             store,
             ca,
@@ -117,9 +169,12 @@ impl Mesh {
             registry: Mutex::default(),
             signals: Mutex::default(),
             snapshot: Mutex::new(Arc::new(Snapshot::none())),
+            outbox: Mutex::default(),
+            switches: Mutex::new(()),
             writes: Mutex::new(()),
             changed: watch::channel(0).0,
             wake: Notify::new(),
+            tokens_changed: Notify::new(),
             events: broadcast::channel(256).0,
         })
     }
@@ -292,6 +347,11 @@ impl Mesh {
             })
         };
         let reporting = from.is_some();
+        // A follower forwards what its proxies report to the leader, which judges on it.
+        if let Some(f) = from.as_ref().filter(|_| matches!(*self.store, Store::Etcd(_)) && !self.leading()) {
+            let forwarded = ForwardedReport::new(f.workload.clone(), f.namespace.clone(), f.service.clone(), report.stats.clone());
+            self.outbox.lock().push(forwarded);
+        }
         self.signals.lock().record(from, report.stats, self.clock.now());
         if reporting {
             self.wake.notify_one();
@@ -361,11 +421,145 @@ impl Mesh {
             })
             .collect();
         StatusView {
+            control_plane: self.control_plane(),
             revision: machine.stable,
             loop_: machine.loop_view(),
             telemetry_signals: signals.reports,
             services: views,
         }
+    }
+
+    // --- leadership ---
+
+    pub(crate) fn control_plane(&self) -> ControlPlaneView {
+        let role = self.role.lock().clone();
+        ControlPlaneView {
+            replica: self.replica.clone(),
+            role: if role.acting() { "leader" } else { "follower" },
+            leader: role.leader,
+            store: self.store.describe(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// Names this replica (`--replica`); on the embedded store it is also the leader.
+    pub(crate) fn set_replica(&mut self, name: String) {
+        let role = self.role.get_mut();
+        if role.leading {
+            role.leader = Some(name.clone());
+        }
+        self.replica = name;
+    }
+
+    pub(crate) fn leading(&self) -> bool {
+        self.role.lock().acting()
+    }
+
+    /// Refuses a change on a follower, naming the leader.
+    fn require_leader(&self) -> Result<(), StoreError> {
+        let role = self.role.lock();
+        if role.acting() {
+            return Ok(());
+        }
+        Err(StoreError::NotLeader(match &role.leader {
+            Some(leader) => format!("send it to the leader, replica {leader}"),
+            None => "no leader is elected right now (is etcd reachable with quorum?); try again shortly".into(),
+        }))
+    }
+
+    /// Elected: takes the machine over from the store as [`Machine::recover`] does (a rollout
+    /// the old leader left mid-way is rolled back, its proxies return to stable), then runs
+    /// the intent loop and rotation. The fence is set first, so these writes are fenced too.
+    pub(crate) fn lead(&self, until: Instant) -> Result<(), StoreError> {
+        let machine = Machine::recover(&self.store, self.clock.unix_ms())?;
+        self.metrics.revision.set(machine.stable as i64);
+        *self.machine.lock() = machine;
+        *self.role.lock() = Role {
+            leading: true,
+            leader: Some(self.replica.clone()),
+            until: Some(until),
+        };
+        self.bump();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Not (or no longer) leading: `leader` leads, if anyone does. Stops acting at once.
+    pub(crate) fn follow(&self, leader: Option<String>) {
+        *self.role.lock() = Role {
+            leading: false,
+            leader,
+            until: None,
+        };
+    }
+
+    /// The leader's lease was renewed: it acts until `until`.
+    pub(crate) fn renewed(&self, until: Instant) {
+        self.role.lock().until = Some(until);
+    }
+
+    /// A follower catching up with the store after it changed (the watch says so): the
+    /// machine as stored, then every proxy is replanned.
+    pub(crate) fn reload(&self) -> Result<(), StoreError> {
+        if self.leading() {
+            return Ok(());
+        }
+        match self.ca.reload(&self.store) {
+            Ok(true) => tracing::info!("followed the leader's root rotation"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "cannot follow the leader's root rotation"),
+        }
+        let machine = Machine::load(&self.store)?;
+        {
+            let mut current = self.machine.lock();
+            // Elected meanwhile: the machine is this replica's own now.
+            if self.leading() {
+                return Ok(());
+            }
+            self.metrics.revision.set(machine.stable as i64);
+            *current = machine;
+        }
+        self.bump();
+        Ok(())
+    }
+
+    // --- the other replicas ---
+
+    /// The proxies connected to this replica, to publish to the others.
+    pub(crate) fn local_proxies(&self) -> Vec<PeerProxy> {
+        self.registry.lock().local()
+    }
+
+    /// What replica `peer` published of its proxies: every stream replans when a proxy came,
+    /// went or calls something new; an ACK only wakes the intent loop (a replan of every stream
+    /// per ACK published would be a storm with many proxies).
+    pub(crate) fn set_peer(&self, peer: &str, proxies: Vec<PeerProxy>) {
+        if self.registry.lock().set_peer(peer, proxies) {
+            self.bump();
+        }
+        self.wake.notify_one();
+    }
+
+    /// Telemetry reports received since the last call, for the leader (a follower's own).
+    pub(crate) fn take_outbox(&self) -> Vec<ForwardedReport> {
+        std::mem::take(&mut *self.outbox.lock())
+    }
+
+    /// Reports another replica forwarded: filed as if their proxies were connected here.
+    pub(crate) fn peer_telemetry(&self, reports: Vec<ForwardedReport>) {
+        let now = self.clock.now();
+        let mut signals = self.signals.lock();
+        for r in reports {
+            let stats = r.stats();
+            let from = Reporter {
+                workload: r.workload,
+                namespace: r.namespace,
+                service: r.service,
+            };
+            signals.record(Some(from), stats, now);
+        }
+        drop(signals);
+        self.wake.notify_one();
     }
 
     // --- the intent machine ---
@@ -442,6 +636,7 @@ impl Mesh {
     }
 
     pub(crate) fn submit_intent(&self, doc: Document<IntentSpec>, source: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         self.with_machine(|step| step.submit_intent(doc, source))
     }
 
@@ -452,11 +647,13 @@ impl Mesh {
         delete: Vec<ResourceKey>,
         source: &str,
     ) -> Result<Submitted, ChangeError> {
+        self.require_leader()?;
         self.with_machine(|step| step.submit_change(title, apply, delete, source))
     }
 
     /// A rollback to revision `rev`: an intent whose change restores that revision's resources.
     pub(crate) fn submit_rollback(&self, rev: u64) -> Result<Submitted, ChangeError> {
+        self.require_leader()?;
         let Some(old) = self.store.get(rev)? else {
             let error = weft_api::error::FieldError::new("revision", rev, "no such revision");
             return Err(weft_api::error::Invalid::one("rollback", error).into());
@@ -508,6 +705,7 @@ impl Mesh {
 
     /// Lets a manual intent start its next stage (the dashboard's "step").
     pub(crate) fn approve(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         let view = self.with_machine(|step| step.approve(id))?;
         self.operator_ledger(actor, "approve", id);
         Ok(view)
@@ -515,6 +713,7 @@ impl Mesh {
 
     /// Switches an open intent between auto and manual.
     pub(crate) fn set_mode(&self, id: &str, mode: RolloutMode, actor: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         let view = self.with_machine(|step| step.set_mode(id, mode))?;
         let label = if mode == RolloutMode::Auto { "auto" } else { "manual" };
         self.operator_ledger(actor, &format!("mode {label}"), id);
@@ -523,25 +722,43 @@ impl Mesh {
 
     /// Rolls an intent back (or cancels it while queued).
     pub(crate) fn abort(&self, id: &str, actor: &str) -> Result<IntentRecord, ChangeError> {
+        self.require_leader()?;
         let view = self.with_machine(|step| step.abort(id))?;
         self.operator_ledger(actor, "abort", id);
         Ok(view)
     }
 
     /// Freeze: every rollout in progress is rolled back and none starts until it is lifted.
-    pub(crate) fn freeze(&self, on: bool, actor: &str) {
+    /// Stored first (it outlives a restart): when the store refuses, nothing changes.
+    pub(crate) fn freeze(&self, on: bool, actor: &str) -> Result<(), StoreError> {
+        self.require_leader()?;
+        let _switch = self.switches.lock();
+        self.store.put_state(FREEZE_STATE, if on { "true" } else { "false" })?;
         self.with_machine(|step| step.freeze(on));
         self.operator_ledger(actor, if on { "freeze on" } else { "freeze off" }, "mesh");
+        Ok(())
     }
 
-    /// The kill switch (what it turns off: [`Step::set_bypass`]).
-    pub(crate) fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) {
+    /// The kill switch (what it turns off: [`Step::set_bypass`]). Stored first, like the freeze.
+    pub(crate) fn set_bypass(&self, namespace: &str, service: &str, on: bool, actor: &str) -> Result<(), StoreError> {
+        self.require_leader()?;
+        let _switch = self.switches.lock();
+        let mut bypass = self.machine.lock().bypass.clone();
+        let key = (namespace.to_string(), service.to_string());
+        if on {
+            bypass.insert(key);
+        } else {
+            bypass.remove(&key);
+        }
+        self.store
+            .put_state(BYPASS_STATE, &serde_json::to_string(&bypass).expect("serializes"))?;
         self.with_machine(|step| step.set_bypass(namespace, service, on));
         self.operator_ledger(
             actor,
             if on { "bypass on" } else { "bypass off" },
             &format!("{namespace}/{service}"),
         );
+        Ok(())
     }
 
     /// Records an operator's action; `actor` is the name of the API token that asked for it.
@@ -580,6 +797,7 @@ impl Mesh {
 
     /// Starts a root rotation (see [`crate::ca::Rotation`]).
     pub(crate) fn rotate_root(&self) -> Result<(), CaError> {
+        self.require_leader()?;
         self.ca.rotate(&self.store)?;
         self.emit(json!({"type": "ca", "rotation": "distributing"}));
         self.bump();
@@ -634,7 +852,9 @@ pub(crate) async fn run_intents(mesh: Arc<Mesh>, shutdown: Shutdown) {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.cancelled() => return,
         }
-        mesh.step();
+        if mesh.leading() {
+            mesh.step();
+        }
     }
 }
 
@@ -646,7 +866,9 @@ pub(crate) async fn run_rotation(mesh: Arc<Mesh>, shutdown: Shutdown) {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.cancelled() => return,
         }
-        mesh.rotation_step();
+        if mesh.leading() {
+            mesh.rotation_step();
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The proxies connected right now: who each one is, what it subscribes to, and what it has
 //! ACKed or NACKed of what it was sent. It owns those records; everything above reads them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -60,10 +60,40 @@ pub(crate) struct ProxyView {
     subscriptions: Vec<String>,
 }
 
+/// What a replica publishes of each proxy connected to it, so that every replica knows every
+/// proxy ([`crate::peers`]): endpoints for planning, and for the leader the stages it may treat
+/// and what each proxy ACKed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PeerProxy {
+    id: String,
+    namespace: String,
+    workload: String,
+    cluster: String,
+    labels: BTreeMap<String, String>,
+    service: String,
+    inbound: SocketAddr,
+    subscriptions: BTreeSet<String>,
+    applied_revision: u64,
+    identity: String,
+    cert_not_after: u64,
+    bundle_epoch: u64,
+    cert_generation: Option<u64>,
+    applied_intents: BTreeSet<u64>,
+    refused: BTreeMap<u64, String>,
+    connected_since_ms: u64,
+}
+
+/// Connection numbers from here on are proxies connected to other replicas.
+const PEER_CONNS: u64 = 1 << 48;
+
 /// The connected proxies by connection number.
 #[derive(Debug)]
 pub(crate) struct Registry {
     pub(crate) proxies: BTreeMap<u64, ProxyRecord>,
+    /// The connection numbers given to each other replica's proxies.
+    peers: BTreeMap<String, Vec<u64>>,
+    next_peer_conn: u64,
     /// Every (namespace, service) a workload has registered for since this process started:
     /// a service whose instances are all gone is still known (its callers get
     /// `no-healthy-endpoints`, not `unknown-service`).
@@ -77,6 +107,8 @@ impl Default for Registry {
             proxies: BTreeMap::new(),
             seen: BTreeSet::new(),
             next_conn: 1,
+            peers: BTreeMap::new(),
+            next_peer_conn: PEER_CONNS,
         }
     }
 }
@@ -183,6 +215,90 @@ impl Registry {
             p.cert_not_after = not_after;
             p.cert_generation = (not_after > 0).then_some(generation);
         }
+    }
+
+    /// The proxies connected to this replica, as published to the others.
+    pub(crate) fn local(&self) -> Vec<PeerProxy> {
+        self.proxies
+            .range(..PEER_CONNS)
+            .map(|(_, p)| PeerProxy {
+                id: p.id.clone(),
+                namespace: p.namespace.clone(),
+                workload: p.workload.clone(),
+                cluster: p.cluster.clone(),
+                labels: p.labels.clone(),
+                service: p.service.clone(),
+                inbound: p.inbound,
+                subscriptions: p.subscriptions.clone(),
+                applied_revision: p.applied_revision,
+                identity: p.identity.clone(),
+                cert_not_after: p.cert_not_after,
+                bundle_epoch: p.bundle_epoch,
+                cert_generation: p.cert_generation,
+                applied_intents: p.applied_intents.clone(),
+                refused: p.refused.clone(),
+                connected_since_ms: p.connected_since_ms,
+            })
+            .collect()
+    }
+
+    /// Replaces what is known of the proxies connected to replica `peer` (none: it is gone).
+    /// Returns whether anything other proxies are planned from changed (who is where, what it
+    /// calls), rather than only what the peer's proxies ACKed.
+    pub(crate) fn set_peer(&mut self, peer: &str, proxies: Vec<PeerProxy>) -> bool {
+        let planned = |p: &ProxyRecord| {
+            (
+                p.id.clone(),
+                p.cluster.clone(),
+                p.labels.clone(),
+                p.inbound,
+                p.subscriptions.clone(),
+                p.identity.clone(),
+            )
+        };
+        let mut before = Vec::new();
+        for conn in self.peers.remove(peer).unwrap_or_default() {
+            if let Some(p) = self.proxies.remove(&conn) {
+                before.push(planned(&p));
+            }
+        }
+        let mut conns = Vec::with_capacity(proxies.len());
+        for p in proxies {
+            let conn = self.next_peer_conn;
+            self.next_peer_conn += 1;
+            self.seen.insert((p.namespace.clone(), p.service.clone()));
+            self.proxies.insert(
+                conn,
+                ProxyRecord {
+                    id: p.id,
+                    namespace: p.namespace,
+                    workload: p.workload,
+                    cluster: p.cluster,
+                    labels: p.labels,
+                    service: p.service,
+                    inbound: p.inbound,
+                    subscriptions: p.subscriptions,
+                    applied_revision: p.applied_revision,
+                    last_nack: None,
+                    connected_since_ms: p.connected_since_ms,
+                    pushed: None,
+                    resumed: true,
+                    identity: p.identity,
+                    cert_not_after: p.cert_not_after,
+                    pending: BTreeMap::new(),
+                    bundle_epoch: p.bundle_epoch,
+                    cert_generation: p.cert_generation,
+                    applied_intents: p.applied_intents,
+                    refused: p.refused,
+                },
+            );
+            conns.push(conn);
+        }
+        let after: Vec<_> = conns.iter().filter_map(|c| self.proxies.get(c)).map(planned).collect();
+        if !conns.is_empty() {
+            self.peers.insert(peer.to_string(), conns);
+        }
+        before != after
     }
 
     pub(crate) fn views(&self) -> Vec<ProxyView> {

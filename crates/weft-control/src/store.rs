@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use weft_api::{Resource, ResourceKey};
 
+mod on_etcd;
+
 const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
 /// `next_revision` (numbers are reserved here and never reused) and `stable`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -25,6 +27,8 @@ const SECRETS: TableDefinition<&str, &str> = TableDefinition::new("secrets");
 const API_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("api_tokens");
 /// Join tokens by id (JSON [`TokenRecord`]); never the token itself.
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+/// Operator switches that outlive a restart: `freeze` and `bypass` (JSON).
+const STATE: TableDefinition<&str, &str> = TableDefinition::new("state");
 
 /// The store's file under the data directory.
 pub(crate) const STORE_FILE: &str = "weft.redb";
@@ -34,7 +38,15 @@ const STATE_FILES: [&str; 1] = ["ca.pem"];
 /// What the refusals tell the operator to do.
 const REINIT_HINT: &str = "nothing was changed; restore weft.redb from a backup, or start with --reinit-store to begin an empty mesh (a store file there is kept as weft.redb.broken-<unix time>; history, policies and the root CA start over and every proxy must join again)";
 
-pub(crate) struct Store {
+/// The store: the embedded redb file (the default) or etcd (`--store etcd://...`), shared by
+/// every replica of a highly available control plane.
+pub(crate) enum Store {
+    Redb(Redb),
+    Etcd(on_etcd::EtcdStore),
+}
+
+/// The embedded store under `--data-dir`.
+pub(crate) struct Redb {
     db: Database,
 }
 
@@ -74,6 +86,18 @@ pub enum StoreError {
     Db(String),
     #[error("stored revision {revision} is unreadable: {message}")]
     Corrupt { revision: u64, message: String },
+    /// etcd did not answer (no quorum, no member reachable): the API answers 503.
+    #[error("the store cannot take the change now: {0}")]
+    Unavailable(#[from] crate::etcd::EtcdError),
+    /// Another replica wrote first: nothing of this write was stored.
+    #[error("conflict in the store: {0}")]
+    Conflict(String),
+    /// This replica lost the leadership it held when it decided the write.
+    #[error("this replica is no longer the leader ({0}); nothing was written")]
+    Fenced(String),
+    /// A change asked of a follower replica: only the leader changes the mesh.
+    #[error("this replica is a follower and does not change the mesh: {0}")]
+    NotLeader(String),
 }
 
 /// What the control plane remembers of a join token it minted: enough to revoke it, count its
@@ -107,13 +131,164 @@ pub(crate) enum TokenRefusal {
     UsedUp { id: String, allowed: u32 },
 }
 
-fn db_err(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
+}
+
+/// Calls the same method on whichever backend the store is.
+macro_rules! either {
+    ($store:expr, $backend:ident => $call:expr) => {
+        match $store {
+            Store::Redb($backend) => $call,
+            Store::Etcd($backend) => $call,
+        }
+    };
 }
 
 // === impl Store ===
 
 impl Store {
+    /// The embedded store in `dir` (see [`Redb::open`]).
+    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self::Redb(Redb::open(dir)?))
+    }
+
+    /// `--reinit-store` (see [`Redb::reinit`]).
+    pub(crate) fn reinit(dir: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
+        let (redb, aside) = Redb::reinit(dir)?;
+        Ok((Self::Redb(redb), aside))
+    }
+
+    /// etcd at `url` (`etcd://HOST:PORT[,HOST:PORT...]`), every key under `prefix`.
+    pub(crate) fn etcd(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        Ok(Self::Etcd(on_etcd::EtcdStore::connect(url, prefix)?))
+    }
+
+    /// Where the store is, for the status and the logs.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Redb(_) => "embedded".into(),
+            Self::Etcd(s) => s.describe(),
+        }
+    }
+
+    pub(crate) fn latest(&self) -> Result<Option<Revision>, StoreError> {
+        either!(self, s => s.latest())
+    }
+
+    pub(crate) fn get(&self, revision: u64) -> Result<Option<Revision>, StoreError> {
+        either!(self, s => s.get(revision))
+    }
+
+    pub(crate) fn history(&self) -> Result<Vec<Revision>, StoreError> {
+        either!(self, s => s.history())
+    }
+
+    pub(crate) fn reserve(&self) -> Result<u64, StoreError> {
+        either!(self, s => s.reserve())
+    }
+
+    pub(crate) fn stable(&self) -> Result<Option<u64>, StoreError> {
+        either!(self, s => s.stable())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn commit(
+        &self,
+        summary: String,
+        changes: Vec<ChangeEntry>,
+        resources: &BTreeMap<ResourceKey, Resource>,
+    ) -> Result<Revision, StoreError> {
+        let next = self.reserve()?;
+        self.commit_at(next, summary, changes, resources)
+    }
+
+    pub(crate) fn commit_at(
+        &self,
+        wanted: u64,
+        summary: String,
+        changes: Vec<ChangeEntry>,
+        resources: &BTreeMap<ResourceKey, Resource>,
+    ) -> Result<Revision, StoreError> {
+        either!(self, s => s.commit_at(wanted, summary, changes, resources))
+    }
+
+    pub(crate) fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
+        either!(self, s => s.secret(name))
+    }
+
+    pub(crate) fn put_secret(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        either!(self, s => s.put_secret(name, value))
+    }
+
+    pub(crate) fn create_secret(&self, name: &str, value: &str) -> Result<String, StoreError> {
+        either!(self, s => s.create_secret(name, value))
+    }
+
+    pub(crate) fn state(&self, name: &str) -> Result<Option<String>, StoreError> {
+        either!(self, s => s.state(name))
+    }
+
+    pub(crate) fn put_state(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        either!(self, s => s.put_state(name, value))
+    }
+
+    pub(crate) fn api_tokens(&self) -> Result<Vec<String>, StoreError> {
+        either!(self, s => s.api_tokens())
+    }
+
+    pub(crate) fn put_api_token(&self, name: &str, json: &str) -> Result<(), StoreError> {
+        either!(self, s => s.put_api_token(name, json))
+    }
+
+    pub(crate) fn delete_api_token(&self, name: &str) -> Result<(), StoreError> {
+        either!(self, s => s.delete_api_token(name))
+    }
+
+    pub(crate) fn put_intent(&self, seq: u64, json: &str) -> Result<(), StoreError> {
+        either!(self, s => s.put_intent(seq, json))
+    }
+
+    pub(crate) fn intents(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        either!(self, s => s.intents())
+    }
+
+    pub(crate) fn append_ledger(&self, json: &str) -> Result<(), StoreError> {
+        either!(self, s => s.append_ledger(json))
+    }
+
+    pub(crate) fn ledger(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        either!(self, s => s.ledger(limit))
+    }
+
+    pub(crate) fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
+        either!(self, s => s.put_token(record))
+    }
+
+    pub(crate) fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        either!(self, s => s.token(id))
+    }
+
+    pub(crate) fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        either!(self, s => s.tokens())
+    }
+
+    pub(crate) fn update_token(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut TokenRecord) -> Result<(), TokenRefusal>,
+    ) -> Result<Result<TokenRecord, TokenRefusal>, StoreError> {
+        either!(self, s => s.update_token(id, change))
+    }
+
+    pub(crate) fn prune_tokens(&self, before: u64) -> Result<usize, StoreError> {
+        either!(self, s => s.prune_tokens(before))
+    }
+}
+
+// === impl Redb ===
+
+impl Redb {
     /// Opens `DIR/weft.redb`, or creates it in a directory that never held one. Refuses an
     /// empty or unreadable file, and a missing one where a control plane's other state remains.
     pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -188,6 +363,7 @@ impl Store {
         tx.open_table(SECRETS).map_err(db_err)?;
         tx.open_table(API_TOKENS).map_err(db_err)?;
         tx.open_table(TOKENS).map_err(db_err)?;
+        tx.open_table(STATE).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -246,19 +422,6 @@ impl Store {
         Ok(meta.get("stable").map_err(db_err)?.map(|v| v.value()))
     }
 
-    /// Records `resources` as the next revision and makes it stable (the intent loop reserves
-    /// its number first and uses `commit_at`; the store's tests commit directly).
-    #[cfg(test)]
-    pub(crate) fn commit(
-        &self,
-        summary: String,
-        changes: Vec<ChangeEntry>,
-        resources: &BTreeMap<ResourceKey, Resource>,
-    ) -> Result<Revision, StoreError> {
-        let next = self.reserve()?;
-        self.commit_at(next, summary, changes, resources)
-    }
-
     /// Records `resources` as revision `wanted` (a number reserved earlier) when it is newer than
     /// every committed one, else under a freshly reserved number; makes it stable.
     pub(crate) fn commit_at(
@@ -300,7 +463,7 @@ impl Store {
 
 // === secrets ===
 
-impl Store {
+impl Redb {
     pub(crate) fn secret(&self, name: &str) -> Result<Option<String>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(SECRETS).map_err(db_err)?;
@@ -312,11 +475,45 @@ impl Store {
         tx.open_table(SECRETS).map_err(db_err)?.insert(name, value).map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
+
+    /// Stores `value` under `name` unless something is there already; returns what is stored.
+    pub(crate) fn create_secret(&self, name: &str, value: &str) -> Result<String, StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let stored = {
+            let mut table = tx.open_table(SECRETS).map_err(db_err)?;
+            let existing = table.get(name).map_err(db_err)?.map(|v| v.value().to_string());
+            match existing {
+                Some(existing) => existing,
+                None => {
+                    table.insert(name, value).map_err(db_err)?;
+                    value.to_string()
+                }
+            }
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(stored)
+    }
+}
+
+// === operator switches ===
+
+impl Redb {
+    pub(crate) fn state(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(STATE).map_err(db_err)?;
+        Ok(table.get(name).map_err(db_err)?.map(|v| v.value().to_string()))
+    }
+
+    pub(crate) fn put_state(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(STATE).map_err(db_err)?.insert(name, value).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
 }
 
 // === API tokens ===
 
-impl Store {
+impl Redb {
     pub(crate) fn api_tokens(&self) -> Result<Vec<String>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(API_TOKENS).map_err(db_err)?;
@@ -342,7 +539,7 @@ impl Store {
 
 // === intents and ledger ===
 
-impl Store {
+impl Redb {
     /// Writes an intent's record (JSON) under its queue number.
     pub(crate) fn put_intent(&self, seq: u64, json: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
@@ -404,7 +601,7 @@ impl TokenRecord {
     }
 }
 
-impl Store {
+impl Redb {
     pub(crate) fn put_token(&self, record: &TokenRecord) -> Result<(), StoreError> {
         let json = serde_json::to_string(record).map_err(db_err)?;
         let tx = self.db.begin_write().map_err(db_err)?;

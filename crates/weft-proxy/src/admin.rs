@@ -27,7 +27,7 @@ fn config_dump(proxy: &Proxy) -> String {
             "advertise": local.advertise,
         },
         "control": proxy.link.as_ref().map(|l| serde_json::json!({
-            "url": l.url, "tls": l.tls(), "pinnedCa": l.pinned(), "trustsBundle": l.trusts_bundle(),
+            "url": l.url, "current": l.current_url(), "tls": l.tls(), "pinnedCa": l.pinned(), "trustsBundle": l.trusts_bundle(),
         })),
         "trustHeaders": {
             "stripped": crate::forward::IDENTITY_HEADERS,

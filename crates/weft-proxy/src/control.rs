@@ -21,14 +21,15 @@ pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs the control stream until shutdown, reconnecting as needed.
 pub(crate) async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedReceiver<String>, shutdown: Shutdown) {
-    let url = proxy.link.as_ref().expect("control mode").url.clone();
+    let link = proxy.link.as_ref().expect("control mode");
     let mut taps = proxy.taps.take_events().expect("one control stream per proxy");
     let mut failures = 0u32;
     loop {
         let outcome = tokio::select! {
-            r = session(&proxy, &url, &mut subscriptions, &mut taps) => r,
+            r = session(&proxy, &mut subscriptions, &mut taps) => r,
             _ = shutdown.cancelled() => return,
         };
+        let url = link.current_url().to_string();
         // Taps live on the stream: a lost stream closes them.
         proxy.taps.set(Vec::new());
         match outcome {
@@ -77,7 +78,6 @@ enum SessionError {
 
 async fn session(
     proxy: &Proxy,
-    url: &str,
     subscriptions: &mut mpsc::UnboundedReceiver<String>,
     taps: &mut mpsc::Receiver<proto::TapEvent>,
 ) -> Result<Session, SessionError> {
@@ -109,7 +109,7 @@ async fn session(
     }))
     .await;
     let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
-    tracing::info!(control = %url, "control stream up");
+    tracing::info!(control = %link.current_url(), "control stream up");
     let mut ticker = tokio::time::interval(REPORT_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;

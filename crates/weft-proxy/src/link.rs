@@ -5,11 +5,17 @@
 //! token expired. Plaintext (`http://`) only with `--insecure-plaintext`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use weft_core::tls::{Connector, PinnedVerifier};
 
-/// How the proxy reaches the control plane.
+/// How the proxy reaches the control plane: one or several replicas' URLs (`--control A,B`).
 pub(crate) struct Link {
+    /// As given.
     pub(crate) url: String,
+    urls: Vec<String>,
+    /// The URL tried first: the last that answered (at start, a random one, so proxies spread
+    /// over the replicas).
+    current: AtomicUsize,
     connector: Connector,
     /// TLS only: the pin, then the trust bundle.
     verifier: Option<Arc<PinnedVerifier>>,
@@ -33,10 +39,18 @@ impl Link {
     /// `https://` pins the CA of `token`'s claims and presents `client_cert`; `http://` is
     /// plaintext (the caller checked it was asked for).
     pub(crate) fn new(url: &str, token: Option<&str>, client_cert: Arc<dyn rustls::client::ResolvesClientCert>) -> Result<Self, LinkError> {
-        let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-        match scheme {
+        let urls: Vec<String> = url.split(',').map(|u| u.trim().to_string()).collect();
+        let scheme_of = |u: &str| u.split_once("://").map(|(s, _)| s.to_string()).unwrap_or_default();
+        let scheme = scheme_of(&urls[0]);
+        if let Some(other) = urls.iter().find(|u| scheme_of(u) != scheme) {
+            return Err(LinkError::Scheme { url: other.clone() });
+        }
+        let current = AtomicUsize::new(rand::random_range(0..urls.len()));
+        match scheme.as_str() {
             "http" => Ok(Self {
                 url: url.to_string(),
+                urls,
+                current,
                 connector: Connector::plaintext(),
                 verifier: None,
             }),
@@ -47,6 +61,8 @@ impl Link {
                 let config = weft_core::tls::client_config(verifier.clone(), Some(client_cert), &[weft_core::tls::ALPN_H2])?;
                 Ok(Self {
                     url: url.to_string(),
+                    urls,
+                    current,
                     connector: Connector::tls(Arc::new(config)),
                     verifier: Some(verifier),
                 })
@@ -81,19 +97,36 @@ impl Link {
         }
     }
 
-    /// A channel to the control plane, connected.
+    /// The URL tried first now: the last one connected.
+    pub(crate) fn current_url(&self) -> &str {
+        &self.urls[self.current.load(Ordering::Relaxed) % self.urls.len()]
+    }
+
+    /// A channel to the control plane, connected: to the URL that answered last, else to each
+    /// of the others in turn (a replica gone is left at once).
     pub(crate) async fn connect(
         &self,
-        endpoint: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+        endpoint: impl Fn(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
     ) -> Result<tonic::transport::Channel, LinkDown> {
-        let base = tonic::transport::Endpoint::from_shared(self.url.clone()).map_err(|e| LinkDown::Connect(e.to_string()))?;
-        match endpoint(base).connect_with_connector(self.connector.clone()).await {
-            Ok(channel) => Ok(channel),
-            Err(error) => Err(match self.verifier.as_ref().and_then(|v| v.take_refusal()) {
-                Some(why) => LinkDown::Refused(why),
-                None => LinkDown::Connect(chain(&error)),
-            }),
+        let first = self.current.load(Ordering::Relaxed);
+        let mut down = None;
+        for i in 0..self.urls.len() {
+            let at = (first + i) % self.urls.len();
+            let base = tonic::transport::Endpoint::from_shared(self.urls[at].clone()).map_err(|e| LinkDown::Connect(e.to_string()))?;
+            match endpoint(base).connect_with_connector(self.connector.clone()).await {
+                Ok(channel) => {
+                    self.current.store(at, Ordering::Relaxed);
+                    return Ok(channel);
+                }
+                Err(error) => {
+                    down = Some(match self.verifier.as_ref().and_then(|v| v.take_refusal()) {
+                        Some(why) => LinkDown::Refused(why),
+                        None => LinkDown::Connect(chain(&error)),
+                    })
+                }
+            }
         }
+        Err(down.expect("at least one URL"))
     }
 }
 

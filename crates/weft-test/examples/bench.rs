@@ -63,6 +63,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid: u32, ca_file: &str) -> anyhow::Result<()> {
+    let apis: Vec<&str> = api.split(',').collect();
+    let api = apis[0];
     let client = if api.starts_with("https://") {
         let ca = std::fs::read_to_string(ca_file).map_err(|e| anyhow::anyhow!("CA_FILE {ca_file:?}: {e}"))?;
         weft_test::http::Client::trusting(&ca)
@@ -82,13 +84,23 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     // One change: a TrafficPolicy on the service every proxy calls.
     let policy = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: sim-policy}\nspec:\n  service: sim-svc-0\n  routes:\n    - timeout: 2s\n";
     let t0 = Instant::now();
-    let r = client
-        .post(
-            &format!("{api}/api/v1/resources"),
-            policy.as_bytes().to_vec(),
-            &[("authorization", &format!("Bearer {bearer}"))],
-        )
-        .await?;
+    // Several replicas (`API,API,...`): the change goes to whichever leads (a follower says 503).
+    let mut r = None;
+    for api in apis.iter().cycle().take(apis.len() * 20) {
+        let answer = client
+            .post(
+                &format!("{api}/api/v1/resources"),
+                policy.as_bytes().to_vec(),
+                &[("authorization", &format!("Bearer {bearer}"))],
+            )
+            .await?;
+        if answer.status != 503 {
+            r = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = r.ok_or_else(|| anyhow::anyhow!("apply: no replica took the change"))?;
     anyhow::ensure!(r.status == 200 || r.status == 202, "apply: {} {}", r.status, r.text());
     let revision = r.json()["revision"].as_u64().unwrap_or(1);
     fleet::until(Duration::from_secs(60), || async { fleet.count_at(revision).await == n }).await;

@@ -62,9 +62,12 @@ impl Fleet {
         let arrivals = Arc::new(Mutex::new(vec![HashMap::new(); n]));
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
+        // Several control-plane replicas (`URL,URL,...`): proxy i dials the i-th, round robin.
+        let urls: Vec<&str> = grpc.split(',').collect();
         for (i, token) in tokens.into_iter().enumerate() {
-            let endpoint = tonic::transport::Endpoint::from_shared(grpc.to_string())?;
-            let connector = connector(grpc, &token)?;
+            let url = urls[i % urls.len()];
+            let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
+            let connector = connector(url, &token)?;
             let arrivals = arrivals.clone();
             let calls = calls.to_string();
             tasks.spawn(async move {

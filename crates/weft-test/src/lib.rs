@@ -7,6 +7,7 @@
 
 pub mod apps;
 pub mod browser;
+pub mod etcd;
 pub mod fleet;
 pub mod http;
 pub mod load;

@@ -102,7 +102,7 @@ impl Drop for Process {
     }
 }
 
-fn rand_suffix() -> u64 {
+pub(crate) fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
@@ -135,6 +135,21 @@ impl Control {
         let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_dir_all(&data_dir);
         Self::launch(bin, &data_dir, free_addr(), free_addr(), extra.to_vec(), false).await
+    }
+
+    /// A replica keeping the mesh in etcd at `store` (`etcd://...`), with a data directory of its
+    /// own. `admin_token`: the bootstrap token an earlier replica registered (written to this
+    /// one's `admin.token`, as an operator copies it), or `None` for the first replica.
+    pub async fn start_on_store(bin: &str, store: &str, admin_token: Option<&str>, extra: &[String]) -> Self {
+        let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        if let Some(token) = admin_token {
+            std::fs::create_dir_all(&data_dir).unwrap();
+            std::fs::write(data_dir.join("admin.token"), token).unwrap();
+        }
+        let mut extra = extra.to_vec();
+        extra.extend(["--store".to_string(), store.to_string()]);
+        Self::launch(bin, &data_dir, free_addr(), free_addr(), extra, false).await
     }
 
     pub async fn start_at(bin: &str, data_dir: &Path, api: SocketAddr, grpc: SocketAddr) -> Self {

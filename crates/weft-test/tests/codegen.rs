@@ -12,6 +12,7 @@ fn generated_code_matches_proto() {
         ("weft-api", "weft.proto", "weft.v1.rs"),
         ("weft-api", "otlp_trace.proto", "opentelemetry.proto.collector.trace.v1.rs"),
         ("weft-test", "echo.proto", "weft.test.rs"),
+        ("weft-control", "etcd.proto", "etcdserverpb.rs"),
     ] {
         let root = crates.join(krate);
         let checked_in = root.join("src/gen").join(output);

@@ -16,7 +16,8 @@ pub struct ProxyArgs {
     #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin", "token", "insecure_plaintext"])]
     pub config: Option<PathBuf>,
     /// The control plane's gRPC URL, e.g. https://127.0.0.1:7071 (TLS, the CA pinned by the join
-    /// token's fingerprint).
+    /// token's fingerprint); several replicas' URLs separated by commas: the proxy starts with a
+    /// random one and moves to the next when its replica goes away, keeping its config.
     #[arg(long, required_unless_present = "config")]
     pub control: Option<String>,
     /// Allow an http:// --control URL: a control plane run with --insecure-plaintext. The token
@@ -122,9 +123,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api: addr,
             data_dir,
             rps,
+            ha,
         } => {
             return crate::up::run(crate::up::Options {
                 traffic: !no_traffic,
+                ha,
                 api: addr,
                 data_dir,
                 rps,
@@ -143,6 +146,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sans,
             insecure_plaintext,
             reinit_store,
+            store,
+            store_prefix,
+            replica,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -156,6 +162,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sans,
                 insecure_plaintext,
                 reinit_store,
+                store,
+                store_prefix,
+                replica,
             };
             return control(cfg).await;
         }

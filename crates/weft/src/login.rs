@@ -61,21 +61,27 @@ fn load(path: &Path) -> anyhow::Result<Option<Saved>> {
 
 /// Writes the per-user config (mode 0600) and returns where.
 pub fn save(saved: &Saved) -> anyhow::Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = config_path()?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    write_private_file(&path, &serde_json::to_string_pretty(saved)?)?;
+    Ok(path)
+}
+
+/// Writes `text` to `path`, readable by this user only (mode 0600).
+pub fn write_private_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(serde_json::to_string_pretty(saved)?.as_bytes())?;
-    Ok(path)
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 /// Reads a token file: the token alone, surrounding whitespace ignored.

@@ -63,6 +63,10 @@ pub enum Command {
         /// Requests per second the traffic generator sends to mobile-gateway.
         #[arg(long, default_value_t = 20)]
         rps: u32,
+        /// A highly available control plane: a three-member etcd and three replicas on
+        /// loopback (the first on --api), proxies given all three; needs Debian's etcd-server.
+        #[arg(long)]
+        ha: bool,
     },
     /// Store a control plane's address (`--server`), its CA and an API token (`--token-file`:
     /// the first admin's `admin.token`, or one from `weft admin token create`) for this user's
@@ -121,6 +125,16 @@ pub enum Command {
         /// policies, tokens and the root CA start over; every proxy must join again.
         #[arg(long)]
         reinit_store: bool,
+        /// Keep the mesh in etcd instead of --data-dir, shared by every replica started with
+        /// the same value: etcd://HOST:PORT[,HOST:PORT...] (plaintext gRPC to etcd).
+        #[arg(long, value_name = "etcd://HOST:PORT,...", conflicts_with = "reinit_store")]
+        store: Option<String>,
+        /// Every key this mesh keeps in etcd starts with it, so meshes can share one etcd.
+        #[arg(long, default_value = "/weft", requires = "store")]
+        store_prefix: String,
+        /// This replica's name among the replicas on one --store (default: its API address).
+        #[arg(long, requires = "store")]
+        replica: Option<String>,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(commands::ProxyArgs),

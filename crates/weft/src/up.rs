@@ -17,6 +17,8 @@ use tokio::process::{Child, Command};
 
 pub struct Options {
     pub traffic: bool,
+    /// Three etcd members and three control-plane replicas instead of one control plane.
+    pub ha: bool,
     pub api: SocketAddr,
     pub data_dir: Option<PathBuf>,
     pub rps: u32,
@@ -153,26 +155,38 @@ async fn start_all(
     shutdown: &weft_core::Shutdown,
 ) -> anyhow::Result<()> {
     let grpc = free_port()?;
-    let control_url = format!("https://{grpc}");
-    let api_url = format!("https://{}", opts.api);
+    let mut control_url = format!("https://{grpc}");
+    let mut api_url = format!("https://{}", opts.api);
     let ca_file = data_dir.join("control").join(weft_control::serving::CA_FILE);
-    children.push(spawn(
-        exe,
-        logs,
-        "control",
-        &[
-            "control",
-            "--data-dir",
-            &data_dir.join("control").display().to_string(),
-            "--api",
-            &opts.api.to_string(),
-            "--grpc",
-            &grpc.to_string(),
-        ],
-    )?);
-    let api = wait_api(&api_url, &ca_file, Duration::from_secs(15), children)
+    let store = if opts.ha {
+        Some(start_etcd(logs, data_dir, children).await?)
+    } else {
+        None
+    };
+    let mut args = vec![
+        "control".to_string(),
+        "--data-dir".into(),
+        data_dir.join("control").display().to_string(),
+        "--api".into(),
+        opts.api.to_string(),
+        "--grpc".into(),
+        grpc.to_string(),
+    ];
+    if let Some(store) = &store {
+        args.extend(["--store".into(), store.clone(), "--replica".into(), "r0".into()]);
+    }
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    children.push(spawn(exe, logs, "control", &arg_refs)?);
+    let mut api = wait_api(&api_url, &ca_file, Duration::from_secs(15), children)
         .await
         .context("the control plane did not come up")?;
+    let mut replicas = Vec::new();
+    if let Some(store) = &store {
+        (control_url, api_url, replicas) = start_replicas(exe, data_dir, logs, store, &api_url, &grpc.to_string(), children).await?;
+        api = wait_api(&api_url, &ca_file, Duration::from_secs(15), children)
+            .await
+            .context("the leading replica did not answer")?;
+    }
     // The CLI and the dashboard of this user get the bootstrap admin token and the CA, no extra
     // step.
     let token_file = data_dir.join("control").join(weft_control::ADMIN_TOKEN_FILE);
@@ -228,6 +242,9 @@ async fn start_all(
         ca_file.display()
     );
     say!("  control:    {control_url} (gRPC over TLS)");
+    for line in &replicas {
+        say!("  {line}");
+    }
     say!("  CA:         {}", ca_file.display());
     say!("  logs:       {}", logs.display());
     say!("  admin token: {} (the dashboard asks for it once)", token_file.display());
@@ -392,6 +409,142 @@ async fn generate(target: SocketAddr, rps: u32, shutdown: weft_core::Shutdown) {
             }
         });
     }
+}
+
+/// `--ha`: three etcd members on loopback (Debian's etcd-server, `etcd` on the PATH or
+/// /usr/bin/etcd), their data under `DATA_DIR/etcd`; returns the `--store` URL once they answer.
+async fn start_etcd(logs: &std::path::Path, data_dir: &std::path::Path, children: &mut Vec<Running>) -> anyhow::Result<String> {
+    let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("weft up --ha needs etcd (Debian: apt-get install etcd-server)")?;
+    let members: Vec<(String, SocketAddr, SocketAddr)> = (0..3)
+        .map(|i| Ok((format!("etcd{i}"), free_port()?, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let cluster: Vec<String> = members.iter().map(|(n, _, peer)| format!("{n}=http://{peer}")).collect();
+    let cluster = cluster.join(",");
+    for (name, client, peer) in &members {
+        let dir = data_dir.join("etcd").join(name).display().to_string();
+        let (client, peer) = (format!("http://{client}"), format!("http://{peer}"));
+        let args = [
+            "--name",
+            name,
+            "--data-dir",
+            &dir,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &cluster,
+            "--initial-cluster-token",
+            "weft-up",
+            "--initial-cluster-state",
+            "new",
+        ];
+        children.push(spawn(&bin, logs, name, &args)?);
+    }
+    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (name, client, _) in &members {
+        loop {
+            let uri: hyper::Uri = format!("http://{client}/health").parse()?;
+            let healthy = match http.get(uri).await {
+                Ok(reply) => reply
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default()
+                    .windows(6)
+                    .any(|w| w == b"\"true\""),
+                Err(_) => false,
+            };
+            if healthy {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "etcd member {name} did not become healthy; see {}",
+                    logs.join(format!("{name}.log")).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let clients: Vec<String> = members.iter().map(|(_, c, _)| c.to_string()).collect();
+    Ok(format!("etcd://{}", clients.join(",")))
+}
+
+/// `--ha`: replicas r1 and r2 beside r0 (already up on `first_api`/`first_grpc`), sharing its
+/// admin token. Returns the proxies' `--control` list, the leader's API URL, and a line per
+/// replica to print.
+async fn start_replicas(
+    exe: &PathBuf,
+    data_dir: &std::path::Path,
+    logs: &std::path::Path,
+    store: &str,
+    first_api: &str,
+    first_grpc: &str,
+    children: &mut Vec<Running>,
+) -> anyhow::Result<(String, String, Vec<String>)> {
+    let token = std::fs::read_to_string(data_dir.join("control").join(weft_control::ADMIN_TOKEN_FILE))?;
+    let mut apis = vec![first_api.to_string()];
+    let mut grpcs = vec![format!("https://{first_grpc}")];
+    for i in 1..3 {
+        let dir = data_dir.join(format!("control-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        crate::login::write_private_file(&dir.join(weft_control::ADMIN_TOKEN_FILE), &token)?;
+        let (api, grpc) = (free_port()?, free_port()?);
+        let replica = format!("r{i}");
+        let args = [
+            "control",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--api",
+            &api.to_string(),
+            "--grpc",
+            &grpc.to_string(),
+            "--store",
+            store,
+            "--replica",
+            &replica,
+        ];
+        children.push(spawn(exe, logs, &format!("control-{i}"), &args)?);
+        apis.push(format!("https://{api}"));
+        grpcs.push(format!("https://{grpc}"));
+    }
+    let ca_file = data_dir.join("control").join(weft_control::serving::CA_FILE);
+    let first = wait_api(first_api, &ca_file, Duration::from_secs(15), children)
+        .await?
+        .with_token(Some(token.trim().to_string()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let leader = loop {
+        let status = first.get("/api/v1/status").await?;
+        if let Some(leader) = status["controlPlane"]["leader"].as_str() {
+            break leader.trim_start_matches('r').parse::<usize>().unwrap_or(0);
+        }
+        if Instant::now() > deadline {
+            bail!("no replica was elected leader; see {}", logs.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let lines = (0..3)
+        .map(|i| {
+            format!(
+                "replica r{i}:  API {}  gRPC {}{}",
+                apis[i],
+                grpcs[i],
+                if i == leader { "  (leader)" } else { "" }
+            )
+        })
+        .collect();
+    Ok((grpcs.join(","), apis[leader].clone(), lines))
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {

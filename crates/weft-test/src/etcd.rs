@@ -1,0 +1,141 @@
+//! Real etcd clusters for the tests of the highly available control plane: Debian's
+//! `etcd-server` (`/usr/bin/etcd`, installed by `scripts/test`), each member a process on
+//! loopback ports picked at run time, its data in a temporary directory removed on drop.
+
+use crate::http::Client;
+use crate::process::{Process, free_addr};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The etcd binary (`WEFT_ETCD` overrides it).
+fn etcd_bin() -> String {
+    std::env::var("WEFT_ETCD").unwrap_or_else(|_| "/usr/bin/etcd".into())
+}
+
+pub struct EtcdMember {
+    pub name: String,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    process: Option<Process>,
+}
+
+/// A cluster of `n` members; each can be stopped and started again on its data.
+pub struct EtcdCluster {
+    pub members: Vec<EtcdMember>,
+    dir: PathBuf,
+    token: String,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster has a leader and answers.
+    pub async fn start(n: usize) -> Self {
+        assert!(
+            std::path::Path::new(&etcd_bin()).exists(),
+            "{} is missing: install Debian's etcd-server (scripts/test does)",
+            etcd_bin()
+        );
+        let token = format!("weft-test-{}-{}", std::process::id(), crate::process::rand_suffix());
+        let dir = std::env::temp_dir().join(&token);
+        let _ = std::fs::remove_dir_all(&dir);
+        let members = (0..n)
+            .map(|i| EtcdMember {
+                name: format!("etcd{i}"),
+                client: free_addr(),
+                peer: free_addr(),
+                process: None,
+            })
+            .collect();
+        let mut cluster = Self { members, dir, token };
+        for i in 0..n {
+            cluster.spawn(i, "new");
+        }
+        cluster.wait_healthy(Duration::from_secs(30)).await;
+        cluster
+    }
+
+    /// `etcd://HOST:PORT,...` for `weft control --store`.
+    pub fn url(&self) -> String {
+        let members: Vec<String> = self.members.iter().map(|m| m.client.to_string()).collect();
+        format!("etcd://{}", members.join(","))
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let initial: Vec<String> = self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
+        let m = &self.members[i];
+        let args: Vec<String> = [
+            "--name",
+            &m.name,
+            "--data-dir",
+            &self.dir.join(&m.name).display().to_string(),
+            "--listen-client-urls",
+            &format!("http://{}", m.client),
+            "--advertise-client-urls",
+            &format!("http://{}", m.client),
+            "--listen-peer-urls",
+            &format!("http://{}", m.peer),
+            "--initial-advertise-peer-urls",
+            &format!("http://{}", m.peer),
+            "--initial-cluster",
+            &initial.join(","),
+            "--initial-cluster-token",
+            &self.token,
+            "--initial-cluster-state",
+            state,
+            // Fast elections: a member lost is replaced within about a second.
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ]
+        .map(String::from)
+        .to_vec();
+        let process = Process::spawn(&etcd_bin(), &m.name, &args);
+        self.members[i].process = Some(process);
+    }
+
+    /// Stops member `i` (SIGKILL); its data stays for [`EtcdCluster::resume`].
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts stopped member `i` again on its data.
+    pub fn resume(&mut self, i: usize) {
+        self.spawn(i, "existing");
+    }
+
+    /// Waits until every running member reports itself healthy (a leader, quorum).
+    pub async fn wait_healthy(&self, within: Duration) {
+        let urls: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.process.is_some())
+            .map(|m| format!("http://{}/health", m.client))
+            .collect();
+        crate::eventually(within, "every etcd member healthy", || {
+            let urls = urls.clone();
+            async move {
+                let client = Client::new();
+                for url in &urls {
+                    let reply = client.get(url).await.ok()?;
+                    if !String::from_utf8_lossy(&reply.body).contains("\"true\"") {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.process.take();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,584 @@
+//! The control plane on etcd (`--store etcd://...`) and the operator switches that outlive a
+//! restart: real etcd members (Debian's etcd-server), real control-plane processes.
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use weft_test::apps::EchoServer;
+use weft_test::etcd::EtcdCluster;
+use weft_test::eventually;
+use weft_test::http::Client;
+use weft_test::{Control, ProxyHandle, free_addr};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft");
+
+const POLICY: &str =
+    "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: orders}\nspec: {service: orders, routes: [{timeout: 2s}]}\n";
+
+fn service<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {status}"))
+}
+
+/// Applies the policy, freezes the mesh and bypasses `orders`; returns the revision made.
+async fn change_everything(control: &Control) -> u64 {
+    let (status, applied) = control.post("/api/v1/resources", POLICY).await;
+    assert_eq!(status, 200, "{applied}");
+    let (status, body) = control.post("/api/v1/bypass/orders", r#"{"enabled": true}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = control.post("/api/v1/freeze", r#"{"enabled": true}"#).await;
+    assert_eq!(status, 200, "{body}");
+    applied["revision"].as_u64().expect("a revision")
+}
+
+/// What a restart must keep: the policy at its revision, the freeze and the bypass.
+async fn assert_kept(control: &Control, revision: u64) {
+    let status = control.get("/api/v1/status").await;
+    assert_eq!(Control::revision_of(&status), revision, "{status}");
+    assert_eq!(status["loop"]["frozen"], true, "the freeze outlives the restart: {status}");
+    assert_eq!(
+        service(&status, "orders")["bypass"],
+        true,
+        "the bypass outlives the restart: {status}"
+    );
+    let resources = control.get("/api/v1/resources").await;
+    assert!(resources.to_string().contains("\"timeout\":\"2s\""), "{resources}");
+}
+
+#[tokio::test]
+async fn freeze_and_bypass_survive_a_restart_of_the_embedded_store() {
+    let mut control = Control::start(BIN).await;
+    let revision = change_everything(&control).await;
+    control.restart().await;
+    assert_kept(&control, revision).await;
+    // And they can be lifted again, durably.
+    assert_eq!(control.post("/api/v1/freeze", r#"{"enabled": false}"#).await.0, 200);
+    control.restart().await;
+    assert_eq!(control.get("/api/v1/status").await["loop"]["frozen"], false);
+}
+
+#[tokio::test]
+async fn a_control_plane_on_etcd_keeps_everything_across_a_restart_with_a_new_data_dir() {
+    let etcd = EtcdCluster::start(1).await;
+    let first = Control::start_on_store(BIN, &etcd.url(), None, &[]).await;
+    leader_of(std::slice::from_ref(&first), &[0], Duration::from_secs(10)).await;
+    let revision = change_everything(&first).await;
+    let viewer = first.api_token("ci", "viewer").await;
+    let join = first.token("default/orders", "orders").await;
+    assert!(!join.is_empty());
+    let intents = first.get("/api/v1/intents").await;
+    let ca = first.ca_pem();
+    let admin = first.admin_token.clone();
+    drop(first);
+
+    // A fresh data directory holds nothing of the mesh: all of it comes back from etcd.
+    let second = Control::start_on_store(BIN, &etcd.url(), Some(&admin), &[]).await;
+    assert_kept(&second, revision).await;
+    // It leads once the killed replica's lease has lapsed.
+    leader_of(std::slice::from_ref(&second), &[0], Duration::from_secs(10)).await;
+    assert_eq!(second.ca_pem(), ca, "the same root CA");
+    let (status, _) = second.call_as("GET", "/api/v1/status", "", &viewer).await;
+    assert_eq!(status, 200, "the API token created before the restart still works");
+    let tokens = second.get("/api/v1/tokens").await;
+    assert!(
+        tokens.to_string().contains("default/orders"),
+        "the join token is on record: {tokens}"
+    );
+    let after = second.get("/api/v1/intents").await;
+    assert_eq!(after, intents, "intents with their ledgers and decisions");
+    let revisions = second.get("/api/v1/revisions").await.to_string();
+    assert!(revisions.contains(&format!("\"revision\":{revision}")), "history: {revisions}");
+    let ledger = second.get("/api/v1/ledger").await.to_string();
+    assert!(
+        ledger.contains("freeze on") && ledger.contains("bypass on"),
+        "the audit ledger: {ledger}"
+    );
+}
+
+const HOLD: &str = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: HOLD-1}\nspec:\n  title: held\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: orders}\n        spec: {service: orders, routes: [{timeout: 2s}]}\n  rollout: {stages: [100], bake: 1s, mode: manual}\n  slo: {minRequests: 1}\n";
+
+/// Starts `n` replicas on `store`, the first registering the admin token the others reuse.
+async fn replicas(store: &str, n: usize) -> Vec<Control> {
+    let first = Control::start_on_store(BIN, store, None, &[]).await;
+    let token = first.admin_token.clone();
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(Control::start_on_store(BIN, store, Some(&token), &[]).await);
+    }
+    all
+}
+
+/// The index of the one replica among `live` that leads, once every one of them agrees.
+async fn leader_of(replicas: &[Control], live: &[usize], within: Duration) -> usize {
+    eventually(within, "one leader every live replica agrees on", || async {
+        let mut leaders = Vec::new();
+        let mut names = Vec::new();
+        for &i in live {
+            let (status, body) = replicas[i].call_as("GET", "/api/v1/status", "", &replicas[i].admin_token).await;
+            if status != 200 {
+                return None;
+            }
+            let cp = &body["controlPlane"];
+            names.push(cp["leader"].as_str()?.to_string());
+            if cp["role"] == "leader" {
+                leaders.push(i);
+            }
+        }
+        names.dedup();
+        (leaders.len() == 1 && names.len() == 1).then(|| leaders[0])
+    })
+    .await
+}
+
+async fn phase(control: &Control, id: &str) -> Option<String> {
+    let (status, body) = control
+        .call_as("GET", &format!("/api/v1/intents/{id}"), "", &control.admin_token)
+        .await;
+    (status == 200).then(|| body["phase"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_elect_one_leader_and_another_takes_over_within_the_lease_when_it_is_killed() {
+    let etcd = EtcdCluster::start(3).await;
+    let mut all = replicas(&etcd.url(), 3).await;
+    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    let status = all[leader].get("/api/v1/status").await;
+    assert_eq!(
+        status["controlPlane"]["store"].as_str().unwrap(),
+        format!("{} (prefix /weft/)", etcd.url())
+    );
+    assert_eq!(status["controlPlane"]["version"], env!("CARGO_PKG_VERSION"));
+
+    // Only the leader changes the mesh; a follower says who does.
+    let (code, refused) = all[follower].post("/api/v1/intents", HOLD).await;
+    assert_eq!(code, 503, "{refused}");
+    let leader_name = status["controlPlane"]["replica"].as_str().unwrap();
+    assert!(
+        refused["error"].as_str().unwrap().contains(&format!(
+            "follower and does not change the mesh: send it to the leader, replica {leader_name}"
+        )),
+        "{refused}"
+    );
+    let (code, body) = all[leader].post("/api/v1/intents", HOLD).await;
+    assert_eq!(code, 201, "{body}");
+    // Followers see the leader's intent through their watch.
+    for replica in &all {
+        eventually(Duration::from_secs(10), "every replica shows the held intent", || async {
+            (phase(replica, "HOLD-1").await.as_deref() == Some("awaiting-approval")).then_some(())
+        })
+        .await;
+    }
+
+    // kill -9 the leader mid-rollout: another takes over within the lease's TTL.
+    all[leader].process.kill();
+    let killed = Instant::now();
+    let live: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let next = leader_of(&all, &live, Duration::from_secs(15)).await;
+    let failover = killed.elapsed();
+    eprintln!("leader failover: {failover:?} (lease TTL 3s)");
+    assert!(failover <= Duration::from_millis(3000 + 1500), "took {failover:?}");
+
+    // The intent continues on the new leader: approved there, it is promoted, and the other
+    // replica follows.
+    eventually(Duration::from_secs(10), "the new leader holds the intent for approval", || async {
+        (phase(&all[next], "HOLD-1").await.as_deref() == Some("awaiting-approval")).then_some(())
+    })
+    .await;
+    let (code, body) = all[next].post("/api/v1/intents/HOLD-1/approve", "").await;
+    assert_eq!(code, 200, "{body}");
+    let other = live.into_iter().find(|&i| i != next).unwrap();
+    eventually(Duration::from_secs(15), "promoted, on both live replicas", || async {
+        let (a, b) = (phase(&all[next], "HOLD-1").await, phase(&all[other], "HOLD-1").await);
+        (a.as_deref() == Some("promoted") && b.as_deref() == Some("promoted")).then_some(())
+    })
+    .await;
+    let revision = Control::revision_of(&all[next].get("/api/v1/status").await);
+    eventually(Duration::from_secs(10), "the follower's stable revision follows", || async {
+        (Control::revision_of(&all[other].get("/api/v1/status").await) == revision).then_some(())
+    })
+    .await;
+}
+
+/// One call through `caller`'s outbound listener to `service`: its status.
+async fn call_via(caller: &ProxyHandle, service: &str) -> u16 {
+    let request = hyper::Request::get(format!("http://{}/", caller.outbound))
+        .header("host", service)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    match Client::new().send(request).await {
+        Ok(reply) => reply.status,
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_quorum_writes_get_503_with_the_reason_and_traffic_and_reads_go_on() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let follower = 1 - leader;
+    let echo = EchoServer::start("orders").await;
+    let _orders = ProxyHandle::start(BIN, &all[follower], "default/orders", "cluster-a", &[], echo.addr).await;
+    let caller = ProxyHandle::start(BIN, &all[leader], "default/web", "cluster-a", &[], free_addr()).await;
+    eventually(Duration::from_secs(15), "web reaches orders", || async {
+        (call_via(&caller, "orders").await == 200).then_some(())
+    })
+    .await;
+
+    // One member down: no effect.
+    etcd.stop(2);
+    let (code, body) = all[leader].post("/api/v1/freeze", r#"{"enabled": true}"#).await;
+    assert_eq!(code, 200, "one of three members down changes nothing: {body}");
+
+    // Two down: no quorum. Writes are refused with a reason; reads and traffic go on.
+    etcd.stop(1);
+    let refused = eventually(Duration::from_secs(20), "a write refused for want of quorum", || async {
+        let (code, body) = all[leader].post("/api/v1/freeze", r#"{"enabled": false}"#).await;
+        (code != 200).then_some((code, body))
+    })
+    .await;
+    assert_eq!(refused.0, 503, "{}", refused.1);
+    let reason = refused.1["error"].as_str().unwrap().to_string();
+    assert!(reason.contains("quorum"), "the reason names the missing quorum: {reason}");
+    let mut failed = 0;
+    for replica in &all {
+        let (code, body) = replica.call_as("GET", "/api/v1/status", "", &replica.admin_token).await;
+        assert_eq!(code, 200, "reads go on: {body}");
+        assert_eq!(body["loop"]["frozen"], true, "from what the replica has: {body}");
+    }
+    for _ in 0..50 {
+        if call_via(&caller, "orders").await != 200 {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0, "traffic is unharmed without quorum");
+
+    // Quorum back: writes resume without restarting anything.
+    etcd.resume(1);
+    etcd.resume(2);
+    let resumed = Instant::now();
+    eventually(Duration::from_secs(30), "writes accepted again", || async {
+        let leader = leader_of(&all, &[0, 1], Duration::from_secs(30)).await;
+        let (code, _) = all[leader].post("/api/v1/freeze", r#"{"enabled": false}"#).await;
+        (code == 200).then_some(())
+    })
+    .await;
+    eprintln!("writes resumed {:?} after quorum returned", resumed.elapsed());
+    for replica in &all {
+        eventually(Duration::from_secs(10), "every replica sees the freeze lifted", || async {
+            (replica.get("/api/v1/status").await["loop"]["frozen"] == false).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(call_via(&caller, "orders").await, 200);
+}
+
+/// The control URL `proxy` uses now.
+async fn connected_to(proxy: &ProxyHandle) -> String {
+    proxy.config_dump().await["control"]["current"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_whose_replica_dies_moves_to_another_and_misses_no_change() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let urls = format!("{},{}", all[0].grpc_url(), all[1].grpc_url());
+    let echo = EchoServer::start("orders").await;
+    let token = all[0].token("default/orders", "orders").await;
+    let _orders = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
+    let token = all[1].token("default/web", "web").await;
+    let web = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/web", "cluster-a", &[], free_addr()).await;
+    eventually(Duration::from_secs(15), "web reaches orders", || async {
+        (call_via(&web, "orders").await == 200).then_some(())
+    })
+    .await;
+
+    // Kill the replica web's stream is on; calls go on meanwhile.
+    let before = connected_to(&web).await;
+    assert!(
+        before == all[0].grpc_url() || before == all[1].grpc_url(),
+        "web reports the replica it uses: {before:?}"
+    );
+    let dead = if before == all[0].grpc_url() { 0 } else { 1 };
+    let survivor = 1 - dead;
+    let mut all = all;
+    all[dead].process.kill();
+    let killed = Instant::now();
+    let mut failed = 0;
+    let mut calls = 0;
+    let moved = loop {
+        calls += 1;
+        if call_via(&web, "orders").await != 200 {
+            failed += 1;
+        }
+        if connected_to(&web).await == all[survivor].grpc_url() {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "web never moved to the surviving replica"
+        );
+    };
+    eprintln!("proxy moved to the surviving replica after {moved:?}; {failed} of {calls} calls failed meanwhile");
+    assert_eq!(failed, 0, "last-known-good config serves every call");
+
+    // A change made on the survivor (leading once the dead one's lease lapsed) reaches web.
+    leader_of(&all, &[survivor], Duration::from_secs(10)).await;
+    let (code, applied) = all[survivor].post("/api/v1/resources", POLICY).await;
+    assert_eq!(code, 200, "{applied}");
+    let revision = applied["revision"].as_u64().unwrap();
+    eventually(Duration::from_secs(10), "web runs the change made after the failover", || async {
+        (web.config_dump().await["config"]["revision"].as_u64() >= Some(revision)).then_some(())
+    })
+    .await;
+    assert_eq!(call_via(&web, "orders").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_up_ha_runs_three_etcd_members_and_three_replicas_that_all_see_every_proxy() {
+    let api = free_addr();
+    let data_dir = std::env::temp_dir().join(format!("weft-up-ha-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let config = std::env::temp_dir().join(format!("weft-up-ha-cli-{}.json", std::process::id()));
+    let mut up = weft_test::Process::spawn_env(
+        BIN,
+        "weft-up-ha",
+        &[
+            "up",
+            "--ha",
+            "--no-traffic",
+            "--api",
+            &api.to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+        ]
+        .map(String::from),
+        &[("WEFT_CONFIG", config.to_str().unwrap())],
+    );
+    let apis: Vec<String> = eventually(Duration::from_secs(60), "weft up --ha lists its three replicas", || async {
+        let log = up.log_text();
+        let apis: Vec<String> = log
+            .lines()
+            .filter(|l| l.trim_start().starts_with("replica r"))
+            .filter_map(|l| l.split("API ").nth(1)?.split_whitespace().next().map(String::from))
+            .collect();
+        (log.contains("weft demo mesh is up") && apis.len() == 3).then_some(apis)
+    })
+    .await;
+    let token = std::fs::read_to_string(data_dir.join("control/admin.token")).unwrap();
+    let http = Client::trusting(&std::fs::read_to_string(data_dir.join("control/ca.pem")).unwrap());
+    let mut roles = Vec::new();
+    for api in &apis {
+        let status = eventually(Duration::from_secs(15), "the replica sees all eight proxies", || async {
+            let request = hyper::Request::get(format!("{api}/api/v1/status"))
+                .header("authorization", format!("Bearer {}", token.trim()))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let status = http.send(request).await.ok()?.json();
+            let proxies: u64 = status["services"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s["proxies"]["total"].as_u64())
+                .sum();
+            (proxies == 8).then_some(status)
+        })
+        .await;
+        assert_eq!(status["controlPlane"]["leader"], "r0", "{status}");
+        roles.push(status["controlPlane"]["role"].as_str().unwrap().to_string());
+    }
+    assert_eq!(roles, ["leader", "follower", "follower"]);
+    up.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(up.wait(Duration::from_secs(15)), Some(0), "{}", up.log_text());
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_file(&config);
+}
+
+const ROLLOUT: &str = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: ROLL-1}\nspec:\n  title: staged\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: orders}\n        spec: {service: orders, routes: [{timeout: 3s}]}\n  rollout: {stages: [50, 100], bake: 60s}\n  slo: {minRequests: 100000}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_request_fails() {
+    let etcd = EtcdCluster::start(3).await;
+    let mut all = replicas(&etcd.url(), 3).await;
+    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+    let urls: Vec<String> = all.iter().map(Control::grpc_url).collect();
+    let urls = urls.join(",");
+    let echo = EchoServer::start("orders").await;
+    let token = all[0].token("default/orders", "orders").await;
+    let _orders = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
+    let mut callers = Vec::new();
+    for name in ["web-a", "web-b"] {
+        let token = all[0].token(&format!("default/{name}"), name).await;
+        callers.push(ProxyHandle::start_url(BIN, &urls, Some(&token), &format!("default/{name}"), "cluster-a", &[], free_addr()).await);
+    }
+    for caller in &callers {
+        eventually(Duration::from_secs(15), "the callers reach orders", || async {
+            (call_via(caller, "orders").await == 200).then_some(())
+        })
+        .await;
+    }
+    // The leader knows both callers call orders (those on a follower through the store).
+    eventually(Duration::from_secs(10), "the leader sees both callers subscribed", || async {
+        let proxies = all[leader].get("/api/v1/proxies").await;
+        let subscribed = proxies
+            .as_array()?
+            .iter()
+            .filter(|p| {
+                p["subscriptions"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s == "default/orders"))
+            })
+            .count();
+        (subscribed == 2).then_some(())
+    })
+    .await;
+    let stable = Control::revision_of(&all[leader].get("/api/v1/status").await);
+
+    // Traffic from both callers from now to the end.
+    let callers = std::sync::Arc::new(callers);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let (callers, stop) = (callers.clone(), stop.clone());
+        async move {
+            let (mut sent, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for caller in callers.iter() {
+                    sent += 1;
+                    if call_via(caller, "orders").await != 200 {
+                        failed += 1;
+                    }
+                }
+            }
+            (sent, failed)
+        }
+    });
+
+    let (code, body) = all[leader].post("/api/v1/intents", ROLLOUT).await;
+    assert_eq!(code, 201, "{body}");
+    let treated = eventually(Duration::from_secs(20), "the first stage runs on a caller", || async {
+        let (status, intent) = all[leader]
+            .call_as("GET", "/api/v1/intents/ROLL-1", "", &all[leader].admin_token)
+            .await;
+        let treated = intent["treated"].as_array()?.clone();
+        // Stages count from 0: the first one, on at least one caller.
+        (status == 200 && intent["stage"] == 0 && !treated.is_empty()).then_some(treated)
+    })
+    .await;
+    let treated = treated[0].as_str().unwrap().to_string();
+    let candidate = callers.iter().find(|c| c.workload == treated).expect("a caller is treated");
+    eventually(Duration::from_secs(10), "the treated caller runs the candidate", || async {
+        (candidate.config_dump().await["config"]["revision"].as_u64() > Some(stable)).then_some(())
+    })
+    .await;
+
+    all[leader].process.kill();
+    let killed = Instant::now();
+    let live: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let next = leader_of(&all, &live, Duration::from_secs(15)).await;
+    eprintln!("new leader after {:?}", killed.elapsed());
+    let intent = eventually(Duration::from_secs(10), "the new leader rolled the intent back", || async {
+        let (_, intent) = all[next].call_as("GET", "/api/v1/intents/ROLL-1", "", &all[next].admin_token).await;
+        (intent["phase"] == "rolled-back").then_some(intent)
+    })
+    .await;
+    assert!(intent.to_string().contains("restarted mid-rollout"), "{intent}");
+    eventually(Duration::from_secs(15), "every caller is back on the stable revision", || async {
+        for caller in callers.iter() {
+            if caller.config_dump().await["config"]["revision"].as_u64() != Some(stable) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = traffic.await.unwrap();
+    eprintln!("{sent} calls during the rollout, the kill and the rollback; {failed} failed");
+    assert!(sent > 20, "{sent}");
+    assert_eq!(failed, 0, "not one request fails");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_token_made_on_one_replica_works_on_the_others_and_its_revocation_too() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let viewer = all[0].api_token("ci", "viewer").await;
+    let status_with = |replica: &Control, token: String| {
+        let replica = replica.url("/api/v1/status");
+        let client = all[1].client();
+        async move {
+            let request = hyper::Request::get(replica)
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            client.send(request).await.unwrap().status
+        }
+    };
+    eventually(Duration::from_secs(5), "the other replica accepts the new token", || async {
+        (status_with(&all[1], viewer.clone()).await == 200).then_some(())
+    })
+    .await;
+    let (code, body) = all[1].call_as("DELETE", "/api/v1/admin/tokens/ci", "", &all[1].admin_token).await;
+    assert!(code < 300, "{code} {body}");
+    eventually(Duration::from_secs(5), "the first replica refuses the revoked token", || async {
+        (status_with(&all[0], viewer.clone()).await == 401).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_follow_the_leaders_root_rotation_and_cannot_start_one() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let follower = 1 - leader;
+    let (code, body) = all[follower].post("/api/v1/ca/rotate", "").await;
+    assert_eq!(code, 503, "{body}");
+    let before = all[follower].get("/api/v1/ca").await;
+    let (code, body) = all[leader].post("/api/v1/ca/rotate", "").await;
+    assert_eq!(code, 200, "{body}");
+    // With no proxy to wait for, the leader completes the rotation; the follower signs with the
+    // new root and trusts what the leader trusts.
+    let done = eventually(Duration::from_secs(15), "the leader finished the rotation", || async {
+        let ca = all[leader].get("/api/v1/ca").await;
+        (ca["rotation"] == "idle" && ca["generation"].as_u64() > before["generation"].as_u64()).then_some(ca)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the follower holds the leader's roots", || async {
+        let ca = all[follower].get("/api/v1/ca").await;
+        (ca == done).then_some(())
+    })
+    .await;
+    assert_ne!(done["bundle"], before["bundle"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_sees_the_traffic_of_proxies_connected_to_a_follower() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let follower = 1 - leader;
+    let echo = EchoServer::start("orders").await;
+    let token = all[follower].token("default/orders", "orders").await;
+    let url = all[follower].grpc_url();
+    let _orders = ProxyHandle::start_url(BIN, &url, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
+    let token = all[follower].token("default/web", "web").await;
+    let web = ProxyHandle::start_url(BIN, &url, Some(&token), "default/web", "cluster-a", &[], free_addr()).await;
+    let rps = eventually(Duration::from_secs(20), "the leader counts orders' requests", || async {
+        for _ in 0..20 {
+            assert_eq!(call_via(&web, "orders").await, 200);
+        }
+        let status = all[leader].get("/api/v1/status").await;
+        let orders = status["services"].as_array()?.iter().find(|s| s["name"] == "orders")?.clone();
+        (orders["rps"].as_f64()? > 0.0).then_some(orders["rps"].as_f64()?)
+    })
+    .await;
+    eprintln!("the leader sees orders at {rps} rps, all of it through the follower");
+}
