@@ -12,7 +12,7 @@ use crate::ca::{Ca, CaError, Rotation};
 use crate::clock::Clock;
 use crate::intents::{BYPASS_STATE, Blocker, ChangeError, Event, FREEZE_STATE, IntentRecord, LoopView, Machine, Step, Submitted};
 use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
-use crate::peers::ForwardedReport;
+use crate::registry::ForwardedReport;
 use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
 use crate::registry::{PeerProxy, ProxyView, Registry};
 use crate::rollout::Phase;

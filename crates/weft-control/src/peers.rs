@@ -14,15 +14,10 @@
 
 use crate::etcd::{self, Change};
 use crate::mesh::Mesh;
-use crate::registry::PeerProxy;
+use crate::registry::{ForwardedReport, PeerProxy};
 use crate::store::{Store, StoreError};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use prost::Message;
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_api::proto;
 use weft_core::Shutdown;
 
 /// How often a replica publishes its proxies (when they changed) and its telemetry.
@@ -31,41 +26,6 @@ const TICK: Duration = Duration::from_millis(250);
 const PRESENCE_TTL: Duration = Duration::from_secs(5);
 /// A replica republishes an unchanged list this often (its lease is renewed every tick).
 const REFRESH: Duration = Duration::from_secs(30);
-
-/// One proxy's telemetry report, forwarded by the replica it reached.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ForwardedReport {
-    pub(crate) workload: String,
-    pub(crate) namespace: String,
-    pub(crate) service: String,
-    /// Its `TelemetryReport.stats`, protobuf-encoded as a `TelemetryReport`, base64.
-    stats: String,
-}
-
-impl ForwardedReport {
-    pub(crate) fn new(workload: String, namespace: String, service: String, stats: Vec<proto::TrafficStats>) -> Self {
-        let report = proto::TelemetryReport {
-            stats,
-            ..Default::default()
-        };
-        Self {
-            workload,
-            namespace,
-            service,
-            stats: STANDARD.encode(report.encode_to_vec()),
-        }
-    }
-
-    pub(crate) fn stats(&self) -> Vec<proto::TrafficStats> {
-        STANDARD
-            .decode(&self.stats)
-            .ok()
-            .and_then(|b| proto::TelemetryReport::decode(b.as_slice()).ok())
-            .map(|r| r.stats)
-            .unwrap_or_default()
-    }
-}
 
 /// Publishes this replica's proxies and forwards its telemetry until shutdown.
 pub(crate) async fn publish(mesh: Arc<Mesh>, shutdown: Shutdown) {

@@ -1,6 +1,9 @@
 //! The proxies connected right now: who each one is, what it subscribes to, and what it has
 //! ACKed or NACKed of what it was sent. It owns those records; everything above reads them.
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -362,5 +365,40 @@ mod tests {
         for bad in ["", "/httpbe", "evil/", "a/b/c", &"x".repeat(254)] {
             assert_eq!(subscription("shop", bad), None, "{bad:?}");
         }
+    }
+}
+
+/// One proxy's telemetry report, forwarded by the replica it reached.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ForwardedReport {
+    pub(crate) workload: String,
+    pub(crate) namespace: String,
+    pub(crate) service: String,
+    /// Its `TelemetryReport.stats`, protobuf-encoded as a `TelemetryReport`, base64.
+    stats: String,
+}
+
+impl ForwardedReport {
+    pub(crate) fn new(workload: String, namespace: String, service: String, stats: Vec<proto::TrafficStats>) -> Self {
+        let report = proto::TelemetryReport {
+            stats,
+            ..Default::default()
+        };
+        Self {
+            workload,
+            namespace,
+            service,
+            stats: STANDARD.encode(report.encode_to_vec()),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Vec<proto::TrafficStats> {
+        STANDARD
+            .decode(&self.stats)
+            .ok()
+            .and_then(|b| proto::TelemetryReport::decode(b.as_slice()).ok())
+            .map(|r| r.stats)
+            .unwrap_or_default()
     }
 }
