@@ -233,6 +233,15 @@ async fn without_etcd_quorum_writes_get_503_with_the_reason_and_traffic_and_read
     etcd.stop(2);
     let (code, body) = all[leader].post("/api/v1/freeze", r#"{"enabled": true}"#).await;
     assert_eq!(code, 200, "one of three members down changes nothing: {body}");
+    // Every replica holds the freeze (the followers through their watch) before quorum goes,
+    // so "reads from what the replica has" below has something to show.
+    for replica in &all {
+        eventually(Duration::from_secs(10), "each replica sees the freeze", || async {
+            let (_, body) = replica.call_as("GET", "/api/v1/status", "", &replica.admin_token).await;
+            (body["loop"]["frozen"] == true).then_some(())
+        })
+        .await;
+    }
 
     // Two down: no quorum. Writes are refused with a reason; reads and traffic go on.
     etcd.stop(1);
