@@ -849,25 +849,51 @@ impl Step<'_> {
     fn begin_stage(&mut self, seq: u64, now: Instant) {
         self.set_phase(seq, Phase::Distribution);
         let intent = &self.m.records[&seq];
-        let enforcers = rollout::spread(
-            self.proxies
-                .values()
-                .filter(|p| intent.enforced_by(p))
-                .map(|p| (p.workload_id().to_string(), p.cluster.clone()))
-                .collect(),
-        );
-        let share = intent.share();
-        let count = rollout::stage_count(share, enforcers.len());
-        let mut treated = intent.treated.clone();
-        treated.extend(enforcers[..count].iter().cloned());
-        // The ledger names this stage's proxies in rollout order (the first 20 of a large one).
-        let order = enforcers[..count]
+        let rates = recent_requests(self.signals, intent, now);
+        let candidates: Vec<rollout::Candidate> = self
+            .proxies
+            .values()
+            .filter(|p| intent.enforced_by(p))
+            .map(|p| rollout::Candidate {
+                id: p.workload_id().to_string(),
+                cluster: p.cluster.clone(),
+                requests: rates.get(p.workload_id()).copied(),
+            })
+            .collect();
+        let enforcers = candidates.iter().map(|c| c.id.as_str()).collect::<BTreeSet<_>>().len();
+        let unknown = candidates
             .iter()
-            .chain(intent.treated.iter().filter(|id| !enforcers[..count].contains(*id)));
+            .filter(|c| c.requests.is_none())
+            .map(|c| c.id.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
+        let share = intent.share();
+        let kept: BTreeSet<String> = if share >= 100.0 {
+            candidates.iter().map(|c| c.id.clone()).collect()
+        } else {
+            intent.treated.clone()
+        };
+        let choice = rollout::choose(candidates, &kept, share);
+        let mut treated = intent.treated.clone();
+        treated.extend(kept);
+        treated.extend(choice.added.iter().cloned());
+        // The ledger names this stage's proxies in rollout order (the first 20 of a large one).
+        let order = choice.added.iter().chain(treated.iter().filter(|id| !choice.added.contains(*id)));
         let mut listed = order.take(LEDGER_NAMES).map(String::as_str).collect::<Vec<_>>().join(", ");
         if treated.len() > LEDGER_NAMES {
             listed.push_str(&format!(" and {} more", treated.len() - LEDGER_NAMES));
         }
+        let traffic = format!(
+            "{:.1}% of the requests to {} over the last {}s{}",
+            choice.traffic_share,
+            intent.services.iter().cloned().collect::<Vec<_>>().join(", "),
+            BASELINE_WINDOW.as_secs(),
+            match unknown {
+                0 => String::new(),
+                1 => ", counting the proxy with no traffic data as the median".into(),
+                n => format!(", counting the {n} proxies with no traffic data as the median"),
+            }
+        );
         let candidate = intent.candidate.unwrap_or(0);
         let intent = self.m.records.get_mut(&seq).expect("open");
         intent.treat_all = share >= 100.0;
@@ -879,10 +905,9 @@ impl Step<'_> {
             "control-plane",
             "distribution",
             format!(
-                "stage {} ({share}%): candidate revision {candidate} to {} of {} enforcing proxies: {listed}",
+                "stage {} ({share}%): candidate revision {candidate} to {} of {enforcers} enforcing proxies ({traffic}): {listed}",
                 intent.stage + 1,
                 treated.len(),
-                enforcers.len(),
             ),
         );
         intent.treated = treated;
@@ -1156,14 +1181,7 @@ fn overlay_of(resources: &BTreeMap<ResourceKey, Resource>, intent: &IntentRecord
 /// candidate, and for a scoped change only on its own routes), the same proxies before the
 /// intent, and untreated enforcing proxies since.
 fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> (Evidence, Evidence, Evidence) {
-    let (direction, services): (i32, BTreeSet<String>) = if intent.is_security() {
-        (Direction::Inbound as i32, [String::new()].into())
-    } else {
-        (
-            Direction::Outbound as i32,
-            intent.overlay.iter().map(|e| e.service.clone()).collect(),
-        )
-    };
+    let (direction, services) = judged_traffic(intent);
     let enforcing: BTreeMap<String, bool> = proxies
         .values()
         .filter(|p| intent.enforced_by(p))
@@ -1197,4 +1215,34 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
         }
     }
     (treated, baseline, untreated)
+}
+
+/// The traffic a change is judged on: inbound for a SecurityPolicy (the instances enforce it),
+/// otherwise the callers' outbound requests to the services it changes.
+fn judged_traffic(intent: &IntentRecord) -> (i32, BTreeSet<String>) {
+    if intent.is_security() {
+        (Direction::Inbound as i32, [String::new()].into())
+    } else {
+        (
+            Direction::Outbound as i32,
+            intent.overlay.iter().map(|e| e.service.clone()).collect(),
+        )
+    }
+}
+
+/// Requests each workload sent on the judged traffic over the last [`BASELINE_WINDOW`]; a
+/// workload with no report there is absent (no data, not zero).
+fn recent_requests(signals: &Signals, intent: &IntentRecord, now: Instant) -> BTreeMap<String, u64> {
+    let (direction, services) = judged_traffic(intent);
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    for ((workload, dir, service), samples) in &signals.samples {
+        if *dir != direction || !services.contains(service) {
+            continue;
+        }
+        for s in samples.iter().filter(|s| now.saturating_duration_since(s.at) <= BASELINE_WINDOW) {
+            let n = out.entry(workload.clone()).or_default();
+            *n = n.saturating_add(s.requests);
+        }
+    }
+    out
 }

@@ -171,12 +171,118 @@ pub fn spread(mut candidates: Vec<(String, String)>) -> Vec<String> {
     out
 }
 
-/// How many of `n` proxies a stage of `share` percent treats: at least one, all at 100.
-pub fn stage_count(share: f64, n: usize) -> usize {
-    if n == 0 {
-        return 0;
+/// A proxy a stage may treat: its workload, cluster, and the requests it sent to the changed
+/// service recently (`None`: no traffic data for it yet).
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub id: String,
+    pub cluster: String,
+    pub requests: Option<u64>,
+}
+
+/// The proxies a stage treats: the ones it adds (in rollout order) and the share of the
+/// service's traffic, in percent, that every treated proxy together carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    pub added: Vec<String>,
+    pub traffic_share: f64,
+}
+
+/// Traffic is weighed in this many units, so that choosing is a subset sum over small integers.
+const SHARE_UNITS: u64 = 10_000;
+
+/// Chooses the proxies a stage of `share` percent treats, by their share of the traffic rather
+/// than their number: a quiet caller alone is no stage at all. The rule, exactly:
+///
+/// - each candidate weighs its recent requests; one with no traffic data weighs the median of
+///   those with data; when no candidate has any traffic, each weighs the same. Weights are
+///   rounded to [`SHARE_UNITS`] of their total;
+/// - the proxies an earlier stage treated (`kept`) stay treated;
+/// - among the sets that contain `kept` and whose weight is at least `share` percent of the
+///   total, the stage takes one of the least weight (so it treats at least its share and as
+///   little more as the proxies allow);
+/// - among those, the first in [`spread`]'s order (clusters round-robin), taking a proxy
+///   whenever the rest can still complete the set, and never one of no weight.
+///
+/// With equal traffic this is the first `ceil(share% of n)` proxies in spread order, as before.
+pub fn choose(candidates: Vec<Candidate>, kept: &std::collections::BTreeSet<String>, share: f64) -> Choice {
+    let requests: std::collections::HashMap<String, Option<u64>> = candidates.iter().map(|c| (c.id.clone(), c.requests)).collect();
+    let mut order = spread(candidates.into_iter().map(|c| (c.id, c.cluster)).collect());
+    // A workload with instances in two clusters is one candidate, at its first place.
+    let mut seen = std::collections::HashSet::new();
+    order.retain(|id| seen.insert(id.clone()));
+    let weights = weights(&order.iter().map(|id| requests[id]).collect::<Vec<_>>());
+    let total: u64 = weights.iter().sum();
+    let target = ((share / 100.0 * total as f64) - 1e-9).ceil().max(0.0) as u64;
+    let kept_weight: u64 = order
+        .iter()
+        .zip(&weights)
+        .filter(|(id, _)| kept.contains(*id))
+        .map(|(_, w)| w)
+        .sum();
+    let free: Vec<(&String, u64)> = order
+        .iter()
+        .zip(weights.iter().copied())
+        .filter(|(id, _)| !kept.contains(*id))
+        .collect();
+    let need = target.saturating_sub(kept_weight);
+    let added = least_reaching(&free.iter().map(|f| f.1).collect::<Vec<_>>(), need)
+        .into_iter()
+        .map(|i| free[i].0.clone())
+        .collect::<Vec<_>>();
+    let added_weight: u64 = free.iter().filter(|(id, _)| added.contains(id)).map(|f| f.1).sum();
+    let traffic_share = if total == 0 {
+        0.0
+    } else {
+        100.0 * (kept_weight + added_weight) as f64 / total as f64
+    };
+    Choice { added, traffic_share }
+}
+
+/// Integer weights from request counts (see [`choose`]): the median stands in for a missing
+/// count, equal weights for no traffic at all, and the total is scaled to [`SHARE_UNITS`].
+fn weights(requests: &[Option<u64>]) -> Vec<u64> {
+    let mut known: Vec<u64> = requests.iter().flatten().copied().collect();
+    known.sort_unstable();
+    let median = known.get(known.len() / 2).copied().unwrap_or(0);
+    let raw: Vec<u64> = requests.iter().map(|r| r.unwrap_or(median)).collect();
+    let sum: u64 = raw.iter().sum();
+    if sum == 0 {
+        return vec![1; requests.len()];
     }
-    ((share / 100.0 * n as f64).ceil() as usize).clamp(1, n)
+    raw.iter()
+        .map(|r| ((*r as f64 / sum as f64) * SHARE_UNITS as f64).round() as u64)
+        .collect()
+}
+
+/// The indices of a subset of `weights` with the least sum at or above `need`, the earliest
+/// items preferred (a subset-sum table over the suffixes: `reach[i][s]` says items `i..` can
+/// sum to exactly `s`). Weights are at most [`SHARE_UNITS`] in total, so the table is small.
+fn least_reaching(weights: &[u64], need: u64) -> Vec<usize> {
+    if need == 0 {
+        return Vec::new();
+    }
+    let total: u64 = weights.iter().sum();
+    let size = total as usize + 1;
+    let mut reach = vec![vec![false; size]; weights.len() + 1];
+    reach[weights.len()][0] = true;
+    for i in (0..weights.len()).rev() {
+        let w = weights[i] as usize;
+        for s in 0..size {
+            reach[i][s] = reach[i + 1][s] || (s >= w && reach[i + 1][s - w]);
+        }
+    }
+    let Some(mut left) = (need as usize..size).find(|s| reach[0][*s]) else {
+        return (0..weights.len()).collect();
+    };
+    let mut taken = Vec::new();
+    for (i, w) in weights.iter().map(|w| *w as usize).enumerate() {
+        if w > 0 && left >= w && reach[i + 1][left - w] {
+            taken.push(i);
+            left -= w;
+        }
+    }
+    taken
 }
 
 /// Narrows a resource to `scope` (`key:value`): a TrafficPolicy's routes match the header
@@ -444,6 +550,7 @@ fn trim(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     /// `requests` with `errors` among them, the latencies spread evenly over [0.5x, 1.5x] of
     /// `latency_ms` (a service is never one value).
@@ -456,16 +563,115 @@ mod tests {
         e
     }
 
+    fn candidate(id: &str, cluster: &str, requests: Option<u64>) -> Candidate {
+        Candidate {
+            id: id.into(),
+            cluster: cluster.into(),
+            requests,
+        }
+    }
+
     #[test]
-    fn stages_spread_across_clusters_and_cover_at_least_one() {
+    fn equal_traffic_stages_spread_across_clusters_and_cover_at_least_one() {
         let c = |id: &str, cl: &str| (id.to_string(), cl.to_string());
         let order = spread(vec![c("a1", "a"), c("a2", "a"), c("a3", "a"), c("b1", "b"), c("c1", "c")]);
         assert_eq!(order, ["a1", "b1", "c1", "a2", "a3"]);
-        assert_eq!(stage_count(10.0, 10), 1);
-        assert_eq!(stage_count(10.0, 2), 1);
-        assert_eq!(stage_count(50.0, 5), 3);
-        assert_eq!(stage_count(100.0, 7), 7);
-        assert_eq!(stage_count(50.0, 0), 0);
+        let equal = |n: usize, share: f64| {
+            let all = (0..n).map(|i| candidate(&format!("p{i}"), ["a", "b"][i % 2], Some(50))).collect();
+            choose(all, &BTreeSet::new(), share).added.len()
+        };
+        assert_eq!(
+            (equal(10, 10.0), equal(2, 10.0), equal(5, 50.0), equal(7, 100.0), equal(0, 50.0)),
+            (1, 1, 3, 7, 0)
+        );
+        // No traffic data anywhere: by count, in spread order.
+        let quiet = vec![candidate("a1", "a", None), candidate("a2", "a", None), candidate("b1", "b", None)];
+        assert_eq!(choose(quiet, &BTreeSet::new(), 50.0).added, ["a1", "b1"]);
+    }
+
+    #[test]
+    fn a_stage_treats_its_share_of_the_traffic_not_of_the_proxies() {
+        // Two callers at 9:1: a 50% stage is the busy one, not the first in cluster order.
+        let two = vec![candidate("quiet", "a", Some(100)), candidate("busy", "b", Some(900))];
+        let choice = choose(two, &BTreeSet::new(), 50.0);
+        assert_eq!(
+            choice,
+            Choice {
+                added: vec!["busy".into()],
+                traffic_share: 90.0
+            }
+        );
+        // 6:3:1: count would take two proxies; 60% alone is the least weight at or above 50%.
+        let three = vec![
+            candidate("a", "x", Some(300)),
+            candidate("b", "x", Some(100)),
+            candidate("c", "y", Some(600)),
+        ];
+        assert_eq!(choose(three.clone(), &BTreeSet::new(), 50.0).added, ["c"]);
+        // A later stage keeps the earlier one's proxies and adds the least that reaches its share.
+        let kept: BTreeSet<String> = ["b".to_string()].into();
+        let later = choose(three, &kept, 50.0);
+        assert_eq!((later.added, later.traffic_share), (vec!["c".to_string()], 70.0));
+        // No data counts as the median of those with data (here 100 of 100, 100, 1000).
+        let unknown = vec![
+            candidate("new", "a", None),
+            candidate("x", "a", Some(100)),
+            candidate("y", "a", Some(100)),
+            candidate("z", "b", Some(1000)),
+        ];
+        let choice = choose(unknown, &BTreeSet::new(), 5.0);
+        assert_eq!(
+            (choice.added, (choice.traffic_share * 10.0).round()),
+            (vec!["new".to_string()], 77.0)
+        );
+    }
+
+    /// Against every subset, in the rule's own units (weights rounded to 1/10,000 of the
+    /// total): the treated weight reaches the stage's share and no subset that keeps the
+    /// earlier stage's proxies reaches it with less.
+    #[test]
+    fn the_chosen_share_is_at_least_the_stage_and_minimal() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..2000 {
+            let n = 1 + next(7) as usize;
+            let all: Vec<Candidate> = (0..n)
+                .map(|i| candidate(&format!("p{i}"), ["a", "b", "c"][next(3) as usize], Some(next(1000))))
+                .collect();
+            let kept: BTreeSet<String> = all.iter().filter(|_| next(4) == 0).map(|c| c.id.clone()).collect();
+            let share = [5.0, 10.0, 25.0, 33.0, 50.0, 75.0, 99.0][next(7) as usize];
+            let units = weights(&all.iter().map(|c| c.requests).collect::<Vec<_>>());
+            let total: u64 = units.iter().sum();
+            let weight = |pick: &dyn Fn(usize) -> bool| (0..n).filter(|i| pick(*i)).map(|i| units[i]).sum::<u64>();
+            let is_kept = |i: usize| kept.contains(&all[i].id);
+            let choice = choose(all.clone(), &kept, share);
+            let got = weight(&|i| is_kept(i) || choice.added.contains(&all[i].id));
+            let case = format!("{all:?} kept {kept:?} share {share} chose {choice:?}");
+            assert!(got as f64 >= share / 100.0 * total as f64 - 1e-6, "{case}");
+            assert!((100.0 * got as f64 / total as f64 - choice.traffic_share).abs() < 1e-9, "{case}");
+            assert!(choice.added.iter().all(|id| !kept.contains(id)), "{case}");
+            for mask in 0u32..1 << n {
+                let other = weight(&|i| is_kept(i) || mask & (1 << i) != 0);
+                assert!(
+                    (other as f64) < share / 100.0 * total as f64 - 1e-6 || other >= got,
+                    "{other} of {total} also reaches the share with less than {got}: {case}"
+                );
+            }
+            // In requests rather than units, the share is off by at most the rounding.
+            let requests: u64 = all.iter().map(|c| c.requests.unwrap()).sum();
+            if requests > 0 {
+                let picked: u64 = (0..n)
+                    .filter(|i| is_kept(*i) || choice.added.contains(&all[*i].id))
+                    .map(|i| all[i].requests.unwrap())
+                    .sum();
+                assert!(100.0 * picked as f64 / requests as f64 >= share - 0.005 * n as f64, "{case}");
+            }
+        }
     }
 
     #[test]
