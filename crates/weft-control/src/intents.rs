@@ -10,8 +10,8 @@
 
 use crate::plan::{Kind, OverlayEntry};
 use crate::registry::ProxyRecord;
-use crate::rollout::{self, Evidence, Phase, Verdict};
-use crate::signals::Signals;
+use crate::rollout::{self, Drift, Evidence, Phase, Verdict};
+use crate::signals::{Sample, Signals};
 use crate::store::{ChangeEntry, Revision, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -972,11 +972,11 @@ impl Step<'_> {
         if bake.is_zero() {
             return self.promote_stage(seq, "applied (no bake)".into());
         }
-        let (treated, baseline, untreated) = evidence(self.proxies, self.signals, intent);
+        let (treated, baseline, untreated, drift) = evidence(self.proxies, self.signals, intent);
         let since = now.duration_since(intent.timing.observe_started.unwrap_or(now));
         let stage = intent.stage + 1;
         let share = intent.share();
-        match rollout::judge(&intent.slo, &treated, &baseline, &untreated) {
+        match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &drift) {
             Verdict::Fail(why) => self.end(seq, Phase::RolledBack, format!("{why}: rolled back at stage {stage} ({share}%)")),
             Verdict::Pass(why) if since >= bake => self.promote_stage(seq, why),
             Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE + WARM_UP => {
@@ -1179,8 +1179,10 @@ fn overlay_of(resources: &BTreeMap<ResourceKey, Resource>, intent: &IntentRecord
 
 /// Evidence for the intent's current stage: treated proxies since observation began (on the
 /// candidate, and for a scoped change only on its own routes), the same proxies before the
-/// intent, and untreated enforcing proxies since.
-fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> (Evidence, Evidence, Evidence) {
+/// intent, untreated enforcing proxies since, and the drift: the treated proxies' requests to
+/// services the change does not touch, before the intent and since (a TrafficPolicy's callers;
+/// a SecurityPolicy is judged on inbound traffic, which has no other service to tell apart).
+fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> (Evidence, Evidence, Evidence, Drift) {
     let (direction, services) = judged_traffic(intent);
     let enforcing: BTreeMap<String, bool> = proxies
         .values()
@@ -1190,31 +1192,39 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
     let candidate = intent.candidate.unwrap_or(u64::MAX);
     let started = intent.timing.started;
     let observing = intent.timing.observe_started;
+    let before_start = |s: &Sample| started.is_some_and(|st| s.at < st && st.duration_since(s.at) <= BASELINE_WINDOW);
+    let after_observe = |s: &Sample| observing.is_some_and(|o| s.at >= o + WARM_UP);
     let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
+    let mut drift = Drift::default();
     for ((workload, dir, service), samples) in &signals.samples {
-        if *dir != direction || !services.contains(service) {
+        let Some(&is_treated) = enforcing.get(workload) else { continue };
+        let judged = services.contains(service);
+        if *dir != direction || !judged && !is_treated {
             continue;
         }
-        let Some(is_treated) = enforcing.get(workload) else { continue };
+        let add = |e: &mut Evidence, s: &Sample| e.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
         for s in samples {
-            let after_observe = observing.is_some_and(|o| s.at >= o + WARM_UP);
-            if *is_treated {
+            if !judged {
+                // A treated proxy's other traffic: the drift of the machine under it.
+                if before_start(s) {
+                    add(&mut drift.before, s);
+                } else if after_observe(s) {
+                    add(&mut drift.since, s);
+                }
+            } else if is_treated {
                 let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
-                if after_observe && s.revision >= candidate && in_scope {
-                    treated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+                if after_observe(s) && s.revision >= candidate && in_scope {
+                    add(&mut treated, s);
                 }
-                if let Some(st) = started
-                    && s.at < st
-                    && st.duration_since(s.at) <= BASELINE_WINDOW
-                {
-                    baseline.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+                if before_start(s) {
+                    add(&mut baseline, s);
                 }
-            } else if after_observe {
-                untreated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+            } else if after_observe(s) {
+                add(&mut untreated, s);
             }
         }
     }
-    (treated, baseline, untreated)
+    (treated, baseline, untreated, drift)
 }
 
 /// The traffic a change is judged on: inbound for a SecurityPolicy (the instances enforce it),
