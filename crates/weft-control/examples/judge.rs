@@ -12,7 +12,8 @@
 //! the new judge with the drift reference (the same proxies' traffic to another service) and
 //! with the baseline alone.
 //!
-//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W]`. It prints
+//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W] [--last-stage]`
+//! (`--last-stage`: the second table only). It prints
 //! Markdown tables; bench/README.md ("Issue #13, the judge") explains the method.
 
 use std::io::Write;
@@ -90,6 +91,7 @@ fn main() {
     let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
     let trials = arg("--trials").and_then(|n| n.parse().ok()).unwrap_or(1000usize);
     let weather = arg("--weather").and_then(|n| n.parse().ok()).unwrap_or(WEATHER);
+    let last_stage_only = std::env::args().any(|a| a == "--last-stage");
     let default = Slo::default();
     let issue = Slo {
         max_error_rate: 5.0,
@@ -179,12 +181,15 @@ fn main() {
         out,
         "{trials} trials per row; the reference gets as many requests as the treated side (a 50% stage), the baseline {BASELINE_REQUESTS}; reports of {REPORT} requests share a latency factor exp({weather} N(0,1)).\n"
     );
-    let _ = writeln!(
-        out,
-        "| scenario | within | new: rolled back | new: requests for {p}% | today's: rolled back | today's: requests for {p}% | fixed-horizon MW: rolled back at the horizon | fixed-horizon: requests for {p}% |",
-        p = (POWER * 100.0) as u32
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let scenarios = if last_stage_only { &scenarios[..0] } else { &scenarios[..] };
+    if !scenarios.is_empty() {
+        let _ = writeln!(
+            out,
+            "| scenario | within | new: rolled back | new: requests for {p}% | today's: rolled back | today's: requests for {p}% | fixed-horizon MW: rolled back at the horizon | fixed-horizon: requests for {p}% |",
+            p = (POWER * 100.0) as u32
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    }
     for (k, s) in scenarios.iter().enumerate() {
         let mut rng = Rng::new(0x5eed + k as u64);
         let outcomes: Vec<Outcome> = (0..trials).map(|_| trial(&mut rng, s, weather)).collect();
@@ -231,13 +236,45 @@ fn main() {
     let full = [
         drifting("A/A, no drift", none, &default, 1000, 1.0, 1.0, 0.0),
         drifting("A/A, everything 27% slower", none, &default, 1000, 1.27, 1.27, 0.0),
-        drifting("A/A, everything 27% slower, the issue's SLO, a short stage", none, &issue, 100, 1.27, 1.27, 0.0),
+        drifting(
+            "A/A, everything 27% slower, the issue's SLO, a short stage",
+            none,
+            &issue,
+            100,
+            1.27,
+            1.27,
+            0.0,
+        ),
         drifting("A/A, everything 27% slower, a long stage", none, &default, 20_000, 1.27, 1.27, 0.0),
         drifting("A/A, the service 35% slower, the other 20%", none, &default, 1000, 1.35, 1.2, 0.0),
         drifting("A/A, everything +1 pp errors", none, &default, 1000, 1.0, 1.0, 0.01),
-        drifting("errors +1 pp, everything 27% slower", Change { error: 0.01, ..none }, &default, 30_000, 1.27, 1.27, 0.0),
-        drifting("latency +50%, everything 27% slower", Change { latency: 1.5, ..none }, &default, 30_000, 1.27, 1.27, 0.0),
-        drifting("half the requests +40 ms, the issue's SLO, everything 27% slower", Change { half_ms: 40.0, ..none }, &issue, 1000, 1.27, 1.27, 0.0),
+        drifting(
+            "errors +1 pp, everything 27% slower",
+            Change { error: 0.01, ..none },
+            &default,
+            30_000,
+            1.27,
+            1.27,
+            0.0,
+        ),
+        drifting(
+            "latency +50%, everything 27% slower",
+            Change { latency: 1.5, ..none },
+            &default,
+            30_000,
+            1.27,
+            1.27,
+            0.0,
+        ),
+        drifting(
+            "half the requests +40 ms, the issue's SLO, everything 27% slower",
+            Change { half_ms: 40.0, ..none },
+            &issue,
+            1000,
+            1.27,
+            1.27,
+            0.0,
+        ),
     ];
     let _ = writeln!(
         out,
@@ -294,7 +331,15 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> (Option<u64>, Optio
         let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
         other.weather = report.weather;
         for _ in 0..REPORT {
-            let (e, ms) = request(rng, Change { error: 0.0, latency: 1.0, half_ms: 0.0 }, report.weather);
+            let (e, ms) = request(
+                rng,
+                Change {
+                    error: 0.0,
+                    latency: 1.0,
+                    half_ms: 0.0,
+                },
+                report.weather,
+            );
             report.push(e, ms);
             let (e, ms) = other_request(rng, other.weather, 1.0, 0.0);
             other.push(e, ms);

@@ -322,14 +322,13 @@ struct Reference<'a> {
 }
 
 /// The drift of a [`Drift`]: other traffic's latency factor (the typical ratio since / before)
-/// and the variance of its logarithm, and its error-rate difference with its variances
-/// (unpooled, and pooled under "no drift").
+/// and the variance of its logarithm, and its error-rate difference with that difference's
+/// variance.
 struct Shift {
     factor: f64,
     log_variance: f64,
     gap: f64,
     variance: f64,
-    null: f64,
 }
 
 /// Judges treated proxies with the SLO's stated error rates against two references: the
@@ -354,7 +353,7 @@ struct Shift {
 /// comparison across time alone cannot tell the change from the machine's weather (the demo
 /// rolled back a harmless change on +27% against the minute before). So when `drift` has
 /// `minRequests` on both sides, the baseline comparison is a difference in differences: the
-/// error gap minus other traffic's gap (variances added), and latency against the baseline
+/// error gap minus other traffic's gap (each side's own variance, added), and latency against the baseline
 /// scaled by other traffic's typical slowdown, the uncertainty of that factor carried into the
 /// rank test's variance (delta method). Treated and other traffic come from the same proxies
 /// in the same reports, so a shared busy moment cancels too.
@@ -435,9 +434,13 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             let (mut gap, mut variance) = proportion_gap(treated.errors, treated.requests, e.errors, e.requests);
             let mut null = pooled_gap_variance(treated.errors, treated.requests, e.errors, e.requests);
             if let Some(d) = &r.drift {
+                // Under drift the treated and baseline rates differ with no change at all: "no
+                // harm" is the other traffic's gap, not equal rates, so no variance is pooled
+                // (pooling took the baseline's low rate for the treated side and rolled back 5% of
+                // harmless changes in the harness when every rate rose by 1 pp).
                 gap -= d.gap;
                 variance += d.variance;
-                null += d.null;
+                null = variance;
             }
             let p = if gap > delta { mixture_p_value(gap, null, tau2) } else { 1.0 };
             let upper = gap + mixture_radius(variance, tau2, alpha);
@@ -445,7 +448,9 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         })
         .collect();
     if shown(errors.iter().map(|e| e.0), alpha_each) {
-        let Reference { name, evidence: reference, .. } = &references[0];
+        let Reference {
+            name, evidence: reference, ..
+        } = &references[0];
         let (p, beyond) = (errors[0].0, errors[0].1);
         return Verdict::Fail(format!(
             "error rate {} vs {} {name}{} ({}, {} vs {} requests, {} confident it is higher{})",
@@ -465,7 +470,11 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     let by_report = treated.report_points(1.0);
     let latency: Vec<(f64, f64)> = references.iter().map(|r| slower_p(&by_report, r, slower)).collect();
     if shown(latency.iter().map(|l| l.0), alpha_each) {
-        let Reference { name, evidence: reference, drift } = &references[0];
+        let Reference {
+            name,
+            evidence: reference,
+            drift,
+        } = &references[0];
         let scale = drift.as_ref().map_or(1.0, |d| d.factor);
         let (p, beyond) = latency[0];
         return Verdict::Fail(format!(
@@ -532,7 +541,6 @@ fn shift_of(d: &Drift) -> Shift {
         log_variance,
         gap,
         variance,
-        null: pooled_gap_variance(s.errors, s.requests, b.errors, b.requests),
     }
 }
 
@@ -813,7 +821,10 @@ mod tests {
         assert!(why.starts_with("latency p50 8."), "{why}");
         assert!(why.contains("that it exceeds the +20% that matters"), "{why}");
         // 10% slower is under the 20% that matters: not a rollback.
-        assert!(matches!(judged(&slo, &evidence(2000, 8, 4.4), &healthy, &healthy), Verdict::Pass(_)));
+        assert!(matches!(
+            judged(&slo, &evidence(2000, 8, 4.4), &healthy, &healthy),
+            Verdict::Pass(_)
+        ));
         // Without any reference, the absolute maximum still applies.
         assert!(matches!(
             judged(&slo, &evidence(1000, 100, 4.0), &Evidence::default(), &Evidence::default()),
@@ -941,13 +952,22 @@ mod tests {
         let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &none, &drift) else {
             panic!("net of drift, a harmless change passes")
         };
-        assert!(why.contains("net of the same proxies' other traffic: +27% latency, +2.0 pp errors"), "{why}");
+        assert!(
+            why.contains("net of the same proxies' other traffic: +27% latency, +2.0 pp errors"),
+            "{why}"
+        );
         // A real change on top of the drift still fails, and says by how much beyond it.
         let slow = evidence(2000, 48, 4.0 * 1.27 * 1.5);
         let Verdict::Fail(why) = judge(&slo, &slow, &baseline, &none, &drift) else {
             panic!("+50% beyond the drift is harm")
         };
-        let typical: f64 = why.split("typically +").nth(1).and_then(|t| t.split('%').next()).unwrap().parse().unwrap();
+        let typical: f64 = why
+            .split("typically +")
+            .nth(1)
+            .and_then(|t| t.split('%').next())
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!((45.0..=55.0).contains(&typical) && why.contains("confident it is slower"), "{why}");
         let failing = evidence(2000, 148, 4.0 * 1.27);
         let Verdict::Fail(why) = judge(&slo, &failing, &baseline, &none, &drift) else {
@@ -956,7 +976,9 @@ mod tests {
         assert!(why.contains("(+5.0 pp,"), "{why}");
         // With untreated traffic the concurrent reference already cancels the drift: unused.
         let peers = evidence(2000, 48, 4.0 * 1.27);
-        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &peers, &drift) else { panic!() };
+        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &peers, &drift) else {
+            panic!()
+        };
         assert!(!why.contains("net of"), "{why}");
     }
 
