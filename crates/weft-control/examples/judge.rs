@@ -78,6 +78,10 @@ struct AtFull {
     errors: f64,
 }
 
+/// One last-stage trial: the treated requests at the first rollback with the drift reference,
+/// and with the baseline alone.
+type FullOutcome = (Option<u64>, Option<u64>);
+
 /// One trial's outcome for each judge: the treated requests at the first rollback, if any.
 #[derive(Default)]
 struct Outcome {
@@ -288,12 +292,12 @@ fn main() {
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     for (k, s) in full.iter().enumerate() {
         let mut rng = Rng::new(0xd21f7 + k as u64);
-        let outcomes: Vec<(Option<u64>, Option<u64>)> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
-        let rate = |f: &dyn Fn(&(Option<u64>, Option<u64>)) -> Option<u64>| {
+        let outcomes: Vec<FullOutcome> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
+        let rate = |f: &dyn Fn(&FullOutcome) -> Option<u64>| {
             let n = outcomes.iter().filter(|o| f(o).is_some()).count();
             format!("{:.1}% ({n})", 100.0 * n as f64 / trials as f64)
         };
-        let needed = |f: &dyn Fn(&(Option<u64>, Option<u64>)) -> Option<u64>| {
+        let needed = |f: &dyn Fn(&FullOutcome) -> Option<u64>| {
             let mut at: Vec<u64> = outcomes.iter().filter_map(f).collect();
             at.sort_unstable();
             let k = (POWER * trials as f64).ceil() as usize;
@@ -324,7 +328,7 @@ fn other_request(rng: &mut Rng, weather: f64, drift: f64, errors: f64) -> (bool,
 /// the same proxies (the baseline and the drift's "before"); during it, both drifted, the
 /// service also changed. Returns the treated requests at the first rollback with the drift
 /// reference and with the baseline alone.
-fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> (Option<u64>, Option<u64>) {
+fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
     let mut baseline = Evidence::default();
     let mut drift = Drift::default();
     for _ in 0..BASELINE_REQUESTS / REPORT {

@@ -434,13 +434,14 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             let (mut gap, mut variance) = proportion_gap(treated.errors, treated.requests, e.errors, e.requests);
             let mut null = pooled_gap_variance(treated.errors, treated.requests, e.errors, e.requests);
             if let Some(d) = &r.drift {
-                // Under drift the treated and baseline rates differ with no change at all: "no
-                // harm" is the other traffic's gap, not equal rates, so no variance is pooled
-                // (pooling took the baseline's low rate for the treated side and rolled back 5% of
-                // harmless changes in the harness when every rate rose by 1 pp).
+                // Under drift "no harm" is a treated rate of the baseline's plus the other
+                // traffic's gap, not equal rates: the null's variance takes that rate for the
+                // treated side. Pooling (equal rates) rolled back 5% of harmless changes in the
+                // harness when every rate rose by 1 pp; the treated side's own rate (7.1% of 154
+                // against 0.8%) hid real harm in the demo.
                 gap -= d.gap;
                 variance += d.variance;
-                null = variance;
+                null = drifted_null(treated.requests, e.errors, e.requests, d);
             }
             let p = if gap > delta { mixture_p_value(gap, null, tau2) } else { 1.0 };
             let upper = gap + mixture_radius(variance, tau2, alpha);
@@ -523,6 +524,15 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (f64, 
         1.0
     };
     (p, mixture_p_value(shifted_auc - 0.5, shifted_variance + extra, LATENCY_TAU2))
+}
+
+/// The variance of the treated-minus-baseline error gap net of `drift` if the change did
+/// nothing: the treated rate is then the baseline's plus the drift's gap (each rate shrunk by
+/// one success and one failure, as in [`proportion_gap`]), plus the drift's own variance.
+fn drifted_null(treated: u64, errors: u64, requests: u64, drift: &Shift) -> f64 {
+    let base = (errors as f64 + 1.0) / (requests as f64 + 2.0);
+    let expected = (base + drift.gap).clamp(1.0 / (treated as f64 + 2.0), 1.0 - 1e-9);
+    expected * (1.0 - expected) / (treated as f64).max(1.0) + base * (1.0 - base) / (requests as f64).max(1.0) + drift.variance
 }
 
 /// The drift in other traffic, as the judge subtracts it.
@@ -974,6 +984,16 @@ mod tests {
             panic!("+5 pp errors beyond the drift is harm")
         };
         assert!(why.contains("(+5.0 pp,"), "{why}");
+        // Found in the demo: 11 errors in 154 treated requests against 9 in 1,091 before, no
+        // drift in errors; the treated side's own variance hid it, the null's shows it.
+        let quiet = Drift {
+            before: evidence(1000, 0, 2.0),
+            since: evidence(150, 0, 2.0),
+        };
+        let Verdict::Fail(why) = judge(&slo, &evidence(154, 11, 4.0), &evidence(1091, 9, 4.0), &none, &quiet) else {
+            panic!("+6.3 pp of errors net of no drift is harm")
+        };
+        assert!(why.contains("error rate 7.1% vs 0.8% baseline (net of"), "{why}");
         // With untreated traffic the concurrent reference already cancels the drift: unused.
         let peers = evidence(2000, 48, 4.0 * 1.27);
         let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &peers, &drift) else {
