@@ -8,13 +8,18 @@
 //! - **fixed-horizon**: a Kayenta-style Mann-Whitney comparison made once at a planned sample
 //!   size (one-sided, errors and latency at 0.5% each: 1% overall, the new judge's default).
 //!
-//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W]`. It prints a
-//! Markdown table; bench/README.md ("Issue #13, the judge") explains the method.
+//! A second table judges the last stage (100%: no untreated proxies) while the machine drifts:
+//! the new judge with the drift reference (the same proxies' traffic to another service) and
+//! with the baseline alone.
+//!
+//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W] [--last-stage]`
+//! (`--last-stage`: the second table only). It prints
+//! Markdown tables; bench/README.md ("Issue #13, the judge") explains the method.
 
 use std::io::Write;
 use weft_api::resource::Slo;
 use weft_api::telemetry::{LATENCY_BOUNDS_MS, LATENCY_SLOTS, slot_of};
-use weft_control::rollout::{Evidence, Verdict, judge};
+use weft_control::rollout::{Drift, Evidence, Verdict, judge};
 use weft_control::stats::{Rng, mann_whitney};
 
 /// The service before any change: 0.4% errors, log-normal latency with a 4 ms median and a
@@ -22,6 +27,11 @@ use weft_control::stats::{Rng, mann_whitney};
 const BASE_ERROR: f64 = 0.004;
 const MEDIAN_MS: f64 = 4.0;
 const SIGMA: f64 = 0.5;
+/// The same proxies' traffic to a service the change does not touch (the drift reference): a
+/// different shape on purpose, 0.2% errors and a 2 ms median with a wider spread.
+const OTHER_ERROR: f64 = 0.002;
+const OTHER_MEDIAN_MS: f64 = 2.0;
+const OTHER_SIGMA: f64 = 0.8;
 /// Baseline: what the treated proxies did in the minute before the intent.
 const BASELINE_REQUESTS: u64 = 3000;
 /// Requests in one proxy's report (two seconds at 50 requests per second).
@@ -56,6 +66,22 @@ struct Scenario {
     horizon: u64,
 }
 
+/// The last stage while the machine drifts: from the stage's start, the service's latency is
+/// multiplied by `target` and the other service's by `other`, and both err `errors` more.
+struct AtFull {
+    name: &'static str,
+    change: Change,
+    slo: Slo,
+    horizon: u64,
+    target: f64,
+    other: f64,
+    errors: f64,
+}
+
+/// One last-stage trial: the treated requests at the first rollback with the drift reference,
+/// and with the baseline alone.
+type FullOutcome = (Option<u64>, Option<u64>);
+
 /// One trial's outcome for each judge: the treated requests at the first rollback, if any.
 #[derive(Default)]
 struct Outcome {
@@ -69,6 +95,7 @@ fn main() {
     let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
     let trials = arg("--trials").and_then(|n| n.parse().ok()).unwrap_or(1000usize);
     let weather = arg("--weather").and_then(|n| n.parse().ok()).unwrap_or(WEATHER);
+    let last_stage_only = std::env::args().any(|a| a == "--last-stage");
     let default = Slo::default();
     let issue = Slo {
         max_error_rate: 5.0,
@@ -158,12 +185,15 @@ fn main() {
         out,
         "{trials} trials per row; the reference gets as many requests as the treated side (a 50% stage), the baseline {BASELINE_REQUESTS}; reports of {REPORT} requests share a latency factor exp({weather} N(0,1)).\n"
     );
-    let _ = writeln!(
-        out,
-        "| scenario | within | new: rolled back | new: requests for {p}% | today's: rolled back | today's: requests for {p}% | fixed-horizon MW: rolled back at the horizon | fixed-horizon: requests for {p}% |",
-        p = (POWER * 100.0) as u32
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let scenarios = if last_stage_only { &scenarios[..0] } else { &scenarios[..] };
+    if !scenarios.is_empty() {
+        let _ = writeln!(
+            out,
+            "| scenario | within | new: rolled back | new: requests for {p}% | today's: rolled back | today's: requests for {p}% | fixed-horizon MW: rolled back at the horizon | fixed-horizon: requests for {p}% |",
+            p = (POWER * 100.0) as u32
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    }
     for (k, s) in scenarios.iter().enumerate() {
         let mut rng = Rng::new(0x5eed + k as u64);
         let outcomes: Vec<Outcome> = (0..trials).map(|_| trial(&mut rng, s, weather)).collect();
@@ -198,6 +228,163 @@ fn main() {
             fixed_needed,
         );
     }
+    let drifting = |name, change, slo: &Slo, horizon, target, other, errors| AtFull {
+        name,
+        change,
+        slo: slo.clone(),
+        horizon,
+        target,
+        other,
+        errors,
+    };
+    let full = [
+        drifting("A/A, no drift", none, &default, 1000, 1.0, 1.0, 0.0),
+        drifting("A/A, everything 27% slower", none, &default, 1000, 1.27, 1.27, 0.0),
+        drifting(
+            "A/A, everything 27% slower, the issue's SLO, a short stage",
+            none,
+            &issue,
+            100,
+            1.27,
+            1.27,
+            0.0,
+        ),
+        drifting("A/A, everything 27% slower, a long stage", none, &default, 20_000, 1.27, 1.27, 0.0),
+        drifting("A/A, the service 35% slower, the other 20%", none, &default, 1000, 1.35, 1.2, 0.0),
+        drifting("A/A, everything +1 pp errors", none, &default, 1000, 1.0, 1.0, 0.01),
+        drifting(
+            "errors +1 pp, everything 27% slower",
+            Change { error: 0.01, ..none },
+            &default,
+            30_000,
+            1.27,
+            1.27,
+            0.0,
+        ),
+        drifting(
+            "latency +50%, everything 27% slower",
+            Change { latency: 1.5, ..none },
+            &default,
+            30_000,
+            1.27,
+            1.27,
+            0.0,
+        ),
+        drifting(
+            "half the requests +40 ms, the issue's SLO, everything 27% slower",
+            Change { half_ms: 40.0, ..none },
+            &issue,
+            1000,
+            1.27,
+            1.27,
+            0.0,
+        ),
+    ];
+    let _ = writeln!(
+        out,
+        "\nThe last stage (100%, no untreated proxies): baseline {BASELINE_REQUESTS} requests; the same proxies' requests to another service, as many, in the same reports.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | within | with the drift reference: rolled back | requests for {p}% | baseline alone: rolled back | requests for {p}% |",
+        p = (POWER * 100.0) as u32
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (k, s) in full.iter().enumerate() {
+        let mut rng = Rng::new(0xd21f7 + k as u64);
+        let outcomes: Vec<FullOutcome> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
+        let rate = |f: &dyn Fn(&FullOutcome) -> Option<u64>| {
+            let n = outcomes.iter().filter(|o| f(o).is_some()).count();
+            format!("{:.1}% ({n})", 100.0 * n as f64 / trials as f64)
+        };
+        let needed = |f: &dyn Fn(&FullOutcome) -> Option<u64>| {
+            let mut at: Vec<u64> = outcomes.iter().filter_map(f).collect();
+            at.sort_unstable();
+            let k = (POWER * trials as f64).ceil() as usize;
+            at.get(k.saturating_sub(1))
+                .map_or("not within the horizon".to_string(), |n| n.to_string())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            s.name,
+            s.horizon,
+            rate(&|o| o.0),
+            needed(&|o| o.0),
+            rate(&|o| o.1),
+            needed(&|o| o.1),
+        );
+    }
+}
+
+/// A request to the other service (the drift reference) in a report with weather `weather`,
+/// the machine slowing it by `drift` and adding `errors`.
+fn other_request(rng: &mut Rng, weather: f64, drift: f64, errors: f64) -> (bool, f64) {
+    let error = rng.uniform() < OTHER_ERROR + errors;
+    (error, OTHER_MEDIAN_MS * (OTHER_SIGMA * rng.normal()).exp() * weather * drift)
+}
+
+/// Replays the last stage: before it, reports of the service and of the other service from
+/// the same proxies (the baseline and the drift's "before"); during it, both drifted, the
+/// service also changed. Returns the treated requests at the first rollback with the drift
+/// reference and with the baseline alone.
+fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
+    let mut baseline = Evidence::default();
+    let mut drift = Drift::default();
+    for _ in 0..BASELINE_REQUESTS / REPORT {
+        let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
+        other.weather = report.weather;
+        for _ in 0..REPORT {
+            let (e, ms) = request(
+                rng,
+                Change {
+                    error: 0.0,
+                    latency: 1.0,
+                    half_ms: 0.0,
+                },
+                report.weather,
+            );
+            report.push(e, ms);
+            let (e, ms) = other_request(rng, other.weather, 1.0, 0.0);
+            other.push(e, ms);
+        }
+        report.send(&mut baseline);
+        other.send(&mut drift.before);
+    }
+    let change = Change {
+        error: s.change.error + s.errors,
+        latency: s.change.latency * s.target,
+        ..s.change
+    };
+    let (mut treated, none) = (Evidence::default(), Evidence::default());
+    let (mut with, mut alone) = (None, None);
+    let (mut n, mut next_look) = (0u64, REPORT.min(s.horizon));
+    let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
+    other.weather = report.weather;
+    // A stage ends at its first rollback: the trial, once both judges have rolled back.
+    while n < s.horizon && (with.is_none() || alone.is_none()) {
+        let (e, ms) = request(rng, change, report.weather);
+        report.push(e, ms);
+        let (e, ms) = other_request(rng, other.weather, s.other, s.errors);
+        other.push(e, ms);
+        n += 1;
+        if report.requests == REPORT {
+            std::mem::replace(&mut report, Report::new(rng, weather)).send(&mut treated);
+            std::mem::replace(&mut other, Report::new(rng, 0.0)).send(&mut drift.since);
+            other.weather = report.weather;
+        }
+        if n == next_look {
+            next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
+            let fails = |d: &Drift| matches!(judge(&s.slo, &treated, &baseline, &none, d), Verdict::Fail(_));
+            if with.is_none() && fails(&drift) {
+                with = Some(n);
+            }
+            if alone.is_none() && fails(&Drift::default()) {
+                alone = Some(n);
+            }
+        }
+    }
+    (with, alone)
 }
 
 /// One request of the service, changed by `change`, in a report whose latencies share the
@@ -299,7 +486,7 @@ fn trial(rng: &mut Rng, s: &Scenario, weather: f64) -> Outcome {
         }
         if n == next_look {
             next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
-            if out.new.is_none() && matches!(judge(&s.slo, &treated, &baseline, &untreated), Verdict::Fail(_)) {
+            if out.new.is_none() && matches!(judge(&s.slo, &treated, &baseline, &untreated, &Drift::default()), Verdict::Fail(_)) {
                 out.new = Some(n);
             }
             if out.today.is_none() && old_treated.fails(&s.slo, &old_baseline, &old_untreated) {

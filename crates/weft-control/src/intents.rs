@@ -10,8 +10,8 @@
 
 use crate::plan::{Kind, OverlayEntry};
 use crate::registry::ProxyRecord;
-use crate::rollout::{self, Evidence, Phase, Verdict};
-use crate::signals::Signals;
+use crate::rollout::{self, Drift, Evidence, Phase, Verdict};
+use crate::signals::{Sample, Signals};
 use crate::store::{ChangeEntry, Revision, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -874,25 +874,51 @@ impl Step<'_> {
     fn begin_stage(&mut self, seq: u64, now: Instant) {
         self.set_phase(seq, Phase::Distribution);
         let intent = &self.m.records[&seq];
-        let enforcers = rollout::spread(
-            self.proxies
-                .values()
-                .filter(|p| intent.enforced_by(p))
-                .map(|p| (p.workload_id().to_string(), p.cluster.clone()))
-                .collect(),
-        );
-        let share = intent.share();
-        let count = rollout::stage_count(share, enforcers.len());
-        let mut treated = intent.treated.clone();
-        treated.extend(enforcers[..count].iter().cloned());
-        // The ledger names this stage's proxies in rollout order (the first 20 of a large one).
-        let order = enforcers[..count]
+        let rates = recent_requests(self.signals, intent, now);
+        let candidates: Vec<rollout::Candidate> = self
+            .proxies
+            .values()
+            .filter(|p| intent.enforced_by(p))
+            .map(|p| rollout::Candidate {
+                id: p.workload_id().to_string(),
+                cluster: p.cluster.clone(),
+                requests: rates.get(p.workload_id()).copied(),
+            })
+            .collect();
+        let enforcers = candidates.iter().map(|c| c.id.as_str()).collect::<BTreeSet<_>>().len();
+        let unknown = candidates
             .iter()
-            .chain(intent.treated.iter().filter(|id| !enforcers[..count].contains(*id)));
+            .filter(|c| c.requests.is_none())
+            .map(|c| c.id.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
+        let share = intent.share();
+        let kept: BTreeSet<String> = if share >= 100.0 {
+            candidates.iter().map(|c| c.id.clone()).collect()
+        } else {
+            intent.treated.clone()
+        };
+        let choice = rollout::choose(candidates, &kept, share);
+        let mut treated = intent.treated.clone();
+        treated.extend(kept);
+        treated.extend(choice.added.iter().cloned());
+        // The ledger names this stage's proxies in rollout order (the first 20 of a large one).
+        let order = choice.added.iter().chain(treated.iter().filter(|id| !choice.added.contains(*id)));
         let mut listed = order.take(LEDGER_NAMES).map(String::as_str).collect::<Vec<_>>().join(", ");
         if treated.len() > LEDGER_NAMES {
             listed.push_str(&format!(" and {} more", treated.len() - LEDGER_NAMES));
         }
+        let traffic = format!(
+            "{:.1}% of the requests to {} over the last {}s{}",
+            choice.traffic_share,
+            intent.services.iter().cloned().collect::<Vec<_>>().join(", "),
+            BASELINE_WINDOW.as_secs(),
+            match unknown {
+                0 => String::new(),
+                1 => ", counting the proxy with no traffic data as the median".into(),
+                n => format!(", counting the {n} proxies with no traffic data as the median"),
+            }
+        );
         let candidate = intent.candidate.unwrap_or(0);
         let intent = self.m.records.get_mut(&seq).expect("open");
         intent.treat_all = share >= 100.0;
@@ -904,10 +930,9 @@ impl Step<'_> {
             "control-plane",
             "distribution",
             format!(
-                "stage {} ({share}%): candidate revision {candidate} to {} of {} enforcing proxies: {listed}",
+                "stage {} ({share}%): candidate revision {candidate} to {} of {enforcers} enforcing proxies ({traffic}): {listed}",
                 intent.stage + 1,
                 treated.len(),
-                enforcers.len(),
             ),
         );
         intent.treated = treated;
@@ -972,11 +997,11 @@ impl Step<'_> {
         if bake.is_zero() {
             return self.promote_stage(seq, "applied (no bake)".into());
         }
-        let (treated, baseline, untreated) = evidence(self.proxies, self.signals, intent);
+        let (treated, baseline, untreated, drift) = evidence(self.proxies, self.signals, intent);
         let since = now.duration_since(intent.timing.observe_started.unwrap_or(now));
         let stage = intent.stage + 1;
         let share = intent.share();
-        match rollout::judge(&intent.slo, &treated, &baseline, &untreated) {
+        match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &drift) {
             Verdict::Fail(why) => self.end(seq, Phase::RolledBack, format!("{why}: rolled back at stage {stage} ({share}%)")),
             Verdict::Pass(why) if since >= bake => self.promote_stage(seq, why),
             Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE + WARM_UP => {
@@ -1179,16 +1204,11 @@ fn overlay_of(resources: &BTreeMap<ResourceKey, Resource>, intent: &IntentRecord
 
 /// Evidence for the intent's current stage: treated proxies since observation began (on the
 /// candidate, and for a scoped change only on its own routes), the same proxies before the
-/// intent, and untreated enforcing proxies since.
-fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> (Evidence, Evidence, Evidence) {
-    let (direction, services): (i32, BTreeSet<String>) = if intent.is_security() {
-        (Direction::Inbound as i32, [String::new()].into())
-    } else {
-        (
-            Direction::Outbound as i32,
-            intent.overlay.iter().map(|e| e.service.clone()).collect(),
-        )
-    };
+/// intent, untreated enforcing proxies since, and the drift: the treated proxies' requests to
+/// services the change does not touch, before the intent and since (a TrafficPolicy's callers;
+/// a SecurityPolicy is judged on inbound traffic, which has no other service to tell apart).
+fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> (Evidence, Evidence, Evidence, Drift) {
+    let (direction, services) = judged_traffic(intent);
     let enforcing: BTreeMap<String, bool> = proxies
         .values()
         .filter(|p| intent.enforced_by(p))
@@ -1197,29 +1217,67 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
     let candidate = intent.candidate.unwrap_or(u64::MAX);
     let started = intent.timing.started;
     let observing = intent.timing.observe_started;
+    let before_start = |s: &Sample| started.is_some_and(|st| s.at < st && st.duration_since(s.at) <= BASELINE_WINDOW);
+    let after_observe = |s: &Sample| observing.is_some_and(|o| s.at >= o + WARM_UP);
     let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
+    let mut drift = Drift::default();
+    for ((workload, dir, service), samples) in &signals.samples {
+        let Some(&is_treated) = enforcing.get(workload) else { continue };
+        let judged = services.contains(service);
+        if *dir != direction || !judged && !is_treated {
+            continue;
+        }
+        let add = |e: &mut Evidence, s: &Sample| e.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+        for s in samples {
+            if !judged {
+                // A treated proxy's other traffic: the drift of the machine under it.
+                if before_start(s) {
+                    add(&mut drift.before, s);
+                } else if after_observe(s) {
+                    add(&mut drift.since, s);
+                }
+            } else if is_treated {
+                let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
+                if after_observe(s) && s.revision >= candidate && in_scope {
+                    add(&mut treated, s);
+                }
+                if before_start(s) {
+                    add(&mut baseline, s);
+                }
+            } else if after_observe(s) {
+                add(&mut untreated, s);
+            }
+        }
+    }
+    (treated, baseline, untreated, drift)
+}
+
+/// The traffic a change is judged on: inbound for a SecurityPolicy (the instances enforce it),
+/// otherwise the callers' outbound requests to the services it changes.
+fn judged_traffic(intent: &IntentRecord) -> (i32, BTreeSet<String>) {
+    if intent.is_security() {
+        (Direction::Inbound as i32, [String::new()].into())
+    } else {
+        (
+            Direction::Outbound as i32,
+            intent.overlay.iter().map(|e| e.service.clone()).collect(),
+        )
+    }
+}
+
+/// Requests each workload sent on the judged traffic over the last [`BASELINE_WINDOW`]; a
+/// workload with no report there is absent (no data, not zero).
+fn recent_requests(signals: &Signals, intent: &IntentRecord, now: Instant) -> BTreeMap<String, u64> {
+    let (direction, services) = judged_traffic(intent);
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
     for ((workload, dir, service), samples) in &signals.samples {
         if *dir != direction || !services.contains(service) {
             continue;
         }
-        let Some(is_treated) = enforcing.get(workload) else { continue };
-        for s in samples {
-            let after_observe = observing.is_some_and(|o| s.at >= o + WARM_UP);
-            if *is_treated {
-                let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
-                if after_observe && s.revision >= candidate && in_scope {
-                    treated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
-                }
-                if let Some(st) = started
-                    && s.at < st
-                    && st.duration_since(s.at) <= BASELINE_WINDOW
-                {
-                    baseline.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
-                }
-            } else if after_observe {
-                untreated.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
-            }
+        for s in samples.iter().filter(|s| now.saturating_duration_since(s.at) <= BASELINE_WINDOW) {
+            let n = out.entry(workload.clone()).or_default();
+            *n = n.saturating_add(s.requests);
         }
     }
-    (treated, baseline, untreated)
+    out
 }

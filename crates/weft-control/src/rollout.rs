@@ -171,12 +171,118 @@ pub fn spread(mut candidates: Vec<(String, String)>) -> Vec<String> {
     out
 }
 
-/// How many of `n` proxies a stage of `share` percent treats: at least one, all at 100.
-pub fn stage_count(share: f64, n: usize) -> usize {
-    if n == 0 {
-        return 0;
+/// A proxy a stage may treat: its workload, cluster, and the requests it sent to the changed
+/// service recently (`None`: no traffic data for it yet).
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub id: String,
+    pub cluster: String,
+    pub requests: Option<u64>,
+}
+
+/// The proxies a stage treats: the ones it adds (in rollout order) and the share of the
+/// service's traffic, in percent, that every treated proxy together carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    pub added: Vec<String>,
+    pub traffic_share: f64,
+}
+
+/// Traffic is weighed in this many units, so that choosing is a subset sum over small integers.
+const SHARE_UNITS: u64 = 10_000;
+
+/// Chooses the proxies a stage of `share` percent treats, by their share of the traffic rather
+/// than their number: a quiet caller alone is no stage at all. The rule, exactly:
+///
+/// - each candidate weighs its recent requests; one with no traffic data weighs the median of
+///   those with data; when no candidate has any traffic, each weighs the same. Weights are
+///   rounded to [`SHARE_UNITS`] of their total;
+/// - the proxies an earlier stage treated (`kept`) stay treated;
+/// - among the sets that contain `kept` and whose weight is at least `share` percent of the
+///   total, the stage takes one of the least weight (so it treats at least its share and as
+///   little more as the proxies allow);
+/// - among those, the first in [`spread`]'s order (clusters round-robin), taking a proxy
+///   whenever the rest can still complete the set, and never one of no weight.
+///
+/// With equal traffic this is the first `ceil(share% of n)` proxies in spread order, as before.
+pub fn choose(candidates: Vec<Candidate>, kept: &std::collections::BTreeSet<String>, share: f64) -> Choice {
+    let requests: std::collections::HashMap<String, Option<u64>> = candidates.iter().map(|c| (c.id.clone(), c.requests)).collect();
+    let mut order = spread(candidates.into_iter().map(|c| (c.id, c.cluster)).collect());
+    // A workload with instances in two clusters is one candidate, at its first place.
+    let mut seen = std::collections::HashSet::new();
+    order.retain(|id| seen.insert(id.clone()));
+    let weights = weights(&order.iter().map(|id| requests[id]).collect::<Vec<_>>());
+    let total: u64 = weights.iter().sum();
+    let target = ((share / 100.0 * total as f64) - 1e-9).ceil().max(0.0) as u64;
+    let kept_weight: u64 = order
+        .iter()
+        .zip(&weights)
+        .filter(|(id, _)| kept.contains(*id))
+        .map(|(_, w)| w)
+        .sum();
+    let free: Vec<(&String, u64)> = order
+        .iter()
+        .zip(weights.iter().copied())
+        .filter(|(id, _)| !kept.contains(*id))
+        .collect();
+    let need = target.saturating_sub(kept_weight);
+    let added = least_reaching(&free.iter().map(|f| f.1).collect::<Vec<_>>(), need)
+        .into_iter()
+        .map(|i| free[i].0.clone())
+        .collect::<Vec<_>>();
+    let added_weight: u64 = free.iter().filter(|(id, _)| added.contains(id)).map(|f| f.1).sum();
+    let traffic_share = if total == 0 {
+        0.0
+    } else {
+        100.0 * (kept_weight + added_weight) as f64 / total as f64
+    };
+    Choice { added, traffic_share }
+}
+
+/// Integer weights from request counts (see [`choose`]): the median stands in for a missing
+/// count, equal weights for no traffic at all, and the total is scaled to [`SHARE_UNITS`].
+fn weights(requests: &[Option<u64>]) -> Vec<u64> {
+    let mut known: Vec<u64> = requests.iter().flatten().copied().collect();
+    known.sort_unstable();
+    let median = known.get(known.len() / 2).copied().unwrap_or(0);
+    let raw: Vec<u64> = requests.iter().map(|r| r.unwrap_or(median)).collect();
+    let sum: u64 = raw.iter().sum();
+    if sum == 0 {
+        return vec![1; requests.len()];
     }
-    ((share / 100.0 * n as f64).ceil() as usize).clamp(1, n)
+    raw.iter()
+        .map(|r| ((*r as f64 / sum as f64) * SHARE_UNITS as f64).round() as u64)
+        .collect()
+}
+
+/// The indices of a subset of `weights` with the least sum at or above `need`, the earliest
+/// items preferred (a subset-sum table over the suffixes: `reach[i][s]` says items `i..` can
+/// sum to exactly `s`). Weights are at most [`SHARE_UNITS`] in total, so the table is small.
+fn least_reaching(weights: &[u64], need: u64) -> Vec<usize> {
+    if need == 0 {
+        return Vec::new();
+    }
+    let total: u64 = weights.iter().sum();
+    let size = total as usize + 1;
+    let mut reach = vec![vec![false; size]; weights.len() + 1];
+    reach[weights.len()][0] = true;
+    for i in (0..weights.len()).rev() {
+        let w = weights[i] as usize;
+        for s in 0..size {
+            reach[i][s] = reach[i + 1][s] || (s >= w && reach[i + 1][s - w]);
+        }
+    }
+    let Some(mut left) = (need as usize..size).find(|s| reach[0][*s]) else {
+        return (0..weights.len()).collect();
+    };
+    let mut taken = Vec::new();
+    for (i, w) in weights.iter().map(|w| *w as usize).enumerate() {
+        if w > 0 && left >= w && reach[i + 1][left - w] {
+            taken.push(i);
+            left -= w;
+        }
+    }
+    taken
 }
 
 /// Narrows a resource to `scope` (`key:value`): a TrafficPolicy's routes match the header
@@ -199,6 +305,32 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
     }
 }
 
+/// What the treated proxies sent to services the change does not touch, before the intent and
+/// since the stage's evidence began: how much the machine under them drifted meanwhile.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Drift {
+    pub before: Evidence,
+    pub since: Evidence,
+}
+
+/// One reference the treated proxies are compared with; against the baseline with no
+/// concurrent reference, net of the drift the same proxies' other traffic shows.
+struct Reference<'a> {
+    name: String,
+    evidence: &'a Evidence,
+    drift: Option<Shift>,
+}
+
+/// The drift of a [`Drift`]: other traffic's latency factor (the typical ratio since / before)
+/// and the variance of its logarithm, and its error-rate difference with that difference's
+/// variance.
+struct Shift {
+    factor: f64,
+    log_variance: f64,
+    gap: f64,
+    variance: f64,
+}
+
 /// Judges treated proxies with the SLO's stated error rates against two references: the
 /// untreated proxies over the same time (same load, same machine weather) and the treated
 /// proxies' own baseline from before the intent (same proxies). Each reference with traffic
@@ -217,18 +349,49 @@ pub fn narrow(resource: &mut Resource, scope: &str) {
 ///   reference's slowed by that much than faster);
 /// - without any reference: the treated error rate is above `maxErrorRate`.
 ///
+/// With no untreated traffic (a 100% stage) the baseline is the only reference, and a
+/// comparison across time alone cannot tell the change from the machine's weather (the demo
+/// rolled back a harmless change on +27% against the minute before). So when `drift` has
+/// `minRequests` on both sides, the baseline comparison is a difference in differences: the
+/// error gap minus other traffic's gap (each side's own variance, added), and latency against the baseline
+/// scaled by other traffic's typical slowdown, the uncertainty of that factor carried into the
+/// rank test's variance (delta method). Treated and other traffic come from the same proxies
+/// in the same reports, so a shared busy moment cancels too.
+///
 /// Each test is always valid (see [`crate::stats`]) so the judge may look after every report;
 /// errors and latency share the false-alarm budget, and requiring every reference only lowers
 /// it: a change that does nothing is rolled back with probability at most `100 - confidence`
 /// percent. Nothing is decided before `minRequests` treated requests; after that, with no harm
 /// shown, the stage passes (the loop still waits for the bake) and the reason bounds what the
 /// evidence still allows.
-pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence) -> Verdict {
-    let references: Vec<(&str, &Evidence)> = [("untreated", untreated), ("baseline", baseline)]
-        .into_iter()
-        .filter(|(_, r)| r.requests > 0)
-        .collect();
-    let summary = summarize(treated, references.first().copied());
+pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence, drift: &Drift) -> Verdict {
+    let concurrent = untreated.requests > 0;
+    let enough = |e: &Evidence| e.requests >= slo.min_requests.max(1);
+    let shift = (!concurrent && enough(&drift.before) && enough(&drift.since)).then(|| shift_of(drift));
+    let mut references: Vec<Reference> = Vec::new();
+    if concurrent {
+        references.push(Reference {
+            name: "untreated".into(),
+            evidence: untreated,
+            drift: None,
+        });
+    }
+    if baseline.requests > 0 {
+        let name = match &shift {
+            Some(d) => format!(
+                "baseline (net of the same proxies' other traffic: {:+.0}% latency, {} errors)",
+                100.0 * (d.factor - 1.0),
+                points(d.gap)
+            ),
+            None => "baseline".into(),
+        };
+        references.push(Reference {
+            name,
+            evidence: baseline,
+            drift: shift,
+        });
+    }
+    let summary = summarize(treated, references.first());
     if treated.requests < slo.min_requests {
         return Verdict::Wait(format!(
             "{} of {} requests observed ({summary})",
@@ -263,19 +426,32 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         return Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}"));
     }
 
-    // Errors, against each reference: (p that it is higher, p that it exceeds delta, gap).
+    // Errors, against each reference: (p that it is higher, p that it exceeds delta, gap, upper bound).
     let errors: Vec<(f64, f64, f64, f64)> = references
         .iter()
-        .map(|(_, r)| {
-            let (gap, variance) = proportion_gap(treated.errors, treated.requests, r.errors, r.requests);
-            let null = pooled_gap_variance(treated.errors, treated.requests, r.errors, r.requests);
+        .map(|r| {
+            let e = r.evidence;
+            let (mut gap, mut variance) = proportion_gap(treated.errors, treated.requests, e.errors, e.requests);
+            let mut null = pooled_gap_variance(treated.errors, treated.requests, e.errors, e.requests);
+            if let Some(d) = &r.drift {
+                // Under drift "no harm" is a treated rate of the baseline's plus the other
+                // traffic's gap, not equal rates: the null's variance takes that rate for the
+                // treated side. Pooling (equal rates) rolled back 5% of harmless changes in the
+                // harness when every rate rose by 1 pp; the treated side's own rate (7.1% of 154
+                // against 0.8%) hid real harm in the demo.
+                gap -= d.gap;
+                variance += d.variance;
+                null = drifted_null(treated.requests, e.errors, e.requests, d);
+            }
             let p = if gap > delta { mixture_p_value(gap, null, tau2) } else { 1.0 };
             let upper = gap + mixture_radius(variance, tau2, alpha);
             (p, mixture_p_value(gap - delta, variance, tau2), gap, upper)
         })
         .collect();
     if shown(errors.iter().map(|e| e.0), alpha_each) {
-        let (name, reference) = references[0];
+        let Reference {
+            name, evidence: reference, ..
+        } = &references[0];
         let (p, beyond) = (errors[0].0, errors[0].1);
         return Verdict::Fail(format!(
             "error rate {} vs {} {name}{} ({}, {} vs {} requests, {} confident it is higher{})",
@@ -293,23 +469,14 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // Latency, against each reference: (p that it is slower, p that it exceeds the slowdown).
     let t = treated.points(1.0);
     let by_report = treated.report_points(1.0);
-    let mut latency: Vec<(f64, f64)> = Vec::new();
-    for (_, r) in &references {
-        let plain = clustered_auc(&by_report, &r.report_points(1.0));
-        let shifted = clustered_auc(&by_report, &r.report_points(slower));
-        let (Some((auc, variance)), Some((shifted_auc, shifted_variance))) = (plain, shifted) else {
-            latency.push((1.0, 1.0));
-            continue;
-        };
-        let p = if shifted_auc > 0.5 {
-            mixture_p_value(auc - 0.5, variance, LATENCY_TAU2)
-        } else {
-            1.0
-        };
-        latency.push((p, mixture_p_value(shifted_auc - 0.5, shifted_variance, LATENCY_TAU2)));
-    }
+    let latency: Vec<(f64, f64)> = references.iter().map(|r| slower_p(&by_report, r, slower)).collect();
     if shown(latency.iter().map(|l| l.0), alpha_each) {
-        let (name, reference) = references[0];
+        let Reference {
+            name,
+            evidence: reference,
+            drift,
+        } = &references[0];
+        let scale = drift.as_ref().map_or(1.0, |d| d.factor);
         let (p, beyond) = latency[0];
         return Verdict::Fail(format!(
             "latency p50 {} p99 {} vs {} {} {name}{} (typically {:+.0}%, {} vs {} requests, {} confident it is slower{})",
@@ -318,7 +485,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             ms(reference.quantile(0.5)),
             ms(reference.quantile(0.99)),
             also(&references, |r| format!("{} {}", ms(r.quantile(0.5)), ms(r.quantile(0.99)))),
-            100.0 * (typical_ratio(&t, reference) - 1.0),
+            100.0 * (typical_ratio(&t, reference) / scale - 1.0),
             count(treated.requests),
             count(reference.requests),
             confidence(p),
@@ -329,9 +496,70 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     let bounds: Vec<String> = references
         .iter()
         .zip(&errors)
-        .map(|((name, _), e)| format!("errors vs {name} at most {}", points(e.3)))
+        .map(|(r, e)| format!("errors vs {} at most {}", r.name, points(e.3)))
         .collect();
     Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
+}
+
+/// Whether treated requests are slower than the reference's (against the baseline with a
+/// drift: than the baseline's scaled by the drift's factor): the p-value that they are slower
+/// at all, counted only when the estimate exceeds `slower`, and the p-value that they exceed it.
+fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (f64, f64) {
+    let (scale, extra) = match &r.drift {
+        // The factor's own uncertainty, through the slope of the rank statistic in ln(scale).
+        Some(d) => (d.factor, auc_slope(by_report, r.evidence, d.factor).powi(2) * d.log_variance),
+        None => (1.0, 0.0),
+    };
+    let plain = clustered_auc(by_report, &r.evidence.report_points(scale));
+    let shifted = clustered_auc(by_report, &r.evidence.report_points(scale * slower));
+    let (Some((auc, variance)), Some((shifted_auc, shifted_variance))) = (plain, shifted) else {
+        return (1.0, 1.0);
+    };
+    if !extra.is_finite() {
+        return (1.0, 1.0);
+    }
+    let p = if shifted_auc > 0.5 {
+        mixture_p_value(auc - 0.5, variance + extra, LATENCY_TAU2)
+    } else {
+        1.0
+    };
+    (p, mixture_p_value(shifted_auc - 0.5, shifted_variance + extra, LATENCY_TAU2))
+}
+
+/// The variance of the treated-minus-baseline error gap net of `drift` if the change did
+/// nothing: the treated rate is then the baseline's plus the drift's gap (each rate shrunk by
+/// one success and one failure, as in [`proportion_gap`]), plus the drift's own variance.
+fn drifted_null(treated: u64, errors: u64, requests: u64, drift: &Shift) -> f64 {
+    let base = (errors as f64 + 1.0) / (requests as f64 + 2.0);
+    let expected = (base + drift.gap).clamp(1.0 / (treated as f64 + 2.0), 1.0 - 1e-9);
+    expected * (1.0 - expected) / (treated as f64).max(1.0) + base * (1.0 - base) / (requests as f64).max(1.0) + drift.variance
+}
+
+/// The drift in other traffic, as the judge subtracts it.
+fn shift_of(d: &Drift) -> Shift {
+    let factor = typical_ratio(&d.since.points(1.0), &d.before);
+    let since = d.since.report_points(1.0);
+    let slope = auc_slope(&since, &d.before, factor);
+    let log_variance = match clustered_auc(&since, &d.before.report_points(factor)) {
+        Some((_, v)) if slope != 0.0 => v / slope.powi(2),
+        _ => f64::INFINITY,
+    };
+    let (b, s) = (&d.before, &d.since);
+    let (gap, variance) = proportion_gap(s.errors, s.requests, b.errors, b.requests);
+    Shift {
+        factor,
+        log_variance,
+        gap,
+        variance,
+    }
+}
+
+/// How fast the probability that an `x` request is slower than a reference one times `s`
+/// falls as `ln s` grows, at `s = scale` (a central difference over +-5%, a few latency slots).
+fn auc_slope(x: &[Vec<(f64, u64)>], reference: &Evidence, scale: f64) -> f64 {
+    const H: f64 = 0.05;
+    let at = |s: f64| clustered_auc(x, &reference.report_points(s)).map_or(0.5, |a| a.0);
+    (at(scale / H.exp()) - at(scale * H.exp())) / (2.0 * H)
 }
 
 /// Whether harm shows: the first reference's p-value is at most `alpha`, and every later one
@@ -341,10 +569,10 @@ fn shown(mut p: impl Iterator<Item = f64>, alpha: f64) -> bool {
 }
 
 /// ` and 0.5% baseline`: the second reference's numbers, when there is one.
-fn also(references: &[(&str, &Evidence)], show: impl Fn(&Evidence) -> String) -> String {
+fn also(references: &[Reference], show: impl Fn(&Evidence) -> String) -> String {
     references
         .get(1)
-        .map(|(name, r)| format!(" and {} {name}", show(r)))
+        .map(|r| format!(" and {} {}", show(r.evidence), r.name))
         .unwrap_or_default()
 }
 
@@ -371,14 +599,14 @@ fn typical_ratio(treated: &[(f64, u64)], reference: &Evidence) -> f64 {
 }
 
 /// The numbers of a stage in a line: treated against the first reference.
-fn summarize(treated: &Evidence, reference: Option<(&str, &Evidence)>) -> String {
+fn summarize(treated: &Evidence, reference: Option<&Reference>) -> String {
     let mut out = format!(
         "error rate {}, p50 {} p99 {}",
         percent(treated.error_rate()),
         ms(treated.quantile(0.5)),
         ms(treated.quantile(0.99))
     );
-    if let Some((name, r)) = reference {
+    if let Some(Reference { name, evidence: r, .. }) = reference {
         out.push_str(&format!(
             " vs {name} {}, p50 {} p99 {} ({} vs {} requests)",
             percent(r.error_rate()),
@@ -444,9 +672,15 @@ fn trim(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     /// `requests` with `errors` among them, the latencies spread evenly over [0.5x, 1.5x] of
     /// `latency_ms` (a service is never one value).
+    /// The judge with no drift reference.
+    fn judged(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence) -> Verdict {
+        judge(slo, treated, baseline, untreated, &Drift::default())
+    }
+
     fn evidence(requests: u64, errors: u64, latency_ms: f64) -> Evidence {
         let mut e = Evidence::default();
         for i in 0..requests {
@@ -456,16 +690,115 @@ mod tests {
         e
     }
 
+    fn candidate(id: &str, cluster: &str, requests: Option<u64>) -> Candidate {
+        Candidate {
+            id: id.into(),
+            cluster: cluster.into(),
+            requests,
+        }
+    }
+
     #[test]
-    fn stages_spread_across_clusters_and_cover_at_least_one() {
+    fn equal_traffic_stages_spread_across_clusters_and_cover_at_least_one() {
         let c = |id: &str, cl: &str| (id.to_string(), cl.to_string());
         let order = spread(vec![c("a1", "a"), c("a2", "a"), c("a3", "a"), c("b1", "b"), c("c1", "c")]);
         assert_eq!(order, ["a1", "b1", "c1", "a2", "a3"]);
-        assert_eq!(stage_count(10.0, 10), 1);
-        assert_eq!(stage_count(10.0, 2), 1);
-        assert_eq!(stage_count(50.0, 5), 3);
-        assert_eq!(stage_count(100.0, 7), 7);
-        assert_eq!(stage_count(50.0, 0), 0);
+        let equal = |n: usize, share: f64| {
+            let all = (0..n).map(|i| candidate(&format!("p{i}"), ["a", "b"][i % 2], Some(50))).collect();
+            choose(all, &BTreeSet::new(), share).added.len()
+        };
+        assert_eq!(
+            (equal(10, 10.0), equal(2, 10.0), equal(5, 50.0), equal(7, 100.0), equal(0, 50.0)),
+            (1, 1, 3, 7, 0)
+        );
+        // No traffic data anywhere: by count, in spread order.
+        let quiet = vec![candidate("a1", "a", None), candidate("a2", "a", None), candidate("b1", "b", None)];
+        assert_eq!(choose(quiet, &BTreeSet::new(), 50.0).added, ["a1", "b1"]);
+    }
+
+    #[test]
+    fn a_stage_treats_its_share_of_the_traffic_not_of_the_proxies() {
+        // Two callers at 9:1: a 50% stage is the busy one, not the first in cluster order.
+        let two = vec![candidate("quiet", "a", Some(100)), candidate("busy", "b", Some(900))];
+        let choice = choose(two, &BTreeSet::new(), 50.0);
+        assert_eq!(
+            choice,
+            Choice {
+                added: vec!["busy".into()],
+                traffic_share: 90.0
+            }
+        );
+        // 6:3:1: count would take two proxies; 60% alone is the least weight at or above 50%.
+        let three = vec![
+            candidate("a", "x", Some(300)),
+            candidate("b", "x", Some(100)),
+            candidate("c", "y", Some(600)),
+        ];
+        assert_eq!(choose(three.clone(), &BTreeSet::new(), 50.0).added, ["c"]);
+        // A later stage keeps the earlier one's proxies and adds the least that reaches its share.
+        let kept: BTreeSet<String> = ["b".to_string()].into();
+        let later = choose(three, &kept, 50.0);
+        assert_eq!((later.added, later.traffic_share), (vec!["c".to_string()], 70.0));
+        // No data counts as the median of those with data (here 100 of 100, 100, 1000).
+        let unknown = vec![
+            candidate("new", "a", None),
+            candidate("x", "a", Some(100)),
+            candidate("y", "a", Some(100)),
+            candidate("z", "b", Some(1000)),
+        ];
+        let choice = choose(unknown, &BTreeSet::new(), 5.0);
+        assert_eq!(
+            (choice.added, (choice.traffic_share * 10.0).round()),
+            (vec!["new".to_string()], 77.0)
+        );
+    }
+
+    /// Against every subset, in the rule's own units (weights rounded to 1/10,000 of the
+    /// total): the treated weight reaches the stage's share and no subset that keeps the
+    /// earlier stage's proxies reaches it with less.
+    #[test]
+    fn the_chosen_share_is_at_least_the_stage_and_minimal() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..2000 {
+            let n = 1 + next(7) as usize;
+            let all: Vec<Candidate> = (0..n)
+                .map(|i| candidate(&format!("p{i}"), ["a", "b", "c"][next(3) as usize], Some(next(1000))))
+                .collect();
+            let kept: BTreeSet<String> = all.iter().filter(|_| next(4) == 0).map(|c| c.id.clone()).collect();
+            let share = [5.0, 10.0, 25.0, 33.0, 50.0, 75.0, 99.0][next(7) as usize];
+            let units = weights(&all.iter().map(|c| c.requests).collect::<Vec<_>>());
+            let total: u64 = units.iter().sum();
+            let weight = |pick: &dyn Fn(usize) -> bool| (0..n).filter(|i| pick(*i)).map(|i| units[i]).sum::<u64>();
+            let is_kept = |i: usize| kept.contains(&all[i].id);
+            let choice = choose(all.clone(), &kept, share);
+            let got = weight(&|i| is_kept(i) || choice.added.contains(&all[i].id));
+            let case = format!("{all:?} kept {kept:?} share {share} chose {choice:?}");
+            assert!(got as f64 >= share / 100.0 * total as f64 - 1e-6, "{case}");
+            assert!((100.0 * got as f64 / total as f64 - choice.traffic_share).abs() < 1e-9, "{case}");
+            assert!(choice.added.iter().all(|id| !kept.contains(id)), "{case}");
+            for mask in 0u32..1 << n {
+                let other = weight(&|i| is_kept(i) || mask & (1 << i) != 0);
+                assert!(
+                    (other as f64) < share / 100.0 * total as f64 - 1e-6 || other >= got,
+                    "{other} of {total} also reaches the share with less than {got}: {case}"
+                );
+            }
+            // In requests rather than units, the share is off by at most the rounding.
+            let requests: u64 = all.iter().map(|c| c.requests.unwrap()).sum();
+            if requests > 0 {
+                let picked: u64 = (0..n)
+                    .filter(|i| is_kept(*i) || choice.added.contains(&all[*i].id))
+                    .map(|i| all[i].requests.unwrap())
+                    .sum();
+                assert!(100.0 * picked as f64 / requests as f64 >= share - 0.005 * n as f64, "{case}");
+            }
+        }
     }
 
     #[test]
@@ -475,38 +808,41 @@ mod tests {
             ..Default::default()
         };
         let healthy = evidence(4000, 16, 4.0);
-        let Verdict::Wait(why) = judge(&slo, &evidence(50, 50, 4.0), &healthy, &healthy) else {
+        let Verdict::Wait(why) = judged(&slo, &evidence(50, 50, 4.0), &healthy, &healthy) else {
             panic!()
         };
         assert!(why.starts_with("50 of 100 requests observed (error rate 100.0%"), "{why}");
         // +5.6 pp over 1,000 requests: far beyond +0.5 pp.
-        let Verdict::Fail(why) = judge(&slo, &evidence(1000, 60, 4.0), &healthy, &Evidence::default()) else {
+        let Verdict::Fail(why) = judged(&slo, &evidence(1000, 60, 4.0), &healthy, &Evidence::default()) else {
             panic!()
         };
         assert!(
             why == "error rate 6.0% vs 0.4% baseline (+5.6 pp, 1,000 vs 4,000 requests, over 99.99% confident it is higher, over 99.99% that it exceeds the +0.5 pp that matters)",
             "{why}"
         );
-        let Verdict::Pass(why) = judge(&slo, &evidence(1000, 4, 4.0), &healthy, &healthy) else {
+        let Verdict::Pass(why) = judged(&slo, &evidence(1000, 4, 4.0), &healthy, &healthy) else {
             panic!()
         };
         assert!(why.starts_with("no harm shown at 99% confidence: error rate 0.4%"), "{why}");
         // Twice as slow, every request.
-        let Verdict::Fail(why) = judge(&slo, &evidence(300, 0, 8.0), &healthy, &healthy) else {
+        let Verdict::Fail(why) = judged(&slo, &evidence(300, 0, 8.0), &healthy, &healthy) else {
             panic!()
         };
         assert!(why.starts_with("latency p50 8."), "{why}");
         assert!(why.contains("that it exceeds the +20% that matters"), "{why}");
         // 10% slower is under the 20% that matters: not a rollback.
-        assert!(matches!(judge(&slo, &evidence(2000, 8, 4.4), &healthy, &healthy), Verdict::Pass(_)));
+        assert!(matches!(
+            judged(&slo, &evidence(2000, 8, 4.4), &healthy, &healthy),
+            Verdict::Pass(_)
+        ));
         // Without any reference, the absolute maximum still applies.
         assert!(matches!(
-            judge(&slo, &evidence(1000, 100, 4.0), &Evidence::default(), &Evidence::default()),
+            judged(&slo, &evidence(1000, 100, 4.0), &Evidence::default(), &Evidence::default()),
             Verdict::Fail(_)
         ));
         // A pre-existing error rate is not blamed on the change.
         let noisy = evidence(4000, 200, 4.0);
-        assert!(matches!(judge(&slo, &evidence(1000, 50, 4.0), &noisy, &noisy), Verdict::Pass(_)));
+        assert!(matches!(judged(&slo, &evidence(1000, 50, 4.0), &noisy, &noisy), Verdict::Pass(_)));
     }
 
     /// The false rollback: ~20 treated requests whose slowest was 10-20 ms, against a
@@ -523,7 +859,7 @@ mod tests {
             min_requests: 20,
             ..Slo::default()
         };
-        let Verdict::Fail(why) = judge(&slo, &evidence(157, 5, 2.0), &evidence(1194, 0, 2.0), &Evidence::default()) else {
+        let Verdict::Fail(why) = judged(&slo, &evidence(157, 5, 2.0), &evidence(1194, 0, 2.0), &Evidence::default()) else {
             panic!("not rolled back")
         };
         assert!(
@@ -537,14 +873,14 @@ mod tests {
             ..slo.clone()
         };
         let none = Evidence::default();
-        let verdict = judge(&ceiling(20.0), &evidence(200, 8, 2.0), &none, &none);
+        let verdict = judged(&ceiling(20.0), &evidence(200, 8, 2.0), &none, &none);
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
-        let Verdict::Fail(why) = judge(&ceiling(1.0), &evidence(200, 8, 2.0), &none, &none) else {
+        let Verdict::Fail(why) = judged(&ceiling(1.0), &evidence(200, 8, 2.0), &none, &none) else {
             panic!("4% passed a 1% ceiling")
         };
         assert!(why.starts_with("error rate 4.0% above the 1% maximum (200 requests"), "{why}");
         // One error in 157 is within what no difference produces.
-        let verdict = judge(&slo, &evidence(157, 1, 2.0), &evidence(1194, 0, 2.0), &Evidence::default());
+        let verdict = judged(&slo, &evidence(157, 1, 2.0), &evidence(1194, 0, 2.0), &Evidence::default());
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
     }
 
@@ -559,7 +895,7 @@ mod tests {
         let baseline = evidence(4000, 0, 4.8);
         let mut treated = evidence(21, 0, 4.8);
         treated.record(false, 14.0);
-        let verdict = judge(&slo, &treated, &baseline, &baseline);
+        let verdict = judged(&slo, &treated, &baseline, &baseline);
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
     }
 
@@ -574,7 +910,7 @@ mod tests {
         for i in 0..60 {
             treated.record(false, if i % 2 == 0 { 44.0 } else { 4.0 });
         }
-        let Verdict::Fail(why) = judge(&slo, &treated, &Evidence::default(), &reference) else {
+        let Verdict::Fail(why) = judged(&slo, &treated, &Evidence::default(), &reference) else {
             panic!()
         };
         assert!(
@@ -595,16 +931,75 @@ mod tests {
         let slo = Slo::default();
         let before = evidence(3000, 0, 5.6);
         let peers = evidence(3000, 0, 4.0);
-        let verdict = judge(&slo, &evidence(1000, 0, 5.6), &before, &peers);
+        let verdict = judged(&slo, &evidence(1000, 0, 5.6), &before, &peers);
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
         // The same proxies, now also slower than they were: harm against both.
-        let Verdict::Fail(why) = judge(&slo, &evidence(1000, 0, 11.2), &before, &peers) else {
+        let Verdict::Fail(why) = judged(&slo, &evidence(1000, 0, 11.2), &before, &peers) else {
             panic!()
         };
         assert!(why.contains("untreated and 5."), "{why}");
         // Drift over time shows against the baseline only: not harm either.
-        let verdict = judge(&slo, &evidence(1000, 0, 8.0), &peers, &evidence(3000, 0, 8.0));
+        let verdict = judged(&slo, &evidence(1000, 0, 8.0), &peers, &evidence(3000, 0, 8.0));
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+    }
+
+    #[test]
+    fn at_100_percent_the_machine_s_drift_is_not_the_change() {
+        // The whole machine 27% slower and erring 2 pp more during the stage: the target service
+        // and the same proxies' other traffic (a different service, half the latency) alike.
+        let slo = Slo::default();
+        let baseline = evidence(3000, 12, 4.0);
+        let drift = Drift {
+            before: evidence(3000, 12, 2.0),
+            since: evidence(2000, 48, 2.0 * 1.27),
+        };
+        let harmless = evidence(2000, 48, 4.0 * 1.27);
+        let none = Evidence::default();
+        let Verdict::Fail(why) = judged(&slo, &harmless, &baseline, &none) else {
+            panic!("against the baseline alone, drift looks like harm")
+        };
+        assert!(why.contains("vs 0.4% baseline"), "{why}");
+        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &none, &drift) else {
+            panic!("net of drift, a harmless change passes")
+        };
+        assert!(
+            why.contains("net of the same proxies' other traffic: +27% latency, +2.0 pp errors"),
+            "{why}"
+        );
+        // A real change on top of the drift still fails, and says by how much beyond it.
+        let slow = evidence(2000, 48, 4.0 * 1.27 * 1.5);
+        let Verdict::Fail(why) = judge(&slo, &slow, &baseline, &none, &drift) else {
+            panic!("+50% beyond the drift is harm")
+        };
+        let typical: f64 = why
+            .split("typically +")
+            .nth(1)
+            .and_then(|t| t.split('%').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((45.0..=55.0).contains(&typical) && why.contains("confident it is slower"), "{why}");
+        let failing = evidence(2000, 148, 4.0 * 1.27);
+        let Verdict::Fail(why) = judge(&slo, &failing, &baseline, &none, &drift) else {
+            panic!("+5 pp errors beyond the drift is harm")
+        };
+        assert!(why.contains("(+5.0 pp,"), "{why}");
+        // Found in the demo: 11 errors in 154 treated requests against 9 in 1,091 before, no
+        // drift in errors; the treated side's own variance hid it, the null's shows it.
+        let quiet = Drift {
+            before: evidence(1000, 0, 2.0),
+            since: evidence(150, 0, 2.0),
+        };
+        let Verdict::Fail(why) = judge(&slo, &evidence(154, 11, 4.0), &evidence(1091, 9, 4.0), &none, &quiet) else {
+            panic!("+6.3 pp of errors net of no drift is harm")
+        };
+        assert!(why.contains("error rate 7.1% vs 0.8% baseline (net of"), "{why}");
+        // With untreated traffic the concurrent reference already cancels the drift: unused.
+        let peers = evidence(2000, 48, 4.0 * 1.27);
+        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &peers, &drift) else {
+            panic!()
+        };
+        assert!(!why.contains("net of"), "{why}");
     }
 
     #[test]

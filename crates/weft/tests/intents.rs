@@ -21,6 +21,11 @@ struct Fixture {
 
 impl Fixture {
     async fn start(callers: usize, with_v2: bool, headers: &[(&str, &str)], every: Duration) -> Self {
+        Self::start_paced(&vec![every; callers], with_v2, headers).await
+    }
+
+    /// One caller per interval in `every`, each sending a request that often.
+    async fn start_paced(every: &[Duration], with_v2: bool, headers: &[(&str, &str)]) -> Self {
         let control = Control::start(BIN).await;
         let mut apps = vec![EchoServer::start("orders-v1").await];
         if with_v2 {
@@ -44,10 +49,10 @@ impl Fixture {
         }
         let mut proxies = Vec::new();
         let mut loads = Vec::new();
-        for i in 0..callers {
+        for (i, every) in every.iter().enumerate() {
             let cluster = if i % 2 == 0 { "cluster-a" } else { "cluster-b" };
             let p = ProxyHandle::start(BIN, &control, &format!("default/web-{i}"), cluster, &[], free_addr()).await;
-            loads.push(Load::start(p.outbound, "orders", headers, every));
+            loads.push(Load::start(p.outbound, "orders", headers, *every));
             proxies.push(p);
         }
         let f = Self {
@@ -167,6 +172,59 @@ async fn good_canary_promotes_through_every_stage_in_auto_mode() {
     let (stats, _, _) = f.stop().await;
     let failed: u64 = stats.iter().map(|s| s.failed).sum();
     assert_eq!(failed, 0, "a good change fails nothing: {stats:?}");
+}
+
+/// The traffic share a stage's ledger line states: `(90.1% of the requests to orders ...)`.
+fn traffic_share_at(intent: &Value, stage: usize) -> f64 {
+    let ledger = intent["ledger"].as_array().unwrap();
+    let detail = ledger
+        .iter()
+        .filter(|e| e["event"] == "distribution")
+        .filter_map(|e| e["detail"].as_str())
+        .find(|d| d.starts_with(&format!("stage {stage} ")))
+        .unwrap();
+    let share = detail.split(" proxies (").nth(1).and_then(|d| d.split('%').next()).unwrap();
+    share.parse().unwrap_or_else(|_| panic!("no traffic share in {detail}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_treats_its_share_of_the_traffic_not_of_the_proxies() {
+    // web-0 (first in rollout order) sends one request in ten, web-1 nine: a 50% stage by count
+    // would treat web-0 and judge a tenth of the traffic.
+    let f = Fixture::start_paced(&[Duration::from_millis(180), Duration::from_millis(20)], false, &[]).await;
+    eventually(Duration::from_secs(20), "both callers sent requests", || async {
+        f.stats().iter().all(|s| s.total() >= 5).then_some(())
+    })
+    .await;
+    // Three rounds of reports from the three proxies (every 2 s each) carry those requests.
+    let reports = || async { f.control.get("/api/v1/status").await["telemetrySignals"].as_u64().unwrap() };
+    let before = reports().await;
+    eventually(Duration::from_secs(20), "both callers' traffic reported", || async {
+        (reports().await >= before + 9).then_some(())
+    })
+    .await;
+    let id = f
+        .submit(&intent_yaml(
+            "SHARE-1",
+            "            - timeout: 20s\n",
+            "[50, 100]",
+            "60s",
+            "auto",
+            "{minRequests: 20}",
+        ))
+        .await;
+    let running = f.wait_phase(&id, "observation", Duration::from_secs(15)).await;
+    assert_eq!(treated_at(&running, 1), ["default/web-1"], "{running}");
+    let share = traffic_share_at(&running, 1);
+    assert!(!running["ledger"].to_string().contains("no traffic data"), "{running}");
+    let sent: Vec<f64> = f.stats().iter().map(|s| s.total() as f64).collect();
+    let busy = 100.0 * sent[1] / (sent[0] + sent[1]);
+    assert!(share >= 50.0, "stage 1 states {share}% of the traffic: {running}");
+    assert!(
+        (share - busy).abs() < 10.0,
+        "stage 1 states {share}%, the callers sent {busy:.1}% through web-1"
+    );
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
