@@ -287,6 +287,8 @@ impl From<&ServiceConfig> for proto::Service {
                     labels: e.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                     workload: e.workload.clone(),
                     identity: e.identity.clone(),
+                    // Only the control plane numbers endpoints (for its deltas).
+                    key: 0,
                 })
                 .collect(),
             traffic_policy_json: s
@@ -302,6 +304,7 @@ impl From<&ServiceConfig> for proto::Service {
                 Some(MtlsMode::Off) => "off".into(),
             },
             unknown: s.unknown,
+            endpoint_version: 0,
         }
     }
 }
@@ -320,11 +323,13 @@ mod tests {
                 labels: [("version".into(), "v1".into())].into(),
                 workload: "default/orders-api".into(),
                 identity: "spiffe://weft.local/ns/default/sa/orders-api".into(),
+                key: 0,
             }],
             traffic_policy_json: policy.into(),
             policy_name: String::new(),
             mtls: "strict".into(),
             unknown: false,
+            endpoint_version: 0,
         }
     }
 

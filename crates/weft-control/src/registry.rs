@@ -1,9 +1,12 @@
 //! The proxies connected right now: who each one is, what it subscribes to, and what it has
 //! ACKed or NACKed of what it was sent. It owns those records; everything above reads them.
+//! It also keeps each service's endpoints, updated as proxies join and leave, so that planning
+//! never walks the whole fleet.
 
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_api::mesh::SERVICE_LABEL;
 use weft_api::proto;
@@ -68,7 +71,21 @@ pub(crate) struct Registry {
     /// a service whose instances are all gone is still known (its callers get
     /// `no-healthy-endpoints`, not `unknown-service`).
     pub(crate) seen: BTreeSet<(String, String)>,
+    /// Each (namespace, service)'s endpoints: its connected instances.
+    pub(crate) endpoints: HashMap<(String, String), Arc<EndpointSet>>,
+    /// The last endpoint version handed out (one counter for every service).
+    endpoint_version: u64,
     next_conn: u64,
+}
+
+/// A service's endpoints at one version, by address and connection (two registrations of one
+/// workload may share an address while the old stream ends). Never changed in place: a join or
+/// a leave makes a new set (copying the map of shared endpoints), so snapshots and streams hold
+/// the one they planned from and tell versions apart without comparing lists.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointSet {
+    pub(crate) version: u64,
+    pub(crate) endpoints: BTreeMap<(SocketAddr, u64), Arc<proto::Endpoint>>,
 }
 
 impl Default for Registry {
@@ -76,6 +93,8 @@ impl Default for Registry {
         Self {
             proxies: BTreeMap::new(),
             seen: BTreeSet::new(),
+            endpoints: HashMap::new(),
+            endpoint_version: 0,
             next_conn: 1,
         }
     }
@@ -123,7 +142,29 @@ impl Registry {
                 refused: BTreeMap::new(),
             },
         );
+        self.change_endpoints(conn, true);
         Ok((conn, id))
+    }
+
+    /// Removes a proxy whose stream ended, and its endpoint.
+    pub(crate) fn remove(&mut self, conn: u64) -> Option<ProxyRecord> {
+        self.change_endpoints(conn, false);
+        self.proxies.remove(&conn)
+    }
+
+    /// Adds (`joined`) or removes `conn`'s endpoint in a new set of its service's endpoints.
+    fn change_endpoints(&mut self, conn: u64, joined: bool) {
+        let Some(p) = self.proxies.get(&conn) else { return };
+        let key = (p.namespace.clone(), p.service.clone());
+        let mut endpoints = self.endpoints.get(&key).map(|set| set.endpoints.clone()).unwrap_or_default();
+        if joined {
+            endpoints.insert((p.inbound, conn), Arc::new(p.endpoint(conn)));
+        } else {
+            endpoints.remove(&(p.inbound, conn));
+        }
+        self.endpoint_version += 1;
+        let version = self.endpoint_version;
+        self.endpoints.insert(key, Arc::new(EndpointSet { version, endpoints }));
     }
 
     pub(crate) fn subscribe(&mut self, conn: u64, services: Vec<String>) {
@@ -212,6 +253,18 @@ impl ProxyRecord {
     /// `namespace/name`: the proxy's identity across reconnects.
     pub(crate) fn workload_id(&self) -> &str {
         &self.workload
+    }
+
+    /// This proxy as an endpoint of its service, keyed by its connection number.
+    fn endpoint(&self, conn: u64) -> proto::Endpoint {
+        proto::Endpoint {
+            address: self.inbound.to_string(),
+            cluster: self.cluster.clone(),
+            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            workload: self.workload.clone(),
+            identity: self.identity.clone(),
+            key: conn,
+        }
     }
 
     /// Whether it routes to `service` in `namespace`.

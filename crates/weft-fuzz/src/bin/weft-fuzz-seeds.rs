@@ -289,6 +289,7 @@ fn control_messages(seeds: &mut Seeds, repo: &Path) -> anyhow::Result<()> {
         labels: [("version".to_string(), version.to_string())].into(),
         workload: "default/checkout-api".into(),
         identity: "spiffe://weft.local/ns/default/sa/checkout-api".into(),
+        key: 0,
     };
     let config = proto::ProxyConfig {
         version: 4,
@@ -303,6 +304,7 @@ fn control_messages(seeds: &mut Seeds, repo: &Path) -> anyhow::Result<()> {
                 policy_name: "default/checkout-canary".into(),
                 mtls: "strict".into(),
                 unknown: false,
+                endpoint_version: 0,
             },
             proto::Service {
                 name: "payments".into(),
