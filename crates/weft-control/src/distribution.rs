@@ -3,8 +3,8 @@
 //! telemetry. The first push on a stream is the whole config; later ones carry only what
 //! changed since the last (a policy, an endpoint joining), built once per change and shared
 //! ([`crate::plan`]). A proxy that missed one asks for the whole config again, and a proxy
-//! that stops reading is never waited on: its bounded queue fills, and it gets the whole
-//! config when it drains. A proxy whose stream ends is removed from every other proxy's endpoints at once.
+//! that stops reading is never waited on: its queue is bounded, and once it drains the proxy
+//! is sent one push with every change it has not taken yet. A proxy whose stream ends is removed from every other proxy's endpoints at once.
 //! At shutdown every stream ends with `UNAVAILABLE`, so proxies look for a control plane again
 //! (keeping their last-known-good config) instead of holding a stream to a process that is
 //! going away.
@@ -21,6 +21,9 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_api::proto::{self, ControlMessage, ProxyMessage, control_message, proxy_message};
 use weft_core::Shutdown;
 
+/// Pushes a stream holds for a proxy that reads slowly; past them, changes are folded into
+/// the next push instead of queued.
+const QUEUE: usize = 8;
 /// How long a new stream may take to send its Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -112,7 +115,7 @@ impl proto::distribution_server::Distribution for Distribution {
             Status::unauthenticated(format!("register {refused}"))
         })?;
         let (conn, id) = self.mesh.register(&reg, admitted.identity).map_err(Status::invalid_argument)?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -133,7 +136,7 @@ async fn drive(
     let mut last: Option<u64> = None;
     // What the proxy was sent (none: the next push is the whole config).
     let mut sent: Option<Sent> = None;
-    // A push was dropped because the proxy does not read: the whole config goes once it does.
+    // The queue was full: the next push waits for room, and carries every change since `sent`.
     let mut behind = false;
     let mut version = 0u64;
     let mut dirty = true;
@@ -153,8 +156,9 @@ async fn drive(
             if held_until.is_none() && last != Some(planned.fingerprint) {
                 version += 1;
                 let (msg, next, size) = planned.push(sent.as_ref(), version);
-                // Never waits on one proxy: a stream whose queue is full is behind, and is sent
-                // the whole config once it reads again instead of every delta it missed.
+                // Never waits on one proxy: a stream whose queue is full is behind, and once
+                // there is room it is sent one push with every change since the last it took,
+                // not one per change (the push planned here is dropped, its number unused).
                 match tx.try_send(Ok(ControlMessage { msg: Some(msg) })) {
                     Ok(()) => {
                         last = Some(planned.fingerprint);
@@ -163,9 +167,9 @@ async fn drive(
                         mesh.pushed(conn, version, planned.included, bundle_epoch);
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::debug!(proxy = %id, version, "stream queue full; the whole config goes when it drains");
-                        mesh.metrics.resyncs.get_or_create(&ReasonLabel { reason: "slow" }).inc();
-                        (last, sent, behind) = (None, None, true);
+                        version -= 1;
+                        mesh.metrics.deferred.inc();
+                        (behind, dirty) = (true, true);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => break,
                 }
@@ -201,7 +205,7 @@ async fn drive(
             _ = held => dirty = true,
             r = room => {
                 if r.is_err() { break }
-                (behind, dirty) = (false, true);
+                behind = false;
             }
             r = taps.changed() => {
                 if r.is_err() { break }

@@ -36,6 +36,8 @@ use weft_core::Shutdown;
 const WARMUP: Duration = Duration::from_secs(6);
 /// Timer resolution of the intent loop and of root rotation.
 const TICK: Duration = Duration::from_millis(200);
+/// The least time between two passes of the intent loop.
+const STEP_INTERVAL: Duration = Duration::from_millis(20);
 
 pub(crate) struct Mesh {
     pub(crate) store: Arc<Store>,
@@ -637,6 +639,12 @@ pub(crate) async fn run_intents(mesh: Arc<Mesh>, shutdown: Shutdown) {
             _ = shutdown.cancelled() => return,
         }
         mesh.step();
+        // A pass reads every proxy: the ACKs of a fleet arriving together make a pass per
+        // interval, not one each (a wake-up meanwhile is kept for the next pass).
+        tokio::select! {
+            _ = tokio::time::sleep(STEP_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 

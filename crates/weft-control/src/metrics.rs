@@ -30,9 +30,10 @@ pub(crate) struct ControlMetrics {
     pub(crate) push_bytes: Family<KindLabel, Counter>,
     /// Pushes by form: `full` (a whole config) or `delta`.
     pub(crate) push_messages: Family<KindLabel, Counter>,
-    /// Whole configs sent instead of a delta, by reason: `asked` (the proxy missed a version)
-    /// or `slow` (its stream's queue was full, so a delta was dropped).
+    /// Whole configs sent instead of a delta, by reason: `asked` (the proxy missed a version).
     pub(crate) resyncs: Family<ReasonLabel, Counter>,
+    /// Pushes held back because the stream's queue was full (the next carries their changes).
+    pub(crate) deferred: Counter,
     /// The largest single push so far, bytes.
     pub(crate) push_largest: Gauge,
 }
@@ -85,6 +86,7 @@ impl ControlMetrics {
             push_bytes: Family::default(),
             push_messages: Family::default(),
             resyncs: Family::default(),
+            deferred: Counter::default(),
             push_largest: Gauge::default(),
             push_to_ack: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         };
@@ -132,8 +134,13 @@ impl ControlMetrics {
         );
         registry.register(
             "config_resyncs",
-            "Whole configs sent instead of a delta, by reason (asked: the proxy missed a version; slow: its queue was full)",
+            "Whole configs sent instead of a delta, by reason (asked: the proxy missed a version)",
             m.resyncs.clone(),
+        );
+        registry.register(
+            "config_pushes_deferred",
+            "Pushes held back because the proxy's stream queue was full; the next one carries their changes",
+            m.deferred.clone(),
         );
         registry.register(
             "config_push_largest_bytes",

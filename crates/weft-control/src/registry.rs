@@ -269,7 +269,8 @@ impl ProxyRecord {
 
     /// Whether it routes to `service` in `namespace`.
     pub(crate) fn subscribes_to(&self, namespace: &str, service: &str) -> bool {
-        self.subscriptions.contains(&format!("{namespace}/{service}"))
+        // Without building the key: the intent loop asks this of every proxy on every pass.
+        self.subscriptions.iter().any(|s| s.split_once('/') == Some((namespace, service)))
     }
 }
 
