@@ -94,10 +94,20 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let before = control.pushes().await?;
     let policy = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: sim-policy}\nspec:\n  service: sim-svc-0\n  routes:\n    - timeout: 2s\n";
     let t0 = Instant::now();
-    let r = control.post("/api/v1/resources", policy).await?;
-    anyhow::ensure!(r.status == 200 || r.status == 202, "apply: {} {}", r.status, r.text());
-    let revision = r.json()["revision"].as_u64().unwrap_or(1);
-    let change = fleet::until(Duration::from_secs(60), || async { fleet.count_at(revision).await == n }).await;
+    // An API that does not answer the apply is a change that did not complete, not a crash.
+    let applied = match control.post("/api/v1/resources", policy).await {
+        Ok(r) if r.status == 200 || r.status == 202 => Some(r.json()["revision"].as_u64().unwrap_or(1)),
+        Ok(r) => anyhow::bail!("apply: {} {}", r.status, r.text()),
+        Err(e) => {
+            eprintln!("apply: {e}");
+            None
+        }
+    };
+    let revision = applied.unwrap_or(u64::MAX);
+    let change = match applied {
+        Some(revision) => fleet::until(Duration::from_secs(60), || async { fleet.count_at(revision).await == n }).await,
+        None => None,
+    };
     let spread = fleet.spread(revision, t0).await;
     // The pushes of the change: counted once every proxy has it (or the wait gave up).
     tokio::time::sleep(Duration::from_millis(500)).await;
