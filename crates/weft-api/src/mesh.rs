@@ -301,6 +301,8 @@ impl From<&ServiceConfig> for proto::Service {
                     labels: e.labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                     workload: e.workload.clone(),
                     identity: e.identity.clone(),
+                    // Only the control plane numbers endpoints (for its deltas).
+                    key: 0,
                 })
                 .collect(),
             traffic_policy_json: s
@@ -317,6 +319,7 @@ impl From<&ServiceConfig> for proto::Service {
             },
             unknown: s.unknown,
             virtual_ip: s.virtual_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            endpoint_version: 0,
         }
     }
 }
@@ -365,12 +368,14 @@ mod tests {
                 labels: [("version".into(), "v1".into())].into(),
                 workload: "default/orders-api".into(),
                 identity: "spiffe://weft.local/ns/default/sa/orders-api".into(),
+                key: 0,
             }],
             traffic_policy_json: policy.into(),
             policy_name: String::new(),
             mtls: "strict".into(),
             unknown: false,
             virtual_ip: String::new(),
+            endpoint_version: 0,
         }
     }
 

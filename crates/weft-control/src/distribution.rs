@@ -1,13 +1,18 @@
 //! The control stream, control-plane side: one task per connected proxy that pushes a new
 //! config whenever what that proxy needs has changed, and records ACKs, NACKs, subscriptions and
-//! telemetry. A proxy whose stream ends is removed from every other proxy's endpoints at once.
+//! telemetry. The first push on a stream is the whole config; later ones carry only what
+//! changed since the last (a policy, an endpoint joining), built once per change and shared
+//! ([`crate::plan`]). A proxy that missed one asks for the whole config again, and a proxy
+//! that stops reading is never waited on: its queue is bounded, and once it drains the proxy
+//! is sent one push with every change it has not taken yet. A proxy whose stream ends is removed from every other proxy's endpoints at once.
 //! At shutdown every stream ends with `UNAVAILABLE`, so proxies look for a control plane again
 //! (keeping their last-known-good config) instead of holding a stream to a process that is
 //! going away.
 
 use crate::admission::{ControlPeer, Proof, Refused};
 use crate::mesh::Mesh;
-use crate::metrics::ReasonLabel;
+use crate::metrics::{KindLabel, ReasonLabel};
+use crate::plan::{PushSize, Sent};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -16,6 +21,9 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_api::proto::{self, ControlMessage, ProxyMessage, control_message, proxy_message};
 use weft_core::Shutdown;
 
+/// Pushes a stream holds for a proxy that reads slowly; past them, changes are folded into
+/// the next push instead of queued.
+const QUEUE: usize = 8;
 /// How long a new stream may take to send its Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -107,7 +115,7 @@ impl proto::distribution_server::Distribution for Distribution {
             Status::unauthenticated(format!("register {refused}"))
         })?;
         let (conn, id) = self.mesh.register(&reg, admitted.identity).map_err(Status::invalid_argument)?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -126,11 +134,15 @@ async fn drive(
     // The open taps go first when there are any, then again whenever they change.
     let mut taps_dirty = !taps.borrow_and_update().is_empty();
     let mut last: Option<u64> = None;
+    // What the proxy was sent (none: the next push is the whole config).
+    let mut sent: Option<Sent> = None;
+    // The queue was full: the next push waits for room, and carries every change since `sent`.
+    let mut behind = false;
     let mut version = 0u64;
     let mut dirty = true;
     let mut held_until: Option<std::time::Instant> = None;
     loop {
-        if dirty {
+        if dirty && !behind {
             dirty = false;
             let Some(planned) = mesh.config_for(conn) else { break };
             let bundle_epoch = mesh.ca.bundle_epoch();
@@ -143,24 +155,36 @@ async fn drive(
             }
             if held_until.is_none() && last != Some(planned.fingerprint) {
                 version += 1;
-                last = Some(planned.fingerprint);
-                let msg = ControlMessage {
-                    msg: Some(control_message::Msg::Config(planned.message(version))),
-                };
-                mesh.pushed(conn, version, planned.included, bundle_epoch);
-                if tx.send(Ok(msg)).await.is_err() {
-                    break;
+                let (msg, next, size) = planned.push(sent.as_ref(), version);
+                // Never waits on one proxy: a stream whose queue is full is behind, and once
+                // there is room it is sent one push with every change since the last it took,
+                // not one per change (the push planned here is dropped, its number unused).
+                match tx.try_send(Ok(ControlMessage { msg: Some(msg) })) {
+                    Ok(()) => {
+                        last = Some(planned.fingerprint);
+                        sent = Some(next);
+                        count(&mesh, size);
+                        mesh.pushed(conn, version, planned.included, bundle_epoch);
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        version -= 1;
+                        mesh.metrics.deferred.inc();
+                        (behind, dirty) = (true, true);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
                 }
             }
         }
-        if taps_dirty {
-            taps_dirty = false;
+        if taps_dirty && !behind {
             let list = taps.borrow_and_update().clone();
             let msg = ControlMessage {
                 msg: Some(control_message::Msg::Taps(proto::TapList { taps: list })),
             };
-            if tx.send(Ok(msg)).await.is_err() {
-                break;
+            match tx.try_send(Ok(msg)) {
+                Ok(()) => taps_dirty = false,
+                // The newest list goes when there is room.
+                Err(mpsc::error::TrySendError::Full(_)) => behind = true,
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
         let held = async {
@@ -169,8 +193,20 @@ async fn drive(
                 None => std::future::pending().await,
             }
         };
+        let room = async {
+            if behind {
+                // The permit is dropped at once: the push itself is planned afresh.
+                tx.reserve().await.map(drop)
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             _ = held => dirty = true,
+            r = room => {
+                if r.is_err() { break }
+                behind = false;
+            }
             r = taps.changed() => {
                 if r.is_err() { break }
                 taps_dirty = true;
@@ -182,7 +218,16 @@ async fn drive(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(ProxyMessage { msg: Some(m) })) => match receive(&mesh, conn, m) {
-                    Ok(subscribed) => dirty |= subscribed,
+                    Ok(Follow::Nothing) => {}
+                    Ok(Follow::Replan) => dirty = true,
+                    // A refused push leaves the proxy on its last good config, which the next
+                    // delta would not build on: the next push is whole (not now: it would be
+                    // refused again).
+                    Ok(Follow::Refused) => sent = None,
+                    Ok(Follow::Resync) => {
+                        mesh.metrics.resyncs.get_or_create(&ReasonLabel { reason: "asked" }).inc();
+                        (last, sent, dirty) = (None, None, true);
+                    }
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
                         break;
@@ -205,26 +250,65 @@ async fn drive(
     mesh.unregister(conn);
 }
 
+/// Counts one push in the control plane's metrics.
+fn count(mesh: &Mesh, size: PushSize) {
+    let m = &mesh.metrics;
+    let form = if size.full > 0 { "full" } else { "delta" };
+    m.push_messages.get_or_create(&KindLabel { kind: form }).inc();
+    for (kind, bytes) in [
+        ("full", size.full),
+        ("own", size.own),
+        ("policy", size.policy),
+        ("endpoints", size.endpoints),
+    ] {
+        if bytes > 0 {
+            m.push_bytes.get_or_create(&KindLabel { kind }).inc_by(bytes as u64);
+        }
+    }
+    if size.total as i64 > m.push_largest.get() {
+        m.push_largest.set(size.total as i64);
+    }
+}
+
 /// Ends a stream at shutdown with `UNAVAILABLE`, which proxies answer by reconnecting. Never
 /// waits: a proxy too slow to take the status still sees its stream end.
 fn stop(tx: &mpsc::Sender<Result<ControlMessage, Status>>) {
     let _ = tx.try_send(Err(Status::unavailable("the control plane is shutting down")));
 }
 
+/// What a stream does after a message from its proxy.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Follow {
+    Nothing,
+    /// Its subscriptions changed: plan its config again.
+    Replan,
+    /// It refused a push and kept its last good config.
+    Refused,
+    /// It asked for the whole config.
+    Resync,
+}
+
 /// Applies one message a registered proxy sent on its stream (after its Register) to the mesh.
-/// Returns whether the proxy subscribed to services (its config must be recomputed), or the
-/// status that ends the stream. The fuzz target `proxy_message` drives this same function.
-pub(crate) fn receive(mesh: &Mesh, conn: u64, msg: proxy_message::Msg) -> Result<bool, Status> {
+/// Returns what the stream does next, or the status that ends the stream. The fuzz target
+/// `proxy_message` drives this same function.
+pub(crate) fn receive(mesh: &Mesh, conn: u64, msg: proxy_message::Msg) -> Result<Follow, Status> {
     match msg {
         proxy_message::Msg::Subscribe(s) => {
             mesh.subscribe(conn, s.services);
-            return Ok(true);
+            return Ok(Follow::Replan);
         }
         proxy_message::Msg::Ack(a) => mesh.ack(conn, a.version, a.revision),
-        proxy_message::Msg::Nack(n) => mesh.nack(conn, n.version, n.revision, n.reason),
+        proxy_message::Msg::Nack(n) => {
+            mesh.nack(conn, n.version, n.revision, n.reason);
+            return Ok(Follow::Refused);
+        }
+        proxy_message::Msg::Resync(r) => {
+            tracing::info!(conn, reason = %r.reason, "proxy asked for its whole config");
+            return Ok(Follow::Resync);
+        }
         proxy_message::Msg::Telemetry(t) => mesh.telemetry(conn, t),
         proxy_message::Msg::Tap(t) => mesh.taps.deliver(t.events),
         proxy_message::Msg::Register(_) => return Err(Status::invalid_argument("Register may be sent once per stream")),
     }
-    Ok(false)
+    Ok(Follow::Nothing)
 }

@@ -26,6 +26,23 @@ pub(crate) struct ControlMetrics {
     pub(crate) handshakes: Family<HandshakeLabel, Counter>,
     /// Certificates and registrations refused for want of proof, by reason.
     pub(crate) refused_admissions: Family<ReasonLabel, Counter>,
+    /// Encoded bytes pushed, by what they carry ([`KindLabel`]).
+    pub(crate) push_bytes: Family<KindLabel, Counter>,
+    /// Pushes by form: `full` (a whole config) or `delta`.
+    pub(crate) push_messages: Family<KindLabel, Counter>,
+    /// Whole configs sent instead of a delta, by reason: `asked` (the proxy missed a version).
+    pub(crate) resyncs: Family<ReasonLabel, Counter>,
+    /// Pushes held back because the stream's queue was full (the next carries their changes).
+    pub(crate) deferred: Counter,
+    /// The largest single push so far, bytes.
+    pub(crate) push_largest: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    /// Bytes: `full` (whole configs), and in deltas `own` (the proxy's own part), `policy`
+    /// (services' policy parts) and `endpoints` (endpoint changes). Messages: `full`, `delta`.
+    pub(crate) kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +83,11 @@ impl ControlMetrics {
             decisions: Family::default(),
             handshakes: Family::default(),
             refused_admissions: Family::default(),
+            push_bytes: Family::default(),
+            push_messages: Family::default(),
+            resyncs: Family::default(),
+            deferred: Counter::default(),
+            push_largest: Gauge::default(),
             push_to_ack: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         };
         registry.register("proxies_connected", "Proxies with an open control stream", m.proxies.clone());
@@ -99,6 +121,31 @@ impl ControlMetrics {
             "telemetry_reports",
             "Telemetry summaries received from proxies",
             m.telemetry_reports.clone(),
+        );
+        registry.register(
+            "config_push_bytes",
+            "Encoded bytes of configs pushed, by what they carry (full; delta parts own, policy, endpoints)",
+            m.push_bytes.clone(),
+        );
+        registry.register(
+            "config_push_messages",
+            "Configs pushed, by form (full, delta)",
+            m.push_messages.clone(),
+        );
+        registry.register(
+            "config_resyncs",
+            "Whole configs sent instead of a delta, by reason (asked: the proxy missed a version)",
+            m.resyncs.clone(),
+        );
+        registry.register(
+            "config_pushes_deferred",
+            "Pushes held back because the proxy's stream queue was full; the next one carries their changes",
+            m.deferred.clone(),
+        );
+        registry.register(
+            "config_push_largest_bytes",
+            "The largest single config push so far",
+            m.push_largest.clone(),
         );
         registry.register(
             "push_to_ack_seconds",

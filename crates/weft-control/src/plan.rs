@@ -3,7 +3,7 @@
 //! the connected proxies. A snapshot is made once per change generation and shared by every
 //! stream, so planning takes no lock that the registry, the signals or the intent loop hold.
 
-use crate::registry::{ProxyRecord, Registry};
+use crate::registry::{EndpointSet, ProxyRecord, Registry};
 use parking_lot::Mutex;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use weft_api::ResourceKey;
-use weft_api::mesh::{Endpoint, ServiceConfig};
-use weft_api::proto;
+use weft_api::mesh::ServiceConfig;
+use weft_api::proto::{self, control_message};
 use weft_api::resource::{MtlsMode, RateLimitAt, Resource, TrafficPolicySpec};
 
 /// One resource an intent sets (`Some`) or removes (`None`).
@@ -42,23 +42,32 @@ pub(crate) struct Snapshot {
     pub(crate) treats: HashMap<u64, Vec<u64>>,
     /// Bypassed services, as (namespace, service).
     pub(crate) bypass: BTreeSet<(String, String)>,
-    pub(crate) proxies: BTreeMap<u64, ProxyRecord>,
     /// Every (namespace, service) a workload has registered for since the process started
     /// ([`crate::registry::Registry::seen`]).
     pub(crate) seen: BTreeSet<(String, String)>,
+    /// Each service's endpoints as the registry keeps them (shared, not copied).
+    endpoints: HashMap<(String, String), Arc<EndpointSet>>,
     /// Each service's config as pushed, by (namespace, service, intents overlaid): a change that
     /// reaches a thousand callers builds it once, not a thousand times.
     services: Mutex<HashMap<ServiceKey, Arc<BuiltService>>>,
+    /// Each endpoint change sent, by (service, from version, to version): built once and
+    /// shared by every stream that held the same version.
+    changes: Mutex<HashMap<(String, u64, u64), Arc<proto::EndpointChange>>>,
 }
 
 /// A built service's cache key: namespace, service, and the intents overlaid.
 type ServiceKey = (String, String, Vec<u64>);
 
-/// A service's config as pushed, shared by every proxy that calls it.
+/// A service's config as pushed, shared by every proxy that calls it: its policy part (what a
+/// change to a policy sends) apart from its endpoints (what a join or a leave changes).
 pub(crate) struct BuiltService {
-    pub(crate) service: proto::Service,
-    /// Hash of its encoding.
+    /// `NAMESPACE/NAME`.
+    key: String,
+    /// Everything but the endpoints.
+    policy: proto::Service,
+    /// Hash of the policy part's encoding.
     fingerprint: u64,
+    pub(crate) endpoints: Arc<EndpointSet>,
 }
 
 /// What one proxy should run, before it is made into a message.
@@ -70,6 +79,32 @@ pub(crate) struct PlannedConfig {
     rest: proto::ProxyConfig,
     /// The intents whose candidate it carries.
     pub(crate) included: BTreeSet<u64>,
+    /// The snapshot it was planned from (its caches build the deltas).
+    snapshot: Arc<Snapshot>,
+}
+
+/// What a stream last sent its proxy: enough to send only what changed next time.
+pub(crate) struct Sent {
+    version: u64,
+    /// Hash of the proxy's own part (everything but the services and the revision).
+    own: u64,
+    /// Per service: the hash of its policy part and the endpoints sent.
+    services: HashMap<String, (u64, Arc<EndpointSet>)>,
+}
+
+/// The encoded bytes of one push, by what they carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct PushSize {
+    /// A whole config (all of it counts here).
+    pub(crate) full: usize,
+    /// Delta: the proxy's own part.
+    pub(crate) own: usize,
+    /// Delta: services' policy parts and removals.
+    pub(crate) policy: usize,
+    /// Delta: endpoint changes.
+    pub(crate) endpoints: usize,
+    /// The whole message.
+    pub(crate) total: usize,
 }
 
 /// The trust the CA hands every proxy with its config.
@@ -79,12 +114,96 @@ pub(crate) struct Trust {
 }
 
 impl PlannedConfig {
-    /// The message, numbered `version`.
+    /// The whole config, numbered `version`.
     pub(crate) fn message(&self, version: u64) -> proto::ProxyConfig {
         proto::ProxyConfig {
             version,
-            services: self.services.iter().map(|s| s.service.clone()).collect(),
+            services: self.services.iter().map(|s| s.whole()).collect(),
             ..self.rest.clone()
+        }
+    }
+
+    /// The push numbered `version`: the whole config when nothing was sent on the stream yet
+    /// (or the proxy asked for it), else what changed since `sent`. Returns it with what the
+    /// stream has sent once it is out, and its size.
+    pub(crate) fn push(&self, sent: Option<&Sent>, version: u64) -> (control_message::Msg, Sent, PushSize) {
+        let next = Sent {
+            version,
+            own: own_fingerprint(&self.rest),
+            services: self
+                .services
+                .iter()
+                .map(|s| (s.key.clone(), (s.fingerprint, s.endpoints.clone())))
+                .collect(),
+        };
+        let Some(sent) = sent else {
+            let whole = self.message(version);
+            let full = whole.encoded_len();
+            let size = PushSize {
+                full,
+                total: full,
+                ..PushSize::default()
+            };
+            return (control_message::Msg::Config(whole), next, size);
+        };
+        let delta = self.delta(sent, &next);
+        let policy =
+            delta.services.iter().map(|s| s.encoded_len()).sum::<usize>() + delta.removed_services.iter().map(String::len).sum::<usize>();
+        let size = PushSize {
+            own: delta.own.as_ref().map_or(0, |o| o.encoded_len()),
+            policy,
+            endpoints: delta.endpoints.iter().map(|e| e.encoded_len()).sum(),
+            total: delta.encoded_len(),
+            full: 0,
+        };
+        (control_message::Msg::Delta(delta), next, size)
+    }
+
+    fn delta(&self, sent: &Sent, next: &Sent) -> proto::ConfigDelta {
+        let mut delta = proto::ConfigDelta {
+            version: next.version,
+            base_version: sent.version,
+            revision: self.rest.revision,
+            own: (next.own != sent.own).then(|| self.rest.clone()),
+            ..Default::default()
+        };
+        for s in &self.services {
+            let before = sent.services.get(&s.key);
+            if before.is_none_or(|(fingerprint, _)| *fingerprint != s.fingerprint) {
+                delta.services.push(s.policy.clone());
+            }
+            let held = before.map(|(_, endpoints)| endpoints);
+            if held.is_none_or(|e| e.version != s.endpoints.version) {
+                let change = self.snapshot.endpoint_change(&s.key, held, &s.endpoints);
+                delta.endpoints.push((*change).clone());
+            }
+        }
+        delta.removed_services = sent.services.keys().filter(|k| !next.services.contains_key(*k)).cloned().collect();
+        delta
+    }
+}
+
+/// The proxy's own part without its revision (every policy change moves the revision; it
+/// travels in the delta's header).
+fn own_fingerprint(rest: &proto::ProxyConfig) -> u64 {
+    fingerprint(
+        &proto::ProxyConfig {
+            revision: 0,
+            ..rest.clone()
+        }
+        .encode_to_vec(),
+    )
+}
+
+// === impl BuiltService ===
+
+impl BuiltService {
+    /// The service with its endpoints, as a whole config carries it.
+    fn whole(&self) -> proto::Service {
+        proto::Service {
+            endpoints: self.endpoints.endpoints.values().map(|e| (**e).clone()).collect(),
+            endpoint_version: self.endpoints.version,
+            ..self.policy.clone()
         }
     }
 }
@@ -92,7 +211,8 @@ impl PlannedConfig {
 // === impl Snapshot ===
 
 impl Snapshot {
-    /// `registry`'s connected proxies and the services it has seen are copied in.
+    /// `registry`'s services (those seen and their endpoints) are shared in, not its proxies:
+    /// a stream plans from its own proxy's record.
     pub(crate) fn new(
         generation: u64,
         stable: u64,
@@ -109,9 +229,10 @@ impl Snapshot {
             overlays,
             treats,
             bypass,
-            proxies: registry.proxies.clone(),
             seen: registry.seen.clone(),
+            endpoints: registry.endpoints.clone(),
             services: Mutex::new(HashMap::new()),
+            changes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -128,11 +249,10 @@ impl Snapshot {
         )
     }
 
-    /// The config proxy `conn` needs: the stable resources, with the overlay of every intent
-    /// that treats it on top. The stream compares its fingerprint with the last one it sent
-    /// and builds the message only when it differs.
-    pub(crate) fn plan(&self, conn: u64, trust: Trust) -> Option<PlannedConfig> {
-        let p = self.proxies.get(&conn)?;
+    /// The config proxy `p` (connection `conn`) needs: the stable resources, with the overlay of
+    /// every intent that treats it on top. The stream compares its fingerprint with the last one
+    /// it sent and builds the message only when it differs.
+    pub(crate) fn plan(self: &Arc<Self>, conn: u64, p: &ProxyRecord, trust: Trust) -> PlannedConfig {
         let mut resources = std::borrow::Cow::Borrowed(&*self.resources);
         let mut revision = self.stable;
         let mut included = BTreeSet::new();
@@ -187,13 +307,17 @@ impl Snapshot {
         };
         let mut hasher = std::hash::DefaultHasher::new();
         rest.encode_to_vec().hash(&mut hasher);
-        services.iter().for_each(|s| s.fingerprint.hash(&mut hasher));
-        Some(PlannedConfig {
+        for s in &services {
+            s.fingerprint.hash(&mut hasher);
+            s.endpoints.version.hash(&mut hasher);
+        }
+        PlannedConfig {
             fingerprint: hasher.finish(),
             services,
             rest,
             included,
-        })
+            snapshot: self.clone(),
+        }
     }
 
     fn bypassed(&self, namespace: &str, service: &str) -> bool {
@@ -209,42 +333,69 @@ impl Snapshot {
         if let Some(cached) = self.services.lock().get(&key) {
             return cached.clone();
         }
-        let mut endpoints: Vec<Endpoint> = self
-            .proxies
-            .values()
-            .filter(|q| q.namespace == namespace && q.service == name)
-            .map(|q| Endpoint {
-                address: q.inbound,
-                cluster: q.cluster.clone(),
-                labels: q.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-                workload: q.workload_id().to_string(),
-                identity: q.identity.clone(),
-            })
-            .collect();
-        endpoints.sort_by_key(|e| e.address);
+        let endpoints = self
+            .endpoints
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default();
         let policy = if self.bypassed(namespace, name) {
             None
         } else {
             traffic_policy(resources, namespace, name)
         };
-        let unknown = endpoints.is_empty()
+        let unknown = endpoints.endpoints.is_empty()
             && !self.seen.contains(&(namespace.to_string(), name.to_string()))
             && !named_by_policy(resources, namespace, name);
         let svc = ServiceConfig {
             name: name.to_string(),
             namespace: namespace.to_string(),
-            endpoints,
+            endpoints: Vec::new(),
             policy_name: policy.map(|(k, _)| k.name.clone()).unwrap_or_default(),
             policy: policy.map(|(_, spec)| spec.clone()),
             mtls: mtls_mode(resources, namespace, name),
             unknown,
             virtual_ip: (!unknown).then(|| weft_api::mesh::virtual_ip(namespace, name)),
         };
-        let service = proto::Service::from(&svc);
-        let fingerprint = fingerprint(&service.encode_to_vec());
-        let built = Arc::new(BuiltService { service, fingerprint });
+        let policy = proto::Service::from(&svc);
+        let built = Arc::new(BuiltService {
+            key: format!("{namespace}/{name}"),
+            fingerprint: fingerprint(&policy.encode_to_vec()),
+            policy,
+            endpoints,
+        });
         self.services.lock().insert(key, built.clone());
         built
+    }
+
+    /// The change from the endpoints a proxy holds of service `key` (`held`; none: it holds
+    /// none, and is sent the whole list) to `now`, built once per snapshot for each version held.
+    fn endpoint_change(&self, key: &str, held: Option<&Arc<EndpointSet>>, now: &EndpointSet) -> Arc<proto::EndpointChange> {
+        let from = held.map_or(0, |h| h.version);
+        let cache_key = (key.to_string(), from, now.version);
+        if let Some(cached) = self.changes.lock().get(&cache_key) {
+            return cached.clone();
+        }
+        let mut change = proto::EndpointChange {
+            service: key.to_string(),
+            since: from,
+            endpoint_version: now.version,
+            ..Default::default()
+        };
+        match held {
+            None => {
+                change.replace = true;
+                change.added = now.endpoints.values().map(|e| (**e).clone()).collect();
+            }
+            Some(held) => {
+                let joined = now.endpoints.iter().filter(|(k, _)| !held.endpoints.contains_key(*k));
+                change.added = joined.map(|(_, e)| (**e).clone()).collect();
+                let left = held.endpoints.keys().filter(|k| !now.endpoints.contains_key(*k));
+                change.removed = left.map(|(_, conn)| *conn).collect();
+            }
+        }
+        let change = Arc::new(change);
+        self.changes.lock().insert(cache_key, change.clone());
+        change
     }
 }
 

@@ -1,12 +1,15 @@
 //! The proxies connected right now: who each one is, what it subscribes to, and what it has
 //! ACKed or NACKed of what it was sent. It owns those records; everything above reads them.
+//! It also keeps each service's endpoints, updated as proxies join and leave, so that planning
+//! never walks the whole fleet.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_api::mesh::SERVICE_LABEL;
 use weft_api::proto;
@@ -101,7 +104,21 @@ pub(crate) struct Registry {
     /// a service whose instances are all gone is still known (its callers get
     /// `no-healthy-endpoints`, not `unknown-service`).
     pub(crate) seen: BTreeSet<(String, String)>,
+    /// Each (namespace, service)'s endpoints: its connected instances.
+    pub(crate) endpoints: HashMap<(String, String), Arc<EndpointSet>>,
+    /// The last endpoint version handed out (one counter for every service).
+    endpoint_version: u64,
     next_conn: u64,
+}
+
+/// A service's endpoints at one version, by address and connection (two registrations of one
+/// workload may share an address while the old stream ends). Never changed in place: a join or
+/// a leave makes a new set (copying the map of shared endpoints), so snapshots and streams hold
+/// the one they planned from and tell versions apart without comparing lists.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointSet {
+    pub(crate) version: u64,
+    pub(crate) endpoints: BTreeMap<(SocketAddr, u64), Arc<proto::Endpoint>>,
 }
 
 impl Default for Registry {
@@ -109,6 +126,8 @@ impl Default for Registry {
         Self {
             proxies: BTreeMap::new(),
             seen: BTreeSet::new(),
+            endpoints: HashMap::new(),
+            endpoint_version: 0,
             next_conn: 1,
             peers: BTreeMap::new(),
             next_peer_conn: PEER_CONNS,
@@ -158,7 +177,29 @@ impl Registry {
                 refused: BTreeMap::new(),
             },
         );
+        self.change_endpoints(conn, true);
         Ok((conn, id))
+    }
+
+    /// Removes a proxy whose stream ended, and its endpoint.
+    pub(crate) fn remove(&mut self, conn: u64) -> Option<ProxyRecord> {
+        self.change_endpoints(conn, false);
+        self.proxies.remove(&conn)
+    }
+
+    /// Adds (`joined`) or removes `conn`'s endpoint in a new set of its service's endpoints.
+    fn change_endpoints(&mut self, conn: u64, joined: bool) {
+        let Some(p) = self.proxies.get(&conn) else { return };
+        let key = (p.namespace.clone(), p.service.clone());
+        let mut endpoints = self.endpoints.get(&key).map(|set| set.endpoints.clone()).unwrap_or_default();
+        if joined {
+            endpoints.insert((p.inbound, conn), Arc::new(p.endpoint(conn)));
+        } else {
+            endpoints.remove(&(p.inbound, conn));
+        }
+        self.endpoint_version += 1;
+        let version = self.endpoint_version;
+        self.endpoints.insert(key, Arc::new(EndpointSet { version, endpoints }));
     }
 
     pub(crate) fn subscribe(&mut self, conn: u64, services: Vec<String>) {
@@ -247,7 +288,9 @@ impl Registry {
 
     /// Replaces what is known of the proxies connected to replica `peer` (none: it is gone).
     /// Returns whether anything other proxies are planned from changed (who is where, what it
-    /// calls), rather than only what the peer's proxies ACKed.
+    /// calls), rather than only what the peer's proxies ACKed. A peer's proxy keeps its
+    /// connection number (its endpoint's key) from one report to the next, and its endpoint
+    /// changes in the service's endpoint set only when the endpoint itself does.
     pub(crate) fn set_peer(&mut self, peer: &str, proxies: Vec<PeerProxy>) -> bool {
         let planned = |p: &ProxyRecord| {
             (
@@ -260,41 +303,61 @@ impl Registry {
             )
         };
         let mut before = Vec::new();
+        let mut held: HashMap<String, (u64, proto::Endpoint)> = HashMap::new();
         for conn in self.peers.remove(peer).unwrap_or_default() {
-            if let Some(p) = self.proxies.remove(&conn) {
-                before.push(planned(&p));
+            if let Some(p) = self.proxies.get(&conn) {
+                before.push(planned(p));
+                held.insert(p.id.clone(), (conn, p.endpoint(conn)));
+            }
+        }
+        let incoming: BTreeSet<String> = proxies.iter().map(|p| p.id.clone()).collect();
+        for (id, (conn, _)) in &held {
+            if !incoming.contains(id) {
+                self.change_endpoints(*conn, false);
+                self.proxies.remove(conn);
             }
         }
         let mut conns = Vec::with_capacity(proxies.len());
         for p in proxies {
-            let conn = self.next_peer_conn;
-            self.next_peer_conn += 1;
-            self.seen.insert((p.namespace.clone(), p.service.clone()));
-            self.proxies.insert(
-                conn,
-                ProxyRecord {
-                    id: p.id,
-                    namespace: p.namespace,
-                    workload: p.workload,
-                    cluster: p.cluster,
-                    labels: p.labels,
-                    service: p.service,
-                    inbound: p.inbound,
-                    subscriptions: p.subscriptions,
-                    applied_revision: p.applied_revision,
-                    last_nack: None,
-                    connected_since_ms: p.connected_since_ms,
-                    pushed: None,
-                    resumed: true,
-                    identity: p.identity,
-                    cert_not_after: p.cert_not_after,
-                    pending: BTreeMap::new(),
-                    bundle_epoch: p.bundle_epoch,
-                    cert_generation: p.cert_generation,
-                    applied_intents: p.applied_intents,
-                    refused: p.refused,
-                },
-            );
+            let conn = match held.get(&p.id) {
+                Some((conn, _)) => *conn,
+                None => {
+                    let conn = self.next_peer_conn;
+                    self.next_peer_conn += 1;
+                    conn
+                }
+            };
+            let record = ProxyRecord {
+                id: p.id,
+                namespace: p.namespace,
+                workload: p.workload,
+                cluster: p.cluster,
+                labels: p.labels,
+                service: p.service,
+                inbound: p.inbound,
+                subscriptions: p.subscriptions,
+                applied_revision: p.applied_revision,
+                last_nack: None,
+                connected_since_ms: p.connected_since_ms,
+                pushed: None,
+                resumed: true,
+                identity: p.identity,
+                cert_not_after: p.cert_not_after,
+                pending: BTreeMap::new(),
+                bundle_epoch: p.bundle_epoch,
+                cert_generation: p.cert_generation,
+                applied_intents: p.applied_intents,
+                refused: p.refused,
+            };
+            self.seen.insert((record.namespace.clone(), record.service.clone()));
+            let same_endpoint = held.get(&record.id).is_some_and(|(_, was)| *was == record.endpoint(conn));
+            if !same_endpoint && held.contains_key(&record.id) {
+                self.change_endpoints(conn, false);
+            }
+            self.proxies.insert(conn, record);
+            if !same_endpoint {
+                self.change_endpoints(conn, true);
+            }
             conns.push(conn);
         }
         let after: Vec<_> = conns.iter().filter_map(|c| self.proxies.get(c)).map(planned).collect();
@@ -333,9 +396,22 @@ impl ProxyRecord {
         &self.workload
     }
 
+    /// This proxy as an endpoint of its service, keyed by its connection number.
+    fn endpoint(&self, conn: u64) -> proto::Endpoint {
+        proto::Endpoint {
+            address: self.inbound.to_string(),
+            cluster: self.cluster.clone(),
+            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            workload: self.workload.clone(),
+            identity: self.identity.clone(),
+            key: conn,
+        }
+    }
+
     /// Whether it routes to `service` in `namespace`.
     pub(crate) fn subscribes_to(&self, namespace: &str, service: &str) -> bool {
-        self.subscriptions.contains(&format!("{namespace}/{service}"))
+        // Without building the key: the intent loop asks this of every proxy on every pass.
+        self.subscriptions.iter().any(|s| s.split_once('/') == Some((namespace, service)))
     }
 }
 

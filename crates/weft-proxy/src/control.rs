@@ -114,6 +114,8 @@ async fn session(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     let mut configs = 0u64;
+    // A new stream starts with the whole config: nothing is held from an earlier one.
+    let mut held = Held::default();
     loop {
         tokio::select! {
             msg = inbound.next() => {
@@ -122,7 +124,22 @@ async fn session(
                     Some(m) => m?,
                 };
                 let cfg = match msg.msg {
-                    Some(control_message::Msg::Config(cfg)) => cfg,
+                    Some(control_message::Msg::Config(cfg)) => {
+                        // A whole config replaces whatever was held, applied or not.
+                        held.asked = false;
+                        cfg
+                    }
+                    Some(control_message::Msg::Delta(delta)) => match held.merge(delta) {
+                        Ok(cfg) => cfg,
+                        Err(gap) => {
+                            if !held.asked {
+                                held.asked = true;
+                                tracing::info!(reason = %gap, "config delta does not apply to the config held; asking for the whole config");
+                                send(proxy_message::Msg::Resync(proto::Resync { reason: gap })).await;
+                            }
+                            continue;
+                        }
+                    },
                     Some(control_message::Msg::Taps(list)) => {
                         tracing::info!(taps = list.taps.len(), "taps changed");
                         proxy.taps.set(list.taps);
@@ -132,10 +149,11 @@ async fn session(
                 };
                 configs += 1;
                 let (version, revision) = (cfg.version, cfg.revision);
-                match MeshConfig::try_from(cfg) {
+                match MeshConfig::try_from(cfg.clone()) {
                     Ok(mesh) => {
                         let services = mesh.services.len();
                         apply(proxy, mesh);
+                        held.config = Some(cfg);
                         tracing::info!(version, revision, services, "config applied");
                         send(proxy_message::Msg::Ack(proto::Ack { version, revision })).await;
                     }
@@ -169,5 +187,23 @@ async fn session(
                 send(proxy_message::Msg::Telemetry(report)).await;
             }
         }
+    }
+}
+
+/// The config this stream's last applied push built, in wire form: what the next delta
+/// builds on.
+#[derive(Default)]
+struct Held {
+    config: Option<proto::ProxyConfig>,
+    /// A Resync was sent and no whole config has come since (one is enough).
+    asked: bool,
+}
+
+impl Held {
+    /// The config `delta` makes of the one held, or why it does not apply (a gap: a push was
+    /// missed or refused, or none is held).
+    fn merge(&self, delta: proto::ConfigDelta) -> Result<proto::ProxyConfig, String> {
+        let held = self.config.as_ref().ok_or("a delta before any config")?;
+        weft_api::delta::apply(held, delta)
     }
 }

@@ -73,58 +73,192 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     };
     let rss_before = fleet::rss_bytes(control_pid);
     let bearer = std::env::var("WEFT_API_TOKEN").map_err(|_| anyhow::anyhow!("WEFT_API_TOKEN: the control plane's admin token"))?;
-    let tokens = fleet::tokens(&client, api, &bearer, n).await?;
+    let control = Control {
+        client: &client,
+        api,
+        apis: &apis,
+        bearer: &bearer,
+        pid: control_pid,
+    };
+    // One token more than the fleet: proxy `n` joins sim-svc-0 after the change.
+    let mut tokens = fleet::tokens(&client, api, &bearer, n + 1).await?;
+    let joiner = tokens.pop().expect("n + 1 tokens");
     // Cold start: every proxy connects at once; done when each has its first config with the
     // endpoints of the service it calls.
-    let fleet = Fleet::connect(grpc, tokens, services, "sim-svc-0").await?;
+    let cold_cpu = control.cpu();
+    let fleet = Fleet::connect(grpc, tokens, 0, services, "sim-svc-0").await?;
     let cold = fleet::until(Duration::from_secs(60), || async { fleet.count_at(0).await == n }).await;
-    let cold_ms = cold.map(|d| d.as_millis());
+    let cold_reached = fleet.count_at(0).await;
+    let cold_cpu = control.cpu() - cold_cpu;
     tokio::time::sleep(Duration::from_secs(2)).await; // settle: the last endpoints reach everyone
     let rss_after = fleet::rss_bytes(control_pid);
+
     // One change: a TrafficPolicy on the service every proxy calls.
+    let before = control.pushes().await?;
     let policy = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: sim-policy}\nspec:\n  service: sim-svc-0\n  routes:\n    - timeout: 2s\n";
     let t0 = Instant::now();
-    // Several replicas (`API,API,...`): the change goes to whichever leads (a follower says 503).
-    let mut r = None;
-    for api in apis.iter().cycle().take(apis.len() * 20) {
-        let answer = client
-            .post(
-                &format!("{api}/api/v1/resources"),
-                policy.as_bytes().to_vec(),
-                &[("authorization", &format!("Bearer {bearer}"))],
-            )
-            .await?;
-        if answer.status != 503 {
-            r = Some(answer);
-            break;
+    // An API that does not answer the apply is a change that did not complete, not a crash.
+    let applied = match control.post("/api/v1/resources", policy).await {
+        Ok(r) if r.status == 200 || r.status == 202 => Some(r.json()["revision"].as_u64().unwrap_or(1)),
+        Ok(r) => anyhow::bail!("apply: {} {}", r.status, r.text()),
+        Err(e) => {
+            eprintln!("apply: {e}");
+            None
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let r = r.ok_or_else(|| anyhow::anyhow!("apply: no replica took the change"))?;
-    anyhow::ensure!(r.status == 200 || r.status == 202, "apply: {} {}", r.status, r.text());
-    let revision = r.json()["revision"].as_u64().unwrap_or(1);
-    fleet::until(Duration::from_secs(60), || async { fleet.count_at(revision).await == n }).await;
+    };
+    let revision = applied.unwrap_or(u64::MAX);
+    let change = match applied {
+        Some(revision) => fleet::until(Duration::from_secs(60), || async { fleet.count_at(revision).await == n }).await,
+        None => None,
+    };
     let spread = fleet.spread(revision, t0).await;
-    let push = fleet.push_bytes(revision).await;
-    // A full snapshot would carry every service's endpoints to every proxy.
-    let snapshot_per_proxy = push * services.max(1);
+    // The pushes of the change: counted once every proxy has it (or the wait gave up).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let policy_change = control.pushes().await?.since(&before);
+
+    // One endpoint joining sim-svc-0, which every proxy calls: each gets a delta.
+    let before = control.pushes().await?;
+    let joined = Fleet::connect(grpc, vec![joiner], n, services, "sim-svc-0").await?;
+    let join = fleet::until(Duration::from_secs(60), || async {
+        control
+            .pushes()
+            .await
+            .map(|p| p.since(&before).messages >= n as f64 + 1.0)
+            .unwrap_or(false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let endpoint_join = control.pushes().await?.since(&before);
+    let simulator_cpu = fleet::cpu_seconds(std::process::id());
+
     let out = serde_json::json!({
         "proxies": n,
         "services": services,
         "tls": grpc.starts_with("https://"),
-        "coldStartAllConfiguredMs": cold_ms,
+        // null: not every proxy was configured within 60 s (see coldStartReached).
+        "coldStartAllConfiguredMs": cold.map(|d| d.as_millis()),
+        "coldStartReached": cold_reached,
+        "coldStartControlCpuSeconds": cold_cpu,
+        "changeCompleted": change.is_some(),
         "changeAllAckedMs": {"first": spread.first.as_secs_f64() * 1e3, "p50": spread.p50.as_secs_f64() * 1e3, "p99": spread.p99.as_secs_f64() * 1e3, "max": spread.max.as_secs_f64() * 1e3},
         "reached": spread.reached,
-        "pushBytesPerProxy": push,
-        "bytesPerChange": push * n,
-        "fullSnapshotBytesPerChangeEstimate": snapshot_per_proxy * n,
+        "pushBytesPerProxy": fleet.push_bytes(revision).await,
+        "bytesPerChange": policy_change.bytes(),
+        "policyChange": policy_change.json(),
+        "endpointJoinCompleted": join.is_some(),
+        "endpointJoin": endpoint_join.json(),
+        "largestMessageBytes": control.largest().await?,
+        "simulatorCpuSeconds": simulator_cpu,
         "controlRssBeforeBytes": rss_before,
         "controlRssAfterBytes": rss_after,
         "controlRssPerProxyBytes": (rss_after.saturating_sub(rss_before)) / n.max(1) as u64,
     });
     println!("{out}");
     fleet.abort();
+    joined.abort();
     Ok(())
+}
+
+/// The control plane under test, as the fleet benchmark reads it: its API and its process.
+struct Control<'a> {
+    client: &'a weft_test::http::Client,
+    api: &'a str,
+    apis: &'a [&'a str],
+    bearer: &'a str,
+    pid: u32,
+}
+
+/// The control plane's push counters (`weft_control_config_push_*`) and CPU at one moment.
+#[derive(Clone, Copy, Default)]
+struct Pushes {
+    full: f64,
+    own: f64,
+    policy: f64,
+    endpoints: f64,
+    messages: f64,
+    cpu: f64,
+}
+
+impl Control<'_> {
+    /// Posts to the API; with several replicas (`API,API,...`), to whichever leads (a follower
+    /// answers 503 naming the leader), trying each in turn for up to a second.
+    async fn post(&self, path: &str, body: &str) -> anyhow::Result<weft_test::http::Reply> {
+        let auth = format!("Bearer {}", self.bearer);
+        let mut last = None;
+        for api in self.apis.iter().cycle().take(self.apis.len() * 20) {
+            let reply = self
+                .client
+                .post(&format!("{api}{path}"), body.as_bytes().to_vec(), &[("authorization", &auth)])
+                .await?;
+            if reply.status != 503 {
+                return Ok(reply);
+            }
+            last = Some(reply);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        last.ok_or_else(|| anyhow::anyhow!("no API address"))
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        let req = hyper::Request::get(format!("{}/metrics", self.api))
+            .header("authorization", format!("Bearer {}", self.bearer))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        Ok(self.client.send(req).await?.text())
+    }
+
+    async fn pushes(&self) -> anyhow::Result<Pushes> {
+        let text = self.metrics().await?;
+        let bytes = |kind: &str| weft_test::metric(&text, "weft_control_config_push_bytes_total", &[&format!("kind=\"{kind}\"")]);
+        Ok(Pushes {
+            full: bytes("full"),
+            own: bytes("own"),
+            policy: bytes("policy"),
+            endpoints: bytes("endpoints"),
+            messages: weft_test::metric(&text, "weft_control_config_push_messages_total", &[]),
+            cpu: self.cpu(),
+        })
+    }
+
+    async fn largest(&self) -> anyhow::Result<f64> {
+        Ok(weft_test::metric(
+            &self.metrics().await?,
+            "weft_control_config_push_largest_bytes",
+            &[],
+        ))
+    }
+
+    fn cpu(&self) -> f64 {
+        fleet::cpu_seconds(self.pid)
+    }
+}
+
+impl Pushes {
+    fn since(&self, before: &Pushes) -> Pushes {
+        Pushes {
+            full: self.full - before.full,
+            own: self.own - before.own,
+            policy: self.policy - before.policy,
+            endpoints: self.endpoints - before.endpoints,
+            messages: self.messages - before.messages,
+            cpu: self.cpu - before.cpu,
+        }
+    }
+
+    fn bytes(&self) -> f64 {
+        self.full + self.own + self.policy + self.endpoints
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "bytes": self.bytes(),
+            "fullBytes": self.full,
+            "ownBytes": self.own,
+            "policyBytes": self.policy,
+            "endpointBytes": self.endpoints,
+            "messages": self.messages,
+            "controlCpuSeconds": self.cpu,
+        })
+    }
 }
 
 /// The upstream every latency path ends at: 1 KiB, the same bytes for every request, over

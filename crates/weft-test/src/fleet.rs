@@ -2,7 +2,7 @@
 //! each with its own gRPC stream (its own TCP connection) to a real control plane. Each dials
 //! like a real proxy (TLS for an `https://` URL, trusting only the CA its join token pins, with
 //! its own TLS configuration; plaintext for `http://`), registers with its token, subscribes to
-//! a service, applies and ACKs every config, and records when each revision reached it.
+//! a service, ACKs every config and delta, and records when each revision reached it.
 
 use crate::http::Client;
 use prost::Message;
@@ -55,16 +55,17 @@ pub async fn tokens(client: &Client, api: &str, bearer: &str, n: usize) -> anyho
 }
 
 impl Fleet {
-    /// Connects `tokens.len()` proxies; proxy `i` is an instance of `sim-svc-{i % services}`
-    /// (subset `v1`) and calls `calls`.
-    pub async fn connect(grpc: &str, tokens: Vec<String>, services: usize, calls: &str) -> anyhow::Result<Self> {
+    /// Connects `tokens.len()` proxies, numbered from `first` (token `k` is for `default/sim-{first
+    /// + k}`); proxy `i` is an instance of `sim-svc-{i % services}` (subset `v1`) and calls
+    /// `calls`.
+    pub async fn connect(grpc: &str, tokens: Vec<String>, first: usize, services: usize, calls: &str) -> anyhow::Result<Self> {
         let n = tokens.len();
-        let arrivals = Arc::new(Mutex::new(vec![HashMap::new(); n]));
+        let arrivals = Arc::new(Mutex::new(vec![HashMap::new(); first + n]));
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         // Several control-plane replicas (`URL,URL,...`): proxy i dials the i-th, round robin.
         let urls: Vec<&str> = grpc.split(',').collect();
-        for (i, token) in tokens.into_iter().enumerate() {
+        for (i, token) in tokens.into_iter().enumerate().map(|(k, t)| (first + k, t)) {
             let url = urls[i % urls.len()];
             let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
             let connector = connector(url, &token)?;
@@ -192,11 +193,13 @@ async fn run_one(
     .await?;
     let mut stream = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     while let Some(msg) = stream.next().await {
-        let Some(control_message::Msg::Config(cfg)) = msg?.msg else {
-            continue;
+        // A whole config or a delta on the last one: either is ACKed (the simulator keeps no
+        // config; it measures when each revision arrives and how big its message was).
+        let (version, revision, bytes) = match msg?.msg {
+            Some(control_message::Msg::Config(cfg)) => (cfg.version, cfg.revision, cfg.encoded_len()),
+            Some(control_message::Msg::Delta(delta)) => (delta.version, delta.revision, delta.encoded_len()),
+            _ => continue,
         };
-        let bytes = cfg.encoded_len();
-        let (version, revision) = (cfg.version, cfg.revision);
         arrivals.lock().await[i].entry(revision).or_insert((Instant::now(), bytes));
         tx.send(proto::ProxyMessage {
             msg: Some(proxy_message::Msg::Ack(proto::Ack { version, revision })),

@@ -271,6 +271,15 @@ impl Control {
     /// A gRPC channel to the control stream as a proxy dials it: TLS trusting only the root
     /// whose fingerprint join tokens pin (the first certificate of `ca.pem`), or plaintext.
     pub async fn channel(&self) -> tonic::transport::Channel {
+        self.channel_with(|e| e).await
+    }
+
+    /// As [`Control::channel`], with the endpoint's settings changed by `endpoint` (a small
+    /// HTTP/2 window, for a client that reads slowly).
+    pub async fn channel_with(
+        &self,
+        endpoint: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+    ) -> tonic::transport::Channel {
         let connector = if self.tls {
             let root = weft_core::tls::certs_from_pem(&self.ca_pem(), "ca.pem").expect("ca.pem holds the root");
             let pin = weft_core::tls::PinnedVerifier::new(&weft_core::tls::fingerprint(&root[0]));
@@ -280,8 +289,7 @@ impl Control {
         } else {
             weft_core::tls::Connector::plaintext()
         };
-        tonic::transport::Endpoint::from_shared(self.grpc_url())
-            .expect("valid URL")
+        endpoint(tonic::transport::Endpoint::from_shared(self.grpc_url()).expect("valid URL"))
             .connect_with_connector(connector)
             .await
             .expect("the control plane's gRPC answers")

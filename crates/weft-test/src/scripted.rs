@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_api::proto::{self, ControlMessage, ProxyMessage, control_message, distribution_client::DistributionClient, proxy_message};
 
 /// Registers with `register` over `channel` (see `Control::channel`) and answers each config
-/// with `respond`. The registration lasts until the returned task is dropped or aborted.
+/// with `respond` (a delta is applied to the last config it ACKed first, and answered with a
+/// Resync when it does not build on it). The registration lasts until the returned task is dropped or aborted.
 pub async fn proxy<R>(channel: tonic::transport::Channel, register: proto::Register, respond: R) -> tokio::task::JoinHandle<()>
 where
     R: Fn(&proto::ProxyConfig) -> proxy_message::Msg + Send + 'static,
@@ -27,9 +28,39 @@ where
         .unwrap()
         .into_inner();
     tokio::spawn(async move {
+        // The last config it ACKed, which deltas build on (as a real proxy keeps it).
+        let mut held: Option<proto::ProxyConfig> = None;
         while let Ok(Some(m)) = inbound.message().await {
-            let Some(control_message::Msg::Config(cfg)) = m.msg else { continue };
-            if tx.send(proto::ProxyMessage { msg: Some(respond(&cfg)) }).await.is_err() {
+            let cfg = match m.msg {
+                Some(control_message::Msg::Config(cfg)) => cfg,
+                Some(control_message::Msg::Delta(delta)) => {
+                    match held
+                        .as_ref()
+                        .ok_or_else(|| "no config held".to_string())
+                        .and_then(|h| weft_api::delta::apply(h, delta))
+                    {
+                        Ok(cfg) => cfg,
+                        Err(reason) => {
+                            if tx
+                                .send(proto::ProxyMessage {
+                                    msg: Some(proxy_message::Msg::Resync(proto::Resync { reason })),
+                                })
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                _ => continue,
+            };
+            let answer = respond(&cfg);
+            if matches!(answer, proxy_message::Msg::Ack(_)) {
+                held = Some(cfg);
+            }
+            if tx.send(proto::ProxyMessage { msg: Some(answer) }).await.is_err() {
                 return;
             }
         }

@@ -82,7 +82,7 @@ async fn a_simulated_fleet_gets_every_change_and_acks_it() {
     let n = 30;
     let tokens = fleet::tokens(&control.client(), api, &control.admin_token, n).await.unwrap();
     let before = fleet::rss_bytes(control.process.pid());
-    let fleet = Fleet::connect(&control.grpc_url(), tokens, 3, "sim-svc-0").await.unwrap();
+    let fleet = Fleet::connect(&control.grpc_url(), tokens, 0, 3, "sim-svc-0").await.unwrap();
     let cold = fleet::until(Duration::from_secs(20), || async { fleet.count_at(0).await == n }).await;
     assert!(cold.is_some(), "all {n} simulated proxies configured");
     let policy = "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: sim-policy}\nspec:\n  service: sim-svc-0\n  routes:\n    - timeout: 2s\n";

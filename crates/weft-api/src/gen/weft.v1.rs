@@ -27,7 +27,7 @@ pub struct CertifyResponse {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyMessage {
-    #[prost(oneof = "proxy_message::Msg", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "proxy_message::Msg", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub msg: ::core::option::Option<proxy_message::Msg>,
 }
 /// Nested message and enum types in `ProxyMessage`.
@@ -46,7 +46,16 @@ pub mod proxy_message {
         Telemetry(super::TelemetryReport),
         #[prost(message, tag = "6")]
         Tap(super::TapEvents),
+        #[prost(message, tag = "7")]
+        Resync(super::Resync),
     }
+}
+/// Asks for the whole config: the proxy holds something other than what a delta builds on.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Resync {
+    /// Why, for the control plane's log (e.g. "delta on version 7, holding 5").
+    #[prost(string, tag = "1")]
+    pub reason: ::prost::alloc::string::String,
 }
 /// Metadata of requests matching an active tap (never bodies).
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -187,7 +196,7 @@ pub struct TrafficStats {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ControlMessage {
-    #[prost(oneof = "control_message::Msg", tags = "1, 2")]
+    #[prost(oneof = "control_message::Msg", tags = "1, 2, 3")]
     pub msg: ::core::option::Option<control_message::Msg>,
 }
 /// Nested message and enum types in `ControlMessage`.
@@ -198,7 +207,58 @@ pub mod control_message {
         Config(super::ProxyConfig),
         #[prost(message, tag = "2")]
         Taps(super::TapList),
+        #[prost(message, tag = "3")]
+        Delta(super::ConfigDelta),
     }
+}
+/// What changed since the config numbered `base_version` on this stream; applied to exactly
+/// that config it gives the one numbered `version` (ACKed or NACKed like a whole one). A part
+/// that did not change is absent.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ConfigDelta {
+    #[prost(uint64, tag = "1")]
+    pub version: u64,
+    #[prost(uint64, tag = "2")]
+    pub base_version: u64,
+    /// Mesh policy revision the resulting config reflects.
+    #[prost(uint64, tag = "3")]
+    pub revision: u64,
+    /// Everything of this proxy's own config but its services and revision (bypass, security
+    /// policy, trust bundle, inbound rate limit), when any of it changed.
+    #[prost(message, optional, tag = "4")]
+    pub own: ::core::option::Option<ProxyConfig>,
+    /// Services added, or whose policy part (everything but the endpoints) changed: each replaces
+    /// that part and keeps the endpoints the proxy holds (a new service starts with none).
+    #[prost(message, repeated, tag = "5")]
+    pub services: ::prost::alloc::vec::Vec<Service>,
+    /// NAMESPACE/NAME of services no longer sent.
+    #[prost(string, repeated, tag = "6")]
+    pub removed_services: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Endpoints joining or leaving, per service.
+    #[prost(message, repeated, tag = "7")]
+    pub endpoints: ::prost::alloc::vec::Vec<EndpointChange>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EndpointChange {
+    /// NAMESPACE/NAME.
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// The service's endpoint version the proxy must hold for this to apply (see
+    /// Service.endpoint_version); ignored with `replace`.
+    #[prost(uint64, tag = "2")]
+    pub since: u64,
+    /// Its endpoint version after the change.
+    #[prost(uint64, tag = "3")]
+    pub endpoint_version: u64,
+    /// Joined (with `replace`: the whole list).
+    #[prost(message, repeated, tag = "4")]
+    pub added: ::prost::alloc::vec::Vec<Endpoint>,
+    /// Left, by Endpoint.key.
+    #[prost(uint64, repeated, tag = "5")]
+    pub removed: ::prost::alloc::vec::Vec<u64>,
+    /// `added` is the whole list, not a change to it.
+    #[prost(bool, tag = "6")]
+    pub replace: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ProxyConfig {
@@ -255,6 +315,9 @@ pub struct Service {
     /// for its name, and how an intercepted connection is mapped back to it. Empty when unknown.
     #[prost(string, tag = "8")]
     pub virtual_ip: ::prost::alloc::string::String,
+    /// Version of its endpoint list, per service; EndpointChange.since names it.
+    #[prost(uint64, tag = "9")]
+    pub endpoint_version: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Endpoint {
@@ -272,6 +335,10 @@ pub struct Endpoint {
     /// The SPIFFE ID this endpoint must present; empty when it has none.
     #[prost(string, tag = "5")]
     pub identity: ::prost::alloc::string::String,
+    /// Names this endpoint within its service for EndpointChange.removed (two registrations of
+    /// one workload, old and new, may share an address for a moment).
+    #[prost(uint64, tag = "6")]
+    pub key: u64,
 }
 /// Every active tap; a proxy reports requests to or from a listed service. An empty list ends
 /// tapping.

@@ -289,6 +289,7 @@ fn control_messages(seeds: &mut Seeds, repo: &Path) -> anyhow::Result<()> {
         labels: [("version".to_string(), version.to_string())].into(),
         workload: "default/checkout-api".into(),
         identity: "spiffe://weft.local/ns/default/sa/checkout-api".into(),
+        key: 0,
     };
     let config = proto::ProxyConfig {
         version: 4,
@@ -304,6 +305,7 @@ fn control_messages(seeds: &mut Seeds, repo: &Path) -> anyhow::Result<()> {
                 mtls: "strict".into(),
                 unknown: false,
                 virtual_ip: "240.240.1.2".into(),
+                endpoint_version: 0,
             },
             proto::Service {
                 name: "payments".into(),

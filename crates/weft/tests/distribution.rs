@@ -1,0 +1,340 @@
+//! Incremental distribution (issue #20) with the real control plane and real proxies: a policy
+//! change sends the policy and not the endpoints, an endpoint joining sends that endpoint and
+//! not the list, a proxy that asks for its whole config gets it, and a proxy that stops reading
+//! neither delays the others nor grows a queue: it catches up in one push. Bytes and messages are counted by the control
+//! plane's own metrics (`weft_control_config_push_*`).
+
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
+use weft_test::apps::EchoServer;
+use weft_test::http::Client;
+use weft_test::{Control, ProxyHandle, eventually, free_addr, metric};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft");
+
+/// The control plane's push counters at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pushes {
+    full_bytes: f64,
+    policy_bytes: f64,
+    endpoint_bytes: f64,
+    full: f64,
+    delta: f64,
+    resync_asked: f64,
+    deferred: f64,
+}
+
+impl Pushes {
+    async fn read(control: &Control) -> Self {
+        let text = control.metrics().await;
+        let bytes = |kind: &str| metric(&text, "weft_control_config_push_bytes_total", &[&format!("kind=\"{kind}\"")]);
+        let messages = |kind: &str| metric(&text, "weft_control_config_push_messages_total", &[&format!("kind=\"{kind}\"")]);
+        let resyncs = |reason: &str| metric(&text, "weft_control_config_resyncs_total", &[&format!("reason=\"{reason}\"")]);
+        Pushes {
+            full_bytes: bytes("full"),
+            policy_bytes: bytes("policy"),
+            endpoint_bytes: bytes("endpoints"),
+            full: messages("full"),
+            delta: messages("delta"),
+            resync_asked: resyncs("asked"),
+            deferred: metric(&text, "weft_control_config_pushes_deferred_total", &[]),
+        }
+    }
+
+    fn since(self, before: Pushes) -> Pushes {
+        Pushes {
+            full_bytes: self.full_bytes - before.full_bytes,
+            policy_bytes: self.policy_bytes - before.policy_bytes,
+            endpoint_bytes: self.endpoint_bytes - before.endpoint_bytes,
+            full: self.full - before.full,
+            delta: self.delta - before.delta,
+            resync_asked: self.resync_asked - before.resync_asked,
+            deferred: self.deferred - before.deferred,
+        }
+    }
+}
+
+fn policy(timeout: &str) -> String {
+    format!(
+        "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {{name: orders}}\nspec:\n  service: orders\n  routes:\n    - timeout: {timeout}\n"
+    )
+}
+
+/// Instance `i` of `orders` in front of `app`.
+async fn orders(control: &Control, i: usize, app: std::net::SocketAddr) -> ProxyHandle {
+    let workload = format!("default/orders-{i}");
+    ProxyHandle::start(
+        BIN,
+        control,
+        &workload,
+        "cluster-a",
+        &[("service", "orders"), ("version", "v1")],
+        app,
+    )
+    .await
+}
+
+/// A caller that has routed to `orders` once (so it subscribes to it).
+async fn caller(control: &Control, name: &str) -> ProxyHandle {
+    let p = ProxyHandle::start(BIN, control, &format!("default/{name}"), "cluster-a", &[], free_addr()).await;
+    let r = Client::new()
+        .send(
+            hyper::Request::get(format!("http://{}/", p.outbound))
+                .header("host", "orders")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .expect("outbound answers");
+    assert_eq!(r.status, 200, "{}", r.text());
+    p
+}
+
+/// How many endpoints of `orders` proxy `p` runs with.
+async fn endpoints_of_orders(p: &ProxyHandle) -> usize {
+    let dump = p.config_dump().await;
+    dump["config"]["services"]["default/orders"]["endpoints"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+async fn until_endpoints(p: &ProxyHandle, n: usize) {
+    eventually(
+        Duration::from_secs(15),
+        &format!("{} runs with {n} orders endpoints", p.workload),
+        || async { (endpoints_of_orders(p).await == n).then_some(()) },
+    )
+    .await;
+}
+
+/// Applies `yaml` and waits until every one of `callers` runs the revision it made.
+async fn apply_until_run_by_all(control: &Control, callers: &[&ProxyHandle], yaml: &str) -> u64 {
+    let (status, applied) = control.post("/api/v1/resources", yaml).await;
+    assert_eq!(status, 200, "{applied}");
+    let rev = applied["revision"].as_u64().expect("a revision");
+    for c in callers {
+        eventually(Duration::from_secs(15), "the caller runs the new revision", || async {
+            (c.config_dump().await["config"]["revision"].as_u64() >= Some(rev)).then_some(())
+        })
+        .await;
+    }
+    rev
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_sends_the_policy_and_not_the_endpoints() {
+    let control = Control::start(BIN).await;
+    let echo = EchoServer::start("orders").await;
+    let mut instances = Vec::new();
+    for i in 0..3 {
+        instances.push(orders(&control, i, echo.addr).await);
+    }
+    let (web, api) = (caller(&control, "web").await, caller(&control, "api").await);
+    until_endpoints(&web, 3).await;
+    until_endpoints(&api, 3).await;
+
+    let before = Pushes::read(&control).await;
+    apply_until_run_by_all(&control, &[&web, &api], &policy("2s")).await;
+    // Every proxy is pushed the new revision (the callers the policy too); wait for all five.
+    let proxies = 5.0;
+    eventually(Duration::from_secs(15), "every proxy is pushed the change", || async {
+        (Pushes::read(&control).await.since(before).delta >= proxies).then_some(())
+    })
+    .await;
+    let change = Pushes::read(&control).await.since(before);
+    assert_eq!(change.endpoint_bytes, 0.0, "a policy change sent endpoints: {change:?}");
+    assert_eq!(
+        (change.full, change.full_bytes),
+        (0.0, 0.0),
+        "a policy change sent whole configs: {change:?}"
+    );
+    assert!(change.policy_bytes > 0.0, "{change:?}");
+    assert!(
+        change.policy_bytes / 2.0 < 400.0,
+        "each caller is sent about the policy's size, not more: {change:?}"
+    );
+    for p in [&web, &api] {
+        let dump = p.config_dump().await;
+        let orders = &dump["config"]["services"]["default/orders"];
+        assert_eq!(orders["policy"]["routes"][0]["timeout"], "2s", "{dump}");
+        assert_eq!(
+            orders["endpoints"].as_array().map(Vec::len),
+            Some(3),
+            "the endpoints held are kept: {dump}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_joining_sends_each_subscriber_that_endpoint_only() {
+    let control = Control::start(BIN).await;
+    let echo = EchoServer::start("orders").await;
+    let mut instances = Vec::new();
+    for i in 0..4 {
+        instances.push(orders(&control, i, echo.addr).await);
+    }
+    let (web, api) = (caller(&control, "web").await, caller(&control, "api").await);
+    until_endpoints(&web, 4).await;
+    until_endpoints(&api, 4).await;
+    let whole_list = serde_json::to_string(&web.config_dump().await["config"]["services"]["default/orders"]["endpoints"])
+        .unwrap()
+        .len();
+
+    let before = Pushes::read(&control).await;
+    instances.push(orders(&control, 4, echo.addr).await);
+    until_endpoints(&web, 5).await;
+    until_endpoints(&api, 5).await;
+    let join = Pushes::read(&control).await.since(before);
+    assert_eq!(join.full, 1.0, "only the new instance is sent a whole config: {join:?}");
+    // Each caller (and each instance, which subscribes to nothing, gets no endpoints).
+    let per_subscriber = join.endpoint_bytes / 2.0;
+    assert!(per_subscriber > 0.0, "{join:?}");
+    assert!(
+        per_subscriber < 300.0 && per_subscriber * 3.0 < whole_list as f64,
+        "{per_subscriber} endpoint bytes per subscriber for one endpoint; the list of four is {whole_list} (JSON): {join:?}"
+    );
+    assert_eq!(join.policy_bytes, 0.0, "{join:?}");
+}
+
+/// A control stream of the test's own: registered as `default/NAME` calling `calls`
+/// (`NAMESPACE/NAME`), reading through an HTTP/2 window of `window` bytes. It ACKs only what the
+/// test has it ACK.
+struct RawProxy {
+    tx: mpsc::Sender<proto::ProxyMessage>,
+    inbound: tonic::Streaming<proto::ControlMessage>,
+}
+
+impl RawProxy {
+    async fn connect(control: &Control, name: &str, calls: &str, window: u32) -> Self {
+        let token = control.token(&format!("default/{name}"), name).await;
+        let (tx, rx) = mpsc::channel(16);
+        let register = proto::Register {
+            namespace: "default".into(),
+            name: name.into(),
+            inbound_addr: free_addr().to_string(),
+            services: vec![calls.into()],
+            token,
+            ..Default::default()
+        };
+        tx.send(proto::ProxyMessage {
+            msg: Some(proxy_message::Msg::Register(register)),
+        })
+        .await
+        .unwrap();
+        let channel = control.channel_with(|e| e.initial_stream_window_size(window)).await;
+        let inbound = DistributionClient::new(channel)
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("registered")
+            .into_inner();
+        RawProxy { tx, inbound }
+    }
+
+    async fn next(&mut self) -> control_message::Msg {
+        tokio::time::timeout(Duration::from_secs(15), self.inbound.next())
+            .await
+            .expect("a message within 15 s")
+            .expect("the stream is open")
+            .expect("a message")
+            .msg
+            .expect("a message body")
+    }
+
+    async fn send(&self, msg: proxy_message::Msg) {
+        self.tx.send(proto::ProxyMessage { msg: Some(msg) }).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_asks_for_its_whole_config_after_a_gap_is_sent_it() {
+    let control = Control::start(BIN).await;
+    let echo = EchoServer::start("orders").await;
+    let _orders = orders(&control, 0, echo.addr).await;
+    let mut raw = RawProxy::connect(&control, "raw", "default/orders", 65_535).await;
+    let control_message::Msg::Config(first) = raw.next().await else {
+        panic!("the first push on a stream is the whole config");
+    };
+    assert_eq!(first.services[0].endpoints.len(), 1, "{first:?}");
+    raw.send(proxy_message::Msg::Ack(proto::Ack {
+        version: first.version,
+        revision: first.revision,
+    }))
+    .await;
+
+    let before = Pushes::read(&control).await;
+    // Queued as an intent until this proxy, which enforces it, ACKs (it will not).
+    let (status, applied) = control.post("/api/v1/resources", &policy("2s")).await;
+    assert_eq!(status, 202, "{applied}");
+    let control_message::Msg::Delta(delta) = raw.next().await else {
+        panic!("a change on a stream is a delta");
+    };
+    assert_eq!(delta.base_version, first.version);
+    assert_eq!(delta.services.len(), 1, "the policy part of orders: {delta:?}");
+    assert!(delta.endpoints.is_empty(), "no endpoint changed: {delta:?}");
+
+    // As a proxy does when a delta does not build on what it holds.
+    raw.send(proxy_message::Msg::Resync(proto::Resync {
+        reason: "test: missed a version".into(),
+    }))
+    .await;
+    let control_message::Msg::Config(whole) = raw.next().await else {
+        panic!("a Resync is answered with the whole config");
+    };
+    assert!(whole.version > delta.version, "{} after {}", whole.version, delta.version);
+    assert_eq!(whole.revision, delta.revision);
+    let orders = &whole.services[0];
+    assert_eq!(orders.endpoints.len(), 1, "{whole:?}");
+    assert!(orders.traffic_policy_json.contains("2s"), "{whole:?}");
+    assert_eq!(Pushes::read(&control).await.since(before).resync_asked, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_stops_reading_delays_no_one_and_catches_up_in_one_push() {
+    let control = Control::start(BIN).await;
+    let echo = EchoServer::start("orders").await;
+    let _orders = orders(&control, 0, echo.addr).await;
+    let web = caller(&control, "web").await;
+    // A 256-byte window: the whole config already fills it, and nothing more is read. It calls
+    // web, not orders, so it does not enforce the changes (a stuck proxy that enforced them
+    // would hold their rollout until the enforcement timeout, by design): it is only sent
+    // each new revision.
+    let mut stuck = RawProxy::connect(&control, "stuck", "default/web", 256).await;
+    let before = Pushes::read(&control).await;
+
+    // More changes than a stream's queue holds; each reaches the proxy that reads.
+    let changes = 50;
+    let mut slowest = Duration::ZERO;
+    let mut last = 0;
+    for i in 1..=changes {
+        let t = Instant::now();
+        last = apply_until_run_by_all(&control, &[&web], &policy(&format!("{i}s"))).await;
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a change took {slowest:?} to reach a reading proxy"
+    );
+    let behind = Pushes::read(&control).await.since(before);
+    assert!(behind.deferred >= 1.0, "the stuck stream's queue filled: {behind:?}");
+
+    // Reading again, it gets what was queued and then one push with every change it missed,
+    // each building on the one before: fewer pushes than changes, and no whole config.
+    let mut held = match stuck.next().await {
+        control_message::Msg::Config(c) => c.version,
+        other => panic!("the first push is the whole config: {other:?}"),
+    };
+    let mut pushes = 1;
+    loop {
+        let control_message::Msg::Delta(d) = stuck.next().await else {
+            panic!("a stream that was behind is sent deltas, not whole configs");
+        };
+        assert_eq!(d.base_version, held, "each push builds on the one before");
+        (held, pushes) = (d.version, pushes + 1);
+        if d.revision == last {
+            break;
+        }
+    }
+    assert!(pushes < changes / 2, "{pushes} pushes for {changes} changes");
+}
