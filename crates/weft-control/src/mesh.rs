@@ -96,7 +96,7 @@ pub(crate) struct ControlPlaneView {
     leader: Option<String>,
     role: &'static str,
     store: String,
-    version: &'static str,
+    version: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -438,7 +438,7 @@ impl Mesh {
             role: if role.acting() { "leader" } else { "follower" },
             leader: role.leader,
             store: self.store.describe(),
-            version: env!("CARGO_PKG_VERSION"),
+            version: weft_core::version::version(),
         }
     }
 

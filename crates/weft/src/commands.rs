@@ -1070,7 +1070,43 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
     Ok(())
 }
 
-/// Warnings about what will break soon: certificates near expiry, proxies out of sync.
+/// `MAJOR.MINOR` of a version such as `0.1.0` (`None` when it is not one).
+fn major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Proxies whose version is more than one minor version away from the replica's (or of
+/// another major): the wire contract is only promised across one minor version. Proxies that
+/// report no version (older than the field) are not judged.
+fn version_skew(control_plane: &Value, proxies: &Value) -> Vec<String> {
+    let replica_version = control_plane["version"].as_str().unwrap_or_default();
+    let Some((major, minor)) = major_minor(replica_version) else {
+        return Vec::new();
+    };
+    let replica = cell(control_plane, "replica");
+    proxies
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            let version = p["version"].as_str().filter(|v| !v.is_empty())?;
+            let skewed = match major_minor(version) {
+                Some((m, n)) => m != major || n.abs_diff(minor) > 1,
+                None => true,
+            };
+            skewed.then(|| {
+                format!(
+                    "version skew: proxy {} runs {version}, replica {replica} runs {replica_version} (more than one minor version apart)",
+                    cell(p, "id")
+                )
+            })
+        })
+        .collect()
+}
+
+/// Warnings about what will break soon: certificates near expiry, proxies out of sync, versions
+/// too far apart.
 async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCode> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let ca = api.get("/api/v1/ca").await?;
@@ -1102,6 +1138,7 @@ async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCod
             warnings.push(format!("{} refused its last config: {nack}", cell(p, "id")));
         }
     }
+    warnings.extend(version_skew(&status["controlPlane"], &proxies));
     for s in status["services"].as_array().into_iter().flatten() {
         if s["proxies"]["inSync"] != s["proxies"]["total"] {
             warnings.push(format!(
