@@ -230,7 +230,12 @@ impl Control {
     /// serves. Panics when the old one does not exit cleanly within `within`.
     pub async fn restart_gracefully(&mut self, within: Duration) {
         let code = self.process.terminate(within);
-        assert_eq!(code, Some(0), "the control plane exits cleanly on SIGTERM:\n{}", self.process.log_text());
+        assert_eq!(
+            code,
+            Some(0),
+            "the control plane exits cleanly on SIGTERM:\n{}",
+            self.process.log_text()
+        );
         *self = Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await;
     }
 

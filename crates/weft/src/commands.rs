@@ -1076,33 +1076,46 @@ fn major_minor(version: &str) -> Option<(u64, u64)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Proxies whose version is more than one minor version away from the replica's (or of
-/// another major): the wire contract is only promised across one minor version. Proxies that
-/// report no version (older than the field) are not judged.
+/// Whether two versions are more than one minor version apart (or of different majors, or
+/// not versions at all): the wire contract is only promised across one minor version.
+fn skewed(a: &str, b: &str) -> bool {
+    match (major_minor(a), major_minor(b)) {
+        (Some((major_a, minor_a)), Some((major_b, minor_b))) => major_a != major_b || minor_a.abs_diff(minor_b) > 1,
+        _ => true,
+    }
+}
+
+/// Every (replica, proxy) pair whose versions are skewed: the replicas as the status lists
+/// them (`controlPlane.replicas`, or the one answering on a control plane without the list),
+/// each proxy as it reported. Proxies that report no version (older than the field) are not
+/// judged.
 fn version_skew(control_plane: &Value, proxies: &Value) -> Vec<String> {
-    let replica_version = control_plane["version"].as_str().unwrap_or_default();
-    let Some((major, minor)) = major_minor(replica_version) else {
-        return Vec::new();
-    };
-    let replica = cell(control_plane, "replica");
-    proxies
-        .as_array()
+    let mut replicas: Vec<(String, String)> = control_plane["replicas"]
+        .as_object()
         .into_iter()
         .flatten()
-        .filter_map(|p| {
-            let version = p["version"].as_str().filter(|v| !v.is_empty())?;
-            let skewed = match major_minor(version) {
-                Some((m, n)) => m != major || n.abs_diff(minor) > 1,
-                None => true,
-            };
-            skewed.then(|| {
-                format!(
+        .filter_map(|(name, version)| Some((name.clone(), version.as_str()?.to_string())))
+        .collect();
+    if replicas.is_empty()
+        && let Some(version) = control_plane["version"].as_str()
+    {
+        replicas.push((cell(control_plane, "replica"), version.to_string()));
+    }
+    let mut warnings = Vec::new();
+    for p in proxies.as_array().into_iter().flatten() {
+        let Some(version) = p["version"].as_str().filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        for (replica, replica_version) in &replicas {
+            if skewed(version, replica_version) {
+                warnings.push(format!(
                     "version skew: proxy {} runs {version}, replica {replica} runs {replica_version} (more than one minor version apart)",
                     cell(p, "id")
-                )
-            })
-        })
-        .collect()
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Warnings about what will break soon: certificates near expiry, proxies out of sync, versions
