@@ -59,6 +59,8 @@ pub(crate) struct Mesh {
     snapshot: Mutex<Arc<Snapshot>>,
     /// Telemetry reports a follower has yet to forward to the leader ([`crate::peers`]).
     outbox: Mutex<Vec<ForwardedReport>>,
+    /// The build version each other live replica published ([`crate::peers`]).
+    peer_versions: Mutex<BTreeMap<String, String>>,
     /// Serializes the operator switches (freeze, bypass) from their store write to the machine.
     switches: Mutex<()>,
     /// Held from the moment a change to an intent is decided until its record is written, so
@@ -98,7 +100,9 @@ pub(crate) struct ControlPlaneView {
     leader: Option<String>,
     role: &'static str,
     store: String,
-    version: &'static str,
+    version: String,
+    /// Every live replica's version by name, this one's included, for `weft check`.
+    replicas: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -169,6 +173,7 @@ impl Mesh {
             clock,
             machine: Mutex::new(machine),
             registry: Mutex::default(),
+            peer_versions: Mutex::default(),
             signals: Mutex::default(),
             snapshot: Mutex::new(Arc::new(Snapshot::none())),
             outbox: Mutex::default(),
@@ -437,12 +442,16 @@ impl Mesh {
 
     pub(crate) fn control_plane(&self) -> ControlPlaneView {
         let role = self.role.lock().clone();
+        let version = weft_core::version::version();
+        let mut replicas = self.peer_versions.lock().clone();
+        replicas.insert(self.replica.clone(), version.clone());
         ControlPlaneView {
             replica: self.replica.clone(),
             role: if role.acting() { "leader" } else { "follower" },
             leader: role.leader,
             store: self.store.describe(),
-            version: env!("CARGO_PKG_VERSION"),
+            version,
+            replicas,
         }
     }
 
@@ -542,6 +551,15 @@ impl Mesh {
             self.bump();
         }
         self.wake.notify_one();
+    }
+
+    /// The version replica `peer` published (none: it is gone).
+    pub(crate) fn set_peer_version(&self, peer: &str, version: Option<String>) {
+        let mut versions = self.peer_versions.lock();
+        match version {
+            Some(version) => versions.insert(peer.to_string(), version),
+            None => versions.remove(peer),
+        };
     }
 
     /// Telemetry reports received since the last call, for the leader (a follower's own).

@@ -5,6 +5,8 @@
 //!   dies. Every replica merges the others' lists into its registry: endpoints are planned from
 //!   every proxy whichever replica it is connected to, and the leader stages, counts ACKs and
 //!   NACKs over all of them.
+//! - `P/versions/REPLICA`: that replica's build version, written with its proxies under the
+//!   same lease, so that any replica's status lists every live replica's version.
 //! - `P/telemetry/REPLICA`: the telemetry reports a follower received since its last write,
 //!   replaced every [`TICK`]. The leader files each one into its signals as if the proxy were
 //!   its own, so it judges intents on every proxy's traffic.
@@ -70,7 +72,12 @@ fn round(mesh: &Mesh, mut state: Published) -> Published {
         if state.proxies.as_ref() != Some(&proxies) || stale {
             let json = serde_json::to_string(&proxies).expect("serializes");
             let key = store.key(&format!("proxies/{}", mesh.replica));
-            store.etcd.txn(Vec::new(), vec![etcd::put_leased(&key, &json, lease)])?;
+            let version = store.key(&format!("versions/{}", mesh.replica));
+            let puts = vec![
+                etcd::put_leased(&key, &json, lease),
+                etcd::put_leased(&version, &weft_core::version::version(), lease),
+            ];
+            store.etcd.txn(Vec::new(), puts)?;
             state.proxies = Some(proxies);
             state.at = Some(Instant::now());
         }
@@ -105,6 +112,12 @@ pub(crate) fn receive(mesh: &Mesh, prefix: &str, change: &Change) -> bool {
         }
         return true;
     }
+    if let Some(replica) = rest.strip_prefix("versions/") {
+        if replica != mesh.replica {
+            mesh.set_peer_version(replica, (!change.deleted).then(|| change.kv.value.clone()));
+        }
+        return true;
+    }
     if let Some(replica) = rest.strip_prefix("telemetry/") {
         if replica != mesh.replica && !change.deleted && mesh.leading() {
             let reports: Vec<ForwardedReport> = serde_json::from_str(&change.kv.value).unwrap_or_default();
@@ -115,7 +128,8 @@ pub(crate) fn receive(mesh: &Mesh, prefix: &str, change: &Change) -> bool {
     false
 }
 
-/// Every other replica's proxies as stored now (at start; the watch keeps them current).
+/// Every other replica's proxies and version as stored now (at start; the watch keeps them
+/// current).
 pub(crate) fn load(mesh: &Mesh) -> Result<(), StoreError> {
     let Store::Etcd(store) = &*mesh.store else {
         return Ok(());
@@ -125,6 +139,13 @@ pub(crate) fn load(mesh: &Mesh) -> Result<(), StoreError> {
         let replica = kv.key.trim_start_matches(&prefix);
         if replica != mesh.replica {
             mesh.set_peer(replica, serde_json::from_str(&kv.value).unwrap_or_default());
+        }
+    }
+    let prefix = store.key("versions/");
+    for kv in store.etcd.list(&prefix, None)? {
+        let replica = kv.key.trim_start_matches(&prefix);
+        if replica != mesh.replica {
+            mesh.set_peer_version(replica, Some(kv.value));
         }
     }
     Ok(())

@@ -37,6 +37,8 @@ pub(crate) struct ProxyRecord {
     pub(crate) identity: String,
     /// Expiry of its workload certificate (unix seconds), as it last reported.
     pub(crate) cert_not_after: u64,
+    /// The build version it reported (empty from a proxy too old to report one).
+    pub(crate) version: String,
     /// Intents whose candidate each pushed version carried, until it is ACKed or NACKed.
     pending: BTreeMap<u64, (BTreeSet<u64>, u64)>,
     /// The trust-bundle epoch of the last config it ACKed.
@@ -64,6 +66,7 @@ pub(crate) struct ProxyView {
     cert_expiry: Option<u64>,
     identity: String,
     subscriptions: Vec<String>,
+    version: String,
 }
 
 /// What a replica publishes of each proxy connected to it, so that every replica knows every
@@ -88,6 +91,9 @@ pub(crate) struct PeerProxy {
     applied_intents: BTreeSet<u64>,
     refused: BTreeMap<u64, String>,
     connected_since_ms: u64,
+    /// Absent in what a replica older than this field published.
+    #[serde(default)]
+    version: String,
 }
 
 /// Connection numbers from here on are proxies connected to other replicas.
@@ -170,6 +176,7 @@ impl Registry {
                 resumed: reg.applied_revision > 0 || !reg.services.is_empty(),
                 identity,
                 cert_not_after: 0,
+                version: reg.version.clone(),
                 bundle_epoch: 0,
                 cert_generation: None,
                 pending: BTreeMap::new(),
@@ -282,6 +289,7 @@ impl Registry {
                 applied_intents: p.applied_intents.clone(),
                 refused: p.refused.clone(),
                 connected_since_ms: p.connected_since_ms,
+                version: p.version.clone(),
             })
             .collect()
     }
@@ -343,6 +351,7 @@ impl Registry {
                 resumed: true,
                 identity: p.identity,
                 cert_not_after: p.cert_not_after,
+                version: p.version,
                 pending: BTreeMap::new(),
                 bundle_epoch: p.bundle_epoch,
                 cert_generation: p.cert_generation,
@@ -383,6 +392,7 @@ impl Registry {
                 cert_expiry: (p.cert_not_after > 0).then_some(p.cert_not_after),
                 identity: p.identity.clone(),
                 subscriptions: p.subscriptions.iter().cloned().collect(),
+                version: p.version.clone(),
             })
             .collect()
     }

@@ -11,6 +11,7 @@ pub mod serve;
 pub mod shutdown;
 pub mod tls;
 pub mod trace;
+pub mod version;
 
 pub use body::{Body, BoxError, boxed, empty, full};
 pub use shutdown::Shutdown;

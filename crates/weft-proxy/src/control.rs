@@ -106,6 +106,7 @@ async fn session(
         services: proxy.discovery.subscriptions(),
         applied_revision: proxy.discovery.revision(),
         token: proxy.local.token.clone().unwrap_or_default(),
+        version: weft_core::version::version(),
     }))
     .await;
     let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();

@@ -186,6 +186,7 @@ async fn run_one(
         services: vec![calls],
         applied_revision: 0,
         token,
+        version: env!("CARGO_PKG_VERSION").to_string(),
     };
     tx.send(proto::ProxyMessage {
         msg: Some(proxy_message::Msg::Register(register)),

@@ -225,6 +225,20 @@ impl Control {
         *self = Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await;
     }
 
+    /// Stops the process with SIGTERM, as a rolling restart does, and starts a new one on the
+    /// same addresses, data directory and flags once it has exited; returns when the new one
+    /// serves. Panics when the old one does not exit cleanly within `within`.
+    pub async fn restart_gracefully(&mut self, within: Duration) {
+        let code = self.process.terminate(within);
+        assert_eq!(
+            code,
+            Some(0),
+            "the control plane exits cleanly on SIGTERM:\n{}",
+            self.process.log_text()
+        );
+        *self = Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await;
+    }
+
     fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }
     }

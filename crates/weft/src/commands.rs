@@ -1070,7 +1070,56 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
     Ok(())
 }
 
-/// Warnings about what will break soon: certificates near expiry, proxies out of sync.
+/// `MAJOR.MINOR` of a version such as `0.1.0` (`None` when it is not one).
+fn major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether two versions are more than one minor version apart (or of different majors, or
+/// not versions at all): the wire contract is only promised across one minor version.
+fn skewed(a: &str, b: &str) -> bool {
+    match (major_minor(a), major_minor(b)) {
+        (Some((major_a, minor_a)), Some((major_b, minor_b))) => major_a != major_b || minor_a.abs_diff(minor_b) > 1,
+        _ => true,
+    }
+}
+
+/// Every (replica, proxy) pair whose versions are skewed: the replicas as the status lists
+/// them (`controlPlane.replicas`, or the one answering on a control plane without the list),
+/// each proxy as it reported. Proxies that report no version (older than the field) are not
+/// judged.
+fn version_skew(control_plane: &Value, proxies: &Value) -> Vec<String> {
+    let mut replicas: Vec<(String, String)> = control_plane["replicas"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, version)| Some((name.clone(), version.as_str()?.to_string())))
+        .collect();
+    if replicas.is_empty()
+        && let Some(version) = control_plane["version"].as_str()
+    {
+        replicas.push((cell(control_plane, "replica"), version.to_string()));
+    }
+    let mut warnings = Vec::new();
+    for p in proxies.as_array().into_iter().flatten() {
+        let Some(version) = p["version"].as_str().filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        for (replica, replica_version) in &replicas {
+            if skewed(version, replica_version) {
+                warnings.push(format!(
+                    "version skew: proxy {} runs {version}, replica {replica} runs {replica_version} (more than one minor version apart)",
+                    cell(p, "id")
+                ));
+            }
+        }
+    }
+    warnings
+}
+
+/// Warnings about what will break soon: certificates near expiry, proxies out of sync, versions
+/// too far apart.
 async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCode> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let ca = api.get("/api/v1/ca").await?;
@@ -1102,6 +1151,7 @@ async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCod
             warnings.push(format!("{} refused its last config: {nack}", cell(p, "id")));
         }
     }
+    warnings.extend(version_skew(&status["controlPlane"], &proxies));
     for s in status["services"].as_array().into_iter().flatten() {
         if s["proxies"]["inSync"] != s["proxies"]["total"] {
             warnings.push(format!(

@@ -127,6 +127,10 @@ pub struct Register {
     /// proxy presents its current certificate as the TLS client certificate.
     #[prost(string, tag = "8")]
     pub token: ::prost::alloc::string::String,
+    /// The proxy's build version (`0.1.0`), so that `weft check` can flag version skew against
+    /// the control plane's replicas. Empty from a proxy older than this field.
+    #[prost(string, tag = "9")]
+    pub version: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Subscribe {
