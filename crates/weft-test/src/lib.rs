@@ -10,6 +10,7 @@ pub mod browser;
 pub mod etcd;
 pub mod fleet;
 pub mod http;
+pub mod layers;
 pub mod load;
 pub mod loadgen;
 pub mod netns;
