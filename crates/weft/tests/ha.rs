@@ -410,18 +410,14 @@ async fn weft_up_ha_runs_three_etcd_members_and_three_replicas_that_all_see_ever
     let _ = std::fs::remove_file(&config);
 }
 
-const ROLLOUT: &str = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: ROLL-1}\nspec:\n  title: staged\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: orders}\n        spec: {service: orders, routes: [{timeout: 3s}]}\n  rollout: {stages: [50, 100], bake: 60s}\n  slo: {minRequests: 100000}\n";
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_request_fails() {
-    let etcd = EtcdCluster::start(3).await;
-    let mut all = replicas(&etcd.url(), 3).await;
-    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+/// `orders` (an echo app behind a sidecar) and two callers, `web-a` and `web-b`, each sidecar
+/// given every replica's URL; returns once both callers reach orders.
+async fn orders_and_two_callers(all: &[Control]) -> (EchoServer, ProxyHandle, Vec<ProxyHandle>) {
     let urls: Vec<String> = all.iter().map(Control::grpc_url).collect();
     let urls = urls.join(",");
     let echo = EchoServer::start("orders").await;
     let token = all[0].token("default/orders", "orders").await;
-    let _orders = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
+    let orders = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
     let mut callers = Vec::new();
     for name in ["web-a", "web-b"] {
         let token = all[0].token(&format!("default/{name}"), name).await;
@@ -433,6 +429,17 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
         })
         .await;
     }
+    (echo, orders, callers)
+}
+
+const ROLLOUT: &str = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: ROLL-1}\nspec:\n  title: staged\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: orders}\n        spec: {service: orders, routes: [{timeout: 3s}]}\n  rollout: {stages: [50, 100], bake: 60s}\n  slo: {minRequests: 100000}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_request_fails() {
+    let etcd = EtcdCluster::start(3).await;
+    let mut all = replicas(&etcd.url(), 3).await;
+    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+    let (_echo, _orders, callers) = orders_and_two_callers(&all).await;
     // The leader knows both callers call orders (those on a follower through the store).
     eventually(Duration::from_secs(10), "the leader sees both callers subscribed", || async {
         let proxies = all[leader].get("/api/v1/proxies").await;
@@ -688,22 +695,7 @@ async fn a_rolling_restart_of_every_replica_fails_no_request_and_proxies_end_on_
     let etcd = EtcdCluster::start(3).await;
     let mut all = replicas(&etcd.url(), 3).await;
     leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
-    let urls: Vec<String> = all.iter().map(Control::grpc_url).collect();
-    let urls = urls.join(",");
-    let echo = EchoServer::start("orders").await;
-    let token = all[0].token("default/orders", "orders").await;
-    let orders = ProxyHandle::start_url(BIN, &urls, Some(&token), "default/orders", "cluster-a", &[], echo.addr).await;
-    let mut callers = Vec::new();
-    for name in ["web-a", "web-b"] {
-        let token = all[0].token(&format!("default/{name}"), name).await;
-        callers.push(ProxyHandle::start_url(BIN, &urls, Some(&token), &format!("default/{name}"), "cluster-a", &[], free_addr()).await);
-    }
-    for caller in &callers {
-        eventually(Duration::from_secs(15), "the callers reach orders", || async {
-            (call_via(caller, "orders").await == 200).then_some(())
-        })
-        .await;
-    }
+    let (_echo, orders, callers) = orders_and_two_callers(&all).await;
 
     // Traffic from both callers from now to the end.
     let callers = std::sync::Arc::new(callers);
