@@ -441,7 +441,7 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
     let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
     let (_echo, _orders, callers) = orders_and_two_callers(&all).await;
     // The leader knows both callers call orders (those on a follower through the store).
-    eventually(Duration::from_secs(10), "the leader sees both callers subscribed", || async {
+    eventually(Duration::from_secs(30), "the leader sees both callers subscribed", || async {
         let proxies = all[leader].get("/api/v1/proxies").await;
         let subscribed = proxies
             .as_array()?
@@ -478,7 +478,7 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
 
     let (code, body) = all[leader].post("/api/v1/intents", ROLLOUT).await;
     assert_eq!(code, 201, "{body}");
-    let treated = eventually(Duration::from_secs(20), "the first stage runs on a caller", || async {
+    let treated = eventually(Duration::from_secs(30), "the first stage runs on a caller", || async {
         let (status, intent) = all[leader]
             .call_as("GET", "/api/v1/intents/ROLL-1", "", &all[leader].admin_token)
             .await;
@@ -489,7 +489,7 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
     .await;
     let treated = treated[0].as_str().unwrap().to_string();
     let candidate = callers.iter().find(|c| c.workload == treated).expect("a caller is treated");
-    eventually(Duration::from_secs(10), "the treated caller runs the candidate", || async {
+    eventually(Duration::from_secs(30), "the treated caller runs the candidate", || async {
         (candidate.config_dump().await["config"]["revision"].as_u64() > Some(stable)).then_some(())
     })
     .await;
@@ -499,13 +499,13 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
     let live: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     let next = leader_of(&all, &live, Duration::from_secs(15)).await;
     eprintln!("new leader after {:?}", killed.elapsed());
-    let intent = eventually(Duration::from_secs(10), "the new leader rolled the intent back", || async {
+    let intent = eventually(Duration::from_secs(30), "the new leader rolled the intent back", || async {
         let (_, intent) = all[next].call_as("GET", "/api/v1/intents/ROLL-1", "", &all[next].admin_token).await;
         (intent["phase"] == "rolled-back").then_some(intent)
     })
     .await;
     assert!(intent.to_string().contains("restarted mid-rollout"), "{intent}");
-    eventually(Duration::from_secs(15), "every caller is back on the stable revision", || async {
+    eventually(Duration::from_secs(30), "every caller is back on the stable revision", || async {
         for caller in callers.iter() {
             if caller.config_dump().await["config"]["revision"].as_u64() != Some(stable) {
                 return None;
