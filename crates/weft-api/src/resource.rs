@@ -435,7 +435,7 @@ pub struct Change {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Rollout {
     #[serde(default = "default_stages")]
-    pub stages: Vec<f64>,
+    pub stages: Vec<Stage>,
     /// How long each stage is observed before it is judged (default 30s).
     #[serde(default = "default_bake")]
     pub bake: Duration,
@@ -486,8 +486,8 @@ pub enum OnInconclusive {
 fn default_namespace() -> String {
     DEFAULT_NAMESPACE.to_string()
 }
-fn default_stages() -> Vec<f64> {
-    vec![10.0, 50.0, 100.0]
+fn default_stages() -> Vec<Stage> {
+    vec![Stage::Percent(10.0), Stage::Percent(50.0), Stage::Percent(100.0)]
 }
 fn default_bake() -> Duration {
     Duration::from_millis(30_000)
@@ -1075,15 +1075,7 @@ impl IntentSpec {
                 })),
             }
         }
-        let stages = &self.rollout.stages;
-        let increasing = stages.windows(2).all(|w| w[0] < w[1]);
-        if stages.is_empty() || !increasing || stages.iter().any(|s| *s <= 0.0 || *s > 100.0) || stages.last() != Some(&100.0) {
-            errors.push(FieldError::new(
-                format!("{at}.rollout.stages"),
-                format!("{stages:?}"),
-                "must be increasing percentages in (0, 100] ending at 100",
-            ));
-        }
+        stage::check_stages(&format!("{at}.rollout.stages"), &self.rollout.stages, errors);
         check_percent(format!("{at}.slo.maxErrorRate"), self.slo.max_error_rate, errors);
         check_percent(format!("{at}.slo.maxErrorRateIncrease"), self.slo.max_error_rate_increase, errors);
         if self.slo.max_p99_increase < 0.0 || self.slo.max_p99_increase.is_nan() {
@@ -1138,6 +1130,9 @@ impl Default for Slo {
         }
     }
 }
+
+mod stage;
+pub use stage::Stage;
 
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ use crate::plan::{Kind, OverlayEntry};
 use crate::registry::ProxyRecord;
 use crate::rollout::{self, Drift, Evidence, Phase, Verdict};
 use crate::signals::{Sample, Signals};
+use crate::staging;
 use crate::store::{ChangeEntry, Revision, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -22,7 +23,7 @@ use weft_api::ResourceKey;
 use weft_api::error::{FieldError, Invalid};
 use weft_api::mesh::SUBSET_LABEL;
 use weft_api::proto::Direction;
-use weft_api::resource::{Document, IntentSpec, OnInconclusive, Resource, RolloutMode, Slo};
+use weft_api::resource::{Document, IntentSpec, MtlsMode, OnInconclusive, Resource, RolloutMode, Slo, Stage};
 
 /// How long the treated proxies of a stage have to ACK before the intent fails.
 const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,7 +52,7 @@ pub struct IntentRecord {
     /// Where it came from: a file, `weft apply`, `weft rollback`, the API.
     pub source: String,
     pub mode: RolloutMode,
-    pub stages: Vec<f64>,
+    pub stages: Vec<Stage>,
     pub bake_ms: u64,
     pub slo: Slo,
     pub apply: Vec<Resource>,
@@ -115,7 +116,11 @@ pub struct DecisionRecord {
     pub time_ms: u64,
     /// 1-based stage number.
     pub stage: usize,
-    pub share: f64,
+    /// The stage's percentage; none for a namespace stage.
+    pub share: Option<f64>,
+    /// The namespaces a namespace stage treats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
     pub outcome: String,
     pub reason: String,
 }
@@ -265,8 +270,22 @@ impl IntentRecord {
         self.overlay.iter().all(|e| Kind::of_key(&e.key) == Some(Kind::SecurityPolicy))
     }
 
-    fn share(&self) -> f64 {
-        self.stages.get(self.stage).copied().unwrap_or(100.0)
+    /// The current (or last) stage.
+    fn current(&self) -> Stage {
+        self.stages.get(self.stage).cloned().unwrap_or(Stage::Percent(100.0))
+    }
+
+    /// A decision on the current stage, which it names.
+    fn decision(&self, time_ms: u64, outcome: &str, reason: String) -> DecisionRecord {
+        let stage = self.current();
+        DecisionRecord {
+            time_ms,
+            stage: self.stage + 1,
+            share: stage.percent(),
+            namespaces: stage.namespaces().to_vec(),
+            outcome: outcome.into(),
+            reason,
+        }
     }
 
     fn log(&mut self, time_ms: u64, actor: &str, event: &str, detail: impl Into<String>) {
@@ -333,13 +352,7 @@ impl Machine {
                 store.put_intent(seq, &serde_json::to_string(&intent).expect("serializes"))?;
             } else if !intent.phase.is_terminal() && !untouched {
                 let reason = format!("control plane restarted mid-rollout: every proxy returned to revision {stable}");
-                intent.decisions.push(DecisionRecord {
-                    time_ms: now_ms,
-                    stage: intent.stage + 1,
-                    share: intent.share(),
-                    outcome: "rolled-back".into(),
-                    reason,
-                });
+                intent.decisions.push(intent.decision(now_ms, "rolled-back", reason));
                 intent.phase = Phase::RolledBack;
                 intent.treated.clear();
                 intent.treat_all = false;
@@ -496,7 +509,43 @@ impl Step<'_> {
             apply,
             spec.change.delete.clone(),
         );
+        self.check_namespace_stages(&record, source)?;
         Ok(self.enqueue(record))
+    }
+
+    /// Refuses a namespace stage naming a namespace where no connected proxy enforces the
+    /// change: most likely a typo, and a stage there would treat nobody. Checked when the
+    /// intent is submitted, while the person who wrote it is there to hear about it; a
+    /// namespace that empties later makes its stage inconclusive rather than promoted.
+    fn check_namespace_stages(&self, record: &IntentRecord, source: &str) -> Result<(), ChangeError> {
+        let mut probe = record.clone();
+        probe.overlay = overlay_of(&self.m.resources, record).0;
+        let concerned: BTreeSet<&str> = self
+            .proxies
+            .values()
+            .filter(|p| probe.enforced_by(p))
+            .map(|p| p.namespace.as_str())
+            .collect();
+        let have = match concerned.is_empty() {
+            true => "none".to_string(),
+            false => concerned.iter().copied().collect::<Vec<_>>().join(", "),
+        };
+        let mut errors = Vec::new();
+        for (i, stage) in record.stages.iter().enumerate() {
+            for (j, namespace) in stage.namespaces().iter().enumerate() {
+                if !concerned.contains(namespace.as_str()) {
+                    errors.push(FieldError::new(
+                        format!("spec.rollout.stages[{i}].namespaces[{j}]"),
+                        namespace,
+                        format!("no connected proxy in this namespace enforces the change (namespaces with one: {have})"),
+                    ));
+                }
+            }
+        }
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(Invalid::new(source, errors).into()),
+        }
     }
 
     /// Queues a plain change (`weft apply`, `delete`, `rollback`): one 100% stage, no bake.
@@ -554,7 +603,7 @@ impl Step<'_> {
             namespace,
             None,
             source,
-            (RolloutMode::Auto, vec![100.0], Duration::ZERO, Slo::default()),
+            (RolloutMode::Auto, vec![Stage::Percent(100.0)], Duration::ZERO, Slo::default()),
             apply,
             delete,
         );
@@ -601,7 +650,7 @@ impl Step<'_> {
         namespace: String,
         scope: Option<String>,
         source: &str,
-        (mode, stages, bake, slo): (RolloutMode, Vec<f64>, Duration, Slo),
+        (mode, stages, bake, slo): (RolloutMode, Vec<Stage>, Duration, Slo),
         apply: Vec<Resource>,
         delete: Vec<ResourceKey>,
     ) -> IntentRecord {
@@ -875,33 +924,31 @@ impl Step<'_> {
         self.set_phase(seq, Phase::Distribution);
         let intent = &self.m.records[&seq];
         let rates = recent_requests(self.signals, intent, now);
-        let candidates: Vec<rollout::Candidate> = self
+        let enforcers: Vec<staging::Enforcer> = self
             .proxies
             .values()
             .filter(|p| intent.enforced_by(p))
-            .map(|p| rollout::Candidate {
-                id: p.workload_id().to_string(),
-                cluster: p.cluster.clone(),
-                requests: rates.get(p.workload_id()).copied(),
+            .map(|p| staging::Enforcer {
+                namespace: p.namespace.clone(),
+                candidate: rollout::Candidate {
+                    id: p.workload_id().to_string(),
+                    cluster: p.cluster.clone(),
+                    requests: rates.get(p.workload_id()).copied(),
+                },
             })
             .collect();
-        let enforcers = candidates.iter().map(|c| c.id.as_str()).collect::<BTreeSet<_>>().len();
-        let unknown = candidates
-            .iter()
-            .filter(|c| c.requests.is_none())
-            .map(|c| c.id.as_str())
-            .collect::<BTreeSet<_>>()
-            .len();
-        let share = intent.share();
-        let kept: BTreeSet<String> = if share >= 100.0 {
-            candidates.iter().map(|c| c.id.clone()).collect()
-        } else {
-            intent.treated.clone()
+        let ids = |all: bool| {
+            enforcers
+                .iter()
+                .filter(|e| all || e.candidate.requests.is_none())
+                .map(|e| e.candidate.id.as_str())
+                .collect::<BTreeSet<_>>()
+                .len()
         };
-        let choice = rollout::choose(candidates, &kept, share);
-        let mut treated = intent.treated.clone();
-        treated.extend(kept);
-        treated.extend(choice.added.iter().cloned());
+        let (count, unknown) = (ids(true), ids(false));
+        let stage = intent.current();
+        let choice = staging::choose(&stage, enforcers, &intent.treated);
+        let treated = choice.treated;
         // The ledger names this stage's proxies in rollout order (the first 20 of a large one).
         let order = choice.added.iter().chain(treated.iter().filter(|id| !choice.added.contains(*id)));
         let mut listed = order.take(LEDGER_NAMES).map(String::as_str).collect::<Vec<_>>().join(", ");
@@ -921,7 +968,7 @@ impl Step<'_> {
         );
         let candidate = intent.candidate.unwrap_or(0);
         let intent = self.m.records.get_mut(&seq).expect("open");
-        intent.treat_all = share >= 100.0;
+        intent.treat_all = stage.percent().is_some_and(|p| p >= 100.0);
         intent.timing.stage_started = Some(now);
         // The baseline is what the enforcing proxies did before the change first reached any.
         intent.timing.started.get_or_insert(now);
@@ -930,7 +977,7 @@ impl Step<'_> {
             "control-plane",
             "distribution",
             format!(
-                "stage {} ({share}%): candidate revision {candidate} to {} of {enforcers} enforcing proxies ({traffic}): {listed}",
+                "stage {} ({stage}): candidate revision {candidate} to {} of {count} enforcing proxies ({traffic}): {listed}",
                 intent.stage + 1,
                 treated.len(),
             ),
@@ -991,6 +1038,18 @@ impl Step<'_> {
         let intent = &self.m.records[&seq];
         let bake = Duration::from_millis(intent.bake_ms);
         let enforcing = self.proxies.values().any(|p| intent.treats(p));
+        let stage = intent.current();
+        // A namespace stage is about those namespaces: without one of their proxies it has
+        // shown nothing, and promoting it would widen the change on no evidence at all.
+        if !stage.namespaces().is_empty()
+            && !self
+                .proxies
+                .values()
+                .any(|p| intent.treats(p) && stage.namespaces().contains(&p.namespace))
+        {
+            let why = format!("no proxy in {stage} that this change concerns is connected");
+            return self.inconclusive(seq, why);
+        }
         if !enforcing {
             return self.promote_stage(seq, "no proxy enforces this change yet".into());
         }
@@ -999,24 +1058,32 @@ impl Step<'_> {
         }
         let (treated, baseline, untreated, drift) = evidence(self.proxies, self.signals, intent);
         let since = now.duration_since(intent.timing.observe_started.unwrap_or(now));
-        let stage = intent.stage + 1;
-        let share = intent.share();
+        let number = intent.stage + 1;
         match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &drift) {
-            Verdict::Fail(why) => self.end(seq, Phase::RolledBack, format!("{why}: rolled back at stage {stage} ({share}%)")),
+            Verdict::Fail(why) => {
+                let why = format!("{why}{}", plaintext_refusals(self.proxies, self.signals, intent));
+                self.end(seq, Phase::RolledBack, format!("{why}: rolled back at stage {number} ({stage})"))
+            }
             Verdict::Pass(why) if since >= bake => self.promote_stage(seq, why),
             Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE + WARM_UP => {
-                let why = format!("inconclusive after {}s: {why}", since.as_secs());
-                match intent.slo.on_inconclusive {
-                    OnInconclusive::Rollback => self.end(
-                        seq,
-                        Phase::RolledBack,
-                        format!("{why}: rolled back at stage {stage} ({share}%) as onInconclusive says"),
-                    ),
-                    OnInconclusive::Promote => self.promote_stage(seq, format!("{why}: promoted as onInconclusive says")),
-                    OnInconclusive::Hold => self.hold_inconclusive(seq, why),
-                }
+                self.inconclusive(seq, format!("inconclusive after {}s: {why}", since.as_secs()))
             }
             _ => {}
+        }
+    }
+
+    /// A stage that could not be judged does what its SLO's `onInconclusive` says.
+    fn inconclusive(&mut self, seq: u64, why: String) {
+        let intent = &self.m.records[&seq];
+        let (number, stage) = (intent.stage + 1, intent.current());
+        match intent.slo.on_inconclusive {
+            OnInconclusive::Rollback => self.end(
+                seq,
+                Phase::RolledBack,
+                format!("{why}: rolled back at stage {number} ({stage}) as onInconclusive says"),
+            ),
+            OnInconclusive::Promote => self.promote_stage(seq, format!("{why}: promoted as onInconclusive says")),
+            OnInconclusive::Hold => self.hold_inconclusive(seq, why),
         }
     }
 
@@ -1025,15 +1092,9 @@ impl Step<'_> {
     /// the stage, abort rolls it back).
     fn hold_inconclusive(&mut self, seq: u64, why: String) {
         let intent = self.m.records.get_mut(&seq).expect("open");
-        let (stage, share) = (intent.stage + 1, intent.share());
-        let reason = format!("{why}: held at stage {stage} ({share}%) for an operator to approve or abort");
-        intent.decisions.push(DecisionRecord {
-            time_ms: self.now_ms,
-            stage,
-            share,
-            outcome: "inconclusive".into(),
-            reason: reason.clone(),
-        });
+        let (number, stage) = (intent.stage + 1, intent.current());
+        let reason = format!("{why}: held at stage {number} ({stage}) for an operator to approve or abort");
+        intent.decisions.push(intent.decision(self.now_ms, "inconclusive", reason.clone()));
         intent.held = true;
         intent.log(self.now_ms, "control-plane", "inconclusive", reason.clone());
         let decision = format!("{}: inconclusive: {reason}", intent.id);
@@ -1046,17 +1107,11 @@ impl Step<'_> {
 
     fn promote_stage(&mut self, seq: u64, why: String) {
         let intent = self.m.records.get_mut(&seq).expect("open");
-        let (stage, share) = (intent.stage + 1, intent.share());
+        let (number, stage) = (intent.stage + 1, intent.current());
         if intent.stage + 1 < intent.stages.len() {
-            intent.decisions.push(DecisionRecord {
-                time_ms: self.now_ms,
-                stage,
-                share,
-                outcome: "promoted".into(),
-                reason: why.clone(),
-            });
+            intent.decisions.push(intent.decision(self.now_ms, "promoted", why.clone()));
             intent.stage += 1;
-            let decision = format!("{}: stage {stage} ({share}%) passed: {why}", intent.id);
+            let decision = format!("{}: stage {number} ({stage}) passed: {why}", intent.id);
             self.decided("stage-passed");
             self.m.last_decision = Some(decision.clone());
             self.emit(json!({"type": "decision", "id": self.m.records[&seq].id, "decision": decision}));
@@ -1124,14 +1179,7 @@ impl Step<'_> {
     /// now holds its change).
     fn end(&mut self, seq: u64, phase: Phase, reason: String) {
         let intent = self.m.records.get_mut(&seq).expect("open");
-        let (stage, share) = (intent.stage + 1, intent.share());
-        intent.decisions.push(DecisionRecord {
-            time_ms: self.now_ms,
-            stage,
-            share,
-            outcome: phase.as_str().into(),
-            reason: reason.clone(),
-        });
+        intent.decisions.push(intent.decision(self.now_ms, phase.as_str(), reason.clone()));
         intent.treated.clear();
         intent.treat_all = false;
         intent.finished_ms = Some(self.now_ms);
@@ -1250,6 +1298,36 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
         }
     }
     (treated, baseline, untreated, drift)
+}
+
+/// For a change that makes mTLS strict, what its rollback reason adds: how many of the treated
+/// instances' requests since the stage's evidence began came in plaintext (a caller without a
+/// sidecar), which strict mTLS refuses. Empty for any other change, or when none did.
+fn plaintext_refusals(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> String {
+    let strict = intent.overlay.iter().any(|e| match &e.resource {
+        Some(Resource::SecurityPolicy(d)) => d.spec.mtls == Some(MtlsMode::Strict),
+        _ => false,
+    });
+    let Some(observing) = intent.timing.observe_started.filter(|_| strict) else {
+        return String::new();
+    };
+    let treated: BTreeSet<&str> = proxies.values().filter(|p| intent.treats(p)).map(|p| p.workload_id()).collect();
+    let candidate = intent.candidate.unwrap_or(u64::MAX);
+    let plaintext: u64 = signals
+        .samples
+        .iter()
+        .filter(|((workload, dir, _), _)| *dir == Direction::Inbound as i32 && treated.contains(workload.as_str()))
+        .flat_map(|(_, samples)| samples.iter())
+        .filter(|s| s.revision >= candidate && s.at >= observing + WARM_UP)
+        .map(|s| s.requests.saturating_sub(s.mtls))
+        .sum();
+    match plaintext {
+        0 => String::new(),
+        n => format!(
+            "; {} of the treated instances' requests came in plaintext (callers without a sidecar) and strict mTLS refused them",
+            rollout::count(n)
+        ),
+    }
 }
 
 /// The traffic a change is judged on: inbound for a SecurityPolicy (the instances enforce it),

@@ -23,6 +23,7 @@ mod registry;
 pub mod rollout;
 pub mod serving;
 mod signals;
+mod staging;
 pub mod stats;
 mod store;
 mod taps;

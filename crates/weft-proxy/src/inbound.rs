@@ -70,6 +70,7 @@ pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr
         let strict = proxy.discovery.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Strict);
         if strict {
             proxy.telemetry.connection("plaintext", "refused-strict");
+            proxy.telemetry.refused_plaintext(proxy.discovery.revision());
             tracing::info!(%remote, "plaintext connection refused: mTLS is strict");
             return None;
         }

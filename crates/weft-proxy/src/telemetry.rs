@@ -338,6 +338,20 @@ impl Telemetry {
         w.slots[slot_of(secs * 1000.0)].fetch_add(1, Relaxed);
     }
 
+    /// Counts a plaintext connection that strict mTLS refused as one failed inbound request in
+    /// the summary the control plane judges: its caller wanted at least one answer and got
+    /// none, and an intent that made mTLS strict must see the callers it cut off. It has no
+    /// latency (nothing was answered).
+    pub(crate) fn refused_plaintext(&self, revision: u64) {
+        let key = (Direction::Inbound, self.empty.clone(), self.empty.clone(), revision);
+        let w = match self.interval.load().get(&key) {
+            Some(w) => w.clone(),
+            None => self.new_window(key),
+        };
+        w.requests.fetch_add(1, Relaxed);
+        w.errors.fetch_add(1, Relaxed);
+    }
+
     /// Adds a summary window (the cold path: a new destination, route or revision).
     fn new_window(&self, key: WindowKey) -> Arc<Window> {
         let _writer = self.interval_writer.lock();

@@ -181,3 +181,61 @@ fn slo_confidence_and_on_inconclusive() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn stages_are_percentages_or_namespaces() {
+    let intent = |stages: &str| {
+        format!(
+            "apiVersion: weft/v1\nkind: Intent\nmetadata: {{ name: mesh-902 }}\nspec:\n  title: t\n  target: orders-api\n  change: {{ delete: [{{ kind: TrafficPolicy, namespace: default, name: t }}] }}\n  rollout: {{ stages: {stages} }}\n"
+        )
+    };
+    let stages_of = |stages: &str| {
+        let objs = parse_objects(&intent(stages), "f.yaml").unwrap();
+        let [Object::Intent(i)] = &objs[..] else { panic!() };
+        i.spec.rollout.stages.clone()
+    };
+    // The seed's form, the issue's form, and both mixed.
+    assert_eq!(stages_of("[50, 100]"), [Stage::Percent(50.0), Stage::Percent(100.0)]);
+    let mixed = stages_of("[{namespaces: [team-a, team-b]}, {percent: 50}, 100]");
+    assert_eq!(
+        mixed,
+        [
+            Stage::Namespaces(vec!["team-a".into(), "team-b".into()]),
+            Stage::Percent(50.0),
+            Stage::Percent(100.0)
+        ]
+    );
+    assert_eq!(mixed[0].to_string(), "namespaces team-a, team-b");
+    assert_eq!(mixed[1].to_string(), "50%");
+    // Stored as written before namespace stages: a percent stage is a bare number.
+    assert_eq!(
+        serde_json::to_string(&mixed).unwrap(),
+        r#"[{"namespaces":["team-a","team-b"]},50.0,100.0]"#
+    );
+    let field_value = |stages: &str| {
+        errors_of(&intent(stages))
+            .into_iter()
+            .map(|e| (e.field, e.value))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        field_value("[{namespaces: [Team_A]}, 100]"),
+        [("spec.rollout.stages[0].namespaces[0]".to_string(), "Team_A".to_string())]
+    );
+    assert_eq!(
+        field_value("[{namespaces: [a]}, {namespaces: [a]}, 100]"),
+        [("spec.rollout.stages[1].namespaces[0]".to_string(), "a".to_string())]
+    );
+    assert_eq!(
+        field_value("[{namespaces: []}, 100]"),
+        [("spec.rollout.stages[0].namespaces".to_string(), "[]".to_string())]
+    );
+    // A namespace stage cannot be the last: the rollout must end with every proxy.
+    assert_eq!(
+        field_value("[50, {namespaces: [a]}]"),
+        [("spec.rollout.stages".to_string(), "[50, {namespaces: [a]}]".to_string())]
+    );
+    let errs = errors_of(&intent("[{team: a}, 100]"));
+    assert_eq!(errs[0].field, "spec.rollout.stages[0]", "{errs:?}");
+    assert!(errs[0].message.contains("{namespaces: [NAME, ...]}"), "{errs:?}");
+}
