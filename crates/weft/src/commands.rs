@@ -101,6 +101,32 @@ fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
     Ok((listen, service.to_string()))
 }
 
+#[derive(clap::Args, Debug)]
+pub struct EnableArgs {
+    pub service: String,
+    /// The mTLS mode to roll out: strict refuses plaintext callers, permissive accepts both.
+    #[arg(long, value_enum)]
+    pub mtls: MtlsArg,
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// The rollout's stages, comma-separated: a number is a percentage of the service's
+    /// instances by traffic, anything else a namespace; the last must be 100.
+    #[arg(long, default_value = "10,50,100", value_delimiter = ',')]
+    pub stages: Vec<String>,
+    /// How long each stage is observed before it is judged.
+    #[arg(long, default_value = "30s")]
+    pub bake: weft_api::Duration,
+    /// Treated requests a stage needs before it is judged either way.
+    #[arg(long, default_value_t = 100)]
+    pub min_requests: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MtlsArg {
+    Strict,
+    Permissive,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnOff {
     On,
@@ -209,6 +235,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { since } => audit(&api, since, format).await,
         Command::Proxies => proxies(&api, format).await,
         Command::Intent(cmd) => intent(&api, cmd, format).await,
+        Command::Enable(args) => enable(&api, args, format).await,
         Command::Token(cmd) => token(&api, cmd, format).await,
         Command::Check { within } => return check(&api, within.as_std()).await,
         Command::Ca(cmd) => {
@@ -953,6 +980,88 @@ async fn proxies(api: &Api, format: output::Format) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `weft enable`: the SecurityPolicy that sets the service's mTLS mode (its service-wide one
+/// with `mtls` changed, or a new `SERVICE-mtls`), submitted as an intent like any other change.
+async fn enable(api: &Api, args: EnableArgs, format: output::Format) -> anyhow::Result<()> {
+    let (service, namespace) = (&args.service, &args.namespace);
+    let mode = match args.mtls {
+        MtlsArg::Strict => "strict",
+        MtlsArg::Permissive => "permissive",
+    };
+    let status = api.get("/api/v1/status").await?;
+    let services: Vec<&Value> = status["services"].as_array().into_iter().flatten().collect();
+    if !services.iter().any(|s| s["name"] == *service && s["namespace"] == *namespace) {
+        let known: Vec<String> = services.iter().map(|s| format!("{}/{}", cell(s, "namespace"), cell(s, "name"))).collect();
+        anyhow::bail!("no service {namespace}/{service} in the mesh (known: {})", known.join(", "));
+    }
+    let policy = mtls_policy(&api.get("/api/v1/resources").await?, namespace, service, mode)?;
+    let stages: Vec<Value> = args
+        .stages
+        .iter()
+        .map(|s| match s.parse::<f64>() {
+            Ok(percent) => serde_json::json!(percent),
+            Err(_) => serde_json::json!({ "namespaces": [s] }),
+        })
+        .collect();
+    let intent = serde_json::json!({
+        "apiVersion": weft_api::resource::API_VERSION,
+        "kind": "Intent",
+        "metadata": { "namespace": namespace },
+        "spec": {
+            "title": format!("{mode} mTLS on {namespace}/{service}"),
+            "target": service,
+            "change": { "apply": [policy] },
+            "rollout": { "stages": stages, "bake": args.bake.to_string() },
+            "slo": { "minRequests": args.min_requests },
+        }
+    });
+    let out = api
+        .post("/api/v1/intents", intent.to_string(), &[("x-weft-source", "weft enable")])
+        .await?;
+    if !output::structured(format, &out)? {
+        say!(
+            "{} queued: {} (stages {}, bake {}); `weft intent show {}` follows it",
+            cell(&out, "id"),
+            cell(&out, "title"),
+            out["stages"],
+            args.bake,
+            cell(&out, "id")
+        );
+    }
+    Ok(())
+}
+
+/// The service-wide SecurityPolicy of `namespace/service` with its mTLS set to `mode`: the
+/// existing one changed (so its authorization stays), or a new one.
+fn mtls_policy(resources: &Value, namespace: &str, service: &str, mode: &str) -> anyhow::Result<Value> {
+    let all = resources["resources"].as_array().cloned().unwrap_or_default();
+    let of_service = |r: &&Value| {
+        r["kind"] == "SecurityPolicy" && r["metadata"]["namespace"] == namespace && r["spec"]["selector"]["service"] == service
+    };
+    let service_wide = |r: &&Value| r["spec"]["selector"]["labels"].as_object().is_none_or(|l| l.is_empty());
+    if let Some(existing) = all.iter().filter(of_service).find(service_wide) {
+        if existing["spec"]["mtls"] == mode {
+            anyhow::bail!("{namespace}/{service} is already {mode} (SecurityPolicy {})", existing["metadata"]["name"]);
+        }
+        let mut policy = existing.clone();
+        policy["spec"]["mtls"] = Value::from(mode);
+        return Ok(policy);
+    }
+    let name = format!("{service}-mtls");
+    if all
+        .iter()
+        .any(|r| r["kind"] == "SecurityPolicy" && r["metadata"]["namespace"] == namespace && r["metadata"]["name"] == name.as_str())
+    {
+        anyhow::bail!("SecurityPolicy {namespace}/{name} exists and is not {service}'s service-wide policy: set its mTLS with `weft intent submit`");
+    }
+    Ok(serde_json::json!({
+        "apiVersion": weft_api::resource::API_VERSION,
+        "kind": "SecurityPolicy",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": { "selector": { "service": service }, "mtls": mode },
+    }))
+}
+
 async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow::Result<()> {
     match cmd {
         IntentCommand::Submit { file } => {
@@ -1034,10 +1143,13 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
                 );
                 say!("\ndecisions:");
                 for d in i["decisions"].as_array().into_iter().flatten() {
+                    let label = match d["namespaces"].as_array() {
+                        Some(ns) => format!("namespaces {}", ns.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")),
+                        None => format!("{}%", cell(d, "share")),
+                    };
                     say!(
-                        "  stage {} ({}%): {}: {}",
+                        "  stage {} ({label}): {}: {}",
                         cell(d, "stage"),
-                        cell(d, "share"),
                         cell(d, "outcome"),
                         cell(d, "reason")
                     );

@@ -193,6 +193,10 @@ pub enum Command {
     /// Intents: staged, SLO-gated changes.
     #[command(subcommand)]
     Intent(IntentCommand),
+    /// Onboard SERVICE onto the mesh as an intent: change its mTLS mode, staged over its
+    /// instances and judged on their inbound traffic before and after, rolled back by itself
+    /// if the service suffers (a caller without a sidecar under strict, say).
+    Enable(commands::EnableArgs),
     /// The per-service kill switch: forward without L7 policy.
     Bypass {
         service: String,
