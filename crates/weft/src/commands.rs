@@ -991,7 +991,10 @@ async fn enable(api: &Api, args: EnableArgs, format: output::Format) -> anyhow::
     let status = api.get("/api/v1/status").await?;
     let services: Vec<&Value> = status["services"].as_array().into_iter().flatten().collect();
     if !services.iter().any(|s| s["name"] == *service && s["namespace"] == *namespace) {
-        let known: Vec<String> = services.iter().map(|s| format!("{}/{}", cell(s, "namespace"), cell(s, "name"))).collect();
+        let known: Vec<String> = services
+            .iter()
+            .map(|s| format!("{}/{}", cell(s, "namespace"), cell(s, "name")))
+            .collect();
         anyhow::bail!("no service {namespace}/{service} in the mesh (known: {})", known.join(", "));
     }
     let policy = mtls_policy(&api.get("/api/v1/resources").await?, namespace, service, mode)?;
@@ -1041,7 +1044,10 @@ fn mtls_policy(resources: &Value, namespace: &str, service: &str, mode: &str) ->
     let service_wide = |r: &&Value| r["spec"]["selector"]["labels"].as_object().is_none_or(|l| l.is_empty());
     if let Some(existing) = all.iter().filter(of_service).find(service_wide) {
         if existing["spec"]["mtls"] == mode {
-            anyhow::bail!("{namespace}/{service} is already {mode} (SecurityPolicy {})", existing["metadata"]["name"]);
+            anyhow::bail!(
+                "{namespace}/{service} is already {mode} (SecurityPolicy {})",
+                existing["metadata"]["name"]
+            );
         }
         let mut policy = existing.clone();
         policy["spec"]["mtls"] = Value::from(mode);
@@ -1052,7 +1058,9 @@ fn mtls_policy(resources: &Value, namespace: &str, service: &str, mode: &str) ->
         .iter()
         .any(|r| r["kind"] == "SecurityPolicy" && r["metadata"]["namespace"] == namespace && r["metadata"]["name"] == name.as_str())
     {
-        anyhow::bail!("SecurityPolicy {namespace}/{name} exists and is not {service}'s service-wide policy: set its mTLS with `weft intent submit`");
+        anyhow::bail!(
+            "SecurityPolicy {namespace}/{name} exists and is not {service}'s service-wide policy: set its mTLS with `weft intent submit`"
+        );
     }
     Ok(serde_json::json!({
         "apiVersion": weft_api::resource::API_VERSION,

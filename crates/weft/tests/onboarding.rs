@@ -62,8 +62,8 @@ impl Mesh {
         eventually(within, &format!("{id} reaches {phase}"), || async {
             let i = self.intent(id).await;
             let finished = ["promoted", "rolled-back", "failed"].contains(&i["phase"].as_str()?);
-        assert!(i["phase"] == phase || !finished, "{id} finished otherwise: {i}");
-        (i["phase"] == phase).then_some(i)
+            assert!(i["phase"] == phase || !finished, "{id} finished otherwise: {i}");
+            (i["phase"] == phase).then_some(i)
         })
         .await
     }
@@ -117,7 +117,10 @@ async fn a_namespace_stage_treats_exactly_that_namespace_s_proxies() {
         "{body}"
     );
     assert!(
-        error["message"].as_str().unwrap().contains("namespaces with one: default, team-a, team-b"),
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("namespaces with one: default, team-a, team-b"),
         "{body}"
     );
     assert_eq!(mesh.control.get("/api/v1/intents").await.as_array().unwrap().len(), 0);
@@ -149,7 +152,11 @@ async fn a_namespace_stage_treats_exactly_that_namespace_s_proxies() {
     let candidate = held["candidate"].as_u64().unwrap();
     for caller in &mesh.callers {
         let revision = caller.config_dump().await["config"]["revision"].as_u64().unwrap();
-        let expected = if caller.workload.starts_with("team-a/") { candidate } else { stable };
+        let expected = if caller.workload.starts_with("team-a/") {
+            candidate
+        } else {
+            stable
+        };
         assert_eq!(revision, expected, "{} runs revision {revision}", caller.workload);
     }
 
@@ -177,7 +184,17 @@ async fn strict_mtls_with_a_plaintext_caller_is_rolled_back_with_the_reason() {
         (plaintext.stats().ok >= 150).then_some(())
     })
     .await;
-    let id = mesh.enable(&["orders", "--mtls", "strict", "--stages", "100", "--bake", "2s", "--min-requests", "200"]);
+    let id = mesh.enable(&[
+        "orders",
+        "--mtls",
+        "strict",
+        "--stages",
+        "100",
+        "--bake",
+        "2s",
+        "--min-requests",
+        "200",
+    ]);
     let done = mesh.wait_phase(&id, "rolled-back", Duration::from_secs(40)).await;
     let reason = done["decisions"][0]["reason"].as_str().unwrap();
     assert!(reason.starts_with("error rate "), "{reason}");
@@ -188,13 +205,21 @@ async fn strict_mtls_with_a_plaintext_caller_is_rolled_back_with_the_reason() {
     assert!(reason.ends_with("rolled back at stage 1 (100%)"), "{reason}");
     assert_eq!(done["title"], "strict mTLS on default/orders", "{done}");
     let before = plaintext.stats();
-    assert!(before.failed > 0, "strict refused the plaintext caller while it was treated: {before:?}");
+    assert!(
+        before.failed > 0,
+        "strict refused the plaintext caller while it was treated: {before:?}"
+    );
     eventually(Duration::from_secs(10), "the plaintext caller is served again", || async {
         (plaintext.stats().since(&before).ok >= 10).then_some(())
     })
     .await;
     let status = mesh.control.get("/api/v1/status").await;
-    let orders = status["services"].as_array().unwrap().iter().find(|v| v["name"] == "orders").unwrap();
+    let orders = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "orders")
+        .unwrap();
     assert_eq!(orders["mtls"], "permissive", "{orders}");
     plaintext.stop().await;
 }
@@ -204,7 +229,17 @@ async fn strict_mtls_with_a_plaintext_caller_is_rolled_back_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mtls_when_every_caller_has_a_sidecar_is_promoted() {
     let mesh = Mesh::start(&["default/web-0", "default/web-1"]).await;
-    let id = mesh.enable(&["orders", "--mtls", "strict", "--stages", "50,100", "--bake", "2s", "--min-requests", "20"]);
+    let id = mesh.enable(&[
+        "orders",
+        "--mtls",
+        "strict",
+        "--stages",
+        "50,100",
+        "--bake",
+        "2s",
+        "--min-requests",
+        "20",
+    ]);
     let done = mesh.wait_phase(&id, "promoted", Duration::from_secs(40)).await;
     let outcomes: Vec<&str> = done["decisions"]
         .as_array()
@@ -214,7 +249,12 @@ async fn strict_mtls_when_every_caller_has_a_sidecar_is_promoted() {
         .collect();
     assert_eq!(outcomes, ["promoted", "promoted"], "{done}");
     let status = mesh.control.get("/api/v1/status").await;
-    let orders = status["services"].as_array().unwrap().iter().find(|v| v["name"] == "orders").unwrap();
+    let orders = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "orders")
+        .unwrap();
     assert_eq!(orders["mtls"], "strict", "{orders}");
     let failed: u64 = mesh.loads.iter().map(|l| l.stats().failed).sum();
     assert_eq!(failed, 0, "callers with sidecars never notice");
