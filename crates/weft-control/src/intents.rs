@@ -937,15 +937,17 @@ impl Step<'_> {
                 },
             })
             .collect();
-        let ids = |all: bool| {
+        // A workload with instances in two clusters counts once.
+        let workloads = |pick: fn(&staging::Enforcer) -> bool| {
             enforcers
                 .iter()
-                .filter(|e| all || e.candidate.requests.is_none())
+                .filter(|e| pick(e))
                 .map(|e| e.candidate.id.as_str())
                 .collect::<BTreeSet<_>>()
                 .len()
         };
-        let (count, unknown) = (ids(true), ids(false));
+        let count = workloads(|_| true);
+        let unknown = workloads(|e| e.candidate.requests.is_none());
         let stage = intent.current();
         let choice = staging::choose(&stage, enforcers, &intent.treated);
         let treated = choice.treated;
@@ -954,6 +956,9 @@ impl Step<'_> {
         let mut listed = order.take(LEDGER_NAMES).map(String::as_str).collect::<Vec<_>>().join(", ");
         if treated.len() > LEDGER_NAMES {
             listed.push_str(&format!(" and {} more", treated.len() - LEDGER_NAMES));
+        }
+        if listed.is_empty() {
+            listed.push_str("none");
         }
         let traffic = format!(
             "{:.1}% of the requests to {} over the last {}s{}",

@@ -170,6 +170,40 @@ async fn a_namespace_stage_treats_exactly_that_namespace_s_proxies() {
     assert_eq!(failed, 0, "a harmless timeout fails nothing");
 }
 
+/// A namespace whose proxies all left between submit and its stage: the stage saw nothing, so
+/// it is inconclusive (held, as `onInconclusive` defaults), not promoted to wider stages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_stage_with_no_proxy_left_is_inconclusive_not_promoted() {
+    let mut mesh = Mesh::start(&["team-a/web-0", "default/web-1"]).await;
+    let (status, body) = mesh.control.post("/api/v1/intents", &namespace_intent("NS-2", "team-a")).await;
+    assert_eq!(status, 201, "{body}");
+    mesh.loads.remove(0).stop().await;
+    mesh.callers.remove(0).process.kill();
+    eventually(Duration::from_secs(15), "team-a/web-0 gone from the registry", || async {
+        let proxies = mesh.control.get("/api/v1/proxies").await;
+        let gone = !proxies.as_array()?.iter().any(|p| p["workload"] == "team-a/web-0");
+        gone.then_some(())
+    })
+    .await;
+    let (status, body) = mesh.control.post("/api/v1/intents/NS-2/approve", "").await;
+    assert_eq!(status, 200, "{body}");
+    let held = eventually(Duration::from_secs(20), "stage 1 decided", || async {
+        let i = mesh.intent("NS-2").await;
+        (i["decisions"].as_array()?.len() == 1).then_some(i)
+    })
+    .await;
+    assert_eq!(held["phase"], "awaiting-approval", "{held}");
+    let decision = &held["decisions"][0];
+    assert_eq!(decision["outcome"], "inconclusive", "{held}");
+    let reason = decision["reason"].as_str().unwrap();
+    assert_eq!(
+        reason,
+        "no proxy in namespaces team-a that this change concerns is connected: held at stage 1 (namespaces team-a) for an operator to approve or abort"
+    );
+    let (treated, _) = distribution(&held, 1);
+    assert_eq!(treated, ["none".to_string()].into(), "stage 1 treated nobody");
+}
+
 /// `weft enable orders --mtls strict` while a caller without a sidecar calls orders' inbound
 /// in plaintext: its connections are refused, the stage's error rate rises, and the intent is
 /// rolled back saying so; the plaintext caller is served again afterwards.
