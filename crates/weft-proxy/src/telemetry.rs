@@ -503,4 +503,34 @@ mod tests {
         let client = text.lines().filter(|l| l.contains("class=\"client\"")).count();
         assert_eq!(client, 2, "{text}");
     }
+
+    /// What lets an intent that makes mTLS strict see the callers it cut off: each refused
+    /// plaintext connection is a failed inbound request in the same summary as the served ones.
+    #[test]
+    fn a_plaintext_connection_refused_under_strict_is_a_failed_inbound_request() {
+        let tracing = Tracing {
+            endpoint: None,
+            sample: 0.0,
+            resource: Vec::new(),
+        };
+        let t = Telemetry::new("orders", false, 100.0, tracing);
+        t.record(&Finished {
+            direction: Direction::Inbound,
+            service: None,
+            route: None,
+            mtls: true,
+            peer: None,
+            revision: 3,
+            status: 200,
+            reason: "",
+            elapsed: Duration::from_millis(5),
+        });
+        t.refused_plaintext(3);
+        t.refused_plaintext(3);
+        let stats = t.take_interval();
+        assert_eq!(stats.len(), 1, "{stats:?}");
+        let s = &stats[0];
+        assert_eq!((s.requests, s.errors, s.mtls, s.revision), (3, 2, 1, 3));
+        assert_eq!(s.latency_counts, [1], "a refusal has no latency");
+    }
 }

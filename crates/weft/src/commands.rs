@@ -1046,7 +1046,7 @@ fn mtls_policy(resources: &Value, namespace: &str, service: &str, mode: &str) ->
         if existing["spec"]["mtls"] == mode {
             anyhow::bail!(
                 "{namespace}/{service} is already {mode} (SecurityPolicy {})",
-                existing["metadata"]["name"]
+                cell(&existing["metadata"], "name")
             );
         }
         let mut policy = existing.clone();
@@ -1294,5 +1294,40 @@ async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCod
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mtls_policy;
+    use serde_json::json;
+
+    fn policy(name: &str, labels: serde_json::Value, mtls: &str) -> serde_json::Value {
+        json!({
+            "apiVersion": "weft/v1", "kind": "SecurityPolicy",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"selector": {"service": "orders", "labels": labels}, "mtls": mtls,
+                     "authorization": {"default": "deny", "rules": [{"action": "allow", "from": {"namespaces": ["default"]}}]}},
+        })
+    }
+
+    #[test]
+    fn enable_changes_the_service_wide_policy_or_writes_one() {
+        // The service-wide policy keeps its authorization; only mtls changes.
+        let existing = json!({"resources": [policy("orders-authz", json!({}), "permissive")]});
+        let strict = mtls_policy(&existing, "default", "orders", "strict").unwrap();
+        assert_eq!(strict, policy("orders-authz", json!({}), "strict"));
+        let already = json!({"resources": [strict]});
+        let error = mtls_policy(&already, "default", "orders", "strict").unwrap_err().to_string();
+        assert_eq!(error, "default/orders is already strict (SecurityPolicy orders-authz)");
+        // A policy for some of its workloads only is left alone: a new service-wide one.
+        let labelled = json!({"resources": [policy("orders-canary", json!({"version": "v2"}), "strict")]});
+        let new = mtls_policy(&labelled, "default", "orders", "strict").unwrap();
+        assert_eq!(new["metadata"]["name"], "orders-mtls");
+        assert_eq!(new["spec"], json!({"selector": {"service": "orders"}, "mtls": "strict"}));
+        // ... unless that name is taken by such a policy.
+        let taken = json!({"resources": [policy("orders-mtls", json!({"version": "v2"}), "off")]});
+        let error = mtls_policy(&taken, "default", "orders", "strict").unwrap_err().to_string();
+        assert!(error.starts_with("SecurityPolicy default/orders-mtls exists"), "{error}");
     }
 }
