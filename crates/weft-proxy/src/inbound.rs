@@ -67,8 +67,7 @@ pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr
             }
         }
     } else {
-        let strict = proxy.discovery.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Strict);
-        if strict {
+        if strict(&proxy) {
             proxy.telemetry.connection("plaintext", "refused-strict");
             proxy.telemetry.refused_plaintext(proxy.discovery.revision());
             tracing::info!(%remote, "plaintext connection refused: mTLS is strict");
@@ -77,6 +76,24 @@ pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr
         proxy.telemetry.connection("plaintext", "accepted");
         Some((Box::new(tcp), ConnInfo::plaintext()))
     }
+}
+
+/// Whether this workload's policy makes mTLS strict.
+fn strict(proxy: &Proxy) -> bool {
+    proxy.discovery.config().security.as_ref().and_then(|s| s.mtls) == Some(MtlsMode::Strict)
+}
+
+/// A request on a plaintext connection accepted before mTLS became strict is refused too: strict
+/// holds for the connections already open, not only for new ones.
+fn plaintext_refused(proxy: &Proxy, conn: &ConnInfo) -> Option<Response<Body>> {
+    if conn.mtls || !strict(proxy) {
+        return None;
+    }
+    Some(reply(
+        StatusCode::FORBIDDEN,
+        Reason::MtlsRequired,
+        format!("{} accepts only mTLS; this connection is plaintext", proxy.local.workload.service()),
+    ))
 }
 
 pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<Body> {
@@ -107,26 +124,28 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = crate::downstream::watched(req, request_bytes.as_ref());
-    let limited = proxy
-        .discovery
-        .inbound_limiter
-        .load()
-        .as_ref()
-        .as_ref()
-        .filter(|l| !l.allow())
-        .map(|l| {
-            reply(
-                StatusCode::TOO_MANY_REQUESTS,
-                Reason::RateLimited,
-                format!(
-                    "{} accepts {} requests/s (burst {}) per instance",
-                    proxy.local.workload.service(),
-                    l.limit.requests_per_second,
-                    l.limit.burst
-                ),
-            )
-        });
-    let resp = match limited {
+    let refused = plaintext_refused(&proxy, &conn).or_else(|| {
+        proxy
+            .discovery
+            .inbound_limiter
+            .load()
+            .as_ref()
+            .as_ref()
+            .filter(|l| !l.allow())
+            .map(|l| {
+                reply(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Reason::RateLimited,
+                    format!(
+                        "{} accepts {} requests/s (burst {}) per instance",
+                        proxy.local.workload.service(),
+                        l.limit.requests_per_second,
+                        l.limit.burst
+                    ),
+                )
+            })
+    });
+    let resp = match refused {
         Some(r) => r,
         None => match authorize(&proxy, &conn, &req) {
             Ok(canonical) => match crate::upgrade::requested(&req) {

@@ -24,6 +24,7 @@ pub(crate) enum Reason {
     ClientTimeout,
     DiscoveryTimeout,
     FaultAbort,
+    MtlsRequired,
     NoClientIdentity,
     NoDestination,
     NoHealthyEndpoints,
@@ -45,7 +46,7 @@ pub(crate) enum Reason {
 
 impl Reason {
     /// Every reason a weft proxy puts in `x-weft-error` (all but `Other`).
-    pub(crate) const ALL: [Reason; 30] = [
+    pub(crate) const ALL: [Reason; 31] = [
         Reason::AmbiguousFraming,
         Reason::AppProtocolMismatch,
         Reason::AppReset,
@@ -60,6 +61,7 @@ impl Reason {
         Reason::ClientTimeout,
         Reason::DiscoveryTimeout,
         Reason::FaultAbort,
+        Reason::MtlsRequired,
         Reason::NoClientIdentity,
         Reason::NoDestination,
         Reason::NoHealthyEndpoints,
@@ -95,6 +97,7 @@ impl Reason {
             Reason::ClientTimeout => "client-timeout",
             Reason::DiscoveryTimeout => "discovery-timeout",
             Reason::FaultAbort => "fault-abort",
+            Reason::MtlsRequired => "mtls-required",
             Reason::NoClientIdentity => "no-client-identity",
             Reason::NoDestination => "no-destination",
             Reason::NoHealthyEndpoints => "no-healthy-endpoints",

@@ -1,6 +1,7 @@
 //! What the proxy measures: Prometheus metrics on the admin listener, and per-interval summaries
 //! for the control plane (requests, errors and a latency histogram by direction and service).
 
+use crate::reason::Reason;
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -332,7 +333,9 @@ impl Telemetry {
         if done.mtls {
             w.mtls.fetch_add(1, Relaxed);
         }
-        if done.status >= 500 {
+        // A plaintext request strict mTLS refused is answered 403, but its caller was cut off
+        // by the mesh, as at accept ([`Telemetry::refused_plaintext`]): the judge must see it.
+        if done.status >= 500 || done.reason == Reason::MtlsRequired.as_str() {
             w.errors.fetch_add(1, Relaxed);
         }
         w.slots[slot_of(secs * 1000.0)].fetch_add(1, Relaxed);

@@ -210,8 +210,9 @@ async fn a_namespace_stage_with_no_proxy_left_is_inconclusive_not_promoted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mtls_with_a_plaintext_caller_is_rolled_back_with_the_reason() {
     let mesh = Mesh::start(&["default/web-0"]).await;
-    // A new connection per request: each one meets the inbound's mTLS mode as it is then.
-    let plaintext = Load::start(mesh.orders.inbound, "orders", &[("connection", "close")], EVERY);
+    // One kept-alive connection, opened while orders is permissive: strict must hold for it
+    // too, not only for connections opened after the switch.
+    let plaintext = Load::start(mesh.orders.inbound, "orders", &[], EVERY);
     // A baseline of a few hundred requests, and as many treated ones before judging: the
     // judge's always-valid test needs that many to tell half the requests failing from chance.
     eventually(Duration::from_secs(20), "the plaintext caller is served", || async {
@@ -239,8 +240,9 @@ async fn strict_mtls_with_a_plaintext_caller_is_rolled_back_with_the_reason() {
     assert!(reason.ends_with("rolled back at stage 1 (100%)"), "{reason}");
     assert_eq!(done["title"], "strict mTLS on default/orders", "{done}");
     let before = plaintext.stats();
+    // Its requests on the connection it kept open were answered 403 `mtls-required`.
     assert!(
-        before.failed > 0,
+        before.reasons.get("403 mtls-required").is_some_and(|n| *n > 0),
         "strict refused the plaintext caller while it was treated: {before:?}"
     );
     eventually(Duration::from_secs(10), "the plaintext caller is served again", || async {
