@@ -510,30 +510,35 @@ mod tests {
     /// What lets an intent that makes mTLS strict see the callers it cut off: each refused
     /// plaintext connection is a failed inbound request in the same summary as the served ones.
     #[test]
-    fn a_plaintext_connection_refused_under_strict_is_a_failed_inbound_request() {
+    fn plaintext_refused_under_strict_is_a_failed_inbound_request() {
         let tracing = Tracing {
             endpoint: None,
             sample: 0.0,
             resource: Vec::new(),
         };
         let t = Telemetry::new("orders", false, 100.0, tracing);
-        t.record(&Finished {
+        let served = |mtls, status, reason| Finished {
             direction: Direction::Inbound,
             service: None,
             route: None,
-            mtls: true,
+            mtls,
             peer: None,
             revision: 3,
-            status: 200,
-            reason: "",
+            status,
+            reason,
             elapsed: Duration::from_millis(5),
-        });
+        };
+        t.record(&served(true, 200, ""));
+        // A request on a plaintext connection opened before the switch: answered 403, failed.
+        t.record(&served(false, 403, "mtls-required"));
+        // Any other 403 is the app's or authorization's answer, not a failure.
+        t.record(&served(true, 403, ""));
         t.refused_plaintext(3);
         t.refused_plaintext(3);
         let stats = t.take_interval();
         assert_eq!(stats.len(), 1, "{stats:?}");
         let s = &stats[0];
-        assert_eq!((s.requests, s.errors, s.mtls, s.revision), (3, 2, 1, 3));
-        assert_eq!(s.latency_counts, [1], "a refusal has no latency");
+        assert_eq!((s.requests, s.errors, s.mtls, s.revision), (5, 3, 2, 3));
+        assert_eq!(s.latency_counts, [3], "a refused connection has no latency");
     }
 }
