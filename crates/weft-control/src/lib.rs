@@ -26,6 +26,7 @@ mod signals;
 pub mod stats;
 mod store;
 mod taps;
+mod vip;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -18,6 +18,7 @@ use crate::registry::{PeerProxy, ProxyView, Registry};
 use crate::rollout::Phase;
 use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, check_report, round2};
 use crate::store::{Revision, Store, StoreError};
+use crate::vip::Vips;
 use crate::taps::Taps;
 use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
@@ -46,6 +47,8 @@ pub(crate) struct Mesh {
     /// Whether this replica leads, and who does.
     role: Mutex<Role>,
     pub(crate) store: Arc<Store>,
+    /// Services' virtual IPs ([`crate::vip`]), shared by every snapshot.
+    vips: Arc<Vips>,
     pub(crate) ca: Ca,
     pub(crate) metrics: ControlMetrics,
     /// Open `weft tap` streams.
@@ -158,6 +161,7 @@ impl Mesh {
             Machine::load(&store)?
         };
         metrics.revision.set(machine.stable as i64);
+        let vips = Arc::new(Vips::load(store.clone())?);
         Ok(Self {
             replica: "local".into(),
             role: Mutex::new(Role {
@@ -175,7 +179,8 @@ impl Mesh {
             registry: Mutex::default(),
             peer_versions: Mutex::default(),
             signals: Mutex::default(),
-            snapshot: Mutex::new(Arc::new(Snapshot::none())),
+            snapshot: Mutex::new(Arc::new(Snapshot::none(vips.clone()))),
+            vips,
             outbox: Mutex::default(),
             switches: Mutex::new(()),
             writes: Mutex::new(()),
@@ -301,6 +306,7 @@ impl Mesh {
             treats,
             machine.bypass.clone(),
             &registry,
+            self.vips.clone(),
         )
     }
 
