@@ -227,8 +227,12 @@ impl Mesh {
     /// Adds a proxy that opened a stream and proved it is its workload ([`crate::admission`]),
     /// with the identity it was admitted with; returns its connection number and id.
     pub(crate) fn register(&self, reg: &proto::Register, identity: String) -> Result<(u64, String), String> {
+        let reg = proto::Register {
+            services: self.by_name(reg.services.clone()),
+            ..reg.clone()
+        };
         let mut registry = self.registry.lock();
-        let (conn, id) = registry.register(reg, identity, self.clock.unix_ms())?;
+        let (conn, id) = registry.register(&reg, identity, self.clock.unix_ms())?;
         self.metrics.proxies.set(registry.proxies.len() as i64);
         drop(registry);
         tracing::info!(proxy = %id, inbound = %reg.inbound_addr, "proxy connected");
@@ -249,8 +253,21 @@ impl Mesh {
     /// New subscriptions change what the proxy is sent (and which intents treat it), so they
     /// are a change like any other.
     pub(crate) fn subscribe(&self, conn: u64, services: Vec<String>) {
+        let services = self.by_name(services);
         self.registry.lock().subscribe(conn, services);
         self.bump();
+    }
+
+    /// Subscriptions as `NAMESPACE/NAME`: a proxy asks by virtual IP for an address its app
+    /// dialled without resolving it there; one no service holds is dropped.
+    fn by_name(&self, services: Vec<String>) -> Vec<String> {
+        services
+            .into_iter()
+            .filter_map(|s| match s.parse::<std::net::Ipv4Addr>() {
+                Ok(ip) => self.vips.service_at(ip),
+                Err(_) => Some(s),
+            })
+            .collect()
     }
 
     /// The config proxy `conn` needs now, planned from the snapshot of the current change

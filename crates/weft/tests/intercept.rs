@@ -1031,3 +1031,44 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
     );
     assert!(std::net::TcpListener::bind(up.api).is_ok(), "the API port is free again");
 }
+
+/// An app that dials a service's virtual IP its own sidecar never handed out (resolved on
+/// another host here; hard-coded or cached from before a restart in life) still reaches the
+/// service through both sidecars: the sidecar asks the control plane for the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_ip_dialled_without_resolving_it_reaches_its_service() {
+    let Some(mesh) = mesh(&["client", "elsewhere", "orders"]).await else { return };
+    let demo = [BIN, "demo-app", "--name", "orders-api", "--listen", "127.0.0.1:8080"];
+    let _orders = mesh.run("orders", "default/orders", &["service=orders-api"], 8080, &[], &demo);
+    let _elsewhere = mesh.run("elsewhere", "default/elsewhere", &[], 9, &[], &["sleep", "3600"]);
+    let _client = mesh.run("client", "default/client", &[], 9, &[], &["sleep", "3600"]);
+    mesh.ready("orders", Some(8080)).await;
+    mesh.ready("elsewhere", None).await;
+    mesh.ready("client", None).await;
+    let vip = eventually(Duration::from_secs(20), "orders-api resolves on another host", || {
+        let out = mesh.sh("elsewhere", "getent hosts orders-api");
+        let ip = String::from_utf8_lossy(&out.stdout).split_whitespace().next().map(str::to_string);
+        async move { ip.and_then(|ip| ip.parse::<Ipv4Addr>().ok()) }
+    })
+    .await;
+    assert!(weft_api::mesh::VIRTUAL_IPS.contains(vip), "{vip}");
+    let config = String::from_utf8(mesh.net.run("client", &["curl", "-s", &format!("http://{ADMIN}/config_dump")]).stdout).unwrap();
+    assert!(!config.contains("orders-api"), "the client's sidecar knows nothing of orders-api yet:\n{config}");
+
+    let out = mesh.sh(
+        "client",
+        &format!("curl -s -w ' %{{http_code}}' --max-time 5 http://{vip}/by-address"),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with(" 200") && text.contains(r#""service":"orders-api""#),
+        "the virtual IP reached orders-api: {text:?}"
+    );
+    let callee = mesh.metrics("orders");
+    assert!(
+        callee.lines().any(|l| l.starts_with("weft_proxy_requests_total{")
+            && l.contains(r#"direction="inbound""#)
+            && l.contains(r#"peer="spiffe://weft.local/ns/default/sa/client""#)),
+        "through both sidecars, with the client's identity:\n{callee}"
+    );
+}
