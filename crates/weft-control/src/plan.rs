@@ -216,6 +216,7 @@ impl BuiltService {
 impl Snapshot {
     /// `registry`'s services (those seen and their endpoints) are shared in, not its proxies:
     /// a stream plans from its own proxy's record.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         generation: u64,
         stable: u64,

@@ -136,7 +136,10 @@ mod tests {
             "every address in 240.240.0.1 ..= 240.240.255.254"
         );
         let hashed: HashSet<Ipv4Addr> = names.iter().map(|n| weft_api::mesh::virtual_ip("default", n)).collect();
-        eprintln!("MEASURE hashed virtual IPs of 1,000 services: {} distinct (allocated: 1,000)", hashed.len());
+        eprintln!(
+            "MEASURE hashed virtual IPs of 1,000 services: {} distinct (allocated: 1,000)",
+            hashed.len()
+        );
         assert!(hashed.len() < 1000, "the names collide when hashed, so allocation had work to do");
         drop(first);
         let restarted = Vips::load(Arc::new(open())).unwrap();
@@ -164,7 +167,11 @@ mod tests {
         let ip = a.virtual_ip("default", "orders-api").unwrap();
         assert_eq!(b.virtual_ip("default", "orders-api"), Some(ip));
         assert_ne!(b.virtual_ip("default", "payments-svc"), Some(ip));
-        assert_eq!(a.service_at(b.virtual_ip("default", "payments-svc").unwrap()).as_deref(), Some("default/payments-svc"), "an address another replica gave is found in the store");
+        assert_eq!(
+            a.service_at(b.virtual_ip("default", "payments-svc").unwrap()).as_deref(),
+            Some("default/payments-svc"),
+            "an address another replica gave is found in the store"
+        );
         assert_eq!(a.service_at("240.240.0.0".parse().unwrap()), None);
     }
 }

@@ -177,10 +177,7 @@ async fn call(app: &App, service: &str, path: &str, headers: &[(&str, String)]) 
         Some(proxy) => format!("http://{proxy}{path}"),
         None => format!("http://{service}{path}"),
     };
-    let mut req = Request::builder()
-        .method(Method::GET)
-        .uri(uri)
-        .header(header::HOST, service);
+    let mut req = Request::builder().method(Method::GET).uri(uri).header(header::HOST, service);
     for (k, v) in headers {
         req = req.header(*k, v);
     }

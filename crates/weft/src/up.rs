@@ -189,7 +189,9 @@ fn intercept_supported(opts: &Options) -> Result<(), &'static str> {
         return Err("network namespaces and nftables need Linux; run `weft up` without --intercept");
     }
     if !nix::unistd::geteuid().is_root() {
-        return Err("needs root (network namespaces and nftables rules); run it as root, or `weft up` without --intercept for the explicit mode");
+        return Err(
+            "needs root (network namespaces and nftables rules); run it as root, or `weft up` without --intercept for the explicit mode",
+        );
     }
     if opts.ha {
         return Err("not supported with --ha yet; use one or the other");
@@ -292,8 +294,13 @@ async fn start_all(
     crate::output::table(headers, &table);
     say!();
     if let Some(network) = network {
-        say!("each workload runs `weft run --intercept` in its namespace; its app listens on 127.0.0.1:{APP_PORT} and calls http://SERVICE/ by name; the sidecar's admin is on ADDRESS:{ADMIN_PORT}");
-        say!("  e.g.  ip netns exec {} curl -s http://orders-api/", network.host("checkout-api-v1").netns);
+        say!(
+            "each workload runs `weft run --intercept` in its namespace; its app listens on 127.0.0.1:{APP_PORT} and calls http://SERVICE/ by name; the sidecar's admin is on ADDRESS:{ADMIN_PORT}"
+        );
+        say!(
+            "  e.g.  ip netns exec {} curl -s http://orders-api/",
+            network.host("checkout-api-v1").netns
+        );
     }
     say!("queued (manual mode): MESH-201..204, the seed's intents; `weft intent list`, `weft intent approve MESH-201`");
     say!("try:  weft status      (Ctrl-C stops everything)");

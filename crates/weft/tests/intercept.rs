@@ -876,7 +876,15 @@ impl Up {
         let data_dir = std::env::temp_dir().join(format!("weft-up-intercept-{}-{name}", std::process::id()));
         let config = data_dir.with_extension("cli.json");
         let _ = std::fs::remove_dir_all(&data_dir);
-        let args = ["up", "--intercept", "--api", &api.to_string(), "--data-dir", &data_dir.display().to_string()].map(String::from);
+        let args = [
+            "up",
+            "--intercept",
+            "--api",
+            &api.to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+        ]
+        .map(String::from);
         let process = Process::spawn_env(BIN, name, &args, &[("WEFT_CONFIG", config.to_str().unwrap()), ("NO_COLOR", "1")]);
         Up {
             process,
@@ -966,10 +974,18 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
         "MEASURE weft up --intercept: all six services serving after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    assert_eq!(services.iter().find(|v| v["name"] == "inventory-svc").unwrap()["proxies"]["total"], 2);
+    assert_eq!(
+        services.iter().find(|v| v["name"] == "inventory-svc").unwrap()["proxies"]["total"],
+        2
+    );
     // The demo apps know nothing of the mesh: orders-api's sidecar sees checkout-api's identity
     // on the calls checkout-api's app makes to http://orders-api/.
-    let metrics = String::from_utf8(killed.run_in("orders-api", &["curl", "-s", "http://198.18.0.13:15020/metrics"]).stdout).unwrap();
+    let metrics = String::from_utf8(
+        killed
+            .run_in("orders-api", &["curl", "-s", "http://198.18.0.13:15020/metrics"])
+            .stdout,
+    )
+    .unwrap();
     let from_checkout: f64 = metrics
         .lines()
         .filter(|l| {
@@ -980,12 +996,19 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(from_checkout > 0.0, "orders-api's sidecar served checkout-api over mTLS:\n{metrics}");
+    assert!(
+        from_checkout > 0.0,
+        "orders-api's sidecar served checkout-api over mTLS:\n{metrics}"
+    );
     // And a plain curl in checkout-api's namespace reaches orders-api, and through it payments.
     let by_name = killed.run_in("checkout-api-v1", &["curl", "-s", "-m", "10", "http://orders-api/by-name"]);
     let reply: serde_json::Value = serde_json::from_slice(&by_name.stdout).unwrap_or_default();
     assert_eq!(
-        (reply["service"].as_str(), reply["calls"][0]["service"].as_str(), reply["calls"][0]["status"].as_u64()),
+        (
+            reply["service"].as_str(),
+            reply["calls"][0]["service"].as_str(),
+            reply["calls"][0]["status"].as_u64()
+        ),
         (Some("orders-api"), Some("payments-svc"), Some(200)),
         "{reply}"
     );
@@ -1001,7 +1024,11 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
         async move { up_text.contains("weft demo mesh is up").then_some(()) }
     })
     .await;
-    assert_eq!(up_leftovers(first), Vec::<String>::new(), "the next start removed the killed run's namespaces");
+    assert_eq!(
+        up_leftovers(first),
+        Vec::<String>::new(),
+        "the next start removed the killed run's namespaces"
+    );
     let alive = |pids: &[u32]| -> Vec<u32> {
         pids.iter()
             .copied()
@@ -1021,7 +1048,10 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
         "weft up exits cleanly on SIGINT:\n{}",
         up.process.log_text()
     );
-    eprintln!("MEASURE weft up --intercept: stopped after {:.1} s", stopping.elapsed().as_secs_f64());
+    eprintln!(
+        "MEASURE weft up --intercept: stopped after {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    );
     assert_eq!(alive(&children), Vec::<u32>::new(), "no process is left");
     assert_eq!(up_leftovers(second), Vec::<String>::new(), "no namespace is left");
     let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
@@ -1037,7 +1067,9 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
 /// service through both sidecars: the sidecar asks the control plane for the address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_virtual_ip_dialled_without_resolving_it_reaches_its_service() {
-    let Some(mesh) = mesh(&["client", "elsewhere", "orders"]).await else { return };
+    let Some(mesh) = mesh(&["client", "elsewhere", "orders"]).await else {
+        return;
+    };
     let demo = [BIN, "demo-app", "--name", "orders-api", "--listen", "127.0.0.1:8080"];
     let _orders = mesh.run("orders", "default/orders", &["service=orders-api"], 8080, &[], &demo);
     let _elsewhere = mesh.run("elsewhere", "default/elsewhere", &[], 9, &[], &["sleep", "3600"]);
@@ -1052,8 +1084,16 @@ async fn a_virtual_ip_dialled_without_resolving_it_reaches_its_service() {
     })
     .await;
     assert!(weft_api::mesh::VIRTUAL_IPS.contains(vip), "{vip}");
-    let config = String::from_utf8(mesh.net.run("client", &["curl", "-s", &format!("http://{ADMIN}/config_dump")]).stdout).unwrap();
-    assert!(!config.contains("orders-api"), "the client's sidecar knows nothing of orders-api yet:\n{config}");
+    let config = String::from_utf8(
+        mesh.net
+            .run("client", &["curl", "-s", &format!("http://{ADMIN}/config_dump")])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !config.contains("orders-api"),
+        "the client's sidecar knows nothing of orders-api yet:\n{config}"
+    );
 
     let out = mesh.sh(
         "client",

@@ -267,7 +267,10 @@ impl EtcdStore {
         let by_service = self.key(&format!("vips/services/{service}"));
         let by_address = self.key(&format!("vips/addresses/{ip}"));
         let compare = vec![etcd::mod_is(&by_service, 0), etcd::mod_is(&by_address, 0)];
-        let (ok, _) = self.etcd.txn(compare, vec![etcd::put(&by_service, &ip.to_string()), etcd::put(&by_address, service)])?;
+        let (ok, _) = self.etcd.txn(
+            compare,
+            vec![etcd::put(&by_service, &ip.to_string()), etcd::put(&by_address, service)],
+        )?;
         if ok {
             return Ok(Claim::Claimed);
         }

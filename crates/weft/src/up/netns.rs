@@ -77,7 +77,9 @@ impl Network {
             });
             let port = format!("h{i}");
             // Both ends are created straight in their namespaces: nothing in the machine's.
-            ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &bridge])?;
+            ip(&[
+                "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &bridge,
+            ])?;
             exec(&bridge, &["ip", "link", "set", &port, "master", "br0", "up"])?;
             exec(&netns, &["ip", "link", "set", "lo", "up"])?;
             exec(&netns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
