@@ -894,8 +894,19 @@ impl Up {
         }
     }
 
-    /// The demo's services, once all six report traffic to the control plane.
+    /// Once it says it is up (every workload started and ready).
+    async fn up(&self) {
+        eventually(Duration::from_secs(60), "weft up says the mesh is up", || {
+            let text = self.process.log_text();
+            async move { text.contains("weft demo mesh is up").then_some(()) }
+        })
+        .await;
+    }
+
+    /// The demo's services, once it is up and all six report traffic to the control plane
+    /// (the readiness probes alone give a service traffic before the last workload starts).
     async fn serving(&self) -> Vec<serde_json::Value> {
+        self.up().await;
         let ca_file = self.data_dir.join("control").join("ca.pem");
         let token_file = self.data_dir.join("control").join("admin.token");
         eventually(Duration::from_secs(60), "all six demo services show rps > 0", || async {
@@ -922,7 +933,11 @@ impl Up {
 }
 
 impl Drop for Up {
+    /// Stopped cleanly, so a failed test leaves no namespace behind either.
     fn drop(&mut self) {
+        if self.process.is_running() {
+            self.process.terminate(Duration::from_secs(20));
+        }
         let _ = std::fs::remove_dir_all(&self.data_dir);
         let _ = std::fs::remove_file(&self.config);
     }
@@ -1019,11 +1034,7 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
     killed.process.kill();
     assert!(!up_leftovers(first).is_empty(), "a killed run leaves its namespaces");
     let mut up = Up::start("weft-up-clean");
-    eventually(Duration::from_secs(60), "the second weft up is up", || {
-        let up_text = up.process.log_text();
-        async move { up_text.contains("weft demo mesh is up").then_some(()) }
-    })
-    .await;
+    up.up().await;
     assert_eq!(
         up_leftovers(first),
         Vec::<String>::new(),
