@@ -159,7 +159,7 @@ pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the weft binary")?;
     let mut children: Vec<Running> = Vec::new();
     let started = Instant::now();
-    let network = if opts.intercept {
+    let mut network = if opts.intercept {
         let names: Vec<&str> = WORKLOADS.iter().map(|w| w.workload).collect();
         Network::new(&names).map(Some)
     } else {
@@ -172,6 +172,9 @@ pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
     if let Err(e) = &outcome {
         eprintln!("error: {e:#}");
         eprintln!("logs: {}", logs.display());
+    }
+    if let Ok(Some(network)) = &mut network {
+        network.stop_bridge_tasks();
     }
     stop_all(children).await;
     // The namespaces go last, once nothing runs in them.

@@ -943,6 +943,16 @@ impl Drop for Up {
     }
 }
 
+/// Waits until none of `pids` exists: a child killed at the end of its grace period, or by the
+/// removal of its namespace, takes a moment to be gone.
+async fn no_process_left(pids: &[u32], what: &str) {
+    eventually(Duration::from_secs(10), &format!("no process {what} left"), || {
+        let alive = pids.iter().any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        async move { (!alive).then_some(()) }
+    })
+    .await;
+}
+
 /// What a `weft up` with process id `pid` may leave: its namespaces and their resolv.conf.
 fn up_leftovers(pid: u32) -> Vec<String> {
     let prefix = format!("weft-up-{pid}-");
@@ -1040,13 +1050,7 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
         Vec::<String>::new(),
         "the next start removed the killed run's namespaces"
     );
-    let alive = |pids: &[u32]| -> Vec<u32> {
-        pids.iter()
-            .copied()
-            .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
-            .collect()
-    };
-    assert_eq!(alive(&first_children), Vec::<u32>::new(), "no process of the killed run is left");
+    no_process_left(&first_children, "of the killed run").await;
 
     let second = up.process.pid();
     let children = descendants(second);
@@ -1063,7 +1067,7 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
         "MEASURE weft up --intercept: stopped after {:.1} s",
         stopping.elapsed().as_secs_f64()
     );
-    assert_eq!(alive(&children), Vec::<u32>::new(), "no process is left");
+    no_process_left(&children, "of the stopped run").await;
     assert_eq!(up_leftovers(second), Vec::<String>::new(), "no namespace is left");
     let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
     assert!(

@@ -101,6 +101,14 @@ impl Network {
         self.hosts.iter().find(|h| h.name == name).expect("every workload has a host")
     }
 
+    /// Ends every task on the bridge (the traffic generator and its kept-alive connections), so
+    /// no sidecar's inbound side waits on them while it drains.
+    pub fn stop_bridge_tasks(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Runs `future` on the bridge namespace's thread: the sockets it opens are on the bridge.
     pub fn spawn_on_bridge<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
     where
@@ -113,9 +121,7 @@ impl Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop_bridge_tasks();
         for host in &self.hosts {
             remove_netns(&host.netns);
         }
