@@ -1004,27 +1004,26 @@ async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
         2
     );
     // The demo apps know nothing of the mesh: orders-api's sidecar sees checkout-api's identity
-    // on the calls checkout-api's app makes to http://orders-api/.
-    let metrics = String::from_utf8(
-        killed
-            .run_in("orders-api", &["curl", "-s", "http://198.18.0.13:15020/metrics"])
-            .stdout,
+    // on the calls checkout-api's app makes to http://orders-api/ (waited for: the services'
+    // traffic above may be the readiness probes' alone on a slow machine).
+    eventually(
+        Duration::from_secs(30),
+        "orders-api's sidecar serves checkout-api over mTLS",
+        || {
+            let out = killed.run_in("orders-api", &["curl", "-s", "http://198.18.0.13:15020/metrics"]);
+            let from_checkout = weft_test::metric(
+                &String::from_utf8_lossy(&out.stdout),
+                "weft_proxy_requests_total",
+                &[
+                    r#"direction="inbound""#,
+                    r#"peer="spiffe://weft.local/ns/default/sa/checkout-api""#,
+                    r#"status="200""#,
+                ],
+            );
+            async move { (from_checkout > 0.0).then_some(()) }
+        },
     )
-    .unwrap();
-    let from_checkout: f64 = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("weft_proxy_requests_total{")
-                && l.contains(r#"direction="inbound""#)
-                && l.contains(r#"peer="spiffe://weft.local/ns/default/sa/checkout-api""#)
-                && l.contains(r#"status="200""#)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(
-        from_checkout > 0.0,
-        "orders-api's sidecar served checkout-api over mTLS:\n{metrics}"
-    );
+    .await;
     // And a plain curl in checkout-api's namespace reaches orders-api, and through it payments.
     let by_name = killed.run_in("checkout-api-v1", &["curl", "-s", "-m", "10", "http://orders-api/by-name"]);
     let reply: serde_json::Value = serde_json::from_slice(&by_name.stdout).unwrap_or_default();
