@@ -338,12 +338,11 @@ impl VirtualRange {
     }
 }
 
-/// The virtual IP of service `namespace/name`: derived from the name alone (FNV-1a, 32 bits,
-/// folded into the range's 65,534 usable hosts), so it is the same on every control-plane
-/// replica and after every restart without being stored anywhere. Two services may share one
-/// address (birthday bound: 1% chance at ~36 services, 50% at ~300); a sidecar then maps the
-/// address to the first of them it knows, so callers of such services must use names in the
-/// `Host` header (HTTP) rather than rely on the address alone.
+/// The address service `namespace/name` is offered first when the control plane allocates it
+/// a virtual IP: derived from the name (FNV-1a, 32 bits, folded into the range's 65,534 usable
+/// hosts), what releases before allocation handed out, so a service keeps that address unless
+/// another holds it. Names collide (1% chance at ~36 services, 50% at ~300): the control plane
+/// then gives the next free address, and stores every allocation (weft-control's `vip`).
 pub fn virtual_ip(namespace: &str, name: &str) -> Ipv4Addr {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in namespace.bytes().chain([b'/']).chain(name.bytes()) {

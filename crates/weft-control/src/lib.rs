@@ -27,6 +27,7 @@ mod staging;
 pub mod stats;
 mod store;
 mod taps;
+mod vip;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

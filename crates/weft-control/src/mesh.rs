@@ -19,6 +19,7 @@ use crate::rollout::Phase;
 use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, check_report, round2};
 use crate::store::{Revision, Store, StoreError};
 use crate::taps::Taps;
+use crate::vip::Vips;
 use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
 use serde_json::json;
@@ -46,6 +47,8 @@ pub(crate) struct Mesh {
     /// Whether this replica leads, and who does.
     role: Mutex<Role>,
     pub(crate) store: Arc<Store>,
+    /// Services' virtual IPs ([`crate::vip`]), shared by every snapshot.
+    vips: Arc<Vips>,
     pub(crate) ca: Ca,
     pub(crate) metrics: ControlMetrics,
     /// Open `weft tap` streams.
@@ -158,6 +161,7 @@ impl Mesh {
             Machine::load(&store)?
         };
         metrics.revision.set(machine.stable as i64);
+        let vips = Arc::new(Vips::load(store.clone())?);
         Ok(Self {
             replica: "local".into(),
             role: Mutex::new(Role {
@@ -175,7 +179,8 @@ impl Mesh {
             registry: Mutex::default(),
             peer_versions: Mutex::default(),
             signals: Mutex::default(),
-            snapshot: Mutex::new(Arc::new(Snapshot::none())),
+            snapshot: Mutex::new(Arc::new(Snapshot::none(vips.clone()))),
+            vips,
             outbox: Mutex::default(),
             switches: Mutex::new(()),
             writes: Mutex::new(()),
@@ -222,8 +227,12 @@ impl Mesh {
     /// Adds a proxy that opened a stream and proved it is its workload ([`crate::admission`]),
     /// with the identity it was admitted with; returns its connection number and id.
     pub(crate) fn register(&self, reg: &proto::Register, identity: String) -> Result<(u64, String), String> {
+        let reg = proto::Register {
+            services: self.by_name(reg.services.clone()),
+            ..reg.clone()
+        };
         let mut registry = self.registry.lock();
-        let (conn, id) = registry.register(reg, identity, self.clock.unix_ms())?;
+        let (conn, id) = registry.register(&reg, identity, self.clock.unix_ms())?;
         self.metrics.proxies.set(registry.proxies.len() as i64);
         drop(registry);
         tracing::info!(proxy = %id, inbound = %reg.inbound_addr, "proxy connected");
@@ -244,8 +253,21 @@ impl Mesh {
     /// New subscriptions change what the proxy is sent (and which intents treat it), so they
     /// are a change like any other.
     pub(crate) fn subscribe(&self, conn: u64, services: Vec<String>) {
+        let services = self.by_name(services);
         self.registry.lock().subscribe(conn, services);
         self.bump();
+    }
+
+    /// Subscriptions as `NAMESPACE/NAME`: a proxy asks by virtual IP for an address its app
+    /// dialled without resolving it there; one no service holds is dropped.
+    fn by_name(&self, services: Vec<String>) -> Vec<String> {
+        services
+            .into_iter()
+            .filter_map(|s| match s.parse::<std::net::Ipv4Addr>() {
+                Ok(ip) => self.vips.service_at(ip),
+                Err(_) => Some(s),
+            })
+            .collect()
     }
 
     /// The config proxy `conn` needs now, planned from the snapshot of the current change
@@ -301,6 +323,7 @@ impl Mesh {
             treats,
             machine.bypass.clone(),
             &registry,
+            self.vips.clone(),
         )
     }
 

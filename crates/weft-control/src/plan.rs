@@ -4,6 +4,7 @@
 //! stream, so planning takes no lock that the registry, the signals or the intent loop hold.
 
 use crate::registry::{EndpointSet, ProxyRecord, Registry};
+use crate::vip::Vips;
 use parking_lot::Mutex;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,8 @@ pub(crate) struct Snapshot {
     /// Each endpoint change sent, by (service, from version, to version): built once and
     /// shared by every stream that held the same version.
     changes: Mutex<HashMap<(String, u64, u64), Arc<proto::EndpointChange>>>,
+    /// Services' virtual IPs, allocated the first time a plan needs one.
+    vips: Arc<Vips>,
 }
 
 /// A built service's cache key: namespace, service, and the intents overlaid.
@@ -213,6 +216,7 @@ impl BuiltService {
 impl Snapshot {
     /// `registry`'s services (those seen and their endpoints) are shared in, not its proxies:
     /// a stream plans from its own proxy's record.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         generation: u64,
         stable: u64,
@@ -221,6 +225,7 @@ impl Snapshot {
         treats: HashMap<u64, Vec<u64>>,
         bypass: BTreeSet<(String, String)>,
         registry: &Registry,
+        vips: Arc<Vips>,
     ) -> Self {
         Self {
             generation,
@@ -233,11 +238,12 @@ impl Snapshot {
             endpoints: registry.endpoints.clone(),
             services: Mutex::new(HashMap::new()),
             changes: Mutex::new(HashMap::new()),
+            vips,
         }
     }
 
     /// An empty mesh that no generation matches, so the first plan makes a real one.
-    pub(crate) fn none() -> Self {
+    pub(crate) fn none(vips: Arc<Vips>) -> Self {
         Self::new(
             u64::MAX,
             0,
@@ -246,6 +252,7 @@ impl Snapshot {
             HashMap::new(),
             BTreeSet::new(),
             &Registry::default(),
+            vips,
         )
     }
 
@@ -354,7 +361,7 @@ impl Snapshot {
             policy: policy.map(|(_, spec)| spec.clone()),
             mtls: mtls_mode(resources, namespace, name),
             unknown,
-            virtual_ip: (!unknown).then(|| weft_api::mesh::virtual_ip(namespace, name)),
+            virtual_ip: if unknown { None } else { self.vips.virtual_ip(namespace, name) },
         };
         let policy = proto::Service::from(&svc);
         let built = Arc::new(BuiltService {

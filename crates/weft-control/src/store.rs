@@ -11,10 +11,11 @@
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use weft_api::{Resource, ResourceKey};
 
-mod on_etcd;
+pub(crate) mod on_etcd;
 
 const REVISIONS: TableDefinition<u64, &str> = TableDefinition::new("revisions");
 /// `next_revision` (numbers are reserved here and never reused) and `stable`.
@@ -29,6 +30,21 @@ const API_TOKENS: TableDefinition<&str, &str> = TableDefinition::new("api_tokens
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 /// Operator switches that outlive a restart: `freeze` and `bypass` (JSON).
 const STATE: TableDefinition<&str, &str> = TableDefinition::new("state");
+/// Services' virtual IPs ([`crate::vip`]): `NAMESPACE/NAME` to the address (as a number), and
+/// back, so an address is claimed by one service only.
+const VIPS: TableDefinition<&str, u32> = TableDefinition::new("vips");
+const VIP_OWNERS: TableDefinition<u32, &str> = TableDefinition::new("vip_owners");
+
+/// What [`Store::claim_vip`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// The address is the service's now.
+    Claimed,
+    /// The service already held this address (another replica claimed it first).
+    Held(Ipv4Addr),
+    /// Another service holds the address.
+    Taken,
+}
 
 /// The store's file under the data directory.
 pub(crate) const STORE_FILE: &str = "weft.redb";
@@ -186,6 +202,17 @@ impl Store {
 
     pub(crate) fn reserve(&self) -> Result<u64, StoreError> {
         either!(self, s => s.reserve())
+    }
+
+    /// Every service's virtual IP, by `NAMESPACE/NAME`.
+    pub(crate) fn vips(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError> {
+        either!(self, s => s.vips())
+    }
+
+    /// Gives `service` (`NAMESPACE/NAME`) the address `ip` in one transaction, unless it holds
+    /// one already or `ip` is another service's.
+    pub(crate) fn claim_vip(&self, service: &str, ip: Ipv4Addr) -> Result<Claim, StoreError> {
+        either!(self, s => s.claim_vip(service, ip))
     }
 
     pub(crate) fn stable(&self) -> Result<Option<u64>, StoreError> {
@@ -364,6 +391,8 @@ impl Redb {
         tx.open_table(API_TOKENS).map_err(db_err)?;
         tx.open_table(TOKENS).map_err(db_err)?;
         tx.open_table(STATE).map_err(db_err)?;
+        tx.open_table(VIPS).map_err(db_err)?;
+        tx.open_table(VIP_OWNERS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -474,6 +503,37 @@ impl Redb {
         let tx = self.db.begin_write().map_err(db_err)?;
         tx.open_table(SECRETS).map_err(db_err)?.insert(name, value).map_err(db_err)?;
         tx.commit().map_err(db_err)
+    }
+
+    pub(crate) fn vips(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(VIPS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (service, ip) = entry.map_err(db_err)?;
+            out.push((service.value().to_string(), Ipv4Addr::from(ip.value())));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn claim_vip(&self, service: &str, ip: Ipv4Addr) -> Result<Claim, StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let claim = {
+            let mut vips = tx.open_table(VIPS).map_err(db_err)?;
+            let mut owners = tx.open_table(VIP_OWNERS).map_err(db_err)?;
+            let held = vips.get(service).map_err(db_err)?.map(|v| Ipv4Addr::from(v.value()));
+            if let Some(held) = held {
+                Claim::Held(held)
+            } else if owners.get(u32::from(ip)).map_err(db_err)?.is_some() {
+                Claim::Taken
+            } else {
+                vips.insert(service, u32::from(ip)).map_err(db_err)?;
+                owners.insert(u32::from(ip), service).map_err(db_err)?;
+                Claim::Claimed
+            }
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(claim)
     }
 
     /// Stores `value` under `name` unless something is there already; returns what is stored.

@@ -8,6 +8,7 @@ use crate::identity::Identity;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -159,13 +160,27 @@ impl Discovery {
         if let Some(found) = self.known(service) {
             return found;
         }
+        self.ask(service.key(), || self.known(service)).await?
+    }
+
+    /// The service whose virtual IP `ip` is. When no service in force has it, the control
+    /// plane is asked by address: an app may dial an address this sidecar never handed out
+    /// (hard-coded, cached from before a restart, resolved on another host).
+    pub(crate) async fn service_at(&self, ip: Ipv4Addr) -> Option<ServiceRef> {
+        if let Some(found) = self.holding(ip) {
+            return Some(found);
+        }
+        self.ask(ip.to_string(), || self.holding(ip)).await.ok()
+    }
+
+    /// Subscribes to `key` (once) and waits a little until `found` finds the answer in force.
+    async fn ask<T>(&self, key: String, found: impl Fn() -> Option<T>) -> Result<T, Missing> {
         let Some(tx) = self.subscribe_tx.as_ref() else {
             return Err(Missing::Unknown); // a static file lists every service there is
         };
         let mut changed = self.applied.subscribe();
         changed.borrow_and_update();
         {
-            let key = service.key();
             let mut subs = self.subscriptions.lock();
             if subs.len() >= MAX_SUBSCRIPTIONS && !subs.contains(&key) {
                 return Err(Missing::NoAnswer);
@@ -176,8 +191,8 @@ impl Discovery {
         }
         let wait = async {
             loop {
-                if let Some(found) = self.known(service) {
-                    return found;
+                if let Some(found) = found() {
+                    return Ok(found);
                 }
                 if changed.changed().await.is_err() {
                     return Err(Missing::NoAnswer);
@@ -185,6 +200,16 @@ impl Discovery {
             }
         };
         tokio::time::timeout(DISCOVERY_WAIT, wait).await.unwrap_or(Err(Missing::NoAnswer))
+    }
+
+    /// The service in force whose virtual IP `ip` is.
+    fn holding(&self, ip: Ipv4Addr) -> Option<ServiceRef> {
+        let config = self.config();
+        let s = config.services.values().find(|s| s.virtual_ip == Some(ip))?;
+        Some(ServiceRef {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        })
     }
 
     /// What the config in force says of `service`, if anything.

@@ -6,7 +6,8 @@
 //! the address the app dialled, which [`original_dst`] reads back (`SO_ORIGINAL_DST`). That
 //! address decides where the connection goes:
 //!
-//! - a service's virtual IP (which the sidecar's DNS handed out, see [`crate::dns`]) or the
+//! - a service's virtual IP (whether or not the sidecar's DNS handed it out, see
+//!   [`crate::dns`]: the control plane is asked for an address no known service has) or the
 //!   address of one of a known service's endpoints: the mesh. On a declared-opaque port the
 //!   bytes go to the service as opaque TCP over mTLS at once; otherwise the first bytes decide
 //!   ([`crate::sniff`]): HTTP/1.1 and HTTP/2 take the same route as the explicit outbound
@@ -84,7 +85,7 @@ async fn accept(proxy: Arc<Proxy>, settings: Arc<Settings>, tcp: TcpStream, remo
             return None;
         }
     };
-    let Some(service) = mesh_service(&proxy, *dst.ip()) else {
+    let Some(service) = mesh_service(&proxy, *dst.ip()).await else {
         tokio::spawn(pass_through(tcp, dst));
         return None;
     };
@@ -104,22 +105,21 @@ async fn accept(proxy: Arc<Proxy>, settings: Arc<Settings>, tcp: TcpStream, remo
     }
 }
 
-/// The mesh service behind `ip`: the one whose virtual IP it is, else the one with an endpoint
-/// there. Only services this proxy already knows (a DNS answer subscribes to its service).
-fn mesh_service(proxy: &Proxy, ip: Ipv4Addr) -> Option<ServiceRef> {
-    let config = proxy.discovery.config();
-    let of = |s: &weft_api::mesh::ServiceConfig| ServiceRef {
-        namespace: s.namespace.clone(),
-        name: s.name.clone(),
-    };
+/// The mesh service behind `ip`: the one whose virtual IP it is (asking the control plane for
+/// an address no service in force has), else the one with an endpoint there.
+async fn mesh_service(proxy: &Proxy, ip: Ipv4Addr) -> Option<ServiceRef> {
     if weft_api::mesh::VIRTUAL_IPS.contains(ip) {
-        return config.services.values().find(|s| s.virtual_ip == Some(ip)).map(|s| of(s));
+        return proxy.discovery.service_at(ip).await;
     }
+    let config = proxy.discovery.config();
     config
         .services
         .values()
         .find(|s| s.endpoints.iter().any(|e| e.address.ip() == ip))
-        .map(|s| of(s))
+        .map(|s| ServiceRef {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        })
 }
 
 /// Opaque TCP to `service` over mTLS between the sidecars, as a `--tcp` listener does.

@@ -26,7 +26,7 @@ pub mod echo_proto {
     include!("gen/weft.test.rs");
 }
 
-pub use process::{Control, Process, ProxyHandle, free_addr};
+pub use process::{Control, Process, ProxyHandle, descendants, free_addr};
 
 use std::time::{Duration, Instant};
 

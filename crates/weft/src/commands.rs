@@ -150,6 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             rps,
             ha,
+            intercept,
         } => {
             return crate::up::run(crate::up::Options {
                 traffic: !no_traffic,
@@ -157,6 +158,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 api: addr,
                 data_dir,
                 rps,
+                intercept,
             })
             .await;
         }

@@ -42,7 +42,9 @@ pub struct Args {
     pub version: String,
     #[arg(long)]
     pub listen: SocketAddr,
-    /// Services to call for every request, through the sidecar.
+    /// Services to call for every request: through the sidecar's outbound listener with
+    /// `--proxy`, else at http://SERVICE/ as an unmodified app would (under `weft run
+    /// --intercept`, where the name resolves and the call is redirected to the sidecar).
     #[arg(long)]
     pub call: Vec<String>,
     /// The sidecar's outbound listener.
@@ -80,10 +82,6 @@ struct CallResult {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if !args.call.is_empty() && args.proxy.is_none() {
-        eprintln!("error: --call needs --proxy (the sidecar's outbound listener)");
-        return Ok(ExitCode::from(2));
-    }
     let shutdown = weft_core::Shutdown::new();
     weft_core::shutdown::install(&shutdown);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -175,11 +173,11 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 }
 
 async fn call(app: &App, service: &str, path: &str, headers: &[(&str, String)]) -> CallResult {
-    let proxy = app.proxy.expect("checked at start");
-    let mut req = Request::builder()
-        .method(Method::GET)
-        .uri(format!("http://{proxy}{path}"))
-        .header(header::HOST, service);
+    let uri = match app.proxy {
+        Some(proxy) => format!("http://{proxy}{path}"),
+        None => format!("http://{service}{path}"),
+    };
+    let mut req = Request::builder().method(Method::GET).uri(uri).header(header::HOST, service);
     for (k, v) in headers {
         req = req.header(*k, v);
     }
@@ -198,7 +196,7 @@ async fn call(app: &App, service: &str, path: &str, headers: &[(&str, String)]) 
         Ok(Err(e)) => CallResult {
             service: service.to_string(),
             status: 599,
-            reason: Some(format!("sidecar unreachable: {e}")),
+            reason: Some(format!("unreachable: {e}")),
         },
         Err(_) => CallResult {
             service: service.to_string(),

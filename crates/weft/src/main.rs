@@ -67,6 +67,10 @@ pub enum Command {
         /// loopback (the first on --api), proxies given all three; needs Debian's etcd-server.
         #[arg(long)]
         ha: bool,
+        /// Each workload in a network namespace of its own with `weft run --intercept`: the
+        /// demo apps call each other by plain service names (`http://orders-api/`). Linux, root.
+        #[arg(long)]
+        intercept: bool,
     },
     /// Store a control plane's address (`--server`), its CA and an API token (`--token-file`:
     /// the first admin's `admin.token`, or one from `weft admin token create`) for this user's

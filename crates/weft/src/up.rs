@@ -3,14 +3,25 @@
 //! the seed's tenant, user and order headers to mobile-gateway. SIGINT or SIGTERM stops every
 //! child (SIGTERM, then SIGKILL after a grace period); children also exit on their own if this
 //! process dies, because their standard input closes.
+//!
+//! With `--intercept` (root on Linux) each workload runs in a network namespace of its own
+//! ([`netns`]) the `weft run --intercept` way, and the demo apps call each other by plain
+//! service names (`http://orders-api/`) as unmodified apps do. The control plane stays in the
+//! machine's namespace on loopback, so its API, the dashboard and the CLI are where they are
+//! without `--intercept`; the namespaces reach its gRPC port through a relay on the bridge (see
+//! [`relay_control`]).
+
+mod netns;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use netns::{BRIDGE_ADDR, Network};
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -22,7 +33,15 @@ pub struct Options {
     pub api: SocketAddr,
     pub data_dir: Option<PathBuf>,
     pub rps: u32,
+    /// Each workload in a network namespace of its own, its traffic intercepted.
+    pub intercept: bool,
 }
+
+/// The ports every intercepted workload uses inside its own namespace (no two share one).
+const APP_PORT: u16 = 8080;
+const INBOUND_PORT: u16 = 15006;
+const ADMIN_PORT: u16 = 15020;
+const EXPLICIT_OUTBOUND: &str = "127.0.0.1:15000";
 
 /// One workload of the demo.
 struct Spec {
@@ -120,6 +139,12 @@ struct Running {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
+    if opts.intercept
+        && let Err(reason) = intercept_supported(&opts)
+    {
+        eprintln!("error: weft up --intercept: {reason}");
+        return Ok(ExitCode::from(crate::EXIT_INVALID));
+    }
     let shutdown = weft_core::Shutdown::new();
     weft_core::shutdown::install(&shutdown);
     let (data_dir, temporary) = match &opts.data_dir {
@@ -133,12 +158,27 @@ pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let exe = std::env::current_exe().context("locating the weft binary")?;
     let mut children: Vec<Running> = Vec::new();
-    let outcome = start_all(&opts, &exe, &data_dir, &logs, &mut children, &shutdown).await;
+    let started = Instant::now();
+    let mut network = if opts.intercept {
+        let names: Vec<&str> = WORKLOADS.iter().map(|w| w.workload).collect();
+        Network::new(&names).map(Some)
+    } else {
+        Ok(None)
+    };
+    let outcome = match &network {
+        Ok(network) => start_all(&opts, &exe, &data_dir, &logs, network.as_ref(), &mut children, &shutdown, started).await,
+        Err(e) => Err(anyhow::anyhow!("building the namespaces: {e:#}")),
+    };
     if let Err(e) = &outcome {
         eprintln!("error: {e:#}");
         eprintln!("logs: {}", logs.display());
     }
+    if let Ok(Some(network)) = &mut network {
+        network.stop_bridge_tasks();
+    }
     stop_all(children).await;
+    // The namespaces go last, once nothing runs in them.
+    drop(network);
     if temporary {
         let _ = std::fs::remove_dir_all(&data_dir);
     }
@@ -146,13 +186,32 @@ pub async fn run(opts: Options) -> anyhow::Result<ExitCode> {
     Ok(if outcome.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Why `--intercept` cannot run here, if it cannot.
+fn intercept_supported(opts: &Options) -> Result<(), &'static str> {
+    if !cfg!(target_os = "linux") {
+        return Err("network namespaces and nftables need Linux; run `weft up` without --intercept");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(
+            "needs root (network namespaces and nftables rules); run it as root, or `weft up` without --intercept for the explicit mode",
+        );
+    }
+    if opts.ha {
+        return Err("not supported with --ha yet; use one or the other");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn start_all(
     opts: &Options,
-    exe: &PathBuf,
-    data_dir: &std::path::Path,
-    logs: &std::path::Path,
+    exe: &Path,
+    data_dir: &Path,
+    logs: &Path,
+    network: Option<&Network>,
     children: &mut Vec<Running>,
     shutdown: &weft_core::Shutdown,
+    started: Instant,
 ) -> anyhow::Result<()> {
     let grpc = free_port()?;
     let mut control_url = format!("https://{grpc}");
@@ -174,6 +233,10 @@ async fn start_all(
     ];
     if let Some(store) = &store {
         args.extend(["--store".into(), store.clone(), "--replica".into(), "r0".into()]);
+    }
+    if network.is_some() {
+        // The proxies dial it at the relay's address on the bridge.
+        args.extend(["--san".into(), BRIDGE_ADDR.to_string()]);
     }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     children.push(spawn(exe, logs, "control", &arg_refs)?);
@@ -197,12 +260,85 @@ async fn start_all(
         ca_pem: Some(std::fs::read_to_string(&ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?),
     })?;
     let api = api.with_token(Some(token));
+    if let Some(network) = network {
+        control_url = relay_control(network, grpc).await?;
+    }
+    let (headers, table, gateway) = match network {
+        Some(network) => start_intercepted_all(exe, logs, network, &control_url, &api, children).await?,
+        None => start_explicit_all(exe, logs, &control_url, &api, children).await?,
+    };
+    queue_seed_intents(&api).await?;
+    say!(
+        "weft demo mesh is up{} after {:.1} s",
+        if network.is_some() { " (intercepted)" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+    say!("  API:        {api_url}/api/v1/status");
+    say!(
+        "  dashboard:  {api_url}/  (TLS from the mesh CA: trust {} in your browser)",
+        ca_file.display()
+    );
+    if network.is_some() {
+        say!("  control:    {control_url} (gRPC over TLS, relayed from the bridge to loopback)");
+    } else {
+        say!("  control:    {control_url} (gRPC over TLS)");
+    }
+    for line in &replicas {
+        say!("  {line}");
+    }
+    say!("  CA:         {}", ca_file.display());
+    say!("  logs:       {}", logs.display());
+    say!("  admin token: {} (the dashboard asks for it once)", token_file.display());
+    say!(
+        "  CLI:        logged in as admin in {} (`weft login` replaces it)",
+        config.display()
+    );
+    say!();
+    crate::output::table(headers, &table);
+    say!();
+    if let Some(network) = network {
+        say!(
+            "each workload runs `weft run --intercept` in its namespace; its app listens on 127.0.0.1:{APP_PORT} and calls http://SERVICE/ by name; the sidecar's admin is on ADDRESS:{ADMIN_PORT}"
+        );
+        say!(
+            "  e.g.  ip netns exec {} curl -s http://orders-api/",
+            network.host("checkout-api-v1").netns
+        );
+    }
+    say!("queued (manual mode): MESH-201..204, the seed's intents; `weft intent list`, `weft intent approve MESH-201`");
+    say!("try:  weft status      (Ctrl-C stops everything)");
+    if opts.traffic {
+        let traffic = generate(gateway, opts.rps.max(1), shutdown.clone());
+        match network {
+            // From the bridge, where mobile-gateway's address is reachable.
+            Some(network) => drop(network.spawn_on_bridge(traffic)),
+            None => drop(tokio::spawn(traffic)),
+        }
+        say!(
+            "traffic: {} rps into mobile-gateway with x-tenant, x-user and x-order headers",
+            opts.rps
+        );
+    }
+    watch(children, logs, shutdown).await
+}
+
+/// Rows of the summary table, under these headers, and where mobile-gateway's inbound listens.
+type Started = (&'static [&'static str], Vec<Vec<String>>, SocketAddr);
+
+/// Every workload as an app and a sidecar on loopback ports.
+async fn start_explicit_all(
+    exe: &Path,
+    logs: &Path,
+    control_url: &str,
+    api: &crate::client::Api,
+    children: &mut Vec<Running>,
+) -> anyhow::Result<Started> {
     let mut gateway_inbound = None;
     let mut table = Vec::new();
     for spec in &WORKLOADS {
         let mut attempt = 1;
         let ports = loop {
-            match start_workload(exe, logs, spec, &control_url, &api).await {
+            match start_workload(exe, logs, spec, control_url, api).await {
                 Ok((mut started, ports)) => {
                     children.append(&mut started);
                     break ports;
@@ -227,6 +363,50 @@ async fn start_all(
             format!("http://{}", ports.admin),
         ]);
     }
+    let headers: &[&str] = &["WORKLOAD", "CLUSTER", "APP", "INBOUND", "OUTBOUND", "ADMIN"];
+    Ok((headers, table, gateway_inbound.expect("mobile-gateway is in the demo")))
+}
+
+/// `--intercept`: every workload in its namespace with `weft run --intercept`, one at a time,
+/// each ready (sidecar, then the app through the sidecar) before the next.
+async fn start_intercepted_all(
+    exe: &Path,
+    logs: &Path,
+    network: &Network,
+    control_url: &str,
+    api: &crate::client::Api,
+    children: &mut Vec<Running>,
+) -> anyhow::Result<Started> {
+    let mut table = Vec::new();
+    for spec in &WORKLOADS {
+        let host = network.host(spec.workload);
+        children.push(start_intercepted(exe, logs, spec, host, control_url, api).await?);
+        let probes = [
+            format!("http://{}:{ADMIN_PORT}/ready", host.addr),
+            // Through the sidecar's inbound side, as every caller reaches the app.
+            format!("http://{}:{APP_PORT}/healthz", host.addr),
+        ];
+        for url in probes {
+            wait_until(&url, Duration::from_secs(30), children, || {
+                let answered = network.spawn_on_bridge(answers(url.clone()));
+                async move { answered.await.unwrap_or(false) }
+            })
+            .await
+            .with_context(|| format!("{} did not start", spec.workload))?;
+        }
+        table.push(vec![
+            spec.workload.to_string(),
+            spec.cluster.to_string(),
+            host.netns.clone(),
+            host.addr.to_string(),
+        ]);
+    }
+    let gateway = SocketAddr::from((network.host("mobile-gateway").addr, INBOUND_PORT));
+    let headers: &[&str] = &["WORKLOAD", "CLUSTER", "NETNS", "ADDRESS"];
+    Ok((headers, table, gateway))
+}
+
+async fn queue_seed_intents(api: &crate::client::Api) -> anyhow::Result<()> {
     for (name, text) in SEED_INTENTS {
         match api.post("/api/v1/intents", text.to_string(), &[("x-weft-source", name)]).await {
             Ok(_) => {}
@@ -235,36 +415,11 @@ async fn start_all(
             Err(e) => return Err(e.context(format!("queueing the seed intent {name}"))),
         }
     }
-    say!("weft demo mesh is up");
-    say!("  API:        {api_url}/api/v1/status");
-    say!(
-        "  dashboard:  {api_url}/  (TLS from the mesh CA: trust {} in your browser)",
-        ca_file.display()
-    );
-    say!("  control:    {control_url} (gRPC over TLS)");
-    for line in &replicas {
-        say!("  {line}");
-    }
-    say!("  CA:         {}", ca_file.display());
-    say!("  logs:       {}", logs.display());
-    say!("  admin token: {} (the dashboard asks for it once)", token_file.display());
-    say!(
-        "  CLI:        logged in as admin in {} (`weft login` replaces it)",
-        config.display()
-    );
-    say!();
-    crate::output::table(&["WORKLOAD", "CLUSTER", "APP", "INBOUND", "OUTBOUND", "ADMIN"], &table);
-    say!();
-    say!("queued (manual mode): MESH-201..204, the seed's intents; `weft intent list`, `weft intent approve MESH-201`");
-    say!("try:  weft status      (Ctrl-C stops everything)");
-    if opts.traffic {
-        let target = gateway_inbound.expect("mobile-gateway is in the demo");
-        tokio::spawn(generate(target, opts.rps.max(1), shutdown.clone()));
-        say!(
-            "traffic: {} rps into mobile-gateway with x-tenant, x-user and x-order headers",
-            opts.rps
-        );
-    }
+    Ok(())
+}
+
+/// Until shutdown; an error as soon as any child exits by itself.
+async fn watch(children: &mut [Running], logs: &Path, shutdown: &weft_core::Shutdown) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -279,6 +434,98 @@ async fn start_all(
     }
 }
 
+/// One workload in its namespace: `weft run --intercept` with the demo app as its app, calling
+/// the services it calls by name.
+async fn start_intercepted(
+    exe: &Path,
+    logs: &Path,
+    spec: &Spec,
+    host: &netns::Host,
+    control_url: &str,
+    api: &crate::client::Api,
+) -> anyhow::Result<Running> {
+    let token = join_token(api, spec).await?;
+    let exe = exe.display().to_string();
+    let app = format!("127.0.0.1:{APP_PORT}");
+    let mut args: Vec<String> = [
+        "netns",
+        "exec",
+        &host.netns,
+        &exe,
+        "run",
+        "--intercept",
+        "--control",
+        control_url,
+        "--workload",
+        &format!("default/{}", spec.workload),
+        "--cluster",
+        spec.cluster,
+        "--label",
+        &format!("service={}", spec.service),
+        "--label",
+        &format!("version={}", spec.version),
+        "--app",
+        &app,
+        "--inbound",
+        &format!("{}:{INBOUND_PORT}", host.addr),
+        "--outbound",
+        EXPLICIT_OUTBOUND,
+        "--admin",
+        &format!("{}:{ADMIN_PORT}", host.addr),
+        "--",
+        &exe,
+        "demo-app",
+        "--name",
+        spec.service,
+        "--version",
+        spec.version,
+        "--listen",
+        &app,
+    ]
+    .map(String::from)
+    .to_vec();
+    for c in spec.calls {
+        args.extend(["--call".to_string(), c.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_program(Path::new("ip"), logs, spec.workload, &args, &[("WEFT_TOKEN", &token)])
+}
+
+/// The control plane's gRPC port, relayed from the bridge (198.18.0.1, the same port number) to
+/// its loopback listener. A namespace cannot reach the machine's loopback; rather than run the
+/// control plane in a namespace of its own and forward its API and dashboard back to loopback
+/// (two ports, and the CLI's saved server, the CA file and `--ha` to rework), one relayed port
+/// leaves everything else as it is, and nothing is routed from the machine's namespace. TLS is
+/// end to end: the control plane's certificate names the bridge address too (`--san`).
+async fn relay_control(network: &Network, grpc: SocketAddr) -> anyhow::Result<String> {
+    let on_bridge = SocketAddr::from((BRIDGE_ADDR, grpc.port()));
+    let listener = network
+        .spawn_on_bridge(async move { std::net::TcpListener::bind(on_bridge) })
+        .await?
+        .with_context(|| format!("binding the control-plane relay on {on_bridge}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((mut from, _)) => {
+                    tokio::spawn(async move {
+                        if let Ok(mut to) = tokio::net::TcpStream::connect(grpc).await {
+                            let _ = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Out of descriptors, most likely: give them time to close.
+                    tracing::warn!(%error, "control-plane relay: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(format!("https://{on_bridge}"))
+}
+
 struct Ports {
     app: SocketAddr,
     inbound: SocketAddr,
@@ -289,21 +536,13 @@ struct Ports {
 /// Starts one workload's demo app and sidecar on fresh ports and waits until both serve. On
 /// failure both are stopped and the error says which exited.
 async fn start_workload(
-    exe: &PathBuf,
+    exe: &Path,
     logs: &std::path::Path,
     spec: &Spec,
     control_url: &str,
     api: &crate::client::Api,
 ) -> anyhow::Result<(Vec<Running>, Ports)> {
-    // Its join token: the service account is the service, so v1 and v2 share an identity. One
-    // certificate is all it is for; the proxy renews with its certificate.
-    let body = serde_json::json!({"workload": format!("default/{}", spec.workload), "serviceAccount": spec.service, "uses": 1});
-    let token = api
-        .post("/api/v1/tokens", body.to_string(), &[("content-type", "application/json")])
-        .await?["token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let token = join_token(api, spec).await?;
     let ports = Ports {
         app: free_port()?,
         inbound: free_port()?,
@@ -356,7 +595,7 @@ async fn start_workload(
         "--admin",
         &admin,
     ];
-    started.push(spawn_with(
+    started.push(spawn_program(
         exe,
         logs,
         &format!("{}-proxy", spec.workload),
@@ -374,6 +613,18 @@ async fn start_workload(
             Err(e)
         }
     }
+}
+
+/// A workload's join token: the service account is the service, so v1 and v2 share an
+/// identity. One certificate is all it is for; the proxy renews with its certificate.
+async fn join_token(api: &crate::client::Api, spec: &Spec) -> anyhow::Result<String> {
+    let body = serde_json::json!({"workload": format!("default/{}", spec.workload), "serviceAccount": spec.service, "uses": 1});
+    Ok(api
+        .post("/api/v1/tokens", body.to_string(), &[("content-type", "application/json")])
+        .await?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// Sends `rps` requests a second to mobile-gateway's inbound listener until shutdown.
@@ -485,7 +736,7 @@ async fn start_etcd(logs: &std::path::Path, data_dir: &std::path::Path, children
 /// admin token. Returns the proxies' `--control` list, the leader's API URL, and a line per
 /// replica to print.
 async fn start_replicas(
-    exe: &PathBuf,
+    exe: &Path,
     data_dir: &std::path::Path,
     logs: &std::path::Path,
     store: &str,
@@ -552,14 +803,14 @@ fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-fn spawn(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str]) -> anyhow::Result<Running> {
-    spawn_with(exe, logs, name, args, &[])
+fn spawn(exe: &Path, logs: &Path, name: &str, args: &[&str]) -> anyhow::Result<Running> {
+    spawn_program(exe, logs, name, args, &[])
 }
 
 /// Starts a child; `env` carries secrets (join tokens) so they never show in its arguments.
-fn spawn_with(exe: &PathBuf, logs: &std::path::Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Running> {
+fn spawn_program(program: &Path, logs: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Running> {
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-    let child = Command::new(exe)
+    let child = Command::new(program)
         .args(args)
         .envs(env.iter().copied())
         .env(weft_core::shutdown::EXIT_WITH_PARENT_ENV, "1")
@@ -604,12 +855,26 @@ async fn wait_api(
 }
 
 async fn wait_http(url: &str, within: Duration, children: &mut [Running]) -> anyhow::Result<()> {
+    wait_until(url, within, children, || answers(url.to_string())).await
+}
+
+/// Whether `url` answers a GET with a success.
+async fn answers(url: String) -> bool {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let Ok(uri) = url.parse::<hyper::Uri>() else { return false };
+    client.get(uri).await.is_ok_and(|resp| resp.status().is_success())
+}
+
+/// Polls `probe` until it says yes; an error naming `what` after `within`, or as soon as a
+/// child exits.
+async fn wait_until<F, Fut>(what: &str, within: Duration, children: &mut [Running], mut probe: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(resp) = client.get(url.parse()?).await
-            && resp.status().is_success()
-        {
+        if probe().await {
             return Ok(());
         }
         for c in children.iter_mut() {
@@ -618,7 +883,7 @@ async fn wait_http(url: &str, within: Duration, children: &mut [Running]) -> any
             }
         }
         if Instant::now() > deadline {
-            bail!("{url} not ready within {within:?}");
+            bail!("{what} not ready within {within:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -4,10 +4,10 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::Duration;
 use weft_test::netns::{KERNEL_REFUSES, Network};
-use weft_test::{Process, eventually};
+use weft_test::{Process, descendants, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 /// Debian's python, where python3-requests is installed (scripts/test).
@@ -858,5 +858,271 @@ print(json.dumps({"reply": [say(b"hello %d" % i, timeout=10).decode() for i in r
             && l.contains(r#"direction="inbound""#)
             && l.contains(r#"peer="spiffe://weft.local/ns/default/sa/client""#)),
         "the greeter's sidecar served the calls over mTLS from the client:\n{metrics}"
+    );
+}
+
+/// A `weft up --intercept` of the test's: its process, API address, data directory and CLI
+/// config file (so it logs no one's CLI in).
+struct Up {
+    process: Process,
+    api: std::net::SocketAddr,
+    data_dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Up {
+    fn start(name: &str) -> Up {
+        let api = weft_test::free_addr();
+        let data_dir = std::env::temp_dir().join(format!("weft-up-intercept-{}-{name}", std::process::id()));
+        let config = data_dir.with_extension("cli.json");
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let args = [
+            "up",
+            "--intercept",
+            "--api",
+            &api.to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+        ]
+        .map(String::from);
+        let process = Process::spawn_env(BIN, name, &args, &[("WEFT_CONFIG", config.to_str().unwrap()), ("NO_COLOR", "1")]);
+        Up {
+            process,
+            api,
+            data_dir,
+            config,
+        }
+    }
+
+    /// Once it says it is up (every workload started and ready).
+    async fn up(&self) {
+        eventually(Duration::from_secs(60), "weft up says the mesh is up", || {
+            let text = self.process.log_text();
+            async move { text.contains("weft demo mesh is up").then_some(()) }
+        })
+        .await;
+    }
+
+    /// The demo's services, once it is up and all six report traffic to the control plane
+    /// (the readiness probes alone give a service traffic before the last workload starts).
+    async fn serving(&self) -> Vec<serde_json::Value> {
+        self.up().await;
+        let ca_file = self.data_dir.join("control").join("ca.pem");
+        let token_file = self.data_dir.join("control").join("admin.token");
+        eventually(Duration::from_secs(60), "all six demo services show rps > 0", || async {
+            let http = weft_test::http::Client::trusting(&std::fs::read_to_string(&ca_file).ok()?);
+            let token = std::fs::read_to_string(&token_file).ok()?;
+            let req = hyper::Request::get(format!("https://{}/api/v1/status", self.api))
+                .header("authorization", format!("Bearer {}", token.trim()))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let services = http.send(req).await.ok()?.json()["services"].as_array()?.clone();
+            (services.len() == 6 && services.iter().all(|v| v["rps"].as_f64().unwrap_or(0.0) > 0.0)).then_some(services)
+        })
+        .await
+    }
+
+    /// `argv` run in workload `workload`'s namespace.
+    fn run_in(&self, workload: &str, argv: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &format!("weft-up-{}-{workload}", self.process.pid())])
+            .args(argv)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Up {
+    /// Stopped cleanly, so a failed test leaves no namespace behind either.
+    fn drop(&mut self) {
+        if self.process.is_running() {
+            self.process.terminate(Duration::from_secs(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Waits until none of `pids` exists: a child killed at the end of its grace period, or by the
+/// removal of its namespace, takes a moment to be gone.
+async fn no_process_left(pids: &[u32], what: &str) {
+    eventually(Duration::from_secs(10), &format!("no process {what} left"), || {
+        let alive = pids.iter().any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        async move { (!alive).then_some(()) }
+    })
+    .await;
+}
+
+/// What a `weft up` with process id `pid` may leave: its namespaces and their resolv.conf.
+fn up_leftovers(pid: u32) -> Vec<String> {
+    let prefix = format!("weft-up-{pid}-");
+    let listed = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let mut left: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .map(|n| format!("netns {n}"))
+        .collect();
+    if let Ok(dir) = std::fs::read_dir("/etc/netns") {
+        left.extend(
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(&prefix))
+                .map(|n| format!("/etc/netns/{n}")),
+        );
+    }
+    left
+}
+
+/// `weft up --intercept`: the demo's apps, each in a namespace of its own, call each other by
+/// plain names through both sidecars with mTLS; a run killed with SIGKILL leaves namespaces the
+/// next start removes (with anything still in them); Ctrl-C removes everything. Without root,
+/// it refuses and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_up_intercept_runs_the_demo_by_name_and_leaves_nothing_behind() {
+    if let Err(refused) = Network::new(&["probe"]) {
+        assert_eq!(Network::skip_reason(&refused), KERNEL_REFUSES);
+        return;
+    }
+    let unprivileged = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "up", "--intercept"])
+        .output()
+        .unwrap();
+    assert_eq!(unprivileged.status.code(), Some(64), "refused without root, as invalid use");
+    let said = String::from_utf8_lossy(&unprivileged.stderr);
+    assert!(said.contains("weft up --intercept: needs root"), "{said}");
+
+    let started = std::time::Instant::now();
+    let mut killed = Up::start("weft-up-killed");
+    let services = killed.serving().await;
+    eprintln!(
+        "MEASURE weft up --intercept: all six services serving after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        services.iter().find(|v| v["name"] == "inventory-svc").unwrap()["proxies"]["total"],
+        2
+    );
+    // The demo apps know nothing of the mesh: orders-api's sidecar sees checkout-api's identity
+    // on the calls checkout-api's app makes to http://orders-api/ (waited for: the services'
+    // traffic above may be the readiness probes' alone on a slow machine).
+    eventually(
+        Duration::from_secs(30),
+        "orders-api's sidecar serves checkout-api over mTLS",
+        || {
+            let out = killed.run_in("orders-api", &["curl", "-s", "http://198.18.0.13:15020/metrics"]);
+            let from_checkout = weft_test::metric(
+                &String::from_utf8_lossy(&out.stdout),
+                "weft_proxy_requests_total",
+                &[
+                    r#"direction="inbound""#,
+                    r#"peer="spiffe://weft.local/ns/default/sa/checkout-api""#,
+                    r#"status="200""#,
+                ],
+            );
+            async move { (from_checkout > 0.0).then_some(()) }
+        },
+    )
+    .await;
+    // And a plain curl in checkout-api's namespace reaches orders-api, and through it payments.
+    let by_name = killed.run_in("checkout-api-v1", &["curl", "-s", "-m", "10", "http://orders-api/by-name"]);
+    let reply: serde_json::Value = serde_json::from_slice(&by_name.stdout).unwrap_or_default();
+    assert_eq!(
+        (
+            reply["service"].as_str(),
+            reply["calls"][0]["service"].as_str(),
+            reply["calls"][0]["status"].as_u64()
+        ),
+        (Some("orders-api"), Some("payments-svc"), Some(200)),
+        "{reply}"
+    );
+
+    // Killed: nothing of it runs its cleanup, so its namespaces stay until the next start.
+    let first = killed.process.pid();
+    let first_children = descendants(first);
+    killed.process.kill();
+    assert!(!up_leftovers(first).is_empty(), "a killed run leaves its namespaces");
+    let mut up = Up::start("weft-up-clean");
+    up.up().await;
+    assert_eq!(
+        up_leftovers(first),
+        Vec::<String>::new(),
+        "the next start removed the killed run's namespaces"
+    );
+    no_process_left(&first_children, "of the killed run").await;
+
+    let second = up.process.pid();
+    let children = descendants(second);
+    assert_eq!(children.len(), 17, "control plane + 8 `weft run` + 8 apps: {children:?}");
+    up.process.signal(nix::sys::signal::Signal::SIGINT);
+    let stopping = std::time::Instant::now();
+    assert_eq!(
+        up.process.wait(Duration::from_secs(20)),
+        Some(0),
+        "weft up exits cleanly on SIGINT:\n{}",
+        up.process.log_text()
+    );
+    eprintln!(
+        "MEASURE weft up --intercept: stopped after {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    );
+    no_process_left(&children, "of the stopped run").await;
+    assert_eq!(up_leftovers(second), Vec::<String>::new(), "no namespace is left");
+    let tables = Command::new("nft").args(["list", "tables"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("weft-intercept"),
+        "no rule in the machine's own namespace"
+    );
+    assert!(std::net::TcpListener::bind(up.api).is_ok(), "the API port is free again");
+}
+
+/// An app that dials a service's virtual IP its own sidecar never handed out (resolved on
+/// another host here; hard-coded or cached from before a restart in life) still reaches the
+/// service through both sidecars: the sidecar asks the control plane for the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtual_ip_dialled_without_resolving_it_reaches_its_service() {
+    let Some(mesh) = mesh(&["client", "elsewhere", "orders"]).await else {
+        return;
+    };
+    let demo = [BIN, "demo-app", "--name", "orders-api", "--listen", "127.0.0.1:8080"];
+    let _orders = mesh.run("orders", "default/orders", &["service=orders-api"], 8080, &[], &demo);
+    let _elsewhere = mesh.run("elsewhere", "default/elsewhere", &[], 9, &[], &["sleep", "3600"]);
+    let _client = mesh.run("client", "default/client", &[], 9, &[], &["sleep", "3600"]);
+    mesh.ready("orders", Some(8080)).await;
+    mesh.ready("elsewhere", None).await;
+    mesh.ready("client", None).await;
+    let vip = eventually(Duration::from_secs(20), "orders-api resolves on another host", || {
+        let out = mesh.sh("elsewhere", "getent hosts orders-api");
+        let ip = String::from_utf8_lossy(&out.stdout).split_whitespace().next().map(str::to_string);
+        async move { ip.and_then(|ip| ip.parse::<Ipv4Addr>().ok()) }
+    })
+    .await;
+    assert!(weft_api::mesh::VIRTUAL_IPS.contains(vip), "{vip}");
+    let config = String::from_utf8(
+        mesh.net
+            .run("client", &["curl", "-s", &format!("http://{ADMIN}/config_dump")])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        !config.contains("orders-api"),
+        "the client's sidecar knows nothing of orders-api yet:\n{config}"
+    );
+
+    let out = mesh.sh(
+        "client",
+        &format!("curl -s -w ' %{{http_code}}' --max-time 5 http://{vip}/by-address"),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with(" 200") && text.contains(r#""service":"orders-api""#),
+        "the virtual IP reached orders-api: {text:?}"
+    );
+    let callee = mesh.metrics("orders");
+    assert!(
+        callee.lines().any(|l| l.starts_with("weft_proxy_requests_total{")
+            && l.contains(r#"direction="inbound""#)
+            && l.contains(r#"peer="spiffe://weft.local/ns/default/sa/client""#)),
+        "through both sidecars, with the client's identity:\n{callee}"
     );
 }

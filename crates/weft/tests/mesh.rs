@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use weft_test::apps::{EchoServer, GrpcEcho, grpc_client};
 use weft_test::echo_proto::EchoMsg;
 use weft_test::http::{Client, h2_via, via_http_proxy};
-use weft_test::{Control, ProxyHandle, eventually, free_addr};
+use weft_test::{Control, ProxyHandle, descendants, eventually, free_addr};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -620,31 +620,6 @@ async fn refused_config_is_nacked_and_last_known_good_keeps_serving() {
         (200, Some("echo")),
         "last-known-good still routes"
     );
-}
-
-/// Descendants of `pid`, from /proc.
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut parents = std::collections::HashMap::<u32, Vec<u32>>::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let ppid: u32 = after.split(' ').nth(1).unwrap().parse().unwrap();
-        parents.entry(ppid).or_default().push(child);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        for c in parents.get(&p).cloned().unwrap_or_default() {
-            out.push(c);
-            stack.push(c);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

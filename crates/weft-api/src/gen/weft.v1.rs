@@ -134,7 +134,8 @@ pub struct Register {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Subscribe {
-    /// NAMESPACE/NAME (a bare NAME, from an older proxy, is in the proxy's own namespace).
+    /// NAMESPACE/NAME (a bare NAME, from an older proxy, is in the proxy's own namespace), or a
+    /// virtual IP (A.B.C.D) an app dialled: the service holding it, if any.
     #[prost(string, repeated, tag = "1")]
     pub services: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }

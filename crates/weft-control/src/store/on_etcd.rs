@@ -9,6 +9,8 @@
 //! | `P/intents/SEQ` | an intent record (JSON) |
 //! | `P/ledger/N` | an operator action (JSON) |
 //! | `P/secrets/NAME`, `P/api_tokens/NAME`, `P/tokens/ID`, `P/state/NAME` | as in redb |
+//! | `P/vips/services/NS/NAME` | a service's virtual IP |
+//! | `P/vips/addresses/A.B.C.D` | the service (`NS/NAME`) holding that address |
 //! | `P/leader` | the leader's replica name, under its lease ([`crate::leader`]) |
 //!
 //! Every write that depends on what was read is one transaction comparing the keys it read by
@@ -16,10 +18,11 @@
 //! [`StoreError::Conflict`]. While this replica leads, its writes also compare the election
 //! key's creation revision ([`EtcdStore::fence`]): a deposed leader's write fails.
 
-use super::{Revision, StoreError, TokenRecord, TokenRefusal, db_err, decode};
+use super::{Claim, Revision, StoreError, TokenRecord, TokenRefusal, db_err, decode};
 use crate::etcd::{self, Etcd, Kv, pb};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use weft_api::{Resource, ResourceKey};
 
 /// How often a write whose compare failed only because of a concurrent unrelated write (the
@@ -247,6 +250,36 @@ impl EtcdStore {
         Ok(self.etcd.get(&key, false)?.map(|kv| kv.value).unwrap_or_else(|| value.to_string()))
     }
 
+    pub(crate) fn vips(&self) -> Result<Vec<(String, Ipv4Addr)>, StoreError> {
+        let prefix = self.key("vips/services/");
+        let mut out = Vec::new();
+        for kv in self.etcd.list(&prefix, None)? {
+            let ip = kv.value.parse::<Ipv4Addr>().map_err(db_err)?;
+            out.push((kv.key[prefix.len()..].to_string(), ip));
+        }
+        Ok(out)
+    }
+
+    /// Both keys are created in one transaction only if neither exists, so two replicas never
+    /// give one address to two services, nor two addresses to one. Not fenced: any replica
+    /// plans, so any replica may claim, and the first claim wins.
+    pub(crate) fn claim_vip(&self, service: &str, ip: Ipv4Addr) -> Result<Claim, StoreError> {
+        let by_service = self.key(&format!("vips/services/{service}"));
+        let by_address = self.key(&format!("vips/addresses/{ip}"));
+        let compare = vec![etcd::mod_is(&by_service, 0), etcd::mod_is(&by_address, 0)];
+        let (ok, _) = self.etcd.txn(
+            compare,
+            vec![etcd::put(&by_service, &ip.to_string()), etcd::put(&by_address, service)],
+        )?;
+        if ok {
+            return Ok(Claim::Claimed);
+        }
+        match self.etcd.get(&by_service, false)? {
+            Some(kv) => Ok(Claim::Held(kv.value.parse().map_err(db_err)?)),
+            None => Ok(Claim::Taken),
+        }
+    }
+
     pub(crate) fn state(&self, name: &str) -> Result<Option<String>, StoreError> {
         self.get_string(&format!("state/{name}"))
     }
@@ -374,19 +407,19 @@ impl EtcdStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
     /// A one-member etcd (Debian's etcd-server) on free loopback ports, killed on drop.
-    struct OneEtcd {
+    pub(crate) struct OneEtcd {
         child: std::process::Child,
         url: String,
         dir: std::path::PathBuf,
     }
 
     impl OneEtcd {
-        fn start() -> Self {
+        pub(crate) fn start() -> Self {
             let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
             let (client, peer) = (port(0), port(1));
             let dir = std::env::temp_dir().join(format!("weft-store-etcd-{}-{}", std::process::id(), client.port()));
@@ -409,7 +442,7 @@ mod tests {
         }
 
         /// A store on it, once etcd answers.
-        fn store(&self, prefix: &str) -> EtcdStore {
+        pub(crate) fn store(&self, prefix: &str) -> EtcdStore {
             let store = EtcdStore::connect(&self.url, prefix).unwrap();
             let deadline = Instant::now() + Duration::from_secs(20);
             while store.stable().is_err() {
