@@ -1,8 +1,10 @@
 //! Real etcd clusters for the tests of the highly available control plane: Debian's
 //! `etcd-server` (`/usr/bin/etcd`, installed by `scripts/test`), each member a process on
-//! loopback ports picked at run time, its data in a temporary directory removed on drop.
+//! loopback ports picked at run time, its data in a temporary directory removed on drop; or
+//! each member on a host of its own ([`EtcdCluster::start_on`], a [`Network`]'s namespaces).
 
 use crate::http::Client;
+use crate::netns::Network;
 use crate::process::{Process, free_addr};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +19,8 @@ pub struct EtcdMember {
     pub name: String,
     pub client: SocketAddr,
     pub peer: SocketAddr,
+    /// The network namespace it runs in (`None`: the machine's own).
+    netns: Option<String>,
     process: Option<Process>,
 }
 
@@ -30,6 +34,39 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader and answers.
     pub async fn start(n: usize) -> Self {
+        let members = (0..n)
+            .map(|i| EtcdMember {
+                name: format!("etcd{i}"),
+                client: free_addr(),
+                peer: free_addr(),
+                netns: None,
+                process: None,
+            })
+            .collect();
+        Self::start_members(members).await
+    }
+
+    /// Starts one member on each of `hosts` of `net` (named after its host), listening on the
+    /// host's address (ports 2379 and 2380, as on real machines), and waits until the cluster
+    /// has a leader and answers. The members die with the cluster, before `net` is removed.
+    pub async fn start_on(net: &Network, hosts: &[&str]) -> Self {
+        let members = hosts
+            .iter()
+            .map(|name| {
+                let host = net.host(name);
+                EtcdMember {
+                    name: name.to_string(),
+                    client: SocketAddr::new(host.addr.into(), 2379),
+                    peer: SocketAddr::new(host.addr.into(), 2380),
+                    netns: Some(host.netns.clone()),
+                    process: None,
+                }
+            })
+            .collect();
+        Self::start_members(members).await
+    }
+
+    async fn start_members(members: Vec<EtcdMember>) -> Self {
         assert!(
             std::path::Path::new(&etcd_bin()).exists(),
             "{} is missing: install Debian's etcd-server (scripts/test does)",
@@ -38,14 +75,7 @@ impl EtcdCluster {
         let token = format!("weft-test-{}-{}", std::process::id(), crate::process::rand_suffix());
         let dir = std::env::temp_dir().join(&token);
         let _ = std::fs::remove_dir_all(&dir);
-        let members = (0..n)
-            .map(|i| EtcdMember {
-                name: format!("etcd{i}"),
-                client: free_addr(),
-                peer: free_addr(),
-                process: None,
-            })
-            .collect();
+        let n = members.len();
         let mut cluster = Self { members, dir, token };
         for i in 0..n {
             cluster.spawn(i, "new");
@@ -90,7 +120,15 @@ impl EtcdCluster {
         ]
         .map(String::from)
         .to_vec();
-        let process = Process::spawn(&etcd_bin(), &m.name, &args);
+        let process = match &m.netns {
+            None => Process::spawn(&etcd_bin(), &m.name, &args),
+            Some(netns) => {
+                // `ip netns exec` execs etcd itself, so the process killed is the member.
+                let mut all: Vec<String> = vec!["netns".into(), "exec".into(), netns.clone(), etcd_bin()];
+                all.extend(args);
+                Process::spawn("ip", &m.name, &all)
+            }
+        };
         self.members[i].process = Some(process);
     }
 
@@ -108,19 +146,17 @@ impl EtcdCluster {
 
     /// Waits until every running member reports itself healthy (a leader, quorum).
     pub async fn wait_healthy(&self, within: Duration) {
-        let urls: Vec<String> = self
+        let running: Vec<(Option<String>, String)> = self
             .members
             .iter()
             .filter(|m| m.process.is_some())
-            .map(|m| format!("http://{}/health", m.client))
+            .map(|m| (m.netns.clone(), format!("http://{}/health", m.client)))
             .collect();
         crate::eventually(within, "every etcd member healthy", || {
-            let urls = urls.clone();
+            let running = running.clone();
             async move {
-                let client = Client::new();
-                for url in &urls {
-                    let reply = client.get(url).await.ok()?;
-                    if !String::from_utf8_lossy(&reply.body).contains("\"true\"") {
+                for (netns, url) in &running {
+                    if !health(netns.as_deref(), url).await?.contains("\"true\"") {
                         return None;
                     }
                 }
@@ -129,6 +165,21 @@ impl EtcdCluster {
         })
         .await
     }
+}
+
+/// The body of a member's `/health`, asked from inside its namespace when it has one (curl:
+/// the test's own namespace has no route to it).
+async fn health(netns: Option<&str>, url: &str) -> Option<String> {
+    let Some(netns) = netns else {
+        let reply = Client::new().get(url).await.ok()?;
+        return Some(String::from_utf8_lossy(&reply.body).into_owned());
+    };
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-s", "--max-time", "2", url])
+        .output()
+        .await
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Drop for EtcdCluster {
