@@ -27,6 +27,7 @@ pub mod stats;
 mod store;
 mod taps;
 
+pub use etcd::StoreTls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub struct ControlConfig {
     pub store: Option<String>,
     /// `--store-prefix`: where in etcd.
     pub store_prefix: String,
+    /// `--store-ca` (and `--store-cert`, `--store-key`): etcd over TLS.
+    pub store_tls: Option<StoreTls>,
     /// `--replica`: this replica's name among those on one store (default: its API address).
     pub replica: Option<String>,
 }
@@ -104,7 +107,7 @@ fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
             path: cfg.data_dir.display().to_string(),
             message: e.to_string(),
         })?;
-        return store::Store::etcd(url, &cfg.store_prefix);
+        return store::Store::etcd(url, &cfg.store_prefix, cfg.store_tls.as_ref());
     }
     if !cfg.reinit_store {
         return store::Store::open(&cfg.data_dir);

@@ -162,9 +162,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reinit_store,
             store,
             store_prefix,
+            store_ca,
+            store_cert,
+            store_key,
             replica,
         } => {
             let root = root_cert.zip(root_key);
+            let store_tls = store_ca.map(|ca| weft_control::StoreTls {
+                ca,
+                client: store_cert.zip(store_key),
+            });
             let cfg = weft_control::ControlConfig {
                 data_dir,
                 api,
@@ -178,6 +185,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reinit_store,
                 store,
                 store_prefix,
+                store_tls,
                 replica,
             };
             return control(cfg).await;

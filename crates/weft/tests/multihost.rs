@@ -40,8 +40,8 @@ spec:
 ";
 
 /// Calls `orders` through the sidecar's outbound listener on one kept-alive connection, every
-/// 20 ms; prints one line per request: unix ms, status (0: no answer), and the cluster that
-/// answered (the demo app's version) or the proxy's `x-weft-error`.
+/// 20 ms; prints one line per request: unix ms, status (0: no answer), the cluster that answered
+/// (the demo app's version) or the proxy's `x-weft-error`, and how long it took in ms.
 const CALLER: &str = r#"
 import http.client, json, time
 conn = None
@@ -54,10 +54,10 @@ while True:
         r = conn.getresponse()
         body = r.read()
         who = json.loads(body)["version"] if r.status == 200 else r.getheader("x-weft-error", "-")
-        print("%d %d %s" % (t * 1000, r.status, who), flush=True)
+        print("%d %d %s %d" % (t * 1000, r.status, who, (time.time() - t) * 1000), flush=True)
     except Exception as e:
         conn = None
-        print("%d 0 %s" % (t * 1000, type(e).__name__), flush=True)
+        print("%d 0 %s %d" % (t * 1000, type(e).__name__, (time.time() - t) * 1000), flush=True)
     time.sleep(0.02)
 "#;
 
@@ -78,6 +78,7 @@ struct Call {
     at_ms: u64,
     status: u16,
     who: String,
+    took_ms: u64,
 }
 
 fn all_hosts() -> Vec<&'static str> {
@@ -195,8 +196,9 @@ impl Mesh {
         urls.join(",")
     }
 
-    /// A sidecar for `workload` on `host` in `cluster`, its inbound on the wildcard address.
-    fn proxy(&mut self, host: &str, workload: &str, service: &str, cluster: &str) {
+    /// A sidecar for `workload` on `host` in `cluster`, its inbound on the wildcard address;
+    /// `extra` flags after the others.
+    fn proxy(&mut self, host: &str, workload: &str, service: &str, cluster: &str, extra: &[String]) {
         let token = self.cli_ok(&["token", "create", "--workload", workload]).trim().to_string();
         let args: Vec<String> = [
             "proxy",
@@ -219,19 +221,20 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
+        let args = [args, extra.to_vec()].concat();
         let env = [("WEFT_TOKEN", token.as_str()), ("RUST_LOG", "info"), ("NO_COLOR", "1")];
         let proxy = self.net.spawn(host, &format!("proxy-{host}"), BIN, &args, &env);
         self.procs.push(proxy);
     }
 
     /// `orders` on `host`: the demo app, answering with its cluster as version, and its sidecar.
-    fn orders(&mut self, host: &str) {
+    fn orders(&mut self, host: &str, extra: &[String]) {
         let args: Vec<String> = ["demo-app", "--name", "orders", "--version", host, "--listen", APP]
             .map(String::from)
             .to_vec();
         let app = self.net.spawn(host, &format!("orders-{host}"), BIN, &args, &[]);
         self.procs.push(app);
-        self.proxy(host, &format!("default/orders-{host}"), "orders", host);
+        self.proxy(host, &format!("default/orders-{host}"), "orders", host, extra);
     }
 
     async fn ready(&self, host: &str) {
@@ -240,6 +243,16 @@ impl Mesh {
             async move { out.status.success().then_some(()) }
         })
         .await;
+    }
+
+    /// The sum of `name`'s samples on `host`'s sidecar.
+    fn metric(&self, host: &str, name: &str) -> f64 {
+        let out = self.net.run(host, &["curl", "-sf", &format!("http://{ADMIN}/metrics")]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     fn config_dump(&self, host: &str) -> serde_json::Value {
@@ -266,20 +279,26 @@ fn calls(caller: &Process) -> Vec<Call> {
             let at_ms = fields.next()?.parse().ok()?;
             let status = fields.next()?.parse().ok()?;
             let who = fields.next()?.to_string();
-            Some(Call { at_ms, status, who })
+            let took_ms = fields.next()?.parse().ok()?;
+            Some(Call {
+                at_ms,
+                status,
+                who,
+                took_ms,
+            })
         })
         .collect()
 }
 
-/// Waits until the last `n` calls all succeeded in `cluster`; returns the time of the first of
-/// them (when traffic settled there).
+/// Waits until the last `n` calls all succeeded in `cluster`; returns when the first of them
+/// was answered (when traffic settled there).
 async fn settled_in(caller: &Process, cluster: &str, n: usize, within: Duration) -> u64 {
     eventually(within, &format!("the last {n} calls answered in {cluster}"), || async {
         let calls = calls(caller);
         let tail = calls.get(calls.len().checked_sub(n)?..)?;
         tail.iter()
             .all(|c| c.status == 200 && c.who == cluster)
-            .then(|| tail[0].at_ms)
+            .then(|| tail[0].at_ms + tail[0].took_ms)
     })
     .await
 }
@@ -298,9 +317,16 @@ async fn a_partitioned_cluster_fails_over_by_locality_and_traffic_returns_when_i
     let out = mesh.apply(POLICY);
     assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
     for host in ORDERS_HOSTS {
-        mesh.orders(host);
+        // cluster-b names its address itself; the others leave it to the sidecar.
+        let advertise = format!("{}:15006", mesh.net.host(host).addr);
+        let extra = if host == "cluster-b" {
+            vec!["--advertise".into(), advertise]
+        } else {
+            vec![]
+        };
+        mesh.orders(host, &extra);
     }
-    mesh.proxy(WEB_HOST, "default/web", "web", "cluster-c");
+    mesh.proxy(WEB_HOST, "default/web", "web", "cluster-c", &[]);
     for host in ORDERS_HOSTS.iter().chain([&WEB_HOST]) {
         mesh.ready(host).await;
     }
@@ -317,7 +343,13 @@ async fn a_partitioned_cluster_fails_over_by_locality_and_traffic_returns_when_i
             "{host} advertises its host's address: {listeners}"
         );
     }
-    let caller = mesh.net.spawn(WEB_HOST, "caller", "/usr/bin/python3", &["-u".into(), "-c".into(), CALLER.into()], &[]);
+    let caller = mesh.net.spawn(
+        WEB_HOST,
+        "caller",
+        "/usr/bin/python3",
+        &["-u".into(), "-c".into(), CALLER.into()],
+        &[],
+    );
     settled_in(&caller, "cluster-c", 50, Duration::from_secs(30)).await;
     let config = mesh.config_dump(WEB_HOST)["config"].to_string();
     for host in ORDERS_HOSTS {
@@ -332,19 +364,25 @@ async fn a_partitioned_cluster_fails_over_by_locality_and_traffic_returns_when_i
     let over = settled_in(&caller, "cluster-b", 50, Duration::from_secs(30)).await;
     let failover_ms = over.saturating_sub(cut);
     let failed = failed_between(&caller, cut, over);
-    let served_by_a = calls(&caller)
+    let slowest = calls(&caller)
         .iter()
-        .filter(|c| c.at_ms >= cut && c.who == "cluster-a")
-        .count();
+        .filter(|c| c.at_ms + c.took_ms >= cut && c.at_ms <= over)
+        .map(|c| c.took_ms)
+        .max()
+        .unwrap_or_default();
+    let served_by_a = calls(&caller).iter().filter(|c| c.at_ms >= cut && c.who == "cluster-a").count();
     eprintln!(
-        "partition: traffic in cluster-b {failover_ms} ms after the cut; {} failed requests: {failed:?}; {served_by_a} answered in cluster-a",
+        "partition: traffic in cluster-b {failover_ms} ms after the cut, the slowest request meanwhile {slowest} ms; {} failed requests: {failed:?}; {served_by_a} answered in cluster-a",
         failed.len()
     );
     // Three failures eject the endpoint; each request stuck on it is moved after 300 ms by the
     // per-try timeout, so the caller sees at most those three fail, within a few ejection spans.
     assert!(failed.len() <= 3, "at most the outlier threshold fails: {failed:?}");
     assert!(failover_ms < 5_000, "failover took {failover_ms} ms");
+    assert!(slowest < 3_000, "no request waited for the route's timeout: {slowest} ms");
     assert_eq!(served_by_a, 0, "cluster-b comes before cluster-a in the failover order");
+    let ejections = mesh.metric(WEB_HOST, "weft_proxy_outlier_ejections_total");
+    assert!(ejections >= 1.0, "outlier detection moved the traffic: {ejections} ejections");
 
     // One of three etcd members killed on its host: the store keeps quorum, a change still
     // goes through, and traffic does not notice.
@@ -377,4 +415,22 @@ async fn a_partitioned_cluster_fails_over_by_locality_and_traffic_returns_when_i
     drop(caller);
     drop(mesh);
     eprintln!("teardown took {:?}", started.elapsed());
+}
+
+#[test]
+fn an_advertised_address_no_one_can_dial_is_refused_at_start() {
+    for bad in ["0.0.0.0:15006", "198.18.0.5:0"] {
+        let out = std::process::Command::new(BIN)
+            .args(["proxy", "--control", "https://198.18.0.1:7071", "--workload", "default/web"])
+            .args(["--cluster", "a", "--app", APP, "--inbound", INBOUND, "--outbound", OUTBOUND])
+            .args(["--advertise", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--advertise") && stderr.contains(bad) && stderr.contains("cannot dial"),
+            "{stderr}"
+        );
+    }
 }

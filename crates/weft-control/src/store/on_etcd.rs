@@ -17,7 +17,7 @@
 //! key's creation revision ([`EtcdStore::fence`]): a deposed leader's write fails.
 
 use super::{Revision, StoreError, TokenRecord, TokenRefusal, db_err, decode};
-use crate::etcd::{self, Etcd, Kv, pb};
+use crate::etcd::{self, Etcd, Kv, StoreTls, pb};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use weft_api::{Resource, ResourceKey};
@@ -42,8 +42,8 @@ fn number(n: u64) -> String {
 }
 
 impl EtcdStore {
-    pub(crate) fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let etcd = Etcd::connect(url)?;
+    pub(crate) fn connect(url: &str, prefix: &str, tls: Option<&StoreTls>) -> Result<Self, StoreError> {
+        let etcd = Etcd::connect(url, tls)?;
         let prefix = format!("{}/", prefix.trim_end_matches('/'));
         Ok(Self {
             etcd,
