@@ -378,8 +378,6 @@ impl From<pb::KeyValue> for Kv {
     }
 }
 
-/// The end of the range of every key starting with `prefix`: the prefix with its last byte
-/// incremented.
 // === impl StoreTls ===
 
 impl StoreTls {
@@ -458,6 +456,8 @@ fn with_causes(status: &tonic::Status) -> String {
     text
 }
 
+/// The end of the range of every key starting with `prefix`: the prefix with its last byte
+/// incremented.
 fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     while let Some(last) = end.pop() {

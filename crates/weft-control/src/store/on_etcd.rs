@@ -410,7 +410,7 @@ mod tests {
 
         /// A store on it, once etcd answers.
         fn store(&self, prefix: &str) -> EtcdStore {
-            let store = EtcdStore::connect(&self.url, prefix).unwrap();
+            let store = EtcdStore::connect(&self.url, prefix, None).unwrap();
             let deadline = Instant::now() + Duration::from_secs(20);
             while store.stable().is_err() {
                 assert!(Instant::now() < deadline, "etcd at {} never answered", self.url);
