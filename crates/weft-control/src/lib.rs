@@ -181,6 +181,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
             .clone()
             .unwrap_or_else(|| api_l.local_addr().expect("bound").to_string()),
     );
+    mesh.set_api_addr(api_l.local_addr().expect("bound"), !cfg.insecure_plaintext);
     let mesh = Arc::new(mesh);
     let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind {
         listener: "grpc",
