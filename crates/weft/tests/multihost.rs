@@ -156,9 +156,9 @@ async fn mesh() -> Option<Mesh> {
 }
 
 impl Mesh {
-    /// Runs the CLI from the first control host against the first replica.
-    fn cli(&self, args: &[&str]) -> Output {
-        let host = CONTROL_HOSTS[0];
+    /// Runs the CLI from control host `i` against its replica.
+    fn cli(&self, i: usize, args: &[&str]) -> Output {
+        let host = CONTROL_HOSTS[i];
         let server = format!("https://{}:{API_PORT}", self.net.host(host).addr);
         self.net
             .command(host, BIN)
@@ -166,25 +166,26 @@ impl Mesh {
                 "--server",
                 &server,
                 "--ca-file",
-                &self.data_dirs[0].join("ca.pem").display().to_string(),
+                &self.data_dirs[i].join("ca.pem").display().to_string(),
             ])
             .args(args)
             .env("WEFT_API_TOKEN", &self.admin_token)
-            .env("WEFT_CONFIG", self.data_dirs[0].join("no-user-config.json"))
+            .env("WEFT_CONFIG", self.data_dirs[i].join("no-user-config.json"))
             .output()
             .unwrap()
     }
 
     fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
+        let out = self.cli(0, args);
         assert!(out.status.success(), "weft {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
 
-    fn apply(&self, yaml: &str) -> Output {
-        let file = self.data_dirs[0].join("policy.yaml");
+    /// `weft apply` of `yaml` through replica `i` (a follower forwards it to the leader).
+    fn apply(&self, i: usize, yaml: &str) -> Output {
+        let file = self.data_dirs[i].join("policy.yaml");
         std::fs::write(&file, yaml).unwrap();
-        self.cli(&["apply", "-f", &file.display().to_string()])
+        self.cli(i, &["apply", "-f", &file.display().to_string()])
     }
 
     /// Every replica's gRPC URL: proxies spread over them.
@@ -314,7 +315,7 @@ fn failed_between(caller: &Process, from: u64, to: u64) -> Vec<Call> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_cluster_fails_over_by_locality_and_traffic_returns_when_it_heals() {
     let Some(mut mesh) = mesh().await else { return };
-    let out = mesh.apply(POLICY);
+    let out = mesh.apply(0, POLICY);
     assert!(out.status.success(), "apply: {}", String::from_utf8_lossy(&out.stderr));
     for host in ORDERS_HOSTS {
         // cluster-b names its address itself; the others leave it to the sidecar.
@@ -385,16 +386,19 @@ async fn a_partitioned_cluster_fails_over_by_locality_and_traffic_returns_when_i
     assert!(ejections >= 1.0, "outlier detection moved the traffic: {ejections} ejections");
 
     // One of three etcd members killed on its host: the store keeps quorum, a change still
-    // goes through, and traffic does not notice.
+    // goes through (asked of the second replica, across hosts to the leader when it follows),
+    // and traffic does not notice.
     let killed = now_ms();
     mesh.etcd.stop(0);
     let changed = POLICY.replace("timeout: 3s", "timeout: 4s");
-    let out = mesh.apply(&changed);
+    let out = mesh.apply(1, &changed);
     assert!(
         out.status.success(),
         "a write with two of three etcd members: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let policy = String::from_utf8(mesh.cli(1, &["-o", "json", "get", "TrafficPolicy", "orders"]).stdout).unwrap();
+    assert!(policy.contains("\"4s\""), "the change is in the mesh: {policy}");
     settled_in(&caller, "cluster-b", 20, Duration::from_secs(10)).await;
     let failed = failed_between(&caller, killed, now_ms());
     assert!(failed.is_empty(), "no request fails for a lost etcd member: {failed:?}");
