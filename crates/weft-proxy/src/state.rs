@@ -155,3 +155,26 @@ fn route_to(urls: &str) -> std::io::Result<std::net::IpAddr> {
     socket.connect(remote)?;
     Ok(socket.local_addr()?.ip())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(url: &str) -> Source {
+        Source::Control {
+            url: url.into(),
+            token: None,
+        }
+    }
+
+    #[test]
+    fn a_wildcard_inbound_is_advertised_as_the_address_toward_the_control_plane() {
+        let wildcard: SocketAddr = "0.0.0.0:15006".parse().unwrap();
+        let to_loopback = control("https://127.0.0.1:7071,https://10.9.9.9:7071");
+        assert_eq!(advertised(wildcard, &to_loopback), "127.0.0.1:15006".parse().unwrap());
+        let specific: SocketAddr = "127.0.0.2:15006".parse().unwrap();
+        assert_eq!(advertised(specific, &to_loopback), specific, "a specific address is kept");
+        let unusable = control("https://[not an address]:7071");
+        assert_eq!(advertised(wildcard, &unusable), wildcard, "no route: kept, with a warning");
+    }
+}
