@@ -3,6 +3,9 @@
 //! Every change is an intent: `POST /resources`, `DELETE /resources/...` and `POST /rollback`
 //! queue one (one 100% stage, no bake) and wait briefly for it to finish; `POST /intents`
 //! queues a staged one and answers at once.
+//!
+//! On etcd, a change asked of a follower is forwarded to the leader, whose answer is the answer
+//! ([`forward_to_leader`]).
 
 use crate::auth::{Actor, Auth, Role};
 use crate::intents::{ChangeError, Submitted};
@@ -26,6 +29,14 @@ use weft_api::resource::Object;
 
 /// How long a plain change (`weft apply`) is waited for before the API answers 202.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// Marks a change a follower forwarded, with the follower's name: the leader handles it itself
+/// (a forwarded change is never forwarded again) and logs where it came through.
+const FORWARDED_BY: &str = "x-weft-forwarded-by";
+
+/// How long a follower waits for the leader's answer to a forwarded change: the leader's own
+/// wait for a plain change, and some.
+const FORWARD_WAIT: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub(crate) struct Api {
@@ -115,9 +126,80 @@ pub fn registered_routes() -> Vec<(Method, &'static str)> {
 pub(crate) fn router(api: Api) -> Router {
     routes()
         .router
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), forward_to_leader))
+        // Last added, so first to run: a follower forwards only what the caller may do.
         .route_layer(axum::middleware::from_fn_with_state(api.auth.clone(), crate::auth::authorize))
         .fallback(not_found)
         .with_state(api)
+}
+
+/// A change asked of a follower goes to the leader, which alone changes the mesh; the leader's
+/// answer (status, headers, body) is the answer, and the leader checks the credential and audits
+/// the call as if it had been asked directly. Served here instead: reads, signing in and out
+/// (dashboard sessions are each replica's own), a change already forwarded, and every change
+/// while no leader's API is known (refused then with 503 saying why).
+async fn forward_to_leader(State(api): State<Api>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let here = matches!(*req.method(), Method::GET | Method::HEAD)
+        || req.uri().path() == "/api/v1/session"
+        || req.headers().contains_key(FORWARDED_BY)
+        || api.mesh.leading();
+    let leader = if here { None } else { api.mesh.leader_api.lock().clone() };
+    match leader {
+        Some(leader) => forward(&api.mesh, &leader, req).await.unwrap_or_else(IntoResponse::into_response),
+        None => next.run(req).await,
+    }
+}
+
+/// Sends `req` to the leader's API at `leader` over one new connection (TLS trusting the mesh
+/// CA, which signed the leader's serving certificate); streams the body both ways.
+async fn forward(mesh: &Mesh, leader: &str, req: axum::extract::Request) -> Result<Response, ApiError> {
+    let refused = |why: String| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this replica is a follower and forwards changes to the leader at {leader}, which did not answer: {why}"),
+            vec![],
+        )
+    };
+    let mut connector = if leader.starts_with("https://") {
+        let verifier = weft_core::tls::roots_verifier(&mesh.ca.bundle_pem(), "the mesh CA").map_err(|e| refused(e.to_string()))?;
+        let config = weft_core::tls::client_config(verifier, None, &[b"http/1.1"]).map_err(|e| refused(e.to_string()))?;
+        weft_core::tls::Connector::tls(Arc::new(config))
+    } else {
+        weft_core::tls::Connector::plaintext()
+    };
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let target: http::Uri = format!("{leader}{path}").parse().map_err(|e| refused(format!("{e}")))?;
+    let authority = target.authority().map(|a| a.to_string()).unwrap_or_default();
+    parts.uri = path.parse().map_err(|e| refused(format!("{e}")))?;
+    parts.headers.remove(header::CONNECTION);
+    parts
+        .headers
+        .insert(header::HOST, authority.parse().map_err(|e| refused(format!("{e}")))?);
+    parts
+        .headers
+        .insert(FORWARDED_BY, mesh.replica.parse().map_err(|e| refused(format!("{e}")))?);
+    let exchange = async move {
+        let conn = tower_service::Service::call(&mut connector, target)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(conn)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        tokio::spawn(connection);
+        let answer = sender
+            .send_request(axum::extract::Request::from_parts(parts, body))
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        Ok(answer.map(axum::body::Body::new))
+    };
+    tokio::time::timeout(FORWARD_WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| Err(refused(format!("no answer within {FORWARD_WAIT:?}"))))
 }
 
 async fn live() -> Json<serde_json::Value> {

@@ -5,6 +5,7 @@
 //! runtime: nothing here blocks one of its tasks on another of its tasks.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -34,6 +35,22 @@ pub enum EtcdError {
     Status { url: String, message: String },
     #[error("bad store address {url:?}: {message}")]
     Address { url: String, message: String },
+    /// A TLS file given to reach etcd is unreadable or wrong: names the flag, the file and why.
+    #[error("{flag} {}: {message}", path.display())]
+    Tls {
+        flag: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+}
+
+/// How to reach etcd over TLS (`--store-ca`, `--store-cert`, `--store-key`).
+#[derive(Clone, Debug)]
+pub struct StoreTls {
+    /// The CA certificates (PEM) etcd's serving certificates chain to.
+    pub ca: PathBuf,
+    /// A client certificate and its key (PEM), for an etcd run with `--client-cert-auth`.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// One etcd cluster, reached through every member listed in `etcd://HOST:PORT[,HOST:PORT...]`.
@@ -63,8 +80,8 @@ pub(crate) struct Kv {
 
 impl Etcd {
     /// Parses `etcd://HOST:PORT[,HOST:PORT...]` and prepares connections to every member (made
-    /// lazily: a member down at start is tried again on each request).
-    pub(crate) fn connect(url: &str) -> Result<Self, EtcdError> {
+    /// lazily: a member down at start is tried again on each request), over TLS with `tls`.
+    pub(crate) fn connect(url: &str, tls: Option<&StoreTls>) -> Result<Self, EtcdError> {
         let bad = |message: &str| EtcdError::Address {
             url: url.to_string(),
             message: message.to_string(),
@@ -72,6 +89,11 @@ impl Etcd {
         let members = url
             .strip_prefix("etcd://")
             .ok_or_else(|| bad("expected etcd://HOST:PORT[,HOST:PORT...]"))?;
+        let connector = match tls {
+            Some(tls) => weft_core::tls::Connector::tls(tls.client_config()?),
+            None => weft_core::tls::Connector::plaintext(),
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoints = Vec::new();
         for member in members.split(',') {
             let (host, port) = member
@@ -80,7 +102,7 @@ impl Etcd {
             if host.is_empty() || port.parse::<u16>().is_err() {
                 return Err(bad(&format!("member {member:?} is not HOST:PORT")));
             }
-            let endpoint = Endpoint::from_shared(format!("http://{member}"))
+            let endpoint = Endpoint::from_shared(format!("{scheme}://{member}"))
                 .map_err(|e| bad(&e.to_string()))?
                 .connect_timeout(Duration::from_secs(1))
                 .http2_keep_alive_interval(Duration::from_secs(1))
@@ -97,7 +119,8 @@ impl Etcd {
                     .enable_all()
                     .build()
                     .expect("a runtime for etcd requests");
-                let members: Vec<Channel> = runtime.block_on(async { endpoints.iter().map(|e| e.connect_lazy()).collect() });
+                let members: Vec<Channel> =
+                    runtime.block_on(async { endpoints.iter().map(|e| e.connect_with_connector_lazy(connector.clone())).collect() });
                 let _ = handle_tx.send((runtime.handle().clone(), members));
                 runtime.block_on(async {
                     let _ = stopped.await;
@@ -130,11 +153,11 @@ impl Etcd {
             // `call` asks the next member on these: here every member failed so.
             Ok(Ok(Err(status))) if status.code() == tonic::Code::Unavailable => Err(EtcdError::Unreachable {
                 url: self.url.clone(),
-                last: status.message().to_string(),
+                last: with_causes(&status),
             }),
             Ok(Ok(Err(status))) => Err(EtcdError::Status {
                 url: self.url.clone(),
-                message: status.message().to_string(),
+                message: with_causes(&status),
             }),
             Ok(Err(_)) | Err(_) => Err(self.timeout()),
         }
@@ -166,7 +189,7 @@ impl Etcd {
                     }
                 }
             }
-            let last = unreachable.map(|s| s.message().to_string()).unwrap_or_default();
+            let last = unreachable.map(|s| with_causes(&s)).unwrap_or_default();
             Err(tonic::Status::unavailable(last))
         })
     }
@@ -353,6 +376,84 @@ impl From<pb::KeyValue> for Kv {
             mod_revision: kv.mod_revision,
         }
     }
+}
+
+// === impl StoreTls ===
+
+impl StoreTls {
+    /// The TLS client configuration: etcd checked against the CA (its certificate must name the
+    /// address dialled), the client certificate presented when there is one, HTTP/2 by ALPN
+    /// (gRPC). Every file is read and checked here, at start.
+    fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, EtcdError> {
+        let ca = read_pem(&self.ca, "--store-ca")?;
+        let verifier = weft_core::tls::roots_verifier(&ca, "the CA").map_err(|e| EtcdError::Tls {
+            flag: "--store-ca",
+            path: self.ca.clone(),
+            message: e.to_string(),
+        })?;
+        let resolver = match &self.client {
+            Some((cert, key)) => Some(client_cert(cert, key)?),
+            None => None,
+        };
+        let config = weft_core::tls::client_config(verifier, resolver, &[b"h2"]).map_err(|e| EtcdError::Tls {
+            flag: "--store-ca",
+            path: self.ca.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Arc::new(config))
+    }
+}
+
+fn read_pem(path: &Path, flag: &'static str) -> Result<String, EtcdError> {
+    std::fs::read_to_string(path).map_err(|e| EtcdError::Tls {
+        flag,
+        path: path.to_path_buf(),
+        message: format!("cannot read it: {e}"),
+    })
+}
+
+/// The certificate chain in `cert` with the key in `key`, checked to belong together.
+fn client_cert(cert: &Path, key: &Path) -> Result<Arc<dyn rustls::client::ResolvesClientCert>, EtcdError> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    let wrong = |flag, path: &Path, message: String| EtcdError::Tls {
+        flag,
+        path: path.to_path_buf(),
+        message,
+    };
+    let chain = weft_core::tls::certs_from_pem(&read_pem(cert, "--store-cert")?, "the client certificate")
+        .map_err(|e| wrong("--store-cert", cert, e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(read_pem(key, "--store-key")?.as_bytes())
+        .map_err(|e| wrong("--store-key", key, format!("no private key in it (PEM): {e}")))?;
+    let certified = rustls::sign::CertifiedKey::from_der(chain, key_der, &weft_core::tls::provider())
+        .map_err(|e| wrong("--store-key", key, format!("does not go with --store-cert {}: {e}", cert.display())))?;
+    Ok(Arc::new(ClientCert(Arc::new(certified))))
+}
+
+/// Presents one fixed certificate to etcd.
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A status's message and the errors under it: tonic says only "transport error", the cause
+/// (a refused certificate, a closed connection) is in its sources.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        text = format!("{text}: {e}");
+        cause = e.source();
+    }
+    text
 }
 
 /// The end of the range of every key starting with `prefix`: the prefix with its last byte

@@ -10,6 +10,9 @@
 //! and try to create it once it is gone, so a new leader acts within the lease's TTL of the old
 //! one's last renewal.
 //!
+//! The record names the leader's API too, where followers forward the changes asked of them
+//! ([`crate::api`]).
+//!
 //! Followers watch the store and reload the machine from it after every change, so their proxies
 //! are planned from the leader's intents and stages.
 
@@ -34,6 +37,10 @@ const RENEW_TIMEOUT: Duration = Duration::from_millis(1000);
 #[derive(Debug, Serialize, Deserialize)]
 struct LeaderRecord {
     replica: String,
+    /// The leader's API URL (absent when it is bound to a wildcard address, or from a replica
+    /// of a version before forwarding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api: Option<String>,
 }
 
 /// This replica's standing in the election.
@@ -167,15 +174,18 @@ fn try_lead(mesh: &Mesh) -> Result<Option<i64>, crate::store::StoreError> {
     };
     let key = store.key("leader");
     if let Some(kv) = store.etcd.get(&key, false)? {
-        let leader = serde_json::from_str::<LeaderRecord>(&kv.value)
-            .map(|r| r.replica)
-            .unwrap_or(kv.value);
-        mesh.follow(Some(leader));
+        let leader = serde_json::from_str::<LeaderRecord>(&kv.value).unwrap_or(LeaderRecord {
+            replica: kv.value,
+            api: None,
+        });
+        *mesh.leader_api.lock() = leader.api;
+        mesh.follow(Some(leader.replica));
         return Ok(None);
     }
     let lease = store.etcd.grant(LEASE_TTL)?;
     let record = serde_json::to_string(&LeaderRecord {
         replica: mesh.replica.clone(),
+        api: mesh.api_url.clone(),
     })
     .expect("serializes");
     let (won, created) = store.etcd.txn(

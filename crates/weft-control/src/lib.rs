@@ -29,6 +29,7 @@ mod store;
 mod taps;
 mod vip;
 
+pub use etcd::StoreTls;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub struct ControlConfig {
     pub store: Option<String>,
     /// `--store-prefix`: where in etcd.
     pub store_prefix: String,
+    /// `--store-ca` (and `--store-cert`, `--store-key`): etcd over TLS.
+    pub store_tls: Option<StoreTls>,
     /// `--replica`: this replica's name among those on one store (default: its API address).
     pub replica: Option<String>,
 }
@@ -106,7 +109,7 @@ fn open_store(cfg: &ControlConfig) -> Result<store::Store, store::StoreError> {
             path: cfg.data_dir.display().to_string(),
             message: e.to_string(),
         })?;
-        return store::Store::etcd(url, &cfg.store_prefix);
+        return store::Store::etcd(url, &cfg.store_prefix, cfg.store_tls.as_ref());
     }
     if !cfg.reinit_store {
         return store::Store::open(&cfg.data_dir);
@@ -180,6 +183,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
             .clone()
             .unwrap_or_else(|| api_l.local_addr().expect("bound").to_string()),
     );
+    mesh.set_api_addr(api_l.local_addr().expect("bound"), !cfg.insecure_plaintext);
     let mesh = Arc::new(mesh);
     let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind {
         listener: "grpc",

@@ -44,6 +44,10 @@ const STEP_INTERVAL: Duration = Duration::from_millis(20);
 pub(crate) struct Mesh {
     /// This replica's name (`--replica`).
     pub(crate) replica: String,
+    /// Where other replicas reach this one's API (`None` when bound to a wildcard address).
+    pub(crate) api_url: Option<String>,
+    /// The leader's API, as its election record says: where a follower forwards changes.
+    pub(crate) leader_api: Mutex<Option<String>>,
     /// Whether this replica leads, and who does.
     role: Mutex<Role>,
     pub(crate) store: Arc<Store>,
@@ -164,6 +168,8 @@ impl Mesh {
         let vips = Arc::new(Vips::load(store.clone())?);
         Ok(Self {
             replica: "local".into(),
+            api_url: None,
+            leader_api: Mutex::new(None),
             role: Mutex::new(Role {
                 leading,
                 leader: leading.then(|| "local".to_string()),
@@ -485,6 +491,12 @@ impl Mesh {
             role.leader = Some(name.clone());
         }
         self.replica = name;
+    }
+
+    /// Where other replicas reach this one's API: `scheme://addr`, unless `addr` is a wildcard.
+    pub(crate) fn set_api_addr(&mut self, addr: std::net::SocketAddr, tls: bool) {
+        let scheme = if tls { "https" } else { "http" };
+        self.api_url = (!addr.ip().is_unspecified()).then(|| format!("{scheme}://{addr}"));
     }
 
     pub(crate) fn leading(&self) -> bool {

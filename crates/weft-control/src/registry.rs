@@ -151,6 +151,13 @@ impl Registry {
             .inbound_addr
             .parse()
             .map_err(|_| format!("register: inbound_addr {:?} is not a socket address", reg.inbound_addr))?;
+        // Other proxies dial this address, most of them on other hosts: a wildcard names none.
+        if inbound.ip().is_unspecified() || inbound.port() == 0 {
+            return Err(format!(
+                "register: inbound_addr {:?} is a wildcard address or port 0, which no other proxy can dial (start the proxy with --advertise HOST_IP:PORT)",
+                reg.inbound_addr
+            ));
+        }
         let labels: BTreeMap<String, String> = reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let service = labels.get(SERVICE_LABEL).cloned().unwrap_or_else(|| reg.name.clone());
         let conn = self.next_conn;

@@ -175,9 +175,19 @@ impl Store {
         Ok((Self::Redb(redb), aside))
     }
 
-    /// etcd at `url` (`etcd://HOST:PORT[,HOST:PORT...]`), every key under `prefix`.
-    pub(crate) fn etcd(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        Ok(Self::Etcd(on_etcd::EtcdStore::connect(url, prefix)?))
+    /// etcd at `url` (`etcd://HOST:PORT[,HOST:PORT...]`), every key under `prefix`, over TLS
+    /// with `tls`.
+    pub(crate) fn etcd(url: &str, prefix: &str, tls: Option<&crate::etcd::StoreTls>) -> Result<Self, StoreError> {
+        use crate::etcd::EtcdError;
+        match on_etcd::EtcdStore::connect(url, prefix, tls) {
+            Ok(store) => Ok(Self::Etcd(store)),
+            // A bad address or TLS file is a mistake in the flags, not an outage of the store.
+            Err(StoreError::Unavailable(e @ (EtcdError::Address { .. } | EtcdError::Tls { .. }))) => Err(StoreError::Open {
+                path: url.to_string(),
+                message: e.to_string(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Where the store is, for the status and the logs.

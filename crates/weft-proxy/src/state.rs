@@ -54,6 +54,7 @@ impl Proxy {
     /// the control stream drains.
     pub(crate) fn new(cfg: ProxyConfig, bound: Bound) -> Result<(Self, Option<mpsc::UnboundedReceiver<String>>), LinkError> {
         let identity = Arc::new(Identity::default());
+        let advertise = cfg.advertise.unwrap_or_else(|| advertised(bound.inbound, &cfg.source));
         let (config, link, token, channel) = match cfg.source {
             Source::Static(mesh) => (mesh, None, None, None),
             Source::Control { url, token } => {
@@ -95,7 +96,7 @@ impl Proxy {
         let proxy = Proxy {
             taps: Taps::new(format!("{}/{}", workload.namespace, workload.name)),
             local: Local {
-                advertise: cfg.advertise.unwrap_or(bound.inbound),
+                advertise,
                 workload,
                 app: cfg.app,
                 app_protocol: cfg.app_protocol,
@@ -112,5 +113,68 @@ impl Proxy {
             clock: Clock::default(),
         };
         Ok((proxy, rx))
+    }
+}
+
+/// The address other proxies dial for this workload when `--advertise` is not given: the bound
+/// inbound address, unless that is a wildcard (0.0.0.0, ::), which no other host can dial; then
+/// the local address of the route to the control plane (this host's address on the network the
+/// mesh shares), with the bound port. Nothing is sent: connecting a UDP socket only asks the
+/// kernel for the route.
+fn advertised(bound: SocketAddr, source: &Source) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let Source::Control { url, .. } = source else {
+        return bound;
+    };
+    match route_to(url) {
+        Ok(local) => SocketAddr::new(local, bound.port()),
+        Err(e) => {
+            tracing::warn!(inbound = %bound, control = %url, error = %e, "cannot tell this host's address for the wildcard inbound listener; advertising it as bound (set --advertise)");
+            bound
+        }
+    }
+}
+
+/// The local address the kernel would send from to the first control-plane URL's host.
+fn route_to(urls: &str) -> std::io::Result<std::net::IpAddr> {
+    use std::net::{ToSocketAddrs, UdpSocket};
+    let first = urls.split(',').next().unwrap_or_default().trim();
+    let uri: http::Uri = first
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{first:?}: {e}")))?;
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let remote = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} has no address")))?;
+    let any: SocketAddr = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("a literal");
+    let socket = UdpSocket::bind(any)?;
+    socket.connect(remote)?;
+    Ok(socket.local_addr()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(url: &str) -> Source {
+        Source::Control {
+            url: url.into(),
+            token: None,
+        }
+    }
+
+    #[test]
+    fn a_wildcard_inbound_is_advertised_as_the_address_toward_the_control_plane() {
+        let wildcard: SocketAddr = "0.0.0.0:15006".parse().unwrap();
+        let to_loopback = control("https://127.0.0.1:7071,https://10.9.9.9:7071");
+        assert_eq!(advertised(wildcard, &to_loopback), "127.0.0.1:15006".parse().unwrap());
+        let specific: SocketAddr = "127.0.0.2:15006".parse().unwrap();
+        assert_eq!(advertised(specific, &to_loopback), specific, "a specific address is kept");
+        let unusable = control("https://[not an address]:7071");
+        assert_eq!(advertised(wildcard, &unusable), wildcard, "no route: kept, with a warning");
     }
 }

@@ -55,6 +55,18 @@ impl Pki {
             key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         }
     }
+
+    /// A server-and-client leaf for `names` (DNS names or IP addresses), as PEM certificate and
+    /// key: for programs that read files (etcd, `weft control --store-cert`).
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

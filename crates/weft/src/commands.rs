@@ -13,7 +13,7 @@ use weft_api::Resource;
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
     /// Static config file (no control plane): listeners, workload and services.
-    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "admin", "token", "insecure_plaintext"])]
+    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "advertise", "admin", "token", "insecure_plaintext"])]
     pub config: Option<PathBuf>,
     /// The control plane's gRPC URL, e.g. https://127.0.0.1:7071 (TLS, the CA pinned by the join
     /// token's fingerprint); several replicas' URLs separated by commas: the proxy starts with a
@@ -40,6 +40,11 @@ pub struct ProxyArgs {
     pub inbound: Option<SocketAddr>,
     #[arg(long, required_unless_present = "config")]
     pub outbound: Option<SocketAddr>,
+    /// The address other proxies dial for this workload (registered with the control plane).
+    /// Default: --inbound, or when that is a wildcard (0.0.0.0:PORT) this host's address on
+    /// the route to the control plane, with the inbound port.
+    #[arg(long, value_name = "ADDR", value_parser = parse_advertise)]
+    pub advertise: Option<SocketAddr>,
     #[arg(long)]
     pub admin: Option<SocketAddr>,
     /// Join token (`weft token create`); without one the proxy has no identity and the control
@@ -88,6 +93,15 @@ pub struct ProxyArgs {
         value_parser = weft_proxy::config::app_connect_timeout
     )]
     pub app_connect_timeout: Option<std::time::Duration>,
+}
+
+/// An address another host can dial: not a wildcard, not port 0.
+fn parse_advertise(v: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = v.parse().map_err(|_| format!("{v:?} is not a socket address (IP:PORT)"))?;
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err(format!("{v:?}: other proxies cannot dial a wildcard address or port 0"));
+    }
+    Ok(addr)
 }
 
 fn parse_tcp(v: &str) -> Result<(SocketAddr, String), String> {
@@ -176,9 +190,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reinit_store,
             store,
             store_prefix,
+            store_ca,
+            store_cert,
+            store_key,
             replica,
         } => {
             let root = root_cert.zip(root_key);
+            let store_tls = store_ca.map(|ca| weft_control::StoreTls {
+                ca,
+                client: store_cert.zip(store_key),
+            });
             let cfg = weft_control::ControlConfig {
                 data_dir,
                 api,
@@ -192,6 +213,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reinit_store,
                 store,
                 store_prefix,
+                store_tls,
                 replica,
             };
             return control(cfg).await;
@@ -405,7 +427,7 @@ pub fn proxy_config(args: ProxyArgs) -> Result<weft_proxy::ProxyConfig, ExitCode
                 inbound: args.inbound.expect("required"),
                 outbound: args.outbound.expect("required"),
                 admin: args.admin,
-                advertise: None,
+                advertise: args.advertise,
                 access_log: args.access_log,
                 access_log_sample: args.access_log_sample,
                 otlp_endpoint: args.otlp_endpoint.clone(),

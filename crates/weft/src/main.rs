@@ -130,12 +130,23 @@ pub enum Command {
         #[arg(long)]
         reinit_store: bool,
         /// Keep the mesh in etcd instead of --data-dir, shared by every replica started with
-        /// the same value: etcd://HOST:PORT[,HOST:PORT...] (plaintext gRPC to etcd).
+        /// the same value: etcd://HOST:PORT[,HOST:PORT...] (plaintext gRPC to etcd unless --store-ca).
         #[arg(long, value_name = "etcd://HOST:PORT,...", conflicts_with = "reinit_store")]
         store: Option<String>,
         /// Every key this mesh keeps in etcd starts with it, so meshes can share one etcd.
         #[arg(long, default_value = "/weft", requires = "store")]
         store_prefix: String,
+        /// Reach etcd over TLS, checking its certificates against the CA certificates (PEM) in
+        /// FILE; each member's certificate must name the address given in --store.
+        #[arg(long, value_name = "FILE", requires = "store")]
+        store_ca: Option<PathBuf>,
+        /// The client certificate (PEM) presented to etcd (etcd run with --client-cert-auth);
+        /// with --store-key and --store-ca.
+        #[arg(long, value_name = "FILE", requires_all = ["store_key", "store_ca"])]
+        store_cert: Option<PathBuf>,
+        /// The private key (PEM) of --store-cert.
+        #[arg(long, value_name = "FILE", requires_all = ["store_cert", "store_ca"])]
+        store_key: Option<PathBuf>,
         /// This replica's name among the replicas on one --store (default: its API address).
         #[arg(long, requires = "store")]
         replica: Option<String>,

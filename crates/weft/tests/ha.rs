@@ -153,18 +153,17 @@ async fn replicas_elect_one_leader_and_another_takes_over_within_the_lease_when_
     );
     assert_eq!(status["controlPlane"]["version"], env!("CARGO_PKG_VERSION"));
 
-    // Only the leader changes the mesh; a follower says who does.
-    let (code, refused) = all[follower].post("/api/v1/intents", HOLD).await;
-    assert_eq!(code, 503, "{refused}");
-    let leader_name = status["controlPlane"]["replica"].as_str().unwrap();
+    // Only the leader changes the mesh: a change asked of a follower is forwarded to it, and
+    // the leader's answer is the answer; a caller the follower refuses is not forwarded.
+    let viewer = all[follower].api_token("ci", "viewer").await;
+    let (code, body) = all[follower].call_as("POST", "/api/v1/intents", HOLD, &viewer).await;
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = all[follower].post("/api/v1/intents", HOLD).await;
+    assert_eq!(code, 201, "forwarded to the leader: {body}");
     assert!(
-        refused["error"].as_str().unwrap().contains(&format!(
-            "follower and does not change the mesh: send it to the leader, replica {leader_name}"
-        )),
-        "{refused}"
+        phase(&all[leader], "HOLD-1").await.is_some(),
+        "the leader holds the forwarded intent"
     );
-    let (code, body) = all[leader].post("/api/v1/intents", HOLD).await;
-    assert_eq!(code, 201, "{body}");
     // Followers see the leader's intent through their watch.
     for replica in &all {
         eventually(Duration::from_secs(10), "every replica shows the held intent", || async {
@@ -550,15 +549,14 @@ async fn an_api_token_made_on_one_replica_works_on_the_others_and_its_revocation
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn followers_follow_the_leaders_root_rotation_and_cannot_start_one() {
+async fn a_root_rotation_asked_of_a_follower_runs_on_the_leader_and_the_follower_follows_it() {
     let etcd = EtcdCluster::start(1).await;
     let all = replicas(&etcd.url(), 2).await;
     let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
     let follower = 1 - leader;
-    let (code, body) = all[follower].post("/api/v1/ca/rotate", "").await;
-    assert_eq!(code, 503, "{body}");
     let before = all[follower].get("/api/v1/ca").await;
-    let (code, body) = all[leader].post("/api/v1/ca/rotate", "").await;
+    // The follower forwards the rotation to the leader, the one replica that rotates.
+    let (code, body) = all[follower].post("/api/v1/ca/rotate", "").await;
     assert_eq!(code, 200, "{body}");
     // With no proxy to wait for, the leader completes the rotation; the follower signs with the
     // new root and trusts what the leader trusts.

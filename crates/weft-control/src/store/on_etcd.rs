@@ -19,7 +19,7 @@
 //! key's creation revision ([`EtcdStore::fence`]): a deposed leader's write fails.
 
 use super::{Claim, Revision, StoreError, TokenRecord, TokenRefusal, db_err, decode};
-use crate::etcd::{self, Etcd, Kv, pb};
+use crate::etcd::{self, Etcd, Kv, StoreTls, pb};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -45,8 +45,8 @@ fn number(n: u64) -> String {
 }
 
 impl EtcdStore {
-    pub(crate) fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let etcd = Etcd::connect(url)?;
+    pub(crate) fn connect(url: &str, prefix: &str, tls: Option<&StoreTls>) -> Result<Self, StoreError> {
+        let etcd = Etcd::connect(url, tls)?;
         let prefix = format!("{}/", prefix.trim_end_matches('/'));
         Ok(Self {
             etcd,
@@ -443,7 +443,7 @@ pub(crate) mod tests {
 
         /// A store on it, once etcd answers.
         pub(crate) fn store(&self, prefix: &str) -> EtcdStore {
-            let store = EtcdStore::connect(&self.url, prefix).unwrap();
+            let store = EtcdStore::connect(&self.url, prefix, None).unwrap();
             let deadline = Instant::now() + Duration::from_secs(20);
             while store.stable().is_err() {
                 assert!(Instant::now() < deadline, "etcd at {} never answered", self.url);
