@@ -10,6 +10,7 @@
 
 use crate::plan::{Kind, OverlayEntry};
 use crate::registry::ProxyRecord;
+use crate::cost::CostChange;
 use crate::rollout::{self, Drift, Evidence, Phase, Verdict};
 use crate::signals::{Sample, Signals};
 use crate::store::{ChangeEntry, Revision, Store, StoreError};
@@ -118,6 +119,11 @@ pub struct DecisionRecord {
     pub share: f64,
     pub outcome: String,
     pub reason: String,
+    /// Whether the change moved sidecar CPU per request or added latency on the treated
+    /// proxies (before vs during); absent without cost reports from them, and in records
+    /// older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostChange>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -339,6 +345,7 @@ impl Machine {
                     share: intent.share(),
                     outcome: "rolled-back".into(),
                     reason,
+                    cost: None,
                 });
                 intent.phase = Phase::RolledBack;
                 intent.treated.clear();
@@ -1024,6 +1031,7 @@ impl Step<'_> {
     /// candidate and the intent waits in `awaiting-approval` for a person (approve promotes
     /// the stage, abort rolls it back).
     fn hold_inconclusive(&mut self, seq: u64, why: String) {
+        let cost = self.sidecar_cost(seq);
         let intent = self.m.records.get_mut(&seq).expect("open");
         let (stage, share) = (intent.stage + 1, intent.share());
         let reason = format!("{why}: held at stage {stage} ({share}%) for an operator to approve or abort");
@@ -1033,6 +1041,7 @@ impl Step<'_> {
             share,
             outcome: "inconclusive".into(),
             reason: reason.clone(),
+            cost,
         });
         intent.held = true;
         intent.log(self.now_ms, "control-plane", "inconclusive", reason.clone());
@@ -1045,6 +1054,7 @@ impl Step<'_> {
     }
 
     fn promote_stage(&mut self, seq: u64, why: String) {
+        let cost = self.sidecar_cost(seq);
         let intent = self.m.records.get_mut(&seq).expect("open");
         let (stage, share) = (intent.stage + 1, intent.share());
         if intent.stage + 1 < intent.stages.len() {
@@ -1054,6 +1064,7 @@ impl Step<'_> {
                 share,
                 outcome: "promoted".into(),
                 reason: why.clone(),
+                cost,
             });
             intent.stage += 1;
             let decision = format!("{}: stage {stage} ({share}%) passed: {why}", intent.id);
@@ -1120,9 +1131,25 @@ impl Step<'_> {
         self.end(seq, Phase::Promoted, reason);
     }
 
+    /// What the change did to the cost of the sidecars it treated: before the intent started vs
+    /// since its stage's observation began ([`crate::cost`]).
+    fn sidecar_cost(&self, seq: u64) -> Option<CostChange> {
+        let intent = &self.m.records[&seq];
+        let (started, observing) = (intent.timing.started?, intent.timing.observe_started?);
+        let treated: Vec<&str> = self
+            .proxies
+            .values()
+            .filter(|p| intent.treated.contains(p.workload_id()) || (intent.treat_all && intent.enforced_by(p)))
+            .map(|p| p.workload_id())
+            .collect();
+        let before = started.checked_sub(BASELINE_WINDOW).unwrap_or(started)..started;
+        crate::cost::change(&self.signals.costs, &treated, before, observing + WARM_UP.., self.now)
+    }
+
     /// Ends an intent: its treated proxies return to stable (unless it was promoted, when stable
     /// now holds its change).
     fn end(&mut self, seq: u64, phase: Phase, reason: String) {
+        let cost = self.sidecar_cost(seq);
         let intent = self.m.records.get_mut(&seq).expect("open");
         let (stage, share) = (intent.stage + 1, intent.share());
         intent.decisions.push(DecisionRecord {
@@ -1131,6 +1158,7 @@ impl Step<'_> {
             share,
             outcome: phase.as_str().into(),
             reason: reason.clone(),
+            cost,
         });
         intent.treated.clear();
         intent.treat_all = false;

@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 mod ca;
 mod clock;
+mod cost;
 mod distribution;
 mod etcd;
 #[cfg(feature = "fuzz")]
