@@ -49,8 +49,8 @@ pub(crate) struct Costs {
 pub(crate) struct CostView {
     /// Proxies whose reports this sums.
     proxies: usize,
-    /// CPU used, as a percentage of one core.
-    cpu_percent: f64,
+    /// CPU used, as a percentage of one core (`None` until two reports span some time).
+    cpu_percent: Option<f64>,
     /// CPU per request handled (inbound and outbound), microseconds.
     cpu_us_per_request: Option<f64>,
     resident_bytes: u64,
@@ -130,7 +130,7 @@ impl Costs {
         let t = self.totals(workloads, from.., now);
         (t.proxies > 0).then(|| CostView {
             proxies: t.proxies,
-            cpu_percent: hundredths(100.0 * t.cpu_micros as f64 / 1e6 / t.span.as_secs_f64().max(1e-9)),
+            cpu_percent: (!t.span.is_zero()).then(|| hundredths(100.0 * t.cpu_micros as f64 / 1e6 / t.span.as_secs_f64())),
             cpu_us_per_request: t.per_request(),
             resident_bytes: t.resident_bytes,
             private_bytes: t.private_bytes,
@@ -298,7 +298,7 @@ mod tests {
             costs.record("default/orders", &cost, &stats, t0 + Duration::from_secs(2 * i));
         }
         let v = costs.view(["default/orders"], Duration::from_secs(10), t0 + Duration::from_secs(8)).unwrap();
-        assert_eq!((v.cpu_percent, v.cpu_us_per_request), (2.5, Some(500.0)), "{v:?}");
+        assert_eq!((v.cpu_percent, v.cpu_us_per_request), (Some(2.5), Some(500.0)), "{v:?}");
         assert!((v.outbound_p99_ms.unwrap() - 0.2).abs() < 0.005, "{v:?}");
         assert_eq!(v.resident_bytes, 20 << 20);
         assert!(costs.view(["default/payments"], Duration::from_secs(10), t0).is_none());
