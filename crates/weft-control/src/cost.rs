@@ -201,11 +201,12 @@ fn p(hist: &[u64], q: f64) -> Option<f64> {
 }
 
 /// What an intent did to the cost of its treated proxies: `before` the intent started vs
-/// `during` its observation. `None` when no treated proxy reported cost in both.
+/// `during` its observation. `None` when no treated proxy reported cost during it; a
+/// figure without reports before it reads `-` (and moves nothing).
 pub(crate) fn change(costs: &Costs, treated: &[&str], before: Range<Instant>, during: RangeFrom<Instant>, now: Instant) -> Option<CostChange> {
     let b = costs.totals(treated.iter().copied(), before, now);
     let d = costs.totals(treated.iter().copied(), during, now);
-    if b.proxies == 0 || d.proxies == 0 {
+    if d.proxies == 0 {
         return None;
     }
     let cpu = BeforeDuring {

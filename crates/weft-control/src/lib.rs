@@ -11,6 +11,7 @@ mod clock;
 mod cost;
 mod distribution;
 mod etcd;
+mod graph;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 mod history;

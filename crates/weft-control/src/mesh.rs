@@ -384,6 +384,18 @@ impl Mesh {
         views
     }
 
+    /// Who calls whom over the last window ([`crate::graph`]).
+    pub(crate) fn graph(&self) -> Vec<crate::graph::EdgeView> {
+        let service_of: HashMap<String, String> = self
+            .registry
+            .lock()
+            .proxies
+            .values()
+            .map(|p| (p.workload_id().to_string(), p.service.clone()))
+            .collect();
+        crate::graph::edges(&self.signals.lock(), &service_of, self.clock.now())
+    }
+
     pub(crate) fn routes(&self) -> Vec<RouteView> {
         self.signals.lock().routes(self.clock.now())
     }
