@@ -203,7 +203,13 @@ fn p(hist: &[u64], q: f64) -> Option<f64> {
 /// What an intent did to the cost of its treated proxies: `before` the intent started vs
 /// `during` its observation. `None` when no treated proxy reported cost during it; a
 /// figure without reports before it reads `-` (and moves nothing).
-pub(crate) fn change(costs: &Costs, treated: &[&str], before: Range<Instant>, during: RangeFrom<Instant>, now: Instant) -> Option<CostChange> {
+pub(crate) fn change(
+    costs: &Costs,
+    treated: &[&str],
+    before: Range<Instant>,
+    during: RangeFrom<Instant>,
+    now: Instant,
+) -> Option<CostChange> {
     let b = costs.totals(treated.iter().copied(), before, now);
     let d = costs.totals(treated.iter().copied(), during, now);
     if d.proxies == 0 {
@@ -298,7 +304,9 @@ mod tests {
             let (cost, stats) = report(1_000_000 + 50_000 * i, 0.2, 100);
             costs.record("default/orders", &cost, &stats, t0 + Duration::from_secs(2 * i));
         }
-        let v = costs.view(["default/orders"], Duration::from_secs(10), t0 + Duration::from_secs(8)).unwrap();
+        let v = costs
+            .view(["default/orders"], Duration::from_secs(10), t0 + Duration::from_secs(8))
+            .unwrap();
         assert_eq!((v.cpu_percent, v.cpu_us_per_request), (Some(2.5), Some(500.0)), "{v:?}");
         assert!((v.outbound_p99_ms.unwrap() - 0.2).abs() < 0.005, "{v:?}");
         assert_eq!(v.resident_bytes, 20 << 20);
@@ -320,7 +328,13 @@ mod tests {
         let now = t0 + Duration::from_secs(40);
         let start = t0 + Duration::from_secs(19);
         let c = change(&costs, &["default/orders"], t0..start, start + Duration::from_secs(2).., now).unwrap();
-        assert_eq!(c.cpu_us_per_request, BeforeDuring { before: Some(100.0), during: Some(200.0) });
+        assert_eq!(
+            c.cpu_us_per_request,
+            BeforeDuring {
+                before: Some(100.0),
+                during: Some(200.0)
+            }
+        );
         assert!(c.cpu_moved && c.latency_added, "{c:?}");
         assert!(c.summary.contains("CPU 100 → 200 µs/request (moved)"), "{}", c.summary);
         let same = change(&costs, &["default/orders"], t0..start, t0.., t0 + Duration::from_secs(10)).unwrap();

@@ -8,9 +8,9 @@
 //! and tells its caller what happened as [`Event`]s (persist this record, replan, tell the
 //! dashboard) rather than reaching back into the mesh.
 
+use crate::cost::CostChange;
 use crate::plan::{Kind, OverlayEntry};
 use crate::registry::ProxyRecord;
-use crate::cost::CostChange;
 use crate::rollout::{self, Drift, Evidence, Phase, Verdict};
 use crate::signals::{Sample, Signals};
 use crate::store::{ChangeEntry, Revision, Store, StoreError};

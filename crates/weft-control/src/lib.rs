@@ -11,9 +11,9 @@ mod clock;
 mod cost;
 mod distribution;
 mod etcd;
-mod graph;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
+mod graph;
 mod history;
 mod intents;
 mod leader;

@@ -10,12 +10,12 @@
 
 use crate::ca::{Ca, CaError, Rotation};
 use crate::clock::Clock;
+use crate::cost::CostView;
 use crate::intents::{BYPASS_STATE, Blocker, ChangeError, Event, FREEZE_STATE, IntentRecord, LoopView, Machine, Step, Submitted};
 use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
 use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
 use crate::registry::ForwardedReport;
 use crate::registry::{PeerProxy, ProxyView, Registry};
-use crate::cost::CostView;
 use crate::rollout::Phase;
 use crate::signals::{RATE_WINDOW, Reporter, RouteView, Signals, check_report, round2};
 use crate::store::{Revision, Store, StoreError};

@@ -345,11 +345,11 @@ impl Call<'_> {
                     let idle = route.idle_timeout;
                     let resp = resp.map(|b| EndpointBody::wrap(IdleTimeout::wrap(b, idle), self, i));
                     return Outcome {
-                            resp,
-                            upstream,
-                            retries,
-                            waited,
-                        };
+                        resp,
+                        upstream,
+                        retries,
+                        waited,
+                    };
                 }
                 Err(f) => f,
             };

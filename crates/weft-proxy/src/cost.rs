@@ -197,7 +197,11 @@ impl Collector for CostMetrics {
             cpu.metric_type(),
         )?)?;
         for (name, help, bytes) in [
-            ("resident_memory_bytes", "Resident memory of the proxy process", usage.resident_bytes),
+            (
+                "resident_memory_bytes",
+                "Resident memory of the proxy process",
+                usage.resident_bytes,
+            ),
             (
                 "private_memory_bytes",
                 "Resident memory private to the proxy process (shared with no other): what the sidecar adds",
@@ -251,6 +255,9 @@ mod tests {
         let text = "55a0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:                9000 kB\nPss:  7000 kB\nShared_Clean: 2000 kB\nPrivate_Clean:       1000 kB\nPrivate_Dirty:       6000 kB\n";
         assert_eq!(memory(text), (9000 * 1024, 7000 * 1024));
         let usage = Usage::now();
-        assert!(usage.cpu > Duration::ZERO && usage.resident_bytes > 0 && usage.private_bytes > 0, "{usage:?}");
+        assert!(
+            usage.cpu > Duration::ZERO && usage.resident_bytes > 0 && usage.private_bytes > 0,
+            "{usage:?}"
+        );
     }
 }

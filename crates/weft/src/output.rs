@@ -67,7 +67,12 @@ pub fn cost_cells(cost: &Value) -> [String; 4] {
     if cost.is_null() {
         return ["-".into(), "-".into(), "-".into(), "-".into()];
     }
-    let mib = |key: &str| cost[key].as_f64().map(|b| format!("{:.1}", b / 1048576.0)).unwrap_or_else(|| "-".into());
+    let mib = |key: &str| {
+        cost[key]
+            .as_f64()
+            .map(|b| format!("{:.1}", b / 1048576.0))
+            .unwrap_or_else(|| "-".into())
+    };
     [
         format!("{}%", cell(cost, "cpuPercent")),
         format!("{}/{}", mib("residentBytes"), mib("privateBytes")),

@@ -19,7 +19,12 @@ async fn cost_of(control: &Control, id: &str) -> Value {
 /// `orders`'s inbound rate (requests/s) in `/api/v1/status`.
 async fn orders_rps(control: &Control) -> f64 {
     let status = control.get("/api/v1/status").await;
-    let orders = status["services"].as_array().into_iter().flatten().find(|s| s["name"] == "orders").cloned();
+    let orders = status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "orders")
+        .cloned();
     orders.and_then(|s| s["rps"].as_f64()).unwrap_or(0.0)
 }
 
@@ -67,13 +72,18 @@ async fn every_proxy_reports_its_cost_and_cpu_per_second_rises_when_the_load_dou
         .await;
         let (resident, private) = (cost["residentBytes"].as_u64().unwrap(), cost["privateBytes"].as_u64().unwrap());
         assert!(resident > 1 << 20 && private > 0 && private <= resident, "{id}: {cost}");
-        assert!(cost["outboundP99Ms"].is_null() && cost["inboundP99Ms"].is_null(), "{id} at rest: {cost}");
+        assert!(
+            cost["outboundP99Ms"].is_null() && cost["inboundP99Ms"].is_null(),
+            "{id} at rest: {cost}"
+        );
     }
 
     // At rest, then two callers, then four: twice the load. What the load adds to CPU per
     // second must grow with it (at rest the proxies still tick: reports, timers).
     let (_, rest) = steady(&control, &ids).await;
-    let mut loads: Vec<Load> = (0..2).map(|_| Load::start(web.outbound, "orders", &[], Duration::from_millis(10))).collect();
+    let mut loads: Vec<Load> = (0..2)
+        .map(|_| Load::start(web.outbound, "orders", &[], Duration::from_millis(10)))
+        .collect();
     let (base, single) = steady(&control, &ids).await;
     loads.extend((0..2).map(|_| Load::start(web.outbound, "orders", &[], Duration::from_millis(10))));
     let (rate, double) = steady(&control, &ids).await;
@@ -99,12 +109,25 @@ async fn every_proxy_reports_its_cost_and_cpu_per_second_rises_when_the_load_dou
     assert!(0.0 < outbound_p50 && outbound_p50 <= outbound_p99, "{at_web}");
     // Self time is part of the request's time: the caller's whole p99 bounds its median.
     let status = control.get("/api/v1/status").await;
-    let whole_p99 = status["services"].as_array().unwrap().iter().find(|s| s["name"] == "orders").unwrap()["p99Ms"]
+    let whole_p99 = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap()["p99Ms"]
         .as_f64()
         .unwrap();
-    assert!(inbound_p50 < whole_p99, "inbound self p50 {inbound_p50} ms vs the request's p99 {whole_p99} ms");
+    assert!(
+        inbound_p50 < whole_p99,
+        "inbound self p50 {inbound_p50} ms vs the request's p99 {whole_p99} ms"
+    );
     assert!(ms(&at_web, "cpuUsPerRequest") > 0.0, "{at_web}");
-    let sidecars = &status["services"].as_array().unwrap().iter().find(|s| s["name"] == "orders").unwrap()["sidecars"];
+    let sidecars = &status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .unwrap()["sidecars"];
     assert_eq!(sidecars["proxies"], 1, "{sidecars}");
 
     // The same figures on each proxy's admin listener.
@@ -114,7 +137,10 @@ async fn every_proxy_reports_its_cost_and_cpu_per_second_rises_when_the_load_dou
     assert!(metric(&text, "weft_proxy_self_time_seconds_count", &["direction=\"outbound\""]) > 100.0);
     let text = orders.metrics().await;
     assert!(metric(&text, "weft_proxy_self_time_seconds_count", &["direction=\"inbound\""]) > 100.0);
-    assert_eq!(metric(&text, "weft_proxy_self_time_seconds_count", &["direction=\"outbound\""]), 0.0);
+    assert_eq!(
+        metric(&text, "weft_proxy_self_time_seconds_count", &["direction=\"outbound\""]),
+        0.0
+    );
 
     // And in the CLI.
     let out = control.cli().arg("proxies").output().expect("weft proxies runs");
@@ -125,7 +151,10 @@ async fn every_proxy_reports_its_cost_and_cpu_per_second_rises_when_the_load_dou
     let cpu = cells.iter().find(|c| c.ends_with('%')).expect("a CPU cell");
     assert!(cpu.trim_end_matches('%').parse::<f64>().unwrap() > 0.0, "{web_row}");
     let outbound = cells.last().unwrap().split('/').map(|v| v.parse::<f64>()).collect::<Vec<_>>();
-    assert!(outbound.len() == 2 && outbound.iter().all(|v| v.is_ok()), "SELF-OUT-MS in {web_row}");
+    assert!(
+        outbound.len() == 2 && outbound.iter().all(|v| v.is_ok()),
+        "SELF-OUT-MS in {web_row}"
+    );
     for load in loads {
         load.stop().await;
     }

@@ -88,28 +88,43 @@ async fn the_intent_page_service_graph_and_revision_diff_render_live_data_and_li
         .unwrap();
 
     // The service card shows what checkout's sidecars cost.
-    let cpu = text_when(&browser, ".card[data-service='checkout'] .sidecar-cpu", "checkout's sidecar CPU", |t| {
-        t.contains("% (")
-    })
+    let cpu = text_when(
+        &browser,
+        ".card[data-service='checkout'] .sidecar-cpu",
+        "checkout's sidecar CPU",
+        |t| t.contains("% ("),
+    )
     .await;
     let mem = browser.text(".card[data-service='checkout'] .sidecar-mem").await.unwrap().unwrap();
     assert!(mem.contains("MiB") && mem.contains("private"), "{mem}");
     let added = browser.text(".card[data-service='checkout'] .sidecar-in").await.unwrap().unwrap();
-    assert!(added.ends_with(" ms") && !added.starts_with('-'), "checkout's inbound self time: {added}");
+    assert!(
+        added.ends_with(" ms") && !added.starts_with('-'),
+        "checkout's inbound self time: {added}"
+    );
     eprintln!("checkout card: CPU {cpu}, memory {mem}, added inbound {added}");
 
     // The queue links to the intent page: stages, treated proxies, charts, decisions.
     browser.click("#queue a[href='#/intents/MESH-801']").await.unwrap();
-    text_when(&browser, "#intent-title", "the intent page", |t| t.contains("MESH-801") && t.contains("promoted")).await;
+    text_when(&browser, "#intent-title", "the intent page", |t| {
+        t.contains("MESH-801") && t.contains("promoted")
+    })
+    .await;
     assert_eq!(browser.count("#intent-stages .step").await.unwrap(), 2);
     let stages = browser.text("#intent-stages").await.unwrap().unwrap();
     assert!(stages.contains("stage 1: 50%") && stages.contains("stage 2: 100%"), "{stages}");
     assert!(browser.text("#intent-treated").await.unwrap().is_some());
     let charts = browser.count(".charts[data-service='checkout'] .chart svg path").await.unwrap();
     assert_eq!(charts, 3, "rps, error rate and p99 of checkout, each a drawn series");
-    assert!(browser.count(".chart line.start").await.unwrap() >= 1, "the start of the intent is marked");
+    assert!(
+        browser.count(".chart line.start").await.unwrap() >= 1,
+        "the start of the intent is marked"
+    );
     let before_after = browser.text(".chart[data-key='rps'] .before-after").await.unwrap().unwrap();
-    assert!(before_after.starts_with("before ") && !before_after.contains("before -"), "{before_after}");
+    assert!(
+        before_after.starts_with("before ") && !before_after.contains("before -"),
+        "{before_after}"
+    );
     let decisions = browser.count("#intent-decisions tr.decision").await.unwrap();
     assert_eq!(decisions, 2, "stage 1 promoted, then the intent promoted");
     let reasons = browser
@@ -121,11 +136,17 @@ async fn the_intent_page_service_graph_and_revision_diff_render_live_data_and_li
         .unwrap();
     let last = &reasons[1];
     assert!(last[0].as_str().unwrap().contains(&format!("revision {revision}")), "{reasons}");
-    assert!(last[1].as_str().unwrap().starts_with("sidecar cost on"), "the decision's cost line: {reasons}");
+    assert!(
+        last[1].as_str().unwrap().starts_with("sidecar cost on"),
+        "the decision's cost line: {reasons}"
+    );
 
     // The intent page links to its revision's diff, which shows the policy it added.
     browser.click("#intent-revision").await.unwrap();
-    text_when(&browser, "#diff-title", "the revision diff", |t| t.contains(&format!("Revision {revision}"))).await;
+    text_when(&browser, "#diff-title", "the revision diff", |t| {
+        t.contains(&format!("Revision {revision}"))
+    })
+    .await;
     let added = browser
         .eval(
             "return [...document.querySelectorAll('.change .diff .add')].map((e) => e.textContent).join('')",
@@ -142,11 +163,16 @@ async fn the_intent_page_service_graph_and_revision_diff_render_live_data_and_li
     browser.click("nav a[data-view='revisions']").await.unwrap();
     let link = format!("#revisions a[href='#/revisions/{revision}']");
     browser
-        .wait_for(WAIT, "the revision list", || async { Ok((browser.count(&link).await? == 1).then_some(())) })
+        .wait_for(WAIT, "the revision list", || async {
+            Ok((browser.count(&link).await? == 1).then_some(()))
+        })
         .await
         .unwrap();
     browser.click(&link).await.unwrap();
-    text_when(&browser, "#diff-title", "the diff from the list", |t| t.contains(&format!("Revision {revision}"))).await;
+    text_when(&browser, "#diff-title", "the diff from the list", |t| {
+        t.contains(&format!("Revision {revision}"))
+    })
+    .await;
 
     // The service graph: web calls checkout, with its rate and error rate, live.
     browser.click("nav a[data-view='graph']").await.unwrap();
@@ -162,7 +188,10 @@ async fn the_intent_page_service_graph_and_revision_diff_render_live_data_and_li
 
     // And back to the mesh view.
     browser.click("nav a[data-view='home']").await.unwrap();
-    text_when(&browser, ".card[data-service='checkout'] .rps", "the mesh view again", |t| !t.is_empty()).await;
+    text_when(&browser, ".card[data-service='checkout'] .rps", "the mesh view again", |t| {
+        !t.is_empty()
+    })
+    .await;
     for load in loads {
         assert!(load.stop().await.ok > 0);
     }
