@@ -41,6 +41,8 @@ struct Sample {
 #[derive(Default)]
 pub(crate) struct Costs {
     samples: HashMap<String, VecDeque<Sample>>,
+    /// When workloads that stopped reporting were last dropped.
+    pruned: Option<Instant>,
 }
 
 /// The cost of one proxy, or the sum over a service's proxies, over a recent window.
@@ -120,6 +122,13 @@ impl Costs {
         samples.push_back(sample);
         while samples.front().is_some_and(|s| now.duration_since(s.at) > KEEP) {
             samples.pop_front();
+        }
+        // A workload that left stops reporting: its samples go once they are all too old,
+        // checked once per KEEP rather than on every report.
+        if self.pruned.is_none_or(|at| now.duration_since(at) > KEEP) {
+            self.samples
+                .retain(|_, s| s.back().is_some_and(|last| now.duration_since(last.at) <= KEEP));
+            self.pruned = Some(now);
         }
     }
 
@@ -311,6 +320,10 @@ mod tests {
         assert!((v.outbound_p99_ms.unwrap() - 0.2).abs() < 0.005, "{v:?}");
         assert_eq!(v.resident_bytes, 20 << 20);
         assert!(costs.view(["default/payments"], Duration::from_secs(10), t0).is_none());
+        // A workload gone for longer than the samples are kept is forgotten.
+        let (cost, stats) = report(0, 0.2, 1);
+        costs.record("default/web", &cost, &stats, t0 + KEEP * 3);
+        assert_eq!(costs.samples.len(), 1, "only web is left");
     }
 
     #[test]
