@@ -290,11 +290,11 @@ async fn to_app(
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
+        let sent = Instant::now();
         let mut sender = match proxy.pools.h2(proxy.local.app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
         };
-        let sent = Instant::now();
         let answer = sender.send_request(Request::from_parts(parts, body)).await;
         *waited = sent.elapsed();
         match answer {
