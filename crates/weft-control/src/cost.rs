@@ -93,8 +93,9 @@ pub struct CostChange {
 struct Totals {
     proxies: usize,
     cpu_micros: u64,
-    /// Time the CPU figure spans (per proxy, summed).
-    span: Duration,
+    /// CPU per second of each proxy over the time its samples span, summed (`None`: no proxy
+    /// has two samples yet).
+    cpu_rate: Option<f64>,
     requests: u64,
     resident_bytes: u64,
     private_bytes: u64,
@@ -139,7 +140,7 @@ impl Costs {
         let t = self.totals(workloads, from.., now);
         (t.proxies > 0).then(|| CostView {
             proxies: t.proxies,
-            cpu_percent: (!t.span.is_zero()).then(|| hundredths(100.0 * t.cpu_micros as f64 / 1e6 / t.span.as_secs_f64())),
+            cpu_percent: t.cpu_rate.map(|rate| hundredths(100.0 * rate)),
             cpu_us_per_request: t.per_request(),
             resident_bytes: t.resident_bytes,
             private_bytes: t.private_bytes,
@@ -165,13 +166,13 @@ impl Costs {
         for w in workloads {
             let Some(samples) = self.samples.get(w) else { continue };
             let mut counted = false;
+            let (mut cpu, mut span) = (0u64, Duration::ZERO);
             let mut previous: Option<&Sample> = None;
             for s in samples.iter().filter(|s| s.at <= now) {
                 let inside = when.contains(&s.at);
                 if let (true, Some(prev)) = (inside, previous) {
-                    let cpu = s.cpu_micros.checked_sub(prev.cpu_micros).unwrap_or(s.cpu_micros);
-                    t.cpu_micros = t.cpu_micros.saturating_add(cpu);
-                    t.span += s.at.duration_since(prev.at);
+                    cpu = cpu.saturating_add(s.cpu_micros.checked_sub(prev.cpu_micros).unwrap_or(s.cpu_micros));
+                    span += s.at.duration_since(prev.at);
                     t.requests = t.requests.saturating_add(s.requests);
                 }
                 if inside {
@@ -180,6 +181,10 @@ impl Costs {
                     counted = true;
                 }
                 previous = Some(s);
+            }
+            t.cpu_micros = t.cpu_micros.saturating_add(cpu);
+            if !span.is_zero() {
+                t.cpu_rate = Some(t.cpu_rate.unwrap_or(0.0) + cpu as f64 / 1e6 / span.as_secs_f64());
             }
             if counted {
                 let last = previous.expect("a counted sample");
@@ -317,6 +322,25 @@ mod tests {
             .view(["default/orders"], Duration::from_secs(10), t0 + Duration::from_secs(8))
             .unwrap();
         assert_eq!((v.cpu_percent, v.cpu_us_per_request), (Some(2.5), Some(500.0)), "{v:?}");
+        // A service's figure is the sum over its proxies: a second one at twice the rate.
+        let mut two = Costs::default();
+        for i in 0..5u64 {
+            let (cost, stats) = report(50_000 * i, 0.2, 100);
+            two.record("default/orders-a", &cost, &stats, t0 + Duration::from_secs(2 * i));
+            let (cost, stats) = report(100_000 * i, 0.2, 100);
+            two.record("default/orders-b", &cost, &stats, t0 + Duration::from_secs(2 * i));
+        }
+        let both = two.view(
+            ["default/orders-a", "default/orders-b"],
+            Duration::from_secs(10),
+            t0 + Duration::from_secs(8),
+        );
+        let both = both.unwrap();
+        assert_eq!(
+            (both.proxies, both.cpu_percent, both.cpu_us_per_request),
+            (2, Some(7.5), Some(750.0)),
+            "{both:?}"
+        );
         assert!((v.outbound_p99_ms.unwrap() - 0.2).abs() < 0.005, "{v:?}");
         assert_eq!(v.resident_bytes, 20 << 20);
         assert!(costs.view(["default/payments"], Duration::from_secs(10), t0).is_none());

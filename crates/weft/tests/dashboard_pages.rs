@@ -75,9 +75,18 @@ async fn the_intent_page_service_graph_and_revision_diff_render_live_data_and_li
     .await;
     let revision = intent["revision"].as_u64().expect("a promoted intent names its revision");
     // `weft intent show` prints each decision's sidecar-cost line under it.
-    let out = control.cli().args(["intent", "show", "MESH-801"]).output().expect("weft intent show runs");
+    let out = control
+        .cli()
+        .args(["intent", "show", "MESH-801"])
+        .output()
+        .expect("weft intent show runs");
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(shown.lines().any(|l| l.trim_start().starts_with("sidecar cost on 1 treated proxy: CPU")), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.trim_start().starts_with("sidecar cost on 1 treated proxy: CPU")),
+        "{shown}"
+    );
 
     let browser = Browser::start(1366, 900, &[control.serving_spki().await])
         .await
