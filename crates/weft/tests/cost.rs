@@ -80,8 +80,8 @@ async fn every_proxy_reports_its_cost_and_cpu_per_second_rises_when_the_load_dou
 
     // At rest, then one caller at ~50 requests/s, then two: twice the load. What the load adds
     // to CPU per second must grow with it (at rest the proxies still tick: reports, timers).
-    // Low rates on purpose: at a few hundred requests/s a proxy's CPU per request falls as its
-    // wake-ups batch requests, and CPU per second stops being proportional to the load.
+    // Not in proportion: a proxy's CPU per request falls as the rate rises (its wake-ups batch
+    // requests; 770 -> 460 us here in a debug build), so the test asks for a clear rise.
     let (_, rest) = steady(&control, &ids).await;
     let every = Duration::from_millis(20);
     let mut loads = vec![Load::start(web.outbound, "orders", &[], every)];
@@ -93,7 +93,7 @@ async fn every_proxy_reports_its_cost_and_cpu_per_second_rises_when_the_load_dou
     for (i, id) in ids.iter().enumerate() {
         let (added, added_double) = (single[i] - rest[i], double[i] - rest[i]);
         assert!(
-            added > 0.0 && added_double > 1.15 * added,
+            added > 0.0 && added_double > 1.1 * added,
             "{id}: CPU {}% at rest, {}% at {base} requests/s, {}% at {rate}",
             rest[i],
             single[i],
