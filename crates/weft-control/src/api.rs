@@ -92,6 +92,8 @@ fn routes() -> Routes {
     .on(M::POST, "/api/v1/resources", apply)
     .on(M::DELETE, "/api/v1/resources/{kind}/{namespace}/{name}", remove)
     .on(M::GET, "/api/v1/revisions", revisions)
+    .on(M::GET, "/api/v1/revisions/{revision}/diff", revision_diff)
+    .on(M::GET, "/api/v1/graph", graph)
     .on(M::POST, "/api/v1/rollback", rollback)
     .on(M::GET, "/api/v1/intents", list_intents)
     .on(M::POST, "/api/v1/intents", submit_intent)
@@ -422,6 +424,47 @@ async fn revisions(State(api): State<Api>) -> Result<Json<serde_json::Value>, Ap
         .map(|r| json!({"revision": r.revision, "timeMs": r.time_ms, "summary": r.summary, "changes": r.changes, "resources": r.resources.len()}))
         .collect();
     Ok(Json(json!(rows)))
+}
+
+/// What revision `revision` changed against the one before it: each changed resource as
+/// pretty JSON before and after (null where it did not exist), for the dashboard's diff view.
+async fn revision_diff(State(api): State<Api>, Path(revision): Path<u64>) -> Result<Json<serde_json::Value>, ApiError> {
+    let history = api
+        .mesh
+        .history()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]))?;
+    let Some(this) = history.iter().find(|r| r.revision == revision) else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("revision {revision} not found"), vec![]));
+    };
+    let previous = history.iter().filter(|r| r.revision < revision).max_by_key(|r| r.revision);
+    let text = |set: Option<&Vec<weft_api::resource::Resource>>, key: &weft_api::resource::ResourceKey| {
+        set.and_then(|rs| rs.iter().find(|r| r.key() == *key))
+            .map(|r| serde_json::to_string_pretty(r).expect("resources serialize"))
+    };
+    let changes: Vec<_> = this
+        .changes
+        .iter()
+        .filter(|c| c.op != "unchanged")
+        .map(|c| {
+            json!({
+                "op": c.op,
+                "key": c.key.to_string(),
+                "before": text(previous.map(|p| &p.resources), &c.key),
+                "after": text(Some(&this.resources), &c.key),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "revision": revision,
+        "previous": previous.map(|p| p.revision),
+        "timeMs": this.time_ms,
+        "summary": this.summary,
+        "changes": changes,
+    })))
+}
+
+async fn graph(State(api): State<Api>) -> Json<serde_json::Value> {
+    Json(json!(api.mesh.graph()))
 }
 
 #[derive(Deserialize)]

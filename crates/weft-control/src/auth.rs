@@ -75,6 +75,8 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("GET", "/api/v1/proxies", Access::Role(Role::Viewer)),
     ("GET", "/api/v1/resources", Access::Role(Role::Viewer)),
     ("GET", "/api/v1/revisions", Access::Role(Role::Viewer)),
+    ("GET", "/api/v1/revisions/{revision}/diff", Access::Role(Role::Viewer)),
+    ("GET", "/api/v1/graph", Access::Role(Role::Viewer)),
     ("GET", "/api/v1/intents", Access::Role(Role::Viewer)),
     ("GET", "/api/v1/intents/{id}", Access::Role(Role::Viewer)),
     ("GET", "/api/v1/history", Access::Role(Role::Viewer)),

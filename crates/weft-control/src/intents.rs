@@ -8,6 +8,7 @@
 //! and tells its caller what happened as [`Event`]s (persist this record, replan, tell the
 //! dashboard) rather than reaching back into the mesh.
 
+use crate::cost::CostChange;
 use crate::plan::{Kind, OverlayEntry};
 use crate::registry::ProxyRecord;
 use crate::rollout::{self, Drift, Evidence, Phase, Verdict};
@@ -123,6 +124,11 @@ pub struct DecisionRecord {
     pub namespaces: Vec<String>,
     pub outcome: String,
     pub reason: String,
+    /// Whether the change moved sidecar CPU per request or added latency on the treated
+    /// proxies (before vs during); absent without cost reports from them, and in records
+    /// older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostChange>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -276,7 +282,7 @@ impl IntentRecord {
     }
 
     /// A decision on the current stage, which it names.
-    fn decision(&self, time_ms: u64, outcome: &str, reason: String) -> DecisionRecord {
+    fn decision(&self, time_ms: u64, outcome: &str, reason: String, cost: Option<CostChange>) -> DecisionRecord {
         let stage = self.current();
         DecisionRecord {
             time_ms,
@@ -285,6 +291,7 @@ impl IntentRecord {
             namespaces: stage.namespaces().to_vec(),
             outcome: outcome.into(),
             reason,
+            cost,
         }
     }
 
@@ -352,7 +359,7 @@ impl Machine {
                 store.put_intent(seq, &serde_json::to_string(&intent).expect("serializes"))?;
             } else if !intent.phase.is_terminal() && !untouched {
                 let reason = format!("control plane restarted mid-rollout: every proxy returned to revision {stable}");
-                intent.decisions.push(intent.decision(now_ms, "rolled-back", reason));
+                intent.decisions.push(intent.decision(now_ms, "rolled-back", reason, None));
                 intent.phase = Phase::RolledBack;
                 intent.treated.clear();
                 intent.treat_all = false;
@@ -1096,10 +1103,11 @@ impl Step<'_> {
     /// candidate and the intent waits in `awaiting-approval` for a person (approve promotes
     /// the stage, abort rolls it back).
     fn hold_inconclusive(&mut self, seq: u64, why: String) {
+        let cost = self.sidecar_cost(seq);
         let intent = self.m.records.get_mut(&seq).expect("open");
         let (number, stage) = (intent.stage + 1, intent.current());
         let reason = format!("{why}: held at stage {number} ({stage}) for an operator to approve or abort");
-        intent.decisions.push(intent.decision(self.now_ms, "inconclusive", reason.clone()));
+        intent.decisions.push(intent.decision(self.now_ms, "inconclusive", reason.clone(), cost));
         intent.held = true;
         intent.log(self.now_ms, "control-plane", "inconclusive", reason.clone());
         let decision = format!("{}: inconclusive: {reason}", intent.id);
@@ -1111,10 +1119,11 @@ impl Step<'_> {
     }
 
     fn promote_stage(&mut self, seq: u64, why: String) {
+        let cost = self.sidecar_cost(seq);
         let intent = self.m.records.get_mut(&seq).expect("open");
         let (number, stage) = (intent.stage + 1, intent.current());
         if intent.stage + 1 < intent.stages.len() {
-            intent.decisions.push(intent.decision(self.now_ms, "promoted", why.clone()));
+            intent.decisions.push(intent.decision(self.now_ms, "promoted", why.clone(), cost));
             intent.stage += 1;
             let decision = format!("{}: stage {number} ({stage}) passed: {why}", intent.id);
             self.decided("stage-passed");
@@ -1180,11 +1189,27 @@ impl Step<'_> {
         self.end(seq, Phase::Promoted, reason);
     }
 
+    /// What the change did to the cost of the sidecars it treated: before the intent started vs
+    /// since its stage's observation began ([`crate::cost`]).
+    fn sidecar_cost(&self, seq: u64) -> Option<CostChange> {
+        let intent = &self.m.records[&seq];
+        let (started, observing) = (intent.timing.started?, intent.timing.observe_started?);
+        let treated: Vec<&str> = self
+            .proxies
+            .values()
+            .filter(|p| intent.treated.contains(p.workload_id()) || (intent.treat_all && intent.enforced_by(p)))
+            .map(|p| p.workload_id())
+            .collect();
+        let before = started.checked_sub(BASELINE_WINDOW).unwrap_or(started)..started;
+        crate::cost::change(&self.signals.costs, &treated, before, observing + WARM_UP.., self.now)
+    }
+
     /// Ends an intent: its treated proxies return to stable (unless it was promoted, when stable
     /// now holds its change).
     fn end(&mut self, seq: u64, phase: Phase, reason: String) {
+        let cost = self.sidecar_cost(seq);
         let intent = self.m.records.get_mut(&seq).expect("open");
-        intent.decisions.push(intent.decision(self.now_ms, phase.as_str(), reason.clone()));
+        intent.decisions.push(intent.decision(self.now_ms, phase.as_str(), reason.clone(), cost));
         intent.treated.clear();
         intent.treat_all = false;
         intent.finished_ms = Some(self.now_ms);

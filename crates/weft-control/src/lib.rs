@@ -8,10 +8,12 @@ pub mod api;
 pub mod auth;
 mod ca;
 mod clock;
+mod cost;
 mod distribution;
 mod etcd;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
+mod graph;
 mod history;
 mod intents;
 mod leader;

@@ -10,6 +10,7 @@
 
 use crate::ca::{Ca, CaError, Rotation};
 use crate::clock::Clock;
+use crate::cost::CostView;
 use crate::intents::{BYPASS_STATE, Blocker, ChangeError, Event, FREEZE_STATE, IntentRecord, LoopView, Machine, Step, Submitted};
 use crate::metrics::{ControlMetrics, OutcomeLabel, PhaseLabel};
 use crate::plan::{Overlay, PlannedConfig, Snapshot, Trust, mtls_mode};
@@ -133,6 +134,8 @@ pub(crate) struct ServiceView {
     pub(crate) errors: u64,
     pub(crate) error_rate: f64,
     pub(crate) p99_ms: Option<f64>,
+    /// What the service's sidecars cost together (none reported yet: `None`).
+    sidecars: Option<CostView>,
     policy_revision: u64,
     mtls: &'static str,
     /// Percentage of inbound requests that arrived over mTLS.
@@ -390,14 +393,36 @@ impl Mesh {
             let forwarded = ForwardedReport::new(f.workload.clone(), f.namespace.clone(), f.service.clone(), report.stats.clone());
             self.outbox.lock().push(forwarded);
         }
-        self.signals.lock().record(from, report.stats, self.clock.now());
+        let (mut signals, now) = (self.signals.lock(), self.clock.now());
+        if let (Some(f), Some(cost)) = (from.as_ref(), report.cost.as_ref()) {
+            signals.costs.record(&f.workload, cost, &report.stats, now);
+        }
+        signals.record(from, report.stats, now);
+        drop(signals);
         if reporting {
             self.wake.notify_one();
         }
     }
 
     pub(crate) fn proxies(&self) -> Vec<ProxyView> {
-        self.registry.lock().views()
+        let mut views = self.registry.lock().views();
+        let (signals, now) = (self.signals.lock(), self.clock.now());
+        for v in &mut views {
+            v.cost = signals.costs.view([v.workload.as_str()], RATE_WINDOW, now);
+        }
+        views
+    }
+
+    /// Who calls whom over the last window ([`crate::graph`]).
+    pub(crate) fn graph(&self) -> Vec<crate::graph::EdgeView> {
+        let service_of: HashMap<String, String> = self
+            .registry
+            .lock()
+            .proxies
+            .values()
+            .map(|p| (p.workload_id().to_string(), p.service.clone()))
+            .collect();
+        crate::graph::edges(&self.signals.lock(), &service_of, self.clock.now())
     }
 
     pub(crate) fn routes(&self) -> Vec<RouteView> {
@@ -434,6 +459,7 @@ impl Mesh {
                         round2(100.0 * errors as f64 / requests as f64)
                     },
                     p99_ms: quantile_ms(&traffic.buckets, 0.99).map(round2),
+                    sidecars: signals.costs.view(proxies.iter().map(|p| p.workload_id()), RATE_WINDOW, now),
                     policy_revision: proxies.iter().map(|p| p.applied_revision).min().unwrap_or(0),
                     mtls: match mtls_mode(&machine.resources, &namespace, &name) {
                         Some(MtlsMode::Strict) => "strict",

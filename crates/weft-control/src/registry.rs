@@ -55,7 +55,7 @@ pub(crate) struct ProxyRecord {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ProxyView {
     id: String,
-    workload: String,
+    pub(crate) workload: String,
     service: String,
     cluster: String,
     labels: BTreeMap<String, String>,
@@ -67,6 +67,8 @@ pub(crate) struct ProxyView {
     identity: String,
     subscriptions: Vec<String>,
     version: String,
+    /// What its sidecar costs (filled by the mesh from the signals; `None` before a report).
+    pub(crate) cost: Option<crate::cost::CostView>,
 }
 
 /// What a replica publishes of each proxy connected to it, so that every replica knows every
@@ -400,6 +402,7 @@ impl Registry {
                 identity: p.identity.clone(),
                 subscriptions: p.subscriptions.iter().cloned().collect(),
                 version: p.version.clone(),
+                cost: None,
             })
             .collect()
     }

@@ -43,6 +43,8 @@ pub(crate) struct Signals {
     pub(crate) samples: HashMap<(String, i32, String), VecDeque<Sample>>,
     /// Reports received, from any proxy.
     pub(crate) reports: u64,
+    /// What each workload's sidecar costs.
+    pub(crate) costs: crate::cost::Costs,
 }
 
 /// A service's inbound traffic over the last [`RATE_WINDOW`].
@@ -171,7 +173,7 @@ pub(crate) fn check_report(report: &proto::TelemetryReport) -> Result<(), FieldE
             ));
         }
     }
-    Ok(())
+    report.cost.as_ref().map_or(Ok(()), crate::cost::check)
 }
 
 fn push_window(samples: &mut VecDeque<Sample>, sample: Sample, now: Instant, keep: Duration) {

@@ -39,6 +39,8 @@ pub(crate) struct Outcome {
     pub(crate) resp: Response<Body>,
     pub(crate) upstream: Option<PeerIdentity>,
     pub(crate) retries: u32,
+    /// Time spent waiting on endpoints for a response head, every try included ([`crate::cost`]).
+    pub(crate) waited: Duration,
 }
 
 impl Outcome {
@@ -54,6 +56,7 @@ impl From<Response<Body>> for Outcome {
             resp,
             upstream: None,
             retries: 0,
+            waited: Duration::ZERO,
         }
     }
 }
@@ -266,6 +269,7 @@ impl Call<'_> {
         let candidates = rt.candidates(subset);
         let mut tried: Vec<usize> = Vec::new();
         let mut retries = 0u32;
+        let mut waited = Duration::ZERO;
         loop {
             let Some(i) = rt.pick(&candidates, &tried).or_else(|| rt.pick(&candidates, &[])) else {
                 let which = subset.map(|s| format!(" in subset {s}")).unwrap_or_default();
@@ -292,7 +296,10 @@ impl Call<'_> {
                 },
             };
             let started = Instant::now();
-            let failure = match self.try_once(i, req).await {
+            let tried = self.try_once(i, req).await;
+            let took = started.elapsed();
+            waited += took;
+            let failure = match tried {
                 Ok(Tried::Refused(resp)) => return resp.into(),
                 Ok(Tried::Answered(resp, peer)) => {
                     let status = resp.status().as_u16();
@@ -303,12 +310,12 @@ impl Call<'_> {
                         .and_then(|v| v.parse().ok());
                     let failed = status >= 500 || grpc_status.is_some_and(|c: u32| c == 14);
                     if failed || http_body::Body::is_end_stream(resp.body()) {
-                        self.observe(i, !failed, Some(started.elapsed()));
+                        self.observe(i, !failed, Some(took));
                     } else {
                         // Its latency counts now; whether it succeeded, once its body has
                         // ended whole (`EndpointBody`).
                         self.proxy.telemetry.attempt(&rt.name, true);
-                        rt.observe_latency(i, started.elapsed());
+                        rt.observe_latency(i, took);
                     }
                     // The destination's sidecar says its app reset or could not be reached.
                     let peer_said = Reason::of(&resp);
@@ -328,11 +335,21 @@ impl Call<'_> {
                     let upstream = Some(peer);
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         // No body to watch: the streams are joined next.
-                        return Outcome { resp, upstream, retries };
+                        return Outcome {
+                            resp,
+                            upstream,
+                            retries,
+                            waited,
+                        };
                     }
                     let idle = route.idle_timeout;
                     let resp = resp.map(|b| EndpointBody::wrap(IdleTimeout::wrap(b, idle), self, i));
-                    return Outcome { resp, upstream, retries };
+                    return Outcome {
+                        resp,
+                        upstream,
+                        retries,
+                        waited,
+                    };
                 }
                 Err(f) => f,
             };
@@ -381,6 +398,7 @@ impl Call<'_> {
                 resp,
                 upstream: None,
                 retries,
+                waited,
             };
         }
     }

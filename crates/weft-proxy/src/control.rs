@@ -184,6 +184,7 @@ async fn session(
                     stats,
                     cert_not_after_unix: tls.as_ref().map(|t| t.not_after).unwrap_or(0),
                     cert_generation: tls.as_ref().map(|t| t.generation).unwrap_or(0),
+                    cost: Some(proxy.telemetry.self_time.take_report()),
                 };
                 send(proxy_message::Msg::Telemetry(report)).await;
             }

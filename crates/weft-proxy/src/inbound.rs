@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use weft_api::proto::Direction;
 use weft_api::resource::{Action, AuthzMode, MtlsMode};
@@ -145,12 +145,13 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
                 )
             })
     });
+    let mut waited = Duration::ZERO;
     let resp = match refused {
         Some(r) => r,
         None => match authorize(&proxy, &conn, &req) {
             Ok(canonical) => match crate::upgrade::requested(&req) {
                 Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, protocol).await,
-                None => to_app(&proxy, &conn, req, canonical, grpc).await,
+                None => to_app(&proxy, &conn, req, canonical, grpc, &mut waited).await,
             },
             Err(denied) => denied,
         },
@@ -165,6 +166,7 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
         status: resp.status().as_u16(),
         reason: Reason::label_of(&resp),
         elapsed: start.elapsed(),
+        waited,
     };
     proxy.telemetry.record(&done);
     if let Some((method, path, authority)) = tapped {
@@ -259,8 +261,16 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
 }
 
 /// Forwards to the app in its declared protocol; `canonical` (path and query) replaces the
-/// request's when authorization normalized it.
-async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>, grpc: bool) -> Response<Body> {
+/// request's when authorization normalized it. `waited` becomes the time spent waiting on the
+/// app for the response head, connecting included ([`crate::cost`]).
+async fn to_app(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    req: Request<Body>,
+    canonical: Option<String>,
+    grpc: bool,
+    waited: &mut Duration,
+) -> Response<Body> {
     let app_h2 = match proxy.local.app_protocol {
         AppProtocol::H2 => true,
         AppProtocol::Auto => grpc,
@@ -300,11 +310,14 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
+        let sent = Instant::now();
         let mut sender = match proxy.pools.h2(proxy.local.app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
         };
-        match sender.send_request(Request::from_parts(parts, body)).await {
+        let answer = sender.send_request(Request::from_parts(parts, body)).await;
+        *waited = sent.elapsed();
+        match answer {
             Ok(resp) => resp.map(weft_core::boxed),
             Err(e) => match client.fault() {
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
@@ -322,7 +335,10 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         if let Ok(host) = HeaderValue::from_str(&authority) {
             parts.headers.insert(http::header::HOST, host);
         }
-        match proxy.pools.h1.request(Request::from_parts(parts, body)).await {
+        let sent = Instant::now();
+        let answer = proxy.pools.h1.request(Request::from_parts(parts, body)).await;
+        *waited = sent.elapsed();
+        match answer {
             Ok(resp) => resp.map(weft_core::boxed),
             Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
             Err(e) => match client.fault() {

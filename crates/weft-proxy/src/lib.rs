@@ -22,6 +22,7 @@ mod call;
 mod clock;
 pub mod config;
 mod control;
+mod cost;
 mod discovery;
 mod dns;
 mod downstream;

@@ -42,7 +42,12 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = crate::downstream::watched(req, request_bytes.as_ref());
     let (service, route, outcome) = route_request(&proxy, req, grpc).await;
-    let Outcome { resp, upstream, retries } = outcome;
+    let Outcome {
+        resp,
+        upstream,
+        retries,
+        waited,
+    } = outcome;
     let upstream = upstream.as_ref();
     let done = Finished {
         direction: Direction::Outbound,
@@ -54,6 +59,7 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
         status: resp.status().as_u16(),
         reason: Reason::label_of(&resp),
         elapsed: start.elapsed(),
+        waited,
     };
     proxy.telemetry.record(&done);
     if let Some((method, path, authority)) = tapped {

@@ -42,6 +42,8 @@ pub(crate) struct Telemetry {
     /// swapped only when a new key appears or the control stream takes the interval.
     interval: arc_swap::ArcSwap<HashMap<WindowKey, Arc<Window>>>,
     interval_writer: Mutex<()>,
+    /// Time requests spend inside the proxy ([`crate::cost`]).
+    pub(crate) self_time: Arc<crate::cost::SelfTime>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,6 +86,8 @@ pub(crate) struct Finished<'a> {
     /// `x-weft-error` reason when the proxy answered itself.
     pub(crate) reason: &'static str,
     pub(crate) elapsed: Duration,
+    /// Of `elapsed`, the time spent waiting on the upstream (zero: it reached none).
+    pub(crate) waited: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -253,7 +257,10 @@ impl Telemetry {
             "tcp_bytes",
             "Opaque TCP bytes by destination and direction (sent, received)",
         );
+        let self_time = Arc::new(crate::cost::SelfTime::new());
+        registry.register_collector(Box::new(crate::cost::CostMetrics(self_time.clone())));
         Self {
+            self_time,
             tracer,
             tcp,
             tcp_bytes,
@@ -322,6 +329,7 @@ impl Telemetry {
             // summaries the control plane judges (requests, errors, latency).
             return;
         }
+        self.self_time.record(done.direction, done.elapsed, done.waited);
         // The control plane's summary keys inbound requests by the empty service name.
         let summary_service = done.service.unwrap_or(&self.empty);
         let key = (done.direction, summary_service.clone(), route.clone(), done.revision);
@@ -493,6 +501,7 @@ mod tests {
             status,
             reason,
             elapsed: Duration::from_millis(5),
+            waited: Duration::from_millis(4),
         };
         t.record(&finished(200, ""));
         t.record(&finished(503, "no-healthy-endpoints"));

@@ -961,22 +961,23 @@ async fn status(api: &Api, format: output::Format) -> anyhow::Result<()> {
                 },
                 format!("{}/{}", cell(&v["proxies"], "inSync"), cell(&v["proxies"], "total")),
             ]
+            .into_iter()
+            .chain(output::cost_cells(&v["sidecars"]))
+            .collect()
         })
         .collect();
-    table(
-        &[
-            "SERVICE",
-            "CLUSTER",
-            "RPS",
-            "ERRORS",
-            "ERROR-RATE",
-            "P99-MS",
-            "POLICY-REV",
-            "MTLS",
-            "IN-SYNC",
-        ],
-        &rows,
-    );
+    let header = [
+        "SERVICE",
+        "CLUSTER",
+        "RPS",
+        "ERRORS",
+        "ERROR-RATE",
+        "P99-MS",
+        "POLICY-REV",
+        "MTLS",
+        "IN-SYNC",
+    ];
+    table(&[&header[..], &output::COST_HEADER[..]].concat(), &rows);
     Ok(())
 }
 
@@ -998,9 +999,13 @@ async fn proxies(api: &Api, format: output::Format) -> anyhow::Result<()> {
                 cell(p, "address"),
                 cell(p, "lastNack"),
             ]
+            .into_iter()
+            .chain(output::cost_cells(&p["cost"]))
+            .collect()
         })
         .collect();
-    table(&["PROXY", "SERVICE", "CLUSTER", "REVISION", "ADDRESS", "LAST-NACK"], &rows);
+    let header = ["PROXY", "SERVICE", "CLUSTER", "REVISION", "ADDRESS", "LAST-NACK"];
+    table(&[&header[..], &output::COST_HEADER[..]].concat(), &rows);
     Ok(())
 }
 
@@ -1185,6 +1190,9 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
                         cell(d, "outcome"),
                         cell(d, "reason")
                     );
+                    if let Some(cost) = d["cost"]["summary"].as_str() {
+                        say!("    {cost}");
+                    }
                 }
                 say!("\nledger:");
                 for e in i["ledger"].as_array().into_iter().flatten() {

@@ -58,6 +58,29 @@ pub fn cell(v: &Value, key: &str) -> String {
     }
 }
 
+/// The cost columns of a proxy or a service's sidecars (`CPU`, `MEM-MIB`, `SELF-IN-MS`,
+/// `SELF-OUT-MS`): CPU as a percentage of a core, resident/private MiB, and the time inside
+/// the proxy per request as p50/p99 in milliseconds; `-` where nothing was reported.
+pub const COST_HEADER: [&str; 4] = ["CPU", "MEM-MIB", "SELF-IN-MS", "SELF-OUT-MS"];
+
+pub fn cost_cells(cost: &Value) -> [String; 4] {
+    if cost.is_null() {
+        return ["-".into(), "-".into(), "-".into(), "-".into()];
+    }
+    let mib = |key: &str| {
+        cost[key]
+            .as_f64()
+            .map(|b| format!("{:.1}", b / 1048576.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    [
+        format!("{}%", cell(cost, "cpuPercent")),
+        format!("{}/{}", mib("residentBytes"), mib("privateBytes")),
+        format!("{}/{}", cell(cost, "inboundP50Ms"), cell(cost, "inboundP99Ms")),
+        format!("{}/{}", cell(cost, "outboundP50Ms"), cell(cost, "outboundP99Ms")),
+    ]
+}
+
 /// Writes one line to stdout. When the reader has gone away (`weft ... | head`), the CLI has
 /// nothing left to do: it exits quietly instead of panicking on the broken pipe.
 pub fn write_line(args: std::fmt::Arguments<'_>) {

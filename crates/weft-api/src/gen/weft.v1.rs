@@ -168,6 +168,35 @@ pub struct TelemetryReport {
     /// Generation of the root that signed the certificate the proxy is using.
     #[prost(uint64, tag = "4")]
     pub cert_generation: u64,
+    /// What the proxy itself costs (absent from a proxy older than this field).
+    #[prost(message, optional, tag = "5")]
+    pub cost: ::core::option::Option<ProxyCost>,
+}
+/// The sidecar's own cost: CPU and memory of its process, and the time requests spend inside it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ProxyCost {
+    /// CPU time (user + system) the proxy process has used since it started, in microseconds:
+    /// cumulative, so a lost report loses no CPU (the control plane takes differences).
+    #[prost(uint64, tag = "1")]
+    pub cpu_micros: u64,
+    /// Resident set size of the process, bytes.
+    #[prost(uint64, tag = "2")]
+    pub resident_bytes: u64,
+    /// Private (not shared with any other process) resident bytes: what the sidecar adds.
+    #[prost(uint64, tag = "3")]
+    pub private_bytes: u64,
+    /// Time inside the proxy per request over the interval: the whole time to the response head
+    /// minus the time spent waiting on the upstream (endpoint or local app) for it, counted only
+    /// for requests that reached an upstream. Sparse log-scaled histograms as in TrafficStats,
+    /// inbound and outbound separately.
+    #[prost(uint32, repeated, tag = "4")]
+    pub inbound_slots: ::prost::alloc::vec::Vec<u32>,
+    #[prost(uint64, repeated, tag = "5")]
+    pub inbound_counts: ::prost::alloc::vec::Vec<u64>,
+    #[prost(uint32, repeated, tag = "6")]
+    pub outbound_slots: ::prost::alloc::vec::Vec<u32>,
+    #[prost(uint64, repeated, tag = "7")]
+    pub outbound_counts: ::prost::alloc::vec::Vec<u64>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TrafficStats {

@@ -239,6 +239,15 @@ fn proxy_messages(seeds: &mut Seeds) -> anyhow::Result<()> {
         stats: vec![stats(proto::Direction::Outbound, "payments"), stats(proto::Direction::Inbound, "")],
         cert_not_after_unix: 1_900_000_000,
         cert_generation: 1,
+        cost: Some(proto::ProxyCost {
+            cpu_micros: 1_250_000,
+            resident_bytes: 24 << 20,
+            private_bytes: 18 << 20,
+            inbound_slots: latency.clone(),
+            inbound_counts: vec![100, 19, 1],
+            outbound_slots: latency.clone(),
+            outbound_counts: vec![90, 9, 1],
+        }),
     }));
     let stream = [
         register.clone(),
