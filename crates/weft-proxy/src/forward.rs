@@ -8,7 +8,6 @@
 
 use crate::reason::{ERROR_HEADER, Reason};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Response, StatusCode};
 use weft_core::{Body, full};
 
@@ -31,16 +30,15 @@ const IDENTITY_PREFIXES: [&str; 2] = ["x-weft-", "l5d-"];
 /// What the inbound proxy always removes, as shown on `/config_dump` (`*`: any name so prefixed).
 pub(crate) const IDENTITY_HEADERS: [&str; 4] = ["x-weft-*", CLIENT_CERT, "x-spiffe-id", "l5d-*"];
 
-/// As header names, not strings: removing by a string would parse it again on every request.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header lists. `te: trailers`
@@ -56,7 +54,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     if headers.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
@@ -132,31 +130,21 @@ fn push_xfcc_value(out: &mut String, v: &str) {
     }
 }
 
-/// Points `parts` at `http://{authority}`, keeping the request's path and query unless
-/// `path_and_query` replaces them (authorization's canonical form). The URI is put together
-/// from parsed parts: on the common path nothing is formatted or parsed again. A target that
-/// cannot be rebuilt is answered 400.
-pub(crate) fn retarget(
-    parts: &mut http::request::Parts,
-    authority: Authority,
-    path_and_query: Option<String>,
-) -> Result<(), Response<Body>> {
-    let unbuildable = |authority: &Authority| {
-        reply(
-            StatusCode::BAD_REQUEST,
-            Reason::BadRequestTarget,
-            format!("cannot rebuild the request URI for {authority}"),
-        )
-    };
-    let path_and_query = match path_and_query {
-        Some(pq) => PathAndQuery::try_from(pq).map_err(|_| unbuildable(&authority))?,
-        None => parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
-    };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(authority.clone());
-    uri.path_and_query = Some(path_and_query);
-    parts.uri = http::Uri::from_parts(uri).map_err(|_| unbuildable(&authority))?;
+/// Points `parts` at `http://{authority}{path_and_query}`; a target that cannot be rebuilt is
+/// answered 400.
+pub(crate) fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_query: &str) -> Result<(), Response<Body>> {
+    parts.uri = http::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| {
+            reply(
+                StatusCode::BAD_REQUEST,
+                Reason::BadRequestTarget,
+                format!("cannot rebuild the request URI for {authority}"),
+            )
+        })?;
     Ok(())
 }
 

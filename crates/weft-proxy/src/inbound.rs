@@ -13,7 +13,6 @@ use crate::reason::Reason;
 use crate::state::Proxy;
 use crate::telemetry::{Finished, access_entry};
 use crate::trust::{ConnInfo, identity_headers};
-use http::uri::Authority;
 use http::{HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -239,16 +238,6 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
     Ok(Some(format!("{canonical}{query}")))
 }
 
-/// The authority a caller addressed: its URI's (absolute form, `:authority`), else its Host
-/// header; the header's text when that is no authority.
-fn caller_authority(parts: &http::request::Parts) -> Option<Result<Authority, String>> {
-    if let Some(authority) = parts.uri.authority() {
-        return Some(Ok(authority.clone()));
-    }
-    let host = parts.headers.get(http::header::HOST)?.to_str().ok()?;
-    Some(Authority::try_from(host).map_err(|_| host.to_string()))
-}
-
 /// Forwards to the app in its declared protocol; `canonical` (path and query) replaces the
 /// request's when authorization normalized it.
 async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: Option<String>, grpc: bool) -> Response<Body> {
@@ -271,19 +260,24 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     identity_headers(&proxy.local.strip_headers, conn, &mut parts.headers);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| proxy.local.app.to_string());
+    let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
     let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
 
     if app_h2 {
         parts.version = Version::HTTP_2;
-        let authority = match caller_authority(&parts) {
-            Some(Ok(authority)) => authority,
-            Some(Err(host)) => {
-                let why = format!("cannot rebuild the request URI for {host}");
-                return reply(StatusCode::BAD_REQUEST, Reason::BadRequestTarget, why);
-            }
-            None => proxy.local.app_authority.clone(),
-        };
-        if let Err(resp) = retarget(&mut parts, authority, canonical) {
+        if let Err(resp) = retarget(&mut parts, &authority, &pq) {
             return resp;
         }
         let mut sender = match proxy.pools.h2(proxy.local.app, None, proxy.pools.app_opts()).await {
@@ -302,19 +296,11 @@ async fn to_app(proxy: &Proxy, conn: &ConnInfo, req: Request<Body>, canonical: O
         }
     } else {
         parts.version = Version::HTTP_11;
-        // The URI names the app (the pool's key); Host keeps the authority the caller
-        // addressed: its URI's (absolute form, `:authority`) over its Host header, and the
-        // app's own address when it sent neither.
-        let host = match parts.uri.authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-            None if parts.headers.get(http::header::HOST).is_some_and(|h| h.to_str().is_ok()) => None,
-            None => Some(proxy.local.app_host.clone()),
-        };
-        if let Some(host) = host {
-            parts.headers.insert(http::header::HOST, host);
-        }
-        if let Err(resp) = retarget(&mut parts, proxy.local.app_authority.clone(), canonical) {
+        if let Err(resp) = retarget(&mut parts, &proxy.local.app.to_string(), &pq) {
             return resp;
+        }
+        if let Ok(host) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(http::header::HOST, host);
         }
         match proxy.pools.h1.request(Request::from_parts(parts, body)).await {
             Ok(resp) => resp.map(weft_core::boxed),

@@ -171,14 +171,8 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     if retried_before {
         parts.headers.insert(RETRIED, HeaderValue::from_static("1"));
     }
-    let target = http::uri::Authority::try_from(authority.as_str()).map_err(|_| {
-        crate::forward::reply(
-            StatusCode::BAD_REQUEST,
-            Reason::BadRequestTarget,
-            format!("cannot rebuild the request URI for {authority}"),
-        )
-    });
-    if let Err(resp) = target.and_then(|target| retarget(&mut parts, target, None)) {
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    if let Err(resp) = retarget(&mut parts, &authority, &pq) {
         return (rt.name.clone(), route.name.clone(), resp.into());
     }
     let outcome = match upgrade {

@@ -39,10 +39,6 @@ pub(crate) struct Proxy {
 pub(crate) struct Local {
     pub(crate) workload: Workload,
     pub(crate) app: SocketAddr,
-    /// The app's address as a request URI's authority and as a Host value, made once here
-    /// rather than formatted for every request.
-    pub(crate) app_authority: http::uri::Authority,
-    pub(crate) app_host: http::HeaderValue,
     pub(crate) app_protocol: AppProtocol,
     /// Header names the inbound proxy removes besides the identity headers it always removes:
     /// configured at start, lowercase, each once.
@@ -102,8 +98,6 @@ impl Proxy {
                 advertise: cfg.advertise.unwrap_or(bound.inbound),
                 workload,
                 app: cfg.app,
-                app_authority: http::uri::Authority::try_from(cfg.app.to_string()).expect("a socket address is an authority"),
-                app_host: http::HeaderValue::try_from(cfg.app.to_string()).expect("a socket address is a header value"),
                 app_protocol: cfg.app_protocol,
                 strip_headers,
                 bound,
