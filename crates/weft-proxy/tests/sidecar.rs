@@ -40,10 +40,22 @@ async fn the_sidecar_executable_serves_a_static_config_and_refuses_a_bad_one() {
     .await;
 
     // Origin form with a Host header; absolute form; HTTP/2 with :authority only.
-    let origin = client.send(get(&format!("http://{inbound}/a?b=1"), Some("orders.example"))).await.unwrap();
-    let absolute = weft_test::http::via_http_proxy(inbound, get("http://orders.absolute/abs", None)).await.unwrap();
-    let h2 = weft_test::http::h2_via(inbound, get("http://orders.h2/two?x=y", None)).await.unwrap();
-    assert_eq!((origin.status, absolute.status, h2.status), (200, 200, 200), "{}", sidecar.log_text());
+    let origin = client
+        .send(get(&format!("http://{inbound}/a?b=1"), Some("orders.example")))
+        .await
+        .unwrap();
+    let absolute = weft_test::http::via_http_proxy(inbound, get("http://orders.absolute/abs", None))
+        .await
+        .unwrap();
+    let h2 = weft_test::http::h2_via(inbound, get("http://orders.h2/two?x=y", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        (origin.status, absolute.status, h2.status),
+        (200, 200, 200),
+        "{}",
+        sidecar.log_text()
+    );
     assert_eq!(*app.paths.lock(), ["/a?b=1", "/abs", "/two?x=y"]);
     let hosts: Vec<String> = app
         .headers
@@ -63,9 +75,15 @@ async fn the_sidecar_executable_serves_a_static_config_and_refuses_a_bad_one() {
         free_addr()
     );
     std::fs::write(&bad, yaml).unwrap();
-    let out = std::process::Command::new(BIN).args(["--config", bad.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains(bad.to_str().unwrap()) && stderr.contains("services[0].endpoints[0]"), "{stderr}");
+    assert!(
+        stderr.contains(bad.to_str().unwrap()) && stderr.contains("services[0].endpoints[0]"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
