@@ -12,10 +12,13 @@ need() { # command package
   else echo "$1 missing (Debian package $2)" >&2; exit 1; fi
 }
 build() {
-  cargo build --release --locked -p weft >/dev/null 2>&1
+  cargo build --release --locked -p weft -p weft-proxy >/dev/null 2>&1
   cargo build --release --locked -p weft-test --example bench --example latency >/dev/null 2>&1
 }
 W=$ROOT/target/release/weft
+# Sidecars run as the proxy-only executable: the flags of `weft proxy`, without the control
+# plane's, CLI's and dashboard's code among the proxy's pages (issue #15).
+S=$ROOT/target/release/weft-sidecar
 B=$ROOT/target/release/examples/bench
 T=$(mktemp -d)
 PIDS=()
@@ -67,7 +70,7 @@ start_proxy() {
   local name=$1 app=$2; shift 2
   local tok; tok=$(weft_cli token create --workload "default/$name" --service-account "$name")
   [ "${CONTROL_PLAINTEXT:-0}" = 1 ] && set -- --insecure-plaintext "$@"
-  WEFT_TOKEN=$tok ${PIN:+taskset -c $PIN} "$W" proxy --control "$GRPC_URL" --workload "default/$name" --cluster a --app "$app" \
+  WEFT_TOKEN=$tok ${PIN:+taskset -c $PIN} "$S" --control "$GRPC_URL" --workload "default/$name" --cluster a --app "$app" \
     --inbound 127.0.0.1:$IN --outbound 127.0.0.1:$OUT --admin 127.0.0.1:$ADM "$@" >"$T/$name.log" 2>&1 & PIDS+=($!)
   PROXY_PID=${PIDS[-1]}
   wait_ok "http://127.0.0.1:$ADM/ready"

@@ -501,16 +501,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
                 // Nothing left to check on this connection: read straight into hyper's buffer.
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let len = this.pending.len();
-            this.pending.resize(len + READ_CHUNK, 0);
-            let mut chunk = ReadBuf::new(&mut this.pending[len..]);
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // The read lands in the caller's own unfilled space (left unfilled there) and is
+            // copied into `pending` to be checked: no buffer of ours is zeroed or grown per read.
+            let mut chunk = buf.take(READ_CHUNK);
             let polled = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
             let n = chunk.filled().len();
-            this.pending.truncate(len + n);
             match polled {
                 Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(())), // end of stream
-                Poll::Ready(Ok(())) if this.refused => this.pending.truncate(len), // dropped
-                Poll::Ready(Ok(())) => this.advance(),
+                Poll::Ready(Ok(())) if this.refused => {}                    // dropped
+                Poll::Ready(Ok(())) => {
+                    this.pending.extend_from_slice(chunk.filled());
+                    this.advance();
+                }
                 other => return other,
             }
         }

@@ -11,7 +11,8 @@
 // those cold paths, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
-// Public: what the CLI configures (`config`) and what the fuzz targets (`weft-fuzz`) call
+// Public: the sidecar's command line (`cli`, for `weft proxy` and `weft-sidecar`), what the
+// CLI configures (`config`) and what the fuzz targets (`weft-fuzz`) call
 // (`authz::normalize`, `host::resolve`, `route`). Everything else is the crate's own.
 mod access;
 mod admin;
@@ -19,6 +20,7 @@ pub mod authz;
 mod backoff;
 mod balance;
 mod call;
+pub mod cli;
 mod clock;
 pub mod config;
 mod control;

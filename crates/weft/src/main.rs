@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Exit code for invalid configuration (DESIGN.md §5).
-pub const EXIT_INVALID: u8 = 64;
+/// Exit code for invalid configuration (DESIGN.md §5); the sidecar's own command line shares it.
+pub const EXIT_INVALID: u8 = weft_proxy::cli::EXIT_INVALID;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -152,7 +152,7 @@ pub enum Command {
         replica: Option<String>,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
-    Proxy(commands::ProxyArgs),
+    Proxy(weft_proxy::cli::ProxyArgs),
     /// Run an app with its sidecar: the sidecar first, the app once the sidecar is ready; the
     /// app's exit code is weft run's. `--intercept` redirects the network namespace's traffic to
     /// the sidecar, so an unmodified app calls services by name.
@@ -315,16 +315,10 @@ pub enum IntentCommand {
     Abort { id: String },
 }
 
-/// Threads for the process's runtime: `WEFT_THREADS` when set; otherwise one for a proxy (a
-/// sidecar is one event loop, like Linkerd's proxy and a one-thread HAProxy: no cross-thread
-/// wake-ups on the request path, and its CPU cost stays within one core), one per core for
-/// everything else.
+/// Threads for the process's runtime: `WEFT_THREADS` when set; otherwise one for a proxy
+/// ([`weft_proxy::cli::threads_from_env`] says why), one per core for everything else.
 fn worker_threads(cli: &Cli) -> usize {
-    if let Some(n) = std::env::var("WEFT_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
+    if let Some(n) = weft_proxy::cli::threads_from_env() {
         return n;
     }
     match cli.command {
@@ -336,11 +330,7 @@ fn worker_threads(cli: &Cli) -> usize {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     weft_core::trace::init();
-    let runtime = match worker_threads(&cli) {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-    }
-    .expect("tokio runtime");
+    let runtime = weft_proxy::cli::runtime(worker_threads(&cli));
     let outcome = runtime.block_on(commands::run(cli));
     // The command is done: a task still running (a blocking read of standard input, a
     // connection cut at shutdown) must not keep the process, nor the store's lock, any longer.

@@ -12,12 +12,12 @@
 //! app starts and removed when `weft run` ends; the app then calls services by name.
 
 use crate::EXIT_INVALID;
-use crate::commands::ProxyArgs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use weft_core::Shutdown;
+use weft_proxy::cli::ProxyArgs;
 use weft_proxy::netfilter::{self, PROXY_GID, Rules};
 
 /// How long the sidecar gets to become ready before `weft run` gives up.
@@ -82,7 +82,7 @@ impl Drop for Installed {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = match crate::commands::proxy_config(args.proxy) {
+    let cfg = match weft_proxy::cli::config(args.proxy) {
         Ok(cfg) => cfg,
         Err(code) => return Ok(code),
     };

@@ -1,0 +1,89 @@
+//! `weft-sidecar`, the proxy-only executable: it takes the flags of `weft proxy` and runs the
+//! same proxy. Its inbound listener hands the app the path it was asked for, and the authority
+//! the caller addressed in `Host`, whichever way the caller named it.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use std::time::Duration;
+use weft_test::apps::EchoServer;
+use weft_test::free_addr;
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-sidecar");
+
+fn get(url: &str, host: Option<&str>) -> Request<Full<Bytes>> {
+    let mut req = Request::get(url);
+    if let Some(host) = host {
+        req = req.header(http::header::HOST, host);
+    }
+    req.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_executable_serves_a_static_config_and_refuses_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("weft-sidecar-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = EchoServer::start("orders").await;
+    let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+    let file = dir.join("orders.yaml");
+    let yaml = format!(
+        "workload: default/orders\ncluster: a\napp: '{}'\ninbound: '{inbound}'\noutbound: '{outbound}'\nadmin: '{admin}'\nservices: []\n",
+        app.addr
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let mut sidecar = weft_test::process::Process::spawn(BIN, "sidecar", &["--config".into(), file.display().to_string()]);
+    let client = weft_test::http::Client::new();
+    weft_test::eventually(Duration::from_secs(20), "the sidecar is ready", || async {
+        let ready = client.get(&format!("http://{admin}/ready")).await;
+        ready.is_ok_and(|r| r.status == 200).then_some(())
+    })
+    .await;
+
+    // Origin form with a Host header; absolute form; HTTP/2 with :authority only.
+    let origin = client
+        .send(get(&format!("http://{inbound}/a?b=1"), Some("orders.example")))
+        .await
+        .unwrap();
+    let absolute = weft_test::http::via_http_proxy(inbound, get("http://orders.absolute/abs", None))
+        .await
+        .unwrap();
+    let h2 = weft_test::http::h2_via(inbound, get("http://orders.h2/two?x=y", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        (origin.status, absolute.status, h2.status),
+        (200, 200, 200),
+        "{}",
+        sidecar.log_text()
+    );
+    assert_eq!(*app.paths.lock(), ["/a?b=1", "/abs", "/two?x=y"]);
+    let hosts: Vec<String> = app
+        .headers
+        .lock()
+        .iter()
+        .map(|h| h.get(http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("").to_string())
+        .collect();
+    assert_eq!(hosts, ["orders.example", "orders.absolute", "orders.h2"]);
+    sidecar.kill();
+
+    // A bad static file: exit 64, naming the file and the field, as `weft proxy` does.
+    let bad = dir.join("bad.yaml");
+    let yaml = format!(
+        "workload: default/x\napp: '{}'\ninbound: '{}'\noutbound: '{}'\nservices:\n  - name: echo\n    endpoints: [{{address: '127.0.0.1:1', weight: 3}}]\n",
+        free_addr(),
+        free_addr(),
+        free_addr()
+    );
+    std::fs::write(&bad, yaml).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(bad.to_str().unwrap()) && stderr.contains("services[0].endpoints[0]"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
