@@ -79,8 +79,9 @@ struct AtFull {
 }
 
 /// One last-stage trial: the treated requests at the first rollback with the drift reference,
-/// and with the baseline alone.
-type FullOutcome = (Option<u64>, Option<u64>);
+/// and with the baseline alone; and whether the drift reference's last verdict at the horizon
+/// was still waiting (errors it cannot yet tell from the drift: the stage would be held).
+type FullOutcome = (Option<u64>, Option<u64>, bool);
 
 /// One trial's outcome for each judge: the treated requests at the first rollback, if any.
 #[derive(Default)]
@@ -286,10 +287,10 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "| scenario | within | with the drift reference: rolled back | requests for {p}% | baseline alone: rolled back | requests for {p}% |",
+        "| scenario | within | with the drift reference: rolled back | requests for {p}% | held at the horizon | baseline alone: rolled back | requests for {p}% |",
         p = (POWER * 100.0) as u32
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for (k, s) in full.iter().enumerate() {
         let mut rng = Rng::new(0xd21f7 + k as u64);
         let outcomes: Vec<FullOutcome> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
@@ -304,13 +305,15 @@ fn main() {
             at.get(k.saturating_sub(1))
                 .map_or("not within the horizon".to_string(), |n| n.to_string())
         };
+        let held = outcomes.iter().filter(|o| o.2).count();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1}% ({held}) | {} | {} |",
             s.name,
             s.horizon,
             rate(&|o| o.0),
             needed(&|o| o.0),
+            100.0 * held as f64 / trials as f64,
             rate(&|o| o.1),
             needed(&|o| o.1),
         );
@@ -357,7 +360,7 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         ..s.change
     };
     let (mut treated, none) = (Evidence::default(), Evidence::default());
-    let (mut with, mut alone) = (None, None);
+    let (mut with, mut alone, mut held) = (None, None, false);
     let (mut n, mut next_look) = (0u64, REPORT.min(s.horizon));
     let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
     other.weather = report.weather;
@@ -375,16 +378,18 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         }
         if n == next_look {
             next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
-            let fails = |d: &Drift| matches!(judge(&s.slo, &treated, &baseline, &none, d), Verdict::Fail(_));
-            if with.is_none() && fails(&drift) {
-                with = Some(n);
+            if with.is_none() {
+                match judge(&s.slo, &treated, &baseline, &none, &drift) {
+                    Verdict::Fail(_) => with = Some(n),
+                    verdict => held = matches!(verdict, Verdict::Wait(_)) && n >= s.slo.min_requests,
+                }
             }
-            if alone.is_none() && fails(&Drift::default()) {
+            if alone.is_none() && matches!(judge(&s.slo, &treated, &baseline, &none, &Drift::default()), Verdict::Fail(_)) {
                 alone = Some(n);
             }
         }
     }
-    (with, alone)
+    (with, alone, held && with.is_none())
 }
 
 /// One request of the service, changed by `change`, in a report whose latencies share the
