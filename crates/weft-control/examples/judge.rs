@@ -263,6 +263,15 @@ fn main() {
             0.0,
         ),
         drifting(
+            "errors +3 pp, the issue's SLO, no drift (the demo's fault)",
+            Change { error: 0.03, ..none },
+            &issue,
+            1000,
+            1.0,
+            1.0,
+            0.0,
+        ),
+        drifting(
             "latency +50%, everything 27% slower",
             Change { latency: 1.5, ..none },
             &default,
