@@ -1020,7 +1020,10 @@ async fn a_change_callers_balance_away_from_is_rolled_back_for_the_traffic_shift
     })
     .await;
     let reason = done["decisions"][0]["reason"].as_str().unwrap_or_default().to_string();
-    eprintln!("rolled back {:.1} s after submission -- {reason}", submitted.elapsed().as_secs_f64());
+    eprintln!(
+        "rolled back {:.1} s after submission -- {reason}",
+        submitted.elapsed().as_secs_f64()
+    );
     assert_eq!(done["phase"], "rolled-back", "{done}");
     assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
     assert!(reason.starts_with("traffic moved away from the treated proxies: "), "{reason}");
@@ -1033,7 +1036,10 @@ async fn a_change_callers_balance_away_from_is_rolled_back_for_the_traffic_shift
         .collect();
     assert_eq!(shares.len(), 2, "{reason}");
     let chosen = traffic_share_at(&done, 1);
-    assert!(shares[1] >= 0.8 * chosen && shares[0] < shares[1] / 2.0, "stage chosen at {chosen}%: {reason}");
+    assert!(
+        shares[1] >= 0.8 * chosen && shares[0] < shares[1] / 2.0,
+        "stage chosen at {chosen}%: {reason}"
+    );
     assert!(reason.contains(" confident it fell by more than half"), "{reason}");
     let stats = load.stop().await;
     assert_eq!(stats.failed, 0, "{stats:?}");
