@@ -12,8 +12,8 @@
 //! the new judge with the drift reference (the same proxies' traffic to another service) and
 //! with the baseline alone.
 //!
-//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W] [--last-stage]`
-//! (`--last-stage`: the second table only). It prints
+//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W] [--last-stage] [--only TEXT]`
+//! (`--last-stage`: the second table only; `--only TEXT`: its rows whose name contains TEXT). It prints
 //! Markdown tables; bench/README.md ("Issue #13, the judge") explains the method.
 
 use std::io::Write;
@@ -97,6 +97,8 @@ fn main() {
     let trials = arg("--trials").and_then(|n| n.parse().ok()).unwrap_or(1000usize);
     let weather = arg("--weather").and_then(|n| n.parse().ok()).unwrap_or(WEATHER);
     let last_stage_only = std::env::args().any(|a| a == "--last-stage");
+    // `--only TEXT`: the last-stage rows whose name contains TEXT (each keeps its own seed).
+    let only = arg("--only").unwrap_or_default();
     let default = Slo::default();
     let issue = Slo {
         max_error_rate: 5.0,
@@ -300,7 +302,7 @@ fn main() {
         p = (POWER * 100.0) as u32
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
-    for (k, s) in full.iter().enumerate() {
+    for (k, s) in full.iter().enumerate().filter(|(_, s)| s.name.contains(only.as_str())) {
         let mut rng = Rng::new(0xd21f7 + k as u64);
         let outcomes: Vec<FullOutcome> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
         let rate = |f: &dyn Fn(&FullOutcome) -> Option<u64>| {
