@@ -32,10 +32,12 @@ const CORROBORATION: f64 = 0.1;
 /// balances by latency moves most of its traffic once an instance is clearly slower).
 const SHARE_TAU2: f64 = 1.0;
 /// The smallest fall of the treated proxies' requests per untreated request that counts as
-/// harm: to half of what it was before. Callers' shares of a service drift with their own
-/// load; a change that does nothing leaves the ratio where it was on average, and the test
-/// starts counting only beyond this fall.
-const SHARE_FALL: f64 = 0.5;
+/// harm: to a tenth of what it was before. A caller balancing by latency over equal instances
+/// moves its traffic between them by itself (the demo's checkout v1 and v2 each carried 30-70%
+/// of orders-api's requests from minute to minute, a ratio that moves by up to a factor of 5;
+/// an end-to-end run saw 97% on one instance before any change), while the demo's starved bad
+/// stages fell by factors of 30 to 170.
+const SHARE_FALL: f64 = 0.1;
 
 /// Lifecycle of an intent (DESIGN.md §4); `awaiting-approval` is manual mode's pause.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -554,7 +556,7 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
     (p <= alpha).then(|| {
         let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t + u) as f64);
         format!(
-            "traffic moved away from the treated proxies: {} of the requests since the swap ({} of {}) against {} before ({} of {}), {:+.0}% per untreated request, {} confident it fell by more than half (callers balancing away from a slower instance)",
+            "traffic moved away from the treated proxies: {} of the requests since the swap ({} of {}) against {} before ({} of {}), {:+.0}% per untreated request, {} confident it fell to under a tenth (callers balancing away from a slower instance)",
             share(ts, us),
             count(ts),
             count(ts + us),
@@ -1158,7 +1160,7 @@ mod tests {
     /// The demo's bad stage 1 (run 3): the treated caller chosen at 55% of the traffic, then
     /// 23 of 598 requests while the gateway balanced away from it. A harmless stage's share
     /// wanders, and a closed-loop caller slowed within the SLO sends somewhat less: neither is
-    /// a fall by half.
+    /// a fall to a tenth.
     #[test]
     fn traffic_moving_away_from_the_treated_proxies_is_harm() {
         let slo = Slo {
@@ -1169,19 +1171,21 @@ mod tests {
         let why = traffic_moved(&slo, &split((1234, 1002), (23, 575))).expect("starved");
         assert_eq!(
             why,
-            "traffic moved away from the treated proxies: 3.8% of the requests since the swap (23 of 598) against 55.2% before (1,234 of 2,236), -97% per untreated request, over 99.99% confident it fell by more than half (callers balancing away from a slower instance)"
+            "traffic moved away from the treated proxies: 3.8% of the requests since the swap (23 of 598) against 55.2% before (1,234 of 2,236), -97% per untreated request, over 99.99% confident it fell to under a tenth (callers balancing away from a slower instance)"
         );
         assert!(traffic_moved(&slo, &split((1234, 1002), (4, 596))).is_some());
-        // Harmless: the same share, or a share that wandered from 55% to 45%.
+        // Harmless: the same share, or a share that wandered from 55% to 45%, or from 70% to
+        // 30% (the demo's checkout instances, minute to minute).
         assert_eq!(traffic_moved(&slo, &split((1234, 1002), (300, 300))), None);
         assert_eq!(traffic_moved(&slo, &split((1234, 1002), (270, 330))), None);
+        assert_eq!(traffic_moved(&slo, &split((1400, 600), (900, 2100))), None);
         // Two of four closed-loop callers 50% slower: a third fewer requests, not half.
         assert_eq!(traffic_moved(&slo, &split((3000, 3000), (2000, 3000))), None);
         // Few requests since: no verdict before minRequests; a 100% stage has no untreated side.
         assert_eq!(traffic_moved(&slo, &split((1234, 1002), (0, 19))), None);
         assert_eq!(traffic_moved(&slo, &split((2236, 0), (598, 0))), None);
-        // More than half, but the evidence is thin: 3 of 10 against 55% is not yet shown.
-        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (3, 17))), None);
+        // Beyond a tenth, but the evidence is thin: 1 of 20 against 55% is not yet shown.
+        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (1, 19))), None);
     }
 
     #[test]

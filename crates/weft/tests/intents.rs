@@ -1040,7 +1040,7 @@ async fn a_change_callers_balance_away_from_is_rolled_back_for_the_traffic_shift
         shares[1] >= 0.8 * chosen && shares[0] < shares[1] / 2.0,
         "stage chosen at {chosen}%: {reason}"
     );
-    assert!(reason.contains(" confident it fell by more than half"), "{reason}");
+    assert!(reason.contains(" confident it fell to under a tenth"), "{reason}");
     let stats = load.stop().await;
     assert_eq!(stats.failed, 0, "{stats:?}");
 }
