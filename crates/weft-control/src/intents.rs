@@ -1252,17 +1252,17 @@ fn evidence(
                     add(&mut treated, s);
                 }
                 if after_observe(s) {
-                    split.since.0 += s.requests;
+                    split.since.0 = split.since.0.saturating_add(s.requests);
                 }
                 if before_start(s) {
                     add(&mut baseline, s);
-                    split.before.0 += s.requests;
+                    split.before.0 = split.before.0.saturating_add(s.requests);
                 }
             } else if after_observe(s) {
                 add(&mut untreated, s);
-                split.since.1 += s.requests;
+                split.since.1 = split.since.1.saturating_add(s.requests);
             } else if before_start(s) {
-                split.before.1 += s.requests;
+                split.before.1 = split.before.1.saturating_add(s.requests);
             }
         }
     }

@@ -544,7 +544,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
 /// sides (a 100% stage) or before `minRequests` since.
 pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
     let ((tb, ub), (ts, us)) = (split.before, split.since);
-    if tb == 0 || ub == 0 || us == 0 || ts + us < slo.min_requests.max(1) {
+    if tb == 0 || ub == 0 || us == 0 || ts.saturating_add(us) < slo.min_requests.max(1) {
         return None;
     }
     // Half a request on every side keeps the logarithm finite when a side has none.
@@ -554,15 +554,15 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
     let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 2.0;
     let p = mixture_p_value(fall + SHARE_FALL.ln(), variance, SHARE_TAU2);
     (p <= alpha).then(|| {
-        let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t + u) as f64);
+        let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t as f64 + u as f64));
         format!(
             "traffic moved away from the treated proxies: {} of the requests since the swap ({} of {}) against {} before ({} of {}), {:+.0}% per untreated request, {} confident it fell to under a tenth (callers balancing away from a slower instance)",
             share(ts, us),
             count(ts),
-            count(ts + us),
+            count(ts.saturating_add(us)),
             share(tb, ub),
             count(tb),
-            count(tb + ub),
+            count(tb.saturating_add(ub)),
             100.0 * ((-fall).exp() - 1.0),
             confidence(p),
         )
