@@ -12,8 +12,8 @@
 //! the new judge with the drift reference (the same proxies' traffic to another service) and
 //! with the baseline alone.
 //!
-//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W] [--last-stage]`
-//! (`--last-stage`: the second table only). It prints
+//! Run: `cargo run --release -p weft-control --example judge [-- --trials N] [--weather W] [--last-stage] [--only TEXT]`
+//! (`--last-stage`: the second table only; `--only TEXT`: its rows whose name contains TEXT). It prints
 //! Markdown tables; bench/README.md ("Issue #13, the judge") explains the method.
 
 use std::io::Write;
@@ -79,8 +79,9 @@ struct AtFull {
 }
 
 /// One last-stage trial: the treated requests at the first rollback with the drift reference,
-/// and with the baseline alone.
-type FullOutcome = (Option<u64>, Option<u64>);
+/// and with the baseline alone; and whether the drift reference's last verdict at the horizon
+/// was still waiting (errors it cannot yet tell from the drift: the stage would be held).
+type FullOutcome = (Option<u64>, Option<u64>, bool);
 
 /// One trial's outcome for each judge: the treated requests at the first rollback, if any.
 #[derive(Default)]
@@ -96,6 +97,8 @@ fn main() {
     let trials = arg("--trials").and_then(|n| n.parse().ok()).unwrap_or(1000usize);
     let weather = arg("--weather").and_then(|n| n.parse().ok()).unwrap_or(WEATHER);
     let last_stage_only = std::env::args().any(|a| a == "--last-stage");
+    // `--only TEXT`: the last-stage rows whose name contains TEXT (each keeps its own seed).
+    let only = arg("--only").unwrap_or_default();
     let default = Slo::default();
     let issue = Slo {
         max_error_rate: 5.0,
@@ -262,6 +265,15 @@ fn main() {
             0.0,
         ),
         drifting(
+            "errors +3 pp, the issue's SLO, no drift (the demo's fault)",
+            Change { error: 0.03, ..none },
+            &issue,
+            1000,
+            1.0,
+            1.0,
+            0.0,
+        ),
+        drifting(
             "latency +50%, everything 27% slower",
             Change { latency: 1.5, ..none },
             &default,
@@ -286,11 +298,11 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "| scenario | within | with the drift reference: rolled back | requests for {p}% | baseline alone: rolled back | requests for {p}% |",
+        "| scenario | within | with the drift reference: rolled back | requests for {p}% | held at the horizon | baseline alone: rolled back | requests for {p}% |",
         p = (POWER * 100.0) as u32
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
-    for (k, s) in full.iter().enumerate() {
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for (k, s) in full.iter().enumerate().filter(|(_, s)| s.name.contains(only.as_str())) {
         let mut rng = Rng::new(0xd21f7 + k as u64);
         let outcomes: Vec<FullOutcome> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
         let rate = |f: &dyn Fn(&FullOutcome) -> Option<u64>| {
@@ -304,13 +316,15 @@ fn main() {
             at.get(k.saturating_sub(1))
                 .map_or("not within the horizon".to_string(), |n| n.to_string())
         };
+        let held = outcomes.iter().filter(|o| o.2).count();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1}% ({held}) | {} | {} |",
             s.name,
             s.horizon,
             rate(&|o| o.0),
             needed(&|o| o.0),
+            100.0 * held as f64 / trials as f64,
             rate(&|o| o.1),
             needed(&|o| o.1),
         );
@@ -357,7 +371,7 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         ..s.change
     };
     let (mut treated, none) = (Evidence::default(), Evidence::default());
-    let (mut with, mut alone) = (None, None);
+    let (mut with, mut alone, mut held) = (None, None, false);
     let (mut n, mut next_look) = (0u64, REPORT.min(s.horizon));
     let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
     other.weather = report.weather;
@@ -375,16 +389,18 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         }
         if n == next_look {
             next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
-            let fails = |d: &Drift| matches!(judge(&s.slo, &treated, &baseline, &none, d), Verdict::Fail(_));
-            if with.is_none() && fails(&drift) {
-                with = Some(n);
+            if with.is_none() {
+                match judge(&s.slo, &treated, &baseline, &none, &drift) {
+                    Verdict::Fail(_) => with = Some(n),
+                    verdict => held = matches!(verdict, Verdict::Wait(_)) && n >= s.slo.min_requests,
+                }
             }
-            if alone.is_none() && fails(&Drift::default()) {
+            if alone.is_none() && matches!(judge(&s.slo, &treated, &baseline, &none, &Drift::default()), Verdict::Fail(_)) {
                 alone = Some(n);
             }
         }
     }
-    (with, alone)
+    (with, alone, held && with.is_none())
 }
 
 /// One request of the service, changed by `change`, in a report whose latencies share the

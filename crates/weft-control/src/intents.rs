@@ -11,7 +11,7 @@
 use crate::cost::CostChange;
 use crate::plan::{Kind, OverlayEntry};
 use crate::registry::ProxyRecord;
-use crate::rollout::{self, Drift, Evidence, Phase, Verdict};
+use crate::rollout::{self, Drift, Evidence, Phase, Split, Verdict};
 use crate::signals::{Sample, Signals};
 use crate::staging;
 use crate::store::{ChangeEntry, Revision, Store, StoreError};
@@ -1068,10 +1068,14 @@ impl Step<'_> {
         if bake.is_zero() {
             return self.promote_stage(seq, "applied (no bake)".into());
         }
-        let (treated, baseline, untreated, drift) = evidence(self.proxies, self.signals, intent);
+        let (treated, baseline, untreated, drift, split) = evidence(self.proxies, self.signals, intent);
         let since = now.duration_since(intent.timing.observe_started.unwrap_or(now));
         let number = intent.stage + 1;
-        match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &drift) {
+        let verdict = match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &drift) {
+            Verdict::Fail(why) => Verdict::Fail(why),
+            verdict => rollout::traffic_moved(&intent.slo, &split).map_or(verdict, Verdict::Fail),
+        };
+        match verdict {
             Verdict::Fail(why) => {
                 let why = format!("{why}{}", plaintext_refusals(self.proxies, self.signals, intent));
                 self.end(seq, Phase::RolledBack, format!("{why}: rolled back at stage {number} ({stage})"))
@@ -1284,8 +1288,13 @@ fn overlay_of(resources: &BTreeMap<ResourceKey, Resource>, intent: &IntentRecord
 /// candidate, and for a scoped change only on its own routes), the same proxies before the
 /// intent, untreated enforcing proxies since, and the drift: the treated proxies' requests to
 /// services the change does not touch, before the intent and since (a TrafficPolicy's callers;
-/// a SecurityPolicy is judged on inbound traffic, which has no other service to tell apart).
-fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> (Evidence, Evidence, Evidence, Drift) {
+/// a SecurityPolicy is judged on inbound traffic, which has no other service to tell apart);
+/// and how the judged traffic split between treated and untreated proxies before and since.
+fn evidence(
+    proxies: &BTreeMap<u64, ProxyRecord>,
+    signals: &Signals,
+    intent: &IntentRecord,
+) -> (Evidence, Evidence, Evidence, Drift, Split) {
     let (direction, services) = judged_traffic(intent);
     let enforcing: BTreeMap<String, bool> = proxies
         .values()
@@ -1299,6 +1308,7 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
     let after_observe = |s: &Sample| observing.is_some_and(|o| s.at >= o + WARM_UP);
     let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
     let mut drift = Drift::default();
+    let mut split = Split::default();
     for ((workload, dir, service), samples) in &signals.samples {
         let Some(&is_treated) = enforcing.get(workload) else { continue };
         let judged = services.contains(service);
@@ -1319,15 +1329,22 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
                 if after_observe(s) && s.revision >= candidate && in_scope {
                     add(&mut treated, s);
                 }
+                if after_observe(s) {
+                    split.since.0 = split.since.0.saturating_add(s.requests);
+                }
                 if before_start(s) {
                     add(&mut baseline, s);
+                    split.before.0 = split.before.0.saturating_add(s.requests);
                 }
             } else if after_observe(s) {
                 add(&mut untreated, s);
+                split.since.1 = split.since.1.saturating_add(s.requests);
+            } else if before_start(s) {
+                split.before.1 = split.before.1.saturating_add(s.requests);
             }
         }
     }
-    (treated, baseline, untreated, drift)
+    (treated, baseline, untreated, drift, split)
 }
 
 /// For a change that makes mTLS strict, what its rollback reason adds: how many of the treated

@@ -2,7 +2,9 @@
 //! change, and the judgement of a stage against its SLO. The state machine that drives intents
 //! through these lives in [`crate::intents`].
 
-use crate::stats::{clustered_auc, mann_whitney, mixture_p_value, mixture_radius, pooled_gap_variance, proportion_gap};
+use crate::stats::{
+    clustered_auc, mann_whitney, mixture_p_value, mixture_radius, pooled_gap_variance, proportion_gap, restricted_variance,
+};
 use serde::{Deserialize, Serialize};
 use weft_api::resource::{Resource, RouteMatch, Slo, StringMatch};
 use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms, slot_of, slot_value_ms};
@@ -25,6 +27,17 @@ const ERROR_TAU_FLOOR: f64 = 0.005;
 /// prove what the untreated proxies had already shown (the judge harness: +1 pp of errors took
 /// 5,046 treated requests, +0.5 pp more than 30,000).
 const CORROBORATION: f64 = 0.1;
+/// Mixing variance of the traffic-share test, on the log scale of the treated proxies'
+/// requests per untreated request: tuned for falls of a factor of e or more (a caller that
+/// balances by latency moves most of its traffic once an instance is clearly slower).
+const SHARE_TAU2: f64 = 1.0;
+/// The smallest fall of the treated proxies' requests per untreated request that counts as
+/// harm: to a tenth of what it was before. A caller balancing by latency over equal instances
+/// moves its traffic between them by itself (the demo's checkout v1 and v2 each carried 30-70%
+/// of orders-api's requests from minute to minute, a ratio that moves by up to a factor of 5;
+/// an end-to-end run saw 97% on one instance before any change), while the demo's starved bad
+/// stages fell by factors of 30 to 170.
+const SHARE_FALL: f64 = 0.1;
 
 /// Lifecycle of an intent (DESIGN.md §4); `awaiting-approval` is manual mode's pause.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +326,17 @@ pub struct Drift {
     pub since: Evidence,
 }
 
+/// How the judged traffic split between the treated proxies and the untreated enforcing ones,
+/// as `(treated, untreated)` requests: in the window before the intent (the window the stage
+/// was chosen by) and since the stage's evidence began. The treated side counts all of the
+/// treated proxies' requests to the changed services, in scope or not, as the untreated side
+/// does.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Split {
+    pub before: (u64, u64),
+    pub since: (u64, u64),
+}
+
 /// One reference the treated proxies are compared with; against the baseline with no
 /// concurrent reference, net of the drift the same proxies' other traffic shows.
 struct Reference<'a> {
@@ -322,13 +346,15 @@ struct Reference<'a> {
 }
 
 /// The drift of a [`Drift`]: other traffic's latency factor (the typical ratio since / before)
-/// and the variance of its logarithm, and its error-rate difference with that difference's
-/// variance.
+/// and the variance of its logarithm, its error-rate difference with that difference's
+/// variance, and its error counts `(errors, requests)` before and since.
 struct Shift {
     factor: f64,
     log_variance: f64,
     gap: f64,
     variance: f64,
+    before: (u64, u64),
+    since: (u64, u64),
 }
 
 /// Judges treated proxies with the SLO's stated error rates against two references: the
@@ -353,10 +379,13 @@ struct Shift {
 /// comparison across time alone cannot tell the change from the machine's weather (the demo
 /// rolled back a harmless change on +27% against the minute before). So when `drift` has
 /// `minRequests` on both sides, the baseline comparison is a difference in differences: the
-/// error gap minus other traffic's gap (each side's own variance, added), and latency against the baseline
-/// scaled by other traffic's typical slowdown, the uncertainty of that factor carried into the
-/// rank test's variance (delta method). Treated and other traffic come from the same proxies
-/// in the same reports, so a shared busy moment cancels too.
+/// error gap minus other traffic's gap (a score test: the variance at the four rates fitted
+/// under "no harm"), and latency against the baseline scaled by other traffic's typical
+/// slowdown, the uncertainty of that factor carried into the rank test's variance (delta
+/// method). Treated and other traffic come from the same proxies in the same reports, so a
+/// shared busy moment cancels too. Errors that the baseline alone shows but the difference in
+/// differences cannot yet tell from the drift keep the stage waiting rather than passing
+/// (see [`unexplained_errors`]).
 ///
 /// Each test is always valid (see [`crate::stats`]) so the judge may look after every report;
 /// errors and latency share the false-alarm budget, and requiring every reference only lowers
@@ -434,14 +463,15 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             let (mut gap, mut variance) = proportion_gap(treated.errors, treated.requests, e.errors, e.requests);
             let mut null = pooled_gap_variance(treated.errors, treated.requests, e.errors, e.requests);
             if let Some(d) = &r.drift {
-                // Under drift "no harm" is a treated rate of the baseline's plus the other
-                // traffic's gap, not equal rates: the null's variance takes that rate for the
-                // treated side. Pooling (equal rates) rolled back 5% of harmless changes in the
-                // harness when every rate rose by 1 pp; the treated side's own rate (7.1% of 154
-                // against 0.8%) hid real harm in the demo.
+                // Under drift "no harm" is a treated gap equal to the other traffic's, not equal
+                // rates. Pooling (equal rates) rolled back 5% of harmless changes in the harness
+                // when every rate rose by 1 pp; the treated side's own rate (7.1% of 154 against
+                // 0.8%) hid real harm in the demo; the treated rate the point estimates imply
+                // rolled back 1.6%, its variance too small whenever the other traffic's gap came
+                // out low by chance. The score test fits that gap too.
                 gap -= d.gap;
                 variance += d.variance;
-                null = drifted_null(treated.requests, e.errors, e.requests, d);
+                null = drifted_null(treated, e, d);
             }
             let p = if gap > delta { mixture_p_value(gap, null, tau2) } else { 1.0 };
             let upper = gap + mixture_radius(variance, tau2, alpha);
@@ -493,12 +523,89 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         ));
     }
 
+    if let Some(why) = unexplained_errors(treated, &references, delta, tau2, alpha_each) {
+        return Verdict::Wait(why);
+    }
     let bounds: Vec<String> = references
         .iter()
         .zip(&errors)
         .map(|(r, e)| format!("errors vs {} at most {}", r.name, points(e.3)))
         .collect();
     Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
+}
+
+/// Whether traffic moved away from the treated proxies after the swap, as harm: a caller that
+/// balances by latency (P2C over peak-EWMA) sends less to an instance a bad change slowed, and
+/// the treated proxies then gather too few requests to judge (the demo's bad stage 1: 4 to 23
+/// treated requests against 550-600 untreated, held as inconclusive or promoted). The test is
+/// on the treated proxies' requests per untreated request, since against before (the log of
+/// that ratio, always valid, at the confidence the other tests get for each metric): harm when
+/// it fell to under [`SHARE_FALL`] of what it was. `None` without untreated traffic on both
+/// sides (a 100% stage) or before `minRequests` since.
+pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
+    let ((tb, ub), (ts, us)) = (split.before, split.since);
+    if tb == 0 || ub == 0 || us == 0 || ts.saturating_add(us) < slo.min_requests.max(1) {
+        return None;
+    }
+    // Half a request on every side keeps the logarithm finite when a side has none.
+    let ln = |x: u64| (x as f64 + 0.5).ln();
+    let fall = (ln(tb) - ln(ub)) - (ln(ts) - ln(us));
+    let variance: f64 = [tb, ub, ts, us].iter().map(|x| 1.0 / (*x as f64 + 0.5)).sum();
+    let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 2.0;
+    let p = mixture_p_value(fall + SHARE_FALL.ln(), variance, SHARE_TAU2);
+    (p <= alpha).then(|| {
+        let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t as f64 + u as f64));
+        format!(
+            "traffic moved away from the treated proxies: {} of the requests since the swap ({} of {}) against {} before ({} of {}), {:+.0}% per untreated request, {} confident it fell to under a tenth (callers balancing away from a slower instance)",
+            share(ts, us),
+            count(ts),
+            count(ts.saturating_add(us)),
+            share(tb, ub),
+            count(tb),
+            count(tb.saturating_add(ub)),
+            100.0 * ((-fall).exp() - 1.0),
+            confidence(p),
+        )
+    })
+}
+
+/// A rise in errors against the baseline that the stage would roll back with no drift
+/// reference, and that exceeds the other traffic's rise by more than the smallest change that
+/// matters, but not yet at the stage's confidence: neither harm shown nor explained by the
+/// drift, so the stage keeps watching (and is held for a person if that stays so). A rise the
+/// other traffic's matches (a drift of the whole machine) still passes. Errors are rare: a stage's
+/// other traffic is about as large as its treated traffic, and with few errors on both sides no
+/// test can separate a change from a drift (4 errors in 160 treated requests against none in
+/// 160 other ones: were both rates equal, all four would fall on the treated side one time in
+/// 16). Promoting that was the demo's +3% fault promoted; the extra evidence of a longer stage
+/// decides it. Latency needs no such wait: every request tells its speed, and its difference in
+/// differences is as sure as the baseline comparison.
+fn unexplained_errors(treated: &Evidence, references: &[Reference], delta: f64, tau2: f64, alpha: f64) -> Option<String> {
+    let r = references.iter().find(|r| r.drift.is_some())?;
+    let d = r.drift.as_ref()?;
+    let e = r.evidence;
+    let (gap, _) = proportion_gap(treated.errors, treated.requests, e.errors, e.requests);
+    let p = mixture_p_value(
+        gap,
+        pooled_gap_variance(treated.errors, treated.requests, e.errors, e.requests),
+        tau2,
+    );
+    (gap > delta && p <= alpha && gap - d.gap > delta).then(|| {
+        format!(
+            "error rate {} vs {} baseline ({}, {} vs {} requests, {} confident it is higher), but the same proxies' other traffic moved {} ({} errors in {} requests since, {} in {} before): not yet enough to tell the change from a drift",
+            percent(treated.error_rate()),
+            percent(e.error_rate()),
+            points(gap),
+            count(treated.requests),
+            count(e.requests),
+            confidence(p),
+            points(d.gap),
+            count(d.since.0),
+            count(d.since.1),
+            count(d.before.0),
+            count(d.before.1),
+        )
+    })
 }
 
 /// Whether treated requests are slower than the reference's (against the baseline with a
@@ -527,12 +634,16 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (f64, 
 }
 
 /// The variance of the treated-minus-baseline error gap net of `drift` if the change did
-/// nothing: the treated rate is then the baseline's plus the drift's gap (each rate shrunk by
-/// one success and one failure, as in [`proportion_gap`]), plus the drift's own variance.
-fn drifted_null(treated: u64, errors: u64, requests: u64, drift: &Shift) -> f64 {
-    let base = (errors as f64 + 1.0) / (requests as f64 + 2.0);
-    let expected = (base + drift.gap).clamp(1.0 / (treated as f64 + 2.0), 1.0 - 1e-9);
-    expected * (1.0 - expected) / (treated as f64).max(1.0) + base * (1.0 - base) / (requests as f64).max(1.0) + drift.variance
+/// nothing: all four rates (treated, baseline, other traffic since and before) fitted together
+/// under "the treated gap equals the other traffic's gap" (the score test's variance, see
+/// [`restricted_variance`]).
+fn drifted_null(treated: &Evidence, baseline: &Evidence, drift: &Shift) -> f64 {
+    restricted_variance(&[
+        (treated.errors, treated.requests, 1.0),
+        (baseline.errors, baseline.requests, -1.0),
+        (drift.since.0, drift.since.1, -1.0),
+        (drift.before.0, drift.before.1, 1.0),
+    ])
 }
 
 /// The drift in other traffic, as the judge subtracts it.
@@ -551,6 +662,8 @@ fn shift_of(d: &Drift) -> Shift {
         log_variance,
         gap,
         variance,
+        before: (b.errors, b.requests),
+        since: (s.errors, s.requests),
     }
 }
 
@@ -984,22 +1097,95 @@ mod tests {
             panic!("+5 pp errors beyond the drift is harm")
         };
         assert!(why.contains("(+5.0 pp,"), "{why}");
-        // Found in the demo: 11 errors in 154 treated requests against 9 in 1,091 before, no
-        // drift in errors; the treated side's own variance hid it, the null's shows it.
-        let quiet = Drift {
+        // Found in the demo (run 4, promoted): 11 errors in 154 treated requests against 9 in
+        // 1,091 before, none in the other traffic. With 150 other requests since, a 7% drift
+        // is not yet excluded (11 errors on the treated side and none on the other is what
+        // equal rates give one time in 2,000, short of an always-valid 99%): not a pass, the
+        // stage keeps watching; with twice the evidence it is rolled back.
+        let quiet = |since: u64| Drift {
             before: evidence(1000, 0, 2.0),
-            since: evidence(150, 0, 2.0),
+            since: evidence(since, 0, 2.0),
         };
-        let Verdict::Fail(why) = judge(&slo, &evidence(154, 11, 4.0), &evidence(1091, 9, 4.0), &none, &quiet) else {
-            panic!("+6.3 pp of errors net of no drift is harm")
+        let run4 = |n: u64, errors: u64| judge(&slo, &evidence(n, errors, 4.0), &evidence(1091, 9, 4.0), &none, &quiet(n));
+        let verdict = run4(154, 11);
+        assert!(matches!(verdict, Verdict::Wait(_)), "{verdict:?}");
+        let Verdict::Fail(why) = run4(308, 22) else {
+            panic!("+6.3 pp of errors net of no drift is harm: {:?}", run4(308, 22))
         };
         assert!(why.contains("error rate 7.1% vs 0.8% baseline (net of"), "{why}");
+        // Demo run 5's +3% fault, with the issue's SLO: 4 errors in 160 treated requests against
+        // none in 1,193 before, and the same proxies' other traffic (profile-svc, called once per
+        // checkout like orders-api) none in 160 since and 1,193 before. No test can roll that
+        // back at 99% (all four errors on the treated side happen one time in 16 if the rates
+        // are equal), but it must not pass: the stage keeps watching (held for a person after
+        // three bakes), and with four times the evidence at the same rates it is rolled back.
+        let issue = Slo {
+            max_error_rate: 5.0,
+            max_error_rate_increase: 1.0,
+            max_p99_increase: 20.0,
+            min_requests: 20,
+            ..Slo::default()
+        };
+        let run5 = |n: u64, errors: u64| {
+            let d = Drift {
+                before: evidence(1193, 0, 2.0),
+                since: evidence(n, 0, 2.0),
+            };
+            judge(&issue, &evidence(n, errors, 4.0), &evidence(1193, 0, 4.0), &none, &d)
+        };
+        let Verdict::Wait(why) = run5(160, 4) else {
+            panic!("4 errors in 160 against none passed: {:?}", run5(160, 4))
+        };
+        assert!(
+            why.starts_with("error rate 2.5% vs 0.0% baseline (+2.5 pp, 160 vs 1,193 requests, ")
+                && why.ends_with("other traffic moved +0.0 pp (0 errors in 160 requests since, 0 in 1,193 before): not yet enough to tell the change from a drift"),
+            "{why}"
+        );
+        let verdict = run5(480, 12);
+        assert!(matches!(verdict, Verdict::Wait(_)), "{verdict:?}");
+        let Verdict::Fail(why) = run5(640, 16) else {
+            panic!("16 errors in 640 against none is harm: {:?}", run5(640, 16))
+        };
+        assert!(why.starts_with("error rate 2.5% vs 0.0% baseline (net of"), "{why}");
+        // No errors beyond the drift's: a pass, as before.
+        assert!(matches!(run5(160, 0), Verdict::Pass(_)), "{:?}", run5(160, 0));
         // With untreated traffic the concurrent reference already cancels the drift: unused.
         let peers = evidence(2000, 48, 4.0 * 1.27);
         let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &peers, &drift) else {
             panic!()
         };
         assert!(!why.contains("net of"), "{why}");
+    }
+
+    /// The demo's bad stage 1 (run 3): the treated caller chosen at 55% of the traffic, then
+    /// 23 of 598 requests while the gateway balanced away from it. A harmless stage's share
+    /// wanders, and a closed-loop caller slowed within the SLO sends somewhat less: neither is
+    /// a fall to a tenth.
+    #[test]
+    fn traffic_moving_away_from_the_treated_proxies_is_harm() {
+        let slo = Slo {
+            min_requests: 20,
+            ..Slo::default()
+        };
+        let split = |before: (u64, u64), since: (u64, u64)| Split { before, since };
+        let why = traffic_moved(&slo, &split((1234, 1002), (23, 575))).expect("starved");
+        assert_eq!(
+            why,
+            "traffic moved away from the treated proxies: 3.8% of the requests since the swap (23 of 598) against 55.2% before (1,234 of 2,236), -97% per untreated request, over 99.99% confident it fell to under a tenth (callers balancing away from a slower instance)"
+        );
+        assert!(traffic_moved(&slo, &split((1234, 1002), (4, 596))).is_some());
+        // Harmless: the same share, or a share that wandered from 55% to 45%, or from 70% to
+        // 30% (the demo's checkout instances, minute to minute).
+        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (300, 300))), None);
+        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (270, 330))), None);
+        assert_eq!(traffic_moved(&slo, &split((1400, 600), (900, 2100))), None);
+        // Two of four closed-loop callers 50% slower: a third fewer requests, not half.
+        assert_eq!(traffic_moved(&slo, &split((3000, 3000), (2000, 3000))), None);
+        // Few requests since: no verdict before minRequests; a 100% stage has no untreated side.
+        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (0, 19))), None);
+        assert_eq!(traffic_moved(&slo, &split((2236, 0), (598, 0))), None);
+        // Beyond a tenth, but the evidence is thin: 1 of 20 against 55% is not yet shown.
+        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (1, 19))), None);
     }
 
     #[test]

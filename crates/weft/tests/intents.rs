@@ -948,6 +948,103 @@ async fn forty_ms_on_half_the_requests_is_rolled_back_at_stage_one_with_the_conf
     assert!(reason.contains(" confident it is slower"), "{reason}");
 }
 
+/// A change that slows orders' callers starves its own stage 1 in the demo: checkout's caller
+/// balances over checkout's two instances by latency (P2C over peak-EWMA) and routes around the
+/// treated one, whose requests to orders then fall far short of what the judge needs. Here:
+/// web -> checkout (v1 and v2, demo apps calling orders through their sidecars) -> orders; the
+/// change delays every orders call by 50 ms. It is rolled back at stage 1 for the traffic that
+/// moved away from the treated instance, with the shares before and since and the confidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_callers_balance_away_from_is_rolled_back_for_the_traffic_shift() {
+    let control = Control::start(BIN).await;
+    let orders_app = EchoServer::start("orders-v1").await;
+    let _orders = ProxyHandle::start(
+        BIN,
+        &control,
+        "default/orders-v1",
+        "cluster-a",
+        &[("service", "orders"), ("version", "v1")],
+        orders_app.addr,
+    )
+    .await;
+    let mut checkouts = Vec::new();
+    for version in ["v1", "v2"] {
+        let app = free_addr();
+        let proxy = ProxyHandle::start(
+            BIN,
+            &control,
+            &format!("default/checkout-{version}"),
+            "cluster-a",
+            &[("service", "checkout"), ("version", version)],
+            app,
+        )
+        .await;
+        let args = ["demo-app", "--name", "checkout", "--version", version, "--listen", &app.to_string()];
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--call".into(), "orders".into(), "--proxy".into(), proxy.outbound.to_string()]);
+        let app = weft_test::process::Process::spawn(BIN, &format!("checkout-{version}-app"), &args);
+        checkouts.push((proxy, app));
+    }
+    let web = ProxyHandle::start(BIN, &control, "default/web-0", "cluster-b", &[], free_addr()).await;
+    let load = Load::start(web.outbound, "checkout", &[], Duration::from_millis(10));
+    // Both instances' calls to orders reported, for a while: the share the stage is chosen by.
+    let orders_callers = || async {
+        let routes = control.get("/api/v1/status").await;
+        let orders = routes["services"].as_array()?.iter().find(|v| v["name"] == "orders")?.clone();
+        (orders["rps"].as_f64()? > 20.0).then_some(())
+    };
+    eventually(Duration::from_secs(30), "orders called through checkout", orders_callers).await;
+    let reports = || async { control.get("/api/v1/status").await["telemetrySignals"].as_u64().unwrap() };
+    let before = reports().await;
+    eventually(Duration::from_secs(30), "a few rounds of reports", || async {
+        (reports().await >= before + 20).then_some(())
+    })
+    .await;
+    let yaml = intent_yaml(
+        "SLOW-CALLS",
+        "            - fault: {delay: {percent: 100, duration: 50ms}}\n",
+        "[50, 100]",
+        "10s",
+        "auto",
+        "{maxErrorRate: 5, maxErrorRateIncrease: 1, maxP99Increase: 20, minRequests: 20}",
+    );
+    let (status, body) = control.post("/api/v1/intents", &yaml).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let submitted = Instant::now();
+    let done = eventually(Duration::from_secs(60), &format!("{id} decided"), || async {
+        let i = control.get(&format!("/api/v1/intents/{id}")).await;
+        ["promoted", "rolled-back", "failed", "awaiting-approval"]
+            .contains(&i["phase"].as_str()?)
+            .then_some(i)
+    })
+    .await;
+    let reason = done["decisions"][0]["reason"].as_str().unwrap_or_default().to_string();
+    eprintln!(
+        "rolled back {:.1} s after submission -- {reason}",
+        submitted.elapsed().as_secs_f64()
+    );
+    assert_eq!(done["phase"], "rolled-back", "{done}");
+    assert_eq!(outcomes(&done), [("rolled-back".to_string(), 1)], "{done}");
+    assert!(reason.starts_with("traffic moved away from the treated proxies: "), "{reason}");
+    assert!(reason.ends_with("rolled back at stage 1 (50%)"), "{reason}");
+    // The shares it states: since the swap under half of before.
+    let shares: Vec<f64> = reason
+        .split("% ")
+        .filter_map(|part| part.rsplit(' ').next()?.parse().ok())
+        .take(2)
+        .collect();
+    assert_eq!(shares.len(), 2, "{reason}");
+    let chosen = traffic_share_at(&done, 1);
+    assert!(
+        shares[1] >= 0.8 * chosen && shares[0] < shares[1] / 2.0,
+        "stage chosen at {chosen}%: {reason}"
+    );
+    assert!(reason.contains(" confident it fell to under a tenth"), "{reason}");
+    let stats = load.stop().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+}
+
 /// `weft apply` on a service a manual intent holds says the change is queued, behind which
 /// intent, and what to do about it, and returns at once (it blocked 10 s and printed "created"
 /// before); `--wait` waits until the change is applied, and gives up with a clear error.
