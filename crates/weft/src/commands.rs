@@ -149,6 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store,
             store_prefix,
             replica,
+            max_registering,
         } => {
             let root = root_cert.zip(root_key);
             let cfg = weft_control::ControlConfig {
@@ -165,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 store,
                 store_prefix,
                 replica,
+                max_registering,
             };
             return control(cfg).await;
         }
