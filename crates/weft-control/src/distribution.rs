@@ -212,9 +212,10 @@ impl proto::distribution_server::Distribution for Distribution {
                 self.gate.limit,
                 wait.as_millis()
             ));
-            status
-                .metadata_mut()
-                .insert(weft_api::RETRY_AFTER_MS, wait.as_millis().to_string().parse().expect("digits are ASCII"));
+            status.metadata_mut().insert(
+                weft_api::RETRY_AFTER_MS,
+                wait.as_millis().to_string().parse().expect("digits are ASCII"),
+            );
             status
         })?;
         let peer = req.extensions().get::<ControlPeer>().cloned();
@@ -288,7 +289,11 @@ async fn drive(
                 // not one per change (the push planned here is dropped, its number unused).
                 match tx.try_send(Ok(ControlMessage { msg: Some(msg) })) {
                     Ok(()) => {
-                        last = Some(planned.fingerprint);
+                        // A push that carried part of some service's endpoints is followed by
+                        // the rest, one push at a time as the queue takes them.
+                        let more = next.partial();
+                        last = (!more).then_some(planned.fingerprint);
+                        dirty = more;
                         sent = Some(next);
                         count(&mesh, size);
                         mesh.pushed(conn, version, planned.included, bundle_epoch);
@@ -329,6 +334,7 @@ async fn drive(
             }
         };
         tokio::select! {
+            () = std::future::ready(()), if dirty && !behind => {}
             _ = held => dirty = true,
             r = room => {
                 if r.is_err() { break }

@@ -197,7 +197,10 @@ impl Mesh {
             switches: Mutex::new(()),
             writes: Mutex::new(()),
             changed: watch::channel(0).0,
-            fold: Mutex::new(Fold { last: None, pending: false }),
+            fold: Mutex::new(Fold {
+                last: None,
+                pending: false,
+            }),
             fold_due: Notify::new(),
             wake: Notify::new(),
             tokens_changed: Notify::new(),

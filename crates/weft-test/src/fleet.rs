@@ -37,6 +37,8 @@ pub struct Fleet {
     told_to_wait: Arc<AtomicUsize>,
     /// Streams that failed for any other reason (each is retried with backoff).
     failures: Arc<AtomicUsize>,
+    /// The last of those failures.
+    last_failure: Arc<Mutex<Option<String>>>,
     pub started: Instant,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -83,6 +85,7 @@ impl Fleet {
         let proxies: Proxies = Arc::new((0..first + n).map(|_| Mutex::default()).collect());
         let told_to_wait = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(AtomicUsize::new(0));
+        let last_failure = Arc::new(Mutex::new(None));
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         // Several control-plane replicas (`URL,URL,...`): proxy i dials the i-th, round robin.
@@ -97,7 +100,7 @@ impl Fleet {
                 calls: calls.to_string(),
                 proxies: proxies.clone(),
             };
-            let (told_to_wait, failures) = (told_to_wait.clone(), failures.clone());
+            let (told_to_wait, failures, last_failure) = (told_to_wait.clone(), failures.clone(), last_failure.clone());
             tasks.spawn(async move {
                 let mut failed = 0u32;
                 loop {
@@ -112,8 +115,9 @@ impl Fleet {
                             hint(&e).expect("checked")
                         }
                         outcome => {
-                            if outcome.is_err() {
+                            if let Err(e) = outcome {
                                 failures.fetch_add(1, Ordering::Relaxed);
+                                *last_failure.lock().expect("not poisoned") = Some(format!("sim-{}: {e:#}", sim.i));
                             }
                             failed += 1;
                             // As a real proxy: equal jitter under a cap doubling from 100 ms to 5 s.
@@ -129,6 +133,7 @@ impl Fleet {
             proxies,
             told_to_wait,
             failures,
+            last_failure,
             started,
             tasks,
         })
@@ -190,7 +195,10 @@ impl Fleet {
     /// The fewest endpoints of the service they call any proxy held on a stream after its
     /// first (after a control-plane restart: 0 would be a proxy left without its endpoints).
     pub fn fewest_endpoints_after_reconnecting(&self) -> Option<usize> {
-        self.proxies.iter().filter_map(|p| p.lock().expect("not poisoned").fewest_later).min()
+        self.proxies
+            .iter()
+            .filter_map(|p| p.lock().expect("not poisoned").fewest_later)
+            .min()
     }
 
     /// The lowest revision any proxy holds.
@@ -210,6 +218,11 @@ impl Fleet {
     /// Streams that failed otherwise (connect errors, streams ended by the control plane), so far.
     pub fn failures(&self) -> usize {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The last stream failure counted in [`Fleet::failures`].
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure.lock().expect("not poisoned").clone()
     }
 
     /// Encoded size of the config each proxy got for `revision` (the first proxy's).
@@ -313,7 +326,11 @@ impl Sim {
                 Some(control_message::Msg::Delta(delta)) => {
                     let mut held = self.held();
                     for change in delta.endpoints.iter().filter(|c| c.service == calls) {
-                        let kept = if change.replace { 0 } else { held.endpoints - change.removed.len().min(held.endpoints) };
+                        let kept = if change.replace {
+                            0
+                        } else {
+                            held.endpoints - change.removed.len().min(held.endpoints)
+                        };
                         held.endpoints = kept + change.added.len();
                     }
                     (delta.version, delta.revision, delta.encoded_len())

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
 use weft_test::apps::EchoServer;
-use weft_test::http::Client;
 use weft_test::fleet::{self, Fleet};
+use weft_test::http::Client;
 use weft_test::{Control, ProxyHandle, eventually, free_addr, metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weft");
@@ -368,12 +368,19 @@ async fn a_storm_of_proxies_connecting_at_once_is_admitted_with_backoff_and_all_
         fleet.told_to_wait(),
         fleet.failures()
     );
-    assert!(fleet.told_to_wait() > 0, "300 at once against a bound of 20: some were told to come back");
-    assert_eq!(fleet.failures(), 0, "no stream failed for any other reason");
+    assert!(
+        fleet.told_to_wait() > 0,
+        "300 at once against a bound of 20: some were told to come back"
+    );
+    assert_eq!(fleet.failures(), 0, "no stream failed for any other reason: {:?}", fleet.last_failure());
     let text = control.metrics().await;
     let deferred = metric(&text, "weft_control_registrations_deferred_total", &[]);
     assert_eq!(deferred as usize, fleet.told_to_wait(), "every refusal the simulator saw, counted");
-    assert_eq!(metric(&text, "weft_control_registrations_in_progress", &[]), 0.0, "every registration completed");
+    assert_eq!(
+        metric(&text, "weft_control_registrations_in_progress", &[]),
+        0.0,
+        "every registration completed"
+    );
     assert_eq!(metric(&text, "weft_control_proxies_connected", &[]), n as f64);
     fleet.abort();
 }
@@ -395,12 +402,22 @@ async fn a_control_plane_restarted_under_its_fleet_ends_with_all_of_it_back_in_s
         .await;
     assert!(status == 200 || status == 202, "{status} {applied}");
     let revision = applied["revision"].as_u64().unwrap();
-    let before = fleet::until(Duration::from_secs(60), || async { fleet.count_synced(1, revision, n / services) == n }).await;
-    assert!(before.is_some(), "{} of {n} in sync before the restart", fleet.count_synced(1, revision, n / services));
+    let before = fleet::until(Duration::from_secs(60), || async {
+        fleet.count_synced(1, revision, n / services) == n
+    })
+    .await;
+    assert!(
+        before.is_some(),
+        "{} of {n} in sync before the restart",
+        fleet.count_synced(1, revision, n / services)
+    );
 
     let t0 = Instant::now();
     control.restart_gracefully(Duration::from_secs(10)).await;
-    let synced = fleet::until(Duration::from_secs(60), || async { fleet.count_synced(2, revision, n / services) == n }).await;
+    let synced = fleet::until(Duration::from_secs(60), || async {
+        fleet.count_synced(2, revision, n / services) == n
+    })
+    .await;
     assert!(
         synced.is_some(),
         "{} of {n} back in sync after the restart (endpoints held: {:?}, lowest revision {})",
@@ -411,10 +428,10 @@ async fn a_control_plane_restarted_under_its_fleet_ends_with_all_of_it_back_in_s
     eprintln!("restart to all {n} in sync: {:?}", t0.elapsed());
     assert_eq!(fleet.lowest_revision(), revision, "no proxy went back to an older revision");
     let fewest = fleet.fewest_endpoints_after_reconnecting();
-    assert!(fewest.is_some_and(|f| f > 0), "no proxy was left without endpoints: fewest {fewest:?}");
-    assert_eq!(
-        metric(&control.metrics().await, "weft_control_proxies_connected", &[]),
-        n as f64
+    assert!(
+        fewest.is_some_and(|f| f > 0),
+        "no proxy was left without endpoints: fewest {fewest:?}"
     );
+    assert_eq!(metric(&control.metrics().await, "weft_control_proxies_connected", &[]), n as f64);
     fleet.abort();
 }
