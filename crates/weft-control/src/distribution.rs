@@ -351,8 +351,10 @@ async fn drive(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(ProxyMessage { msg: Some(m) })) => {
-                    if matches!(m, proxy_message::Msg::Ack(_) | proxy_message::Msg::Nack(_)) {
-                        pass.take().map(Pass::complete);
+                    if matches!(m, proxy_message::Msg::Ack(_) | proxy_message::Msg::Nack(_))
+                        && let Some(pass) = pass.take()
+                    {
+                        pass.complete();
                     }
                     match receive(&mesh, conn, m) {
                     Ok(Follow::Nothing) => {}

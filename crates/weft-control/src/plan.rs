@@ -437,8 +437,16 @@ impl Snapshot {
         };
         let empty = BTreeMap::new();
         let had = held.map_or(&empty, |h| &h.set.endpoints);
-        let mut kept: BTreeMap<_, _> = had.iter().filter(|(k, _)| now.endpoints.contains_key(*k)).map(|(k, e)| (*k, e.clone())).collect();
-        change.removed = had.keys().filter(|k| !now.endpoints.contains_key(*k)).map(|(_, conn)| *conn).collect();
+        let mut kept: BTreeMap<_, _> = had
+            .iter()
+            .filter(|(k, _)| now.endpoints.contains_key(*k))
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        change.removed = had
+            .keys()
+            .filter(|k| !now.endpoints.contains_key(*k))
+            .map(|(_, conn)| *conn)
+            .collect();
         let joined = now.endpoints.iter().filter(|(k, _)| !had.contains_key(*k));
         for (k, e) in joined.take(ENDPOINTS_PER_PUSH) {
             change.added.push((**e).clone());

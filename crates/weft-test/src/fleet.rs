@@ -5,10 +5,11 @@
 //! a service, ACKs every config and delta, and records when each revision reached it.
 
 use crate::http::Client;
+use parking_lot::Mutex;
 use prost::Message;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -77,9 +78,11 @@ pub async fn tokens(client: &Client, api: &str, bearer: &str, n: usize) -> anyho
 impl Fleet {
     /// Connects `tokens.len()` proxies, numbered from `first` (token `k` is for `default/sim-{first
     /// + k}`); proxy `i` is an instance of `sim-svc-{i % services}` (subset `v1`) and calls
-    /// `calls`. Like real proxies they stay connected until [`Fleet::abort`]: a stream that
-    /// ends is opened again, after the wait a busy control plane asked for (with jitter) or a
-    /// jittered backoff.
+    /// `calls`.
+    ///
+    /// Like real proxies they stay connected until [`Fleet::abort`]: a stream that ends is
+    /// opened again, after the wait a busy control plane asked for (with jitter) or a jittered
+    /// backoff.
     pub async fn connect(grpc: &str, tokens: Vec<String>, first: usize, services: usize, calls: &str) -> anyhow::Result<Self> {
         let n = tokens.len();
         let proxies: Proxies = Arc::new((0..first + n).map(|_| Mutex::default()).collect());
@@ -117,7 +120,7 @@ impl Fleet {
                         outcome => {
                             if let Err(e) = outcome {
                                 failures.fetch_add(1, Ordering::Relaxed);
-                                *last_failure.lock().expect("not poisoned") = Some(format!("sim-{}: {e:#}", sim.i));
+                                *last_failure.lock() = Some(format!("sim-{}: {e:#}", sim.i));
                             }
                             failed += 1;
                             // As a real proxy: equal jitter under a cap doubling from 100 ms to 5 s.
@@ -145,7 +148,7 @@ impl Fleet {
             .proxies
             .iter()
             .filter_map(|p| {
-                let p = p.lock().expect("not poisoned");
+                let p = p.lock();
                 p.arrivals
                     .iter()
                     .filter(|(r, _)| **r >= revision)
@@ -171,7 +174,7 @@ impl Fleet {
 
     /// How many proxies satisfy `check`.
     fn count(&self, check: impl Fn(&Held) -> bool) -> usize {
-        self.proxies.iter().filter(|p| check(&p.lock().expect("not poisoned"))).count()
+        self.proxies.iter().filter(|p| check(&p.lock())).count()
     }
 
     /// How many proxies have a config of `revision` or later.
@@ -188,26 +191,19 @@ impl Fleet {
 
     /// The fewest and the most endpoints of the service they call that any proxy holds.
     pub fn endpoints_held(&self) -> (usize, usize) {
-        let held: Vec<usize> = self.proxies.iter().map(|p| p.lock().expect("not poisoned").endpoints).collect();
+        let held: Vec<usize> = self.proxies.iter().map(|p| p.lock().endpoints).collect();
         (held.iter().copied().min().unwrap_or(0), held.iter().copied().max().unwrap_or(0))
     }
 
     /// The fewest endpoints of the service they call any proxy held on a stream after its
     /// first (after a control-plane restart: 0 would be a proxy left without its endpoints).
     pub fn fewest_endpoints_after_reconnecting(&self) -> Option<usize> {
-        self.proxies
-            .iter()
-            .filter_map(|p| p.lock().expect("not poisoned").fewest_later)
-            .min()
+        self.proxies.iter().filter_map(|p| p.lock().fewest_later).min()
     }
 
     /// The lowest revision any proxy holds.
     pub fn lowest_revision(&self) -> u64 {
-        self.proxies
-            .iter()
-            .map(|p| p.lock().expect("not poisoned").revision)
-            .min()
-            .unwrap_or(0)
+        self.proxies.iter().map(|p| p.lock().revision).min().unwrap_or(0)
     }
 
     /// Streams refused with a hint to come back later, so far.
@@ -222,14 +218,14 @@ impl Fleet {
 
     /// The last stream failure counted in [`Fleet::failures`].
     pub fn last_failure(&self) -> Option<String> {
-        self.last_failure.lock().expect("not poisoned").clone()
+        self.last_failure.lock().clone()
     }
 
     /// Encoded size of the config each proxy got for `revision` (the first proxy's).
     pub async fn push_bytes(&self, revision: u64) -> usize {
         self.proxies
             .iter()
-            .find_map(|p| p.lock().expect("not poisoned").arrivals.get(&revision).map(|(_, b)| *b))
+            .find_map(|p| p.lock().arrivals.get(&revision).map(|(_, b)| *b))
             .unwrap_or(0)
     }
 
@@ -270,8 +266,8 @@ struct Sim {
 }
 
 impl Sim {
-    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.proxies[self.i].lock().expect("not poisoned")
+    fn held(&self) -> parking_lot::MutexGuard<'_, Held> {
+        self.proxies[self.i].lock()
     }
 
     fn configured_streams(&self) -> u32 {
