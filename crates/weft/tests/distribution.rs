@@ -368,6 +368,12 @@ async fn a_storm_of_proxies_connecting_at_once_is_admitted_with_backoff_and_all_
         fleet.told_to_wait(),
         fleet.failures()
     );
+    eprintln!(
+        "storm: all {n} configured in {:?}, {} refusals with a hint, {} other failures",
+        all.unwrap(),
+        fleet.told_to_wait(),
+        fleet.failures()
+    );
     assert!(
         fleet.told_to_wait() > 0,
         "300 at once against a bound of 20: some were told to come back"
