@@ -134,11 +134,14 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     // A control-plane restart under the whole fleet: SIGTERM, then the same command started
     // again (same data directory and ports); done when every proxy has been sent a whole
     // config on a new stream and holds the policy's revision and every endpoint of sim-svc-0.
+    let largest = control.largest().await?;
     let sim_svc_0 = (0..=n).filter(|i| i % services.max(1) == 0).count();
     let synced = || fleet.count_synced(2, revision, sim_svc_0) + joined.count_synced(2, revision, sim_svc_0);
     let t0 = Instant::now();
     let mut restarted = restart(control_pid).await?;
-    let restart = fleet::until(Duration::from_secs(60), || async { synced() == n + 1 }).await;
+    let restart = fleet::until(Duration::from_secs(60), || async { synced() == n + 1 })
+        .await
+        .map(|_| t0.elapsed());
     let restart_reached = synced();
     let restart_fewest = fleet.fewest_endpoints_after_reconnecting();
     let _ = std::process::Command::new("kill").arg(restarted.id().to_string()).status();
@@ -161,7 +164,7 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
         "policyChange": policy_change.json(),
         "endpointJoinCompleted": join.is_some(),
         "endpointJoin": endpoint_join.json(),
-        "largestMessageBytes": control.largest().await?,
+        "largestMessageBytes": largest,
         // null: not every proxy was back in sync within 60 s (see restartReached, of
         // proxies + 1: the joiner too).
         "restartAllInSyncMs": restart.map(|d| d.as_millis()),
