@@ -26,6 +26,10 @@ pub mod otlp {
     include!("gen/opentelemetry.proto.collector.trace.v1.rs");
 }
 
+/// Metadata of a control stream the control plane refused because it was busy registering
+/// others: come back after this many milliseconds (proxies add jitter).
+pub const RETRY_AFTER_MS: &str = "weft-retry-after-ms";
+
 pub use duration::Duration;
 pub use error::{FieldError, Invalid};
 pub use resource::{Resource, ResourceKey};

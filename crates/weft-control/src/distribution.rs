@@ -5,6 +5,9 @@
 //! ([`crate::plan`]). A proxy that missed one asks for the whole config again, and a proxy
 //! that stops reading is never waited on: its queue is bounded, and once it drains the proxy
 //! is sent one push with every change it has not taken yet. A proxy whose stream ends is removed from every other proxy's endpoints at once.
+//! Registrations in progress are bounded ([`Gate`]): beyond the bound a stream is refused with
+//! a hint of when to come back, so a cold start or a reconnect storm of thousands is served at
+//! the rate the control plane can take it instead of all at once.
 //! At shutdown every stream ends with `UNAVAILABLE`, so proxies look for a control plane again
 //! (keeping their last-known-good config) instead of holding a stream to a process that is
 //! going away.
@@ -13,8 +16,9 @@ use crate::admission::{ControlPeer, Proof, Refused};
 use crate::mesh::Mesh;
 use crate::metrics::{KindLabel, ReasonLabel};
 use crate::plan::{PushSize, Sent};
+use parking_lot::Mutex;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -26,10 +30,113 @@ use weft_core::Shutdown;
 const QUEUE: usize = 8;
 /// How long a new stream may take to send its Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Registrations in progress at once, by default (`--max-registering`).
+pub const MAX_REGISTERING: u32 = 256;
+/// The rate the first refused streams are spread at, before any has been measured.
+const INITIAL_RATE: f64 = 1000.0;
+/// The least rate a hint assumes: a control plane registering slower than this is told so by
+/// refusing the early comers again.
+const MIN_RATE: f64 = 50.0;
+/// Bounds of the hint.
+const MIN_HINT: Duration = Duration::from_millis(50);
+const MAX_HINT: Duration = Duration::from_secs(30);
 
 pub(crate) struct Distribution {
     pub(crate) mesh: Arc<Mesh>,
+    pub(crate) gate: Arc<Gate>,
     pub(crate) shutdown: Shutdown,
+}
+
+/// Bounds the registrations in progress: a stream from its Register until its proxy ACKs the
+/// first config (the costly part of a join: admission, the whole config planned and sent).
+/// Beyond the bound a stream is refused with a hint of when to come back: a place in a virtual
+/// queue served at the rate registrations have been completing, so ten thousand proxies
+/// refused at once come back spread over the time the control plane needs for them, not all
+/// at once again.
+pub(crate) struct Gate {
+    limit: usize,
+    state: Mutex<GateState>,
+}
+
+struct GateState {
+    in_progress: usize,
+    /// The next free place in the virtual queue.
+    next_slot: Instant,
+    /// Registrations completed per second while some were refused (a rate measured with none
+    /// waiting is what the proxies asked for, not what the control plane can do).
+    rate: f64,
+    /// The current measuring window: its start, completions, and whether any was refused.
+    window: (Instant, u32, bool),
+}
+
+/// A registration in progress: dropping it frees its place.
+pub(crate) struct Pass {
+    gate: Arc<Gate>,
+    mesh: Arc<Mesh>,
+}
+
+impl Gate {
+    pub(crate) fn new(limit: u32) -> Self {
+        let now = Instant::now();
+        Self {
+            limit: limit.max(1) as usize,
+            state: Mutex::new(GateState {
+                in_progress: 0,
+                next_slot: now,
+                rate: INITIAL_RATE,
+                window: (now, 0, false),
+            }),
+        }
+    }
+
+    /// A place for one registration, or how long to wait before asking again.
+    fn enter(self: &Arc<Self>, mesh: &Arc<Mesh>) -> Result<Pass, Duration> {
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        if s.in_progress < self.limit {
+            s.in_progress += 1;
+            mesh.metrics.registering.set(s.in_progress as i64);
+            return Ok(Pass {
+                gate: self.clone(),
+                mesh: mesh.clone(),
+            });
+        }
+        s.window.2 = true;
+        let slot = s.next_slot.max(now);
+        s.next_slot = slot + Duration::from_secs_f64(1.0 / s.rate);
+        Err((slot - now).clamp(MIN_HINT, MAX_HINT))
+    }
+
+    /// One registration completed: counted towards the rate, then freed.
+    fn complete(&self) {
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        let (start, done, refused) = s.window;
+        let elapsed = now.duration_since(start).as_secs_f64();
+        if elapsed >= 1.0 {
+            if refused {
+                s.rate = (f64::from(done) / elapsed).max(MIN_RATE);
+            }
+            s.window = (now, 1, false);
+        } else {
+            s.window.1 += 1;
+        }
+    }
+}
+
+impl Pass {
+    /// The proxy ACKed (or refused) its first config: the registration is done.
+    fn complete(self) {
+        self.gate.complete();
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut s = self.gate.state.lock();
+        s.in_progress -= 1;
+        self.mesh.metrics.registering.set(s.in_progress as i64);
+    }
 }
 
 #[tonic::async_trait]
@@ -97,6 +204,20 @@ impl proto::distribution_server::Distribution for Distribution {
     }
 
     async fn connect(&self, req: Request<Streaming<ProxyMessage>>) -> Result<Response<Self::ConnectStream>, Status> {
+        // Before anything costly: a refused stream has done nothing but open.
+        let pass = self.gate.enter(&self.mesh).map_err(|wait| {
+            self.mesh.metrics.registrations_deferred.inc();
+            let mut status = Status::unavailable(format!(
+                "busy: {} registrations in progress; come back in {} ms",
+                self.gate.limit,
+                wait.as_millis()
+            ));
+            status.metadata_mut().insert(
+                weft_api::RETRY_AFTER_MS,
+                wait.as_millis().to_string().parse().expect("digits are ASCII"),
+            );
+            status
+        })?;
         let peer = req.extensions().get::<ControlPeer>().cloned();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
@@ -116,7 +237,7 @@ impl proto::distribution_server::Distribution for Distribution {
         })?;
         let (conn, id) = self.mesh.register(&reg, admitted.identity).map_err(Status::invalid_argument)?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx, self.shutdown.clone()));
+        tokio::spawn(drive(self.mesh.clone(), conn, id, inbound, tx, self.shutdown.clone(), pass));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -128,7 +249,10 @@ async fn drive(
     mut inbound: Streaming<ProxyMessage>,
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
     shutdown: Shutdown,
+    pass: Pass,
 ) {
+    // Held until the proxy answers its first config.
+    let mut pass = Some(pass);
     let mut changed = mesh.watch();
     let mut taps = mesh.taps.watch();
     // The open taps go first when there are any, then again whenever they change.
@@ -147,6 +271,10 @@ async fn drive(
             let Some(planned) = mesh.config_for(conn) else { break };
             let bundle_epoch = mesh.ca.bundle_epoch();
             held_until = mesh.hold(conn, &planned);
+            // A stream held for endpoints of proxies not back yet must not keep them out.
+            if held_until.is_some() {
+                pass.take();
+            }
             // Checked after planning: a config that lost endpoints because other proxies'
             // streams ended at shutdown is never sent (they did not go away, this process did).
             if shutdown.is_cancelled() {
@@ -161,7 +289,11 @@ async fn drive(
                 // not one per change (the push planned here is dropped, its number unused).
                 match tx.try_send(Ok(ControlMessage { msg: Some(msg) })) {
                     Ok(()) => {
-                        last = Some(planned.fingerprint);
+                        // A push that carried part of some service's endpoints is followed by
+                        // the rest, one push at a time as the queue takes them.
+                        let more = next.partial();
+                        last = (!more).then_some(planned.fingerprint);
+                        dirty = more;
                         sent = Some(next);
                         count(&mesh, size);
                         mesh.pushed(conn, version, planned.included, bundle_epoch);
@@ -202,6 +334,7 @@ async fn drive(
             }
         };
         tokio::select! {
+            () = std::future::ready(()), if dirty && !behind => {}
             _ = held => dirty = true,
             r = room => {
                 if r.is_err() { break }
@@ -217,7 +350,13 @@ async fn drive(
                 dirty = true;
             }
             msg = inbound.message() => match msg {
-                Ok(Some(ProxyMessage { msg: Some(m) })) => match receive(&mesh, conn, m) {
+                Ok(Some(ProxyMessage { msg: Some(m) })) => {
+                    if matches!(m, proxy_message::Msg::Ack(_) | proxy_message::Msg::Nack(_))
+                        && let Some(pass) = pass.take()
+                    {
+                        pass.complete();
+                    }
+                    match receive(&mesh, conn, m) {
                     Ok(Follow::Nothing) => {}
                     Ok(Follow::Replan) => dirty = true,
                     // A refused push leaves the proxy on its last good config, which the next
@@ -232,7 +371,8 @@ async fn drive(
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
-                },
+                    }
+                }
                 Ok(Some(ProxyMessage { msg: None })) => {}
                 Ok(None) => break,
                 Err(status) => {

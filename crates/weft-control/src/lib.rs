@@ -10,6 +10,7 @@ mod ca;
 mod clock;
 mod cost;
 mod distribution;
+pub use distribution::MAX_REGISTERING;
 mod etcd;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
@@ -67,6 +68,9 @@ pub struct ControlConfig {
     pub store_tls: Option<StoreTls>,
     /// `--replica`: this replica's name among those on one store (default: its API address).
     pub replica: Option<String>,
+    /// `--max-registering`: registrations in progress at once; beyond it a proxy is told when
+    /// to come back.
+    pub max_registering: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -211,6 +215,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(mesh::run_intents(mesh.clone(), shutdown.clone()));
     tasks.spawn(mesh::run_rotation(mesh.clone(), shutdown.clone()));
+    tasks.spawn(mesh::run_folds(mesh.clone(), shutdown.clone()));
     tasks.spawn(leader::run(mesh.clone(), shutdown.clone()));
     tasks.spawn(leader::follow_store(mesh.clone(), shutdown.clone()));
     tasks.spawn(peers::publish(mesh.clone(), shutdown.clone()));
@@ -255,6 +260,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     let distribution = weft_api::proto::distribution_server::DistributionServer::with_interceptor(
         distribution::Distribution {
             mesh,
+            gate: Arc::new(distribution::Gate::new(cfg.max_registering)),
             shutdown: shutdown.clone(),
         },
         serving::connect_info,

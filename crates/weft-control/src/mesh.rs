@@ -5,7 +5,7 @@
 //! ([`crate::plan`]), outside every lock here.
 //!
 //! Locks, always taken in this order and never across disk I/O on the push path:
-//! `snapshot` -> `machine` -> `registry` -> `signals`. The push path (register, ACK, NACK,
+//! `snapshot` -> `machine` -> `registry` -> `signals` (`fold` is taken alone). The push path (register, ACK, NACK,
 //! telemetry, planning) takes only `registry`, `signals` and `snapshot`.
 
 use crate::ca::{Ca, CaError, Rotation};
@@ -41,6 +41,13 @@ const WARMUP: Duration = Duration::from_secs(6);
 const TICK: Duration = Duration::from_millis(200);
 /// The least time between two passes of the intent loop.
 const STEP_INTERVAL: Duration = Duration::from_millis(20);
+/// Proxies joining, leaving and subscribing fold into one change generation per this much time
+/// per connected proxy (capped at [`FOLD_MAX`]): every generation wakes every stream to plan
+/// again, so a storm of 10,000 joins must cost the streams one pass per fold, not one per join.
+const FOLD_PER_PROXY: Duration = Duration::from_micros(25);
+const FOLD_MAX: Duration = Duration::from_millis(250);
+/// Below this a fold saves less than it delays (fewer than 40 proxies): bump at once.
+const FOLD_MIN: Duration = Duration::from_millis(1);
 
 pub(crate) struct Mesh {
     /// This replica's name (`--replica`).
@@ -75,12 +82,22 @@ pub(crate) struct Mesh {
     /// records reach the store in the order they were decided, without the machine's lock.
     writes: Mutex<()>,
     changed: watch::Sender<u64>,
+    /// Membership changes waiting to be published as one generation ([`Mesh::bump_membership`]).
+    fold: Mutex<Fold>,
+    /// Wakes [`run_folds`] when a fold is pending.
+    fold_due: Notify,
     /// Wakes the intent loop (submissions, ACKs, NACKs, operator actions).
     wake: Notify,
     /// Another replica created or revoked an API token: the API reads them again.
     pub(crate) tokens_changed: Notify,
     /// Server-sent events for the dashboard: one JSON object per change.
     events: broadcast::Sender<String>,
+}
+
+/// When membership changes were last published, and whether one waits.
+struct Fold {
+    last: Option<Instant>,
+    pending: bool,
 }
 
 /// Only the leader changes the mesh; on the embedded store the one replica always leads.
@@ -194,6 +211,11 @@ impl Mesh {
             switches: Mutex::new(()),
             writes: Mutex::new(()),
             changed: watch::channel(0).0,
+            fold: Mutex::new(Fold {
+                last: None,
+                pending: false,
+            }),
+            fold_due: Notify::new(),
             wake: Notify::new(),
             tokens_changed: Notify::new(),
             events: broadcast::channel(256).0,
@@ -206,6 +228,48 @@ impl Mesh {
 
     fn bump(&self) {
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// A proxy joined, left or subscribed: published at once unless membership was published
+    /// within the fold interval, else folded with every other such change until the interval
+    /// ends ([`run_folds`], or the first plan after it).
+    fn bump_membership(&self) {
+        let interval = self.fold_interval();
+        let mut fold = self.fold.lock();
+        if fold.pending {
+            return;
+        }
+        if interval >= FOLD_MIN && fold.last.is_some_and(|last| last.elapsed() < interval) {
+            fold.pending = true;
+            drop(fold);
+            self.fold_due.notify_one();
+            return;
+        }
+        fold.last = Some(Instant::now());
+        drop(fold);
+        self.bump();
+    }
+
+    /// Publishes a pending fold whose interval has ended; returns when the pending one is due.
+    fn publish_fold(&self) -> Option<Instant> {
+        let mut fold = self.fold.lock();
+        if !fold.pending {
+            return None;
+        }
+        let due = fold.last.map_or_else(Instant::now, |last| last + self.fold_interval());
+        if Instant::now() < due {
+            return Some(due);
+        }
+        (fold.pending, fold.last) = (false, Some(Instant::now()));
+        drop(fold);
+        self.metrics.membership_folds.inc();
+        self.bump();
+        None
+    }
+
+    fn fold_interval(&self) -> Duration {
+        let proxies = self.metrics.proxies.get().max(0) as u32;
+        FOLD_PER_PROXY.saturating_mul(proxies).min(FOLD_MAX)
     }
 
     /// Sends one event to every `/api/v1/events` listener.
@@ -245,7 +309,7 @@ impl Mesh {
         self.metrics.proxies.set(registry.proxies.len() as i64);
         drop(registry);
         tracing::info!(proxy = %id, inbound = %reg.inbound_addr, "proxy connected");
-        self.bump();
+        self.bump_membership();
         Ok((conn, id))
     }
 
@@ -256,7 +320,7 @@ impl Mesh {
         }
         self.metrics.proxies.set(registry.proxies.len() as i64);
         drop(registry);
-        self.bump();
+        self.bump_membership();
     }
 
     /// New subscriptions change what the proxy is sent (and which intents treat it), so they
@@ -264,7 +328,7 @@ impl Mesh {
     pub(crate) fn subscribe(&self, conn: u64, services: Vec<String>) {
         let services = self.by_name(services);
         self.registry.lock().subscribe(conn, services);
-        self.bump();
+        self.bump_membership();
     }
 
     /// Subscriptions as `NAMESPACE/NAME`: a proxy asks by virtual IP for an address its app
@@ -292,6 +356,7 @@ impl Mesh {
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
+        self.publish_fold();
         let generation = *self.changed.borrow();
         let mut current = self.snapshot.lock();
         if current.generation != generation {
@@ -943,6 +1008,22 @@ pub(crate) async fn run_intents(mesh: Arc<Mesh>, shutdown: Shutdown) {
         tokio::select! {
             _ = tokio::time::sleep(STEP_INTERVAL) => {}
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Publishes folded membership changes when their interval ends, until shutdown.
+pub(crate) async fn run_folds(mesh: Arc<Mesh>, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            _ = mesh.fold_due.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        while let Some(due) = mesh.publish_fold() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 }

@@ -36,6 +36,12 @@ pub(crate) struct ControlMetrics {
     pub(crate) deferred: Counter,
     /// The largest single push so far, bytes.
     pub(crate) push_largest: Gauge,
+    /// Streams told to come back later: registrations in progress were at their bound.
+    pub(crate) registrations_deferred: Counter,
+    /// Registrations in progress (Register received, first config not ACKed yet).
+    pub(crate) registering: Gauge,
+    /// Membership changes published as one change generation after a fold interval.
+    pub(crate) membership_folds: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +94,9 @@ impl ControlMetrics {
             resyncs: Family::default(),
             deferred: Counter::default(),
             push_largest: Gauge::default(),
+            registrations_deferred: Counter::default(),
+            registering: Gauge::default(),
+            membership_folds: Counter::default(),
             push_to_ack: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         };
         registry.register("proxies_connected", "Proxies with an open control stream", m.proxies.clone());
@@ -141,6 +150,21 @@ impl ControlMetrics {
             "config_pushes_deferred",
             "Pushes held back because the proxy's stream queue was full; the next one carries their changes",
             m.deferred.clone(),
+        );
+        registry.register(
+            "registrations_deferred",
+            "Proxies told to come back after a delay: registrations in progress were at --max-registering",
+            m.registrations_deferred.clone(),
+        );
+        registry.register(
+            "registrations_in_progress",
+            "Proxies registered whose first config is not ACKed yet",
+            m.registering.clone(),
+        );
+        registry.register(
+            "membership_folds",
+            "Proxies joining, leaving or subscribing published together after a fold interval",
+            m.membership_folds.clone(),
         );
         registry.register(
             "config_push_largest_bytes",

@@ -51,12 +51,24 @@ pub(crate) struct Snapshot {
     /// Each service's config as pushed, by (namespace, service, intents overlaid): a change that
     /// reaches a thousand callers builds it once, not a thousand times.
     services: Mutex<HashMap<ServiceKey, Arc<BuiltService>>>,
-    /// Each endpoint change sent, by (service, from version, to version): built once and
-    /// shared by every stream that held the same version.
-    changes: Mutex<HashMap<(String, u64, u64), Arc<proto::EndpointChange>>>,
+    /// Each endpoint change sent from a whole version held (or none): built once and shared by
+    /// every stream that held the same one.
+    changes: Mutex<Changes>,
     /// Services' virtual IPs, allocated the first time a plan needs one.
     vips: Arc<Vips>,
 }
+
+/// Most endpoints of one service a push carries. A proxy that needs more (its first config of
+/// a large service, or all of them again after a reconnect) is sent the rest over the next
+/// pushes, applying each as it comes: a partial list for a moment, never an empty one. The
+/// bound is for the control plane's memory: a stream's encoder keeps a buffer as large as the
+/// largest message it ever sent, for as long as the stream lives (tonic grows it and never
+/// shrinks it), so at 10,000 proxies one 130 KB whole config cost 130 KB per proxy.
+const ENDPOINTS_PER_PUSH: usize = 64;
+
+/// Each endpoint change built, by (service, from version, to version), with what the stream
+/// holds once it is sent.
+type Changes = HashMap<(String, u64, u64), (Arc<proto::EndpointChange>, SentEndpoints)>;
 
 /// A built service's cache key: namespace, service, and the intents overlaid.
 type ServiceKey = (String, String, Vec<u64>);
@@ -92,7 +104,22 @@ pub(crate) struct Sent {
     /// Hash of the proxy's own part (everything but the services and the revision).
     own: u64,
     /// Per service: the hash of its policy part and the endpoints sent.
-    services: HashMap<String, (u64, Arc<EndpointSet>)>,
+    services: HashMap<String, (u64, SentEndpoints)>,
+}
+
+/// The endpoints of one service a proxy holds: a version's whole set, or part of it while the
+/// rest is on its way ([`ENDPOINTS_PER_PUSH`]).
+#[derive(Clone)]
+struct SentEndpoints {
+    set: Arc<EndpointSet>,
+    partial: bool,
+}
+
+impl Sent {
+    /// Whether some service's endpoints were sent only in part: the stream sends the rest next.
+    pub(crate) fn partial(&self) -> bool {
+        self.services.values().any(|(_, e)| e.partial)
+    }
 }
 
 /// The encoded bytes of one push, by what they carry.
@@ -117,7 +144,8 @@ pub(crate) struct Trust {
 }
 
 impl PlannedConfig {
-    /// The whole config, numbered `version`.
+    /// The whole config, numbered `version`, every endpoint included.
+    #[cfg(test)]
     pub(crate) fn message(&self, version: u64) -> proto::ProxyConfig {
         proto::ProxyConfig {
             version,
@@ -127,20 +155,29 @@ impl PlannedConfig {
     }
 
     /// The push numbered `version`: the whole config when nothing was sent on the stream yet
-    /// (or the proxy asked for it), else what changed since `sent`. Returns it with what the
-    /// stream has sent once it is out, and its size.
+    /// (or the proxy asked for it), else what changed since `sent`; either with at most
+    /// [`ENDPOINTS_PER_PUSH`] endpoints of each service. Returns it with what the stream has
+    /// sent once it is out, and its size.
     pub(crate) fn push(&self, sent: Option<&Sent>, version: u64) -> (control_message::Msg, Sent, PushSize) {
-        let next = Sent {
+        let mut next = Sent {
             version,
             own: own_fingerprint(&self.rest),
-            services: self
-                .services
-                .iter()
-                .map(|s| (s.key.clone(), (s.fingerprint, s.endpoints.clone())))
-                .collect(),
+            services: HashMap::new(),
         };
         let Some(sent) = sent else {
-            let whole = self.message(version);
+            let mut whole = proto::ProxyConfig {
+                version,
+                ..self.rest.clone()
+            };
+            for s in &self.services {
+                let (first, held) = self.snapshot.endpoint_change(&s.key, None, &s.endpoints);
+                whole.services.push(proto::Service {
+                    endpoints: first.added.clone(),
+                    endpoint_version: s.endpoints.version,
+                    ..s.policy.clone()
+                });
+                next.services.insert(s.key.clone(), (s.fingerprint, held));
+            }
             let full = whole.encoded_len();
             let size = PushSize {
                 full,
@@ -149,7 +186,7 @@ impl PlannedConfig {
             };
             return (control_message::Msg::Config(whole), next, size);
         };
-        let delta = self.delta(sent, &next);
+        let delta = self.delta(sent, &mut next);
         let policy =
             delta.services.iter().map(|s| s.encoded_len()).sum::<usize>() + delta.removed_services.iter().map(String::len).sum::<usize>();
         let size = PushSize {
@@ -162,7 +199,8 @@ impl PlannedConfig {
         (control_message::Msg::Delta(delta), next, size)
     }
 
-    fn delta(&self, sent: &Sent, next: &Sent) -> proto::ConfigDelta {
+    /// What changed since `sent`, recording in `next` what the proxy holds once it is applied.
+    fn delta(&self, sent: &Sent, next: &mut Sent) -> proto::ConfigDelta {
         let mut delta = proto::ConfigDelta {
             version: next.version,
             base_version: sent.version,
@@ -176,10 +214,16 @@ impl PlannedConfig {
                 delta.services.push(s.policy.clone());
             }
             let held = before.map(|(_, endpoints)| endpoints);
-            if held.is_none_or(|e| e.version != s.endpoints.version) {
-                let change = self.snapshot.endpoint_change(&s.key, held, &s.endpoints);
-                delta.endpoints.push((*change).clone());
-            }
+            let current = held.filter(|h| !h.partial && h.set.version == s.endpoints.version);
+            let after = match current {
+                Some(h) => h.clone(),
+                None => {
+                    let (change, after) = self.snapshot.endpoint_change(&s.key, held, &s.endpoints);
+                    delta.endpoints.push((*change).clone());
+                    after
+                }
+            };
+            next.services.insert(s.key.clone(), (s.fingerprint, after));
         }
         delta.removed_services = sent.services.keys().filter(|k| !next.services.contains_key(*k)).cloned().collect();
         delta
@@ -201,7 +245,8 @@ fn own_fingerprint(rest: &proto::ProxyConfig) -> u64 {
 // === impl BuiltService ===
 
 impl BuiltService {
-    /// The service with its endpoints, as a whole config carries it.
+    /// The service with all its endpoints.
+    #[cfg(test)]
     fn whole(&self) -> proto::Service {
         proto::Service {
             endpoints: self.endpoints.endpoints.values().map(|e| (**e).clone()).collect(),
@@ -375,34 +420,64 @@ impl Snapshot {
     }
 
     /// The change from the endpoints a proxy holds of service `key` (`held`; none: it holds
-    /// none, and is sent the whole list) to `now`, built once per snapshot for each version held.
-    fn endpoint_change(&self, key: &str, held: Option<&Arc<EndpointSet>>, now: &EndpointSet) -> Arc<proto::EndpointChange> {
-        let from = held.map_or(0, |h| h.version);
+    /// none, and is sent a new list) to `now`, at most [`ENDPOINTS_PER_PUSH`] of them added,
+    /// with what the proxy holds once it applied it. Built once per snapshot for each whole
+    /// version held; a part held is the stream's own, and so is the change from it.
+    fn endpoint_change(
+        &self,
+        key: &str,
+        held: Option<&SentEndpoints>,
+        now: &Arc<EndpointSet>,
+    ) -> (Arc<proto::EndpointChange>, SentEndpoints) {
+        let from = held.map_or(0, |h| h.set.version);
         let cache_key = (key.to_string(), from, now.version);
-        if let Some(cached) = self.changes.lock().get(&cache_key) {
+        let shared = held.is_none_or(|h| !h.partial);
+        if shared && let Some(cached) = self.changes.lock().get(&cache_key) {
             return cached.clone();
         }
         let mut change = proto::EndpointChange {
             service: key.to_string(),
             since: from,
             endpoint_version: now.version,
+            replace: held.is_none(),
             ..Default::default()
         };
-        match held {
-            None => {
-                change.replace = true;
-                change.added = now.endpoints.values().map(|e| (**e).clone()).collect();
-            }
-            Some(held) => {
-                let joined = now.endpoints.iter().filter(|(k, _)| !held.endpoints.contains_key(*k));
-                change.added = joined.map(|(_, e)| (**e).clone()).collect();
-                let left = held.endpoints.keys().filter(|k| !now.endpoints.contains_key(*k));
-                change.removed = left.map(|(_, conn)| *conn).collect();
-            }
+        let empty = BTreeMap::new();
+        let had = held.map_or(&empty, |h| &h.set.endpoints);
+        let mut kept: BTreeMap<_, _> = had
+            .iter()
+            .filter(|(k, _)| now.endpoints.contains_key(*k))
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        change.removed = had
+            .keys()
+            .filter(|k| !now.endpoints.contains_key(*k))
+            .map(|(_, conn)| *conn)
+            .collect();
+        let joined = now.endpoints.iter().filter(|(k, _)| !had.contains_key(*k));
+        for (k, e) in joined.take(ENDPOINTS_PER_PUSH) {
+            change.added.push((**e).clone());
+            kept.insert(*k, e.clone());
         }
-        let change = Arc::new(change);
-        self.changes.lock().insert(cache_key, change.clone());
-        change
+        let after = if kept.len() == now.endpoints.len() {
+            SentEndpoints {
+                set: now.clone(),
+                partial: false,
+            }
+        } else {
+            SentEndpoints {
+                set: Arc::new(EndpointSet {
+                    version: now.version,
+                    endpoints: kept,
+                }),
+                partial: true,
+            }
+        };
+        let built = (Arc::new(change), after);
+        if shared {
+            self.changes.lock().insert(cache_key, built.clone());
+        }
+        built
     }
 }
 

@@ -39,8 +39,11 @@ use weft_core::tls::RootsClientVerifier;
 pub(crate) const SERVING_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Time a client has to finish its TLS handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most handshakes in progress at once; the accept loop waits beyond it.
-const MAX_HANDSHAKES: usize = 4096;
+/// Most handshakes in progress at once; the accept loop waits beyond it (the connections wait
+/// in the listen backlog, their deadline not started). Handshakes share the CPU: thousands at
+/// once (a cold start, a reconnect storm) only slowed each other past the deadline, and every
+/// one that timed out was a handshake wasted and done again.
+const MAX_HANDSHAKES: usize = 128;
 /// How often the serving certificate's expiry is looked at (root changes wake it at once).
 const RENEW_CHECK: Duration = Duration::from_secs(60);
 /// The file in the data directory holding the roots to trust (PEM, mode 0644).

@@ -32,6 +32,11 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedRec
         let url = link.current_url().to_string();
         // Taps live on the stream: a lost stream closes them.
         proxy.taps.set(Vec::new());
+        // A busy control plane says when to come back; that replaces the backoff.
+        let asked = match &outcome {
+            Err(SessionError::Stream(status)) => crate::link::retry_after(status),
+            _ => None,
+        };
         match outcome {
             Ok(Session { configs }) if configs > 0 => failures = 0,
             Ok(_) => failures += 1,
@@ -44,7 +49,10 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedRec
                 tracing::warn!(control = %url, %error, "control stream down; serving last-known-good config");
             }
         }
-        let delay = backoff::reconnect(failures);
+        if let Some(wait) = asked {
+            tracing::info!(control = %url, ?wait, "the control plane is busy registering others; coming back when it asked");
+        }
+        let delay = asked.unwrap_or_else(|| backoff::reconnect(failures));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,

@@ -130,6 +130,14 @@ impl Link {
     }
 }
 
+/// How long a control plane that refused the stream because it was busy registering others
+/// asked the proxy to wait, jittered up to a quarter more so the proxies it told the same
+/// moment do not all come back in it (none: not such a refusal).
+pub(crate) fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
+    let ms: u64 = status.metadata().get(weft_api::RETRY_AFTER_MS)?.to_str().ok()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(rand::random_range(ms..=ms + ms / 4)))
+}
+
 /// Why the link is down.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LinkDown {

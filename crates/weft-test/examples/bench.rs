@@ -131,6 +131,23 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let endpoint_join = control.pushes().await?.since(&before);
     let simulator_cpu = fleet::cpu_seconds(std::process::id());
 
+    // A control-plane restart under the whole fleet: SIGTERM, then the same command started
+    // again (same data directory and ports); done when every proxy has been sent a whole
+    // config on a new stream and holds the policy's revision and every endpoint of sim-svc-0.
+    let largest = control.largest().await?;
+    let sim_svc_0 = (0..=n).filter(|i| i % services.max(1) == 0).count();
+    let synced = || fleet.count_synced(2, revision, sim_svc_0) + joined.count_synced(2, revision, sim_svc_0);
+    let t0 = Instant::now();
+    let mut restarted = restart(control_pid).await?;
+    let restart = fleet::until(Duration::from_secs(60), || async { synced() == n + 1 })
+        .await
+        .map(|_| t0.elapsed());
+    let restart_reached = synced();
+    let restart_fewest = fleet.fewest_endpoints_after_reconnecting();
+    let _ = std::process::Command::new("kill").arg(restarted.id().to_string()).status();
+    let _ = restarted.wait();
+    eprintln!("restart: {restart:?} after SIGTERM at {:?}", t0.elapsed());
+
     let out = serde_json::json!({
         "proxies": n,
         "services": services,
@@ -147,7 +164,12 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
         "policyChange": policy_change.json(),
         "endpointJoinCompleted": join.is_some(),
         "endpointJoin": endpoint_join.json(),
-        "largestMessageBytes": control.largest().await?,
+        "largestMessageBytes": largest,
+        // null: not every proxy was back in sync within 60 s (see restartReached, of
+        // proxies + 1: the joiner too).
+        "restartAllInSyncMs": restart.map(|d| d.as_millis()),
+        "restartReached": restart_reached,
+        "restartFewestEndpointsHeld": restart_fewest,
         "simulatorCpuSeconds": simulator_cpu,
         "controlRssBeforeBytes": rss_before,
         "controlRssAfterBytes": rss_after,
@@ -157,6 +179,42 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     fleet.abort();
     joined.abort();
     Ok(())
+}
+
+/// Stops process `pid` (SIGTERM) and, once it has exited, starts the same command again with
+/// its environment and directory; returns the new process (its output discarded).
+async fn restart(pid: u32) -> anyhow::Result<std::process::Child> {
+    let read = |what: &str| std::fs::read(format!("/proc/{pid}/{what}")).map_err(|e| anyhow::anyhow!("/proc/{pid}/{what}: {e}"));
+    let split = |bytes: Vec<u8>| -> Vec<String> {
+        bytes
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect()
+    };
+    let args = split(read("cmdline")?);
+    let env = split(read("environ")?);
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))?;
+    anyhow::ensure!(!args.is_empty(), "process {pid} has no command line");
+    std::process::Command::new("kill").arg(pid.to_string()).status()?;
+    // Exited: gone, or a zombie its parent (the bench script) has not reaped yet.
+    let exited = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+            .unwrap_or(true)
+    };
+    fleet::until(Duration::from_secs(30), || async { exited() })
+        .await
+        .ok_or_else(|| anyhow::anyhow!("process {pid} did not exit within 30 s of SIGTERM"))?;
+    let child = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .env_clear()
+        .envs(env.iter().filter_map(|kv| kv.split_once('=')))
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    Ok(child)
 }
 
 /// The control plane under test, as the fleet benchmark reads it: its API and its process.

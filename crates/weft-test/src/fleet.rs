@@ -5,20 +5,41 @@
 //! a service, ACKs every config and delta, and records when each revision reached it.
 
 use crate::http::Client;
+use parking_lot::Mutex;
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
 
-/// Per proxy: when each revision's config arrived, and its encoded size.
-type Arrivals = Arc<Mutex<Vec<HashMap<u64, (Instant, usize)>>>>;
+/// What one simulated proxy holds and saw.
+#[derive(Clone, Default)]
+struct Held {
+    /// When each revision's config arrived first, and its encoded size.
+    arrivals: HashMap<u64, (Instant, usize)>,
+    /// The revision of the last config it took (sent as `applied_revision` on reconnecting).
+    revision: u64,
+    /// Streams on which it was sent a whole config: 2 after one reconnection.
+    configured_streams: u32,
+    /// Endpoints it holds of the service it calls.
+    endpoints: usize,
+    /// The fewest it held on any stream after its first (none: no second stream yet).
+    fewest_later: Option<usize>,
+}
+
+type Proxies = Arc<Vec<Mutex<Held>>>;
 
 pub struct Fleet {
-    /// Per proxy: when each revision's config arrived, and its encoded size.
-    arrivals: Arrivals,
+    proxies: Proxies,
+    /// Streams the control plane refused with a hint to come back later.
+    told_to_wait: Arc<AtomicUsize>,
+    /// Streams that failed for any other reason (each is retried with backoff).
+    failures: Arc<AtomicUsize>,
+    /// The last of those failures.
+    last_failure: Arc<Mutex<Option<String>>>,
     pub started: Instant,
     tasks: tokio::task::JoinSet<()>,
 }
@@ -58,53 +79,78 @@ impl Fleet {
     /// Connects `tokens.len()` proxies, numbered from `first` (token `k` is for `default/sim-{first
     /// + k}`); proxy `i` is an instance of `sim-svc-{i % services}` (subset `v1`) and calls
     /// `calls`.
+    ///
+    /// Like real proxies they stay connected until [`Fleet::abort`]: a stream that ends is
+    /// opened again, after the wait a busy control plane asked for (with jitter) or a jittered
+    /// backoff.
     pub async fn connect(grpc: &str, tokens: Vec<String>, first: usize, services: usize, calls: &str) -> anyhow::Result<Self> {
         let n = tokens.len();
-        let arrivals = Arc::new(Mutex::new(vec![HashMap::new(); first + n]));
+        let proxies: Proxies = Arc::new((0..first + n).map(|_| Mutex::default()).collect());
+        let told_to_wait = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let last_failure = Arc::new(Mutex::new(None));
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         // Several control-plane replicas (`URL,URL,...`): proxy i dials the i-th, round robin.
         let urls: Vec<&str> = grpc.split(',').collect();
         for (i, token) in tokens.into_iter().enumerate().map(|(k, t)| (first + k, t)) {
-            let url = urls[i % urls.len()];
-            let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?;
-            let connector = connector(url, &token)?;
-            let arrivals = arrivals.clone();
-            let calls = calls.to_string();
+            let sim = Sim {
+                i,
+                endpoint: tonic::transport::Endpoint::from_shared(urls[i % urls.len()].to_string())?,
+                connector: connector(urls[i % urls.len()], &token)?,
+                token,
+                services,
+                calls: calls.to_string(),
+                proxies: proxies.clone(),
+            };
+            let (told_to_wait, failures, last_failure) = (told_to_wait.clone(), failures.clone(), last_failure.clone());
             tasks.spawn(async move {
-                // Like a real proxy: reconnect with jittered backoff when the stream cannot be
-                // opened (a thousand connects at once can overflow the listen backlog).
-                for attempt in 0..8u32 {
-                    let run = run_one(
-                        i,
-                        endpoint.clone(),
-                        connector.clone(),
-                        token.clone(),
-                        services,
-                        calls.clone(),
-                        arrivals.clone(),
-                    );
-                    match run.await {
-                        Ok(()) => return,
-                        Err(e) if attempt == 7 => eprintln!("sim-{i}: {e}"),
-                        Err(_) => {
-                            let cap = 50u64 << attempt.min(6);
-                            tokio::time::sleep(Duration::from_millis(rand::random_range(cap / 2..=cap))).await;
-                        }
+                let mut failed = 0u32;
+                loop {
+                    let configured = sim.configured_streams();
+                    let outcome = sim.run().await;
+                    if sim.configured_streams() > configured {
+                        failed = 0;
                     }
+                    let wait = match outcome {
+                        Err(e) if hint(&e).is_some() => {
+                            told_to_wait.fetch_add(1, Ordering::Relaxed);
+                            hint(&e).expect("checked")
+                        }
+                        outcome => {
+                            if let Err(e) = outcome {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                *last_failure.lock() = Some(format!("sim-{}: {e:#}", sim.i));
+                            }
+                            failed += 1;
+                            // As a real proxy: equal jitter under a cap doubling from 100 ms to 5 s.
+                            let cap = (100u64 << failed.min(6)).min(5000);
+                            Duration::from_millis(rand::random_range(cap / 2..=cap))
+                        }
+                    };
+                    tokio::time::sleep(wait).await;
                 }
             });
         }
-        Ok(Fleet { arrivals, started, tasks })
+        Ok(Fleet {
+            proxies,
+            told_to_wait,
+            failures,
+            last_failure,
+            started,
+            tasks,
+        })
     }
 
     /// How long after `since` each proxy received a config of `revision` or later.
     pub async fn spread(&self, revision: u64, since: Instant) -> Spread {
-        let arrivals = self.arrivals.lock().await;
-        let mut d: Vec<Duration> = arrivals
+        let mut d: Vec<Duration> = self
+            .proxies
             .iter()
-            .filter_map(|a| {
-                a.iter()
+            .filter_map(|p| {
+                let p = p.lock();
+                p.arrivals
+                    .iter()
                     .filter(|(r, _)| **r >= revision)
                     .map(|(_, (t, _))| *t)
                     .min()
@@ -126,25 +172,74 @@ impl Fleet {
         }
     }
 
+    /// How many proxies satisfy `check`.
+    fn count(&self, check: impl Fn(&Held) -> bool) -> usize {
+        self.proxies.iter().filter(|p| check(&p.lock())).count()
+    }
+
     /// How many proxies have a config of `revision` or later.
     pub async fn count_at(&self, revision: u64) -> usize {
-        self.arrivals
-            .lock()
-            .await
-            .iter()
-            .filter(|a| a.keys().any(|r| *r >= revision))
-            .count()
+        self.count(|p| p.arrivals.keys().any(|r| *r >= revision))
+    }
+
+    /// How many proxies were sent a whole config on at least `streams` streams, hold
+    /// `revision` or later, and `endpoints` endpoints of the service they call: after a
+    /// control-plane restart (`streams` 2), back in sync.
+    pub fn count_synced(&self, streams: u32, revision: u64, endpoints: usize) -> usize {
+        self.count(|p| p.configured_streams >= streams && p.revision >= revision && p.endpoints == endpoints)
+    }
+
+    /// The fewest and the most endpoints of the service they call that any proxy holds.
+    pub fn endpoints_held(&self) -> (usize, usize) {
+        let held: Vec<usize> = self.proxies.iter().map(|p| p.lock().endpoints).collect();
+        (held.iter().copied().min().unwrap_or(0), held.iter().copied().max().unwrap_or(0))
+    }
+
+    /// The fewest endpoints of the service they call any proxy held on a stream after its
+    /// first (after a control-plane restart: 0 would be a proxy left without its endpoints).
+    pub fn fewest_endpoints_after_reconnecting(&self) -> Option<usize> {
+        self.proxies.iter().filter_map(|p| p.lock().fewest_later).min()
+    }
+
+    /// The lowest revision any proxy holds.
+    pub fn lowest_revision(&self) -> u64 {
+        self.proxies.iter().map(|p| p.lock().revision).min().unwrap_or(0)
+    }
+
+    /// Streams refused with a hint to come back later, so far.
+    pub fn told_to_wait(&self) -> usize {
+        self.told_to_wait.load(Ordering::Relaxed)
+    }
+
+    /// Streams that failed otherwise (connect errors, streams ended by the control plane), so far.
+    pub fn failures(&self) -> usize {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The last stream failure counted in [`Fleet::failures`].
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure.lock().clone()
     }
 
     /// Encoded size of the config each proxy got for `revision` (the first proxy's).
     pub async fn push_bytes(&self, revision: u64) -> usize {
-        let arrivals = self.arrivals.lock().await;
-        arrivals.iter().find_map(|a| a.get(&revision).map(|(_, b)| *b)).unwrap_or(0)
+        self.proxies
+            .iter()
+            .find_map(|p| p.lock().arrivals.get(&revision).map(|(_, b)| *b))
+            .unwrap_or(0)
     }
 
     pub fn abort(mut self) {
         self.tasks.abort_all();
     }
+}
+
+/// The wait a busy control plane asked for, jittered up to a quarter more (as the real proxy
+/// does), if that is why the stream failed.
+fn hint(error: &anyhow::Error) -> Option<Duration> {
+    let status = error.downcast_ref::<tonic::Status>()?;
+    let ms: u64 = status.metadata().get(weft_api::RETRY_AFTER_MS)?.to_str().ok()?.parse().ok()?;
+    Some(Duration::from_millis(rand::random_range(ms..=ms + ms / 4)))
 }
 
 /// How a simulated proxy dials `grpc`: as a real one does, TLS pinned to its token's CA for
@@ -159,55 +254,100 @@ fn connector(grpc: &str, token: &str) -> anyhow::Result<weft_core::tls::Connecto
     Ok(weft_core::tls::Connector::tls(Arc::new(config)))
 }
 
-async fn run_one(
+/// One simulated proxy.
+struct Sim {
     i: usize,
     endpoint: tonic::transport::Endpoint,
     connector: weft_core::tls::Connector,
     token: String,
     services: usize,
     calls: String,
-    arrivals: Arrivals,
-) -> anyhow::Result<()> {
-    let channel = endpoint.connect_with_connector(connector).await?;
-    let mut client = DistributionClient::new(channel);
-    let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(16);
-    // Loopback addresses that nobody dials: the benchmark measures distribution only.
-    let inbound = format!("127.0.{}.{}:{}", 1 + i / 60000, 1 + (i / 250) % 250, 10000 + i % 50000);
-    let register = proto::Register {
-        namespace: "default".into(),
-        name: format!("sim-{i}"),
-        cluster: format!("cluster-{}", i % 3),
-        labels: [
-            ("service".to_string(), format!("sim-svc-{}", i % services.max(1))),
-            ("version".to_string(), "v1".to_string()),
-        ]
-        .into(),
-        inbound_addr: inbound,
-        services: vec![calls],
-        applied_revision: 0,
-        token,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    tx.send(proto::ProxyMessage {
-        msg: Some(proxy_message::Msg::Register(register)),
-    })
-    .await?;
-    let mut stream = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    while let Some(msg) = stream.next().await {
-        // A whole config or a delta on the last one: either is ACKed (the simulator keeps no
-        // config; it measures when each revision arrives and how big its message was).
-        let (version, revision, bytes) = match msg?.msg {
-            Some(control_message::Msg::Config(cfg)) => (cfg.version, cfg.revision, cfg.encoded_len()),
-            Some(control_message::Msg::Delta(delta)) => (delta.version, delta.revision, delta.encoded_len()),
-            _ => continue,
+    proxies: Proxies,
+}
+
+impl Sim {
+    fn held(&self) -> parking_lot::MutexGuard<'_, Held> {
+        self.proxies[self.i].lock()
+    }
+
+    fn configured_streams(&self) -> u32 {
+        self.held().configured_streams
+    }
+
+    /// One stream, until it ends.
+    async fn run(&self) -> anyhow::Result<()> {
+        let i = self.i;
+        let channel = self.endpoint.clone().connect_with_connector(self.connector.clone()).await?;
+        let mut client = DistributionClient::new(channel);
+        let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(16);
+        // Loopback addresses that nobody dials: the benchmark measures distribution only.
+        let inbound = format!("127.0.{}.{}:{}", 1 + i / 60000, 1 + (i / 250) % 250, 10000 + i % 50000);
+        let register = proto::Register {
+            namespace: "default".into(),
+            name: format!("sim-{i}"),
+            cluster: format!("cluster-{}", i % 3),
+            labels: [
+                ("service".to_string(), format!("sim-svc-{}", i % self.services.max(1))),
+                ("version".to_string(), "v1".to_string()),
+            ]
+            .into(),
+            inbound_addr: inbound,
+            services: vec![self.calls.clone()],
+            applied_revision: self.held().revision,
+            token: self.token.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        arrivals.lock().await[i].entry(revision).or_insert((Instant::now(), bytes));
         tx.send(proto::ProxyMessage {
-            msg: Some(proxy_message::Msg::Ack(proto::Ack { version, revision })),
+            msg: Some(proxy_message::Msg::Register(register)),
         })
         .await?;
+        let mut stream = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let calls = format!("default/{}", self.calls);
+        while let Some(msg) = stream.next().await {
+            // A whole config or a delta on the last one: either is ACKed. The simulator keeps
+            // of a config only its revision and how many endpoints of the service it calls it
+            // holds; it measures when each revision arrives and how big its message was.
+            let (version, revision, bytes) = match msg?.msg {
+                Some(control_message::Msg::Config(cfg)) => {
+                    let mut held = self.held();
+                    held.configured_streams += 1;
+                    held.endpoints = cfg
+                        .services
+                        .iter()
+                        .filter(|s| s.name == self.calls)
+                        .map(|s| s.endpoints.len())
+                        .sum();
+                    (cfg.version, cfg.revision, cfg.encoded_len())
+                }
+                Some(control_message::Msg::Delta(delta)) => {
+                    let mut held = self.held();
+                    for change in delta.endpoints.iter().filter(|c| c.service == calls) {
+                        let kept = if change.replace {
+                            0
+                        } else {
+                            held.endpoints - change.removed.len().min(held.endpoints)
+                        };
+                        held.endpoints = kept + change.added.len();
+                    }
+                    (delta.version, delta.revision, delta.encoded_len())
+                }
+                _ => continue,
+            };
+            {
+                let mut held = self.held();
+                held.arrivals.entry(revision).or_insert((Instant::now(), bytes));
+                held.revision = revision;
+                if held.configured_streams >= 2 {
+                    held.fewest_later = Some(held.fewest_later.unwrap_or(usize::MAX).min(held.endpoints));
+                }
+            }
+            tx.send(proto::ProxyMessage {
+                msg: Some(proxy_message::Msg::Ack(proto::Ack { version, revision })),
+            })
+            .await?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// CPU seconds (user + system) process `pid` has used, from `/proc/PID/stat` (clock ticks of

@@ -81,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store_cert,
             store_key,
             replica,
+            max_registering,
         } => {
             let root = root_cert.zip(root_key);
             let store_tls = store_ca.map(|ca| weft_control::StoreTls {
@@ -102,6 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 store_prefix,
                 store_tls,
                 replica,
+                max_registering,
             };
             return control(cfg).await;
         }

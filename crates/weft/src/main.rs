@@ -150,6 +150,12 @@ pub enum Command {
         /// This replica's name among the replicas on one --store (default: its API address).
         #[arg(long, requires = "store")]
         replica: Option<String>,
+        /// Proxies registering at once (from their Register until they ACK their first
+        /// config). Beyond it a proxy is refused with a hint of when to come back (proxies wait
+        /// that long, with jitter), so a cold start or a reconnect storm of thousands is served
+        /// at the pace the control plane can take.
+        #[arg(long, value_name = "N", default_value_t = weft_control::MAX_REGISTERING, value_parser = clap::value_parser!(u32).range(1..))]
+        max_registering: u32,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(weft_proxy::cli::ProxyArgs),

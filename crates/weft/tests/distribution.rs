@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use weft_api::proto::{self, control_message, distribution_client::DistributionClient, proxy_message};
 use weft_test::apps::EchoServer;
+use weft_test::fleet::{self, Fleet};
 use weft_test::http::Client;
 use weft_test::{Control, ProxyHandle, eventually, free_addr, metric};
 
@@ -337,4 +338,111 @@ async fn a_proxy_that_stops_reading_delays_no_one_and_catches_up_in_one_push() {
         }
     }
     assert!(pushes < changes / 2, "{pushes} pushes for {changes} changes");
+}
+
+/// Join tokens for `n` simulated proxies of `control`.
+async fn sim_tokens(control: &Control, n: usize) -> Vec<String> {
+    let api = control.url("");
+    fleet::tokens(&control.client(), api.trim_end_matches('/'), &control.admin_token, n)
+        .await
+        .expect("tokens minted")
+}
+
+/// A cold-start storm: 300 simulated proxies (each its own gRPC stream over TLS) connect at once
+/// to a control plane that registers at most 20 at a time. Every one ends up configured with
+/// every endpoint of the service it calls; some were told to come back later (the control
+/// plane counted as many refusals as the simulator was told), and no stream failed otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_proxies_connecting_at_once_is_admitted_with_backoff_and_all_configured() {
+    let control = Control::start_with(BIN, &["--max-registering".into(), "20".into()]).await;
+    let (n, services) = (300, 3);
+    let tokens = sim_tokens(&control, n).await;
+    let fleet = Fleet::connect(&control.grpc_url(), tokens, 0, services, "sim-svc-0").await.unwrap();
+    let all = fleet::until(Duration::from_secs(60), || async { fleet.count_synced(1, 0, n / services) == n }).await;
+    assert!(
+        all.is_some(),
+        "{} of {n} configured with all {} endpoints of sim-svc-0 (held: {:?}); told to wait {}, failed {}",
+        fleet.count_synced(1, 0, n / services),
+        n / services,
+        fleet.endpoints_held(),
+        fleet.told_to_wait(),
+        fleet.failures()
+    );
+    eprintln!(
+        "storm: all {n} configured in {:?}, {} refusals with a hint, {} other failures",
+        all.unwrap(),
+        fleet.told_to_wait(),
+        fleet.failures()
+    );
+    assert!(
+        fleet.told_to_wait() > 0,
+        "300 at once against a bound of 20: some were told to come back"
+    );
+    assert_eq!(
+        fleet.failures(),
+        0,
+        "no stream failed for any other reason: {:?}",
+        fleet.last_failure()
+    );
+    let text = control.metrics().await;
+    let deferred = metric(&text, "weft_control_registrations_deferred_total", &[]);
+    assert_eq!(deferred as usize, fleet.told_to_wait(), "every refusal the simulator saw, counted");
+    assert_eq!(
+        metric(&text, "weft_control_registrations_in_progress", &[]),
+        0.0,
+        "every registration completed"
+    );
+    assert_eq!(metric(&text, "weft_control_proxies_connected", &[]), n as f64);
+    fleet.abort();
+}
+
+/// A control plane restarted under 150 connected proxies (75 instances of the service they call: more than one push carries): every one reconnects and is back in
+/// sync (a whole config on its new stream, the revision it held or later, every endpoint of the
+/// service it calls), and none was ever sent a config leaving it without endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_restarted_under_its_fleet_ends_with_all_of_it_back_in_sync() {
+    let mut control = Control::start_with(BIN, &["--max-registering".into(), "40".into()]).await;
+    let (n, services) = (150, 2);
+    let tokens = sim_tokens(&control, n).await;
+    let fleet = Fleet::connect(&control.grpc_url(), tokens, 0, services, "sim-svc-0").await.unwrap();
+    let (status, applied) = control
+        .post(
+            "/api/v1/resources",
+            "apiVersion: weft/v1\nkind: TrafficPolicy\nmetadata: {name: sim-policy}\nspec:\n  service: sim-svc-0\n  routes:\n    - timeout: 2s\n",
+        )
+        .await;
+    assert!(status == 200 || status == 202, "{status} {applied}");
+    let revision = applied["revision"].as_u64().unwrap();
+    let before = fleet::until(Duration::from_secs(60), || async {
+        fleet.count_synced(1, revision, n / services) == n
+    })
+    .await;
+    assert!(
+        before.is_some(),
+        "{} of {n} in sync before the restart",
+        fleet.count_synced(1, revision, n / services)
+    );
+
+    let t0 = Instant::now();
+    control.restart_gracefully(Duration::from_secs(10)).await;
+    let synced = fleet::until(Duration::from_secs(60), || async {
+        fleet.count_synced(2, revision, n / services) == n
+    })
+    .await;
+    assert!(
+        synced.is_some(),
+        "{} of {n} back in sync after the restart (endpoints held: {:?}, lowest revision {})",
+        fleet.count_synced(2, revision, n / services),
+        fleet.endpoints_held(),
+        fleet.lowest_revision()
+    );
+    eprintln!("restart to all {n} in sync: {:?}", t0.elapsed());
+    assert_eq!(fleet.lowest_revision(), revision, "no proxy went back to an older revision");
+    let fewest = fleet.fewest_endpoints_after_reconnecting();
+    assert!(
+        fewest.is_some_and(|f| f > 0),
+        "no proxy was left without endpoints: fewest {fewest:?}"
+    );
+    assert_eq!(metric(&control.metrics().await, "weft_control_proxies_connected", &[]), n as f64);
+    fleet.abort();
 }
