@@ -1111,7 +1111,9 @@ impl Step<'_> {
         let intent = self.m.records.get_mut(&seq).expect("open");
         let (number, stage) = (intent.stage + 1, intent.current());
         let reason = format!("{why}: held at stage {number} ({stage}) for an operator to approve or abort");
-        intent.decisions.push(intent.decision(self.now_ms, "inconclusive", reason.clone(), cost));
+        intent
+            .decisions
+            .push(intent.decision(self.now_ms, "inconclusive", reason.clone(), cost));
         intent.held = true;
         intent.log(self.now_ms, "control-plane", "inconclusive", reason.clone());
         let decision = format!("{}: inconclusive: {reason}", intent.id);
@@ -1213,7 +1215,9 @@ impl Step<'_> {
     fn end(&mut self, seq: u64, phase: Phase, reason: String) {
         let cost = self.sidecar_cost(seq);
         let intent = self.m.records.get_mut(&seq).expect("open");
-        intent.decisions.push(intent.decision(self.now_ms, phase.as_str(), reason.clone(), cost));
+        intent
+            .decisions
+            .push(intent.decision(self.now_ms, phase.as_str(), reason.clone(), cost));
         intent.treated.clear();
         intent.treat_all = false;
         intent.finished_ms = Some(self.now_ms);

@@ -536,6 +536,7 @@ mod tests {
             status,
             reason,
             elapsed: Duration::from_millis(5),
+            waited: Duration::from_millis(4),
         };
         t.record(&served(true, 200, ""));
         // A request on a plaintext connection opened before the switch: answered 403, failed.
