@@ -83,6 +83,8 @@ pub struct Scanned<T> {
     head_start: Option<usize>,
     /// A head was refused: later bytes are read and dropped until the connection closes.
     refused: bool,
+    /// Where reads from `inner` land while heads are checked (`READ_CHUNK` bytes once used).
+    scratch: Vec<u8>,
 }
 
 struct Scan {
@@ -162,6 +164,7 @@ impl<T> Scanned<T> {
                 verdicts: verdicts.clone(),
                 limits,
                 pending: Vec::new(),
+                scratch: Vec::new(),
                 ready: 0,
                 seen: 0,
                 head_start: None,
@@ -501,19 +504,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
                 // Nothing left to check on this connection: read straight into hyper's buffer.
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            if buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
+            // Reads land in a scratch buffer zeroed once per connection (not per read, which
+            // was half of the proxy's instructions per request) and the bytes that came are
+            // copied into `pending` to be checked.
+            if this.scratch.is_empty() {
+                this.scratch = vec![0; READ_CHUNK];
             }
-            // The read lands in the caller's own unfilled space (left unfilled there) and is
-            // copied into `pending` to be checked: no buffer of ours is zeroed or grown per read.
-            let mut chunk = buf.take(READ_CHUNK);
+            let mut chunk = ReadBuf::new(&mut this.scratch);
             let polled = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
             let n = chunk.filled().len();
             match polled {
                 Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(())), // end of stream
                 Poll::Ready(Ok(())) if this.refused => {}                    // dropped
                 Poll::Ready(Ok(())) => {
-                    this.pending.extend_from_slice(chunk.filled());
+                    this.pending.extend_from_slice(&this.scratch[..n]);
                     this.advance();
                 }
                 other => return other,
