@@ -17,6 +17,8 @@ pub struct Api {
     http: Client<Connector, Full<Bytes>>,
     /// The API token sent as `Authorization: Bearer` on every call.
     token: Option<String>,
+    /// Where the trusted roots came from, named when the server's certificate is refused.
+    ca_source: Option<String>,
 }
 
 /// A refusal from the API: its status and `{error, field}` body.
@@ -69,7 +71,9 @@ impl Api {
             ),
             _ => anyhow::bail!("--server {base}: expected an https:// (or http://) URL"),
         };
-        Ok(Self::with_connector(base, connector))
+        let mut api = Self::with_connector(base, connector);
+        api.ca_source = ca_pem.map(|_| ca_source.to_string());
+        Ok(api)
     }
 
     /// A client for the API at `base` over `connector` (e.g. one pinning a CA fingerprint).
@@ -78,6 +82,7 @@ impl Api {
             base,
             http: Client::builder(TokioExecutor::new()).build(connector),
             token: None,
+            ca_source: None,
         }
     }
 
@@ -160,6 +165,15 @@ impl Api {
             why.push_str(": ");
             why.push_str(&e.to_string());
             next = e.source();
+        }
+        // A root rotation re-signs the control plane's certificate; a CA saved before it no
+        // longer names the signer once the old root has left the bundle.
+        if why.contains("UnknownIssuer")
+            && let Some(source) = &self.ca_source
+        {
+            why.push_str(&format!(
+                "\nhint: the server's certificate is not signed by a root in {source}; if the mesh root was rotated since, trust the current ca.pem from the control plane's data directory (`weft login --ca-file FILE`, or --ca-file)"
+            ));
         }
         anyhow!("cannot reach the control plane at {}: {why}", self.base)
     }

@@ -234,6 +234,20 @@ async fn the_audit_trail_names_the_actor_of_each_change_and_the_cli_finds_its_cr
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no credential") && err.contains("weft login"), "{err}");
+    // A CA that did not sign the server's certificate (one saved before a root rotation, say):
+    // refused, naming the file and how to trust the current roots.
+    let foreign = control.data_dir.join("foreign-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&foreign, params.self_signed(&key).unwrap().pem()).unwrap();
+    let out = cli(&["--server", &server, "--ca-file", foreign.to_str().unwrap(), "status"], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("UnknownIssuer") && err.contains("foreign-ca.pem") && err.contains("ca.pem from the control plane"),
+        "{err}"
+    );
     // An admin makes an operator token; it is printed once, alone.
     let out = cli(
         &[
