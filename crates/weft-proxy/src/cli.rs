@@ -13,7 +13,7 @@ pub const EXIT_INVALID: u8 = 64;
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
     /// Static config file (no control plane): listeners, workload and services.
-    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "advertise", "admin", "token", "insecure_plaintext"])]
+    #[arg(long, conflicts_with_all = ["control", "workload", "cluster", "label", "app", "inbound", "outbound", "advertise", "admin", "token", "identity_dir", "insecure_plaintext"])]
     pub config: Option<PathBuf>,
     /// The control plane's gRPC URL, e.g. https://127.0.0.1:7071 (TLS, the CA pinned by the join
     /// token's fingerprint); several replicas' URLs separated by commas: the proxy starts with a
@@ -51,6 +51,11 @@ pub struct ProxyArgs {
     /// plane refuses it.
     #[arg(long, env = "WEFT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Keeps the workload certificate and its key in DIR (one file, mode 0600), so that a
+    /// restarted proxy rejoins with the certificate it held after its join token was used up
+    /// or expired.
+    #[arg(long, env = "WEFT_IDENTITY_DIR", value_name = "DIR")]
+    pub identity_dir: Option<std::path::PathBuf>,
     /// One JSON line per request on standard output.
     #[arg(long, env = "WEFT_ACCESS_LOG", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub access_log: bool,
@@ -238,6 +243,7 @@ pub fn config(args: ProxyArgs) -> Result<ProxyConfig, ExitCode> {
                 source: crate::Source::Control {
                     url,
                     token: args.token.clone(),
+                    identity_dir: args.identity_dir.clone(),
                 },
             }
         }

@@ -77,6 +77,8 @@ pub enum Source {
     Control {
         url: String,
         token: Option<String>,
+        /// Where the workload certificate is kept across restarts (`--identity-dir`).
+        identity_dir: Option<std::path::PathBuf>,
     },
     Static(MeshConfig),
 }

@@ -318,6 +318,11 @@ impl ServerCertVerifier for SpiffeVerifier {
 }
 
 impl Tls {
+    /// The certificate chain (PEM) and its key (PKCS#8 DER), to keep on disk ([`crate::kept`]).
+    pub(crate) fn to_keep(&self) -> (String, Vec<u8>) {
+        (self.chain.iter().map(|c| pem_of(c)).collect(), self.key.secret_der().to_vec())
+    }
+
     /// Checks the leaf carries exactly [`Tls::identity`], names `workload` as its common name,
     /// and verifies against the trust bundle it came with.
     pub(crate) fn check_issued_to(&self, workload: &str) -> Result<(), IdentityError> {

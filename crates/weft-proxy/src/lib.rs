@@ -34,6 +34,7 @@ mod identity;
 mod idle;
 mod inbound;
 pub mod intercept;
+mod kept;
 mod link;
 pub mod netfilter;
 mod outbound;

@@ -130,6 +130,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
         }
     });
     let clock = &proxy.clock;
+    restore(&proxy);
     let mut failures = 0u32;
     loop {
         let wait = match certify(&proxy).await {
@@ -137,6 +138,7 @@ pub(crate) async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
                 failures = 0;
                 let wait = renew_after(tls.not_after, clock);
                 tracing::info!(identity = %tls.identity, serial = %tls.serial, renew_in_s = wait.as_secs(), "workload certificate installed");
+                keep(&proxy, &tls);
                 proxy.identity.install(tls);
                 proxy.discovery.ready.certified();
                 wait
@@ -153,6 +155,42 @@ pub(crate) async fn run(proxy: Arc<Proxy>, shutdown: Shutdown) {
             _ = proxy.identity.renew.notified() => tracing::info!("the CA signs with a new root; renewing now"),
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Installs the certificate kept in `--identity-dir` by an earlier run, when it is usable and
+/// this proxy's: the first renewal then presents it, so a used-up or expired join token no
+/// longer matters, and the proxy serves mTLS with it meanwhile.
+fn restore(proxy: &Proxy) {
+    let Some(dir) = &proxy.local.identity_dir else { return };
+    let file = crate::kept::path(dir);
+    let tls = match crate::kept::restore(dir, &proxy.local.workload.id()) {
+        Ok(Some(tls)) => tls,
+        Ok(None) => return,
+        Err(why) => {
+            tracing::warn!(file = %file.display(), %why, "ignoring the kept workload certificate; proving this proxy with its join token");
+            return;
+        }
+    };
+    let expected = expected_identity(proxy);
+    if !expected.matches(&tls.identity) {
+        tracing::warn!(file = %file.display(), kept = %tls.identity, %expected, "ignoring the kept workload certificate: not this proxy's identity");
+        return;
+    }
+    if let Some(link) = &proxy.link {
+        link.trust(&tls.bundle_pem);
+    }
+    tracing::info!(identity = %tls.identity, serial = %tls.serial, file = %file.display(), "kept workload certificate installed");
+    proxy.identity.install(tls);
+    proxy.discovery.ready.certified();
+}
+
+/// Keeps a newly installed certificate in `--identity-dir`; a failure is logged and the proxy
+/// goes on (only a restart needs the file).
+fn keep(proxy: &Proxy, tls: &Tls) {
+    let Some(dir) = &proxy.local.identity_dir else { return };
+    if let Err(error) = crate::kept::save(dir, tls) {
+        tracing::warn!(dir = %dir.display(), %error, "cannot keep the workload certificate; a restart will need a usable join token");
     }
 }
 

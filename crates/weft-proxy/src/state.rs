@@ -47,6 +47,8 @@ pub(crate) struct Local {
     pub(crate) advertise: SocketAddr,
     /// Join token (control mode); the proxy is ready only once it holds a certificate.
     pub(crate) token: Option<String>,
+    /// Where the workload certificate is kept across restarts ([`crate::kept`]).
+    pub(crate) identity_dir: Option<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -55,12 +57,12 @@ impl Proxy {
     pub(crate) fn new(cfg: ProxyConfig, bound: Bound) -> Result<(Self, Option<mpsc::UnboundedReceiver<String>>), LinkError> {
         let identity = Arc::new(Identity::default());
         let advertise = cfg.advertise.unwrap_or_else(|| advertised(bound.inbound, &cfg.source));
-        let (config, link, token, channel) = match cfg.source {
-            Source::Static(mesh) => (mesh, None, None, None),
-            Source::Control { url, token } => {
+        let (config, link, token, channel, identity_dir) = match cfg.source {
+            Source::Static(mesh) => (mesh, None, None, None, None),
+            Source::Control { url, token, identity_dir } => {
                 let link = Link::new(&url, token.as_deref(), identity.clone())?;
                 let (tx, rx) = mpsc::unbounded_channel();
-                (MeshConfig::default(), Some(link), token, Some((tx, rx)))
+                (MeshConfig::default(), Some(link), token, Some((tx, rx)), identity_dir)
             }
         };
         let (subscribe_tx, rx) = match channel {
@@ -103,6 +105,7 @@ impl Proxy {
                 strip_headers,
                 bound,
                 token,
+                identity_dir,
             },
             link,
             identity,
@@ -164,6 +167,7 @@ mod tests {
         Source::Control {
             url: url.into(),
             token: None,
+            identity_dir: None,
         }
     }
 

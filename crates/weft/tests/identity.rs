@@ -568,3 +568,63 @@ async fn access_logs_are_one_json_line_per_request_with_both_identities() {
     .await;
     assert!(lines(&quiet).is_empty(), "access logs are off by default");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_rejoins_with_its_kept_certificate_once_its_token_is_used_up() {
+    let control = Control::start(BIN).await;
+    let app = EchoServer::start("orders").await;
+    let _orders = ProxyHandle::start(BIN, &control, "default/orders", "cluster-a", &[], app.addr).await;
+    // A single-use join token: redeemed by the first start, refused to any later one.
+    let body = serde_json::json!({"workload": "default/web", "serviceAccount": "web", "uses": 1}).to_string();
+    let (status, v) = control.post("/api/v1/tokens", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let dir = control.data_dir.join("web-identity");
+    let dir_text = dir.display().to_string();
+    let keep = [("WEFT_IDENTITY_DIR", dir_text.as_str())];
+    let url = control.grpc_url();
+    let mut web = ProxyHandle::start_url_env(BIN, &url, Some(&token), "default/web", "cluster-a", &[], free_addr(), &keep).await;
+    let first = web.config_dump().await["identity"].clone();
+    use std::os::unix::fs::PermissionsExt;
+    let kept = dir.join("workload-identity.json");
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the key is readable by its owner only"
+    );
+    web.process.kill();
+
+    // Without the kept certificate the used-up token is all it has, and the CA refuses it.
+    let bare = ProxyHandle::spawn_url(BIN, &url, Some(&token), "default/web", "cluster-a", &[], free_addr(), &[]);
+    eventually(Duration::from_secs(20), "the used-up token refused", || async {
+        bare.process.log_text().contains("the CA refused").then_some(())
+    })
+    .await;
+    drop(bare);
+
+    // With it: ready, renewed on the strength of the kept certificate (a new serial, the same
+    // identity), and mTLS to orders works.
+    let web = ProxyHandle::start_url_env(BIN, &url, Some(&token), "default/web", "cluster-a", &[], free_addr(), &keep).await;
+    eventually(Duration::from_secs(15), "web renewed with its kept certificate", || async {
+        let now = web.config_dump().await["identity"].clone();
+        (now["serial"] != first["serial"]).then_some(())
+    })
+    .await;
+    assert_eq!(web.config_dump().await["identity"]["spiffeId"], first["spiffeId"]);
+    assert!(web.process.log_text().contains("kept workload certificate installed"));
+    assert_eq!(get_via(&web, "orders", "GET", "/").await.status, 200);
+
+    // Another workload's kept certificate is ignored, with the file named: that proxy proves
+    // itself with its own token and gets its own identity.
+    let pay_token = control.token("default/pay", "pay").await;
+    let pay = ProxyHandle::start_url_env(BIN, &url, Some(&pay_token), "default/pay", "cluster-a", &[], free_addr(), &keep).await;
+    let log = pay.process.log_text();
+    assert!(
+        log.contains("ignoring the kept workload certificate") && log.contains("workload-identity.json"),
+        "{log}"
+    );
+    assert_eq!(
+        pay.config_dump().await["identity"]["spiffeId"],
+        "spiffe://weft.local/ns/default/sa/pay"
+    );
+}
