@@ -538,11 +538,13 @@ async fn submit_intent(State(api): State<Api>, headers: HeaderMap, body: String)
 
 async fn show_intent(State(api): State<Api>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     let blocker = api.mesh.blocker(&id);
+    let stage_proxies = api.mesh.stage_proxies(&id);
     api.mesh
         .intent(&id)
         .map(|i| {
             let mut view = i.view();
             view["blockedBy"] = json!(blocker);
+            view["stageProxies"] = json!(stage_proxies);
             Json(view)
         })
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("intent {id} not found"), vec![]))

@@ -61,6 +61,25 @@ pub(crate) struct CostView {
     inbound_p99_ms: Option<f64>,
     outbound_p50_ms: Option<f64>,
     outbound_p99_ms: Option<f64>,
+    /// The same figures under DESIGN.md §8's contract names: the proxies' cumulative CPU
+    /// (seconds, as last reported), resident bytes, and self time as the latency they add.
+    cpu_seconds: f64,
+    rss_bytes: u64,
+    added_latency_ms: AddedLatency,
+}
+
+/// Self time by direction, as DESIGN.md §8 names it (`addedLatencyMs`).
+#[derive(Clone, Copy, Debug, Serialize)]
+struct AddedLatency {
+    outbound: Quantiles,
+    inbound: Quantiles,
+}
+
+/// A median and a p99 in milliseconds (`None` without requests).
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Quantiles {
+    p50: Option<f64>,
+    p99: Option<f64>,
 }
 
 /// A figure before an intent started and while its stage was observed.
@@ -93,6 +112,8 @@ pub struct CostChange {
 struct Totals {
     proxies: usize,
     cpu_micros: u64,
+    /// Cumulative CPU of each proxy at its last sample, summed.
+    cpu_total_micros: u64,
     /// CPU per second of each proxy over the time its samples span, summed (`None`: no proxy
     /// has two samples yet).
     cpu_rate: Option<f64>,
@@ -138,6 +159,10 @@ impl Costs {
     pub(crate) fn view<'a>(&self, workloads: impl IntoIterator<Item = &'a str>, window: Duration, now: Instant) -> Option<CostView> {
         let from = now.checked_sub(window).unwrap_or(now);
         let t = self.totals(workloads, from.., now);
+        let quantiles = |hist: &[u64]| Quantiles {
+            p50: p(hist, 0.5),
+            p99: p(hist, 0.99),
+        };
         (t.proxies > 0).then(|| CostView {
             proxies: t.proxies,
             cpu_percent: t.cpu_rate.map(|rate| hundredths(100.0 * rate)),
@@ -148,6 +173,12 @@ impl Costs {
             inbound_p99_ms: p(&t.inbound, 0.99),
             outbound_p50_ms: p(&t.outbound, 0.5),
             outbound_p99_ms: p(&t.outbound, 0.99),
+            cpu_seconds: t.cpu_total_micros as f64 / 1e6,
+            rss_bytes: t.resident_bytes,
+            added_latency_ms: AddedLatency {
+                outbound: quantiles(&t.outbound),
+                inbound: quantiles(&t.inbound),
+            },
         })
     }
 
@@ -191,6 +222,7 @@ impl Costs {
                 t.proxies += 1;
                 t.resident_bytes = t.resident_bytes.saturating_add(last.resident_bytes);
                 t.private_bytes = t.private_bytes.saturating_add(last.private_bytes);
+                t.cpu_total_micros = t.cpu_total_micros.saturating_add(last.cpu_micros);
             }
         }
         t
@@ -343,6 +375,15 @@ mod tests {
         );
         assert!((v.outbound_p99_ms.unwrap() - 0.2).abs() < 0.005, "{v:?}");
         assert_eq!(v.resident_bytes, 20 << 20);
+        // DESIGN.md §8's names for the same figures: CPU as last reported, cumulative.
+        let contract = serde_json::to_value(&v).unwrap();
+        assert_eq!(contract["cpuSeconds"], 1.2, "{contract}");
+        assert_eq!(contract["rssBytes"], 20 << 20, "{contract}");
+        assert_eq!(
+            contract["addedLatencyMs"]["outbound"]["p99"], contract["outboundP99Ms"],
+            "{contract}"
+        );
+        assert!(contract["addedLatencyMs"]["inbound"]["p50"].is_null(), "{contract}");
         assert!(costs.view(["default/payments"], Duration::from_secs(10), t0).is_none());
         // A workload gone for longer than the samples are kept is forgotten.
         let (cost, stats) = report(0, 0.2, 1);

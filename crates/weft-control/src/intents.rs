@@ -17,6 +17,7 @@ use crate::staging;
 use crate::store::{ChangeEntry, Revision, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -463,6 +464,42 @@ impl Machine {
             None => self.frozen.then_some(Blocker::Freeze),
         }
     }
+
+    /// How many workloads each namespace stage of intent `seq` names (`None` for a percent
+    /// stage): the connected proxies in its namespaces that enforce the change, as the stage
+    /// would treat them now. What the intent page shows beside the namespace.
+    pub(crate) fn stage_proxies(&self, seq: u64, proxies: &BTreeMap<u64, ProxyRecord>) -> Vec<Option<usize>> {
+        let Some(intent) = self.records.get(&seq) else {
+            return Vec::new();
+        };
+        let probe = with_overlay(&self.resources, intent);
+        intent
+            .stages
+            .iter()
+            .map(|stage| {
+                let namespaces = stage.namespaces();
+                (!namespaces.is_empty()).then(|| {
+                    proxies
+                        .values()
+                        .filter(|p| namespaces.contains(&p.namespace) && probe.enforced_by(p))
+                        .map(ProxyRecord::workload_id)
+                        .collect::<BTreeSet<_>>()
+                        .len()
+                })
+            })
+            .collect()
+    }
+}
+
+/// `intent` with its overlay: its own once it started, else the one it would start with now
+/// (a queued intent's overlay is built when it starts), so the proxies it concerns can be told.
+fn with_overlay<'a>(resources: &BTreeMap<ResourceKey, Resource>, intent: &'a IntentRecord) -> Cow<'a, IntentRecord> {
+    if !intent.overlay.is_empty() {
+        return Cow::Borrowed(intent);
+    }
+    let mut probe = intent.clone();
+    probe.overlay = overlay_of(resources, intent).0;
+    Cow::Owned(probe)
 }
 
 // === impl Step: submissions and operator controls ===
@@ -525,8 +562,7 @@ impl Step<'_> {
     /// intent is submitted, while the person who wrote it is there to hear about it; a
     /// namespace that empties later makes its stage inconclusive rather than promoted.
     fn check_namespace_stages(&self, record: &IntentRecord, source: &str) -> Result<(), ChangeError> {
-        let mut probe = record.clone();
-        probe.overlay = overlay_of(&self.m.resources, record).0;
+        let probe = with_overlay(&self.m.resources, record);
         let concerned: BTreeSet<&str> = self
             .proxies
             .values()

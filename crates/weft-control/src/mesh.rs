@@ -823,6 +823,15 @@ impl Mesh {
         self.machine.lock().records.values().cloned().collect()
     }
 
+    /// How many workloads each of intent `id`'s namespace stages names, now (see
+    /// [`crate::intents::Machine::stage_proxies`]).
+    pub(crate) fn stage_proxies(&self, id: &str) -> Vec<Option<usize>> {
+        let machine = self.machine.lock();
+        let registry = self.registry.lock();
+        let seq = machine.seq_of(id).ok();
+        seq.map(|seq| machine.stage_proxies(seq, &registry.proxies)).unwrap_or_default()
+    }
+
     /// What keeps intent `id` queued, if it is queued behind something.
     pub(crate) fn blocker(&self, id: &str) -> Option<Blocker> {
         let machine = self.machine.lock();

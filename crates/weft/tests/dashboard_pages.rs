@@ -29,7 +29,7 @@ spec:
           routes:
             - name: canary
               backends: [ { subset: v2, weight: 50 }, { subset: v1, weight: 50 } ]
-  rollout: { stages: [50, 100], bake: 2s, mode: auto }
+  rollout: { stages: [{ namespaces: [default] }, 50, 100], bake: 2s, mode: auto }
   slo: { maxErrorRate: 5, maxP99Increase: 1000, minRequests: 5, onInconclusive: promote }
 "#;
 
@@ -123,9 +123,15 @@ async fn the_intent_page_service_graph_and_revision_diff_render_live_data_and_li
         t.contains("MESH-801") && t.contains("promoted")
     })
     .await;
-    assert_eq!(browser.count("#intent-stages .step").await.unwrap(), 2);
+    assert_eq!(browser.count("#intent-stages .step").await.unwrap(), 3);
     let stages = browser.text("#intent-stages").await.unwrap().unwrap();
-    assert!(stages.contains("stage 1: 50%") && stages.contains("stage 2: 100%"), "{stages}");
+    // The namespace stage names its namespace and how many proxies there the change concerns:
+    // of default's three, only web calls checkout (the checkout instances do not enforce a
+    // TrafficPolicy on themselves).
+    assert!(
+        stages.contains("stage 1: namespace default (1 proxy)") && stages.contains("stage 2: 50%") && stages.contains("stage 3: 100%"),
+        "{stages}"
+    );
     assert!(browser.text("#intent-treated").await.unwrap().is_some());
     let charts = browser.count(".charts[data-service='checkout'] .chart svg path").await.unwrap();
     assert_eq!(charts, 3, "rps, error rate and p99 of checkout, each a drawn series");
@@ -139,15 +145,17 @@ async fn the_intent_page_service_graph_and_revision_diff_render_live_data_and_li
         "{before_after}"
     );
     let decisions = browser.count("#intent-decisions tr.decision").await.unwrap();
-    assert_eq!(decisions, 2, "stage 1 promoted, then the intent promoted");
+    assert_eq!(decisions, 3, "stages 1 and 2 promoted, then the intent promoted");
     let reasons = browser
         .eval(
-            "return [...document.querySelectorAll('#intent-decisions tr.decision')].map((r) => [r.querySelector('.reason').textContent, r.querySelector('.cost').textContent])",
+            "return [...document.querySelectorAll('#intent-decisions tr.decision')].map((r) => [r.querySelector('.reason').textContent, r.querySelector('.cost').textContent, r.querySelector('.stage').textContent])",
             json!([]),
         )
         .await
         .unwrap();
-    let last = &reasons[1];
+    assert_eq!(reasons[0][2], "1 (namespace default)", "{reasons}");
+    assert_eq!(reasons[1][2], "2 (50%)", "{reasons}");
+    let last = &reasons[2];
     assert!(last[0].as_str().unwrap().contains(&format!("revision {revision}")), "{reasons}");
     assert!(
         last[1].as_str().unwrap().starts_with("sidecar cost on"),
