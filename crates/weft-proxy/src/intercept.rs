@@ -46,6 +46,8 @@ pub struct Settings {
 #[derive(Clone, Debug)]
 pub(crate) struct Intercepted {
     pub service: ServiceRef,
+    /// The port of the service's app the app dialled, unless it named the service itself.
+    pub app_port: Option<u16>,
 }
 
 /// Binds the DNS listeners (UDP, and TCP for long answers and TCP-only resolvers).
@@ -89,20 +91,28 @@ async fn accept(proxy: Arc<Proxy>, settings: Arc<Settings>, tcp: TcpStream, remo
         tokio::spawn(pass_through(tcp, dst));
         return None;
     };
+    let app_port = asked_port(dst.port());
     if settings.opaque_ports.contains(&dst.port()) {
         tracing::debug!(%dst, service = %service.name, "declared opaque port");
-        tokio::spawn(opaque(proxy, tcp, service));
+        tokio::spawn(opaque(proxy, tcp, service, app_port));
         return None;
     }
     let (protocol, took) = sniff::detect(&tcp).await;
     tracing::debug!(%dst, ?protocol, micros = took.as_micros() as u64, "protocol detected");
     match protocol {
-        Protocol::Http1 | Protocol::H2 => Some((Box::new(tcp), Intercepted { service })),
+        Protocol::Http1 | Protocol::H2 => Some((Box::new(tcp), Intercepted { service, app_port })),
         Protocol::Tls { .. } | Protocol::Opaque => {
-            tokio::spawn(opaque(proxy, tcp, service));
+            tokio::spawn(opaque(proxy, tcp, service, app_port));
             None
         }
     }
+}
+
+/// The port of the service's app a connection to `port` asks for: none for HTTP's and HTTPS's
+/// default ports, which name the service itself (`http://orders-api/` reaches the port its
+/// workloads declare, `--app`), else that port of the app (`http://orders-api:9090/`).
+fn asked_port(port: u16) -> Option<u16> {
+    (port != 80 && port != 443).then_some(port)
 }
 
 /// The mesh service behind `ip`: the one whose virtual IP it is (asking the control plane for
@@ -122,10 +132,11 @@ async fn mesh_service(proxy: &Proxy, ip: Ipv4Addr) -> Option<ServiceRef> {
         })
 }
 
-/// Opaque TCP to `service` over mTLS between the sidecars, as a `--tcp` listener does.
-async fn opaque(proxy: Arc<Proxy>, tcp: TcpStream, service: ServiceRef) {
+/// Opaque TCP to `service` (its app's `app_port`, when given) over mTLS between the sidecars,
+/// as a `--tcp` listener does.
+async fn opaque(proxy: Arc<Proxy>, tcp: TcpStream, service: ServiceRef, app_port: Option<u16>) {
     let name: Arc<str> = Arc::from(format!("{}.{}", service.name, service.namespace));
-    let outcome = crate::tcp::tcp_connection(&proxy, tcp, &name).await;
+    let outcome = crate::tcp::tcp_connection(&proxy, tcp, &name, app_port).await;
     proxy.telemetry.tcp(&name, outcome);
 }
 

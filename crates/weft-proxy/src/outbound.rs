@@ -6,6 +6,8 @@
 
 use crate::call::{self, Outcome};
 use crate::discovery::Missing;
+use crate::inbound::APP_PORT_HEADER;
+use crate::intercept::Intercepted;
 use crate::forward::{RETRIED, finish, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::reason::Reason;
 use crate::route::{self, CompiledRoute};
@@ -173,6 +175,11 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     // from every caller, sidecar or not, whatever was done here, and sets the one true header.
     // An upstream outside the mesh gets the caller's request as it was.
     strip_mesh_headers(&mut parts.headers);
+    // An intercepted connection to another port of the service's app: the callee's sidecar is
+    // told which (`inbound::app_target`).
+    if let Some(port) = parts.extensions.get::<Intercepted>().and_then(|i| i.app_port) {
+        parts.headers.insert(APP_PORT_HEADER, port.into());
+    }
     parts.headers.remove(http::header::HOST);
     if retried_before {
         parts.headers.insert(RETRIED, HeaderValue::from_static("1"));

@@ -9,7 +9,8 @@
 //!
 //! With `--intercept` (Linux, root in the network namespace) the namespace's traffic is
 //! redirected to the sidecar by nftables rules ([`weft_proxy::netfilter`]), installed before the
-//! app starts and removed when `weft run` ends; the app then calls services by name.
+//! app starts and removed when `weft run` ends; the app then calls services by name, and every
+//! port it serves is reached through the inbound listener.
 
 use crate::EXIT_INVALID;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -29,7 +30,7 @@ pub struct Args {
     pub proxy: ProxyArgs,
     /// Redirect the network namespace's traffic to the sidecar (nftables; needs root or
     /// CAP_NET_ADMIN): outbound TCP to the intercept listener, DNS to the sidecar's DNS, inbound
-    /// TCP to the app's port (--app) to the inbound listener.
+    /// TCP to any port but the sidecar's own to the inbound listener. IPv6 is refused both ways.
     #[arg(long)]
     pub intercept: bool,
     /// Where redirected outbound TCP arrives (with --intercept).
@@ -42,7 +43,7 @@ pub struct Args {
     /// protocols) [default: 25,587,3306,4444,5432,6379,9300,11211].
     #[arg(long, value_name = "PORTS", value_delimiter = ',')]
     pub opaque_ports: Option<Vec<u16>>,
-    /// Inbound ports left alone: connections to them reach the app directly.
+    /// Inbound ports left alone: connections to them reach the app directly (IPv6 too).
     #[arg(long, value_name = "PORTS", value_delimiter = ',')]
     pub skip_inbound_ports: Vec<u16>,
     /// Outbound destination ports left alone: the app reaches them directly.
@@ -97,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             outbound_port: args.intercept_listen.port(),
             dns_port: args.dns_listen.port(),
             inbound_port: cfg.inbound.port(),
-            app_ports: vec![cfg.app.port()],
+            sidecar_ports: [Some(cfg.inbound), cfg.admin].into_iter().flatten().map(|a| a.port()).collect(),
             skip_inbound_ports: args.skip_inbound_ports.clone(),
             skip_outbound_ports: args.skip_outbound_ports.clone(),
             skip_cidrs: args.skip_cidrs.clone(),
