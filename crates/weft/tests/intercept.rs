@@ -257,7 +257,7 @@ while True:
 "#;
 
 /// Sends a TLS ClientHello for server name `orders-api` to orders-api:443 right after
-/// connecting; the app behind is plain HTTP, so nothing answers it.
+/// connecting, on 20 connections; the app behind is plain HTTP, so nothing answers it.
 const TLS_HELLO: &str = r#"
 import json, socket, ssl
 ctx = ssl.create_default_context()
@@ -268,9 +268,10 @@ try:
 except ssl.SSLWantReadError:
     pass
 hello = outgoing.read()
-s = socket.create_connection(("orders-api", 443), timeout=5)
-s.sendall(hello)
-s.close()
+for _ in range(20):
+    s = socket.create_connection(("orders-api", 443), timeout=5)
+    s.sendall(hello)
+    s.close()
 print(json.dumps({"sent": len(hello)}))
 "#;
 
@@ -493,17 +494,19 @@ print(json.dumps({"ms": ms}))
         percentile(&http1, 99.0),
         http1.len()
     );
-    // HTTP/2 with prior knowledge, and TLS (passed through by SNI as opaque TCP).
+    // HTTP/2 with prior knowledge, and TLS (passed through by SNI as opaque TCP), 20 connections
+    // each.
     let h2 = mesh.sh(
         "client",
-        "curl -s -o /dev/null -w '%{http_code}' --http2-prior-knowledge --max-time 5 http://orders-api/",
+        "for i in $(seq 20); do curl -s -o /dev/null -w '%{http_code} ' --http2-prior-knowledge --max-time 5 http://orders-api/; done",
     );
-    assert_eq!(String::from_utf8_lossy(&h2.stdout), "200");
+    assert_eq!(String::from_utf8_lossy(&h2.stdout), "200 ".repeat(20));
     // A TLS ClientHello (made in memory, so it is sent at once after connecting).
     mesh.python("client", TLS_HELLO);
     let log = eventually(Duration::from_secs(5), "h2 and TLS detections logged", || {
         let log = client.log_text();
-        async move { (!detection_micros(&log, "H2").is_empty() && log.contains("protocol=Tls")).then_some(log) }
+        let logged = detection_micros(&log, "H2").len() >= 20 && detection_micros(&log, "Tls").len() >= 20;
+        async move { logged.then_some(log) }
     })
     .await;
     assert!(
@@ -512,11 +515,15 @@ print(json.dumps({"ms": ms}))
     );
     // Detection time runs from accept to decision, so it includes the client's own delay before
     // its first bytes (curl prepares its TLS context after connecting).
-    eprintln!(
-        "MEASURE detection: HTTP/2 prior knowledge {:?} µs; TLS {:?} µs",
-        detection_micros(&log, "H2"),
-        detection_micros(&log, "Tls")
-    );
+    for protocol in ["H2", "Tls"] {
+        let micros = detection_micros(&log, protocol);
+        eprintln!(
+            "MEASURE detection: {protocol} p50 {:.0} µs p99 {:.0} µs over {} connections",
+            percentile(&micros, 50.0),
+            percentile(&micros, 99.0),
+            micros.len()
+        );
+    }
 }
 
 /// The packet counter of `host`'s outbound redirect rule, as a shell function `redirected`.
