@@ -113,10 +113,7 @@ impl Rules {
     /// IPv6 to the app, refused: new TCP connections to any port but `direct` (the sidecar's
     /// and the skipped ones), which an IPv4 caller could only reach through the sidecar.
     fn ipv6_ingress(&self, direct: &[u16]) -> Vec<String> {
-        let mut rules = vec![
-            "iifname \"lo\" accept".to_string(),
-            "ct state established,related accept".into(),
-        ];
+        let mut rules = vec!["iifname \"lo\" accept".to_string(), "ct state established,related accept".into()];
         if !direct.is_empty() {
             rules.push(format!("tcp dport {{ {} }} accept", set(direct)));
         }
@@ -209,7 +206,9 @@ mod tests {
         // Each rule after the one before it.
         let mut from = 0;
         for rule in order {
-            let at = text[from..].find(rule).unwrap_or_else(|| panic!("{rule} after byte {from} in\n{text}"));
+            let at = text[from..]
+                .find(rule)
+                .unwrap_or_else(|| panic!("{rule} after byte {from} in\n{text}"));
             from += at + rule.len();
         }
     }

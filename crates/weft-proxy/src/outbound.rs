@@ -6,9 +6,9 @@
 
 use crate::call::{self, Outcome};
 use crate::discovery::Missing;
+use crate::forward::{RETRIED, finish, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::inbound::APP_PORT_HEADER;
 use crate::intercept::Intercepted;
-use crate::forward::{RETRIED, finish, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::reason::Reason;
 use crate::route::{self, CompiledRoute};
 use crate::state::Proxy;

@@ -60,6 +60,34 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
+/// `weft run-app PARENT -- APP ARGS...`: the process `weft run` starts for its app.
+#[derive(clap::Args, Debug)]
+pub struct AppArgs {
+    /// The process id of the `weft run` that started this one.
+    pub parent: u32,
+    #[arg(id = "command", last = true, required = true, value_name = "APP")]
+    pub command: Vec<String>,
+}
+
+/// Asks the kernel to SIGKILL this process when `weft run` dies, then becomes the app (the
+/// request survives exec). So a `weft run` killed outright (SIGKILL, a crash), which cannot stop
+/// its app itself, takes it along instead of leaving it serving with no sidecar in front. (A
+/// `pre_exec` hook in `weft run` would save the exec; this workspace forbids unsafe code.)
+pub fn exec_app(args: AppArgs) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    if let Err(errno) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        eprintln!("error: cannot tie the app to weft run's life ({errno}); the app was not started");
+        return ExitCode::from(127);
+    }
+    // `weft run` died before the request above was made: nobody is left to stop the app.
+    if nix::unistd::getppid().as_raw() as u32 != args.parent {
+        return ExitCode::from(128 + 9);
+    }
+    let error = std::process::Command::new(&args.command[0]).args(&args.command[1..]).exec();
+    eprintln!("error: cannot start {}: {error}", args.command[0]);
+    ExitCode::from(127)
+}
+
 fn parse_cidr(v: &str) -> Result<(Ipv4Addr, u8), String> {
     let (ip, len) = v.split_once('/').unwrap_or((v, "32"));
     let ip = ip
@@ -147,8 +175,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(128 + 15));
         }
     }
-    let mut command = tokio::process::Command::new(&args.command[0]);
-    command.args(&args.command[1..]);
+    // The app runs as `weft run-app` first, which ties it to this process's life (exec_app).
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args(["run-app", &std::process::id().to_string(), "--"]).args(&args.command);
     if args.intercept {
         command.gid(app_gid.as_raw());
     }

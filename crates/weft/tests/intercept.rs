@@ -1172,15 +1172,26 @@ fn curl(mesh: &Mesh, host: &str, url: &str) -> String {
 /// port is reached directly. IPv6, which is not redirected, is refused both ways (fail closed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_app_port_goes_through_the_sidecar_and_ipv6_fails_closed() {
-    let Some(mesh) = mesh(&["app", "raw", "caller"]).await else { return };
+    let Some(mesh) = mesh(&["app", "raw", "caller"]).await else {
+        return;
+    };
     for (host, v6) in [("app", APP_V6), ("raw", RAW_V6)] {
-        let out = mesh.net.run(host, &["ip", "-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        let out = mesh
+            .net
+            .run(host, &["ip", "-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let script = mesh.data_dir.join("ports.py");
     std::fs::write(&script, PORTS_APP).unwrap();
     let script = script.display().to_string();
-    let _app = mesh.run("app", "default/app", &[], 8080, &["--skip-inbound-ports", "9091"], &[PYTHON, &script]);
+    let app_run = mesh.run(
+        "app",
+        "default/app",
+        &[],
+        8080,
+        &["--skip-inbound-ports", "9091"],
+        &[PYTHON, &script],
+    );
     let _caller = mesh.run("caller", "default/caller", &[], 9, &[], &["sleep", "3600"]);
     let _outside = mesh.net.spawn(
         "raw",
@@ -1237,21 +1248,46 @@ async fn every_app_port_goes_through_the_sidecar_and_ipv6_fails_closed() {
     })
     .await;
     assert_eq!(got, "9090 200", "the caller reached port 9090, not the declared 8080");
-    assert_eq!(curl(&mesh, "caller", "http://app/"), "8080 200", "the service's default port is the declared one");
+    assert_eq!(
+        curl(&mesh, "caller", "http://app/"),
+        "8080 200",
+        "the service's default port is the declared one"
+    );
     let after = served();
-    assert!(after - before >= 2.0, "the app's sidecar served the caller's requests over mTLS ({before} -> {after})");
+    assert!(
+        after - before >= 2.0,
+        "the app's sidecar served the caller's requests over mTLS ({before} -> {after})"
+    );
 
     // IPv6 is not redirected, so it is refused: nothing reaches the app over it but its skipped
     // port, and the app reaches nothing over it (IPv4 to the same server goes through).
     for port in [8080, 9090] {
-        assert_eq!(curl(&mesh, "raw", &format!("http://[{APP_V6}]:{port}/")), " 000", "IPv6 to port {port}");
+        assert_eq!(
+            curl(&mesh, "raw", &format!("http://[{APP_V6}]:{port}/")),
+            " 000",
+            "IPv6 to port {port}"
+        );
     }
-    assert_eq!(curl(&mesh, "raw", &format!("http://[{APP_V6}]:9091/")), "9091 200", "IPv6 to the skipped port");
+    assert_eq!(
+        curl(&mesh, "raw", &format!("http://[{APP_V6}]:9091/")),
+        "9091 200",
+        "IPv6 to the skipped port"
+    );
     let raw = mesh.addr("raw");
     let egress = |url: String| {
         let out = mesh.sh("app", &format!("curl -s -o /dev/null --max-time 3 -w '%{{http_code}}' '{url}'"));
         String::from_utf8_lossy(&out.stdout).to_string()
     };
-    assert_eq!(egress(format!("http://[{RAW_V6}]:8000/")), "000", "the app's IPv6 egress is refused");
+    assert_eq!(
+        egress(format!("http://[{RAW_V6}]:8000/")),
+        "000",
+        "the app's IPv6 egress is refused"
+    );
     assert_eq!(egress(format!("http://{raw}:8000/")), "200", "its IPv4 egress goes through");
+
+    // A `weft run` killed outright takes its app along: none is left serving with no sidecar.
+    let apps = descendants(app_run.pid());
+    assert!(!apps.is_empty(), "the app runs under weft run");
+    app_run.signal(nix::sys::signal::Signal::SIGKILL);
+    no_process_left(&apps, "of a weft run killed with SIGKILL").await;
 }
