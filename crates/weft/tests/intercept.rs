@@ -1134,10 +1134,11 @@ async fn a_virtual_ip_dialled_without_resolving_it_reaches_its_service() {
     );
 }
 
-/// An app serving on 8080 (its declared port), 9090 and 9091, each on one dual-stack socket
-/// (every IPv4 and IPv6 address); each answers with its own port number.
+/// An app serving HTTP on 8080 (its declared port), 9090 and 9091, each on one dual-stack socket
+/// (every IPv4 and IPv6 address), each answering with its own port number; and on 7000 a
+/// protocol of its own (not HTTP, not TLS): it answers each line with `echo:` and the line.
 const PORTS_APP: &str = r#"
-import socket, threading
+import socket, socketserver, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Port(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -1151,7 +1152,14 @@ class Port(BaseHTTPRequestHandler):
         pass
 class DualStack(ThreadingHTTPServer):
     address_family = socket.AF_INET6
-servers = [DualStack(("::", p), Port) for p in (8080, 9090, 9091)]
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"echo:" + line)
+class EchoServer(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6
+    allow_reuse_address = True
+servers = [DualStack(("::", p), Port) for p in (8080, 9090, 9091)] + [EchoServer(("::", 7000), Echo)]
 for s in servers[1:]:
     threading.Thread(target=s.serve_forever, daemon=True).start()
 servers[0].serve_forever()
@@ -1253,6 +1261,22 @@ async fn every_app_port_goes_through_the_sidecar_and_ipv6_fails_closed() {
         "8080 200",
         "the service's default port is the declared one"
     );
+    // Dialling the app's own address (an endpoint's, not the virtual IP) is the mesh too.
+    assert_eq!(curl(&mesh, "caller", &format!("http://{app}:9090/")), "9090 200");
+    // A protocol the sidecar does not know goes to its port as opaque TCP over mTLS.
+    let echo = mesh.python(
+        "caller",
+        r#"
+import json, socket
+s = socket.create_connection(("app", 7000), timeout=5)
+s.sendall(b"hello\n")
+print(json.dumps({"reply": s.makefile("rb").readline().decode()}))
+"#,
+    );
+    assert_eq!(
+        echo["reply"], "echo:hello\n",
+        "an unknown protocol reached port 7000 through both sidecars"
+    );
     let after = served();
     assert!(
         after - before >= 2.0,
@@ -1290,4 +1314,19 @@ async fn every_app_port_goes_through_the_sidecar_and_ipv6_fails_closed() {
     assert!(!apps.is_empty(), "the app runs under weft run");
     app_run.signal(nix::sys::signal::Signal::SIGKILL);
     no_process_left(&apps, "of a weft run killed with SIGKILL").await;
+    // Its rules stay (nothing was left to remove them); the next weft run replaces them, one copy
+    // of each table, and removes both when it ends.
+    let tables = || String::from_utf8_lossy(&mesh.net.run("app", &["nft", "list", "tables"]).stdout).to_string();
+    assert_eq!(tables().matches("weft-intercept").count(), 2, "{}", tables());
+    let mut again = mesh.run("app", "default/app", &[], 8080, &[], &["sleep", "3600"]);
+    mesh.ready("app", None).await;
+    assert_eq!(tables().matches("weft-intercept").count(), 2, "{}", tables());
+    let rules = mesh.net.run("app", &["nft", "list", "table", "ip", "weft-intercept"]);
+    assert_eq!(
+        String::from_utf8_lossy(&rules.stdout).matches("redirect to").count(),
+        4,
+        "DNS (UDP, TCP), outbound and inbound, once each"
+    );
+    again.terminate(Duration::from_secs(30));
+    assert_eq!(tables().matches("weft-intercept").count(), 0, "{}", tables());
 }
