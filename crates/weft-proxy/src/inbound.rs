@@ -7,7 +7,7 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::forward::{client_cert, finish, reply, retarget, strip_hop_by_hop};
+use crate::forward::{APP_PORT_HEADER, client_cert, finish, reply, retarget, strip_hop_by_hop};
 use crate::identity::spiffe_id;
 use crate::reason::Reason;
 use crate::state::Proxy;
@@ -86,17 +86,11 @@ pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr
     }
 }
 
-/// The header in which an intercepting caller's sidecar names the port of this app its app
-/// dialled, when not the port the service is reached on by default (see
-/// [`crate::intercept`]). A mesh header: apps never set it (their outbound strips it) nor see
-/// it (the trust boundary strips it).
-pub(crate) const APP_PORT_HEADER: &str = "x-weft-app-port";
-
 /// Where a connection arrived, and where it was going when interception redirected it here:
 /// `SO_ORIGINAL_DST` names another port than this listener's only after a redirect rule.
 fn arrival(tcp: &TcpStream) -> (Option<SocketAddr>, Option<IpAddr>) {
     let local = tcp.local_addr().ok();
-    let original = crate::intercept::original_dst(tcp)
+    let original = crate::netfilter::original_dst(tcp)
         .ok()
         .map(SocketAddr::V4)
         .filter(|o| local.is_some_and(|l| l.port() != o.port()));

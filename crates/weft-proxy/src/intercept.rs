@@ -1,10 +1,11 @@
 //! Transparent interception (`weft run --intercept`): the listener that the namespace's
 //! redirected outbound TCP arrives on.
 //!
-//! The firewall rules (installed by `weft run`, see its `netfilter` module) rewrite the
+//! The firewall rules (installed by `weft run`, see [`crate::netfilter`]) rewrite the
 //! destination of every outbound TCP connection of the app to this listener; the kernel keeps
-//! the address the app dialled, which [`original_dst`] reads back (`SO_ORIGINAL_DST`). That
-//! address decides where the connection goes:
+//! the address the app dialled, which [`crate::netfilter::original_dst`] reads back
+//! (`SO_ORIGINAL_DST`). That address decides where the connection goes; its port, unless 80 or
+//! 443 (the service itself), is the port of the service's app it goes to ([`asked_port`]):
 //!
 //! - a service's virtual IP (whether or not the sidecar's DNS handed it out, see
 //!   [`crate::dns`]: the control plane is asked for an address no known service has) or the
@@ -69,18 +70,11 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, listener: TcpListener, settings: Se
     .await
 }
 
-/// The destination the app dialled, before the redirect rewrote it.
-pub(crate) fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddrV4> {
-    let raw = nix::sys::socket::getsockopt(tcp, nix::sys::socket::sockopt::OriginalDst)?;
-    let ip = Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
-    Ok(SocketAddrV4::new(ip, u16::from_be(raw.sin_port)))
-}
-
 /// Decides where one intercepted connection goes. HTTP comes back to be served as requests;
 /// everything else is handled here (opaque or pass-through) and `None` returned.
 async fn accept(proxy: Arc<Proxy>, settings: Arc<Settings>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, Intercepted)> {
     let _ = tcp.set_nodelay(true);
-    let dst = match original_dst(&tcp) {
+    let dst = match crate::netfilter::original_dst(&tcp) {
         Ok(dst) => dst,
         Err(error) => {
             tracing::warn!(%remote, %error, "intercepted connection without an original destination; closed");
@@ -163,6 +157,9 @@ async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> http::Response
         let named = authority.is_some_and(|a| proxy.discovery.resolve(&a, &proxy.identity).is_ok_and(|s| s == to.service));
         if !named {
             name_target(&mut req, &to.service);
+        }
+        if let Some(port) = to.app_port {
+            req.extensions_mut().insert(crate::forward::AppPort(port));
         }
     }
     crate::outbound::handle(proxy, req).await

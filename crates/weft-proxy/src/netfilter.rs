@@ -17,7 +17,7 @@
 //! running as root).
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
 
 /// The group the sidecar runs as under interception.
@@ -136,6 +136,14 @@ fn set(ports: &[u16]) -> String {
 fn chain(name: &str, kind: &str, rules: &[String]) -> String {
     let body: String = rules.iter().map(|r| format!("    {r}\n")).collect();
     format!("  chain {name} {{\n    type {kind}; policy accept;\n{body}  }}\n")
+}
+
+/// The destination a redirected connection was dialled to, before a redirect rule rewrote it
+/// (`SO_ORIGINAL_DST`); a connection no rule touched gives its own address, or an error.
+pub(crate) fn original_dst(tcp: &tokio::net::TcpStream) -> std::io::Result<SocketAddrV4> {
+    let raw = nix::sys::socket::getsockopt(tcp, nix::sys::socket::sockopt::OriginalDst)?;
+    let ip = Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
+    Ok(SocketAddrV4::new(ip, u16::from_be(raw.sin_port)))
 }
 
 /// Removes the rules, both families (nothing to do for a table that is not there).

@@ -6,9 +6,7 @@
 
 use crate::call::{self, Outcome};
 use crate::discovery::Missing;
-use crate::forward::{RETRIED, finish, retarget, strip_hop_by_hop, strip_mesh_headers};
-use crate::inbound::APP_PORT_HEADER;
-use crate::intercept::Intercepted;
+use crate::forward::{APP_PORT_HEADER, AppPort, RETRIED, finish, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::reason::Reason;
 use crate::route::{self, CompiledRoute};
 use crate::state::Proxy;
@@ -177,7 +175,7 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     strip_mesh_headers(&mut parts.headers);
     // An intercepted connection to another port of the service's app: the callee's sidecar is
     // told which (`inbound::app_target`).
-    if let Some(port) = parts.extensions.get::<Intercepted>().and_then(|i| i.app_port) {
+    if let Some(AppPort(port)) = parts.extensions.get::<AppPort>().copied() {
         parts.headers.insert(APP_PORT_HEADER, port.into());
     }
     parts.headers.remove(http::header::HOST);

@@ -3,7 +3,7 @@
 //! app. The endpoint is picked, tried and retried like any request's ([`crate::call`]).
 
 use crate::discovery::Missing;
-use crate::inbound::APP_PORT_HEADER;
+use crate::forward::APP_PORT_HEADER;
 use crate::reason::Reason;
 use crate::state::Proxy;
 use crate::upgrade::{TCP_PROTOCOL, join};
