@@ -20,6 +20,16 @@ pub(crate) const RETRIED: &str = "weft-retried";
 /// Set by the inbound proxy for an mTLS caller, in Envoy's format: `By=<this workload's SPIFFE
 /// ID>;URI=<the caller's, from its certificate>`. The one identity header an app may trust.
 pub(crate) const CLIENT_CERT: &str = "x-forwarded-client-cert";
+/// The header in which an intercepting caller's sidecar names the port of the callee's app its
+/// app dialled, when not the port the service is reached on by default (see
+/// [`crate::intercept`]). A mesh header: apps never set it (their outbound strips it) nor see
+/// it (the trust boundary strips it); the callee reads it on mTLS connections only.
+pub(crate) const APP_PORT_HEADER: &str = "x-weft-app-port";
+
+/// The port of the destination's app an intercepted request asks for (a request extension,
+/// sent on as [`APP_PORT_HEADER`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AppPort(pub u16);
 
 /// Header names a caller could use to claim an identity, removed by the inbound proxy before
 /// the app sees the request.

@@ -7,7 +7,7 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::forward::{client_cert, finish, reply, retarget, strip_hop_by_hop};
+use crate::forward::{APP_PORT_HEADER, client_cert, finish, reply, retarget, strip_hop_by_hop};
 use crate::identity::spiffe_id;
 use crate::reason::Reason;
 use crate::state::Proxy;
@@ -16,7 +16,7 @@ use crate::trust::{ConnInfo, identity_headers};
 use http::{HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -29,6 +29,7 @@ use weft_core::serve::Io;
 /// handshake, which must present a certificate from the mesh's CA; anything else is
 /// plaintext, refused when this workload's policy is `strict`.
 pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, ConnInfo)> {
+    let (redirected_from, local) = arrival(&tcp);
     let mut first = [0u8; 1];
     let n = tcp.peek(&mut first).await.ok()?;
     if n == 1 && first[0] == 0x16 {
@@ -57,6 +58,8 @@ pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr
                         mtls: true,
                         peer,
                         client_cert,
+                        redirected_from,
+                        local,
                     },
                 ))
             }
@@ -74,8 +77,44 @@ pub(crate) async fn accept(proxy: Arc<Proxy>, tcp: TcpStream, remote: SocketAddr
             return None;
         }
         proxy.telemetry.connection("plaintext", "accepted");
-        Some((Box::new(tcp), ConnInfo::plaintext()))
+        let conn = ConnInfo {
+            redirected_from,
+            local,
+            ..ConnInfo::plaintext()
+        };
+        Some((Box::new(tcp), conn))
     }
+}
+
+/// Where a connection arrived, and where it was going when interception redirected it here:
+/// `SO_ORIGINAL_DST` names another port than this listener's only after a redirect rule.
+fn arrival(tcp: &TcpStream) -> (Option<SocketAddr>, Option<IpAddr>) {
+    let local = tcp.local_addr().ok();
+    let original = crate::netfilter::original_dst(tcp)
+        .ok()
+        .map(SocketAddr::V4)
+        .filter(|o| local.is_some_and(|l| l.port() != o.port()));
+    (original, local.map(|l| l.ip()))
+}
+
+/// The app address a request goes to: the declared app (`--app`), unless the caller asked for
+/// another port of the app, by dialling it (a connection interception redirected here) or, over
+/// mTLS, in its sidecar's [`APP_PORT_HEADER`]. Another port is served at the address the caller
+/// reached, never on loopback: a port the app binds to loopback alone stays out of other hosts'
+/// reach, as it is without the mesh. This listener's own port means the declared app too (an
+/// app that dialled an endpoint's address).
+fn app_target(proxy: &Proxy, conn: &ConnInfo, headers: &http::HeaderMap) -> SocketAddr {
+    let asked = match conn.redirected_from {
+        Some(dst) => Some(dst),
+        None if conn.mtls => {
+            // A value no sidecar sends (not a port) is ignored: the declared app is served.
+            let port = headers.get(APP_PORT_HEADER).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+            port.zip(conn.local).map(|(port, ip)| SocketAddr::new(ip, port))
+        }
+        None => None,
+    };
+    let declared = [0, proxy.local.app.port(), proxy.local.bound.inbound.port()];
+    asked.filter(|a| !declared.contains(&a.port())).unwrap_or(proxy.local.app)
 }
 
 /// Whether this workload's policy makes mTLS strict.
@@ -104,6 +143,7 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
         .start(req.headers_mut(), weft_api::otlp::span::SpanKind::Server)
         .map(|s| (s, req.method().clone()));
     let conn = req.extensions().get::<ConnInfo>().cloned().unwrap_or(ConnInfo::plaintext());
+    let app = app_target(&proxy, &conn, req.headers());
     let version = req.version();
     let grpc = crate::forward::is_grpc(req.headers());
     let revision = proxy.discovery.revision();
@@ -150,8 +190,8 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
         Some(r) => r,
         None => match authorize(&proxy, &conn, &req) {
             Ok(canonical) => match crate::upgrade::requested(&req) {
-                Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, protocol).await,
-                None => to_app(&proxy, &conn, req, canonical, grpc, &mut waited).await,
+                Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, protocol, app).await,
+                None => to_app(&proxy, &conn, req, app, canonical, grpc, &mut waited).await,
             },
             Err(denied) => denied,
         },
@@ -260,13 +300,14 @@ fn authorize<B>(proxy: &Proxy, conn: &ConnInfo, req: &Request<B>) -> Result<Opti
     Ok(Some(format!("{canonical}{query}")))
 }
 
-/// Forwards to the app in its declared protocol; `canonical` (path and query) replaces the
+/// Forwards to the app at `app` in its declared protocol; `canonical` (path and query) replaces the
 /// request's when authorization normalized it. `waited` becomes the time spent waiting on the
 /// app for the response head, connecting included ([`crate::cost`]).
 async fn to_app(
     proxy: &Proxy,
     conn: &ConnInfo,
     req: Request<Body>,
+    app: SocketAddr,
     canonical: Option<String>,
     grpc: bool,
     waited: &mut Duration,
@@ -311,7 +352,7 @@ async fn to_app(
             return resp;
         }
         let sent = Instant::now();
-        let mut sender = match proxy.pools.h2(proxy.local.app, None, proxy.pools.app_opts()).await {
+        let mut sender = match proxy.pools.h2(app, None, proxy.pools.app_opts()).await {
             Ok(s) => s,
             Err(e) => return reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
         };
@@ -322,14 +363,14 @@ async fn to_app(
             Err(e) => match client.fault() {
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
                 None => {
-                    proxy.pools.evict(proxy.local.app);
+                    proxy.pools.evict(app);
                     reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e)
                 }
             },
         }
     } else {
         parts.version = Version::HTTP_11;
-        if let Err(resp) = retarget(&mut parts, &proxy.local.app.to_string(), &pq) {
+        if let Err(resp) = retarget(&mut parts, &app.to_string(), &pq) {
             return resp;
         }
         if let Ok(host) = HeaderValue::from_str(&authority) {

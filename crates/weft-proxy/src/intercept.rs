@@ -1,10 +1,11 @@
 //! Transparent interception (`weft run --intercept`): the listener that the namespace's
 //! redirected outbound TCP arrives on.
 //!
-//! The firewall rules (installed by `weft run`, see its `netfilter` module) rewrite the
+//! The firewall rules (installed by `weft run`, see [`crate::netfilter`]) rewrite the
 //! destination of every outbound TCP connection of the app to this listener; the kernel keeps
-//! the address the app dialled, which [`original_dst`] reads back (`SO_ORIGINAL_DST`). That
-//! address decides where the connection goes:
+//! the address the app dialled, which [`crate::netfilter::original_dst`] reads back
+//! (`SO_ORIGINAL_DST`). That address decides where the connection goes; its port, unless 80 or
+//! 443 (the service itself), is the port of the service's app it goes to ([`asked_port`]):
 //!
 //! - a service's virtual IP (whether or not the sidecar's DNS handed it out, see
 //!   [`crate::dns`]: the control plane is asked for an address no known service has) or the
@@ -46,6 +47,8 @@ pub struct Settings {
 #[derive(Clone, Debug)]
 pub(crate) struct Intercepted {
     pub service: ServiceRef,
+    /// The port of the service's app the app dialled, unless it named the service itself.
+    pub app_port: Option<u16>,
 }
 
 /// Binds the DNS listeners (UDP, and TCP for long answers and TCP-only resolvers).
@@ -67,18 +70,11 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, listener: TcpListener, settings: Se
     .await
 }
 
-/// The destination the app dialled, before the redirect rewrote it.
-pub(crate) fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddrV4> {
-    let raw = nix::sys::socket::getsockopt(tcp, nix::sys::socket::sockopt::OriginalDst)?;
-    let ip = Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr));
-    Ok(SocketAddrV4::new(ip, u16::from_be(raw.sin_port)))
-}
-
 /// Decides where one intercepted connection goes. HTTP comes back to be served as requests;
 /// everything else is handled here (opaque or pass-through) and `None` returned.
 async fn accept(proxy: Arc<Proxy>, settings: Arc<Settings>, tcp: TcpStream, remote: SocketAddr) -> Option<(Box<dyn Io>, Intercepted)> {
     let _ = tcp.set_nodelay(true);
-    let dst = match original_dst(&tcp) {
+    let dst = match crate::netfilter::original_dst(&tcp) {
         Ok(dst) => dst,
         Err(error) => {
             tracing::warn!(%remote, %error, "intercepted connection without an original destination; closed");
@@ -89,20 +85,28 @@ async fn accept(proxy: Arc<Proxy>, settings: Arc<Settings>, tcp: TcpStream, remo
         tokio::spawn(pass_through(tcp, dst));
         return None;
     };
+    let app_port = asked_port(dst.port());
     if settings.opaque_ports.contains(&dst.port()) {
         tracing::debug!(%dst, service = %service.name, "declared opaque port");
-        tokio::spawn(opaque(proxy, tcp, service));
+        tokio::spawn(opaque(proxy, tcp, service, app_port));
         return None;
     }
     let (protocol, took) = sniff::detect(&tcp).await;
     tracing::debug!(%dst, ?protocol, micros = took.as_micros() as u64, "protocol detected");
     match protocol {
-        Protocol::Http1 | Protocol::H2 => Some((Box::new(tcp), Intercepted { service })),
+        Protocol::Http1 | Protocol::H2 => Some((Box::new(tcp), Intercepted { service, app_port })),
         Protocol::Tls { .. } | Protocol::Opaque => {
-            tokio::spawn(opaque(proxy, tcp, service));
+            tokio::spawn(opaque(proxy, tcp, service, app_port));
             None
         }
     }
+}
+
+/// The port of the service's app a connection to `port` asks for: none for HTTP's and HTTPS's
+/// default ports, which name the service itself (`http://orders-api/` reaches the port its
+/// workloads declare, `--app`), else that port of the app (`http://orders-api:9090/`).
+fn asked_port(port: u16) -> Option<u16> {
+    (port != 80 && port != 443).then_some(port)
 }
 
 /// The mesh service behind `ip`: the one whose virtual IP it is (asking the control plane for
@@ -122,10 +126,11 @@ async fn mesh_service(proxy: &Proxy, ip: Ipv4Addr) -> Option<ServiceRef> {
         })
 }
 
-/// Opaque TCP to `service` over mTLS between the sidecars, as a `--tcp` listener does.
-async fn opaque(proxy: Arc<Proxy>, tcp: TcpStream, service: ServiceRef) {
+/// Opaque TCP to `service` (its app's `app_port`, when given) over mTLS between the sidecars,
+/// as a `--tcp` listener does.
+async fn opaque(proxy: Arc<Proxy>, tcp: TcpStream, service: ServiceRef, app_port: Option<u16>) {
     let name: Arc<str> = Arc::from(format!("{}.{}", service.name, service.namespace));
-    let outcome = crate::tcp::tcp_connection(&proxy, tcp, &name).await;
+    let outcome = crate::tcp::tcp_connection(&proxy, tcp, &name, app_port).await;
     proxy.telemetry.tcp(&name, outcome);
 }
 
@@ -152,6 +157,9 @@ async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> http::Response
         let named = authority.is_some_and(|a| proxy.discovery.resolve(&a, &proxy.identity).is_ok_and(|s| s == to.service));
         if !named {
             name_target(&mut req, &to.service);
+        }
+        if let Some(port) = to.app_port {
+            req.extensions_mut().insert(crate::forward::AppPort(port));
         }
     }
     crate::outbound::handle(proxy, req).await

@@ -6,7 +6,7 @@
 
 use crate::call::{self, Outcome};
 use crate::discovery::Missing;
-use crate::forward::{RETRIED, finish, retarget, strip_hop_by_hop, strip_mesh_headers};
+use crate::forward::{APP_PORT_HEADER, AppPort, RETRIED, finish, retarget, strip_hop_by_hop, strip_mesh_headers};
 use crate::reason::Reason;
 use crate::route::{self, CompiledRoute};
 use crate::state::Proxy;
@@ -173,6 +173,11 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
     // from every caller, sidecar or not, whatever was done here, and sets the one true header.
     // An upstream outside the mesh gets the caller's request as it was.
     strip_mesh_headers(&mut parts.headers);
+    // An intercepted connection to another port of the service's app: the callee's sidecar is
+    // told which (`inbound::app_target`).
+    if let Some(AppPort(port)) = parts.extensions.get::<AppPort>().copied() {
+        parts.headers.insert(APP_PORT_HEADER, port.into());
+    }
     parts.headers.remove(http::header::HOST);
     if retried_before {
         parts.headers.insert(RETRIED, HeaderValue::from_static("1"));

@@ -3,6 +3,7 @@
 //! app. The endpoint is picked, tried and retried like any request's ([`crate::call`]).
 
 use crate::discovery::Missing;
+use crate::forward::APP_PORT_HEADER;
 use crate::reason::Reason;
 use crate::state::Proxy;
 use crate::upgrade::{TCP_PROTOCOL, join};
@@ -30,7 +31,7 @@ pub(crate) async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListen
         let _ = tcp.set_nodelay(true);
         let (proxy, service) = (proxy.clone(), service.clone());
         tokio::spawn(async move {
-            let outcome = tcp_connection(&proxy, tcp, &service).await;
+            let outcome = tcp_connection(&proxy, tcp, &service, None).await;
             proxy.telemetry.tcp(&service, outcome);
             if outcome != "closed" {
                 tracing::info!(%remote, %service, outcome, "TCP connection refused");
@@ -39,8 +40,9 @@ pub(crate) async fn serve_tcp(proxy: Arc<Proxy>, listener: tokio::net::TcpListen
     }
 }
 
-/// Joins `tcp` to an endpoint of `service`; returns how it ended (`closed`, or the reason).
-pub(crate) async fn tcp_connection(proxy: &Arc<Proxy>, tcp: TcpStream, service: &Arc<str>) -> &'static str {
+/// Joins `tcp` to an endpoint of `service` (to its app's `app_port` when given, else its declared
+/// port); returns how it ended (`closed`, or the reason).
+pub(crate) async fn tcp_connection(proxy: &Arc<Proxy>, tcp: TcpStream, service: &Arc<str>, app_port: Option<u16>) -> &'static str {
     let Ok(target) = proxy.discovery.resolve(service, &proxy.identity) else {
         return Reason::UnknownService.as_str();
     };
@@ -49,7 +51,7 @@ pub(crate) async fn tcp_connection(proxy: &Arc<Proxy>, tcp: TcpStream, service: 
         Err(Missing::Unknown) => return Reason::UnknownService.as_str(),
         Err(Missing::NoAnswer) => return Reason::DiscoveryTimeout.as_str(),
     };
-    let (parts, _) = Request::builder()
+    let (mut parts, _) = Request::builder()
         .method("GET")
         .uri("/")
         .header(HOST, &**service)
@@ -58,6 +60,9 @@ pub(crate) async fn tcp_connection(proxy: &Arc<Proxy>, tcp: TcpStream, service: 
         .body(())
         .expect("valid upgrade request")
         .into_parts();
+    if let Some(port) = app_port {
+        parts.headers.insert(APP_PORT_HEADER, port.into());
+    }
     let (outcome, upstream) = crate::call::upgrade(proxy, &rt, &rt.default_route, parts).await;
     let Some(upstream) = upstream else {
         return match Reason::of(&outcome.resp) {

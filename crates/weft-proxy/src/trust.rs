@@ -3,6 +3,7 @@
 
 use crate::forward::{CLIENT_CERT, strip_identity_headers};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// Facts about an inbound connection, attached to each of its requests.
@@ -15,6 +16,11 @@ pub(crate) struct ConnInfo {
     /// SPIFFE ID as presented in the handshake, `URI=` the caller's), built once per connection;
     /// `None` for plaintext.
     pub(crate) client_cert: Option<HeaderValue>,
+    /// Where the connection was going when interception redirected it to this listener:
+    /// another port of the app (`SO_ORIGINAL_DST`). `None` when it dialled the listener itself.
+    pub(crate) redirected_from: Option<SocketAddr>,
+    /// The address of this host the connection arrived at.
+    pub(crate) local: Option<IpAddr>,
 }
 
 impl ConnInfo {
@@ -23,6 +29,8 @@ impl ConnInfo {
             mtls: false,
             peer: None,
             client_cert: None,
+            redirected_from: None,
+            local: None,
         }
     }
 }

@@ -91,10 +91,16 @@ pub(crate) fn prepare(headers: &mut http::HeaderMap, protocol: HeaderValue, auth
     }
 }
 
-/// Inbound: an Upgrade request for the app. `weft-tcp` connects to the app's port and joins
+/// Inbound: an Upgrade request for the app at `app`. `weft-tcp` connects to the app's port and joins
 /// raw bytes (no header reaches the app); any other protocol is forwarded to the app as an
 /// HTTP/1.1 Upgrade, through the same trust boundary as every other request.
-pub(crate) async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Body>, protocol: HeaderValue) -> Response<Body> {
+pub(crate) async fn inbound(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    mut req: Request<Body>,
+    protocol: HeaderValue,
+    app: std::net::SocketAddr,
+) -> Response<Body> {
     if let Some(why) = refused(proxy, conn, &protocol) {
         return reply(StatusCode::FORBIDDEN, Reason::UpgradeRefused, why);
     }
@@ -112,14 +118,10 @@ pub(crate) async fn inbound(proxy: &Proxy, conn: &ConnInfo, mut req: Request<Bod
         );
     }
     let client = hyper::upgrade::on(&mut req);
-    let app = match TcpStream::connect(proxy.local.app).await {
+    let app = match TcpStream::connect(app).await {
         Ok(tcp) => tcp,
         Err(e) => {
-            return reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Reason::AppUnavailable,
-                format!("{}: {e}", proxy.local.app),
-            );
+            return reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, format!("{app}: {e}"));
         }
     };
     let _ = app.set_nodelay(true);

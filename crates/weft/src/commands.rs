@@ -109,6 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Proxy(args) => return weft_proxy::cli::run(args).await.map_err(anyhow::Error::from_boxed),
         Command::Run(args) => return crate::run::run(*args).await,
+        Command::RunApp(args) => return Ok(crate::run::exec_app(args)),
         Command::DemoApp(args) => return crate::demo_app::run(args).await,
         api_command => api_command,
     };
@@ -125,6 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Control { .. }
         | Command::Proxy(_)
         | Command::Run(_)
+        | Command::RunApp(_)
         | Command::DemoApp(_)
         | Command::Login { .. } => {
             unreachable!("local commands and login returned above")

@@ -163,6 +163,9 @@ pub enum Command {
     /// app's exit code is weft run's. `--intercept` redirects the network namespace's traffic to
     /// the sidecar, so an unmodified app calls services by name.
     Run(Box<run::Args>),
+    /// How `weft run` starts its app (internal): see `run::exec_app`.
+    #[command(hide = true)]
+    RunApp(run::AppArgs),
     /// Run the demo application (an HTTP service that calls others through its sidecar).
     DemoApp(demo_app::Args),
     /// Apply TrafficPolicy / SecurityPolicy resources from a file. Returns once the change is
@@ -328,7 +331,7 @@ fn worker_threads(cli: &Cli) -> usize {
         return n;
     }
     match cli.command {
-        Command::Proxy(_) | Command::Run(_) => 1,
+        Command::Proxy(_) | Command::Run(_) | Command::RunApp(_) => 1,
         _ => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     }
 }

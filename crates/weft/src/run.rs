@@ -9,7 +9,8 @@
 //!
 //! With `--intercept` (Linux, root in the network namespace) the namespace's traffic is
 //! redirected to the sidecar by nftables rules ([`weft_proxy::netfilter`]), installed before the
-//! app starts and removed when `weft run` ends; the app then calls services by name.
+//! app starts and removed when `weft run` ends; the app then calls services by name, and every
+//! port it serves is reached through the inbound listener.
 
 use crate::EXIT_INVALID;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -29,7 +30,7 @@ pub struct Args {
     pub proxy: ProxyArgs,
     /// Redirect the network namespace's traffic to the sidecar (nftables; needs root or
     /// CAP_NET_ADMIN): outbound TCP to the intercept listener, DNS to the sidecar's DNS, inbound
-    /// TCP to the app's port (--app) to the inbound listener.
+    /// TCP to any port but the sidecar's own to the inbound listener. IPv6 is refused both ways.
     #[arg(long)]
     pub intercept: bool,
     /// Where redirected outbound TCP arrives (with --intercept).
@@ -42,7 +43,7 @@ pub struct Args {
     /// protocols) [default: 25,587,3306,4444,5432,6379,9300,11211].
     #[arg(long, value_name = "PORTS", value_delimiter = ',')]
     pub opaque_ports: Option<Vec<u16>>,
-    /// Inbound ports left alone: connections to them reach the app directly.
+    /// Inbound ports left alone: connections to them reach the app directly (IPv6 too).
     #[arg(long, value_name = "PORTS", value_delimiter = ',')]
     pub skip_inbound_ports: Vec<u16>,
     /// Outbound destination ports left alone: the app reaches them directly.
@@ -57,6 +58,34 @@ pub struct Args {
     /// The app and its arguments, after `--`.
     #[arg(id = "command", last = true, required = true, value_name = "APP")]
     pub command: Vec<String>,
+}
+
+/// `weft run-app PARENT -- APP ARGS...`: the process `weft run` starts for its app.
+#[derive(clap::Args, Debug)]
+pub struct AppArgs {
+    /// The process id of the `weft run` that started this one.
+    pub parent: u32,
+    #[arg(id = "command", last = true, required = true, value_name = "APP")]
+    pub command: Vec<String>,
+}
+
+/// Asks the kernel to SIGKILL this process when `weft run` dies, then becomes the app (the
+/// request survives exec). So a `weft run` killed outright (SIGKILL, a crash), which cannot stop
+/// its app itself, takes it along instead of leaving it serving with no sidecar in front. (A
+/// `pre_exec` hook in `weft run` would save the exec; this workspace forbids unsafe code.)
+pub fn exec_app(args: AppArgs) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    if let Err(errno) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        eprintln!("error: cannot tie the app to weft run's life ({errno}); the app was not started");
+        return ExitCode::from(127);
+    }
+    // `weft run` died before the request above was made: nobody is left to stop the app.
+    if nix::unistd::getppid().as_raw() as u32 != args.parent {
+        return ExitCode::from(128 + 9);
+    }
+    let error = std::process::Command::new(&args.command[0]).args(&args.command[1..]).exec();
+    eprintln!("error: cannot start {}: {error}", args.command[0]);
+    ExitCode::from(127)
 }
 
 fn parse_cidr(v: &str) -> Result<(Ipv4Addr, u8), String> {
@@ -97,7 +126,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             outbound_port: args.intercept_listen.port(),
             dns_port: args.dns_listen.port(),
             inbound_port: cfg.inbound.port(),
-            app_ports: vec![cfg.app.port()],
+            sidecar_ports: [Some(cfg.inbound), cfg.admin].into_iter().flatten().map(|a| a.port()).collect(),
             skip_inbound_ports: args.skip_inbound_ports.clone(),
             skip_outbound_ports: args.skip_outbound_ports.clone(),
             skip_cidrs: args.skip_cidrs.clone(),
@@ -146,8 +175,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(128 + 15));
         }
     }
-    let mut command = tokio::process::Command::new(&args.command[0]);
-    command.args(&args.command[1..]);
+    // The app runs as `weft run-app` first, which ties it to this process's life (exec_app).
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args(["run-app", &std::process::id().to_string(), "--"]).args(&args.command);
     if args.intercept {
         command.gid(app_gid.as_raw());
     }
