@@ -138,7 +138,8 @@ pub async fn start_staged(
         outbound: outbound_l.local_addr().expect("bound"),
         admin: admin_l.as_ref().map(|l| l.local_addr().expect("bound")),
     };
-    let (proxy, subscriptions) = Proxy::new(cfg, bound.clone())?;
+    let (mut proxy, subscriptions) = Proxy::new(cfg, bound.clone())?;
+    proxy.local.every_app_port = intercept.is_some();
     let proxy = Arc::new(proxy);
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(subscriptions) = subscriptions {

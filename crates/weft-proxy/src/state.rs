@@ -49,6 +49,9 @@ pub(crate) struct Local {
     pub(crate) token: Option<String>,
     /// Where the workload certificate is kept across restarts ([`crate::kept`]).
     pub(crate) identity_dir: Option<std::path::PathBuf>,
+    /// Whether the sidecar intercepts the workload's traffic, and so stands in front of every
+    /// port of its app, not only the declared one (set at start).
+    pub(crate) every_app_port: bool,
 }
 
 impl Proxy {
@@ -106,6 +109,7 @@ impl Proxy {
                 bound,
                 token,
                 identity_dir,
+                every_app_port: false,
             },
             link,
             identity,

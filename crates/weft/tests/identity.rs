@@ -84,6 +84,22 @@ async fn mtls_between_sidecars_with_strict_permissive_and_bad_certificates() {
     // What the orders sidecar accepts over TLS: only certificates of this mesh's CA, in date.
     let good = pki.leaf(ID_TESTER, -60, 3600);
     assert_eq!(mtls_get(orders.inbound, Some(&good), "orders", "/direct").await, Ok(200));
+    // A peer's x-weft-app-port counts only at a sidecar that intercepts (and so already fronts
+    // every port of its app); this one fronts one declared port, so the declared app answers.
+    let other_port = EchoServer::start("other-port").await;
+    let before = app.headers.lock().len();
+    let head = format!(
+        "GET /direct HTTP/1.1\r\nhost: orders\r\nx-weft-app-port: {}\r\n\r\n",
+        other_port.addr.port()
+    );
+    let answer = weft_test::pki::mtls_h1_raw(orders.inbound, &good, &head).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        other_port.headers.lock().len(),
+        0,
+        "no peer reaches another port of the host through the sidecar"
+    );
+    assert_eq!(app.headers.lock().len(), before + 1, "the declared app answered");
     for (what, leaf) in [
         ("a foreign CA", Some(Pki::new("foreign root").leaf(ID_TESTER, -60, 3600))),
         ("an expired certificate", Some(pki.leaf(ID_TESTER, -7200, -3600))),
