@@ -46,7 +46,10 @@ pub fn whole(stream: &[u8]) -> impl Iterator<Item = usize> + Clone {
 /// What the scanner makes of `stream` when the connection delivers it in reads of `delivered`
 /// and hyper reads it in reads of `read`.
 pub fn outcome(stream: &[u8], read: impl Iterator<Item = usize>, delivered: impl Iterator<Item = usize> + Unpin) -> Outcome {
-    let inner = Cut { rest: stream, sizes: delivered };
+    let inner = Cut {
+        rest: stream,
+        sizes: delivered,
+    };
     let (mut scanned, verdicts) = Scanned::new(inner, LIMITS);
     let mut cx = Context::from_waker(Waker::noop());
     let mut storage = vec![0u8; stream.len().max(1)];

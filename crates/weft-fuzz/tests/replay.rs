@@ -118,14 +118,20 @@ fn every_framing_input_has_one_outcome_however_it_is_cut() {
         };
         for size in fixed {
             let cut = || std::iter::repeat(size);
-            check(format!("delivered in {size}s"), framing::outcome(stream, framing::whole(stream), cut()));
+            check(
+                format!("delivered in {size}s"),
+                framing::outcome(stream, framing::whole(stream), cut()),
+            );
             check(format!("read in {size}s"), framing::outcome(stream, cut(), framing::whole(stream)));
             check(format!("both in {size}s"), framing::outcome(stream, cut(), cut()));
         }
         for seed in seeds {
             let (read, delivered) = (framing::read_sizes(seed), framing::read_sizes(seed.wrapping_mul(7)));
             check(format!("seed {seed}"), framing::outcome(stream, read.clone(), delivered.clone()));
-            check(format!("delivered seed {seed}"), framing::outcome(stream, framing::whole(stream), delivered));
+            check(
+                format!("delivered seed {seed}"),
+                framing::outcome(stream, framing::whole(stream), delivered),
+            );
         }
     }
     assert!(failures.is_empty(), "{} cuts changed the outcome: {failures:#?}", failures.len());
