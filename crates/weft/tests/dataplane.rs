@@ -206,6 +206,81 @@ async fn routes_match_every_way_and_weights_split_within_two_and_a_half_points()
     drop((v1, v2));
 }
 
+/// Paths that climb out of `/api`, spelled every way the normalizer reads.
+const ESCAPES: [&str; 8] = [
+    "/api/../admin",
+    "/api/%2e%2e/admin",
+    "/api/%2E%2E/admin",
+    "/api/.%2e/admin",
+    "//api/./../admin",
+    "/api/x/../../admin",
+    "/api//..//admin",
+    "/api/%2e/../admin",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_routed_authorized_and_forwarded_in_one_canonical_form() {
+    let control = Control::start(BIN).await;
+    let v1 = instance(&control, "shop-v1", "shop", "v1", "cluster-a").await;
+    let v2 = instance(&control, "shop-v2", "shop", "v2", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "shop", "/", &[]).await.status, 200);
+    let spec = "  routes:\n    - name: api\n      match: {pathPrefix: /api}\n      backends: [{subset: v2, weight: 100}]\n    - name: rest\n      backends: [{subset: v1, weight: 100}]\n";
+    apply(&control, &web, &traffic_policy("shop", spec)).await;
+    v2.app.paths.lock().clear();
+
+    // The route reads the path the app will get: out of /api is not /api.
+    for path in ESCAPES {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!(
+            (r.status, server_of(&r), r.json()["path"].as_str().map(str::to_string)),
+            (200, "shop-v1".to_string(), Some("/admin".to_string())),
+            "{path}"
+        );
+    }
+    for path in ["/api/./orders", "//api//orders", "/api/%6Frders", "/x/../api/orders"] {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!(
+            (r.status, server_of(&r), r.json()["path"].as_str().map(str::to_string)),
+            (200, "shop-v2".to_string(), Some("/api/orders".to_string())),
+            "{path}"
+        );
+    }
+    // No canonical form: refused at the caller's sidecar, never routed.
+    for path in [
+        "/../admin",
+        "/api/../../admin",
+        "/api%2F..%2Fadmin",
+        "/api/..%2fadmin",
+        "/api/%2e%2e/%2e%2e/admin",
+    ] {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!((r.status, r.header("x-weft-error").as_deref()), (400, Some("bad-path")), "{path}");
+        assert!(r.text().contains("no canonical form"), "{path}: {}", r.text());
+    }
+    let seen = v2.app.paths.lock().clone();
+    assert!(
+        seen.len() == 4 && seen.iter().all(|p| p == "/api/orders"),
+        "only canonical /api paths reached the /api route's backend: {seen:?}"
+    );
+
+    // A deny on /admin holds for every spelling, sent through the route that once took /api.
+    let deny = "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: shop-authz}\nspec:\n  selector: {service: shop}\n  authorization:\n    mode: enforce\n    default: allow\n    rules:\n      - action: deny\n        to: {paths: [/admin]}\n";
+    control.apply_until_run_by(&v1.proxy, deny).await;
+    control.apply_until_run_by(&v2.proxy, deny).await;
+    v1.app.paths.lock().clear();
+    for path in ESCAPES.iter().chain(&["/admin", "/%61dmin", "//admin", "/./admin"]) {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!(
+            (r.status, r.header("x-weft-error").as_deref()),
+            (403, Some("authz-denied")),
+            "{path}"
+        );
+    }
+    assert_eq!(*v1.app.paths.lock(), Vec::<String>::new(), "no denied spelling reached the app");
+    assert_eq!(get(&web, "shop", "/api/orders", &[]).await.status, 200, "the rest is still allowed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_counted_at_the_upstream_marked_and_never_repeated_by_the_next_hop() {
     let control = Control::start(BIN).await;
