@@ -281,6 +281,51 @@ async fn a_path_is_routed_authorized_and_forwarded_in_one_canonical_form() {
     assert_eq!(get(&web, "shop", "/api/orders", &[]).await.status, 200, "the rest is still allowed");
 }
 
+/// The path an inbound Upgrade request was authorized on is the one its app gets, and every
+/// listener refuses a request whose Host could be read two ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_carries_its_authorized_path_and_no_host_reads_two_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    let deny = "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: orders-authz}\nspec:\n  selector: {service: orders}\n  authorization:\n    mode: enforce\n    default: allow\n    rules:\n      - action: deny\n        to: {paths: [/admin]}\n";
+    control.apply_until_run_by(&orders.proxy, deny).await;
+    let exchange = |listener: std::net::SocketAddr, raw: &'static [u8]| async move {
+        let mut tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+        tcp.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "{listener} closes the connection");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // The app answers the Upgrade with a plain 200 that names the path it got.
+    let upgrade = b"GET /x/../api/%6Frders HTTP/1.1\r\nHost: orders\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
+    let text = exchange(orders.proxy.inbound, upgrade).await;
+    assert!(text.contains(r#""path":"/api/orders""#), "the app gets the canonical path: {text}");
+    let denied = b"GET /api/../admin HTTP/1.1\r\nHost: orders\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
+    let text = exchange(orders.proxy.inbound, denied).await;
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+
+    let received = orders.app.received();
+    let two_ways: [&'static [u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: orders\r\nHost: admin\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: orders\r\nX-A: 1\r\nHOST: orders\r\n\r\n",
+        b"GET http://orders/ HTTP/1.1\r\nHost: admin\r\n\r\n",
+    ];
+    for raw in two_ways {
+        for listener in [web.outbound, orders.proxy.inbound] {
+            let text = exchange(listener, raw).await;
+            assert!(
+                text.starts_with("HTTP/1.1 400") && text.contains("Host"),
+                "{listener} {:?} -> {text:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+    assert_eq!(orders.app.received(), received, "no such request reached the app");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_counted_at_the_upstream_marked_and_never_repeated_by_the_next_hop() {
     let control = Control::start(BIN).await;
