@@ -326,6 +326,33 @@ async fn an_upgrade_carries_its_authorized_path_and_no_host_reads_two_ways() {
     assert_eq!(orders.app.received(), received, "no such request reached the app");
 }
 
+/// HTTP/2 to the sidecar, HTTP/1.1 to the app: a body length stated two ways never reaches the
+/// HTTP/1.1 side, where the app could frame the body by the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_length_stated_two_ways_over_h2_never_reaches_an_http1_app() {
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+    let received = orders.app.received();
+    let post = |lengths: &[&str]| {
+        let mut b = Request::post("http://orders/upload");
+        for l in lengths {
+            b = b.header("content-length", *l);
+        }
+        b.body(Full::new(Bytes::from_static(b"hello"))).unwrap()
+    };
+    for lengths in [&["5", "0"][..], &["0", "5"]] {
+        let sent = weft_test::http::h2_via(web.outbound, post(lengths)).await;
+        assert!(sent.is_err(), "{lengths:?} is refused as malformed: {sent:?}");
+    }
+    assert_eq!(orders.app.received(), received, "no request with two lengths reached the app");
+    let r = weft_test::http::h2_via(web.outbound, post(&["5"]))
+        .await
+        .expect("one length is fine");
+    assert_eq!((r.status, r.text()), (200, "hello".to_string()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_counted_at_the_upstream_marked_and_never_repeated_by_the_next_hop() {
     let control = Control::start(BIN).await;
