@@ -131,7 +131,8 @@ enum State {
     Off,
 }
 
-/// Longest line kept; a longer one is hyper's to refuse (431), and scanning stops.
+/// Longest chunk-size or trailer line kept; a longer one is hyper's to refuse, and scanning
+/// stops. (A head's lines are bounded by the head limit instead.)
 const MAX_LINE: usize = 64 * 1024;
 
 impl<T> Scanned<T> {
@@ -180,11 +181,22 @@ impl<T> Scanned<T> {
             if self.scan.state == State::Head && self.head_start.is_none() {
                 self.head_start = Some(self.seen);
             }
-            self.seen += self.scan.feed(&self.pending[self.seen..]);
+            let end = match self.head_start {
+                // A head is scanned to at most one byte past the limit, where it is refused
+                // whatever follows: how far the scan reads then depends on the bytes alone,
+                // never on how they were cut into reads (a smuggler controls the cut).
+                Some(start) if self.scan.state == State::Head => self.pending.len().min(start + self.limits.max_bytes + 1),
+                _ => self.pending.len(),
+            };
+            self.seen += self.scan.feed(&self.pending[self.seen..end]);
             match (self.head_start, self.scan.head_ended.take()) {
                 (Some(start), Some(framing)) => {
                     let index = self.scan.heads - 1;
-                    match framing.and_then(|()| head_check(&self.pending[start..self.seen], self.limits)) {
+                    let head = &self.pending[start..self.seen];
+                    let checked = size_check(head.len(), self.limits)
+                        .and(framing)
+                        .and_then(|()| head_check(head, self.limits));
+                    match checked {
                         Ok(()) => {
                             self.ready = self.seen;
                             self.head_start = None;
@@ -192,11 +204,11 @@ impl<T> Scanned<T> {
                         Err(refusal) => self.refuse(start, index, refusal),
                     }
                 }
-                (Some(start), None) if self.seen - start > self.limits.max_bytes => {
-                    let why = Refusal::TooLarge("the request head is larger than the limit");
-                    self.refuse(start, self.scan.heads, why);
+                (Some(start), None) if self.scan.state == State::Head => {
+                    if let Err(why) = size_check(self.seen - start, self.limits) {
+                        self.refuse(start, self.scan.heads, why);
+                    } // else held until whole
                 }
-                (Some(_), None) if self.scan.state == State::Head => {} // held until whole
                 _ => {
                     // A body, an HTTP/2 connection, or an upgraded one: nothing to hold.
                     self.ready = self.seen;
@@ -217,6 +229,15 @@ impl<T> Scanned<T> {
         self.refused = true;
         self.scan.state = State::Off;
     }
+}
+
+/// A head longer than the limit is refused before anything else about it, so that the same
+/// head gets the same refusal whether it was seen whole or only its first bytes were.
+fn size_check(len: usize, limits: HeadLimits) -> Result<(), Refusal> {
+    if len > limits.max_bytes {
+        return Err(Refusal::TooLarge("the request head is larger than the limit"));
+    }
+    Ok(())
 }
 
 /// Checks a whole request head as hyper will parse it (the same parser, httparse, with the
@@ -366,7 +387,7 @@ impl Scan {
     }
 
     fn push_line(&mut self, bytes: &[u8]) {
-        if self.line.len() + bytes.len() > MAX_LINE {
+        if self.state != State::Head && self.line.len() + bytes.len() > MAX_LINE {
             self.state = State::Off;
             self.line = Vec::new();
         } else {
@@ -649,6 +670,39 @@ mod tests {
         let (out, s) = scan(&[big.as_bytes(), big.as_bytes()[16..].as_ref()]);
         assert!(matches!(refusal(&s), Some((0, Refusal::TooLarge(_)))), "{:?}", refusal(&s));
         assert_eq!(out.concat(), STAND_IN, "refused before the head even ends");
+    }
+
+    #[test]
+    fn a_head_gets_one_verdict_whether_it_arrives_whole_or_byte_by_byte() {
+        let long = format!(
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\nx: {}\r\n\r\n",
+            "v".repeat(LIMITS.max_bytes)
+        );
+        let h2 = [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            &[0u8, 0x10, 0, 0, 0, 0, 0, 0, 1],
+            &[0; 0x1000],
+        ]
+        .concat();
+        for stream in [long.as_bytes(), &h2] {
+            let whole = scan(&[stream]);
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            let cut = scan(&bytes);
+            assert_eq!(
+                (whole.0.concat(), refusal(&whole.1)),
+                (cut.0.concat(), refusal(&cut.1)),
+                "{:?}",
+                String::from_utf8_lossy(&stream[..20])
+            );
+        }
+        let (_, s) = scan(&[long.as_bytes()]);
+        assert!(
+            matches!(refusal(&s), Some((0, Refusal::TooLarge(_)))),
+            "size first: {:?}",
+            refusal(&s)
+        );
+        let (out, s) = scan(&[&h2]);
+        assert_eq!((out.concat(), refusal(&s)), (h2.clone(), None), "an HTTP/2 read is not a head");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! matches and the app receives.
 //!
 //! Properties: a canonical path starts with `/`, has no `.`/`..` segment and no empty segment
-//! (it never climbs above the root), and is its own canonical form.
+//! (a path climbing above the root has none), and is its own canonical form.
 
 use weft_proxy::authz::normalize;
 

@@ -5,7 +5,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use weft_fuzz::TARGETS;
+use weft_fuzz::{TARGETS, framing};
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
@@ -95,4 +95,44 @@ fn the_resource_seeds_are_accepted_resources() {
         let parsed = weft_api::resource::parse_objects(&text, &name);
         assert_eq!(parsed.is_ok(), name != "seed-bad-subset.yaml", "{name}: {parsed:?}");
     }
+}
+
+/// A request smuggler controls TCP segmentation, so the framing scanner's outcome (verdicts and
+/// the bytes hyper gets) must not depend on how the stream is cut: every framing input is
+/// replayed with the connection delivering it, and hyper reading it, in reads of 1, 2, 3, 7
+/// and 64 bytes and in seeded random sizes, against the whole stream in one read.
+#[test]
+fn every_framing_input_has_one_outcome_however_it_is_cut() {
+    let fixed = [1usize, 2, 3, 7, 64];
+    let seeds = [0u8, 1, 17, 42, 99, 128, 200, 255];
+    let mut failures = Vec::new();
+    for file in files(&fuzz_dir().join("corpus").join("framing")) {
+        let data = std::fs::read(&file).expect("a fuzz input reads");
+        let stream = data.get(1..).unwrap_or_default();
+        let oracle = framing::outcome(stream, framing::whole(stream), framing::whole(stream));
+        let mut check = |pattern: String, outcome: framing::Outcome| {
+            if outcome != oracle {
+                let name = file.file_name().unwrap_or_default().to_string_lossy();
+                failures.push(format!("{name} {pattern}: {}", framing::difference(&oracle, &outcome)));
+            }
+        };
+        for size in fixed {
+            let cut = || std::iter::repeat(size);
+            check(
+                format!("delivered in {size}s"),
+                framing::outcome(stream, framing::whole(stream), cut()),
+            );
+            check(format!("read in {size}s"), framing::outcome(stream, cut(), framing::whole(stream)));
+            check(format!("both in {size}s"), framing::outcome(stream, cut(), cut()));
+        }
+        for seed in seeds {
+            let (read, delivered) = (framing::read_sizes(seed), framing::read_sizes(seed.wrapping_mul(7)));
+            check(format!("seed {seed}"), framing::outcome(stream, read.clone(), delivered.clone()));
+            check(
+                format!("delivered seed {seed}"),
+                framing::outcome(stream, framing::whole(stream), delivered),
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{} cuts changed the outcome: {failures:#?}", failures.len());
 }

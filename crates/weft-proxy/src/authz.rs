@@ -3,7 +3,9 @@
 //! The request path is normalized once (percent-decoding of unreserved characters, dot-segments
 //! resolved, duplicate slashes collapsed; an encoded `/` or `\`, or a raw `\`, is rejected), and
 //! that one canonical form is both matched against the rules and forwarded to the app, so no
-//! spelling of a denied path can reach it. A matching deny rule wins, then a matching allow
+//! spelling of a denied path can reach it. A path whose `..` would climb above the root has no
+//! canonical form and is refused too. The outbound side routes on the same form
+//! ([`canonical_uri`]), so a route and a callee's authorization never read one path two ways. A matching deny rule wins, then a matching allow
 //! rule, then the policy's default.
 
 use weft_api::resource::{Action, Authorization, AuthzRule};
@@ -57,7 +59,7 @@ pub fn normalize(path: &str) -> Result<String, &'static str> {
         match seg {
             "" | "." => {}
             ".." => {
-                segments.pop();
+                segments.pop().ok_or("'..' climbs above the root")?;
             }
             s => segments.push(s),
         }
@@ -67,6 +69,22 @@ pub fn normalize(path: &str) -> Result<String, &'static str> {
         out.push('/');
     }
     Ok(out)
+}
+
+/// `uri` with its path in canonical form ([`normalize`]) and its query as sent, or why the path
+/// has none. A target without a path (`CONNECT`'s authority, `OPTIONS *`) is kept as it is.
+pub(crate) fn canonical_uri(uri: &http::Uri) -> Result<http::Uri, &'static str> {
+    if uri.path_and_query().is_none_or(|pq| pq.as_str() == "*") {
+        return Ok(uri.clone());
+    }
+    let path = normalize(uri.path())?;
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().map_err(|_| "the canonical path is not a valid URI")?);
+    http::Uri::from_parts(parts).map_err(|_| "the canonical path is not a valid URI")
 }
 
 /// Decides a request. `peer` is the caller's SPIFFE ID (none over plaintext); `path` is
@@ -148,7 +166,6 @@ mod tests {
             ("/%61pi/%6Frders", "/api/orders"),
             ("/api/%2e%2e/admin", "/admin"),
             ("/api/%2E/orders/", "/api/orders/"),
-            ("/../../etc", "/etc"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
             ("/caf\u{e9}/./men\u{fc}", "/caf\u{e9}/men\u{fc}"),
@@ -156,9 +173,34 @@ mod tests {
         ] {
             assert_eq!(normalize(raw).as_deref(), Ok(canonical), "{raw}");
         }
-        for bad in ["/admin%2fsecret", "/admin%5Csecret", "/admin\\secret", "/a%zz", "/a%4", "relative"] {
+        let bad = [
+            "/admin%2fsecret",
+            "/admin%5Csecret",
+            "/admin\\secret",
+            "/a%zz",
+            "/a%4",
+            "relative",
+            "/../../etc",
+            "/api/../../admin",
+            "/%2e%2e/admin",
+        ];
+        for bad in bad {
             assert!(normalize(bad).is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn a_target_keeps_its_form_and_query_with_its_path_made_canonical() {
+        for (raw, canonical) in [
+            ("http://shop/api/%2e%2e/admin?next=/api/../x", "http://shop/admin?next=/api/../x"),
+            ("//api/./orders", "/api/orders"),
+            ("shop:80", "shop:80"),
+            ("*", "*"),
+        ] {
+            let uri: http::Uri = raw.parse().unwrap();
+            assert_eq!(canonical_uri(&uri).map(|u| u.to_string()).as_deref(), Ok(canonical), "{raw}");
+        }
+        assert!(canonical_uri(&"http://shop/../admin".parse().unwrap()).is_err());
     }
 
     #[test]

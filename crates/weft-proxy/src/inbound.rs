@@ -192,7 +192,7 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
         Some(r) => r,
         None => match authorize(&proxy, &conn, &req) {
             Ok(canonical) => match crate::upgrade::requested(&req) {
-                Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, protocol, app).await,
+                Some(protocol) => crate::upgrade::inbound(&proxy, &conn, req, canonical, protocol, app).await,
                 None => to_app(&proxy, &conn, req, app, canonical, grpc, &mut waited).await,
             },
             Err(denied) => denied,

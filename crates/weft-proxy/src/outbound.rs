@@ -156,6 +156,21 @@ async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -
             );
         }
     };
+    // The path is made canonical once, before routing: the route is chosen on the form the
+    // callee's authorization will match and its app will get, and that form is forwarded
+    // (`/api/../admin` is `/admin` to every one of them, never `/api` to the router).
+    let uri = match crate::authz::canonical_uri(req.uri()) {
+        Ok(uri) => uri,
+        Err(why) => {
+            let detail = format!("the path {:?} has no canonical form: {why}", req.uri().path());
+            return (
+                rt.name.clone(),
+                unnamed(),
+                Outcome::refused(StatusCode::BAD_REQUEST, Reason::BadPath, detail),
+            );
+        }
+    };
+    *req.uri_mut() = uri;
     let upgrade = crate::upgrade::requested(&req).map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     // Bypass (the kill switch): the policy's routes are set aside (no matching, timeouts,

@@ -94,10 +94,13 @@ pub(crate) fn prepare(headers: &mut http::HeaderMap, protocol: HeaderValue, auth
 /// Inbound: an Upgrade request for the app at `app`. `weft-tcp` connects to the app's port and joins
 /// raw bytes (no header reaches the app); any other protocol is forwarded to the app as an
 /// HTTP/1.1 Upgrade, through the same trust boundary as every other request.
+/// `canonical` (path and query) replaces the request's when authorization normalized it, as
+/// for any other request: the app must get the path that was authorized.
 pub(crate) async fn inbound(
     proxy: &Proxy,
     conn: &ConnInfo,
     mut req: Request<Body>,
+    canonical: Option<String>,
     protocol: HeaderValue,
     app: std::net::SocketAddr,
 ) -> Response<Body> {
@@ -147,11 +150,13 @@ pub(crate) async fn inbound(
     parts.headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     crate::trust::identity_headers(&proxy.local.strip_headers, conn, &mut parts.headers);
     // Origin-form to the app, as an HTTP/1.1 server expects.
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    let pq = canonical.unwrap_or_else(|| {
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into())
+    });
     if let Some(a) = parts.uri.authority().map(|a| a.to_string())
         && let Ok(host) = HeaderValue::from_str(&a)
     {

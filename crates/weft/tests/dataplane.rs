@@ -206,6 +206,153 @@ async fn routes_match_every_way_and_weights_split_within_two_and_a_half_points()
     drop((v1, v2));
 }
 
+/// Paths that climb out of `/api`, spelled every way the normalizer reads.
+const ESCAPES: [&str; 8] = [
+    "/api/../admin",
+    "/api/%2e%2e/admin",
+    "/api/%2E%2E/admin",
+    "/api/.%2e/admin",
+    "//api/./../admin",
+    "/api/x/../../admin",
+    "/api//..//admin",
+    "/api/%2e/../admin",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_is_routed_authorized_and_forwarded_in_one_canonical_form() {
+    let control = Control::start(BIN).await;
+    let v1 = instance(&control, "shop-v1", "shop", "v1", "cluster-a").await;
+    let v2 = instance(&control, "shop-v2", "shop", "v2", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "shop", "/", &[]).await.status, 200);
+    let spec = "  routes:\n    - name: api\n      match: {pathPrefix: /api}\n      backends: [{subset: v2, weight: 100}]\n    - name: rest\n      backends: [{subset: v1, weight: 100}]\n";
+    apply(&control, &web, &traffic_policy("shop", spec)).await;
+    v2.app.paths.lock().clear();
+
+    // The route reads the path the app will get: out of /api is not /api.
+    for path in ESCAPES {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!(
+            (r.status, server_of(&r), r.json()["path"].as_str().map(str::to_string)),
+            (200, "shop-v1".to_string(), Some("/admin".to_string())),
+            "{path}"
+        );
+    }
+    for path in ["/api/./orders", "//api//orders", "/api/%6Frders", "/x/../api/orders"] {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!(
+            (r.status, server_of(&r), r.json()["path"].as_str().map(str::to_string)),
+            (200, "shop-v2".to_string(), Some("/api/orders".to_string())),
+            "{path}"
+        );
+    }
+    // No canonical form: refused at the caller's sidecar, never routed.
+    for path in [
+        "/../admin",
+        "/api/../../admin",
+        "/api%2F..%2Fadmin",
+        "/api/..%2fadmin",
+        "/api/%2e%2e/%2e%2e/admin",
+    ] {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!((r.status, r.header("x-weft-error").as_deref()), (400, Some("bad-path")), "{path}");
+        assert!(r.text().contains("no canonical form"), "{path}: {}", r.text());
+    }
+    let seen = v2.app.paths.lock().clone();
+    assert!(
+        seen.len() == 4 && seen.iter().all(|p| p == "/api/orders"),
+        "only canonical /api paths reached the /api route's backend: {seen:?}"
+    );
+
+    // A deny on /admin holds for every spelling, sent through the route that once took /api.
+    let deny = "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: shop-authz}\nspec:\n  selector: {service: shop}\n  authorization:\n    mode: enforce\n    default: allow\n    rules:\n      - action: deny\n        to: {paths: [/admin]}\n";
+    control.apply_until_run_by(&v1.proxy, deny).await;
+    control.apply_until_run_by(&v2.proxy, deny).await;
+    v1.app.paths.lock().clear();
+    for path in ESCAPES.iter().chain(&["/admin", "/%61dmin", "//admin", "/./admin"]) {
+        let r = get(&web, "shop", path, &[]).await;
+        assert_eq!(
+            (r.status, r.header("x-weft-error").as_deref()),
+            (403, Some("authz-denied")),
+            "{path}"
+        );
+    }
+    assert_eq!(*v1.app.paths.lock(), Vec::<String>::new(), "no denied spelling reached the app");
+    assert_eq!(get(&web, "shop", "/api/orders", &[]).await.status, 200, "the rest is still allowed");
+}
+
+/// The path an inbound Upgrade request was authorized on is the one its app gets, and every
+/// listener refuses a request whose Host could be read two ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_carries_its_authorized_path_and_no_host_reads_two_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    let deny = "apiVersion: weft/v1\nkind: SecurityPolicy\nmetadata: {name: orders-authz}\nspec:\n  selector: {service: orders}\n  authorization:\n    mode: enforce\n    default: allow\n    rules:\n      - action: deny\n        to: {paths: [/admin]}\n";
+    control.apply_until_run_by(&orders.proxy, deny).await;
+    let exchange = |listener: std::net::SocketAddr, raw: &'static [u8]| async move {
+        let mut tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+        tcp.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "{listener} closes the connection");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // The app answers the Upgrade with a plain 200 that names the path it got.
+    let upgrade = b"GET /x/../api/%6Frders HTTP/1.1\r\nHost: orders\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
+    let text = exchange(orders.proxy.inbound, upgrade).await;
+    assert!(text.contains(r#""path":"/api/orders""#), "the app gets the canonical path: {text}");
+    let denied = b"GET /api/../admin HTTP/1.1\r\nHost: orders\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
+    let text = exchange(orders.proxy.inbound, denied).await;
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+
+    let received = orders.app.received();
+    let two_ways: [&'static [u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: orders\r\nHost: admin\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: orders\r\nX-A: 1\r\nHOST: orders\r\n\r\n",
+        b"GET http://orders/ HTTP/1.1\r\nHost: admin\r\n\r\n",
+    ];
+    for raw in two_ways {
+        for listener in [web.outbound, orders.proxy.inbound] {
+            let text = exchange(listener, raw).await;
+            assert!(
+                text.starts_with("HTTP/1.1 400") && text.contains("Host"),
+                "{listener} {:?} -> {text:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+    assert_eq!(orders.app.received(), received, "no such request reached the app");
+}
+
+/// HTTP/2 to the sidecar, HTTP/1.1 to the app: a body length stated two ways never reaches the
+/// HTTP/1.1 side, where the app could frame the body by the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_length_stated_two_ways_over_h2_never_reaches_an_http1_app() {
+    let control = Control::start(BIN).await;
+    let orders = instance(&control, "orders-v1", "orders", "v1", "cluster-a").await;
+    let web = caller(&control, "web", "cluster-a").await;
+    assert_eq!(get(&web, "orders", "/", &[]).await.status, 200);
+    let received = orders.app.received();
+    let post = |lengths: &[&str]| {
+        let mut b = Request::post("http://orders/upload");
+        for l in lengths {
+            b = b.header("content-length", *l);
+        }
+        b.body(Full::new(Bytes::from_static(b"hello"))).unwrap()
+    };
+    for lengths in [&["5", "0"][..], &["0", "5"]] {
+        let sent = weft_test::http::h2_via(web.outbound, post(lengths)).await;
+        assert!(sent.is_err(), "{lengths:?} is refused as malformed: {sent:?}");
+    }
+    assert_eq!(orders.app.received(), received, "no request with two lengths reached the app");
+    let r = weft_test::http::h2_via(web.outbound, post(&["5"]))
+        .await
+        .expect("one length is fine");
+    assert_eq!((r.status, r.text()), (200, "hello".to_string()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_counted_at_the_upstream_marked_and_never_repeated_by_the_next_hop() {
     let control = Control::start(BIN).await;
