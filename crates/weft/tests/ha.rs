@@ -573,6 +573,55 @@ async fn a_root_rotation_asked_of_a_follower_runs_on_the_leader_and_the_follower
     assert_ne!(done["bundle"], before["bundle"]);
 }
 
+/// Root rotations one after another, each done by the leader with no proxy to wait for.
+const ROTATIONS: usize = 6;
+
+/// Handshakes with every replica in turn until `stop`, each trusting that replica's `ca.pem`
+/// as read just before (what the CLI does); returns the handshakes made and the failures.
+async fn handshake_until(all: std::sync::Arc<Vec<Control>>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> (u32, Vec<String>) {
+    let (mut made, mut failures) = (0u32, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for replica in all.iter() {
+            made += 1;
+            // A new client each time: a new connection, so a new handshake.
+            if let Err(error) = Client::trusting(&replica.ca_pem()).get(&replica.url("/api/v1/status")).await {
+                failures.push(format!("{}: {error:#}", replica.url("")));
+            }
+        }
+    }
+    (made, failures)
+}
+
+/// Every replica serves a certificate whose root its `ca.pem` names, at every moment of root
+/// rotations it follows from the leader: before the fix a follower could issue itself a
+/// certificate from the new root between reading the bundle and re-signing, and a client that
+/// read ca.pem then saw UnknownIssuer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_root_rotations_every_replica_serves_only_what_its_ca_file_trusts() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = std::sync::Arc::new(replicas(&etcd.url(), 3).await);
+    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handshakes = tokio::spawn(handshake_until(all.clone(), stop.clone()));
+    for _ in 0..ROTATIONS {
+        let before = all[leader].get("/api/v1/ca").await["generation"].as_u64().unwrap();
+        let (code, body) = all[leader].post("/api/v1/ca/rotate", "").await;
+        assert_eq!(code, 200, "{body}");
+        for replica in all.iter() {
+            eventually(Duration::from_secs(15), "every replica finished the rotation", || async {
+                let ca = replica.get("/api/v1/ca").await;
+                (ca["rotation"] == "idle" && ca["generation"].as_u64() > Some(before)).then_some(())
+            })
+            .await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (made, failures) = handshakes.await.unwrap();
+    eprintln!("{made} handshakes through {ROTATIONS} rotations on 3 replicas; {} failed", failures.len());
+    assert!(made as usize > 10 * ROTATIONS, "{made}");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_sees_the_traffic_of_proxies_connected_to_a_follower() {
     let etcd = EtcdCluster::start(1).await;
