@@ -51,6 +51,8 @@ struct Roots {
     rotation: Rotation,
     /// The new root while its certificate is being distributed (phase `distributing`).
     next: Option<(String, String)>,
+    /// When this replica first knew the bundle it holds.
+    bundle_since: std::time::Instant,
 }
 
 /// Root rotation with an overlap bundle: `distributing` (old and new roots trusted, old still
@@ -245,6 +247,7 @@ impl Ca {
         store.put_secret("rotation", "distributing")?;
         st.bundle_pem = bundle;
         st.bundle_epoch += 1;
+        st.bundle_since = std::time::Instant::now();
         st.next = Some((cert, key));
         st.rotation = Rotation::Distributing;
         tracing::info!(
@@ -283,12 +286,18 @@ impl Ca {
         store.put_secret("rotation", "idle")?;
         st.bundle_pem = bundle;
         st.bundle_epoch += 1;
+        st.bundle_since = std::time::Instant::now();
         st.rotation = Rotation::Idle;
         tracing::info!(
             bundle_epoch = st.bundle_epoch,
             "root rotation finished: the old root is no longer trusted"
         );
         Ok(())
+    }
+
+    /// How long this replica has held the bundle it holds.
+    pub(crate) fn bundle_age(&self) -> Duration {
+        self.state.read().bundle_since.elapsed()
     }
 
     pub(crate) fn rotation(&self) -> Rotation {
@@ -481,6 +490,7 @@ fn read_roots(store: &Store, root_pem: String, key_pem: String) -> Result<Roots,
         generation: number("generation")?,
         rotation,
         next,
+        bundle_since: std::time::Instant::now(),
     })
 }
 
