@@ -7,7 +7,7 @@
 //! On etcd, a change asked of a follower is forwarded to the leader, whose answer is the answer
 //! ([`forward_to_leader`]).
 
-use crate::auth::{Actor, Auth, AuditedByLeader, FORWARDED_BY, FORWARDED_FOR, Role};
+use crate::auth::{Actor, AuditedByLeader, Auth, FORWARDED_BY, FORWARDED_FOR, Role};
 use crate::intents::{ChangeError, Submitted};
 use crate::mesh::Mesh;
 use crate::plan::Kind;

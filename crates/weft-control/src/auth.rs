@@ -517,7 +517,17 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next:
         // A refused attempt to change something is in the trail too, with who tried.
         if mutating {
             let why = denied.to_string();
-            audit(auth, &actor, &source, &method, &path, 403, "", json!({ "error": why }), [None, None]);
+            audit(
+                auth,
+                &actor,
+                &source,
+                &method,
+                &path,
+                403,
+                "",
+                json!({ "error": why }),
+                [None, None],
+            );
         }
         return denied.into_response();
     }

@@ -530,7 +530,9 @@ fn signer(cert_pem: &str, key_pem: &str) -> Result<(Issuer<'static, KeyPair>, u6
     // The certificate and the key are two records a switch of signer writes one after the
     // other: a follower reading between them would sign with the old key under the new name.
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        return Err(CaError::Internal("root key does not match the root certificate (a switch of signer in progress)".into()));
+        return Err(CaError::Internal(
+            "root key does not match the root certificate (a switch of signer in progress)".into(),
+        ));
     }
     let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Internal(format!("root certificate: {e}")))?;
     Ok((issuer, cert.validity().not_after.timestamp().max(0) as u64))

@@ -969,8 +969,7 @@ impl Mesh {
             let registry = self.registry.lock();
             match rotation {
                 Rotation::Distributing => {
-                    self.ca.bundle_age() >= ROOT_OVERLAP
-                        && registry.proxies.values().all(|p| p.bundle_epoch >= self.ca.bundle_epoch())
+                    self.ca.bundle_age() >= ROOT_OVERLAP && registry.proxies.values().all(|p| p.bundle_epoch >= self.ca.bundle_epoch())
                 }
                 // What proxies report they use, not what was issued: a proxy may install its
                 // new certificate a little after the CA signed it.

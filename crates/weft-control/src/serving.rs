@@ -207,7 +207,11 @@ impl Serving {
     /// Serves `renewal` from the next handshake on.
     pub(crate) fn serve(&self, renewal: Renewal) {
         let Renewal { certified, issued } = renewal;
-        tracing::info!(generation = issued.generation, not_after = issued.not_after, "serving certificate re-issued");
+        tracing::info!(
+            generation = issued.generation,
+            not_after = issued.not_after,
+            "serving certificate re-issued"
+        );
         *self.resolver.0.write() = certified;
         *self.issued.write() = issued;
     }

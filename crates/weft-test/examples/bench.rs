@@ -70,7 +70,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid: u32, ca_file: &str, kill: Option<usize>) -> anyhow::Result<()> {
+async fn fleet_run(
+    api: &str,
+    grpc: &str,
+    n: usize,
+    services: usize,
+    control_pid: u32,
+    ca_file: &str,
+    kill: Option<usize>,
+) -> anyhow::Result<()> {
     let apis: Vec<&str> = api.split(',').collect();
     let api = apis[0];
     let client = if api.starts_with("https://") {
@@ -233,7 +241,8 @@ async fn replica_failover(
     let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?;
     anyhow::ensure!(status.success(), "kill -9 {pid} failed");
     let t0 = Instant::now();
-    let reached = || fleet.resynced(on_killed, revision, endpoints, t0).reached + joined.resynced(on_killed, revision, endpoints, t0).reached;
+    let reached =
+        || fleet.resynced(on_killed, revision, endpoints, t0).reached + joined.resynced(on_killed, revision, endpoints, t0).reached;
     let all = fleet::until(Duration::from_secs(60), || async { reached() == expected }).await;
     let exact = || fleet.count_exactly_synced(on_killed, revision, endpoints) + joined.count_exactly_synced(on_killed, revision, endpoints);
     let deduplicated = fleet::until(Duration::from_secs(60), || async { exact() == expected })

@@ -210,9 +210,11 @@ impl Fleet {
         self.proxies
             .iter()
             .enumerate()
-            .filter(|(i, p)| which(*i) && {
-                let p = p.lock();
-                p.configured_streams >= 2 && p.revision >= revision && p.endpoints == endpoints
+            .filter(|(i, p)| {
+                which(*i) && {
+                    let p = p.lock();
+                    p.configured_streams >= 2 && p.revision >= revision && p.endpoints == endpoints
+                }
             })
             .count()
     }

@@ -345,9 +345,11 @@ async fn a_proxy_whose_replica_dies_moves_to_another_and_misses_no_change() {
     };
     eprintln!("proxy moved to the surviving replica after {moved:?}; {failed} of {calls} calls failed meanwhile");
     assert_eq!(failed, 0, "last-known-good config serves every call");
-    eventually(Duration::from_secs(10), "web runs the change made while its replica was down", || async {
-        (web.config_dump().await["config"]["revision"].as_u64() >= Some(revision)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "web runs the change made while its replica was down",
+        || async { (web.config_dump().await["config"]["revision"].as_u64() >= Some(revision)).then_some(()) },
+    )
     .await;
     assert_eq!(call_via(&web, "orders").await, 200);
 }
@@ -626,7 +628,10 @@ async fn a_change_forwarded_by_a_follower_is_audited_exactly_once() {
         assert_eq!(applies[0]["outcome"]["revision"].as_u64(), Some(revision), "{applies:#?}");
         assert_eq!(applies[0]["status"], 200, "{applies:#?}");
         assert_eq!(applies[0]["forwardedBy"], name.as_str(), "the leader's record names the follower");
-        assert!(applies[0]["forwardedFor"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{applies:#?}");
+        assert!(
+            applies[0]["forwardedFor"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{applies:#?}"
+        );
         let freezes: Vec<&Value> = audit.iter().filter(|e| e["path"] == "/api/v1/freeze").collect();
         assert_eq!(freezes.len(), 1, "{freezes:#?}");
         assert!(freezes[0].get("forwardedBy").is_none(), "{freezes:#?}");
@@ -686,7 +691,10 @@ async fn through_root_rotations_every_replica_serves_only_what_its_ca_file_trust
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (made, failures) = handshakes.await.unwrap();
-    eprintln!("{made} handshakes through {ROTATIONS} rotations on 3 replicas; {} failed", failures.len());
+    eprintln!(
+        "{made} handshakes through {ROTATIONS} rotations on 3 replicas; {} failed",
+        failures.len()
+    );
     assert!(made as usize > 10 * ROTATIONS, "{made}");
     assert!(failures.is_empty(), "{failures:#?}");
 }
