@@ -7,11 +7,11 @@
 //! On etcd, a change asked of a follower is forwarded to the leader, whose answer is the answer
 //! ([`forward_to_leader`]).
 
-use crate::auth::{Actor, Auth, Role};
+use crate::auth::{Actor, AuditedByLeader, Auth, FORWARDED_BY, FORWARDED_FOR, Role};
 use crate::intents::{ChangeError, Submitted};
 use crate::mesh::Mesh;
 use crate::plan::Kind;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -20,6 +20,7 @@ use axum::{Extension, Json, Router};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::json;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::StreamExt;
@@ -29,10 +30,6 @@ use weft_api::resource::Object;
 
 /// How long a plain change (`weft apply`) is waited for before the API answers 202.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
-
-/// Marks a change a follower forwarded, with the follower's name: the leader handles it itself
-/// (a forwarded change is never forwarded again) and logs where it came through.
-const FORWARDED_BY: &str = "x-weft-forwarded-by";
 
 /// How long a follower waits for the leader's answer to a forwarded change: the leader's own
 /// wait for a plain change, and some.
@@ -170,6 +167,7 @@ async fn forward(mesh: &Mesh, leader: &str, req: axum::extract::Request) -> Resu
         weft_core::tls::Connector::plaintext()
     };
     let (mut parts, body) = req.into_parts();
+    let caller = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string());
     let path = parts
         .uri
         .path_and_query()
@@ -185,6 +183,9 @@ async fn forward(mesh: &Mesh, leader: &str, req: axum::extract::Request) -> Resu
     parts
         .headers
         .insert(FORWARDED_BY, mesh.replica.parse().map_err(|e| refused(format!("{e}")))?);
+    if let Some(caller) = caller.and_then(|c| c.parse().ok()) {
+        parts.headers.insert(FORWARDED_FOR, caller);
+    }
     let exchange = async move {
         let conn = tower_service::Service::call(&mut connector, target)
             .await
@@ -197,7 +198,10 @@ async fn forward(mesh: &Mesh, leader: &str, req: axum::extract::Request) -> Resu
             .send_request(axum::extract::Request::from_parts(parts, body))
             .await
             .map_err(|e| refused(e.to_string()))?;
-        Ok(answer.map(axum::body::Body::new))
+        // The leader audited the call; the follower's audit leaves it at that.
+        let mut answer = answer.map(axum::body::Body::new);
+        answer.extensions_mut().insert(AuditedByLeader);
+        Ok(answer)
     };
     tokio::time::timeout(FORWARD_WAIT, exchange)
         .await

@@ -517,7 +517,17 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next:
         // A refused attempt to change something is in the trail too, with who tried.
         if mutating {
             let why = denied.to_string();
-            audit(auth, &actor, &source, &method, &path, 403, "", json!({ "error": why }));
+            audit(
+                auth,
+                &actor,
+                &source,
+                &method,
+                &path,
+                403,
+                "",
+                json!({ "error": why }),
+                [None, None],
+            );
         }
         return denied.into_response();
     }
@@ -527,6 +537,7 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next:
         return next.run(req).await;
     }
     let (mut parts, body) = req.into_parts();
+    let forwarded = [FORWARDED_BY, FORWARDED_FOR].map(|h| parts.headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_string));
     let bytes = match axum::body::to_bytes(body, 4 << 20).await {
         Ok(b) => b,
         Err(_) => {
@@ -540,6 +551,9 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next:
     let change = String::from_utf8_lossy(&bytes[..bytes.len().min(AUDIT_BODY)]).into_owned();
     parts.extensions.insert(actor.clone());
     let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    if resp.extensions().get::<AuditedByLeader>().is_some() {
+        return resp;
+    }
     let (parts, body) = resp.into_parts();
     let out = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
     let reply: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
@@ -558,19 +572,50 @@ pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next:
         status,
         &change,
         serde_json::Value::Object(outcome),
+        forwarded,
     );
     Response::from_parts(parts, Body::from(out))
 }
 
+/// Marks a change a follower forwarded, with the follower's name: the leader handles it itself
+/// (a forwarded change is never forwarded again) and its audit record names the follower.
+pub(crate) const FORWARDED_BY: &str = "x-weft-forwarded-by";
+/// The address a follower was called from, as it tells the leader: the leader's audit record
+/// keeps it as `forwardedFor` beside `source`, the connection's own address (the follower's).
+pub(crate) const FORWARDED_FOR: &str = "x-weft-forwarded-for";
+
+/// On the answer of a change a follower forwarded and the leader answered: the leader audited
+/// it, so the follower does not (one record per change). A change the follower could not
+/// forward is audited where it was refused.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AuditedByLeader;
+
 /// Appends one audit record to the ledger.
 #[allow(clippy::too_many_arguments)]
-fn audit(auth: &Auth, actor: &Actor, source: &str, method: &Method, path: &str, status: u16, change: &str, outcome: serde_json::Value) {
-    let entry = json!({
+/// `forwarded`: the follower that forwarded the call and the address it was called from, as
+/// that follower tells.
+fn audit(
+    auth: &Auth,
+    actor: &Actor,
+    source: &str,
+    method: &Method,
+    path: &str,
+    status: u16,
+    change: &str,
+    outcome: serde_json::Value,
+    forwarded: [Option<String>; 2],
+) {
+    let mut entry = json!({
         "timeMs": now_ms(), "kind": "audit", "actor": actor.name, "role": actor.role, "source": source,
         "via": if actor.session { "dashboard" } else { "token" },
         "method": method.as_str(), "path": path, "status": status,
         "change": change, "outcome": outcome,
     });
+    for (key, value) in ["forwardedBy", "forwardedFor"].into_iter().zip(forwarded) {
+        if let Some(value) = value {
+            entry[key] = json!(value);
+        }
+    }
     if let Err(error) = auth.store.append_ledger(&entry.to_string()) {
         tracing::error!(%error, "cannot write the audit record");
     }

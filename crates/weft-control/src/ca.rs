@@ -51,6 +51,8 @@ struct Roots {
     rotation: Rotation,
     /// The new root while its certificate is being distributed (phase `distributing`).
     next: Option<(String, String)>,
+    /// When this replica first knew the bundle it holds.
+    bundle_since: std::time::Instant,
 }
 
 /// Root rotation with an overlap bundle: `distributing` (old and new roots trusted, old still
@@ -94,6 +96,8 @@ pub(crate) struct Issued {
 pub(crate) struct ServingIssued {
     /// The leaf, then the root that signed it (so clients can pin the root by fingerprint).
     pub(crate) chain_pem: String,
+    /// The root that signed it: whoever serves it must trust it first.
+    pub(crate) root_pem: String,
     pub(crate) not_after: u64,
     pub(crate) generation: u64,
 }
@@ -243,6 +247,7 @@ impl Ca {
         store.put_secret("rotation", "distributing")?;
         st.bundle_pem = bundle;
         st.bundle_epoch += 1;
+        st.bundle_since = std::time::Instant::now();
         st.next = Some((cert, key));
         st.rotation = Rotation::Distributing;
         tracing::info!(
@@ -281,12 +286,18 @@ impl Ca {
         store.put_secret("rotation", "idle")?;
         st.bundle_pem = bundle;
         st.bundle_epoch += 1;
+        st.bundle_since = std::time::Instant::now();
         st.rotation = Rotation::Idle;
         tracing::info!(
             bundle_epoch = st.bundle_epoch,
             "root rotation finished: the old root is no longer trusted"
         );
         Ok(())
+    }
+
+    /// How long this replica has held the bundle it holds.
+    pub(crate) fn bundle_age(&self) -> Duration {
+        self.state.read().bundle_since.elapsed()
     }
 
     pub(crate) fn rotation(&self) -> Rotation {
@@ -326,6 +337,12 @@ impl Ca {
     /// The roots proxies trust.
     pub(crate) fn bundle_pem(&self) -> String {
         self.state.read().bundle_pem.clone()
+    }
+
+    /// The bundle with its epoch, read together (a reload swaps both at once).
+    pub(crate) fn bundle(&self) -> (u64, String) {
+        let st = self.state.read();
+        (st.bundle_epoch, st.bundle_pem.clone())
     }
 
     /// SHA-256 (hex) of the root that signs now: what new join tokens pin.
@@ -440,6 +457,7 @@ impl Ca {
         let leaf = params.signed_by(key, &roots.issuer).map_err(internal)?;
         Ok(ServingIssued {
             chain_pem: format!("{}{}", leaf.pem(), roots.root_pem),
+            root_pem: roots.root_pem.clone(),
             not_after: now() + ttl.as_secs(),
             generation: roots.generation,
         })
@@ -472,6 +490,7 @@ fn read_roots(store: &Store, root_pem: String, key_pem: String) -> Result<Roots,
         generation: number("generation")?,
         rotation,
         next,
+        bundle_since: std::time::Instant::now(),
     })
 }
 
@@ -506,9 +525,16 @@ fn new_root(trust_domain: &str) -> Result<(String, String), CaError> {
 /// The issuer for a root's certificate and key, and the root's expiry.
 fn signer(cert_pem: &str, key_pem: &str) -> Result<(Issuer<'static, KeyPair>, u64), CaError> {
     let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Internal(format!("root key: {e}")))?;
-    let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Internal(format!("root certificate: {e}")))?;
     let der = pem_der(cert_pem).ok_or_else(|| CaError::Internal("root certificate is not PEM".into()))?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(internal)?;
+    // The certificate and the key are two records a switch of signer writes one after the
+    // other: a follower reading between them would sign with the old key under the new name.
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(CaError::Internal(
+            "root key does not match the root certificate (a switch of signer in progress)".into(),
+        ));
+    }
+    let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Internal(format!("root certificate: {e}")))?;
     Ok((issuer, cert.validity().not_after.timestamp().max(0) as u64))
 }
 
@@ -639,6 +665,34 @@ mod tests {
             ["DNSName(localhost)", "IPAddress(7f:00:00:01)"],
             "127.0.0.1, as x509-parser prints it"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A follower reloading while the leader switches signer can read the new root's
+    /// certificate and still the old key (two records written in turn): it keeps its roots
+    /// until both are the new ones, instead of signing with the old key under the new name.
+    #[test]
+    fn a_follower_reading_between_the_new_certificate_and_its_key_keeps_its_roots() {
+        let dir = std::env::temp_dir().join(format!("weft-ca-switch-{}-{}", std::process::id(), rand_suffix()));
+        let store = Store::open(&dir).unwrap();
+        let leader = Ca::open(&store, "weft.local", Duration::from_secs(3600), None).unwrap();
+        let follower = Ca::open(&store, "weft.local", Duration::from_secs(3600), None).unwrap();
+        leader.rotate(&store).unwrap();
+        assert!(follower.reload(&store).unwrap());
+        let before = follower.root_fingerprint();
+        // The switch's first write only, and the generation the follower's reload looks at.
+        let next = store.secret("next_cert").unwrap().unwrap();
+        store.put_secret("root_cert", &next).unwrap();
+        store.put_secret("generation", "1").unwrap();
+        let err = follower.reload(&store).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+        assert_eq!(follower.root_fingerprint(), before);
+        assert_eq!(follower.generation(), 0);
+        // The key written: the follower takes the new root.
+        store.put_secret("root_key", &store.secret("next_key").unwrap().unwrap()).unwrap();
+        assert!(follower.reload(&store).unwrap());
+        assert_eq!(follower.root_fingerprint(), fingerprint_of(&next).unwrap());
+        drop(store);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -39,6 +39,12 @@ use weft_core::Shutdown;
 const WARMUP: Duration = Duration::from_secs(6);
 /// Timer resolution of the intent loop and of root rotation.
 const TICK: Duration = Duration::from_millis(200);
+/// The least time a new root is trusted before it signs, proxies or none: each replica's
+/// ca.pem names it well within that (store watch, then the file), so a client that read the
+/// file just before the root joined it still finds its certificate's root in what it read
+/// (with no proxy to wait for, the new root used to sign a few milliseconds after joining, and
+/// a client between its read and its handshake then saw UnknownIssuer).
+const ROOT_OVERLAP: Duration = Duration::from_secs(1);
 /// The least time between two passes of the intent loop.
 const STEP_INTERVAL: Duration = Duration::from_millis(20);
 /// Proxies joining, leaving and subscribing fold into one change generation per this much time
@@ -971,7 +977,9 @@ impl Mesh {
         let ready = {
             let registry = self.registry.lock();
             match rotation {
-                Rotation::Distributing => registry.proxies.values().all(|p| p.bundle_epoch >= self.ca.bundle_epoch()),
+                Rotation::Distributing => {
+                    self.ca.bundle_age() >= ROOT_OVERLAP && registry.proxies.values().all(|p| p.bundle_epoch >= self.ca.bundle_epoch())
+                }
                 // What proxies report they use, not what was issued: a proxy may install its
                 // new certificate a little after the CA signed it.
                 Rotation::Reissuing => {

@@ -66,12 +66,28 @@ pub(crate) struct Serving {
     key: KeyPair,
     sans: Vec<SanType>,
     resolver: Arc<Resolver>,
-    /// (generation of the root that signed it, its expiry in unix seconds).
-    issued: RwLock<(u64, u64)>,
+    issued: RwLock<Issued>,
     clients: Arc<RootsClientVerifier>,
     bundle_epoch: RwLock<u64>,
     pub(crate) api: Arc<ServerConfig>,
     pub(crate) grpc: Arc<ServerConfig>,
+}
+
+/// What the certificate served was issued from.
+#[derive(Clone, Debug)]
+struct Issued {
+    /// Generation of the root that signed it.
+    generation: u64,
+    /// Its expiry, unix seconds.
+    not_after: u64,
+    /// The root that signed it.
+    root_pem: String,
+}
+
+/// A serving certificate issued and not yet served ([`Serving::serve`]).
+pub(crate) struct Renewal {
+    certified: Arc<CertifiedKey>,
+    issued: Issued,
 }
 
 /// Hands every handshake the current certificate.
@@ -163,37 +179,62 @@ impl Serving {
         })
     }
 
-    fn issue(ca: &Ca, key: &KeyPair, sans: &[SanType]) -> Result<(Arc<CertifiedKey>, (u64, u64)), ServingError> {
+    fn issue(ca: &Ca, key: &KeyPair, sans: &[SanType]) -> Result<(Arc<CertifiedKey>, Issued), ServingError> {
         let issued = ca.issue_serving(key, sans, SERVING_TTL)?;
         let chain = weft_core::tls::certs_from_pem(&issued.chain_pem, "serving certificate").map_err(tls_err)?;
         let certified = CertifiedKey::from_der(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()), &weft_core::tls::provider())
             .map_err(tls_err)?;
-        Ok((Arc::new(certified), (issued.generation, issued.not_after)))
+        let issued_from = Issued {
+            generation: issued.generation,
+            not_after: issued.not_after,
+            root_pem: issued.root_pem,
+        };
+        Ok((Arc::new(certified), issued_from))
     }
 
-    /// Re-issues the certificate when the signing root changed or half its lifetime passed,
-    /// and trusts a changed bundle for client certificates. Returns whether the bundle changed.
-    pub(crate) fn refresh(&self, ca: &Ca) -> Result<bool, ServingError> {
-        let (generation, not_after) = *self.issued.read();
+    /// A new certificate when the signing root changed or half its lifetime passed; it is
+    /// served once [`Serving::serve`] is called, after its root is trusted.
+    pub(crate) fn renewal(&self, ca: &Ca) -> Result<Option<Renewal>, ServingError> {
+        let Issued { generation, not_after, .. } = *self.issued.read();
         let half_life = not_after.saturating_sub(SERVING_TTL.as_secs() / 2);
-        if generation != ca.generation() || now() >= half_life {
-            let (certified, issued) = Self::issue(ca, &self.key, &self.sans)?;
-            *self.resolver.0.write() = certified;
-            *self.issued.write() = issued;
-            tracing::info!(generation = issued.0, not_after = issued.1, "serving certificate re-issued");
+        if generation == ca.generation() && now() < half_life {
+            return Ok(None);
         }
-        let epoch = ca.bundle_epoch();
+        let (certified, issued) = Self::issue(ca, &self.key, &self.sans)?;
+        Ok(Some(Renewal { certified, issued }))
+    }
+
+    /// Serves `renewal` from the next handshake on.
+    pub(crate) fn serve(&self, renewal: Renewal) {
+        let Renewal { certified, issued } = renewal;
+        tracing::info!(
+            generation = issued.generation,
+            not_after = issued.not_after,
+            "serving certificate re-issued"
+        );
+        *self.resolver.0.write() = certified;
+        *self.issued.write() = issued;
+    }
+
+    /// Trusts a changed bundle for client certificates.
+    pub(crate) fn trust_clients(&self, ca: &Ca) -> Result<(), ServingError> {
+        let (epoch, bundle) = ca.bundle();
         if *self.bundle_epoch.read() == epoch {
-            return Ok(false);
+            return Ok(());
         }
-        self.clients.set_roots(&ca.bundle_pem()).map_err(tls_err)?;
+        self.clients.set_roots(&bundle).map_err(tls_err)?;
         *self.bundle_epoch.write() = epoch;
-        Ok(true)
+        Ok(())
+    }
+
+    /// The root of the certificate served now.
+    pub(crate) fn root_pem(&self) -> String {
+        self.issued.read().root_pem.clone()
     }
 
     /// The serving certificate's expiry (unix seconds).
     pub(crate) fn not_after(&self) -> u64 {
-        self.issued.read().1
+        self.issued.read().not_after
     }
 }
 
@@ -219,36 +260,57 @@ pub(crate) async fn maintain(
     shutdown: Shutdown,
 ) {
     let mut changed = mesh.watch();
-    let mut epoch = mesh.ca.bundle_epoch();
-    let mut written = mesh.ca.bundle_pem();
+    let (mut epoch, mut written) = mesh.ca.bundle();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RENEW_CHECK) => {}
             r = changed.changed() => if r.is_err() { return },
             _ = shutdown.cancelled() => return,
         }
-        // The CA file must name the root of whatever certificate is being served at every
-        // moment: first both the old and the new bundle's roots, then the certificate re-signed,
-        // then the new bundle alone. (Trusting first and signing after was right for a root
-        // joining, wrong for one leaving: the switch to the new signer and the old root's
-        // removal can arrive in one wake-up, and a client that read the file in between saw
-        // UnknownIssuer.)
-        let bundle = (mesh.ca.bundle_epoch() != epoch).then(|| {
-            epoch = mesh.ca.bundle_epoch();
-            mesh.ca.bundle_pem()
-        });
+        // The CA file must name the root of whatever certificate is served at every moment:
+        // first the old and the new bundle's roots, then the new certificate's root, then it is
+        // served, then the new bundle alone with the served root. A replica following the
+        // leader can swap in a new generation at any moment (its CA reloads from the store on
+        // another thread), so nothing read before the certificate is issued says what signed
+        // it: trust goes by the certificate's own root. (Trusting by the bundle read first let
+        // a follower serve a new root's certificate the file did not name: UnknownIssuer.)
+        let bundle = {
+            let (now, pem) = mesh.ca.bundle();
+            (now != epoch).then(|| {
+                epoch = now;
+                pem
+            })
+        };
         if let Some(bundle) = &bundle {
             let both = union_of_roots(&written, bundle);
             update_ca_file(&data_dir, &mut written, &both);
         }
-        if let Some(serving) = &serving
-            && let Err(error) = serving.refresh(&mesh.ca)
-        {
-            tracing::error!(%error, not_after = serving.not_after(), "cannot renew the serving certificate; retrying");
+        if let Some(serving) = &serving {
+            renew(serving, &mesh.ca, &data_dir, &mut written);
         }
         if let Some(bundle) = &bundle {
-            update_ca_file(&data_dir, &mut written, bundle);
+            let served = serving.as_ref().map(|s| s.root_pem()).unwrap_or_default();
+            update_ca_file(&data_dir, &mut written, &union_of_roots(bundle, &served));
         }
+    }
+}
+
+/// Re-issues the serving certificate if it is due, adding its root to the CA file before it
+/// is served, and trusts the CA's bundle for client certificates.
+fn renew(serving: &Serving, ca: &Ca, data_dir: &Path, written: &mut String) {
+    match serving.renewal(ca) {
+        Ok(Some(renewal)) => {
+            let trusted = union_of_roots(written, &renewal.issued.root_pem);
+            update_ca_file(data_dir, written, &trusted);
+            if *written == trusted {
+                serving.serve(renewal);
+            }
+        }
+        Ok(None) => {}
+        Err(error) => tracing::error!(%error, not_after = serving.not_after(), "cannot renew the serving certificate; retrying"),
+    }
+    if let Err(error) = serving.trust_clients(ca) {
+        tracing::error!(%error, "cannot trust the CA's bundle for client certificates; retrying");
     }
 }
 
@@ -496,6 +558,31 @@ mod tests {
             let err = sans(&[], &[bad.to_string()]).unwrap_err().to_string();
             assert!(err.starts_with(&format!("--san {bad:?}")), "{err}");
         }
+    }
+
+    /// The CA moved to a new signer after the bundle was read (a follower's reload, on another
+    /// thread): the certificate it now issues is served only once the CA file names its root.
+    /// (Before, the certificate was re-signed and served with the file still naming the old
+    /// root alone until the next wake-up.)
+    #[test]
+    fn a_new_roots_certificate_is_served_only_once_the_ca_file_names_its_root() {
+        let dir = std::env::temp_dir().join(format!("weft-serving-{}", std::process::id()));
+        let store = crate::store::Store::open(&dir.join("store")).unwrap();
+        let ca = Ca::open(&store, "weft.local", Duration::from_secs(3600), None).unwrap();
+        let serving = Serving::new(&ca, sans(&[], &[]).unwrap()).unwrap();
+        let mut written = ca.bundle_pem();
+        write_ca_file(&dir, &written).unwrap();
+        let old_root = serving.root_pem();
+        ca.rotate(&store).unwrap();
+        ca.switch_signer(&store).unwrap();
+        renew(&serving, &ca, &dir, &mut written);
+        let new_root = serving.root_pem();
+        assert_ne!(new_root, old_root, "re-issued from the new root");
+        let file = std::fs::read_to_string(dir.join(CA_FILE)).unwrap();
+        assert!(file.contains(new_root.trim()), "the served root is trusted: {file}");
+        assert!(file.contains(old_root.trim()), "the old root too, until the bundle drops it");
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     const A: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";

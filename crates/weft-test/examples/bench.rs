@@ -7,6 +7,11 @@
 //!                                                                (https:// API and gRPC with the
 //!                                                                control plane's ca.pem; http://
 //!                                                                for --insecure-plaintext)
+//! bench fleet API GRPC,GRPC,... PROXIES SERVICES CONTROL_PID CA_FILE KILL
+//!                                                                several replicas: the last
+//!                                                                phase kills (-9) CONTROL_PID,
+//!                                                                the KILL-th of the gRPC URLs,
+//!                                                                and times its proxies' failover
 //! bench upstream ADDR                                            the fixed 1 KiB upstream
 //! ```
 //!
@@ -52,7 +57,10 @@ async fn main() -> anyhow::Result<()> {
             let r = loadgen::saturate(&t, num(3)? as usize, num(4)? as usize, Duration::from_secs_f64(num(5)?)).await?;
             println!("requests={} rps={:.0} errors={}", r.sent, r.rps(), r.errors);
         }
-        "fleet" => fleet_run(&arg(1), &arg(2), num(3)? as usize, num(4)? as usize, num(5)? as u32, &arg(6)).await?,
+        "fleet" => {
+            let kill = (!arg(7).is_empty()).then(|| num(7)).transpose()?.map(|k| k as usize);
+            fleet_run(&arg(1), &arg(2), num(3)? as usize, num(4)? as usize, num(5)? as u32, &arg(6), kill).await?
+        }
         "upstream" => upstream(arg(1).parse()?).await?,
         _ => {
             eprintln!("usage: bench rate|saturate|fleet ... (see the source's header)");
@@ -62,7 +70,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid: u32, ca_file: &str) -> anyhow::Result<()> {
+async fn fleet_run(
+    api: &str,
+    grpc: &str,
+    n: usize,
+    services: usize,
+    control_pid: u32,
+    ca_file: &str,
+    kill: Option<usize>,
+) -> anyhow::Result<()> {
     let apis: Vec<&str> = api.split(',').collect();
     let api = apis[0];
     let client = if api.starts_with("https://") {
@@ -131,11 +147,29 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let endpoint_join = control.pushes().await?.since(&before);
     let simulator_cpu = fleet::cpu_seconds(std::process::id());
 
+    let largest = control.largest().await?;
+    let sim_svc_0 = (0..=n).filter(|i| i % services.max(1) == 0).count();
+    if let Some(killed) = kill {
+        let failover = replica_failover(&fleet, &joined, grpc, killed, n, control_pid, revision, sim_svc_0).await?;
+        let out = serde_json::json!({
+            "proxies": n,
+            "coldStartAllConfiguredMs": cold.map(|d| d.as_millis()),
+            "coldStartReached": cold_reached,
+            "changeCompleted": change.is_some(),
+            "changeAllAckedMs": {"first": spread.first.as_secs_f64() * 1e3, "p50": spread.p50.as_secs_f64() * 1e3, "p99": spread.p99.as_secs_f64() * 1e3, "max": spread.max.as_secs_f64() * 1e3},
+            "reached": spread.reached,
+            "bytesPerChange": policy_change.bytes(),
+            "endpointJoinCompleted": join.is_some(),
+            "replicaFailover": failover,
+        });
+        println!("{out}");
+        fleet.abort();
+        joined.abort();
+        return Ok(());
+    }
     // A control-plane restart under the whole fleet: SIGTERM, then the same command started
     // again (same data directory and ports); done when every proxy has been sent a whole
     // config on a new stream and holds the policy's revision and every endpoint of sim-svc-0.
-    let largest = control.largest().await?;
-    let sim_svc_0 = (0..=n).filter(|i| i % services.max(1) == 0).count();
     let synced = || fleet.count_synced(2, revision, sim_svc_0) + joined.count_synced(2, revision, sim_svc_0);
     let t0 = Instant::now();
     let mut restarted = restart(control_pid).await?;
@@ -179,6 +213,56 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     fleet.abort();
     joined.abort();
     Ok(())
+}
+
+/// Replica failover: kill -9 `pid`, the `killed`-th replica of the comma-separated `grpc`
+/// URLs. Per proxy that was on it (proxy i starts on replica i mod replicas): the time from the
+/// kill to a whole config on a stream to another replica, counting those that hold `revision`
+/// or later and no fewer than the `endpoints` of sim-svc-0 (the dead replica's proxies among
+/// them, back on other replicas). Until the dead replica's listing expires (its presence
+/// lease) the others still list its proxies' old connections beside the new ones, at the same
+/// addresses: the time until every moved proxy holds exactly `endpoints` is reported apart.
+#[allow(clippy::too_many_arguments)]
+async fn replica_failover(
+    fleet: &Fleet,
+    joined: &Fleet,
+    grpc: &str,
+    killed: usize,
+    n: usize,
+    pid: u32,
+    revision: u64,
+    endpoints: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let replicas = grpc.split(',').count();
+    anyhow::ensure!(killed < replicas, "KILL {killed}: there are {replicas} gRPC URLs");
+    let on_killed = move |i: usize| i % replicas == killed;
+    // The fleet's proxies and the joiner, numbered 0..=n.
+    let expected = (0..=n).filter(|i| on_killed(*i)).count();
+    let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    let t0 = Instant::now();
+    let reached =
+        || fleet.resynced(on_killed, revision, endpoints, t0).reached + joined.resynced(on_killed, revision, endpoints, t0).reached;
+    let all = fleet::until(Duration::from_secs(60), || async { reached() == expected }).await;
+    let exact = || fleet.count_exactly_synced(on_killed, revision, endpoints) + joined.count_exactly_synced(on_killed, revision, endpoints);
+    let deduplicated = fleet::until(Duration::from_secs(60), || async { exact() == expected })
+        .await
+        .map(|_| t0.elapsed());
+    // The joiner is one proxy among hundreds: it counts in `reached` and `max` only.
+    let mut spread = fleet.resynced(on_killed, revision, endpoints, t0);
+    let joiner = joined.resynced(on_killed, revision, endpoints, t0);
+    spread.max = spread.max.max(joiner.max);
+    spread.reached += joiner.reached;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(serde_json::json!({
+        "proxiesOnKilledReplica": expected,
+        "reached": spread.reached,
+        "allInSyncMs": all.map(|d| d.as_millis()),
+        "exactEndpointsMs": deduplicated.map(|d| d.as_millis()),
+        "p50Ms": ms(spread.p50),
+        "p99Ms": ms(spread.p99),
+        "maxMs": ms(spread.max),
+    }))
 }
 
 /// Stops process `pid` (SIGTERM) and, once it has exited, starts the same command again with

@@ -28,6 +28,8 @@ struct Held {
     endpoints: usize,
     /// The fewest it held on any stream after its first (none: no second stream yet).
     fewest_later: Option<usize>,
+    /// When a whole config arrived on its second stream (after a replica died or restarted).
+    reconfigured: Option<Instant>,
 }
 
 type Proxies = Arc<Vec<Mutex<Held>>>;
@@ -52,6 +54,25 @@ pub struct Spread {
     pub p99: Duration,
     pub max: Duration,
     pub reached: usize,
+}
+
+impl Spread {
+    /// The spread of `d`, one duration per proxy reached.
+    fn of(mut d: Vec<Duration>) -> Self {
+        d.sort();
+        let q = |p: f64| {
+            d.get(((p * d.len() as f64).ceil() as usize).clamp(1, d.len().max(1)) - 1)
+                .copied()
+                .unwrap_or_default()
+        };
+        Spread {
+            first: d.first().copied().unwrap_or_default(),
+            p50: q(0.5),
+            p99: q(0.99),
+            max: d.last().copied().unwrap_or_default(),
+            reached: d.len(),
+        }
+    }
 }
 
 /// Join tokens for `n` simulated workloads `default/sim-0..n`, from the API at `api` through
@@ -91,13 +112,18 @@ impl Fleet {
         let last_failure = Arc::new(Mutex::new(None));
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
-        // Several control-plane replicas (`URL,URL,...`): proxy i dials the i-th, round robin.
+        // Several control-plane replicas (`URL,URL,...`): proxy i dials the i-th, round robin,
+        // and the next one whenever a stream fails, as a real proxy given every URL does.
         let urls: Vec<&str> = grpc.split(',').collect();
         for (i, token) in tokens.into_iter().enumerate().map(|(k, t)| (first + k, t)) {
+            let mut replicas = Vec::with_capacity(urls.len());
+            for k in 0..urls.len() {
+                let url = urls[(i + k) % urls.len()];
+                replicas.push((tonic::transport::Endpoint::from_shared(url.to_string())?, connector(url, &token)?));
+            }
             let sim = Sim {
                 i,
-                endpoint: tonic::transport::Endpoint::from_shared(urls[i % urls.len()].to_string())?,
-                connector: connector(urls[i % urls.len()], &token)?,
+                replicas,
                 token,
                 services,
                 calls: calls.to_string(),
@@ -105,10 +131,10 @@ impl Fleet {
             };
             let (told_to_wait, failures, last_failure) = (told_to_wait.clone(), failures.clone(), last_failure.clone());
             tasks.spawn(async move {
-                let mut failed = 0u32;
+                let (mut failed, mut replica) = (0u32, 0usize);
                 loop {
                     let configured = sim.configured_streams();
-                    let outcome = sim.run().await;
+                    let outcome = sim.run(replica).await;
                     if sim.configured_streams() > configured {
                         failed = 0;
                     }
@@ -123,6 +149,7 @@ impl Fleet {
                                 *last_failure.lock() = Some(format!("sim-{}: {e:#}", sim.i));
                             }
                             failed += 1;
+                            replica += 1;
                             // As a real proxy: equal jitter under a cap doubling from 100 ms to 5 s.
                             let cap = (100u64 << failed.min(6)).min(5000);
                             Duration::from_millis(rand::random_range(cap / 2..=cap))
@@ -144,7 +171,7 @@ impl Fleet {
 
     /// How long after `since` each proxy received a config of `revision` or later.
     pub async fn spread(&self, revision: u64, since: Instant) -> Spread {
-        let mut d: Vec<Duration> = self
+        let d: Vec<Duration> = self
             .proxies
             .iter()
             .filter_map(|p| {
@@ -157,19 +184,7 @@ impl Fleet {
                     .map(|t| t.saturating_duration_since(since))
             })
             .collect();
-        d.sort();
-        let q = |p: f64| {
-            d.get(((p * d.len() as f64).ceil() as usize).clamp(1, d.len().max(1)) - 1)
-                .copied()
-                .unwrap_or_default()
-        };
-        Spread {
-            first: d.first().copied().unwrap_or_default(),
-            p50: q(0.5),
-            p99: q(0.99),
-            max: d.last().copied().unwrap_or_default(),
-            reached: d.len(),
-        }
+        Spread::of(d)
     }
 
     /// How many proxies satisfy `check`.
@@ -189,6 +204,21 @@ impl Fleet {
         self.count(|p| p.configured_streams >= streams && p.revision >= revision && p.endpoints == endpoints)
     }
 
+    /// How many of the proxies `which` (by number) have a second stream, hold `revision` or
+    /// later and exactly `endpoints` endpoints of the service they call.
+    pub fn count_exactly_synced(&self, which: impl Fn(usize) -> bool, revision: u64, endpoints: usize) -> usize {
+        self.proxies
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                which(*i) && {
+                    let p = p.lock();
+                    p.configured_streams >= 2 && p.revision >= revision && p.endpoints == endpoints
+                }
+            })
+            .count()
+    }
+
     /// The fewest and the most endpoints of the service they call that any proxy holds.
     pub fn endpoints_held(&self) -> (usize, usize) {
         let held: Vec<usize> = self.proxies.iter().map(|p| p.lock().endpoints).collect();
@@ -199,6 +229,24 @@ impl Fleet {
     /// first (after a control-plane restart: 0 would be a proxy left without its endpoints).
     pub fn fewest_endpoints_after_reconnecting(&self) -> Option<usize> {
         self.proxies.iter().filter_map(|p| p.lock().fewest_later).min()
+    }
+
+    /// Of the proxies `which` (by number), how long after `since` each was sent a whole config
+    /// on a second stream, among those that hold `revision` or later and at least `endpoints`
+    /// endpoints of the service they call (none missing): after their replica died, on another.
+    pub fn resynced(&self, which: impl Fn(usize) -> bool, revision: u64, endpoints: usize, since: Instant) -> Spread {
+        let d: Vec<Duration> = self
+            .proxies
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| which(*i))
+            .filter_map(|(_, p)| {
+                let p = p.lock();
+                let synced = p.revision >= revision && p.endpoints >= endpoints;
+                p.reconfigured.filter(|_| synced).map(|t| t.saturating_duration_since(since))
+            })
+            .collect();
+        Spread::of(d)
     }
 
     /// The lowest revision any proxy holds.
@@ -257,8 +305,8 @@ fn connector(grpc: &str, token: &str) -> anyhow::Result<weft_core::tls::Connecto
 /// One simulated proxy.
 struct Sim {
     i: usize,
-    endpoint: tonic::transport::Endpoint,
-    connector: weft_core::tls::Connector,
+    /// Every replica, its own first: a failed stream moves it to the next.
+    replicas: Vec<(tonic::transport::Endpoint, weft_core::tls::Connector)>,
     token: String,
     services: usize,
     calls: String,
@@ -274,10 +322,11 @@ impl Sim {
         self.held().configured_streams
     }
 
-    /// One stream, until it ends.
-    async fn run(&self) -> anyhow::Result<()> {
+    /// One stream to the `replica`-th replica (counting round from its own), until it ends.
+    async fn run(&self, replica: usize) -> anyhow::Result<()> {
         let i = self.i;
-        let channel = self.endpoint.clone().connect_with_connector(self.connector.clone()).await?;
+        let (endpoint, connector) = &self.replicas[replica % self.replicas.len()];
+        let channel = endpoint.clone().connect_with_connector(connector.clone()).await?;
         let mut client = DistributionClient::new(channel);
         let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(16);
         // Loopback addresses that nobody dials: the benchmark measures distribution only.
@@ -311,6 +360,9 @@ impl Sim {
                 Some(control_message::Msg::Config(cfg)) => {
                     let mut held = self.held();
                     held.configured_streams += 1;
+                    if held.configured_streams == 2 {
+                        held.reconfigured = Some(Instant::now());
+                    }
                     held.endpoints = cfg
                         .services
                         .iter()

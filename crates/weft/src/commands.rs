@@ -1027,10 +1027,10 @@ fn skewed(a: &str, b: &str) -> bool {
     }
 }
 
-/// Every (replica, proxy) pair whose versions are skewed: the replicas as the status lists
-/// them (`controlPlane.replicas`, or the one answering on a control plane without the list),
-/// each proxy as it reported. Proxies that report no version (older than the field) are not
-/// judged.
+/// Every (replica, proxy) and (replica, replica) pair whose versions are skewed: the replicas
+/// as the status lists them (`controlPlane.replicas`, or the one answering on a control plane
+/// without the list), each proxy as it reported. Proxies that report no version (older than the
+/// field) are not judged.
 fn version_skew(control_plane: &Value, proxies: &Value) -> Vec<String> {
     let mut replicas: Vec<(String, String)> = control_plane["replicas"]
         .as_object()
@@ -1044,6 +1044,15 @@ fn version_skew(control_plane: &Value, proxies: &Value) -> Vec<String> {
         replicas.push((cell(control_plane, "replica"), version.to_string()));
     }
     let mut warnings = Vec::new();
+    for (i, (a, version_a)) in replicas.iter().enumerate() {
+        for (b, version_b) in &replicas[i + 1..] {
+            if skewed(version_a, version_b) {
+                warnings.push(format!(
+                    "version skew: replica {a} runs {version_a}, replica {b} runs {version_b} (more than one minor version apart)"
+                ));
+            }
+        }
+    }
     for p in proxies.as_array().into_iter().flatten() {
         let Some(version) = p["version"].as_str().filter(|v| !v.is_empty()) else {
             continue;
@@ -1121,8 +1130,21 @@ async fn check(api: &Api, within: std::time::Duration) -> anyhow::Result<ExitCod
 
 #[cfg(test)]
 mod tests {
-    use super::mtls_policy;
+    use super::{mtls_policy, version_skew};
     use serde_json::json;
+
+    /// Replicas mid-upgrade: one minor version apart is fine, two are named, once per pair.
+    #[test]
+    fn replicas_more_than_one_minor_version_apart_are_named() {
+        let control_plane = json!({"replicas": {"r0": "0.1.0", "r1": "0.2.3", "r2": "0.3.0"}});
+        let warnings = version_skew(&control_plane, &json!([]));
+        assert_eq!(
+            warnings,
+            ["version skew: replica r0 runs 0.1.0, replica r2 runs 0.3.0 (more than one minor version apart)"]
+        );
+        let even = json!({"replicas": {"r0": "0.2.0", "r1": "0.3.1"}});
+        assert!(version_skew(&even, &json!([])).is_empty());
+    }
 
     fn policy(name: &str, labels: serde_json::Value, mtls: &str) -> serde_json::Value {
         json!({

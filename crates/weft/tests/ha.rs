@@ -309,7 +309,10 @@ async fn a_proxy_whose_replica_dies_moves_to_another_and_misses_no_change() {
     })
     .await;
 
-    // Kill the replica web's stream is on; calls go on meanwhile.
+    // The replica web's stream is on stops answering (SIGSTOP: its connections stay open, as
+    // a host that vanished leaves them); a change is made meanwhile, through the other replica
+    // (leading once the stopped one's lease lapsed, if it led); then it dies. Web moves to the
+    // other replica and gets the change it missed; calls go on throughout.
     let before = connected_to(&web).await;
     assert!(
         before == all[0].grpc_url() || before == all[1].grpc_url(),
@@ -318,6 +321,11 @@ async fn a_proxy_whose_replica_dies_moves_to_another_and_misses_no_change() {
     let dead = if before == all[0].grpc_url() { 0 } else { 1 };
     let survivor = 1 - dead;
     let mut all = all;
+    all[dead].process.signal(nix::sys::signal::Signal::SIGSTOP);
+    leader_of(&all, &[survivor], Duration::from_secs(10)).await;
+    let (code, applied) = all[survivor].post("/api/v1/resources", POLICY).await;
+    assert_eq!(code, 200, "{applied}");
+    let revision = applied["revision"].as_u64().unwrap();
     all[dead].process.kill();
     let killed = Instant::now();
     let mut failed = 0;
@@ -337,15 +345,11 @@ async fn a_proxy_whose_replica_dies_moves_to_another_and_misses_no_change() {
     };
     eprintln!("proxy moved to the surviving replica after {moved:?}; {failed} of {calls} calls failed meanwhile");
     assert_eq!(failed, 0, "last-known-good config serves every call");
-
-    // A change made on the survivor (leading once the dead one's lease lapsed) reaches web.
-    leader_of(&all, &[survivor], Duration::from_secs(10)).await;
-    let (code, applied) = all[survivor].post("/api/v1/resources", POLICY).await;
-    assert_eq!(code, 200, "{applied}");
-    let revision = applied["revision"].as_u64().unwrap();
-    eventually(Duration::from_secs(10), "web runs the change made after the failover", || async {
-        (web.config_dump().await["config"]["revision"].as_u64() >= Some(revision)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "web runs the change made while its replica was down",
+        || async { (web.config_dump().await["config"]["revision"].as_u64() >= Some(revision)).then_some(()) },
+    )
     .await;
     assert_eq!(call_via(&web, "orders").await, 200);
 }
@@ -431,6 +435,40 @@ async fn orders_and_two_callers(all: &[Control]) -> (EchoServer, ProxyHandle, Ve
     (echo, orders, callers)
 }
 
+/// Calls to orders from every caller in turn, until stopped.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(u32, u32)>,
+}
+
+impl Traffic {
+    fn start(callers: std::sync::Arc<Vec<ProxyHandle>>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let (mut sent, mut failed) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for caller in callers.iter() {
+                        sent += 1;
+                        if call_via(caller, "orders").await != 200 {
+                            failed += 1;
+                        }
+                    }
+                }
+                (sent, failed)
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops the calls: (sent, failed).
+    async fn stop(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 const ROLLOUT: &str = "apiVersion: weft/v1\nkind: Intent\nmetadata: {name: ROLL-1}\nspec:\n  title: staged\n  target: orders\n  change:\n    apply:\n      - apiVersion: weft/v1\n        kind: TrafficPolicy\n        metadata: {name: orders}\n        spec: {service: orders, routes: [{timeout: 3s}]}\n  rollout: {stages: [50, 100], bake: 60s}\n  slo: {minRequests: 100000}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,22 +496,7 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
 
     // Traffic from both callers from now to the end.
     let callers = std::sync::Arc::new(callers);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = tokio::spawn({
-        let (callers, stop) = (callers.clone(), stop.clone());
-        async move {
-            let (mut sent, mut failed) = (0u32, 0u32);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for caller in callers.iter() {
-                    sent += 1;
-                    if call_via(caller, "orders").await != 200 {
-                        failed += 1;
-                    }
-                }
-            }
-            (sent, failed)
-        }
-    });
+    let traffic = Traffic::start(callers.clone());
 
     let (code, body) = all[leader].post("/api/v1/intents", ROLLOUT).await;
     assert_eq!(code, 201, "{body}");
@@ -513,8 +536,7 @@ async fn killing_the_leader_mid_rollout_rolls_it_back_on_the_next_leader_and_no_
         Some(())
     })
     .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed) = traffic.await.unwrap();
+    let (sent, failed) = traffic.stop().await;
     eprintln!("{sent} calls during the rollout, the kill and the rollback; {failed} failed");
     assert!(sent > 20, "{sent}");
     assert_eq!(failed, 0, "not one request fails");
@@ -571,6 +593,110 @@ async fn a_root_rotation_asked_of_a_follower_runs_on_the_leader_and_the_follower
     })
     .await;
     assert_ne!(done["bundle"], before["bundle"]);
+}
+
+/// A change asked of a follower is made by the leader and audited once: by the leader (where
+/// it cannot be skipped), naming the follower that forwarded it. Before, the follower and the
+/// leader each appended a record for the same change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_forwarded_by_a_follower_is_audited_exactly_once() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = replicas(&etcd.url(), 2).await;
+    let leader = leader_of(&all, &[0, 1], Duration::from_secs(20)).await;
+    let follower = 1 - leader;
+    let name = all[follower].get("/api/v1/status").await["controlPlane"]["replica"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, applied) = all[follower].post("/api/v1/resources", POLICY).await;
+    assert_eq!(code, 200, "{applied}");
+    let revision = applied["revision"].as_u64().unwrap();
+    // A second change asked of the leader itself: audited once too, with no follower named.
+    let (code, _) = all[leader].post("/api/v1/freeze", r#"{"enabled": true}"#).await;
+    assert!(code < 300, "{code}");
+    for replica in &all {
+        let audit = eventually(Duration::from_secs(5), "both changes in the audit", || async {
+            let audit = replica.get("/api/v1/audit").await.as_array()?.clone();
+            audit.iter().any(|e| e["path"] == "/api/v1/freeze").then_some(audit)
+        })
+        .await;
+        let applies: Vec<&Value> = audit
+            .iter()
+            .filter(|e| e["path"] == "/api/v1/resources" && e["method"] == "POST")
+            .collect();
+        assert_eq!(applies.len(), 1, "one record for the forwarded change: {applies:#?}");
+        assert_eq!(applies[0]["outcome"]["revision"].as_u64(), Some(revision), "{applies:#?}");
+        assert_eq!(applies[0]["status"], 200, "{applies:#?}");
+        assert_eq!(applies[0]["forwardedBy"], name.as_str(), "the leader's record names the follower");
+        assert!(
+            applies[0]["forwardedFor"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{applies:#?}"
+        );
+        let freezes: Vec<&Value> = audit.iter().filter(|e| e["path"] == "/api/v1/freeze").collect();
+        assert_eq!(freezes.len(), 1, "{freezes:#?}");
+        assert!(freezes[0].get("forwardedBy").is_none(), "{freezes:#?}");
+    }
+}
+
+/// Root rotations one after another, each done by the leader with no proxy to wait for.
+const ROTATIONS: usize = 6;
+
+/// Handshakes with every replica in turn until `stop`, each trusting that replica's `ca.pem`
+/// as read just before (what the CLI does); returns the handshakes made and the failures.
+async fn handshake_until(all: std::sync::Arc<Vec<Control>>, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> (u32, Vec<String>) {
+    let (mut made, mut failures) = (0u32, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for replica in all.iter() {
+            made += 1;
+            // A new client each time: a new connection, so a new handshake.
+            let trusted = replica.ca_pem();
+            if let Err(error) = Client::trusting(&trusted).get(&replica.url("/api/v1/status")).await {
+                let roots = |pem: &str| pem.matches("BEGIN CERTIFICATE").count();
+                let now = replica.ca_pem();
+                failures.push(format!(
+                    "{}: {error:#} (roots in the file read: {}, now: {}, same file: {})",
+                    replica.url(""),
+                    roots(&trusted),
+                    roots(&now),
+                    now == trusted
+                ));
+            }
+        }
+    }
+    (made, failures)
+}
+
+/// Every replica serves a certificate whose root its `ca.pem` names, at every moment of root
+/// rotations it follows from the leader: before the fix a follower could issue itself a
+/// certificate from the new root between reading the bundle and re-signing, and a client that
+/// read ca.pem then saw UnknownIssuer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_root_rotations_every_replica_serves_only_what_its_ca_file_trusts() {
+    let etcd = EtcdCluster::start(1).await;
+    let all = std::sync::Arc::new(replicas(&etcd.url(), 3).await);
+    let leader = leader_of(&all, &[0, 1, 2], Duration::from_secs(20)).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handshakes = tokio::spawn(handshake_until(all.clone(), stop.clone()));
+    for _ in 0..ROTATIONS {
+        let before = all[leader].get("/api/v1/ca").await["generation"].as_u64().unwrap();
+        let (code, body) = all[leader].post("/api/v1/ca/rotate", "").await;
+        assert_eq!(code, 200, "{body}");
+        for replica in all.iter() {
+            eventually(Duration::from_secs(15), "every replica finished the rotation", || async {
+                let ca = replica.get("/api/v1/ca").await;
+                (ca["rotation"] == "idle" && ca["generation"].as_u64() > Some(before)).then_some(())
+            })
+            .await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (made, failures) = handshakes.await.unwrap();
+    eprintln!(
+        "{made} handshakes through {ROTATIONS} rotations on 3 replicas; {} failed",
+        failures.len()
+    );
+    assert!(made as usize > 10 * ROTATIONS, "{made}");
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,22 +823,7 @@ async fn a_rolling_restart_of_every_replica_fails_no_request_and_proxies_end_on_
 
     // Traffic from both callers from now to the end.
     let callers = std::sync::Arc::new(callers);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = tokio::spawn({
-        let (callers, stop) = (callers.clone(), stop.clone());
-        async move {
-            let (mut sent, mut failed) = (0u32, 0u32);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for caller in callers.iter() {
-                    sent += 1;
-                    if call_via(caller, "orders").await != 200 {
-                        failed += 1;
-                    }
-                }
-            }
-            (sent, failed)
-        }
-    });
+    let traffic = Traffic::start(callers.clone());
 
     // Each replica in turn: SIGTERM, the same ports and flags again, serving before the next.
     // A caller whose stream was on the replica restarted is "hit". Each one is hit at least
@@ -771,8 +882,7 @@ async fn a_rolling_restart_of_every_replica_fails_no_request_and_proxies_end_on_
         )
         .await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (sent, failed) = traffic.await.unwrap();
+    let (sent, failed) = traffic.stop().await;
     eprintln!("{sent} calls during the rolling restart; {failed} failed");
     assert!(sent > 20, "{sent}");
     assert_eq!(failed, 0, "not one request fails");
