@@ -8,6 +8,7 @@
 
 use crate::reason::{ERROR_HEADER, Reason};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Response, StatusCode};
 use weft_core::{Body, full};
 
@@ -144,18 +145,30 @@ fn push_xfcc_value(out: &mut String, v: &str) {
 /// Points `parts` at `http://{authority}{path_and_query}`; a target that cannot be rebuilt is
 /// answered 400.
 pub(crate) fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_query: &str) -> Result<(), Response<Body>> {
-    parts.uri = http::Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| {
-            reply(
-                StatusCode::BAD_REQUEST,
-                Reason::BadRequestTarget,
-                format!("cannot rebuild the request URI for {authority}"),
-            )
-        })?;
+    let bad = || {
+        reply(
+            StatusCode::BAD_REQUEST,
+            Reason::BadRequestTarget,
+            format!("cannot rebuild the request URI for {authority}"),
+        )
+    };
+    let authority = Authority::try_from(authority).map_err(|_| bad())?;
+    let path_and_query = PathAndQuery::try_from(path_and_query).map_err(|_| bad())?;
+    retarget_parsed(parts, authority, path_and_query).map_err(|_| bad())
+}
+
+/// [`retarget`] from parts already parsed (the request's own, or the app's address parsed at
+/// start): nothing is formatted or parsed again per request.
+pub(crate) fn retarget_parsed(
+    parts: &mut http::request::Parts,
+    authority: Authority,
+    path_and_query: PathAndQuery,
+) -> Result<(), http::uri::InvalidUriParts> {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path_and_query);
+    parts.uri = http::Uri::from_parts(uri)?;
     Ok(())
 }
 

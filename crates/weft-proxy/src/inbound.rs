@@ -7,12 +7,13 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::forward::{client_cert, finish, reply, retarget, strip_hop_by_hop};
+use crate::forward::{client_cert, finish, reply, retarget_parsed, strip_hop_by_hop};
 use crate::identity::spiffe_id;
 use crate::reason::Reason;
 use crate::state::Proxy;
 use crate::telemetry::{Finished, access_entry};
 use crate::trust::{ConnInfo, identity_headers};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -290,25 +291,27 @@ async fn to_app(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     identity_headers(&proxy.local.strip_headers, conn, &mut parts.headers);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| proxy.local.app.to_string());
-    let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
+    // The target's parts are taken as parsed (the request's, the app's address parsed at
+    // start): rebuilding the URI from strings was a format and a parse per request (#15).
+    let own_authority = parts.uri.authority().cloned();
+    let Some(pq) = path_and_query(&parts.uri, canonical) else {
+        return bad_target(&parts.uri);
+    };
     let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
 
     if app_h2 {
         parts.version = Version::HTTP_2;
-        if let Err(resp) = retarget(&mut parts, &authority, &pq) {
-            return resp;
+        let host = || {
+            let host = parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
+            host.map(Authority::try_from)
+        };
+        let authority = match own_authority.map(Ok).or_else(host) {
+            Some(Ok(a)) => a,
+            Some(Err(_)) => return bad_target(&parts.uri),
+            None => proxy.local.app_authority.clone(),
+        };
+        if retarget_parsed(&mut parts, authority, pq).is_err() {
+            return bad_target(&parts.uri);
         }
         let sent = Instant::now();
         let mut sender = match proxy.pools.h2(proxy.local.app, None, proxy.pools.app_opts()).await {
@@ -329,11 +332,18 @@ async fn to_app(
         }
     } else {
         parts.version = Version::HTTP_11;
-        if let Err(resp) = retarget(&mut parts, &proxy.local.app.to_string(), &pq) {
-            return resp;
-        }
-        if let Ok(host) = HeaderValue::from_str(&authority) {
+        // The app is named by Host: the request's authority if it had one, else its own Host,
+        // else the app's address.
+        let host = own_authority
+            .as_ref()
+            .map(Authority::as_str)
+            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or(proxy.local.app_authority.as_str());
+        if let Ok(host) = HeaderValue::from_str(host) {
             parts.headers.insert(http::header::HOST, host);
+        }
+        if retarget_parsed(&mut parts, proxy.local.app_authority.clone(), pq).is_err() {
+            return bad_target(&parts.uri);
         }
         let sent = Instant::now();
         let answer = proxy.pools.h1.request(Request::from_parts(parts, body)).await;
@@ -347,4 +357,21 @@ async fn to_app(
             },
         }
     }
+}
+
+/// The path and query to forward: `canonical` when authorization normalized it, else the
+/// request's own (already parsed); `None` when `canonical` is no valid one.
+fn path_and_query(uri: &http::Uri, canonical: Option<String>) -> Option<PathAndQuery> {
+    match canonical {
+        Some(c) => PathAndQuery::try_from(c).ok(),
+        None => Some(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))),
+    }
+}
+
+fn bad_target(uri: &http::Uri) -> Response<Body> {
+    reply(
+        StatusCode::BAD_REQUEST,
+        Reason::BadRequestTarget,
+        format!("cannot rebuild the request URI for {uri}"),
+    )
 }

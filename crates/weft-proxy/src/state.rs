@@ -39,6 +39,8 @@ pub(crate) struct Proxy {
 pub(crate) struct Local {
     pub(crate) workload: Workload,
     pub(crate) app: SocketAddr,
+    /// `app` as a URI authority, parsed once rather than formatted on every request to it.
+    pub(crate) app_authority: http::uri::Authority,
     pub(crate) app_protocol: AppProtocol,
     /// Header names the inbound proxy removes besides the identity headers it always removes:
     /// configured at start, lowercase, each once.
@@ -99,6 +101,7 @@ impl Proxy {
                 advertise,
                 workload,
                 app: cfg.app,
+                app_authority: authority_of(cfg.app),
                 app_protocol: cfg.app_protocol,
                 strip_headers,
                 bound,
@@ -177,4 +180,9 @@ mod tests {
         let unusable = control("https://[not an address]:7071");
         assert_eq!(advertised(wildcard, &unusable), wildcard, "no route: kept, with a warning");
     }
+}
+
+/// A socket address as a URI authority (`1.2.3.4:80`, `[::1]:80`).
+fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(addr.to_string()).expect("a socket address is a valid URI authority")
 }
