@@ -7,6 +7,7 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
+use crate::h1pool::AppError;
 use crate::forward::{client_cert, finish, reply, retarget_parsed, strip_hop_by_hop};
 use crate::identity::spiffe_id;
 use crate::reason::Reason;
@@ -342,15 +343,14 @@ async fn to_app(
         if let Ok(host) = HeaderValue::from_str(host) {
             parts.headers.insert(http::header::HOST, host);
         }
-        if retarget_parsed(&mut parts, proxy.local.app_authority.clone(), pq).is_err() {
-            return bad_target(&parts.uri);
-        }
+        // Origin form (`/path?query`), as HTTP/1.1 sends it to a server that is no proxy.
+        parts.uri = http::Uri::from(pq);
         let sent = Instant::now();
         let answer = proxy.pools.h1.request(Request::from_parts(parts, body)).await;
         *waited = sent.elapsed();
         match answer {
-            Ok(resp) => resp.map(weft_core::boxed),
-            Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
+            Ok(resp) => resp,
+            Err(e @ AppError::Connect(_)) => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
             Err(e) => match client.fault() {
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
                 None => reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e),

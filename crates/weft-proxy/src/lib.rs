@@ -29,6 +29,7 @@ mod discovery;
 mod dns;
 mod downstream;
 mod forward;
+mod h1pool;
 pub mod host;
 mod identity;
 mod idle;

@@ -1,10 +1,10 @@
 //! Connections the proxy owns: one multiplexed HTTP/2 connection per endpoint (proxy to proxy,
-//! and to an app that speaks HTTP/2), and a pooled HTTP/1.1 client for apps that speak it.
+//! and to an app that speaks HTTP/2), and kept-alive HTTP/1.1 connections for apps that speak
+//! it ([`AppH1`]).
 
 use crate::reason::Reason;
+use crate::h1pool::AppH1;
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -23,7 +23,7 @@ pub(crate) struct Pools {
     /// By endpoint, then by the identity it must present (empty for plaintext): looked up by
     /// `&str`, so finding a pooled connection allocates nothing.
     h2: Mutex<HashMap<SocketAddr, Vec<(String, Pooled)>>>,
-    pub(crate) h1: Client<HttpConnector, Body>,
+    pub(crate) h1: AppH1,
     /// How to connect to the app over HTTP/2.
     app: Opts<'static>,
 }
@@ -73,6 +73,8 @@ pub(crate) enum ConnectError {
     Io { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("HTTP/1.1 handshake with {addr} failed: {source}")]
+    Http1Handshake { addr: SocketAddr, source: hyper::Error },
     #[error("mTLS handshake with {addr} failed: {source}")]
     Tls { addr: SocketAddr, source: std::io::Error },
     #[error("the service already has its {max} connections (connectionPool.maxConnections)")]
@@ -84,7 +86,7 @@ impl ConnectError {
     pub(crate) fn reason(&self) -> Reason {
         match self {
             ConnectError::Timeout { .. } => Reason::UpstreamConnectTimeout,
-            ConnectError::Io { .. } | ConnectError::Handshake { .. } => Reason::UpstreamConnectFailed,
+            ConnectError::Io { .. } | ConnectError::Handshake { .. } | ConnectError::Http1Handshake { .. } => Reason::UpstreamConnectFailed,
             ConnectError::Tls { .. } => Reason::UpstreamTlsFailed,
             ConnectError::PoolFull { .. } => Reason::PoolFull,
         }
@@ -94,19 +96,12 @@ impl ConnectError {
 // === impl Pools ===
 
 impl Pools {
-    /// Pools whose connections to the app give up connecting after `app_connect_timeout`.
-    pub(crate) fn new(app_connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(app_connect_timeout));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
+    /// Pools whose connections to the app (at `app`) give up connecting after
+    /// `app_connect_timeout`.
+    pub(crate) fn new(app: SocketAddr, app_connect_timeout: Duration) -> Self {
         Self {
             h2: Mutex::new(HashMap::new()),
-            h1,
+            h1: AppH1::new(app, app_connect_timeout),
             app: Opts {
                 connect_timeout: app_connect_timeout,
                 ..Opts::default()
@@ -174,6 +169,7 @@ impl Pools {
     /// Closes connections idle longer than their idle timeout (in-flight requests keep
     /// theirs open until they finish); run every second.
     pub(crate) fn reap(&self) {
+        self.h1.reap();
         let now = crate::clock::mono_ms();
         self.h2.lock().retain(|_, conns| {
             conns.retain(|(_, p)| !p.send.is_closed() && now.saturating_sub(p.last_used_ms.load(Relaxed)) < p.idle.as_millis() as u64);

@@ -110,7 +110,7 @@ impl Proxy {
             link,
             identity,
             discovery,
-            pools: Pools::new(cfg.app_connect_timeout),
+            pools: Pools::new(cfg.app, cfg.app_connect_timeout),
             telemetry,
             mirrors: Arc::new(tokio::sync::Semaphore::new(MIRROR_CONCURRENCY)),
             clock: Clock::default(),
