@@ -24,10 +24,7 @@ pub(crate) const CLIENT_CERT: &str = "x-forwarded-client-cert";
 
 /// Header names a caller could use to claim an identity, removed by the inbound proxy before
 /// the app sees the request.
-static IDENTITY_NAMES: [HeaderName; 2] = [
-    HeaderName::from_static(CLIENT_CERT),
-    HeaderName::from_static("x-spiffe-id"),
-];
+static IDENTITY_NAMES: [HeaderName; 2] = [HeaderName::from_static(CLIENT_CERT), HeaderName::from_static("x-spiffe-id")];
 /// Name prefixes removed for the same reason: the mesh's own (`x-weft-`) and Linkerd's (`l5d-`,
 /// which apps migrated from Linkerd may still read).
 const IDENTITY_PREFIXES: [&str; 2] = ["x-weft-", "l5d-"];

@@ -7,8 +7,8 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::h1pool::AppError;
 use crate::forward::{client_cert, finish, reply, retarget_parsed, strip_hop_by_hop};
+use crate::h1pool::AppError;
 use crate::identity::spiffe_id;
 use crate::reason::Reason;
 use crate::state::Proxy;

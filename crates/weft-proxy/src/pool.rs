@@ -2,8 +2,8 @@
 //! and to an app that speaks HTTP/2), and kept-alive HTTP/1.1 connections for apps that speak
 //! it ([`AppH1`]).
 
-use crate::reason::Reason;
 use crate::h1pool::AppH1;
+use crate::reason::Reason;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
