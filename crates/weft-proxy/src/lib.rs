@@ -29,7 +29,6 @@ mod discovery;
 mod dns;
 mod downstream;
 mod forward;
-mod h1pool;
 pub mod host;
 mod identity;
 mod idle;

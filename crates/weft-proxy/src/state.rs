@@ -159,6 +159,11 @@ fn route_to(urls: &str) -> std::io::Result<std::net::IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
+/// A socket address as a URI authority (`1.2.3.4:80`, `[::1]:80`).
+fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(addr.to_string()).expect("a socket address is a valid URI authority")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,9 +185,4 @@ mod tests {
         let unusable = control("https://[not an address]:7071");
         assert_eq!(advertised(wildcard, &unusable), wildcard, "no route: kept, with a warning");
     }
-}
-
-/// A socket address as a URI authority (`1.2.3.4:80`, `[::1]:80`).
-fn authority_of(addr: SocketAddr) -> http::uri::Authority {
-    http::uri::Authority::try_from(addr.to_string()).expect("a socket address is a valid URI authority")
 }
