@@ -8,6 +8,7 @@
 
 use crate::reason::{ERROR_HEADER, Reason};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Response, StatusCode};
 use weft_core::{Body, full};
 
@@ -33,43 +34,51 @@ pub(crate) struct AppPort(pub u16);
 
 /// Header names a caller could use to claim an identity, removed by the inbound proxy before
 /// the app sees the request.
-const IDENTITY_NAMES: [&str; 2] = [CLIENT_CERT, "x-spiffe-id"];
+static IDENTITY_NAMES: [HeaderName; 2] = [HeaderName::from_static(CLIENT_CERT), HeaderName::from_static("x-spiffe-id")];
 /// Name prefixes removed for the same reason: the mesh's own (`x-weft-`) and Linkerd's (`l5d-`,
 /// which apps migrated from Linkerd may still read).
 const IDENTITY_PREFIXES: [&str; 2] = ["x-weft-", "l5d-"];
 /// What the inbound proxy always removes, as shown on `/config_dump` (`*`: any name so prefixed).
 pub(crate) const IDENTITY_HEADERS: [&str; 4] = ["x-weft-*", CLIENT_CERT, "x-spiffe-id", "l5d-*"];
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Parsed once: comparing two standard `HeaderName`s is an integer compare, where removing by
+/// `&str` parses and hashes the name again on every call (issue #15's profile).
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header lists. `te: trailers`
-/// (needed by gRPC) is kept; any other `te` is removed.
+/// (needed by gRPC) is kept; any other `te` is removed. One pass over the names present, most
+/// requests having none of them: nothing is removed, hashed or allocated then.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let mut hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(k) || (*k == header::TE && !is_te_trailers(headers)))
+        .cloned()
         .collect();
-    for name in listed {
+    hop.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+    );
+    for name in hop {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    if headers.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
-        headers.remove(header::TE);
-    }
+}
+
+/// Whether the request's only `te` is `trailers`, the one value that crosses a proxy.
+fn is_te_trailers(headers: &HeaderMap) -> bool {
+    headers.get(header::TE).is_some_and(|v| v.as_bytes() == b"trailers")
 }
 
 /// Removes headers only the mesh may set (`weft-*`, `x-weft-*`) from a request an app sent.
@@ -91,7 +100,7 @@ pub(crate) fn strip_mesh_headers(headers: &mut HeaderMap) {
 /// `HTTP_X_SPIFFE_ID`. Trace headers and `weft-retried` are not identities and stay. Allocates
 /// only when a prefixed or underscored identity name is present.
 pub(crate) fn strip_identity_headers(headers: &mut HeaderMap, extra: &[HeaderName]) {
-    for name in IDENTITY_NAMES {
+    for name in &IDENTITY_NAMES {
         headers.remove(name);
     }
     for name in extra {
@@ -110,7 +119,7 @@ fn claims_identity(name: &str, extra: &[HeaderName]) -> bool {
     let starts = |p: &str| name.len() >= p.len() && name.bytes().take(p.len()).map(dashed).eq(p.bytes());
     let same = |n: &str| name.len() == n.len() && name.bytes().map(dashed).eq(n.bytes().map(dashed));
     IDENTITY_PREFIXES.iter().any(|p| starts(p))
-        || (name.contains('_') && (IDENTITY_NAMES.iter().any(|n| same(n)) || extra.iter().any(|n| same(n.as_str()))))
+        || (name.contains('_') && (IDENTITY_NAMES.iter().any(|n| same(n.as_str())) || extra.iter().any(|n| same(n.as_str()))))
 }
 
 /// The [`CLIENT_CERT`] value for a caller proven by mTLS: `By=<own>;URI=<peer>`. A value holding
@@ -143,18 +152,30 @@ fn push_xfcc_value(out: &mut String, v: &str) {
 /// Points `parts` at `http://{authority}{path_and_query}`; a target that cannot be rebuilt is
 /// answered 400.
 pub(crate) fn retarget(parts: &mut http::request::Parts, authority: &str, path_and_query: &str) -> Result<(), Response<Body>> {
-    parts.uri = http::Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| {
-            reply(
-                StatusCode::BAD_REQUEST,
-                Reason::BadRequestTarget,
-                format!("cannot rebuild the request URI for {authority}"),
-            )
-        })?;
+    let bad = || {
+        reply(
+            StatusCode::BAD_REQUEST,
+            Reason::BadRequestTarget,
+            format!("cannot rebuild the request URI for {authority}"),
+        )
+    };
+    let authority = Authority::try_from(authority).map_err(|_| bad())?;
+    let path_and_query = PathAndQuery::try_from(path_and_query).map_err(|_| bad())?;
+    retarget_parsed(parts, authority, path_and_query).map_err(|_| bad())
+}
+
+/// [`retarget`] from parts already parsed (the request's own, or the app's address parsed at
+/// start): nothing is formatted or parsed again per request.
+pub(crate) fn retarget_parsed(
+    parts: &mut http::request::Parts,
+    authority: Authority,
+    path_and_query: PathAndQuery,
+) -> Result<(), http::uri::InvalidUriParts> {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path_and_query);
+    parts.uri = http::Uri::from_parts(uri)?;
     Ok(())
 }
 

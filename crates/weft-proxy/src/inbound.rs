@@ -7,12 +7,14 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::forward::{APP_PORT_HEADER, client_cert, finish, reply, retarget, strip_hop_by_hop};
+use crate::forward::{APP_PORT_HEADER, client_cert, finish, reply, retarget_parsed, strip_hop_by_hop};
 use crate::identity::spiffe_id;
+use crate::pool::AppError;
 use crate::reason::Reason;
 use crate::state::Proxy;
 use crate::telemetry::{Finished, access_entry};
 use crate::trust::{ConnInfo, identity_headers};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Version};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -333,25 +335,32 @@ async fn to_app(
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     identity_headers(&proxy.local.strip_headers, conn, &mut parts.headers);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| proxy.local.app.to_string());
-    let pq = canonical.unwrap_or_else(|| parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string());
+    // The target's parts are taken as parsed (the request's, the app's address parsed at
+    // start): rebuilding the URI from strings was a format and a parse per request (#15).
+    let own_authority = parts.uri.authority().cloned();
+    let Some(pq) = path_and_query(&parts.uri, canonical) else {
+        return bad_target(&parts.uri);
+    };
     let client = parts.extensions.get::<Arc<BodyState>>().cloned().unwrap_or_default();
+    // Without an authority or Host from the caller, the app is named by its address.
+    let fallback = match app == proxy.local.app {
+        true => proxy.local.app_authority.clone(),
+        false => crate::state::authority_of(app),
+    };
 
     if app_h2 {
         parts.version = Version::HTTP_2;
-        if let Err(resp) = retarget(&mut parts, &authority, &pq) {
-            return resp;
+        let host = || {
+            let host = parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
+            host.map(Authority::try_from)
+        };
+        let authority = match own_authority.map(Ok).or_else(host) {
+            Some(Ok(a)) => a,
+            Some(Err(_)) => return bad_target(&parts.uri),
+            None => fallback,
+        };
+        if retarget_parsed(&mut parts, authority, pq).is_err() {
+            return bad_target(&parts.uri);
         }
         let sent = Instant::now();
         let mut sender = match proxy.pools.h2(app, None, proxy.pools.app_opts()).await {
@@ -372,22 +381,45 @@ async fn to_app(
         }
     } else {
         parts.version = Version::HTTP_11;
-        if let Err(resp) = retarget(&mut parts, &app.to_string(), &pq) {
-            return resp;
-        }
-        if let Ok(host) = HeaderValue::from_str(&authority) {
+        // The app is named by Host: the request's authority if it had one, else its own Host,
+        // else the app's address.
+        let host = own_authority
+            .as_ref()
+            .map(Authority::as_str)
+            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or(fallback.as_str());
+        if let Ok(host) = HeaderValue::from_str(host) {
             parts.headers.insert(http::header::HOST, host);
         }
+        // Origin form (`/path?query`), as HTTP/1.1 sends it to a server that is no proxy.
+        parts.uri = http::Uri::from(pq);
         let sent = Instant::now();
-        let answer = proxy.pools.h1.request(Request::from_parts(parts, body)).await;
+        let answer = proxy.pools.app_h1(app, Request::from_parts(parts, body)).await;
         *waited = sent.elapsed();
         match answer {
-            Ok(resp) => resp.map(weft_core::boxed),
-            Err(e) if e.is_connect() => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
+            Ok(resp) => resp,
+            Err(e @ AppError::Connect(_)) => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
             Err(e) => match client.fault() {
                 Some(fault) => fault.reply(format!("the request body failed: {e}")),
                 None => reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e),
             },
         }
     }
+}
+
+/// The path and query to forward: `canonical` when authorization normalized it, else the
+/// request's own (already parsed); `None` when `canonical` is no valid one.
+fn path_and_query(uri: &http::Uri, canonical: Option<String>) -> Option<PathAndQuery> {
+    match canonical {
+        Some(c) => PathAndQuery::try_from(c).ok(),
+        None => Some(uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))),
+    }
+}
+
+fn bad_target(uri: &http::Uri) -> Response<Body> {
+    reply(
+        StatusCode::BAD_REQUEST,
+        Reason::BadRequestTarget,
+        format!("cannot rebuild the request URI for {uri}"),
+    )
 }

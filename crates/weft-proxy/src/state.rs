@@ -39,6 +39,8 @@ pub(crate) struct Proxy {
 pub(crate) struct Local {
     pub(crate) workload: Workload,
     pub(crate) app: SocketAddr,
+    /// `app` as a URI authority, parsed once rather than formatted on every request to it.
+    pub(crate) app_authority: http::uri::Authority,
     pub(crate) app_protocol: AppProtocol,
     /// Header names the inbound proxy removes besides the identity headers it always removes:
     /// configured at start, lowercase, each once.
@@ -104,6 +106,7 @@ impl Proxy {
                 advertise,
                 workload,
                 app: cfg.app,
+                app_authority: authority_of(cfg.app),
                 app_protocol: cfg.app_protocol,
                 strip_headers,
                 bound,
@@ -114,7 +117,7 @@ impl Proxy {
             link,
             identity,
             discovery,
-            pools: Pools::new(cfg.app_connect_timeout),
+            pools: Pools::new(cfg.app, cfg.app_connect_timeout),
             telemetry,
             mirrors: Arc::new(tokio::sync::Semaphore::new(MIRROR_CONCURRENCY)),
             clock: Clock::default(),
@@ -161,6 +164,11 @@ fn route_to(urls: &str) -> std::io::Result<std::net::IpAddr> {
     let socket = UdpSocket::bind(any)?;
     socket.connect(remote)?;
     Ok(socket.local_addr()?.ip())
+}
+
+/// A socket address as a URI authority (`1.2.3.4:80`, `[::1]:80`).
+pub(crate) fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(addr.to_string()).expect("a socket address is a valid URI authority")
 }
 
 #[cfg(test)]

@@ -87,3 +87,70 @@ async fn the_sidecar_executable_serves_a_static_config_and_refuses_a_bad_one() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An HTTP/1.1 app that counts the connections it accepts and closes each one after its answer
+/// when the path is `/close`.
+async fn counting_app() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Relaxed);
+            let answer = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let close = req.uri().path() == "/close";
+                let mut resp = http::Response::builder();
+                if close {
+                    resp = resp.header(http::header::CONNECTION, "close");
+                }
+                resp.body(Full::new(Bytes::from_static(b"ok")))
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), answer);
+            tokio::spawn(conn);
+        }
+    });
+    (addr, accepted)
+}
+
+/// The inbound listener keeps its HTTP/1.1 connections to the app alive and reuses them: 10
+/// requests one after another reach the app on 1 connection. A connection the app closes after
+/// its answer is not reused, and the request after it still succeeds on a new one: 5 such
+/// requests (the first on the kept-alive connection) take 4 more connections, all answered 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_reuses_its_app_connections_and_replaces_closed_ones() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = std::env::temp_dir().join(format!("weft-sidecar-pool-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (app, accepted) = counting_app().await;
+    let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
+    let file = dir.join("orders.yaml");
+    let yaml = format!(
+        "workload: default/orders\ncluster: a\napp: '{app}'\ninbound: '{inbound}'\noutbound: '{outbound}'\nadmin: '{admin}'\nservices: []\n"
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let mut sidecar = weft_test::process::Process::spawn(BIN, "sidecar", &["--config".into(), file.display().to_string()]);
+    let client = weft_test::http::Client::new();
+    weft_test::eventually(Duration::from_secs(20), "the sidecar is ready", || async {
+        let ready = client.get(&format!("http://{admin}/ready")).await;
+        ready.is_ok_and(|r| r.status == 200).then_some(())
+    })
+    .await;
+
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(client.get(&format!("http://{inbound}/keep")).await.unwrap().status);
+    }
+    assert_eq!(statuses, [200; 10], "{}", sidecar.log_text());
+    assert_eq!(accepted.load(Relaxed), 1, "kept-alive requests reuse one connection");
+
+    statuses.clear();
+    for _ in 0..5 {
+        statuses.push(client.get(&format!("http://{inbound}/close")).await.unwrap().status);
+    }
+    assert_eq!(statuses, [200; 5], "{}", sidecar.log_text());
+    assert_eq!(accepted.load(Relaxed), 1 + 4, "a connection the app closed is not reused");
+    sidecar.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}
