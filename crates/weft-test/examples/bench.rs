@@ -143,6 +143,10 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
         .await
         .map(|_| t0.elapsed());
     let restart_reached = synced();
+    // Apart, so a restart that did not complete tells which part was missing: the proxies not
+    // configured again, or endpoints some of them do not hold yet.
+    let restart_reconnected = fleet.count_configured_on(2) + joined.count_configured_on(2);
+    let restart_held = fleet.endpoints_held();
     let restart_fewest = fleet.fewest_endpoints_after_reconnecting();
     let _ = std::process::Command::new("kill").arg(restarted.id().to_string()).status();
     let _ = restarted.wait();
@@ -169,8 +173,15 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
         // proxies + 1: the joiner too).
         "restartAllInSyncMs": restart.map(|d| d.as_millis()),
         "restartReached": restart_reached,
+        "restartReconnected": restart_reconnected,
+        "restartEndpointsHeld": [restart_held.0, restart_held.1],
+        "restartEndpointsExpected": sim_svc_0,
         "restartFewestEndpointsHeld": restart_fewest,
         "simulatorCpuSeconds": simulator_cpu,
+        // Streams that ended other than by a refusal with a hint (each reconnects), and the last.
+        "simulatorStreamFailures": fleet.failures() + joined.failures(),
+        "simulatorLastFailure": fleet.last_failure(),
+        "simulatorToldToWait": fleet.told_to_wait() + joined.told_to_wait(),
         "controlRssBeforeBytes": rss_before,
         "controlRssAfterBytes": rss_after,
         "controlRssPerProxyBytes": (rss_after.saturating_sub(rss_before)) / n.max(1) as u64,
@@ -234,6 +245,11 @@ struct Pushes {
     policy: f64,
     endpoints: f64,
     messages: f64,
+    /// Whole configs among the messages (a first config, or one a proxy asked for again).
+    full_messages: f64,
+    /// Pushes a full queue deferred (folded into the stream's next), and resyncs proxies asked for.
+    deferred: f64,
+    resyncs: f64,
     cpu: f64,
 }
 
@@ -273,6 +289,9 @@ impl Control<'_> {
             policy: bytes("policy"),
             endpoints: bytes("endpoints"),
             messages: weft_test::metric(&text, "weft_control_config_push_messages_total", &[]),
+            full_messages: weft_test::metric(&text, "weft_control_config_push_messages_total", &["kind=\"full\""]),
+            deferred: weft_test::metric(&text, "weft_control_config_pushes_deferred_total", &[]),
+            resyncs: weft_test::metric(&text, "weft_control_config_resyncs_total", &[]),
             cpu: self.cpu(),
         })
     }
@@ -298,6 +317,9 @@ impl Pushes {
             policy: self.policy - before.policy,
             endpoints: self.endpoints - before.endpoints,
             messages: self.messages - before.messages,
+            full_messages: self.full_messages - before.full_messages,
+            deferred: self.deferred - before.deferred,
+            resyncs: self.resyncs - before.resyncs,
             cpu: self.cpu - before.cpu,
         }
     }
@@ -314,6 +336,9 @@ impl Pushes {
             "policyBytes": self.policy,
             "endpointBytes": self.endpoints,
             "messages": self.messages,
+            "fullMessages": self.full_messages,
+            "deferred": self.deferred,
+            "resyncs": self.resyncs,
             "controlCpuSeconds": self.cpu,
         })
     }
