@@ -137,6 +137,7 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
     let largest = control.largest().await?;
     let sim_svc_0 = (0..=n).filter(|i| i % services.max(1) == 0).count();
     let synced = || fleet.count_synced(2, revision, sim_svc_0) + joined.count_synced(2, revision, sim_svc_0);
+    let failures_before_restart = (fleet.failures() + joined.failures(), fleet.last_failure());
     let t0 = Instant::now();
     let mut restarted = restart(control_pid).await?;
     let restart = fleet::until(Duration::from_secs(60), || async { synced() == n + 1 })
@@ -178,9 +179,11 @@ async fn fleet_run(api: &str, grpc: &str, n: usize, services: usize, control_pid
         "restartEndpointsExpected": sim_svc_0,
         "restartFewestEndpointsHeld": restart_fewest,
         "simulatorCpuSeconds": simulator_cpu,
-        // Streams that ended other than by a refusal with a hint (each reconnects), and the last.
+        // Streams that ended other than by a refusal with a hint (each reconnects), and the last:
+        // before the restart (none expected) and in all (the restart ends every stream).
+        "simulatorStreamFailuresBeforeRestart": failures_before_restart.0,
+        "simulatorLastFailureBeforeRestart": failures_before_restart.1,
         "simulatorStreamFailures": fleet.failures() + joined.failures(),
-        "simulatorLastFailure": fleet.last_failure(),
         "simulatorToldToWait": fleet.told_to_wait() + joined.told_to_wait(),
         "controlRssBeforeBytes": rss_before,
         "controlRssAfterBytes": rss_after,
