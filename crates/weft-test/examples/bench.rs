@@ -226,9 +226,20 @@ async fn restart(pid: u32) -> anyhow::Result<std::process::Child> {
         .envs(env.iter().filter_map(|kv| kv.split_once('=')))
         .current_dir(cwd)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(restarted_log()?)
         .spawn()?;
     Ok(child)
+}
+
+/// Where the restarted control plane's log goes: the file `WEFT_BENCH_RESTART_LOG` names, if
+/// set (bench/control keeps it beside the first one's), else nowhere.
+fn restarted_log() -> anyhow::Result<std::process::Stdio> {
+    Ok(match std::env::var_os("WEFT_BENCH_RESTART_LOG") {
+        Some(path) => std::fs::File::create(&path)
+            .map_err(|e| anyhow::anyhow!("WEFT_BENCH_RESTART_LOG {path:?}: {e}"))?
+            .into(),
+        None => std::process::Stdio::null(),
+    })
 }
 
 /// The control plane under test, as the fleet benchmark reads it: its API and its process.
