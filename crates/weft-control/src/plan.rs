@@ -10,6 +10,8 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 use weft_api::ResourceKey;
 use weft_api::mesh::ServiceConfig;
@@ -66,9 +68,12 @@ pub(crate) struct Snapshot {
 /// shrinks it), so at 10,000 proxies one 130 KB whole config cost 130 KB per proxy.
 const ENDPOINTS_PER_PUSH: usize = 64;
 
-/// Each endpoint change built, by (service, from version, to version), with what the stream
-/// holds once it is sent.
-type Changes = HashMap<(String, u64, u64), (Arc<proto::EndpointChange>, SentEndpoints)>;
+/// Each endpoint change built, by (service, from version, sent up to, to version), with what
+/// the stream holds once it is sent.
+type Changes = HashMap<(String, u64, Option<EndpointKey>, u64), (Arc<proto::EndpointChange>, SentEndpoints)>;
+
+/// An endpoint's place in its service's set (the set's order).
+type EndpointKey = (SocketAddr, u64);
 
 /// A built service's cache key: namespace, service, and the intents overlaid.
 type ServiceKey = (String, String, Vec<u64>);
@@ -107,18 +112,19 @@ pub(crate) struct Sent {
     services: HashMap<String, (u64, SentEndpoints)>,
 }
 
-/// The endpoints of one service a proxy holds: a version's whole set, or part of it while the
-/// rest is on its way ([`ENDPOINTS_PER_PUSH`]).
+/// The endpoints of one service a proxy holds: a version's whole set, or its first part while
+/// the rest is on its way ([`ENDPOINTS_PER_PUSH`]).
 #[derive(Clone)]
 struct SentEndpoints {
     set: Arc<EndpointSet>,
-    partial: bool,
+    /// The set was sent up to this endpoint, in its order; none: all of it.
+    upto: Option<EndpointKey>,
 }
 
 impl Sent {
     /// Whether some service's endpoints were sent only in part: the stream sends the rest next.
     pub(crate) fn partial(&self) -> bool {
-        self.services.values().any(|(_, e)| e.partial)
+        self.services.values().any(|(_, e)| e.upto.is_some())
     }
 }
 
@@ -214,7 +220,7 @@ impl PlannedConfig {
                 delta.services.push(s.policy.clone());
             }
             let held = before.map(|(_, endpoints)| endpoints);
-            let current = held.filter(|h| !h.partial && h.set.version == s.endpoints.version);
+            let current = held.filter(|h| h.upto.is_none() && h.set.version == s.endpoints.version);
             let after = match current {
                 Some(h) => h.clone(),
                 None => {
@@ -420,9 +426,12 @@ impl Snapshot {
     }
 
     /// The change from the endpoints a proxy holds of service `key` (`held`; none: it holds
-    /// none, and is sent a new list) to `now`, at most [`ENDPOINTS_PER_PUSH`] of them added,
-    /// with what the proxy holds once it applied it. Built once per snapshot for each whole
-    /// version held; a part held is the stream's own, and so is the change from it.
+    /// none, and is sent a new list) to `now`, with what the proxy holds once it applied it:
+    /// the joins and leaves among the endpoints it holds, then at most [`ENDPOINTS_PER_PUSH`]
+    /// of those it was never sent. What a proxy holds is always a version's set up to one
+    /// endpoint in the set's order, so every stream in the same state shares one change, built
+    /// once per snapshot: a fleet being sent a large service part by part costs one build per
+    /// part, not one per proxy (each of which walked and copied the whole set).
     fn endpoint_change(
         &self,
         key: &str,
@@ -430,9 +439,9 @@ impl Snapshot {
         now: &Arc<EndpointSet>,
     ) -> (Arc<proto::EndpointChange>, SentEndpoints) {
         let from = held.map_or(0, |h| h.set.version);
-        let cache_key = (key.to_string(), from, now.version);
-        let shared = held.is_none_or(|h| !h.partial);
-        if shared && let Some(cached) = self.changes.lock().get(&cache_key) {
+        let upto = held.and_then(|h| h.upto);
+        let cache_key = (key.to_string(), from, upto, now.version);
+        if let Some(cached) = self.changes.lock().get(&cache_key) {
             return cached.clone();
         }
         let mut change = proto::EndpointChange {
@@ -442,42 +451,48 @@ impl Snapshot {
             replace: held.is_none(),
             ..Default::default()
         };
-        let empty = BTreeMap::new();
-        let had = held.map_or(&empty, |h| &h.set.endpoints);
-        let mut kept: BTreeMap<_, _> = had
-            .iter()
-            .filter(|(k, _)| now.endpoints.contains_key(*k))
-            .map(|(k, e)| (*k, e.clone()))
-            .collect();
-        change.removed = had
-            .keys()
-            .filter(|k| !now.endpoints.contains_key(*k))
-            .map(|(_, conn)| *conn)
-            .collect();
-        let joined = now.endpoints.iter().filter(|(k, _)| !had.contains_key(*k));
-        for (k, e) in joined.take(ENDPOINTS_PER_PUSH) {
-            change.added.push((**e).clone());
-            kept.insert(*k, e.clone());
+        if let Some(h) = held.filter(|h| h.set.version != now.version) {
+            change.removed = below(&h.set, upto)
+                .filter(|(k, _)| !now.endpoints.contains_key(*k))
+                .map(|((_, conn), _)| *conn)
+                .collect();
+            change.added = below(now, upto)
+                .filter(|(k, _)| !h.set.endpoints.contains_key(*k))
+                .map(|(_, e)| (**e).clone())
+                .collect();
         }
-        let after = if kept.len() == now.endpoints.len() {
-            SentEndpoints {
-                set: now.clone(),
-                partial: false,
+        // Where the endpoints never sent begin (none: every one was sent).
+        let unsent = match (held, upto) {
+            (None, _) => Some(Bound::Unbounded),
+            (Some(_), Some(u)) => Some(Bound::Excluded(u)),
+            (Some(_), None) => None,
+        };
+        let mut next_upto = None;
+        if let Some(start) = unsent {
+            let mut rest = now.endpoints.range((start, Bound::Unbounded));
+            for (k, e) in rest.by_ref().take(ENDPOINTS_PER_PUSH) {
+                change.added.push((**e).clone());
+                next_upto = Some(*k);
             }
-        } else {
-            SentEndpoints {
-                set: Arc::new(EndpointSet {
-                    version: now.version,
-                    endpoints: kept,
-                }),
-                partial: true,
+            if rest.next().is_none() {
+                next_upto = None;
             }
+        }
+        let after = SentEndpoints {
+            set: now.clone(),
+            upto: next_upto,
         };
         let built = (Arc::new(change), after);
-        if shared {
-            self.changes.lock().insert(cache_key, built.clone());
-        }
+        self.changes.lock().insert(cache_key, built.clone());
         built
+    }
+}
+
+/// `set`'s endpoints up to `upto` in its order (none: all of them).
+fn below(set: &EndpointSet, upto: Option<EndpointKey>) -> std::collections::btree_map::Range<'_, EndpointKey, Arc<proto::Endpoint>> {
+    match upto {
+        Some(u) => set.endpoints.range(..=u),
+        None => set.endpoints.range(..),
     }
 }
 

@@ -171,12 +171,17 @@ async fn fleet_run(
     // again (same data directory and ports); done when every proxy has been sent a whole
     // config on a new stream and holds the policy's revision and every endpoint of sim-svc-0.
     let synced = || fleet.count_synced(2, revision, sim_svc_0) + joined.count_synced(2, revision, sim_svc_0);
+    let failures_before_restart = (fleet.failures() + joined.failures(), fleet.last_failure());
     let t0 = Instant::now();
     let mut restarted = restart(control_pid).await?;
     let restart = fleet::until(Duration::from_secs(60), || async { synced() == n + 1 })
         .await
         .map(|_| t0.elapsed());
     let restart_reached = synced();
+    // Apart, so a restart that did not complete tells which part was missing: the proxies not
+    // configured again, or endpoints some of them do not hold yet.
+    let restart_reconnected = fleet.count_configured_on(2) + joined.count_configured_on(2);
+    let restart_held = fleet.endpoints_held();
     let restart_fewest = fleet.fewest_endpoints_after_reconnecting();
     let _ = std::process::Command::new("kill").arg(restarted.id().to_string()).status();
     let _ = restarted.wait();
@@ -203,8 +208,17 @@ async fn fleet_run(
         // proxies + 1: the joiner too).
         "restartAllInSyncMs": restart.map(|d| d.as_millis()),
         "restartReached": restart_reached,
+        "restartReconnected": restart_reconnected,
+        "restartEndpointsHeld": [restart_held.0, restart_held.1],
+        "restartEndpointsExpected": sim_svc_0,
         "restartFewestEndpointsHeld": restart_fewest,
         "simulatorCpuSeconds": simulator_cpu,
+        // Streams that ended other than by a refusal with a hint (each reconnects), and the last:
+        // before the restart (none expected) and in all (the restart ends every stream).
+        "simulatorStreamFailuresBeforeRestart": failures_before_restart.0,
+        "simulatorLastFailureBeforeRestart": failures_before_restart.1,
+        "simulatorStreamFailures": fleet.failures() + joined.failures(),
+        "simulatorToldToWait": fleet.told_to_wait() + joined.told_to_wait(),
         "controlRssBeforeBytes": rss_before,
         "controlRssAfterBytes": rss_after,
         "controlRssPerProxyBytes": (rss_after.saturating_sub(rss_before)) / n.max(1) as u64,
@@ -296,9 +310,20 @@ async fn restart(pid: u32) -> anyhow::Result<std::process::Child> {
         .envs(env.iter().filter_map(|kv| kv.split_once('=')))
         .current_dir(cwd)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(restarted_log()?)
         .spawn()?;
     Ok(child)
+}
+
+/// Where the restarted control plane's log goes: the file `WEFT_BENCH_RESTART_LOG` names, if
+/// set (bench/control keeps it beside the first one's), else nowhere.
+fn restarted_log() -> anyhow::Result<std::process::Stdio> {
+    Ok(match std::env::var_os("WEFT_BENCH_RESTART_LOG") {
+        Some(path) => std::fs::File::create(&path)
+            .map_err(|e| anyhow::anyhow!("WEFT_BENCH_RESTART_LOG {path:?}: {e}"))?
+            .into(),
+        None => std::process::Stdio::null(),
+    })
 }
 
 /// The control plane under test, as the fleet benchmark reads it: its API and its process.
@@ -318,6 +343,11 @@ struct Pushes {
     policy: f64,
     endpoints: f64,
     messages: f64,
+    /// Whole configs among the messages (a first config, or one a proxy asked for again).
+    full_messages: f64,
+    /// Pushes a full queue deferred (folded into the stream's next), and resyncs proxies asked for.
+    deferred: f64,
+    resyncs: f64,
     cpu: f64,
 }
 
@@ -357,6 +387,9 @@ impl Control<'_> {
             policy: bytes("policy"),
             endpoints: bytes("endpoints"),
             messages: weft_test::metric(&text, "weft_control_config_push_messages_total", &[]),
+            full_messages: weft_test::metric(&text, "weft_control_config_push_messages_total", &["kind=\"full\""]),
+            deferred: weft_test::metric(&text, "weft_control_config_pushes_deferred_total", &[]),
+            resyncs: weft_test::metric(&text, "weft_control_config_resyncs_total", &[]),
             cpu: self.cpu(),
         })
     }
@@ -382,6 +415,9 @@ impl Pushes {
             policy: self.policy - before.policy,
             endpoints: self.endpoints - before.endpoints,
             messages: self.messages - before.messages,
+            full_messages: self.full_messages - before.full_messages,
+            deferred: self.deferred - before.deferred,
+            resyncs: self.resyncs - before.resyncs,
             cpu: self.cpu - before.cpu,
         }
     }
@@ -398,6 +434,9 @@ impl Pushes {
             "policyBytes": self.policy,
             "endpointBytes": self.endpoints,
             "messages": self.messages,
+            "fullMessages": self.full_messages,
+            "deferred": self.deferred,
+            "resyncs": self.resyncs,
             "controlCpuSeconds": self.cpu,
         })
     }

@@ -219,6 +219,12 @@ impl Fleet {
             .count()
     }
 
+    /// How many proxies were sent a whole config on at least `streams` streams (after a
+    /// control-plane restart, `streams` 2: reconnected and configured again, in sync or not).
+    pub fn count_configured_on(&self, streams: u32) -> usize {
+        self.count(|p| p.configured_streams >= streams)
+    }
+
     /// The fewest and the most endpoints of the service they call that any proxy holds.
     pub fn endpoints_held(&self) -> (usize, usize) {
         let held: Vec<usize> = self.proxies.iter().map(|p| p.lock().endpoints).collect();
