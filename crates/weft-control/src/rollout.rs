@@ -1056,6 +1056,44 @@ mod tests {
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
     }
 
+    /// Found in the end-to-end tests at load 25: +3% errors passed stage 1 with the untreated
+    /// comparison beyond doubt (3.4% of 4,976 against none of 4,816) because the treated
+    /// proxies' own baseline, 200 requests, could not corroborate it at 90% (an increase as
+    /// large as the one shown is what 200 requests without an error allow). A reference too
+    /// small to tell must not veto: the stage is rolled back, and the reason says so. A
+    /// baseline large enough to tell still vetoes a difference that predates the change.
+    #[test]
+    fn a_baseline_too_small_to_tell_does_not_veto_harm_the_untreated_proxies_show() {
+        let slo = Slo {
+            max_error_rate: 20.0,
+            ..Slo::default()
+        };
+        let untreated = evidence(4816, 0, 4.0);
+        let Verdict::Fail(why) = judged(&slo, &evidence(4976, 169, 4.0), &evidence(200, 0, 4.0), &untreated) else {
+            panic!(
+                "3.4% against none passed: {:?}",
+                judged(&slo, &evidence(4976, 169, 4.0), &evidence(200, 0, 4.0), &untreated)
+            )
+        };
+        assert!(
+            why.starts_with("error rate 3.4% vs 0.0% untreated and 0.0% baseline (+3.4 pp, 4,976 vs 4,816 requests, over 99.99% confident it is higher")
+                && why.ends_with("; 200 baseline requests too few to tell it from a difference that predates the change)"),
+            "{why}"
+        );
+        // The same treated proxies already at 3.4% over 3,000 requests before: not the change's.
+        let verdict = judged(&slo, &evidence(4976, 169, 4.0), &evidence(3000, 102, 4.0), &untreated);
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+        // Latency: twice as slow as the untreated proxies; 30 baseline requests tell nothing,
+        // 3,000 at the same speed show the difference predates the change.
+        let fast = evidence(3000, 0, 4.0);
+        let Verdict::Fail(why) = judged(&slo, &evidence(1000, 0, 8.0), &evidence(30, 0, 8.0), &fast) else {
+            panic!("twice as slow passed against a baseline of 30")
+        };
+        assert!(why.starts_with("latency p50 ") && why.ends_with("30 baseline requests too few to tell it from a difference that predates the change)"), "{why}");
+        let verdict = judged(&slo, &evidence(1000, 0, 8.0), &evidence(3000, 0, 8.0), &fast);
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+    }
+
     #[test]
     fn at_100_percent_the_machine_s_drift_is_not_the_change() {
         // The whole machine 27% slower and erring 2 pp more during the stage: the target service
