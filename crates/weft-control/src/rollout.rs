@@ -345,6 +345,16 @@ struct Reference<'a> {
     drift: Option<Shift>,
 }
 
+/// One reference's test of harm: its always-valid p-value, the effect it estimates, and the
+/// variance and mixing variance it judges that effect with (so that [`shown`] can ask whether
+/// another reference's effect would show against it).
+struct Test {
+    p: f64,
+    effect: f64,
+    variance: f64,
+    tau2: f64,
+}
+
 /// The drift of a [`Drift`]: other traffic's latency factor (the typical ratio since / before)
 /// and the variance of its logarithm, its error-rate difference with that difference's
 /// variance, and its error counts `(errors, requests)` before and since.
@@ -361,7 +371,7 @@ struct Shift {
 /// untreated proxies over the same time (same load, same machine weather) and the treated
 /// proxies' own baseline from before the intent (same proxies). Each reference with traffic
 /// counts, and a harm must show against *every* one that counts (the first at `confidence`,
-/// the baseline after it at [`CORROBORATION`]): a
+/// the baseline after it at [`CORROBORATION`], unless it is too small to tell: see [`shown`]): a
 /// difference between proxies that was there before the change shows against the untreated
 /// proxies but not against the baseline, a drift over time against the baseline but not
 /// against the untreated proxies; a change shows against both. A stage is rolled back when,
@@ -455,8 +465,8 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         return Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}"));
     }
 
-    // Errors, against each reference: (p that it is higher, p that it exceeds delta, gap, upper bound).
-    let errors: Vec<(f64, f64, f64, f64)> = references
+    // Errors, against each reference: (the test of "higher", p that it exceeds delta, gap, upper bound).
+    let errors: Vec<(Test, f64, f64, f64)> = references
         .iter()
         .map(|r| {
             let e = r.evidence;
@@ -475,16 +485,23 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             }
             let p = if gap > delta { mixture_p_value(gap, null, tau2) } else { 1.0 };
             let upper = gap + mixture_radius(variance, tau2, alpha);
-            (p, mixture_p_value(gap - delta, variance, tau2), gap, upper)
+            let test = Test {
+                p,
+                effect: gap,
+                variance: null,
+                tau2,
+            };
+            (test, mixture_p_value(gap - delta, variance, tau2), gap, upper)
         })
         .collect();
-    if shown(errors.iter().map(|e| e.0), alpha_each) {
+    let tests: Vec<&Test> = errors.iter().map(|e| &e.0).collect();
+    if let Some(unheard) = shown(&tests, alpha_each) {
         let Reference {
             name, evidence: reference, ..
         } = &references[0];
-        let (p, beyond) = (errors[0].0, errors[0].1);
+        let (p, beyond) = (errors[0].0.p, errors[0].1);
         return Verdict::Fail(format!(
-            "error rate {} vs {} {name}{} ({}, {} vs {} requests, {} confident it is higher{})",
+            "error rate {} vs {} {name}{} ({}, {} vs {} requests, {} confident it is higher{}{})",
             percent(treated.error_rate()),
             percent(reference.error_rate()),
             also(&references, |r| percent(r.error_rate())),
@@ -493,23 +510,25 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             count(reference.requests),
             confidence(p),
             beyond_words(beyond, &format!("+{} pp", trim(slo.max_error_rate_increase))),
+            too_few(&references, &unheard),
         ));
     }
 
     // Latency, against each reference: (p that it is slower, p that it exceeds the slowdown).
     let t = treated.points(1.0);
     let by_report = treated.report_points(1.0);
-    let latency: Vec<(f64, f64)> = references.iter().map(|r| slower_p(&by_report, r, slower)).collect();
-    if shown(latency.iter().map(|l| l.0), alpha_each) {
+    let latency: Vec<(Test, f64)> = references.iter().map(|r| slower_p(&by_report, r, slower)).collect();
+    let tests: Vec<&Test> = latency.iter().map(|l| &l.0).collect();
+    if let Some(unheard) = shown(&tests, alpha_each) {
         let Reference {
             name,
             evidence: reference,
             drift,
         } = &references[0];
         let scale = drift.as_ref().map_or(1.0, |d| d.factor);
-        let (p, beyond) = latency[0];
+        let (p, beyond) = (latency[0].0.p, latency[0].1);
         return Verdict::Fail(format!(
-            "latency p50 {} p99 {} vs {} {} {name}{} (typically {:+.0}%, {} vs {} requests, {} confident it is slower{})",
+            "latency p50 {} p99 {} vs {} {} {name}{} (typically {:+.0}%, {} vs {} requests, {} confident it is slower{}{})",
             ms(treated.quantile(0.5)),
             ms(treated.quantile(0.99)),
             ms(reference.quantile(0.5)),
@@ -520,6 +539,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             count(reference.requests),
             confidence(p),
             beyond_words(beyond, &format!("+{}%", trim(slo.max_p99_increase))),
+            too_few(&references, &unheard),
         ));
     }
 
@@ -609,9 +629,16 @@ fn unexplained_errors(treated: &Evidence, references: &[Reference], delta: f64, 
 }
 
 /// Whether treated requests are slower than the reference's (against the baseline with a
-/// drift: than the baseline's scaled by the drift's factor): the p-value that they are slower
-/// at all, counted only when the estimate exceeds `slower`, and the p-value that they exceed it.
-fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (f64, f64) {
+/// drift: than the baseline's scaled by the drift's factor): the test that they are slower at
+/// all, its p-value counted only when the estimate exceeds `slower`, and the p-value that they
+/// exceed it.
+fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (Test, f64) {
+    let none = Test {
+        p: 1.0,
+        effect: 0.0,
+        variance: f64::INFINITY,
+        tau2: LATENCY_TAU2,
+    };
     let (scale, extra) = match &r.drift {
         // The factor's own uncertainty, through the slope of the rank statistic in ln(scale).
         Some(d) => (d.factor, auc_slope(by_report, r.evidence, d.factor).powi(2) * d.log_variance),
@@ -620,17 +647,23 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (f64, 
     let plain = clustered_auc(by_report, &r.evidence.report_points(scale));
     let shifted = clustered_auc(by_report, &r.evidence.report_points(scale * slower));
     let (Some((auc, variance)), Some((shifted_auc, shifted_variance))) = (plain, shifted) else {
-        return (1.0, 1.0);
+        return (none, 1.0);
     };
     if !extra.is_finite() {
-        return (1.0, 1.0);
+        return (none, 1.0);
     }
     let p = if shifted_auc > 0.5 {
         mixture_p_value(auc - 0.5, variance + extra, LATENCY_TAU2)
     } else {
         1.0
     };
-    (p, mixture_p_value(shifted_auc - 0.5, shifted_variance + extra, LATENCY_TAU2))
+    let test = Test {
+        p,
+        effect: auc - 0.5,
+        variance: variance + extra,
+        tau2: LATENCY_TAU2,
+    };
+    (test, mixture_p_value(shifted_auc - 0.5, shifted_variance + extra, LATENCY_TAU2))
 }
 
 /// The variance of the treated-minus-baseline error gap net of `drift` if the change did
@@ -676,9 +709,47 @@ fn auc_slope(x: &[Vec<(f64, u64)>], reference: &Evidence, scale: f64) -> f64 {
 }
 
 /// Whether harm shows: the first reference's p-value is at most `alpha`, and every later one
-/// corroborates at [`CORROBORATION`].
-fn shown(mut p: impl Iterator<Item = f64>, alpha: f64) -> bool {
-    p.next().is_some_and(|first| first <= alpha) && p.all(|later| later <= CORROBORATION)
+/// corroborates at [`CORROBORATION`] or is too small to tell. `Some` with the indices of the
+/// later references that were too small (the reason names them), `None` when no harm shows.
+///
+/// A later reference is too small to tell when even an effect as large as the first one shows
+/// would not corroborate against it: its silence then says nothing about a difference that
+/// predates the change, and letting it veto passed what the first showed beyond doubt (the
+/// end-to-end tests: 3.4% errors of 4,976 against none of 4,816 untreated, passed because 200
+/// baseline requests could not corroborate). A change that does nothing is still rolled back
+/// at most as often as the first test alone allows; a difference that predates the change is
+/// rolled back with it when the treated proxies' baseline was too small to show it.
+fn shown(tests: &[&Test], alpha: f64) -> Option<Vec<usize>> {
+    let (first, later) = tests.split_first()?;
+    if first.p > alpha {
+        return None;
+    }
+    let mut unheard = Vec::new();
+    for (i, t) in later.iter().enumerate() {
+        if t.p > CORROBORATION {
+            if mixture_p_value(first.effect, t.variance, t.tau2) <= CORROBORATION {
+                return None;
+            }
+            unheard.push(i + 1);
+        }
+    }
+    Some(unheard)
+}
+
+/// `; 200 baseline requests too few to tell it from a difference that predates the change`,
+/// for the references [`shown`] found too small to tell.
+fn too_few(references: &[Reference], unheard: &[usize]) -> String {
+    unheard
+        .iter()
+        .map(|i| {
+            let r = &references[*i];
+            format!(
+                "; {} {} requests too few to tell it from a difference that predates the change",
+                count(r.evidence.requests),
+                r.name
+            )
+        })
+        .collect()
 }
 
 /// ` and 0.5% baseline`: the second reference's numbers, when there is one.
@@ -1076,21 +1147,34 @@ mod tests {
             )
         };
         assert!(
-            why.starts_with("error rate 3.4% vs 0.0% untreated and 0.0% baseline (+3.4 pp, 4,976 vs 4,816 requests, over 99.99% confident it is higher")
-                && why.ends_with("; 200 baseline requests too few to tell it from a difference that predates the change)"),
+            why.starts_with(
+                "error rate 3.4% vs 0.0% untreated and 0.0% baseline (+3.4 pp, 4,976 vs 4,816 requests, over 99.99% confident it is higher"
+            ) && why.ends_with("; 200 baseline requests too few to tell it from a difference that predates the change)"),
             "{why}"
         );
         // The same treated proxies already at 3.4% over 3,000 requests before: not the change's.
         let verdict = judged(&slo, &evidence(4976, 169, 4.0), &evidence(3000, 102, 4.0), &untreated);
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
-        // Latency: twice as slow as the untreated proxies; 30 baseline requests tell nothing,
-        // 3,000 at the same speed show the difference predates the change.
+        // Latency: twice as slow as the untreated proxies. Every request tells its speed, so
+        // ten baseline requests as slow already show the difference predates the change; three
+        // tell nothing.
         let fast = evidence(3000, 0, 4.0);
-        let Verdict::Fail(why) = judged(&slo, &evidence(1000, 0, 8.0), &evidence(30, 0, 8.0), &fast) else {
-            panic!("twice as slow passed against a baseline of 30")
+        let slow_before = |n: u64| {
+            let mut e = Evidence::default();
+            for i in 0..n {
+                e.record(false, 8.0 * (0.5 + i as f64 / (n - 1) as f64));
+            }
+            e
         };
-        assert!(why.starts_with("latency p50 ") && why.ends_with("30 baseline requests too few to tell it from a difference that predates the change)"), "{why}");
-        let verdict = judged(&slo, &evidence(1000, 0, 8.0), &evidence(3000, 0, 8.0), &fast);
+        let Verdict::Fail(why) = judged(&slo, &evidence(1000, 0, 8.0), &slow_before(3), &fast) else {
+            panic!("twice as slow passed against a baseline of 3")
+        };
+        assert!(
+            why.starts_with("latency p50 ")
+                && why.ends_with("; 3 baseline requests too few to tell it from a difference that predates the change)"),
+            "{why}"
+        );
+        let verdict = judged(&slo, &evidence(1000, 0, 8.0), &slow_before(10), &fast);
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
     }
 
