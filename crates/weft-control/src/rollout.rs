@@ -6,6 +6,7 @@ use crate::stats::{
     clustered_auc, mann_whitney, mixture_p_value, mixture_radius, pooled_gap_variance, proportion_gap, restricted_variance,
 };
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use weft_api::resource::{Resource, RouteMatch, Slo, StringMatch};
 use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms, slot_of, slot_value_ms};
 
@@ -335,6 +336,8 @@ pub struct Drift {
 pub struct Split {
     pub before: (u64, u64),
     pub since: (u64, u64),
+    /// How long the `since` counts cover (from the end of the stage's warm-up).
+    pub window: Duration,
 }
 
 /// One reference the treated proxies are compared with; against the baseline with no
@@ -554,6 +557,9 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
 }
 
+/// How often proxies report their traffic (weft-proxy's `REPORT_INTERVAL`).
+const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Whether traffic moved away from the treated proxies after the swap, as harm: a caller that
 /// balances by latency (P2C over peak-EWMA) sends less to an instance a bad change slowed, and
 /// the treated proxies then gather too few requests to judge (the demo's bad stage 1: 4 to 23
@@ -561,11 +567,15 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
 /// on the treated proxies' requests per untreated request, since against before (the log of
 /// that ratio, always valid, at the confidence the other tests get for each metric): harm when
 /// it fell to under [`SHARE_FALL`] of what it was. `None` without untreated traffic on both
-/// sides (a 100% stage) or before `minRequests` since.
+/// sides (a 100% stage) or before `minRequests` since. With no treated request at all since,
+/// see [`none_moved`].
 pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
     let ((tb, ub), (ts, us)) = (split.before, split.since);
     if tb == 0 || ub == 0 || us == 0 || ts.saturating_add(us) < slo.min_requests.max(1) {
         return None;
+    }
+    if ts == 0 {
+        return none_moved(slo, split);
     }
     // Half a request on every side keeps the logarithm finite when a side has none.
     let ln = |x: u64| (x as f64 + 0.5).ln();
@@ -585,6 +595,48 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
             count(tb.saturating_add(ub)),
             100.0 * ((-fall).exp() - 1.0),
             confidence(p),
+        )
+    })
+}
+
+/// [`traffic_moved`] when not one request since the swap went to the treated proxies, exactly:
+/// the log test puts half a request in place of the zero, its variance never falls below 2, and
+/// its confidence stalls near 99.5% however many untreated requests come (the end-to-end test
+/// held such a stage instead of rolling it back).
+///
+/// The confidence: had the treated proxies' odds (their requests per untreated request) not
+/// fallen under a tenth of the odds before, each request since would have gone to them with
+/// probability at least `p0`, the share a tenth of those odds gives. The odds before are
+/// themselves counted, so `p0` takes their lower always-valid bound at half the metric's
+/// budget. Then none of `n` independent requests reaching them happens with probability at
+/// most `(1 - p0)^n`, and that event can only end as requests come (once none of the first `n`
+/// went there, none of the first `m < n` did), so looking after every report costs nothing:
+/// the false-alarm rate is at most half the budget for the bound plus `(1 - p0)^n`, which must
+/// be under the other half. Requests of one caller are not quite independent (a balancer
+/// keeps its choice for a while), which the margin of a tenth absorbs, as for the log test.
+///
+/// Proxies report every [`REPORT_INTERVAL`] and not in step: just after the warm-up, the
+/// untreated proxies' reports may be in and the treated ones' not yet. So nothing is decided
+/// before the counts cover two report intervals.
+fn none_moved(slo: &Slo, split: &Split) -> Option<String> {
+    let ((tb, ub), (_, us)) = (split.before, split.since);
+    if split.window < 2 * REPORT_INTERVAL {
+        return None;
+    }
+    let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 4.0;
+    let (tb_, ub_) = (tb as f64 + 0.5, ub as f64 + 0.5);
+    let lower = (tb_ / ub_).ln() - mixture_radius(1.0 / tb_ + 1.0 / ub_, SHARE_TAU2, alpha);
+    let odds = SHARE_FALL * lower.exp();
+    let p0 = odds / (1.0 + odds);
+    let p = (us as f64 * (1.0 - p0).ln()).exp();
+    (p <= alpha).then(|| {
+        format!(
+            "traffic moved away from the treated proxies: none of the {} requests since the swap against {} before ({} of {}), {} confident it fell to under a tenth (callers balancing away from a slower instance)",
+            count(us),
+            percent(100.0 * tb as f64 / (tb + ub) as f64),
+            count(tb),
+            count(tb.saturating_add(ub)),
+            confidence(p + alpha),
         )
     })
 }
@@ -1289,7 +1341,11 @@ mod tests {
             min_requests: 20,
             ..Slo::default()
         };
-        let split = |before: (u64, u64), since: (u64, u64)| Split { before, since };
+        let split = |before: (u64, u64), since: (u64, u64)| Split {
+            before,
+            since,
+            window: Duration::from_secs(10),
+        };
         let why = traffic_moved(&slo, &split((1234, 1002), (23, 575))).expect("starved");
         assert_eq!(
             why,
@@ -1308,6 +1364,34 @@ mod tests {
         assert_eq!(traffic_moved(&slo, &split((2236, 0), (598, 0))), None);
         // Beyond a tenth, but the evidence is thin: 1 of 20 against 55% is not yet shown.
         assert_eq!(traffic_moved(&slo, &split((1234, 1002), (1, 19))), None);
+    }
+
+    /// The end-to-end test's stall: every request went to the untreated instance after the
+    /// swap. Half a request standing in for the zero kept the log test's variance above 2, and
+    /// 0 of 300 against 90% before was not yet enough for it (99.5% took 0 of about 2,000).
+    #[test]
+    fn no_treated_request_at_all_is_judged_exactly() {
+        let slo = Slo {
+            min_requests: 20,
+            ..Slo::default()
+        };
+        let split = |before: (u64, u64), since: (u64, u64), window: u64| Split {
+            before,
+            since,
+            window: Duration::from_secs(window),
+        };
+        let why = traffic_moved(&slo, &split((900, 100), (0, 300), 10)).expect("0 of 300 against 90%");
+        assert_eq!(
+            why,
+            "traffic moved away from the treated proxies: none of the 300 requests since the swap against 90.0% before (900 of 1,000), 99.7% confident it fell to under a tenth (callers balancing away from a slower instance)"
+        );
+        // Against 55% before, a tenth of the odds is a share of 9%: none of 40 happens one time
+        // in 50 at that share, none of 100 one time in 10,000.
+        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (0, 40), 10)), None);
+        assert!(traffic_moved(&slo, &split((1234, 1002), (0, 100), 10)).is_some());
+        // Within two report intervals a treated proxy may just not have reported yet.
+        assert_eq!(traffic_moved(&slo, &split((1234, 1002), (0, 100), 3)), None);
+        assert!(traffic_moved(&slo, &split((1234, 1002), (0, 100), 4)).is_some());
     }
 
     #[test]
