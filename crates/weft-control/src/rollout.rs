@@ -553,8 +553,13 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // unknown: the rank test cannot show anything, so "no harm shown" would say nothing.
     // Found end to end: a stage whose treated caller slowed 35-fold (p50 57.7 ms against 1.62 ms
     // untreated, 74 requests in three reports) passed at the end of its bake.
+    // Only when the estimate is beyond the slowdown that matters: a harmless stage with a short
+    // bake (1 s: three reports by the time it is held) still passes.
     let reports = (treated.reports.len(), references[0].evidence.reports.len());
-    if reports.0 < MIN_REPORTS || reports.1 < MIN_REPORTS {
+    let first = &references[0];
+    let scale = first.drift.as_ref().map_or(1.0, |d| d.factor);
+    let looks_slower = typical_ratio(&t, first.evidence) / scale > slower;
+    if looks_slower && (reports.0 < MIN_REPORTS || reports.1 < MIN_REPORTS) {
         return Verdict::Wait(format!(
             "{summary}; latency not judged before {MIN_REPORTS} reports on each side ({} treated, {} {})",
             reports.0, reports.1, references[0].name
