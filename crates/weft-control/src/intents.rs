@@ -1104,8 +1104,9 @@ impl Step<'_> {
         if bake.is_zero() {
             return self.promote_stage(seq, "applied (no bake)".into());
         }
-        let (treated, baseline, untreated, drift, split) = evidence(self.proxies, self.signals, intent);
+        let (treated, baseline, untreated, drift, mut split) = evidence(self.proxies, self.signals, intent);
         let since = now.duration_since(intent.timing.observe_started.unwrap_or(now));
+        split.window = since.saturating_sub(WARM_UP);
         let number = intent.stage + 1;
         let verdict = match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &drift) {
             Verdict::Fail(why) => Verdict::Fail(why),
