@@ -19,25 +19,32 @@ fn get(url: &str, host: Option<&str>) -> Request<Full<Bytes>> {
     req.body(Full::new(Bytes::new())).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sidecar_executable_serves_a_static_config_and_refuses_a_bad_one() {
-    let dir = std::env::temp_dir().join(format!("weft-sidecar-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let app = EchoServer::start("orders").await;
+/// Starts `weft-sidecar` from a static config file in `dir` for workload default/orders in
+/// front of `app`, and waits until it is ready; returns the process and its inbound address.
+async fn start_sidecar(dir: &std::path::Path, app: std::net::SocketAddr) -> (weft_test::process::Process, std::net::SocketAddr) {
     let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
     let file = dir.join("orders.yaml");
     let yaml = format!(
-        "workload: default/orders\ncluster: a\napp: '{}'\ninbound: '{inbound}'\noutbound: '{outbound}'\nadmin: '{admin}'\nservices: []\n",
-        app.addr
+        "workload: default/orders\ncluster: a\napp: '{app}'\ninbound: '{inbound}'\noutbound: '{outbound}'\nadmin: '{admin}'\nservices: []\n"
     );
     std::fs::write(&file, yaml).unwrap();
-    let mut sidecar = weft_test::process::Process::spawn(BIN, "sidecar", &["--config".into(), file.display().to_string()]);
+    let sidecar = weft_test::process::Process::spawn(BIN, "sidecar", &["--config".into(), file.display().to_string()]);
     let client = weft_test::http::Client::new();
     weft_test::eventually(Duration::from_secs(20), "the sidecar is ready", || async {
         let ready = client.get(&format!("http://{admin}/ready")).await;
         ready.is_ok_and(|r| r.status == 200).then_some(())
     })
     .await;
+    (sidecar, inbound)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_executable_serves_a_static_config_and_refuses_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("weft-sidecar-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = EchoServer::start("orders").await;
+    let (mut sidecar, inbound) = start_sidecar(&dir, app.addr).await;
+    let client = weft_test::http::Client::new();
 
     // Origin form with a Host header; absolute form; HTTP/2 with :authority only.
     let origin = client
@@ -124,19 +131,8 @@ async fn the_sidecar_reuses_its_app_connections_and_replaces_closed_ones() {
     let dir = std::env::temp_dir().join(format!("weft-sidecar-pool-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (app, accepted) = counting_app().await;
-    let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
-    let file = dir.join("orders.yaml");
-    let yaml = format!(
-        "workload: default/orders\ncluster: a\napp: '{app}'\ninbound: '{inbound}'\noutbound: '{outbound}'\nadmin: '{admin}'\nservices: []\n"
-    );
-    std::fs::write(&file, yaml).unwrap();
-    let mut sidecar = weft_test::process::Process::spawn(BIN, "sidecar", &["--config".into(), file.display().to_string()]);
+    let (mut sidecar, inbound) = start_sidecar(&dir, app).await;
     let client = weft_test::http::Client::new();
-    weft_test::eventually(Duration::from_secs(20), "the sidecar is ready", || async {
-        let ready = client.get(&format!("http://{admin}/ready")).await;
-        ready.is_ok_and(|r| r.status == 200).then_some(())
-    })
-    .await;
 
     let mut statuses = Vec::new();
     for _ in 0..10 {
