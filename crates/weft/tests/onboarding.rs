@@ -69,6 +69,13 @@ impl Mesh {
     }
 
     /// Runs `weft enable` and returns the id of the intent it queued.
+    /// The orders row of `GET /api/v1/status`.
+    async fn orders_status(&self) -> Value {
+        let status = self.control.get("/api/v1/status").await;
+        let services = status["services"].as_array().unwrap();
+        services.iter().find(|v| v["name"] == "orders").unwrap().clone()
+    }
+
     fn enable(&self, args: &[&str]) -> String {
         let out = self.control.cli().arg("enable").args(args).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -249,13 +256,7 @@ async fn strict_mtls_with_a_plaintext_caller_is_rolled_back_with_the_reason() {
         (plaintext.stats().since(&before).ok >= 10).then_some(())
     })
     .await;
-    let status = mesh.control.get("/api/v1/status").await;
-    let orders = status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "orders")
-        .unwrap();
+    let orders = mesh.orders_status().await;
     assert_eq!(orders["mtls"], "permissive", "{orders}");
     plaintext.stop().await;
 }
@@ -284,13 +285,7 @@ async fn strict_mtls_when_every_caller_has_a_sidecar_is_promoted() {
         .map(|d| d["outcome"].as_str().unwrap())
         .collect();
     assert_eq!(outcomes, ["promoted", "promoted"], "{done}");
-    let status = mesh.control.get("/api/v1/status").await;
-    let orders = status["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "orders")
-        .unwrap();
+    let orders = mesh.orders_status().await;
     assert_eq!(orders["mtls"], "strict", "{orders}");
     let failed: u64 = mesh.loads.iter().map(|l| l.stats().failed).sum();
     assert_eq!(failed, 0, "callers with sidecars never notice");
