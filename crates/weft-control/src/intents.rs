@@ -31,8 +31,9 @@ use weft_api::resource::{Document, IntentSpec, MtlsMode, OnInconclusive, Resourc
 const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How far before an intent started its baseline looks.
 const BASELINE_WINDOW: Duration = Duration::from_secs(60);
-/// A stage without enough evidence after this many bakes (and the warm-up) is inconclusive and follows the
-/// SLO's `onInconclusive`.
+/// A stage without enough evidence after this many bakes (and the warm-up; never before
+/// [`rollout::MIN_EVIDENCE_SPAN`], or a short bake would give up before latency can be judged)
+/// is inconclusive and follows the SLO's `onInconclusive`.
 const EVIDENCE_PATIENCE: u32 = 3;
 /// Evidence of a stage starts one telemetry report after its proxies ACKed: the report that
 /// spans the swap also holds whatever the swap itself cost (config pushes, ACKs and route
@@ -1118,7 +1119,7 @@ impl Step<'_> {
                 self.end(seq, Phase::RolledBack, format!("{why}: rolled back at stage {number} ({stage})"))
             }
             Verdict::Pass(why) if since >= bake => self.promote_stage(seq, why),
-            Verdict::Wait(why) if since >= bake * EVIDENCE_PATIENCE + WARM_UP => {
+            Verdict::Wait(why) if since >= (bake * EVIDENCE_PATIENCE).max(rollout::MIN_EVIDENCE_SPAN) + WARM_UP => {
                 self.inconclusive(seq, format!("inconclusive after {}s: {why}", since.as_secs()))
             }
             _ => {}

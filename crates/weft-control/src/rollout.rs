@@ -577,6 +577,10 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
 /// known (see [`clustered_auc`]).
 const MIN_REPORTS: usize = 4;
 
+/// The shortest evidence span that can hold [`MIN_REPORTS`] reports on each side (one interval
+/// spare: proxies do not report in step): a stage is not called inconclusive before it.
+pub(crate) const MIN_EVIDENCE_SPAN: Duration = Duration::from_secs(REPORT_INTERVAL.as_secs() * (MIN_REPORTS as u64 + 1));
+
 /// How often proxies report their traffic (weft-proxy's `REPORT_INTERVAL`).
 const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 

@@ -758,7 +758,7 @@ async fn a_quiet_service_is_held_inconclusive_not_rolled_back() {
     assert_eq!(decision["outcome"], "inconclusive", "{held}");
     assert_eq!(decision["stage"], 1, "{held}");
     let reason = decision["reason"].as_str().unwrap();
-    assert!(reason.starts_with("inconclusive after 5s: "), "{reason}");
+    assert!(reason.starts_with("inconclusive after 12s: "), "{reason}");
     assert!(reason.contains(" of 1,000 requests observed (error rate 0.0%"), "{reason}");
     assert!(
         reason.ends_with("held at stage 1 (50%) for an operator to approve or abort"),
@@ -805,10 +805,10 @@ async fn a_quiet_service_follows_on_inconclusive_rollback_and_promote() {
     let id = f.submit(&quiet("QUIET-ROLLBACK", "rollback")).await;
     let done = f.wait_phase(&id, "rolled-back", Duration::from_secs(20)).await;
     let reason = done["decisions"][0]["reason"].as_str().unwrap();
-    assert!(reason.starts_with("inconclusive after 5s: "), "{reason}");
+    assert!(reason.starts_with("inconclusive after 12s: "), "{reason}");
     assert!(reason.ends_with("rolled back at stage 1 (50%) as onInconclusive says"), "{reason}");
     let id = f.submit(&quiet("QUIET-PROMOTE", "promote")).await;
-    let done = f.wait_phase(&id, "promoted", Duration::from_secs(30)).await;
+    let done = f.wait_phase(&id, "promoted", Duration::from_secs(45)).await;
     let decisions = done["decisions"].as_array().unwrap();
     assert_eq!(decisions.len(), 2, "{done}");
     for d in decisions {
