@@ -143,10 +143,28 @@ async fn forward_to_leader(State(api): State<Api>, req: axum::extract::Request, 
         || req.headers().contains_key(FORWARDED_BY)
         || api.mesh.leading();
     let leader = if here { None } else { api.mesh.leader_api.lock().clone() };
-    match leader {
-        Some(leader) => forward(&api.mesh, &leader, req).await.unwrap_or_else(IntoResponse::into_response),
-        None => next.run(req).await,
+    let Some(leader) = leader else {
+        return next.run(req).await;
+    };
+    let tokens = req.uri().path().contains("/tokens");
+    let answer = forward(&api.mesh, &leader, req).await.unwrap_or_else(IntoResponse::into_response);
+    // Read your writes: what the leader changed for a caller of this replica is what this
+    // replica shows (a token made here works here) as soon as the caller has the answer, not
+    // only once the store's watch brings it.
+    if answer.status().is_success() {
+        let (auth, mesh) = (api.auth.clone(), api.mesh.clone());
+        let reread = tokio::task::spawn_blocking(move || {
+            if tokens {
+                auth.reload().map_err(|e| e.to_string())
+            } else {
+                mesh.reload().map_err(|e| e.to_string())
+            }
+        });
+        if let Ok(Err(error)) = reread.await {
+            tracing::warn!(%error, "cannot read the store again after a forwarded change; the watch will");
+        }
     }
+    answer
 }
 
 /// Sends `req` to the leader's API at `leader` over one new connection (TLS trusting the mesh

@@ -346,6 +346,9 @@ struct Reference<'a> {
     name: String,
     evidence: &'a Evidence,
     drift: Option<Shift>,
+    /// Whether it gathers more as the stage goes on (the untreated proxies), or was fixed when
+    /// the intent began (the baseline).
+    grows: bool,
 }
 
 /// One reference's test of harm: its always-valid p-value, the effect it estimates, and the
@@ -416,6 +419,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             name: "untreated".into(),
             evidence: untreated,
             drift: None,
+            grows: true,
         });
     }
     if baseline.requests > 0 {
@@ -431,6 +435,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             name,
             evidence: baseline,
             drift: shift,
+            grows: false,
         });
     }
     let summary = summarize(treated, references.first());
@@ -527,6 +532,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             name,
             evidence: reference,
             drift,
+            ..
         } = &references[0];
         let scale = drift.as_ref().map_or(1.0, |d| d.factor);
         let (p, beyond) = (latency[0].0.p, latency[0].1);
@@ -555,21 +561,31 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // untreated, 74 requests in three reports) passed at the end of its bake.
     // Only when the estimate is beyond the slowdown that matters: a harmless stage with a short
     // bake (1 s: three reports by the time it is held) still passes.
+    // A baseline fixed with fewer reports never gets more (a mesh younger than the window):
+    // waiting for it would hold every stage to its end, so latency is left unjudged against it
+    // and the reason says so.
     let reports = (treated.reports.len(), references[0].evidence.reports.len());
     let first = &references[0];
     let scale = first.drift.as_ref().map_or(1.0, |d| d.factor);
     let looks_slower = typical_ratio(&t, first.evidence) / scale > slower;
-    if looks_slower && (reports.0 < MIN_REPORTS || reports.1 < MIN_REPORTS) {
+    let unjudged = looks_slower && !first.grows && reports.1 < MIN_REPORTS;
+    if looks_slower && !unjudged && (reports.0 < MIN_REPORTS || reports.1 < MIN_REPORTS) {
         return Verdict::Wait(format!(
             "{summary}; latency not judged before {MIN_REPORTS} reports on each side ({} treated, {} {})",
             reports.0, reports.1, references[0].name
         ));
     }
-    let bounds: Vec<String> = references
+    let mut bounds: Vec<String> = references
         .iter()
         .zip(&errors)
         .map(|(r, e)| format!("errors vs {} at most {}", r.name, points(e.3)))
         .collect();
+    if unjudged {
+        bounds.push(format!(
+            "latency not judged: the {} holds {} of the {MIN_REPORTS} reports it needs",
+            first.name, reports.1
+        ));
+    }
     Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
 }
 
@@ -1282,6 +1298,39 @@ mod tests {
         let verdict = judged(&slo, &by_reports(4, 25, 57.7), &evidence(1000, 0, 1.6), &untreated);
         assert!(
             matches!(verdict, Verdict::Fail(ref why) if why.starts_with("latency p50 ")),
+            "{verdict:?}"
+        );
+    }
+
+    /// Found end to end: on a mesh younger than the window, a 100% stage's baseline held one
+    /// report, and the four-report rule held a harmless onboarding to the end of its bake. A
+    /// fixed baseline never gains reports, so latency goes unjudged against it, and says so.
+    #[test]
+    fn a_baseline_that_cannot_gain_reports_does_not_hold_the_stage() {
+        let slo = Slo {
+            max_p99_increase: 20.0,
+            min_requests: 20,
+            ..Slo::default()
+        };
+        let by_reports = |reports: u64, each: u64, ms: f64| {
+            let mut e = Evidence::default();
+            for _ in 0..reports {
+                e.add(each, 0, &[slot_of(ms) as u32], &[each]);
+            }
+            e
+        };
+        let verdict = judged(&slo, &by_reports(5, 25, 3.0), &by_reports(1, 40, 1.6), &Evidence::default());
+        let Verdict::Pass(why) = verdict else {
+            panic!("held on a baseline that cannot grow: {verdict:?}")
+        };
+        assert!(
+            why.ends_with("latency not judged: the baseline holds 1 of the 4 reports it needs"),
+            "{why}"
+        );
+        // Against untreated proxies, which do gain reports, it still waits.
+        let verdict = judged(&slo, &by_reports(5, 25, 3.0), &by_reports(1, 40, 1.6), &by_reports(2, 40, 1.6));
+        assert!(
+            matches!(verdict, Verdict::Wait(ref why) if why.contains("(5 treated, 2 untreated)")),
             "{verdict:?}"
         );
     }

@@ -164,6 +164,12 @@ async fn replicas_elect_one_leader_and_another_takes_over_within_the_lease_when_
         phase(&all[leader], "HOLD-1").await.is_some(),
         "the leader holds the forwarded intent"
     );
+    // Read your writes: the replica that forwarded the change shows it as soon as it answered
+    // (as the token made through it worked there at once, above).
+    assert!(
+        phase(&all[follower], "HOLD-1").await.is_some(),
+        "the follower that forwarded the intent shows it at once"
+    );
     // Followers see the leader's intent through their watch.
     for replica in &all {
         eventually(Duration::from_secs(10), "every replica shows the held intent", || async {
