@@ -36,7 +36,13 @@ pub(crate) struct Entry {
     pub(crate) service: String,
     pub(crate) route: String,
     pub(crate) method: String,
+    /// The path as routed, authorized and forwarded (its canonical form, see
+    /// [`crate::authz::normalize`]); the caller's spelling when it has none.
     pub(crate) path: String,
+    /// The caller's spelling of the path, only when it differs from `path` (`/api/../admin`
+    /// logged as `/admin`, with this beside it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) raw_path: Option<String>,
     /// The endpoint (outbound) or app (inbound) that answered.
     pub(crate) upstream: String,
     pub(crate) status: u16,
@@ -155,10 +161,23 @@ impl Drop for Logged {
     }
 }
 
+/// The path a log line or tap event names: the canonical form that routing, authorization and
+/// the app all see, with the caller's spelling beside it when that differs, so `/api/../admin`
+/// is never recorded as a call under `/api`. A path with no canonical form (refused as
+/// `bad-path`) is recorded as sent.
+pub(crate) fn logged_path(raw: &str) -> (String, Option<String>) {
+    match crate::authz::normalize(raw) {
+        Ok(canonical) if canonical == raw => (canonical, None),
+        Ok(canonical) => (canonical, Some(raw.to_string())),
+        Err(_) => (raw.to_string(), None),
+    }
+}
+
 /// What an access line needs from a request before the request is consumed.
 pub(crate) struct Captured {
     pub(crate) method: String,
     pub(crate) path: String,
+    pub(crate) raw_path: Option<String>,
     pub(crate) trace: String,
 }
 
@@ -166,10 +185,14 @@ impl AccessLog {
     /// Captures the request's line fields, only when access logs are on (nothing extra per
     /// request otherwise).
     pub(crate) fn capture<B>(&self, req: &http::Request<B>) -> Option<Captured> {
-        self.enabled().then(|| Captured {
-            method: req.method().to_string(),
-            path: req.uri().path().to_string(),
-            trace: trace_id(req.headers()),
+        self.enabled().then(|| {
+            let (path, raw_path) = logged_path(req.uri().path());
+            Captured {
+                method: req.method().to_string(),
+                path,
+                raw_path,
+                trace: trace_id(req.headers()),
+            }
         })
     }
 

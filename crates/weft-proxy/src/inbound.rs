@@ -164,7 +164,7 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
                     .map(str::to_string)
             })
             .unwrap_or_default();
-        (req.method().to_string(), req.uri().path().to_string(), authority)
+        (req.method().to_string(), crate::access::logged_path(req.uri().path()).0, authority)
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = crate::downstream::watched(req, request_bytes.as_ref());

@@ -169,6 +169,7 @@ pub(crate) fn access_entry(
         route: done.route.map(|r| r.to_string()).unwrap_or_default(),
         method: c.method,
         path: c.path,
+        raw_path: c.raw_path,
         upstream,
         status: done.status,
         reason: done.reason,

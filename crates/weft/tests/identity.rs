@@ -565,7 +565,33 @@ async fn access_logs_are_one_json_line_per_request_with_both_identities() {
             "{line}"
         );
         assert!(line["totalMs"].as_f64().unwrap() >= line["durationMs"].as_f64().unwrap(), "{line}");
+        assert!(line.get("rawPath").is_none(), "a canonical path has no second spelling: {line}");
     }
+    // A path spelled to climb out of /api is logged as the path it was routed and authorized
+    // on, with the caller's spelling beside it: never as a call under /api.
+    let climbing = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let req = Request::get(format!("http://{}/api/%2e%2e/admin", web.outbound))
+        .header("host", "orders")
+        .header("traceparent", format!("00-{climbing}-00f067aa0ba902b7-01"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(Client::new().send(req).await.unwrap().status, 200);
+    let (out, inb) = eventually(Duration::from_secs(15), "the climbing request's lines", || async {
+        let out = lines(&web)
+            .into_iter()
+            .find(|l| l["direction"] == "outbound" && l["traceId"] == climbing)?;
+        let inb = lines(&orders)
+            .into_iter()
+            .find(|l| l["direction"] == "inbound" && l["traceId"] == climbing)?;
+        Some((out, inb))
+    })
+    .await;
+    assert_eq!(
+        (out["path"].as_str(), out["rawPath"].as_str()),
+        (Some("/admin"), Some("/api/%2e%2e/admin")),
+        "{out}"
+    );
+    assert_eq!((inb["path"].as_str(), inb.get("rawPath")), (Some("/admin"), None), "{inb}");
     // Without the flag there is no access log at all.
     let quiet = ProxyHandle::start(BIN, &control, "default/quiet", "cluster-a", &[], free_addr()).await;
     let req = Request::get(format!("http://{}/", quiet.outbound))
