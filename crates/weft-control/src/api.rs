@@ -7,7 +7,7 @@
 //! On etcd, a change asked of a follower is forwarded to the leader, whose answer is the answer
 //! ([`forward_to_leader`]).
 
-use crate::auth::{Actor, AuditedByLeader, Auth, FORWARDED_BY, FORWARDED_FOR, Role};
+use crate::auth::{Actor, AuditedByLeader, Auth, FORWARDED_BY, FORWARDED_FOR, FORWARDED_SIG, Role};
 use crate::intents::{ChangeError, Submitted};
 use crate::mesh::Mesh;
 use crate::plan::Kind;
@@ -126,8 +126,11 @@ pub(crate) fn router(api: Api) -> Router {
     routes()
         .router
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), forward_to_leader))
-        // Last added, so first to run: a follower forwards only what the caller may do.
+        // Added later, so run earlier: a follower forwards only what the caller may do.
         .route_layer(axum::middleware::from_fn_with_state(api.auth.clone(), crate::auth::authorize))
+        // Last added, so first to run: forwarding headers no replica signed are gone before
+        // anything reads them.
+        .route_layer(axum::middleware::from_fn_with_state(api.auth.clone(), crate::auth::trust_forwarded))
         .fallback(not_found)
         .with_state(api)
 }
@@ -147,7 +150,9 @@ async fn forward_to_leader(State(api): State<Api>, req: axum::extract::Request, 
         return next.run(req).await;
     };
     let tokens = req.uri().path().contains("/tokens");
-    let answer = forward(&api.mesh, &leader, req).await.unwrap_or_else(IntoResponse::into_response);
+    let answer = forward(&api.mesh, &api.auth, &leader, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
     // Read your writes: what the leader changed for a caller of this replica is what this
     // replica shows (a token made here works here) as soon as the caller has the answer, not
     // only once the store's watch brings it.
@@ -169,7 +174,7 @@ async fn forward_to_leader(State(api): State<Api>, req: axum::extract::Request, 
 
 /// Sends `req` to the leader's API at `leader` over one new connection (TLS trusting the mesh
 /// CA, which signed the leader's serving certificate); streams the body both ways.
-async fn forward(mesh: &Mesh, leader: &str, req: axum::extract::Request) -> Result<Response, ApiError> {
+async fn forward(mesh: &Mesh, auth: &Auth, leader: &str, req: axum::extract::Request) -> Result<Response, ApiError> {
     let refused = |why: String| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -201,9 +206,15 @@ async fn forward(mesh: &Mesh, leader: &str, req: axum::extract::Request) -> Resu
     parts
         .headers
         .insert(FORWARDED_BY, mesh.replica.parse().map_err(|e| refused(format!("{e}")))?);
-    if let Some(caller) = caller.and_then(|c| c.parse().ok()) {
-        parts.headers.insert(FORWARDED_FOR, caller);
+    // Signed as sent: the address only when it makes a header value.
+    let caller = caller.filter(|c| http::HeaderValue::from_str(c).is_ok());
+    if let Some(value) = caller.as_deref().and_then(|c| c.parse().ok()) {
+        parts.headers.insert(FORWARDED_FOR, value);
     }
+    let sig = auth.sign_forwarded(&mesh.replica, caller.as_deref().unwrap_or_default(), &parts.method, &path);
+    parts
+        .headers
+        .insert(FORWARDED_SIG, sig.parse().map_err(|e| refused(format!("{e}")))?);
     let exchange = async move {
         let conn = tower_service::Service::call(&mut connector, target)
             .await

@@ -170,9 +170,25 @@ pub enum TokenError {
     Random,
 }
 
+/// The key replicas sign forwarded changes with, made once by whichever replica comes first.
+fn forwarding_key(store: &Store) -> Result<aws_lc_rs::hmac::Key, TokenError> {
+    use base64::Engine;
+    let secret = match store.secret("forwarding_key")? {
+        Some(k) => k,
+        None => store.create_secret("forwarding_key", &random_secret("")?)?,
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(secret.trim())
+        .map_err(|e| TokenError::Store(StoreError::Db(format!("the stored forwarding key is not base64: {e}"))))?;
+    Ok(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &bytes))
+}
+
 /// The API tokens and dashboard sessions of this control plane.
 pub(crate) struct Auth {
     store: Arc<Store>,
+    /// Signs the forwarding headers a follower adds for the leader ([`FORWARDED_SIG`]): the
+    /// replicas share it through the store; nobody else has it.
+    forwarding: aws_lc_rs::hmac::Key,
     tokens: RwLock<Vec<ApiToken>>,
     sessions: RwLock<HashMap<String, Session>>,
     /// `/metrics` without a credential (`--metrics-open`).
@@ -223,8 +239,10 @@ impl Auth {
     /// token in `admin_file` is registered, written there first (mode 0600) when missing.
     pub(crate) fn open(store: Arc<Store>, admin_file: &std::path::Path, metrics_open: bool, tls: bool) -> Result<Self, TokenError> {
         let tokens = stored_tokens(&store)?;
+        let forwarding = forwarding_key(&store)?;
         let auth = Self {
             store,
+            forwarding,
             tokens: RwLock::new(tokens),
             sessions: RwLock::new(HashMap::new()),
             metrics_open,
@@ -392,6 +410,42 @@ impl Auth {
             role: t.role,
             session: true,
         })
+    }
+
+    /// The [`FORWARDED_SIG`] value for a change this replica forwards: when it was signed and
+    /// an HMAC over that time, both forwarding headers, the method and the path.
+    pub(crate) fn sign_forwarded(&self, by: &str, caller: &str, method: &Method, path: &str) -> String {
+        let at = self.clock.unix_ms() / 1000;
+        let tag = aws_lc_rs::hmac::sign(&self.forwarding, forwarded_text(at, by, caller, method, path).as_bytes());
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("{at}.{hex}")
+    }
+
+    /// Whether a request's forwarding headers were set by a replica (signed with the shared key,
+    /// within [`FORWARD_SKEW`] of now). Anyone else's are stripped ([`trust_forwarded`]).
+    fn forwarded_by_replica(&self, headers: &HeaderMap, method: &Method, path: &str) -> bool {
+        let text = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+        let (Some(by), Some(sig)) = (text(FORWARDED_BY), text(FORWARDED_SIG)) else {
+            return false;
+        };
+        let caller = text(FORWARDED_FOR).unwrap_or_default();
+        let Some((at, hex)) = sig.split_once('.') else {
+            return false;
+        };
+        let Ok(at) = at.parse::<u64>() else {
+            return false;
+        };
+        if (self.clock.unix_ms() / 1000).abs_diff(at) > FORWARD_SKEW.as_secs() || hex.len() % 2 != 0 {
+            return false;
+        }
+        let Some(tag) = (0..hex.len())
+            .step_by(2)
+            .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+        else {
+            return false;
+        };
+        aws_lc_rs::hmac::verify(&self.forwarding, forwarded_text(at, by, caller, method, path).as_bytes(), &tag).is_ok()
     }
 
     /// The caller of a request: a bearer token, or else the dashboard's session cookie.
@@ -583,6 +637,35 @@ pub(crate) const FORWARDED_BY: &str = "x-weft-forwarded-by";
 /// The address a follower was called from, as it tells the leader: the leader's audit record
 /// keeps it as `forwardedFor` beside `source`, the connection's own address (the follower's).
 pub(crate) const FORWARDED_FOR: &str = "x-weft-forwarded-for";
+
+/// The signature of the forwarding headers (see [`Auth::sign_forwarded`]): without a valid
+/// one, `x-weft-forwarded-*` headers are a caller's own and are stripped before anything reads
+/// them, so nobody outside the replicas can skip a follower's forwarding or put a made-up
+/// follower or caller address into the audit ledger.
+pub(crate) const FORWARDED_SIG: &str = "x-weft-forwarded-sig";
+/// How far a forwarding signature's time may be from the leader's clock.
+const FORWARD_SKEW: Duration = Duration::from_secs(60);
+
+fn forwarded_text(at: u64, by: &str, caller: &str, method: &Method, path: &str) -> String {
+    format!("weft-forwarded/1\n{at}\n{by}\n{caller}\n{method}\n{path}")
+}
+
+/// Strips forwarding headers that no replica signed; runs before authorization and forwarding.
+pub(crate) async fn trust_forwarded(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let claims = [FORWARDED_BY, FORWARDED_FOR, FORWARDED_SIG]
+        .iter()
+        .any(|h| req.headers().contains_key(*h));
+    if claims {
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        if !auth.forwarded_by_replica(req.headers(), req.method(), &path) {
+            tracing::warn!(path, "stripped forwarding headers no replica signed");
+            for h in [FORWARDED_BY, FORWARDED_FOR, FORWARDED_SIG] {
+                req.headers_mut().remove(h);
+            }
+        }
+    }
+    next.run(req).await
+}
 
 /// On the answer of a change a follower forwarded and the leader answered: the leader audited
 /// it, so the follower does not (one record per change). A change the follower could not

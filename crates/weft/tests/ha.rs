@@ -642,6 +642,39 @@ async fn a_change_forwarded_by_a_follower_is_audited_exactly_once() {
         assert_eq!(freezes.len(), 1, "{freezes:#?}");
         assert!(freezes[0].get("forwardedBy").is_none(), "{freezes:#?}");
     }
+
+    // Forwarding headers only a replica may set: a caller's own are stripped. Sent to the
+    // leader, they put no made-up follower or address in the ledger; sent to the follower, they
+    // do not make it handle the change itself (it forwards, and the record names it).
+    for (to, path) in [(leader, "/api/v1/bypass/orders"), (follower, "/api/v1/freeze")] {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(all[to].url(path))
+            .header("authorization", format!("Bearer {}", all[to].admin_token))
+            .header("x-weft-forwarded-by", "replica-made-up")
+            .header("x-weft-forwarded-for", "203.0.113.9:4444")
+            .header("x-weft-forwarded-sig", "1.00")
+            .body(http_body_util::Full::new(bytes::Bytes::from(r#"{"enabled": false}"#)))
+            .unwrap();
+        let reply = all[to].client().send(req).await.unwrap();
+        assert!(reply.status < 300, "{path}: {} {}", reply.status, reply.text());
+    }
+    let audit = eventually(Duration::from_secs(5), "the forged calls in the audit", || async {
+        let audit = all[leader].get("/api/v1/audit").await.as_array()?.clone();
+        let forged: Vec<Value> = audit
+            .into_iter()
+            .filter(|e| e["path"] == "/api/v1/bypass/orders" || (e["path"] == "/api/v1/freeze" && e.get("forwardedBy").is_some()))
+            .collect();
+        (forged.len() == 2).then_some(forged)
+    })
+    .await;
+    let text = serde_json::to_string(&audit).unwrap();
+    assert!(
+        !text.contains("replica-made-up") && !text.contains("203.0.113.9"),
+        "no forged forwarding in the ledger: {audit:#?}"
+    );
+    let freeze = audit.iter().find(|e| e["path"] == "/api/v1/freeze").unwrap();
+    assert_eq!(freeze["forwardedBy"], name.as_str(), "the follower forwarded it: {freeze:#}");
 }
 
 /// Root rotations one after another, each done by the leader with no proxy to wait for.
