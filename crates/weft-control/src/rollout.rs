@@ -1266,6 +1266,15 @@ mod tests {
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
     }
 
+    /// Evidence of `reports` telemetry reports of `each` requests, all taking `ms`.
+    fn by_reports(reports: u64, each: u64, ms: f64) -> Evidence {
+        let mut e = Evidence::default();
+        for _ in 0..reports {
+            e.add(each, 0, &[slot_of(ms) as u32], &[each]);
+        }
+        e
+    }
+
     /// Seen end to end: a treated caller slowed 35-fold by a change (every orders call +50 ms)
     /// sent 74 requests in three reports during its bake, and the stage passed: with fewer than
     /// four reports on a side, latency's variance between reports is unknown and the rank test
@@ -1278,13 +1287,6 @@ mod tests {
             max_p99_increase: 20.0,
             min_requests: 20,
             ..Slo::default()
-        };
-        let by_reports = |reports: u64, each: u64, ms: f64| {
-            let mut e = Evidence::default();
-            for _ in 0..reports {
-                e.add(each, 0, &[slot_of(ms) as u32], &[each]);
-            }
-            e
         };
         let untreated = evidence(185, 0, 1.6);
         let verdict = judged(&slo, &by_reports(3, 25, 57.7), &evidence(1000, 0, 1.6), &untreated);
@@ -1311,13 +1313,6 @@ mod tests {
             max_p99_increase: 20.0,
             min_requests: 20,
             ..Slo::default()
-        };
-        let by_reports = |reports: u64, each: u64, ms: f64| {
-            let mut e = Evidence::default();
-            for _ in 0..reports {
-                e.add(each, 0, &[slot_of(ms) as u32], &[each]);
-            }
-            e
         };
         let verdict = judged(&slo, &by_reports(5, 25, 3.0), &by_reports(1, 40, 1.6), &Evidence::default());
         let Verdict::Pass(why) = verdict else {
