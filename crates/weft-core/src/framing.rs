@@ -85,6 +85,13 @@ pub struct Scanned<T> {
     refused: bool,
     /// Where reads from `inner` land while heads are checked (`READ_CHUNK` bytes once used).
     scratch: Vec<u8>,
+    /// How long a request head may take to arrive whole, if limited (see [`Scanned::head_timeout`]).
+    head_timeout: Option<Duration>,
+    /// When the awaited head must be whole; made once per connection and reset for each head.
+    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `head_deadline` runs: while the connection's first request head, or a later
+    /// head already begun, is awaited.
+    head_deadline_armed: bool,
 }
 
 struct Scan {
@@ -170,9 +177,49 @@ impl<T> Scanned<T> {
                 seen: 0,
                 head_start: None,
                 refused: false,
+                head_timeout: None,
+                head_deadline: None,
+                head_deadline_armed: false,
             },
             verdicts,
         )
+    }
+
+    /// Ends the connection (a `TimedOut` read error) when a request head is not whole within
+    /// `timeout`: the first one counted from now, a later one from its first byte. hyper's own
+    /// `header_read_timeout` cannot cover what this scan holds back: a head held here reaches
+    /// hyper only when whole, and before the first bytes reach it hyper is still telling
+    /// HTTP/1.1 from HTTP/2, with no timer at all, so without this a client that sends part of
+    /// a head (or nothing) would hold its connection open for ever (slowloris). The wait
+    /// between two requests on a kept-alive connection is not timed here (an idle connection,
+    /// or a server-sent-events stream, reads nothing while a response is written).
+    pub fn head_timeout(mut self, timeout: Duration) -> Self {
+        self.head_timeout = Some(timeout);
+        self.head_deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+        self.head_deadline_armed = true;
+        self
+    }
+
+    /// Arms the head deadline when a head has begun and none is armed, and disarms it once
+    /// nothing is held (a head passed or was refused, or the connection is HTTP/2 or upgraded).
+    fn track_head_deadline(&mut self) {
+        let (Some(timeout), Some(deadline)) = (self.head_timeout, self.head_deadline.as_mut()) else {
+            return;
+        };
+        let awaiting_first = self.scan.heads == 0 && self.scan.state == State::Head && self.ready == 0 && !self.refused;
+        let awaiting = self.head_start.is_some() || awaiting_first;
+        if awaiting && !self.head_deadline_armed {
+            deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+        self.head_deadline_armed = awaiting;
+    }
+
+    /// Whether the awaited head is late (polling registers the wake-up for when it will be).
+    fn head_late(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.head_deadline.as_mut() {
+            Some(deadline) if self.head_deadline_armed => deadline.as_mut().poll(cx).is_ready(),
+            _ => false,
+        }
     }
 
     /// Scans what was read and not yet scanned, deciding how much of it hyper may have.
@@ -531,6 +578,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
             if this.scratch.is_empty() {
                 this.scratch = vec![0; READ_CHUNK];
             }
+            if this.head_late(cx) {
+                let timeout = this.head_timeout.unwrap_or_default();
+                tracing::info!(
+                    ?timeout,
+                    held = this.pending.len(),
+                    "no whole request head in time; closing the connection"
+                );
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no whole request head in time")));
+            }
             let mut chunk = ReadBuf::new(&mut this.scratch);
             let polled = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
             let n = chunk.filled().len();
@@ -540,6 +596,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
                 Poll::Ready(Ok(())) => {
                     this.pending.extend_from_slice(&this.scratch[..n]);
                     this.advance();
+                    this.track_head_deadline();
                 }
                 other => return other,
             }
