@@ -168,7 +168,8 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = crate::downstream::watched(req, request_bytes.as_ref());
-    let refused = plaintext_refused(&proxy, &conn).or_else(|| {
+    let connect = (req.method() == http::Method::CONNECT).then(crate::upgrade::connect_refused);
+    let refused = connect.or_else(|| plaintext_refused(&proxy, &conn)).or_else(|| {
         proxy
             .discovery
             .inbound_limiter
