@@ -92,6 +92,9 @@ pub struct Scanned<T> {
     /// Whether `head_deadline` runs: while the connection's first request head, or a later
     /// head already begun, is awaited.
     head_deadline_armed: bool,
+    /// Bytes pass at once and nothing is refused: the scan only tells where heads begin and
+    /// end, for the head deadline (see [`Scanned::watching`]).
+    watching: bool,
 }
 
 struct Scan {
@@ -180,9 +183,20 @@ impl<T> Scanned<T> {
                 head_timeout: None,
                 head_deadline: None,
                 head_deadline_armed: false,
+                watching: false,
             },
             verdicts,
         )
+    }
+
+    /// A scan that holds nothing back and refuses nothing, for a server that answers bad
+    /// heads itself but has no head timeout of its own (axum's `serve`): with
+    /// [`Scanned::head_timeout`] it ends a connection whose head does not arrive whole in time,
+    /// and it still closes an HTTP/2 connection that floods SETTINGS.
+    pub fn watching(inner: T, limits: HeadLimits) -> Self {
+        let (mut scanned, _) = Self::new(inner, limits);
+        scanned.watching = true;
+        scanned
     }
 
     /// Ends the connection (a `TimedOut` read error) when a request head is not whole within
@@ -224,6 +238,9 @@ impl<T> Scanned<T> {
 
     /// Scans what was read and not yet scanned, deciding how much of it hyper may have.
     fn advance(&mut self) {
+        if self.watching {
+            return self.advance_watching();
+        }
         while self.seen < self.pending.len() && !self.refused && self.scan.state != State::Flooded {
             if self.scan.state == State::Head && self.head_start.is_none() {
                 self.head_start = Some(self.seen);
@@ -263,6 +280,34 @@ impl<T> Scanned<T> {
                 }
             }
         }
+    }
+
+    /// As [`Scanned::advance`] when watching: everything scanned may pass; a head only marks
+    /// `head_start` while it lasts. A head the scan would refuse, or a line longer than the
+    /// head limit, ends the watch (the server answers it).
+    fn advance_watching(&mut self) {
+        while self.seen < self.pending.len() && self.scan.state != State::Off && self.scan.state != State::Flooded {
+            if self.scan.state == State::Head && self.head_start.is_none() {
+                self.head_start = Some(self.seen);
+            }
+            self.seen += self.scan.feed(&self.pending[self.seen..]);
+            match self.scan.head_ended.take() {
+                Some(Err(_)) => self.scan.state = State::Off,
+                Some(Ok(())) => self.head_start = None,
+                None if self.scan.state == State::Head => {
+                    if self.scan.line.len() > self.limits.max_bytes {
+                        self.scan.state = State::Off;
+                        self.scan.line = Vec::new();
+                    }
+                }
+                None => self.head_start = None,
+            }
+        }
+        if matches!(self.scan.state, State::Off) {
+            self.head_start = None;
+            self.seen = self.pending.len();
+        }
+        self.ready = self.seen;
     }
 
     /// Replaces the head from `start` on with the stand-in, and drops all that follows.
@@ -560,7 +605,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
                 this.ready -= n;
                 this.seen -= n;
                 if let Some(start) = &mut this.head_start {
-                    *start -= n; // a held head starts at or after what was ready
+                    // A held head starts at or after what was ready (when watching, a head
+                    // passes as it comes and only its being under way counts).
+                    *start = start.saturating_sub(n);
                 }
                 return Poll::Ready(Ok(()));
             }
