@@ -423,10 +423,24 @@ async fn delete(api: &Api, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The KIND `weft get` takes: one of the resource kinds as [`kind_matches`] reads them; any
+/// other is a usage error naming the value (it listed nothing, and exited 0).
+pub(crate) fn resource_kind(kind: &str) -> Result<String, String> {
+    ["TrafficPolicy", "SecurityPolicy"]
+        .iter()
+        .any(|k| kind_matches(kind, k))
+        .then(|| kind.to_string())
+        .ok_or_else(|| format!("unknown kind {kind:?}: one of TrafficPolicy (trafficpolicies, tp), SecurityPolicy (securitypolicies, sp)"))
+}
+
 fn kind_matches(filter: &str, kind: &str) -> bool {
     let f = filter.to_ascii_lowercase();
     let k = kind.to_ascii_lowercase();
-    f == k || f == format!("{k}s") || (f == "tp" && k == "trafficpolicy") || (f == "sp" && k == "securitypolicy")
+    let plural = k
+        .strip_suffix('y')
+        .map(|stem| format!("{stem}ies"))
+        .unwrap_or_else(|| format!("{k}s"));
+    f == k || f == plural || (f == "tp" && k == "trafficpolicy") || (f == "sp" && k == "securitypolicy")
 }
 
 async fn get(api: &Api, kind: Option<String>, name: Option<String>, format: output::Format) -> anyhow::Result<()> {
