@@ -372,9 +372,9 @@ mod tests {
     #[test]
     fn get_refuses_an_unknown_kind_naming_it() {
         use clap::Parser;
-        let err = super::Cli::try_parse_from(["weft", "get", "Foo"])
-            .err()
-            .expect("an unknown kind is refused");
+        let Err(err) = super::Cli::try_parse_from(["weft", "get", "Foo"]) else {
+            panic!("an unknown kind is refused");
+        };
         assert_eq!(err.exit_code(), 2);
         let text = err.to_string();
         assert!(text.contains("\"Foo\"") && text.contains("TrafficPolicy"), "{text}");
