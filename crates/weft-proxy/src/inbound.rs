@@ -373,7 +373,10 @@ async fn to_app(
         match answer {
             Ok(resp) => resp.map(weft_core::boxed),
             Err(e) => match client.fault() {
-                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                Some(fault) => {
+                    tracing::debug!(error = %e, "the app connection failed with the client's body");
+                    fault.reply(fault.describe())
+                }
                 None => {
                     proxy.pools.evict(app);
                     reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e)
@@ -401,7 +404,10 @@ async fn to_app(
             Ok(resp) => resp,
             Err(e @ AppError::Connect(_)) => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
             Err(e) => match client.fault() {
-                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                Some(fault) => {
+                    tracing::debug!(error = %e, "the app connection failed with the client's body");
+                    fault.reply(fault.describe())
+                }
                 None => reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e),
             },
         }
