@@ -692,7 +692,9 @@ const RETRY_CONDITIONS: [&str; 12] = [
     "aborted",
 ];
 
-fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
+/// Checks a mesh name (a service, namespace, resource or cluster name): 1-63 lowercase
+/// letters, digits, `-` or `.`, starting and ending with a letter or digit.
+pub fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
     let ok = !v.is_empty()
         && v.len() <= 63
         && v.chars()
