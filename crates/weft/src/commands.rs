@@ -346,6 +346,8 @@ fn print_pending(applied: &Value) {
         say!("{}: not {} yet", key_of(c), cell(c, "op"));
     }
     let blocker = &applied["blockedBy"];
+    // What can be done, one command a line, the explanations in one column whatever the ids.
+    let mut next: Vec<(String, String)> = Vec::new();
     match blocker["by"].as_str() {
         Some("intent") => {
             let other = cell(blocker, "id");
@@ -359,17 +361,27 @@ fn print_pending(applied: &Value) {
                 cell(blocker, "mode")
             );
             if phase == "awaiting-approval" {
-                say!("  weft intent approve {other}   lets {other} go on (one approval per stage)");
+                next.push((
+                    format!("weft intent approve {other}"),
+                    format!("lets {other} go on (one approval per stage)"),
+                ));
             }
-            say!("  weft intent abort {other}     rolls {other} back, and {id} starts");
+            next.push((format!("weft intent abort {other}"), format!("rolls {other} back, and {id} starts")));
         }
         Some("freeze") => {
             say!("queued as intent {id}: the mesh is frozen");
-            say!("  weft freeze off   lets queued changes start");
+            next.push(("weft freeze off".into(), "lets queued changes start".into()));
         }
         _ => say!("intent {id} is still rolling out ({}), not applied yet", cell(applied, "phase")),
     }
-    say!("  weft intent show {id}      follows it; `weft intent abort {id}` withdraws this change");
+    next.push((
+        format!("weft intent show {id}"),
+        format!("follows it; `weft intent abort {id}` withdraws this change"),
+    ));
+    let width = next.iter().map(|(command, _)| command.len()).max().unwrap_or(0);
+    for (command, what) in next {
+        say!("  {command:<width$}   {what}");
+    }
 }
 
 /// Polls intent `id` until it is promoted (its view), fails or rolls back (an error with the
