@@ -641,9 +641,21 @@ fn typed<S: DeserializeOwned>(doc: &Value) -> Result<Document<S>, FieldError> {
 /// Deserializes `doc` into `T`; an error names the field's path and the value found there.
 pub fn from_value<T: DeserializeOwned>(doc: &Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize::<_, T>(doc).map_err(|e| {
-        let field = e.path().to_string();
-        let value = lookup(doc, e.path()).map(short).unwrap_or_default();
-        FieldError::new(if field == "." { String::new() } else { field }, value, e.into_inner().to_string())
+        let at = e.path().to_string();
+        let at = if at == "." { String::new() } else { at };
+        let found = lookup(doc, e.path()).map(short).unwrap_or_default();
+        let message = e.into_inner().to_string();
+        // serde names a missing field in its message and points at the map that lacks it:
+        // the field named is the missing one (`enabled`, not ``), with no value.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name.to_string());
+        match missing {
+            Some(name) if at.is_empty() => FieldError::new(name, "", message),
+            Some(name) => FieldError::new(format!("{at}.{name}"), "", message),
+            None => FieldError::new(at, found, message),
+        }
     })
 }
 
@@ -692,7 +704,9 @@ const RETRY_CONDITIONS: [&str; 12] = [
     "aborted",
 ];
 
-fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
+/// Checks a mesh name (a service, namespace, resource or cluster name): 1-63 lowercase
+/// letters, digits, `-` or `.`, starting and ending with a letter or digit.
+pub fn check_name(field: &str, v: &str, errors: &mut Vec<FieldError>) {
     let ok = !v.is_empty()
         && v.len() <= 63
         && v.chars()

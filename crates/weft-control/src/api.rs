@@ -607,6 +607,13 @@ async fn bypass(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let t: Toggle = json_body(&body, "bypass")?;
     let namespace = t.namespace.unwrap_or_else(|| "default".into());
+    // A name no service can have is refused, not stored (a durable bypass of "Bad Name!" was).
+    let mut errors = Vec::new();
+    weft_api::resource::check_name("service", &service, &mut errors);
+    weft_api::resource::check_name("namespace", &namespace, &mut errors);
+    if !errors.is_empty() {
+        return Err(Invalid::new("bypass", errors).into());
+    }
     api.mesh
         .set_bypass(&namespace, &service, t.enabled, &actor.name)
         .map_err(store_error)?;

@@ -507,6 +507,9 @@ pub(crate) fn connect_info(mut req: tonic::Request<()>) -> Result<tonic::Request
 
 // === impl ApiListener ===
 
+/// How long a REST API request head may take to arrive whole (as on every sidecar listener).
+pub(crate) const API_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The REST API's connections, for `axum::serve`.
 pub(crate) struct ApiListener {
     pub(crate) rx: mpsc::Receiver<ControlConn>,
@@ -514,14 +517,24 @@ pub(crate) struct ApiListener {
 }
 
 impl axum::serve::Listener for ApiListener {
-    type Io = ControlConn;
+    type Io = weft_core::framing::Scanned<ControlConn>;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (ControlConn, SocketAddr) {
+    /// Each connection's request heads are timed (axum's `serve` has no head timeout of its
+    /// own): one not whole within [`API_HEAD_TIMEOUT`] of the handshake, or of its first byte,
+    /// ends the connection, so a client that sends part of a head holds nothing for long.
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
         match self.rx.recv().await {
             Some(conn) => {
                 let remote = conn.peer.remote.unwrap_or(self.local);
-                (conn, remote)
+                let limits = weft_core::framing::HeadLimits {
+                    max_headers: 100,
+                    max_bytes: 64 * 1024,
+                };
+                (
+                    weft_core::framing::Scanned::watching(conn, limits).head_timeout(API_HEAD_TIMEOUT),
+                    remote,
+                )
             }
             // The accept loop ended (shutdown): wait for axum's graceful shutdown to stop us.
             None => std::future::pending().await,

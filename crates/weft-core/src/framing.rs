@@ -85,6 +85,16 @@ pub struct Scanned<T> {
     refused: bool,
     /// Where reads from `inner` land while heads are checked (`READ_CHUNK` bytes once used).
     scratch: Vec<u8>,
+    /// How long a request head may take to arrive whole, if limited (see [`Scanned::head_timeout`]).
+    head_timeout: Option<Duration>,
+    /// When the awaited head must be whole; made once per connection and reset for each head.
+    head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `head_deadline` runs: while the connection's first request head, or a later
+    /// head already begun, is awaited.
+    head_deadline_armed: bool,
+    /// Bytes pass at once and nothing is refused: the scan only tells where heads begin and
+    /// end, for the head deadline (see [`Scanned::watching`]).
+    watching: bool,
 }
 
 struct Scan {
@@ -170,13 +180,67 @@ impl<T> Scanned<T> {
                 seen: 0,
                 head_start: None,
                 refused: false,
+                head_timeout: None,
+                head_deadline: None,
+                head_deadline_armed: false,
+                watching: false,
             },
             verdicts,
         )
     }
 
+    /// A scan that holds nothing back and refuses nothing, for a server that answers bad
+    /// heads itself but has no head timeout of its own (axum's `serve`): with
+    /// [`Scanned::head_timeout`] it ends a connection whose head does not arrive whole in time,
+    /// and it still closes an HTTP/2 connection that floods SETTINGS.
+    pub fn watching(inner: T, limits: HeadLimits) -> Self {
+        let (mut scanned, _) = Self::new(inner, limits);
+        scanned.watching = true;
+        scanned
+    }
+
+    /// Ends the connection (a `TimedOut` read error) when a request head is not whole within
+    /// `timeout`: the first one counted from now, a later one from its first byte. hyper's own
+    /// `header_read_timeout` cannot cover what this scan holds back: a head held here reaches
+    /// hyper only when whole, and before the first bytes reach it hyper is still telling
+    /// HTTP/1.1 from HTTP/2, with no timer at all, so without this a client that sends part of
+    /// a head (or nothing) would hold its connection open for ever (slowloris). The wait
+    /// between two requests on a kept-alive connection is not timed here (an idle connection,
+    /// or a server-sent-events stream, reads nothing while a response is written).
+    pub fn head_timeout(mut self, timeout: Duration) -> Self {
+        self.head_timeout = Some(timeout);
+        self.head_deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+        self.head_deadline_armed = true;
+        self
+    }
+
+    /// Arms the head deadline when a head has begun and none is armed, and disarms it once
+    /// nothing is held (a head passed or was refused, or the connection is HTTP/2 or upgraded).
+    fn track_head_deadline(&mut self) {
+        let (Some(timeout), Some(deadline)) = (self.head_timeout, self.head_deadline.as_mut()) else {
+            return;
+        };
+        let awaiting_first = self.scan.heads == 0 && self.scan.state == State::Head && self.ready == 0 && !self.refused;
+        let awaiting = self.head_start.is_some() || awaiting_first;
+        if awaiting && !self.head_deadline_armed {
+            deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+        }
+        self.head_deadline_armed = awaiting;
+    }
+
+    /// Whether the awaited head is late (polling registers the wake-up for when it will be).
+    fn head_late(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.head_deadline.as_mut() {
+            Some(deadline) if self.head_deadline_armed => deadline.as_mut().poll(cx).is_ready(),
+            _ => false,
+        }
+    }
+
     /// Scans what was read and not yet scanned, deciding how much of it hyper may have.
     fn advance(&mut self) {
+        if self.watching {
+            return self.advance_watching();
+        }
         while self.seen < self.pending.len() && !self.refused && self.scan.state != State::Flooded {
             if self.scan.state == State::Head && self.head_start.is_none() {
                 self.head_start = Some(self.seen);
@@ -216,6 +280,34 @@ impl<T> Scanned<T> {
                 }
             }
         }
+    }
+
+    /// As [`Scanned::advance`] when watching: everything scanned may pass; a head only marks
+    /// `head_start` while it lasts. A head the scan would refuse, or a line longer than the
+    /// head limit, ends the watch (the server answers it).
+    fn advance_watching(&mut self) {
+        while self.seen < self.pending.len() && self.scan.state != State::Off && self.scan.state != State::Flooded {
+            if self.scan.state == State::Head && self.head_start.is_none() {
+                self.head_start = Some(self.seen);
+            }
+            self.seen += self.scan.feed(&self.pending[self.seen..]);
+            match self.scan.head_ended.take() {
+                Some(Err(_)) => self.scan.state = State::Off,
+                Some(Ok(())) => self.head_start = None,
+                None if self.scan.state == State::Head => {
+                    if self.scan.line.len() > self.limits.max_bytes {
+                        self.scan.state = State::Off;
+                        self.scan.line = Vec::new();
+                    }
+                }
+                None => self.head_start = None,
+            }
+        }
+        if matches!(self.scan.state, State::Off) {
+            self.head_start = None;
+            self.seen = self.pending.len();
+        }
+        self.ready = self.seen;
     }
 
     /// Replaces the head from `start` on with the stand-in, and drops all that follows.
@@ -513,7 +605,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
                 this.ready -= n;
                 this.seen -= n;
                 if let Some(start) = &mut this.head_start {
-                    *start -= n; // a held head starts at or after what was ready
+                    // A held head starts at or after what was ready (when watching, a head
+                    // passes as it comes and only its being under way counts).
+                    *start = start.saturating_sub(n);
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -531,6 +625,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
             if this.scratch.is_empty() {
                 this.scratch = vec![0; READ_CHUNK];
             }
+            if this.head_late(cx) {
+                let timeout = this.head_timeout.unwrap_or_default();
+                tracing::info!(
+                    ?timeout,
+                    held = this.pending.len(),
+                    "no whole request head in time; closing the connection"
+                );
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no whole request head in time")));
+            }
             let mut chunk = ReadBuf::new(&mut this.scratch);
             let polled = Pin::new(&mut this.inner).poll_read(cx, &mut chunk);
             let n = chunk.filled().len();
@@ -540,6 +643,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
                 Poll::Ready(Ok(())) => {
                     this.pending.extend_from_slice(&this.scratch[..n]);
                     this.advance();
+                    this.track_head_deadline();
                 }
                 other => return other,
             }

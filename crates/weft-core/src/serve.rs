@@ -20,7 +20,9 @@ pub struct Limits {
     pub max_headers: usize,
     /// Largest request header block, bytes (HTTP/1.1 read buffer and HTTP/2 header list).
     pub max_header_bytes: usize,
-    /// Time allowed to read an HTTP/1.1 request head.
+    /// Time allowed to read an HTTP/1.1 request head: the first from the connection's start
+    /// (or its TLS handshake's end), a later one from its first byte or, once idle, from the
+    /// end of the answer before it.
     pub header_read_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
@@ -156,6 +158,9 @@ where
                 return;
             };
             let (io, verdicts) = crate::framing::Scanned::new(io, head_limits);
+            // hyper's header_read_timeout never sees a head the scan still holds, nor the
+            // first one (hyper is still telling HTTP/1.1 from HTTP/2): the scan times those.
+            let io = io.head_timeout(handshake_timeout);
             let index = std::sync::atomic::AtomicU64::new(0);
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let n = index.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -250,6 +255,70 @@ mod tests {
             too_large,
             "a 70 KiB header block is refused"
         );
+        shutdown.cancel();
+    }
+    /// Reads until the server closes the connection (or `limit` passes); returns what came and
+    /// how long after the call the end came, if it did.
+    async fn until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> (Vec<u8>, Option<Duration>) {
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout_at(tokio::time::Instant::from_std(started + limit), tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (got, Some(started.elapsed())),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => return (got, None),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_that_never_completes_is_cut_at_the_header_read_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        };
+        tokio::spawn(serve(listener, limits, shutdown.clone(), |_req| async {
+            crate::admin::text(hyper::StatusCode::OK, "ok")
+        }));
+        // Slowloris: nothing at all, a first head cut short (before and after the 24 bytes
+        // that tell HTTP/1.1 from HTTP/2), and a second head cut short after a whole request.
+        let partial: [&[u8]; 3] = [b"", b"GET", b"GET / HTTP/1.1\r\nhost: x\r\n"];
+        let mut slow = Vec::new();
+        for bytes in partial {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(bytes).await.unwrap();
+            slow.push((String::from_utf8_lossy(bytes).into_owned(), tcp));
+        }
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+        kept.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = kept.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+        kept.write_all(b"GET / HTTP/1.1\r\nho").await.unwrap();
+        slow.push(("a second head".into(), kept));
+        for (what, mut tcp) in slow {
+            let (got, closed) = until_closed(&mut tcp, Duration::from_secs(10)).await;
+            let closed = closed.unwrap_or_else(|| panic!("{what:?}: still open after 10 s (timeout 400 ms)"));
+            assert!(closed < Duration::from_secs(5), "{what:?}: closed only after {closed:?}");
+            assert!(
+                !got.starts_with(b"HTTP/1.1 200"),
+                "{what:?}: answered {:?}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+        // A head that arrives in pieces, each well within the timeout and whole within it,
+        // is served.
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for piece in [&b"GET / HT"[..], b"TP/1.1\r\nhost: x\r\n", b"\r\n"] {
+            tcp.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
         shutdown.cancel();
     }
 }

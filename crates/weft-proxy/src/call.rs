@@ -493,9 +493,8 @@ impl Call<'_> {
                 // The stream failed because the client's body did: nothing to hold against
                 // the endpoint or its connection.
                 let fault = self.client.fault().expect("checked");
-                Ok(Tried::Refused(
-                    fault.reply(format!("the request body failed: {}", error_chain(e.error()))),
-                ))
+                tracing::debug!(error = %error_chain(e.error()), "the forwarded stream failed with the client's body");
+                Ok(Tried::Refused(fault.reply(fault.describe())))
             }
             Err(mut e) => {
                 // The connection is shared by every request to this endpoint: forget it only

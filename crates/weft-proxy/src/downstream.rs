@@ -75,6 +75,19 @@ impl ClientFault {
         crate::forward::reply(self.status(), self.reason(), detail)
     }
 
+    /// What the client did, for the answer's text. The error the forwarded stream failed
+    /// with names only the hop this proxy cut ("http2 error: stream error sent by user"), never
+    /// what was wrong with the client's request.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            ClientFault::BadRequest => {
+                "the request body's framing is invalid (a bad chunk size or chunk end, or a body that does not match its length)"
+            }
+            ClientFault::Reset => "the client reset or closed its connection before its request body ended",
+            ClientFault::Timeout => "the request body stopped arriving",
+        }
+    }
+
     /// Whether a reason names a failure the client caused.
     pub(crate) fn is_reason(reason: &str) -> bool {
         reason.starts_with("client-")

@@ -168,7 +168,8 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
     });
     let request_bytes = captured.as_ref().map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let req = crate::downstream::watched(req, request_bytes.as_ref());
-    let refused = plaintext_refused(&proxy, &conn).or_else(|| {
+    let connect = (req.method() == http::Method::CONNECT).then(crate::upgrade::connect_refused);
+    let refused = connect.or_else(|| plaintext_refused(&proxy, &conn)).or_else(|| {
         proxy
             .discovery
             .inbound_limiter
@@ -372,7 +373,10 @@ async fn to_app(
         match answer {
             Ok(resp) => resp.map(weft_core::boxed),
             Err(e) => match client.fault() {
-                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                Some(fault) => {
+                    tracing::debug!(error = %e, "the app connection failed with the client's body");
+                    fault.reply(fault.describe())
+                }
                 None => {
                     proxy.pools.evict(app);
                     reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e)
@@ -400,7 +404,10 @@ async fn to_app(
             Ok(resp) => resp,
             Err(e @ AppError::Connect(_)) => reply(StatusCode::SERVICE_UNAVAILABLE, Reason::AppUnavailable, e),
             Err(e) => match client.fault() {
-                Some(fault) => fault.reply(format!("the request body failed: {e}")),
+                Some(fault) => {
+                    tracing::debug!(error = %e, "the app connection failed with the client's body");
+                    fault.reply(fault.describe())
+                }
                 None => reply(StatusCode::BAD_GATEWAY, Reason::AppReset, e),
             },
         }

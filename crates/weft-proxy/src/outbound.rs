@@ -111,6 +111,9 @@ pub(crate) async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Res
 /// Routes and forwards one request; returns the destination service and route, and how it
 /// ended.
 async fn route_request(proxy: &Arc<Proxy>, mut req: Request<Body>, grpc: bool) -> (Arc<str>, Arc<str>, Outcome) {
+    if req.method() == http::Method::CONNECT {
+        return (unnamed(), unnamed(), crate::upgrade::connect_refused().into());
+    }
     let Some(authority) = target_authority(&req) else {
         return (
             unnamed(),

@@ -39,6 +39,24 @@ pub(crate) fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     asks.then(|| req.headers().get(UPGRADE).cloned()).flatten()
 }
 
+/// The answer to `CONNECT`, on either listener: a tunnel would carry bytes past every policy
+/// and past the inbound's identity headers, and an app's 2xx to it would make hyper hand the
+/// client a tunnel that goes nowhere (an HTTPS client behind `HTTPS_PROXY` then failed its
+/// TLS handshake with no reason given). The mesh encrypts between sidecars itself: an app
+/// sends plain `http://` requests to its outbound.
+pub(crate) fn connect_refused() -> Response<Body> {
+    let mut resp = reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Reason::UpgradeRefused,
+        "CONNECT is not proxied: the mesh encrypts between sidecars itself, so send plain http:// requests (absolute-form, or Host naming the service) to the outbound listener",
+    );
+    resp.headers_mut().insert(
+        http::header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
+    );
+    resp
+}
+
 /// Sends an Upgrade request on a fresh HTTP/1.1 connection. On 101 returns the answer and the
 /// upstream's side of the upgraded stream (resolved once hyper hands it over); any other
 /// answer comes back as is.

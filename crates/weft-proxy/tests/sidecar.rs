@@ -20,8 +20,12 @@ fn get(url: &str, host: Option<&str>) -> Request<Full<Bytes>> {
 }
 
 /// Starts `weft-sidecar` from a static config file in `dir` for workload default/orders in
-/// front of `app`, and waits until it is ready; returns the process and its inbound address.
-async fn start_sidecar(dir: &std::path::Path, app: std::net::SocketAddr) -> (weft_test::process::Process, std::net::SocketAddr) {
+/// front of `app`, and waits until it is ready; returns the process and its inbound and
+/// outbound addresses.
+async fn start_sidecar(
+    dir: &std::path::Path,
+    app: std::net::SocketAddr,
+) -> (weft_test::process::Process, std::net::SocketAddr, std::net::SocketAddr) {
     let (inbound, outbound, admin) = (free_addr(), free_addr(), free_addr());
     let file = dir.join("orders.yaml");
     let yaml = format!(
@@ -35,7 +39,7 @@ async fn start_sidecar(dir: &std::path::Path, app: std::net::SocketAddr) -> (wef
         ready.is_ok_and(|r| r.status == 200).then_some(())
     })
     .await;
-    (sidecar, inbound)
+    (sidecar, inbound, outbound)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,7 +47,7 @@ async fn the_sidecar_executable_serves_a_static_config_and_refuses_a_bad_one() {
     let dir = std::env::temp_dir().join(format!("weft-sidecar-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let app = EchoServer::start("orders").await;
-    let (mut sidecar, inbound) = start_sidecar(&dir, app.addr).await;
+    let (mut sidecar, inbound, _) = start_sidecar(&dir, app.addr).await;
     let client = weft_test::http::Client::new();
 
     // Origin form with a Host header; absolute form; HTTP/2 with :authority only.
@@ -131,7 +135,7 @@ async fn the_sidecar_reuses_its_app_connections_and_replaces_closed_ones() {
     let dir = std::env::temp_dir().join(format!("weft-sidecar-pool-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (app, accepted) = counting_app().await;
-    let (mut sidecar, inbound) = start_sidecar(&dir, app).await;
+    let (mut sidecar, inbound, _) = start_sidecar(&dir, app).await;
     let client = weft_test::http::Client::new();
 
     let mut statuses = Vec::new();
@@ -147,6 +151,82 @@ async fn the_sidecar_reuses_its_app_connections_and_replaces_closed_ones() {
     }
     assert_eq!(statuses, [200; 5], "{}", sidecar.log_text());
     assert_eq!(accepted.load(Relaxed), 1 + 4, "a connection the app closed is not reused");
+    sidecar.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Writes `bytes` on a new connection to `addr`, then reads until the sidecar closes it,
+/// `limit` passes, or (with `head_only`) an answer's head has come; returns what came and when
+/// the close came, if it did.
+async fn send_raw(addr: std::net::SocketAddr, bytes: &[u8], limit: Duration, head_only: bool) -> (String, Option<Duration>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(started + limit), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break None,
+        }
+        if head_only && got.windows(4).any(|w| w == b"\r\n\r\n") {
+            break None;
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Found from outside: a client that sends part of its first request head (or nothing) was
+/// kept connected for ever on every listener; it is cut at the 10 s header read timeout. And
+/// `CONNECT` reached the app, whose 200 made the sidecar hand the client a tunnel to nowhere:
+/// both listeners refuse it, 405 `upgrade-refused`, and the app sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_are_cut_at_the_header_timeout_and_connect_is_refused() {
+    let dir = std::env::temp_dir().join(format!("weft-sidecar-slow-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = EchoServer::start("orders").await;
+    let (mut sidecar, inbound, outbound) = start_sidecar(&dir, app.addr).await;
+
+    // Four slow clients at once, so the test waits out one timeout, not four.
+    let limit = Duration::from_secs(30);
+    let slow: [(&str, std::net::SocketAddr, &[u8]); 4] = [
+        ("inbound, nothing sent", inbound, b""),
+        ("inbound, a head cut short", inbound, b"GET / HTTP/1.1\r\nhost: orders\r\n"),
+        ("outbound, 3 bytes", outbound, b"GET"),
+        (
+            "outbound, a head cut short",
+            outbound,
+            b"GET / HTTP/1.1\r\nhost: orders\r\nx-slow: 1\r\n",
+        ),
+    ];
+    let clients: Vec<_> = slow
+        .iter()
+        .map(|(what, addr, bytes)| (*what, tokio::spawn(send_raw(*addr, bytes, limit, false))))
+        .collect();
+    for (what, client) in clients {
+        let (got, closed) = client.await.unwrap();
+        let closed = closed.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
+        assert!(
+            closed >= Duration::from_secs(9) && closed < Duration::from_secs(20),
+            "{what}: closed after {closed:?}, want the 10 s header read timeout"
+        );
+        assert!(!got.contains(" 200 "), "{what}: {got}");
+    }
+
+    for addr in [inbound, outbound] {
+        let (got, _) = send_raw(
+            addr,
+            b"CONNECT orders:443 HTTP/1.1\r\nhost: orders:443\r\n\r\n",
+            Duration::from_secs(10),
+            true,
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 405"), "{addr}: {got}\n{}", sidecar.log_text());
+        assert!(got.contains("x-weft-error: upgrade-refused"), "{got}");
+    }
+    assert_eq!(app.received(), 0, "the app saw {:?}", app.paths.lock());
     sidecar.kill();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -338,6 +338,16 @@ impl Control {
     /// `--ignore-certificate-errors-spki-list` takes it.
     pub async fn serving_spki(&self) -> String {
         use base64::Engine;
+        let tls = self.api_tls().await;
+        let leaf = tls.get_ref().1.peer_certificates().expect("a serving certificate")[0].clone();
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).expect("a readable certificate");
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.tbs_certificate.subject_pki.raw);
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    }
+
+    /// A TLS connection to the REST API (HTTP/1.1 by ALPN, trusting `ca.pem`), for a test that
+    /// writes its own bytes.
+    pub async fn api_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let config = weft_core::tls::client_config(
             weft_core::tls::roots_verifier(&self.ca_pem(), "ca.pem").expect("a CA to trust"),
             None,
@@ -345,14 +355,10 @@ impl Control {
         )
         .expect("TLS client configuration");
         let tcp = tokio::net::TcpStream::connect(self.api).await.expect("the API listens");
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
             .connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp)
             .await
-            .expect("TLS handshake with the API");
-        let leaf = tls.get_ref().1.peer_certificates().expect("a serving certificate")[0].clone();
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).expect("a readable certificate");
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.tbs_certificate.subject_pki.raw);
-        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+            .expect("TLS handshake with the API")
     }
 
     /// GET with the admin token; asserts 200.

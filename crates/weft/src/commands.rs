@@ -346,6 +346,8 @@ fn print_pending(applied: &Value) {
         say!("{}: not {} yet", key_of(c), cell(c, "op"));
     }
     let blocker = &applied["blockedBy"];
+    // What can be done, one command a line, the explanations in one column whatever the ids.
+    let mut next: Vec<(String, String)> = Vec::new();
     match blocker["by"].as_str() {
         Some("intent") => {
             let other = cell(blocker, "id");
@@ -359,17 +361,27 @@ fn print_pending(applied: &Value) {
                 cell(blocker, "mode")
             );
             if phase == "awaiting-approval" {
-                say!("  weft intent approve {other}   lets {other} go on (one approval per stage)");
+                next.push((
+                    format!("weft intent approve {other}"),
+                    format!("lets {other} go on (one approval per stage)"),
+                ));
             }
-            say!("  weft intent abort {other}     rolls {other} back, and {id} starts");
+            next.push((format!("weft intent abort {other}"), format!("rolls {other} back, and {id} starts")));
         }
         Some("freeze") => {
             say!("queued as intent {id}: the mesh is frozen");
-            say!("  weft freeze off   lets queued changes start");
+            next.push(("weft freeze off".into(), "lets queued changes start".into()));
         }
         _ => say!("intent {id} is still rolling out ({}), not applied yet", cell(applied, "phase")),
     }
-    say!("  weft intent show {id}      follows it; `weft intent abort {id}` withdraws this change");
+    next.push((
+        format!("weft intent show {id}"),
+        format!("follows it; `weft intent abort {id}` withdraws this change"),
+    ));
+    let width = next.iter().map(|(command, _)| command.len()).max().unwrap_or(0);
+    for (command, what) in next {
+        say!("  {command:<width$}   {what}");
+    }
 }
 
 /// Polls intent `id` until it is promoted (its view), fails or rolls back (an error with the
@@ -423,10 +435,24 @@ async fn delete(api: &Api, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The KIND `weft get` takes: one of the resource kinds as [`kind_matches`] reads them; any
+/// other is a usage error naming the value (it listed nothing, and exited 0).
+pub(crate) fn resource_kind(kind: &str) -> Result<String, String> {
+    ["TrafficPolicy", "SecurityPolicy"]
+        .iter()
+        .any(|k| kind_matches(kind, k))
+        .then(|| kind.to_string())
+        .ok_or_else(|| format!("unknown kind {kind:?}: one of TrafficPolicy (trafficpolicies, tp), SecurityPolicy (securitypolicies, sp)"))
+}
+
 fn kind_matches(filter: &str, kind: &str) -> bool {
     let f = filter.to_ascii_lowercase();
     let k = kind.to_ascii_lowercase();
-    f == k || f == format!("{k}s") || (f == "tp" && k == "trafficpolicy") || (f == "sp" && k == "securitypolicy")
+    let plural = k
+        .strip_suffix('y')
+        .map(|stem| format!("{stem}ies"))
+        .unwrap_or_else(|| format!("{k}s"));
+    f == k || f == plural || (f == "tp" && k == "trafficpolicy") || (f == "sp" && k == "securitypolicy")
 }
 
 async fn get(api: &Api, kind: Option<String>, name: Option<String>, format: output::Format) -> anyhow::Result<()> {

@@ -184,7 +184,12 @@ pub enum Command {
         file: PathBuf,
     },
     /// List resources, optionally of one kind and name.
-    Get { kind: Option<String>, name: Option<String> },
+    Get {
+        /// TrafficPolicy or SecurityPolicy (any case; plural; `tp`, `sp`)
+        #[arg(value_parser = commands::resource_kind)]
+        kind: Option<String>,
+        name: Option<String>,
+    },
     /// Show what applying a file would change.
     Diff {
         #[arg(short = 'f', long = "file")]
@@ -359,5 +364,22 @@ mod tests {
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// Found from outside: `weft get Foo` listed nothing and exited 0. A kind that is none of
+    /// the resource kinds is a usage error (exit 2) naming the value; the known ones, in any
+    /// of their spellings, parse.
+    #[test]
+    fn get_refuses_an_unknown_kind_naming_it() {
+        use clap::Parser;
+        let Err(err) = super::Cli::try_parse_from(["weft", "get", "Foo"]) else {
+            panic!("an unknown kind is refused");
+        };
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(text.contains("\"Foo\"") && text.contains("TrafficPolicy"), "{text}");
+        for kind in ["TrafficPolicy", "trafficpolicies", "tp", "SecurityPolicy", "securitypolicy", "sp"] {
+            assert!(super::Cli::try_parse_from(["weft", "get", kind, "x"]).is_ok(), "{kind}");
+        }
     }
 }

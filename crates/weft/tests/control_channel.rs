@@ -440,3 +440,70 @@ async fn a_proxy_keeps_renewing_and_reconnecting_with_its_certificate_after_its_
         control.process.log_text()
     );
 }
+
+/// Writes `bytes` on `io`, then reads until the server closes it or `limit` passes; returns
+/// what came and when the close came, if it did.
+async fn until_closed<S>(mut io: S, bytes: &[u8], limit: Duration) -> (String, Option<Duration>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(bytes).await.unwrap();
+    io.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(started + limit), io.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break None,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Found from outside: past its TLS handshake, a client that sent part of a request head (or
+/// nothing) held its REST API connection for ever (axum's server has no head timeout). Such a
+/// connection is now closed 10 s after the handshake or the head's first byte, while a
+/// server-sent-events stream, whose head came whole, stays open longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_request_head_that_never_completes_is_cut_after_10_s() {
+    let control = Control::start(BIN).await;
+    let limit = Duration::from_secs(30);
+    let events = format!(
+        "GET /api/v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {}\r\n\r\n",
+        control.admin_token
+    );
+    let cases: [(&str, Vec<u8>, Duration); 3] = [
+        ("nothing after the handshake", Vec::new(), limit),
+        (
+            "a head cut short",
+            b"GET /api/v1/status HTTP/1.1\r\nhost: 127.0.0.1\r\n".to_vec(),
+            limit,
+        ),
+        ("an event stream", events.into_bytes(), Duration::from_secs(15)),
+    ];
+    let mut clients = Vec::new();
+    for (what, bytes, limit) in cases {
+        let io = control.api_tls().await;
+        clients.push((what, tokio::spawn(async move { until_closed(io, &bytes, limit).await })));
+    }
+    let mut outcomes = Vec::new();
+    for (what, client) in clients {
+        outcomes.push((what, client.await.unwrap()));
+    }
+    for (what, (got, closed)) in &outcomes[..2] {
+        let closed = closed.unwrap_or_else(|| panic!("{what}: still open after {limit:?}"));
+        assert!(
+            closed >= Duration::from_secs(9) && closed < Duration::from_secs(20),
+            "{what}: closed after {closed:?}, want the 10 s head timeout"
+        );
+        assert!(!got.contains(" 200 "), "{what}: answered {got}");
+    }
+    let (got, closed) = &outcomes[2].1;
+    assert!(got.starts_with("HTTP/1.1 200"), "the event stream: {got}");
+    assert_eq!(*closed, None, "the event stream was closed after {closed:?}: {got}");
+    // The API still answers.
+    assert_eq!(control.get("/api/v1/status").await["revision"], 0);
+}

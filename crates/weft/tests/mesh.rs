@@ -345,6 +345,34 @@ async fn invalid_resource_changes_nothing_anywhere() {
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_file(subset_file);
 
+    // A bypass for a name no service can have (it was stored, durably, and in the ledger).
+    for (path, body, field, value) in [
+        ("/api/v1/bypass/Bad%20Name!", r#"{"enabled": true}"#, "service", "Bad Name!"),
+        (
+            "/api/v1/bypass/orders",
+            r#"{"enabled": true, "namespace": "Team_A"}"#,
+            "namespace",
+            "Team_A",
+        ),
+    ] {
+        let (status, err) = control.post(path, body).await;
+        assert_eq!((status, err["field"].as_str()), (400, Some(field)), "{path}: {err}");
+        assert!(err["error"].as_str().unwrap().contains(value), "{err}");
+    }
+    // The refused calls are audited (kind "audit", status 400); nothing else mentions them.
+    let ledger = control.get("/api/v1/ledger").await;
+    let changes: Vec<String> = ledger
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] != "audit")
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        changes.iter().all(|e| !e.contains("Bad Name") && !e.contains("Team_A")),
+        "{changes:?}"
+    );
+
     assert_eq!(control.get("/api/v1/status").await["revision"], 1, "revision unchanged");
     assert_eq!(control.get("/api/v1/revisions").await, before_history, "history unchanged");
     assert_eq!(caller.config_dump().await["config"], before_config, "proxy config unchanged");

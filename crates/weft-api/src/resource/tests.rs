@@ -239,3 +239,27 @@ fn stages_are_percentages_or_namespaces() {
     assert_eq!(errs[0].field, "spec.rollout.stages[0]", "{errs:?}");
     assert!(errs[0].message.contains("{namespaces: [NAME, ...]}"), "{errs:?}");
 }
+
+/// Found from outside: `POST /api/v1/freeze {}` answered `field: ""`. A missing field is the
+/// field named, at its path, with no value.
+#[test]
+fn a_missing_field_is_named_at_its_path() {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Toggle {
+        enabled: bool,
+        inner: Option<Inner>,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Inner {
+        name: String,
+    }
+    let err = super::from_value::<Toggle>(&serde_json::json!({})).unwrap_err();
+    assert_eq!((err.field.as_str(), err.value.as_str()), ("enabled", ""), "{err:?}");
+    assert!(err.message.contains("missing field `enabled`"), "{err:?}");
+    let err = super::from_value::<Toggle>(&serde_json::json!({"enabled": true, "inner": {}})).unwrap_err();
+    assert_eq!(err.field, "inner.name", "{err:?}");
+    let err = super::from_value::<Toggle>(&serde_json::json!({"enabled": "yes"})).unwrap_err();
+    assert_eq!((err.field.as_str(), err.value.as_str()), ("enabled", "yes"), "{err:?}");
+}
