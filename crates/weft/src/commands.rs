@@ -987,12 +987,18 @@ async fn intent(api: &Api, cmd: IntentCommand, format: output::Format) -> anyhow
                     Some("freeze") => say!("waits for the freeze to end (`weft freeze off`)"),
                     _ => {}
                 }
+                // Only a running stage treats proxies; the decisions below say which it did.
+                let treated = i["treated"]
+                    .as_array()
+                    .map(|t| t.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default();
                 say!(
                     "treated: {}",
-                    i["treated"]
-                        .as_array()
-                        .map(|t| t.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
-                        .unwrap_or_default()
+                    if treated.is_empty() {
+                        "none now (no stage is running)"
+                    } else {
+                        &treated
+                    }
                 );
                 say!("\ndecisions:");
                 for d in i["decisions"].as_array().into_iter().flatten() {
