@@ -557,14 +557,50 @@ pub fn parse_resources(text: &str, source_name: &str) -> Result<Vec<Resource>, I
     Ok(out)
 }
 
+/// Every document that reads as a policy resource, with the prefix its fields are named
+/// under (`[i].` when there are several), even when its values fail validation; and every
+/// problem found. A caller adds the checks that need the live mesh (subsets that exist) and
+/// reports every problem at once instead of the first kind only.
+pub fn parse_resources_leniently(text: &str, source_name: &str) -> Result<(Vec<(String, Resource)>, Vec<FieldError>), Invalid> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+        .map_err(|e| Invalid::one(source_name, FieldError::new("", "", format!("not valid YAML or JSON: {e}"))))?;
+    let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    let many = docs.len() > 1;
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
+    for (i, doc) in docs.iter().enumerate() {
+        let prefix = if many { format!("[{i}].") } else { String::new() };
+        let (obj, errs) = object_parts(doc);
+        errors.extend(errs.into_iter().map(|mut e| {
+            e.field = format!("{prefix}{}", e.field);
+            e
+        }));
+        if let Some(Object::Resource(r)) = obj {
+            out.push((prefix, r));
+        }
+    }
+    Ok((out, errors))
+}
+
 /// Reads one document (already a generic value) into its typed form and validates it.
 pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
+    match object_parts(doc) {
+        (Some(obj), errors) if errors.is_empty() => Ok(obj),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// A document's typed form when it has one, even if its values fail validation, and every
+/// problem found.
+fn object_parts(doc: &Value) -> (Option<Object>, Vec<FieldError>) {
     let Some(map) = doc.as_object() else {
-        return Err(vec![FieldError::new(
-            "",
-            short(doc),
-            "a document must be a mapping with apiVersion, kind, metadata and spec",
-        )]);
+        return (
+            None,
+            vec![FieldError::new(
+                "",
+                short(doc),
+                "a document must be a mapping with apiVersion, kind, metadata and spec",
+            )],
+        );
     };
     let mut errors = Vec::new();
     match map.get("apiVersion") {
@@ -576,11 +612,11 @@ pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
         Some(Value::String(k)) => k.as_str(),
         Some(v) => {
             errors.push(FieldError::new("kind", short(v), "must be a string"));
-            return Err(errors);
+            return (None, errors);
         }
         None => {
             errors.push(FieldError::new("kind", "", "missing; one of TrafficPolicy, SecurityPolicy, Intent"));
-            return Err(errors);
+            return (None, errors);
         }
     };
     let obj = match kind {
@@ -602,7 +638,7 @@ pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
                 other,
                 "unknown kind; one of TrafficPolicy, SecurityPolicy, Intent",
             ));
-            return Err(errors);
+            return (None, errors);
         }
     };
     match obj {
@@ -625,11 +661,11 @@ pub fn object_from_value(doc: &Value) -> Result<Object, Vec<FieldError>> {
                 check_name("metadata.name", &meta.name, &mut errors);
             }
             check_name("metadata.namespace", &meta.namespace, &mut errors);
-            if errors.is_empty() { Ok(obj) } else { Err(errors) }
+            (Some(obj), errors)
         }
         Err(e) => {
             errors.push(e);
-            Err(errors)
+            (None, errors)
         }
     }
 }

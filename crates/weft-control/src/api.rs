@@ -399,7 +399,17 @@ fn source_of(headers: &HeaderMap) -> String {
 /// `x-weft-source` header names the file, for error messages.
 async fn apply(State(api): State<Api>, headers: HeaderMap, body: String) -> Answer {
     let source = source_of(&headers);
-    let resources = weft_api::resource::parse_resources(&body, &source)?;
+    let resources = match weft_api::resource::parse_resources(&body, &source) {
+        Ok(resources) => resources,
+        Err(mut invalid) => {
+            // Every problem at once: what the mesh would also refuse in the documents that
+            // read, beside what their own checks found.
+            if let Ok((read, _)) = weft_api::resource::parse_resources_leniently(&body, &source) {
+                invalid.errors.extend(api.mesh.live_problems(&read));
+            }
+            return Err(invalid.into());
+        }
+    };
     let submitted = api.mesh.submit_change(format!("apply {source}"), resources, Vec::new(), &source)?;
     settle(&api.mesh, submitted).await
 }

@@ -655,6 +655,23 @@ impl Step<'_> {
         Ok(Submitted::Queued { id, changes })
     }
 
+    /// The live mesh's checks of `apply` (see [`crate::mesh::Mesh::live_problems`]).
+    pub(crate) fn live_problems(&self, apply: &[(String, Resource)]) -> Vec<FieldError> {
+        let mut next = (*self.m.resources).clone();
+        for (_, r) in apply {
+            next.insert(r.key(), r.clone());
+        }
+        apply
+            .iter()
+            .flat_map(|(at, r)| {
+                check(self.proxies, r, &next).into_iter().map(move |e| FieldError {
+                    field: format!("{at}{}", e.field),
+                    ..e
+                })
+            })
+            .collect()
+    }
+
     /// Checks a change against the live mesh as it would be after the change.
     fn validate_change(&self, apply: &[Resource], delete: &[ResourceKey], source: &str, prefix: &str) -> Result<(), ChangeError> {
         let mut next = (*self.m.resources).clone();

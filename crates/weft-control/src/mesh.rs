@@ -805,6 +805,13 @@ impl Mesh {
         self.with_machine(|step| step.submit_change(title, apply, delete, source))
     }
 
+    /// What only the live mesh can find wrong (a subset no workload has, a second TrafficPolicy
+    /// for a service) in resources that already failed their own checks, each at its document's
+    /// prefix: so a refusal names every problem at once, not one kind of them.
+    pub(crate) fn live_problems(&self, apply: &[(String, Resource)]) -> Vec<weft_api::error::FieldError> {
+        self.with_machine(|step| step.live_problems(apply))
+    }
+
     /// A rollback to revision `rev`: an intent whose change restores that revision's resources.
     pub(crate) fn submit_rollback(&self, rev: u64) -> Result<Submitted, ChangeError> {
         self.require_leader()?;

@@ -342,6 +342,25 @@ async fn invalid_resource_changes_nothing_anywhere() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains(subset_file.to_str().unwrap()) && stderr.contains("v9"), "{stderr}");
+    // Every problem at once from the API: the weights (the resource's own check) and the
+    // subsets no workload has (the live mesh's), each at its field.
+    let both = policy(
+        "orders",
+        "orders",
+        "    - backends: [{subset: v8, weight: 20}, {subset: v9, weight: 90}]\n",
+    );
+    let (status, err) = control.post("/api/v1/resources", &both).await;
+    assert_eq!(status, 400, "{err}");
+    let text = err.to_string();
+    for needle in [
+        "weights must sum to 100",
+        "spec.routes[0].backends[0].subset",
+        "spec.routes[0].backends[1].subset",
+        "label version=v8",
+        "label version=v9",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from: {err:#}");
+    }
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_file(subset_file);
 
