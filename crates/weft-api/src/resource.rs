@@ -557,11 +557,15 @@ pub fn parse_resources(text: &str, source_name: &str) -> Result<Vec<Resource>, I
     Ok(out)
 }
 
+/// What [`parse_resources_leniently`] read: the resources with their field prefixes, and the
+/// problems found.
+pub type Lenient = (Vec<(String, Resource)>, Vec<FieldError>);
+
 /// Every document that reads as a policy resource, with the prefix its fields are named
 /// under (`[i].` when there are several), even when its values fail validation; and every
 /// problem found. A caller adds the checks that need the live mesh (subsets that exist) and
 /// reports every problem at once instead of the first kind only.
-pub fn parse_resources_leniently(text: &str, source_name: &str) -> Result<(Vec<(String, Resource)>, Vec<FieldError>), Invalid> {
+pub fn parse_resources_leniently(text: &str, source_name: &str) -> Result<Lenient, Invalid> {
     let docs: Vec<Value> = serde_saphyr::from_multiple(text)
         .map_err(|e| Invalid::one(source_name, FieldError::new("", "", format!("not valid YAML or JSON: {e}"))))?;
     let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
