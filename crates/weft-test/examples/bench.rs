@@ -173,6 +173,7 @@ async fn fleet_run(
     let synced = || fleet.count_synced(2, revision, sim_svc_0) + joined.count_synced(2, revision, sim_svc_0);
     let failures_before_restart = (fleet.failures() + joined.failures(), fleet.last_failure());
     let t0 = Instant::now();
+    let restart_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let mut restarted = restart(control_pid).await?;
     let restart = fleet::until(Duration::from_secs(60), || async { synced() == n + 1 })
         .await
@@ -207,6 +208,8 @@ async fn fleet_run(
         // null: not every proxy was back in sync within 60 s (see restartReached, of
         // proxies + 1: the joiner too).
         "restartAllInSyncMs": restart.map(|d| d.as_millis()),
+        // When the SIGTERM was sent (unix seconds): what real sidecars logged before it.
+        "restartAtUnix": restart_at,
         "restartReached": restart_reached,
         "restartReconnected": restart_reconnected,
         "restartEndpointsHeld": [restart_held.0, restart_held.1],
