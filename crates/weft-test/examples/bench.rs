@@ -173,6 +173,7 @@ async fn fleet_run(
     let synced = || fleet.count_synced(2, revision, sim_svc_0) + joined.count_synced(2, revision, sim_svc_0);
     let failures_before_restart = (fleet.failures() + joined.failures(), fleet.last_failure());
     let t0 = Instant::now();
+    let restart_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let mut restarted = restart(control_pid).await?;
     let restart = fleet::until(Duration::from_secs(60), || async { synced() == n + 1 })
         .await
@@ -207,6 +208,8 @@ async fn fleet_run(
         // null: not every proxy was back in sync within 60 s (see restartReached, of
         // proxies + 1: the joiner too).
         "restartAllInSyncMs": restart.map(|d| d.as_millis()),
+        // When the SIGTERM was sent (unix seconds): what real sidecars logged before it.
+        "restartAtUnix": restart_at,
         "restartReached": restart_reached,
         "restartReconnected": restart_reconnected,
         "restartEndpointsHeld": [restart_held.0, restart_held.1],
@@ -295,11 +298,17 @@ async fn restart(pid: u32) -> anyhow::Result<std::process::Child> {
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))?;
     anyhow::ensure!(!args.is_empty(), "process {pid} has no command line");
     std::process::Command::new("kill").arg(pid.to_string()).status()?;
-    // Exited: gone, or a zombie its parent (the bench script) has not reaped yet.
+    // Exited: gone, or a zombie its parent (the bench script) has not reaped yet and whose
+    // threads have all exited. The main thread turns zombie first, and the last thread to
+    // exit closes the files: with thousands of sockets to close that took long enough for the
+    // successor to find the store's lock still held ("in use by another process": the restart
+    // step of two 5,000-proxy runs read 0 of 5,001).
     let exited = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
-            .unwrap_or(true)
+            .unwrap_or(true);
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
+        zombie && threads <= 1
     };
     fleet::until(Duration::from_secs(30), || async { exited() })
         .await

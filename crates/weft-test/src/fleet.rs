@@ -119,7 +119,12 @@ impl Fleet {
             let mut replicas = Vec::with_capacity(urls.len());
             for k in 0..urls.len() {
                 let url = urls[(i + k) % urls.len()];
-                replicas.push((tonic::transport::Endpoint::from_shared(url.to_string())?, connector(url, &token)?));
+                // Keepalive PINGs as a real proxy sends them (a busy control plane must answer them).
+                let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())?
+                    .http2_keep_alive_interval(weft_api::CONTROL_KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(weft_api::CONTROL_KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true);
+                replicas.push((endpoint, connector(url, &token)?));
             }
             let sim = Sim {
                 i,
@@ -132,9 +137,12 @@ impl Fleet {
             let (told_to_wait, failures, last_failure) = (told_to_wait.clone(), failures.clone(), last_failure.clone());
             tasks.spawn(async move {
                 let (mut failed, mut replica) = (0u32, 0usize);
+                // As a real proxy: a stream refused with a hint is opened again on the same
+                // connection (no new TLS handshake).
+                let mut kept = None;
                 loop {
                     let configured = sim.configured_streams();
-                    let outcome = sim.run(replica).await;
+                    let outcome = sim.run(replica, &mut kept).await;
                     if sim.configured_streams() > configured {
                         failed = 0;
                     }
@@ -329,11 +337,14 @@ impl Sim {
     }
 
     /// One stream to the `replica`-th replica (counting round from its own), until it ends.
-    async fn run(&self, replica: usize) -> anyhow::Result<()> {
+    async fn run(&self, replica: usize, kept: &mut Option<tonic::transport::Channel>) -> anyhow::Result<()> {
         let i = self.i;
         let (endpoint, connector) = &self.replicas[replica % self.replicas.len()];
-        let channel = endpoint.clone().connect_with_connector(connector.clone()).await?;
-        let mut client = DistributionClient::new(channel);
+        let channel = match kept.take() {
+            Some(channel) => channel,
+            None => endpoint.clone().connect_with_connector(connector.clone()).await?,
+        };
+        let mut client = DistributionClient::new(channel.clone());
         let (tx, rx) = mpsc::channel::<proto::ProxyMessage>(16);
         // Loopback addresses that nobody dials: the benchmark measures distribution only.
         let inbound = format!("127.0.{}.{}:{}", 1 + i / 60000, 1 + (i / 250) % 250, 10000 + i % 50000);
@@ -356,7 +367,15 @@ impl Sim {
             msg: Some(proxy_message::Msg::Register(register)),
         })
         .await?;
-        let mut stream = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let mut stream = match client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                if status.metadata().get(weft_api::RETRY_AFTER_MS).is_some() {
+                    *kept = Some(channel);
+                }
+                return Err(status.into());
+            }
+        };
         let calls = format!("default/{}", self.calls);
         while let Some(msg) = stream.next().await {
             // A whole config or a delta on the last one: either is ACKed. The simulator keeps

@@ -246,6 +246,10 @@ impl RawProxy {
     async fn send(&self, msg: proxy_message::Msg) {
         self.tx.send(proto::ProxyMessage { msg: Some(msg) }).await.unwrap();
     }
+
+    async fn ack(&self, version: u64, revision: u64) {
+        self.send(proxy_message::Msg::Ack(proto::Ack { version, revision })).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,26 +322,143 @@ async fn a_proxy_that_stops_reading_delays_no_one_and_catches_up_in_one_push() {
         "a change took {slowest:?} to reach a reading proxy"
     );
     let behind = Pushes::read(&control).await.since(before);
-    assert!(behind.deferred >= 1.0, "the stuck stream's queue filled: {behind:?}");
+    assert!(behind.deferred >= 1.0, "the stuck stream's pushes were held: {behind:?}");
 
-    // Reading again, it gets what was queued and then one push with every change it missed,
-    // each building on the one before: fewer pushes than changes, and no whole config.
-    let mut held = match stuck.next().await {
-        control_message::Msg::Config(c) => c.version,
-        other => panic!("the first push is the whole config: {other:?}"),
+    // Reading and answering again, it gets the at most two pushes that were out, then one
+    // push with every change it missed, each building on the one before: fewer pushes than
+    // changes, and no whole config.
+    let first = stuck.next().await;
+    let control_message::Msg::Config(first) = first else {
+        panic!("the first push is the whole config: {first:?}");
     };
-    let mut pushes = 1;
+    stuck.ack(first.version, first.revision).await;
+    let (mut held, mut pushes) = (first.version, 1);
     loop {
         let control_message::Msg::Delta(d) = stuck.next().await else {
             panic!("a stream that was behind is sent deltas, not whole configs");
         };
         assert_eq!(d.base_version, held, "each push builds on the one before");
         (held, pushes) = (d.version, pushes + 1);
+        stuck.ack(d.version, d.revision).await;
         if d.revision == last {
             break;
         }
     }
-    assert!(pushes < changes / 2, "{pushes} pushes for {changes} changes");
+    assert!(
+        pushes <= 3,
+        "{pushes} pushes for {changes} changes: two out, then one with the rest"
+    );
+}
+
+/// A control plane that answers nothing for 15 s (stopped: as one too busy with a storm to
+/// answer a PING in time) keeps its proxies' streams: a proxy PINGs after 10 s without a frame
+/// and waits 20 s for the answer. At the proxy's former 2 s / 3 s, its PING went unanswered 5 s after the last frame,
+/// it dropped the stream and registered again (its endpoint leaving and joining everyone's
+/// config: the churn a busy control plane then has to serve on top of its storm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_that_answers_nothing_for_15_s_keeps_its_proxies_streams() {
+    let control = Control::start(BIN).await;
+    let echo = EchoServer::start("orders").await;
+    let _orders = orders(&control, 0, echo.addr).await;
+    let web = caller(&control, "web").await;
+    until_endpoints(&web, 1).await;
+    let ids = || async {
+        let proxies = control.get("/api/v1/proxies").await;
+        let mut ids: Vec<String> = proxies
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|p| p["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = ids().await;
+    assert_eq!(before.len(), 2, "{before:?}");
+    let stall = Duration::from_secs(15);
+    assert!(
+        stall > weft_api::CONTROL_KEEPALIVE_INTERVAL + Duration::from_secs(2),
+        "a PING is sent during the stall, and goes unanswered for a while"
+    );
+    control.process.signal(nix::sys::signal::Signal::SIGSTOP);
+    let t = Instant::now();
+    // Watched throughout: the proxy must not give the stream up while the control plane is stopped.
+    while t.elapsed() < stall {
+        let log = web.process.log_text();
+        assert!(
+            !log.contains("control stream down"),
+            "the proxy dropped its stream {:?} into a 15 s stall",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    control.process.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(ids().await, before, "the same stream (the same connection number) after the stall");
+    assert!(
+        !web.process.log_text().contains("control stream down"),
+        "{}",
+        web.process.log_text()
+    );
+    assert_eq!(endpoints_of_orders(&web).await, 1);
+}
+
+/// A proxy the control plane refuses because it is busy registering others comes back on the
+/// same connection: one TLS handshake for its stream however many times it was told to wait
+/// (before, each refusal cost a new connection and handshake: thousands in a storm, for both
+/// sides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_told_to_come_back_later_does_so_on_the_same_connection() {
+    let control = Control::start_with(BIN, &["--max-registering".into(), "1".into()]).await;
+    let echo = EchoServer::start("orders").await;
+    let _orders = orders(&control, 0, echo.addr).await;
+    // Holds the one place: registered, and not answering its first config yet. (It calls a
+    // service with endpoints: one without would be held for the warm-up, giving its place up.)
+    let mut holder = RawProxy::connect(&control, "holder", "default/orders", 65_535).await;
+    let control_message::Msg::Config(first) = holder.next().await else {
+        panic!("the first push is the whole config");
+    };
+    let counters = || async {
+        let text = control.metrics().await;
+        (
+            metric(
+                &text,
+                "weft_control_tls_handshakes_total",
+                &["listener=\"grpc\"", "outcome=\"accepted\""],
+            ),
+            metric(&text, "weft_control_registrations_deferred_total", &[]),
+        )
+    };
+    let (handshakes, deferred) = counters().await;
+    let token = control.token("default/web", "web").await;
+    let web = ProxyHandle::spawn_url(
+        BIN,
+        &control.grpc_url(),
+        Some(&token),
+        "default/web",
+        "cluster-a",
+        &[],
+        free_addr(),
+        &[],
+    );
+    eventually(Duration::from_secs(30), "web told to come back 3 times", || async {
+        (counters().await.1 - deferred >= 3.0).then_some(())
+    })
+    .await;
+    holder.ack(first.version, first.revision).await;
+    web.wait_ready().await;
+    let (handshakes_after, deferred_after) = counters().await;
+    let refused = deferred_after - deferred;
+    let log = web.process.log_text();
+    assert!(
+        log.matches("coming back when it asked").count() >= 3,
+        "the proxy was told to wait: {log}"
+    );
+    // Its certificate request and its control stream: two connections, whatever `refused` is.
+    assert!(
+        handshakes_after - handshakes <= 2.0,
+        "{} TLS handshakes for {refused} refusals",
+        handshakes_after - handshakes
+    );
 }
 
 /// Join tokens for `n` simulated proxies of `control`.
