@@ -808,8 +808,12 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (Test,
     };
     let (scale, extra) = match &r.drift {
         // The factor's own uncertainty, through the slope of the rank statistic in ln(scale).
-        Some(d) => (d.factor, auc_slope(by_report, r.evidence, d.factor).powi(2) * d.log_variance),
-        None => (1.0, 0.0),
+        // A speed-up is not netted (see [`shift_of`]): the comparison is then with the baseline
+        // as measured, which owes nothing to the factor's uncertainty (carrying it anyway hid
+        // half the requests +40 ms in the demo: the fast half sits on the baseline, where the
+        // slope is steepest).
+        Some(d) if d.seen.0 >= 1.0 => (d.factor, auc_slope(by_report, r.evidence, d.factor).powi(2) * d.log_variance),
+        _ => (1.0, 0.0),
     };
     let plain = clustered_auc(by_report, &r.evidence.report_points(scale));
     let shifted = clustered_auc(by_report, &r.evidence.report_points(scale * slower));
@@ -854,7 +858,8 @@ fn drifted_null(treated: &Evidence, baseline: &Evidence, drift: &Shift) -> f64 {
 /// demo rolled back a harmless change at 100% on "+27%" when its own requests were 11% faster
 /// than the minute before and the other traffic 30% faster (1.27 = 0.89 / 0.70). A change
 /// must then show harm against the baseline as measured too, as a harm must show against every
-/// reference; the factor's uncertainty is still carried (at least as wide as before). The
+/// reference; for latency that comparison is the baseline as measured, without the factor's
+/// uncertainty (see [`slower_p`]); for errors the drift's variance is still carried. The
 /// price: while everything else gets faster, a slowdown of the service is judged against its
 /// own minute before only, not against the speed-up it missed.
 fn shift_of(d: &Drift) -> Shift {
@@ -1690,6 +1695,22 @@ mod tests {
         );
         // A real slowdown of the service still shows against the baseline as measured.
         let verdict = judge(&slo, &evidence(134, 0, 2.06 * 1.6), &baseline, &none, &faster);
+        assert!(
+            matches!(verdict, Verdict::Fail(ref why) if why.starts_with("latency p50 ")),
+            "{verdict:?}"
+        );
+        // The demo's BAD-2 at 100% after this change (promoted while the factor's uncertainty
+        // was still carried): half the requests +40 ms, 155 against 508, the other traffic 18%
+        // faster.
+        let mut half = Evidence::default();
+        for i in 0..155 {
+            half.record(false, 1.9 * (0.5 + (i % 100) as f64 / 99.0) + if i % 2 == 0 { 40.0 } else { 0.0 });
+        }
+        let sped = Drift {
+            before: evidence(508, 0, 2.0),
+            since: evidence(155, 0, 2.0 * 0.82),
+        };
+        let verdict = judge(&slo, &half, &evidence(508, 0, 1.9), &none, &sped);
         assert!(
             matches!(verdict, Verdict::Fail(ref why) if why.starts_with("latency p50 ")),
             "{verdict:?}"
