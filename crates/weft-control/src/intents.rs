@@ -1365,6 +1365,9 @@ fn evidence(
     let observing = intent.timing.observe_started;
     let before_start = |s: &Sample| started.is_some_and(|st| s.at < st && st.duration_since(s.at) <= BASELINE_WINDOW);
     let after_observe = |s: &Sample| observing.is_some_and(|o| s.at >= o + WARM_UP);
+    // Where a report falls in its window, for the split by report interval.
+    let before_at = |s: &Sample| started.map_or(Duration::ZERO, |st| BASELINE_WINDOW.saturating_sub(st.duration_since(s.at)));
+    let since_at = |s: &Sample| observing.map_or(Duration::ZERO, |o| s.at.duration_since(o + WARM_UP));
     let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
     let mut drift = Drift::default();
     let mut split = Split::default();
@@ -1389,17 +1392,17 @@ fn evidence(
                     add(&mut treated, s);
                 }
                 if after_observe(s) {
-                    split.since.0 = split.since.0.saturating_add(s.requests);
+                    split.add(true, since_at(s), true, s.requests);
                 }
                 if before_start(s) {
                     add(&mut baseline, s);
-                    split.before.0 = split.before.0.saturating_add(s.requests);
+                    split.add(false, before_at(s), true, s.requests);
                 }
             } else if after_observe(s) {
                 add(&mut untreated, s);
-                split.since.1 = split.since.1.saturating_add(s.requests);
+                split.add(true, since_at(s), false, s.requests);
             } else if before_start(s) {
-                split.before.1 = split.before.1.saturating_add(s.requests);
+                split.add(false, before_at(s), false, s.requests);
             }
         }
     }

@@ -328,16 +328,40 @@ pub struct Drift {
 }
 
 /// How the judged traffic split between the treated proxies and the untreated enforcing ones,
-/// as `(treated, untreated)` requests: in the window before the intent (the window the stage
-/// was chosen by) and since the stage's evidence began. The treated side counts all of the
-/// treated proxies' requests to the changed services, in scope or not, as the untreated side
-/// does.
+/// as `(treated, untreated)` requests per report interval ([`REPORT_INTERVAL`], in time
+/// order): in the window before the intent (the window the stage was chosen by) and since the
+/// stage's evidence began. The treated side counts all of the treated proxies' requests to the
+/// changed services, in scope or not, as the untreated side does. Counts by interval, not only
+/// totals: a balancer's choices are correlated over seconds, and the test takes its variance
+/// from how much the split moves between intervals (see [`traffic_moved`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Split {
-    pub before: (u64, u64),
-    pub since: (u64, u64),
+    pub before: Vec<(u64, u64)>,
+    pub since: Vec<(u64, u64)>,
     /// How long the `since` counts cover (from the end of the stage's warm-up).
     pub window: Duration,
+}
+
+// === impl Split ===
+
+impl Split {
+    /// Counts `requests` of one report into interval `at` (a multiple of [`REPORT_INTERVAL`]
+    /// from its window's start) of `before` or `since`, on the treated side or not.
+    pub fn add(&mut self, since: bool, at: Duration, treated: bool, requests: u64) {
+        let buckets = if since { &mut self.since } else { &mut self.before };
+        let i = (at.as_millis() / REPORT_INTERVAL.as_millis()) as usize;
+        if buckets.len() <= i {
+            buckets.resize(i + 1, (0, 0));
+        }
+        let side = if treated { &mut buckets[i].0 } else { &mut buckets[i].1 };
+        *side = side.saturating_add(requests);
+    }
+
+    fn totals(buckets: &[(u64, u64)]) -> (u64, u64) {
+        buckets
+            .iter()
+            .fold((0u64, 0u64), |(t, u), b| (t.saturating_add(b.0), u.saturating_add(b.1)))
+    }
 }
 
 /// One reference the treated proxies are compared with; against the baseline with no
@@ -363,11 +387,14 @@ struct Test {
 
 /// The drift of a [`Drift`]: other traffic's latency factor (the typical ratio since / before)
 /// and the variance of its logarithm, its error-rate difference with that difference's
-/// variance, and its error counts `(errors, requests)` before and since.
+/// variance, and its error counts `(errors, requests)` before and since. `factor` and `gap` are
+/// what the judge nets out, never below 1 and 0 (see [`shift_of`]); `seen` is what the other
+/// traffic showed, `(factor, gap)`.
 struct Shift {
     factor: f64,
     log_variance: f64,
     gap: f64,
+    seen: (f64, f64),
     variance: f64,
     before: (u64, u64),
     since: (u64, u64),
@@ -425,9 +452,11 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     if baseline.requests > 0 {
         let name = match &shift {
             Some(d) => format!(
-                "baseline (net of the same proxies' other traffic: {:+.0}% latency, {} errors)",
-                100.0 * (d.factor - 1.0),
-                points(d.gap)
+                "baseline (net of the same proxies' other traffic: {:+.0}% latency{}, {} errors{})",
+                100.0 * (d.seen.0 - 1.0),
+                if d.seen.0 < 1.0 { " (faster: not netted)" } else { "" },
+                points(d.seen.1),
+                if d.seen.1 < 0.0 { " (fewer: not netted)" } else { "" },
             ),
             None => "baseline".into(),
         };
@@ -598,7 +627,7 @@ const MIN_REPORTS: usize = 4;
 pub(crate) const MIN_EVIDENCE_SPAN: Duration = Duration::from_secs(REPORT_INTERVAL.as_secs() * (MIN_REPORTS as u64 + 1));
 
 /// How often proxies report their traffic (weft-proxy's `REPORT_INTERVAL`).
-const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Whether traffic moved away from the treated proxies after the swap, as harm: a caller that
 /// balances by latency (P2C over peak-EWMA) sends less to an instance a bad change slowed, and
@@ -609,8 +638,19 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 /// it fell to under [`SHARE_FALL`] of what it was. `None` without untreated traffic on both
 /// sides (a 100% stage) or before `minRequests` since. With no treated request at all since,
 /// see [`none_moved`].
+///
+/// The variance is taken between report intervals, not requests. A balancer's choices are not
+/// independent: P2C over two instances sends nearly everything to the one that looks faster
+/// until its latency estimate decays, so the split swings by itself for seconds at a time (the
+/// demo rolled back a harmless change on 11 of 120 treated requests against 78.8% before;
+/// counted as independent requests that was 99.7% sure). Each window's variance is the spread
+/// of its intervals' contributions to the logarithm (a clustered variance, like latency's
+/// [`clustered_auc`], widened for few intervals), never below the binomial one; and the window
+/// since the swap, too short to show its own spread, is held to the spread the window before
+/// showed per interval, over its own intervals: under "no harm" both windows come from the
+/// same balancer. See [`split_variance`].
 pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
-    let ((tb, ub), (ts, us)) = (split.before, split.since);
+    let ((tb, ub), (ts, us)) = (Split::totals(&split.before), Split::totals(&split.since));
     if tb == 0 || ub == 0 || us == 0 || ts.saturating_add(us) < slo.min_requests.max(1) {
         return None;
     }
@@ -620,15 +660,48 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
     // Half a request on every side keeps the logarithm finite when a side has none.
     let ln = |x: u64| (x as f64 + 0.5).ln();
     let fall = (ln(tb) - ln(ub)) - (ln(ts) - ln(us));
-    let variance: f64 = [tb, ub, ts, us].iter().map(|x| 1.0 / (*x as f64 + 0.5)).sum();
     let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 2.0;
-    let p = mixture_p_value(fall + SHARE_FALL.ln(), variance, SHARE_TAU2);
+    let p = mixture_p_value(fall + SHARE_FALL.ln(), split_variance(split), SHARE_TAU2);
     (p <= alpha).then(|| moved_words(split, p))
+}
+
+/// The variance of the fall [`traffic_moved`] tests: the window before's, plus the window
+/// since's, each taken between report intervals (see [`interval_variance`]) and at least the
+/// binomial variance of its counts; the window since at least the spread per interval the
+/// window before showed, over its own intervals (a window of three intervals just after a swap
+/// cannot show how far the balancer swings; a minute before can).
+fn split_variance(split: &Split) -> f64 {
+    let ((tb, ub), (ts, us)) = (Split::totals(&split.before), Split::totals(&split.since));
+    let binomial = |t: u64, u: u64| 1.0 / (t as f64 + 0.5) + 1.0 / (u as f64 + 0.5);
+    let before = interval_variance(&split.before);
+    let intervals = split.since.iter().filter(|b| b.0.saturating_add(b.1) > 0).count().max(1);
+    let swing = before.map_or(0.0, |(v, k)| v * k as f64 / intervals as f64);
+    let own = interval_variance(&split.since).map_or(0.0, |s| s.0);
+    before.map_or(0.0, |b| b.0).max(binomial(tb, ub)) + binomial(ts, us).max(own).max(swing)
+}
+
+/// How much a window's split moves between report intervals: the clustered variance of the
+/// logarithm of its treated per untreated requests (each interval's `t / T - u / U` is its
+/// share of that logarithm's error; their squares summed, times `k / (k - 1)`), widened by
+/// `nu / (nu - 2)` with `nu = k - 1` as [`clustered_auc`] does, with `k` the intervals that saw
+/// traffic. `None` with fewer than [`MIN_REPORTS`] such intervals: a spread is then unknown.
+/// With independent requests it comes out near the binomial `1 / T + 1 / U`.
+fn interval_variance(buckets: &[(u64, u64)]) -> Option<(f64, usize)> {
+    let (t, u) = Split::totals(buckets);
+    let (t, u) = (t as f64 + 0.5, u as f64 + 0.5);
+    let used: Vec<&(u64, u64)> = buckets.iter().filter(|b| b.0.saturating_add(b.1) > 0).collect();
+    let k = used.len();
+    if k < MIN_REPORTS {
+        return None;
+    }
+    let sum: f64 = used.iter().map(|b| (b.0 as f64 / t - b.1 as f64 / u).powi(2)).sum();
+    let (k_, nu) = (k as f64, (k - 1) as f64);
+    Some((sum * k_ / (k_ - 1.0) * nu / (nu - 2.0), k))
 }
 
 /// The reason [`traffic_moved`] gives, at the p-value `p`.
 fn moved_words(split: &Split, p: f64) -> String {
-    let ((tb, ub), (ts, us)) = (split.before, split.since);
+    let ((tb, ub), (ts, us)) = (Split::totals(&split.before), Split::totals(&split.since));
     let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t as f64 + u as f64));
     let per_untreated = (ts as f64 / us as f64) / (tb as f64 / ub as f64);
     format!(
@@ -653,27 +726,33 @@ fn moved_words(split: &Split, p: f64) -> String {
 /// fallen under a tenth of the odds before, each request since would have gone to them with
 /// probability at least `p0`, the share a tenth of those odds gives. The odds before are
 /// themselves counted, so `p0` takes their lower always-valid bound at half the metric's
-/// budget. Then none of `n` independent requests reaching them happens with probability at
-/// most `(1 - p0)^n`, and that event can only end as requests come (once none of the first `n`
-/// went there, none of the first `m < n` did), so looking after every report costs nothing:
-/// the false-alarm rate is at most half the budget for the bound plus `(1 - p0)^n`, which must
-/// be under the other half. Requests of one caller are not quite independent (a balancer
-/// keeps its choice for a while), which the margin of a tenth absorbs, as for the log test.
+/// budget (their variance taken between intervals). Then none of `n` independent requests
+/// reaching them happens with probability at most `(1 - p0)^n`, and that event can only end as
+/// requests come (once none of the first `n` went there, none of the first `m < n` did), so
+/// looking after every report costs nothing: the false-alarm rate is at most half the budget
+/// for the bound plus `(1 - p0)^n`, which must be under the other half. Requests are not
+/// independent (a balancer keeps its choice for a while), so `n` counts as `n / d`, `d` the
+/// design effect the window before shows: its variance between intervals over the binomial
+/// variance of its counts (Kish's: correlated requests carry the information of fewer
+/// independent ones).
 ///
 /// Proxies report every [`REPORT_INTERVAL`] and not in step: just after the warm-up, the
 /// untreated proxies' reports may be in and the treated ones' not yet. So nothing is decided
 /// before the counts cover two report intervals.
 fn none_moved(slo: &Slo, split: &Split) -> Option<String> {
-    let ((tb, ub), (_, us)) = (split.before, split.since);
+    let ((tb, ub), (_, us)) = (Split::totals(&split.before), Split::totals(&split.since));
     if split.window < 2 * REPORT_INTERVAL {
         return None;
     }
     let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 4.0;
     let (tb_, ub_) = (tb as f64 + 0.5, ub as f64 + 0.5);
-    let lower = (tb_ / ub_).ln() - mixture_radius(1.0 / tb_ + 1.0 / ub_, SHARE_TAU2, alpha);
+    let binomial = 1.0 / tb_ + 1.0 / ub_;
+    let variance = interval_variance(&split.before).map_or(binomial, |v| v.0.max(binomial));
+    let lower = (tb_ / ub_).ln() - mixture_radius(variance, SHARE_TAU2, alpha);
     let odds = SHARE_FALL * lower.exp();
     let p0 = odds / (1.0 + odds);
-    let p = (us as f64 * (1.0 - p0).ln()).exp();
+    let effective = us as f64 / (variance / binomial);
+    let p = (effective * (1.0 - p0).ln()).exp();
     (p <= alpha).then(|| moved_words(split, p + alpha))
 }
 
@@ -729,8 +808,12 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (Test,
     };
     let (scale, extra) = match &r.drift {
         // The factor's own uncertainty, through the slope of the rank statistic in ln(scale).
-        Some(d) => (d.factor, auc_slope(by_report, r.evidence, d.factor).powi(2) * d.log_variance),
-        None => (1.0, 0.0),
+        // A speed-up is not netted (see [`shift_of`]): the comparison is then with the baseline
+        // as measured, which owes nothing to the factor's uncertainty (carrying it anyway hid
+        // half the requests +40 ms in the demo: the fast half sits on the baseline, where the
+        // slope is steepest).
+        Some(d) if d.seen.0 >= 1.0 => (d.factor, auc_slope(by_report, r.evidence, d.factor).powi(2) * d.log_variance),
+        _ => (1.0, 0.0),
     };
     let plain = clustered_auc(by_report, &r.evidence.report_points(scale));
     let shifted = clustered_auc(by_report, &r.evidence.report_points(scale * slower));
@@ -767,7 +850,18 @@ fn drifted_null(treated: &Evidence, baseline: &Evidence, drift: &Shift) -> f64 {
     ])
 }
 
-/// The drift in other traffic, as the judge subtracts it.
+/// The drift in other traffic, as the judge subtracts it: a slowdown or a rise in errors, never
+/// a speed-up or a fall. The other traffic goes to other services, whose drift is the machine's
+/// only roughly (the harness: the service 35% slower while the other traffic was 20% gave 1.1%
+/// false rollbacks), so the reference is trusted only in the direction it exists for: to
+/// explain away a slowdown the machine caused. Netting out a speed-up manufactures one: the
+/// demo rolled back a harmless change at 100% on "+27%" when its own requests were 11% faster
+/// than the minute before and the other traffic 30% faster (1.27 = 0.89 / 0.70). A change
+/// must then show harm against the baseline as measured too, as a harm must show against every
+/// reference; for latency that comparison is the baseline as measured, without the factor's
+/// uncertainty (see [`slower_p`]); for errors the drift's variance is still carried. The
+/// price: while everything else gets faster, a slowdown of the service is judged against its
+/// own minute before only, not against the speed-up it missed.
 fn shift_of(d: &Drift) -> Shift {
     let factor = typical_ratio(&d.since.points(1.0), &d.before);
     let since = d.since.report_points(1.0);
@@ -779,9 +873,10 @@ fn shift_of(d: &Drift) -> Shift {
     let (b, s) = (&d.before, &d.since);
     let (gap, variance) = proportion_gap(s.errors, s.requests, b.errors, b.requests);
     Shift {
-        factor,
+        factor: factor.max(1.0),
         log_variance,
-        gap,
+        gap: gap.max(0.0),
+        seen: (factor, gap),
         variance,
         before: (b.errors, b.requests),
         since: (s.errors, s.requests),
@@ -1441,9 +1536,10 @@ mod tests {
             min_requests: 20,
             ..Slo::default()
         };
+        // A steady split: the totals spread evenly over a minute before and 10 s since.
         let split = |before: (u64, u64), since: (u64, u64)| Split {
-            before,
-            since,
+            before: steady(before, 30),
+            since: steady(since, 5),
             window: Duration::from_secs(10),
         };
         let why = traffic_moved(&slo, &split((1234, 1002), (23, 575))).expect("starved");
@@ -1476,8 +1572,8 @@ mod tests {
             ..Slo::default()
         };
         let split = |before: (u64, u64), since: (u64, u64), window: u64| Split {
-            before,
-            since,
+            before: steady(before, 30),
+            since: steady(since, (window as usize / 2).max(1)),
             window: Duration::from_secs(window),
         };
         let why = traffic_moved(&slo, &split((900, 100), (0, 300), 10)).expect("0 of 300 against 90%");
@@ -1492,6 +1588,139 @@ mod tests {
         // Within two report intervals a treated proxy may just not have reported yet.
         assert_eq!(traffic_moved(&slo, &split((1234, 1002), (0, 100), 3)), None);
         assert!(traffic_moved(&slo, &split((1234, 1002), (0, 100), 4)).is_some());
+    }
+
+    /// `(treated, untreated)` totals spread as evenly as counts allow over `intervals`.
+    fn steady(total: (u64, u64), intervals: usize) -> Vec<(u64, u64)> {
+        let k = intervals as u64;
+        (0..k)
+            .map(|i| {
+                let part = |n: u64| n * (i + 1) / k - n * i / k;
+                (part(total.0), part(total.1))
+            })
+            .collect()
+    }
+
+    /// The demo's false rollback (run 6, HARMLESS-4, a timeout raised): 11 of 120 requests to
+    /// the treated caller in the three report intervals since the swap, against 78.8% (921 of
+    /// 1,169) the minute before. Counted as independent requests that was 99.7% sure to be a
+    /// fall to under a tenth; but mobile-gateway balances checkout v1 and v2 by P2C over
+    /// peak-EWMA, which keeps nearly all of its traffic on one instance for seconds at a time
+    /// (v1 and v2 each carried 30-70% minute to minute, one run 97%). The minute before, as
+    /// such a balancer splits it: stretches of 10 s at 58-97%. Against it, the same three
+    /// intervals are a swing, not harm; against a minute that never moved they still are harm,
+    /// and a stage the caller keeps avoiding is rolled back once the evidence outlasts the swings.
+    #[test]
+    fn a_balancer_s_own_swing_is_not_traffic_moving_away() {
+        let slo = Slo {
+            max_error_rate: 5.0,
+            max_error_rate_increase: 1.0,
+            max_p99_increase: 20.0,
+            min_requests: 20,
+            ..Slo::default()
+        };
+        let stretch = |n: usize, b: (u64, u64)| vec![b; n];
+        let swinging: Vec<(u64, u64)> = [
+            stretch(4, (38, 1)),
+            stretch(1, (37, 1)),
+            stretch(5, (24, 15)),
+            stretch(5, (37, 2)),
+            stretch(5, (23, 16)),
+            stretch(5, (36, 3)),
+            stretch(3, (26, 13)),
+            stretch(2, (27, 12)),
+        ]
+        .concat();
+        assert_eq!(Split::totals(&swinging), (921, 248));
+        let since = vec![(2, 38), (4, 36), (5, 35)];
+        let harmless = Split {
+            before: swinging.clone(),
+            since: since.clone(),
+            window: Duration::from_secs(6),
+        };
+        assert_eq!(traffic_moved(&slo, &harmless), None, "variance {}", split_variance(&harmless));
+        // The same three intervals after a minute that held 78.8% throughout: harm.
+        let steady_before = Split {
+            before: steady((921, 248), 30),
+            ..harmless.clone()
+        };
+        let why = traffic_moved(&slo, &steady_before).expect("a fall from a split that never moved");
+        assert!(
+            why.contains("9.2% of the requests since the swap (11 of 120) against 78.8% before (921 of 1,169)"),
+            "{why}"
+        );
+        // A bad stage the caller avoids as BAD-2's was (4 of 282, 1.4%), after the same
+        // swinging minute: beyond what the swings explain in the same three intervals.
+        let avoided = Split {
+            since: vec![(1, 94), (2, 94), (1, 94)],
+            ..harmless
+        };
+        let why = traffic_moved(&slo, &avoided).expect("a fall to 1.4% after the swinging minute");
+        assert!(why.contains("(4 of 286) against 78.8% before"), "{why}");
+    }
+
+    /// The demo's other false rollback (run 6, HARMLESS-3, at 100%): "+27% net of the same
+    /// proxies' other traffic", which had got 30% faster while orders-api had not (its requests
+    /// were typically 11% faster than the minute before: 0.89 / 0.70 = 1.27). A drift may
+    /// explain a slowdown away, never manufacture one.
+    #[test]
+    fn a_drift_that_sped_other_traffic_up_does_not_make_the_service_slower() {
+        let slo = Slo {
+            max_error_rate: 5.0,
+            max_error_rate_increase: 1.0,
+            max_p99_increase: 20.0,
+            min_requests: 20,
+            ..Slo::default()
+        };
+        // The other traffic (profile-svc, called once per checkout as orders-api is) as many
+        // requests as orders-api's, before and since.
+        let faster = Drift {
+            before: evidence(1011, 0, 2.0),
+            since: evidence(134, 0, 2.0 * 0.70),
+        };
+        let baseline = evidence(1011, 0, 2.06);
+        let none = Evidence::default();
+        let verdict = judge(&slo, &evidence(134, 0, 2.06 * 0.89), &baseline, &none, &faster);
+        let Verdict::Pass(why) = verdict else {
+            panic!("11% faster than the baseline rolled back: {verdict:?}")
+        };
+        assert!(
+            why.contains("% latency (faster: not netted), +0.0 pp errors)") && why.contains("(134 vs 1,011 requests)"),
+            "{why}"
+        );
+        // A real slowdown of the service still shows against the baseline as measured.
+        let verdict = judge(&slo, &evidence(134, 0, 2.06 * 1.6), &baseline, &none, &faster);
+        assert!(
+            matches!(verdict, Verdict::Fail(ref why) if why.starts_with("latency p50 ")),
+            "{verdict:?}"
+        );
+        // The demo's BAD-2 at 100% after this change (promoted while the factor's uncertainty
+        // was still carried): half the requests +40 ms, 155 against 508, the other traffic 18%
+        // faster.
+        let mut half = Evidence::default();
+        for i in 0..155 {
+            half.record(false, 1.9 * (0.5 + (i % 100) as f64 / 99.0) + if i % 2 == 0 { 40.0 } else { 0.0 });
+        }
+        let sped = Drift {
+            before: evidence(508, 0, 2.0),
+            since: evidence(155, 0, 2.0 * 0.82),
+        };
+        let verdict = judge(&slo, &half, &evidence(508, 0, 1.9), &none, &sped);
+        assert!(
+            matches!(verdict, Verdict::Fail(ref why) if why.starts_with("latency p50 ")),
+            "{verdict:?}"
+        );
+        // Fewer errors elsewhere are not counted against the change either: 1 error in 134
+        // against none before passes when the other traffic went from 2% to none.
+        let fewer = Drift {
+            before: evidence(1011, 20, 2.0),
+            since: evidence(134, 0, 2.0),
+        };
+        let verdict = judge(&slo, &evidence(134, 1, 2.06), &baseline, &none, &fewer);
+        assert!(
+            matches!(verdict, Verdict::Pass(ref why) if why.contains("-2.0 pp errors (fewer: not netted)")),
+            "{verdict:?}"
+        );
     }
 
     #[test]
