@@ -445,7 +445,10 @@ async fn control_plane_restart_loses_no_request_and_no_history() {
     orders.wait_received(orders.received() + 20, Duration::from_secs(15)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = traffic.await.unwrap();
-    assert!(ok > 100, "steady traffic ran: {ok} requests");
+    // The three waits saw orders receive 90 of this loop's requests; the loop sends one at a
+    // time, so at most the last of them was still on its way back when it stopped (a full
+    // suite run once counted 98, which the old "more than 100" called a failure).
+    assert!(ok >= 89, "steady traffic ran: {ok} requests");
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",
