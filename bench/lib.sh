@@ -14,11 +14,14 @@ need() { # command package
 build() {
   cargo build --release --locked -p weft -p weft-proxy >/dev/null 2>&1
   cargo build --release --locked -p weft-test --example bench --example latency >/dev/null 2>&1
+  cargo build --profile sidecar --locked -p weft-proxy --bin weft-sidecar >/dev/null 2>&1
 }
 W=$ROOT/target/release/weft
 # Sidecars run as the proxy-only executable: the flags of `weft proxy`, without the control
-# plane's, CLI's and dashboard's code among the proxy's pages (issue #15).
-S=$ROOT/target/release/weft-sidecar
+# plane's, CLI's and dashboard's code among the proxy's pages, built with the `sidecar`
+# profile (whole-program optimisation; Cargo.toml) as it ships (issue #15). SIDECAR=path runs
+# another build, e.g. target/release/weft-sidecar to compare.
+S=${SIDECAR:-$ROOT/target/sidecar/weft-sidecar}
 B=$ROOT/target/release/examples/bench
 T=$(mktemp -d)
 PIDS=()

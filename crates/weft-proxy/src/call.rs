@@ -305,7 +305,7 @@ impl Call<'_> {
                     let status = resp.status().as_u16();
                     let grpc_status = resp
                         .headers()
-                        .get("grpc-status")
+                        .get(&crate::forward::GRPC_STATUS)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
                     let failed = status >= 500 || grpc_status.is_some_and(|c: u32| c == 14);

@@ -6,7 +6,7 @@
 //! the proxy writes itself carries a stable reason in `x-weft-error`, the same one used as the
 //! metric label.
 
-use crate::reason::{ERROR_HEADER, Reason};
+use crate::reason::{ERROR_HEADER, ERROR_NAME, Reason};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Response, StatusCode};
@@ -26,6 +26,10 @@ pub(crate) const CLIENT_CERT: &str = "x-forwarded-client-cert";
 /// [`crate::intercept`]). A mesh header: apps never set it (their outbound strips it) nor see
 /// it (the trust boundary strips it); the callee reads it on mTLS connections only.
 pub(crate) const APP_PORT_HEADER: &str = "x-weft-app-port";
+/// [`APP_PORT_HEADER`] parsed once.
+pub(crate) static APP_PORT_NAME: HeaderName = HeaderName::from_static(APP_PORT_HEADER);
+/// `grpc-status`, parsed once: read on every answer a gRPC call gets.
+pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// The port of the destination's app an intercepted request asks for (a request extension,
 /// sent on as [`APP_PORT_HEADER`]).
@@ -58,6 +62,10 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// (needed by gRPC) is kept; any other `te` is removed. One pass over the names present, most
 /// requests having none of them: nothing is removed, hashed or allocated then.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // `Connection` is itself hop-by-hop, so a map with none of these names has nothing to do.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k) || *k == header::TE) {
+        return;
+    }
     let mut hop: Vec<HeaderName> = headers
         .keys()
         .filter(|k| HOP_BY_HOP.contains(k) || (*k == header::TE && !is_te_trailers(headers)))
@@ -241,7 +249,7 @@ pub(crate) fn finish(mut resp: Response<Body>, version: http::Version, grpc: boo
         return resp; // its Upgrade and Connection headers are the point
     }
     strip_hop_by_hop(resp.headers_mut());
-    if grpc && resp.headers().contains_key(ERROR_HEADER) && !resp.headers().contains_key("grpc-status") {
+    if grpc && resp.headers().contains_key(&ERROR_NAME) && !resp.headers().contains_key(&GRPC_STATUS) {
         resp = as_grpc_status(resp);
     }
     *resp.version_mut() = version;

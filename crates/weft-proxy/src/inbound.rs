@@ -7,7 +7,7 @@
 use crate::authz;
 use crate::config::AppProtocol;
 use crate::downstream::BodyState;
-use crate::forward::{APP_PORT_HEADER, client_cert, finish, reply, retarget_parsed, strip_hop_by_hop};
+use crate::forward::{client_cert, finish, reply, retarget_parsed, strip_hop_by_hop};
 use crate::identity::spiffe_id;
 use crate::pool::AppError;
 use crate::reason::Reason;
@@ -101,7 +101,7 @@ fn arrival(tcp: &TcpStream) -> (Option<SocketAddr>, Option<IpAddr>) {
 
 /// The app address a request goes to: the declared app (`--app`), unless the caller asked for
 /// another port of the app, by dialling it (a connection interception redirected here) or, over
-/// mTLS, in its sidecar's [`APP_PORT_HEADER`]. The header counts only where this sidecar
+/// mTLS, in its sidecar's [`crate::forward::APP_PORT_HEADER`]. The header counts only where this sidecar
 /// intercepts, and so already stands in front of every port: a sidecar that fronts one declared
 /// port must not become a way for any peer to reach the host's other ports. Another port is served at the address the caller
 /// reached, never on loopback: a port the app binds to loopback alone stays out of other hosts'
@@ -112,7 +112,9 @@ fn app_target(proxy: &Proxy, conn: &ConnInfo, headers: &http::HeaderMap) -> Sock
         Some(dst) => Some(dst),
         None if conn.mtls && proxy.local.every_app_port => {
             // A value no sidecar sends (not a port) is ignored: the declared app is served.
-            let port = headers.get(APP_PORT_HEADER).and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
+            let port = headers
+                .get(&crate::forward::APP_PORT_NAME)
+                .and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
             port.zip(conn.local).map(|(port, ip)| SocketAddr::new(ip, port))
         }
         None => None,

@@ -2,10 +2,13 @@
 //! `x-weft-error` header, the metric label, the access-log field and the span attribute are all
 //! derived ([`Reason::as_str`]). The names are contract (DESIGN.md §8): never rename one.
 
-use http::Response;
+use http::{HeaderName, Response};
 
 /// The header that carries the reason of a reply the proxy made itself.
 pub(crate) const ERROR_HEADER: &str = "x-weft-error";
+/// [`ERROR_HEADER`] parsed once, for lookups on the request path (a `&str` name is parsed
+/// again on every lookup).
+pub(crate) static ERROR_NAME: HeaderName = HeaderName::from_static(ERROR_HEADER);
 
 /// A stable reason. `Other` stands for a name a newer peer proxy sent that this one does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -133,7 +136,7 @@ impl Reason {
         if let Some(own) = resp.extensions().get::<Reason>() {
             return Some(*own);
         }
-        let header = resp.headers().get(ERROR_HEADER)?;
+        let header = resp.headers().get(&ERROR_NAME)?;
         Some(Reason::from_bytes(header.as_bytes()))
     }
 

@@ -40,7 +40,12 @@ pub(crate) struct Telemetry {
     pub(crate) cert_expires_in: prometheus_client::metrics::gauge::Gauge,
     /// The interval's summaries. Read lock-free on every request; the map is copied and
     /// swapped only when a new key appears or the control stream takes the interval.
-    interval: arc_swap::ArcSwap<HashMap<WindowKey, Arc<Window>>>,
+    interval: arc_swap::ArcSwap<Fast<WindowKey, Arc<Window>>>,
+    /// What each kind of finished request updates (its `requests` counter, its latency
+    /// histogram and its summary window), found once and then reached by one lookup: the two
+    /// Prometheus families hash their labels with SipHash under a lock on every lookup.
+    /// Written under `interval_writer` too, so an entry never outlives its window.
+    handles: arc_swap::ArcSwap<Fast<HandleKey, Arc<Handles>>>,
     interval_writer: Mutex<()>,
     /// Time requests spend inside the proxy ([`crate::cost`]).
     pub(crate) self_time: Arc<crate::cost::SelfTime>,
@@ -115,6 +120,30 @@ struct LatencyLabels {
 
 /// Direction, destination service, route, revision.
 type WindowKey = (Direction, Arc<str>, Arc<str>, u64);
+
+/// The maps on the request path hash with foldhash: their keys are the proxy's own labels,
+/// not attacker-chosen strings, so SipHash's flooding resistance buys nothing there.
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Everything [`Telemetry::record`] reads of a request to choose what to update.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct HandleKey {
+    direction: Direction,
+    service: Arc<str>,
+    peer: Arc<str>,
+    route: Arc<str>,
+    status: u16,
+    reason: &'static str,
+    revision: u64,
+}
+
+/// The metrics one kind of request updates. `window` is `None` for requests the client broke,
+/// which stay out of the judged summaries.
+struct Handles {
+    requests: Counter,
+    latency: Histogram,
+    window: Option<Arc<Window>>,
+}
 
 struct Window {
     requests: AtomicU64,
@@ -281,63 +310,36 @@ impl Telemetry {
             authz,
             cert_expires_in,
             interval: Default::default(),
+            handles: Default::default(),
             interval_writer: Mutex::new(()),
         }
     }
 
-    /// Records one finished request. Labels are shared strings (`Arc<str>`) handed over by
-    /// the caller, so recording allocates nothing once a series exists.
+    /// Records one finished request: one lookup of its [`Handles`] (built on its kind's first
+    /// request, [`Telemetry::new_handles`]), then counters only; nothing is allocated or hashed
+    /// with SipHash once a kind has been seen.
     pub(crate) fn record(&self, done: &Finished<'_>) {
-        let dir = match done.direction {
-            Direction::Inbound => "inbound",
-            _ => "outbound",
+        let inbound = done.direction == Direction::Inbound;
+        let key = HandleKey {
+            direction: done.direction,
+            service: done.service.unwrap_or(&self.own_service).clone(),
+            peer: done.peer.unwrap_or(if inbound { &self.plaintext } else { &self.empty }).clone(),
+            route: done.route.unwrap_or(&self.empty).clone(),
+            status: done.status,
+            reason: done.reason,
+            revision: done.revision,
         };
-        let svc = done.service.unwrap_or(&self.own_service);
-        let route = done.route.unwrap_or(&self.empty);
-        let client_fault = crate::downstream::ClientFault::is_reason(done.reason);
-        let peer = done.peer.unwrap_or(if done.direction == Direction::Inbound {
-            &self.plaintext
-        } else {
-            &self.empty
-        });
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction: dir,
-                service: svc.clone(),
-                peer: peer.clone(),
-                route: route.clone(),
-                status: done.status,
-                class: match done.status {
-                    _ if client_fault => "client",
-                    100..=199 => "1xx",
-                    200..=299 => "2xx",
-                    300..=399 => "3xx",
-                    400..=499 => "4xx",
-                    _ => "5xx",
-                },
-                reason: done.reason,
-            })
-            .inc();
+        let handles = match self.handles.load().get(&key) {
+            Some(h) => h.clone(),
+            None => self.new_handles(key, done.service.is_none()),
+        };
+        handles.requests.inc();
         let secs = done.elapsed.as_secs_f64();
-        self.latency
-            .get_or_create(&LatencyLabels {
-                direction: dir,
-                service: svc.clone(),
-            })
-            .observe(secs);
-        if client_fault {
-            // A request the client broke says nothing about the service: it stays out of the
-            // summaries the control plane judges (requests, errors, latency).
-            return;
-        }
+        handles.latency.observe(secs);
+        // A request the client broke says nothing about the service: it stays out of the
+        // summaries the control plane judges (requests, errors, latency), and its window is none.
+        let Some(w) = &handles.window else { return };
         self.self_time.record(done.direction, done.elapsed, done.waited);
-        // The control plane's summary keys inbound requests by the empty service name.
-        let summary_service = done.service.unwrap_or(&self.empty);
-        let key = (done.direction, summary_service.clone(), route.clone(), done.revision);
-        let w = match self.interval.load().get(&key) {
-            Some(w) => w.clone(),
-            None => self.new_window(key),
-        };
         w.requests.fetch_add(1, Relaxed);
         if done.mtls {
             w.mtls.fetch_add(1, Relaxed);
@@ -350,6 +352,56 @@ impl Telemetry {
         w.slots[slot_of(secs * 1000.0)].fetch_add(1, Relaxed);
     }
 
+    /// The cold path of [`Telemetry::record`]: a kind of request not seen since its window was
+    /// last dropped. `own` says the service is this proxy's own (inbound), which the summaries
+    /// key by the empty name.
+    fn new_handles(&self, key: HandleKey, own: bool) -> Arc<Handles> {
+        let client_fault = crate::downstream::ClientFault::is_reason(key.reason);
+        let direction = match key.direction {
+            Direction::Inbound => "inbound",
+            _ => "outbound",
+        };
+        let requests = self
+            .requests
+            .get_or_create(&RequestLabels {
+                direction,
+                service: key.service.clone(),
+                peer: key.peer.clone(),
+                route: key.route.clone(),
+                status: key.status,
+                class: match key.status {
+                    _ if client_fault => "client",
+                    100..=199 => "1xx",
+                    200..=299 => "2xx",
+                    300..=399 => "3xx",
+                    400..=499 => "4xx",
+                    _ => "5xx",
+                },
+                reason: key.reason,
+            })
+            .clone();
+        let latency = self
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction,
+                service: key.service.clone(),
+            })
+            .clone();
+        let summary_service = if own { self.empty.clone() } else { key.service.clone() };
+        let window_key = (key.direction, summary_service, key.route.clone(), key.revision);
+        let _writer = self.interval_writer.lock();
+        let window = (!client_fault).then(|| self.window_locked(window_key));
+        let current = self.handles.load_full();
+        if let Some(h) = current.get(&key) {
+            return h.clone();
+        }
+        let handles = Arc::new(Handles { requests, latency, window });
+        let mut next = Fast::clone(&current);
+        next.insert(key, handles.clone());
+        self.handles.store(Arc::new(next));
+        handles
+    }
+
     /// Counts a plaintext connection that strict mTLS refused as one failed inbound request in
     /// the summary the control plane judges: its caller wanted at least one answer and got
     /// none, and an intent that made mTLS strict must see the callers it cut off. It has no
@@ -358,20 +410,26 @@ impl Telemetry {
         let key = (Direction::Inbound, self.empty.clone(), self.empty.clone(), revision);
         let w = match self.interval.load().get(&key) {
             Some(w) => w.clone(),
-            None => self.new_window(key),
+            None => self.window_locked_by_key(key),
         };
         w.requests.fetch_add(1, Relaxed);
         w.errors.fetch_add(1, Relaxed);
     }
 
-    /// Adds a summary window (the cold path: a new destination, route or revision).
-    fn new_window(&self, key: WindowKey) -> Arc<Window> {
+    /// [`Telemetry::window_locked`], taking the writer's lock.
+    fn window_locked_by_key(&self, key: WindowKey) -> Arc<Window> {
         let _writer = self.interval_writer.lock();
+        self.window_locked(key)
+    }
+
+    /// The summary window of `key`, added if it is new (the cold path: a new destination, route
+    /// or revision). The caller holds `interval_writer`.
+    fn window_locked(&self, key: WindowKey) -> Arc<Window> {
         let current = self.interval.load_full();
         if let Some(w) = current.get(&key) {
             return w.clone();
         }
-        let mut next = HashMap::clone(&current);
+        let mut next = Fast::clone(&current);
         let w = Arc::new(Window::new());
         next.insert(key, w.clone());
         self.interval.store(Arc::new(next));
@@ -469,11 +527,20 @@ impl Telemetry {
             });
         }
         if !idle.is_empty() {
-            let mut next = HashMap::clone(&current);
+            let mut next = Fast::clone(&current);
+            let mut dropped = Vec::new();
             for k in idle {
-                next.remove(&k);
+                dropped.extend(next.remove(&k));
             }
             self.interval.store(Arc::new(next));
+            // The handles that led to a dropped window go with it: the next such request
+            // makes a new window, which the next report reads.
+            // Those of requests the client broke (no window) go too, so old revisions' kinds
+            // do not pile up.
+            let dropped: std::collections::HashSet<*const Window> = dropped.iter().map(Arc::as_ptr).collect();
+            let mut handles = Fast::clone(&self.handles.load());
+            handles.retain(|_, h| h.window.as_ref().is_some_and(|w| !dropped.contains(&Arc::as_ptr(w))));
+            self.handles.store(Arc::new(handles));
         }
         out
     }
@@ -515,6 +582,50 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut text, &t.registry).unwrap();
         let client = text.lines().filter(|l| l.contains("class=\"client\"")).count();
         assert_eq!(client, 2, "{text}");
+    }
+
+    /// The handles [`Telemetry::record`] keeps must follow the windows: a window dropped after
+    /// an idle interval takes its handles with it, and the next such request counts in a new
+    /// window that the next report reads (a kept handle would count into the dropped one).
+    #[test]
+    fn a_kind_of_request_counts_again_after_its_idle_window_was_dropped() {
+        let tracing = Tracing {
+            endpoint: None,
+            sample: 0.0,
+            resource: Vec::new(),
+        };
+        let t = Telemetry::new("orders", false, 100.0, tracing);
+        let (service, route) = (Arc::from("pay"), Arc::from("default"));
+        let finished = Finished {
+            direction: Direction::Outbound,
+            service: Some(&service),
+            route: Some(&route),
+            mtls: true,
+            peer: None,
+            revision: 1,
+            status: 502,
+            reason: "",
+            elapsed: Duration::from_millis(5),
+            waited: Duration::from_millis(4),
+        };
+        for _ in 0..3 {
+            t.record(&finished);
+        }
+        let first = t.take_interval();
+        assert_eq!((first[0].requests, first[0].errors, first[0].mtls), (3, 3, 3));
+        assert!(t.take_interval().is_empty(), "an idle interval reports nothing");
+        assert!(t.handles.load().is_empty() && t.interval.load().is_empty(), "both dropped");
+        t.record(&finished);
+        let again = t.take_interval();
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!((again[0].requests, again[0].errors), (1, 1));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &t.registry).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("weft_proxy_requests_total{"))
+            .expect("the counter");
+        assert!(line.ends_with(" 4"), "the Prometheus counter kept counting: {line}");
     }
 
     /// What lets an intent that makes mTLS strict see the callers it cut off: each refused
