@@ -71,6 +71,8 @@ pub struct ControlConfig {
     /// `--max-registering`: registrations in progress at once; beyond it a proxy is told when
     /// to come back.
     pub max_registering: u32,
+    /// `--api-idle-timeout`: a REST API connection that moves no byte for this long is closed.
+    pub api_idle_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -273,6 +275,7 @@ pub async fn start(cfg: ControlConfig, shutdown: Shutdown) -> Result<(Bound, tok
             shutdown.clone(),
         ),
         local: bound.api,
+        idle: cfg.api_idle_timeout,
     };
     let api_shutdown = shutdown.clone();
     tasks.spawn(async move {

@@ -514,6 +514,8 @@ pub(crate) const API_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct ApiListener {
     pub(crate) rx: mpsc::Receiver<ControlConn>,
     pub(crate) local: SocketAddr,
+    /// `--api-idle-timeout`: a connection that moves no byte for this long is closed.
+    pub(crate) idle: Duration,
 }
 
 impl axum::serve::Listener for ApiListener {
@@ -522,7 +524,8 @@ impl axum::serve::Listener for ApiListener {
 
     /// Each connection's request heads are timed (axum's `serve` has no head timeout of its
     /// own): one not whole within [`API_HEAD_TIMEOUT`] of the handshake, or of its first byte,
-    /// ends the connection, so a client that sends part of a head holds nothing for long.
+    /// ends the connection, so a client that sends part of a head holds nothing for long; and
+    /// a connection that moves no byte for `idle` is closed.
     async fn accept(&mut self) -> (Self::Io, SocketAddr) {
         match self.rx.recv().await {
             Some(conn) => {
@@ -532,7 +535,9 @@ impl axum::serve::Listener for ApiListener {
                     max_bytes: 64 * 1024,
                 };
                 (
-                    weft_core::framing::Scanned::watching(conn, limits).head_timeout(API_HEAD_TIMEOUT),
+                    weft_core::framing::Scanned::watching(conn, limits)
+                        .head_timeout(API_HEAD_TIMEOUT)
+                        .idle_timeout(self.idle),
                     remote,
                 )
             }

@@ -95,6 +95,9 @@ pub struct Scanned<T> {
     /// Bytes pass at once and nothing is refused: the scan only tells where heads begin and
     /// end, for the head deadline (see [`Scanned::watching`]).
     watching: bool,
+    /// How long the connection may move no byte either way, if limited, and when that runs
+    /// out (see [`Scanned::idle_timeout`]).
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 struct Scan {
@@ -184,6 +187,7 @@ impl<T> Scanned<T> {
                 head_deadline: None,
                 head_deadline_armed: false,
                 watching: false,
+                idle: None,
             },
             verdicts,
         )
@@ -212,6 +216,30 @@ impl<T> Scanned<T> {
         self.head_deadline = Some(Box::pin(tokio::time::sleep(timeout)));
         self.head_deadline_armed = true;
         self
+    }
+
+    /// Ends the connection (a `TimedOut` read error) once no byte has moved either way for
+    /// `timeout`: a kept-alive connection left idle, or one that never sent anything, holds its
+    /// socket and task no longer than that. A request in progress moves bytes (a server-sent
+    /// event stream's keep-alive comments count), and so does HTTP/2's PING, so an HTTP/2
+    /// connection is never idle here while the server pings more often than `timeout`.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle = Some((timeout, Box::pin(tokio::time::sleep(timeout))));
+        self
+    }
+
+    /// Something moved: the idle deadline starts again.
+    fn moved(&mut self) {
+        if let Some((timeout, deadline)) = self.idle.as_mut() {
+            deadline.as_mut().reset(tokio::time::Instant::now() + *timeout);
+        }
+    }
+
+    /// Whether the connection has been idle too long (polling registers the wake-up).
+    fn idle_late(&mut self, cx: &mut Context<'_>) -> bool {
+        self.idle
+            .as_mut()
+            .is_some_and(|(_, deadline)| deadline.as_mut().poll(cx).is_ready())
     }
 
     /// Arms the head deadline when a head has begun and none is armed, and disarms it once
@@ -597,6 +625,10 @@ const READ_CHUNK: usize = 16 * 1024;
 impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.idle_late(cx) {
+            tracing::info!(timeout = ?this.idle.as_ref().map(|(t, _)| *t), "connection idle; closing it");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle")));
+        }
         loop {
             if this.ready > 0 {
                 let n = this.ready.min(buf.remaining());
@@ -617,7 +649,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
             }
             if this.scan.state == State::Off && this.pending.is_empty() && !this.refused {
                 // Nothing left to check on this connection: read straight into hyper's buffer.
-                return Pin::new(&mut this.inner).poll_read(cx, buf);
+                let before = buf.filled().len();
+                let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+                if this.idle.is_some() && buf.filled().len() > before {
+                    this.moved();
+                }
+                return polled;
             }
             // Reads land in a scratch buffer zeroed once per connection (not per read, which
             // was half of the proxy's instructions per request) and the bytes that came are
@@ -639,8 +676,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
             let n = chunk.filled().len();
             match polled {
                 Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(())), // end of stream
-                Poll::Ready(Ok(())) if this.refused => {}                    // dropped
+                Poll::Ready(Ok(())) if this.refused => this.moved(),         // dropped
                 Poll::Ready(Ok(())) => {
+                    this.moved();
                     this.pending.extend_from_slice(&this.scratch[..n]);
                     this.advance();
                     this.track_head_deadline();
@@ -653,7 +691,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Scanned<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(1..))) {
+            self.moved();
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -665,7 +707,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Scanned<T> {
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(1..))) {
+            self.moved();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {

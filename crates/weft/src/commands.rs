@@ -82,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store_key,
             replica,
             max_registering,
+            api_idle_timeout,
         } => {
             let root = root_cert.zip(root_key);
             let store_tls = store_ca.map(|ca| weft_control::StoreTls {
@@ -104,6 +105,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 store_tls,
                 replica,
                 max_registering,
+                api_idle_timeout: api_idle_timeout.as_std(),
             };
             return control(cfg).await;
         }

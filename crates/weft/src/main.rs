@@ -156,6 +156,11 @@ pub enum Command {
         /// at the pace the control plane can take.
         #[arg(long, value_name = "N", default_value_t = weft_control::MAX_REGISTERING, value_parser = clap::value_parser!(u32).range(1..))]
         max_registering: u32,
+        /// Close a REST API connection that moves no byte either way for this long (a
+        /// kept-alive connection left idle, or one that never sends a request). Server-sent
+        /// event streams send a keep-alive comment every 15 s, so they stay.
+        #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = api_idle_timeout)]
+        api_idle_timeout: weft_api::Duration,
     },
     /// Run a sidecar proxy, driven by the control plane or by a static file.
     Proxy(weft_proxy::cli::ProxyArgs),
@@ -331,6 +336,16 @@ pub enum IntentCommand {
 
 /// Threads for the process's runtime: `WEFT_THREADS` when set; otherwise one for a proxy
 /// ([`weft_proxy::cli::threads_from_env`] says why), one per core for everything else.
+/// `--api-idle-timeout`: a duration of at least one second (shorter would close connections
+/// between a client's requests).
+fn api_idle_timeout(s: &str) -> Result<weft_api::Duration, String> {
+    let d: weft_api::Duration = s.parse().map_err(|e| format!("{e}"))?;
+    if d.as_std() < std::time::Duration::from_secs(1) {
+        return Err(format!("{s} is shorter than 1s"));
+    }
+    Ok(d)
+}
+
 fn worker_threads(cli: &Cli) -> usize {
     if let Some(n) = weft_proxy::cli::threads_from_env() {
         return n;

@@ -463,6 +463,52 @@ where
     (String::from_utf8_lossy(&got).into_owned(), closed)
 }
 
+/// Found from outside: a kept-alive REST API connection left idle was held for ever (only a
+/// head already begun was timed). With `--api-idle-timeout 20s` a connection that moved no byte
+/// for 20 s is closed, one that answered a request first too, while a server-sent-events
+/// stream (its keep-alive comment every 15 s moves bytes) stays open past it. A timeout under
+/// a second is refused at start, naming the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_api_connection_is_closed_and_an_event_stream_is_not() {
+    let out = std::process::Command::new(BIN)
+        .args(["control", "--api-idle-timeout", "500ms"])
+        .output()
+        .expect("weft runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--api-idle-timeout") && stderr.contains("500ms"), "{stderr}");
+
+    let control = Control::start_with(BIN, &["--api-idle-timeout".into(), "20s".into()]).await;
+    let auth = format!("authorization: Bearer {}\r\n", control.admin_token);
+    let status = format!("GET /api/v1/status HTTP/1.1\r\nhost: 127.0.0.1\r\n{auth}\r\n");
+    let events = format!("GET /api/v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\n{auth}\r\n");
+    let limit = Duration::from_secs(40);
+    let cases: [(&str, Vec<u8>); 2] = [
+        ("answered once, then idle", status.into_bytes()),
+        ("an event stream", events.into_bytes()),
+    ];
+    let mut clients = Vec::new();
+    for (what, bytes) in cases {
+        let io = control.api_tls().await;
+        clients.push((what, tokio::spawn(async move { until_closed(io, &bytes, limit).await })));
+    }
+    let mut outcomes = Vec::new();
+    for (what, client) in clients {
+        outcomes.push((what, client.await.unwrap()));
+    }
+    let (got, closed) = &outcomes[0].1;
+    assert!(got.starts_with("HTTP/1.1 200"), "answered once: {got}");
+    let closed = closed.unwrap_or_else(|| panic!("the idle connection was still open after {limit:?}"));
+    assert!(
+        closed >= Duration::from_secs(19) && closed < Duration::from_secs(30),
+        "the idle connection closed after {closed:?}, want the 20 s idle timeout"
+    );
+    let (got, closed) = &outcomes[1].1;
+    assert!(got.starts_with("HTTP/1.1 200"), "the event stream: {got}");
+    assert_eq!(*closed, None, "the event stream was closed after {closed:?}: {got}");
+    assert_eq!(control.get("/api/v1/status").await["revision"], 0, "the API still answers");
+}
+
 /// Found from outside: past its TLS handshake, a client that sent part of a request head (or
 /// nothing) held its REST API connection for ever (axum's server has no head timeout). Such a
 /// connection is now closed 10 s after the handshake or the head's first byte, while a
