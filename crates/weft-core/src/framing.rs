@@ -220,8 +220,9 @@ impl<T> Scanned<T> {
 
     /// Ends the connection (a `TimedOut` read error) once no byte has moved either way for
     /// `timeout`: a kept-alive connection left idle, or one that never sent anything, holds its
-    /// socket and task no longer than that. A request in progress moves bytes (a server-sent
-    /// event stream's keep-alive comments count), and so does HTTP/2's PING, so an HTTP/2
+    /// socket and task no longer than that. A request whose answer moves no byte for as long
+    /// is cut too, so the timeout must outlast the slowest answer (a server-sent event
+    /// stream's keep-alive comments count as bytes). HTTP/2's PING moves bytes, so an HTTP/2
     /// connection is never idle here while the server pings more often than `timeout`.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle = Some((timeout, Box::pin(tokio::time::sleep(timeout))));
@@ -651,7 +652,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Scanned<T> {
                 // Nothing left to check on this connection: read straight into hyper's buffer.
                 let before = buf.filled().len();
                 let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-                if this.idle.is_some() && buf.filled().len() > before {
+                if buf.filled().len() > before {
                     this.moved();
                 }
                 return polled;

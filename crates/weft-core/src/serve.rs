@@ -11,10 +11,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tokio::net::TcpListener;
 
 /// The number of headers hyper's HTTP/1 parser accepts when not told otherwise.
 const HYPER_MAX_HEADERS: usize = 100;
-use tokio::net::TcpListener;
 
 /// Limits applied to every inbound connection (DESIGN: security is a default).
 #[derive(Clone, Debug)]

@@ -533,10 +533,9 @@ impl Telemetry {
                 dropped.extend(next.remove(&k));
             }
             self.interval.store(Arc::new(next));
-            // The handles that led to a dropped window go with it: the next such request
-            // makes a new window, which the next report reads.
-            // Those of requests the client broke (no window) go too, so old revisions' kinds
-            // do not pile up.
+            // The handles that led to a dropped window go with it (the next such request
+            // makes a new window, which the next report reads), and so do those of requests
+            // the client broke (no window), so old revisions' kinds do not pile up.
             let dropped: std::collections::HashSet<*const Window> = dropped.iter().map(Arc::as_ptr).collect();
             let mut handles = Fast::clone(&self.handles.load());
             handles.retain(|_, h| h.window.as_ref().is_some_and(|w| !dropped.contains(&Arc::as_ptr(w))));
@@ -550,27 +549,37 @@ impl Telemetry {
 mod tests {
     use super::*;
 
-    #[test]
-    fn requests_the_client_broke_stay_out_of_the_judged_summaries() {
+    /// `orders`'s telemetry, with no access log and no tracing.
+    fn orders_telemetry() -> Telemetry {
         let tracing = Tracing {
             endpoint: None,
             sample: 0.0,
             resource: Vec::new(),
         };
-        let t = Telemetry::new("orders", false, 100.0, tracing);
-        let (service, route) = (Arc::from("pay"), Arc::from("default"));
-        let finished = |status, reason| Finished {
+        Telemetry::new("orders", false, 100.0, tracing)
+    }
+
+    /// An outbound request to `service` on `route`, at revision 1, 5 ms of which 4 upstream.
+    fn to_pay<'a>(service: &'a Arc<str>, route: &'a Arc<str>, mtls: bool, status: u16, reason: &'static str) -> Finished<'a> {
+        Finished {
             direction: Direction::Outbound,
-            service: Some(&service),
-            route: Some(&route),
-            mtls: false,
+            service: Some(service),
+            route: Some(route),
+            mtls,
             peer: None,
             revision: 1,
             status,
             reason,
             elapsed: Duration::from_millis(5),
             waited: Duration::from_millis(4),
-        };
+        }
+    }
+
+    #[test]
+    fn requests_the_client_broke_stay_out_of_the_judged_summaries() {
+        let t = orders_telemetry();
+        let (service, route) = (Arc::from("pay"), Arc::from("default"));
+        let finished = |status, reason| to_pay(&service, &route, false, status, reason);
         t.record(&finished(200, ""));
         t.record(&finished(503, "no-healthy-endpoints"));
         t.record(&finished(400, "client-bad-request"));
@@ -589,25 +598,9 @@ mod tests {
     /// window that the next report reads (a kept handle would count into the dropped one).
     #[test]
     fn a_kind_of_request_counts_again_after_its_idle_window_was_dropped() {
-        let tracing = Tracing {
-            endpoint: None,
-            sample: 0.0,
-            resource: Vec::new(),
-        };
-        let t = Telemetry::new("orders", false, 100.0, tracing);
+        let t = orders_telemetry();
         let (service, route) = (Arc::from("pay"), Arc::from("default"));
-        let finished = Finished {
-            direction: Direction::Outbound,
-            service: Some(&service),
-            route: Some(&route),
-            mtls: true,
-            peer: None,
-            revision: 1,
-            status: 502,
-            reason: "",
-            elapsed: Duration::from_millis(5),
-            waited: Duration::from_millis(4),
-        };
+        let finished = to_pay(&service, &route, true, 502, "");
         for _ in 0..3 {
             t.record(&finished);
         }
@@ -632,12 +625,7 @@ mod tests {
     /// plaintext connection is a failed inbound request in the same summary as the served ones.
     #[test]
     fn plaintext_refused_under_strict_is_a_failed_inbound_request() {
-        let tracing = Tracing {
-            endpoint: None,
-            sample: 0.0,
-            resource: Vec::new(),
-        };
-        let t = Telemetry::new("orders", false, 100.0, tracing);
+        let t = orders_telemetry();
         let served = |mtls, status, reason| Finished {
             direction: Direction::Inbound,
             service: None,
