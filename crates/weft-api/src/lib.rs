@@ -6,6 +6,7 @@
 //! and the protobuf messages of the control stream together with their conversion into domain
 //! types ([`mesh`]). It must not depend on the proxy or the control plane.
 
+pub mod codec;
 pub mod delta;
 pub mod duration;
 pub mod error;

@@ -8,15 +8,17 @@ use std::path::{Path, PathBuf};
 fn generated_code_matches_proto() {
     let crates = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut stale = Vec::new();
-    for (krate, proto, output) in [
-        ("weft-api", "weft.proto", "weft.v1.rs"),
-        ("weft-api", "otlp_trace.proto", "opentelemetry.proto.collector.trace.v1.rs"),
-        ("weft-test", "echo.proto", "weft.test.rs"),
-        ("weft-control", "etcd.proto", "etcdserverpb.rs"),
+    // weft's own services use weft-api's lean codec (small buffers per stream); the others
+    // keep tonic's.
+    for (krate, proto, output, codec) in [
+        ("weft-api", "weft.proto", "weft.v1.rs", "crate::codec::Lean"),
+        ("weft-api", "otlp_trace.proto", "opentelemetry.proto.collector.trace.v1.rs", "tonic_prost::ProstCodec"),
+        ("weft-test", "echo.proto", "weft.test.rs", "tonic_prost::ProstCodec"),
+        ("weft-control", "etcd.proto", "etcdserverpb.rs", "tonic_prost::ProstCodec"),
     ] {
         let root = crates.join(krate);
         let checked_in = root.join("src/gen").join(output);
-        let fresh = generate(&root.join("proto"), proto, output);
+        let fresh = generate(&root.join("proto"), proto, output, codec);
         if std::env::var_os("WEFT_REGENERATE").is_some() {
             std::fs::write(&checked_in, &fresh).expect("write generated code");
             continue;
@@ -32,13 +34,15 @@ fn generated_code_matches_proto() {
     );
 }
 
-/// Compiles `file` under `include` and returns the generated Rust for it.
-fn generate(include: &Path, file: &str, output: &str) -> String {
+/// Compiles `file` under `include` and returns the generated Rust for it, its services using
+/// `codec`.
+fn generate(include: &Path, file: &str, output: &str, codec: &str) -> String {
     let descriptors = protox::compile([file], [include]).expect("proto compiles");
     let out: PathBuf = std::env::temp_dir().join(format!("weft-codegen-{}-{}", std::process::id(), output.replace('.', "-")));
     std::fs::create_dir_all(&out).unwrap();
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path(codec)
         .out_dir(&out)
         .compile_fds(descriptors)
         .expect("codegen");

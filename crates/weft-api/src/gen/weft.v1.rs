@@ -512,7 +512,7 @@ pub mod distribution_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Lean::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/weft.v1.Distribution/Connect",
             );
@@ -539,7 +539,7 @@ pub mod distribution_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::Lean::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/weft.v1.Distribution/Certify",
             );
@@ -690,7 +690,7 @@ pub mod distribution_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ConnectSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Lean::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -735,7 +735,7 @@ pub mod distribution_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CertifySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::Lean::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
