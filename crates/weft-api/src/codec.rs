@@ -11,8 +11,8 @@
 use std::marker::PhantomData;
 
 use prost::Message;
-use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
 
 /// The first size of a stream's encode and decode buffers.
 const BUFFER: usize = 1024;

@@ -31,15 +31,7 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// How long in-flight requests may finish after shutdown is asked.
     pub drain: Duration,
-    /// How long a connection may move no byte either way before it is closed (see
-    /// [`crate::framing::Scanned::idle_timeout`]).
-    pub idle_timeout: Duration,
 }
-
-/// A connection that moves no byte for this long is closed by default: Envoy's default for a
-/// stream with no activity (`stream_idle_timeout`), and a floor under what no route times
-/// (a stalled request body on the inbound listener, the admin listener).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The remote address of the connection a request arrived on (a request extension).
 #[derive(Clone, Copy, Debug)]
@@ -53,7 +45,6 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_concurrent_streams: 100,
             drain: Duration::from_secs(10),
-            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
@@ -167,7 +158,7 @@ where
         };
         let _ = stream.set_nodelay(true);
         let (handler, accept, builder, watcher) = (handler.clone(), accept.clone(), builder.clone(), graceful.watcher());
-        let (handshake_timeout, idle_timeout) = (limits.header_read_timeout, limits.idle_timeout);
+        let handshake_timeout = limits.header_read_timeout;
         let head_limits = crate::framing::HeadLimits {
             max_headers: limits.max_headers,
             max_bytes: limits.max_header_bytes.max(8192),
@@ -179,7 +170,7 @@ where
             let (io, verdicts) = crate::framing::Scanned::new(io, head_limits);
             // hyper's header_read_timeout never sees a head the scan still holds, nor the
             // first one (hyper is still telling HTTP/1.1 from HTTP/2): the scan times those.
-            let io = io.head_timeout(handshake_timeout).idle_timeout(idle_timeout);
+            let io = io.head_timeout(handshake_timeout);
             let index = std::sync::atomic::AtomicU64::new(0);
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let n = index.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
