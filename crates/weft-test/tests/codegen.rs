@@ -12,7 +12,12 @@ fn generated_code_matches_proto() {
     // keep tonic's.
     for (krate, proto, output, codec) in [
         ("weft-api", "weft.proto", "weft.v1.rs", "crate::codec::Lean"),
-        ("weft-api", "otlp_trace.proto", "opentelemetry.proto.collector.trace.v1.rs", "tonic_prost::ProstCodec"),
+        (
+            "weft-api",
+            "otlp_trace.proto",
+            "opentelemetry.proto.collector.trace.v1.rs",
+            "tonic_prost::ProstCodec",
+        ),
         ("weft-test", "echo.proto", "weft.test.rs", "tonic_prost::ProstCodec"),
         ("weft-control", "etcd.proto", "etcdserverpb.rs", "tonic_prost::ProstCodec"),
     ] {
