@@ -10,6 +10,8 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -31,6 +33,63 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// How long in-flight requests may finish after shutdown is asked.
     pub drain: Duration,
+    /// How long a connection may go with no request in flight before it is closed gracefully
+    /// (HTTP/2: GOAWAY; HTTP/1.1: closed, or after the answer in progress).
+    pub idle_timeout: Duration,
+}
+
+/// A connection with no request in flight for this long is closed by default: Envoy's default
+/// idle timeout for HTTP connections. Before it, an HTTP/2 client that answered PINGs held an
+/// idle connection for ever (kept-alive HTTP/1.1 ones were already closed between requests by
+/// the header read timeout).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Requests in flight on one connection, and when the last one began or ended.
+struct Activity {
+    base: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// Nanoseconds from `base` to the last request's start or end.
+    last: AtomicU64,
+}
+
+/// One request in flight; counted out when dropped (answered, or abandoned).
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            base: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        self.last.store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        Busy(self.clone())
+    }
+
+    /// When the connection will have been idle for `timeout`, if nothing starts meanwhile;
+    /// while requests are in flight, a look again `timeout` from now.
+    fn idle_at(&self, timeout: Duration) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return now + timeout;
+        }
+        self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + timeout
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The remote address of the connection a request arrived on (a request extension).
@@ -45,6 +104,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_concurrent_streams: 100,
             drain: Duration::from_secs(10),
+            idle_timeout: IDLE_TIMEOUT,
         }
     }
 }
@@ -143,7 +203,8 @@ where
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Duration::from_secs(20));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection's task holds a sender; the receiver reads None once all have ended.
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -157,8 +218,8 @@ where
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let (handler, accept, builder, watcher) = (handler.clone(), accept.clone(), builder.clone(), graceful.watcher());
-        let handshake_timeout = limits.header_read_timeout;
+        let (handler, accept, builder, open, stop) = (handler.clone(), accept.clone(), builder.clone(), open.clone(), shutdown.clone());
+        let (handshake_timeout, idle_timeout) = (limits.header_read_timeout, limits.idle_timeout);
         let head_limits = crate::framing::HeadLimits {
             max_headers: limits.max_headers,
             max_bytes: limits.max_header_bytes.max(8192),
@@ -172,7 +233,10 @@ where
             // first one (hyper is still telling HTTP/1.1 from HTTP/2): the scan times those.
             let io = io.head_timeout(handshake_timeout);
             let index = std::sync::atomic::AtomicU64::new(0);
+            let activity = Activity::new();
+            let counted = activity.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let busy = counted.begin();
                 let n = index.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let scanned = if req.version() == http::Version::HTTP_2 {
                     None
@@ -199,6 +263,7 @@ where
                 // would otherwise copy it whole each time it is spawned and moved.
                 let fut = refused.is_none().then(|| Box::pin(handler(req)));
                 async move {
+                    let _busy = busy;
                     match (refused, fut) {
                         (Some(refused), _) => Ok::<_, Infallible>(refused),
                         (None, Some(fut)) => Ok(fut.await),
@@ -206,15 +271,40 @@ where
                     }
                 }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-            if let Err(error) = watcher.watch(conn).await {
-                tracing::debug!(%remote, %error, "connection ended with an error");
+            // Ends once the connection does, or at an upgrade (the upgraded stream then
+            // belongs to whoever took it, and no timer here reaches it).
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let mut closing = false;
+            loop {
+                let idle_at = activity.idle_at(idle_timeout);
+                tokio::select! {
+                    ended = conn.as_mut() => {
+                        if let Err(error) = ended {
+                            tracing::debug!(%remote, %error, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stop.cancelled(), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = tokio::time::sleep_until(idle_at), if !closing => {
+                        if activity.idle_at(idle_timeout) <= tokio::time::Instant::now() {
+                            tracing::debug!(%remote, ?idle_timeout, "idle connection closed");
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                }
             }
+            drop(open);
         });
     }
     drop(listener);
+    drop(open);
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = all_closed.recv() => {}
         _ = tokio::time::sleep(limits.drain) => tracing::warn!(drain = ?limits.drain, "drain window over; closing open connections"),
     }
 }

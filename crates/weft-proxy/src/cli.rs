@@ -98,6 +98,12 @@ pub struct ProxyArgs {
         value_parser = crate::config::app_connect_timeout
     )]
     pub app_connect_timeout: Option<std::time::Duration>,
+    /// A connection to the inbound, outbound, intercept or admin listener with no request in
+    /// flight for this long is closed gracefully (HTTP/2: GOAWAY), as Envoy's idle timeout
+    /// does (default 1h, at least 1s). Requests in flight are never cut by it; WebSockets and
+    /// opaque TCP, once upgraded, are not limited by it.
+    #[arg(long, value_name = "DURATION", env = "WEFT_IDLE_TIMEOUT", value_parser = crate::config::idle_timeout)]
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// An address another host can dial: not a wildcard, not port 0.
@@ -189,6 +195,7 @@ pub fn config(args: ProxyArgs) -> Result<ProxyConfig, ExitCode> {
                 strip_headers: cfg.strip_headers.iter().chain(&args.strip_header).cloned().collect(),
                 app_protocol: args.app_protocol.unwrap_or(cfg.app_protocol),
                 app_connect_timeout: args.app_connect_timeout.unwrap_or(cfg.app_connect_timeout),
+                idle_timeout: args.idle_timeout.unwrap_or(cfg.idle_timeout),
                 ..cfg
             },
             Err(invalid) => {
@@ -240,6 +247,7 @@ pub fn config(args: ProxyArgs) -> Result<ProxyConfig, ExitCode> {
                 strip_headers: args.strip_header.clone(),
                 app_protocol: args.app_protocol.unwrap_or_default(),
                 app_connect_timeout: args.app_connect_timeout.unwrap_or(crate::config::APP_CONNECT_TIMEOUT),
+                idle_timeout: args.idle_timeout.unwrap_or(weft_core::serve::IDLE_TIMEOUT),
                 source: crate::Source::Control {
                     url,
                     token: args.token.clone(),

@@ -14,6 +14,10 @@ use weft_api::mesh::{MeshConfig, SERVICE_LABEL, ServiceConfig};
 /// dropped SYN into a 503 while direct clients all got through.
 pub const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
+/// The shortest `--idle-timeout` taken: anything shorter would cut connections between two
+/// requests of an ordinary client.
+const MIN_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub workload: Workload,
@@ -42,6 +46,9 @@ pub struct ProxyConfig {
     /// How long the inbound listener waits for the app to accept a connection
     /// (`--app-connect-timeout`, `appConnectTimeout`).
     pub app_connect_timeout: std::time::Duration,
+    /// How long a connection to one of the sidecar's listeners may have no request in flight
+    /// before it is closed gracefully (`--idle-timeout`, `idleTimeout`).
+    pub idle_timeout: std::time::Duration,
     pub source: Source,
 }
 
@@ -103,6 +110,9 @@ pub struct StaticFile {
     /// As `--app-connect-timeout`.
     #[serde(default)]
     pub app_connect_timeout: Option<weft_api::duration::Duration>,
+    /// As `--idle-timeout`.
+    #[serde(default)]
+    pub idle_timeout: Option<weft_api::duration::Duration>,
     #[serde(default)]
     pub app_protocol: AppProtocol,
     #[serde(default)]
@@ -119,6 +129,17 @@ pub fn app_connect_timeout(v: &str) -> Result<std::time::Duration, String> {
     let t = t.as_std();
     if t.is_zero() || t > std::time::Duration::from_secs(60) {
         return Err(format!("{v:?} is not between 1ms and 60s"));
+    }
+    Ok(t)
+}
+
+/// Reads an idle timeout (`--idle-timeout`, `idleTimeout`): a duration such as `1h`, at least
+/// 1 s.
+pub fn idle_timeout(v: &str) -> Result<std::time::Duration, String> {
+    let t: weft_api::duration::Duration = v.parse().map_err(|e| format!("{v:?}: {e}"))?;
+    let t = t.as_std();
+    if t < MIN_IDLE_TIMEOUT {
+        return Err(format!("{v:?} is shorter than {MIN_IDLE_TIMEOUT:?}"));
     }
     Ok(t)
 }
@@ -228,6 +249,15 @@ impl StaticFile {
                 APP_CONNECT_TIMEOUT
             }
         };
+        let idle = file.idle_timeout.map(|t| t.to_string());
+        let idle_timeout = match idle.as_deref().map(idle_timeout) {
+            None => weft_core::serve::IDLE_TIMEOUT,
+            Some(Ok(t)) => t,
+            Some(Err(msg)) => {
+                errors.push(FieldError::new("idleTimeout", idle.as_deref().unwrap_or(""), msg));
+                weft_core::serve::IDLE_TIMEOUT
+            }
+        };
         let mut services = BTreeMap::new();
         for (i, s) in file.services.into_iter().enumerate() {
             s.validate(&format!("services[{i}]"), &mut errors);
@@ -259,6 +289,7 @@ impl StaticFile {
             strip_headers,
             app_protocol: file.app_protocol,
             app_connect_timeout,
+            idle_timeout,
             source: Source::Static(MeshConfig {
                 services,
                 ..Default::default()

@@ -57,12 +57,18 @@ pub(crate) async fn bind_dns(addr: SocketAddr) -> std::io::Result<(UdpSocket, Tc
 }
 
 /// Serves the intercepted outbound listener until `shutdown`, then drains.
-pub(crate) async fn serve(proxy: Arc<Proxy>, listener: TcpListener, settings: Settings, shutdown: Shutdown) {
+pub(crate) async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    settings: Settings,
+    limits: weft_core::serve::Limits,
+    shutdown: Shutdown,
+) {
     let settings = Arc::new(settings);
     let accepting = proxy.clone();
     weft_core::serve::serve_with(
         listener,
-        weft_core::serve::Limits::default(),
+        limits,
         shutdown,
         move |tcp, remote| accept(accepting.clone(), settings.clone(), tcp, remote),
         move |req| handle(proxy.clone(), req),

@@ -138,6 +138,10 @@ pub async fn start_staged(
         outbound: outbound_l.local_addr().expect("bound"),
         admin: admin_l.as_ref().map(|l| l.local_addr().expect("bound")),
     };
+    let limits = weft_core::serve::Limits {
+        idle_timeout: cfg.idle_timeout,
+        ..Default::default()
+    };
     let (mut proxy, subscriptions) = Proxy::new(cfg, bound.clone())?;
     proxy.local.every_app_port = intercept.is_some();
     let proxy = Arc::new(proxy);
@@ -153,7 +157,13 @@ pub async fn start_staged(
         tasks.spawn(tcp::serve_tcp(proxy.clone(), listener, service, shutdown.clone()));
     }
     if let Some((listener, dns, settings)) = intercept_l {
-        tasks.spawn(intercept::serve(proxy.clone(), listener, settings, shutdown.clone()));
+        tasks.spawn(intercept::serve(
+            proxy.clone(),
+            listener,
+            settings,
+            limits.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(dns::serve(proxy.clone(), dns, shutdown.clone()));
     }
     let reaper = proxy.clone();
@@ -167,7 +177,6 @@ pub async fn start_staged(
             }
         }
     });
-    let limits = weft_core::serve::Limits::default();
     let p = proxy.clone();
     tasks.spawn(weft_core::serve::serve(outbound_l, limits.clone(), shutdown.clone(), move |req| {
         outbound::handle(p.clone(), req)
