@@ -33,8 +33,10 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// How long in-flight requests may finish after shutdown is asked.
     pub drain: Duration,
-    /// How long a connection may go with no request in flight before it is closed gracefully
-    /// (HTTP/2: GOAWAY; HTTP/1.1: closed, or after the answer in progress).
+    /// How long a connection may go with no request awaiting its response before it is closed
+    /// gracefully (HTTP/2: GOAWAY; HTTP/1.1: closed, or after the answer in progress). A
+    /// request counts until its response head is sent: a body still streaming is finished
+    /// first, and the connection closed after it.
     pub idle_timeout: Duration,
 }
 
@@ -78,7 +80,8 @@ impl Activity {
     /// while requests are in flight, a look again `timeout` from now.
     fn idle_at(&self, timeout: Duration) -> tokio::time::Instant {
         let now = tokio::time::Instant::now();
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        // Acquire pairs with the Release of the last request's end: its `last` is then seen.
+        if self.in_flight.load(Ordering::Acquire) > 0 {
             return now + timeout;
         }
         self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed)) + timeout
@@ -88,7 +91,7 @@ impl Activity {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
 

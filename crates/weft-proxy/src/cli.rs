@@ -98,10 +98,11 @@ pub struct ProxyArgs {
         value_parser = crate::config::app_connect_timeout
     )]
     pub app_connect_timeout: Option<std::time::Duration>,
-    /// A connection to the inbound, outbound, intercept or admin listener with no request in
-    /// flight for this long is closed gracefully (HTTP/2: GOAWAY), as Envoy's idle timeout
-    /// does (default 1h, at least 1s). Requests in flight are never cut by it; WebSockets and
-    /// opaque TCP, once upgraded, are not limited by it.
+    /// A connection to the inbound, outbound, intercept or admin listener with no request
+    /// awaiting its response for this long is closed gracefully (HTTP/2: GOAWAY), as Envoy's
+    /// idle timeout does (default 1h, at least 1s). A response still streaming its body is
+    /// finished first (the connection closes after it); WebSockets and opaque TCP, once
+    /// upgraded, are not limited by it.
     #[arg(long, value_name = "DURATION", env = "WEFT_IDLE_TIMEOUT", value_parser = crate::config::idle_timeout)]
     pub idle_timeout: Option<std::time::Duration>,
 }

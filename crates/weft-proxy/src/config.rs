@@ -46,8 +46,8 @@ pub struct ProxyConfig {
     /// How long the inbound listener waits for the app to accept a connection
     /// (`--app-connect-timeout`, `appConnectTimeout`).
     pub app_connect_timeout: std::time::Duration,
-    /// How long a connection to one of the sidecar's listeners may have no request in flight
-    /// before it is closed gracefully (`--idle-timeout`, `idleTimeout`).
+    /// How long a connection to one of the sidecar's listeners may have no request awaiting
+    /// its response before it is closed gracefully (`--idle-timeout`, `idleTimeout`).
     pub idle_timeout: std::time::Duration,
     pub source: Source,
 }

@@ -1038,7 +1038,9 @@ async fn a_change_callers_balance_away_from_is_rolled_back_for_the_traffic_shift
     // other within seconds (six intervals here went 39%, 13%, 100%, 100%, 99%, 100% treated),
     // and a few intervals of that leave the share before too uncertain to call a fall (the
     // stage was held, 1 of 3,000 treated since). About half a minute of reports, as a mesh
-    // that has run for a while has.
+    // that has run for a while has. The bake is 20 s so that the stage may last 62 s: after a
+    // minute at 75% swinging whole intervals, none treated decided after 14 s (CI held the
+    // 10 s bake's 32 s stage when none treated still counted for less than one).
     let before = reports().await;
     eventually(Duration::from_secs(60), "half a minute of reports", || async {
         (reports().await >= before + 70).then_some(())
@@ -1048,7 +1050,7 @@ async fn a_change_callers_balance_away_from_is_rolled_back_for_the_traffic_shift
         "SLOW-CALLS",
         "            - fault: {delay: {percent: 100, duration: 50ms}}\n",
         "[50, 100]",
-        "10s",
+        "20s",
         "auto",
         "{maxErrorRate: 5, maxErrorRateIncrease: 1, maxP99Increase: 20, minRequests: 20}",
     );
@@ -1056,7 +1058,7 @@ async fn a_change_callers_balance_away_from_is_rolled_back_for_the_traffic_shift
     assert_eq!(status, 201, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
     let submitted = Instant::now();
-    let done = eventually(Duration::from_secs(60), &format!("{id} decided"), || async {
+    let done = eventually(Duration::from_secs(100), &format!("{id} decided"), || async {
         let i = control.get(&format!("/api/v1/intents/{id}")).await;
         ["promoted", "rolled-back", "failed", "awaiting-approval"]
             .contains(&i["phase"].as_str()?)
