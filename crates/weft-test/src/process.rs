@@ -10,8 +10,34 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A loopback address free right now.
+///
+/// A port the kernel picks for `127.0.0.1:0` comes from the ephemeral range, which it also
+/// draws from for the local end of every outgoing connection: between this probe and the
+/// process that binds it, a connection could take it ("cannot bind the admin listener ...
+/// Address already in use" failed a CI run). So ports come from below the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), which nothing is handed out of, each once per
+/// test process (from a start that differs between processes), and only if it binds now.
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // 10000 up to the ephemeral range; where that range starts lower, the kernel's own pick.
+    let (first, span) = (10_000, low.saturating_sub(10_000));
+    if span < 1_000 {
+        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    }
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = first + (start + n) % span;
+        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return probe.local_addr().unwrap();
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {first} and {low}")
 }
 
 /// Descendants of `pid`, from /proc.
@@ -123,6 +149,9 @@ impl Drop for Process {
         }
         if std::thread::panicking() {
             eprintln!("---- log of {} ({}) ----\n{}", self.name, self.log.display(), self.log_text());
+        } else {
+            // Kept only for a failure: a whole suite's logs ran to hundreds of files in /tmp.
+            let _ = std::fs::remove_file(&self.log);
         }
     }
 }
@@ -146,20 +175,36 @@ pub struct Control {
     pub tls: bool,
     bin: String,
     extra: Vec<String>,
+    /// Whether the data directory is this harness's own (made by `start*`, removed when the
+    /// control plane is dropped, kept for a failing test) or the caller's (`start_at`).
+    owned: bool,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.process.kill();
+        if self.owned && !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
 }
 
 impl Control {
     pub async fn start(bin: &str) -> Self {
         let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        Self::launch(bin, &data_dir, free_addr(), free_addr(), Vec::new(), false).await
+        Self::launch(bin, &data_dir, free_addr(), free_addr(), Vec::new(), false)
+            .await
+            .owning()
     }
 
     /// A control plane with extra flags (`--root-cert`, `--cert-ttl`, `--insecure-plaintext`...).
     pub async fn start_with(bin: &str, extra: &[String]) -> Self {
         let data_dir = std::env::temp_dir().join(format!("weft-test-data-{}-{}", std::process::id(), rand_suffix()));
         let _ = std::fs::remove_dir_all(&data_dir);
-        Self::launch(bin, &data_dir, free_addr(), free_addr(), extra.to_vec(), false).await
+        Self::launch(bin, &data_dir, free_addr(), free_addr(), extra.to_vec(), false)
+            .await
+            .owning()
     }
 
     /// A replica keeping the mesh in etcd at `store` (`etcd://...`), with a data directory of its
@@ -174,7 +219,18 @@ impl Control {
         }
         let mut extra = extra.to_vec();
         extra.extend(["--store".to_string(), store.to_string()]);
-        Self::launch(bin, &data_dir, free_addr(), free_addr(), extra, false).await
+        Self::launch(bin, &data_dir, free_addr(), free_addr(), extra, false).await.owning()
+    }
+
+    /// Takes `next`'s place: the same data directory, which the old value must not remove.
+    fn replace(&mut self, mut next: Self) {
+        next.owned = std::mem::replace(&mut self.owned, false);
+        *self = next;
+    }
+
+    fn owning(mut self) -> Self {
+        self.owned = true;
+        self
     }
 
     pub async fn start_at(bin: &str, data_dir: &Path, api: SocketAddr, grpc: SocketAddr) -> Self {
@@ -241,13 +297,14 @@ impl Control {
             tls,
             bin: bin.to_string(),
             extra,
+            owned: false,
         }
     }
 
     /// Kills the process and starts a new one on the same addresses and data directory.
     pub async fn restart(&mut self) {
         self.process.kill();
-        *self = Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await;
+        self.replace(Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await);
     }
 
     /// Stops the process with SIGTERM, as a rolling restart does, and starts a new one on the
@@ -261,7 +318,7 @@ impl Control {
             "the control plane exits cleanly on SIGTERM:\n{}",
             self.process.log_text()
         );
-        *self = Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await;
+        self.replace(Self::launch(&self.bin, &self.data_dir, self.api, self.grpc, self.extra.clone(), true).await);
     }
 
     fn scheme(&self) -> &'static str {
