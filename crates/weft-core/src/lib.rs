@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod body;
 pub mod framing;
+pub mod ports;
 pub mod serve;
 pub mod shutdown;
 pub mod tls;

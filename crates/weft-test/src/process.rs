@@ -9,35 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A loopback address free right now.
-///
-/// A port the kernel picks for `127.0.0.1:0` comes from the ephemeral range, which it also
-/// draws from for the local end of every outgoing connection: between this probe and the
-/// process that binds it, a connection could take it ("cannot bind the admin listener ...
-/// Address already in use" failed a CI run). So ports come from below the ephemeral range
-/// (`/proc/sys/net/ipv4/ip_local_port_range`), which nothing is handed out of, each once per
-/// test process (from a start that differs between processes), and only if it binds now.
+/// A loopback address free right now, from below the ephemeral range (see
+/// [`weft_core::ports::loopback`]: a port the kernel picked could be taken by an outgoing
+/// connection before the process meant to bind it did).
 pub fn free_addr() -> SocketAddr {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    // 10000 up to the ephemeral range; where that range starts lower, the kernel's own pick.
-    let (first, span) = (10_000, low.saturating_sub(10_000));
-    if span < 1_000 {
-        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    }
-    let start = std::process::id().wrapping_mul(7_919) % span;
-    for _ in 0..span {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = first + (start + n) % span;
-        if let Ok(probe) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
-            return probe.local_addr().unwrap();
-        }
-    }
-    panic!("no free port on 127.0.0.1 between {first} and {low}")
+    weft_core::ports::loopback().expect("a free loopback port")
 }
 
 /// Descendants of `pid`, from /proc.

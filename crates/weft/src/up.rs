@@ -20,7 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use netns::{BRIDGE_ADDR, Network};
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -799,8 +799,7 @@ async fn start_replicas(
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("reserving a loopback port")?;
-    Ok(l.local_addr()?)
+    weft_core::ports::loopback().context("reserving a loopback port")
 }
 
 fn spawn(exe: &Path, logs: &Path, name: &str, args: &[&str]) -> anyhow::Result<Running> {
