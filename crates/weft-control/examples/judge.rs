@@ -769,6 +769,7 @@ fn shift_trial(rng: &mut Rng, row: &Swing, slo: &Slo) -> ShiftOutcome {
         before,
         since: Vec::new(),
         window: Duration::ZERO,
+        silent: 0,
     };
     let (mut new, mut old) = (None, None);
     for i in 1..=SHIFT_SINCE {

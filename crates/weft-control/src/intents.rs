@@ -1370,7 +1370,17 @@ fn evidence(
     let since_at = |s: &Sample| observing.map_or(Duration::ZERO, |o| s.at.duration_since(o + WARM_UP));
     let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
     let mut drift = Drift::default();
-    let mut split = Split::default();
+    // Treated proxies not heard from since the warm-up.
+    let silent = enforcing
+        .iter()
+        .filter(|(workload, treated)| {
+            **treated && observing.is_none_or(|o| signals.reported.get(workload.as_str()).is_none_or(|at| *at < o + WARM_UP))
+        })
+        .count();
+    let mut split = Split {
+        silent,
+        ..Split::default()
+    };
     for ((workload, dir, service), samples) in &signals.samples {
         let Some(&is_treated) = enforcing.get(workload) else { continue };
         let judged = services.contains(service);

@@ -340,6 +340,9 @@ pub struct Split {
     pub since: Vec<(u64, u64)>,
     /// How long the `since` counts cover (from the end of the stage's warm-up).
     pub window: Duration,
+    /// Treated proxies with no report at all since the warm-up: until each has reported, no
+    /// treated request may just be a report not in yet.
+    pub silent: usize,
 }
 
 // === impl Split ===
@@ -655,21 +658,24 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
         return None;
     }
     // Proxies report every REPORT_INTERVAL and not in step: none treated just after the
-    // warm-up may be a report not in yet (see [`none_moved`]).
-    if ts == 0 && split.window < 2 * REPORT_INTERVAL {
+    // warm-up, or while a treated proxy has not reported since (one reconnecting), may be a
+    // report not in yet (see [`none_moved`]).
+    if ts == 0 && (split.window < 2 * REPORT_INTERVAL || split.silent > 0) {
         return None;
     }
     // The test's evidence grows as the treated count falls, so what it shows at one treated
     // request holds at none: a zero counts as one. (Half a request standing in for the zero
     // gave a variance of 2 against 0.67 at one request: no request at all was weaker evidence
-    // than one, and the end-to-end stage waited there until it was held.) With none, the
-    // exact test of [`none_moved`] runs too, each at half the budget.
+    // than one, and the end-to-end stage waited there until it was held.) While there are
+    // none, the exact test of [`none_moved`] runs too. A stage's treated count only grows, so
+    // its looks run first with none and then with some: the metric's budget (half the
+    // stage's) is split once for the whole stage, three quarters to this test whatever the
+    // count, a quarter to the exact one.
     let counted = ts.max(1);
     // Half a request on every side keeps the logarithm finite when a side has none.
     let ln = |x: u64| (x as f64 + 0.5).ln();
     let fall = (ln(tb) - ln(ub)) - (ln(counted) - ln(us));
-    let share = if ts == 0 { 4.0 } else { 2.0 };
-    let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / share;
+    let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) * 3.0 / 8.0;
     let p = mixture_p_value(fall + SHARE_FALL.ln(), split_variance(split, counted), SHARE_TAU2);
     if p <= alpha {
         return Some(moved_words(split, p));
@@ -742,8 +748,8 @@ fn moved_words(split: &Split, p: f64) -> String {
 /// fallen under a tenth of the odds before, each request since would have gone to them with
 /// probability at least `p0`, the share a tenth of those odds gives. The odds before are
 /// themselves counted, so `p0` takes their lower always-valid bound at half this test's
-/// budget (their variance taken between intervals; the test has half the metric's budget, the
-/// log test the other half). Then none of `n` independent requests
+/// budget (their variance taken between intervals; the test has a quarter of the metric's
+/// budget, the log test the rest). Then none of `n` independent requests
 /// reaching them happens with probability at most `(1 - p0)^n`, and that event can only end as
 /// requests come (once none of the first `n` went there, none of the first `m < n` did), so
 /// looking after every report costs nothing: the false-alarm rate is at most half the budget
@@ -761,7 +767,7 @@ fn none_moved(slo: &Slo, split: &Split) -> Option<String> {
     if split.window < 2 * REPORT_INTERVAL {
         return None;
     }
-    let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 8.0;
+    let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 16.0;
     let (tb_, ub_) = (tb as f64 + 0.5, ub as f64 + 0.5);
     let binomial = 1.0 / tb_ + 1.0 / ub_;
     let variance = interval_variance(&split.before).map_or(binomial, |v| v.0.max(binomial));
@@ -1558,6 +1564,7 @@ mod tests {
             before: steady(before, 30),
             since: steady(since, 5),
             window: Duration::from_secs(10),
+            silent: 0,
         };
         let why = traffic_moved(&slo, &split((1234, 1002), (23, 575))).expect("starved");
         assert_eq!(
@@ -1593,6 +1600,7 @@ mod tests {
             before: steady(before, 30),
             since: steady(since, (window as usize / 2).max(1)),
             window: Duration::from_secs(window),
+            silent: 0,
         };
         let why = traffic_moved(&slo, &split((900, 100), (0, 300), 10)).expect("0 of 300 against 90%");
         assert_eq!(
@@ -1606,6 +1614,12 @@ mod tests {
         // Within two report intervals a treated proxy may just not have reported yet.
         assert_eq!(traffic_moved(&slo, &split((1234, 1002), (0, 100), 3)), None);
         assert!(traffic_moved(&slo, &split((1234, 1002), (0, 100), 4)).is_some());
+        // Nor while a treated proxy has not reported since the warm-up (one reconnecting).
+        let silent = Split {
+            silent: 1,
+            ..split((900, 100), (0, 300), 10)
+        };
+        assert_eq!(traffic_moved(&slo, &silent), None);
     }
 
     /// CI's hold (session 28): web's P2C put 75% of checkout's calls on the instance about to
@@ -1635,6 +1649,7 @@ mod tests {
             before: before.clone(),
             since: vec![(0, 200); intervals],
             window: Duration::from_secs(2 * intervals as u64),
+            silent: 0,
         };
         // Up to 10 s of none is within the minute's swings (it held 0.5-1% treated for 4 s).
         for n in 1..=5 {
@@ -1696,6 +1711,7 @@ mod tests {
             before: swinging.clone(),
             since: since.clone(),
             window: Duration::from_secs(6),
+            silent: 0,
         };
         assert_eq!(traffic_moved(&slo, &harmless), None, "variance {}", split_variance(&harmless, 11));
         // The same three intervals after a minute that held 78.8% throughout: harm.

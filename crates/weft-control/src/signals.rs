@@ -43,6 +43,8 @@ pub(crate) struct Signals {
     pub(crate) samples: HashMap<(String, i32, String), VecDeque<Sample>>,
     /// Reports received, from any proxy.
     pub(crate) reports: u64,
+    /// When each workload's proxy last reported (with traffic or none).
+    pub(crate) reported: HashMap<String, Instant>,
     /// What each workload's sidecar costs.
     pub(crate) costs: crate::cost::Costs,
 }
@@ -76,6 +78,12 @@ impl Signals {
     pub(crate) fn record(&mut self, from: Option<Reporter>, stats: Vec<proto::TrafficStats>, now: Instant) {
         self.reports += 1;
         let Some(from) = from else { return };
+        match self.reported.get_mut(&from.workload) {
+            Some(at) => *at = now,
+            None => {
+                self.reported.insert(from.workload.clone(), now);
+            }
+        }
         let service_key = (from.namespace, from.service);
         for s in stats {
             let sample = Sample {

@@ -25,7 +25,7 @@ pub fn loopback() -> std::io::Result<SocketAddr> {
     if span < 1_000 {
         return TcpListener::bind("127.0.0.1:0")?.local_addr();
     }
-    let start = std::process::id().wrapping_mul(7_919) % span;
+    let start = (mix(std::process::id() as u64) % span as u64) as u32;
     for _ in 0..span {
         let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
         if let Ok(probe) = TcpListener::bind(("127.0.0.1", port as u16)) {
@@ -33,6 +33,15 @@ pub fn loopback() -> std::io::Result<SocketAddr> {
         }
     }
     TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// SplitMix64's finaliser: pids that differ by little start far apart (a plain multiple put
+/// pids 23 apart 7 ports apart).
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ pub struct Process {
     pub name: String,
     child: Child,
     pub log: PathBuf,
+    /// Whether the log outlives the process (a replaced control plane's: see [`Control`]).
+    kept: bool,
 }
 
 impl Process {
@@ -75,6 +77,7 @@ impl Process {
             name: name.to_string(),
             child,
             log,
+            kept: false,
         }
     }
 
@@ -125,7 +128,7 @@ impl Drop for Process {
         }
         if std::thread::panicking() {
             eprintln!("---- log of {} ({}) ----\n{}", self.name, self.log.display(), self.log_text());
-        } else {
+        } else if !self.kept {
             // Kept only for a failure: a whole suite's logs ran to hundreds of files in /tmp.
             let _ = std::fs::remove_file(&self.log);
         }
@@ -151,6 +154,8 @@ pub struct Control {
     pub tls: bool,
     bin: String,
     extra: Vec<String>,
+    /// The logs of the processes restarts replaced, printed if the test fails later.
+    retired: Vec<PathBuf>,
     /// Whether the data directory is this harness's own (made by `start*`, removed when the
     /// control plane is dropped, kept for a failing test) or the caller's (`start_at`).
     owned: bool,
@@ -159,7 +164,16 @@ pub struct Control {
 impl Drop for Control {
     fn drop(&mut self) {
         self.process.kill();
-        if self.owned && !std::thread::panicking() {
+        let failed = std::thread::panicking();
+        for log in &self.retired {
+            if failed {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                eprintln!("---- log of control before a restart ({}) ----\n{text}", log.display());
+            } else {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+        if self.owned && !failed {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
@@ -201,6 +215,9 @@ impl Control {
     /// Takes `next`'s place: the same data directory, which the old value must not remove.
     fn replace(&mut self, mut next: Self) {
         next.owned = std::mem::replace(&mut self.owned, false);
+        self.process.kept = true;
+        next.retired = std::mem::take(&mut self.retired);
+        next.retired.push(self.process.log.clone());
         *self = next;
     }
 
@@ -273,6 +290,7 @@ impl Control {
             tls,
             bin: bin.to_string(),
             extra,
+            retired: Vec::new(),
             owned: false,
         }
     }
