@@ -760,13 +760,11 @@ fn moved_words(split: &Split, p: f64) -> String {
 /// independent ones).
 ///
 /// Proxies report every [`REPORT_INTERVAL`] and not in step: just after the warm-up, the
-/// untreated proxies' reports may be in and the treated ones' not yet. So nothing is decided
-/// before the counts cover two report intervals.
+/// untreated proxies' reports may be in and the treated ones' not yet. [`traffic_moved`]
+/// calls it only once the counts cover two report intervals and every treated proxy has
+/// reported since.
 fn none_moved(slo: &Slo, split: &Split) -> Option<String> {
     let ((tb, ub), (_, us)) = (Split::totals(&split.before), Split::totals(&split.since));
-    if split.window < 2 * REPORT_INTERVAL {
-        return None;
-    }
     let alpha = (1.0 - slo.confidence / 100.0).clamp(1e-9, 0.5) / 16.0;
     let (tb_, ub_) = (tb as f64 + 0.5, ub as f64 + 0.5);
     let binomial = 1.0 / tb_ + 1.0 / ub_;
@@ -1242,13 +1240,7 @@ mod tests {
     /// side's own rate for the variance, five times the variance of "no difference".
     #[test]
     fn a_few_errors_among_few_treated_requests_against_none_before_fail() {
-        let slo = Slo {
-            max_error_rate: 5.0,
-            max_error_rate_increase: 1.0,
-            max_p99_increase: 20.0,
-            min_requests: 20,
-            ..Slo::default()
-        };
+        let slo = issue_slo();
         let Verdict::Fail(why) = judged(&slo, &evidence(157, 5, 2.0), &evidence(1194, 0, 2.0), &Evidence::default()) else {
             panic!("not rolled back")
         };
@@ -1399,13 +1391,7 @@ mod tests {
     /// shows nothing. It waits for a fourth report, then rolls back.
     #[test]
     fn latency_is_not_passed_on_fewer_than_four_reports() {
-        let slo = Slo {
-            max_error_rate: 5.0,
-            max_error_rate_increase: 1.0,
-            max_p99_increase: 20.0,
-            min_requests: 20,
-            ..Slo::default()
-        };
+        let slo = issue_slo();
         let untreated = evidence(185, 0, 1.6);
         let verdict = judged(&slo, &by_reports(3, 25, 57.7), &evidence(1000, 0, 1.6), &untreated);
         let Verdict::Wait(why) = verdict else {
@@ -1511,13 +1497,7 @@ mod tests {
         // back at 99% (all four errors on the treated side happen one time in 16 if the rates
         // are equal), but it must not pass: the stage keeps watching (held for a person after
         // three bakes), and with four times the evidence at the same rates it is rolled back.
-        let issue = Slo {
-            max_error_rate: 5.0,
-            max_error_rate_increase: 1.0,
-            max_p99_increase: 20.0,
-            min_requests: 20,
-            ..Slo::default()
-        };
+        let issue = issue_slo();
         let run5 = |n: u64, errors: u64| {
             let d = Drift {
                 before: evidence(1193, 0, 2.0),
@@ -1630,13 +1610,7 @@ mod tests {
     /// up. Counted as one request it is a fall; a moment of none after the same minute is not.
     #[test]
     fn no_treated_request_after_a_swinging_minute_is_judged_as_one() {
-        let slo = Slo {
-            max_error_rate: 5.0,
-            max_error_rate_increase: 1.0,
-            max_p99_increase: 20.0,
-            min_requests: 20,
-            ..Slo::default()
-        };
+        let slo = issue_slo();
         let before: Vec<(u64, u64)> = [
             vec![(0, 0); 11],
             vec![(192, 1), (200, 0), (199, 1), (200, 0), (200, 0), (199, 1), (200, 0), (199, 1)],
@@ -1664,6 +1638,18 @@ mod tests {
         assert!(why.contains("confident it fell to under a tenth"), "{why}");
     }
 
+    /// The SLO of the issue's demo intents (#13): 5% errors at most, +1 pp and +20% p99 the
+    /// smallest changes that matter, 20 requests before a verdict.
+    fn issue_slo() -> Slo {
+        Slo {
+            max_error_rate: 5.0,
+            max_error_rate_increase: 1.0,
+            max_p99_increase: 20.0,
+            min_requests: 20,
+            ..Slo::default()
+        }
+    }
+
     /// `(treated, untreated)` totals spread as evenly as counts allow over `intervals`.
     fn steady(total: (u64, u64), intervals: usize) -> Vec<(u64, u64)> {
         let k = intervals as u64;
@@ -1686,13 +1672,7 @@ mod tests {
     /// and a stage the caller keeps avoiding is rolled back once the evidence outlasts the swings.
     #[test]
     fn a_balancer_s_own_swing_is_not_traffic_moving_away() {
-        let slo = Slo {
-            max_error_rate: 5.0,
-            max_error_rate_increase: 1.0,
-            max_p99_increase: 20.0,
-            min_requests: 20,
-            ..Slo::default()
-        };
+        let slo = issue_slo();
         let stretch = |n: usize, b: (u64, u64)| vec![b; n];
         let swinging: Vec<(u64, u64)> = [
             stretch(4, (38, 1)),
@@ -1740,13 +1720,7 @@ mod tests {
     /// explain a slowdown away, never manufacture one.
     #[test]
     fn a_drift_that_sped_other_traffic_up_does_not_make_the_service_slower() {
-        let slo = Slo {
-            max_error_rate: 5.0,
-            max_error_rate_increase: 1.0,
-            max_p99_increase: 20.0,
-            min_requests: 20,
-            ..Slo::default()
-        };
+        let slo = issue_slo();
         // The other traffic (profile-svc, called once per checkout as orders-api is) as many
         // requests as orders-api's, before and since.
         let faster = Drift {

@@ -17,11 +17,7 @@ const FIRST: u32 = 10_000;
 /// Where that range starts too low to leave room, the kernel's own pick.
 pub fn loopback() -> std::io::Result<SocketAddr> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let span = low.saturating_sub(FIRST);
+    let span = ephemeral_start().saturating_sub(FIRST);
     if span < 1_000 {
         return TcpListener::bind("127.0.0.1:0")?.local_addr();
     }
@@ -33,6 +29,18 @@ pub fn loopback() -> std::io::Result<SocketAddr> {
         }
     }
     TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// Where the kernel's ephemeral range starts (read once per process; Linux's default if it
+/// cannot be read).
+fn ephemeral_start() -> u32 {
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *START.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768)
+    })
 }
 
 /// SplitMix64's finaliser: pids that differ by little start far apart (a plain multiple put
@@ -50,13 +58,7 @@ mod tests {
 
     #[test]
     fn ports_come_from_below_the_ephemeral_range_each_once_and_bind() {
-        let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let low = ephemeral_start();
         let ports: Vec<u16> = (0..300).map(|_| loopback().unwrap().port()).collect();
         let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), 300, "{ports:?}");
