@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod coalesce;
 pub mod framing;
 pub mod ports;
 pub mod serve;

@@ -235,6 +235,8 @@ where
             // hyper's header_read_timeout never sees a head the scan still holds, nor the
             // first one (hyper is still telling HTTP/1.1 from HTTP/2): the scan times those.
             let io = io.head_timeout(handshake_timeout);
+            // An HTTP/2 connection's frames leave in one write per turn of its task.
+            let io = crate::coalesce::Coalesced::sniffing(io);
             let index = std::sync::atomic::AtomicU64::new(0);
             let activity = Activity::new();
             let counted = activity.clone();

@@ -169,7 +169,7 @@ impl Pools {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .handshake::<_, Body>(TokioIo::new(io))
+            .handshake::<_, Body>(TokioIo::new(weft_core::coalesce::Coalesced::http2(io)))
             .await
             .map_err(|source| ConnectError::Handshake { addr, source })?;
         tokio::spawn(async move {
