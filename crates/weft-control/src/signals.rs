@@ -47,6 +47,8 @@ pub(crate) struct Signals {
     pub(crate) reported: HashMap<String, Instant>,
     /// What each workload's sidecar costs.
     pub(crate) costs: crate::cost::Costs,
+    /// When the maps above last dropped the workloads that stopped reporting.
+    pruned: Option<Instant>,
 }
 
 /// A service's inbound traffic over the last [`RATE_WINDOW`].
@@ -107,6 +109,22 @@ impl Signals {
             let key = (from.workload.clone(), s.direction, s.service);
             push_window(self.samples.entry(key).or_default(), sample, now, SAMPLE_WINDOW);
         }
+        // A workload that left (or a peer no longer called) stops reporting, and its window
+        // would stay as it was for good: dropped once all of it is too old to be read,
+        // checked once per window rather than on every report.
+        if self.pruned.is_none_or(|at| now.duration_since(at) > SAMPLE_WINDOW) {
+            self.prune(now);
+        }
+    }
+
+    /// Drops every window whose newest sample is older than it keeps, and the last-report
+    /// time of workloads silent for longer than [`SAMPLE_WINDOW`].
+    fn prune(&mut self, now: Instant) {
+        let fresh = |samples: &VecDeque<Sample>, keep: Duration| samples.back().is_some_and(|s| now.duration_since(s.at) <= keep);
+        self.traffic.retain(|_, samples| fresh(samples, RATE_WINDOW * 3));
+        self.samples.retain(|_, samples| fresh(samples, SAMPLE_WINDOW));
+        self.reported.retain(|_, at| now.duration_since(*at) <= SAMPLE_WINDOW);
+        self.pruned = Some(now);
     }
 
     /// `namespace/service`'s inbound traffic over the last window.
@@ -193,4 +211,64 @@ fn push_window(samples: &mut VecDeque<Sample>, sample: Sample, now: Instant, kee
 
 pub(crate) fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reporter(workload: &str) -> Option<Reporter> {
+        Some(Reporter {
+            workload: workload.to_string(),
+            namespace: "default".to_string(),
+            service: "orders".to_string(),
+        })
+    }
+
+    fn stats(direction: proto::Direction, service: &str) -> proto::TrafficStats {
+        proto::TrafficStats {
+            direction: direction as i32,
+            service: service.to_string(),
+            requests: 10,
+            ..Default::default()
+        }
+    }
+
+    /// Workloads come and go (a rolled deployment's pods): the windows of those that stopped
+    /// reporting are dropped once too old to be read, and live ones keep theirs.
+    #[test]
+    fn windows_of_workloads_that_stopped_reporting_are_dropped() {
+        let mut signals = Signals::default();
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let both = vec![
+                stats(proto::Direction::Inbound, "orders"),
+                stats(proto::Direction::Outbound, "payments"),
+            ];
+            signals.record(reporter(&format!("default/orders-{i}")), both, t0);
+        }
+        assert_eq!(
+            (signals.samples.len(), signals.reported.len(), signals.traffic.len()),
+            (200, 100, 1)
+        );
+        // Only orders-0 goes on reporting, every 2 s, for four minutes.
+        for tick in 1..=120u64 {
+            let now = t0 + Duration::from_secs(2 * tick);
+            signals.record(
+                reporter("default/orders-0"),
+                vec![stats(proto::Direction::Outbound, "payments")],
+                now,
+            );
+        }
+        assert_eq!(signals.samples.len(), 1, "only orders-0's window to payments is left");
+        assert_eq!(signals.reported.len(), 1);
+        assert!(signals.traffic.is_empty(), "no inbound report for four minutes");
+        let kept = &signals.samples[&(
+            "default/orders-0".to_string(),
+            proto::Direction::Outbound as i32,
+            "payments".to_string(),
+        )];
+        assert_eq!(kept.len(), 61, "the last 120 s of 2 s reports");
+        assert_eq!(signals.reports, 220);
+    }
 }
