@@ -23,11 +23,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// goes straight through once the buffer is empty).
 pub const MAX_GATHERED: usize = 64 * 1024;
 
+/// The buffer a connection starts gathering into, and keeps between turns: a burst's larger
+/// buffer is given back once written, so an idle connection holds at most this much (h2
+/// keeps a write buffer of the same size), and a busy one does not grow it again each turn.
+const KEPT_CAPACITY: usize = 16 * 1024;
+
 /// The HTTP/2 client preface: a server-side connection that starts with it gathers its writes.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A stream whose writes are gathered while it speaks HTTP/2 (see the module's docs).
-pub struct Coalesced<T> {
+pub struct Coalesced<T: AsyncWrite + Unpin> {
     inner: T,
     mode: Mode,
     /// Bytes accepted and not yet written; `out[sent..]` is what remains.
@@ -47,7 +52,7 @@ enum Mode {
     Passing,
 }
 
-impl<T> Coalesced<T> {
+impl<T: AsyncWrite + Unpin> Coalesced<T> {
     /// A connection known to speak HTTP/2 (the client side: we chose the protocol).
     pub fn http2(inner: T) -> Self {
         Self::with_mode(inner, Mode::Gathering)
@@ -104,7 +109,11 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             }
             self.sent += n;
         }
-        self.out.clear();
+        if self.out.capacity() > KEPT_CAPACITY {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
         self.sent = 0;
         self.woken = false;
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -120,14 +129,34 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             }
         }
-        if self.sent > 0 && self.sent == self.out.len() {
-            self.out.clear();
+        // What a partial write already took goes before more is added, so the buffer holds
+        // no more than the bound however the socket takes it.
+        if self.sent > 0 {
+            self.out.drain(..self.sent);
             self.sent = 0;
+        }
+        if self.out.capacity() == 0 {
+            self.out.reserve(KEPT_CAPACITY.max(len));
         }
         for buf in bufs {
             self.out.extend_from_slice(buf);
         }
+        debug_assert!(self.out.len() <= MAX_GATHERED);
         Poll::Ready(Ok(len))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Drop for Coalesced<T> {
+    /// A connection ended without a shutdown (hyper returns from a few error paths without
+    /// one) still gets what it gathered, if the socket takes it now: a last effort, no wait.
+    fn drop(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while self.held() > 0 {
+            match Pin::new(&mut self.inner).poll_write(&mut cx, &self.out[self.sent..]) {
+                Poll::Ready(Ok(n)) if n > 0 => self.sent += n,
+                _ => break,
+            }
+        }
     }
 }
 
@@ -212,6 +241,10 @@ mod tests {
         reads: VecDeque<Vec<u8>>,
         /// Writes return `Pending` while set.
         full: bool,
+        /// If set, how many more bytes the socket takes before it returns `Pending`.
+        budget: Option<usize>,
+        /// Calls of `poll_flush` that reached this stream.
+        flushes: usize,
         shut: bool,
     }
 
@@ -230,13 +263,21 @@ mod tests {
     impl AsyncWrite for Recorder {
         fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
             let this = self.get_mut();
-            if this.full {
+            let n = match this.budget {
+                Some(budget) => buf.len().min(budget),
+                None => buf.len(),
+            };
+            if this.full || n == 0 {
                 return Poll::Pending;
             }
-            this.writes.push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
+            if let Some(budget) = &mut this.budget {
+                *budget -= n;
+            }
+            this.writes.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.get_mut().flushes += 1;
             Poll::Ready(Ok(()))
         }
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -292,6 +333,7 @@ mod tests {
         assert!(read(&mut io, &mut cx).is_pending());
         assert_eq!(io.inner.writes.len(), 1);
         assert_eq!(io.inner.writes[0], expected);
+        assert_eq!(io.out.capacity(), 0, "a burst's 16.5 KiB buffer is given back");
         // Nothing held: a flush now goes straight down and wakes no one.
         assert!(matches!(Pin::new(&mut io).poll_flush(&mut cx), Poll::Ready(Ok(()))));
         assert_eq!(wakes.0.load(Relaxed), 1);
@@ -351,6 +393,89 @@ mod tests {
         assert_eq!(io.inner.writes.len(), 3);
         assert_eq!(io.inner.writes[2].len(), huge.len());
         assert_eq!(io.held(), 0);
+    }
+
+    /// A slow reader's socket takes part of what is held on each turn while h2 keeps adding
+    /// frames: the buffer stays within its bound, the writer waits once it is full, and every
+    /// byte reaches the socket once, in order.
+    #[test]
+    fn partial_writes_keep_the_bound_and_the_order() {
+        let (_, waker) = waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesced::http2(Recorder::default());
+        let mut accepted = Vec::new();
+        let mut waited = 0;
+        for turn in 0..200u32 {
+            // The socket frees 5 KiB a turn; h2 offers 20 KiB of 1 KiB frames a turn.
+            io.inner.budget = Some(5 * 1024);
+            assert!(read(&mut io, &mut cx).is_pending());
+            for frame in 0..20u32 {
+                let bytes = vec![(turn * 20 + frame) as u8; 1024];
+                match Pin::new(&mut io).poll_write(&mut cx, &bytes) {
+                    Poll::Ready(Ok(n)) => accepted.extend_from_slice(&bytes[..n]),
+                    Poll::Pending => {
+                        waited += 1;
+                        break;
+                    }
+                    Poll::Ready(Err(e)) => panic!("{e}"),
+                }
+                assert!(io.out.len() <= MAX_GATHERED, "turn {turn}: {} bytes buffered", io.out.len());
+                let _ = Pin::new(&mut io).poll_flush(&mut cx);
+            }
+        }
+        assert!(
+            waited > 150,
+            "a full buffer on a slow socket makes the writer wait ({waited} turns)"
+        );
+        io.inner.budget = None;
+        assert!(read(&mut io, &mut cx).is_pending());
+        assert_eq!(io.held(), 0);
+        assert_eq!(io.inner.writes.concat(), accepted, "every byte once, in order");
+        assert!(accepted.len() >= 200 * 5 * 1024);
+    }
+
+    /// A flush with nothing held, and the end of every drain, reach the stream below (TLS
+    /// needs them); a flush with bytes held does not.
+    #[test]
+    fn flushes_reach_the_stream_below_when_nothing_is_held() {
+        let (_, waker) = waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut io = Coalesced::http2(Recorder::default());
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        assert_eq!(io.inner.flushes, 1);
+        assert!(Pin::new(&mut io).poll_write(&mut cx, b"frame").is_ready());
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        assert_eq!(io.inner.flushes, 1, "held: not flushed yet");
+        assert!(read(&mut io, &mut cx).is_pending());
+        assert_eq!(io.inner.flushes, 2, "the drain ends with a flush below");
+    }
+
+    /// A connection dropped without a shutdown still hands what it held to the socket.
+    #[test]
+    fn a_dropped_connection_writes_what_it_held_if_it_can() {
+        let (_, waker) = waker();
+        let mut cx = Context::from_waker(&waker);
+        // The stream goes with the adapter, so this one writes into a buffer kept outside.
+        let writes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        struct Shared(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+        impl AsyncWrite for Shared {
+            fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                self.0.borrow_mut().extend_from_slice(buf);
+                Poll::Ready(Ok(buf.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let mut shared = Coalesced::http2(Shared(writes.clone()));
+        assert!(Pin::new(&mut shared).poll_write(&mut cx, b"goaway").is_ready());
+        let _ = Pin::new(&mut shared).poll_flush(&mut cx);
+        assert!(writes.borrow().is_empty());
+        drop(shared);
+        assert_eq!(*writes.borrow(), b"goaway");
     }
 
     /// Shutting down writes what is held first.
