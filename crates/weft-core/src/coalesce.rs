@@ -75,11 +75,6 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         }
     }
 
-    /// Whether writes are being gathered (the preface was seen, or the connection is a client's).
-    pub fn gathering(&self) -> bool {
-        self.mode == Mode::Gathering
-    }
-
     fn held(&self) -> usize {
         self.out.len() - self.sent
     }
@@ -97,9 +92,7 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
             Mode::Sniffing(matched + n)
         };
     }
-}
 
-impl<T: AsyncWrite + Unpin> Coalesced<T> {
     /// Writes everything gathered, then flushes the stream below.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.out.len() {
@@ -150,12 +143,8 @@ impl<T: AsyncWrite + Unpin> Drop for Coalesced<T> {
     /// A connection ended without a shutdown (hyper returns from a few error paths without
     /// one) still gets what it gathered, if the socket takes it now: a last effort, no wait.
     fn drop(&mut self) {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        while self.held() > 0 {
-            match Pin::new(&mut self.inner).poll_write(&mut cx, &self.out[self.sent..]) {
-                Poll::Ready(Ok(n)) if n > 0 => self.sent += n,
-                _ => break,
-            }
+        if self.held() > 0 {
+            let _ = self.poll_drain(&mut Context::from_waker(std::task::Waker::noop()));
         }
     }
 }
@@ -507,10 +496,10 @@ mod tests {
         });
         for _ in 0..2 {
             assert!(read(&mut h2, &mut cx).is_ready());
-            assert!(!h2.gathering());
+            assert!(!(h2.mode == Mode::Gathering));
         }
         assert!(read(&mut h2, &mut cx).is_ready());
-        assert!(h2.gathering());
+        assert!((h2.mode == Mode::Gathering));
         assert!(h2.is_write_vectored());
 
         for first in [b"GET / HTTP/1.1\r\n".to_vec(), b"PRI * HTTP/1.1\r\n".to_vec()] {
@@ -519,7 +508,7 @@ mod tests {
                 ..Recorder::default()
             });
             assert!(read(&mut h1, &mut cx).is_ready());
-            assert!(!h1.gathering());
+            assert!(!(h1.mode == Mode::Gathering));
             assert!(Pin::new(&mut h1).poll_write(&mut cx, b"HTTP/1.1 200 OK\r\n").is_ready());
             assert_eq!(h1.inner.writes.len(), 1, "written at once");
         }
