@@ -77,12 +77,22 @@ struct AtFull {
     target: f64,
     other: f64,
     errors: f64,
+    /// Spread (log scale) of a level the service's latency keeps for [`LEVEL_REPORTS`] reports
+    /// at a time, before the stage and during it: a service whose speed moves by itself over
+    /// tens of seconds (a neighbour busy for a while), which the other traffic does not share.
+    level: f64,
 }
 
+/// Reports a level of [`AtFull::level`] lasts: ten seconds of one proxy's reports.
+const LEVEL_REPORTS: u64 = 5;
+/// Milliseconds between one proxy's reports.
+const REPORT_MS: u64 = 2000;
+
 /// One last-stage trial: the treated requests at the first rollback with the drift reference,
-/// and with the baseline alone; and whether the drift reference's last verdict at the horizon
-/// was still waiting (errors it cannot yet tell from the drift: the stage would be held).
-type FullOutcome = (Option<u64>, Option<u64>, bool);
+/// and with the baseline alone; whether the drift reference's last verdict at the horizon
+/// was still waiting (errors it cannot yet tell from the drift: the stage would be held); and
+/// the baseline alone without report times (no period variance: the judge before 2026-12-03).
+type FullOutcome = (Option<u64>, Option<u64>, bool, Option<u64>);
 
 /// One trial's outcome for each judge: the treated requests at the first rollback, if any.
 #[derive(Default)]
@@ -237,6 +247,11 @@ fn main() {
         target,
         other,
         errors,
+        level: 0.0,
+    };
+    let moving = |name, change, slo: &Slo, horizon, level| AtFull {
+        level,
+        ..drifting(name, change, slo, horizon, 1.0, 1.0, 0.0)
     };
     let full = [
         drifting("A/A, no drift", none, &default, 1000, 1.0, 1.0, 0.0),
@@ -308,6 +323,37 @@ fn main() {
             0.7,
             0.0,
         ),
+        // Appended: a service whose own level moves every ten seconds (2026-12-03).
+        moving("A/A, the service's level moving 10% every 10 s", none, &issue, 1000, 0.1),
+        moving("A/A, the service's level moving 20% every 10 s", none, &issue, 1000, 0.2),
+        moving(
+            "A/A, the service's level moving 20% every 10 s, a short stage",
+            none,
+            &issue,
+            200,
+            0.2,
+        ),
+        moving(
+            "latency +50%, the service's level moving 20% every 10 s",
+            Change { latency: 1.5, ..none },
+            &issue,
+            5000,
+            0.2,
+        ),
+        moving(
+            "half the requests +40 ms, the issue's SLO, the level moving 20% every 10 s",
+            Change { half_ms: 40.0, ..none },
+            &issue,
+            1000,
+            0.2,
+        ),
+        moving(
+            "errors +3 pp, the issue's SLO, the level moving 20% every 10 s",
+            Change { error: 0.03, ..none },
+            &issue,
+            3000,
+            0.2,
+        ),
     ];
     let _ = writeln!(
         out,
@@ -315,10 +361,10 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "| scenario | within | with the drift reference: rolled back | requests for {p}% | held at the horizon | baseline alone: rolled back | requests for {p}% |",
+        "| scenario | within | with the drift reference: rolled back | requests for {p}% | held at the horizon | baseline alone: rolled back | requests for {p}% | baseline alone, no period variance: rolled back | requests for {p}% |",
         p = (POWER * 100.0) as u32
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for (k, s) in full.iter().enumerate().filter(|(_, s)| s.name.contains(only.as_str())) {
         let mut rng = Rng::new(0xd21f7 + k as u64);
         let outcomes: Vec<FullOutcome> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
@@ -336,7 +382,7 @@ fn main() {
         let held = outcomes.iter().filter(|o| o.2).count();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.1}% ({held}) | {} | {} |",
+            "| {} | {} | {} | {} | {:.1}% ({held}) | {} | {} | {} | {} |",
             s.name,
             s.horizon,
             rate(&|o| o.0),
@@ -344,6 +390,8 @@ fn main() {
             100.0 * held as f64 / trials as f64,
             rate(&|o| o.1),
             needed(&|o| o.1),
+            rate(&|o| o.3),
+            needed(&|o| o.3),
         );
     }
 }
@@ -357,14 +405,29 @@ fn other_request(rng: &mut Rng, weather: f64, drift: f64, errors: f64) -> (bool,
 
 /// Replays the last stage: before it, reports of the service and of the other service from
 /// the same proxies (the baseline and the drift's "before"); during it, both drifted, the
-/// service also changed. Returns the treated requests at the first rollback with the drift
-/// reference and with the baseline alone.
+/// service also changed. Reports are [`REPORT_MS`] apart; the service's own level (if any)
+/// moves every [`LEVEL_REPORTS`] of them, before the stage and during it alike. Returns the
+/// treated requests at the first rollback with the drift reference, with the baseline alone,
+/// and with the baseline alone stripped of report times.
 fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
     let mut baseline = Evidence::default();
     let mut drift = Drift::default();
+    // The service's level: drawn only when the row has one, so other rows keep their seeds.
+    let (mut level, mut k) = (1.0, 0u64);
+    let next_level = |rng: &mut Rng, k: &mut u64, level: &mut f64| {
+        if s.level > 0.0 && k.is_multiple_of(LEVEL_REPORTS) {
+            *level = (s.level * rng.normal()).exp();
+        }
+        *k += 1;
+        (*k - 1) * REPORT_MS
+    };
     for _ in 0..BASELINE_REQUESTS / REPORT {
+        let at = next_level(rng, &mut k, &mut level);
         let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
         other.weather = report.weather;
+        report.at = at;
+        other.at = at;
+        report.weather *= level;
         for _ in 0..REPORT {
             let (e, ms) = request(
                 rng,
@@ -388,21 +451,29 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         ..s.change
     };
     let (mut treated, none) = (Evidence::default(), Evidence::default());
-    let (mut with, mut alone, mut held) = (None, None, false);
+    let (mut with, mut alone, mut held, mut untimed) = (None, None, false, None);
     let (mut n, mut next_look) = (0u64, REPORT.min(s.horizon));
-    let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
-    other.weather = report.weather;
-    // A stage ends at its first rollback: the trial, once both judges have rolled back.
-    while n < s.horizon && (with.is_none() || alone.is_none()) {
+    let since = k * REPORT_MS;
+    let start = |rng: &mut Rng, k: &mut u64, level: &mut f64| {
+        let at = next_level(rng, k, level) - since;
+        let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
+        other.weather = report.weather;
+        (report.at, other.at) = (at, at);
+        report.weather *= *level;
+        (report, other)
+    };
+    let (mut report, mut other) = start(rng, &mut k, &mut level);
+    // A stage ends at its first rollback: the trial, once every judge has rolled back.
+    while n < s.horizon && (with.is_none() || alone.is_none() || untimed.is_none()) {
         let (e, ms) = request(rng, change, report.weather);
         report.push(e, ms);
         let (e, ms) = other_request(rng, other.weather, s.other, s.errors);
         other.push(e, ms);
         n += 1;
         if report.requests == REPORT {
-            std::mem::replace(&mut report, Report::new(rng, weather)).send(&mut treated);
-            std::mem::replace(&mut other, Report::new(rng, 0.0)).send(&mut drift.since);
-            other.weather = report.weather;
+            let (next, next_other) = start(rng, &mut k, &mut level);
+            std::mem::replace(&mut report, next).send(&mut treated);
+            std::mem::replace(&mut other, next_other).send(&mut drift.since);
         }
         if n == next_look {
             next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
@@ -415,9 +486,21 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
             if alone.is_none() && matches!(judge(&s.slo, &treated, &baseline, &none, &Drift::default()), Verdict::Fail(_)) {
                 alone = Some(n);
             }
+            let strip = |e: &Evidence| Evidence {
+                times: Vec::new(),
+                ..e.clone()
+            };
+            if untimed.is_none()
+                && matches!(
+                    judge(&s.slo, &strip(&treated), &strip(&baseline), &none, &Drift::default()),
+                    Verdict::Fail(_)
+                )
+            {
+                untimed = Some(n);
+            }
         }
     }
-    (with, alone, held && with.is_none())
+    (with, alone, held && with.is_none(), untimed)
 }
 
 /// One request of the service, changed by `change`, in a report whose latencies share the
@@ -431,12 +514,14 @@ fn request(rng: &mut Rng, change: Change, weather: f64) -> (bool, f64) {
     (error, ms)
 }
 
-/// One proxy's report: REPORT requests sharing one weather factor.
+/// One proxy's report: REPORT requests sharing one weather factor, taken `at` milliseconds
+/// into its window.
 struct Report {
     requests: u64,
     errors: u64,
     slots: Vec<u32>,
     weather: f64,
+    at: u64,
 }
 
 impl Report {
@@ -446,6 +531,7 @@ impl Report {
             errors: 0,
             slots: Vec::new(),
             weather: (weather * rng.normal()).exp(),
+            at: 0,
         }
     }
 
@@ -467,7 +553,7 @@ impl Report {
                 counts.push(1u64);
             }
         }
-        to.add(self.requests, self.errors, &slots, &counts);
+        to.add_at(Duration::from_millis(self.at), self.requests, self.errors, &slots, &counts);
     }
 }
 

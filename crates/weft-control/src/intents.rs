@@ -1387,29 +1387,31 @@ fn evidence(
         if *dir != direction || !judged && !is_treated {
             continue;
         }
-        let add = |e: &mut Evidence, s: &Sample| e.add(s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+        // Each report at its time in its window: a comparison across time needs to know how
+        // the level moves between stretches of it (rollout's period variance).
+        let add = |e: &mut Evidence, at: Duration, s: &Sample| e.add_at(at, s.requests, s.errors, &s.latency_slots, &s.latency_counts);
         for s in samples {
             if !judged {
                 // A treated proxy's other traffic: the drift of the machine under it.
                 if before_start(s) {
-                    add(&mut drift.before, s);
+                    add(&mut drift.before, before_at(s), s);
                 } else if after_observe(s) {
-                    add(&mut drift.since, s);
+                    add(&mut drift.since, since_at(s), s);
                 }
             } else if is_treated {
                 let in_scope = intent.routes.is_empty() || intent.routes.contains(&s.route);
                 if after_observe(s) && s.revision >= candidate && in_scope {
-                    add(&mut treated, s);
+                    add(&mut treated, since_at(s), s);
                 }
                 if after_observe(s) {
                     split.add(true, since_at(s), true, s.requests);
                 }
                 if before_start(s) {
-                    add(&mut baseline, s);
+                    add(&mut baseline, before_at(s), s);
                     split.add(false, before_at(s), true, s.requests);
                 }
             } else if after_observe(s) {
-                add(&mut untreated, s);
+                add(&mut untreated, since_at(s), s);
                 split.add(true, since_at(s), false, s.requests);
             } else if before_start(s) {
                 split.add(false, before_at(s), false, s.requests);

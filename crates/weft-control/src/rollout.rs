@@ -64,6 +64,10 @@ pub struct Evidence {
     /// The same latencies by report (one proxy's two seconds), as sparse `(slot, count)`:
     /// requests of one report are not independent, and the rank test's variance says so.
     pub reports: Vec<Vec<(u32, u64)>>,
+    /// When each of `reports` was taken, in milliseconds from any origin shared by the
+    /// evidence (all zero when unknown): a comparison across time needs to know how much the
+    /// same requests vary from one stretch of time to the next (see [`period_variance`]).
+    pub times: Vec<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +106,11 @@ impl Phase {
 impl Evidence {
     /// Adds a report: counts and its sparse latency histogram (slots and their counts).
     pub fn add(&mut self, requests: u64, errors: u64, slots: &[u32], counts: &[u64]) {
+        self.add_at(Duration::ZERO, requests, errors, slots, counts);
+    }
+
+    /// [`Evidence::add`] for a report taken `at` (from the evidence's origin).
+    pub fn add_at(&mut self, at: Duration, requests: u64, errors: u64, slots: &[u32], counts: &[u64]) {
         self.requests = self.requests.saturating_add(requests);
         self.errors = self.errors.saturating_add(errors);
         add_sparse(self.histogram(), slots, counts);
@@ -113,6 +122,7 @@ impl Evidence {
             .collect();
         if !report.is_empty() {
             self.reports.push(report);
+            self.times.push(at.as_millis() as u64);
         }
     }
 
@@ -140,12 +150,7 @@ impl Evidence {
     /// The latency histogram as `(milliseconds, count)` of its non-empty slots, every value
     /// multiplied by `scale`.
     fn points(&self, scale: f64) -> Vec<(f64, u64)> {
-        self.latency
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(i, c)| (slot_value_ms(i) * scale, *c))
-            .collect()
+        dense_points(&self.latency, scale)
     }
 
     /// Error rate in percent.
@@ -557,7 +562,13 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // Latency, against each reference: (p that it is slower, p that it exceeds the slowdown).
     let t = treated.points(1.0);
     let by_report = treated.report_points(1.0);
-    let latency: Vec<(Test, f64)> = references.iter().map(|r| slower_p(&by_report, r, slower)).collect();
+    let latency: Vec<(Test, f64)> = references
+        .iter()
+        .map(|r| {
+            let period = if r.grows { 0.0 } else { period_variance(treated, r.evidence) };
+            slower_p(&by_report, r, slower, period)
+        })
+        .collect();
     let tests: Vec<&Test> = latency.iter().map(|l| &l.0).collect();
     if let Some(unheard) = shown(&tests, alpha_each) {
         let Reference {
@@ -820,7 +831,7 @@ fn unexplained_errors(treated: &Evidence, references: &[Reference], delta: f64, 
 /// drift: than the baseline's scaled by the drift's factor): the test that they are slower at
 /// all, its p-value counted only when the estimate exceeds `slower`, and the p-value that they
 /// exceed it.
-fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (Test, f64) {
+fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64, period: f64) -> (Test, f64) {
     let none = Test {
         p: 1.0,
         effect: 0.0,
@@ -841,6 +852,14 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64) -> (Test,
     let (Some((auc, variance)), Some((shifted_auc, shifted_variance))) = (plain, shifted) else {
         return (none, 1.0);
     };
+    // Across time, the level's own movement between stretches bounds the variance from below,
+    // through the test's slope in the logarithm of the level (as the drift factor's is).
+    let moving = if period > 0.0 {
+        auc_slope(by_report, r.evidence, scale).powi(2) * period
+    } else {
+        0.0
+    };
+    let (variance, shifted_variance) = (variance.max(moving), shifted_variance.max(moving));
     if !extra.is_finite() {
         return (none, 1.0);
     }
@@ -971,6 +990,86 @@ fn beyond_words(p: f64, threshold: &str) -> String {
     } else {
         format!(", by more than the {threshold} that matters")
     }
+}
+
+/// A dense latency histogram as `(milliseconds, count)` of its non-empty slots, every value
+/// multiplied by `scale`.
+fn dense_points(histogram: &[u64], scale: f64) -> Vec<(f64, u64)> {
+    histogram
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| **c > 0)
+        .map(|(i, c)| (slot_value_ms(i) * scale, *c))
+        .collect()
+}
+
+/// Stretches of time a reference must hold before [`period_variance`] can tell how much its
+/// level moves between them.
+const MIN_PERIODS: usize = 5;
+
+/// How uncertain the level of `window` against `reference` is from time alone, as the
+/// variance of the logarithm of [`typical_ratio`], were the window just another stretch of the
+/// reference's traffic: the reference cut into stretches as long as the window spans (by its
+/// reports' times), each stretch's typical ratio to the rest of the reference, and the spread
+/// of their logarithms, widened for few stretches as [`clustered_auc`]'s is. A window longer
+/// than a [`MIN_PERIODS`]th of the reference is measured in stretches of that length and the
+/// variance scaled down by how many it spans, as if its stretches moved independently: a level
+/// that holds longer than that cannot be told from the change with a reference this short. The
+/// reference's own level is uncertain too: its `k` stretches average it, which adds a `k`th
+/// (the stretch-against-rest spread already holds `k / (k - 1)` of both).
+///
+/// A comparison across time is as uncertain as the service's own level is from one stretch
+/// to the next. Requests counted a report at a time do not show that: a neighbour busy for
+/// half a minute slows every report of it alike, and the clustered variance takes the whole
+/// window as one sample of the weather. The suite's harmless changes were rolled back at 100%
+/// on a 1 ms service typically 27% slower than the minute before, on a CI machine where other
+/// tests started beside it. Kept on the log scale and carried into the rank test through its
+/// slope (see [`slower_p`]): a rank statistic is bounded, and a spread measured in ranks would
+/// hide a change three times the level's swing as surely as the swing itself. Zero when either
+/// side has no times, or the reference has fewer than [`MIN_PERIODS`] stretches with at least
+/// half the typical stretch's requests.
+fn period_variance(window: &Evidence, reference: &Evidence) -> f64 {
+    let (Some(lo), Some(hi)) = (window.times.iter().min(), window.times.iter().max()) else {
+        return 0.0;
+    };
+    let (Some(&first), Some(&last)) = (reference.times.iter().min(), reference.times.iter().max()) else {
+        return 0.0;
+    };
+    let step = REPORT_INTERVAL.as_millis() as u64;
+    let longest = ((last - first) / MIN_PERIODS as u64).max(step);
+    let whole = ((hi - lo) / step + 1) * step;
+    let span = whole.min(longest);
+    let mut periods = vec![vec![0u64; LATENCY_SLOTS]; ((last - first) / span + 1) as usize];
+    for (report, at) in reference.reports.iter().zip(&reference.times) {
+        let period = &mut periods[((at - first) / span) as usize];
+        for &(slot, count) in report {
+            period[slot as usize] += count;
+        }
+    }
+    let sizes: Vec<u64> = periods.iter().map(|p| p.iter().sum()).collect();
+    let mut sorted = sizes.clone();
+    sorted.sort_unstable();
+    let typical = sorted[sorted.len() / 2];
+    let logs: Vec<f64> = periods
+        .iter()
+        .zip(&sizes)
+        .filter(|(_, n)| **n > 0 && 2 * **n >= typical)
+        .map(|(period, _)| {
+            let rest = Evidence {
+                latency: reference.latency.iter().zip(period).map(|(all, p)| all - p).collect(),
+                ..Evidence::default()
+            };
+            typical_ratio(&dense_points(period, 1.0), &rest).ln()
+        })
+        .collect();
+    if logs.len() < MIN_PERIODS {
+        return 0.0;
+    }
+    let k = logs.len() as f64;
+    let mean = logs.iter().sum::<f64>() / k;
+    let nu = k - 1.0;
+    let spread = logs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / nu * nu / (nu - 2.0);
+    spread * (span as f64 / whole as f64 + 1.0 / k) * (k - 1.0) / k
 }
 
 /// The factor by which treated requests are typically slower than the reference's: the scale
@@ -1374,6 +1473,62 @@ mod tests {
         );
         let verdict = judged(&slo, &evidence(1000, 0, 8.0), &slow_before(10), &fast);
         assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+    }
+
+    /// Evidence of reports of 40 requests each (spread from 0.6 to 1.4 times their level), one
+    /// every two seconds, at the levels given.
+    fn timed(levels: &[f64]) -> Evidence {
+        let mut e = Evidence::default();
+        for (i, level) in levels.iter().enumerate() {
+            let mut slots: Vec<u32> = (0..40).map(|j| slot_of(level * (0.6 + 0.8 * j as f64 / 39.0)) as u32).collect();
+            slots.sort_unstable();
+            let mut sparse: Vec<(u32, u64)> = Vec::new();
+            for s in slots {
+                match sparse.last_mut() {
+                    Some(last) if last.0 == s => last.1 += 1,
+                    _ => sparse.push((s, 1)),
+                }
+            }
+            let (slots, counts): (Vec<u32>, Vec<u64>) = sparse.into_iter().unzip();
+            e.add_at(Duration::from_secs(2 * i as u64), 40, 0, &slots, &counts);
+        }
+        e
+    }
+
+    /// A service whose own speed moves between 1 ms and 1.5 ms every ten seconds, and no other
+    /// traffic to net a drift out (a caller of one service, at 100%): a harmless stage that
+    /// happens to fall in a slow stretch is typically 20-odd percent slower than the minute
+    /// before, which the rank test alone, counting reports as the only clusters, took for harm
+    /// at 99%. Against the level's own movement between stretches of the minute before it is
+    /// not; three times slower still is.
+    #[test]
+    fn a_comparison_across_time_allows_for_the_level_moving_by_itself() {
+        let slo = issue_slo();
+        let levels: Vec<f64> = (0..30).map(|i| if (i / 5) % 2 == 0 { 1.0 } else { 1.5 }).collect();
+        let baseline = timed(&levels);
+        let none = Evidence::default();
+        let harmless = timed(&[1.5; 4]);
+        let untimed = |e: &Evidence| Evidence {
+            times: Vec::new(),
+            ..e.clone()
+        };
+        let Verdict::Fail(why) = judged(&slo, &untimed(&harmless), &untimed(&baseline), &none) else {
+            panic!("without times, the slow stretch reads as harm")
+        };
+        assert!(why.contains("typically +2"), "{why}");
+        let verdict = judged(&slo, &harmless, &baseline, &none);
+        assert!(matches!(verdict, Verdict::Pass(_)), "{verdict:?}");
+        let Verdict::Fail(why) = judged(&slo, &timed(&[4.5; 4]), &baseline, &none) else {
+            panic!("three times slower than the slow stretches is harm")
+        };
+        assert!(why.starts_with("latency p50 4."), "{why}");
+        // A steady service's stretches differ by sampling alone: +50% is harm with times too.
+        let steady = timed(&[1.0; 30]);
+        let Verdict::Fail(why) = judged(&slo, &timed(&[1.5; 4]), &steady, &none) else {
+            panic!("+50% against a steady minute is harm")
+        };
+        assert!(why.contains("typically +4"), "{why}");
+        assert!(period_variance(&harmless, &steady) < period_variance(&harmless, &baseline) / 10.0);
     }
 
     /// Evidence of `reports` telemetry reports of `each` requests, all taking `ms`.
