@@ -478,12 +478,17 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         if n == next_look {
             next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
             if with.is_none() {
-                match judge(&s.slo, &treated, &baseline, &none, &drift) {
+                match judge(&s.slo, &treated, &baseline, &none, &Evidence::default(), &drift) {
                     Verdict::Fail(_) => with = Some(n),
                     verdict => held = matches!(verdict, Verdict::Wait(_)) && n >= s.slo.min_requests,
                 }
             }
-            if alone.is_none() && matches!(judge(&s.slo, &treated, &baseline, &none, &Drift::default()), Verdict::Fail(_)) {
+            if alone.is_none()
+                && matches!(
+                    judge(&s.slo, &treated, &baseline, &none, &Evidence::default(), &Drift::default()),
+                    Verdict::Fail(_)
+                )
+            {
                 alone = Some(n);
             }
             let strip = |e: &Evidence| Evidence {
@@ -492,7 +497,14 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
             };
             if untimed.is_none()
                 && matches!(
-                    judge(&s.slo, &strip(&treated), &strip(&baseline), &none, &Drift::default()),
+                    judge(
+                        &s.slo,
+                        &strip(&treated),
+                        &strip(&baseline),
+                        &none,
+                        &Evidence::default(),
+                        &Drift::default()
+                    ),
                     Verdict::Fail(_)
                 )
             {
@@ -605,7 +617,12 @@ fn trial(rng: &mut Rng, s: &Scenario, weather: f64) -> Outcome {
         }
         if n == next_look {
             next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
-            if out.new.is_none() && matches!(judge(&s.slo, &treated, &baseline, &untreated, &Drift::default()), Verdict::Fail(_)) {
+            if out.new.is_none()
+                && matches!(
+                    judge(&s.slo, &treated, &baseline, &untreated, &Evidence::default(), &Drift::default()),
+                    Verdict::Fail(_)
+                )
+            {
                 out.new = Some(n);
             }
             if out.today.is_none() && old_treated.fails(&s.slo, &old_baseline, &old_untreated) {

@@ -148,6 +148,10 @@ struct Timing {
     started: Option<Instant>,
     stage_started: Option<Instant>,
     observe_started: Option<Instant>,
+    /// The stage before this one: its evidence window and the workloads it treated. Its
+    /// untreated proxies' traffic is the latest without the change, a reference for a stage
+    /// with no untreated proxy beside it (see `rollout::judge`'s `recent`).
+    previous: Option<(Instant, Instant, BTreeSet<String>)>,
 }
 
 /// What a submission of resources (`weft apply`, `delete`, `rollback`) became.
@@ -1035,6 +1039,9 @@ impl Step<'_> {
         let candidate = intent.candidate.unwrap_or(0);
         let intent = self.m.records.get_mut(&seq).expect("open");
         intent.treat_all = stage.percent().is_some_and(|p| p >= 100.0);
+        if let Some(observed) = intent.timing.observe_started {
+            intent.timing.previous = Some((observed + WARM_UP, now, intent.treated.clone()));
+        }
         intent.timing.stage_started = Some(now);
         // The baseline is what the enforcing proxies did before the change first reached any.
         intent.timing.started.get_or_insert(now);
@@ -1122,11 +1129,18 @@ impl Step<'_> {
         if bake.is_zero() {
             return self.promote_stage(seq, "applied (no bake)".into());
         }
-        let (treated, baseline, untreated, drift, mut split) = evidence(self.proxies, self.signals, intent);
+        let Judged {
+            treated,
+            baseline,
+            untreated,
+            recent,
+            drift,
+            mut split,
+        } = evidence(self.proxies, self.signals, intent);
         let since = now.duration_since(intent.timing.observe_started.unwrap_or(now));
         split.window = since.saturating_sub(WARM_UP);
         let number = intent.stage + 1;
-        let verdict = match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &drift) {
+        let verdict = match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &recent, &drift) {
             Verdict::Fail(why) => Verdict::Fail(why),
             verdict => rollout::traffic_moved(&intent.slo, &split).map_or(verdict, Verdict::Fail),
         };
@@ -1343,17 +1357,25 @@ fn overlay_of(resources: &BTreeMap<ResourceKey, Resource>, intent: &IntentRecord
     (out, routes)
 }
 
+/// What a stage is judged on (see [`evidence`]).
+struct Judged {
+    treated: Evidence,
+    baseline: Evidence,
+    untreated: Evidence,
+    recent: Evidence,
+    drift: Drift,
+    split: Split,
+}
+
 /// Evidence for the intent's current stage: treated proxies since observation began (on the
 /// candidate, and for a scoped change only on its own routes), the same proxies before the
-/// intent, untreated enforcing proxies since, and the drift: the treated proxies' requests to
-/// services the change does not touch, before the intent and since (a TrafficPolicy's callers;
-/// a SecurityPolicy is judged on inbound traffic, which has no other service to tell apart);
-/// and how the judged traffic split between treated and untreated proxies before and since.
-fn evidence(
-    proxies: &BTreeMap<u64, ProxyRecord>,
-    signals: &Signals,
-    intent: &IntentRecord,
-) -> (Evidence, Evidence, Evidence, Drift, Split) {
+/// intent, untreated enforcing proxies since, the proxies the stage before left untreated over
+/// its evidence window (the latest traffic without the change), and the drift: the treated
+/// proxies' requests to services the change does not touch, before the intent and since (a
+/// TrafficPolicy's callers; a SecurityPolicy is judged on inbound traffic, which has no other
+/// service to tell apart); and how the judged traffic split between treated and untreated
+/// proxies before and since.
+fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &IntentRecord) -> Judged {
     let (direction, services) = judged_traffic(intent);
     let enforcing: BTreeMap<String, bool> = proxies
         .values()
@@ -1369,7 +1391,12 @@ fn evidence(
     let before_at = |s: &Sample| started.map_or(Duration::ZERO, |st| BASELINE_WINDOW.saturating_sub(st.duration_since(s.at)));
     let since_at = |s: &Sample| observing.map_or(Duration::ZERO, |o| s.at.duration_since(o + WARM_UP));
     let (mut treated, mut baseline, mut untreated) = (Evidence::default(), Evidence::default(), Evidence::default());
+    let mut recent = Evidence::default();
     let mut drift = Drift::default();
+    // The stage before: its window, and whether a workload was left untreated in it.
+    let previous = intent.timing.previous.as_ref();
+    let in_previous = |s: &Sample| previous.is_some_and(|(from, to, _)| s.at >= *from && s.at < *to);
+    let previous_at = |s: &Sample| previous.map_or(Duration::ZERO, |(from, _, _)| s.at.duration_since(*from));
     // Treated proxies not heard from since the warm-up.
     let silent = enforcing
         .iter()
@@ -1390,7 +1417,11 @@ fn evidence(
         // Each report at its time in its window: a comparison across time needs to know how
         // the level moves between stretches of it (rollout's period variance).
         let add = |e: &mut Evidence, at: Duration, s: &Sample| e.add_at(at, s.requests, s.errors, &s.latency_slots, &s.latency_counts);
+        let untreated_before = previous.is_some_and(|(_, _, earlier)| !earlier.contains(workload.as_str()));
         for s in samples {
+            if judged && untreated_before && in_previous(s) && s.revision < candidate {
+                add(&mut recent, previous_at(s), s);
+            }
             if !judged {
                 // A treated proxy's other traffic: the drift of the machine under it.
                 if before_start(s) {
@@ -1418,7 +1449,14 @@ fn evidence(
             }
         }
     }
-    (treated, baseline, untreated, drift, split)
+    Judged {
+        treated,
+        baseline,
+        untreated,
+        recent,
+        drift,
+        split,
+    }
 }
 
 /// For a change that makes mTLS strict, what its rollback reason adds: how many of the treated

@@ -426,6 +426,15 @@ struct Shift {
 ///   reference's slowed by that much than faster);
 /// - without any reference: the treated error rate is above `maxErrorRate`.
 ///
+/// Without untreated proxies beside the treated ones (a 100% stage), `recent` is a third
+/// reference: what the stage before left untreated, over that stage's evidence window (the
+/// latest traffic without the change, seconds old rather than the minute before the intent).
+/// A harm must then show against it too, or it must be too small to tell: a machine that got
+/// slower during the stage before (CI: harmless changes were typically +27% against the
+/// minute before at 100%, after stage 1's untreated proxies had already run as slow) is not
+/// the change. Comparisons across time (the baseline, `recent`) also allow for the service's
+/// own level moving between stretches of time (see [`period_variance`]).
+///
 /// With no untreated traffic (a 100% stage) the baseline is the only reference, and a
 /// comparison across time alone cannot tell the change from the machine's weather (the demo
 /// rolled back a harmless change on +27% against the minute before). So when `drift` has
@@ -444,7 +453,7 @@ struct Shift {
 /// percent. Nothing is decided before `minRequests` treated requests; after that, with no harm
 /// shown, the stage passes (the loop still waits for the bake) and the reason bounds what the
 /// evidence still allows.
-pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence, drift: &Drift) -> Verdict {
+pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence, recent: &Evidence, drift: &Drift) -> Verdict {
     let concurrent = untreated.requests > 0;
     let enough = |e: &Evidence| e.requests >= slo.min_requests.max(1);
     let shift = (!concurrent && enough(&drift.before) && enough(&drift.since)).then(|| shift_of(drift));
@@ -472,6 +481,14 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             name,
             evidence: baseline,
             drift: shift,
+            grows: false,
+        });
+    }
+    if !concurrent && recent.requests > 0 {
+        references.push(Reference {
+            name: "untreated in the stage before".into(),
+            evidence: recent,
+            drift: None,
             grows: false,
         });
     }
@@ -1165,7 +1182,7 @@ mod tests {
     /// `latency_ms` (a service is never one value).
     /// The judge with no drift reference.
     fn judged(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evidence) -> Verdict {
-        judge(slo, treated, baseline, untreated, &Drift::default())
+        judge(slo, treated, baseline, untreated, &Evidence::default(), &Drift::default())
     }
 
     fn evidence(requests: u64, errors: u64, latency_ms: f64) -> Evidence {
@@ -1531,6 +1548,37 @@ mod tests {
         assert!(period_variance(&harmless, &steady) < period_variance(&harmless, &baseline) / 10.0);
     }
 
+    /// CI's false rollback: at 100% a harmless change's requests were typically 27% slower than
+    /// the minute before the intent, but the machine had slowed before the stage began (stage
+    /// 1's untreated proxies ran as slow). Against the untreated proxies of the stage before it
+    /// is no harm; a change that slows the service beyond both still is.
+    #[test]
+    fn at_100_percent_the_stage_before_s_untreated_proxies_are_a_reference() {
+        let slo = issue_slo();
+        let none = Evidence::default();
+        let quiet = Drift::default();
+        let baseline = timed(&[1.0; 30]);
+        let recent = timed(&[1.3; 5]);
+        let harmless = timed(&[1.35; 5]);
+        let Verdict::Fail(why) = judge(&slo, &harmless, &baseline, &none, &none, &quiet) else {
+            panic!("against the minute before alone, the slower machine reads as harm")
+        };
+        assert!(why.contains("baseline (typically +3"), "{why}");
+        let verdict = judge(&slo, &harmless, &baseline, &none, &recent, &quiet);
+        let Verdict::Pass(why) = verdict else {
+            panic!("the stage before ran as slow: {verdict:?}")
+        };
+        assert!(why.contains("errors vs untreated in the stage before at most"), "{why}");
+        let Verdict::Fail(why) = judge(&slo, &timed(&[2.0; 5]), &baseline, &none, &recent, &quiet) else {
+            panic!("+50% beyond the stage before is harm")
+        };
+        assert!(why.contains("and 1.28 ms 1.83 ms untreated in the stage before"), "{why}");
+        // With untreated proxies beside the treated ones the stage before is not consulted.
+        let verdict = judge(&slo, &harmless, &baseline, &timed(&[1.35; 5]), &timed(&[9.0; 5]), &quiet);
+        let Verdict::Pass(why) = verdict else { panic!("{verdict:?}") };
+        assert!(!why.contains("stage before"), "{why}");
+    }
+
     /// Evidence of `reports` telemetry reports of `each` requests, all taking `ms`.
     fn by_reports(reports: u64, each: u64, ms: f64) -> Evidence {
         let mut e = Evidence::default();
@@ -1605,7 +1653,7 @@ mod tests {
             panic!("against the baseline alone, drift looks like harm")
         };
         assert!(why.contains("vs 0.4% baseline"), "{why}");
-        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &none, &drift) else {
+        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &none, &Evidence::default(), &drift) else {
             panic!("net of drift, a harmless change passes")
         };
         assert!(
@@ -1614,7 +1662,7 @@ mod tests {
         );
         // A real change on top of the drift still fails, and says by how much beyond it.
         let slow = evidence(2000, 48, 4.0 * 1.27 * 1.5);
-        let Verdict::Fail(why) = judge(&slo, &slow, &baseline, &none, &drift) else {
+        let Verdict::Fail(why) = judge(&slo, &slow, &baseline, &none, &Evidence::default(), &drift) else {
             panic!("+50% beyond the drift is harm")
         };
         let typical: f64 = why
@@ -1626,7 +1674,7 @@ mod tests {
             .unwrap();
         assert!((45.0..=55.0).contains(&typical) && why.contains("confident it is slower"), "{why}");
         let failing = evidence(2000, 148, 4.0 * 1.27);
-        let Verdict::Fail(why) = judge(&slo, &failing, &baseline, &none, &drift) else {
+        let Verdict::Fail(why) = judge(&slo, &failing, &baseline, &none, &Evidence::default(), &drift) else {
             panic!("+5 pp errors beyond the drift is harm")
         };
         assert!(why.contains("(+5.0 pp,"), "{why}");
@@ -1639,7 +1687,16 @@ mod tests {
             before: evidence(1000, 0, 2.0),
             since: evidence(since, 0, 2.0),
         };
-        let run4 = |n: u64, errors: u64| judge(&slo, &evidence(n, errors, 4.0), &evidence(1091, 9, 4.0), &none, &quiet(n));
+        let run4 = |n: u64, errors: u64| {
+            judge(
+                &slo,
+                &evidence(n, errors, 4.0),
+                &evidence(1091, 9, 4.0),
+                &none,
+                &Evidence::default(),
+                &quiet(n),
+            )
+        };
         let verdict = run4(154, 11);
         assert!(matches!(verdict, Verdict::Wait(_)), "{verdict:?}");
         let Verdict::Fail(why) = run4(308, 22) else {
@@ -1658,7 +1715,14 @@ mod tests {
                 before: evidence(1193, 0, 2.0),
                 since: evidence(n, 0, 2.0),
             };
-            judge(&issue, &evidence(n, errors, 4.0), &evidence(1193, 0, 4.0), &none, &d)
+            judge(
+                &issue,
+                &evidence(n, errors, 4.0),
+                &evidence(1193, 0, 4.0),
+                &none,
+                &Evidence::default(),
+                &d,
+            )
         };
         let Verdict::Wait(why) = run5(160, 4) else {
             panic!("4 errors in 160 against none passed: {:?}", run5(160, 4))
@@ -1678,7 +1742,7 @@ mod tests {
         assert!(matches!(run5(160, 0), Verdict::Pass(_)), "{:?}", run5(160, 0));
         // With untreated traffic the concurrent reference already cancels the drift: unused.
         let peers = evidence(2000, 48, 4.0 * 1.27);
-        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &peers, &drift) else {
+        let Verdict::Pass(why) = judge(&slo, &harmless, &baseline, &peers, &Evidence::default(), &drift) else {
             panic!()
         };
         assert!(!why.contains("net of"), "{why}");
@@ -1884,7 +1948,14 @@ mod tests {
         };
         let baseline = evidence(1011, 0, 2.06);
         let none = Evidence::default();
-        let verdict = judge(&slo, &evidence(134, 0, 2.06 * 0.89), &baseline, &none, &faster);
+        let verdict = judge(
+            &slo,
+            &evidence(134, 0, 2.06 * 0.89),
+            &baseline,
+            &none,
+            &Evidence::default(),
+            &faster,
+        );
         let Verdict::Pass(why) = verdict else {
             panic!("11% faster than the baseline rolled back: {verdict:?}")
         };
@@ -1893,7 +1964,7 @@ mod tests {
             "{why}"
         );
         // A real slowdown of the service still shows against the baseline as measured.
-        let verdict = judge(&slo, &evidence(134, 0, 2.06 * 1.6), &baseline, &none, &faster);
+        let verdict = judge(&slo, &evidence(134, 0, 2.06 * 1.6), &baseline, &none, &Evidence::default(), &faster);
         assert!(
             matches!(verdict, Verdict::Fail(ref why) if why.starts_with("latency p50 ")),
             "{verdict:?}"
@@ -1909,7 +1980,7 @@ mod tests {
             before: evidence(508, 0, 2.0),
             since: evidence(155, 0, 2.0 * 0.82),
         };
-        let verdict = judge(&slo, &half, &evidence(508, 0, 1.9), &none, &sped);
+        let verdict = judge(&slo, &half, &evidence(508, 0, 1.9), &none, &Evidence::default(), &sped);
         assert!(
             matches!(verdict, Verdict::Fail(ref why) if why.starts_with("latency p50 ")),
             "{verdict:?}"
@@ -1920,7 +1991,7 @@ mod tests {
             before: evidence(1011, 20, 2.0),
             since: evidence(134, 0, 2.0),
         };
-        let verdict = judge(&slo, &evidence(134, 1, 2.06), &baseline, &none, &fewer);
+        let verdict = judge(&slo, &evidence(134, 1, 2.06), &baseline, &none, &Evidence::default(), &fewer);
         assert!(
             matches!(verdict, Verdict::Pass(ref why) if why.contains("-2.0 pp errors (fewer: not netted)")),
             "{verdict:?}"

@@ -889,6 +889,7 @@ fn outcomes(intent: &Value) -> Vec<(String, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_harmless_intents_in_a_row_are_all_promoted() {
     let f = Fixture::start(4, false, &[], Duration::from_millis(10)).await;
+    let mut named_before = 0;
     for i in 0..10 {
         let id = f
             .submit(&intent_yaml(
@@ -915,7 +916,14 @@ async fn ten_harmless_intents_in_a_row_are_all_promoted() {
         );
         let reason = done["decisions"][0]["reason"].as_str().unwrap();
         assert!(reason.starts_with("no harm shown at 99% confidence: error rate 0.0%"), "{reason}");
+        // At 100% no untreated caller runs beside the treated ones: the stage before's untreated
+        // callers are the latest traffic without the change, and the decision names them when
+        // they reported during that stage (a stage of a 1 s bake may end before they do).
+        let last = done["decisions"][1]["reason"].as_str().unwrap();
+        named_before += last.contains("errors vs untreated in the stage before at most") as usize;
+        eprintln!("{id} stage 2: {last}");
     }
+    assert!(named_before >= 3, "{named_before} of 10 stage-2 decisions judged against the stage before");
     let (stats, _, _) = f.stop().await;
     assert_eq!(stats.iter().map(|s| s.failed).sum::<u64>(), 0, "{stats:?}");
 }
