@@ -81,18 +81,38 @@ struct AtFull {
     /// at a time, before the stage and during it: a service whose speed moves by itself over
     /// tens of seconds (a neighbour busy for a while), which the other traffic does not share.
     level: f64,
+    /// Whether the machine's drift (`target`) began during the stage before, so that its
+    /// untreated proxies ran drifted too (CI's false rollback), rather than at this stage's start.
+    early: bool,
 }
+
+/// Reports of the stage before's untreated proxies (ten seconds of one proxy), just before
+/// the last stage: the judge's `recent` reference.
+const RECENT_REPORTS: u64 = 5;
 
 /// Reports a level of [`AtFull::level`] lasts: ten seconds of one proxy's reports.
 const LEVEL_REPORTS: u64 = 5;
 /// Milliseconds between one proxy's reports.
 const REPORT_MS: u64 = 2000;
 
-/// One last-stage trial: the treated requests at the first rollback with the drift reference,
-/// and with the baseline alone; whether the drift reference's last verdict at the horizon
-/// was still waiting (errors it cannot yet tell from the drift: the stage would be held); and
-/// the baseline alone without report times (no period variance: the judge before 2026-12-03).
-type FullOutcome = (Option<u64>, Option<u64>, bool, Option<u64>);
+/// One last-stage trial: the treated requests at the first rollback of each judge, in the
+/// order of [`FullOutcome::judges`]; and whether the first's last verdict at the horizon was
+/// still waiting (errors it cannot yet tell from the drift: the stage would be held).
+struct FullOutcome {
+    rolled_back: [Option<u64>; 4],
+    held: bool,
+}
+
+impl FullOutcome {
+    /// The four judges: today's with and without other traffic from the same proxies, and the
+    /// judge before 2026-12-03 (no report times, no stage before) with and without it.
+    const JUDGES: [&'static str; 4] = [
+        "weft",
+        "weft, no other traffic",
+        "before 2026-12-03",
+        "before 2026-12-03, no other traffic",
+    ];
+}
 
 /// One trial's outcome for each judge: the treated requests at the first rollback, if any.
 #[derive(Default)]
@@ -248,10 +268,15 @@ fn main() {
         other,
         errors,
         level: 0.0,
+        early: false,
     };
     let moving = |name, change, slo: &Slo, horizon, level| AtFull {
         level,
         ..drifting(name, change, slo, horizon, 1.0, 1.0, 0.0)
+    };
+    let early = |name, change, slo: &Slo, horizon, target| AtFull {
+        early: true,
+        ..drifting(name, change, slo, horizon, target, 1.0, 0.0)
     };
     let full = [
         drifting("A/A, no drift", none, &default, 1000, 1.0, 1.0, 0.0),
@@ -354,6 +379,21 @@ fn main() {
             3000,
             0.2,
         ),
+        early("A/A, the service 30% slower since the stage before (CI)", none, &issue, 1000, 1.3),
+        early(
+            "latency +50%, the service 30% slower since the stage before",
+            Change { latency: 1.5, ..none },
+            &issue,
+            5000,
+            1.3,
+        ),
+        early(
+            "half the requests +40 ms, the issue's SLO, 30% slower since the stage before",
+            Change { half_ms: 40.0, ..none },
+            &issue,
+            1000,
+            1.3,
+        ),
     ];
     let _ = writeln!(
         out,
@@ -361,10 +401,14 @@ fn main() {
     );
     let _ = writeln!(
         out,
-        "| scenario | within | with the drift reference: rolled back | requests for {p}% | held at the horizon | baseline alone: rolled back | requests for {p}% | baseline alone, no period variance: rolled back | requests for {p}% |",
+        "| scenario | within | {}: rolled back | requests for {p}% | held at the horizon | {}: rolled back | requests for {p}% | {}: rolled back | requests for {p}% | {}: rolled back | requests for {p}% |",
+        FullOutcome::JUDGES[0],
+        FullOutcome::JUDGES[1],
+        FullOutcome::JUDGES[2],
+        FullOutcome::JUDGES[3],
         p = (POWER * 100.0) as u32
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (k, s) in full.iter().enumerate().filter(|(_, s)| s.name.contains(only.as_str())) {
         let mut rng = Rng::new(0xd21f7 + k as u64);
         let outcomes: Vec<FullOutcome> = (0..trials).map(|_| trial_at_full(&mut rng, s, weather)).collect();
@@ -379,19 +423,21 @@ fn main() {
             at.get(k.saturating_sub(1))
                 .map_or("not within the horizon".to_string(), |n| n.to_string())
         };
-        let held = outcomes.iter().filter(|o| o.2).count();
+        let held = outcomes.iter().filter(|o| o.held).count();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.1}% ({held}) | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.1}% ({held}) | {} | {} | {} | {} | {} | {} |",
             s.name,
             s.horizon,
-            rate(&|o| o.0),
-            needed(&|o| o.0),
+            rate(&|o| o.rolled_back[0]),
+            needed(&|o| o.rolled_back[0]),
             100.0 * held as f64 / trials as f64,
-            rate(&|o| o.1),
-            needed(&|o| o.1),
-            rate(&|o| o.3),
-            needed(&|o| o.3),
+            rate(&|o| o.rolled_back[1]),
+            needed(&|o| o.rolled_back[1]),
+            rate(&|o| o.rolled_back[2]),
+            needed(&|o| o.rolled_back[2]),
+            rate(&|o| o.rolled_back[3]),
+            needed(&|o| o.rolled_back[3]),
         );
     }
 }
@@ -404,15 +450,20 @@ fn other_request(rng: &mut Rng, weather: f64, drift: f64, errors: f64) -> (bool,
 }
 
 /// Replays the last stage: before it, reports of the service and of the other service from
-/// the same proxies (the baseline and the drift's "before"); during it, both drifted, the
-/// service also changed. Reports are [`REPORT_MS`] apart; the service's own level (if any)
-/// moves every [`LEVEL_REPORTS`] of them, before the stage and during it alike. Returns the
-/// treated requests at the first rollback with the drift reference, with the baseline alone,
-/// and with the baseline alone stripped of report times.
+/// the same proxies (the baseline and the drift's "before"), then the stage before's untreated
+/// reports of the service (drifted already when the row says so); during the stage, both
+/// drifted, the service also changed. Reports are [`REPORT_MS`] apart; the service's own level
+/// (if any) moves every [`LEVEL_REPORTS`] of them throughout. Returns when each judge first
+/// rolled back.
 fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
+    let unchanged = Change {
+        error: 0.0,
+        latency: 1.0,
+        half_ms: 0.0,
+    };
     let mut baseline = Evidence::default();
     let mut drift = Drift::default();
-    // The service's level: drawn only when the row has one, so other rows keep their seeds.
+    // The service's level: drawn only when the row has one.
     let (mut level, mut k) = (1.0, 0u64);
     let next_level = |rng: &mut Rng, k: &mut u64, level: &mut f64| {
         if s.level > 0.0 && k.is_multiple_of(LEVEL_REPORTS) {
@@ -421,23 +472,19 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         *k += 1;
         (*k - 1) * REPORT_MS
     };
-    for _ in 0..BASELINE_REQUESTS / REPORT {
-        let at = next_level(rng, &mut k, &mut level);
+    // A service report and an other-traffic report sharing their weather, `at` from `origin`.
+    let start = |rng: &mut Rng, k: &mut u64, level: &mut f64, origin: u64| {
+        let at = next_level(rng, k, level) - origin;
         let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
         other.weather = report.weather;
-        report.at = at;
-        other.at = at;
-        report.weather *= level;
+        (report.at, other.at) = (at, at);
+        report.weather *= *level;
+        (report, other)
+    };
+    for _ in 0..BASELINE_REQUESTS / REPORT {
+        let (mut report, mut other) = start(rng, &mut k, &mut level, 0);
         for _ in 0..REPORT {
-            let (e, ms) = request(
-                rng,
-                Change {
-                    error: 0.0,
-                    latency: 1.0,
-                    half_ms: 0.0,
-                },
-                report.weather,
-            );
+            let (e, ms) = request(rng, unchanged, report.weather);
             report.push(e, ms);
             let (e, ms) = other_request(rng, other.weather, 1.0, 0.0);
             other.push(e, ms);
@@ -445,74 +492,76 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         report.send(&mut baseline);
         other.send(&mut drift.before);
     }
+    let mut recent = Evidence::default();
+    let origin = k * REPORT_MS;
+    let before = Change {
+        latency: if s.early { s.target } else { 1.0 },
+        ..unchanged
+    };
+    for _ in 0..RECENT_REPORTS {
+        let (mut report, _) = start(rng, &mut k, &mut level, origin);
+        for _ in 0..REPORT {
+            let (e, ms) = request(rng, before, report.weather);
+            report.push(e, ms);
+        }
+        report.send(&mut recent);
+    }
     let change = Change {
         error: s.change.error + s.errors,
         latency: s.change.latency * s.target,
         ..s.change
     };
-    let (mut treated, none) = (Evidence::default(), Evidence::default());
-    let (mut with, mut alone, mut held, mut untimed) = (None, None, false, None);
-    let (mut n, mut next_look) = (0u64, REPORT.min(s.horizon));
-    let since = k * REPORT_MS;
-    let start = |rng: &mut Rng, k: &mut u64, level: &mut f64| {
-        let at = next_level(rng, k, level) - since;
-        let (mut report, mut other) = (Report::new(rng, weather), Report::new(rng, 0.0));
-        other.weather = report.weather;
-        (report.at, other.at) = (at, at);
-        report.weather *= *level;
-        (report, other)
+    let mut treated = Evidence::default();
+    let none = Evidence::default();
+    let quiet = Drift::default();
+    let strip = |e: &Evidence| Evidence {
+        times: Vec::new(),
+        ..e.clone()
     };
-    let (mut report, mut other) = start(rng, &mut k, &mut level);
+    let mut out = FullOutcome {
+        rolled_back: [None; 4],
+        held: false,
+    };
+    let (mut n, mut next_look) = (0u64, REPORT.min(s.horizon));
+    let origin = k * REPORT_MS;
+    let (mut report, mut other) = start(rng, &mut k, &mut level, origin);
     // A stage ends at its first rollback: the trial, once every judge has rolled back.
-    while n < s.horizon && (with.is_none() || alone.is_none() || untimed.is_none()) {
+    while n < s.horizon && out.rolled_back.iter().any(Option::is_none) {
         let (e, ms) = request(rng, change, report.weather);
         report.push(e, ms);
         let (e, ms) = other_request(rng, other.weather, s.other, s.errors);
         other.push(e, ms);
         n += 1;
         if report.requests == REPORT {
-            let (next, next_other) = start(rng, &mut k, &mut level);
+            let (next, next_other) = start(rng, &mut k, &mut level, origin);
             std::mem::replace(&mut report, next).send(&mut treated);
             std::mem::replace(&mut other, next_other).send(&mut drift.since);
         }
-        if n == next_look {
-            next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
-            if with.is_none() {
-                match judge(&s.slo, &treated, &baseline, &none, &Evidence::default(), &drift) {
-                    Verdict::Fail(_) => with = Some(n),
-                    verdict => held = matches!(verdict, Verdict::Wait(_)) && n >= s.slo.min_requests,
-                }
+        if n != next_look {
+            continue;
+        }
+        next_look = (n + (n / 10).max(REPORT)).min(s.horizon);
+        let (old_treated, old_baseline) = (strip(&treated), strip(&baseline));
+        // In the order of FullOutcome::JUDGES.
+        let verdict = |i: usize| match i {
+            0 => judge(&s.slo, &treated, &baseline, &none, &recent, &drift),
+            1 => judge(&s.slo, &treated, &baseline, &none, &recent, &quiet),
+            2 => judge(&s.slo, &old_treated, &old_baseline, &none, &none, &drift),
+            _ => judge(&s.slo, &old_treated, &old_baseline, &none, &none, &quiet),
+        };
+        for i in 0..FullOutcome::JUDGES.len() {
+            if out.rolled_back[i].is_some() {
+                continue;
             }
-            if alone.is_none()
-                && matches!(
-                    judge(&s.slo, &treated, &baseline, &none, &Evidence::default(), &Drift::default()),
-                    Verdict::Fail(_)
-                )
-            {
-                alone = Some(n);
-            }
-            let strip = |e: &Evidence| Evidence {
-                times: Vec::new(),
-                ..e.clone()
-            };
-            if untimed.is_none()
-                && matches!(
-                    judge(
-                        &s.slo,
-                        &strip(&treated),
-                        &strip(&baseline),
-                        &none,
-                        &Evidence::default(),
-                        &Drift::default()
-                    ),
-                    Verdict::Fail(_)
-                )
-            {
-                untimed = Some(n);
+            match verdict(i) {
+                Verdict::Fail(_) => out.rolled_back[i] = Some(n),
+                v if i == 0 => out.held = matches!(v, Verdict::Wait(_)) && n >= s.slo.min_requests,
+                _ => {}
             }
         }
     }
-    (with, alone, held && with.is_none(), untimed)
+    out.held &= out.rolled_back[0].is_none();
+    out
 }
 
 /// One request of the service, changed by `change`, in a report whose latencies share the

@@ -381,6 +381,9 @@ struct Reference<'a> {
     /// Whether it gathers more as the stage goes on (the untreated proxies), or was fixed when
     /// the intent began (the baseline).
     grows: bool,
+    /// The stage before's untreated proxies: there to tell the machine's drift from the change,
+    /// so a slowdown it does not show is no harm however few requests it holds (see [`shown`]).
+    recent: bool,
 }
 
 /// One reference's test of harm: its always-valid p-value, the effect it estimates, and the
@@ -391,6 +394,8 @@ struct Test {
     effect: f64,
     variance: f64,
     tau2: f64,
+    /// Whether, as a later reference, it must corroborate: never "too small to tell".
+    required: bool,
 }
 
 /// The drift of a [`Drift`]: other traffic's latency factor (the typical ratio since / before)
@@ -464,6 +469,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             evidence: untreated,
             drift: None,
             grows: true,
+            recent: false,
         });
     }
     if baseline.requests > 0 {
@@ -482,14 +488,18 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             evidence: baseline,
             drift: shift,
             grows: false,
+            recent: false,
         });
     }
-    if !concurrent && recent.requests > 0 {
+    // Only with enough to rank at all: with fewer reports its latency variance is unknown, and
+    // as a required corroborator it would pass every slowdown.
+    if !concurrent && enough(recent) && recent.reports.len() >= MIN_REPORTS {
         references.push(Reference {
             name: "untreated in the stage before".into(),
             evidence: recent,
             drift: None,
             grows: false,
+            recent: true,
         });
     }
     let summary = summarize(treated, references.first());
@@ -552,6 +562,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
                 effect: gap,
                 variance: null,
                 tau2,
+                required: false,
             };
             (test, mixture_p_value(gap - delta, variance, tau2), gap, upper)
         })
@@ -854,6 +865,7 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64, period: f
         effect: 0.0,
         variance: f64::INFINITY,
         tau2: LATENCY_TAU2,
+        required: r.recent,
     };
     let (scale, extra) = match &r.drift {
         // The factor's own uncertainty, through the slope of the rank statistic in ln(scale).
@@ -890,6 +902,7 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64, period: f
         effect: auc - 0.5,
         variance: variance + extra,
         tau2: LATENCY_TAU2,
+        required: r.recent,
     };
     (test, mixture_p_value(shifted_auc - 0.5, shifted_variance + extra, LATENCY_TAU2))
 }
@@ -958,7 +971,10 @@ fn auc_slope(x: &[Vec<(f64, u64)>], reference: &Evidence, scale: f64) -> f64 {
 /// end-to-end tests: 3.4% errors of 4,976 against none of 4,816 untreated, passed because 200
 /// baseline requests could not corroborate). A change that does nothing is still rolled back
 /// at most as often as the first test alone allows; a difference that predates the change is
-/// rolled back with it when the treated proxies' baseline was too small to show it.
+/// rolled back with it when the treated proxies' baseline was too small to show it. A latency
+/// test against the stage before's untreated proxies is `required`: it is there to tell a
+/// machine that slowed since the intent began from the change, and taking its silence as
+/// "too small" rolled back 41% of the judge harness's harmless changes after such a slowdown.
 fn shown(tests: &[&Test], alpha: f64) -> Option<Vec<usize>> {
     let (first, later) = tests.split_first()?;
     if first.p > alpha {
@@ -967,7 +983,7 @@ fn shown(tests: &[&Test], alpha: f64) -> Option<Vec<usize>> {
     let mut unheard = Vec::new();
     for (i, t) in later.iter().enumerate() {
         if t.p > CORROBORATION {
-            if mixture_p_value(first.effect, t.variance, t.tau2) <= CORROBORATION {
+            if t.required || mixture_p_value(first.effect, t.variance, t.tau2) <= CORROBORATION {
                 return None;
             }
             unheard.push(i + 1);

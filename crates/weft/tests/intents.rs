@@ -923,7 +923,10 @@ async fn ten_harmless_intents_in_a_row_are_all_promoted() {
         named_before += last.contains("errors vs untreated in the stage before at most") as usize;
         eprintln!("{id} stage 2: {last}");
     }
-    assert!(named_before >= 3, "{named_before} of 10 stage-2 decisions judged against the stage before");
+    assert!(
+        named_before >= 3,
+        "{named_before} of 10 stage-2 decisions judged against the stage before"
+    );
     let (stats, _, _) = f.stop().await;
     assert_eq!(stats.iter().map(|s| s.failed).sum::<u64>(), 0, "{stats:?}");
 }
