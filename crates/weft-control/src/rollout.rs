@@ -398,6 +398,32 @@ struct Test {
     required: bool,
 }
 
+// === impl Test ===
+
+impl Test {
+    /// A latency test that shows nothing (no evidence to rank, or not to be judged).
+    fn silent(required: bool) -> Self {
+        Test {
+            p: 1.0,
+            effect: 0.0,
+            variance: f64::INFINITY,
+            tau2: LATENCY_TAU2,
+            required,
+        }
+    }
+}
+
+/// How much a reference's level moves by itself between stretches of time as long as the
+/// judged window (see [`period_variance`]).
+enum Movement {
+    /// Its reports carry no times (all at one instant): not known, not allowed for.
+    Unknown,
+    /// The variance of the logarithm of the window's typical ratio to it, from time alone.
+    Measured(f64),
+    /// Its reports span this many milliseconds: fewer than [`MIN_PERIODS`] stretches.
+    TooShort(u64),
+}
+
 /// The drift of a [`Drift`]: other traffic's latency factor (the typical ratio since / before)
 /// and the variance of its logarithm, its error-rate difference with that difference's
 /// variance, and its error counts `(errors, requests)` before and since. `factor` and `gap` are
@@ -590,10 +616,27 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // Latency, against each reference: (p that it is slower, p that it exceeds the slowdown).
     let t = treated.points(1.0);
     let by_report = treated.report_points(1.0);
+    // A baseline too short to show how the service's speed moves by itself cannot tell that
+    // from the change when nothing else runs beside the stage: latency is left unjudged
+    // against it, and the reason says so (a young mesh's 100% stage; CI rolled back a harmless
+    // change on +73% against 5 s of baseline while other work doubled every latency).
+    let mut too_short = None;
     let latency: Vec<(Test, f64)> = references
         .iter()
         .map(|r| {
-            let period = if r.grows { 0.0 } else { period_variance(treated, r.evidence) };
+            let movement = if r.grows {
+                Movement::Unknown
+            } else {
+                period_variance(treated, r.evidence)
+            };
+            let period = match movement {
+                Movement::Measured(v) => v,
+                Movement::TooShort(spans) if !concurrent && !r.recent => {
+                    too_short = Some(spans);
+                    return (Test::silent(false), 1.0);
+                }
+                Movement::TooShort(_) | Movement::Unknown => 0.0,
+            };
             slower_p(&by_report, r, slower, period)
         })
         .collect();
@@ -655,6 +698,12 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
         bounds.push(format!(
             "latency not judged: the {} holds {} of the {MIN_REPORTS} reports it needs",
             first.name, reports.1
+        ));
+    }
+    if let Some(spans) = too_short {
+        bounds.push(format!(
+            "latency not judged against the baseline: its {} s are too short to show how the service's speed moves by itself",
+            spans.div_ceil(1000)
         ));
     }
     Verdict::Pass(format!("no harm shown at {at}% confidence: {summary}; {}", bounds.join(", ")))
@@ -860,13 +909,7 @@ fn unexplained_errors(treated: &Evidence, references: &[Reference], delta: f64, 
 /// all, its p-value counted only when the estimate exceeds `slower`, and the p-value that they
 /// exceed it.
 fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64, period: f64) -> (Test, f64) {
-    let none = Test {
-        p: 1.0,
-        effect: 0.0,
-        variance: f64::INFINITY,
-        tau2: LATENCY_TAU2,
-        required: r.recent,
-    };
+    let none = Test::silent(r.recent);
     let (scale, extra) = match &r.drift {
         // The factor's own uncertainty, through the slope of the rank statistic in ln(scale).
         // A speed-up is not netted (see [`shift_of`]): the comparison is then with the baseline
@@ -1058,16 +1101,19 @@ const MIN_PERIODS: usize = 5;
 /// on a 1 ms service typically 27% slower than the minute before, on a CI machine where other
 /// tests started beside it. Kept on the log scale and carried into the rank test through its
 /// slope (see [`slower_p`]): a rank statistic is bounded, and a spread measured in ranks would
-/// hide a change three times the level's swing as surely as the swing itself. Zero when either
-/// side has no times, or the reference has fewer than [`MIN_PERIODS`] stretches with at least
-/// half the typical stretch's requests.
-fn period_variance(window: &Evidence, reference: &Evidence) -> f64 {
+/// hide a change three times the level's swing as surely as the swing itself. Unknown when
+/// either side's reports carry no times (all at one instant), too short when the reference has
+/// fewer than [`MIN_PERIODS`] stretches with at least half the typical stretch's requests.
+fn period_variance(window: &Evidence, reference: &Evidence) -> Movement {
     let (Some(lo), Some(hi)) = (window.times.iter().min(), window.times.iter().max()) else {
-        return 0.0;
+        return Movement::Unknown;
     };
     let (Some(&first), Some(&last)) = (reference.times.iter().min(), reference.times.iter().max()) else {
-        return 0.0;
+        return Movement::Unknown;
     };
+    if first == last {
+        return Movement::Unknown;
+    }
     let step = REPORT_INTERVAL.as_millis() as u64;
     let longest = ((last - first) / MIN_PERIODS as u64).max(step);
     let whole = ((hi - lo) / step + 1) * step;
@@ -1096,13 +1142,13 @@ fn period_variance(window: &Evidence, reference: &Evidence) -> f64 {
         })
         .collect();
     if logs.len() < MIN_PERIODS {
-        return 0.0;
+        return Movement::TooShort(last - first + step);
     }
     let k = logs.len() as f64;
     let mean = logs.iter().sum::<f64>() / k;
     let nu = k - 1.0;
     let spread = logs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / nu * nu / (nu - 2.0);
-    spread * (span as f64 / whole as f64 + 1.0 / k) * (k - 1.0) / k
+    Movement::Measured(spread * (span as f64 / whole as f64 + 1.0 / k) * (k - 1.0) / k)
 }
 
 /// The factor by which treated requests are typically slower than the reference's: the scale
@@ -1561,7 +1607,23 @@ mod tests {
             panic!("+50% against a steady minute is harm")
         };
         assert!(why.contains("typically +4"), "{why}");
-        assert!(period_variance(&harmless, &steady) < period_variance(&harmless, &baseline) / 10.0);
+        let measured = |m: Movement| match m {
+            Movement::Measured(v) => v,
+            _ => panic!("30 reports over a minute are enough to measure"),
+        };
+        assert!(measured(period_variance(&harmless, &steady)) < measured(period_variance(&harmless, &baseline)) / 10.0);
+        // Five seconds of baseline cannot show how the level moves: latency is not judged
+        // against it at 100% (and the reason says so), while errors still are.
+        let young = timed(&[1.0; 3]);
+        let verdict = judged(&slo, &timed(&[2.0; 4]), &young, &none);
+        let Verdict::Pass(why) = verdict else { panic!("{verdict:?}") };
+        assert!(
+            why.ends_with("latency not judged against the baseline: its 6 s are too short to show how the service's speed moves by itself"),
+            "{why}"
+        );
+        // With untreated proxies beside the stage, the short baseline only corroborates.
+        let verdict = judged(&slo, &timed(&[2.0; 4]), &young, &timed(&[1.0; 4]));
+        assert!(matches!(verdict, Verdict::Fail(_)), "{verdict:?}");
     }
 
     /// CI's false rollback: at 100% a harmless change's requests were typically 27% slower than
