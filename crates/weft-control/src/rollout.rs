@@ -3,7 +3,7 @@
 //! through these lives in [`crate::intents`].
 
 use crate::stats::{
-    clustered_auc, mann_whitney, mixture_p_value, mixture_radius, pooled_gap_variance, proportion_gap, restricted_variance,
+    clustered_auc, mann_whitney, mixture_p_value, mixture_radius, normal_quantile, pooled_gap_variance, proportion_gap, restricted_variance,
 };
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -460,11 +460,12 @@ struct Shift {
 /// Without untreated proxies beside the treated ones (a 100% stage), `recent` is a third
 /// reference: what the stage before left untreated, over that stage's evidence window (the
 /// latest traffic without the change, seconds old rather than the minute before the intent).
-/// A harm must then show against it too, or it must be too small to tell: a machine that got
-/// slower during the stage before (CI: harmless changes were typically +27% against the
-/// minute before at 100%, after stage 1's untreated proxies had already run as slow) is not
-/// the change. Comparisons across time (the baseline, `recent`) also allow for the service's
-/// own level moving between stretches of time (see [`period_variance`]).
+/// A slowdown must then show against it too: a machine that got slower during the stage before
+/// (CI: harmless changes were typically +27% against the minute before at 100%, after stage
+/// 1's untreated proxies had already run as slow) is not the change. Comparisons across time
+/// (the baseline, `recent`) also allow for the service's own level moving between stretches of
+/// time: a slowdown must exceed `maxP99Increase` by as much as the level moves by itself at the
+/// stated confidence (see [`period_variance`]).
 ///
 /// With no untreated traffic (a 100% stage) the baseline is the only reference, and a
 /// comparison across time alone cannot tell the change from the machine's weather (the demo
@@ -621,6 +622,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // against it, and the reason says so (a young mesh's 100% stage; CI rolled back a harmless
     // change on +73% against 5 s of baseline while other work doubled every latency).
     let mut too_short = None;
+    let moving_z = normal_quantile(1.0 - alpha_each);
     let latency: Vec<(Test, f64)> = references
         .iter()
         .map(|r| {
@@ -629,15 +631,15 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             } else {
                 period_variance(treated, r.evidence)
             };
-            let period = match movement {
-                Movement::Measured(v) => v,
+            let moving = match movement {
+                Movement::Measured(v) => (moving_z * v.sqrt()).exp(),
                 Movement::TooShort(spans) if !concurrent && !r.recent => {
                     too_short = Some(spans);
                     return (Test::silent(false), 1.0);
                 }
-                Movement::TooShort(_) | Movement::Unknown => 0.0,
+                Movement::TooShort(_) | Movement::Unknown => 1.0,
             };
-            slower_p(&by_report, r, slower, period)
+            slower_p(&by_report, r, slower, moving)
         })
         .collect();
     let tests: Vec<&Test> = latency.iter().map(|l| &l.0).collect();
@@ -906,9 +908,10 @@ fn unexplained_errors(treated: &Evidence, references: &[Reference], delta: f64, 
 
 /// Whether treated requests are slower than the reference's (against the baseline with a
 /// drift: than the baseline's scaled by the drift's factor): the test that they are slower at
-/// all, its p-value counted only when the estimate exceeds `slower`, and the p-value that they
-/// exceed it.
-fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64, period: f64) -> (Test, f64) {
+/// all, its p-value counted only when the estimate exceeds `slower` times `moving` (across
+/// time, how far the service's own level moves at the stated confidence: see [`judge`]), and
+/// the p-value that they exceed `slower`.
+fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64, moving: f64) -> (Test, f64) {
     let none = Test::silent(r.recent);
     let (scale, extra) = match &r.drift {
         // The factor's own uncertainty, through the slope of the rank statistic in ln(scale).
@@ -921,21 +924,14 @@ fn slower_p(by_report: &[Vec<(f64, u64)>], r: &Reference, slower: f64, period: f
     };
     let plain = clustered_auc(by_report, &r.evidence.report_points(scale));
     let shifted = clustered_auc(by_report, &r.evidence.report_points(scale * slower));
-    let (Some((auc, variance)), Some((shifted_auc, shifted_variance))) = (plain, shifted) else {
+    let beyond = clustered_auc(by_report, &r.evidence.report_points(scale * slower * moving));
+    let (Some((auc, variance)), Some((shifted_auc, shifted_variance)), Some((beyond_auc, _))) = (plain, shifted, beyond) else {
         return (none, 1.0);
     };
-    // Across time, the level's own movement between stretches bounds the variance from below,
-    // through the test's slope in the logarithm of the level (as the drift factor's is).
-    let moving = if period > 0.0 {
-        auc_slope(by_report, r.evidence, scale).powi(2) * period
-    } else {
-        0.0
-    };
-    let (variance, shifted_variance) = (variance.max(moving), shifted_variance.max(moving));
     if !extra.is_finite() {
         return (none, 1.0);
     }
-    let p = if shifted_auc > 0.5 {
+    let p = if beyond_auc > 0.5 {
         mixture_p_value(auc - 0.5, variance + extra, LATENCY_TAU2)
     } else {
         1.0
@@ -1099,9 +1095,11 @@ const MIN_PERIODS: usize = 5;
 /// half a minute slows every report of it alike, and the clustered variance takes the whole
 /// window as one sample of the weather. The suite's harmless changes were rolled back at 100%
 /// on a 1 ms service typically 27% slower than the minute before, on a CI machine where other
-/// tests started beside it. Kept on the log scale and carried into the rank test through its
-/// slope (see [`slower_p`]): a rank statistic is bounded, and a spread measured in ranks would
-/// hide a change three times the level's swing as surely as the swing itself. Unknown when
+/// tests started beside it. The judge widens the slowdown that matters by this movement at its
+/// confidence (`maxP99Increase` times `exp(z * sd)`), on the log scale of the typical ratio:
+/// carried into the rank test's variance instead (through its slope), it hid half the demo's
+/// requests +40 ms at 100% (p50 42 ms against 5.5 ms, promoted), since a rank statistic is
+/// bounded and the mixture test pays dearly for a wide variance. Unknown when
 /// either side's reports carry no times (all at one instant), too short when the reference has
 /// fewer than [`MIN_PERIODS`] stretches with at least half the typical stretch's requests.
 fn period_variance(window: &Evidence, reference: &Evidence) -> Movement {

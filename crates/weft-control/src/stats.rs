@@ -16,6 +16,16 @@ pub fn normal_cdf(z: f64) -> f64 {
     0.5 * erfc(-z / std::f64::consts::SQRT_2)
 }
 
+/// The standard normal quantile: the `z` with `normal_cdf(z) = p` (bisection, to 1e-9).
+pub fn normal_quantile(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-40.0f64, 40.0f64);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if normal_cdf(mid) < p { lo = mid } else { hi = mid }
+    }
+    0.5 * (lo + hi)
+}
+
 /// Complementary error function (Chebyshev fit, fractional error below 1.2e-7).
 fn erfc(x: f64) -> f64 {
     let z = x.abs();
