@@ -623,9 +623,12 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // change on +73% against 5 s of baseline while other work doubled every latency).
     let mut too_short = None;
     let moving_z = normal_quantile(1.0 - alpha_each);
+    // The stage before's untreated proxies as a later reference only veto (their silence is no
+    // harm), so a short span leaves them judged as they are; first, they are judged like it.
     let latency: Vec<(Test, f64)> = references
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             let movement = if r.grows {
                 Movement::Unknown
             } else {
@@ -633,8 +636,8 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             };
             let moving = match movement {
                 Movement::Measured(v) => (moving_z * v.sqrt()).exp(),
-                Movement::TooShort(spans) if !concurrent && !r.recent => {
-                    too_short = Some(spans);
+                Movement::TooShort(spans) if !concurrent && (i == 0 || !r.recent) => {
+                    too_short = Some((r.name.as_str(), spans));
                     return (Test::silent(false), 1.0);
                 }
                 Movement::TooShort(_) | Movement::Unknown => 1.0,
@@ -702,9 +705,9 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
             first.name, reports.1
         ));
     }
-    if let Some(spans) = too_short {
+    if let Some((name, spans)) = too_short {
         bounds.push(format!(
-            "latency not judged against the baseline: its {} s are too short to show how the service's speed moves by itself",
+            "latency not judged against the {name}: its {} s are too short to show how the service's speed moves by itself",
             spans.div_ceil(1000)
         ));
     }
@@ -1649,6 +1652,14 @@ mod tests {
             panic!("+50% beyond the stage before is harm")
         };
         assert!(why.contains("and 1.28 ms 1.83 ms untreated in the stage before"), "{why}");
+        // With no baseline (a mesh younger than the intent's minute) the stage before is the
+        // first reference, and 8 s of it cannot show how the service moves: latency unjudged.
+        let verdict = judge(&slo, &timed(&[1.7; 4]), &none, &none, &timed(&[1.0; 4]), &quiet);
+        let Verdict::Pass(why) = verdict else { panic!("{verdict:?}") };
+        assert!(
+            why.ends_with("latency not judged against the untreated in the stage before: its 8 s are too short to show how the service's speed moves by itself"),
+            "{why}"
+        );
         // With untreated proxies beside the treated ones the stage before is not consulted.
         let verdict = judge(&slo, &harmless, &baseline, &timed(&[1.35; 5]), &timed(&[9.0; 5]), &quiet);
         let Verdict::Pass(why) = verdict else { panic!("{verdict:?}") };
