@@ -89,6 +89,17 @@ impl Fixture {
         .await
     }
 
+    /// Waits for the intent to end or be held for a person; returns it.
+    async fn finished(&self, id: &str, within: Duration) -> Value {
+        eventually(within, &format!("{id} finished"), || async {
+            let i = self.intent(id).await;
+            ["promoted", "rolled-back", "failed", "awaiting-approval"]
+                .contains(&i["phase"].as_str()?)
+                .then_some(i)
+        })
+        .await
+    }
+
     fn stats(&self) -> Vec<LoadStats> {
         self.loads.iter().map(Load::stats).collect()
     }
@@ -900,13 +911,7 @@ async fn ten_harmless_intents_in_a_row_are_all_promoted() {
                 "{maxErrorRate: 5, maxErrorRateIncrease: 1, maxP99Increase: 20, minRequests: 20}",
             ))
             .await;
-        let done = eventually(Duration::from_secs(30), &format!("{id} finished"), || async {
-            let i = f.intent(&id).await;
-            ["promoted", "rolled-back", "failed", "awaiting-approval"]
-                .contains(&i["phase"].as_str()?)
-                .then_some(i)
-        })
-        .await;
+        let done = f.finished(&id, Duration::from_secs(30)).await;
         assert_eq!(done["phase"], "promoted", "harmless change {i}: {done}");
         assert_eq!(
             outcomes(&done),
@@ -937,13 +942,7 @@ async fn at_100_percent_the_stage_before_s_untreated_callers_are_a_reference() {
             "{maxErrorRate: 5, maxErrorRateIncrease: 1, maxP99Increase: 20, minRequests: 20}",
         ))
         .await;
-    let done = eventually(Duration::from_secs(60), &format!("{id} finished"), || async {
-        let i = f.intent(&id).await;
-        ["promoted", "rolled-back", "failed", "awaiting-approval"]
-            .contains(&i["phase"].as_str()?)
-            .then_some(i)
-    })
-    .await;
+    let done = f.finished(&id, Duration::from_secs(60)).await;
     assert_eq!(done["phase"], "promoted", "{done}");
     let first = done["decisions"][0]["reason"].as_str().unwrap();
     assert!(!first.contains("stage before"), "{first}");
