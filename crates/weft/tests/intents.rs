@@ -1000,6 +1000,21 @@ async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confide
     // The stated effect is near the injected 3 pp.
     let pp: f64 = reason.split("(+").nth(1).unwrap().split(" pp").next().unwrap().parse().unwrap();
     assert!((1.0..=6.0).contains(&pp), "{reason}");
+    // The same change again at once: the first one's stage falls in the second one's minute
+    // before, and its failed requests are not the service's baseline (the demo promoted a
+    // second +3% change against a 1.3% baseline that was the first one's 100% stage).
+    let again = rolled_back_at_stage_one(
+        &f,
+        "ERRORS-3-AGAIN",
+        "{abort: {percent: 3, status: 503}}",
+        "{maxErrorRate: 20}",
+        "+3% errors again",
+    )
+    .await;
+    assert!(again.starts_with("error rate "), "{again}");
+    if again.contains(" baseline") {
+        assert!(again.contains(" 0.0% baseline"), "the first change's errors counted as baseline: {again}");
+    }
 }
 
 /// A change that delays half of the requests by 40 ms is rolled back at stage 1 for its
