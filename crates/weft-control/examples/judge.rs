@@ -84,6 +84,11 @@ struct AtFull {
     /// Whether the machine's drift (`target`) began during the stage before, so that its
     /// untreated proxies ran drifted too (CI's false rollback), rather than at this stage's start.
     early: bool,
+    /// A stage with untreated proxies beside the treated ones, one untreated request for every
+    /// this many treated (callers balancing most requests onto the treated proxies, as in the
+    /// demo's stage 1); 0 for a 100% stage. The untreated proxies report in the same intervals,
+    /// share the service's level and the machine's drift, and there is no stage before.
+    beside: u64,
 }
 
 /// Reports of the stage before's untreated proxies (ten seconds of one proxy), just before
@@ -269,10 +274,16 @@ fn main() {
         errors,
         level: 0.0,
         early: false,
+        beside: 0,
     };
     let moving = |name, change, slo: &Slo, horizon, level| AtFull {
         level,
         ..drifting(name, change, slo, horizon, 1.0, 1.0, 0.0)
+    };
+    let lopsided = |name, change, slo: &Slo, horizon, level, target| AtFull {
+        beside: 8,
+        level,
+        ..drifting(name, change, slo, horizon, target, target, 0.0)
     };
     let early = |name, change, slo: &Slo, horizon, target| AtFull {
         early: true,
@@ -394,6 +405,26 @@ fn main() {
             1000,
             1.3,
         ),
+        // Appended (2026-12-03, evening): stage 1 with one untreated request for every eight
+        // treated ones (the demo's callers balancing onto the treated proxies).
+        lopsided("stage 1, 1 untreated per 8 treated: A/A, the level moving 20% every 10 s", none, &issue, 1000, 0.2, 1.0),
+        lopsided("stage 1, 1 untreated per 8 treated: A/A, everything 27% slower", none, &issue, 1000, 0.0, 1.27),
+        lopsided(
+            "stage 1, 1 untreated per 8 treated: half the requests +40 ms, the level moving 20% every 10 s",
+            Change { half_ms: 40.0, ..none },
+            &issue,
+            1000,
+            0.2,
+            1.0,
+        ),
+        lopsided(
+            "stage 1, 1 untreated per 8 treated: errors +3 pp, the issue's SLO",
+            Change { error: 0.03, ..none },
+            &issue,
+            3000,
+            0.0,
+            1.0,
+        ),
     ];
     let _ = writeln!(
         out,
@@ -514,6 +545,17 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
     let mut treated = Evidence::default();
     let none = Evidence::default();
     let quiet = Drift::default();
+    let mut untreated = Evidence::default();
+    let beside_change = Change {
+        error: s.errors,
+        latency: s.target,
+        ..unchanged
+    };
+    let mut beside = Report::new(rng, weather);
+    beside.weather *= level;
+    if s.beside > 0 {
+        recent = Evidence::default();
+    }
     let strip = |e: &Evidence| Evidence {
         times: Vec::new(),
         ..e.clone()
@@ -532,10 +574,20 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         let (e, ms) = other_request(rng, other.weather, s.other, s.errors);
         other.push(e, ms);
         n += 1;
+        if s.beside > 0 && n.is_multiple_of(s.beside) {
+            let (e, ms) = request(rng, beside_change, beside.weather);
+            beside.push(e, ms);
+        }
         if report.requests == REPORT {
+            beside.at = report.at;
             let (next, next_other) = start(rng, &mut k, &mut level, origin);
             std::mem::replace(&mut report, next).send(&mut treated);
             std::mem::replace(&mut other, next_other).send(&mut drift.since);
+            if beside.requests > 0 {
+                let mut next = Report::new(rng, weather);
+                next.weather *= level;
+                std::mem::replace(&mut beside, next).send(&mut untreated);
+            }
         }
         if n != next_look {
             continue;
@@ -544,10 +596,10 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         let (old_treated, old_baseline) = (strip(&treated), strip(&baseline));
         // In the order of FullOutcome::JUDGES.
         let verdict = |i: usize| match i {
-            0 => judge(&s.slo, &treated, &baseline, &none, &recent, &drift),
-            1 => judge(&s.slo, &treated, &baseline, &none, &recent, &quiet),
-            2 => judge(&s.slo, &old_treated, &old_baseline, &none, &none, &drift),
-            _ => judge(&s.slo, &old_treated, &old_baseline, &none, &none, &quiet),
+            0 => judge(&s.slo, &treated, &baseline, &untreated, &recent, &drift),
+            1 => judge(&s.slo, &treated, &baseline, &untreated, &recent, &quiet),
+            2 => judge(&s.slo, &old_treated, &old_baseline, &untreated, &none, &drift),
+            _ => judge(&s.slo, &old_treated, &old_baseline, &untreated, &none, &quiet),
         };
         for i in 0..FullOutcome::JUDGES.len() {
             if out.rolled_back[i].is_some() {

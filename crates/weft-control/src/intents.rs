@@ -1161,7 +1161,8 @@ impl Step<'_> {
             }
             Verdict::Pass(why) if since >= bake => self.promote_stage(seq, why),
             Verdict::Wait(why) if since >= (bake * EVIDENCE_PATIENCE).max(rollout::MIN_EVIDENCE_SPAN) + WARM_UP => {
-                self.inconclusive(seq, format!("inconclusive after {}s: {why}", since.as_secs()))
+                let moved = rollout::split_words(&split).unwrap_or_default();
+                self.inconclusive(seq, format!("inconclusive after {}s: {why}{moved}", since.as_secs()))
             }
             _ => {}
         }
