@@ -640,9 +640,10 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     let t = treated.points(1.0);
     let by_report = treated.report_points(1.0);
     // A baseline too short to show how the service's speed moves by itself cannot tell that
-    // from the change when nothing else runs beside the stage: latency is left unjudged
-    // against it, and the reason says so (a young mesh's 100% stage; CI rolled back a harmless
-    // change on +73% against 5 s of baseline while other work doubled every latency).
+    // from the change when nothing else runs beside the stage: latency is judged against it
+    // allowing a wide movement ([`UNMEASURED_MOVEMENT_SD`]), and the reason says so (a young
+    // mesh's 100% stage; CI rolled back a harmless change on +73% against 5 s of baseline while
+    // other work doubled every latency).
     let mut too_short = None;
     let moving_z = normal_quantile(1.0 - alpha_each);
     // The stage before's untreated proxies as a later reference only veto (their silence is no
