@@ -230,7 +230,7 @@ fn main() {
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     }
-    for (k, s) in scenarios.iter().enumerate() {
+    for (k, s) in scenarios.iter().enumerate().filter(|(_, s)| s.name.contains(only.as_str())) {
         let mut rng = Rng::new(0x5eed + k as u64);
         let outcomes: Vec<Outcome> = (0..trials).map(|_| trial(&mut rng, s, weather)).collect();
         let rate = |f: &dyn Fn(&Outcome) -> bool| {

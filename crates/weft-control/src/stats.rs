@@ -6,7 +6,8 @@
 //! The mixture boundary: for an estimate `x` of an effect whose variance is `v`, the statistic
 //! `sqrt(v / (v + tau2)) * exp(tau2 * x^2 / (2 v (v + tau2)))` is a likelihood ratio mixed over
 //! effects drawn from N(0, tau2) (the mixture SPRT of Robbins; Johari et al., "Always valid
-//! inference", 2017). Under the null it is a martingale, so by Ville's inequality it exceeds
+//! inference", 2017); mixed over the upper half of that prior only (the judge's questions are
+//! one-sided) it gains the factor `2 Phi(x tau / sqrt(v (v + tau2)))`. Under the null it is a martingale, so by Ville's inequality it exceeds
 //! `1/alpha` with probability at most `alpha` at any time. With the variance estimated from the
 //! data the guarantee is asymptotic (Waudby-Smith et al., "Time-uniform central limit theory",
 //! 2021), which the judge harness checks by simulation.
@@ -253,7 +254,14 @@ pub fn restricted_variance(sides: &[(u64, u64, f64)]) -> f64 {
 
 /// Always-valid p-value that an effect exceeds zero, given its estimate `excess` (the effect
 /// minus the null's bound) and the estimate's `variance`: the reciprocal of the normal-mixture
-/// likelihood ratio with mixing variance `tau2` (see the module's notes). 1 when `excess <= 0`.
+/// likelihood ratio with effects drawn from the upper half of N(0, `tau2`) (see the module's
+/// notes). 1 when `excess <= 0`.
+///
+/// One-sided because every question the judge asks is (more errors, slower, less traffic): the
+/// half-normal mixture is the symmetric one times `2 Phi(x tau / sqrt(v (v + tau2)))`, nearly
+/// twice the evidence for a clear effect, at the same false-alarm bound. The symmetric mixture
+/// held the demo's +3% errors at stage 1 on 6 of 188 treated requests failing against none
+/// of 414 (p 0.0083 where the stage's budget for errors is 0.005; one-sided 0.0042).
 pub fn mixture_p_value(excess: f64, variance: f64, tau2: f64) -> f64 {
     if excess <= 0.0 || !excess.is_finite() {
         return 1.0;
@@ -262,12 +270,14 @@ pub fn mixture_p_value(excess: f64, variance: f64, tau2: f64) -> f64 {
         return 0.0;
     }
     let sum = variance + tau2;
-    let log_ratio = 0.5 * (variance / sum).ln() + tau2 * excess * excess / (2.0 * variance * sum);
-    (-log_ratio).exp().min(1.0)
+    let symmetric = 0.5 * (variance / sum).ln() + tau2 * excess * excess / (2.0 * variance * sum);
+    let upper_half = (2.0 * normal_cdf(excess * tau2.sqrt() / (variance * sum).sqrt())).ln();
+    (-(symmetric + upper_half)).exp().min(1.0)
 }
 
-/// Half-width of the always-valid (1 - alpha) confidence interval the same boundary gives:
-/// the estimate is within this of the truth at every look, except with probability alpha.
+/// Half-width of the always-valid (1 - alpha) confidence interval the symmetric mixture gives:
+/// the estimate is within this of the truth at every look, except with probability alpha (as
+/// a one-sided bound, conservative: [`mixture_p_value`] at it is between alpha / 2 and alpha).
 pub fn mixture_radius(variance: f64, tau2: f64, alpha: f64) -> f64 {
     if variance <= 0.0 {
         return 0.0;
@@ -430,25 +440,26 @@ mod tests {
 
     #[test]
     fn mixture_boundary_known_values_and_edges() {
-        // v = 1, tau2 = 1, x = 3: ratio = sqrt(1/2) e^(9/4) = 6.70866, p = 0.149061.
-        assert!(close(mixture_p_value(3.0, 1.0, 1.0), 0.149_061, 1e-5));
+        // v = 1, tau2 = 1, x = 3: the symmetric ratio sqrt(1/2) e^(9/4) = 6.70866 (p 0.149061),
+        // times 2 Phi(3 / sqrt 2) = 1.966105 for the upper half: p = 0.0758133.
+        assert!(close(mixture_p_value(3.0, 1.0, 1.0), 0.075_813_3, 1e-6));
         assert_eq!(mixture_p_value(0.0, 1.0, 1.0), 1.0);
         assert_eq!(mixture_p_value(-2.0, 1.0, 1.0), 1.0);
         assert_eq!(mixture_p_value(0.1, 1.0, 1.0), 1.0, "a small excess is no evidence");
         assert_eq!(mixture_p_value(0.1, 0.0, 1.0), 0.0, "a certain estimate");
-        // At the radius the p-value is exactly alpha; beyond it smaller, inside larger.
+        // At the (symmetric) radius the one-sided p-value is between alpha / 2 and alpha.
         for (v, tau2, alpha) in [(1e-5, 2.5e-5, 0.01), (0.004, 0.01, 0.001), (2.0, 0.5, 0.05)] {
             let r = mixture_radius(v, tau2, alpha);
-            assert!(close(mixture_p_value(r, v, tau2), alpha, alpha * 1e-9), "{v} {tau2} {alpha}");
-            assert!(mixture_p_value(r * 1.01, v, tau2) < alpha);
-            assert!(mixture_p_value(r * 0.99, v, tau2) > alpha);
+            let p = mixture_p_value(r, v, tau2);
+            assert!(p <= alpha && p >= alpha / 2.0, "{v} {tau2} {alpha}: {p}");
+            assert!(mixture_p_value(r * 1.01, v, tau2) < p);
         }
         // The boundary is wider than a single look's: always valid costs width.
         assert!(mixture_radius(1.0, 1.0, 0.05) > 1.96);
     }
 
-    /// The reason for the mixture: looking after every observation, a plain z test at 5%
-    /// crosses far more often than 5% under the null; the mixture boundary stays under it.
+    /// The reason for the mixture: looking after every observation, a plain (one-sided) z test
+    /// at 5% crosses far more often than 5% under the null; the mixture boundary stays under it.
     #[test]
     fn mixture_holds_its_error_rate_under_repeated_looks() {
         let mut rng = Rng::new(7);
@@ -460,8 +471,8 @@ mod tests {
                 sum += rng.normal();
                 let mean = sum / n as f64;
                 let var = 1.0 / n as f64;
-                naive_hit |= mean.abs() / var.sqrt() > 1.96;
-                mixture_hit |= mixture_p_value(mean.abs(), var, 0.01) <= 0.05;
+                naive_hit |= mean / var.sqrt() > 1.645;
+                mixture_hit |= mixture_p_value(mean, var, 0.01) <= 0.05;
             }
             naive += naive_hit as u32;
             mixture += mixture_hit as u32;
