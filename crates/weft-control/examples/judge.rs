@@ -407,8 +407,22 @@ fn main() {
         ),
         // Appended (2026-12-03, evening): stage 1 with one untreated request for every eight
         // treated ones (the demo's callers balancing onto the treated proxies).
-        lopsided("stage 1, 1 untreated per 8 treated: A/A, the level moving 20% every 10 s", none, &issue, 1000, 0.2, 1.0),
-        lopsided("stage 1, 1 untreated per 8 treated: A/A, everything 27% slower", none, &issue, 1000, 0.0, 1.27),
+        lopsided(
+            "stage 1, 1 untreated per 8 treated: A/A, the level moving 20% every 10 s",
+            none,
+            &issue,
+            1000,
+            0.2,
+            1.0,
+        ),
+        lopsided(
+            "stage 1, 1 untreated per 8 treated: A/A, everything 27% slower",
+            none,
+            &issue,
+            1000,
+            0.0,
+            1.27,
+        ),
         lopsided(
             "stage 1, 1 untreated per 8 treated: half the requests +40 ms, the level moving 20% every 10 s",
             Change { half_ms: 40.0, ..none },
@@ -551,7 +565,18 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
         latency: s.target,
         ..unchanged
     };
-    let mut beside = Report::new(rng, weather);
+    // Drawn only for a row with untreated traffic: the other rows keep their random streams.
+    let mut beside = if s.beside > 0 {
+        Report::new(rng, weather)
+    } else {
+        Report {
+            requests: 0,
+            errors: 0,
+            slots: Vec::new(),
+            weather: 1.0,
+            at: 0,
+        }
+    };
     beside.weather *= level;
     if s.beside > 0 {
         recent = Evidence::default();

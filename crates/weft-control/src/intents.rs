@@ -436,12 +436,14 @@ impl Machine {
             .fold(self.stable, u64::max)
     }
 
-    /// Every other intent's candidate revision that was not promoted: reports made under one
-    /// show a change that never became how the service runs (see [`evidence`]).
+    /// Every other intent's candidate revision that ended without being promoted (rolled back,
+    /// aborted, failed): reports made under one show a change that never became how the
+    /// service runs (see [`evidence`]). A running intent's is not among them: intents that run
+    /// together touch disjoint services, and its proxies' traffic to this one is as it runs.
     fn unpromoted_candidates(&self, seq: u64) -> BTreeSet<u64> {
         self.records
             .iter()
-            .filter(|(s, i)| **s != seq && i.phase != Phase::Promoted)
+            .filter(|(s, i)| **s != seq && matches!(i.phase, Phase::RolledBack | Phase::Failed))
             .filter_map(|(_, i)| i.candidate)
             .collect()
     }

@@ -447,12 +447,15 @@ mod tests {
         assert_eq!(mixture_p_value(-2.0, 1.0, 1.0), 1.0);
         assert_eq!(mixture_p_value(0.1, 1.0, 1.0), 1.0, "a small excess is no evidence");
         assert_eq!(mixture_p_value(0.1, 0.0, 1.0), 0.0, "a certain estimate");
-        // At the (symmetric) radius the one-sided p-value is between alpha / 2 and alpha.
+        // At the (symmetric) radius the symmetric p-value is exactly alpha, so the one-sided
+        // one is alpha over its upper-half factor; beyond it smaller, inside larger.
         for (v, tau2, alpha) in [(1e-5, 2.5e-5, 0.01), (0.004, 0.01, 0.001), (2.0, 0.5, 0.05)] {
             let r = mixture_radius(v, tau2, alpha);
+            let factor = 2.0 * normal_cdf(r * f64::sqrt(tau2) / (v * (v + tau2)).sqrt());
             let p = mixture_p_value(r, v, tau2);
-            assert!(p <= alpha && p >= alpha / 2.0, "{v} {tau2} {alpha}: {p}");
+            assert!(close(p * factor, alpha, alpha * 1e-6), "{v} {tau2} {alpha}: {p}");
             assert!(mixture_p_value(r * 1.01, v, tau2) < p);
+            assert!(mixture_p_value(r * 0.99, v, tau2) > p);
         }
         // The boundary is wider than a single look's: always valid costs width.
         assert!(mixture_radius(1.0, 1.0, 0.05) > 1.96);
