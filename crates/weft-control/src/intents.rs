@@ -31,6 +31,9 @@ use weft_api::resource::{Document, IntentSpec, MtlsMode, OnInconclusive, Resourc
 const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How far before an intent started its baseline looks.
 const BASELINE_WINDOW: Duration = Duration::from_secs(60);
+/// How far back a baseline may reach to gather [`BASELINE_WINDOW`] of reports when some in it
+/// ran another intent's change that was rolled back (within signals' 120 s of samples).
+const BASELINE_LOOKBACK: Duration = Duration::from_secs(100);
 /// A stage without enough evidence after this many bakes (and the warm-up; never before
 /// [`rollout::MIN_EVIDENCE_SPAN`], or a short bake would give up before latency can be judged)
 /// is inconclusive and follows the SLO's `onInconclusive`.
@@ -1405,7 +1408,9 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
     let observing = intent.timing.observe_started;
     // The split by report interval counts every request (who got traffic, whatever it ran).
     let in_minute_before = |s: &Sample| started.is_some_and(|st| s.at < st && st.duration_since(s.at) <= BASELINE_WINDOW);
-    let before_start = |s: &Sample| in_minute_before(s) && !foreign.contains(&s.revision);
+    // Where a report falls in the baseline's window, which reaches back up to BASELINE_LOOKBACK
+    // (see `reach`), from one origin for every stream.
+    let baseline_at = |s: &Sample| started.map_or(Duration::ZERO, |st| BASELINE_LOOKBACK.saturating_sub(st.duration_since(s.at)));
     let after_observe = |s: &Sample| observing.is_some_and(|o| s.at >= o + WARM_UP);
     // Where a report falls in its window, for the split by report interval.
     let before_at = |s: &Sample| started.map_or(Duration::ZERO, |st| BASELINE_WINDOW.saturating_sub(st.duration_since(s.at)));
@@ -1438,6 +1443,25 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
         // the level moves between stretches of it (rollout's period variance).
         let add = |e: &mut Evidence, at: Duration, s: &Sample| e.add_at(at, s.requests, s.errors, &s.latency_slots, &s.latency_counts);
         let untreated_before = previous.is_some_and(|(_, _, earlier)| !earlier.contains(workload.as_str()));
+        // A minute of this stream's own reports: each one left out (`foreign`) moves the
+        // window's start back by a report interval, up to BASELINE_LOOKBACK, so that a change
+        // rolled back just before does not leave the baseline too short to measure how the
+        // service moves (the demo then allowed half the requests +40 ms as the service's own
+        // movement, against 44 s of baseline).
+        let reach = started.map_or(BASELINE_WINDOW, |st| {
+            let mut reach = BASELINE_WINDOW;
+            for s in samples.iter().rev().filter(|s| s.at < st) {
+                if st.duration_since(s.at) > reach {
+                    break;
+                }
+                if foreign.contains(&s.revision) {
+                    reach = (reach + rollout::REPORT_INTERVAL).min(BASELINE_LOOKBACK);
+                }
+            }
+            reach
+        });
+        let before_start =
+            |s: &Sample| started.is_some_and(|st| s.at < st && st.duration_since(s.at) <= reach) && !foreign.contains(&s.revision);
         for s in samples {
             if judged && untreated_before && in_previous(s) && s.revision < candidate {
                 add(&mut recent, previous_at(s), s);
@@ -1445,7 +1469,7 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
             if !judged {
                 // A treated proxy's other traffic: the drift of the machine under it.
                 if before_start(s) {
-                    add(&mut drift.before, before_at(s), s);
+                    add(&mut drift.before, baseline_at(s), s);
                 } else if after_observe(s) {
                     add(&mut drift.since, since_at(s), s);
                 }
@@ -1458,7 +1482,7 @@ fn evidence(proxies: &BTreeMap<u64, ProxyRecord>, signals: &Signals, intent: &In
                     split.add(true, since_at(s), true, s.requests);
                 }
                 if before_start(s) {
-                    add(&mut baseline, before_at(s), s);
+                    add(&mut baseline, baseline_at(s), s);
                 }
                 if in_minute_before(s) {
                     split.add(false, before_at(s), true, s.requests);
