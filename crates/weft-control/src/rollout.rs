@@ -852,20 +852,30 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
 /// person deciding sees whether callers moved away from the treated ones. `None` without
 /// untreated traffic on both sides.
 pub fn split_words(split: &Split) -> Option<String> {
-    let ((tb, ub), (ts, us)) = (Split::totals(&split.before), Split::totals(&split.since));
+    let ((_, ub), (_, us)) = (Split::totals(&split.before), Split::totals(&split.since));
     if ub == 0 || us == 0 {
         return None;
     }
-    let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t as f64 + u as f64));
     Some(format!(
-        "; the treated proxies took {} of the requests since the swap ({} of {}) against {} before ({} of {}), not shown to have fallen to under a tenth",
+        "; the treated proxies took {}, not shown to have fallen to under a tenth",
+        shares(split)
+    ))
+}
+
+/// `48.2% of the requests since the swap (288 of 598) against 50.4% before (604 of 1,198)`:
+/// the treated proxies' share of the judged requests since the swap and before it.
+fn shares(split: &Split) -> String {
+    let ((tb, ub), (ts, us)) = (Split::totals(&split.before), Split::totals(&split.since));
+    let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t as f64 + u as f64));
+    format!(
+        "{} of the requests since the swap ({} of {}) against {} before ({} of {})",
         share(ts, us),
         count(ts),
         count(ts.saturating_add(us)),
         share(tb, ub),
         count(tb),
         count(tb.saturating_add(ub)),
-    ))
+    )
 }
 
 /// The variance of the fall [`traffic_moved`] tests: the window before's, plus the window
@@ -906,16 +916,10 @@ fn interval_variance(buckets: &[(u64, u64)]) -> Option<(f64, usize)> {
 /// The reason [`traffic_moved`] gives, at the p-value `p`.
 fn moved_words(split: &Split, p: f64) -> String {
     let ((tb, ub), (ts, us)) = (Split::totals(&split.before), Split::totals(&split.since));
-    let share = |t: u64, u: u64| percent(100.0 * t as f64 / (t as f64 + u as f64));
     let per_untreated = (ts as f64 / us as f64) / (tb as f64 / ub as f64);
     format!(
-        "traffic moved away from the treated proxies: {} of the requests since the swap ({} of {}) against {} before ({} of {}), {:+.0}% per untreated request, {} confident it fell to under a tenth (callers balancing away from a slower instance)",
-        share(ts, us),
-        count(ts),
-        count(ts.saturating_add(us)),
-        share(tb, ub),
-        count(tb),
-        count(tb.saturating_add(ub)),
+        "traffic moved away from the treated proxies: {}, {:+.0}% per untreated request, {} confident it fell to under a tenth (callers balancing away from a slower instance)",
+        shares(split),
         100.0 * (per_untreated - 1.0),
         confidence(p),
     )

@@ -985,14 +985,8 @@ async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confide
     let f = Fixture::start(4, false, &[], Duration::from_millis(10)).await;
     // A ceiling above the fault's 3%, so that the comparison decides, not `maxErrorRate`
     // (whose test may fire before any untreated report is past the warm-up).
-    let reason = rolled_back_at_stage_one(
-        &f,
-        "ERRORS-3",
-        "{abort: {percent: 3, status: 503}}",
-        "{maxErrorRate: 20}",
-        "+3% errors",
-    )
-    .await;
+    let (fault, slo) = ("{abort: {percent: 3, status: 503}}", "{maxErrorRate: 20}");
+    let reason = rolled_back_at_stage_one(&f, "ERRORS-3", fault, slo, "+3% errors").await;
     assert!(reason.starts_with("error rate "), "{reason}");
     // The untreated proxies first; the baseline after them when it had traffic.
     assert!(reason.contains("% untreated (+") || reason.contains("% untreated and "), "{reason}");
@@ -1003,14 +997,7 @@ async fn three_percent_more_errors_are_rolled_back_at_stage_one_with_the_confide
     // The same change again at once: the first one's stage falls in the second one's minute
     // before, and its failed requests are not the service's baseline (the demo promoted a
     // second +3% change against a 1.3% baseline that was the first one's 100% stage).
-    let again = rolled_back_at_stage_one(
-        &f,
-        "ERRORS-3-AGAIN",
-        "{abort: {percent: 3, status: 503}}",
-        "{maxErrorRate: 20}",
-        "+3% errors again",
-    )
-    .await;
+    let again = rolled_back_at_stage_one(&f, "ERRORS-3-AGAIN", fault, slo, "+3% errors again").await;
     assert!(again.starts_with("error rate "), "{again}");
     assert!(
         again.contains(" 0.0% baseline"),
