@@ -632,7 +632,7 @@ fn trial_at_full(rng: &mut Rng, s: &AtFull, weather: f64) -> FullOutcome {
             }
             match verdict(i) {
                 Verdict::Fail(_) => out.rolled_back[i] = Some(n),
-                v if i == 0 => out.held = matches!(v, Verdict::Wait(_)) && n >= s.slo.min_requests,
+                v if i == 0 => out.held = matches!(v, Verdict::Wait(_) | Verdict::Suspect(_)) && n >= s.slo.min_requests,
                 _ => {}
             }
         }

@@ -32,12 +32,18 @@ const ENFORCEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How far before an intent started its baseline looks.
 const BASELINE_WINDOW: Duration = Duration::from_secs(60);
 /// How far back a baseline may reach to gather [`BASELINE_WINDOW`] of reports when some in it
-/// ran another intent's change that was rolled back (within signals' 120 s of samples).
+/// ran another intent's change that was rolled back (the signals keep samples back to it while
+/// the intent runs: [`Machine::oldest_evidence`]).
 const BASELINE_LOOKBACK: Duration = Duration::from_secs(100);
 /// A stage without enough evidence after this many bakes (and the warm-up; never before
 /// [`rollout::MIN_EVIDENCE_SPAN`], or a short bake would give up before latency can be judged)
 /// is inconclusive and follows the SLO's `onInconclusive`.
 const EVIDENCE_PATIENCE: u32 = 3;
+/// A stage whose errors suggest harm not yet shown ([`Verdict::Suspect`]) keeps watching for
+/// this many bakes (never less than twice [`rollout::MIN_EVIDENCE_SPAN`]) before it is
+/// inconclusive: its tests are always valid, so watching longer costs no false rollbacks, and
+/// the demo's +3% errors at stage 1 show at 99% only after about half a minute of its traffic.
+const SUSPICION_PATIENCE: u32 = 6;
 /// Evidence of a stage starts one telemetry report after its proxies ACKed: the report that
 /// spans the swap also holds whatever the swap itself cost (config pushes, ACKs and route
 /// compilation competing for the CPU), which is warm-up, not the change. Treated and untreated
@@ -402,6 +408,17 @@ impl Machine {
 
     /// One pass over the machine with the registry's proxies (and the signals, which only
     /// judging reads).
+    /// The oldest report an intent still being rolled out may read: its baseline's reach
+    /// before it started ([`BASELINE_LOOKBACK`]). The signals keep samples back to it.
+    pub(crate) fn oldest_evidence(&self) -> Option<Instant> {
+        self.records
+            .values()
+            .filter(|r| matches!(r.phase, Phase::Distribution | Phase::Enforcement | Phase::Observation))
+            .filter_map(|r| r.timing.started)
+            .min()
+            .map(|started| started.checked_sub(BASELINE_LOOKBACK).unwrap_or(started))
+    }
+
     pub(crate) fn pass<'a>(
         &'a mut self,
         proxies: &'a BTreeMap<u64, ProxyRecord>,
@@ -1157,7 +1174,15 @@ impl Step<'_> {
         let number = intent.stage + 1;
         let verdict = match rollout::judge(&intent.slo, &treated, &baseline, &untreated, &recent, &drift) {
             Verdict::Fail(why) => Verdict::Fail(why),
-            verdict => rollout::traffic_moved(&intent.slo, &split).map_or(verdict, Verdict::Fail),
+            verdict => match rollout::traffic_moved(&intent.slo, &split) {
+                Some(why) => Verdict::Fail(why),
+                // Callers moving away from the treated proxies, suggested but not shown: watched
+                // as long as errors that suggest harm.
+                None => match (verdict, rollout::traffic_seems_moved(&intent.slo, &split)) {
+                    (Verdict::Pass(_) | Verdict::Wait(_), Some(why)) => Verdict::Suspect(why),
+                    (verdict, _) => verdict,
+                },
+            },
         };
         match verdict {
             Verdict::Fail(why) => {
@@ -1166,6 +1191,10 @@ impl Step<'_> {
             }
             Verdict::Pass(why) if since >= bake => self.promote_stage(seq, why),
             Verdict::Wait(why) if since >= (bake * EVIDENCE_PATIENCE).max(rollout::MIN_EVIDENCE_SPAN) + WARM_UP => {
+                let moved = rollout::split_words(&split).unwrap_or_default();
+                self.inconclusive(seq, format!("inconclusive after {}s: {why}{moved}", since.as_secs()))
+            }
+            Verdict::Suspect(why) if since >= (bake * SUSPICION_PATIENCE).max(rollout::MIN_EVIDENCE_SPAN * 2) + WARM_UP => {
                 let moved = rollout::split_words(&split).unwrap_or_default();
                 self.inconclusive(seq, format!("inconclusive after {}s: {why}{moved}", since.as_secs()))
             }

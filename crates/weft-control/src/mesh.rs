@@ -723,10 +723,11 @@ impl Mesh {
     fn with_machine<T>(&self, f: impl FnOnce(&mut Step<'_>) -> T) -> T {
         let mut machine = self.machine.lock();
         let registry = self.registry.lock();
-        let signals = self.signals.lock();
+        let mut signals = self.signals.lock();
         let mut step = machine.pass(&registry.proxies, &signals, self.clock.now(), self.clock.unix_ms());
         let out = f(&mut step);
         let events = std::mem::take(&mut step.events);
+        signals.keep_from(machine.oldest_evidence());
         drop(signals);
         drop(registry);
         self.settle(machine, events);

@@ -12,6 +12,10 @@ use weft_api::telemetry::{LATENCY_SLOTS, add_sparse, quantile_ms};
 pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// How long per-proxy samples are kept for judging intents (baselines look this far back).
 const SAMPLE_WINDOW: Duration = Duration::from_secs(120);
+/// The longest per-proxy samples are kept for an intent still being judged (see
+/// [`Signals::keep_from`]): an intent's stages and watching rarely take this long, and memory
+/// stays bounded when one does.
+const LONGEST_SAMPLE_WINDOW: Duration = Duration::from_secs(600);
 
 #[derive(Clone)]
 pub(crate) struct Sample {
@@ -49,6 +53,9 @@ pub(crate) struct Signals {
     pub(crate) costs: crate::cost::Costs,
     /// When the maps above last dropped the workloads that stopped reporting.
     pruned: Option<Instant>,
+    /// The oldest report an intent being judged may still read (its baseline, from before it
+    /// started): per-proxy samples are kept back to it, up to [`LONGEST_SAMPLE_WINDOW`].
+    keep_from: Option<Instant>,
 }
 
 /// A service's inbound traffic over the last [`RATE_WINDOW`].
@@ -87,6 +94,7 @@ impl Signals {
             }
         }
         let service_key = (from.namespace, from.service);
+        let keep = self.sample_window(now);
         for s in stats {
             let sample = Sample {
                 at: now,
@@ -107,7 +115,7 @@ impl Signals {
                 );
             }
             let key = (from.workload.clone(), s.direction, s.service);
-            push_window(self.samples.entry(key).or_default(), sample, now, SAMPLE_WINDOW);
+            push_window(self.samples.entry(key).or_default(), sample, now, keep);
         }
         // A workload that left (or a peer no longer called) stops reporting, and its window
         // would stay as it was for good: dropped once all of it is too old to be read,
@@ -122,9 +130,24 @@ impl Signals {
     fn prune(&mut self, now: Instant) {
         let fresh = |samples: &VecDeque<Sample>, keep: Duration| samples.back().is_some_and(|s| now.duration_since(s.at) <= keep);
         self.traffic.retain(|_, samples| fresh(samples, RATE_WINDOW * 3));
-        self.samples.retain(|_, samples| fresh(samples, SAMPLE_WINDOW));
+        let keep = self.sample_window(now);
+        self.samples.retain(|_, samples| fresh(samples, keep));
         self.reported.retain(|_, at| now.duration_since(*at) <= SAMPLE_WINDOW);
         self.pruned = Some(now);
+    }
+
+    /// Keeps per-proxy samples back to `from` (the oldest report an intent being judged may
+    /// read; none: only the usual [`SAMPLE_WINDOW`]). Without it an intent that ran longer than
+    /// a minute read a baseline eroding under it, the minute before it started falling out of
+    /// a window counted from now.
+    pub(crate) fn keep_from(&mut self, from: Option<Instant>) {
+        self.keep_from = from;
+    }
+
+    /// How far back per-proxy samples are kept at `now`.
+    fn sample_window(&self, now: Instant) -> Duration {
+        let wanted = self.keep_from.map_or(Duration::ZERO, |from| now.saturating_duration_since(from));
+        wanted.clamp(SAMPLE_WINDOW, LONGEST_SAMPLE_WINDOW)
     }
 
     /// `namespace/service`'s inbound traffic over the last window.
@@ -270,5 +293,46 @@ mod tests {
         )];
         assert_eq!(kept.len(), 61, "the last 120 s of 2 s reports");
         assert_eq!(signals.reports, 220);
+    }
+
+    /// An intent being judged reads reports from before it started: they are kept back to
+    /// where its baseline reaches for as long as it runs (up to ten minutes), and the usual
+    /// two minutes once it has ended.
+    #[test]
+    fn samples_are_kept_back_to_the_oldest_baseline_being_read() {
+        let mut signals = Signals::default();
+        let t0 = Instant::now();
+        let key = (
+            "default/orders-0".to_string(),
+            proto::Direction::Outbound as i32,
+            "payments".to_string(),
+        );
+        let report = |signals: &mut Signals, tick: u64| {
+            signals.record(
+                reporter("default/orders-0"),
+                vec![stats(proto::Direction::Outbound, "payments")],
+                t0 + Duration::from_secs(2 * tick),
+            )
+        };
+        for tick in 0..=100 {
+            report(&mut signals, tick);
+        }
+        // An intent started at 200 s whose baseline reaches back 100 s.
+        signals.keep_from(Some(t0 + Duration::from_secs(100)));
+        for tick in 101..=200 {
+            report(&mut signals, tick);
+        }
+        let oldest = signals.samples[&key].front().expect("kept").at;
+        assert_eq!(oldest, t0 + Duration::from_secs(100), "at 400 s, back to 100 s");
+        assert_eq!(signals.samples[&key].len(), 151);
+        // Ten minutes at most, however long the intent runs.
+        for tick in 201..=400 {
+            report(&mut signals, tick);
+        }
+        assert_eq!(signals.samples[&key].front().expect("kept").at, t0 + Duration::from_secs(200));
+        // Ended: two minutes again.
+        signals.keep_from(None);
+        report(&mut signals, 401);
+        assert_eq!(signals.samples[&key].len(), 61);
     }
 }

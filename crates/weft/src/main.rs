@@ -61,7 +61,7 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Requests per second the traffic generator sends to mobile-gateway.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 50)]
         rps: u32,
         /// A highly available control plane: a three-member etcd and three replicas on
         /// loopback (the first on --api), proxies given all three; needs Debian's etcd-server.
