@@ -832,6 +832,14 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
     if tb == 0 || ub == 0 || us == 0 || ts.saturating_add(us) < slo.min_requests.max(1) {
         return None;
     }
+    // How far the split swings by itself is measured on the window before; with fewer than
+    // MIN_REPORTS intervals of traffic there it is unknown, and the binomial variance alone
+    // takes one swing for the change: a young mesh's first demo intent was rolled back, harmless,
+    // on 1 of 87 treated requests since against 263 of 264 before (P2C had kept a whole
+    // 5-second minute-before on one instance).
+    if interval_variance(&split.before).is_none() {
+        return None;
+    }
     // Proxies report every REPORT_INTERVAL and not in step: none treated just after the
     // warm-up, or while a treated proxy has not reported since (one reconnecting), may be a
     // report not in yet (see [`none_moved`]).
@@ -880,7 +888,13 @@ fn share_fall(split: &Split) -> (f64, f64) {
 /// shares themselves are [`split_words`]'s, which an inconclusive stage's reason ends with.
 pub fn traffic_seems_moved(slo: &Slo, split: &Split) -> Option<String> {
     let ((tb, ub), (ts, us)) = (Split::totals(&split.before), Split::totals(&split.since));
-    if tb == 0 || ub == 0 || us == 0 || ts.saturating_add(us) < slo.min_requests.max(1) || traffic_moved(slo, split).is_some() {
+    if tb == 0
+        || ub == 0
+        || us == 0
+        || ts.saturating_add(us) < slo.min_requests.max(1)
+        || interval_variance(&split.before).is_none()
+        || traffic_moved(slo, split).is_some()
+    {
         return None;
     }
     let (beyond, p) = share_fall(split);
@@ -2136,6 +2150,16 @@ mod tests {
         assert_eq!(traffic_moved(&slo, &split((1400, 600), (900, 2100))), None);
         // Two of four closed-loop callers 50% slower: a third fewer requests, not half.
         assert_eq!(traffic_moved(&slo, &split((3000, 3000), (2000, 3000))), None);
+        // A window before too short to show how the split swings (three intervals): no verdict.
+        let young = Split {
+            before: steady((263, 1), 3),
+            since: steady((1, 86), 2),
+            window: Duration::from_secs(4),
+            silent: 0,
+        };
+        assert!(share_fall(&young).1 < 0.00375, "the log test alone would roll it back: {:?}", share_fall(&young));
+    assert_eq!(traffic_moved(&slo, &young), None);
+        assert_eq!(traffic_seems_moved(&slo, &young), None);
         // Few requests since: no verdict before minRequests; a 100% stage has no untreated side.
         assert_eq!(traffic_moved(&slo, &split((1234, 1002), (0, 19))), None);
         assert_eq!(traffic_moved(&slo, &split((2236, 0), (598, 0))), None);
