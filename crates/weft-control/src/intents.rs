@@ -39,10 +39,14 @@ const BASELINE_LOOKBACK: Duration = Duration::from_secs(100);
 /// [`rollout::MIN_EVIDENCE_SPAN`], or a short bake would give up before latency can be judged)
 /// is inconclusive and follows the SLO's `onInconclusive`.
 const EVIDENCE_PATIENCE: u32 = 3;
-/// A stage whose errors suggest harm not yet shown ([`Verdict::Suspect`]) keeps watching for
-/// this many bakes (never less than twice [`rollout::MIN_EVIDENCE_SPAN`]) before it is
-/// inconclusive: its tests are always valid, so watching longer costs no false rollbacks, and
-/// the demo's +3% errors at stage 1 show at 99% only after about half a minute of its traffic.
+/// A stage whose evidence suggests harm not yet shown ([`Verdict::Suspect`]: errors, latency
+/// on too few reports, callers moving away) keeps watching for this many bakes (never less
+/// than twice [`rollout::MIN_EVIDENCE_SPAN`]) before it is inconclusive: the tests that roll
+/// back are always valid, so more looks add no false rollbacks (the traffic-shift test's
+/// variance comes from the window before, so it is so only approximately), and the demo's +3%
+/// errors at stage 1 show at 99% only after about half a minute of its traffic. A stage still
+/// suspected then follows `onInconclusive`: under `rollback` that rolls back a stage that
+/// would have passed at its bake before, on evidence that is suggestive only.
 const SUSPICION_PATIENCE: u32 = 6;
 /// Evidence of a stage starts one telemetry report after its proxies ACKed: the report that
 /// spans the swap also holds whatever the swap itself cost (config pushes, ACKs and route
@@ -406,19 +410,21 @@ impl Machine {
             .ok_or_else(|| ChangeError::NotFound(format!("intent {id}")))
     }
 
-    /// One pass over the machine with the registry's proxies (and the signals, which only
-    /// judging reads).
-    /// The oldest report an intent still being rolled out may read: its baseline's reach
-    /// before it started ([`BASELINE_LOOKBACK`]). The signals keep samples back to it.
+    /// The oldest report an intent started and not ended may still read: its baseline's reach
+    /// before it started ([`BASELINE_LOOKBACK`]). The signals keep samples back to it. An
+    /// intent waiting for a person between stages (manual mode, or a held stage) counts: its
+    /// next stage reads the same baseline.
     pub(crate) fn oldest_evidence(&self) -> Option<Instant> {
         self.records
             .values()
-            .filter(|r| matches!(r.phase, Phase::Distribution | Phase::Enforcement | Phase::Observation))
+            .filter(|r| !r.phase.is_terminal())
             .filter_map(|r| r.timing.started)
             .min()
             .map(|started| started.checked_sub(BASELINE_LOOKBACK).unwrap_or(started))
     }
 
+    /// One pass over the machine with the registry's proxies (and the signals, which only
+    /// judging reads).
     pub(crate) fn pass<'a>(
         &'a mut self,
         proxies: &'a BTreeMap<u64, ProxyRecord>,

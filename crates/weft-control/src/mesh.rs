@@ -636,6 +636,9 @@ impl Mesh {
             leader,
             until: None,
         };
+        // A follower judges nothing: its samples need not reach back to any baseline (the
+        // machine's passes, which set this, run only while leading).
+        self.signals.lock().keep_from(None);
     }
 
     /// The leader's lease was renewed: it acts until `until`.

@@ -79,8 +79,9 @@ pub enum Verdict {
     Fail(String),
     /// Not enough evidence yet (inconclusive if it stays so).
     Wait(String),
-    /// Harm suggested (errors above the increase that matters, unlikely by chance at one look)
-    /// but not yet shown at the SLO's confidence: the stage keeps watching longer than for
+    /// Harm suggested (errors above the increase that matters and unlikely by chance at one
+    /// look, latency slower than matters on too few reports, callers moving away from the
+    /// treated proxies) but not yet shown at the SLO's confidence: the stage keeps watching longer than for
     /// [`Verdict::Wait`], since the always-valid tests may look for as long as it takes, and is
     /// inconclusive only if it stays so.
     Suspect(String),
@@ -725,10 +726,16 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
     // passed stage 1 of +3% errors on 5 of 160 treated requests failing against none of 160
     // (always-valid p 0.3; all five on the treated side by chance one time in 32), and a stage
     // that passes is never judged at that blast radius again.
+    // Not the exact test against a baseline netted of drift: it counts raw rates, and a rise
+    // of the whole machine's errors would suggest harm there.
     if treated.errors > 0 && errors.iter().all(|e| e.2 > delta) {
         let reference = references[0].evidence;
-        let exact = conditional_binomial_tail(treated.errors, treated.requests, reference.errors, reference.requests);
-        if errors[0].0.p <= CORROBORATION || exact <= CORROBORATION {
+        let exact = match references[0].drift {
+            Some(_) => 1.0,
+            None => conditional_binomial_tail(treated.errors, treated.requests, reference.errors, reference.requests),
+        };
+        let p = exact.min(errors[0].0.p);
+        if p <= CORROBORATION {
             return Verdict::Suspect(format!(
                 "error rate {} vs {} {} ({}, {} vs {} requests): above the +{} pp that matters, not yet shown at {at}% confidence (p {} that it is higher at all, at this look)",
                 percent(treated.error_rate()),
@@ -738,7 +745,7 @@ pub fn judge(slo: &Slo, treated: &Evidence, baseline: &Evidence, untreated: &Evi
                 count(treated.requests),
                 count(reference.requests),
                 trim(slo.max_error_rate_increase),
-                p_words(exact),
+                p_words(p),
             ));
         }
     }
@@ -818,8 +825,10 @@ pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 /// on the treated proxies' requests per untreated request, since against before (the log of
 /// that ratio, always valid, at the confidence the other tests get for each metric): harm when
 /// it fell to under [`SHARE_FALL`] of what it was. `None` without untreated traffic on both
-/// sides (a 100% stage) or before `minRequests` since. No treated request at all since counts
-/// as one, and [`none_moved`]'s exact test runs beside it.
+/// sides (a 100% stage), before `minRequests` since, or with fewer than [`MIN_REPORTS`]
+/// intervals of traffic before (a young mesh: how far the split swings by itself is unknown,
+/// so even no treated request at all is left to the other tests and to a person). No treated
+/// request at all since counts as one, and [`none_moved`]'s exact test runs beside it.
 ///
 /// The variance is taken between report intervals, not requests. A balancer's choices are not
 /// independent: P2C over two instances sends nearly everything to the one that looks faster
@@ -841,9 +850,7 @@ pub fn traffic_moved(slo: &Slo, split: &Split) -> Option<String> {
     // takes one swing for the change: a young mesh's first demo intent was rolled back, harmless,
     // on 1 of 87 treated requests since against 263 of 264 before (P2C had kept a whole
     // 5-second minute-before on one instance).
-    if interval_variance(&split.before).is_none() {
-        return None;
-    }
+    interval_variance(&split.before)?;
     // Proxies report every REPORT_INTERVAL and not in step: none treated just after the
     // warm-up, or while a treated proxy has not reported since (one reconnecting), may be a
     // report not in yet (see [`none_moved`]).
@@ -1390,8 +1397,11 @@ pub fn confidence(p: f64) -> String {
 
 /// A p-value to two significant figures at most: `0.031`, `0.0042`, `0.12`.
 fn p_words(p: f64) -> String {
-    let places = (-p.max(1e-9).log10()).floor().max(0.0) as usize + 2;
-    format!("{p:.places$}")
+    let places = |p: f64| (1.0 - p.max(1e-9).log10().floor()).max(1.0) as usize;
+    let scale = 10f64.powi(places(p) as i32);
+    let rounded = (p * scale).round() / scale;
+    let places = places(rounded);
+    format!("{rounded:.places$}")
 }
 
 fn percent(v: f64) -> String {
